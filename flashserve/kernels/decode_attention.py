@@ -1,0 +1,310 @@
+"""Paged decode attention, FlashDecoding style (split-KV + reduction).
+
+Stage 1 (``_decode_split_kernel``), grid ``(num_seqs, num_kv_heads, num_splits)``: each program
+takes one sequence, one KV group and one contiguous slice of the context, and writes for every
+(query token, head) row a partial output ``o_s`` (normalised within the slice) and the slice's
+base-2 log-sum-exp ``lse_s``. The GROUP query heads of a KV group (times the sequence's query
+tokens) form the M dimension of ``tl.dot`` (padded to >= 16), so each K/V tile is loaded once
+for the whole group.
+
+Stage 2 (``_decode_reduce_kernel``), grid ``(T, Hq)``: ``o = sum_s 2^(lse_s - M) o_s /
+sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``.
+
+Several query tokens per sequence (speculative verification, small chunks) are handled IN the
+decode kernel: token i of a sequence with q_len new tokens sits at position
+seq_len - q_len + i and is causally masked against the others. The launcher takes the padded
+query count ``BLOCK_Q = next_pow2(max_query_len)`` from the host; ``TritonAttentionBackend``
+routes batches with larger query lengths to the prefill kernel.
+
+Slice length: ``chunk = cdiv(cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N`` is computed per
+sequence inside the kernel, so the grid depends only on host numbers (num_seqs, num_splits) and
+is CUDA-graph safe; splits past a short sequence's end write ``lse = -inf`` and are ignored.
+
+Asynchronised softmax with a unified max (FlashDecoding++): with ``unified_max=phi`` the split
+kernel uses the fixed value phi (natural-log units of ``scale * q.k``) in place of the running
+max, so no rescaling happens inside a split; the reduction is unchanged since each slice still
+reports ``lse_s = phi*log2(e) + log2(l_s)``. If a row's scores in a slice rise more than
+HI_MARGIN (log2 units) above phi (risk of overflow in the P @ V operand) or all stay more than
+LO_MARGIN below it (underflow), the program raises a per-(seq, kv head, split) flag; a second
+launch of the split kernel in FALLBACK mode recomputes exactly the flagged programs with the
+synchronous online softmax (unflagged programs exit immediately). No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels._paged_common import LOG2E, NEG_BIG, kv_tile_offsets, load_q_rows
+from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
+
+MODE_ONLINE = 0  # synchronous online softmax
+MODE_UNIFIED = 1  # asynchronised softmax with unified max phi, flags risky programs
+MODE_FALLBACK = 2  # online softmax, only for programs flagged by MODE_UNIFIED
+
+# Largest M (= BLOCK_Q * GROUP_PAD) the decode kernel accepts; beyond it use the prefill kernel.
+MAX_DECODE_ROWS = 128
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+    mid_o_ptr,  # [T, Hq, num_splits, D] fp32 partial outputs
+    mid_lse_ptr,  # [T, Hq, num_splits] fp32 partial base-2 LSEs
+    flag_ptr,  # [B, Hkv, num_splits] int32 fallback flags (unified-max modes only)
+    qsl_ptr, seq_lens_ptr, block_tables_ptr,
+    qk_scale,  # scale * log2(e)
+    phi,  # unified max in log2 units (MODE_UNIFIED)
+    stride_qt, stride_qh, stride_qd,
+    stride_cb, stride_co, stride_ch, stride_cd,
+    stride_bt,
+    stride_mot, stride_moh, stride_mos,
+    stride_mlt, stride_mlh,
+    head_dim, num_kv_heads, num_splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= BLOCK_Q * GROUP_PAD, >= 16
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    MODE: tl.constexpr,
+    HI_MARGIN: tl.constexpr, LO_MARGIN: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    flag_off = (b * num_kv_heads + kvh) * num_splits + split
+    if MODE == 2:
+        if tl.load(flag_ptr + flag_off) == 0:
+            return
+    tok_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - tok_start
+    if q_len <= 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    n_start = split * chunk
+    n_end = tl.minimum(n_start + chunk, seq_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    qi = offs_m // GROUP_PAD  # [BLOCK_M] query token within the sequence's new tokens
+    g = offs_m % GROUP_PAD  # [BLOCK_M] head within the KV group
+    row_valid = (qi < q_len) & (g < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q = load_q_rows(q_ptr, tok_start, qi, g, row_valid, kvh, offs_d, d_mask,
+                    stride_qt, stride_qh, stride_qd, GROUP)  # [BLOCK_M, BLOCK_D]
+    q_pos = ctx_len + qi  # [BLOCK_M]
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)  # running max (online) / observed max (unified)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+
+    for start_n in range(n_start, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < n_end
+        kv_off = kv_tile_offsets(bt_row, offs_n, n_valid, kvh, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        k_t = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None] * stride_cd,
+                      mask=n_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd,
+                    mask=n_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if MODE == 1:
+            # Unified max: no rescaling of acc / l; just track the observed max for the check.
+            m_i = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - phi)
+            l_i += tl.sum(p, 1)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    if MODE == 1:
+        seen = row_valid & (m_i > NEG_BIG)  # rows with at least one visible key in this slice
+        risky = seen & ((m_i > phi + HI_MARGIN) | (m_i < phi - LO_MARGIN))
+        tl.store(flag_ptr + flag_off, tl.max(risky.to(tl.int32), 0))
+        base = phi
+    else:
+        base = m_i
+    lse = tl.where(l_i > 0.0, base + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+
+    tok = (tok_start + qi).to(tl.int64)
+    head = (kvh * GROUP + g).to(tl.int64)
+    mo_ptrs = (mid_o_ptr + tok[:, None] * stride_mot + head[:, None] * stride_moh
+               + split * stride_mos + offs_d[None, :])
+    tl.store(mo_ptrs, out, mask=row_valid[:, None] & d_mask[None, :])
+    tl.store(mid_lse_ptr + tok * stride_mlt + head * stride_mlh + split, lse, mask=row_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr,  # [T, Hq, num_splits, D] fp32
+    mid_lse_ptr,  # [T, Hq, num_splits] fp32
+    o_ptr,  # [T, Hq, D]
+    stride_mot, stride_moh, stride_mos,
+    stride_mlt, stride_mlh,
+    stride_ot, stride_oh, stride_od,
+    head_dim, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < head_dim
+    lse = tl.load(mid_lse_ptr + t * stride_mlt + h * stride_mlh + offs_s, mask=s_mask,
+                  other=float("-inf"))  # [BLOCK_S]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # [BLOCK_S], 0 for empty slices
+    live = s_mask & (w > 0.0)
+    parts = tl.load(mid_o_ptr + t * stride_mot + h * stride_moh + offs_s[:, None] * stride_mos
+                    + offs_d[None, :], mask=live[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    denom = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N keys per tile, num_warps, num_stages)."""
+    if is_interpreter():
+        return 16, 4, 1
+    if next_power_of_2(head_dim) >= 256 or dtype == torch.float32:
+        return 32, 4, 2
+    return 64, 4, 3
+
+
+def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
+    return _decode_config(head_dim, dtype)[0]
+
+
+def choose_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    sm_count: int,
+    block_n: int = 64,
+    min_blocks_per_split: int = 4,
+    waves: int = 4,
+    max_splits: int = MAX_SPLITS,
+) -> int:
+    """How many KV slices each (sequence, KV head) gets (FlashDecoding++-style heuristic).
+
+    Aim for about ``waves * sm_count`` split programs (several resident per SM, so the
+    machine is filled even for batch 1), but never slices shorter than
+    ``min_blocks_per_split * block_n`` tokens (each program would then be dominated by its
+    fixed cost and the reduction) and never more than ``max_splits``. Rounded down to a power
+    of two so that nearby shapes share compiled grids and CUDA graphs.
+    """
+    base = max(1, num_seqs * num_kv_heads)
+    want = cdiv(waves * sm_count, base)
+    by_len = max(1, max_seq_len // (min_blocks_per_split * block_n))
+    n = max(1, min(want, by_len, max_splits))
+    return 1 << (n.bit_length() - 1)
+
+
+def _margins(dtype: torch.dtype) -> tuple[float, float]:
+    """(HI, LO) safety margins in log2 units around phi for the unified-max path.
+    fp16: P is cast to fp16 for P @ V (max 65504 = 2^16, min normal 2^-14).
+    bf16/fp32: fp32 exponent range; keep acc well inside it."""
+    if dtype == torch.float16:
+        return 15.0, 10.0
+    return 60.0, 60.0
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    max_query_len: int,  # host int: largest new-token count of any sequence (1 for decode)
+    max_seq_len: int,  # host int: largest context (or a cap: it only sizes num_splits)
+    scale: float,
+    num_splits: int | None = None,  # None: choose_num_splits(...)
+    unified_max: float | None = None,  # phi for the asynchronised softmax; None: online softmax
+    out: torch.Tensor | None = None,  # [T, Hq, D]
+    return_fallback_flags: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Split-KV attention for sequences with few new tokens each (decode / spec verify).
+
+    Returns ``out`` [T, Hq, D]; with ``return_fallback_flags`` also the int32 flags
+    [B, Hkv, num_splits] raised by the unified-max path (None without ``unified_max``).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0 and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[3] == head_dim and block_tables.stride(1) == 1
+    group = num_heads // num_kv_heads
+    group_pad = next_power_of_2(group)
+    block_q = next_power_of_2(max(1, max_query_len))
+    block_m = max(16, block_q * group_pad)
+    if block_q * group_pad > MAX_DECODE_ROWS:
+        raise ValueError(f"decode kernel: {max_query_len} query tokens x group {group} exceed "
+                         f"{MAX_DECODE_ROWS} rows; use paged_prefill_attention")
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device), block_n)
+    if num_tokens == 0 or num_seqs == 0:
+        return (out, None) if return_fallback_flags else out
+    block_d = max(16, next_power_of_2(head_dim))
+    mid_o = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    use_unified = unified_max is not None
+    flags = (torch.empty(num_seqs, num_kv_heads, num_splits, dtype=torch.int32, device=q.device)
+             if use_unified else mid_lse)  # dummy pointer when unused
+    hi, lo = _margins(q.dtype)
+    grid = (num_seqs, num_kv_heads, num_splits)
+
+    def launch(mode: int) -> None:
+        _decode_split_kernel[grid](
+            q, k_cache, v_cache, mid_o, mid_lse, flags,
+            query_start_loc, seq_lens, block_tables,
+            scale * LOG2E, float(unified_max or 0.0) * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+            block_tables.stride(0),
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_lse.stride(0), mid_lse.stride(1),
+            head_dim, num_kv_heads, num_splits,
+            GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
+            MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    if use_unified:
+        launch(MODE_UNIFIED)
+        launch(MODE_FALLBACK)
+    else:
+        launch(MODE_ONLINE)
+
+    _decode_reduce_kernel[(num_tokens, num_heads)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        head_dim, num_splits,
+        BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
+        num_warps=4 if block_d >= 128 else 1,
+    )
+    if return_fallback_flags:
+        return out, (flags if use_unified else None)
+    return out

@@ -1,0 +1,41 @@
+"""Small helpers shared by the Triton kernel launchers (no Triton code here)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its Python interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device | str | None = None) -> int:
+    """Streaming multiprocessors of ``device``; a nominal 132 (H100/H200) off-GPU so that
+    heuristics behave the same in the interpreter as on the target hardware."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        return _sm_count_cached(dev.index if dev.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def dot_ieee(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must run in full fp32 precision (fp32 inputs: no TF32 rounding)."""
+    return dtype == torch.float32
