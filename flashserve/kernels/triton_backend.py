@@ -1,0 +1,107 @@
+"""``TritonAttentionBackend``: the GPU attention backend built on the paged Triton kernels.
+
+Per layer call: ``store_kv`` writes the step's new K/V into the paged cache, then
+
+* the split-KV decode kernel when every sequence has few new tokens
+  (``meta.is_decode`` or ``meta.max_query_len <= decode_max_query_len``, and the rows
+  ``next_pow2(max_query_len) * next_pow2(group)`` fit the kernel's 128-row tile) - this covers
+  plain decode and speculative verification (1 + k tokens, causal among themselves);
+* otherwise the FlashAttention-2 prefill kernel (prompt chunks, mixed batches).
+
+No host synchronisation: grid sizes come from the host lists in ``AttentionMetadata``
+(``num_seqs``, ``max_query_len``, ``max_seq_len``), never from device tensors.
+
+CUDA graphs (decode): the captured grids are (T) for store_kv, (B, Hkv, num_splits) for the
+split kernel and (T, Hq) for the reduction, with B/T the padded batch. ``num_splits`` is a host
+decision: while a CUDA graph is being captured it is computed from ``max_seq_len_cap`` (when
+given) instead of the live ``meta.max_seq_len``, so one captured graph serves every context
+length up to the cap (``num_splits=`` pins it outright). Each sequence's slice length is derived from
+its own ``seq_lens`` entry inside the kernel, so any split count is correct for any length;
+the cap only tunes parallelism. Padding sequences should have query length 0 (their programs
+exit at once) or a valid 1-token context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashserve.kernels.cache_ops import store_kv
+from flashserve.kernels.decode_attention import (
+    MAX_DECODE_ROWS,
+    choose_num_splits,
+    decode_block_n,
+    paged_decode_attention,
+)
+from flashserve.kernels.prefill_attention import paged_prefill_attention
+from flashserve.kernels.utils import next_power_of_2, num_sms
+from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention with Triton kernels (see module docstring for routing and graphs)."""
+
+    name = "triton"
+
+    def __init__(
+        self,
+        decode_max_query_len: int = 8,
+        max_seq_len_cap: int | None = None,
+        unified_max: float | None = None,
+        num_splits: int | None = None,
+    ) -> None:
+        """
+        decode_max_query_len: largest per-sequence new-token count sent to the decode kernel.
+        max_seq_len_cap: context bound used to size num_splits under CUDA-graph capture,
+            e.g. the model's max length (eager calls use meta.max_seq_len).
+        unified_max: phi for FlashDecoding++'s asynchronised softmax (None: online softmax).
+        num_splits: fixed decode split count (overrides the heuristic).
+        """
+        self.decode_max_query_len = decode_max_query_len
+        self.max_seq_len_cap = max_seq_len_cap
+        self.unified_max = unified_max
+        self.num_splits = num_splits
+
+    def use_decode_kernel(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int) -> bool:
+        rows = next_power_of_2(max(1, meta.max_query_len)) * next_power_of_2(num_heads // num_kv_heads)
+        small = meta.is_decode or meta.max_query_len <= self.decode_max_query_len
+        return small and rows <= MAX_DECODE_ROWS
+
+    def decode_num_splits(self, meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor) -> int:
+        """Split count from host numbers only (see module docstring)."""
+        if self.num_splits is not None:
+            return self.num_splits
+        seq_bound = meta.max_seq_len
+        if self.max_seq_len_cap is not None and _capturing():
+            seq_bound = self.max_seq_len_cap
+        return choose_num_splits(meta.num_seqs, k_cache.shape[2], seq_bound, num_sms(q.device),
+                                 decode_block_n(q.shape[2], q.dtype))
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
+            paged_decode_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, scale=scale,
+                num_splits=self.decode_num_splits(meta, q, k_cache),
+                unified_max=self.unified_max, out=out,
+            )
+        else:
+            paged_prefill_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                max_query_len=meta.max_query_len, scale=scale, out=out,
+            )
+        return out
