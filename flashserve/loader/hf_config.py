@@ -1,0 +1,115 @@
+"""Hugging Face ``config.json`` -> ModelConfig.
+
+Handles both rope formats: transformers < 5 (top-level ``rope_theta`` + ``rope_scaling``) and
+transformers >= 5 (``rope_parameters`` holding ``rope_type``, ``rope_theta`` and the scaling keys).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flashserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from flashserve.layers.rotary import SUPPORTED_ROPE_TYPES, rope_type_of
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """Read ``config.json`` (a file, or a directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"config.json not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt config file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"corrupt config file {path}: expected a JSON object")
+    return data
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, normalised rope_scaling or None for plain rope)."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    merged.pop("rope_theta", None)
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged.pop("type")
+    merged.pop("type", None)
+    rope_type = rope_type_of(merged)
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    return float(theta), merged
+
+
+def _eos_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """Build a ModelConfig from a parsed config.json dict (ValueError on anything unsupported)."""
+    archs = cfg.get("architectures") or []
+    arch_name = archs[0] if archs else None
+    if arch_name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {arch_name!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    arch = SUPPORTED_ARCHITECTURES[arch_name]
+    if cfg.get("mlp_bias"):
+        raise ValueError("mlp_bias=True is not supported")
+    try:
+        hidden = int(cfg["hidden_size"])
+        num_heads = int(cfg["num_attention_heads"])
+        num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+        rope_theta, rope_scaling = _rope(cfg)
+        if arch == "qwen2":
+            attention_bias = True
+        else:
+            attention_bias = bool(cfg.get("attention_bias", False))
+        sliding_window = cfg.get("sliding_window")
+        if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            sliding_window = None
+        if arch == "llama":
+            sliding_window = None
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            qk_norm=arch == "qwen3",
+            sliding_window=int(sliding_window) if sliding_window is not None else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+            hidden_act=str(cfg.get("hidden_act", "silu")),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json of {arch_name} lacks the required key {e.args[0]!r}") from e
+
+
+def load_hf_config(path: str | Path) -> ModelConfig:
+    """ModelConfig of a HF model directory (or a config.json path)."""
+    return model_config_from_hf(read_config_json(path))

@@ -1,0 +1,73 @@
+"""Tokenizers: a HF directory (AutoTokenizer, no remote code) or the tokenizer embedded in a GGUF.
+
+Converting a GGUF tokenizer with transformers takes ~10 s, so the converted tokenizer (chat
+template included) is saved once under ``$FLASHSERVE_CACHE`` (default ``~/.cache/flashserve``)
+in ``tokenizers/<sha256 of path, size, mtime>`` and reloaded from there in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def cache_root() -> Path:
+    """Root of flashserve's user cache."""
+    env = os.environ.get("FLASHSERVE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "flashserve"
+
+
+def gguf_tokenizer_cache_dir(gguf_path: str | Path) -> Path:
+    """Cache folder for the converted tokenizer of one GGUF file (keyed by path, size, mtime)."""
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    return cache_root() / "tokenizers" / key
+
+
+def load_gguf_tokenizer(gguf_path: str | Path) -> Any:
+    """The tokenizer (with chat template) stored in a GGUF file, converted once then cached."""
+    from transformers import AutoTokenizer
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    cache = gguf_tokenizer_cache_dir(path)
+    if (cache / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # a broken cache entry: rebuild it below
+            shutil.rmtree(cache, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"cannot read the tokenizer of GGUF file {path}: {e}") from e
+    try:  # write to a temp dir, then rename: concurrent loaders never see a half-written cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # read-only home: still usable, just not cached
+    return tokenizer
+
+
+def load_hf_tokenizer(folder: str | Path) -> Any:
+    """AutoTokenizer of a HF model directory (trust_remote_code is never enabled)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model directory not found: {folder}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {folder}")
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

@@ -1,0 +1,228 @@
+"""One decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5 and Qwen3.
+
+Differences are ModelConfig flags: ``attention_bias`` (Qwen2: bias on q/k/v), ``qk_norm``
+(Qwen3: per-head RMSNorm on q and k before rope), ``tie_word_embeddings``, ``rope_scaling``.
+Heads: MHA, GQA and MQA (``num_kv_heads`` divides ``num_heads``).
+
+Inputs are a flat batch of T new tokens (all sequences packed); the runner installs the
+step's AttentionMetadata with ``forward_context`` before calling ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from flashserve.config import ModelConfig
+from flashserve.layers.activation import SiluAndMul
+from flashserve.layers.attention import Attention
+from flashserve.layers.attention_metadata import AttentionBackend
+from flashserve.layers.embedding import LMHead, VocabEmbedding
+from flashserve.layers.linear import GateUpLinear, Linear, QKVLinear, default_weight_loader
+from flashserve.layers.norm import RMSNorm
+from flashserve.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
+
+# HF checkpoint name fragment -> (fused parameter fragment, shard id)
+STACKED_PARAMS: dict[str, tuple[str, object]] = {
+    ".q_proj.": (".qkv_proj.", "q"),
+    ".k_proj.": (".qkv_proj.", "k"),
+    ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+def check_supported(config: ModelConfig) -> None:
+    """Refuse configurations this decoder would compute wrongly."""
+    if config.architecture not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ValueError(f"LlamaForCausalLM cannot run architecture {config.architecture!r}")
+    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+        raise ValueError(
+            f"sliding-window attention is not implemented yet: this {config.architecture} model uses "
+            f"sliding_window={config.sliding_window} < max_position_embeddings={config.max_position_embeddings}"
+        )
+
+
+def make_rotary(config: ModelConfig) -> RotaryEmbedding:
+    """The rope module of a model (one instance is shared by all layers)."""
+    return RotaryEmbedding(
+        config.head_dim, config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+    )
+
+
+class LlamaAttention(nn.Module):
+    """qkv projection -> (qk norm) -> rope -> paged attention -> output projection."""
+
+    def __init__(
+        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = QKVLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias
+        )
+        # Qwen2 has bias on q/k/v only; Llama/Qwen3 ``attention_bias`` also covers o_proj.
+        o_bias = config.attention_bias and config.architecture != "qwen2"
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary_emb = rotary_emb if rotary_emb is not None else make_rotary(config)
+        self.attn = Attention(
+            config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5, attn_backend
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        T = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)  # [T, H, D], [T, Hkv, D]
+        k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
+        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, k_cache, v_cache)  # [T, H D]
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU MLP: fused gate_up projection, silu(gate) * up, down projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size)
+        self.act_fn = SiluAndMul()
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block; the residual add is fused into the next norm call."""
+
+    def __init__(
+        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, attn_backend, rotary_emb)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (block output, residual stream); the sum of the two is the layer's output."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = make_rotary(config)  # one cos/sin cache shared by every layer
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, attn_backend, rotary_emb) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            kv_cache = kv_caches[i] if kv_caches else None
+            hidden, residual = layer(positions, hidden, residual, kv_cache)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The full causal LM. ``forward`` returns final hidden states; ``compute_logits`` the fp32
+    logits of the rows you ask for (usually each sequence's last token)."""
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        check_supported(config)
+        self.config = config
+        self.model = LlamaModel(config, attn_backend)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[KVCache] | None,  # one (k_cache, v_cache) per layer; None/[] = no cache
+    ) -> torch.Tensor:  # [T, hidden]
+        return self.model(input_ids, positions, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors; returns the set of loaded parameter names.
+
+        Raises ValueError for an unknown name or a shape mismatch, and when a parameter was never
+        loaded. Rotary ``inv_freq`` buffers are ignored; so is ``lm_head.weight`` when tied.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            target, shard_id = name, None
+            for fragment, (fused, sid) in STACKED_PARAMS.items():
+                if fragment in name:
+                    target, shard_id = name.replace(fragment, fused), sid
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+            except ValueError as e:
+                raise ValueError(f"cannot load {name!r}: {e}") from e
+            loaded.add(name if shard_id is None else f"{target}:{shard_id}")
+        self._check_all_loaded(params, loaded)
+        return loaded
+
+    def _check_all_loaded(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+        missing = []
+        for name, param in params.items():
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            shard_ids = getattr(module, "shard_offsets", None)
+            if shard_ids is not None and name not in loaded:
+                missing += [f"{name}:{sid}" for sid in shard_ids if f"{name}:{sid}" not in loaded]
+            elif shard_ids is None and name not in loaded:
+                missing.append(name)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing weights for: {shown}")
