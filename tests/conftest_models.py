@@ -223,3 +223,105 @@ class PagedKVCache:
             )
         last = torch.tensor([s - 1 for s in meta.query_start_loc.tolist()[1:]], device=self.device)
         return model.compute_logits(hidden[last])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny GGUF files written from a tiny HF model (llama.cpp naming and q/k permutation)
+
+_GGUF_LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _llamacpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's conversion of q/k rows (rotate-half halves -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+@torch.no_grad()
+def write_tiny_gguf(hf: torch.nn.Module, path: str | Path, qtype_name: str = "F32") -> torch.nn.Module:
+    """Write ``hf`` (a tiny llama/qwen2/qwen3 model) as a GGUF file, 2-D weights in ``qtype_name``
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1), norms and biases in F32.
+
+    Returns a deep copy of ``hf`` whose weights are the quantize->dequantize round trip, the
+    exact oracle for the GGUF's contents.
+    """
+    import copy
+
+    import gguf
+    import numpy as np
+
+    cfg = hf.config
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg.model_type]
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    oracle = copy.deepcopy(hf)
+    oracle_params = dict(oracle.named_parameters())
+    writer = gguf.GGUFWriter(str(path), arch)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope.get("rope_type") == "llama3":
+        from flashserve.layers.rotary import base_inv_freq, llama3_inv_freq
+
+        base = base_inv_freq(head_dim, float(rope["rope_theta"]))
+        factors = (base / llama3_inv_freq(base, rope)).numpy().astype(np.float32)
+        writer.add_tensor("rope_freqs.weight", factors)
+
+    def gguf_name(name: str) -> str:
+        if name == "model.embed_tokens.weight":
+            return "token_embd.weight"
+        if name == "model.norm.weight":
+            return "output_norm.weight"
+        if name == "lm_head.weight":
+            return "output.weight"
+        parts = name.split(".")  # model.layers.N.<module...>.<weight|bias>
+        return f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+    for name, param in hf.named_parameters():  # tied lm_head is deduplicated away
+        w = param.detach().float()
+        if w.ndim == 2 and qtype_name != "F32":
+            raw = gguf.quants.quantize(w.numpy(), qtype)
+            w = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(w.shape).astype(np.float32))
+        else:
+            raw = w.numpy()
+        oracle_params[name].copy_(w)
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            n = heads if ".q_proj." in name else kv_heads
+            permuted = _llamacpp_permute(torch.from_numpy(np.asarray(raw).copy()), n).numpy()
+            raw = permuted
+        if raw.dtype == np.uint8:
+            writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name(name), np.ascontiguousarray(raw))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return oracle.eval()
