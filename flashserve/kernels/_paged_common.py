@@ -12,7 +12,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) well defined (= 1)
 # for padded rows whose scores are all -inf.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -74,11 +74,12 @@ def test_unified_max_fallback(device, dtype, phi):
 
 def test_unified_max_partial_fallback(device):
     """Only the slice holding an outlier key is flagged; the rest stay on the fast path."""
-    batch = PagedBatch([64], [1], 2, 1, 16, 16, torch.float32, device, seed=4)
+    # 256 tokens in 4 splits: 64-token slices for any decode tile size (16/32/64)
+    batch = PagedBatch([256], [1], 2, 1, 16, 16, torch.float32, device, seed=4)
     q = batch.q  # [1, 2, 16]
-    # make the key at position 50 (slice 3 of 4) align strongly with both query heads
+    # make the key at position 200 (slice 3 of 4) align strongly with both query heads
     table = batch.meta.block_tables[0]
-    blk, off = int(table[50 // 16]), 50 % 16
+    blk, off = int(table[200 // 16]), 200 % 16
     batch.k_cache[blk, off, 0] = 300.0 * q[0].mean(0) / q[0].mean(0).norm()
     ref = paged_attention_ref(*batch.attention_args(), scale=0.25)
     out, flags = _run(batch, 0.25, num_splits=4, unified_max=1.0, return_fallback_flags=True)
