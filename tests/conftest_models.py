@@ -14,7 +14,6 @@ rootdir-relative import mode) or ``from tests.conftest_models import ...``.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

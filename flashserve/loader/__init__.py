@@ -73,7 +73,7 @@ def resolve_load_format(source: str | None, load_format: str = "auto") -> tuple[
             f"or a bundled name ({', '.join(bundled_config_names())})"
         )
     if not path.exists():
-        hint = f"; for random weights of a bundled config use load_format='dummy'" if source in bundled_config_names() else ""
+        hint = "; for random weights of a bundled config use load_format='dummy'" if source in bundled_config_names() else ""
         raise FileNotFoundError(f"model path not found: {source}{hint}")
     if load_format != "auto":
         return str(path), load_format
