@@ -1,3 +1,16 @@
+"""flashserve: a small, fast LLM inference and serving engine (PyTorch + Triton)."""
+
+from flashserve.request import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
-__all__ = ["SamplingParams"]
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the model code; import it lazily so `flashserve --help` stays quick.
+    if name == "LLM":
+        from flashserve.engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -63,7 +63,7 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_bytes: int | None = None
-    kv_cache_memory_fraction: float = 0.9
+    kv_cache_memory_fraction: float | None = None  # None: 0.9 on GPU, 0.2 of host memory on CPU
     num_blocks: int | None = None  # set by the engine once the pool is allocated
 
     def __post_init__(self) -> None:
@@ -71,7 +71,7 @@ class CacheConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+        if self.kv_cache_memory_fraction is not None and not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
 
 
@@ -82,6 +82,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 8192  # tokens (prefill + decode) computed in one step
     max_model_len: int | None = None  # defaults to the model's context length
+    enable_chunked_prefill: bool = True  # split long prompts to fit the per-step token budget
+    policy: str = "fcfs"  # see flashserve.sched.policy.POLICIES
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

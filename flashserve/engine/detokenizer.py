@@ -1,0 +1,104 @@
+"""Incremental detokenization and stop-string detection.
+
+Decoding a token on its own is wrong for byte-level BPE (a multi-byte character can span several
+tokens) and for tokenizers that drop a leading space. So each step decodes a short window that
+starts a few tokens back (``prefix_offset``), and emits only what the window adds beyond the text
+that was already emitted (``read_offset``); a window ending in U+FFFD is an incomplete character
+and waits for more tokens. Stop strings are searched in the newly emitted text plus just enough
+of the old text to catch a string spanning tokens; the stop string itself is not returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_WINDOW = 5  # tokens of left context for each incremental decode
+
+
+@dataclass
+class DecodeState:
+    """Per-sequence detokenizer state."""
+
+    skip_special_tokens: bool
+    stop: list[str] = field(default_factory=list)
+    text: str = ""  # all text decoded so far (cut before the stop string once one is hit)
+    emitted: int = 0  # characters of ``text`` already handed to the caller
+    tokens: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    stopped_on: str | None = None  # the stop string that ended the sequence, if any
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def new_state(self, prompt_tail: list[int], skip_special_tokens: bool, stop: list[str]) -> DecodeState:
+        """State for a sequence; ``prompt_tail`` (the last prompt tokens) gives the first window context."""
+        tail = prompt_tail[-_WINDOW:]
+        return DecodeState(
+            skip_special_tokens=skip_special_tokens,
+            stop=list(stop),
+            tokens=list(tail),
+            prefix_offset=0,
+            read_offset=len(tail),
+        )
+
+    def _decode(self, ids: list[int], skip: bool) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+    def append(self, state: DecodeState, new_tokens: list[int]) -> None:
+        """Add tokens to ``state.text``; cut it at a stop string and set ``state.stopped_on``."""
+        if self.tokenizer is None:  # token-id-only models (dummy weights without a tokenizer)
+            return
+        for token in new_tokens:
+            if state.stopped_on is not None:
+                return
+            state.tokens.append(token)
+            prefix = self._decode(state.tokens[state.prefix_offset : state.read_offset], state.skip_special_tokens)
+            full = self._decode(state.tokens[state.prefix_offset :], state.skip_special_tokens)
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                self._add_text(state, full[len(prefix) :])
+                state.prefix_offset = state.read_offset
+                state.read_offset = len(state.tokens)
+                # Keep the token list short: only the window matters from here on.
+                if state.prefix_offset > 4 * _WINDOW:
+                    drop = state.prefix_offset - _WINDOW
+                    state.tokens = state.tokens[drop:]
+                    state.prefix_offset -= drop
+                    state.read_offset -= drop
+
+    def _add_text(self, state: DecodeState, delta: str) -> None:
+        old_len = len(state.text)
+        state.text += delta
+        if not state.stop:
+            return
+        # A stop string may start inside the old text: search from just far enough back.
+        search_from = max(0, old_len - max(len(s) for s in state.stop) + 1)
+        hits = [(idx, s) for s in state.stop if (idx := state.text.find(s, search_from)) != -1]
+        if hits:
+            idx, s = min(hits)
+            state.stopped_on = s
+            state.text = state.text[:idx]
+
+    def flush(self, state: DecodeState) -> None:
+        """At the end of a sequence, add what was held back (e.g. a trailing incomplete character)."""
+        if self.tokenizer is None or state.stopped_on is not None or state.read_offset >= len(state.tokens):
+            return
+        prefix = self._decode(state.tokens[state.prefix_offset : state.read_offset], state.skip_special_tokens)
+        full = self._decode(state.tokens[state.prefix_offset :], state.skip_special_tokens)
+        state.read_offset = len(state.tokens)
+        if len(full) > len(prefix):
+            self._add_text(state, full[len(prefix) :])
+
+    @staticmethod
+    def take_delta(state: DecodeState, finished: bool) -> str:
+        """Text not yet handed out. While running, the last (longest stop - 1) characters are held
+        back, since they might begin a stop string; so streamed text always equals the final text."""
+        end = len(state.text)
+        if not finished and state.stop:
+            end = max(state.emitted, end - (max(len(s) for s in state.stop) - 1))
+        delta = state.text[state.emitted : end]
+        state.emitted = end
+        return delta

@@ -1,0 +1,116 @@
+"""Scheduler: continuous batching, token budget, chunking and recompute preemption (no model)."""
+
+from flashserve.cache.block_manager import BlockManager
+from flashserve.config import SchedulerConfig
+from flashserve.request import Request, RequestStatus
+from flashserve.sampling_params import SamplingParams
+from flashserve.sched.plan import RunnerOutput, SampledToken
+from flashserve.sched.policy import FCFSPolicy
+from flashserve.sched.scheduler import Scheduler
+
+
+def make(num_blocks=8, block_size=4, budget=64, max_seqs=8, chunked=True, max_len=64):
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
+    return Scheduler(cfg, BlockManager(num_blocks, block_size), FCFSPolicy(), max_model_len=max_len)
+
+
+def req(rid, n_prompt, max_tokens=4, t=0.0):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(temperature=0, max_tokens=max_tokens),
+                   eos_token_ids=[0], arrival_time=t)
+
+
+def run_step(s, token=7):
+    plan = s.schedule()
+    out = RunnerOutput({r.request_id: SampledToken(token) for r in plan.requests if r.sample})
+    s.update(plan, out)
+    return plan
+
+
+def test_prefill_then_decode_and_retire():
+    s = make()
+    s.add_request(req("a", 5, max_tokens=2, t=0))
+    s.add_request(req("b", 3, max_tokens=3, t=1))
+    plan = run_step(s)
+    assert [(r.request_id, r.num_new_tokens, r.start_pos, r.sample) for r in plan.requests] == [
+        ("a", 5, 0, True), ("b", 3, 0, True)]
+    assert plan.requests[0].block_ids == [0, 1] and plan.requests[1].block_ids == [2]
+    plan = run_step(s)
+    assert [(r.request_id, r.num_new_tokens, r.start_pos) for r in plan.requests] == [("a", 1, 5), ("b", 1, 3)]
+    # a hit max_tokens=2 and was retired at once, its blocks freed.
+    assert "a" not in s.requests and s.block_manager.num_free_blocks == 7
+    run_step(s)
+    assert not s.has_unfinished() and s.block_manager.num_free_blocks == 8
+
+
+def test_token_budget_chunks_long_prompts():
+    s = make(num_blocks=16, budget=6)
+    s.add_request(req("a", 10, t=0))
+    s.add_request(req("b", 2, t=1))
+    plan = run_step(s)
+    assert [(r.request_id, r.num_new_tokens, r.sample) for r in plan.requests] == [("a", 6, False)]
+    plan = run_step(s)
+    assert [(r.request_id, r.num_new_tokens, r.start_pos, r.sample) for r in plan.requests] == [
+        ("a", 4, 6, True), ("b", 2, 0, True)]
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_step():
+    s = make(num_blocks=16, budget=12, chunked=False)
+    s.add_request(req("a", 10, t=0))
+    s.add_request(req("b", 5, t=1))
+    plan = run_step(s)
+    assert [r.request_id for r in plan.requests] == ["a"]
+
+
+def test_max_num_seqs_limits_admission():
+    s = make(max_seqs=2)
+    for i in range(3):
+        s.add_request(req(f"r{i}", 2, t=i))
+    plan = run_step(s)
+    assert [r.request_id for r in plan.requests] == ["r0", "r1"] and s.num_waiting == 1
+
+
+def test_recompute_preemption_frees_last_request_and_resumes_it_first():
+    s = make(num_blocks=4, block_size=2, max_len=8)
+    s.add_request(req("a", 4, max_tokens=8, t=0))  # 2 blocks
+    s.add_request(req("b", 4, max_tokens=8, t=1))  # 2 blocks: pool full
+    run_step(s)
+    plan = run_step(s)  # a needs a 3rd block: b (lowest FCFS rank) is preempted
+    assert plan.preempted_ids == ["b"]
+    assert [r.request_id for r in plan.requests] == ["a"]
+    b = s.requests["b"]
+    assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0 and b.metrics.num_preemptions == 1
+    assert b.output_token_ids == [7]  # its sampled token is kept and recomputed as prompt
+    while "a" in s.requests:
+        run_step(s)
+    plan = run_step(s)
+    assert plan.requests[0].request_id == "b" and plan.requests[0].num_new_tokens == 5  # prompt + 1 output
+    assert s.num_preemptions == 1
+
+
+def test_stop_conditions_and_abort():
+    s = make()
+    r = Request("a", [1, 2], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[9]), eos_token_ids=[5])
+    s.add_request(r)
+    run_step(s, token=5)
+    assert r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason == 5
+    r2 = Request("b", [1, 2], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[9]),
+                 eos_token_ids=[5])
+    s.add_request(r2)
+    run_step(s, token=5)
+    assert not r2.is_finished
+    run_step(s, token=9)
+    assert r2.status == RequestStatus.FINISHED_STOPPED and r2.stop_reason == 9
+    s.add_request(req("c", 3))
+    s.schedule()
+    assert s.block_manager.num_used_blocks == 1
+    s.finish_request("c", RequestStatus.FINISHED_ABORTED)
+    assert s.block_manager.num_used_blocks == 0
+
+
+def test_max_model_len_ends_with_length():
+    s = make(max_len=6)
+    r = req("a", 4, max_tokens=100)
+    s.add_request(r)
+    for _ in range(3):
+        run_step(s)
+    assert r.status == RequestStatus.FINISHED_LENGTH and r.num_tokens == 6
