@@ -96,9 +96,10 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, i
     bd = next_power_of_2(head_dim)
     if dtype == torch.float32 or bd >= 256:
         return 64, 32, 4, 2
+    # Tuned on an H200 (bf16, Hq32/Hkv8, 1x4096 and 8x1024 prompts).
     if bd >= 128:
         return 128, 64, 8, 2
-    return 128, 64, 4, 3
+    return 128, 128, 4, 3
 
 
 def paged_prefill_attention(
