@@ -3,7 +3,7 @@
 Run on an H100/H200:  python benchmarks/gpu_kernels_check.py [--time] [--quick]
 
 (a) Each kernel against its torch reference (flashserve.kernels.reference) over head dims
-    64/128, KV block sizes 16/32, GQA ratios 1/4/8, bf16 and fp16, odd lengths, chunked
+    64/128 (and 32/256 once each), KV block sizes 16/32, GQA ratios 1/4/8, bf16 and fp16, odd lengths, chunked
     prefill over cached context, decode with several splits, speculative verification, the
     unified-max (async softmax) fast path and its fallback. Prints a PASS/FAIL table; the exit
     status is 1 if anything failed.
@@ -73,7 +73,10 @@ def attention_checks(quick: bool) -> None:
     prefill_lens = ([1023, 333, 77, 1], [517, 333, 77, 1])
     decode_lens = [4097, 1000, 129, 17, 1]
     spec_q = [4, 1, 3, 2, 1]
-    for dtype, d, bs, g in itertools.product(dtypes, head_dims, block_sizes, groups):
+    configs = list(itertools.product(dtypes, head_dims, block_sizes, groups))
+    # other power-of-two head sizes, one configuration each
+    configs += [(torch.bfloat16, 32, 16, 4), (torch.bfloat16, 256, 16, 4), (torch.float16, 256, 32, 8)]
+    for dtype, d, bs, g in configs:
         if quick and (bs == 32 or dtype == torch.float16) and g != 4:
             continue
         hq, hkv = heads(g)
