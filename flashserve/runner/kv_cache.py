@@ -87,6 +87,10 @@ def plan_kv_pool(
 
 
 def allocate_kv_pool(model: ModelConfig, plan: KVPoolPlan, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zero-filled pool (zeros, so a kernel that over-reads a block never meets NaN garbage)."""
+    """The pool. On GPU it is zero-filled, so a kernel that over-reads a block never meets NaN
+    garbage. On CPU the torch backend reads only slots it has written, so ``torch.empty`` is safe
+    there and spares seconds of touching gigabytes up front."""
     shape = (model.num_layers, 2, plan.num_blocks, plan.block_size, model.num_kv_heads, model.head_dim)
+    if device.type == "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device)
