@@ -93,7 +93,13 @@ class LLMEngine:
             backend_name = "triton" if self.device.type == "cuda" else "torch"
         self.attn_backend = get_attention_backend(backend_name)
         t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(source, config.load_format)
+        try:
+            self.tokenizer = load_tokenizer(source, config.load_format)
+        except FileNotFoundError as e:
+            if "no tokenizer files" not in str(e):
+                raise
+            logger.warning("flashserve: %s; the engine takes prompts as token ids only", e)
+            self.tokenizer = None
         self.model, self.model_config = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend)
         load_s = time.perf_counter() - t0
 
