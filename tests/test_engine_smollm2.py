@@ -1,0 +1,108 @@
+"""The engine on the real SmolLM2 model: text APIs, streaming, stop strings, bad input."""
+
+import pytest
+
+from flashserve import LLM, SamplingParams
+from flashserve.engine.detokenizer import Detokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu", max_model_len=512, kv_cache_bytes=64 << 20, verbose=False)
+
+
+def test_generate_outputs_and_metrics(llm):
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 8
+    assert out.prompt == "The capital of France is"
+    m = out.metrics
+    assert m.time_to_first_token > 0 and m.time_per_output_token(8) > 0 and m.e2e_latency >= m.time_to_first_token
+
+
+def test_eos_ends_with_stop(llm):
+    out = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=200),
+                   use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) < 200
+    assert out.token_ids[-1] in llm.engine.eos_token_ids and "<|im_end|>" not in out.text
+
+
+def test_stream_equals_generate(llm):
+    params = SamplingParams(temperature=0, max_tokens=40)
+    pieces = list(llm.stream("Once upon a time", params))
+    assert len(pieces) > 5
+    assert "".join(pieces) == llm.generate("Once upon a time", params, use_tqdm=False)[0].text
+
+
+def test_stop_string_spanning_tokens_is_cut(llm):
+    full = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].text
+    assert " 6, 7" in full
+    stop = "6, 7"  # several tokens: "6", ",", " 7"
+    out = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=20, stop=[stop]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert out.text == full[: full.index(stop)]
+    streamed = "".join(llm.stream("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=20, stop=[stop])))
+    assert streamed == out.text
+
+
+def test_multibyte_characters_detokenize_incrementally(llm):
+    text = "Grüße aus Köln: 日本語のテキスト 🚀🎉 naïve café"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    detok = Detokenizer(llm.tokenizer)
+    state = detok.new_state([], skip_special_tokens=True, stop=[])
+    pieces = []
+    for t in ids:
+        detok.append(state, [t])
+        piece = detok.take_delta(state, finished=False)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    detok.flush(state)
+    pieces.append(detok.take_delta(state, finished=True))
+    assert "".join(pieces) == text
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "prompt is empty"),
+        ([], SamplingParams(), "prompt is empty"),
+        ("word " * 600, SamplingParams(), "context is 512 tokens"),
+        ([10**6], SamplingParams(), "outside the vocabulary"),
+    ],
+)
+def test_bad_prompts_are_refused_and_the_engine_keeps_serving(llm, prompt, params, message):
+    engine = llm.engine
+    engine.add_request("ok-1", "Hello there", SamplingParams(temperature=0, max_tokens=6))
+    engine.step()  # ok-1 is running
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["ok-1"].finish_reason == "length" and len(done["ok-1"].token_ids) == 6
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_bad_sampling_values_in_a_batch_name_the_prompt(llm):
+    with pytest.raises(ValueError, match="prompt 1: max_tokens must be a positive integer"):
+        bad = SamplingParams()
+        bad.max_tokens = 0
+        llm.generate(["fine", "also fine"], [SamplingParams(), bad], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_abort_frees_blocks(llm):
+    engine = llm.engine
+    engine.add_request("a", "Tell me a long story", SamplingParams(max_tokens=100))
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    assert engine.abort_request("a") and not engine.abort_request("a")
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+
+
+def test_kv_pool_too_small_for_the_context_is_refused():
+    with pytest.raises(ValueError, match=r"holds 2 blocks of 16 tokens = 32 tokens .* max_model_len=512 tokens needs 32 blocks"):
+        LLM(device="cpu", max_model_len=512, kv_cache_bytes=2 * 30 * 2 * 16 * 3 * 64 * 4, verbose=False)
