@@ -1,18 +1,56 @@
 """Paged KV cache bookkeeping: which physical blocks each request owns. Pure Python, no torch.
 
 The pool has ``num_blocks`` blocks of ``block_size`` token slots. Blocks are reference counted
-so that several requests can share one (prefix sharing); a block returns to the free list when
-its count drops to zero. Block size 1 gives token-granular KV (TokenAttention-like) with the
-same code.
+so that several requests can share one; a block with no references is either *free* (no
+content worth keeping) or *cached-evictable* (it holds a full block of a known prefix and is
+reused if a later request starts with the same tokens). Block size 1 gives token-granular KV
+with the same code.
+
+Prefix caching: hash chain, not radix tree
+------------------------------------------
+A full block is identified by ``hash(parent block's hash, its own token ids)`` (SHA-256 over
+the parent digest and the packed token ids, so equal hashes mean equal whole prefixes for all
+practical purposes, and a crafted prompt cannot collide with another user's prefix the way it
+could with Python's ``hash``). We chose the chain over a radix tree because
+
+* the pool allocates whole blocks anyway, so token-granular matching (the radix tree's gain)
+  would still have to round down to a block boundary;
+* a lookup is one dict probe per block and needs no tree maintenance when blocks are evicted:
+  eviction is per block, least recently used first, independent of any tree shape;
+* requests free their blocks tail first, so within one chain the deepest blocks become least
+  recently used first and are evicted before the shared roots. An evicted middle block merely
+  ends later lookups early; the orphaned tail is evicted by LRU in due course.
+
+Only *full* blocks are ever cached or shared, and a request writes only at positions at or
+after its ``num_computed_tokens``, which is at least the cached length: so a shared block is
+never written and copy-on-write cannot be needed (``assert_writable`` checks it every step).
+``n > 1`` children are separate requests; they share their full prompt blocks through the
+cache and each computes its own partial last block.
+
+Invariants (``check_invariants``): free + cached-evictable + in use = total; no block is both
+free and referenced; reference counts never negative; every hashed block is in the hash map.
+
+Host blocks (swap space) are plain slots counted by ``HostBlockAllocator``; the copy itself is
+done by the runner (``flashserve.runner.swap``).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+
+def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
+    """Chain hash of one full block: its tokens and (through ``parent``) every token before it."""
+    h = hashlib.sha256(parent or b"")
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 class BlockPool:
-    """Free list and reference counts of the physical KV blocks."""
+    """Free list, LRU list of cached-evictable blocks, reference counts and the hash map."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -20,22 +58,39 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 with a hash; oldest first
+        self.block_hash: dict[int, bytes] = {}
+        self.cached: dict[bytes, int] = {}
+        self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that an allocation can take (free, or cached and evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks from the front of the free list (lowest ids first on a fresh pool)."""
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} KV blocks, only {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        """Take ``n`` blocks: free ones first (lowest ids first on a fresh pool), then evict
+        cached ones, least recently used first."""
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} KV blocks, only {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.popleft()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self.cached[self.block_hash.pop(b)]
+                self.num_evictions += 1
             self.ref_counts[b] = 1
+            blocks.append(b)
         return blocks
 
     def incref(self, block: int) -> None:
@@ -43,23 +98,103 @@ class BlockPool:
             raise RuntimeError(f"incref of free block {block}")
         self.ref_counts[block] += 1
 
+    def touch(self, block: int) -> None:
+        """Take a reference to a cached block (a prefix hit), reviving it if it was evictable."""
+        if self.ref_counts[block] == 0:
+            if block not in self._evictable:
+                raise RuntimeError(f"touch of block {block}, which is neither in use nor cached")
+            del self._evictable[block]
+        self.ref_counts[block] += 1
+
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference from each block; blocks reaching zero go back to the free list."""
+        """Drop one reference from each block; at zero a hashed block becomes evictable (most
+        recently used end of the LRU), an unhashed one goes back to the free list."""
         for b in blocks:
             if self.ref_counts[b] <= 0:
                 raise RuntimeError(f"block {b} freed twice")
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self._free.append(b)
+                if b in self.block_hash:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Record that ``block`` holds the full block ``block_hash``; False if another block
+        already holds it (then this one stays unhashed and is simply freed later)."""
+        if block_hash in self.cached or block in self.block_hash:
+            return False
+        self.cached[block_hash] = block
+        self.block_hash[block] = block_hash
+        return True
+
+    def evictable_order(self) -> list[int]:
+        """Cached blocks with no references, next to be evicted first."""
+        return list(self._evictable)
+
+    def check_invariants(self) -> None:
+        free, evictable = set(self._free), set(self._evictable)
+        assert len(free) == len(self._free), "a block is on the free list twice"
+        assert not free & evictable, "a block is both free and cached-evictable"
+        in_use = {b for b, r in enumerate(self.ref_counts) if r > 0}
+        assert all(r >= 0 for r in self.ref_counts), "negative reference count"
+        assert not in_use & (free | evictable), "a referenced block is on a free list"
+        assert len(free) + len(evictable) + len(in_use) == self.num_blocks, "blocks lost or duplicated"
+        assert all(self.cached[h] == b for b, h in self.block_hash.items()), "hash maps disagree"
+        assert len(self.cached) == len(self.block_hash)
+        assert not free & set(self.block_hash), "a free-listed block still has a hash"
+
+
+class HostBlockAllocator:
+    """Host (swap space) block slots: a free list whose frees take effect at the next step.
+
+    Deferring frees means a host block read by this step's swap-in is never handed to a
+    swap-out of the same step (the runner executes all swap-outs before the swap-ins)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._pending: list[int] = []
+
+    def begin_step(self) -> None:
+        self._free.extend(self._pending)
+        self._pending.clear()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"asked for {n} host blocks, only {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._pending.extend(blocks)
+
+
+@dataclass
+class PrefixHit:
+    """Result of a prefix-cache lookup: the cached blocks and how many tokens they cover."""
+
+    blocks: list[int]
+    num_tokens: int
 
 
 class BlockManager:
-    """Allocates slots for requests, block by block, as their token count grows."""
+    """Allocates slots for requests block by block, shares cached prefixes, tracks swap slots."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 num_host_blocks: int = 0) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.host = HostBlockAllocator(num_host_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[str, list[int]] = {}
+        self.host_tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # chain hashes of each request's full blocks
+        self.prefix_queries = 0  # tokens looked up (at admission)
+        self.prefix_hits = 0  # of which found cached
 
     @property
     def num_blocks(self) -> int:
@@ -83,21 +218,118 @@ class BlockManager:
         have = len(self.tables.get(request_id, ()))
         return self.blocks_needed(total_tokens) - have <= self.pool.num_free
 
-    def allocate_slots(self, request_id: str, total_tokens: int) -> list[int] | None:
-        """Grow the request's table to hold ``total_tokens``; None (and no change) if the pool is short."""
+    # ----------------------------------------------------------------- prefix cache
+    def _chain(self, request_id: str, token_ids: list[int], num_full: int) -> list[bytes]:
+        """Chain hashes of the first ``num_full`` blocks of ``token_ids`` (memoised per request)."""
+        hashes = self._hashes.setdefault(request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> PrefixHit:
+        """Longest cached run of full blocks at the start of ``token_ids``, leaving at least the
+        last token to compute (so the step has logits to sample from). Takes no references."""
+        if not self.enable_prefix_caching:
+            return PrefixHit([], 0)
+        num_full = (len(token_ids) - 1) // self.block_size
+        blocks = []
+        for h in self._chain(request_id, token_ids, num_full)[:num_full]:
+            b = self.pool.cached.get(h)
+            if b is None:
+                break
+            blocks.append(b)
+        return PrefixHit(blocks, len(blocks) * self.block_size)
+
+    def commit(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register the request's blocks that are now full of computed tokens in the cache."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.tables.get(request_id)
+        if not table:
+            return
+        num_full = min(num_computed // self.block_size, len(table))
+        for i, h in enumerate(self._chain(request_id, token_ids, num_full)[:num_full]):
+            if table[i] not in self.pool.block_hash:
+                self.pool.register(table[i], h)
+
+    # ----------------------------------------------------------------- allocation
+    def allocate_slots(self, request_id: str, total_tokens: int, prefix: PrefixHit | None = None) -> list[int] | None:
+        """Grow the request's table to hold ``total_tokens``, starting a new table with the
+        ``prefix`` hit's blocks (shared, not copied); None (and no change) if the pool is short."""
         table = self.tables.setdefault(request_id, [])
-        extra = self.blocks_needed(total_tokens) - len(table)
-        if extra > self.pool.num_free:
+        reused = prefix.blocks if prefix is not None and not table else []
+        extra = self.blocks_needed(total_tokens) - len(table) - len(reused)
+        # Cached blocks with no references count as free: reusing them takes them off that list.
+        revived = sum(1 for b in reused if self.pool.ref_counts[b] == 0)
+        if extra + revived > self.pool.num_free:
             if not table:
                 del self.tables[request_id]
             return None
+        for b in reused:
+            self.pool.touch(b)
+        table.extend(reused)
         if extra > 0:
             table.extend(self.pool.allocate(extra))
+        self.prefix_hits += len(reused) * self.block_size
         return table
+
+    def record_query(self, num_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+
+    def assert_writable(self, request_id: str, start: int, end: int) -> None:
+        """A step writes K/V of positions [start, end): none of their blocks may be shared."""
+        table = self.tables[request_id]
+        bs = self.block_size
+        for i in range(start // bs, -(-end // bs)):
+            if self.pool.ref_counts[table[i]] != 1:
+                raise AssertionError(f"request {request_id} would write shared block {table[i]} "
+                                     f"(refs {self.pool.ref_counts[table[i]]}); copy-on-write is never expected")
 
     def free(self, request_id: str) -> None:
         """Release every block the request holds (a no-op for unknown ids)."""
+        self._hashes.pop(request_id, None)
         table = self.tables.pop(request_id, None)
         if table:
-            # Free in reverse so that the tail blocks, the least likely to be shared, are reused first.
+            # Tail first: the tail blocks, the least likely to be shared, are reused/evicted first.
             self.pool.free(list(reversed(table)))
+        host = self.host_tables.pop(request_id, None)
+        if host:
+            self.host.free(host)
+
+    # ----------------------------------------------------------------- swap
+    def can_swap_out(self, request_id: str) -> bool:
+        return len(self.tables.get(request_id, ())) <= self.host.num_free
+
+    def swap_out(self, request_id: str) -> list[tuple[int, int]]:
+        """Move the request's blocks to host slots: (device block, host block) pairs to copy.
+        The device blocks are released (shared or cached ones stay alive for their other users)."""
+        table = self.tables.pop(request_id)
+        host = self.host.allocate(len(table))
+        self.host_tables[request_id] = host
+        self.pool.free(list(reversed(table)))
+        return list(zip(table, host))
+
+    def swap_in(self, request_id: str) -> list[tuple[int, int]] | None:
+        """Bring a swapped request back into fresh device blocks: (host, device) pairs, or None
+        if the pool is short. Its host slots are released."""
+        host = self.host_tables[request_id]
+        if len(host) > self.pool.num_free:
+            return None
+        table = self.pool.allocate(len(host))
+        self.tables[request_id] = table
+        del self.host_tables[request_id]
+        self.host.free(host)
+        return list(zip(host, table))
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        refs = [0] * self.pool.num_blocks
+        for table in self.tables.values():
+            for b in table:
+                refs[b] += 1
+        assert refs == self.pool.ref_counts, "reference counts disagree with the block tables"
+        held = [b for t in self.host_tables.values() for b in t]
+        assert len(set(held)) == len(held)
+        assert len(held) + self.host.num_free + len(self.host._pending) == self.host.num_blocks
