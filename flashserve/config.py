@@ -65,6 +65,9 @@ class CacheConfig:
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float | None = None  # None: 0.9 on GPU, 0.2 of host memory on CPU
     num_blocks: int | None = None  # set by the engine once the pool is allocated
+    # Reuse the KV of full blocks of earlier prompts with the same prefix (flashserve.cache.block_manager).
+    enable_prefix_caching: bool = True
+    swap_space_bytes: int = 0  # host memory for swap preemption (pinned on CUDA); 0: recompute only
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -73,6 +76,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if self.kv_cache_memory_fraction is not None and not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
 
 
 @dataclass
@@ -84,12 +89,15 @@ class SchedulerConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     enable_chunked_prefill: bool = True  # split long prompts to fit the per-step token budget
     policy: str = "fcfs"  # see flashserve.sched.policy.POLICIES
+    preemption_mode: str = "auto"  # recompute | swap | auto (swap when cheaper; flashserve.sched.preemption)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.preemption_mode not in ("recompute", "swap", "auto"):
+            raise ValueError(f"preemption_mode must be recompute, swap or auto, got {self.preemption_mode!r}")
 
 
 @dataclass

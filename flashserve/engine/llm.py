@@ -40,6 +40,9 @@ class LLM:
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
+        enable_prefix_caching: bool = True,
+        swap_space_bytes: int = 0,
+        preemption_mode: str = "auto",
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
         verbose: bool = True,
@@ -56,6 +59,8 @@ class LLM:
                 block_size=block_size,
                 kv_cache_bytes=kv_cache_bytes,
                 kv_cache_memory_fraction=kv_cache_memory_fraction,
+                enable_prefix_caching=enable_prefix_caching,
+                swap_space_bytes=swap_space_bytes,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -63,6 +68,7 @@ class LLM:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=enable_chunked_prefill,
                 policy=policy,
+                preemption_mode=preemption_mode,
             ),
         )
         self.engine = LLMEngine(config, verbose=verbose)

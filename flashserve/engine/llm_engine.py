@@ -30,6 +30,8 @@ from flashserve.runner.model_runner import ModelRunner
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import RunnerOutput
 from flashserve.sched.policy import make_policy
+from flashserve.sched.preemption import PreemptionCostModel
+from flashserve.runner.swap import HostSwapSpace
 from flashserve.sched.scheduler import Scheduler
 
 logger = logging.getLogger("flashserve")
@@ -117,9 +119,14 @@ class LLMEngine:
         config.cache.num_blocks = pool_plan.num_blocks
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
-        self.block_manager = BlockManager(pool_plan.num_blocks, block_size)
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, make_policy(sched_cfg.policy), self.max_model_len)
+        num_host_blocks = config.cache.swap_space_bytes // pool_plan.bytes_per_block
+        self.block_manager = BlockManager(pool_plan.num_blocks, block_size, config.cache.enable_prefix_caching,
+                                          num_host_blocks)
+        cost_model = PreemptionCostModel.for_model(mc, torch.empty((), dtype=self.dtype).element_size(), self.device.type)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, make_policy(sched_cfg.policy), self.max_model_len,
+                                   cost_model)
         self.runner = ModelRunner(self.model, kv_pool, block_size, self.device, self.eos_token_ids, config.seed)
+        self.runner.swap_space = HostSwapSpace(kv_pool, num_host_blocks) if num_host_blocks else None
         self.detokenizer = Detokenizer(self.tokenizer)
         self._decode_states: dict[str, DecodeState] = {}
         self._parents: dict[str, _Parent] = {}
@@ -233,7 +240,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration; returns an output for every request that got new tokens or finished."""
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan) if plan.requests else RunnerOutput(sampled={})
+        result = self.runner.execute(plan) if not plan.is_empty else RunnerOutput(sampled={})
         progressed = self.scheduler.update(plan, result)
         touched: dict[str, None] = {}
         for req in progressed:
@@ -296,4 +303,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
         )

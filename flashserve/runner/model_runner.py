@@ -101,6 +101,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        if plan.block_copies:  # swap preemption moves (flashserve.runner.swap), before the forward
+            from flashserve.runner.swap import apply_block_copies
+
+            apply_block_copies(self.kv_pool, getattr(self, "swap_space", None), plan.block_copies)
         if not plan.requests:
             return RunnerOutput(sampled={})
         inputs = self.prepare(plan)
