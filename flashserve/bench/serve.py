@@ -1,0 +1,330 @@
+"""``flashserve bench serve``: load any OpenAI-compatible endpoint with streaming requests.
+
+    flashserve bench serve --base-url http://127.0.0.1:8000/v1 --num-prompts 200 \\
+        --request-rate 1 2 4 inf --input-len 128 --output-len 64 --output-json r.json --plot r.png
+
+Requests arrive as a Poisson process at each ``--request-rate`` (``inf``: all at once), capped at
+``--concurrency`` in flight if given. Every request streams; the client timestamps each content
+chunk and reports, per rate, TTFT, TPOT (mean decode interval per request), ITL (gaps between
+chunks) and end-to-end latency at mean/p50/p90/p99, plus request and output-token throughput.
+Every loop is bounded: ``--num-prompts`` requests per rate, ``--timeout`` per request and
+``--max-duration`` per rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+# A neutral vocabulary for random prompts; a word is usually one or two tokens.
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group country problem "
+    "hand part place case week company system program question work government number night point home water room "
+    "mother area money story fact month lot right study book eye job word business issue side kind head house "
+    "service friend father power hour game line end member law car city community name president team minute idea "
+    "kid body information back parent face others level office door health person art war history party result "
+    "change morning reason research girl guy moment air teacher force education river mountain garden window light"
+).split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_len: int = 0  # words (or tokens when the server reports usage)
+    output_tokens: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.e2e is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def parse_rate(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"request rate must be > 0 (or inf), got {text}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API root, ending in /v1")
+    p.add_argument("--model", default=None, help="model id (default: the first of GET /models)")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY or $FLASHSERVE_API_KEY)")
+    p.add_argument("--endpoint", default="completions", choices=["completions", "chat"])
+    p.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
+    p.add_argument("--request-rate", type=parse_rate, nargs="+", default=[math.inf],
+                   help="Poisson arrival rate(s) in requests/s; several values sweep; inf sends all at once")
+    p.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--input-len", type=int, default=32, help="words per random prompt")
+    p.add_argument("--output-len", type=int, default=32, help="max_tokens per request")
+    p.add_argument("--prompt", default=None, help="a fixed prompt for every request instead of random words")
+    p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--max-duration", type=float, default=1800.0, help="seconds per rate; unfinished requests count as failed")
+    p.add_argument("--output-json", default=None, help="write the report here")
+    p.add_argument("--plot", default=None, help="write a PNG of latency against offered load here")
+    p.add_argument("--quiet", action="store_true")
+
+
+def random_prompts(n: int, words: int, rng: random.Random) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(max(1, words))) for _ in range(n)]
+
+
+def _iter_sse(buffer: str) -> tuple[list[str], str]:
+    """Split complete ``data:`` payloads off the front of an SSE buffer."""
+    events, rest = [], buffer
+    while "\n\n" in rest:
+        event, rest = rest.split("\n\n", 1)
+        for line in event.splitlines():
+            if line.startswith("data:"):
+                events.append(line[5:].strip())
+    return events, rest
+
+
+async def send_request(client: Any, url: str, body: dict[str, Any], chat: bool, timeout: float) -> RequestResult:
+    """POST one streaming request; timestamp each content chunk."""
+    start = time.perf_counter()
+    result = RequestResult(ok=False)
+    chunks = 0
+    usage_tokens: int | None = None
+    last = start
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace")
+                    result.error = f"HTTP {response.status_code}: {text[:200]}"
+                    return result
+                buffer = ""
+                async for piece in response.aiter_text():
+                    buffer += piece
+                    events, buffer = _iter_sse(buffer)
+                    for data in events:
+                        if data == "[DONE]":
+                            continue
+                        payload = json.loads(data)
+                        if "error" in payload:
+                            result.error = str(payload["error"].get("message"))
+                            return result
+                        if payload.get("usage"):
+                            usage_tokens = payload["usage"].get("completion_tokens")
+                            result.prompt_len = payload["usage"].get("prompt_tokens", 0)
+                        for choice in payload.get("choices", []):
+                            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                            if not text:
+                                continue
+                            now = time.perf_counter()
+                            if result.ttft is None:
+                                result.ttft = now - start
+                            else:
+                                result.itl.append(now - last)
+                            last = now
+                            chunks += 1
+        result.e2e = time.perf_counter() - start
+        result.output_tokens = usage_tokens if usage_tokens is not None else chunks
+        result.ok = result.ttft is not None
+        if not result.ok:
+            result.error = "no content was streamed"
+    except TimeoutError:
+        result.error = f"timed out after {timeout}s"
+    except Exception as e:  # network errors and malformed streams are results, not crashes
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+
+    def stats_ms(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"mean": None, **{f"p{q}": None for q in PERCENTILES}}
+        arr = np.asarray(values) * 1000.0
+        return {"mean": float(arr.mean()), **{f"p{q}": float(np.percentile(arr, q)) for q in PERCENTILES}}
+
+    out_tokens = sum(r.output_tokens for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            key = (r.error or "unknown")[:120]
+            errors[key] = errors.get(key, 0) + 1
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration if duration > 0 else 0.0,
+        "output_token_throughput": out_tokens / duration if duration > 0 else 0.0,
+        "total_output_tokens": out_tokens,
+        "total_prompt_tokens": sum(r.prompt_len for r in ok),
+        "ttft_ms": stats_ms([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_ms": stats_ms([t for r in ok if (t := r.tpot) is not None]),
+        "itl_ms": stats_ms([x for r in ok for x in r.itl]),
+        "e2e_ms": stats_ms([r.e2e for r in ok if r.e2e is not None]),
+        "errors": errors,
+    }
+
+
+async def run_load(client: Any, url: str, bodies: list[dict[str, Any]], chat: bool, rate: float,
+                   concurrency: int | None, timeout: float, max_duration: float, rng: random.Random) -> dict[str, Any]:
+    """Send ``bodies`` as a Poisson stream at ``rate`` (at most ``concurrency`` in flight)."""
+    semaphore = asyncio.Semaphore(concurrency) if concurrency else None
+
+    async def one(body: dict[str, Any]) -> RequestResult:
+        if semaphore is None:
+            return await send_request(client, url, body, chat, timeout)
+        async with semaphore:
+            return await send_request(client, url, body, chat, timeout)
+
+    start = time.perf_counter()
+    tasks: list[asyncio.Task[RequestResult]] = []
+
+    async def launch() -> None:
+        for body in bodies:
+            tasks.append(asyncio.create_task(one(body)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+
+    launcher = asyncio.create_task(launch())
+    try:
+        await asyncio.wait_for(asyncio.shield(launcher), max_duration)
+        remaining = max(0.0, max_duration - (time.perf_counter() - start))
+        if tasks:
+            await asyncio.wait(tasks, timeout=remaining)
+    except TimeoutError:
+        pass
+    launcher.cancel()
+    results = []
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            results.append(task.result())
+        else:
+            task.cancel()
+            results.append(RequestResult(ok=False, error=f"unfinished after --max-duration {max_duration}s"))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    results += [RequestResult(ok=False, error="never sent (--max-duration)")] * (len(bodies) - len(tasks))
+    duration = time.perf_counter() - start
+    summary = summarize(results, duration)
+    summary["request_rate"] = rate if math.isfinite(rate) else "inf"
+    summary["concurrency"] = concurrency
+    return summary
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    header = f"{'rate':>6} {'conc':>5} {'ok':>5} {'fail':>5} {'req/s':>7} {'tok/s':>8} | " + " | ".join(
+        f"{name:^27}" for name in ("TTFT ms mean/p50/p90/p99", "TPOT ms", "ITL ms", "E2E ms"))
+    lines = [header, "-" * len(header)]
+    for run in runs:
+        cells = []
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            s = run[key]
+            cells.append("/".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("mean", "p50", "p90", "p99")).center(27))
+        conc = "-" if run["concurrency"] is None else str(run["concurrency"])
+        lines.append(f"{str(run['request_rate']):>6} {conc:>5} {run['completed']:>5} {run['failed']:>5} "
+                      f"{run['request_throughput']:>7.2f} {run['output_token_throughput']:>8.1f} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: str) -> None:
+    """Latency percentiles against offered load (achieved throughput where the rate was inf)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["request_rate"] if r["request_rate"] != "inf" else r["request_throughput"] for r in runs]
+    order = sorted(range(len(runs)), key=lambda i: xs[i])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms"), ("time to first token", "time per output token",
+                                                                       "end-to-end latency")):
+        for stat, style in (("mean", "o-"), ("p50", "s--"), ("p99", "^:")):
+            pts = [(xs[i], runs[i][key][stat]) for i in order if runs[i][key][stat] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=stat)
+        ax.set_title(title)
+        ax.set_xlabel("offered load (requests/s)")
+        ax.set_ylabel("ms")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("FLASHSERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base = args.base_url.rstrip("/")
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(args.timeout), limits=limits) as client:
+        model = args.model
+        if model is None:
+            response = await client.get(f"{base}/models")
+            response.raise_for_status()
+            model = response.json()["data"][0]["id"]
+        chat = args.endpoint == "chat"
+        url = f"{base}/chat/completions" if chat else f"{base}/completions"
+        runs = []
+        for rate in args.request_rate:
+            rng = random.Random(args.seed)
+            prompts = [args.prompt] * args.num_prompts if args.prompt else random_prompts(args.num_prompts, args.input_len, rng)
+            bodies = []
+            for prompt in prompts:
+                body: dict[str, Any] = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
+                                        "stream": True, "stream_options": {"include_usage": True}}
+                if chat:
+                    body["messages"] = [{"role": "user", "content": prompt}]
+                else:
+                    body["prompt"] = prompt
+                if not args.no_ignore_eos:
+                    body["ignore_eos"] = True
+                bodies.append(body)
+            summary = await run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
+            runs.append(summary)
+            if not args.quiet:
+                print(f"rate {summary['request_rate']}: {summary['completed']} ok, {summary['failed']} failed "
+                      f"in {summary['duration_s']:.1f}s", file=sys.stderr)
+    return {"base_url": args.base_url, "model": model, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
+            "input_len": args.input_len, "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "runs": runs}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_prompts < 1:
+        print("flashserve bench serve: --num-prompts must be >= 1", file=sys.stderr)
+        return 2
+    if args.concurrency is not None and args.concurrency < 1:
+        print("flashserve bench serve: --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(_main(args))
+    except Exception as e:  # e.g. the server is not there
+        print(f"flashserve bench serve: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(format_table(report["runs"]))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report["runs"], args.plot)
+    return 0 if all(r["completed"] for r in report["runs"]) else 1
+
+
+__all__ = ["add_arguments", "run", "summarize", "format_table", "plot", "RequestResult"]

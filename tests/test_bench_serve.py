@@ -1,0 +1,56 @@
+"""``flashserve bench serve`` against a real server: JSON report and PNG plot; summary maths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flashserve.bench.serve import RequestResult, format_table, summarize
+
+
+def test_summarize_percentiles_and_throughput():
+    results = [RequestResult(ok=True, output_tokens=5, ttft=0.1 * i, e2e=1.0 + 0.1 * i, itl=[0.2] * 4) for i in range(1, 11)]
+    results.append(RequestResult(ok=False, error="HTTP 429: busy"))
+    s = summarize(results, duration=2.0)
+    assert s["completed"] == 10 and s["failed"] == 1 and s["errors"] == {"HTTP 429: busy": 1}
+    assert s["request_throughput"] == pytest.approx(5.0)
+    assert s["output_token_throughput"] == pytest.approx(25.0)
+    assert s["ttft_ms"]["mean"] == pytest.approx(550.0)
+    assert s["ttft_ms"]["p50"] == pytest.approx(550.0)
+    assert s["itl_ms"]["p99"] == pytest.approx(200.0)
+    assert s["tpot_ms"]["mean"] == pytest.approx(250.0)  # (e2e - ttft) / (5 - 1) = 1.0 / 4
+    s.update(request_rate="inf", concurrency=None)
+    assert "550" in format_table([s])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_serve_against_server(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("matplotlib")
+    from flashserve.server.testing import ServerProcess
+
+    report, png = tmp_path / "report.json", tmp_path / "plot.png"
+    with ServerProcess(["--max-model-len", "512", "--kv-cache-bytes", str(50_000_000), "--max-num-seqs", "8",
+                        "--log-level", "warning"]) as server:
+        cmd = [sys.executable, "-m", "flashserve.cli", "bench", "serve", "--base-url", server.url("/v1"),
+               "--num-prompts", "4", "--request-rate", "4", "inf", "--input-len", "8", "--output-len", "6",
+               "--concurrency", "4", "--timeout", "60", "--max-duration", "120",
+               "--output-json", str(report), "--plot", str(png)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert server.returncode == 0 and server.orphans() == []
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "TTFT" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["model"] == "SmolLM2-135M-Instruct"
+    assert [r["request_rate"] for r in data["runs"]] == [4.0, "inf"]
+    for run in data["runs"]:
+        assert run["completed"] == 4 and run["failed"] == 0
+        assert run["total_output_tokens"] == 4 * 6
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            assert run[key]["mean"] > 0 and run[key]["p99"] >= run[key]["p50"]
+        assert run["e2e_ms"]["p50"] >= run["ttft_ms"]["p50"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
