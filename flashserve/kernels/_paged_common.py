@@ -1,11 +1,21 @@
 """Triton building blocks shared by the paged prefill and decode attention kernels.
 
 Scores are kept in the log2 domain: ``s = (q . k) * scale * log2(e)``, so ``exp2`` replaces
-``exp`` and every log-sum-exp these kernels write is a base-2 LSE.
+``exp`` and every log-sum-exp these kernels write is a base-2 LSE. The scale is folded into
+the exponent's fused multiply-add (``exp2(qk * qk_scale - m)``), never applied to the tile
+separately.
+
+Key/value tiles can be addressed page by page when the tile is a whole number of KV-cache
+blocks (``PAGED``): the block-table entry is read once per page, and the ``BLOCK_SIZE``
+tokens of a page are contiguous rows. Otherwise every key position reads its own table entry
+(an L1 hit for all but the first token of a page). Measured on an H200, the page-wise form
+without an alignment hint was 1.5-2x SLOWER (the reshape hides the 16-byte alignment, so the
+K/V loads became 2-byte loads); the per-token form is the default.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -15,19 +25,63 @@ LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
+def paged_loads_ok(block_n: int, block_size: int, cache: torch.Tensor) -> bool:
+    """Whether a BLOCK_N-key tile can be addressed page by page (host-side check). The
+    page-wise offsets go through ``tl.reshape``, which loses the compiler's divisibility
+    facts; the kernel restores them with ``tl.multiple_of(off, 8)``, so every cache stride
+    must be a multiple of 8 elements (16-byte vector loads in 16-bit dtypes)."""
+    pow2 = block_size > 0 and block_size & (block_size - 1) == 0
+    aligned = all(st % 8 == 0 for st in cache.stride()[:3]) and cache.data_ptr() % 16 == 0
+    return pow2 and block_n % block_size == 0 and aligned
+
+
 @triton.jit
 def kv_tile_offsets(
     bt_row_ptr,  # pointer to this sequence's block-table row ([max_blocks] int32)
-    offs_n,  # [BLOCK_N] absolute key positions
-    n_valid,  # [BLOCK_N] bool, positions that exist (loads past them are masked)
+    start_n,  # first key position of the tile (a multiple of BLOCK_SIZE when PAGED)
+    kv_end,  # keys >= kv_end do not exist (their table entries are not read)
     kvh,  # kv head index
     stride_cb, stride_co, stride_ch,  # cache strides: block, offset-in-block, head
+    BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # KV-cache block size (tokens per block)
+    PAGED: tl.constexpr,  # BLOCK_N % BLOCK_SIZE == 0 and BLOCK_SIZE a power of two
 ):
-    """Element offsets (int64, [BLOCK_N]) of key positions ``offs_n`` in the paged cache,
-    read through the block table: position j lives in block table[j // BLOCK_SIZE]."""
-    blk = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-    return blk * stride_cb + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_co + kvh * stride_ch
+    """Element offsets (int64, [BLOCK_N]) of key positions start_n + [0, BLOCK_N) in the
+    paged cache: position j lives in block table[j // BLOCK_SIZE] at offset j % BLOCK_SIZE."""
+    if PAGED:
+        page = start_n // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)  # [PAGES]
+        blk = tl.load(bt_row_ptr + page, mask=page * BLOCK_SIZE < kv_end, other=0).to(tl.int64)
+        in_page = tl.arange(0, BLOCK_SIZE).to(tl.int64) * stride_co  # [BLOCK_SIZE]
+        off = tl.multiple_of(tl.reshape(blk[:, None] * stride_cb + in_page[None, :], [BLOCK_N]), 8)
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        blk = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=offs_n < kv_end, other=0).to(tl.int64)
+        off = blk * stride_cb + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_co
+    return off + kvh * stride_ch
+
+
+@triton.jit
+def load_kv_tile(
+    base_ptr, kv_off, offs_d,  # [BLOCK_N] int64 row offsets, [BLOCK_D] feature index
+    n_ok, d_mask,  # [BLOCK_N] keys that exist, [BLOCK_D] features < head_dim
+    stride_cd,
+    MASK_N: tl.constexpr,  # tile may contain non-existent keys
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no feature mask
+):
+    """A [BLOCK_N, BLOCK_D] K or V tile (0 where masked). Unmasked loads when the tile is
+    known full so that the copies are plain 16-byte vector loads."""
+    ptrs = base_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd
+    if MASK_N:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=n_ok[:, None] & d_mask[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -45,42 +99,47 @@ def load_q_rows(
 
 
 @triton.jit
-def online_softmax_tile(
+def attend_tile(
     acc, m_i, l_i,  # [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32
     q,  # [BLOCK_M, BLOCK_D]
     k_cache_ptr, v_cache_ptr, bt_row_ptr,
-    start_n, kv_end,  # this tile's first key position; keys >= kv_end are invalid
+    start_n, kv_end,  # this tile's first key position; keys >= kv_end do not exist
     q_pos,  # [BLOCK_M] absolute position of each query row (causal limit)
     qk_scale,  # scale * log2(e)
+    phi,  # unified max, log2 units (MODE 1 only)
     kvh, offs_d, d_mask,
     stride_cb, stride_co, stride_ch, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     MASK: tl.constexpr,  # apply causal + bounds masks (False: tile fully visible to all rows)
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr,
+    MODE: tl.constexpr,  # 0/2: online softmax; 1: unified max phi (no rescaling)
     DOT_PREC: tl.constexpr,
 ):
-    """One FlashAttention-2 step: scores against a key tile, online-softmax rescale, P @ V."""
+    """One FlashAttention-2 step over keys [start_n, start_n + BLOCK_N): scores, online
+    softmax update (or FlashDecoding++'s unified max), P @ V.
+
+    Online: m_i is the running max and acc/l_i are relative to it. Unified (MODE 1): acc/l_i
+    are relative to phi and m_i only records the observed max (for the overflow check)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < kv_end
-    kv_off = kv_tile_offsets(bt_row_ptr, offs_n, n_valid, kvh, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+    n_ok = offs_n < kv_end
+    kv_off = kv_tile_offsets(bt_row_ptr, start_n, kv_end, kvh, stride_cb, stride_co, stride_ch,
+                             BLOCK_N, BLOCK_SIZE, PAGED)
+    k = load_kv_tile(k_cache_ptr, kv_off, offs_d, n_ok, d_mask, stride_cd, MASK, EVEN_D)  # [BLOCK_N, BLOCK_D]
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] unscaled
     if MASK:
-        k_t = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None] * stride_cd,
-                      mask=n_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    v = load_kv_tile(v_cache_ptr, kv_off, offs_d, n_ok, d_mask, stride_cd, MASK, EVEN_D)  # [BLOCK_N, BLOCK_D]
+    if MODE == 1:
+        m_i = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - phi)
+        l_i += tl.sum(p, 1)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     else:
-        k_t = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None] * stride_cd,
-                      mask=d_mask[:, None], other=0.0)
-    s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-    if MASK:
-        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASK:
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd,
-                    mask=n_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-    else:
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd,
-                    mask=d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i

@@ -8,7 +8,12 @@ tokens) form the M dimension of ``tl.dot`` (padded to >= 16), so each K/V tile i
 for the whole group.
 
 Stage 2 (``_decode_reduce_kernel``), grid ``(T, Hq)``: ``o = sum_s 2^(lse_s - M) o_s /
-sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``.
+sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``. With a single split (large batches already fill
+the machine) stage 1 writes the final output directly and stage 2 is not launched.
+
+Within a slice, whole key tiles that every query row sees run without masks (plain vector
+loads, no causal ``where``); only the slice's ragged end and, for several query tokens, the
+causal diagonal take the masked path.
 
 Several query tokens per sequence (speculative verification, small chunks) are handled IN the
 decode kernel: token i of a sequence with q_len new tokens sits at position
@@ -32,11 +37,13 @@ synchronous online softmax (unflagged programs exit immediately). No host synchr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._paged_common import LOG2E, NEG_BIG, kv_tile_offsets, load_q_rows
+from flashserve.kernels._paged_common import LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok
 from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
 MODE_ONLINE = 0  # synchronous online softmax
@@ -52,8 +59,8 @@ MAX_SPLITS = 64
 def _decode_split_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
-    mid_o_ptr,  # [T, Hq, num_splits, D] fp32 partial outputs
-    mid_lse_ptr,  # [T, Hq, num_splits] fp32 partial base-2 LSEs
+    mid_o_ptr,  # [T, Hq, num_splits, D] fp32 partial outputs; or o [T, Hq, D] (DIRECT_OUT)
+    mid_lse_ptr,  # [T, Hq, num_splits] fp32 partial base-2 LSEs (unused with DIRECT_OUT)
     flag_ptr,  # [B, Hkv, num_splits] int32 fallback flags (unified-max modes only)
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale,  # scale * log2(e)
@@ -61,12 +68,14 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_bt,
-    stride_mot, stride_moh, stride_mos,
+    stride_mot, stride_moh, stride_mos,  # with DIRECT_OUT: o's token / head / feature strides
     stride_mlt, stride_mlh,
     head_dim, num_kv_heads, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,  # >= BLOCK_Q * GROUP_PAD, >= 16
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,  # num_splits == 1: write the final output, no reduction pass
     DOT_PREC: tl.constexpr,
     MODE: tl.constexpr,
     HI_MARGIN: tl.constexpr, LO_MARGIN: tl.constexpr,
@@ -103,30 +112,19 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
 
-    for start_n in range(n_start, n_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < n_end
-        kv_off = kv_tile_offsets(bt_row, offs_n, n_valid, kvh, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-        k_t = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None] * stride_cd,
-                      mask=n_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd,
-                    mask=n_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if MODE == 1:
-            # Unified max: no rescaling of acc / l; just track the observed max for the check.
-            m_i = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - phi)
-            l_i += tl.sum(p, 1)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+    # Keys <= ctx_len are visible to every query row: whole tiles of them need no mask.
+    n_full = tl.maximum(tl.minimum(n_end, ctx_len + 1) - n_start, 0)
+    full_end = n_start + (n_full // BLOCK_N) * BLOCK_N
+    for start_n in range(n_start, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, n_end, q_pos, qk_scale, phi,
+            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
+            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, MODE, DOT_PREC)
+    for start_n in range(full_end, n_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, n_end, q_pos, qk_scale, phi,
+            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
+            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, MODE, DOT_PREC)
 
     if MODE == 1:
         seen = row_valid & (m_i > NEG_BIG)  # rows with at least one visible key in this slice
@@ -135,15 +133,20 @@ def _decode_split_kernel(
         base = phi
     else:
         base = m_i
-    lse = tl.where(l_i > 0.0, base + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
 
     tok = (tok_start + qi).to(tl.int64)
     head = (kvh * GROUP + g).to(tl.int64)
-    mo_ptrs = (mid_o_ptr + tok[:, None] * stride_mot + head[:, None] * stride_moh
-               + split * stride_mos + offs_d[None, :])
-    tl.store(mo_ptrs, out, mask=row_valid[:, None] & d_mask[None, :])
-    tl.store(mid_lse_ptr + tok * stride_mlt + head * stride_mlh + split, lse, mask=row_valid)
+    if DIRECT_OUT:
+        o_ptrs = (mid_o_ptr + tok[:, None] * stride_mot + head[:, None] * stride_moh
+                  + offs_d[None, :] * stride_mos)
+        tl.store(o_ptrs, out.to(mid_o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    else:
+        lse = tl.where(l_i > 0.0, base + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        mo_ptrs = (mid_o_ptr + tok[:, None] * stride_mot + head[:, None] * stride_moh
+                   + split * stride_mos + offs_d[None, :])
+        tl.store(mo_ptrs, out, mask=row_valid[:, None] & d_mask[None, :])
+        tl.store(mid_lse_ptr + tok * stride_mlt + head * stride_mlh + split, lse, mask=row_valid)
 
 
 @triton.jit
@@ -177,17 +180,27 @@ def _decode_reduce_kernel(
              out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N keys per tile, num_warps, num_stages)."""
+class DecodeConfig(NamedTuple):
+    """Launch parameters of the split kernel."""
+
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    paged: bool = False  # page-wise K/V addressing (see _paged_common; slower on H200)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    """Fixed per-(head_dim, dtype) configuration (no autotuning: nothing is benchmarked
+    during CUDA-graph capture). Tuned on an H200 (bf16, Hq32/Hkv8, d128, block 16)."""
     if is_interpreter():
-        return 16, 4, 1
+        return DecodeConfig(16, 4, 1)
     if next_power_of_2(head_dim) >= 256 or dtype == torch.float32:
-        return 32, 4, 2
-    return 64, 4, 3
+        return DecodeConfig(32, 4, 2)
+    return DecodeConfig(64, 4, 3)
 
 
 def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
-    return _decode_config(head_dim, dtype)[0]
+    return decode_config(head_dim, dtype).block_n
 
 
 def choose_num_splits(
@@ -258,17 +271,23 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
-    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype)
+    cfg = decode_config(head_dim, q.dtype)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device), block_n)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device), cfg.block_n)
     if num_tokens == 0 or num_seqs == 0:
         return (out, None) if return_fallback_flags else out
     block_d = max(16, next_power_of_2(head_dim))
-    mid_o = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1  # one slice per sequence: the split kernel writes `out` itself
+    if direct:
+        mid_o, mid_lse = out, out  # mid_lse: dummy pointer
+        mo_strides = (out.stride(0), out.stride(1), out.stride(2))
+    else:
+        mid_o = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        mo_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
     use_unified = unified_max is not None
     flags = (torch.empty(num_seqs, num_kv_heads, num_splits, dtype=torch.int32, device=q.device)
-             if use_unified else mid_lse)  # dummy pointer when unused
+             if use_unified else q)  # dummy pointer when unused
     hi, lo = _margins(q.dtype)
     grid = (num_seqs, num_kv_heads, num_splits)
 
@@ -280,14 +299,16 @@ def paged_decode_attention(
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
             block_tables.stride(0),
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            *mo_strides,
             mid_lse.stride(0), mid_lse.stride(1),
             head_dim, num_kv_heads, num_splits,
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
+            DIRECT_OUT=direct,
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     if use_unified:
@@ -296,15 +317,16 @@ def paged_decode_attention(
     else:
         launch(MODE_ONLINE)
 
-    _decode_reduce_kernel[(num_tokens, num_heads)](
-        mid_o, mid_lse, out,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        head_dim, num_splits,
-        BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
-        num_warps=4 if block_d >= 128 else 1,
-    )
+    if not direct:
+        _decode_reduce_kernel[(num_tokens, num_heads)](
+            mid_o, mid_lse, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            head_dim, num_splits,
+            BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
+            num_warps=4 if block_d >= 128 else 1,
+        )
     if return_fallback_flags:
         return out, (flags if use_unified else None)
     return out

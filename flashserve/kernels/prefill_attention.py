@@ -3,21 +3,26 @@
 Each program owns a tile of BLOCK_Q consecutive new tokens of one sequence and ALL query heads
 of one KV group (GQA packing: the GROUP heads are folded into the M dimension of the matmuls,
 so every K/V tile read from the cache serves the whole group; MQA is GROUP = Hq). Keys and
-values are gathered from the paged cache through the block table, so a chunk of new tokens
-attends to the already-cached context plus itself; ``store_kv`` must have run first.
+values are gathered from the paged cache through the block table (per key position by
+default; page by page with ``PrefillConfig.paged``), so a chunk of new tokens attends to the
+already-cached context plus itself; ``store_kv`` must have run first.
 
-Grid: (cdiv(max_query_len, BLOCK_Q), num_seqs, num_kv_heads). Programs past their sequence's
-query length exit at once. The key loop has an unmasked phase (keys before the tile's first
-query position) and a masked phase (the causal diagonal).
+Grid: (num_kv_heads, num_seqs, cdiv(max_query_len, BLOCK_Q)). Query tiles are visited in
+reverse (the last tile, which has the most keys under the causal mask, is launched first) so
+that the short tiles fill the tail of the last wave. Programs past their sequence's query
+length exit at once. The key loop has an unmasked phase (keys before the tile's first query
+position: no causal or bounds mask, plain vector loads) and a masked phase (the diagonal).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._paged_common import LOG2E, NEG_BIG, load_q_rows, online_softmax_tile
+from flashserve.kernels._paged_common import LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
 
@@ -38,11 +43,12 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = BLOCK_Q * GROUP_PAD rows
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
+    kvh = tl.program_id(0)
     b = tl.program_id(1)
-    kvh = tl.program_id(2)
+    pid_q = tl.num_programs(2) - 1 - tl.program_id(2)  # heaviest (last) query tiles first
     tok_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - tok_start
     q_tile = pid_q * BLOCK_Q
@@ -68,18 +74,18 @@ def _prefill_kernel(
 
     # Keys [0, full_end) are visible to every row of the tile: no mask needed.
     full_end = ((ctx_len + q_tile + 1) // BLOCK_N) * BLOCK_N
-    # The last key any row of the tile can see.
+    # One past the last key any row of the tile can see.
     kv_end = ctx_len + tl.minimum(q_tile + BLOCK_Q, q_len)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, kv_end, q_pos, qk_scale,
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, kv_end, q_pos, qk_scale, 0.0,
             kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
-            BLOCK_N, BLOCK_SIZE, False, DOT_PREC)
+            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, 0, DOT_PREC)
     for start_n in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, kv_end, q_pos, qk_scale,
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, kv_end, q_pos, qk_scale, 0.0,
             kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
-            BLOCK_N, BLOCK_SIZE, True, DOT_PREC)
+            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, 0, DOT_PREC)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -89,17 +95,27 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) for a head size / dtype."""
+class PrefillConfig(NamedTuple):
+    """Launch parameters of the prefill kernel."""
+
+    block_m: int  # rows per program (query tokens x padded group)
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    paged: bool = False  # page-wise K/V addressing (see _paged_common; slower on H200)
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    """Fixed per-(head_dim, dtype) configuration (no autotuning: safe under CUDA-graph capture
+    and deterministic). Tuned on an H200 (bf16, Hq32/Hkv8, causal 2k/8k prompts)."""
     if is_interpreter():
-        return 16, 16, 4, 1
+        return PrefillConfig(16, 16, 4, 1)
     bd = next_power_of_2(head_dim)
     if dtype == torch.float32 or bd >= 256:
-        return 64, 32, 4, 2
-    # Tuned on an H200 (bf16, Hq32/Hkv8, 1x4096 and 8x1024 prompts).
+        return PrefillConfig(64, 32, 4, 2)
     if bd >= 128:
-        return 128, 64, 8, 2
-    return 128, 128, 4, 3
+        return PrefillConfig(128, 64, 8, 2)
+    return PrefillConfig(128, 128, 4, 3)
 
 
 def paged_prefill_attention(
@@ -125,10 +141,11 @@ def paged_prefill_attention(
         return out
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
-    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
-    block_m = max(block_m, group_pad)
+    cfg = prefill_config(head_dim, q.dtype)
+    block_m = max(cfg.block_m, group_pad)
     block_q = block_m // group_pad
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    block_d = max(16, next_power_of_2(head_dim))
+    grid = (num_kv_heads, num_seqs, triton.cdiv(max_query_len, block_q))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E,
@@ -138,8 +155,9 @@ def paged_prefill_attention(
         block_tables.stride(0),
         head_dim,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
+        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
         DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

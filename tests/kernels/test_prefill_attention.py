@@ -47,3 +47,26 @@ def test_prefill_writes_into_out_and_handles_empty_sequence(device):
     paged_prefill_attention(*batch.attention_args(), max_query_len=5, scale=0.25, out=out)
     ref = paged_attention_ref(*batch.attention_args(), scale=0.25)
     torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["per-token", "per-page"])
+def test_kv_addressing_modes_agree(device, monkeypatch, paged):
+    """Both K/V addressing modes (per key position, per cache page) match the reference, in
+    the prefill and the decode kernel (several splits and one split = direct output)."""
+    import flashserve.kernels.decode_attention as da
+    import flashserve.kernels.prefill_attention as pa
+
+    pcfg, dcfg = pa.prefill_config(16, torch.float32), da.decode_config(16, torch.float32)
+    monkeypatch.setattr(pa, "prefill_config", lambda *a: pcfg._replace(paged=paged))
+    monkeypatch.setattr(da, "decode_config", lambda *a: dcfg._replace(paged=paged))
+    batch = PagedBatch([45, 20], [13, 20], 4, 2, 16, 4, torch.float32, device, seed=9)
+    batch.store_new_with_reference()
+    out = pa.paged_prefill_attention(*batch.attention_args(), max_query_len=20, scale=0.25)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.attention_args(), scale=0.25), **tol(torch.float32))
+    batch = PagedBatch([61, 9], [1, 1], 4, 2, 16, 4, torch.float32, device, seed=10)
+    batch.store_new_with_reference()
+    ref = paged_attention_ref(*batch.attention_args(), scale=0.25)
+    for splits in (1, 3):
+        out = da.paged_decode_attention(*batch.attention_args(), max_query_len=1, max_seq_len=61, scale=0.25,
+                                        num_splits=splits)
+        torch.testing.assert_close(out, ref, **tol(torch.float32))
