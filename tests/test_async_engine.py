@@ -1,0 +1,89 @@
+"""AsyncLLMEngine in process on the real SmolLM2: streams, errors, abort, admission bound, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flashserve.engine.async_engine import AsyncLLMEngine, EngineOverloaded, EngineShutdown
+from flashserve.sampling_params import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from flashserve.engine.llm import LLM
+
+    return LLM(max_model_len=512, kv_cache_bytes=50_000_000, max_num_seqs=2, verbose=False)
+
+
+@pytest.fixture
+def engine(llm):
+    eng = AsyncLLMEngine(llm.engine, max_pending=1)
+    yield eng
+    eng.shutdown()
+    assert not eng._thread.is_alive()
+
+
+def test_stream_matches_offline_greedy(llm, engine):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def main() -> tuple[str, str]:
+        deltas, text = [], ""
+        async for out in engine.generate("a", "The capital of France is", params):
+            deltas.append(out.outputs[0].text_delta)
+            text = out.outputs[0].text
+        assert out.finished and out.outputs[0].finish_reason == "length"
+        return "".join(deltas), text
+
+    streamed, final = asyncio.run(main())
+    engine.shutdown()  # the offline LLM must not run while the engine thread owns the engine
+    assert streamed == final == llm.generate("The capital of France is", params, use_tqdm=False)[0].text
+
+
+def test_errors_abort_and_admission(engine):
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="empty"):
+            await engine.add_request("bad", "", SamplingParams(max_tokens=4))
+        gens = [engine.generate(f"r{i}", "Once upon a time", long) for i in range(3)]  # 2 running + 1 pending
+        firsts = [await g.__anext__() for g in gens[:2]]
+        assert all(not f.finished for f in firsts)
+        third = asyncio.ensure_future(gens[2].__anext__())
+        await asyncio.sleep(0.2)
+        with pytest.raises(EngineOverloaded) as e:
+            await engine.add_request("r3", "Once upon a time", long)
+        assert e.value.retry_after > 0
+        assert engine.num_in_flight == 3
+        for g in gens[:2]:
+            await g.aclose()  # leaving a stream early aborts it
+        await third
+        await gens[2].aclose()
+        for _ in range(100):
+            stats = engine.stats()
+            if stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (stats.kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0)
+        assert engine.num_in_flight == 0
+        assert await engine.abort("r0") is False
+
+    asyncio.run(main())
+
+
+def test_shutdown_aborts_in_flight_and_refuses_new(engine):
+    async def main() -> None:
+        gen = engine.generate("s", "Hello", SamplingParams(max_tokens=400, ignore_eos=True))
+        await gen.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        with pytest.raises(EngineShutdown):
+            async for _ in gen:
+                pass
+        with pytest.raises(EngineShutdown):
+            await engine.add_request("t", "Hello", SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+    assert engine.engine.stats().kv_blocks_used == 0
