@@ -95,13 +95,32 @@ def _engine_error(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {e}")
 
 
-async def _merge(engine: AsyncLLMEngine, admitted: list[tuple[str, Any]]) -> AsyncIterator[Indexed]:
-    """Interleave the outputs of several admitted requests as ``(prompt index, output)``."""
-    if len(admitted) == 1:
-        rid, stream = admitted[0]
-        async for out in engine.iterate(rid, stream):
-            yield 0, out
-        return
+async def _merge(engine: AsyncLLMEngine, admitted: list[tuple[str, Any]], metrics: ServerMetrics) -> AsyncIterator[Indexed]:
+    """Interleave the outputs of several admitted requests as ``(prompt index, output)``.
+
+    Records each finished request in ``metrics``, and the ones left unfinished (client gone,
+    shutdown) as aborted."""
+    done: set[int] = set()
+    try:
+        if len(admitted) == 1:
+            rid, stream = admitted[0]
+            async for out in engine.iterate(rid, stream):
+                if out.finished:
+                    done.add(0)
+                    _observe(metrics, out)
+                yield 0, out
+            return
+        async for i, out in _interleave(engine, admitted):
+            if out.finished:
+                done.add(i)
+                _observe(metrics, out)
+            yield i, out
+    finally:
+        for _ in range(len(admitted) - len(done)):
+            metrics.observe_finished("abort", None, None, None)
+
+
+async def _interleave(engine: AsyncLLMEngine, admitted: list[tuple[str, Any]]) -> AsyncIterator[Indexed]:
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, rid: str, stream: Any) -> None:
@@ -295,7 +314,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                 text_pos: dict[int, int] = {}
                 finished: set[int] = set()
                 try:
-                    async for i, out in _merge(engine, admitted):
+                    async for i, out in _merge(engine, admitted, state.metrics):
                         for c in out.outputs:
                             idx = i * n + c.index
                             if idx in finished:
@@ -312,7 +331,6 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                                 finished.add(idx)
                         if out.finished:
                             usage.add(out)
-                            _observe(state.metrics, out)
                     if body.include_usage:
                         yield _sse(chunk([], usage.as_dict()))
                 except (EngineShutdown, EngineError) as e:
@@ -325,10 +343,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
 
         async def collect() -> dict[int, RequestOutput]:
             final: dict[int, RequestOutput] = {}
-            async for i, out in _merge(engine, admitted):
+            async for i, out in _merge(engine, admitted, state.metrics):
                 if out.finished:
                     final[i] = out
-                    _observe(state.metrics, out)
             return final
 
         try:
@@ -377,7 +394,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                     for idx in range(params.n):
                         yield _sse(chunk([{"index": idx, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}]))
-                    async for _, out in _merge(engine, admitted):
+                    async for _, out in _merge(engine, admitted, state.metrics):
                         for c in out.outputs:
                             idx = c.index
                             if idx in finished:
@@ -394,7 +411,6 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                                 finished.add(idx)
                         if out.finished:
                             usage.add(out)
-                            _observe(state.metrics, out)
                     if body.include_usage:
                         yield _sse(chunk([], usage.as_dict()))
                 except (EngineShutdown, EngineError) as e:
@@ -406,9 +422,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         async def collect() -> RequestOutput:
-            async for _, out in _merge(engine, admitted):
+            async for _, out in _merge(engine, admitted, state.metrics):
                 if out.finished:
-                    _observe(state.metrics, out)
                     return out
             raise EngineError("the request ended without a final output")
 
