@@ -8,9 +8,10 @@ separately.
 Key/value tiles can be addressed page by page when the tile is a whole number of KV-cache
 blocks (``PAGED``): the block-table entry is read once per page, and the ``BLOCK_SIZE``
 tokens of a page are contiguous rows. Otherwise every key position reads its own table entry
-(an L1 hit for all but the first token of a page). Measured on an H200, the page-wise form
-without an alignment hint was 1.5-2x SLOWER (the reshape hides the 16-byte alignment, so the
-K/V loads became 2-byte loads); the per-token form is the default.
+(an L1 hit for all but the first token of a page). Measured on an H200: the page-wise form
+WITHOUT an alignment hint was 1.5-2x slower (the reshape hides the 16-byte alignment, so the
+K/V loads became 2-byte loads); with ``tl.multiple_of`` it is the fastest decode variant
+(+7% at 64x4096) and about even with the per-token form in prefill.
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
         return DecodeConfig(16, 4, 1)
     if next_power_of_2(head_dim) >= 256 or dtype == torch.float32:
         return DecodeConfig(32, 4, 2)
-    return DecodeConfig(64, 4, 3)
+    # Page-wise addressing (with the alignment hint): 4.06 vs 3.77 TB/s at 64x4096 on the H200.
+    return DecodeConfig(64, 4, 3, paged=True)
 
 
 def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:

@@ -114,7 +114,8 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
     if dtype == torch.float32 or bd >= 256:
         return PrefillConfig(64, 32, 4, 2)
     if bd >= 128:
-        return PrefillConfig(128, 64, 8, 2)
+        # 256 rows = 64 query tokens x 4 heads (GQA 4): 1.05-1.11x over 128 rows on the H200.
+        return PrefillConfig(256, 64, 8, 2)
     return PrefillConfig(128, 128, 4, 3)
 
 
