@@ -20,32 +20,27 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+    valid: torch.Tensor | None = None,  # [T] bool, slot_mapping >= 0; None = every slot is valid
 ) -> None:
     """Write the new tokens' k/v into their flat cache slots, skipping slot -1."""
     num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    slots = slot_mapping.long()
-    valid = slots >= 0
-    if k.device.type == "cpu" and bool(valid.all()):  # common case, no masking copies
-        k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+    if valid is None:
+        k_flat.index_copy_(0, slot_mapping, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
         return
-    idx = slots[valid]  # boolean indexing: syncs on GPU, acceptable for the reference backend
+    idx = slot_mapping[valid]  # boolean indexing: syncs on GPU, acceptable for the reference backend
     k_flat.index_copy_(0, idx, k[valid].to(k_flat.dtype))
     v_flat.index_copy_(0, idx, v[valid].to(v_flat.dtype))
 
 
-def gather_context(
-    cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    block_table: torch.Tensor,  # [max_blocks] int32 (one row of meta.block_tables)
-    seq_len: int,
-) -> torch.Tensor:  # [seq_len, Hkv, D]
-    """The first ``seq_len`` tokens of one sequence's context, in order."""
-    block_size = cache.shape[1]
+def context_slots(block_table: list[int] | torch.Tensor, seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """Flat cache slot of each of the first ``seq_len`` context tokens of one sequence. -> [S] int64"""
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = block_table[:num_blocks].long()
-    return cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+    blocks = torch.as_tensor(block_table[:num_blocks], device=device).long()
+    offsets = torch.arange(block_size, device=device)
+    return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:seq_len]
 
 
 def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -113,7 +108,7 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [T, H, D]
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
         if has_cache:
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self._valid_slots(meta))
         if meta.num_seqs == 1 and not has_cache:
             return grouped_attention(q, k, v, scale)
         outputs = []
@@ -123,13 +118,31 @@ class TorchAttentionBackend(AttentionBackend):
             if query_len == 0:
                 continue
             if has_cache:
-                keys = gather_context(k_cache, meta.block_tables[i], seq_len)  # [S, Hkv, D]
-                values = gather_context(v_cache, meta.block_tables[i], seq_len)
+                slots = self._context_slots(meta, i, k_cache)  # [S]
+                keys = k_cache.flatten(0, 1).index_select(0, slots)  # [S, Hkv, D]
+                values = v_cache.flatten(0, 1).index_select(0, slots)
             else:
                 keys, values = k[start:end], v[start:end]
             outputs.append(grouped_attention(q[start:end], keys.to(q.dtype), values.to(q.dtype), scale))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+    @staticmethod
+    def _valid_slots(meta: AttentionMetadata) -> torch.Tensor | None:
+        """Mask of storable slots, or None when all are (checked once per step, not per layer)."""
+        if "valid_slots" not in meta.memo:
+            valid = meta.slot_mapping >= 0
+            meta.memo["valid_slots"] = None if bool(valid.all()) else valid
+        return meta.memo["valid_slots"]
+
+    @staticmethod
+    def _context_slots(meta: AttentionMetadata, i: int, cache: torch.Tensor) -> torch.Tensor:
+        """Sequence i's context slots, derived once per step and shared by every layer."""
+        key = ("context_slots", i)
+        if key not in meta.memo:
+            meta.memo[key] = context_slots(meta.block_tables[i], meta.seq_lens_cpu[i], cache.shape[1], cache.device)
+        return meta.memo[key]
 
 
 class Attention(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,8 @@ class AttentionMetadata:
     block_size: int
     # True when every sequence has exactly one new token (a pure decode step).
     is_decode: bool = False
+    # Values a backend derives from this metadata once per step and reuses in every layer.
+    memo: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
