@@ -217,6 +217,13 @@ class AsyncLLMEngine:
         if not self._stop:
             self._submit(lambda: self._abort(self.engine, request_id))
 
+    def release(self, request_ids: list[str]) -> None:
+        """Abort any of ``request_ids`` still in flight (for streams that were never iterated)."""
+        for request_id in request_ids:
+            if request_id in self._in_flight:
+                self._in_flight.discard(request_id)
+                self.abort_nowait(request_id)
+
     def stop_accepting(self) -> None:
         self._accepting = False
 

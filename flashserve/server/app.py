@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +48,14 @@ class SSEResponse(StreamingResponse):
     """A streaming response that stops (and closes its iterator) as soon as the client leaves.
 
     It listens for ``http.disconnect`` while sending, whatever ASGI spec version the server
-    speaks, and always ``aclose``s the body iterator so its ``finally`` blocks run at once."""
+    speaks, and always ``aclose``s the body iterator so its ``finally`` blocks run at once.
+    ``on_close`` runs last, even if the iterator never started (a client gone before the first
+    chunk), so admitted requests are always released."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def watch() -> None:
@@ -79,6 +86,8 @@ class SSEResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -338,8 +347,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                     yield _sse(error_body(err.status, err.message, code=err.code))
                 yield _sse("[DONE]")
 
-            return SSEResponse(events(), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return SSEResponse(events(), on_close=lambda: engine.release([rid for rid, _ in admitted]))
 
         async def collect() -> dict[int, RequestOutput]:
             final: dict[int, RequestOutput] = {}
@@ -352,6 +360,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
             final = await _until_disconnect(request, collect())
         except (EngineShutdown, EngineError) as e:
             raise _engine_error(e) from None
+        finally:
+            engine.release([rid for rid, _ in admitted])
         usage = _Usage()
         choices = []
         for i in sorted(final):
@@ -418,8 +428,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                     yield _sse(error_body(err.status, err.message, code=err.code))
                 yield _sse("[DONE]")
 
-            return SSEResponse(events(), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return SSEResponse(events(), on_close=lambda: engine.release([rid for rid, _ in admitted]))
 
         async def collect() -> RequestOutput:
             async for _, out in _merge(engine, admitted, state.metrics):
@@ -431,6 +440,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
             final = await _until_disconnect(request, collect())
         except (EngineShutdown, EngineError) as e:
             raise _engine_error(e) from None
+        finally:
+            engine.release([rid for rid, _ in admitted])
         usage = _Usage()
         usage.add(final)
         choices = []
