@@ -25,6 +25,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
 from flashserve.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
+from flashserve.layers.fused import use_triton_ops
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.model_runner import ModelRunner
 from flashserve.sampling_params import SamplingParams
@@ -127,6 +128,12 @@ class LLMEngine:
                                    cost_model)
         self.runner = ModelRunner(self.model, kv_pool, block_size, self.device, self.eos_token_ids, config.seed)
         self.runner.swap_space = HostSwapSpace(kv_pool, num_host_blocks) if num_host_blocks else None
+        self.graph_capture_seconds: float | None = None
+        if backend_name == "triton":
+            use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
+            self.attn_backend.max_seq_len_cap = self.max_model_len  # decode splits sized for graphs
+            if config.cuda_graphs and self.device.type == "cuda":
+                self.graph_capture_seconds = self.runner.capture_cuda_graphs(sched_cfg.max_num_seqs, self.max_model_len)
         self.detokenizer = Detokenizer(self.tokenizer)
         self._decode_states: dict[str, DecodeState] = {}
         self._parents: dict[str, _Parent] = {}
@@ -140,6 +147,9 @@ class LLMEngine:
                 pool_plan.num_blocks, block_size, pool_plan.num_tokens,
                 pool_plan.num_blocks * pool_plan.bytes_per_block / 2**30, self.max_model_len,
             )
+            if self.graph_capture_seconds is not None:
+                logger.warning("flashserve: captured decode CUDA graphs for batch sizes up to %d in %.1fs",
+                               self.runner.graphs.max_batch, self.graph_capture_seconds)
 
     def _activation_reserve(self, max_tokens: int, max_seqs: int) -> int:
         """Device bytes kept out of the KV budget for one step's activations and logits."""

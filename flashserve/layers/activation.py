@@ -19,5 +19,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class SiluAndMul(nn.Module):
     """SwiGLU gating applied to the fused gate_up projection output."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.triton = False  # set by flashserve.layers.fused.use_triton_ops
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
+        if self.triton:
+            from flashserve.kernels.activation import silu_and_mul as triton_silu_and_mul
+
+            return triton_silu_and_mul(x)
         return silu_and_mul(x)

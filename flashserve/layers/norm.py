@@ -30,10 +30,17 @@ class RMSNorm(nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.triton = False  # set by flashserve.layers.fused.use_triton_ops: fused GPU kernels
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.triton:
+            from flashserve.kernels import norm as triton_norm
+
+            if residual is None:
+                return triton_norm.rms_norm(x, self.weight, self.eps)
+            return triton_norm.fused_add_rms_norm(x, residual, self.weight, self.eps)  # in place
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         residual = x + residual  # [T, d], in the activation dtype as in HF

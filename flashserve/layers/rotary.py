@@ -108,11 +108,16 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.outer(t, inv_freq)  # [max_pos, rd/2]
             cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, rd]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.triton = False  # set by flashserve.layers.fused.use_triton_ops
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
+        if self.triton:  # fused GPU kernel, in place
+            from flashserve.kernels.rotary import rotary_embedding
+
+            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)  # type: ignore[return-value]
         cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
         cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rd/2] each
         return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)

@@ -1,9 +1,9 @@
 """Turns a scheduler plan into model inputs, runs the forward pass and samples.
 
 Inputs for all scheduled requests are packed into one flat batch of T tokens (see
-``flashserve.layers.attention_metadata``). Inputs are built on the host and copied to the device
-in one non-blocking transfer each; the only synchronisation in a step is reading back the
-sampled token ids.
+``flashserve.layers.attention_metadata``). Inputs are built on the host (pinned memory on CUDA)
+and copied to the device without blocking; the only synchronisation in a step is reading back
+the sampled token ids. Decode steps replay a captured CUDA graph when one is available.
 """
 
 from __future__ import annotations
@@ -14,18 +14,28 @@ import torch
 
 from flashserve.layers.attention_metadata import AttentionMetadata, forward_context
 from flashserve.layers.sampler import Sampler, SamplingRow
+from flashserve.runner.cuda_graphs import DecodeGraphs
+from flashserve.runner.swap import HostSwapSpace
 from flashserve.sched.plan import RunnerOutput, SampledToken, SchedulerOutput
 
 
 @dataclass
-class StepInputs:
-    """Device tensors and metadata for one forward pass."""
+class HostInputs:
+    """One step's inputs as host lists (B sequences, T new tokens)."""
 
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] int64, index of the last new token of each sampling request
-    sample_rows: list[int]  # plan indices of the requests that sample
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slot_mapping: list[int]  # [T]
+    query_start: list[int]  # [B + 1]
+    query_lens: list[int]  # [B]
+    seq_lens: list[int]  # [B]
+    block_tables: list[list[int]]  # [B, W], padded with 0
+    logits_indices: list[int]  # [S] last new token of each sampling request
+    sample_rows: list[int]  # [S] plan index of each sampling request
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.input_ids) == len(self.seq_lens)
 
 
 class ModelRunner:
@@ -48,71 +58,86 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(device, seed)
         self._pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        self.swap_space: HostSwapSpace | None = None  # host blocks for swap preemption, set by the engine
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> float:
+        """Capture decode graphs for batch sizes up to ``max_batch``; returns the seconds taken."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.device, max_batch, max_blocks,
+                                   max_model_len, self.block_size)
+        return self.graphs.capture()
+
+    def _host(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, pin_memory=self._pin)
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
-        return t.to(self.device, non_blocking=True)
+        return self._host(data, dtype).to(self.device, non_blocking=True)
 
-    def prepare(self, plan: SchedulerOutput) -> StepInputs:
+    def host_inputs(self, plan: SchedulerOutput) -> HostInputs:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        logits_idx: list[int] = []
-        sample_rows: list[int] = []
-        max_blocks = max(len(r.block_ids) for r in plan.requests)
-        tables: list[list[int]] = []
+        h = HostInputs([], [], [], [0], [], [], [], [], [])
+        width = max(len(r.block_ids) for r in plan.requests)
         for i, r in enumerate(plan.requests):
             n = r.num_new_tokens
-            input_ids.extend(r.token_ids)
+            h.input_ids.extend(r.token_ids)
             pos = range(r.start_pos, r.start_pos + n)
-            positions.extend(pos)
+            h.positions.extend(pos)
             blocks = r.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(r.seq_len)
-            query_lens.append(n)
-            tables.append(blocks + [0] * (max_blocks - len(blocks)))
+            h.slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            h.query_start.append(h.query_start[-1] + n)
+            h.query_lens.append(n)
+            h.seq_lens.append(r.seq_len)
+            h.block_tables.append(blocks + [0] * (width - len(blocks)))
             if r.sample:
-                logits_idx.append(query_start[-1] - 1)
-                sample_rows.append(i)
-        meta = AttentionMetadata(
-            query_start_loc=self._to_device(query_start, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device(tables, torch.int32),
-            slot_mapping=self._to_device(slots, torch.int64),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-            is_decode=all(q == 1 for q in query_lens),
+                h.logits_indices.append(h.query_start[-1] - 1)
+                h.sample_rows.append(i)
+        return h
+
+    def metadata(self, h: HostInputs) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self._to_device(h.query_start, torch.int32),
+            seq_lens=self._to_device(h.seq_lens, torch.int32),
+            block_tables=self._to_device(h.block_tables, torch.int32),
+            slot_mapping=self._to_device(h.slot_mapping, torch.int64),
+            max_query_len=max(h.query_lens),
+            max_seq_len=max(h.seq_lens),
+            query_lens_cpu=h.query_lens,
+            seq_lens_cpu=h.seq_lens,
+            block_size=self.block_size,
+            is_decode=h.is_decode,
         )
-        return StepInputs(
-            input_ids=self._to_device(input_ids, torch.int64),
-            positions=self._to_device(positions, torch.int64),
-            meta=meta,
-            logits_indices=self._to_device(logits_idx, torch.int64),
-            sample_rows=sample_rows,
-        )
+
+    def forward(self, h: HostInputs) -> torch.Tensor:
+        """Hidden states [T, hidden] of every new token (a graph replay for decode when possible)."""
+        graphs = self.graphs
+        if graphs is not None and h.is_decode and len(h.seq_lens) <= graphs.max_batch:
+            return graphs.run(
+                self._host(h.input_ids, torch.int64),
+                self._host(h.positions, torch.int64),
+                self._host(h.slot_mapping, torch.int64),
+                self._host(h.seq_lens, torch.int32),
+                self._host(h.block_tables, torch.int32),
+            )
+        meta = self.metadata(h)
+        with forward_context(meta):
+            return self.model(self._to_device(h.input_ids, torch.int64), self._to_device(h.positions, torch.int64),
+                              self.kv_caches)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         if plan.block_copies:  # swap preemption moves (flashserve.runner.swap), before the forward
             from flashserve.runner.swap import apply_block_copies
 
-            apply_block_copies(self.kv_pool, getattr(self, "swap_space", None), plan.block_copies)
+            apply_block_copies(self.kv_pool, self.swap_space, plan.block_copies)
         if not plan.requests:
             return RunnerOutput(sampled={})
-        inputs = self.prepare(plan)
-        hidden = self.forward(inputs)
-        if not inputs.sample_rows:
+        h = self.host_inputs(plan)
+        hidden = self.forward(h)
+        if not h.sample_rows:
             return RunnerOutput(sampled={})
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        rows = [plan.requests[i] for i in inputs.sample_rows]
+        logits = self.model.compute_logits(hidden[self._to_device(h.logits_indices, torch.int64)])
+        rows = [plan.requests[i] for i in h.sample_rows]
         out = self.sampler(
             logits,
             [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self.eos_token_ids) for r in rows],
@@ -123,8 +148,3 @@ class ModelRunner:
                 for j, r in enumerate(rows)
             }
         )
-
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states [T, hidden] of every new token."""
-        with forward_context(inputs.meta):
-            return self.model(inputs.input_ids, inputs.positions, self.kv_caches)

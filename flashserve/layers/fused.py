@@ -1,0 +1,25 @@
+"""Switch a model's elementwise layers (RMSNorm, rotary, SiLU-and-mul) to fused Triton kernels.
+
+The layers keep their PyTorch code as the CPU path and the reference; a model built for the GPU
+backend is switched once after loading, per module, so two models in one process can differ.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flashserve.layers.activation import SiluAndMul
+from flashserve.layers.norm import RMSNorm
+from flashserve.layers.rotary import RotaryEmbedding
+
+_FUSABLE = (RMSNorm, RotaryEmbedding, SiluAndMul)
+
+
+def use_triton_ops(model: nn.Module, enabled: bool = True) -> int:
+    """Set every fusable layer of ``model`` to the Triton kernels; returns how many were switched."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, _FUSABLE):
+            module.triton = enabled
+            n += 1
+    return n
