@@ -8,6 +8,7 @@ the sampled token ids. Decode steps replay a captured CUDA graph when one is ava
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,17 @@ class HostInputs:
         return len(self.input_ids) == len(self.seq_lens)
 
 
+@dataclass
+class StepTiming:
+    """Where one step's time went (recorded only when ``ModelRunner.timings`` is a list)."""
+
+    num_tokens: int
+    is_decode: bool
+    host_s: float  # host time to build inputs and launch the forward pass
+    step_s: float  # wall time of execute(), sampling and the read-back included
+    gpu_ms: float | None  # device time from the forward's launch to the sampled ids (CUDA events)
+
+
 class ModelRunner:
     """Owns the model, the KV pool and the sampler of one device."""
 
@@ -59,6 +71,7 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+        self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
         self.swap_space: HostSwapSpace | None = None  # host blocks for swap preemption, set by the engine
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> float:
@@ -132,8 +145,13 @@ class ModelRunner:
             apply_block_copies(self.kv_pool, self.swap_space, plan.block_copies)
         if not plan.requests:
             return RunnerOutput(sampled={})
+        t0 = time.perf_counter()
         h = self.host_inputs(plan)
+        if self.timings is not None and self._pin:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         hidden = self.forward(h)
+        host_s = time.perf_counter() - t0  # building inputs and launching the forward; no sync yet
         if not h.sample_rows:
             return RunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[self._to_device(h.logits_indices, torch.int64)])
@@ -142,6 +160,13 @@ class ModelRunner:
             logits,
             [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self.eos_token_ids) for r in rows],
         )
+        if self.timings is not None:
+            gpu_ms = None
+            if self._pin:
+                end.record()
+                end.synchronize()
+                gpu_ms = start.elapsed_time(end)
+            self.timings.append(StepTiming(len(h.input_ids), h.is_decode, host_s, time.perf_counter() - t0, gpu_ms))
         return RunnerOutput(
             sampled={
                 r.request_id: SampledToken(out.token_ids[j], out.logprobs[j], out.top_logprobs[j])

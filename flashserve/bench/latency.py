@@ -1,0 +1,109 @@
+"""``flashserve bench latency``: batch-1 decode speed and bandwidth utilisation.
+
+Decoding one sequence reads every weight once per token, plus the sequence's K/V. Utilisation is
+(weight bytes + mean KV bytes per token) / time per token / the device's read bandwidth measured
+in the same run (a large reduction). The embedding table is not counted as read (one row is), the
+LM head is. Defaults: Llama-3.1-8B shapes with dummy bf16 weights, prompt 128, 256 new tokens.
+Also reported: host time per decode step (building inputs and launching) next to its device
+time, and the CUDA-graph capture time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from flashserve.cli import add_engine_arguments, llm_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    p.set_defaults(model="llama-3.1-8b", load_format="dummy", max_model_len=4096, max_num_seqs=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--read-gib", type=float, default=4.0, help="size of the bandwidth-probe tensor")
+    p.add_argument("--output-json", default=None)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes read per decoded token: every parameter except the (untied) embedding table."""
+    emb = model.model.embed_tokens.weight
+    tied = model.config.tie_word_embeddings
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
+def kv_bytes_per_token(cfg, context: float, elem: int) -> float:
+    """K and V of every layer over ``context`` tokens."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem * context
+
+
+def run(args: argparse.Namespace) -> int:
+    from flashserve import LLM, SamplingParams
+
+    llm = LLM(**llm_kwargs(args))
+    engine = llm.engine
+    device = engine.device
+    read = None
+    if device.type == "cuda":
+        from flashserve.bench.kernels import read_bandwidth
+
+        read = read_bandwidth(args.read_gib, 25, 200, device)
+    rng = random.Random(0)
+    prompt = [rng.randrange(100, engine.model_config.vocab_size) for _ in range(args.prompt_len)]
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+
+    tpots, e2es, host_ms, gpu_ms, step_ms = [], [], [], [], []
+    for _ in range(args.repeats):
+        engine.runner.timings = []
+        start = time.perf_counter()
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        e2es.append(time.perf_counter() - start)
+        tpots.append(out.metrics.time_per_output_token(args.new_tokens))
+        decode = [t for t in engine.runner.timings if t.is_decode]
+        host_ms.append(statistics.median(t.host_s for t in decode) * 1e3)
+        step_ms.append(statistics.median(t.step_s for t in decode) * 1e3)
+        if decode and decode[0].gpu_ms is not None:
+            gpu_ms.append(statistics.median(t.gpu_ms for t in decode))
+    engine.runner.timings = None
+
+    cfg = engine.model_config
+    elem = torch.empty((), dtype=engine.dtype).element_size()
+    tpot = statistics.median(tpots)
+    mean_ctx = args.prompt_len + args.new_tokens / 2
+    bytes_per_token = weight_bytes(engine.model) + kv_bytes_per_token(cfg, mean_ctx, elem)
+    res = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "decode_tok_s": 1.0 / tpot,
+        "time_per_output_token_ms": tpot * 1e3,
+        "e2e_s": statistics.median(e2es),
+        "bytes_per_token": bytes_per_token,
+        "achieved_tb_s": bytes_per_token / tpot / 1e12,
+        "host_ms_per_decode_step": statistics.median(host_ms),
+        "step_ms_per_decode_step": statistics.median(step_ms),
+        "gpu_ms_per_decode_step": statistics.median(gpu_ms) if gpu_ms else None,
+        "cuda_graphs": engine.runner.graphs is not None,
+        "graph_capture_s": engine.graph_capture_seconds,
+    }
+    if read is not None:
+        res["read_tb_s"] = read["tb_s"]
+        res["bandwidth_utilisation"] = res["achieved_tb_s"] / read["tb_s"]
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps(res, indent=2))
+    util = f", {res['bandwidth_utilisation']:.1%} of {res['read_tb_s']:.2f} TB/s read bandwidth" if read else ""
+    print(f"batch-1 decode {res['decode_tok_s']:.1f} tok/s ({res['achieved_tb_s']:.2f} TB/s{util}); "
+          f"per step: host {res['host_ms_per_decode_step']:.2f} ms, device {res['gpu_ms_per_decode_step'] or float('nan'):.2f} ms, wall {res['step_ms_per_decode_step']:.2f} ms")
+    return 0

@@ -1,0 +1,73 @@
+"""``flashserve bench throughput``: offline throughput on random requests.
+
+The workload follows nano-vllm's benchmark: N requests (default 256) with prompt and output
+lengths drawn uniformly from [100, 1024], random token ids, EOS ignored; throughput is output
+tokens over the wall time of the whole run, prefill included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from flashserve.cli import add_engine_arguments, llm_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    p.set_defaults(model="qwen3-0.6b", load_format="dummy", max_model_len=2048)
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--output-json", default=None)
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    outputs = [rng.randint(lo, hi) for _ in range(n)]
+    return prompts, outputs
+
+
+def run(args: argparse.Namespace) -> int:
+    from flashserve import LLM, SamplingParams
+
+    llm = LLM(**llm_kwargs(args))
+    engine = llm.engine
+    prompts, out_lens = workload(args.num_requests, args.min_len, args.max_len, engine.model_config.vocab_size)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    preempt0 = engine.scheduler.num_preemptions
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    gen = sum(len(o.token_ids) for o in outs)
+    assert gen == sum(out_lens), "every request must produce exactly its max_tokens"
+    res = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "num_requests": args.num_requests,
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "output_tokens": gen,
+        "seconds": elapsed,
+        "output_tok_s": gen / elapsed,
+        "total_tok_s": (gen + sum(len(p) for p in prompts)) / elapsed,
+        "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "kv_blocks": engine.block_manager.num_blocks,
+        "max_num_seqs": engine.scheduler.config.max_num_seqs,
+        "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
+    }
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps(res, indent=2))
+    print(f"{args.model}: {gen} output tokens in {elapsed:.1f}s = {res['output_tok_s']:.0f} output tok/s "
+          f"({res['total_tok_s']:.0f} tok/s with prompts), {res['preemptions']} preemptions")
+    return 0
