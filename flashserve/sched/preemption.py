@@ -6,7 +6,9 @@ Recomputing a victim with ``n`` computed tokens costs one prefill of ``n`` token
 Swapping costs moving its KV out and back: ``2 * n * kv_bytes_per_token`` over
 ``swap_bandwidth`` (host <-> device copy). ``auto`` swaps when that copy is cheaper. Both terms
 are linear in ``n`` except attention, so recompute wins for short contexts and swap for long
-ones (the crossover for Qwen3-0.6B on an H100 is a few hundred tokens with the defaults).
+ones. With the defaults below, Qwen3-0.6B (small, with a large KV per parameter) recomputes
+below ~10k tokens and swaps above; Llama-3.1-8B always swaps (its weights cost ~6x more per
+token to recompute than its KV costs to copy).
 
 The constants are deliberately round, documented guesses (no calibration run at start-up):
 CUDA: 200 TFLOP/s sustained bf16 prefill, 20 GB/s pinned PCIe copies; CPU: 50 GFLOP/s,
