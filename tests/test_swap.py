@@ -109,8 +109,9 @@ def test_small_pool_finishes_everything_with_unconstrained_outputs(tiny_model, m
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
     def run(**kw):
-        llm = LLM(model=tiny_model, max_model_len=128, block_size=4, verbose=False, enable_prefix_caching=False,
-                  max_num_batched_tokens=48, **kw)
+        # device="cpu": the byte budgets below assume fp32 blocks of 2048 bytes.
+        llm = LLM(model=tiny_model, device="cpu", max_model_len=128, block_size=4, verbose=False,
+                  enable_prefix_caching=False, max_num_batched_tokens=48, **kw)
         return [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)], llm
 
     ref, _ = run(kv_cache_bytes=1 << 21)
