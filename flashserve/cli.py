@@ -42,6 +42,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="fcfs")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"])
+    p.add_argument("--swap-space-bytes", type=int, default=0, help="host memory for swapped-out KV blocks")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -61,6 +64,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         policy=args.policy,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
+        enable_prefix_caching=not args.no_prefix_caching,
+        preemption_mode=args.preemption_mode,
+        swap_space_bytes=args.swap_space_bytes,
     )
 
 
@@ -165,14 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(c)
     c.set_defaults(func=cmd_chat)
 
+    # Plugins parse their own options (and -h), so their stub parsers take none.
     for name, (module, help_text) in PLUGINS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(plugin=module)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in BENCHES.items():
-        p = bsub.add_parser(name, help=help_text)
+        p = bsub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(plugin=module)
     return parser
 
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         # Plugins own their options: re-parse with the module's own arguments added.
         name = f"flashserve {args.command}" + (f" {args.bench}" if args.command == "bench" else "")
         module = importlib.import_module(plugin)
-        p = argparse.ArgumentParser(prog=name)
+        p = argparse.ArgumentParser(prog=name, description=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(p)
         return int(module.run(p.parse_args(rest)) or 0)
     if rest:
