@@ -69,9 +69,11 @@ def grouped_attention(
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
-    qg = q.view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * L, D)  # rows g * L + l
-    kg = k.transpose(0, 1)  # [Hkv, S, D]
-    vg = v.transpose(0, 1)
+    # 4-D [1, Hkv, rows, D]: SDPA's fused CPU kernel takes 4-D inputs (3-D falls back to the
+    # much slower math path).
+    qg = q.view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * L, D)  # rows g * L + l
+    kg = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+    vg = v.transpose(0, 1).unsqueeze(0)
     if L == 1:  # decode: every context token is visible
         out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
     elif L == S:  # whole prompt in one step: plain causal
@@ -83,7 +85,7 @@ def grouped_attention(
     else:  # a chunk (or speculative tokens) after cached context
         mask = causal_mask(L, S, q.device).repeat(G, 1)  # [G * L, S]
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-    out = out.view(Hkv, G, L, D).permute(2, 0, 1, 3).reshape(L, H, D)
+    out = out.view(Hkv, G, L, D).permute(2, 0, 1, 3).reshape(L, H, D)  # [1, Hkv, G*L, D] -> [L, H, D]
     return out.to(out_dtype)
 
 
