@@ -106,3 +106,11 @@ def test_abort_frees_blocks(llm):
 def test_kv_pool_too_small_for_the_context_is_refused():
     with pytest.raises(ValueError, match=r"holds 2 blocks of 16 tokens = 32 tokens .* max_model_len=512 tokens needs 32 blocks"):
         LLM(device="cpu", max_model_len=512, kv_cache_bytes=2 * 30 * 2 * 16 * 3 * 64 * 4, verbose=False)
+
+
+def test_bfloat16_on_cpu_answers():
+    llm = LLM(device="cpu", dtype="bfloat16", max_model_len=256, kv_cache_bytes=16 << 20, verbose=False)
+    assert llm.engine.runner.kv_pool.dtype == llm.engine.dtype
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    assert "Paris" in out.text

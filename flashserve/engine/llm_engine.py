@@ -24,15 +24,15 @@ import torch
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
-from flashserve.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
 from flashserve.layers.fused import use_triton_ops
+from flashserve.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.model_runner import ModelRunner
+from flashserve.runner.swap import HostSwapSpace
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import RunnerOutput
 from flashserve.sched.policy import make_policy
 from flashserve.sched.preemption import PreemptionCostModel
-from flashserve.runner.swap import HostSwapSpace
 from flashserve.sched.scheduler import Scheduler
 
 logger = logging.getLogger("flashserve")
