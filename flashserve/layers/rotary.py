@@ -109,6 +109,7 @@ class RotaryEmbedding(nn.Module):
             cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, rd]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.triton = False  # set by flashserve.layers.fused.use_triton_ops
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -118,6 +119,16 @@ class RotaryEmbedding(nn.Module):
             from flashserve.kernels.rotary import rotary_embedding
 
             return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)  # type: ignore[return-value]
-        cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
-        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rd/2] each
+        cos, sin = self._cos_sin(positions)
         return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rd/2] for ``positions``. Every layer of a forward pass gets the same
+        positions tensor (one module is shared by all layers), so the lookup is done once."""
+        # Keyed on the tensor object: the runner builds a new positions tensor for every forward
+        # pass (CUDA-graph replays run no Python and use the Triton kernel).
+        if self._last is None or self._last[0] is not positions:
+            cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
+            cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
+            self._last = (positions, cos, sin)
+        return self._last[1], self._last[2]
