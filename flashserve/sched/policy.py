@@ -13,10 +13,13 @@ Policies
 * ``fcfs``: arrival order.
 * ``priority``: ``SamplingParams.priority``, lower value served first (vLLM's convention), ties
   by arrival.
-* ``sjf``: shortest predicted job first. The job size is predicted from what is known at
-  arrival: ``max_tokens`` output tokens (one step each) plus the prompt, weighted by
-  ``prefill_weight`` steps per prompt token (a prefill token is far cheaper than a decode
-  step). Static per request, so the ranking never oscillates; ties by arrival.
+* ``sjf``: shortest predicted *remaining* job first (SRPT with ``max_tokens`` as the
+  prediction): output tokens still to generate (``max_tokens`` minus those generated, one step
+  each) plus the tokens still to prefill, weighted by ``prefill_weight`` steps per token (a
+  prefill token is far cheaper than a decode step). Service only lowers a job's key, so a
+  running job only moves up and a nearly finished one is never preempted for a newcomer; a
+  recompute preemption raises it (its KV must be prefilled again). ``remaining=False``: the
+  static total size. Ties by arrival.
 * ``mlfq``: skip-join multi-level feedback queue after FastServe (Wu et al., 2023). Level ``i``
   has quantum ``base_quantum * 2**i`` service units; a step in which a request runs costs
   ``max(1, new_tokens / prefill_tokens_per_unit)`` units (a decode step is 1 unit, a prefill
@@ -83,13 +86,19 @@ class SJFPolicy(SchedulingPolicy):
 
     name = "sjf"
 
-    def __init__(self, prefill_weight: float = 1 / 64, default_max_tokens: int = 1 << 20) -> None:
+    def __init__(self, prefill_weight: float = 1 / 64, default_max_tokens: int = 1 << 20,
+                 remaining: bool = True) -> None:
         self.prefill_weight = prefill_weight
         self.default_max_tokens = default_max_tokens
+        self.remaining = remaining
 
     def predicted_cost(self, request: Request) -> float:
         max_tokens = request.params.max_tokens or self.default_max_tokens
-        return max_tokens + self.prefill_weight * request.num_prompt_tokens
+        if not self.remaining:
+            return max_tokens + self.prefill_weight * request.num_prompt_tokens
+        # Shortest *remaining* work: outputs still to generate plus tokens still to prefill.
+        to_prefill = max(0, request.num_tokens - request.num_computed_tokens - 1)
+        return max_tokens - request.num_output_tokens + self.prefill_weight * to_prefill
 
     def sort_key(self, request: Request) -> tuple:
         return (self.predicted_cost(request), request.arrival_time, request.request_id)
@@ -109,7 +118,7 @@ class MLFQPolicy(SchedulingPolicy):
 
     name = "mlfq"
 
-    def __init__(self, num_levels: int = 6, base_quantum: float = 4.0, prefill_tokens_per_unit: int = 64,
+    def __init__(self, num_levels: int = 6, base_quantum: float = 16.0, prefill_tokens_per_unit: int = 64,
                  starvation_steps: int = 256) -> None:
         self.num_levels = num_levels
         self.base_quantum = base_quantum

@@ -13,6 +13,11 @@ token to recompute than its KV costs to copy).
 The constants are deliberately round, documented guesses (no calibration run at start-up):
 CUDA: 200 TFLOP/s sustained bf16 prefill, 20 GB/s pinned PCIe copies; CPU: 50 GFLOP/s,
 5 GB/s memcpy.
+
+Rank preemption (a queued request outranks a running one, see ``RankPreemptionRule``) is
+optional, unlike a preemption forced by a full pool, so it must not destroy work: its victims
+are swapped whenever the mode allows it and the host space holds them, whatever the cost model
+says (FastServe swaps proactively), and are recomputed only when that is nearly free.
 """
 
 from __future__ import annotations
@@ -55,3 +60,50 @@ class PreemptionCostModel:
             device_flops=DEVICE_FLOPS.get(device_type, DEVICE_FLOPS["cpu"]),
             swap_bandwidth=SWAP_BANDWIDTH.get(device_type, SWAP_BANDWIDTH["cpu"]),
         )
+
+
+@dataclass
+class RankPreemptionRule:
+    """When a running request may be preempted because a queued request outranks it.
+
+    This is separate from the policy (which only ranks) and from the memory path (a full pool
+    still preempts as before). A running request is an eligible victim only if
+
+    * it has run for at least ``min_run_steps`` steps since it was last admitted or resumed
+      (hysteresis: a job just brought back is not thrown out again, so jobs cannot thrash), and
+    * preempting it keeps its work: it can be swapped (``preemption_mode`` is not
+      ``recompute`` and the host space holds its blocks), or else it has at most
+      ``max_recompute_tokens`` computed tokens (``None``: an eighth of the step's token budget),
+      so its recompute costs a fraction of one step.
+
+    The protection doubles with each preemption the request has suffered (``backoff``), and
+    ``max_per_request`` (default: no cap) caps how often one request is rank-preempted. At most
+    ``max_per_step`` requests are rank-preempted per step, and none at all unless the chosen
+    victims actually free the seat and blocks that the outranking request needs.
+    """
+
+    max_per_step: int = 1
+    min_run_steps: int = 8
+    max_recompute_tokens: int | None = None
+    backoff: bool = True
+    max_per_request: int | None = None
+
+    def protected_steps(self, num_preemptions: int) -> int:
+        """Steps a request runs after its admission before it may be rank-preempted: doubled
+        for each preemption it has already suffered (``backoff``), so a long job is preempted
+        O(log length) times at most instead of at every arrival of a shorter one."""
+        if not self.backoff:
+            return self.min_run_steps
+        return self.min_run_steps << min(num_preemptions, 16)
+
+    def may_preempt(self, num_preemptions: int, steps_run: int) -> bool:
+        """Whether a request that has run ``steps_run`` steps since its last admission may be
+        rank-preempted (the swap / recompute-cost condition is checked by the scheduler)."""
+        if self.max_per_request is not None and num_preemptions >= self.max_per_request:
+            return False
+        return steps_run >= self.protected_steps(num_preemptions)
+
+    def recompute_limit(self, max_num_batched_tokens: int) -> int:
+        if self.max_recompute_tokens is not None:
+            return self.max_recompute_tokens
+        return max_num_batched_tokens // 8

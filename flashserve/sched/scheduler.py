@@ -4,10 +4,12 @@ Each step every scheduled request gets N new tokens: whatever separates its comp
 from its known tokens (a whole or chunked prompt, one decode token, a resumed request's prompt
 plus outputs). One token budget (``max_num_batched_tokens``) is shared by everything in a step:
 
-0. *Rank preemption*: if the best waiting/swapped request outranks (policy order) the worst
-   running one and cannot get a seat (``max_num_seqs``) or memory, the worst running request is
-   preempted, repeatedly while that holds. Under FCFS new arrivals never outrank running
-   requests, so this only matters for priority / SJF / MLFQ (FastServe-style preemption).
+0. *Rank preemption*: if the best waiting/swapped request outranks (policy order) running ones
+   and cannot get a seat (``max_num_seqs``) or memory, the lowest-ranked running requests that it
+   outranks *and* that ``RankPreemptionRule`` lets go (ran long enough since admission; swapped,
+   or cheap to recompute; a few per step) are preempted, if that makes room. Under FCFS new
+   arrivals never outrank running requests, so this only matters for priority / SJF / MLFQ
+   (FastServe-style preemption). Rank victims are swapped whenever possible.
 1. *Decodes first*: running requests that need one token, in policy order. Piggybacking them
    on the prefill chunks keeps inter-token latency flat while long prompts arrive.
 2. *Prefill work* in policy order: running requests still in (chunked) prefill, swapped
@@ -30,7 +32,7 @@ from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import BlockCopy, RunnerOutput, ScheduledRequest, SchedulerOutput
 from flashserve.sched.policy import SchedulingPolicy
-from flashserve.sched.preemption import PreemptionCostModel
+from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
 
 class Scheduler:
@@ -41,12 +43,14 @@ class Scheduler:
         policy: SchedulingPolicy,
         max_model_len: int,
         cost_model: PreemptionCostModel | None = None,
+        rank_rule: RankPreemptionRule | None = None,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
         self.policy = policy
         self.max_model_len = max_model_len
         self.cost_model = cost_model
+        self.rank_rule = rank_rule or RankPreemptionRule()
         self.preemption_mode = getattr(config, "preemption_mode", "recompute")
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -55,6 +59,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self.num_recomputes = 0
+        self.num_rank_preemptions = 0
+        self.step_count = 0
+        self._admitted_at: dict[str, int] = {}  # step of each running request's last admission
 
     # ----------------------------------------------------------------- queue operations
     def add_request(self, request: Request) -> None:
@@ -73,6 +80,7 @@ class Scheduler:
                 queue.remove(request)
                 break
         self.block_manager.free(request_id)
+        self._admitted_at.pop(request_id, None)
         self.policy.on_finished(request)
         request.status = status
         request.metrics.finished_time = time.monotonic()
@@ -91,6 +99,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
+        self.step_count += 1
         self.block_manager.host.begin_step()
         self.policy.begin_step(list(self.requests.values()))
         budget = self.config.max_num_batched_tokens
@@ -186,11 +195,13 @@ class Scheduler:
                 request.metrics.first_scheduled_time = time.monotonic()
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        self._admitted_at[request.request_id] = self.step_count
         return num_new
 
     def _rank_preemption(self, preempted: list[str], copies: BlockCopy) -> None:
-        """Preempt running requests that the best waiting/swapped request outranks, while it
-        cannot otherwise get a seat or the blocks for its next chunk."""
+        """Preempt running requests that the best waiting/swapped request outranks, when it cannot
+        otherwise get a seat or the blocks for its next chunk, the rank rule lets them go, and
+        together they make room for it. Victims: lowest-ranked eligible running requests."""
         queued = self.swapped + self.waiting
         if not queued or not self.running:
             return
@@ -200,13 +211,33 @@ class Scheduler:
             need = bm.blocks_needed(best.num_tokens)
         else:
             need = bm.blocks_needed(min(best.num_tokens, self.config.max_num_batched_tokens))
-        while self.running:
-            worst = self.policy.order(self.running)[-1]
-            if not self.policy.outranks(best, worst):
-                return
-            if len(self.running) < self.config.max_num_seqs and need <= bm.num_free_blocks:
-                return
-            self._preempt(worst, preempted, copies)
+        seats, free = self.config.max_num_seqs - len(self.running), bm.num_free_blocks
+        if seats > 0 and need <= free:
+            return
+        rule = self.rank_rule
+        host_free = bm.host.num_free if self.preemption_mode != "recompute" else 0
+        recompute_limit = rule.recompute_limit(self.config.max_num_batched_tokens)
+        victims: list[tuple[Request, bool]] = []  # (victim, swap it)
+        for victim in reversed(self.policy.order(self.running)):
+            if len(victims) >= rule.max_per_step or not self.policy.outranks(best, victim):
+                return  # no room can be made without breaking the rule: preempt nobody
+            if not rule.may_preempt(victim.metrics.num_preemptions,
+                                    self.step_count - self._admitted_at.get(victim.request_id, 0)):
+                continue  # (re)admitted too recently: let it run, no thrash
+            blocks = len(bm.block_table(victim.request_id))  # shared prefix blocks: an upper bound
+            swap = 0 < blocks <= host_free
+            if not swap and victim.num_computed_tokens > recompute_limit:
+                continue  # would destroy too much work
+            host_free -= blocks if swap else 0
+            victims.append((victim, swap))
+            seats, free = seats + 1, free + blocks
+            if seats > 0 and need <= free:
+                break
+        else:
+            return
+        for victim, swap in victims:
+            self._preempt(victim, preempted, copies, swap)
+            self.num_rank_preemptions += 1
 
     def _should_swap(self, request: Request) -> bool:
         mode = self.preemption_mode
@@ -216,13 +247,17 @@ class Scheduler:
             return self.cost_model.prefer_swap(request.num_computed_tokens)
         return False
 
-    def _preempt(self, request: Request, preempted: list[str], copies: BlockCopy) -> None:
-        """Swap the request's KV out to host memory, or drop it for recompute; either way it
-        leaves the running set and nothing it has generated is lost."""
+    def _preempt(self, request: Request, preempted: list[str], copies: BlockCopy, swap: bool | None = None) -> None:
+        """Swap the request's KV out to host memory, or drop it for recompute (``swap=None``:
+        as ``preemption_mode`` decides); either way it leaves the running set and nothing it
+        has generated is lost."""
         bm = self.block_manager
         if request in self.running:
             self.running.remove(request)
-        if self._should_swap(request) and bm.block_table(request.request_id) and bm.can_swap_out(request.request_id):
+        self._admitted_at.pop(request.request_id, None)
+        if swap is None:
+            swap = self._should_swap(request)
+        if swap and bm.block_table(request.request_id) and bm.can_swap_out(request.request_id):
             copies.swap_out.extend(bm.swap_out(request.request_id))
             request.status = RequestStatus.SWAPPED
             self.swapped.append(request)
