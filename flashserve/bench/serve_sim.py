@@ -254,13 +254,20 @@ def run(args: argparse.Namespace) -> int:
         llm = build_llm(args, model, load_format, **overrides)
         llm.generate([[5, 6, 7]], use_tqdm=False)  # warm-up
         res = replay(llm, trace, name)
-        if args.mode == "policies" and hasattr(llm.engine.scheduler.policy, "num_promotions"):
-            res.extra["starvation_promotions"] = llm.engine.scheduler.policy.num_promotions
+        sched = llm.engine.scheduler
+        res.extra["rank_preemptions"] = getattr(sched, "num_rank_preemptions", 0)
+        res.extra["recomputes"] = sched.num_recomputes
+        if args.mode == "policies" and hasattr(sched.policy, "num_promotions"):
+            res.extra["starvation_promotions"] = sched.policy.num_promotions
         results.append(res)
         print(f"  {name}: done in {res.makespan_s:.1f} simulated s", flush=True)
         del llm
     print(_fmt_table(results))
     print("(seconds of simulated time = measured engine step time; ITL in ms)")
+    for r in results:
+        if r.preemptions:
+            print(f"  {r.name}: {r.extra['rank_preemptions']} of {r.preemptions} preemptions by rank, "
+                  f"{r.extra['recomputes']} by recompute")
     if args.json:
         Path(args.json).write_text(json.dumps({"rate": rate, "args": vars(args), "results": [asdict(r) for r in results]}, indent=2))
     if tmp is not None:
