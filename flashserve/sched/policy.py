@@ -119,7 +119,7 @@ class MLFQPolicy(SchedulingPolicy):
     name = "mlfq"
 
     def __init__(self, num_levels: int = 6, base_quantum: float = 16.0, prefill_tokens_per_unit: int = 64,
-                 starvation_steps: int = 256) -> None:
+                 starvation_steps: int = 64) -> None:
         self.num_levels = num_levels
         self.base_quantum = base_quantum
         self.prefill_tokens_per_unit = prefill_tokens_per_unit

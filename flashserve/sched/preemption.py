@@ -76,8 +76,9 @@ class RankPreemptionRule:
       ``max_recompute_tokens`` computed tokens (``None``: an eighth of the step's token budget),
       so its recompute costs a fraction of one step.
 
-    The protection doubles with each preemption the request has suffered (``backoff``), and
-    ``max_per_request`` (default: no cap) caps how often one request is rank-preempted. At most
+    The protection doubles with each preemption the request has suffered (``backoff``), and no
+    request is rank-preempted more than ``max_per_request`` times (``None``: no cap): a
+    size-based policy may overtake a long job, but cannot keep throwing it out. At most
     ``max_per_step`` requests are rank-preempted per step, and none at all unless the chosen
     victims actually free the seat and blocks that the outranking request needs.
     """
@@ -86,7 +87,7 @@ class RankPreemptionRule:
     min_run_steps: int = 8
     max_recompute_tokens: int | None = None
     backoff: bool = True
-    max_per_request: int | None = None
+    max_per_request: int | None = 2
 
     def protected_steps(self, num_preemptions: int) -> int:
         """Steps a request runs after its admission before it may be rank-preempted: doubled
