@@ -29,7 +29,7 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 TINY_CONFIG = {
@@ -145,6 +145,13 @@ def build_llm(args: argparse.Namespace, model: str, load_format: str, **override
     return LLM(**kw)
 
 
+def warmup_trace(trace: list[TraceRequest], n: int = 24) -> list[TraceRequest]:
+    """The first ``n`` requests plus the longest prompt, all arriving at once, outputs capped."""
+    longest = max(trace, key=lambda t: len(t.prompt))
+    picked = trace[:n] + ([longest] if longest not in trace[:n] else [])
+    return [replace(t, arrival=0.0, output_len=min(t.output_len, 16)) for t in picked]
+
+
 def replay(llm, trace: list[TraceRequest], name: str) -> RunResult:
     """Run the trace on a fresh engine; the simulated clock advances by measured step times."""
     from flashserve.sampling_params import SamplingParams
@@ -249,10 +256,14 @@ def run(args: argparse.Namespace) -> int:
         runs = [("fcfs-chunked", dict(enable_chunked_prefill=True)), ("fcfs-unchunked", dict(enable_chunked_prefill=False))]
     else:
         runs = [("prefix-cache", dict(enable_prefix_caching=True)), ("no-prefix-cache", dict(enable_prefix_caching=False))]
+    # Warm-up replay (untimed): compiles the kernels for every shape class of the trace (long and
+    # short prompts, mixed steps), so the first measured policy does not pay for JIT compilation.
+    warm = build_llm(args, model, load_format)
+    replay(warm, warmup_trace(trace), "warmup")
+    del warm
     results = []
     for name, overrides in runs:
         llm = build_llm(args, model, load_format, **overrides)
-        llm.generate([[5, 6, 7]], use_tqdm=False)  # warm-up
         res = replay(llm, trace, name)
         sched = llm.engine.scheduler
         res.extra["rank_preemptions"] = getattr(sched, "num_rank_preemptions", 0)
