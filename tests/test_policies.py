@@ -148,6 +148,19 @@ def test_rank_preemption_skips_victims_too_costly_to_recompute():
     assert ids(plan.requests) == ["heavy", "vip"]
 
 
+def test_rank_preemption_does_not_swap_long_contexts():
+    # Host space is ample, but "heavy" holds 20 computed tokens > the swap limit of 16: copying
+    # it out and back would cost more than the newcomer gains, so "light" (4 tokens) goes.
+    s = _prio_sched(host=64, min_run_steps=1, max_swap_tokens=16)
+    s.add_request(req("heavy", n_prompt=20, t=0, priority=5))
+    s.add_request(req("light", n_prompt=4, t=1, priority=3))
+    _step(s)
+    s.add_request(req("vip", t=2, priority=0))
+    plan = _step(s)
+    assert plan.preempted_ids == ["light"] and s.requests["light"].status == RequestStatus.SWAPPED
+    assert s.requests["heavy"].status == RequestStatus.RUNNING
+
+
 def test_rank_preemption_needs_victims_that_make_room():
     def run(max_per_step):
         s = _prio_sched(max_seqs=8, num_blocks=7, host=16, min_run_steps=1, max_per_step=max_per_step)

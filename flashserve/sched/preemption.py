@@ -72,7 +72,9 @@ class RankPreemptionRule:
     * it has run for at least ``min_run_steps`` steps since it was last admitted or resumed
       (hysteresis: a job just brought back is not thrown out again, so jobs cannot thrash), and
     * preempting it keeps its work: it can be swapped (``preemption_mode`` is not
-      ``recompute`` and the host space holds its blocks), or else it has at most
+      ``recompute``, the host space holds its blocks, and it has at most ``max_swap_tokens``
+      computed tokens (``None``: one step's token budget), since copying a long context out and
+      back in blocks the GPU for longer than the outranking job gains), or else it has at most
       ``max_recompute_tokens`` computed tokens (``None``: an eighth of the step's token budget),
       so its recompute costs a fraction of one step.
 
@@ -86,6 +88,7 @@ class RankPreemptionRule:
     max_per_step: int = 1
     min_run_steps: int = 8
     max_recompute_tokens: int | None = None
+    max_swap_tokens: int | None = None
     backoff: bool = True
     max_per_request: int | None = 2
 
@@ -103,6 +106,9 @@ class RankPreemptionRule:
         if self.max_per_request is not None and num_preemptions >= self.max_per_request:
             return False
         return steps_run >= self.protected_steps(num_preemptions)
+
+    def swap_limit(self, max_num_batched_tokens: int) -> int:
+        return self.max_swap_tokens if self.max_swap_tokens is not None else max_num_batched_tokens
 
     def recompute_limit(self, max_num_batched_tokens: int) -> int:
         if self.max_recompute_tokens is not None:

@@ -217,6 +217,7 @@ class Scheduler:
         rule = self.rank_rule
         host_free = bm.host.num_free if self.preemption_mode != "recompute" else 0
         recompute_limit = rule.recompute_limit(self.config.max_num_batched_tokens)
+        swap_limit = rule.swap_limit(self.config.max_num_batched_tokens)
         victims: list[tuple[Request, bool]] = []  # (victim, swap it)
         for victim in reversed(self.policy.order(self.running)):
             if len(victims) >= rule.max_per_step or not self.policy.outranks(best, victim):
@@ -225,7 +226,7 @@ class Scheduler:
                                     self.step_count - self._admitted_at.get(victim.request_id, 0)):
                 continue  # (re)admitted too recently: let it run, no thrash
             blocks = len(bm.block_table(victim.request_id))  # shared prefix blocks: an upper bound
-            swap = 0 < blocks <= host_free
+            swap = 0 < blocks <= host_free and victim.num_computed_tokens <= swap_limit
             if not swap and victim.num_computed_tokens > recompute_limit:
                 continue  # would destroy too much work
             host_free -= blocks if swap else 0
