@@ -9,7 +9,8 @@ plus outputs). One token budget (``max_num_batched_tokens``) is shared by everyt
    outranks *and* that ``RankPreemptionRule`` lets go (ran long enough since admission; swapped,
    or cheap to recompute; a few per step) are preempted, if that makes room. Under FCFS new
    arrivals never outrank running requests, so this only matters for priority / SJF / MLFQ
-   (FastServe-style preemption). Rank victims are swapped whenever possible.
+   (FastServe-style preemption). Rank victims are swapped whenever the host has room and their
+   context is at most one step's token budget.
 1. *Decodes first*: running requests that need one token, in policy order. Piggybacking them
    on the prefill chunks keeps inter-token latency flat while long prompts arrive.
 2. *Prefill work* in policy order: running requests still in (chunked) prefill, swapped
