@@ -26,6 +26,7 @@ from flashserve.config import EngineConfig
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
 from flashserve.layers.fused import use_triton_ops
 from flashserve.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
+from flashserve.runner.host_weights import pack_weights_in_huge_pages
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.model_runner import ModelRunner
 from flashserve.runner.swap import HostSwapSpace
@@ -104,6 +105,8 @@ class LLMEngine:
             logger.warning("flashserve: %s; the engine takes prompts as token ids only", e)
             self.tokenizer = None
         self.model, self.model_config = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend)
+        if self.device.type == "cpu":
+            pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
         load_s = time.perf_counter() - t0
 
         mc = self.model_config
