@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -201,6 +201,49 @@ class _Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+async def _stream_events(
+    engine: AsyncLLMEngine,
+    admitted: list[tuple[str, Any]],
+    metrics: ServerMetrics,
+    n: int,
+    want_lp: bool,
+    chunk: Callable[..., dict[str, Any]],
+    include_usage: bool,
+    choice: Callable[[int, Any, list | None], Awaitable[dict[str, Any]]],
+    prelude: Sequence[dict[str, Any]] = (),
+) -> AsyncIterator[str]:
+    """The SSE events of a streamed request: the prelude choices, then a chunk per choice that
+    progressed (``choice(index, completion, new logprobs)`` builds its body), the usage chunk if
+    asked for, and ``[DONE]``; an engine failure becomes an error event before ``[DONE]``."""
+    usage = _Usage()
+    sent_lp: dict[int, int] = {}
+    finished: set[int] = set()
+    try:
+        for first in prelude:
+            yield _sse(chunk([first]))
+        async for i, out in _merge(engine, admitted, metrics):
+            for c in out.outputs:
+                idx = i * n + c.index
+                if idx in finished:
+                    continue
+                if c.text_delta or c.finish_reason is not None or (c.num_new_tokens and want_lp):
+                    new_lp = None
+                    if want_lp and c.logprobs is not None:
+                        new_lp = c.logprobs[sent_lp.get(idx, 0):]
+                        sent_lp[idx] = len(c.logprobs)
+                    yield _sse(chunk([await choice(idx, c, new_lp)]))
+                if c.finish_reason is not None:
+                    finished.add(idx)
+            if out.finished:
+                usage.add(out)
+        if include_usage:
+            yield _sse(chunk([], usage.as_dict()))
+    except (EngineShutdown, EngineError) as e:
+        err = _engine_error(e)
+        yield _sse(error_body(err.status, err.message, code=err.code))
+    yield _sse("[DONE]")
+
+
 def _observe(metrics: ServerMetrics, out: RequestOutput) -> None:
     m = out.metrics
     reason = out.outputs[0].finish_reason or "abort"
@@ -326,37 +369,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         chunk = _chunk_maker(request_id, "text_completion", created, state.model_name, body.include_usage)
 
         if body.stream:
-            async def events() -> AsyncIterator[str]:
-                usage = _Usage()
-                sent_lp: dict[int, int] = {}
-                text_pos: dict[int, int] = {}
-                finished: set[int] = set()
-                try:
-                    async for i, out in _merge(engine, admitted, state.metrics):
-                        for c in out.outputs:
-                            idx = i * n + c.index
-                            if idx in finished:
-                                continue
-                            if c.text_delta or c.finish_reason is not None or (c.num_new_tokens and want_lp):
-                                lp = None
-                                if want_lp and c.logprobs is not None:
-                                    lp = await completion_logprobs(c.logprobs[sent_lp.get(idx, 0):], text_pos.get(idx, 0))
-                                    sent_lp[idx] = len(c.logprobs)
-                                text_pos[idx] = len(c.text)
-                                yield _sse(chunk([{"index": idx, "text": c.text_delta, "logprobs": lp,
-                                                   "finish_reason": c.finish_reason}]))
-                            if c.finish_reason is not None:
-                                finished.add(idx)
-                        if out.finished:
-                            usage.add(out)
-                    if body.include_usage:
-                        yield _sse(chunk([], usage.as_dict()))
-                except (EngineShutdown, EngineError) as e:
-                    err = _engine_error(e)
-                    yield _sse(error_body(err.status, err.message, code=err.code))
-                yield _sse("[DONE]")
+            text_pos: dict[int, int] = {}  # text offset of each choice's next chunk (for logprobs)
 
-            return SSEResponse(events(), on_close=lambda: engine.release([rid for rid, _ in admitted]))
+            async def choice(idx: int, c: Any, new_lp: list | None) -> dict[str, Any]:
+                lp = None if new_lp is None else await completion_logprobs(new_lp, text_pos.get(idx, 0))
+                text_pos[idx] = len(c.text)
+                return {"index": idx, "text": c.text_delta, "logprobs": lp, "finish_reason": c.finish_reason}
+
+            events = _stream_events(engine, admitted, state.metrics, n, want_lp, chunk, body.include_usage, choice)
+            return SSEResponse(events, on_close=lambda: engine.release([rid for rid, _ in admitted]))
 
         async def collect() -> dict[int, RequestOutput]:
             final: dict[int, RequestOutput] = {}
@@ -400,39 +421,16 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         chunk = _chunk_maker(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage)
 
         if body.stream:
-            async def events() -> AsyncIterator[str]:
-                usage = _Usage()
-                sent_lp: dict[int, int] = {}
-                finished: set[int] = set()
-                try:
-                    for idx in range(params.n):
-                        yield _sse(chunk([{"index": idx, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}]))
-                    async for _, out in _merge(engine, admitted, state.metrics):
-                        for c in out.outputs:
-                            idx = c.index
-                            if idx in finished:
-                                continue
-                            if c.text_delta or c.finish_reason is not None or (c.num_new_tokens and want_lp):
-                                lp = None
-                                if want_lp and c.logprobs is not None:
-                                    lp = await chat_logprobs(c.logprobs[sent_lp.get(idx, 0):])
-                                    sent_lp[idx] = len(c.logprobs)
-                                delta = {"content": c.text_delta} if c.text_delta else {}
-                                yield _sse(chunk([{"index": idx, "delta": delta, "logprobs": lp,
-                                                   "finish_reason": c.finish_reason}]))
-                            if c.finish_reason is not None:
-                                finished.add(idx)
-                        if out.finished:
-                            usage.add(out)
-                    if body.include_usage:
-                        yield _sse(chunk([], usage.as_dict()))
-                except (EngineShutdown, EngineError) as e:
-                    err = _engine_error(e)
-                    yield _sse(error_body(err.status, err.message, code=err.code))
-                yield _sse("[DONE]")
+            async def choice(idx: int, c: Any, new_lp: list | None) -> dict[str, Any]:
+                lp = None if new_lp is None else await chat_logprobs(new_lp)
+                delta = {"content": c.text_delta} if c.text_delta else {}
+                return {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
 
-            return SSEResponse(events(), on_close=lambda: engine.release([rid for rid, _ in admitted]))
+            roles = [{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for idx in range(params.n)]
+            events = _stream_events(engine, admitted, state.metrics, params.n, want_lp, chunk, body.include_usage,
+                                    choice, prelude=roles)
+            return SSEResponse(events, on_close=lambda: engine.release([rid for rid, _ in admitted]))
 
         async def collect() -> RequestOutput:
             async for _, out in _merge(engine, admitted, state.metrics):
