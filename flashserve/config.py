@@ -64,7 +64,6 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float | None = None  # None: 0.9 on GPU, 0.2 of host memory on CPU
-    num_blocks: int | None = None  # set by the engine once the pool is allocated
     # Reuse the KV of full blocks of earlier prompts with the same prefix (flashserve.cache.block_manager).
     enable_prefix_caching: bool = True
     swap_space_bytes: int = 0  # host memory for swap preemption (pinned on CUDA); 0: recompute only

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     engine.runner.timings = None
 
     cfg = engine.model_config
-    elem = torch.empty((), dtype=engine.dtype).element_size()
+    elem = engine.dtype.itemsize
     tpot = statistics.median(tpots)
     mean_ctx = args.prompt_len + args.new_tokens / 2
     bytes_per_token = weight_bytes(engine.model) + kv_bytes_per_token(cfg, mean_ctx, elem)

@@ -97,13 +97,9 @@ class LLMEngine:
             backend_name = "triton" if self.device.type == "cuda" else "torch"
         self.attn_backend = get_attention_backend(backend_name)
         t0 = time.perf_counter()
-        try:
-            self.tokenizer = load_tokenizer(source, config.load_format)
-        except FileNotFoundError as e:
-            if "no tokenizer files" not in str(e):
-                raise
-            logger.warning("flashserve: %s; the engine takes prompts as token ids only", e)
-            self.tokenizer = None
+        self.tokenizer = load_tokenizer(source, config.load_format)
+        if self.tokenizer is None:
+            logger.warning("flashserve: %s has no tokenizer files; the engine takes prompts as token ids only", source)
         self.model, self.model_config = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend)
         if self.device.type == "cpu":
             pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
@@ -120,13 +116,12 @@ class LLMEngine:
         pool_plan = plan_kv_pool(mc, config.cache, self.dtype, self.device, self.max_model_len, useful_blocks,
                                  reserve_bytes=self._activation_reserve(sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs))
         kv_pool = allocate_kv_pool(mc, pool_plan, self.dtype, self.device)
-        config.cache.num_blocks = pool_plan.num_blocks
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
         num_host_blocks = config.cache.swap_space_bytes // pool_plan.bytes_per_block
         self.block_manager = BlockManager(pool_plan.num_blocks, block_size, config.cache.enable_prefix_caching,
                                           num_host_blocks)
-        cost_model = PreemptionCostModel.for_model(mc, torch.empty((), dtype=self.dtype).element_size(), self.device.type)
+        cost_model = PreemptionCostModel.for_model(mc, self.dtype.itemsize, self.device.type)
         self.scheduler = Scheduler(sched_cfg, self.block_manager, make_policy(sched_cfg.policy), self.max_model_len,
                                    cost_model)
         self.runner = ModelRunner(self.model, kv_pool, block_size, self.device, self.eos_token_ids, config.seed)
@@ -159,7 +154,7 @@ class LLMEngine:
         if self.device.type != "cuda":
             return 0
         mc = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = self.dtype.itemsize
         acts = max_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * elem * 2
         logits = max_seqs * mc.vocab_size * 4 * 4
         return acts + logits + (512 << 20)

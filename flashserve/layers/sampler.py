@@ -45,7 +45,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
 
     logits: [N, V] float32, modified in place and returned.
     """
-    n, vocab = logits.shape
+    vocab = logits.shape[1]
     device = logits.device
     rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device, dtype=logits.dtype)
     pres = torch.tensor([r.params.presence_penalty for r in rows], device=device, dtype=logits.dtype)

@@ -170,7 +170,8 @@ def load_model(
 
 
 def load_tokenizer(source: str | None, load_format: str = "auto") -> Any | None:
-    """The tokenizer for a model source; None for dummy weights without tokenizer files."""
+    """The tokenizer for a model source; None for a model folder without tokenizer files (e.g.
+    dummy weights), which then takes prompts as token ids only."""
     source, fmt = resolve_load_format(source, load_format)
     from flashserve.loader.tokenizer import TOKENIZER_FILES, load_gguf_tokenizer, load_hf_tokenizer
 
@@ -179,6 +180,6 @@ def load_tokenizer(source: str | None, load_format: str = "auto") -> Any | None:
     folder = Path(source)
     if folder.is_file():
         folder = folder.parent
-    if fmt == "dummy" and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+    if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_FILES):
         return None
     return load_hf_tokenizer(folder)

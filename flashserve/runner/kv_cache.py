@@ -33,7 +33,7 @@ class KVPoolPlan:
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
 
 
@@ -55,7 +55,7 @@ def available_memory(device: torch.device) -> int:
 def plan_kv_pool(
     model: ModelConfig,
     cache: CacheConfig,
-    dtype: torch.device,
+    dtype: torch.dtype,
     device: torch.device,
     max_model_len: int,
     max_useful_blocks: int,

@@ -201,6 +201,26 @@ class _Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+async def _final_outputs(engine: AsyncLLMEngine, request: Request, admitted: list[tuple[str, Any]],
+                         metrics: ServerMetrics) -> dict[int, RequestOutput]:
+    """The final output of each admitted request (by prompt index) for a non-streaming response.
+    A client that leaves aborts them; engine failures become API errors; all are released."""
+
+    async def collect() -> dict[int, RequestOutput]:
+        final: dict[int, RequestOutput] = {}
+        async for i, out in _merge(engine, admitted, metrics):
+            if out.finished:
+                final[i] = out
+        return final
+
+    try:
+        return await _until_disconnect(request, collect())
+    except (EngineShutdown, EngineError) as e:
+        raise _engine_error(e) from None
+    finally:
+        engine.release([rid for rid, _ in admitted])
+
+
 async def _stream_events(
     engine: AsyncLLMEngine,
     admitted: list[tuple[str, Any]],
@@ -379,19 +399,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
             events = _stream_events(engine, admitted, state.metrics, n, want_lp, chunk, body.include_usage, choice)
             return SSEResponse(events, on_close=lambda: engine.release([rid for rid, _ in admitted]))
 
-        async def collect() -> dict[int, RequestOutput]:
-            final: dict[int, RequestOutput] = {}
-            async for i, out in _merge(engine, admitted, state.metrics):
-                if out.finished:
-                    final[i] = out
-            return final
-
-        try:
-            final = await _until_disconnect(request, collect())
-        except (EngineShutdown, EngineError) as e:
-            raise _engine_error(e) from None
-        finally:
-            engine.release([rid for rid, _ in admitted])
+        final = await _final_outputs(engine, request, admitted, state.metrics)
         usage = _Usage()
         choices = []
         for i in sorted(final):
@@ -432,18 +440,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
                                     choice, prelude=roles)
             return SSEResponse(events, on_close=lambda: engine.release([rid for rid, _ in admitted]))
 
-        async def collect() -> RequestOutput:
-            async for _, out in _merge(engine, admitted, state.metrics):
-                if out.finished:
-                    return out
-            raise EngineError("the request ended without a final output")
-
-        try:
-            final = await _until_disconnect(request, collect())
-        except (EngineShutdown, EngineError) as e:
-            raise _engine_error(e) from None
-        finally:
-            engine.release([rid for rid, _ in admitted])
+        outputs = await _final_outputs(engine, request, admitted, state.metrics)
+        if 0 not in outputs:
+            raise _engine_error(EngineError("the request ended without a final output"))
+        final = outputs[0]
         usage = _Usage()
         usage.add(final)
         choices = []
