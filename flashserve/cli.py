@@ -22,6 +22,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "cpu-decode": ("flashserve.bench.cpu_decode", "decode speed vs transformers' generate on the same machine"),
     "serve": ("flashserve.bench.serve", "load an OpenAI-compatible endpoint; TTFT/TPOT/ITL percentiles"),
     "serve-sim": ("flashserve.bench.serve_sim", "replay a Poisson trace against the engine for each policy"),
+    "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
 }
 
 

@@ -14,9 +14,11 @@ one ``RequestOutput``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -138,6 +140,7 @@ class LLMEngine:
         self._child_parent: dict[str, str] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._score_ids = itertools.count()
         if verbose:
             logger.warning(
                 "flashserve: %s on %s (%s, %s attention), loaded in %.1fs; KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
@@ -300,6 +303,31 @@ class LLMEngine:
                 self._decode_states.pop(cid, None)
                 self._child_parent.pop(cid, None)
         return out
+
+    def score(self, token_ids: list[int], chunk_size: int = 512) -> Iterator[torch.Tensor]:
+        """Teacher-forced log-probabilities of a token sequence, for quality measurements.
+
+        Yields, chunk by chunk, fp32 tensors [n, V] whose row j is the model's next-token
+        distribution after token j (rows for every token but the last, in order). The sequence
+        runs through the paged KV cache like a chunked prompt, so whatever the cache stores
+        (a quantized or windowed KV) is what later chunks read. Needs the engine to be idle.
+        """
+        self.validate_prompt(token_ids)
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() needs an idle engine; finish or abort the running requests first")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        bm, rid = self.block_manager, f"__score__{next(self._score_ids)}"
+        if bm.allocate_slots(rid, len(token_ids)) is None:
+            raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache ({bm.num_free_blocks} free blocks "
+                             f"of {bm.block_size} tokens); score a shorter text or give the cache more memory")
+        try:
+            table = bm.block_table(rid)
+            for start in range(0, len(token_ids) - 1, chunk_size):
+                chunk = token_ids[start : min(start + chunk_size, len(token_ids) - 1)]
+                yield self.runner.score_chunk(chunk, start, table)
+        finally:
+            bm.free(rid)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -17,7 +17,7 @@ from flashserve.layers.attention_metadata import AttentionMetadata, forward_cont
 from flashserve.layers.sampler import Sampler, SamplingRow
 from flashserve.runner.cuda_graphs import DecodeGraphs
 from flashserve.runner.swap import HostSwapSpace
-from flashserve.sched.plan import RunnerOutput, SampledToken, SchedulerOutput
+from flashserve.sched.plan import RunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 
 
 @dataclass
@@ -136,6 +136,21 @@ class ModelRunner:
         with forward_context(meta):
             return self.model(self._to_device(h.input_ids, torch.int64), self._to_device(h.positions, torch.int64),
                               self.kv_caches)
+
+    @torch.inference_mode()
+    def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
+        """Log-probabilities [n, V] (fp32, on the device) of the token after each of ``token_ids``,
+        which sit at positions ``start_pos ...`` of a sequence whose K/V before ``start_pos`` is in
+        ``block_ids``; their own K/V is written to the cache (so a later chunk reads it back)."""
+        from flashserve.sampling_params import SamplingParams
+
+        entry = ScheduledRequest("score", list(token_ids), start_pos, list(block_ids), False, SamplingParams())
+        h = self.host_inputs(SchedulerOutput(requests=[entry]))
+        meta = self.metadata(h)
+        with forward_context(meta):
+            hidden = self.model(self._to_device(h.input_ids, torch.int64), self._to_device(h.positions, torch.int64),
+                                self.kv_caches)
+        return self.model.compute_logits(hidden).log_softmax(dim=-1)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
