@@ -46,6 +46,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"])
     p.add_argument("--swap-space-bytes", type=int, default=0, help="host memory for swapped-out KV blocks")
+    p.add_argument("--quantization", default="auto", help="weights: auto (the checkpoint's own: GGUF packed, GPTQ, AWQ), none, int8, int4, int4-g{32,64,128}[-zp], fp8, fp8-w8a8")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -68,6 +69,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=not args.no_prefix_caching,
         preemption_mode=args.preemption_mode,
         swap_space_bytes=args.swap_space_bytes,
+        quantization=args.quantization,
     )
 
 

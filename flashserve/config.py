@@ -110,6 +110,9 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True
+    # auto | none | gguf | gptq | awq | int8 | int4[-gN[-zp]] | fp8 | fp8-w8a8; checked when the model
+    # loads (flashserve.quant.config): "auto" keeps a GGUF file packed unless a dtype is given
+    quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

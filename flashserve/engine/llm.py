@@ -45,6 +45,7 @@ class LLM:
         preemption_mode: str = "auto",
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
+        quantization: str = "auto",
         verbose: bool = True,
     ) -> None:
         config = EngineConfig(
@@ -55,6 +56,7 @@ class LLM:
             seed=seed,
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,
+            quantization=quantization,
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_bytes=kv_cache_bytes,

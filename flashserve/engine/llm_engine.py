@@ -102,7 +102,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(source, config.load_format)
         if self.tokenizer is None:
             logger.warning("flashserve: %s has no tokenizer files; the engine takes prompts as token ids only", source)
-        self.model, self.model_config = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend)
+        self.model, self.model_config = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend,
+                                                   quantization=config.quantization, dense_gguf=config.dtype != "auto")
         if self.device.type == "cpu":
             pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
         load_s = time.perf_counter() - t0

@@ -58,7 +58,8 @@ class LlamaAttention(nn.Module):
     """qkv projection -> (qk norm) -> rope -> paged attention -> output projection."""
 
     def __init__(
-        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None
+        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -67,11 +68,12 @@ class LlamaAttention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = QKVLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias,
+            prefix=f"{prefix}.qkv_proj",
         )
         # Qwen2 has bias on q/k/v only; Llama/Qwen3 ``attention_bias`` also covers o_proj.
         o_bias = config.attention_bias and config.architecture != "qwen2"
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb if rotary_emb is not None else make_rotary(config)
@@ -97,11 +99,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU MLP: fused gate_up projection, silu(gate) * up, down projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, prefix=f"{prefix}.gate_up_proj")
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -111,11 +113,12 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual add is fused into the next norm call."""
 
     def __init__(
-        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None
+        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_backend, rotary_emb)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, attn_backend, rotary_emb, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -142,10 +145,10 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens")
         rotary_emb = make_rotary(config)  # one cos/sin cache shared by every layer
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, attn_backend, rotary_emb) for _ in range(config.num_layers)]
+            [LlamaDecoderLayer(config, attn_backend, rotary_emb, prefix=f"model.layers.{i}") for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -171,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attn_backend)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied, prefix="lm_head")
 
     def forward(
         self,
