@@ -105,7 +105,8 @@ def test_int4_weight_pads_rows_regroups_and_permutes():
     u, s, _ = ref.quantize_int4(w[:, perm], 64, zero_point=False)
     m = Int4Weight(u, s, None, 64, perm=perm)
     assert torch.equal(m(x), m.reference(x))
-    torch.testing.assert_close(m(x), x @ w.t(), atol=0.25 * 192**0.5, rtol=0)  # int4 error, right columns
+    exact = x @ w.t()
+    assert (m(x) - exact).norm() < 0.15 * exact.norm()  # int4 error size: the permutation is undone
 
 
 def test_int8_weight_forward_is_its_reference():

@@ -142,10 +142,10 @@ def test_checkpoint_matches_dequantized_model(tmp_path, kind, group, act_order, 
         expect = oracle(torch.tensor([ids])).logits[0, -1]
     # CPU: bf16 activations into the int4 kernel, everything else fp32
     assert (ours - expect).abs().max() <= 0.03 * expect.abs().max()
-    for part in model.modules():  # the same arithmetic in dense torch ops gives the same logits
-        if isinstance(part, PackedWeight):
+    for part in model.modules():  # the same arithmetic in dense torch ops (another summation order:
+        if isinstance(part, PackedWeight):  # an fp32 sum can round to the neighbouring bf16 value)
             part.forward = part.reference
-    assert torch.equal(_logits(model, config, ids), ours)
+    torch.testing.assert_close(_logits(model, config, ids), ours, atol=0.01 * ours.abs().max().item(), rtol=0)
 
 
 def test_missing_scales_and_unsupported_bits_fail_before_allocation(tmp_path, monkeypatch):

@@ -37,16 +37,17 @@ def _dequantized(w: torch.Tensor, mode: str) -> torch.Tensor:
 
 def _oracle(hf: torch.nn.Module, mode: str) -> torch.nn.Module:
     """The HF model with every linear weight and the LM head replaced by their quantized values
-    (a tied head gets its own quantized copy; the embedding stays dense)."""
+    (a tied head gets its own quantized copy, int8 under int4; the embedding stays dense)."""
     oracle = copy.deepcopy(hf)
+    head = "int8" if mode.startswith("int4") else mode
     with torch.no_grad():
         for name, p in oracle.named_parameters():
             if any(f".{lin}." in name for lin in LINEARS) and name.endswith(".weight"):
                 p.copy_(_dequantized(p, mode))
         if oracle.config.tie_word_embeddings:
-            oracle.lm_head.weight = torch.nn.Parameter(_dequantized(oracle.lm_head.weight.detach(), mode))
+            oracle.lm_head.weight = torch.nn.Parameter(_dequantized(oracle.lm_head.weight.detach(), head))
         else:
-            oracle.lm_head.weight.copy_(_dequantized(oracle.lm_head.weight, mode))
+            oracle.lm_head.weight.copy_(_dequantized(oracle.lm_head.weight, head))
     return oracle
 
 
@@ -66,7 +67,7 @@ def test_online_quantized_model_matches_dense_model_with_quantized_weights(tmp_p
     hf = make_tiny_checkpoint(arch, tmp_path, seed=7)
     model, config = _load(tmp_path, mode)
     assert model.model.layers[1].mlp.down_proj.quant_method.label == mode
-    assert model.lm_head.quant_method.label == mode
+    assert model.lm_head.quant_method.label == ("int8" if mode.startswith("int4") else mode)
     assert model.model.embed_tokens.quant_method.label == "dense"
     ids = torch.randint(3, config.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     ours = _logits(model, config, ids)
@@ -78,16 +79,17 @@ def test_online_quantized_model_matches_dense_model_with_quantized_weights(tmp_p
     bound = {"int8": 0.02, "int4-g32": 0.02, "int4-g64-zp": 0.02, "fp8": 1e-4, "fp8-w8a8": 0.15}[mode]
     assert (ours - expect).abs().max() <= bound * expect.abs().max()
     assert (ours - plain).abs().max() > 1e-5  # the weights really were quantized
-    for part in model.modules():  # the same arithmetic in dense torch ops
+    for part in model.modules():  # the same arithmetic in dense torch ops (another summation order)
         if isinstance(part, PackedWeight):
             part.forward = part.reference
-    torch.testing.assert_close(_logits(model, config, ids), ours, atol=0, rtol=2**-7)
+    torch.testing.assert_close(_logits(model, config, ids), ours, atol=0.01 * ours.abs().max().item(), rtol=0)
 
 
 def test_online_quantization_of_dummy_weights(tmp_path):
     make_tiny_checkpoint("llama3_gqa", tmp_path, seed=1)
     model, config = _load(tmp_path, "int4", fmt="dummy")
-    assert model.model.layers[0].self_attn.qkv_proj.quant_method.label == "int4-g64"  # 128 does not divide 64
+    # "int4": zero points, group 128 if it divides every layer (here 64 does not take 128)
+    assert model.model.layers[0].self_attn.qkv_proj.quant_method.label == "int4-g64-zp"
     assert torch.isfinite(_logits(model, config, [5, 6, 7])).all()
 
 

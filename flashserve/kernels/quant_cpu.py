@@ -89,6 +89,47 @@ def pack_int4_for_cpu(u: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1)
 
 
+def _vector_blocks(n: int) -> tuple[int, bool] | None:
+    """The vector layout's block when every row is in a full block (else None: general path)."""
+    rows, vector = _block_n()
+    if not vector or n % rows or not _fast_packer_agrees((rows, vector)):
+        return None
+    return rows, vector
+
+
+def pack_nibble_runs_for_cpu(b: torch.Tensor, half: int) -> torch.Tensor | None:
+    """GGUF 4-bit quants straight to the CPU kernel's packing, without unpacking to one byte per
+    weight: ``b`` uint8 [N, K/2], byte i of each run of ``half`` bytes holding columns i (low
+    nibble) and ``i + half`` (high) of its ``2 * half`` columns (Q4_0 / Q4_1: half 16, Q4_K: 32).
+    None when N is not whole vector blocks (then unpack and use ``pack_int4_for_cpu``)."""
+    n, m = b.shape
+    block = _vector_blocks(n)
+    if block is None:
+        return None
+    rows = block[0]
+    lanes = rows // 32
+    v = b.reshape(n // rows, 2, lanes, 16, m // half, half)  # [NB, top/bottom, lane, d, run, i]
+    top, bottom = v[:, 0], v[:, 1]
+    low = (top & 15) | (bottom << 4)  # columns run * 2 half + i
+    high = (top >> 4) | (bottom & 0xF0)  # columns run * 2 half + half + i
+    out = torch.stack([low, high], dim=4)  # [NB, lane, d, run, 2, i]
+    return out.permute(0, 3, 4, 5, 1, 2).reshape(n, m)  # [NB, K, lane, d]
+
+
+def pack_byte_planes_for_cpu(u: torch.Tensor) -> torch.Tensor | None:
+    """8-bit ``u [N, K]`` as two 4-bit planes ``[u >> 4 | u & 15]`` (``[N, 2K]`` of 4-bit values)
+    in the CPU kernel's packing, straight from the bytes. None when N is not whole vector blocks."""
+    n, k = u.shape
+    block = _vector_blocks(n)
+    if block is None:
+        return None
+    rows = block[0]
+    v = u.reshape(n // rows, 2, rows // 32, 16, k)  # [NB, top/bottom, lane, d, K]
+    top, bottom = v[:, 0], v[:, 1]
+    planes = torch.stack([(top >> 4) | (bottom & 0xF0), (top & 15) | (bottom << 4)], dim=1)  # [NB, 2, lane, d, K]
+    return planes.permute(0, 1, 4, 2, 3).reshape(n, k)
+
+
 def unpack_int4_for_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of ``pack_int4_for_cpu``: uint8 ``u [N, K]``."""
     if not _fast_packer_agrees(_block_n()):

@@ -52,32 +52,49 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise int4 of ``w [N, K]``: returns (``u`` uint8 [N, K] in 0..15, scales, zeros [N, K/G]).
+INT4_SHRINKS = tuple(1.0 - 0.025 * i for i in range(12))  # clipping ratios tried per group
 
-    Symmetric: the group's value of largest magnitude maps to -8 exactly (llama.cpp's Q4_0
-    rule), so all 16 levels are used. With a zero point: ``scale = (max - min) / 15`` and an
-    integer zero ``z`` so that min maps to 0 and max to 15.
+
+def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise int4 of ``w [N, K]``: returns (``u`` uint8 [N, K] in 0..15, scales, zeros [N, K/G])
+    in the ``w = (u - 8) * scale + zero`` convention.
+
+    Symmetric: the group's value of largest magnitude maps to -8 (llama.cpp's Q4_0 rule) and
+    ``zero = 0``. With a zero point: 16 levels from the group's minimum to its maximum and a
+    float offset (llama.cpp's Q4_1 rule; ``zero = min + 8 * scale``). Either way the range is
+    then shrunk by the ratio in ``INT4_SHRINKS`` that minimises the group's squared error
+    (round-to-nearest with a clipping search; no calibration data).
     """
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide in_features {k}")
     g = w.float().reshape(n, k // group_size, group_size)
     if zero_point:
-        lo = g.amin(dim=2).clamp(max=0.0)
-        hi = g.amax(dim=2).clamp(min=0.0)
-        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-        z = torch.round(-lo / scale).clamp_(0, 15)
-        u = torch.round(g / scale[..., None] + z[..., None]).clamp_(0, 15)
-        zeros = (8.0 - z) * scale
+        lo0, hi0 = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+        mid = (lo0 + hi0) / 2
     else:
-        idx = g.abs().argmax(dim=2, keepdim=True)
-        extreme = g.gather(2, idx).squeeze(2)  # signed value of largest magnitude
-        scale = extreme / -8.0
-        scale = torch.where(scale == 0, torch.full_like(scale, 1e-12), scale)
-        u = torch.round(g / scale[..., None] + 8.0).clamp_(0, 15)
-        zeros = torch.zeros_like(scale)
-    return u.reshape(n, k).to(torch.uint8), scale, zeros
+        extreme = g.gather(2, g.abs().argmax(dim=2, keepdim=True))  # signed value of largest magnitude
+    best_err = best = None
+    for shrink in INT4_SHRINKS:
+        if zero_point:
+            lo = mid + (lo0 - mid) * shrink
+            scale = ((mid + (hi0 - mid) * shrink - lo) / 15.0).clamp_min(1e-12)
+            u = torch.round((g - lo) / scale).clamp_(0, 15)
+            zero = lo + 8.0 * scale
+        else:
+            scale = extreme * (shrink / -8.0)
+            scale = torch.where(scale == 0, torch.full_like(scale, 1e-12), scale)
+            u = torch.round(g / scale + 8.0).clamp_(0, 15)
+            zero = torch.zeros_like(scale)
+        err = ((u - 8.0) * scale + zero - g).square().sum(dim=2, keepdim=True)
+        if best is None:
+            best_err, best = err, (u, scale, zero)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = tuple(torch.where(better, new, old) for new, old in zip((u, scale, zero), best))
+    u, scale, zero = best
+    return u.reshape(n, k).to(torch.uint8), scale.squeeze(2), zero.squeeze(2)
 
 
 def pack_int4(u: torch.Tensor) -> torch.Tensor:
@@ -141,6 +158,35 @@ def _blocks(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return raw.reshape(raw.shape[0], -1, nbytes)
 
 
+def gguf_group_scales(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``c`` fp32 [N, K / 32] of the affine types: ``w = a * u + c`` per 32 columns."""
+    b = _blocks(raw, qtype)
+    n = b.shape[0]
+    d = _f16(b[..., 0:2])
+    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
+        return d, {"Q8_0": -128.0, "Q4_0": -8.0, "Q5_0": -16.0}[qtype] * d
+    if qtype == "Q4_1":
+        return d, _f16(b[..., 2:4])
+    if qtype in ("Q4_K", "Q5_K"):
+        sc, mn = _k_scale_min(b[..., 4:16])  # [N, nb, 8]
+        return (d[..., None] * sc).reshape(n, -1), (-(_f16(b[..., 2:4])[..., None] * mn)).reshape(n, -1)
+    raise ValueError(f"no affine decoding for GGUF type {qtype}")
+
+
+def gguf_quant_bytes(raw: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The quant bytes of the 4 and 8-bit affine types, [N, K / 2] (4-bit) or [N, K] (Q8_0, as
+    ``u = q + 128``). 4-bit: byte i of each run of ``2 * NIBBLE_HALF[qtype]`` columns holds column i
+    in its low nibble and column ``i + NIBBLE_HALF[qtype]`` in its high nibble."""
+    b = _blocks(raw, qtype)
+    n = b.shape[0]
+    start, size = {"Q8_0": (2, 32), "Q4_0": (2, 16), "Q4_1": (4, 16), "Q4_K": (16, 128)}[qtype]
+    qs = b[..., start : start + size].reshape(n, -1)
+    return qs ^ 128 if qtype == "Q8_0" else qs  # int8 q + 128 == its byte with the top bit flipped
+
+
+NIBBLE_HALF = {"Q4_0": 16, "Q4_1": 16, "Q4_K": 32}
+
+
 def gguf_affine(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode every type but Q6_K as ``w = a * u + c`` per group of 32 columns.
 
@@ -149,40 +195,27 @@ def gguf_affine(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tens
     """
     b = _blocks(raw, qtype)
     n, nb, _ = b.shape
-
-    def nibbles(qs: torch.Tensor) -> torch.Tensor:  # [.., 16] -> [.., 32]: low nibbles first
-        return torch.cat([qs & 15, qs >> 4], dim=-1)
-
+    a, c = gguf_group_scales(raw, qtype)
     if qtype == "Q8_0":
-        d = _f16(b[..., 0:2])
-        u = (b[..., 2:34].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-        return u.reshape(n, -1), d, -128.0 * d
-    if qtype == "Q4_0":
-        d = _f16(b[..., 0:2])
-        return nibbles(b[..., 2:18]).reshape(n, -1), d, -8.0 * d
-    if qtype == "Q4_1":
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        return nibbles(b[..., 4:20]).reshape(n, -1), d, m
+        return gguf_quant_bytes(raw, qtype), a, c
+    if qtype in NIBBLE_HALF:
+        half = NIBBLE_HALF[qtype]
+        qs = gguf_quant_bytes(raw, qtype).reshape(n, -1, 1, half)
+        return torch.cat([qs & 15, qs >> 4], dim=2).reshape(n, -1), a, c
     if qtype == "Q5_0":
-        d = _f16(b[..., 0:2])
+        qs = b[..., 6:22]
         qh = b[..., 2:6].to(torch.int32)
         bits = torch.arange(32, device=raw.device)
         high = (qh[..., bits // 8] >> (bits % 8)) & 1  # [N, nb, 32]
-        u = nibbles(b[..., 6:22]) | (high.to(torch.uint8) << 4)
-        return u.reshape(n, -1), d, -16.0 * d
-    if qtype in ("Q4_K", "Q5_K"):
-        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        sc, mn = _k_scale_min(b[..., 4:16])  # [N, nb, 8]
-        qs_start = 16 if qtype == "Q4_K" else 48
-        qs = b[..., qs_start : qs_start + 128].reshape(n, nb, 4, 32)
+        u = torch.cat([qs & 15, qs >> 4], dim=-1) | (high.to(torch.uint8) << 4)
+        return u.reshape(n, -1), a, c
+    if qtype == "Q5_K":
+        qs = b[..., 48:176].reshape(n, nb, 4, 32)
         u = torch.stack([qs & 15, qs >> 4], dim=3).reshape(n, nb, 8, 32)  # sub-block 2c + hi
-        if qtype == "Q5_K":
-            qh = b[..., 16:48]  # [N, nb, 32]: bit s of byte l is the 5th bit of sub-block s, column l
-            shifts = torch.arange(8, device=raw.device, dtype=torch.uint8)
-            u = u | (((qh[:, :, None, :] >> shifts[:, None]) & 1) << 4)
-        a = d[..., None] * sc
-        c = -(dmin[..., None] * mn)
-        return u.reshape(n, -1), a.reshape(n, -1), c.reshape(n, -1)
+        qh = b[..., 16:48]  # [N, nb, 32]: bit s of byte l is the 5th bit of sub-block s, column l
+        shifts = torch.arange(8, device=raw.device, dtype=torch.uint8)
+        u = u | (((qh[:, :, None, :] >> shifts[:, None]) & 1) << 4)
+        return u.reshape(n, -1), a, c
     raise ValueError(f"no affine decoding for GGUF type {qtype}")
 
 

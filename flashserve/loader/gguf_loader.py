@@ -43,34 +43,16 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def _fast_reader_class() -> type:
-    """GGUFReader whose file buffer is a plain ndarray view of the memmap.
-
-    Parsing slices the buffer ~10^5 times (tokenizer arrays); ``np.memmap`` slices carry a
-    Python-level ``__array_finalize__`` each, which makes parsing ~3x slower. The view still
-    maps the file (no copy).
-    """
-    from gguf import GGUFReader
-
-    class PlainBufferGGUFReader(GGUFReader):
-        @property
-        def data(self) -> np.ndarray:
-            return self._plain_data
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._plain_data = np.asarray(value)
-
-    return PlainBufferGGUFReader
-
-
 def open_gguf(path: str | Path) -> Any:
-    """A ``gguf.GGUFReader`` on ``path`` (memory-mapped); clear errors for missing/corrupt files."""
+    """The GGUF file's metadata and tensor directory (``flashserve.loader.gguf_file``, memory-mapped);
+    clear errors for missing/corrupt files."""
+    from flashserve.loader.gguf_file import GGUFFile
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        return _fast_reader_class()(str(path))
+        return GGUFFile(path)
     except Exception as e:  # ValueError / struct errors / IndexError on truncated files
         raise ValueError(f"cannot read GGUF file {path} (corrupt or truncated?): {type(e).__name__}: {e}") from e
 
@@ -112,7 +94,7 @@ def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
     num_heads = int(meta("attention.head_count"))
     num_kv_heads = int(meta("attention.head_count_kv", num_heads))
     head_dim = int(meta("attention.key_length", hidden // num_heads))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")  # its length only: no need to decode 10^5 strings
     vocab = len(tokens) if tokens is not None else int(meta("vocab_size"))
     rope_scaling: dict[str, Any] | None = None
     scaling_type = _field(reader, f"{arch_name}.rope.scaling.type")

@@ -7,9 +7,9 @@ that lacks a tensor.
 
 Modes: ``auto`` (the checkpoint's own: GGUF tensors packed, GPTQ / AWQ as stored, otherwise
 dense), ``none`` (dense; a GGUF file is dequantized), ``gguf``, ``gptq``, ``awq`` (a checkpoint
-stored that way), and the online schemes ``int8``, ``int4`` (group 128, or the largest of 64 /
-32 that divides every layer), ``int4-g{32,64,128}``, ``int4-g{32,64,128}-zp`` (zero points),
-``fp8`` (weight-only) and ``fp8-w8a8``.
+stored that way), and the online schemes ``int8``, ``int4`` (zero points, group 128 or the
+largest of 64 / 32 that divides every layer), ``int4-g{32,64,128}`` (symmetric),
+``int4-g{32,64,128}-zp`` (zero points), ``fp8`` (weight-only) and ``fp8-w8a8``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flashserve.quant.online import INT4_GROUPS, OnlineQuantConfig, Scheme, auto
 
 ONLINE_SCHEMES: dict[str, Scheme | None] = {
     "int8": Scheme("int8"),
-    "int4": None,  # group picked per model
+    "int4": None,  # zero points, group picked per model
     **{f"int4-g{g}": Scheme("int4", g) for g in INT4_GROUPS},
     **{f"int4-g{g}-zp": Scheme("int4", g, zero_point=True) for g in INT4_GROUPS},
     "fp8": Scheme("fp8"),
@@ -111,7 +111,7 @@ def make_quant_config(
         return QuantConfig()
     scheme = ONLINE_SCHEMES[mode]
     if scheme is None:
-        scheme = Scheme("int4", auto_int4_group(model_config))
+        scheme = Scheme("int4", auto_int4_group(model_config), zero_point=True)
     if scheme.kind == "int4":
         check_int4_groups(scheme.group, model_config)
     if scheme.kind == "fp8":
@@ -119,7 +119,9 @@ def make_quant_config(
     if scheme.w8a8 and device.type == "cuda":
         from flashserve.quant.online import linear_in_features
 
-        sizes = list(linear_in_features(model_config).values()) + [model_config.vocab_size]
+        c = model_config
+        outs = [c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size, c.vocab_size]
+        sizes = list(linear_in_features(c).values()) + outs
         if any(s % 16 for s in sizes):
             raise ValueError("fp8-w8a8 (torch._scaled_mm) needs every layer's in and out features to be multiples of 16")
     return OnlineQuantConfig(scheme)

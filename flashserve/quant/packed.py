@@ -69,8 +69,7 @@ class DenseWeight(PackedWeight):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float()
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)
+    reference = forward
 
 
 class Int8Weight(PackedWeight):
@@ -117,10 +116,13 @@ class Int4Weight(PackedWeight):
     4-bit planes (8-bit values ``16 * hi + lo``): x is fed twice.
     """
 
-    def __init__(self, u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
-                 perm: torch.Tensor | None = None, label: str = "", planes: int = 1) -> None:
+    def __init__(self, u: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+                 perm: torch.Tensor | None = None, label: str = "", planes: int = 1,
+                 packed: torch.Tensor | None = None, shape: tuple[int, int] | None = None) -> None:
+        """``u`` uint8 [N, planes * K] in 0..15; or, on the CPU, ``packed`` already in the CPU
+        kernel's layout (then ``shape`` gives [N, planes * K], N a multiple of 16)."""
         super().__init__()
-        n, k_stored = u.shape
+        n, k_stored = u.shape if u is not None else shape
         self.out_features, self.in_features = n, k_stored // planes
         self.group = group
         self.planes = planes
@@ -147,7 +149,7 @@ class Int4Weight(PackedWeight):
             u = torch.cat([u, torch.full((pad, k_stored), 8, dtype=torch.uint8)])
             scales = torch.cat([scales, torch.zeros(pad, scales.shape[1])])
             zeros = torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
-        self.register_buffer("packed", pack_int4_for_cpu(u), persistent=False)
+        self.register_buffer("packed", packed if packed is not None else pack_int4_for_cpu(u), persistent=False)
         self.register_buffer("scale_zeros", scale_zeros_for_cpu(scales, zeros), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,14 +266,25 @@ def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.d
         return GGUFWeight(raw.to(device), qtype, in_features)
     if qtype not in ref.GGUF_AFFINE_BITS:
         return DenseWeight(ref.gguf_dequantize(raw, qtype).to(dtype), label=f"gguf-{qtype}-dense")
-    u, a, c = ref.gguf_affine(raw, qtype)
+    from flashserve.kernels.quant_cpu import pack_byte_planes_for_cpu, pack_nibble_runs_for_cpu
+
+    a, c = ref.gguf_group_scales(raw, qtype)
     if ref.GGUF_AFFINE_BITS[qtype] <= 4:  # (u - 8) * a + (8a + c)
-        return Int4Weight(u, a, 8.0 * a + c, 32, label=f"gguf-{qtype}")
+        packed = None
+        if qtype in ref.NIBBLE_HALF:  # the file's nibbles straight into the kernel's packing
+            packed = pack_nibble_runs_for_cpu(ref.gguf_quant_bytes(raw, qtype), ref.NIBBLE_HALF[qtype])
+        u = ref.gguf_affine(raw, qtype)[0] if packed is None else None
+        return Int4Weight(u, a, 8.0 * a + c, 32, label=f"gguf-{qtype}", packed=packed, shape=(raw.shape[0], in_features))
     # a (16 hi + lo) + c = (hi - 8) 16a + z_hi + (lo - 8) a + z_lo with z_hi + z_lo = 136a + c. The
     # kernel rounds zeros to bf16: keep each a power-of-two multiple of a where the type allows
     # (Q8_0: c = -128a, z_hi = 0, z_lo = 8a; Q5_0: c = -16a, z_hi = 128a, z_lo = -8a).
-    hi, lo = u >> 4, u & 15
     z_hi, z_lo = (0.0 * a, 8.0 * a + 128.0 * a + c) if qtype == "Q8_0" else (128.0 * a, 8.0 * a + c)
     scales = torch.cat([16.0 * a, a], dim=1)
     zeros = torch.cat([z_hi, z_lo], dim=1)
-    return Int4Weight(torch.cat([hi, lo], dim=1), scales, zeros, 32, label=f"gguf-{qtype}", planes=2)
+    packed = pack_byte_planes_for_cpu(ref.gguf_quant_bytes(raw, qtype)) if qtype == "Q8_0" else None
+    u = None
+    if packed is None:
+        u = ref.gguf_affine(raw, qtype)[0]
+        u = torch.cat([u >> 4, u & 15], dim=1)
+    return Int4Weight(u, scales, zeros, 32, label=f"gguf-{qtype}", planes=2, packed=packed,
+                      shape=(raw.shape[0], 2 * in_features))
