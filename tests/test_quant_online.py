@@ -88,8 +88,8 @@ def test_online_quantized_model_matches_dense_model_with_quantized_weights(tmp_p
 def test_online_quantization_of_dummy_weights(tmp_path):
     make_tiny_checkpoint("llama3_gqa", tmp_path, seed=1)
     model, config = _load(tmp_path, "int4", fmt="dummy")
-    # "int4": zero points, group 128 if it divides every layer (here 64 does not take 128)
-    assert model.model.layers[0].self_attn.qkv_proj.quant_method.label == "int4-g64-zp"
+    # "int4": symmetric, group 128 if it divides every layer (here 64 does not take 128)
+    assert model.model.layers[0].self_attn.qkv_proj.quant_method.label == "int4-g64"
     assert torch.isfinite(_logits(model, config, [5, 6, 7])).all()
 
 
@@ -136,3 +136,16 @@ def test_engine_and_cli_take_the_option(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flashserve.cli", "generate", "hi", "--model", str(tmp_path),
                         "--device", "cpu", "--quantization", "int3"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "quantization must be one of" in r.stderr
+
+
+def test_weight_bytes_counts_what_decoding_reads(tmp_path):
+    from flashserve.quant import weight_bytes
+
+    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=3)
+    dense, config = _load(tmp_path, "none")
+    params = sum(p.numel() * p.element_size() for p in dense.parameters())
+    emb = dense.model.embed_tokens.weight
+    assert weight_bytes(dense) == params - emb.numel() * emb.element_size()  # untied: the table is not read
+    int4, _ = _load(tmp_path, "int4-g32")
+    head = config.vocab_size * config.hidden_size  # int8 head: 1 byte per weight + a bf16 scale per row
+    assert weight_bytes(int4) < weight_bytes(dense) / 3 and weight_bytes(int4) > head

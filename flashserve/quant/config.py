@@ -7,9 +7,9 @@ that lacks a tensor.
 
 Modes: ``auto`` (the checkpoint's own: GGUF tensors packed, GPTQ / AWQ as stored, otherwise
 dense), ``none`` (dense; a GGUF file is dequantized), ``gguf``, ``gptq``, ``awq`` (a checkpoint
-stored that way), and the online schemes ``int8``, ``int4`` (zero points, group 128 or the
-largest of 64 / 32 that divides every layer), ``int4-g{32,64,128}`` (symmetric),
-``int4-g{32,64,128}-zp`` (zero points), ``fp8`` (weight-only) and ``fp8-w8a8``.
+stored that way), and the online schemes ``int8``, ``int4`` (symmetric, group 128 or the largest
+of 64 / 32 that divides every layer), ``int4-g{32,64,128}`` (symmetric), ``int4-g{32,64,128}-zp``
+(zero points), ``fp8`` (weight-only) and ``fp8-w8a8``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flashserve.quant.online import INT4_GROUPS, OnlineQuantConfig, Scheme, auto
 
 ONLINE_SCHEMES: dict[str, Scheme | None] = {
     "int8": Scheme("int8"),
-    "int4": None,  # zero points, group picked per model
+    "int4": None,  # symmetric, group picked per model
     **{f"int4-g{g}": Scheme("int4", g) for g in INT4_GROUPS},
     **{f"int4-g{g}-zp": Scheme("int4", g, zero_point=True) for g in INT4_GROUPS},
     "fp8": Scheme("fp8"),
@@ -111,7 +111,7 @@ def make_quant_config(
         return QuantConfig()
     scheme = ONLINE_SCHEMES[mode]
     if scheme is None:
-        scheme = Scheme("int4", auto_int4_group(model_config), zero_point=True)
+        scheme = Scheme("int4", auto_int4_group(model_config))
     if scheme.kind == "int4":
         check_int4_groups(scheme.group, model_config)
     if scheme.kind == "fp8":

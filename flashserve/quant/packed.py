@@ -128,7 +128,7 @@ class Int4Weight(PackedWeight):
         self.planes = planes
         self.label = label or f"int4-g{group}"
         self.register_buffer("perm", perm, persistent=False)
-        if _on_cuda(u):
+        if _on_cuda(scales):
             if planes != 1:
                 raise ValueError("two-plane int4 weights are a CPU representation")
             self.register_buffer("packed", ref.pack_int4(u), persistent=False)
@@ -183,13 +183,16 @@ class Int4Weight(PackedWeight):
         return ((u - 8.0) * s + z)[: self.out_features]
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU: bf16 x (fed ``planes`` times), bf16 scales / zeros, fp32 products, bf16 out."""
+        """CPU: bf16 x (fed ``planes`` times), bf16 scales / zeros, fp32 products, bf16 out. The
+        dequantized weight is kept after the first call (a reference model is slow, not small)."""
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         if _on_cuda(x):
             return super().reference(x)
+        if getattr(self, "_dense_for_reference", None) is None:
+            self._dense_for_reference = self.dequantize()
         xb = torch.cat([x] * self.planes, dim=1).to(torch.bfloat16).float()
-        return (xb @ self.dequantize().t()).to(torch.bfloat16).to(x.dtype)
+        return (xb @ self._dense_for_reference.t()).to(torch.bfloat16).to(x.dtype)
 
 
 class Fp8Weight(PackedWeight):
@@ -216,8 +219,9 @@ class Fp8Weight(PackedWeight):
             return F.linear(x.float(), self.weight).to(x.dtype)
         if self.w8a8:
             xq, xs = ref.quantize_fp8(x)  # dynamic per-token scales [M]
-            return torch._scaled_mm(xq, self.q.t(), scale_a=xs[:, None], scale_b=self.scale.view(1, -1),
-                                    out_dtype=x.dtype)
+            y = torch._scaled_mm(xq, self.q.t(), scale_a=xs[:, None], scale_b=self.scale.view(1, -1),
+                                 out_dtype=torch.bfloat16)  # row-wise scaling outputs bf16 only
+            return y.to(x.dtype)
         from flashserve.kernels.quant_gemm import FMT_FP8, wq_dequantize, wq_matmul
 
         if x.shape[0] >= DEQUANT_MIN_M:
