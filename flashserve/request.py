@@ -16,11 +16,10 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context
     FINISHED_ABORTED = "abort"
-    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self.value in ("stop", "length", "abort")
 
 
 @dataclass
@@ -67,10 +66,11 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     # Per output token: (logprob of the sampled token, [(token id, logprob)] top-n) when asked.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_ids: list[int] = field(default_factory=list)
+    # Tokens whose K/V is in the cache or being computed by a step already planned.
+    num_computed_tokens: int = 0
+    # Tokens sampled by planned steps whose values have not come back yet (overlapped loop).
+    num_pending_tokens: int = 0
     stop_reason: int | str | None = None
-    error: str | None = None
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,10 +78,16 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt and output tokens whose values are known (pending ones excluded)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, output and pending tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -90,7 +96,8 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Generated tokens, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -104,7 +111,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None
     # Per token: (token id, logprob, [(top token id, logprob), ...]) when logprobs were asked for.
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
@@ -122,7 +129,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def text(self) -> str:

@@ -23,9 +23,12 @@ could with Python's ``hash``). We chose the chain over a radix tree because
 
 Only *full* blocks are ever cached or shared, and a request writes only at positions at or
 after its ``num_computed_tokens``, which is at least the cached length: so a shared block is
-never written and copy-on-write cannot be needed (``assert_writable`` checks it every step).
-``n > 1`` children are separate requests; they share their full prompt blocks through the
-cache and each computes its own partial last block.
+never written by a request that shares it, and copy-on-write cannot be needed
+(``assert_writable`` checks each request when its slots are allocated). A block is registered
+as soon as a planned step will fill it with known tokens, before that step runs: a request
+admitted later in the same step (``n > 1`` children, identical prompts) shares it, which is
+safe because every layer stores the step's K/V before any of its attention reads. ``n > 1``
+children are separate requests; each computes its own partial last block.
 
 Invariants (``check_invariants``): free + cached-evictable + in use = total; no block is both
 free and referenced; reference counts never negative; every hashed block is in the hash map.
@@ -243,13 +246,14 @@ class BlockManager:
         return PrefixHit(blocks, len(blocks) * self.block_size)
 
     def commit(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
-        """Register the request's blocks that are now full of computed tokens in the cache."""
+        """Register the request's blocks that are full of computed (or being computed by a
+        planned step) and known tokens in the cache."""
         if not self.enable_prefix_caching:
             return
         table = self.tables.get(request_id)
         if not table:
             return
-        num_full = min(num_computed // self.block_size, len(table))
+        num_full = min(min(num_computed, len(token_ids)) // self.block_size, len(table))  # known tokens only
         for i, h in enumerate(self._chain(request_id, token_ids, num_full)[:num_full]):
             if table[i] not in self.pool.block_hash:
                 self.pool.register(table[i], h)

@@ -195,12 +195,13 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend.name}"
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """``"torch"`` -> TorchAttentionBackend; ``"triton"`` -> TritonAttentionBackend (imported lazily)."""
+def get_attention_backend(name: str, max_seq_len_cap: int | None = None) -> AttentionBackend:
+    """``"torch"`` -> TorchAttentionBackend; ``"triton"`` -> TritonAttentionBackend (imported lazily),
+    whose decode split count under CUDA-graph capture is sized for ``max_seq_len_cap`` tokens."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from flashserve.kernels.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(max_seq_len_cap=max_seq_len_cap)
     raise ValueError(f"unknown attention backend {name!r}; expected 'torch' or 'triton'")
