@@ -19,6 +19,25 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer attends. ``kind`` names a variant the attention backends implement
+    ("full": causal attention over the whole context); the other fields parameterise variants."""
+
+    kind: str = "full"
+    sliding_window: int | None = None  # tokens a query sees (itself included), for windowed kinds
+    rope_theta: float | None = None  # this layer's rope base (None: the model's)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The parts of one decoder layer, by name: its attention and its MLP
+    (a key of ``flashserve.models.blocks.MLP_TYPES``)."""
+
+    attention: AttentionSpec = AttentionSpec()
+    mlp: str = "gated_silu"
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a Llama-family decoder. Shapes only; no weights, no device."""
@@ -42,6 +61,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hidden_act: str = "silu"
+    layer_types: tuple[LayerSpec, ...] | None = None  # per layer; None: every layer is LayerSpec()
+
+    def layer_spec(self, index: int) -> LayerSpec:
+        return self.layer_types[index] if self.layer_types is not None else LayerSpec()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
@@ -50,6 +73,8 @@ class ModelConfig:
             )
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"unsupported activation {self.hidden_act!r}; only silu is implemented")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.config import AttentionSpec
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
 
 
@@ -160,8 +161,10 @@ class Attention(nn.Module):
         head_dim: int,
         scale: float,
         backend: AttentionBackend,
+        spec: AttentionSpec | None = None,
     ) -> None:
         super().__init__()
+        self.spec = spec or AttentionSpec()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads = num_heads

@@ -1,7 +1,7 @@
 """Model and tokenizer loading.
 
-``load_model(source, load_format, dtype, device, attn_backend)`` builds a LlamaForCausalLM
-directly on the target device and dtype and fills it from a safetensors directory, a GGUF file
+``load_model(source, load_format, dtype, device, attn_backend)`` builds the registered model
+of the checkpoint's architecture directly on the target device and dtype and fills it from a safetensors directory, a GGUF file
 or random weights (``dummy``). ``source=None`` means the bundled SmolLM2-135M GGUF.
 """
 
@@ -118,12 +118,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend) -> Any:
-    """An uninitialised LlamaForCausalLM allocated directly on ``device`` in ``dtype``."""
-    from flashserve.models.llama import LlamaForCausalLM, check_supported
+    """An uninitialised model of ``config.architecture`` (``flashserve.models.registry``),
+    allocated directly on ``device`` in ``dtype``."""
+    from flashserve.models.registry import model_class
 
-    check_supported(config)  # before allocating anything
+    cls = model_class(config.architecture)
+    cls.check_supported(config, attn_backend)  # before allocating anything
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, attn_backend)
+        model = cls(config, attn_backend)
     return model.eval().requires_grad_(False)
 
 
