@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flashserve.sampling_params import SamplingParams
@@ -19,7 +20,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
 
 
 @dataclass
@@ -52,6 +56,34 @@ class RequestMetrics:
         return self.finished_time - self.arrival_time
 
 
+class TokenView(Sequence):
+    """Read-only concatenation of a prompt and an output list, without copying them."""
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        self.prompt = prompt
+        self.output = output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, index):
+        n = len(self.prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return (self.prompt + self.output)[index]
+            if stop <= n:
+                return self.prompt[start:stop]
+            if start >= n:
+                return self.output[start - n : stop - n]
+            return self.prompt[start:] + self.output[: stop - n]
+        if index < 0:
+            index += len(self)
+        return self.prompt[index] if index < n else self.output[index - n]
+
+
 @dataclass
 class Request:
     """One sequence being generated. Token ids are the truth; text is derived by the detokenizer."""
@@ -78,8 +110,13 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        """Prompt and output tokens whose values are known (pending ones excluded)."""
+        """Prompt and output tokens whose values are known (pending ones excluded), as a new list."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def known_tokens(self) -> TokenView:
+        """The same tokens as ``all_token_ids`` as a view: slicing copies only the slice."""
+        return TokenView(self.prompt_token_ids, self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:

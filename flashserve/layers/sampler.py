@@ -20,6 +20,7 @@ asynchronously, so the next step can be launched before they are read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -28,8 +29,7 @@ from flashserve.sampling_params import SamplingParams
 _MASK = float("-inf")
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingRow:
+class SamplingRow(NamedTuple):
     """What the sampler needs to know about one row."""
 
     params: SamplingParams
@@ -86,12 +86,13 @@ class PenaltyState:
         slot = self._free.pop()
         self.counts[slot].zero_()
         self.seen[slot].zero_()
+        # Scalar values (`x[idx] = True`) would be copied to the device synchronously: fill instead.
         if prompt_token_ids:
-            self.seen[slot, to_device(prompt_token_ids, self.device, torch.int64)] = True
+            self.seen[slot].index_fill_(0, to_device(prompt_token_ids, self.device, torch.int64), True)
         if output_token_ids:
             out = to_device(output_token_ids, self.device, torch.int64)
             self.counts[slot].index_add_(0, out, torch.ones(len(output_token_ids), device=self.device))
-            self.seen[slot, out] = True
+            self.seen[slot].index_fill_(0, out, True)
         return slot
 
     def release(self, slot: int) -> None:
@@ -100,7 +101,7 @@ class PenaltyState:
     def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Add one sampled token per row: ``slots`` [M] int64, ``tokens`` [M] int64 (device)."""
         self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
-        self.seen[slots, tokens] = True
+        self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
 
     def apply(self, logits: torch.Tensor, rows: list[SamplingRow], penalised: list[int]) -> torch.Tensor:
         """Penalties of the rows ``penalised`` (indices into ``rows``) applied to ``logits`` [N, V]."""
@@ -139,7 +140,7 @@ def top_k_top_p_min_p_mask(
     remove |= mass_before >= top_p[:, None]
     # min-p: drop tokens less likely than min_p times the most likely one.
     remove |= probs < (min_p[:, None] * probs[:, :1])
-    remove[:, 0] = False  # the most likely token always survives
+    remove[:, 0].fill_(False)  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(remove, _MASK)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -165,7 +166,7 @@ class Sampler:
             if logits is raw:
                 logits = logits.clone()
             idx = to_device(banned, dev, torch.int64)
-            logits[idx[:, 0], idx[:, 1]] = _MASK
+            logits.index_put_((idx[:, 0], idx[:, 1]), torch.full_like(idx[:, 0], _MASK, dtype=logits.dtype))
 
         greedy = [r.params.temperature == 0.0 for r in rows]
         tokens = logits.argmax(dim=-1)

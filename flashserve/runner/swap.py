@@ -44,6 +44,10 @@ class HostSwapSpace:
         self.blocks = torch.empty(shape, dtype=device_pool.dtype, device="cpu", pin_memory=self.pinned)
         self.num_blocks = num_host_blocks
 
+    def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        t = torch.tensor(ids, dtype=torch.int64)
+        return t.pin_memory().to(device, non_blocking=True) if self.pinned else t.to(device)
+
     @staticmethod
     def bytes_per_block(device_pool: torch.Tensor) -> int:
         per = device_pool[:, :, 0].numel() * device_pool.element_size()
@@ -53,7 +57,7 @@ class HostSwapSpace:
         """Copy device blocks to host blocks: ``pairs`` of (device block, host block)."""
         if not pairs:
             return
-        src = torch.tensor([d for d, _ in pairs], dtype=torch.int64).to(device_pool.device, non_blocking=self.pinned)
+        src = self._index([d for d, _ in pairs], device_pool.device)
         gathered = device_pool.index_select(2, src).movedim(2, 0).contiguous()  # [n, L, 2, bs, H, D]
         for i, first, n in _runs([h for _, h in pairs]):
             self.blocks[first : first + n].copy_(gathered[i : i + n], non_blocking=self.pinned)
@@ -65,7 +69,7 @@ class HostSwapSpace:
         staged = torch.empty((len(pairs), *self.blocks.shape[1:]), dtype=self.blocks.dtype, device=device_pool.device)
         for i, first, n in _runs([h for h, _ in pairs]):
             staged[i : i + n].copy_(self.blocks[first : first + n], non_blocking=self.pinned)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.int64).to(device_pool.device, non_blocking=self.pinned)
+        dst = self._index([d for _, d in pairs], device_pool.device)
         device_pool.index_copy_(2, dst, staged.movedim(0, 2))
 
 

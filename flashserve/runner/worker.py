@@ -141,7 +141,7 @@ class Worker:
         self.swap_space = HostSwapSpace(self.kv_pool, num_host_blocks) if num_host_blocks else None
         self.sampler = Sampler(self.device, model_config.vocab_size, config.seed)
         self.max_blocks = -(-max_model_len // self.block_size)
-        self.batch = InputBatch(self.max_blocks, self.block_size, tuple(eos_token_ids))
+        self.batch = InputBatch(max_model_len, self.block_size, tuple(eos_token_ids))
         self.block_table = torch.zeros(0, self.max_blocks, dtype=torch.int32, device=self.device)
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device)
         self._pin = self.device.type == "cuda"
@@ -301,7 +301,7 @@ class Worker:
         sampled: dict[str, SampledTokens] = {}
         for j, (rid, state) in enumerate(zip(handle.request_ids, handle.states)):
             if self.batch.states.get(rid) is state:  # not if it left (or its id was reused) while the step ran
-                state.append((tokens[j],))
+                self.batch.append(state, (tokens[j],))
             k = state.params.logprobs
             entry = None
             if k is not None and lp is not None:

@@ -14,20 +14,21 @@ penalty counts) from one step to the next, so a plan carries only what changed:
 * ``finished_ids``: requests that left the engine (stopped, aborted) or were preempted since the
   previous plan: the Worker drops their state.
 
-Everything is frozen plain data (ints, tuples, strings, SamplingParams), so a plan pickles in
-microseconds to a Worker in another process. The Worker answers with a ``WorkerOutput``: the
+Everything is immutable plain data (named tuples of ints, tuples, strings and SamplingParams;
+named tuples because hundreds are built per step), so a plan pickles in microseconds to a Worker
+in another process. The Worker answers with a ``WorkerOutput``: the
 tokens each sampling request got this step (a list, so speculation can accept several).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from flashserve.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True, slots=True)
-class NewRequest:
+class NewRequest(NamedTuple):
     """Everything the Worker keeps for a request, sent once when it (re)enters the running set."""
 
     request_id: str
@@ -36,8 +37,7 @@ class NewRequest:
     params: SamplingParams
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):
     """One request's work in one step."""
 
     request_id: str
@@ -83,8 +83,7 @@ class SchedulerOutput:
         return not self.requests and not self.block_copies and not self.finished_ids
 
 
-@dataclass(frozen=True, slots=True)
-class SampledTokens:
+class SampledTokens(NamedTuple):
     """What one sampling request got in one step."""
 
     token_ids: tuple[int, ...]

@@ -29,7 +29,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from typing import NamedTuple
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
@@ -37,6 +37,15 @@ from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
+
+
+class _Work(NamedTuple):
+    """A request's work this step, decided by ``schedule`` (``_plan`` turns it into the plan)."""
+
+    request: Request
+    start: int
+    num_new: int
+    sample: bool
 
 
 class Scheduler:
@@ -111,7 +120,7 @@ class Scheduler:
         self.block_manager.host.begin_step()
         self.policy.begin_step(list(self.requests.values()))
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        scheduled: list[_Work] = []
         preempted: list[str] = []
         copies = BlockCopy()
         swap_out: list[tuple[int, int]] = []
@@ -121,8 +130,9 @@ class Scheduler:
 
         ranked = self.policy.order(self.running)
         pending = {r.request_id for r in ranked}  # running, not yet served or preempted this step
-        decodes = [r for r in ranked if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in ranked if r.num_tokens - r.num_computed_tokens != 1]
+        decodes, prefills = [], []
+        for r in ranked:
+            (decodes if r.num_tokens - r.num_computed_tokens == 1 else prefills).append(r)
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         for request in work:
@@ -151,7 +161,7 @@ class Scheduler:
             copies = BlockCopy(tuple(swap_out), tuple(swap_in))
         return self._plan(scheduled, preempted, copies)
 
-    def _claim(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _claim(self, request: Request, num_new: int) -> _Work:
         """Advance a request whose slots are allocated by this step's work, and register the
         blocks the step fills with known tokens in the prefix cache at once (so requests admitted
         later in this step share them: the step writes a block's K/V before any attention reads)."""
@@ -163,9 +173,9 @@ class Scheduler:
         request.num_computed_tokens += num_new
         if sample:
             request.num_pending_tokens += 1
-        bm.commit(rid, request.all_token_ids, request.num_computed_tokens)
+        bm.commit(request)
         self.policy.on_scheduled(request, num_new)
-        return ScheduledRequest(rid, start, num_new, (), sample)
+        return _Work(request, start, num_new, sample)
 
     def _at_limit(self, request: Request) -> bool:
         """True when the request's pending tokens already reach ``max_tokens`` or the context:
@@ -175,23 +185,23 @@ class Scheduler:
             (max_tokens is not None and request.num_output_tokens >= max_tokens)
             or request.num_tokens >= self.max_model_len)
 
-    def _plan(self, scheduled: list[ScheduledRequest], preempted: list[str], copies: BlockCopy) -> SchedulerOutput:
+    def _plan(self, scheduled: list[_Work], preempted: list[str], copies: BlockCopy) -> SchedulerOutput:
         """This step's incremental plan: new requests in full, block ids the Worker lacks."""
         entries: list[ScheduledRequest] = []
         new_requests: list[NewRequest] = []
         sampling: dict[str, Request] = {}
-        for entry in scheduled:
-            rid = entry.request_id
-            request = self.requests[rid]
+        for request, start, num_new, sample in scheduled:
+            rid = request.request_id
             table = self.block_manager.block_table(rid)
             sent = self._blocks_sent.get(rid)
             if sent is None:  # the Worker does not hold this request (new, or back from a preemption)
                 new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
                                                tuple(request.output_token_ids), request.params))
                 sent = 0
-            entries.append(replace(entry, new_block_ids=tuple(table[sent:])))
+            entries.append(ScheduledRequest(rid, start, num_new, tuple(table[sent:]) if len(table) > sent else (),
+                                            sample))
             self._blocks_sent[rid] = len(table)
-            if entry.sample:
+            if sample:
                 sampling[rid] = request
         dropped = tuple(self._dropped)
         self._dropped.clear()
@@ -338,6 +348,6 @@ class Scheduler:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
-                self.block_manager.commit(rid, request.all_token_ids, request.num_computed_tokens)
+                self.block_manager.commit(request)
             progressed.append((request, len(sampled.token_ids)))
         return progressed
