@@ -75,7 +75,7 @@ class LLM:
         ids_in_order = []
         for p, ids, sp in zip(prompts, encoded, params_list):
             rid = self._next_id()
-            self.engine.add_request(rid, p, sp, prompt_token_ids=ids)
+            self.engine.add_request(rid, p, sp, prompt_token_ids=ids, stream=False)
             ids_in_order.append(rid)
         finished = self._run(len(prompts), use_tqdm)
         return [finished[rid] for rid in ids_in_order]

@@ -80,6 +80,7 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     child_ids: list[str]
+    stream: bool = True  # an output every step it progresses (False: only when it finishes)
     completions: dict[str, CompletionOutput] = field(default_factory=dict)
     metrics: RequestMetrics | None = None  # of the child that progressed last
 
@@ -181,8 +182,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         add_special_tokens: bool = True,
         prompt_token_ids: list[int] | None = None,
+        stream: bool = True,
     ) -> None:
         """Queue a request. Raises ValueError for any invalid input; nothing is queued then.
+
+        ``stream=False``: ``step`` reports the request only once, when it finishes (batch
+        generation needs no per-step outputs, which cost host time at large batches).
 
         ``prompt_token_ids``, when given with a text prompt, is its already-encoded form."""
         params = params or SamplingParams()
@@ -201,7 +206,7 @@ class LLMEngine:
                 raise ValueError("prompt token ids must be integers")
         self.validate_prompt(token_ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        parent = _Parent(request_id, text, token_ids, child_ids)
+        parent = _Parent(request_id, text, token_ids, child_ids, stream)
         for i, cid in enumerate(child_ids):
             child_params = params if params.n == 1 else replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i
@@ -278,14 +283,15 @@ class LLMEngine:
         for req, first in self.core.update(plan, result):
             new = req.output_token_ids[first:]
             self.generation_tokens_total += len(new)
-            self._process(req, new)
-            touched[self._child_parent[req.request_id]] = None
-        return [self._parent_output(pid) for pid in touched]
+            parent = self._parents[self._child_parent[req.request_id]]
+            self._process(req, new, parent)
+            if parent.stream or req.is_finished:
+                touched[parent.request_id] = None
+        return [out for pid in touched if (out := self._parent_output(pid)) is not None]
 
-    def _process(self, req: Request, new_tokens: list[int]) -> None:
+    def _process(self, req: Request, new_tokens: list[int], parent: _Parent) -> None:
         """Detokenize the new tokens, apply stop strings, update the child's CompletionOutput."""
         state = self._decode_states[req.request_id]
-        parent = self._parents[self._child_parent[req.request_id]]
         comp = parent.completions[req.request_id]
         state.stop_armed = self.core.stop.stop_strings_armed(req)
         self.detokenizer.append(state, new_tokens)
@@ -296,8 +302,9 @@ class LLMEngine:
             self.detokenizer.flush(state)
         comp.text_delta = self.detokenizer.take_delta(state, req.is_finished)
         comp.text = state.text[: state.emitted]
-        comp.num_new_tokens = len(req.output_token_ids) - len(comp.token_ids)
-        comp.token_ids = list(req.output_token_ids)
+        comp.num_new_tokens += len(new_tokens)
+        if parent.stream or req.is_finished:
+            comp.token_ids = list(req.output_token_ids)
         if comp.logprobs is not None:
             for token, (lp, top) in zip(req.output_token_ids[len(comp.logprobs):], req.output_logprobs[len(comp.logprobs):]):
                 comp.logprobs.append((token, lp, list(top)))
@@ -306,9 +313,11 @@ class LLMEngine:
             comp.stop_reason = req.stop_reason
         parent.metrics = req.metrics
 
-    def _parent_output(self, parent_id: str) -> RequestOutput:
+    def _parent_output(self, parent_id: str) -> RequestOutput | None:
         parent = self._parents[parent_id]
         finished = all(c.finish_reason is not None for c in parent.completions.values())
+        if not parent.stream and not finished:
+            return None
         outputs = [replace(c, logprobs=None if c.logprobs is None else list(c.logprobs)) for c in parent.completions.values()]
         for c in parent.completions.values():
             c.text_delta, c.num_new_tokens = "", 0
