@@ -186,6 +186,8 @@ class EngineArgs:
                                                         "(default 0.9 on GPU, 0.2 of host memory on CPU)")
     enable_prefix_caching: bool = _arg(True, "reuse the KV of cached prompt prefixes", flag="--no-prefix-caching")
     swap_space_bytes: int = _arg(0, "host memory for swapped-out KV blocks")
+    kv_cache_dtype: str = _arg("auto", "KV cache element type: the model's dtype, or 8 bits with an fp16 scale "
+                                       "per token and head (about twice the tokens)", choices=("auto", "int8", "fp8"))
     max_num_seqs: int = _arg(256, "requests running at once")
     max_num_batched_tokens: int = _arg(8192, "tokens computed in one step (prefill + decode)")
     max_model_len: int | None = _arg(None, "context length (default: the model's)")
@@ -221,6 +223,7 @@ class EngineArgs:
                 kv_cache_memory_fraction=self.kv_cache_memory_fraction,
                 enable_prefix_caching=self.enable_prefix_caching,
                 swap_space_bytes=self.swap_space_bytes,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

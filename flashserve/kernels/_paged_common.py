@@ -14,11 +14,14 @@ K/V loads became 2-byte loads); with ``tl.multiple_of`` it is the fastest decode
 (+7% at 64x4096) and about even with the per-token form in prefill.
 
 8-bit caches (``QUANT``; layout in ``flashserve.kernels.kv_quant``): K/V tiles are loaded as
-int8 / fp8 and converted in registers (exactly) to the query's dtype; the per-key fp16 scales
-are applied to the [BLOCK_M, BLOCK_N] score and probability tiles, never to the K/V tiles:
-``q . (s_k k) = s_k (q . k)`` and ``sum_n p_n s_v,n v_n = (p * s_v) @ v``. The P @ V operands
-are bf16 for 16-bit queries (``p * s_v`` can exceed fp16's range under the unified max) and
-fp32 for fp32 queries.
+int8 / fp8 and converted in registers, exactly, to the matmul operand dtype; the per-key fp16
+scales are applied to the [BLOCK_M, BLOCK_N] score and probability tiles, never to the K/V
+tiles: ``q . (s_k k) = s_k (q . k)`` and ``sum_n p_n s_v,n v_n = (p * s_v) @ v``. Operands are
+fp32 for fp32 queries and fp16 for 16-bit ones (``KV_FP16``): on Hopper e4m3 -> fp16 is one
+``cvt`` per two values, e4m3 -> bf16 three, and the decode kernel must convert as fast as it
+reads. A bf16 query is clamped to fp16's range once per program (fp16 also has the finer
+mantissa); ``p * s_v`` is clamped likewise, except under the unified max, where P can reach
+2^60 and the P @ V operands are bf16.
 """
 
 from __future__ import annotations
@@ -134,19 +137,29 @@ def load_scales(s_ptr, s_off, n_ok, MASK_N: tl.constexpr):
 
 
 @triton.jit
+def quant_query(q, QUANT: tl.constexpr, KV_FP16: tl.constexpr):
+    """The query tile as the operand of an 8-bit cache's scores (fp16 for 16-bit queries)."""
+    if QUANT and KV_FP16:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
 def p_times_v(
     p,  # [BLOCK_M, BLOCK_N] fp32 probabilities (unnormalised)
     v,  # [BLOCK_N, BLOCK_D] V tile as loaded (8-bit when QUANT)
     vs_ptr, s_off, n_ok,
-    MASK: tl.constexpr, QUANT: tl.constexpr, PV_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK: tl.constexpr, QUANT: tl.constexpr, KV_FP16: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """P @ V [BLOCK_M, BLOCK_D] fp32; for an 8-bit V tile the scales go into P's columns."""
     if QUANT:
         pw = p * load_scales(vs_ptr, s_off, n_ok, MASK)[None, :]
-        if PV_FP32:
+        if not KV_FP16:
             out = tl.dot(pw, v.to(tl.float32), input_precision=DOT_PREC)
-        else:
+        elif MODE == 1:  # unified max: P up to 2^HI_MARGIN, beyond fp16
             out = tl.dot(pw.to(tl.bfloat16), v.to(tl.bfloat16), input_precision=DOT_PREC)
+        else:  # P <= 1
+            out = tl.dot(tl.minimum(pw, 65504.0).to(tl.float16), v.to(tl.float16), input_precision=DOT_PREC)
     else:
         out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return out
@@ -170,8 +183,8 @@ def attend_tile(
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     MODE: tl.constexpr,  # 0/2: online softmax; 1: unified max phi (no rescaling)
     DOT_PREC: tl.constexpr,
-    QUANT: tl.constexpr,  # 8-bit cache with per-(token, head) scales
-    PV_FP32: tl.constexpr,  # QUANT: P @ V in fp32 (fp32 queries) instead of bf16
+    QUANT: tl.constexpr,  # 8-bit cache with per-(token, head) scales; q from quant_query
+    KV_FP16: tl.constexpr,  # QUANT: fp16 operands (16-bit queries), else fp32
     ALIGN: tl.constexpr,
 ):
     """One FlashAttention-2 step over keys [start_n, start_n + BLOCK_N): scores, online
@@ -185,7 +198,7 @@ def attend_tile(
                                     stride_sb, stride_sh, BLOCK_N, BLOCK_SIZE, PAGED, ALIGN)
     k = load_kv_tile(k_cache_ptr, kv_off, offs_d, n_ok, d_mask, stride_cd, MASK, EVEN_D)  # [BLOCK_N, BLOCK_D]
     if QUANT:
-        k = k.to(q.dtype)  # exact: int8 and e4m3 values fit fp16 / bf16 / fp32
+        k = k.to(q.dtype)  # exact: int8 and e4m3 values fit fp16 and fp32
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] unscaled
     if QUANT:
         qk = qk * load_scales(ks_ptr, s_off, n_ok, MASK)[None, :]
@@ -197,13 +210,13 @@ def attend_tile(
         m_i = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.exp2(qk * qk_scale - phi)
         l_i += tl.sum(p, 1)
-        acc += p_times_v(p, v, vs_ptr, s_off, n_ok, MASK, QUANT, PV_FP32, DOT_PREC)
+        acc += p_times_v(p, v, vs_ptr, s_off, n_ok, MASK, QUANT, KV_FP16, MODE, DOT_PREC)
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + p_times_v(p, v, vs_ptr, s_off, n_ok, MASK, QUANT, PV_FP32, DOT_PREC)
+        acc = acc * alpha[:, None] + p_times_v(p, v, vs_ptr, s_off, n_ok, MASK, QUANT, KV_FP16, MODE, DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -216,7 +229,7 @@ class QuantArgs(NamedTuple):
     stride_sb: int
     stride_sh: int
     quant: bool
-    pv_fp32: bool
+    kv_fp16: bool  # fp16 matmul operands (16-bit queries), else fp32
     align: int
 
 
@@ -228,4 +241,4 @@ def quant_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) ->
         return QuantArgs(k_cache, v_cache, 0, 0, False, False, align)
     ks, vs = kv_scales(k_cache), kv_scales(v_cache)
     assert v_cache.dtype == k_cache.dtype and ks.stride() == vs.stride() and ks.stride(2) == 1
-    return QuantArgs(ks, vs, ks.stride(0), ks.stride(1), True, q.dtype == torch.float32, align)
+    return QuantArgs(ks, vs, ks.stride(0), ks.stride(1), True, q.dtype != torch.float32, align)

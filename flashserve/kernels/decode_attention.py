@@ -43,7 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._paged_common import LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args
+from flashserve.kernels._paged_common import (
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query,
+)
 from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
 MODE_ONLINE = 0  # synchronous online softmax
@@ -79,7 +81,7 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DIRECT_OUT: tl.constexpr,  # num_splits == 1: write the final output, no reduction pass
     DOT_PREC: tl.constexpr,
-    QUANT: tl.constexpr, PV_FP32: tl.constexpr, ALIGN: tl.constexpr,
+    QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
     MODE: tl.constexpr,
     HI_MARGIN: tl.constexpr, LO_MARGIN: tl.constexpr,
 ):
@@ -108,6 +110,7 @@ def _decode_split_kernel(
     d_mask = offs_d < head_dim
     q = load_q_rows(q_ptr, tok_start, qi, g, row_valid, kvh, offs_d, d_mask,
                     stride_qt, stride_qh, stride_qd, GROUP)  # [BLOCK_M, BLOCK_D]
+    q = quant_query(q, QUANT, KV_FP16)
     q_pos = ctx_len + qi  # [BLOCK_M]
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)  # running max (online) / observed max (unified)
@@ -122,12 +125,12 @@ def _decode_split_kernel(
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos, qk_scale, phi,
             kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, PV_FP32, ALIGN)
+            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
     for start_n in range(full_end, n_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos, qk_scale, phi,
             kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, PV_FP32, ALIGN)
+            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
 
     if MODE == 1:
         seen = row_valid & (m_i > NEG_BIG)  # rows with at least one visible key in this slice
@@ -319,7 +322,7 @@ def paged_decode_attention(
             PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
             DIRECT_OUT=direct,
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
-            QUANT=qa.quant, PV_FP32=qa.pv_fp32, ALIGN=qa.align,
+            QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

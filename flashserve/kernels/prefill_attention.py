@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._paged_common import LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args
+from flashserve.kernels._paged_common import (
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query,
+)
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
 
@@ -47,7 +49,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    QUANT: tl.constexpr, PV_FP32: tl.constexpr, ALIGN: tl.constexpr,
+    QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -68,6 +70,7 @@ def _prefill_kernel(
     d_mask = offs_d < head_dim
     q = load_q_rows(q_ptr, tok_start, qi, g, row_valid, kvh, offs_d, d_mask,
                     stride_qt, stride_qh, stride_qd, GROUP)  # [BLOCK_M, BLOCK_D]
+    q = quant_query(q, QUANT, KV_FP16)
     q_pos = ctx_len + qi  # [BLOCK_M] absolute positions
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -83,12 +86,12 @@ def _prefill_kernel(
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos, qk_scale, 0.0,
             kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, PV_FP32, ALIGN)
+            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos, qk_scale, 0.0,
             kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, 0, DOT_PREC, QUANT, PV_FP32, ALIGN)
+            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -165,7 +168,7 @@ def paged_prefill_attention(
         BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
         DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
-        QUANT=qa.quant, PV_FP32=qa.pv_fp32, ALIGN=qa.align,
+        QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

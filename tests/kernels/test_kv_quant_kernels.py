@@ -143,6 +143,23 @@ def test_unified_max_over_quantized_cache(device, dtype, kv_dtype, phi):
     torch.testing.assert_close(out, paged_attention_ref(*_args(batch, kc, vc), scale=0.25), **tol(dtype))
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=KV_IDS)
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16bit_queries_use_fp16_operands(device, kv_dtype, q_dtype):
+    """16-bit queries take the fp16-operand path (a bf16 query is cast to fp16): decode and
+    prefill. (On CPU the interpreter runs it; its bf16 emulation cannot run the unified-max
+    path's bf16 P @ V, which the GPU run of the tests above covers.)"""
+    batch = PagedBatch([45, 20, 9], [1, 3, 9], 8, 2, 16, 4, q_dtype, device, seed=9)
+    kc, vc = _quantized(batch, kv_dtype)
+    m = batch.meta
+    ref = paged_attention_ref(*_args(batch, kc, vc), scale=0.25)
+    dec = paged_decode_attention(*_args(batch, kc, vc), max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
+                                 scale=0.25, num_splits=2)
+    pre = paged_prefill_attention(*_args(batch, kc, vc), max_query_len=m.max_query_len, scale=0.25)
+    torch.testing.assert_close(dec, ref, **tol(q_dtype))
+    torch.testing.assert_close(pre, ref, **tol(q_dtype))
+
+
 # (num_heads, num_kv_heads, head_dim, block_size, seq_lens, q_lens)
 PREFILL_CASES = [
     (8, 2, 16, 4, [33, 20], [33, 7]),  # a prompt, and a chunk after 13 cached tokens
