@@ -61,15 +61,17 @@ def test_quantized_blocks_swap_and_copy_bit_identical(kv):
             if kv == "fp8":  # no NaN bytes (0x7f / 0xff) among the values
                 cache.view(torch.uint8).bitwise_and_(0x7E)
     original = blocks.clone()
+    dense_before = kv_quant.dequantize_cache(pool[1, 0])
     swap = HostSwapSpace(pool, num_host_blocks=5)
-    apply_block_copies(pool, swap, BlockCopy(swap_out=[(1, 4), (6, 0), (3, 2)]))
+    assert swap.blocks.shape == (5, 2, 2, blocks.shape[3]) and swap.blocks.dtype == torch.uint8
+    apply_block_copies(pool, swap, BlockCopy(swap_out=((1, 4), (6, 0), (3, 2))))
     blocks[:, :, [1, 3, 6]] = 0  # the device blocks get reused by someone else
-    apply_block_copies(pool, swap, BlockCopy(swap_in=[(4, 7), (0, 2), (2, 5)], copy=[(7, 0)]))
-    for dst, src in ((7, 1), (2, 6), (5, 3), (0, 1)):
+    apply_block_copies(pool, swap, BlockCopy(swap_in=((4, 7), (0, 2), (2, 5))))
+    for dst, src in ((7, 1), (2, 6), (5, 3)):
         assert torch.equal(blocks[:, :, dst], original[:, :, src])
     assert torch.equal(blocks[:, :, 4], original[:, :, 4])  # untouched
-    # the scales travel with the values: the dequantized rows are the same
-    assert torch.equal(kv_quant.dequantize_cache(pool[1, 0])[7], kv_quant.dequantize_cache(pool[1, 0])[0])
+    # the scales travel with the values: block 7 dequantizes to what block 1 did
+    assert torch.equal(kv_quant.dequantize_cache(pool[1, 0])[7], dense_before[1])
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_swap_preemption_with_quantized_cache(tiny_models, kv):
     common = dict(kv_cache_dtype=kv, max_model_len=128, enable_prefix_caching=False, max_num_batched_tokens=48)
     big = _llm(folder, **common)
     ref = [o.token_ids for o in big.generate(prompts, sp, use_tqdm=False)]
-    per_block = HostSwapSpace.bytes_per_block(big.engine.runner.kv_pool)
+    per_block = big.engine.info.bytes_per_block
     small = _llm(folder, kv_cache_bytes=34 * per_block, preemption_mode="swap", swap_space_bytes=64 * per_block, **common)
     assert small.engine.block_manager.num_blocks == 34
     got = [o.token_ids for o in small.generate(prompts, sp, use_tqdm=False)]
@@ -164,7 +166,7 @@ def test_gpu_triton_and_cuda_graphs_on_quantized_cache(tiny_models, kv):
                   kv_cache_bytes=64 << 20, verbose=False)
     ref = LLM(attention_backend="torch", cuda_graphs=False, kv_cache_dtype=kv, **common)
     llm = LLM(attention_backend="triton", cuda_graphs=True, kv_cache_dtype=kv, **common)
-    assert llm.engine.runner.graphs is not None
+    assert llm.engine.info.graph_capture_seconds is not None
     outs = [[o.token_ids for o in e.generate(prompts, params, use_tqdm=False)] for e in (llm, ref)]
     # one rounding step of a quantized value may flip a near-tie of these near-uniform models
     assert sum(a == b for a, b in zip(*outs)) >= 7

@@ -210,8 +210,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | Non
     return DecodeConfig(64, 4, 3, paged=True)
 
 
-def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
-    return decode_config(head_dim, dtype).block_n
+def decode_block_n(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
+    return decode_config(head_dim, dtype, kv_dtype).block_n
 
 
 def choose_num_splits(
