@@ -1,5 +1,5 @@
 """The 8-bit KV cache in the engine (CPU, torch attention path): the pool holds about twice
-the tokens, whole quantized blocks swap and copy bit-identically, prefix caching and swap
+the tokens, whole quantized blocks swap out and back bit-identically, prefix caching and swap
 preemption keep working, and teacher-forced quality on the tiny architectures stays close to
 the unquantized cache; bad options are refused with a clear error."""
 
@@ -49,7 +49,7 @@ def test_pool_holds_about_twice_the_tokens(shape, kv):
 
 
 @pytest.mark.parametrize("kv", KV)
-def test_quantized_blocks_swap_and_copy_bit_identical(kv):
+def test_quantized_blocks_swap_round_trip_bit_identical(kv):
     pool = kv_quant.allocate_pool(2, 8, 4, 3, 16, kv_quant.storage_dtype(kv), "cpu")
     blocks = kv_quant.whole_blocks(pool)  # [2, 2, 8, block_bytes] uint8: values, scales, padding
     assert blocks.shape[:3] == (2, 2, 8) and blocks.stride(2) == pool.stride(2)

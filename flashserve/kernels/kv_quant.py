@@ -11,7 +11,7 @@ and the layer's cache tensor is a strided view of the values only (dtype int8 or
 float8_e4m3fn, block stride ``block_bytes``). The dtype tells the kernels that the cache is
 quantized; ``kv_scales(cache)`` is the fp16 view ``[num_blocks, Hkv, block_size]`` of every
 block's scale region (one head's scales are contiguous, so a kernel reads them in one sector).
-Whole blocks (values, scales and padding) move through ``whole_blocks(pool)``.
+Swap moves whole blocks (values, scales and padding) through ``whole_blocks(pool)``.
 
 Bytes per (token, head): D + 2 instead of 2 D for bf16/fp16 (1.94x the tokens at D = 64,
 1.97x at D = 128, before the 32-byte block padding).
@@ -81,7 +81,7 @@ def allocate_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim
 def whole_blocks(pool: torch.Tensor) -> torch.Tensor:
     """``pool`` (``[..., num_blocks, block_size, Hkv, D]``) as whole blocks along the same block
     dimension: itself when unquantized, else the uint8 view ``[..., num_blocks, block_bytes]``
-    that includes the scales (what swap and block copies must move)."""
+    that includes the scales (what swap must move)."""
     if not is_quantized(pool):
         return pool
     lead = pool.dim() - 3  # dims up to and including the block dimension

@@ -149,7 +149,7 @@ def test_16bit_queries_use_fp16_operands(device, kv_dtype, q_dtype):
     """16-bit queries take the fp16-operand path (a bf16 query is cast to fp16): decode and
     prefill. (On CPU the interpreter runs it; its bf16 emulation cannot run the unified-max
     path's bf16 P @ V, which the GPU run of the tests above covers.)"""
-    batch = PagedBatch([45, 20, 9], [1, 3, 9], 8, 2, 16, 4, q_dtype, device, seed=9)
+    batch = PagedBatch([29, 9], [1, 3], 4, 2, 16, 4, q_dtype, device, seed=9)
     kc, vc = _quantized(batch, kv_dtype)
     m = batch.meta
     ref = paged_attention_ref(*_args(batch, kc, vc), scale=0.25)
