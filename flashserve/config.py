@@ -92,6 +92,9 @@ class CacheConfig:
     # Reuse the KV of full blocks of earlier prompts with the same prefix (flashserve.cache.block_manager).
     enable_prefix_caching: bool = True
     swap_space_bytes: int = 0  # host memory for swap preemption (pinned on CUDA); 0: recompute only
+    # auto: the model's dtype; int8 / fp8 (e4m3): 8-bit K/V with a scale per token and head
+    # (flashserve.kernels.kv_quant), about twice the tokens for the same bytes.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -102,6 +105,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8, got {self.kv_cache_dtype!r}")
 
 
 @dataclass
@@ -181,6 +186,8 @@ class EngineArgs:
                                                         "(default 0.9 on GPU, 0.2 of host memory on CPU)")
     enable_prefix_caching: bool = _arg(True, "reuse the KV of cached prompt prefixes", flag="--no-prefix-caching")
     swap_space_bytes: int = _arg(0, "host memory for swapped-out KV blocks")
+    kv_cache_dtype: str = _arg("auto", "KV cache element type: the model's dtype, or 8 bits with an fp16 scale "
+                                       "per token and head (about twice the tokens)", choices=("auto", "int8", "fp8"))
     max_num_seqs: int = _arg(256, "requests running at once")
     max_num_batched_tokens: int = _arg(8192, "tokens computed in one step (prefill + decode)")
     max_model_len: int | None = _arg(None, "context length (default: the model's)")
@@ -216,6 +223,7 @@ class EngineArgs:
                 kv_cache_memory_fraction=self.kv_cache_memory_fraction,
                 enable_prefix_caching=self.enable_prefix_caching,
                 swap_space_bytes=self.swap_space_bytes,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

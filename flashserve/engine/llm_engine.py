@@ -114,7 +114,8 @@ class LLMEngine:
         self.dtype = getattr(torch, info.dtype)
         self.block_manager = BlockManager(info.num_blocks, info.block_size, config.cache.enable_prefix_caching,
                                           info.num_host_blocks)
-        cost_model = PreemptionCostModel.for_model(mc, self.dtype.itemsize, self.device.type)
+        kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
+        cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
         self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model)
         self.scheduler = self.core.scheduler
         self.graph_capture_seconds = info.graph_capture_seconds

@@ -1,8 +1,10 @@
 """Host swap space for swap preemption, and the block moves a plan asks for.
 
 ``HostSwapSpace`` owns one host tensor of ``num_host_blocks`` blocks, block-major:
-``[num_host_blocks, num_layers, 2, block_size, kv_heads, head_dim]``, pinned when the pool is on
-CUDA. A host block is one contiguous region, so every move is an asynchronous DMA copy that the
+``[num_host_blocks, num_layers, 2, block_size, kv_heads, head_dim]`` (an 8-bit pool:
+``[num_host_blocks, num_layers, 2, block_bytes]`` uint8, values and scales together, see
+``flashserve.kernels.kv_quant.whole_blocks``), pinned when the pool is on CUDA. A host block is
+one contiguous region, so every move is an asynchronous DMA copy that the
 host never waits for: a swap-out gathers the device blocks into one device buffer (one
 ``index_select``) and copies each run of consecutive host blocks out of it; a swap-in copies the
 host runs into a device buffer and scatters it into the pool (one ``index_copy_``). All on the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.kernels.kv_quant import whole_blocks
 from flashserve.sched.plan import BlockCopy
 
 
@@ -38,10 +41,11 @@ class HostSwapSpace:
     """The host-side KV blocks."""
 
     def __init__(self, device_pool: torch.Tensor, num_host_blocks: int) -> None:
-        # device pool [L, 2, N, bs, H, D] -> host [N_host, L, 2, bs, H, D]
-        shape = (num_host_blocks, *device_pool.shape[:2], *device_pool.shape[3:])
+        # device pool [L, 2, N, bs, H, D] -> host [N_host, L, 2, bs, H, D] (8-bit: [N_host, L, 2, block_bytes])
+        blocks = whole_blocks(device_pool)
+        shape = (num_host_blocks, *blocks.shape[:2], *blocks.shape[3:])
         self.pinned = device_pool.is_cuda and torch.cuda.is_available()
-        self.blocks = torch.empty(shape, dtype=device_pool.dtype, device="cpu", pin_memory=self.pinned)
+        self.blocks = torch.empty(shape, dtype=blocks.dtype, device="cpu", pin_memory=self.pinned)
         self.num_blocks = num_host_blocks
 
     def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
@@ -50,15 +54,15 @@ class HostSwapSpace:
 
     @staticmethod
     def bytes_per_block(device_pool: torch.Tensor) -> int:
-        per = device_pool[:, :, 0].numel() * device_pool.element_size()
-        return int(per)
+        blocks = whole_blocks(device_pool)
+        return int(blocks[:, :, 0].numel() * blocks.element_size())
 
     def swap_out(self, device_pool: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         """Copy device blocks to host blocks: ``pairs`` of (device block, host block)."""
         if not pairs:
             return
         src = self._index([d for d, _ in pairs], device_pool.device)
-        gathered = device_pool.index_select(2, src).movedim(2, 0).contiguous()  # [n, L, 2, bs, H, D]
+        gathered = whole_blocks(device_pool).index_select(2, src).movedim(2, 0).contiguous()  # [n, L, 2, bs, H, D]
         for i, first, n in _runs([h for _, h in pairs]):
             self.blocks[first : first + n].copy_(gathered[i : i + n], non_blocking=self.pinned)
 
@@ -70,7 +74,7 @@ class HostSwapSpace:
         for i, first, n in _runs([h for h, _ in pairs]):
             staged[i : i + n].copy_(self.blocks[first : first + n], non_blocking=self.pinned)
         dst = self._index([d for _, d in pairs], device_pool.device)
-        device_pool.index_copy_(2, dst, staged.movedim(0, 2))
+        whole_blocks(device_pool).index_copy_(2, dst, staged.movedim(0, 2))
 
 
 def apply_block_copies(device_pool: torch.Tensor, swap: HostSwapSpace | None, copies: BlockCopy) -> None:
