@@ -1,25 +1,54 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks, run from the repository root on a CUDA machine.
-#   bash benchmarks/gpu_suite.sh tests    # the whole test suite, device=cuda where it applies
-#   bash benchmarks/gpu_suite.sh bench    # kernels, batch-1 latency, offline throughput
-# Results (JSON, logs) go to $OUT (default ./gpu-results).
+# The GPU checks and benchmarks, run from the repository root on a CUDA machine. Each stage runs
+# under its own time limit; its log goes to $OUT/<stage>.log (JSON results beside it) and one
+# summary line per stage to $OUT/summary.txt, printed at the end.
+#   bash benchmarks/gpu_suite.sh tests     # the whole test suite, device=cuda where it applies
+#   bash benchmarks/gpu_suite.sh engine    # GPU engine tests, batch-1 latency (+ gpt-fast beside it when
+#                                          # its source is in .peers/gpt-fast), offline throughput
+#   bash benchmarks/gpu_suite.sh kernels   # attention kernels against SDPA / cuDNN and the read ceiling
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+fs="python3 -m flashserve"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  printf '%-28s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -n 1 "$out/$name.log" | cut -c1-160)" \
+    | tee -a "$out/summary.txt"
+}
+
 case "${1:-}" in
   tests)
-    python3 -m pytest tests -q -p no:cacheprovider --timeout 600 2>&1 | tee "$out/pytest.log" | tail -40
+    stage pytest 580 python3 -m pytest tests -q -p no:cacheprovider --timeout 600
     ;;
-  bench)
-    fs="python3 -m flashserve.cli"
-    $fs bench kernels --output-json "$out/kernels.json" 2>&1 | tail -20
-    $fs bench latency --model llama-3.1-8b --load-format dummy --output-json "$out/latency-llama8b.json" 2>&1 | tail -3
-    $fs bench throughput --model qwen3-0.6b --load-format dummy --output-json "$out/throughput-qwen3.json" 2>&1 | tail -2
-    $fs bench throughput --model llama-3.1-8b --load-format dummy --output-json "$out/throughput-llama8b.json" 2>&1 | tail -2
+  engine)
+    stage gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu_engine.py tests/test_gpu_e2e.py \
+      tests/kernels/test_triton_backend.py -k "not smollm2"
+    stage latency-llama8b 120 $fs bench latency --model llama-3.1-8b --load-format dummy \
+      --output-json "$out/latency-llama8b.json"
+    if [ -f .peers/gpt-fast/model.py ]; then
+      stage gpt-fast-llama8b 200 python3 benchmarks/gpt_fast_peer.py --source .peers/gpt-fast \
+        --output-json "$out/gpt-fast-llama8b.json"
+    fi
+    stage throughput-llama8b 130 $fs bench throughput --model llama-3.1-8b --load-format dummy \
+      --output-json "$out/throughput-llama8b.json"
+    stage throughput-qwen3 80 $fs bench throughput --model qwen3-0.6b --load-format dummy \
+      --output-json "$out/throughput-qwen3.json"
+    stage throughput-qwen3-serial 80 $fs bench throughput --model qwen3-0.6b --load-format dummy \
+      --no-async-scheduling --output-json "$out/throughput-qwen3-serial.json"
+    ;;
+  kernels)
+    stage kernels 300 $fs bench kernels --output-json "$out/kernels.json"
     ;;
   *)
-    echo "usage: $0 tests|bench" >&2
+    echo "usage: $0 tests|engine|kernels" >&2
     exit 2
     ;;
 esac
+echo "---- summary ($out/summary.txt)"
+cat "$out/summary.txt"

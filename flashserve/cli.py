@@ -28,50 +28,19 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that builds an engine."""
-    p.add_argument("--model", default=None, help="HF model directory, .gguf file, or a bundled config name with --load-format dummy (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="absolute KV pool size in bytes")
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=None, help="fraction of free device memory for the KV pool")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--policy", default="fcfs")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"])
-    p.add_argument("--swap-space-bytes", type=int, default=0, help="host memory for swapped-out KV blocks")
-    p.add_argument("--quantization", default="auto", help="weights: auto (the checkpoint's own: GGUF packed, GPTQ, AWQ), none, int8, int4, int4-g{32,64,128}[-zp], fp8, fp8-w8a8")
+    """Options shared by every command that builds an engine: one flag per EngineArgs field."""
+    from flashserve.config import EngineArgs
+
+    EngineArgs.add_cli_args(p)
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        model=args.model,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_chunked_prefill=not args.no_chunked_prefill,
-        policy=args.policy,
-        attention_backend=args.attention_backend,
-        cuda_graphs=not args.no_cuda_graphs,
-        enable_prefix_caching=not args.no_prefix_caching,
-        preemption_mode=args.preemption_mode,
-        swap_space_bytes=args.swap_space_bytes,
-        quantization=args.quantization,
-    )
+    """The ``LLM(...)`` keywords the engine flags of ``args`` give."""
+    from dataclasses import asdict
+
+    from flashserve.config import EngineArgs
+
+    return asdict(EngineArgs.from_cli(args))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

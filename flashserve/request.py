@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flashserve.sampling_params import SamplingParams
@@ -16,11 +17,13 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context
     FINISHED_ABORTED = "abort"
-    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
 
 
 @dataclass
@@ -53,6 +56,34 @@ class RequestMetrics:
         return self.finished_time - self.arrival_time
 
 
+class TokenView(Sequence):
+    """Read-only concatenation of a prompt and an output list, without copying them."""
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        self.prompt = prompt
+        self.output = output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, index):
+        n = len(self.prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return (self.prompt + self.output)[index]
+            if stop <= n:
+                return self.prompt[start:stop]
+            if start >= n:
+                return self.output[start - n : stop - n]
+            return self.prompt[start:] + self.output[: stop - n]
+        if index < 0:
+            index += len(self)
+        return self.prompt[index] if index < n else self.output[index - n]
+
+
 @dataclass
 class Request:
     """One sequence being generated. Token ids are the truth; text is derived by the detokenizer."""
@@ -67,10 +98,11 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     # Per output token: (logprob of the sampled token, [(token id, logprob)] top-n) when asked.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_ids: list[int] = field(default_factory=list)
+    # Tokens whose K/V is in the cache or being computed by a step already planned.
+    num_computed_tokens: int = 0
+    # Tokens sampled by planned steps whose values have not come back yet (overlapped loop).
+    num_pending_tokens: int = 0
     stop_reason: int | str | None = None
-    error: str | None = None
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,10 +110,21 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt and output tokens whose values are known (pending ones excluded), as a new list."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def known_tokens(self) -> TokenView:
+        """The same tokens as ``all_token_ids`` as a view: slicing copies only the slice."""
+        return TokenView(self.prompt_token_ids, self.output_token_ids)
+
+    @property
     def num_tokens(self) -> int:
+        """Prompt, output and pending tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -90,7 +133,8 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Generated tokens, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -104,7 +148,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None
     # Per token: (token id, logprob, [(top token id, logprob), ...]) when logprobs were asked for.
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
@@ -122,7 +166,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def text(self) -> str:

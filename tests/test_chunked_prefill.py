@@ -9,7 +9,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import RunnerOutput, SampledToken
+from sched_testing import apply_tokens, run_step
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
 
@@ -23,7 +23,7 @@ def test_decodes_go_first_and_prompts_share_the_remaining_budget():
 
     def run():
         plan = s.schedule()
-        s.update(plan, RunnerOutput({r.request_id: SampledToken(5) for r in plan.requests if r.sample}))
+        apply_tokens(s, plan, 5)
         return [(r.request_id, r.num_new_tokens) for r in plan.requests]
 
     assert run() == [("a", 3), ("b", 2)]

@@ -113,7 +113,7 @@ def test_bfloat16_on_cpu_agrees_with_float32(llm):
     """bf16 on CPU runs end to end, and its first reply token is one fp32 ranks near the top.
     (Exact greedy text in bf16 depends on the CPU's bf16 arithmetic, so it is not compared.)"""
     bf16 = LLM(device="cpu", dtype="bfloat16", max_model_len=256, kv_cache_bytes=16 << 20, verbose=False)
-    assert bf16.engine.runner.kv_pool.dtype == bf16.engine.dtype == torch.bfloat16
+    assert bf16.engine.worker.kv_pool.dtype == bf16.engine.dtype == torch.bfloat16
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     out = bf16.chat(chat, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert len(out.token_ids) > 0 and out.text

@@ -7,7 +7,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import RunnerOutput, SampledToken
+from sched_testing import apply_tokens, run_step
 from flashserve.sched.policy import POLICIES, MLFQPolicy, make_policy
 from flashserve.sched.preemption import RankPreemptionRule
 from flashserve.sched.scheduler import Scheduler
@@ -66,7 +66,7 @@ def test_mlfq_skip_join_demotion_and_starvation_guard():
 
 def _step(s):
     plan = s.schedule()
-    s.update(plan, RunnerOutput({r.request_id: SampledToken(7) for r in plan.requests if r.sample}))
+    apply_tokens(s, plan, 7)
     s.block_manager.check_invariants()
     return plan
 
@@ -80,7 +80,7 @@ def test_victim_is_lowest_ranked_running_request():
     plan = _step(s)
     assert ids(plan.requests) == ["high", "mid", "low"]
     plan = _step(s)  # all three need a third block; 0 free: the lowest priority goes
-    assert plan.preempted_ids == ["low"] and s.requests["low"].status == RequestStatus.WAITING
+    assert plan.preempted_ids == ("low",) and s.requests["low"].status == RequestStatus.WAITING
 
 
 def test_higher_ranked_arrival_preempts_running_request_for_its_seat():
@@ -92,7 +92,7 @@ def test_higher_ranked_arrival_preempts_running_request_for_its_seat():
     _step(s)
     s.add_request(req("vip", t=2, priority=0))
     plan = _step(s)
-    assert plan.preempted_ids == ["a"] and set(ids(plan.requests)) == {"b", "vip"}
+    assert plan.preempted_ids == ("a",) and set(ids(plan.requests)) == {"b", "vip"}
     # FCFS never preempts for a newcomer: the newcomer simply waits for a seat.
     s2 = Scheduler(cfg, BlockManager(32, 2), make_policy("fcfs"), max_model_len=32)
     for r in (req("a", t=0), req("b", t=1)):
@@ -129,7 +129,7 @@ def test_rank_victim_is_swapped_after_its_protected_run_even_when_auto_prefers_r
     plan = _step(s)  # a has run 1 step < 2 since admission: protected, vip waits
     assert not plan.preempted_ids and ids(plan.requests) == ["b", "a"]
     plan = _step(s)
-    assert plan.preempted_ids == ["a"] and s.num_rank_preemptions == 1
+    assert plan.preempted_ids == ("a",) and s.num_rank_preemptions == 1
     a = s.requests["a"]
     assert a.status == RequestStatus.SWAPPED and a.num_computed_tokens == 5 and plan.block_copies.swap_out
     assert set(ids(plan.requests)) == {"b", "vip"}
@@ -142,7 +142,7 @@ def test_rank_preemption_skips_victims_too_costly_to_recompute():
     _step(s)
     s.add_request(req("vip", t=2, priority=0))
     plan = _step(s)  # heavy ranks lowest but holds 12 computed tokens: light goes instead
-    assert plan.preempted_ids == ["light"]
+    assert plan.preempted_ids == ("light",)
     light = s.requests["light"]
     assert light.status == RequestStatus.WAITING and light.num_computed_tokens == 0
     assert ids(plan.requests) == ["heavy", "vip"]
@@ -157,7 +157,7 @@ def test_rank_preemption_does_not_swap_long_contexts():
     _step(s)
     s.add_request(req("vip", t=2, priority=0))
     plan = _step(s)
-    assert plan.preempted_ids == ["light"] and s.requests["light"].status == RequestStatus.SWAPPED
+    assert plan.preempted_ids == ("light",) and s.requests["light"].status == RequestStatus.SWAPPED
     assert s.requests["heavy"].status == RequestStatus.RUNNING
 
 
@@ -173,7 +173,7 @@ def test_rank_preemption_needs_victims_that_make_room():
     s, plan = run(1)  # freeing x alone (2 blocks) is not enough: nobody is preempted for nothing
     assert not plan.preempted_ids and ids(plan.requests) == ["y", "x"] and s.num_rank_preemptions == 0
     s, plan = run(2)
-    assert plan.preempted_ids == ["x", "y"] and ids(plan.requests) == ["vip"]
+    assert plan.preempted_ids == ("x", "y") and ids(plan.requests) == ["vip"]
     assert all(s.requests[r].status == RequestStatus.SWAPPED for r in ("x", "y"))
 
 

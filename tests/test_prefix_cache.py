@@ -9,7 +9,7 @@ from flashserve.cache.block_manager import BlockManager, BlockPool, hash_block
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import RunnerOutput, SampledToken
+from sched_testing import apply_tokens, run_step
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
 
@@ -19,15 +19,15 @@ def req(rid, tokens, max_tokens=3, t=0.0):
                    eos_token_ids=[0], arrival_time=t)
 
 
-def make(num_blocks=16, block_size=4, budget=64, max_seqs=8, host=0):
+def make(num_blocks=16, block_size=4, budget=64, max_seqs=8, host=0, mode="auto"):
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True, num_host_blocks=host)
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, preemption_mode=mode)
     return Scheduler(cfg, bm, FCFSPolicy(), max_model_len=256)
 
 
 def step(s, token=7):
     plan = s.schedule()
-    s.update(plan, RunnerOutput({r.request_id: SampledToken(token) for r in plan.requests if r.sample}))
+    apply_tokens(s, plan, token)
     s.block_manager.check_invariants()
     return plan
 
@@ -43,11 +43,11 @@ def test_shared_prefix_reuses_exact_blocks_and_computes_only_the_rest():
     prefix = list(range(10, 22))  # 12 tokens = 3 full blocks
     s.add_request(req("a", prefix + [1, 2], t=0))
     plan = step(s)
-    assert plan.requests[0].block_ids == [0, 1, 2, 3]
+    assert plan.requests[0].new_block_ids == (0, 1, 2, 3)
     s.add_request(req("b", prefix + [5, 6, 7], t=1))
     plan = step(s)
     b = next(r for r in plan.requests if r.request_id == "b")
-    assert b.block_ids[:3] == [0, 1, 2] and b.start_pos == 12 and b.token_ids == [5, 6, 7]
+    assert tuple(b.new_block_ids[:3]) == (0, 1, 2) and b.start_pos == 12 and b.num_new_tokens == 3
     assert s.block_manager.pool.ref_counts[:3] == [2, 2, 2]
     assert s.requests["b"].metrics.num_cached_prompt_tokens == 12
     assert (s.block_manager.prefix_queries, s.block_manager.prefix_hits) == (14 + 15, 12)
@@ -63,8 +63,8 @@ def test_last_prompt_token_is_always_computed():
     s.add_request(req("b", prompt, max_tokens=1))
     plan = step(s)
     # Only the first block is reused: the second would leave nothing to compute and no logits.
-    assert plan.requests[0].start_pos == 4 and plan.requests[0].token_ids == prompt[4:]
-    assert plan.requests[0].block_ids[0] == 0 and plan.requests[0].block_ids[1] != 0
+    assert plan.requests[0].start_pos == 4 and plan.requests[0].num_new_tokens == len(prompt) - 4
+    assert plan.requests[0].new_block_ids[0] == 0 and plan.requests[0].new_block_ids[1] != 0
 
 
 def test_eviction_is_lru_tail_first_and_only_when_needed():
@@ -81,13 +81,13 @@ def test_eviction_is_lru_tail_first_and_only_when_needed():
     # a's prefix is hit again: its blocks leave the LRU list while in use.
     s.add_request(req("c", list(range(100, 108)) + [1], max_tokens=1, t=2))
     plan = step(s)
-    assert plan.requests[0].block_ids[:2] == [0, 1]
+    assert plan.requests[0].new_block_ids[:2] == (0, 1)
     assert bm.pool.evictable_order() == [4, 3, 1, 0]  # reused blocks come back most recent
     # A new request needing 4 blocks takes the 2 plain free blocks (5, freed by b, then 2, freed
     # by c), then evicts least recently used first: 4, then 3.
     s.add_request(req("d", list(range(300, 316)), max_tokens=1, t=3))
     plan = step(s)
-    assert plan.requests[0].block_ids == [5, 2, 4, 3]
+    assert plan.requests[0].new_block_ids == (5, 2, 4, 3)
     assert bm.pool.num_evictions == 2 and bm.pool.evictable_order()[:2] == [1, 0]
 
 
@@ -119,8 +119,7 @@ def test_shared_blocks_are_never_written():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_invariants_under_random_load_with_preemption(seed):
     rng = random.Random(seed)
-    s = make(num_blocks=16, block_size=4, budget=24, host=10)
-    s.preemption_mode = "swap"
+    s = make(num_blocks=16, block_size=4, budget=24, host=10, mode="swap")
     prefixes = [[rng.randrange(3, 50) for _ in range(rng.choice([4, 8, 12]))] for _ in range(3)]
     n = 0
     for it in range(300):

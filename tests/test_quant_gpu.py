@@ -27,7 +27,7 @@ def _engine(model: str, mode: str, dtype: str, graphs: bool) -> LLM:
 
 
 def _use_reference(llm: LLM) -> None:
-    for part in llm.engine.model.modules():
+    for part in llm.engine.worker.model.modules():
         if isinstance(part, PackedWeight):
             part.forward = part.reference
 
@@ -42,7 +42,7 @@ def test_fp32_kernels_and_graphs_decode_like_the_reference(tmp_path, mode):
     make_tiny_checkpoint("llama3_gqa", tmp_path, seed=4)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     fast = _engine(str(tmp_path), mode, "float32", graphs=True)
-    assert fast.engine.runner.graphs is not None
+    assert fast.engine.worker.graphs is not None
     reference = _engine(str(tmp_path), mode, "float32", graphs=False)
     _use_reference(reference)
     got = [o.token_ids for o in fast.generate(_prompts(), params, use_tqdm=False)]
@@ -69,7 +69,7 @@ def test_gguf_mixed_types_on_gpu(tmp_path):
     oracle = write_mixed_gguf(tiny_hf("llama3_gqa", seed=2), path, MIXED)
     llm = LLM(model=str(path), device="cuda", dtype="float32", attention_backend="triton", cuda_graphs=True,
               max_model_len=256, max_num_seqs=4, kv_cache_bytes=64 << 20, verbose=False)
-    labels = [p.label for p in llm.engine.model.model.layers[0].self_attn.qkv_proj.packed_parts]
+    labels = [p.label for p in llm.engine.worker.model.model.layers[0].self_attn.qkv_proj.packed_parts]
     assert labels == ["gguf-Q4_K", "gguf-Q6_K"]  # the file's blocks on the GPU, both types
     prompt = _prompts()[1]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)[0]

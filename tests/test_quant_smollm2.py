@@ -22,13 +22,13 @@ COMMON = dict(device="cpu", max_model_len=1024, kv_cache_bytes=96 << 20, verbose
 
 def test_default_is_packed_and_greedy_equals_the_reference_arithmetic():
     llm = LLM(**COMMON)
-    model = llm.engine.model
+    model = llm.engine.worker.model
     assert model.model.layers[0].mlp.gate_up_proj.quant_method.label == "gguf-Q4_1"
     assert model.lm_head.quant_method.label == "gguf-Q8_0" and model.model.embed_tokens.quant_method.label == "gguf-Q8_0"
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ours = [o.token_ids for o in llm.chat(CHATS, params, use_tqdm=False)]
     reference = LLM(**COMMON)
-    for part in reference.engine.model.modules():  # dense torch ops, same roundings
+    for part in reference.engine.worker.model.modules():  # dense torch ops, same roundings
         if isinstance(part, PackedWeight):
             part.forward = part.reference
     assert [o.token_ids for o in reference.chat(CHATS, params, use_tqdm=False)] == ours

@@ -6,14 +6,23 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from flashserve.layers.sampler import Sampler, SamplingRow, apply_penalties, top_k_top_p_min_p_mask
+from flashserve.layers.sampler import PenaltyState, Sampler, SamplingRow, top_k_top_p_min_p_mask
 from flashserve.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
+VOCAB = 1000
 
 
-def row(output=(), prompt=(), eos=(99,), **kw):
-    return SamplingRow(SamplingParams(**kw), list(prompt), list(output), list(eos))
+def row(num_output=0, banned=(), **kw):
+    return SamplingRow(SamplingParams(**kw), num_output, None, tuple(banned))
+
+
+def sampler(seed=0, vocab=VOCAB):
+    return Sampler(CPU, vocab, seed)
+
+
+def ids(out):
+    return out.token_ids.tolist()
 
 
 def kept(masked: torch.Tensor) -> list[list[int]]:
@@ -34,21 +43,21 @@ def test_top_k_top_p_min_p_masks_are_exact():
 
 def test_greedy_is_argmax_and_ignores_seed():
     logits = torch.randn(4, 50)
-    out = Sampler(CPU)(logits, [row(temperature=0.0, seed=s) for s in range(4)])
-    assert out.token_ids == logits.argmax(-1).tolist()
+    out = sampler()(logits, [row(temperature=0.0, seed=s) for s in range(4)])
+    assert ids(out) == logits.argmax(-1).tolist()
 
 
 def test_seeded_sampling_reproducible_across_batches_and_runs():
     torch.manual_seed(0)
     logits = torch.randn(1, 1000)
-    a = Sampler(CPU, seed=1)(logits, [row(temperature=1.0, seed=42)]).token_ids[0]
+    a = ids(sampler(1)(logits, [row(temperature=1.0, seed=42)]))[0]
     other = torch.randn(3, 1000)
     batch = torch.cat([other[:2], logits, other[2:]])
     rows = [row(temperature=1.0), row(temperature=0.7), row(temperature=1.0, seed=42), row(temperature=1.0)]
-    b = Sampler(CPU, seed=2)(batch, rows).token_ids[2]
+    b = ids(sampler(2)(batch, rows))[2]
     assert a == b
     # Different output positions draw different noise, so a long run is not one repeated token.
-    draws = {Sampler(CPU)(logits, [row(output=[5] * i, temperature=1.0, seed=42)]).token_ids[0] for i in range(20)}
+    draws = {ids(sampler()(logits, [row(num_output=i, temperature=1.0, seed=42)]))[0] for i in range(20)}
     assert len(draws) > 5
 
 
@@ -56,39 +65,49 @@ def test_temperature_sampling_matches_softmax_chi_square():
     logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, 2.0]])
     temperature = 0.8
     n = 20000
-    sampler = Sampler(CPU, seed=123)
-    tokens = sampler(logits.repeat(n, 1), [row(temperature=temperature)] * n).token_ids
-    counts = torch.bincount(torch.tensor(tokens), minlength=6).double()
+    tokens = sampler(123, vocab=6)(logits.repeat(n, 1), [row(temperature=temperature)] * n).token_ids
+    counts = torch.bincount(tokens, minlength=6).double()
     expected = torch.softmax(logits[0].double() / temperature, -1) * n
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
 
 
 def test_top_p_sampling_never_leaves_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
-    tokens = Sampler(CPU)(logits, [row(temperature=1.0, top_p=0.75)] * 2000).token_ids
+    tokens = ids(sampler(vocab=4)(logits, [row(temperature=1.0, top_p=0.75)] * 2000))
     assert set(tokens) == {0, 1}
 
 
-def test_penalties_change_logits_as_specified():
+def test_penalties_change_logits_as_specified_and_count_sampled_tokens():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    out = apply_penalties(logits.clone(), [row(output=[0, 0, 2], prompt=[1], repetition_penalty=2.0,
-                                              presence_penalty=0.5, frequency_penalty=0.25)])
+    state = PenaltyState(4, CPU)
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    slot = state.add(prompt_token_ids=(1,), output_token_ids=(0, 0, 2))
+    out = state.apply(logits.clone(), [SamplingRow(params, 3, slot)], [0])
     # token 0: seen -> 2/2 = 1, minus freq 0.25*2 and presence 0.5 -> 0.0
     # token 1: in the prompt only -> -2*2 = -4, no presence/frequency (output only)
     # token 2: 1/2 = 0.5, minus 0.25 and 0.5 -> -0.25 ; token 3 untouched
     assert torch.allclose(out, torch.tensor([[0.0, -4.0, -0.25, 0.5]]))
+    # The sampler records what it samples: after a greedy draw of token 3, token 3 is penalised too.
+    s = sampler(vocab=4)
+    slot = s.penalties.add((1,), (0, 0, 2))
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    assert ids(s(logits, [SamplingRow(greedy, 3, slot)])) == [3]
+    assert s.penalties.counts[slot].tolist() == [2.0, 0.0, 1.0, 1.0] and bool(s.penalties.seen[slot, 3])
+    s.penalties.release(slot)
+    assert s.penalties.add((), ()) == slot and s.penalties.counts[slot].sum() == 0
 
 
 def test_min_tokens_masks_eos_and_logprobs_are_log_softmax():
     logits = torch.tensor([[0.0, 0.0, 10.0]])
-    s = Sampler(CPU)
-    out = s(logits, [row(eos=(2,), temperature=0.0, min_tokens=2, output=[1], logprobs=2)])
-    assert out.token_ids == [0] or out.token_ids == [1]
+    s = sampler(vocab=3)
+    out = s(logits, [row(banned=(2,), temperature=0.0, min_tokens=2, num_output=1, logprobs=2)])
+    assert ids(out) == [0] or ids(out) == [1]
     ref = torch.log_softmax(logits[0], -1)
-    assert math.isclose(out.logprobs[0], ref[out.token_ids[0]].item(), rel_tol=1e-6)
-    assert out.top_logprobs[0][0][0] == 2 and math.isclose(out.top_logprobs[0][0][1], ref[2].item(), rel_tol=1e-6)
-    out = s(logits, [row(eos=(2,), temperature=0.0, min_tokens=1, output=[1])])
-    assert out.token_ids == [2] and out.logprobs == [None]
+    token = ids(out)[0]
+    assert math.isclose(out.logprobs[0].item(), ref[token].item(), rel_tol=1e-6)
+    assert out.top_ids[0, 0].item() == 2 and math.isclose(out.top_logprobs[0, 0].item(), ref[2].item(), rel_tol=1e-6)
+    out = s(logits, [row(temperature=0.0, min_tokens=1, num_output=1)])
+    assert ids(out) == [2] and out.logprobs is None
 
 
 @pytest.mark.parametrize(

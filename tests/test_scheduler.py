@@ -4,7 +4,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import RunnerOutput, SampledToken
+from sched_testing import run_step
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
 
@@ -19,13 +19,6 @@ def req(rid, n_prompt, max_tokens=4, t=0.0):
                    eos_token_ids=[0], arrival_time=t)
 
 
-def run_step(s, token=7):
-    plan = s.schedule()
-    out = RunnerOutput({r.request_id: SampledToken(token) for r in plan.requests if r.sample})
-    s.update(plan, out)
-    return plan
-
-
 def test_prefill_then_decode_and_retire():
     s = make()
     s.add_request(req("a", 5, max_tokens=2, t=0))
@@ -33,7 +26,7 @@ def test_prefill_then_decode_and_retire():
     plan = run_step(s)
     assert [(r.request_id, r.num_new_tokens, r.start_pos, r.sample) for r in plan.requests] == [
         ("a", 5, 0, True), ("b", 3, 0, True)]
-    assert plan.requests[0].block_ids == [0, 1] and plan.requests[1].block_ids == [2]
+    assert plan.requests[0].new_block_ids == (0, 1) and plan.requests[1].new_block_ids == (2,)
     plan = run_step(s)
     assert [(r.request_id, r.num_new_tokens, r.start_pos) for r in plan.requests] == [("a", 1, 5), ("b", 1, 3)]
     # a hit max_tokens=2 and was retired at once, its blocks freed.
@@ -75,7 +68,7 @@ def test_recompute_preemption_frees_last_request_and_resumes_it_first():
     s.add_request(req("b", 4, max_tokens=8, t=1))  # 2 blocks: pool full
     run_step(s)
     plan = run_step(s)  # a needs a 3rd block: b (lowest FCFS rank) is preempted
-    assert plan.preempted_ids == ["b"]
+    assert plan.preempted_ids == ("b",)
     assert [r.request_id for r in plan.requests] == ["a"]
     b = s.requests["b"]
     assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0 and b.metrics.num_preemptions == 1

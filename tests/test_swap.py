@@ -11,7 +11,8 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import BlockCopy, RunnerOutput, SampledToken
+from flashserve.sched.plan import BlockCopy
+from sched_testing import apply_tokens, run_step
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.preemption import PreemptionCostModel
 from flashserve.sched.scheduler import Scheduler
@@ -30,10 +31,17 @@ def test_swapped_blocks_come_back_bit_identical():
     assert torch.equal(pool[:, :, 5], original[:, :, 3])
     # Same step: a block freed by a swap-out is read before a swap-in overwrites it.
     pool2 = original.clone()
-    apply_block_copies(pool2, swap, BlockCopy(swap_out=[(0, 1)], swap_in=[(4, 0)], copy=[(0, 3)]))
-    assert torch.equal(swap.blocks[:, :, 1], original[:, :, 0])
-    assert torch.equal(pool2[:, :, 0], original[:, :, 1]) and torch.equal(pool2[:, :, 3], original[:, :, 1])
-    assert swap.blocks.shape == (2, 2, 5, 4, 2, 16) and HostSwapSpace.bytes_per_block(pool) == 2 * 2 * 4 * 2 * 16 * 4
+    apply_block_copies(pool2, swap, BlockCopy(swap_out=((0, 1),), swap_in=((4, 0),)))
+    assert torch.equal(swap.blocks[1], original[:, :, 0])
+    assert torch.equal(pool2[:, :, 0], original[:, :, 1])
+    # Runs of consecutive host blocks move with one copy each, in and out.
+    runs = HostSwapSpace(original, num_host_blocks=6)
+    apply_block_copies(original.clone(), runs, BlockCopy(swap_out=((2, 3), (5, 4), (7, 5), (0, 0))))
+    back = torch.full_like(original, float("nan"))
+    apply_block_copies(back, runs, BlockCopy(swap_in=((3, 6), (4, 1), (5, 0), (0, 2))))
+    for dev, src in ((6, 2), (1, 5), (0, 7), (2, 0)):
+        assert torch.equal(back[:, :, dev], original[:, :, src])
+    assert swap.blocks.shape == (5, 2, 2, 4, 2, 16) and HostSwapSpace.bytes_per_block(pool) == 2 * 2 * 4 * 2 * 16 * 4
 
 
 def _sched(num_blocks, host, mode="swap", block_size=2):
@@ -43,7 +51,7 @@ def _sched(num_blocks, host, mode="swap", block_size=2):
 
 def _step(s):
     plan = s.schedule()
-    s.update(plan, RunnerOutput({r.request_id: SampledToken(7) for r in plan.requests if r.sample}))
+    apply_tokens(s, plan, 7)
     s.block_manager.check_invariants()
     return plan
 
@@ -59,7 +67,7 @@ def test_swap_out_then_in_keeps_computed_tokens():
     s.add_request(_req("b", 4, 1))
     _step(s)
     plan = _step(s)  # a grows to a 3rd block: b (last in FCFS order) is swapped out
-    assert plan.preempted_ids == ["b"] and plan.block_copies.swap_out == [(2, 0), (3, 1)]
+    assert plan.preempted_ids == ("b",) and plan.block_copies.swap_out == ((2, 0), (3, 1))
     b = s.requests["b"]
     assert b.status == RequestStatus.SWAPPED and b.num_computed_tokens == 4 and s.num_swap_outs == 1
     while "a" in s.requests:
@@ -75,7 +83,7 @@ def test_full_host_space_falls_back_to_recompute():
     s.add_request(_req("b", 4, 1))
     _step(s)
     plan = _step(s)
-    assert plan.preempted_ids == ["b"] and not plan.block_copies
+    assert plan.preempted_ids == ("b",) and not plan.block_copies
     assert s.requests["b"].status == RequestStatus.WAITING and s.num_recomputes == 1
 
 

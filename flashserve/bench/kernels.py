@@ -14,6 +14,11 @@ What is measured (all on one device, in one run):
   half of 4 * B * Hq * D * L^2) beside SDPA flash / cuDNN on contiguous q/k/v.
 * optionally the FlashDecoding++ unified-max (asynchronised softmax) decode path against the
   synchronous online softmax.
+* 8-bit KV caches (``--kv-cache-dtypes``, default ``auto,fp8,int8``): the same decode and prefill
+  shapes over an int8 / fp8 cache (``flashserve.kernels.kv_quant``), bytes counted as read
+  (values + fp16 scales), checked against SDPA on the dequantized K/V, with the speed-up over
+  the 16-bit cache and the error against it in the note; ``--kv-decode-configs`` times other
+  decode tile configurations on the 8-bit caches.
 
 Timing: ``triton.testing.do_bench`` median with warm-up; it clears the L2 before every
 repetition, and every decode working set is larger than the L2 anyway, so no input rotation is
@@ -36,6 +41,8 @@ import torch
 TARGET_DECODE_FRACTION = 0.85  # of the measured read bandwidth, at the TARGET_DECODE_SHAPES
 TARGET_DECODE_SHAPES = ((64, 4096), (256, 1024))
 TARGET_PREFILL_SPEEDUP = 1.10  # over torch SDPA flash, every prefill shape
+TARGET_FP8_KV_DECODE_SPEEDUP = 1.15  # fp8 over 16-bit KV cache, decode at >= 32k context
+KV_IMPL = {"fp8": "triton-fp8kv", "int8": "triton-int8kv"}
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
@@ -65,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unified-max", type=float, default=4.0,
                         help="phi for the FlashDecoding++ comparison (natural-log units of scale*q.k)")
     parser.add_argument("--no-unified", action="store_true", help="skip the unified-max comparison")
+    parser.add_argument("--kv-cache-dtypes", default="auto,fp8,int8",
+                        help="comma-separated KV cache dtypes to time (auto = the --dtype cache)")
+    parser.add_argument("--kv-decode-configs", default="",
+                        help="extra decode tile configs for 8-bit caches, BLOCK_N:WARPS:STAGES[,...] (page-wise loads)")
     parser.add_argument("--output-json", default=None, help="write all results here")
 
 
@@ -120,6 +131,26 @@ class PagedInputs:
             return c[idx].reshape(b, nblk * bs, hkv, d).transpose(1, 2).contiguous()
 
         return gather(self.k_cache), gather(self.v_cache)
+
+    def quantized(self, kv_cache_dtype: str) -> tuple[PagedInputs, PagedInputs]:
+        """(the same inputs over an 8-bit cache, and over its dequantized values in the
+        original dtype, for the reference)."""
+        from dataclasses import replace
+
+        from flashserve.kernels import kv_quant
+
+        kc, vc = kv_quant.quantize_caches(self.k_cache, self.v_cache, kv_quant.storage_dtype(kv_cache_dtype))
+        dq = replace(self, k_cache=kv_quant.dequantize_cache(kc, self.q.dtype),
+                     v_cache=kv_quant.dequantize_cache(vc, self.q.dtype))
+        return replace(self, k_cache=kc, v_cache=vc), dq
+
+    def kv_bytes_per_token_head(self) -> int:
+        """K + V bytes one (token, kv head) costs to read: 2 D elements, plus 2 fp16 scales when 8-bit."""
+        from flashserve.kernels import kv_quant
+
+        d = self.k_cache.shape[3]
+        extra = 2 * kv_quant.SCALE_DTYPE.itemsize if kv_quant.is_quantized(self.k_cache) else 0
+        return 2 * d * self.k_cache.element_size() + extra
 
 
 def make_inputs(batch: int, ctx: int, q_len: int, hq: int, hkv: int, d: int, block_size: int,
@@ -191,6 +222,38 @@ class Row:
 # benchmarks
 
 
+def _kv_dtypes(args: argparse.Namespace) -> list[str]:
+    """The 8-bit cache dtypes asked for (``auto``, the 16-bit cache, is always timed)."""
+    names = [n.strip() for n in args.kv_cache_dtypes.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("auto", *KV_IMPL)]
+    if bad:
+        raise ValueError(f"--kv-cache-dtypes: unknown {', '.join(bad)}; choose from auto, fp8, int8")
+    return [n for n in names if n != "auto"]
+
+
+def _decode_configs(text: str) -> list:
+    """'64:4:3,128:8:3' -> [DecodeConfig(64, 4, 3, paged=True), ...]."""
+    from flashserve.kernels.decode_attention import DecodeConfig
+
+    out = []
+    for part in text.split(","):
+        if part.strip():
+            bn, warps, stages = (int(x) for x in part.split(":"))
+            out.append(DecodeConfig(bn, warps, stages, paged=True))
+    return out
+
+
+def _decode_reference(inp: PagedInputs, scale: float) -> torch.Tensor | None:
+    """SDPA (math for small shapes, flash / cuDNN for big ones) on the inputs' contiguous K/V."""
+    batch, hq, d = inp.seq_lens.shape[0], inp.q.shape[1], inp.q.shape[2]
+    k, v = inp.contiguous_kv()
+    q4 = inp.q.view(batch, 1, hq, d).transpose(1, 2)  # [B, Hq, 1, D]
+    fn = sdpa_runner(q4, k, v, "math", False, scale)[0] if batch * k.shape[2] <= 2**18 else None
+    if fn is None:  # big shapes: reference = flash/cudnn on the same data
+        fn = sdpa_runner(q4, k, v, "flash", False, scale)[0] or sdpa_runner(q4, k, v, "cudnn", False, scale)[0]
+    return fn().transpose(1, 2).reshape(batch, hq, d) if fn else None
+
+
 def bench_decode(args: argparse.Namespace, read_tb_s: float, device: torch.device, dtype: torch.dtype) -> list[Row]:
     from flashserve.kernels.decode_attention import paged_decode_attention
 
@@ -199,16 +262,14 @@ def bench_decode(args: argparse.Namespace, read_tb_s: float, device: torch.devic
     rows: list[Row] = []
     for batch, ctx in _shapes(args.decode_shapes):
         inp = make_inputs(batch, ctx, 1, hq, hkv, d, bs, dtype, device, seed=batch + ctx)
-        nbytes = 2 * batch * ctx * hkv * d * inp.k_cache.element_size() + 2 * inp.q.numel() * inp.q.element_size()
+        q_bytes = 2 * inp.q.numel() * inp.q.element_size()  # q in, out
+        nbytes = batch * ctx * hkv * inp.kv_bytes_per_token_head() + q_bytes
         k, v = inp.contiguous_kv()
         q4 = inp.q.view(batch, 1, hq, d).transpose(1, 2)  # [B, Hq, 1, D]
-        ref_fn, _ = sdpa_runner(q4, k, v, "math", False, scale) if batch * ctx <= 2**18 else (None, "")
-        if ref_fn is None:  # big shapes: reference = flash/cudnn on the same data (checked below)
-            ref_fn = sdpa_runner(q4, k, v, "flash", False, scale)[0] or sdpa_runner(q4, k, v, "cudnn", False, scale)[0]
-        ref = ref_fn().transpose(1, 2).reshape(batch, hq, d) if ref_fn else None
+        ref = _decode_reference(inp, scale)
 
         def add(impl: str, fn: Callable[[], torch.Tensor], out_of: Callable[[torch.Tensor], torch.Tensor],
-                note: str = "", kind: str = "decode") -> Row:
+                note: str = "", kind: str = "decode", ref: torch.Tensor | None = ref, nbytes: int = nbytes) -> Row:
             err = rel_err(out_of(fn()), ref) if ref is not None else None
             ms = time_ms(fn, args.warmup_ms, args.rep_ms)
             row = Row(kind, batch, ctx, impl, ms=ms, tb_s=nbytes / ms / 1e9,
@@ -216,16 +277,31 @@ def bench_decode(args: argparse.Namespace, read_tb_s: float, device: torch.devic
             rows.append(row)
             return row
 
-        def triton_fn(phi: float | None = None) -> Callable[[], torch.Tensor]:
+        def triton_fn(inp: PagedInputs, phi: float | None = None, config=None) -> Callable[[], torch.Tensor]:
             return lambda: paged_decode_attention(*inp.args(), max_query_len=1, max_seq_len=ctx,
-                                                  scale=scale, unified_max=phi)
+                                                  scale=scale, unified_max=phi, config=config)
 
-        add("triton", triton_fn(), lambda o: o)
+        base = add("triton", triton_fn(inp), lambda o: o, note=f"{str(dtype).removeprefix('torch.')} KV")
+        base_out = triton_fn(inp)()
+        for kv in _kv_dtypes(args):
+            qinp, dq = inp.quantized(kv)
+            qref = _decode_reference(dq, scale)
+            qbytes = batch * ctx * hkv * qinp.kv_bytes_per_token_head() + q_bytes
+            del dq
+            for cfg in [None, *_decode_configs(args.kv_decode_configs)]:
+                fn = triton_fn(qinp, config=cfg)
+                tag = "" if cfg is None else f" bn{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+                err_16 = rel_err(fn(), base_out)
+                row = add(KV_IMPL[kv] + tag, fn, lambda o: o, ref=qref, nbytes=qbytes)
+                row.note = f"{base.ms / row.ms:.2f}x the 16-bit KV; err vs it {err_16:.1e}"
+                row.extra = {"kv_cache_dtype": kv, "speedup_vs_16bit_kv": base.ms / row.ms, "err_vs_16bit_kv": err_16}
+            del qinp, qref
+            torch.cuda.empty_cache()
         if not args.no_unified:
             _, flags = paged_decode_attention(*inp.args(), max_query_len=1, max_seq_len=ctx, scale=scale,
                                               unified_max=args.unified_max, return_fallback_flags=True)
             fell = int(flags.sum().item()) if flags is not None else 0
-            add("triton-unified", triton_fn(args.unified_max), lambda o: o,
+            add("triton-unified", triton_fn(inp, args.unified_max), lambda o: o,
                 note=f"phi={args.unified_max}, {fell} programs fell back", kind="decode-unified")
         if not args.no_torch:
             for backend in ("flash", "cudnn"):
@@ -248,54 +324,87 @@ def bench_prefill(args: argparse.Namespace, device: torch.device, dtype: torch.d
     for batch, length in _shapes(args.prefill_shapes):
         inp = make_inputs(batch, length, length, hq, hkv, d, bs, dtype, device, seed=7 * batch + length)
         flops = 2.0 * batch * hq * d * length * length  # causal half of 4*B*H*D*L^2
-        k, v = inp.contiguous_kv()
         q4 = inp.q.view(batch, length, hq, d).transpose(1, 2).contiguous()  # [B, Hq, L, D]
-        ref_fn = sdpa_runner(q4, k, v, "flash", True, scale)[0] or sdpa_runner(q4, k, v, "cudnn", True, scale)[0]
-        ref = ref_fn().transpose(1, 2).reshape(batch * length, hq, d) if ref_fn else None
+
+        def reference(inp: PagedInputs) -> torch.Tensor | None:
+            k, v = inp.contiguous_kv()
+            fn = sdpa_runner(q4, k, v, "flash", True, scale)[0] or sdpa_runner(q4, k, v, "cudnn", True, scale)[0]
+            return fn().transpose(1, 2).reshape(batch * length, hq, d) if fn else None
+
+        ref = reference(inp)
 
         def add(impl: str, fn: Callable[[], torch.Tensor], out_of: Callable[[torch.Tensor], torch.Tensor],
-                note: str = "") -> None:
+                note: str = "", ref: torch.Tensor | None = ref) -> Row:
             err = rel_err(out_of(fn()), ref) if ref is not None else None
             ms = time_ms(fn, args.warmup_ms, args.rep_ms)
             rows.append(Row("prefill", batch, length, impl, ms=ms, tflops=flops / ms / 1e9, rel_err=err, note=note))
+            return rows[-1]
 
-        add("triton", lambda: paged_prefill_attention(*inp.args(), max_query_len=length, scale=scale), lambda o: o,
-            note="paged KV" + (", packed batch" if batch > 1 else ""))
+        def triton_fn(inp: PagedInputs) -> Callable[[], torch.Tensor]:
+            return lambda: paged_prefill_attention(*inp.args(), max_query_len=length, scale=scale)
+
+        base = add("triton", triton_fn(inp), lambda o: o, note="paged KV" + (", packed batch" if batch > 1 else ""))
+        for kv in _kv_dtypes(args):
+            qinp, dq = inp.quantized(kv)
+            row = add(KV_IMPL[kv], triton_fn(qinp), lambda o: o, ref=reference(dq))
+            row.note = f"{base.ms / row.ms:.2f}x the 16-bit KV"
+            del qinp, dq
+            torch.cuda.empty_cache()
         if not args.no_torch:
+            k, v = inp.contiguous_kv()
             for backend in ("flash", "cudnn"):
                 fn, how = sdpa_runner(q4, k, v, backend, True, scale)
                 if fn is None:
                     rows.append(Row("prefill", batch, length, f"sdpa-{backend}", note=how))
                     continue
                 add(f"sdpa-{backend}", fn, lambda o: o.transpose(1, 2).reshape(batch * length, hq, d), note=how)
-        del inp, k, v, q4
+            del k, v
+        del inp, q4
         torch.cuda.empty_cache()
     return rows
 
 
 def small_reference_checks(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """Ragged shapes (odd lengths, partial pages, several splits) against the torch reference."""
+    """Ragged shapes (odd lengths, partial pages, several splits) against the torch reference,
+    on the 16-bit cache and on each 8-bit cache (stored by the Triton kernel, which must write
+    the reference's bytes)."""
+    from flashserve.kernels import kv_quant
+    from flashserve.kernels.cache_ops import store_kv
     from flashserve.kernels.decode_attention import paged_decode_attention
     from flashserve.kernels.prefill_attention import paged_prefill_attention
-    from flashserve.kernels.reference import paged_attention_ref
+    from flashserve.kernels.reference import paged_attention_ref, store_kv_ref
     from flashserve.kernels.testing import RandomPagedBatch
 
     hq, hkv, d, bs = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
     out = []
-    for name, seq_lens, q_lens in [("decode", [4097, 1000, 129, 17, 1], [1] * 5),
-                                   ("spec-decode", [905, 305, 33], [4, 3, 1]),
-                                   ("prefill", [1023, 333, 77, 1], [1023, 333, 77, 1]),
-                                   ("chunked-prefill", [1500, 600], [517, 600])]:
-        b = RandomPagedBatch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device, seed=len(name))
-        b.store_new_with_reference()
-        m = b.meta
-        if "decode" in name:
-            o = paged_decode_attention(*b.attention_args(), max_query_len=m.max_query_len,
-                                       max_seq_len=m.max_seq_len, scale=d ** -0.5)
-        else:
-            o = paged_prefill_attention(*b.attention_args(), max_query_len=m.max_query_len, scale=d ** -0.5)
-        err = rel_err(o, paged_attention_ref(*b.attention_args(), scale=d ** -0.5))
-        out.append({"case": name, "rel_err": err, "ok": err < 2e-2})
+    for kv in ["auto", *_kv_dtypes(args)]:
+        for name, seq_lens, q_lens in [("decode", [4097, 1000, 129, 17, 1], [1] * 5),
+                                       ("spec-decode", [905, 305, 33], [4, 3, 1]),
+                                       ("prefill", [1023, 333, 77, 1], [1023, 333, 77, 1]),
+                                       ("chunked-prefill", [1500, 600], [517, 600])]:
+            b = RandomPagedBatch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device, seed=len(name))
+            m = b.meta
+            case = name if kv == "auto" else f"{name} {kv}"
+            if kv == "auto":
+                b.store_new_with_reference()
+            else:
+                kvd = kv_quant.storage_dtype(kv)
+                dense_k, dense_v = b.k_cache, b.v_cache
+                b.k_cache, b.v_cache = kv_quant.quantize_caches(dense_k, dense_v, kvd)
+                ref_k, ref_v = kv_quant.quantize_caches(dense_k, dense_v, kvd)
+                store_kv_ref(b.k_new, b.v_new, ref_k, ref_v, m.slot_mapping)
+                store_kv(b.k_new, b.v_new, b.k_cache, b.v_cache, m.slot_mapping)
+                if name == "decode":
+                    same = all(torch.equal(x.float(), y.float()) and torch.equal(kv_quant.kv_scales(x), kv_quant.kv_scales(y))
+                               for x, y in ((b.k_cache, ref_k), (b.v_cache, ref_v)))
+                    out.append({"case": f"store {kv} (bit-exact)", "rel_err": 0.0 if same else float("nan"), "ok": same})
+            if "decode" in name:
+                o = paged_decode_attention(*b.attention_args(), max_query_len=m.max_query_len,
+                                           max_seq_len=m.max_seq_len, scale=d ** -0.5)
+            else:
+                o = paged_prefill_attention(*b.attention_args(), max_query_len=m.max_query_len, scale=d ** -0.5)
+            err = rel_err(o, paged_attention_ref(*b.attention_args(), scale=d ** -0.5))
+            out.append({"case": case, "rel_err": err, "ok": err < 2e-2})
     return out
 
 
@@ -331,6 +440,10 @@ def targets(rows: list[Row], read_tb_s: float) -> list[dict]:
                 sp = f.ms / r.ms
                 res.append({"target": f"prefill {r.batch}x{r.length} >= {TARGET_PREFILL_SPEEDUP}x SDPA flash",
                             "value": f"{sp:.2f}x", "met": sp >= TARGET_PREFILL_SPEEDUP})
+        if r.kind == "decode" and r.impl == KV_IMPL["fp8"] and r.length >= 32768 and r.ms is not None:
+            sp = r.extra["speedup_vs_16bit_kv"]
+            res.append({"target": f"decode {r.batch}x{r.length} fp8 KV >= {TARGET_FP8_KV_DECODE_SPEEDUP}x 16-bit KV",
+                        "value": f"{sp:.2f}x", "met": sp >= TARGET_FP8_KV_DECODE_SPEEDUP})
     return res
 
 

@@ -3,6 +3,12 @@
 The workload follows nano-vllm's benchmark: N requests (default 256) with prompt and output
 lengths drawn uniformly from [100, 1024], random token ids, EOS ignored; throughput is output
 tokens over the wall time of the whole run, prefill included.
+
+Also reported: the device's idle share of the run (gaps between one step's last kernel and the
+next step's first, from CUDA events; the host planning the next step shows up here when it is
+slower than the device), and the host time per step (scheduling, launch and output processing,
+the wait for the device excluded) over the steps that run 200 or more sequences. The engine is
+warmed up first (``LLMEngine.warm_up``) and the Triton cache's state at start is printed.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 
 import torch
@@ -35,13 +42,20 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> tuple[list[
 
 def run(args: argparse.Namespace) -> int:
     from flashserve import LLM, SamplingParams
+    from flashserve.engine.warm_up import triton_cache_state
 
+    cache = triton_cache_state()
     llm = LLM(**llm_kwargs(args))
     engine = llm.engine
+    warm_s = engine.warm_up()
     prompts, out_lens = workload(args.num_requests, args.min_len, args.max_len, engine.model_config.vocab_size)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     preempt0 = engine.scheduler.num_preemptions
+    worker = engine.worker
+    if worker is not None:
+        worker.timings = []
+    engine.timings = []
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -49,25 +63,49 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     gen = sum(len(o.token_ids) for o in outs)
     assert gen == sum(out_lens), "every request must produce exactly its max_tokens"
+    busy = [t.host_s for t in engine.timings if t.num_seqs >= 200]
     res = {
         "model": args.model,
         "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "triton_cache_at_start": cache,
+        "warm_up_s": warm_s,
+        "async_scheduling": engine.config.async_scheduling,
         "num_requests": args.num_requests,
         "prompt_tokens": sum(len(p) for p in prompts),
         "output_tokens": gen,
         "seconds": elapsed,
         "output_tok_s": gen / elapsed,
         "total_tok_s": (gen + sum(len(p) for p in prompts)) / elapsed,
+        "steps": len(engine.timings),
+        "host_ms_per_step_200plus_seqs": statistics.median(busy) * 1e3 if busy else None,
+        "device_idle_share": device_idle_share(worker.timings) if worker is not None else None,
+        "graph_steps_share": sum(t.graph for t in worker.timings) / len(worker.timings) if worker else None,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         "kv_blocks": engine.block_manager.num_blocks,
         "max_num_seqs": engine.scheduler.config.max_num_seqs,
         "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
     }
+    if worker is not None:
+        worker.timings = None
+    engine.timings = None
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)
     print(json.dumps(res, indent=2))
+    idle = res["device_idle_share"]
     print(f"{args.model}: {gen} output tokens in {elapsed:.1f}s = {res['output_tok_s']:.0f} output tok/s "
-          f"({res['total_tok_s']:.0f} tok/s with prompts), {res['preemptions']} preemptions")
+          f"({res['total_tok_s']:.0f} tok/s with prompts), {res['preemptions']} preemptions; device idle "
+          f"{'n/a' if idle is None else f'{idle:.1%}'}; Triton cache {cache} at start")
     return 0
+
+
+def device_idle_share(timings: list) -> float | None:
+    """Share of the device timeline (first step's start to last step's end) between steps."""
+    steps = [t for t in timings if t.start is not None]
+    if len(steps) < 2:
+        return None
+    steps[-1].end.synchronize()
+    span = steps[0].start.elapsed_time(steps[-1].end)
+    gaps = sum(max(0.0, a.end.elapsed_time(b.start)) for a, b in zip(steps, steps[1:]))
+    return gaps / span if span > 0 else None

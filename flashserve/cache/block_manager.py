@@ -23,9 +23,12 @@ could with Python's ``hash``). We chose the chain over a radix tree because
 
 Only *full* blocks are ever cached or shared, and a request writes only at positions at or
 after its ``num_computed_tokens``, which is at least the cached length: so a shared block is
-never written and copy-on-write cannot be needed (``assert_writable`` checks it every step).
-``n > 1`` children are separate requests; they share their full prompt blocks through the
-cache and each computes its own partial last block.
+never written by a request that shares it, and copy-on-write cannot be needed
+(``assert_writable`` checks each request when its slots are allocated). A block is registered
+as soon as a planned step will fill it with known tokens, before that step runs: a request
+admitted later in the same step (``n > 1`` children, identical prompts) shares it, which is
+safe because every layer stores the step's K/V before any of its attention reads. ``n > 1``
+children are separate requests; each computes its own partial last block.
 
 Invariants (``check_invariants``): free + cached-evictable + in use = total; no block is both
 free and referenced; reference counts never negative; every hashed block is in the hash map.
@@ -39,7 +42,10 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from flashserve.request import Request
 
 
 def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
@@ -193,6 +199,7 @@ class BlockManager:
         self.tables: dict[str, list[int]] = {}
         self.host_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # chain hashes of each request's full blocks
+        self._committed: dict[str, int] = {}  # leading blocks of each table already committed
         self.prefix_queries = 0  # tokens looked up (at admission)
         self.prefix_hits = 0  # of which found cached
 
@@ -219,7 +226,7 @@ class BlockManager:
         return self.blocks_needed(total_tokens) - have <= self.pool.num_free
 
     # ----------------------------------------------------------------- prefix cache
-    def _chain(self, request_id: str, token_ids: list[int], num_full: int) -> list[bytes]:
+    def _chain(self, request_id: str, token_ids: Sequence[int], num_full: int) -> list[bytes]:
         """Chain hashes of the first ``num_full`` blocks of ``token_ids`` (memoised per request)."""
         hashes = self._hashes.setdefault(request_id, [])
         bs = self.block_size
@@ -242,23 +249,36 @@ class BlockManager:
             blocks.append(b)
         return PrefixHit(blocks, len(blocks) * self.block_size)
 
-    def commit(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
-        """Register the request's blocks that are now full of computed tokens in the cache."""
+    def commit(self, request: Request) -> None:
+        """Register the request's blocks that are full of computed (or being computed by a
+        planned step) and known tokens in the cache. Blocks committed before are skipped, so a
+        decode step costs O(1) here; the tokens are only sliced block by block."""
         if not self.enable_prefix_caching:
+            return
+        request_id, num_computed = request.request_id, request.num_computed_tokens
+        done = self._committed.get(request_id, 0)
+        if num_computed // self.block_size <= done:
             return
         table = self.tables.get(request_id)
         if not table:
             return
-        num_full = min(num_computed // self.block_size, len(table))
-        for i, h in enumerate(self._chain(request_id, token_ids, num_full)[:num_full]):
+        token_ids = request.known_tokens
+        num_full = min(min(num_computed, len(token_ids)) // self.block_size, len(table))  # known tokens only
+        if num_full <= done:
+            return
+        hashes = self._chain(request_id, token_ids, num_full)
+        for i in range(done, num_full):
             if table[i] not in self.pool.block_hash:
-                self.pool.register(table[i], h)
+                self.pool.register(table[i], hashes[i])
+        self._committed[request_id] = num_full
 
     # ----------------------------------------------------------------- allocation
     def allocate_slots(self, request_id: str, total_tokens: int, prefix: PrefixHit | None = None) -> list[int] | None:
         """Grow the request's table to hold ``total_tokens``, starting a new table with the
         ``prefix`` hit's blocks (shared, not copied); None (and no change) if the pool is short."""
         table = self.tables.setdefault(request_id, [])
+        if prefix is None and -(-total_tokens // self.block_size) <= len(table):
+            return table  # the common decode step: the last block has room
         reused = prefix.blocks if prefix is not None and not table else []
         extra = self.blocks_needed(total_tokens) - len(table) - len(reused)
         # Cached blocks with no references count as free: reusing them takes them off that list.
@@ -290,6 +310,7 @@ class BlockManager:
     def free(self, request_id: str) -> None:
         """Release every block the request holds (a no-op for unknown ids)."""
         self._hashes.pop(request_id, None)
+        self._committed.pop(request_id, None)
         table = self.tables.pop(request_id, None)
         if table:
             # Tail first: the tail blocks, the least likely to be shared, are reused/evicted first.
@@ -306,6 +327,7 @@ class BlockManager:
         """Move the request's blocks to host slots: (device block, host block) pairs to copy.
         The device blocks are released (shared or cached ones stay alive for their other users)."""
         table = self.tables.pop(request_id)
+        self._committed.pop(request_id, None)  # swapped back in, it gets new blocks
         host = self.host.allocate(len(table))
         self.host_tables[request_id] = host
         self.pool.free(list(reversed(table)))

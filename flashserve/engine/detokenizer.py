@@ -28,6 +28,7 @@ class DecodeState:
     prefix_offset: int = 0
     read_offset: int = 0
     stopped_on: str | None = None  # the stop string that ended the sequence, if any
+    stop_armed: bool = True  # False while min_tokens holds stop strings back (StopChecker decides)
 
 
 class Detokenizer:
@@ -72,7 +73,7 @@ class Detokenizer:
     def _add_text(self, state: DecodeState, delta: str) -> None:
         old_len = len(state.text)
         state.text += delta
-        if not state.stop:
+        if not state.stop or not state.stop_armed:
             return
         # A stop string may start inside the old text: search from just far enough back.
         search_from = max(0, old_len - max(len(s) for s in state.stop) + 1)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from flashserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from flashserve.config import EngineArgs
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.request import RequestOutput
 from flashserve.sampling_params import SamplingParams
@@ -22,58 +22,15 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    """Owns one ``LLMEngine`` and runs it to completion for batches of prompts."""
+    """Owns one ``LLMEngine`` and runs it to completion for batches of prompts.
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        load_format: str = "auto",
-        dtype: str = "auto",
-        device: str = "auto",
-        seed: int = 0,
-        block_size: int = 16,
-        kv_cache_bytes: int | None = None,
-        kv_cache_memory_fraction: float | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        max_model_len: int | None = None,
-        enable_chunked_prefill: bool = True,
-        policy: str = "fcfs",
-        enable_prefix_caching: bool = True,
-        swap_space_bytes: int = 0,
-        preemption_mode: str = "auto",
-        attention_backend: str = "auto",
-        cuda_graphs: bool = True,
-        quantization: str = "auto",
-        verbose: bool = True,
-    ) -> None:
-        config = EngineConfig(
-            model=model,
-            load_format=load_format,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            attention_backend=attention_backend,
-            cuda_graphs=cuda_graphs,
-            quantization=quantization,
-            cache=CacheConfig(
-                block_size=block_size,
-                kv_cache_bytes=kv_cache_bytes,
-                kv_cache_memory_fraction=kv_cache_memory_fraction,
-                enable_prefix_caching=enable_prefix_caching,
-                swap_space_bytes=swap_space_bytes,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_model_len=max_model_len,
-                enable_chunked_prefill=enable_chunked_prefill,
-                policy=policy,
-                preemption_mode=preemption_mode,
-            ),
-        )
-        self.engine = LLMEngine(config, verbose=verbose)
+    Keywords are the fields of ``flashserve.config.EngineArgs`` (the same options as the CLI
+    flags), e.g. ``LLM("model.gguf", max_num_seqs=64, device="cpu")``.
+    """
+
+    def __init__(self, model: str | None = None, *, verbose: bool = True, **engine_args: Any) -> None:
+        args = EngineArgs.from_kwargs(model=model, **engine_args)
+        self.engine = LLMEngine(args.engine_config(), verbose=verbose)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -118,7 +75,7 @@ class LLM:
         ids_in_order = []
         for p, ids, sp in zip(prompts, encoded, params_list):
             rid = self._next_id()
-            self.engine.add_request(rid, p, sp, prompt_token_ids=ids)
+            self.engine.add_request(rid, p, sp, prompt_token_ids=ids, stream=False)
             ids_in_order.append(rid)
         finished = self._run(len(prompts), use_tqdm)
         return [finished[rid] for rid in ids_in_order]

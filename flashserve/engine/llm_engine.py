@@ -1,10 +1,14 @@
-"""The engine: one step loop that schedules, runs the model, samples, detokenizes.
+"""The engine: EngineCore plans, a Worker computes, the output processor turns tokens into text.
 
     step():
-        plan   = scheduler.schedule()
-        result = runner.execute(plan)
-        progressed = scheduler.update(plan, result)
-        return outputs(progressed)          # detokenize, stop strings, RequestOutput
+        plan_n   = core.schedule()                  # pure Python; incremental, immutable plan
+        handle_n = executor.execute(plan_n)         # launched on the device, not waited for
+        done     = core.update(plan_n-1, handle_n-1.result())   # tokens of the previous step
+        return outputs(done)                        # detokenize, stop strings, RequestOutput
+
+With ``async_scheduling`` (the default) step N+1 is planned and launched before step N's tokens
+are read, so the device never idles while the host schedules; otherwise each step is planned,
+run and read in turn. Both give the same tokens.
 
 Requests enter through ``add_request``, which validates everything a caller can get wrong and
 raises ``ValueError`` naming the problem and the limit, so a bad request never reaches the loop.
@@ -17,26 +21,21 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig
+from flashserve.engine.core import EngineCore
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
-from flashserve.layers.fused import use_triton_ops
+from flashserve.engine.executor import Handle, make_executor
 from flashserve.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
-from flashserve.runner.host_weights import pack_weights_in_huge_pages
-from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
-from flashserve.runner.model_runner import ModelRunner
-from flashserve.runner.swap import HostSwapSpace
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import RunnerOutput
-from flashserve.sched.policy import make_policy
+from flashserve.sched.plan import SchedulerOutput
 from flashserve.sched.preemption import PreemptionCostModel
-from flashserve.sched.scheduler import Scheduler
 
 logger = logging.getLogger("flashserve")
 
@@ -54,6 +53,23 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    num_rank_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class HostTiming:
+    """Host time of one ``step()`` (recorded when ``LLMEngine.timings`` is a list)."""
+
+    num_seqs: int
+    num_tokens: int
+    schedule_s: float  # EngineCore.schedule
+    launch_s: float  # the Worker applying the plan, building inputs, launching (or sending the plan)
+    finish_s: float  # update, stop checks, detokenization, outputs
+    wait_s: float  # waiting for the device's tokens (not host work)
+
+    @property
+    def host_s(self) -> float:
+        return self.schedule_s + self.launch_s + self.finish_s
 
 
 @dataclass
@@ -64,104 +80,71 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     child_ids: list[str]
+    stream: bool = True  # an output every step it progresses (False: only when it finishes)
     completions: dict[str, CompletionOutput] = field(default_factory=dict)
     metrics: RequestMetrics | None = None  # of the child that progressed last
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, verbose: bool = True) -> None:
-        from flashserve.layers.attention import get_attention_backend
-        from flashserve.loader import default_model_path, load_model, load_tokenizer
+        from flashserve.loader import default_model_path, load_model_config, load_tokenizer
 
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        torch.manual_seed(config.seed)
         source = config.model if config.model is not None else default_model_path()
         self.model_name = config.model or "SmolLM2-135M-Instruct"
-        backend_name = config.attention_backend
-        if backend_name == "auto":
-            backend_name = "triton" if self.device.type == "cuda" else "torch"
-        self.attn_backend = get_attention_backend(backend_name)
         t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(source, config.load_format)
+        self.tokenizer = load_tokenizer(config.tokenizer or source, "auto" if config.tokenizer else config.load_format)
         if self.tokenizer is None:
             logger.warning("flashserve: %s has no tokenizer files; the engine takes prompts as token ids only", source)
-        self.model, self.model_config = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend,
-                                                   quantization=config.quantization, dense_gguf=config.dtype != "auto")
-        if self.device.type == "cpu":
-            pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
-        load_s = time.perf_counter() - t0
-
-        mc = self.model_config
+        self.model_config = mc = load_model_config(source, config.load_format)
+        if self.tokenizer is not None and len(self.tokenizer) > mc.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
+                             f"{mc.vocab_size}; give a tokenizer made for this model")
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         sched_cfg = config.scheduler
         if not sched_cfg.enable_chunked_prefill and sched_cfg.max_num_batched_tokens < self.max_model_len:
             # Without chunking a whole prompt must fit one step.
             sched_cfg = replace(sched_cfg, max_num_batched_tokens=self.max_model_len)
-        block_size = config.cache.block_size
-        useful_blocks = sched_cfg.max_num_seqs * -(-self.max_model_len // block_size)
-        pool_plan = plan_kv_pool(mc, config.cache, self.dtype, self.device, self.max_model_len, useful_blocks,
-                                 reserve_bytes=self._activation_reserve(sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs))
-        kv_pool = allocate_kv_pool(mc, pool_plan, self.dtype, self.device)
+            config = replace(config, scheduler=sched_cfg)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
-        num_host_blocks = config.cache.swap_space_bytes // pool_plan.bytes_per_block
-        self.block_manager = BlockManager(pool_plan.num_blocks, block_size, config.cache.enable_prefix_caching,
-                                          num_host_blocks)
-        cost_model = PreemptionCostModel.for_model(mc, self.dtype.itemsize, self.device.type)
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, make_policy(sched_cfg.policy), self.max_model_len,
-                                   cost_model)
-        self.runner = ModelRunner(self.model, kv_pool, block_size, self.device, self.eos_token_ids, config.seed)
-        self.runner.swap_space = HostSwapSpace(kv_pool, num_host_blocks) if num_host_blocks else None
-        self.graph_capture_seconds: float | None = None
-        if backend_name == "triton":
-            use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
-            self.attn_backend.max_seq_len_cap = self.max_model_len  # decode splits sized for graphs
-            if config.cuda_graphs and self.device.type == "cuda":
-                self.graph_capture_seconds = self.runner.capture_cuda_graphs(sched_cfg.max_num_seqs, self.max_model_len)
+        self.executor = make_executor(config, mc, self.max_model_len, tuple(self.eos_token_ids))
+        info = self.info = self.executor.info
+        self.device = torch.device(info.device)
+        self.dtype = getattr(torch, info.dtype)
+        self.block_manager = BlockManager(info.num_blocks, info.block_size, config.cache.enable_prefix_caching,
+                                          info.num_host_blocks)
+        kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
+        cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
+        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model)
+        self.scheduler = self.core.scheduler
+        self.graph_capture_seconds = info.graph_capture_seconds
         self.detokenizer = Detokenizer(self.tokenizer)
         self._decode_states: dict[str, DecodeState] = {}
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
+        self._inflight: tuple[SchedulerOutput, Handle] | None = None
+        self.timings: list[HostTiming] | None = None  # set to [] to record per-step host timings
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._score_ids = itertools.count()
         if verbose:
             logger.warning(
-                "flashserve: %s on %s (%s, %s attention), loaded in %.1fs; KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
-                self.model_name, self.device, str(self.dtype).removeprefix("torch."), backend_name, load_s,
-                pool_plan.num_blocks, block_size, pool_plan.num_tokens,
-                pool_plan.num_blocks * pool_plan.bytes_per_block / 2**30, self.max_model_len,
+                "flashserve: %s on %s (%s, %s attention), ready in %.1fs; KV cache: %d blocks x %d tokens = %d tokens "
+                "(%.2f GiB); max_model_len %d",
+                self.model_name, info.device, info.dtype, info.attention_backend, time.perf_counter() - t0,
+                info.num_blocks, info.block_size, info.num_blocks * info.block_size,
+                info.num_blocks * info.bytes_per_block / 2**30, self.max_model_len,
             )
-            if self.graph_capture_seconds is not None:
-                logger.warning("flashserve: captured decode CUDA graphs for batch sizes up to %d in %.1fs",
-                               self.runner.graphs.max_batch, self.graph_capture_seconds)
+            if info.graph_capture_seconds is not None:
+                logger.warning("flashserve: captured CUDA graphs (decode up to batch %d, mixed steps up to %d tokens) "
+                               "in %.1fs", info.max_decode_graph_batch, config.max_mixed_graph_tokens,
+                               info.graph_capture_seconds)
 
-    def _activation_reserve(self, max_tokens: int, max_seqs: int) -> int:
-        """Device bytes kept out of the KV budget for one step's activations and logits."""
-        if self.device.type != "cuda":
-            return 0
-        mc = self.model_config
-        elem = self.dtype.itemsize
-        acts = max_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * elem * 2
-        logits = max_seqs * mc.vocab_size * 4 * 4
-        return acts + logits + (512 << 20)
+    @property
+    def worker(self):
+        """The in-process Worker (None when it runs in another process)."""
+        return getattr(self.executor, "worker", None)
 
     # ----------------------------------------------------------------- requests
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -200,8 +183,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         add_special_tokens: bool = True,
         prompt_token_ids: list[int] | None = None,
+        stream: bool = True,
     ) -> None:
         """Queue a request. Raises ValueError for any invalid input; nothing is queued then.
+
+        ``stream=False``: ``step`` reports the request only once, when it finishes (batch
+        generation needs no per-step outputs, which cost host time at large batches).
 
         ``prompt_token_ids``, when given with a text prompt, is its already-encoded form."""
         params = params or SamplingParams()
@@ -220,13 +207,13 @@ class LLMEngine:
                 raise ValueError("prompt token ids must be integers")
         self.validate_prompt(token_ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        parent = _Parent(request_id, text, token_ids, child_ids)
+        parent = _Parent(request_id, text, token_ids, child_ids, stream)
         for i, cid in enumerate(child_ids):
             child_params = params if params.n == 1 else replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i
             )
             req = Request(cid, token_ids, child_params, self.eos_token_ids, prompt=text)
-            self.scheduler.add_request(req)
+            self.core.add_request(req)
             self._child_parent[cid] = request_id
             self._decode_states[cid] = self.detokenizer.new_state(token_ids, params.skip_special_tokens, params.stop)
             parent.completions[cid] = CompletionOutput(index=i, text="", token_ids=[], finish_reason=None,
@@ -240,7 +227,7 @@ class LLMEngine:
         if parent is None:
             return False
         for cid in parent.child_ids:
-            self.scheduler.finish_request(cid, RequestStatus.FINISHED_ABORTED)
+            self.core.finish_request(cid, RequestStatus.FINISHED_ABORTED)
             self._decode_states.pop(cid, None)
             self._child_parent.pop(cid, None)
         return True
@@ -248,45 +235,90 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
+    def warm_up(self) -> float:
+        """Compile every kernel variant a step can hit (``flashserve.engine.warm_up``) before the
+        first request pays for it; returns the seconds taken. Needs an idle engine."""
+        from flashserve.engine.warm_up import warm_up_plans
+
+        self._drain()
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() needs an idle engine")
+        start = time.perf_counter()
+        mc, sched = self.model_config, self.scheduler.config
+        for plan in warm_up_plans(self.block_manager.num_blocks, self.block_manager.block_size, mc.vocab_size,
+                                  sched.max_num_batched_tokens, self.max_model_len, self.config.max_mixed_graph_tokens):
+            self.executor.execute(plan).result()
+        return time.perf_counter() - start
+
+    def _drain(self) -> None:
+        """Read the step still in flight (its requests have all finished: nothing to report)."""
+        if self._inflight is not None:
+            plan, handle = self._inflight
+            self._inflight = None
+            self._outputs(plan, handle.result())
+
     # ----------------------------------------------------------------- the loop
     def step(self) -> list[RequestOutput]:
-        """One iteration; returns an output for every request that got new tokens or finished."""
-        plan = self.scheduler.schedule()
-        result = self.runner.execute(plan) if not plan.is_empty else RunnerOutput(sampled={})
-        progressed = self.scheduler.update(plan, result)
-        touched: dict[str, None] = {}
-        for req in progressed:
-            self.generation_tokens_total += 1
-            self._process(req)
-            touched[self._child_parent[req.request_id]] = None
-        return [self._parent_output(pid) for pid in touched]
+        """One iteration; returns an output for every request that got new tokens or finished.
 
-    def _process(self, req: Request) -> None:
-        """Detokenize the new token, apply stop strings, update the child's CompletionOutput."""
+        With async scheduling, the tokens returned are those of the step launched by the previous
+        call (this call launches the next one first)."""
+        t0 = time.perf_counter()
+        plan = self.core.schedule()
+        t1 = time.perf_counter()
+        handle = self.executor.execute(plan) if not plan.is_empty else None
+        t2 = time.perf_counter()
+        if not self.config.async_scheduling:
+            done = (plan, handle) if handle is not None else None
+        else:
+            done, self._inflight = self._inflight, (plan, handle) if handle is not None else None
+        outputs = self._outputs(done[0], done[1].result()) if done is not None else []
+        if self.timings is not None:
+            wait = done[1].wait_s if done is not None else 0.0
+            self.timings.append(HostTiming(len(plan.requests), plan.num_tokens, t1 - t0, t2 - t1,
+                                           time.perf_counter() - t2 - wait, wait))
+        return outputs
+
+    def _outputs(self, plan: SchedulerOutput, result) -> list[RequestOutput]:
+        touched: dict[str, None] = {}
+        for req, first in self.core.update(plan, result):
+            new = req.output_token_ids[first:]
+            self.generation_tokens_total += len(new)
+            parent = self._parents[self._child_parent[req.request_id]]
+            self._process(req, new, parent)
+            if parent.stream or req.is_finished:
+                touched[parent.request_id] = None
+        return [out for pid in touched if (out := self._parent_output(pid)) is not None]
+
+    def _process(self, req: Request, new_tokens: list[int], parent: _Parent) -> None:
+        """Detokenize the new tokens, apply stop strings, update the child's CompletionOutput."""
         state = self._decode_states[req.request_id]
-        parent = self._parents[self._child_parent[req.request_id]]
         comp = parent.completions[req.request_id]
-        self.detokenizer.append(state, req.output_token_ids[-1:])
+        state.stop_armed = self.core.stop.stop_strings_armed(req)
+        self.detokenizer.append(state, new_tokens)
         if state.stopped_on is not None and not req.is_finished:
             req.stop_reason = state.stopped_on
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             self.detokenizer.flush(state)
         comp.text_delta = self.detokenizer.take_delta(state, req.is_finished)
         comp.text = state.text[: state.emitted]
-        comp.num_new_tokens = len(req.output_token_ids) - len(comp.token_ids)
-        comp.token_ids = list(req.output_token_ids)
-        if comp.logprobs is not None and req.output_logprobs:
-            lp, top = req.output_logprobs[-1]
-            comp.logprobs.append((req.output_token_ids[-1], lp, top))
+        comp.num_new_tokens += len(new_tokens)
+        if parent.stream or req.is_finished:
+            comp.token_ids = list(req.output_token_ids)
+        if comp.logprobs is not None:
+            for token, (lp, top) in zip(req.output_token_ids[len(comp.logprobs):], req.output_logprobs[len(comp.logprobs):]):
+                comp.logprobs.append((token, lp, list(top)))
         if req.is_finished:
             comp.finish_reason = req.status.value
             comp.stop_reason = req.stop_reason
         parent.metrics = req.metrics
 
-    def _parent_output(self, parent_id: str) -> RequestOutput:
+    def _parent_output(self, parent_id: str) -> RequestOutput | None:
         parent = self._parents[parent_id]
         finished = all(c.finish_reason is not None for c in parent.completions.values())
+        if not parent.stream and not finished:
+            return None
         outputs = [replace(c, logprobs=None if c.logprobs is None else list(c.logprobs)) for c in parent.completions.values()]
         for c in parent.completions.values():
             c.text_delta, c.num_new_tokens = "", 0
@@ -297,6 +329,7 @@ class LLMEngine:
             outputs=outputs,
             finished=finished,
             metrics=parent.metrics,
+            num_cached_tokens=parent.metrics.num_cached_prompt_tokens if parent.metrics else 0,
         )
         if finished:
             del self._parents[parent_id]
@@ -314,6 +347,7 @@ class LLMEngine:
         (a quantized or windowed KV) is what later chunks read. Needs the engine to be idle.
         """
         self.validate_prompt(token_ids)
+        self._drain()
         if self.has_unfinished_requests():
             raise RuntimeError("score() needs an idle engine; finish or abort the running requests first")
         if chunk_size < 1:
@@ -326,7 +360,7 @@ class LLMEngine:
             table = bm.block_table(rid)
             for start in range(0, len(token_ids) - 1, chunk_size):
                 chunk = token_ids[start : min(start + chunk_size, len(token_ids) - 1)]
-                yield self.runner.score_chunk(chunk, start, table)
+                yield self.executor.score_chunk(chunk, start, table)
         finally:
             bm.free(rid)
 
@@ -342,4 +376,9 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
+            num_rank_preemptions=self.scheduler.num_rank_preemptions,
         )
+
+    def shutdown(self) -> None:
+        """Stop the Worker (a no-op for an in-process one)."""
+        self.executor.shutdown()

@@ -1,7 +1,9 @@
 """Writing new keys/values into the paged KV cache.
 
 Cache layout (per layer): ``[num_blocks, block_size, num_kv_heads, head_dim]``; flat slot
-``s`` is block ``s // block_size``, offset ``s % block_size``.
+``s`` is block ``s // block_size``, offset ``s % block_size``. An 8-bit cache (int8 / fp8
+e4m3, see ``flashserve.kernels.kv_quant``) is quantized here, on store: one fp16 scale per
+(token, head) row, written to the block's scale region.
 """
 
 from __future__ import annotations
@@ -10,33 +12,75 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import kv_quant
+from flashserve.kernels.kv_quant import QMAX, is_quantized, kv_scales
 from flashserve.kernels.utils import next_power_of_2
+
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to an integer, ties to even
+_MIN_SCALE = tl.constexpr(kv_quant.MIN_SCALE)
+_MAX_SCALE = tl.constexpr(kv_quant.MAX_SCALE)
+
+
+@triton.jit
+def _rint(y):
+    """Round fp32 to the nearest integer, ties to even (the add rounds in the FPU's mode)."""
+    return (y + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def quantize_rows(x, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+    """x [R, C] fp32 (masked lanes 0) -> (values on the int8 / e4m3 grid as fp32 [R, C], fp16
+    scales [R]); bit-identical to ``kv_quant.quantize``. Divisions are IEEE (div_rn), and fp8
+    values are rounded to the e4m3 grid here, so the final cast is exact (the interpreter's
+    own fp32 -> fp8 rounding is wrong when the mantissa carries into the exponent)."""
+    amax = tl.max(tl.abs(x), 1)
+    scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, QMAX), _MIN_SCALE), _MAX_SCALE).to(tl.float16)
+    y = tl.math.div_rn(x, scale.to(tl.float32)[:, None])
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_INT8:
+        r = _rint(y)
+    else:
+        # e4m3: 3 mantissa bits, smallest normal exponent -6 (below it the spacing is 2^-9).
+        pow2 = (y.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|y|)
+        ulp = tl.maximum(pow2, 0.015625) * 0.125
+        r = _rint(tl.math.div_rn(y, ulp)) * ulp
+    return r, scale
 
 
 @triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr,  # [T, H, D] (any strides)
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, H, D]
+    ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, H, block_size]
     slot_ptr,  # [T] int64
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_cb, stride_co, stride_ch, stride_cd,  # shared by k_cache and v_cache
+    stride_sb, stride_sh,  # scale strides (block, head; offset stride 1), shared by K and V
     num_heads, head_dim, block_size,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
 ):
-    # One program per new token: copies its [H, D] key and value tile into the cache.
+    # One program per new token: copies (or quantizes) its [H, D] key and value tile.
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < head_dim) & (slot >= 0)
+    h_ok = (offs_h < num_heads) & (slot >= 0)
+    mask = h_ok[:, None] & (offs_d[None, :] < head_dim)
     blk = slot // block_size
     off = slot % block_size
     src_k = k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd
     src_v = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd
     dst = blk * stride_cb + off * stride_co + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
-    kk = tl.load(src_k, mask=mask)
-    vv = tl.load(src_v, mask=mask)
+    kk = tl.load(src_k, mask=mask, other=0.0)
+    vv = tl.load(src_v, mask=mask, other=0.0)
+    if QUANT:
+        kk, k_scale = quantize_rows(kk.to(tl.float32), QMAX, IS_INT8)
+        vv, v_scale = quantize_rows(vv.to(tl.float32), QMAX, IS_INT8)
+        s_dst = blk * stride_sb + offs_h * stride_sh + off
+        tl.store(ks_ptr + s_dst, k_scale, mask=h_ok)
+        tl.store(vs_ptr + s_dst, v_scale, mask=h_ok)
     tl.store(k_cache_ptr + dst, kk.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, vv.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -48,19 +92,30 @@ def store_kv(
     v_cache: torch.Tensor,  # same shape and strides as k_cache
     slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
 ) -> None:
-    """Scatter the new tokens' keys and values into the paged cache, in place."""
+    """Scatter the new tokens' keys and values into the paged cache, in place (quantizing
+    them when the cache is 8-bit)."""
     num_tokens, num_heads, head_dim = k.shape
     assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.dtype == v_cache.dtype
     assert k_cache.shape[2] == num_heads and k_cache.shape[3] == head_dim
     assert slot_mapping.shape[0] >= num_tokens
     if num_tokens == 0:
         return
+    quant = is_quantized(k_cache)
+    if quant:
+        ks, vs = kv_scales(k_cache), kv_scales(v_cache)
+        scale_strides = (ks.stride(0), ks.stride(1))
+        assert vs.stride() == ks.stride() and ks.stride(2) == 1
+    else:
+        ks, vs, scale_strides = k_cache, v_cache, (0, 0)  # dummies
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, ks, vs, slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        *scale_strides,
         num_heads, head_dim, k_cache.shape[1],
         BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
+        QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
         num_warps=4 if num_heads * head_dim >= 2048 else 1,
     )

@@ -43,7 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._paged_common import LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok
+from flashserve.kernels._paged_common import (
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query,
+)
 from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
 MODE_ONLINE = 0  # synchronous online softmax
@@ -59,6 +61,7 @@ MAX_SPLITS = 64
 def _decode_split_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+    ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, Hkv, BLOCK_SIZE]
     mid_o_ptr,  # [T, Hq, num_splits, D] fp32 partial outputs; or o [T, Hq, D] (DIRECT_OUT)
     mid_lse_ptr,  # [T, Hq, num_splits] fp32 partial base-2 LSEs (unused with DIRECT_OUT)
     flag_ptr,  # [B, Hkv, num_splits] int32 fallback flags (unified-max modes only)
@@ -67,6 +70,7 @@ def _decode_split_kernel(
     phi,  # unified max in log2 units (MODE_UNIFIED)
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_co, stride_ch, stride_cd,
+    stride_sb, stride_sh,
     stride_bt,
     stride_mot, stride_moh, stride_mos,  # with DIRECT_OUT: o's token / head / feature strides
     stride_mlt, stride_mlh,
@@ -77,6 +81,7 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DIRECT_OUT: tl.constexpr,  # num_splits == 1: write the final output, no reduction pass
     DOT_PREC: tl.constexpr,
+    QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
     MODE: tl.constexpr,
     HI_MARGIN: tl.constexpr, LO_MARGIN: tl.constexpr,
 ):
@@ -105,6 +110,7 @@ def _decode_split_kernel(
     d_mask = offs_d < head_dim
     q = load_q_rows(q_ptr, tok_start, qi, g, row_valid, kvh, offs_d, d_mask,
                     stride_qt, stride_qh, stride_qd, GROUP)  # [BLOCK_M, BLOCK_D]
+    q = quant_query(q, QUANT, KV_FP16)
     q_pos = ctx_len + qi  # [BLOCK_M]
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)  # running max (online) / observed max (unified)
@@ -117,14 +123,14 @@ def _decode_split_kernel(
     full_end = n_start + (n_full // BLOCK_N) * BLOCK_N
     for start_n in range(n_start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, n_end, q_pos, qk_scale, phi,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
-            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, MODE, DOT_PREC)
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos, qk_scale, phi,
+            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
     for start_n in range(full_end, n_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, n_end, q_pos, qk_scale, phi,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
-            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, MODE, DOT_PREC)
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos, qk_scale, phi,
+            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
 
     if MODE == 1:
         seen = row_valid & (m_i > NEG_BIG)  # rows with at least one visible key in this slice
@@ -189,19 +195,23 @@ class DecodeConfig(NamedTuple):
     paged: bool = False  # page-wise K/V addressing (see _paged_common; slower on H200)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """Fixed per-(head_dim, dtype) configuration (no autotuning: nothing is benchmarked
-    during CUDA-graph capture). Tuned on an H200 (bf16, Hq32/Hkv8, d128, block 16)."""
+def decode_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> DecodeConfig:
+    """Fixed per-(head_dim, dtype, cache dtype) configuration (no autotuning: nothing is
+    benchmarked during CUDA-graph capture). Tuned on an H200 (bf16, Hq32/Hkv8, d128, block 16);
+    the 8-bit-cache entry is a first guess with the same bytes per tile as bf16 (128 keys of
+    1 byte; ``flashserve bench kernels --kv-decode-configs`` compares alternatives)."""
     if is_interpreter():
         return DecodeConfig(16, 4, 1)
     if next_power_of_2(head_dim) >= 256 or dtype == torch.float32:
         return DecodeConfig(32, 4, 2)
+    if kv_dtype is not None and kv_dtype.itemsize == 1:
+        return DecodeConfig(128, 4, 3, paged=True)
     # Page-wise addressing (with the alignment hint): 4.06 vs 3.77 TB/s at 64x4096 on the H200.
     return DecodeConfig(64, 4, 3, paged=True)
 
 
-def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
-    return decode_config(head_dim, dtype).block_n
+def decode_block_n(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
+    return decode_config(head_dim, dtype, kv_dtype).block_n
 
 
 def choose_num_splits(
@@ -252,8 +262,10 @@ def paged_decode_attention(
     unified_max: float | None = None,  # phi for the asynchronised softmax; None: online softmax
     out: torch.Tensor | None = None,  # [T, Hq, D]
     return_fallback_flags: bool = False,
+    config: DecodeConfig | None = None,  # None: decode_config(...) (benchmarks compare others)
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Split-KV attention for sequences with few new tokens each (decode / spec verify).
+    The cache may be 8-bit (``flashserve.kernels.kv_quant``): dequantized in registers.
 
     Returns ``out`` [T, Hq, D]; with ``return_fallback_flags`` also the int32 flags
     [B, Hkv, num_splits] raised by the unified-max path (None without ``unified_max``).
@@ -272,7 +284,7 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
-    cfg = decode_config(head_dim, q.dtype)
+    cfg = config or decode_config(head_dim, q.dtype, k_cache.dtype)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device), cfg.block_n)
     if num_tokens == 0 or num_seqs == 0:
@@ -290,15 +302,17 @@ def paged_decode_attention(
     flags = (torch.empty(num_seqs, num_kv_heads, num_splits, dtype=torch.int32, device=q.device)
              if use_unified else q)  # dummy pointer when unused
     hi, lo = _margins(q.dtype)
+    qa = quant_args(q, k_cache, v_cache)
     grid = (num_seqs, num_kv_heads, num_splits)
 
     def launch(mode: int) -> None:
         _decode_split_kernel[grid](
-            q, k_cache, v_cache, mid_o, mid_lse, flags,
+            q, k_cache, v_cache, qa.k_scales, qa.v_scales, mid_o, mid_lse, flags,
             query_start_loc, seq_lens, block_tables,
             scale * LOG2E, float(unified_max or 0.0) * LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+            qa.stride_sb, qa.stride_sh,
             block_tables.stride(0),
             *mo_strides,
             mid_lse.stride(0), mid_lse.stride(1),
@@ -308,6 +322,7 @@ def paged_decode_attention(
             PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
             DIRECT_OUT=direct,
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
+            QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._paged_common import LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok
+from flashserve.kernels._paged_common import (
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query,
+)
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
 
@@ -30,6 +32,7 @@ from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+    ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, Hkv, BLOCK_SIZE]
     o_ptr,  # [T, Hq, D]
     qsl_ptr,  # [B + 1] int32
     seq_lens_ptr,  # [B] int32
@@ -38,6 +41,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cb, stride_co, stride_ch, stride_cd,
+    stride_sb, stride_sh,
     stride_bt,
     head_dim,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -45,6 +49,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -65,6 +70,7 @@ def _prefill_kernel(
     d_mask = offs_d < head_dim
     q = load_q_rows(q_ptr, tok_start, qi, g, row_valid, kvh, offs_d, d_mask,
                     stride_qt, stride_qh, stride_qd, GROUP)  # [BLOCK_M, BLOCK_D]
+    q = quant_query(q, QUANT, KV_FP16)
     q_pos = ctx_len + qi  # [BLOCK_M] absolute positions
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -78,14 +84,14 @@ def _prefill_kernel(
     kv_end = ctx_len + tl.minimum(q_tile + BLOCK_Q, q_len)
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, kv_end, q_pos, qk_scale, 0.0,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
-            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, 0, DOT_PREC)
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos, qk_scale, 0.0,
+            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, start_n, kv_end, q_pos, qk_scale, 0.0,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd,
-            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, 0, DOT_PREC)
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos, qk_scale, 0.0,
+            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -130,7 +136,8 @@ def paged_prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D]
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal attention of every sequence's new tokens over its cached context plus itself."""
+    """Causal attention of every sequence's new tokens over its cached context plus itself.
+    The cache may be 8-bit (``flashserve.kernels.kv_quant``): dequantized in registers."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.stride() == v_cache.stride()
@@ -146,19 +153,22 @@ def paged_prefill_attention(
     block_m = max(cfg.block_m, group_pad)
     block_q = block_m // group_pad
     block_d = max(16, next_power_of_2(head_dim))
+    qa = quant_args(q, k_cache, v_cache)
     grid = (num_kv_heads, num_seqs, triton.cdiv(max_query_len, block_q))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, qa.k_scales, qa.v_scales, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        qa.stride_sb, qa.stride_sh,
         block_tables.stride(0),
         head_dim,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
         DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
+        QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.kernels import kv_quant
+
 
 def store_kv_ref(
     k: torch.Tensor,  # [T, Hkv, D]
@@ -17,10 +19,14 @@ def store_kv_ref(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
 ) -> None:
-    """Write token t's k/v into flat slot ``slot_mapping[t]`` of the paged cache (in place)."""
+    """Write token t's k/v into flat slot ``slot_mapping[t]`` of the paged cache (in place);
+    an 8-bit cache gets the values and scales of ``kv_quant.quantize``."""
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
+    if kv_quant.is_quantized(k_cache):
+        kv_quant.store(k[keep], v[keep], k_cache, v_cache, slots)
+        return
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
@@ -30,10 +36,13 @@ def gather_kv_ref(
     block_table_row: torch.Tensor,  # [max_blocks] int32
     seq_len: int,
 ) -> torch.Tensor:  # [seq_len, Hkv, D]
-    """The first ``seq_len`` tokens of one sequence, read through its block table."""
+    """The first ``seq_len`` tokens of one sequence, read through its block table (an 8-bit
+    cache dequantized to fp32)."""
     block_size = cache.shape[1]
     pos = torch.arange(seq_len, device=cache.device)
     blocks = block_table_row.long()[pos // block_size]
+    if kv_quant.is_quantized(cache):
+        return kv_quant.gather(cache, blocks * block_size + pos % block_size, torch.float32)
     return cache[blocks, pos % block_size]
 
 

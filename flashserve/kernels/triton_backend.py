@@ -78,7 +78,7 @@ class TritonAttentionBackend(AttentionBackend):
         if self.max_seq_len_cap is not None and _capturing():
             seq_bound = self.max_seq_len_cap
         return choose_num_splits(meta.num_seqs, k_cache.shape[2], seq_bound, num_sms(q.device),
-                                 decode_block_n(q.shape[2], q.dtype))
+                                 decode_block_n(q.shape[2], q.dtype, k_cache.dtype))
 
     def forward(
         self,

@@ -3,6 +3,8 @@
 ``Attention.forward`` reads the step's ``AttentionMetadata`` from the forward context and
 hands q/k/v plus the layer's KV cache to the backend chosen at start-up. The torch backend is
 the reference (CPU and GPU); the Triton backend lives in ``flashserve.kernels.triton_backend``.
+Both read an 8-bit cache (``flashserve.kernels.kv_quant``): quantized on store, dequantized to
+the query's dtype on read.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.config import AttentionSpec
+from flashserve.kernels import kv_quant
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
 
 
@@ -22,7 +26,13 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
     valid: torch.Tensor | None = None,  # [T] bool, slot_mapping >= 0; None = every slot is valid
 ) -> None:
-    """Write the new tokens' k/v into their flat cache slots, skipping slot -1."""
+    """Write the new tokens' k/v into their flat cache slots, skipping slot -1 (quantized
+    per token and head when the cache is 8-bit)."""
+    if kv_quant.is_quantized(k_cache):
+        if valid is not None:
+            k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+        kv_quant.store(k, v, k_cache, v_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
@@ -121,11 +131,11 @@ class TorchAttentionBackend(AttentionBackend):
                 continue
             if has_cache:
                 slots = self._context_slots(meta, i, k_cache)  # [S]
-                keys = k_cache.flatten(0, 1).index_select(0, slots)  # [S, Hkv, D]
-                values = v_cache.flatten(0, 1).index_select(0, slots)
+                keys = kv_quant.gather(k_cache, slots, q.dtype)  # [S, Hkv, D]
+                values = kv_quant.gather(v_cache, slots, q.dtype)
             else:
                 keys, values = k[start:end], v[start:end]
-            outputs.append(grouped_attention(q[start:end], keys.to(q.dtype), values.to(q.dtype), scale))
+            outputs.append(grouped_attention(q[start:end], keys, values, scale))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
@@ -160,8 +170,10 @@ class Attention(nn.Module):
         head_dim: int,
         scale: float,
         backend: AttentionBackend,
+        spec: AttentionSpec | None = None,
     ) -> None:
         super().__init__()
+        self.spec = spec or AttentionSpec()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads = num_heads
@@ -195,12 +207,13 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend.name}"
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """``"torch"`` -> TorchAttentionBackend; ``"triton"`` -> TritonAttentionBackend (imported lazily)."""
+def get_attention_backend(name: str, max_seq_len_cap: int | None = None) -> AttentionBackend:
+    """``"torch"`` -> TorchAttentionBackend; ``"triton"`` -> TritonAttentionBackend (imported lazily),
+    whose decode split count under CUDA-graph capture is sized for ``max_seq_len_cap`` tokens."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from flashserve.kernels.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(max_seq_len_cap=max_seq_len_cap)
     raise ValueError(f"unknown attention backend {name!r}; expected 'torch' or 'triton'")

@@ -78,6 +78,7 @@ class AttentionBackend:
     """
 
     name: str = "abstract"
+    attention_kinds: tuple[str, ...] = ("full",)  # AttentionSpec kinds this backend implements
 
     def forward(
         self,

@@ -10,6 +10,7 @@ Scaling types (``rope_scaling["rope_type"]``): ``default`` (or None), ``linear``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,6 +82,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
+@dataclass(frozen=True)
+class RopeInputs:
+    """One forward pass's rope inputs, looked up once and shared by every layer: the positions
+    (the fused kernel reads the cache itself), or cos/sin rows [T, 1, rotary_dim / 2] fp32."""
+
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
 class RotaryEmbedding(nn.Module):
     """Applies rope to q and k given each token's absolute position."""
 
@@ -109,26 +120,19 @@ class RotaryEmbedding(nn.Module):
             cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, rd]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.triton = False  # set by flashserve.layers.fused.use_triton_ops
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
-        if self.triton:  # fused GPU kernel, in place
+    def lookup(self, positions: torch.Tensor) -> RopeInputs:
+        """The rope inputs of a forward pass (positions: [T]); done once, used by every layer."""
+        if self.triton:
+            return RopeInputs(positions)
+        cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
+        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
+        return RopeInputs(positions, cos, sin)
+
+    def forward(self, rope: RopeInputs, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
+        if rope.cos is None:  # fused GPU kernel, in place
             from flashserve.kernels.rotary import rotary_embedding
 
-            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)  # type: ignore[return-value]
-        cos, sin = self._cos_sin(positions)
-        return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)
-
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, rd/2] for ``positions``. Every layer of a forward pass gets the same
-        positions tensor (one module is shared by all layers), so the lookup is done once."""
-        # Keyed on the tensor object: the runner builds a new positions tensor for every forward
-        # pass (CUDA-graph replays run no Python and use the Triton kernel).
-        if self._last is None or self._last[0] is not positions:
-            cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
-            cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
-            self._last = (positions, cos, sin)
-        return self._last[1], self._last[2]
+            return rotary_embedding(rope.positions, q, k, self.cos_sin_cache, self.head_dim)  # type: ignore[return-value]
+        return apply_rotary(q, rope.cos, rope.sin, self.rotary_dim), apply_rotary(k, rope.cos, rope.sin, self.rotary_dim)

@@ -1,8 +1,11 @@
-"""Batched token sampling on the device.
+"""Batched token sampling on the device, without host synchronisation.
 
 Input: float32 logits [N, V], one row per request that samples this step, plus each row's
-SamplingParams. Steps, all batched (no Python loop over the vocabulary):
-  1. penalties (repetition, presence, frequency) from token counts;
+``SamplingRow`` (its SamplingParams and what the Worker knows about it). Steps, all batched (no
+Python loop over the vocabulary):
+  1. penalties (repetition, presence, frequency) from the token counts that ``PenaltyState``
+     keeps on the device for requests that use them (updated with each sampled token on the
+     device, so nothing is rebuilt from token lists);
   2. min_tokens: EOS / stop ids masked until the minimum is reached;
   3. greedy rows: argmax;
   4. other rows: temperature, then top-k / top-p / min-p masks on one descending sort, then the
@@ -10,11 +13,14 @@ SamplingParams. Steps, all batched (no Python loop over the vocabulary):
      seeded by (seed, output position), so it is reproducible across runs, batch compositions and
      preemptions;
   5. logprobs of the model's distribution (raw logits, log-softmax) for the sampled token and top-n.
+Results stay on the device (``SamplerOutput``); the Worker copies them to the host
+asynchronously, so the next step can be launched before they are read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,53 +29,96 @@ from flashserve.sampling_params import SamplingParams
 _MASK = float("-inf")
 
 
-@dataclass
-class SamplingRow:
+class SamplingRow(NamedTuple):
     """What the sampler needs to know about one row."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    eos_token_ids: list[int]
+    num_output_tokens: int  # generated before this sample (seed position, min_tokens)
+    penalty_slot: int | None  # row of the request in PenaltyState (None: no penalties)
+    banned_token_ids: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float | None]
-    top_logprobs: list[list[tuple[int, float]] | None]
+    """Device tensors: sampled ids [N] int64; logprob of each [N] and top-n ids/logprobs [N, k]
+    (None when no row asked for logprobs)."""
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Presence / frequency penalties on output tokens, repetition penalty on prompt+output tokens.
+def to_device(data: list | tuple, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a device tensor, without blocking the host (pinned, asynchronous copy)."""
+    t = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
-    logits: [N, V] float32, modified in place and returned.
+
+def has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class PenaltyState:
+    """Per-request token statistics on the device, for requests with penalties.
+
+    ``counts[slot, t]``: how often token t was generated; ``seen[slot, t]``: t occurs in the
+    prompt or the output (the repetition penalty's set). Rows are allocated when a request with
+    penalties arrives and grow in chunks; sampled tokens are added on the device.
     """
-    vocab = logits.shape[1]
-    device = logits.device
-    rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device, dtype=logits.dtype)
-    pres = torch.tensor([r.params.presence_penalty for r in rows], device=device, dtype=logits.dtype)
-    freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device, dtype=logits.dtype)
-    out_counts = _token_counts([r.output_token_ids for r in rows], vocab, device)  # [N, V]
-    if bool((rep != 1.0).any()):
-        seen = _token_counts([r.prompt_token_ids for r in rows], vocab, device) + out_counts > 0
-        factor = torch.where(seen, rep[:, None], torch.ones_like(logits))
-        logits = torch.where(logits > 0, logits / factor, logits * factor)
-    logits -= freq[:, None] * out_counts
-    logits -= pres[:, None] * (out_counts > 0).to(logits.dtype)
-    return logits
 
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)
+        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self._free: list[int] = []
 
-def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[N, V] float32 counts of each token id per row."""
-    counts = torch.zeros(len(token_lists), vocab, device=device, dtype=torch.float32)
-    lengths = [len(t) for t in token_lists]
-    if sum(lengths) == 0:
-        return counts
-    ids = torch.tensor([t for tokens in token_lists for t in tokens], device=device, dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(token_lists), device=device), torch.tensor(lengths, device=device))
-    counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
-    return counts
+    def add(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...]) -> int:
+        if not self._free:
+            old = self.counts.shape[0]
+            grow = max(8, old)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab_size)])
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(grow, self.vocab_size)])
+            self._free.extend(range(old + grow - 1, old - 1, -1))
+        slot = self._free.pop()
+        self.counts[slot].zero_()
+        self.seen[slot].zero_()
+        # Scalar values (`x[idx] = True`) would be copied to the device synchronously: fill instead.
+        if prompt_token_ids:
+            self.seen[slot].index_fill_(0, to_device(prompt_token_ids, self.device, torch.int64), True)
+        if output_token_ids:
+            out = to_device(output_token_ids, self.device, torch.int64)
+            self.counts[slot].index_add_(0, out, torch.ones(len(output_token_ids), device=self.device))
+            self.seen[slot].index_fill_(0, out, True)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add one sampled token per row: ``slots`` [M] int64, ``tokens`` [M] int64 (device)."""
+        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
+
+    def apply(self, logits: torch.Tensor, rows: list[SamplingRow], penalised: list[int]) -> torch.Tensor:
+        """Penalties of the rows ``penalised`` (indices into ``rows``) applied to ``logits`` [N, V]."""
+        dev = logits.device
+        idx = to_device(penalised, dev, torch.int64)
+        slots = to_device([rows[i].penalty_slot for i in penalised], dev, torch.int64)
+        params = [rows[i].params for i in penalised]
+        rep = to_device([p.repetition_penalty for p in params], dev, torch.float32)[:, None]
+        pres = to_device([p.presence_penalty for p in params], dev, torch.float32)[:, None]
+        freq = to_device([p.frequency_penalty for p in params], dev, torch.float32)[:, None]
+        sub = logits[idx]  # [M, V]
+        counts = self.counts[slots][:, : sub.shape[1]]
+        seen = self.seen[slots][:, : sub.shape[1]]
+        factor = torch.where(seen, rep, torch.ones_like(sub))
+        sub = torch.where(sub > 0, sub / factor, sub * factor)
+        sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+        return logits.index_copy(0, idx, sub)
 
 
 def top_k_top_p_min_p_mask(
@@ -91,63 +140,60 @@ def top_k_top_p_min_p_mask(
     remove |= mass_before >= top_p[:, None]
     # min-p: drop tokens less likely than min_p times the most likely one.
     remove |= probs < (min_p[:, None] * probs[:, :1])
-    remove[:, 0] = False  # the most likely token always survives
+    remove[:, 0].fill_(False)  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(remove, _MASK)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 class Sampler:
-    """Samples one token per row. Stateless apart from the unseeded generator."""
+    """Samples one token per row; owns the unseeded generator and the penalty statistics."""
 
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, device: torch.device, vocab_size: int, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.penalties = PenaltyState(vocab_size, device)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        n = logits.shape[0]
         logits = logits.float()
         raw = logits
-        if any(_has_penalty(r.params) for r in rows):
-            logits = apply_penalties(logits.clone(), rows)
-        banned = [(i, t) for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens
-                  for t in set(r.eos_token_ids) | set(r.params.stop_token_ids)]
+        dev = logits.device
+        penalised = [i for i, r in enumerate(rows) if r.penalty_slot is not None]
+        if penalised:
+            logits = self.penalties.apply(logits, rows, penalised)
+        banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
         if banned:
             if logits is raw:
                 logits = logits.clone()
-            idx = torch.tensor(banned, device=logits.device)
-            logits[idx[:, 0], idx[:, 1]] = _MASK
+            idx = to_device(banned, dev, torch.int64)
+            logits.index_put_((idx[:, 0], idx[:, 1]), torch.full_like(idx[:, 0], _MASK, dtype=logits.dtype))
 
         greedy = [r.params.temperature == 0.0 for r in rows]
         tokens = logits.argmax(dim=-1)
         if not all(greedy):
-            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, self._sample(logits, rows))
+            tokens = torch.where(to_device(greedy, dev, torch.bool), tokens, self._sample(logits, rows))
+        if penalised:
+            pen = to_device(penalised, dev, torch.int64)
+            slots = to_device([rows[i].penalty_slot for i in penalised], dev, torch.int64)
+            self.penalties.record(slots, tokens[pen])
 
         want = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
-        token_list = tokens.tolist()
         if want is None:
-            return SamplerOutput(token_list, [None] * n, [None] * n)
+            return SamplerOutput(tokens)
         logprobs = raw.log_softmax(dim=-1)
-        chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
         top_vals, top_ids = logprobs.topk(max(want, 1), dim=-1)
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        out_lp: list[float | None] = []
-        out_top: list[list[tuple[int, float]] | None] = []
-        for i, r in enumerate(rows):
-            k = r.params.logprobs
-            out_lp.append(chosen[i] if k is not None else None)
-            out_top.append(list(zip(top_ids[i][:k], top_vals[i][:k])) if k is not None else None)
-        return SamplerOutput(token_list, out_lp, out_top)
+        return SamplerOutput(tokens, chosen, top_ids, top_vals)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Random draw for every row (greedy rows' results are discarded by the caller)."""
         dev = logits.device
-        temp = torch.tensor([r.params.temperature or 1.0 for r in rows], device=dev)
-        top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
+        temp = to_device([r.params.temperature or 1.0 for r in rows], dev, torch.float32)
         scaled = logits / temp[:, None]
         if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
+            top_k = to_device([r.params.top_k for r in rows], dev, torch.int64)
+            top_p = to_device([r.params.top_p for r in rows], dev, torch.float32)
+            min_p = to_device([r.params.min_p for r in rows], dev, torch.float32)
             scaled = top_k_top_p_min_p_mask(scaled, top_k, top_p, min_p)
         probs = scaled.softmax(dim=-1)
         noise = torch.empty_like(probs)
@@ -155,13 +201,9 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.params.seed is not None and r.params.temperature > 0:
                 g = torch.Generator(device=dev)
-                g.manual_seed(_row_seed(r.params.seed, len(r.output_token_ids)))
+                g.manual_seed(_row_seed(r.params.seed, r.num_output_tokens))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _row_seed(seed: int, position: int) -> int:

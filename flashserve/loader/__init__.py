@@ -1,10 +1,10 @@
 """Model and tokenizer loading.
 
-``load_model(source, load_format, dtype, device, attn_backend, quantization=...)`` builds a
-LlamaForCausalLM directly on the target device and dtype and fills it from a safetensors
-directory (dense, GPTQ or AWQ), a GGUF file (tensors packed or dequantized) or random weights
-(``dummy``); online quantization (int8 / int4 / fp8) happens as the last step.
-``source=None`` means the bundled SmolLM2-135M GGUF.
+``load_model(source, load_format, dtype, device, attn_backend, quantization=...)`` builds the
+registered model of the checkpoint's architecture directly on the target device and dtype and
+fills it from a safetensors directory (dense, GPTQ or AWQ), a GGUF file (tensors packed or
+dequantized) or random weights (``dummy``); online quantization (int8 / int4 / fp8) is its last
+step. ``source=None`` means the bundled SmolLM2-135M GGUF.
 """
 
 from __future__ import annotations
@@ -121,14 +121,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend,
                 quant_config: Any = None) -> Any:
-    """An uninitialised LlamaForCausalLM allocated directly on ``device`` in ``dtype``; each
-    layer takes its storage from ``quant_config`` (a ``flashserve.quant.QuantConfig``; dense if None)."""
-    from flashserve.models.llama import LlamaForCausalLM, check_supported
+    """An uninitialised model of ``config.architecture`` (``flashserve.models.registry``),
+    allocated directly on ``device`` in ``dtype``; each linear layer takes its storage from
+    ``quant_config`` (a ``flashserve.quant.QuantConfig``; dense if None)."""
+    from flashserve.models.registry import model_class
     from flashserve.quant import QuantConfig, quant_scope
 
-    check_supported(config)  # before allocating anything
+    cls = model_class(config.architecture)
+    cls.check_supported(config, attn_backend)  # before allocating anything
     with torch.device(device), _default_dtype(dtype), quant_scope(quant_config or QuantConfig()):
-        model = LlamaForCausalLM(config, attn_backend)
+        model = cls(config, attn_backend)
     return model.eval().requires_grad_(False)
 
 

@@ -2,7 +2,9 @@
 
 Differences are ModelConfig flags: ``attention_bias`` (Qwen2: bias on q/k/v), ``qk_norm``
 (Qwen3: per-head RMSNorm on q and k before rope), ``tie_word_embeddings``, ``rope_scaling``.
-Heads: MHA, GQA and MQA (``num_kv_heads`` divides ``num_heads``).
+Heads: MHA, GQA and MQA (``num_kv_heads`` divides ``num_heads``). Each decoder layer takes its
+attention kind and its MLP from ``config.layer_spec(i)`` (``flashserve.models.blocks``), so new
+layer kinds plug in without branches here.
 
 Inputs are a flat batch of T new tokens (all sequences packed); the runner installs the
 step's AttentionMetadata with ``forward_context`` before calling ``forward``.
@@ -15,14 +17,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from flashserve.config import ModelConfig
-from flashserve.layers.activation import SiluAndMul
+from flashserve.config import AttentionSpec, LayerSpec, ModelConfig
 from flashserve.layers.attention import Attention
 from flashserve.layers.attention_metadata import AttentionBackend
 from flashserve.layers.embedding import LMHead, VocabEmbedding
-from flashserve.layers.linear import GateUpLinear, Linear, QKVLinear, default_weight_loader
+from flashserve.layers.linear import Linear, QKVLinear, default_weight_loader
 from flashserve.layers.norm import RMSNorm
-from flashserve.layers.rotary import RotaryEmbedding
+from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
+from flashserve.models.blocks import MLP_TYPES
+from flashserve.models.registry import register_model
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
@@ -36,31 +39,17 @@ STACKED_PARAMS: dict[str, tuple[str, object]] = {
 }
 
 
-def check_supported(config: ModelConfig) -> None:
-    """Refuse configurations this decoder would compute wrongly."""
-    if config.architecture not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ValueError(f"LlamaForCausalLM cannot run architecture {config.architecture!r}")
-    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
-        raise ValueError(
-            f"sliding-window attention is not implemented yet: this {config.architecture} model uses "
-            f"sliding_window={config.sliding_window} < max_position_embeddings={config.max_position_embeddings}"
-        )
-
-
-def make_rotary(config: ModelConfig) -> RotaryEmbedding:
-    """The rope module of a model (one instance is shared by all layers)."""
-    return RotaryEmbedding(
-        config.head_dim, config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-    )
+def make_rotary(config: ModelConfig, theta: float | None = None) -> RotaryEmbedding:
+    """A rope module (one instance is shared by all layers with the same base)."""
+    return RotaryEmbedding(config.head_dim, config.head_dim, config.max_position_embeddings,
+                           theta if theta is not None else config.rope_theta, config.rope_scaling)
 
 
 class LlamaAttention(nn.Module):
     """qkv projection -> (qk norm) -> rope -> paged attention -> output projection."""
 
-    def __init__(
-        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None,
-        prefix: str = "",
-    ) -> None:
+    def __init__(self, config: ModelConfig, spec: AttentionSpec, attn_backend: AttentionBackend,
+                 rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -76,12 +65,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.rotary_emb = rotary_emb if rotary_emb is not None else make_rotary(config)
+        self.rotary_emb = rotary_emb
         self.attn = Attention(
-            config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5, attn_backend
+            config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5, attn_backend, spec
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, rope: RopeInputs, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         T = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -90,41 +79,26 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)  # [T, H, D], [T, Hkv, D]
+        q, k = self.rotary_emb(rope, q, k)  # [T, H, D], [T, Hkv, D]
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, k_cache, v_cache)  # [T, H D]
         return self.o_proj(out)
 
 
-class LlamaMLP(nn.Module):
-    """SwiGLU MLP: fused gate_up projection, silu(gate) * up, down projection."""
-
-    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
-        super().__init__()
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, prefix=f"{prefix}.gate_up_proj")
-        self.act_fn = SiluAndMul()
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, prefix=f"{prefix}.down_proj")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual add is fused into the next norm call."""
 
-    def __init__(
-        self, config: ModelConfig, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding | None = None,
-        prefix: str = "",
-    ) -> None:
+    def __init__(self, config: ModelConfig, spec: LayerSpec, attn_backend: AttentionBackend,
+                 rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_backend, rotary_emb, prefix=f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp")
+        self.self_attn = LlamaAttention(config, spec.attention, attn_backend, rotary_emb, prefix=f"{prefix}.self_attn")
+        self.mlp = MLP_TYPES[spec.mlp](config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RopeInputs,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: KVCache | None,
@@ -135,7 +109,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache)
+        hidden = self.self_attn(rope, hidden, kv_cache)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -146,9 +120,14 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens")
-        rotary_emb = make_rotary(config)  # one cos/sin cache shared by every layer
+        specs = [config.layer_spec(i) for i in range(config.num_layers)]
+        # One cos/sin cache per rope base, shared by the layers that use it.
+        thetas = sorted({s.attention.rope_theta or config.rope_theta for s in specs})
+        self.rotary = nn.ModuleList([make_rotary(config, t) for t in thetas])
+        self._rope_index = [thetas.index(s.attention.rope_theta or config.rope_theta) for s in specs]
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, attn_backend, rotary_emb, prefix=f"model.layers.{i}") for i in range(config.num_layers)]
+            [LlamaDecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{i}")
+             for i, (spec, j) in enumerate(zip(specs, self._rope_index))]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -156,21 +135,39 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        ropes = [emb.lookup(positions) for emb in self.rotary]  # once per forward pass
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             kv_cache = kv_caches[i] if kv_caches else None
-            hidden, residual = layer(positions, hidden, residual, kv_cache)
+            hidden, residual = layer(ropes[self._rope_index[i]], hidden, residual, kv_cache)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
+@register_model("llama", "mistral", "qwen2", "qwen3")
 class LlamaForCausalLM(nn.Module):
     """The full causal LM. ``forward`` returns final hidden states; ``compute_logits`` the fp32
     logits of the rows you ask for (usually each sequence's last token)."""
 
+    @classmethod
+    def check_supported(cls, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        """Refuse configurations this decoder would compute wrongly (before allocating anything)."""
+        if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+            raise ValueError(
+                f"sliding-window attention is not implemented yet: this {config.architecture} model uses "
+                f"sliding_window={config.sliding_window} < max_position_embeddings={config.max_position_embeddings}"
+            )
+        for i in range(config.num_layers):
+            spec = config.layer_spec(i)
+            if spec.mlp not in MLP_TYPES:
+                raise ValueError(f"layer {i}: unknown MLP type {spec.mlp!r}; known: {', '.join(MLP_TYPES)}")
+            if spec.attention.kind not in attn_backend.attention_kinds:
+                raise ValueError(f"layer {i}: the {attn_backend.name} attention backend does not implement "
+                                 f"{spec.attention.kind!r} attention (it implements {', '.join(attn_backend.attention_kinds)})")
+
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
-        check_supported(config)
+        self.check_supported(config, attn_backend)
         self.config = config
         self.model = LlamaModel(config, attn_backend)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None

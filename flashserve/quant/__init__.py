@@ -20,8 +20,18 @@ __all__ = [
     "finalize_quantized",
     "make_quant_config",
     "quant_scope",
+    "stored_bytes",
     "weight_bytes",
 ]
+
+
+def stored_bytes(model) -> int:
+    """Bytes of every weight as stored (parameters and kernel buffers; not rotary caches)."""
+    from flashserve.layers.rotary import RotaryEmbedding
+
+    skip = {id(t) for m in model.modules() if isinstance(m, RotaryEmbedding) for t in m.buffers()}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def weight_bytes(model) -> int:

@@ -21,6 +21,8 @@ import torch
 from flashserve.quant.base import QuantConfig
 from flashserve.quant.online import INT4_GROUPS, OnlineQuantConfig, Scheme, auto_int4_group, check_int4_groups
 
+from flashserve.config import QUANTIZATION_MODES
+
 ONLINE_SCHEMES: dict[str, Scheme | None] = {
     "int8": Scheme("int8"),
     "int4": None,  # symmetric, group picked per model
@@ -30,7 +32,7 @@ ONLINE_SCHEMES: dict[str, Scheme | None] = {
     "fp8-w8a8": Scheme("fp8", w8a8=True),
 }
 CHECKPOINT_MODES = ("gguf", "gptq", "awq")
-QUANTIZATION_MODES = ("auto", "none", *CHECKPOINT_MODES, *ONLINE_SCHEMES)
+assert set(QUANTIZATION_MODES) == {"auto", "none", *CHECKPOINT_MODES, *ONLINE_SCHEMES}
 
 
 def check_mode(mode: str) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.kernels import quant_reference as ref
+from flashserve.kernels import quant_cpu, quant_reference as ref
 
 DEQUANT_MIN_M = 2048  # CUDA: rows from which dequantize + cuBLAS replaces the fused kernel
 
@@ -91,9 +91,7 @@ class Int8Weight(PackedWeight):
             if x.shape[0] >= DEQUANT_MIN_M:
                 return F.linear(x, wq_dequantize(self.q, self.scale, None, FMT_INT8, self.in_features, dtype=x.dtype))
             return wq_matmul(x, self.q, self.scale, None, FMT_INT8)
-        from flashserve.kernels.quant_cpu import cpu_int8_matmul
-
-        return cpu_int8_matmul(x, self.q, self.scale).to(x.dtype)
+        return quant_cpu.cpu_int8_matmul(x, self.q, self.scale).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return ref.dequantize_int8(self.q, self.scale)
@@ -101,9 +99,7 @@ class Int8Weight(PackedWeight):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         if _on_cuda(x):
             return super().reference(x)
-        from flashserve.kernels.quant_cpu import cpu_int8_reference
-
-        return cpu_int8_reference(x, self.q, self.scale).to(x.dtype)
+        return quant_cpu.cpu_int8_reference(x, self.q, self.scale).to(x.dtype)
 
 
 class Int4Weight(PackedWeight):
@@ -135,11 +131,9 @@ class Int4Weight(PackedWeight):
             self.register_buffer("scales", scales.float().contiguous(), persistent=False)
             self.register_buffer("zeros", None if zeros is None else zeros.float().contiguous(), persistent=False)
             return
-        from flashserve.kernels.quant_cpu import CPU_INT4_GROUPS, pack_int4_for_cpu, scale_zeros_for_cpu
-
         if zeros is None:
             zeros = torch.zeros_like(scales)
-        if group not in CPU_INT4_GROUPS:
+        if group not in quant_cpu.CPU_INT4_GROUPS:
             if group % 32:
                 raise ValueError(f"int4 group {group} has no CPU kernel (needs a multiple of 32)")
             scales, zeros = scales.repeat_interleave(group // 32, 1), zeros.repeat_interleave(group // 32, 1)
@@ -149,8 +143,9 @@ class Int4Weight(PackedWeight):
             u = torch.cat([u, torch.full((pad, k_stored), 8, dtype=torch.uint8)])
             scales = torch.cat([scales, torch.zeros(pad, scales.shape[1])])
             zeros = torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
-        self.register_buffer("packed", packed if packed is not None else pack_int4_for_cpu(u), persistent=False)
-        self.register_buffer("scale_zeros", scale_zeros_for_cpu(scales, zeros), persistent=False)
+        self.register_buffer("packed", packed if packed is not None else quant_cpu.pack_int4_for_cpu(u), persistent=False)
+        self.register_buffer("scale_zeros", quant_cpu.scale_zeros_for_cpu(scales, zeros), persistent=False)
+        self.padded = pad > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -162,21 +157,18 @@ class Int4Weight(PackedWeight):
                 w = wq_dequantize(self.packed, self.scales, self.zeros, FMT_INT4, self.in_features, self.group, x.dtype)
                 return F.linear(x, w)
             return wq_matmul(x, self.packed, self.scales, self.zeros, FMT_INT4, self.group)
-        from flashserve.kernels.quant_cpu import cpu_int4_matmul
-
+        dtype = x.dtype
         if self.planes > 1:
             x = torch.cat([x] * self.planes, dim=1)
-        y = cpu_int4_matmul(x, self.packed, self.group, self.scale_zeros)
-        return y[:, : self.out_features].to(x.dtype)
+        y = quant_cpu.cpu_int4_matmul(x, self.packed, self.group, self.scale_zeros)
+        return (y[:, : self.out_features] if self.padded else y).to(dtype)
 
     def dequantize(self) -> torch.Tensor:
         """fp32 ``[N, planes * K]`` in stored column order (``perm`` not undone)."""
         if _on_cuda(self.packed):
             return ref.dequantize_int4(self.packed, self.scales, self.zeros, self.group)
-        from flashserve.kernels.quant_cpu import unpack_int4_for_cpu
-
         n_pad = self.packed.shape[0]
-        u = unpack_int4_for_cpu(self.packed, n_pad, self.packed.shape[1] * 2).float()
+        u = quant_cpu.unpack_int4_for_cpu(self.packed, n_pad, self.packed.shape[1] * 2).float()
         sz = self.scale_zeros.float()  # [groups, N, 2], bf16 values
         s = sz[..., 0].t().repeat_interleave(self.group, 1)
         z = sz[..., 1].t().repeat_interleave(self.group, 1)
@@ -270,13 +262,11 @@ def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.d
         return GGUFWeight(raw.to(device), qtype, in_features)
     if qtype not in ref.GGUF_AFFINE_BITS:
         return DenseWeight(ref.gguf_dequantize(raw, qtype).to(dtype), label=f"gguf-{qtype}-dense")
-    from flashserve.kernels.quant_cpu import pack_byte_planes_for_cpu, pack_nibble_runs_for_cpu
-
     a, c = ref.gguf_group_scales(raw, qtype)
     if ref.GGUF_AFFINE_BITS[qtype] <= 4:  # (u - 8) * a + (8a + c)
         packed = None
         if qtype in ref.NIBBLE_HALF:  # the file's nibbles straight into the kernel's packing
-            packed = pack_nibble_runs_for_cpu(ref.gguf_quant_bytes(raw, qtype), ref.NIBBLE_HALF[qtype])
+            packed = quant_cpu.pack_nibble_runs_for_cpu(ref.gguf_quant_bytes(raw, qtype), ref.NIBBLE_HALF[qtype])
         u = ref.gguf_affine(raw, qtype)[0] if packed is None else None
         return Int4Weight(u, a, 8.0 * a + c, 32, label=f"gguf-{qtype}", packed=packed, shape=(raw.shape[0], in_features))
     # a (16 hi + lo) + c = (hi - 8) 16a + z_hi + (lo - 8) a + z_lo with z_hi + z_lo = 136a + c. The
@@ -285,7 +275,7 @@ def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.d
     z_hi, z_lo = (0.0 * a, 8.0 * a + 128.0 * a + c) if qtype == "Q8_0" else (128.0 * a, 8.0 * a + c)
     scales = torch.cat([16.0 * a, a], dim=1)
     zeros = torch.cat([z_hi, z_lo], dim=1)
-    packed = pack_byte_planes_for_cpu(ref.gguf_quant_bytes(raw, qtype)) if qtype == "Q8_0" else None
+    packed = quant_cpu.pack_byte_planes_for_cpu(ref.gguf_quant_bytes(raw, qtype)) if qtype == "Q8_0" else None
     u = None
     if packed is None:
         u = ref.gguf_affine(raw, qtype)[0]

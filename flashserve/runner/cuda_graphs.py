@@ -1,14 +1,19 @@
-"""CUDA graphs for decode steps.
+"""Static step buffers and CUDA graphs over them: decode steps and small mixed steps.
 
-A decode step launches hundreds of small kernels; replaying a captured graph removes their
-launch cost. One graph is captured per batch size of a ladder (1, 2, 4, 8, 16, 32, 48, 64, 96,
-128, ... up to max_num_seqs); a step with B sequences replays the graph of the next size up,
-with the padding sequences given no new token and no context (their attention programs exit at
-once, their cache writes are skipped with slot -1, their hidden rows are ignored).
+Every step's inputs are written into one set of static device buffers (``StepBuffers``), and
+the forward pass reads slices of them, so a captured graph can replay any step of its shape:
 
-All graphs read their inputs from one set of static buffers and share one memory pool
-(captured largest first). The attention backend sizes its decode split count from
-``max_seq_len_cap`` during capture, so one graph serves every context length.
+* decode graphs, one per batch size of a ladder (1, 2, 4, 8, 16, 24, 32, 48, ... up to
+  max_num_seqs): B sequences of one new token each, split-KV decode attention;
+* mixed graphs, one per token-count bucket (16, 32, ... up to ``max_mixed_tokens``): any mix of
+  prompt chunks and decodes with at most that many tokens, prefill attention whose grid covers
+  ``min(bucket, max_num_seqs)`` sequences of up to ``bucket`` new tokens each.
+
+A step is padded to its graph's size: padding tokens have slot -1 (nothing stored), position 0,
+and belong to no sequence; padding sequences own no token and have no context, so their
+attention programs exit at once. Their hidden rows are ignored. All graphs share one memory
+pool, captured largest first. The attention backend sizes grids from host numbers only (see
+``flashserve.kernels.triton_backend``), so one graph serves every context length.
 """
 
 from __future__ import annotations
@@ -20,112 +25,120 @@ import torch
 from flashserve.layers.attention_metadata import AttentionMetadata, forward_context
 
 
-def batch_ladder(max_batch: int) -> list[int]:
+def decode_ladder(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-    ladder = [s for s in sizes if s < max_batch]
-    return ladder + [max_batch]
+    return [s for s in sizes if s < max_batch] + [max_batch]
 
 
-class DecodeGraphs:
-    """Captured decode forwards, one per batch size of the ladder."""
+def mixed_ladder(max_tokens: int) -> list[int]:
+    sizes, s = [], 16
+    while s < max_tokens:
+        sizes.append(s)
+        s *= 2
+    return sizes + [max_tokens] if max_tokens > 0 else []
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        device: torch.device,
-        max_batch: int,
-        max_blocks_per_seq: int,
-        max_seq_len: int,
-        block_size: int,
-    ) -> None:
+
+class StepBuffers:
+    """The static device tensors one step's model inputs live in."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        i64 = dict(dtype=torch.int64, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_tokens, **i64)
+        self.positions = torch.zeros(max_tokens, **i64)
+        self.slot_mapping = torch.full((max_tokens,), -1, **i64)
+        self.query_start_loc = torch.zeros(max_seqs + 1, **i32)
+        self.seq_lens = torch.zeros(max_seqs, **i32)
+        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **i32)
+        self.max_tokens = max_tokens
+        self.max_seqs = max_seqs
+
+    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, max_seq_len: int, block_size: int,
+                 query_lens: list[int], seq_lens: list[int], is_decode: bool) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs],
+            block_tables=self.block_tables[:num_seqs],
+            slot_mapping=self.slot_mapping[:num_tokens],
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            block_size=block_size,
+            is_decode=is_decode,
+        )
+
+
+class CudaGraphs:
+    """Captured forwards over ``StepBuffers``: decode graphs by batch size, mixed by token count."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list, buffers: StepBuffers, block_size: int,
+                 max_seq_len: int, max_decode_batch: int, max_mixed_tokens: int) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.device = device
-        self.sizes = batch_ladder(max_batch)
-        self.max_batch = self.sizes[-1]
-        self.max_seq_len = max_seq_len
+        self.buf = buffers
         self.block_size = block_size
-        n = self.max_batch
-        i32 = dict(dtype=torch.int32, device=device)
-        # Static inputs: every graph reads slices of these.
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.zeros(n + 1, **i32)
-        self.seq_lens = torch.zeros(n, **i32)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, **i32)
-        self._arange = torch.arange(n + 1, **i32)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_seq_len = max_seq_len
+        self.decode_sizes = decode_ladder(min(max_decode_batch, buffers.max_seqs, buffers.max_tokens))
+        self.mixed_sizes = mixed_ladder(min(max_mixed_tokens, buffers.max_tokens))
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
-    def padded_size(self, batch: int) -> int | None:
-        """The ladder size that serves ``batch`` sequences, or None when it is too large."""
-        for s in self.sizes:
-            if s >= batch:
-                return s
-        return None
+    def _shape(self, kind: str, size: int) -> tuple[int, int, int]:
+        """(tokens, sequences, max query length) a graph is captured for."""
+        if kind == "decode":
+            return size, size, 1
+        return size, min(size, self.buf.max_seqs), size
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: b + 1],
-            seq_lens=self.seq_lens[:b],
-            block_tables=self.block_tables[:b],
-            slot_mapping=self.slot_mapping[:b],
-            max_query_len=1,
-            max_seq_len=self.max_seq_len,
-            query_lens_cpu=[1] * b,
-            seq_lens_cpu=[self.max_seq_len] * b,
-            block_size=self.block_size,
-            is_decode=True,
-        )
+    def _meta(self, kind: str, size: int) -> AttentionMetadata:
+        t, b, q = self._shape(kind, size)
+        return self.buf.metadata(t, b, q, self.max_seq_len, self.block_size, [q] * b, [self.max_seq_len] * b,
+                                 kind == "decode")
 
     @torch.inference_mode()
     def capture(self) -> float:
-        """Capture every ladder size; returns the seconds it took."""
+        """Capture every graph; returns the seconds it took."""
         start = time.perf_counter()
-        # Dummy inputs: one context token per sequence, nothing stored.
-        self.seq_lens.fill_(1)
-        self.query_start_loc.copy_(self._arange)
+        buf = self.buf
         pool = None
-        for b in reversed(self.sizes):
-            meta = self._meta(b)
+        work = [("mixed", s) for s in reversed(self.mixed_sizes)] + [("decode", s) for s in reversed(self.decode_sizes)]
+        work.sort(key=lambda ks: -self._shape(*ks)[0])  # largest first: later graphs reuse the pool
+        for kind, size in work:
+            t, b, _ = self._shape(kind, size)
+            # Inputs that touch nothing: no sequence owns a token, nothing is stored.
+            buf.query_start_loc[: b + 1].zero_()
+            buf.seq_lens[:b].zero_()
+            buf.slot_mapping[:t].fill_(-1)
+            meta = self._meta(kind, size)
             with forward_context(meta):
-                self.model(self.input_ids[:b], self.positions[:b], self.kv_caches)  # warm-up, compiles kernels
-            torch.cuda.synchronize(self.device)
+                self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)  # warm-up compiles kernels
+            torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), forward_context(meta):
-                out = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches)
+                out = self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)
             pool = graph.pool()
-            self.graphs[b] = (graph, out)
-        torch.cuda.synchronize(self.device)
+            self.graphs[(kind, size)] = (graph, out)
+        torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
 
-    def run(
-        self,
-        input_ids: torch.Tensor,  # [B] int64, pinned host
-        positions: torch.Tensor,  # [B] int64, pinned host
-        slot_mapping: torch.Tensor,  # [B] int64, pinned host
-        seq_lens: torch.Tensor,  # [B] int32, pinned host
-        block_tables: torch.Tensor,  # [B, W] int32, pinned host
-    ) -> torch.Tensor:  # [B, hidden]
-        """Copy one decode step's inputs into the static buffers and replay the graph."""
-        b = input_ids.shape[0]
-        size = self.padded_size(b)
-        assert size is not None, f"batch {b} exceeds the largest captured graph ({self.max_batch})"
-        nb = dict(non_blocking=True)
-        self.input_ids[:b].copy_(input_ids, **nb)
-        self.positions[:b].copy_(positions, **nb)
-        self.slot_mapping[:b].copy_(slot_mapping, **nb)
-        self.seq_lens[:b].copy_(seq_lens, **nb)
-        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables, **nb)
-        # Sequence i owns token i; padding sequences own none and have no context.
-        self.query_start_loc[: b + 1].copy_(self._arange[: b + 1])
-        if size > b:
-            self.query_start_loc[b + 1 : size + 1].fill_(b)
-            self.seq_lens[b:size].fill_(0)
-            self.slot_mapping[b:size].fill_(-1)
-        graph, out = self.graphs[size]
+    def pick(self, num_tokens: int, num_seqs: int, is_decode: bool) -> tuple[str, int] | None:
+        """The graph that serves a step, or None (run eager)."""
+        if is_decode:
+            for s in self.decode_sizes:
+                if s >= num_seqs:
+                    return ("decode", s)
+        for s in self.mixed_sizes:
+            if s >= num_tokens and min(s, self.buf.max_seqs) >= num_seqs:
+                return ("mixed", s)
+        return None
+
+    def padded_shape(self, key: tuple[str, int]) -> tuple[int, int]:
+        """(tokens, sequences) of a graph: the step is padded to this."""
+        t, b, _ = self._shape(*key)
+        return t, b
+
+    def replay(self, key: tuple[str, int], num_tokens: int) -> torch.Tensor:
+        graph, out = self.graphs[key]
         graph.replay()
-        return out[:b]
+        return out[:num_tokens]

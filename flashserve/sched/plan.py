@@ -1,60 +1,78 @@
-"""Plain-data contracts between the scheduler and the runner.
+"""The contract between EngineCore and a Worker: an immutable, incremental step plan.
 
-A step gives each scheduled request N new tokens to compute (a prompt chunk, one decode token,
-or more). The plan holds only ints, lists and the request's SamplingParams, so it pickles
-cheaply to tensor-parallel workers and the runner never reaches into scheduler state.
+A Worker keeps every running request's state (its tokens, block table, sampling settings and
+penalty counts) from one step to the next, so a plan carries only what changed:
+
+* ``NewRequest``: a request the Worker does not hold yet (first scheduled, or resumed after a
+  preemption): its prompt, the tokens it generated before any preemption, its SamplingParams.
+* ``ScheduledRequest``: per request per step, the position of its first new token
+  (``start_pos``, = tokens whose K/V is already in the cache), how many tokens to compute
+  (a prompt chunk, 1 decode token, or 1 + k speculative tokens), the block ids appended to its
+  table this step (the whole table for a new request), and whether to sample after them. The
+  token ids themselves are never sent: the Worker knows the prompt and outputs, including the
+  token it sampled in the step still in flight (overlapped scheduling).
+* ``finished_ids``: requests that left the engine (stopped, aborted) or were preempted since the
+  previous plan: the Worker drops their state.
+
+Everything is immutable plain data (named tuples of ints, tuples, strings and SamplingParams;
+named tuples because hundreds are built per step), so a plan pickles in microseconds to a Worker
+in another process. The Worker answers with a ``WorkerOutput``: the
+tokens each sampling request got this step (a list, so speculation can accept several).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from flashserve.sampling_params import SamplingParams
 
 
-@dataclass
-class ScheduledRequest:
+class NewRequest(NamedTuple):
+    """Everything the Worker keeps for a request, sent once when it (re)enters the running set."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]  # generated before a preemption; () for a fresh request
+    params: SamplingParams
+
+
+class ScheduledRequest(NamedTuple):
     """One request's work in one step."""
 
     request_id: str
-    token_ids: list[int]  # the new tokens whose K/V this step computes
-    start_pos: int  # position of token_ids[0] (= tokens already in the cache)
-    block_ids: list[int]  # the request's whole block table after allocation
+    start_pos: int  # position of the first new token (= tokens already in the cache)
+    num_new_tokens: int
+    new_block_ids: tuple[int, ...]  # appended to the request's block table before the step
     sample: bool  # True when this step reaches the end of the known tokens: sample the next
-    params: SamplingParams
-    # Token history, needed only for penalties (references, not copies).
-    prompt_token_ids: list[int] = field(default_factory=list)
-    output_token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def num_new_tokens(self) -> int:
-        return len(self.token_ids)
 
     @property
     def seq_len(self) -> int:
         """Tokens in context after this step."""
-        return self.start_pos + len(self.token_ids)
+        return self.start_pos + self.num_new_tokens
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class BlockCopy:
-    """Host <-> device block moves for swap preemption, executed by the runner before the step."""
+    """Host <-> device block moves for swap preemption, executed by the Worker before the step."""
 
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
-    copy: list[tuple[int, int]] = field(default_factory=list)  # (src device block, dst device block)
+    swap_out: tuple[tuple[int, int], ...] = ()  # (device block, host block)
+    swap_in: tuple[tuple[int, int], ...] = ()  # (host block, device block)
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in or self.copy)
+        return bool(self.swap_out or self.swap_in)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class SchedulerOutput:
-    """Everything the runner needs for one step."""
+    """One step's plan."""
 
-    requests: list[ScheduledRequest]
+    step_id: int
+    requests: tuple[ScheduledRequest, ...]  # in batch order
+    new_requests: tuple[NewRequest, ...] = ()
+    finished_ids: tuple[str, ...] = ()  # drop these requests' Worker state (before this step)
+    preempted_ids: tuple[str, ...] = ()  # preempted this step (also listed in finished_ids)
     block_copies: BlockCopy = field(default_factory=BlockCopy)
-    preempted_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -62,20 +80,20 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.requests and not self.block_copies
+        return not self.requests and not self.block_copies and not self.finished_ids
 
 
-@dataclass
-class SampledToken:
-    """The runner's answer for one request that sampled this step."""
+class SampledTokens(NamedTuple):
+    """What one sampling request got in one step."""
 
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
+    token_ids: tuple[int, ...]
+    # Per token, when logprobs were asked for: (logprob of the token, ((top id, logprob), ...)).
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
-@dataclass
-class RunnerOutput:
-    """Sampled tokens keyed by request id (only requests with ``sample=True``)."""
+@dataclass(frozen=True, slots=True)
+class WorkerOutput:
+    """The Worker's answer to one plan: sampled tokens keyed by request id."""
 
-    sampled: dict[str, SampledToken]
+    step_id: int
+    sampled: dict[str, SampledTokens]

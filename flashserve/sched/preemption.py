@@ -22,9 +22,11 @@ says (FastServe swaps proactively), and are recomputed only when that is nearly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flashserve.config import ModelConfig
+from flashserve.request import Request
 
 DEVICE_FLOPS = {"cuda": 200e12, "cpu": 50e9}
 SWAP_BANDWIDTH = {"cuda": 20e9, "cpu": 5e9}
@@ -114,3 +116,40 @@ class RankPreemptionRule:
         if self.max_recompute_tokens is not None:
             return self.max_recompute_tokens
         return max_num_batched_tokens // 8
+
+    def select(
+        self,
+        need_blocks: int,
+        free_seats: int,
+        free_blocks: int,
+        host_free_blocks: int,
+        candidates: Sequence[tuple[Request, int, int]],
+        max_num_batched_tokens: int,
+    ) -> list[tuple[Request, bool]]:
+        """The running requests to preempt for a queued request that needs ``need_blocks``
+        blocks and a seat, as (victim, swap it) pairs; [] when it fits already or when no
+        choice within the rule makes room for it.
+
+        ``candidates``: (request, blocks it holds, steps run since its admission) for the running
+        requests the queued one outranks, lowest-ranked first. ``host_free_blocks`` is 0 when
+        swapping is not allowed. Block counts of shared prefix blocks are an upper bound.
+        """
+        if free_seats > 0 and need_blocks <= free_blocks:
+            return []
+        recompute_limit = self.recompute_limit(max_num_batched_tokens)
+        swap_limit = self.swap_limit(max_num_batched_tokens)
+        victims: list[tuple[Request, bool]] = []
+        for victim, blocks, steps_run in candidates:
+            if len(victims) >= self.max_per_step:
+                return []
+            if not self.may_preempt(victim.metrics.num_preemptions, steps_run):
+                continue  # (re)admitted too recently: let it run, no thrash
+            swap = 0 < blocks <= host_free_blocks and victim.num_computed_tokens <= swap_limit
+            if not swap and victim.num_computed_tokens > recompute_limit:
+                continue  # would destroy too much work
+            host_free_blocks -= blocks if swap else 0
+            victims.append((victim, swap))
+            free_seats, free_blocks = free_seats + 1, free_blocks + blocks
+            if free_seats > 0 and need_blocks <= free_blocks:
+                return victims
+        return []

@@ -5,12 +5,8 @@ from its known tokens (a whole or chunked prompt, one decode token, a resumed re
 plus outputs). One token budget (``max_num_batched_tokens``) is shared by everything in a step:
 
 0. *Rank preemption*: if the best waiting/swapped request outranks (policy order) running ones
-   and cannot get a seat (``max_num_seqs``) or memory, the lowest-ranked running requests that it
-   outranks *and* that ``RankPreemptionRule`` lets go (ran long enough since admission; swapped,
-   or cheap to recompute; a few per step) are preempted, if that makes room. Under FCFS new
-   arrivals never outrank running requests, so this only matters for priority / SJF / MLFQ
-   (FastServe-style preemption). Rank victims are swapped whenever the host has room and their
-   context is at most one step's token budget.
+   and cannot get a seat (``max_num_seqs``) or memory, ``RankPreemptionRule.select`` names the
+   running requests to preempt for it (FastServe-style; under FCFS it never fires).
 1. *Decodes first*: running requests that need one token, in policy order. Piggybacking them
    on the prefill chunks keeps inter-token latency flat while long prompts arrive.
 2. *Prefill work* in policy order: running requests still in (chunked) prefill, swapped
@@ -22,18 +18,34 @@ this step (possibly the request itself) is preempted: its KV is swapped to host 
 dropped for recompute, by ``preemption_mode`` ("recompute" | "swap" | "auto", see
 ``flashserve.sched.preemption``); swap falls back to recompute when the host space is full.
 After such a preemption no new request is admitted in that step.
+
+Overlap: ``schedule`` advances each request's ``num_computed_tokens`` at once and counts the
+token a sampling step will produce as *pending*, so the next step can be planned before this
+one's tokens come back (``update`` then fills them in). Work past ``max_tokens`` or the context
+is never planned. Prefix blocks are registered in the cache when a planned step fills them with
+known tokens, so requests admitted in the same step (and ``n > 1`` siblings) share them.
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
-from flashserve.sched.plan import BlockCopy, RunnerOutput, ScheduledRequest, SchedulerOutput
+from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
+
+
+class _Work(NamedTuple):
+    """A request's work this step, decided by ``schedule`` (``_plan`` turns it into the plan)."""
+
+    request: Request
+    start: int
+    num_new: int
+    sample: bool
 
 
 class Scheduler:
@@ -52,17 +64,19 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.cost_model = cost_model
         self.rank_rule = rank_rule or RankPreemptionRule()
-        self.preemption_mode = getattr(config, "preemption_mode", "recompute")
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # forced by a full pool
+        self.num_rank_preemptions = 0  # chosen because a queued request outranked the victim
         self.num_swap_outs = 0
         self.num_recomputes = 0
-        self.num_rank_preemptions = 0
         self.step_count = 0
         self._admitted_at: dict[str, int] = {}  # step of each running request's last admission
+        self._blocks_sent: dict[str, int] = {}  # block-table length the Worker holds per request
+        self._dropped: list[str] = []  # left the running set since the last plan
+        self._inflight: dict[int, dict[str, Request]] = {}  # step id -> requests it samples for
 
     # ----------------------------------------------------------------- queue operations
     def add_request(self, request: Request) -> None:
@@ -72,7 +86,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """Retire a request (finished, aborted or failed) and free its blocks at once."""
+        """Retire a request (finished or aborted) and free its blocks at once."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -82,6 +96,8 @@ class Scheduler:
                 break
         self.block_manager.free(request_id)
         self._admitted_at.pop(request_id, None)
+        if self._blocks_sent.pop(request_id, None) is not None:
+            self._dropped.append(request_id)
         self.policy.on_finished(request)
         request.status = status
         request.metrics.finished_time = time.monotonic()
@@ -104,27 +120,30 @@ class Scheduler:
         self.block_manager.host.begin_step()
         self.policy.begin_step(list(self.requests.values()))
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        scheduled: list[_Work] = []
         preempted: list[str] = []
         copies = BlockCopy()
+        swap_out: list[tuple[int, int]] = []
+        swap_in: list[tuple[int, int]] = []
 
-        self._rank_preemption(preempted, copies)
+        self._rank_preemption(preempted, swap_out)
 
         ranked = self.policy.order(self.running)
         pending = {r.request_id for r in ranked}  # running, not yet served or preempted this step
-        decodes = [r for r in ranked if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in ranked if r.num_tokens - r.num_computed_tokens != 1]
+        decodes, prefills = [], []
+        for r in ranked:
+            (decodes if r.num_tokens - r.num_computed_tokens == 1 else prefills).append(r)
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         for request in work:
             if budget == 0:
                 break
             if request.status == RequestStatus.RUNNING:
-                if request.request_id not in pending:
-                    continue  # preempted as a victim earlier in this step
+                if request.request_id not in pending or self._at_limit(request):
+                    continue  # preempted as a victim earlier in this step, or done once its tokens arrive
                 num_new = self._num_new_tokens(request, budget)
                 before = len(preempted)
-                if not self._grow_running(request, num_new, ranked, pending, preempted, copies):
+                if not self._grow_running(request, num_new, ranked, pending, preempted, swap_out):
                     memory_short = True
                     continue
                 memory_short = memory_short or len(preempted) > before
@@ -132,37 +151,83 @@ class Scheduler:
             else:
                 if memory_short or len(self.running) >= self.config.max_num_seqs or request.request_id in preempted:
                     continue
-                num_new = self._admit(request, budget, copies)
+                num_new = self._admit(request, budget, swap_in)
                 if num_new == 0:
                     memory_short = True  # keep order: nothing behind it is admitted this step
                     continue
-            scheduled.append(self._plan_entry(request, num_new))
+            scheduled.append(self._claim(request, num_new))
             budget -= num_new
+        if swap_out or swap_in:
+            copies = BlockCopy(tuple(swap_out), tuple(swap_in))
+        return self._plan(scheduled, preempted, copies)
 
+    def _claim(self, request: Request, num_new: int) -> _Work:
+        """Advance a request whose slots are allocated by this step's work, and register the
+        blocks the step fills with known tokens in the prefix cache at once (so requests admitted
+        later in this step share them: the step writes a block's K/V before any attention reads)."""
         bm = self.block_manager
-        for entry in scheduled:
-            bm.assert_writable(entry.request_id, entry.start_pos, entry.seq_len)
-            self.policy.on_scheduled(self.requests[entry.request_id], entry.num_new_tokens)
-        return SchedulerOutput(requests=scheduled, block_copies=copies, preempted_ids=preempted)
+        rid = request.request_id
+        start = request.num_computed_tokens
+        bm.assert_writable(rid, start, start + num_new)
+        sample = start + num_new == request.num_tokens
+        request.num_computed_tokens += num_new
+        if sample:
+            request.num_pending_tokens += 1
+        bm.commit(request)
+        self.policy.on_scheduled(request, num_new)
+        return _Work(request, start, num_new, sample)
+
+    def _at_limit(self, request: Request) -> bool:
+        """True when the request's pending tokens already reach ``max_tokens`` or the context:
+        it finishes when they arrive, so no more work is planned for it."""
+        max_tokens = request.params.max_tokens
+        return request.num_pending_tokens > 0 and (
+            (max_tokens is not None and request.num_output_tokens >= max_tokens)
+            or request.num_tokens >= self.max_model_len)
+
+    def _plan(self, scheduled: list[_Work], preempted: list[str], copies: BlockCopy) -> SchedulerOutput:
+        """This step's incremental plan: new requests in full, block ids the Worker lacks."""
+        entries: list[ScheduledRequest] = []
+        new_requests: list[NewRequest] = []
+        sampling: dict[str, Request] = {}
+        for request, start, num_new, sample in scheduled:
+            rid = request.request_id
+            table = self.block_manager.block_table(rid)
+            sent = self._blocks_sent.get(rid)
+            if sent is None:  # the Worker does not hold this request (new, or back from a preemption)
+                new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
+                                               tuple(request.output_token_ids), request.params))
+                sent = 0
+            entries.append(ScheduledRequest(rid, start, num_new, tuple(table[sent:]) if len(table) > sent else (),
+                                            sample))
+            self._blocks_sent[rid] = len(table)
+            if sample:
+                sampling[rid] = request
+        dropped = tuple(self._dropped)
+        self._dropped.clear()
+        self._inflight[self.step_count] = sampling
+        return SchedulerOutput(step_id=self.step_count, requests=tuple(entries), new_requests=tuple(new_requests),
+                               finished_ids=dropped, preempted_ids=tuple(preempted), block_copies=copies)
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
         return min(remaining, budget) if self.config.enable_chunked_prefill else remaining
 
     def _grow_running(self, request: Request, num_new: int, ranked: list[Request], pending: set[str],
-                      preempted: list[str], copies: BlockCopy) -> bool:
+                      preempted: list[str], swap_out: list[tuple[int, int]]) -> bool:
         """Allocate the request's new slots, preempting the lowest-ranked pending running
         requests (possibly itself) while the pool is short. False if it was preempted."""
         bm = self.block_manager
         while bm.allocate_slots(request.request_id, request.num_computed_tokens + num_new) is None:
             victim = next(r for r in reversed(ranked) if r.request_id in pending)
             pending.discard(victim.request_id)
-            self._preempt(victim, preempted, copies)
+            self._preempt(victim, preempted, swap_out)
+            self.num_preemptions += 1
             if victim is request:
                 return False
         return True
 
-    def _admit(self, request: Request, budget: int, copies: BlockCopy) -> int:
+    def _admit(self, request: Request, budget: int, swap_in: list[tuple[int, int]]) -> int:
         """Bring a waiting or swapped request into the running set with its first chunk of work;
         the number of new tokens, or 0 if it does not fit (nothing changes then)."""
         bm = self.block_manager
@@ -175,10 +240,11 @@ class Scheduler:
             pairs = bm.swap_in(request.request_id)
             if pairs is None:
                 return 0
-            copies.swap_in.extend(pairs)
+            swap_in.extend(pairs)
             self.swapped.remove(request)
             bm.allocate_slots(request.request_id, request.num_computed_tokens + num_new)
         else:
+            assert request.num_pending_tokens == 0, "a request is re-admitted before its tokens came back"
             tokens = request.all_token_ids
             hit = bm.lookup_prefix(request.request_id, tokens)
             remaining = request.num_tokens - hit.num_tokens
@@ -199,137 +265,89 @@ class Scheduler:
         self._admitted_at[request.request_id] = self.step_count
         return num_new
 
-    def _rank_preemption(self, preempted: list[str], copies: BlockCopy) -> None:
-        """Preempt running requests that the best waiting/swapped request outranks, when it cannot
-        otherwise get a seat or the blocks for its next chunk, the rank rule lets them go, and
-        together they make room for it. Victims: lowest-ranked eligible running requests."""
+    def _rank_preemption(self, preempted: list[str], swap_out: list[tuple[int, int]]) -> None:
+        """Preempt the running requests that ``RankPreemptionRule`` picks for the best queued one."""
         queued = self.swapped + self.waiting
         if not queued or not self.running:
             return
         best = self.policy.order(queued)[0]
         bm = self.block_manager
-        if best.status == RequestStatus.SWAPPED:
-            need = bm.blocks_needed(best.num_tokens)
-        else:
-            need = bm.blocks_needed(min(best.num_tokens, self.config.max_num_batched_tokens))
-        seats, free = self.config.max_num_seqs - len(self.running), bm.num_free_blocks
-        if seats > 0 and need <= free:
-            return
-        rule = self.rank_rule
-        host_free = bm.host.num_free if self.preemption_mode != "recompute" else 0
-        recompute_limit = rule.recompute_limit(self.config.max_num_batched_tokens)
-        swap_limit = rule.swap_limit(self.config.max_num_batched_tokens)
-        victims: list[tuple[Request, bool]] = []  # (victim, swap it)
-        for victim in reversed(self.policy.order(self.running)):
-            if len(victims) >= rule.max_per_step or not self.policy.outranks(best, victim):
-                return  # no room can be made without breaking the rule: preempt nobody
-            if not rule.may_preempt(victim.metrics.num_preemptions,
-                                    self.step_count - self._admitted_at.get(victim.request_id, 0)):
-                continue  # (re)admitted too recently: let it run, no thrash
-            blocks = len(bm.block_table(victim.request_id))  # shared prefix blocks: an upper bound
-            swap = 0 < blocks <= host_free and victim.num_computed_tokens <= swap_limit
-            if not swap and victim.num_computed_tokens > recompute_limit:
-                continue  # would destroy too much work
-            host_free -= blocks if swap else 0
-            victims.append((victim, swap))
-            seats, free = seats + 1, free + blocks
-            if seats > 0 and need <= free:
-                break
-        else:
-            return
+        budget = self.config.max_num_batched_tokens
+        need = bm.blocks_needed(best.num_tokens if best.status == RequestStatus.SWAPPED
+                                else min(best.num_tokens, budget))
+        victims = self.rank_rule.select(
+            need_blocks=need,
+            free_seats=self.config.max_num_seqs - len(self.running),
+            free_blocks=bm.num_free_blocks,
+            host_free_blocks=bm.host.num_free if self.config.preemption_mode != "recompute" else 0,
+            candidates=[(r, len(bm.block_table(r.request_id)), self.step_count - self._admitted_at.get(r.request_id, 0))
+                        for r in reversed(self.policy.order(self.running)) if self.policy.outranks(best, r)],
+            max_num_batched_tokens=budget,
+        )
         for victim, swap in victims:
-            self._preempt(victim, preempted, copies, swap)
+            self._preempt(victim, preempted, swap_out, swap)
             self.num_rank_preemptions += 1
 
     def _should_swap(self, request: Request) -> bool:
-        mode = self.preemption_mode
+        mode = self.config.preemption_mode
         if mode == "swap":
             return True
         if mode == "auto" and self.cost_model is not None:
             return self.cost_model.prefer_swap(request.num_computed_tokens)
         return False
 
-    def _preempt(self, request: Request, preempted: list[str], copies: BlockCopy, swap: bool | None = None) -> None:
+    def _preempt(self, request: Request, preempted: list[str], swap_out: list[tuple[int, int]],
+                 swap: bool | None = None) -> None:
         """Swap the request's KV out to host memory, or drop it for recompute (``swap=None``:
         as ``preemption_mode`` decides); either way it leaves the running set and nothing it
-        has generated is lost."""
+        has generated is lost. The Worker drops its state (``finished_ids`` of the next plan)."""
         bm = self.block_manager
+        rid = request.request_id
         if request in self.running:
             self.running.remove(request)
-        self._admitted_at.pop(request.request_id, None)
+        self._admitted_at.pop(rid, None)
+        if self._blocks_sent.pop(rid, None) is not None:
+            self._dropped.append(rid)
         if swap is None:
             swap = self._should_swap(request)
-        if swap and bm.block_table(request.request_id) and bm.can_swap_out(request.request_id):
-            copies.swap_out.extend(bm.swap_out(request.request_id))
+        if swap and bm.block_table(rid) and bm.can_swap_out(rid):
+            swap_out.extend(bm.swap_out(rid))
             request.status = RequestStatus.SWAPPED
             self.swapped.append(request)
             self.num_swap_outs += 1
         else:
-            bm.free(request.request_id)
+            bm.free(rid)
+            # Tokens still pending come back with the step that samples them; recompute then
+            # restarts from the start of the known tokens.
             request.num_computed_tokens = 0
             request.status = RequestStatus.WAITING
             self.waiting.append(request)
             self.num_recomputes += 1
         request.metrics.num_preemptions += 1
-        self.num_preemptions += 1
-        preempted.append(request.request_id)
-
-    def _plan_entry(self, request: Request, num_new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        tokens = request.all_token_ids[start : start + num_new]
-        return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=tokens,
-            start_pos=start,
-            block_ids=list(self.block_manager.block_table(request.request_id)),
-            sample=start + num_new == request.num_tokens,
-            params=request.params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-        )
+        preempted.append(rid)
 
     # ----------------------------------------------------------------- results
-    def update(self, plan: SchedulerOutput, result: RunnerOutput) -> list[Request]:
-        """Record computed tokens, append sampled ones, retire requests that hit a stop condition.
+    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> list[tuple[Request, int]]:
+        """Fill in the tokens a planned step sampled.
 
-        Returns the requests that received a new token this step (finished ones included).
+        Returns (request, number of new tokens) for each request that received tokens, in plan
+        order. Stop conditions are the caller's (``flashserve.engine.stop``): it retires requests
+        with ``finish_request``. Requests that left the engine while the step ran are skipped.
         """
-        progressed: list[Request] = []
+        sampling = self._inflight.pop(plan.step_id)
+        progressed: list[tuple[Request, int]] = []
         now = time.monotonic()
-        bs = self.block_manager.block_size
-        for entry in plan.requests:
-            request = self.requests.get(entry.request_id)
-            if request is None:  # aborted while the step ran
+        for rid, request in sampling.items():
+            request.num_pending_tokens -= 1
+            if request.is_finished:
                 continue
-            before = request.num_computed_tokens
-            request.num_computed_tokens += entry.num_new_tokens
-            if request.num_computed_tokens // bs > before // bs:  # a block just filled up
-                self.block_manager.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
-            if not entry.sample:
-                continue
-            sampled = result.sampled[entry.request_id]
-            request.output_token_ids.append(sampled.token_id)
-            if sampled.logprob is not None:
-                request.output_logprobs.append((sampled.logprob, sampled.top_logprobs or []))
+            sampled = result.sampled[rid]
+            request.output_token_ids.extend(sampled.token_ids)
+            if sampled.logprobs is not None:
+                request.output_logprobs.extend(sampled.logprobs)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
-            progressed.append(request)
-            status = self._stop_status(request, sampled.token_id)
-            if status is not None:
-                self.finish_request(request.request_id, status)
+            if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
+                self.block_manager.commit(request)
+            progressed.append((request, len(sampled.token_ids)))
         return progressed
-
-    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.params
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None

@@ -1,0 +1,1 @@
+"""Running Workers in other processes over torch.distributed (gloo on CPU)."""

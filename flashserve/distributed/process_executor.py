@@ -1,0 +1,195 @@
+"""A Worker in its own process, driven over torch.distributed (a gloo process group).
+
+The engine process is rank 0 and the Worker process rank 1 of a two-rank gloo group built on a
+TCPStore the engine opens on a free local port. Messages are pickled, length-prefixed uint8
+tensors sent with the group's send/recv: the Worker's ``WorkerInfo`` once, then plans one way and
+``WorkerOutput``s the other. The plan is the same immutable, incremental ``SchedulerOutput`` the
+in-process Worker executes, so results are token-identical.
+
+Overlap works across the boundary too: the Worker answers step N only after it has launched
+step N+1 (or when the engine asks with ``_FLUSH`` because it has nothing more to send).
+A Worker that dies gives a clear error naming it (the gloo receive fails, the process's exit code
+is reported); an exception inside the Worker comes back as the engine's RuntimeError with the
+Worker's traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import pickle
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from flashserve.config import EngineConfig, ModelConfig
+from flashserve.sched.plan import SchedulerOutput, WorkerOutput
+
+_FLUSH = "flush"
+_SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class _Score:
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    traceback: str
+
+
+class _Channel:
+    """Pickled objects over one peer of a gloo process group."""
+
+    def __init__(self, group: dist.ProcessGroup, peer: int) -> None:
+        self.group = group
+        self.peer = peer
+
+    def send(self, obj: object) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self.group.send([torch.tensor([len(data)], dtype=torch.int64)], self.peer, 0).wait()
+        self.group.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], self.peer, 1).wait()
+
+    def recv(self) -> object:
+        size = torch.empty(1, dtype=torch.int64)
+        self.group.recv([size], self.peer, 0).wait()
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.group.recv([data], self.peer, 1).wait()
+        return pickle.loads(data.numpy().tobytes())
+
+
+def _worker_main(port: int, timeout_s: float, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+    """Entry point of the Worker process."""
+    from flashserve.runner.worker import Worker
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
+    chan = _Channel(dist.ProcessGroupGloo(store, 1, 2, timeout), 0)
+    try:
+        worker = Worker(config, model_config, max_model_len, eos_token_ids)
+    except Exception:
+        chan.send(_Failure(traceback.format_exc()))
+        return
+    chan.send(worker.info)
+    prev = None
+    while True:
+        msg = chan.recv()
+        try:
+            if msg == _SHUTDOWN:
+                return
+            if msg == _FLUSH:
+                if prev is not None:
+                    chan.send(prev.result())
+                prev = None
+            elif isinstance(msg, _Score):
+                chan.send(worker.score_chunk(msg.token_ids, msg.start_pos, msg.block_ids).cpu())
+            else:
+                handle = worker.execute(msg)
+                if prev is not None:
+                    chan.send(prev.result())
+                prev = handle
+        except Exception:
+            chan.send(_Failure(traceback.format_exc()))
+            return
+
+
+class _RemoteHandle:
+    def __init__(self, executor: ProcessExecutor, step_id: int) -> None:
+        self.executor = executor
+        self.step_id = step_id
+        self.wait_s = 0.0
+        self._result: WorkerOutput | None = None
+
+    def result(self) -> WorkerOutput:
+        if self._result is None:
+            t0 = time.perf_counter()
+            self._result = self.executor._result(self.step_id)
+            self.wait_s = time.perf_counter() - t0
+        return self._result
+
+
+class ProcessExecutor:
+    """Starts the Worker process and talks to it (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 eos_token_ids: tuple[int, ...], timeout_s: float = 600.0) -> None:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self._store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timeout, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        self.process = ctx.Process(target=_worker_main, name="flashserve-worker", daemon=True,
+                                   args=(self._store.port, timeout_s, config, model_config, max_model_len,
+                                         eos_token_ids))
+        self.process.start()
+        self._chan = _Channel(dist.ProcessGroupGloo(self._store, 0, 2, timeout), 1)
+        self._last_sent: int | None = None  # step id of the newest plan the Worker has not answered
+        self._outputs: dict[int, WorkerOutput] = {}
+        self._closed = False
+        self.info = self._recv()
+
+    def _dead(self, cause: BaseException | None) -> RuntimeError:
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        self._closed = True
+        state = f"exited with code {code}" if code is not None else "stopped answering"
+        return RuntimeError(f"the flashserve worker process (pid {self.process.pid}) {state}"
+                            + (f" ({cause})" if cause else ""))
+
+    def _recv(self) -> object:
+        if self._closed:
+            raise RuntimeError("the flashserve worker process is gone; start a new engine")
+        try:
+            msg = self._chan.recv()
+        except RuntimeError as e:
+            raise self._dead(e) from None
+        if isinstance(msg, _Failure):
+            self._closed = True
+            raise RuntimeError(f"the flashserve worker process failed:\n{msg.traceback}")
+        return msg
+
+    def _send(self, obj: object) -> None:
+        if self._closed:
+            raise RuntimeError("the flashserve worker process is gone; start a new engine")
+        try:
+            self._chan.send(obj)
+        except RuntimeError as e:
+            raise self._dead(e) from None
+
+    def execute(self, plan: SchedulerOutput) -> _RemoteHandle:
+        self._send(plan)
+        self._last_sent = plan.step_id
+        return _RemoteHandle(self, plan.step_id)
+
+    def _result(self, step_id: int) -> WorkerOutput:
+        if self._last_sent == step_id:  # no newer plan will make the Worker answer: ask
+            self._send(_FLUSH)
+            self._last_sent = None
+        while step_id not in self._outputs:
+            out = self._recv()
+            self._outputs[out.step_id] = out
+        return self._outputs.pop(step_id)
+
+    def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
+        if self._last_sent is not None:
+            self._result(self._last_sent)
+        self._send(_Score(list(token_ids), start_pos, list(block_ids)))
+        return self._recv()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._chan.send(_SHUTDOWN)
+        except RuntimeError:
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)

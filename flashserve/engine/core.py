@@ -1,0 +1,49 @@
+"""EngineCore: the scheduler, the block manager, the policies and the stop checks. No torch.
+
+It plans steps (``schedule`` -> an immutable ``SchedulerOutput`` for the Worker) and applies
+their results (``update``: sampled tokens appended, token-level stop conditions applied). Text
+(detokenization, stop strings) is the caller's: it retires a request with ``finish_request``.
+"""
+
+from __future__ import annotations
+
+from flashserve.cache.block_manager import BlockManager
+from flashserve.config import SchedulerConfig
+from flashserve.request import Request, RequestStatus
+from flashserve.sched.plan import SchedulerOutput, WorkerOutput
+from flashserve.sched.policy import make_policy
+from flashserve.sched.preemption import PreemptionCostModel
+from flashserve.sched.scheduler import Scheduler
+from flashserve.sched.stop import StopChecker
+
+
+class EngineCore:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
+                 cost_model: PreemptionCostModel | None = None) -> None:
+        self.block_manager = block_manager
+        self.scheduler = Scheduler(config, block_manager, make_policy(config.policy), max_model_len, cost_model)
+        self.stop = StopChecker(max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        return self.scheduler.finish_request(request_id, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> list[tuple[Request, int]]:
+        """Apply a step's tokens. Returns (request, index of its first new output token) for every
+        request that got tokens; those that hit a token-level stop are finished already."""
+        progressed = []
+        for request, n in self.scheduler.update(plan, result):
+            first = len(request.output_token_ids) - n
+            status = self.stop.check(request, n)
+            if status is not None:
+                self.scheduler.finish_request(request.request_id, status)
+            progressed.append((request, first))
+        return progressed

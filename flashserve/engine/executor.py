@@ -1,0 +1,48 @@
+"""Executors: how EngineCore's plans reach the Worker(s).
+
+``InProcExecutor`` holds the Worker in this process; ``flashserve.distributed.ProcessExecutor``
+runs it in a separate process and ships plans over torch.distributed. Both give ``execute(plan)``
+a handle with ``result()``, so the engine's loop is the same for each.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from flashserve.config import EngineConfig, ModelConfig
+from flashserve.sched.plan import SchedulerOutput, WorkerOutput
+
+
+class Handle(Protocol):
+    wait_s: float  # seconds result() spent waiting for the device (or the Worker process)
+
+    def result(self) -> WorkerOutput: ...
+
+
+class InProcExecutor:
+    """The Worker lives in this process."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+        from flashserve.runner.worker import Worker
+
+        self.worker = Worker(config, model_config, max_model_len, eos_token_ids)
+        self.info = self.worker.info
+
+    def execute(self, plan: SchedulerOutput) -> Handle:
+        return self.worker.execute(plan)
+
+    def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]):
+        return self.worker.score_chunk(token_ids, start_pos, block_ids)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                  eos_token_ids: tuple[int, ...]):
+    if config.executor == "process":
+        from flashserve.distributed.process_executor import ProcessExecutor
+
+        return ProcessExecutor(config, model_config, max_model_len, eos_token_ids)
+    return InProcExecutor(config, model_config, max_model_len, eos_token_ids)

@@ -1,0 +1,338 @@
+"""The Worker: one device's model, KV pool, sampler, CUDA graphs and persistent batch.
+
+It executes the plans EngineCore sends (``flashserve.sched.plan``) and keeps per-request state
+between them (``flashserve.runner.input_batch``). ``execute`` launches a step and returns a
+``StepHandle`` at once; ``StepHandle.result()`` waits for that step's sampled tokens. The engine
+launches step N+1 before it asks for step N's result, so the device never waits for the host:
+step N+1's inputs take the tokens step N sampled straight from the device.
+
+Inputs go into static device buffers (``flashserve.runner.cuda_graphs.StepBuffers``): pure
+decode steps and small mixed steps replay a captured CUDA graph, larger steps run eager. The
+only host synchronisation in a step is ``result()``; the copies of sampled tokens (and logprobs)
+to pinned host memory are queued right after sampling, so ``result()`` waits for its own step
+only.
+
+The same Worker serves in-process engines and worker processes (``flashserve.distributed``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flashserve.config import EngineConfig, ModelConfig
+from flashserve.layers.attention_metadata import forward_context
+from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
+from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
+from flashserve.runner.input_batch import InputBatch, StepInputs
+from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
+from flashserve.runner.swap import HostSwapSpace, apply_block_copies
+from flashserve.sched.plan import SampledTokens, SchedulerOutput, WorkerOutput
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a Worker reports once it is ready (the engine sizes its block manager from it)."""
+
+    device: str
+    dtype: str
+    attention_backend: str
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    num_host_blocks: int
+    load_seconds: float
+    graph_capture_seconds: float | None
+    max_decode_graph_batch: int | None
+    weight_bytes: int
+
+
+@dataclass
+class StepTiming:
+    """Where one step's time went (recorded only when ``Worker.timings`` is a list)."""
+
+    num_tokens: int
+    is_decode: bool
+    graph: bool
+    host_s: float  # host time to apply the plan, build inputs and launch the forward and sampling
+    start: torch.cuda.Event | None = None  # device timeline of the step (CUDA)
+    end: torch.cuda.Event | None = None
+
+    @property
+    def gpu_ms(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end)
+
+
+@dataclass
+class StepHandle:
+    """A launched step; ``result()`` waits for its sampled tokens (once)."""
+
+    step_id: int
+    request_ids: list[str]  # of the sampling rows, in row order
+    out: SamplerOutput | None
+    states: list = field(default_factory=list)  # the RequestState of each row at launch
+    wait_s: float = 0.0  # time result() waited for the device
+    host: dict[str, torch.Tensor] = field(default_factory=dict)
+    event: torch.cuda.Event | None = None
+    worker: Worker | None = None
+    _result: WorkerOutput | None = None
+
+    def result(self) -> WorkerOutput:
+        if self._result is None:
+            self._result = self.worker._finish(self) if self.worker is not None else WorkerOutput(self.step_id, {})
+        return self._result
+
+
+class Worker:
+    """Owns the model, the KV pool, the sampler and the request states of one device."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+        from flashserve.layers.attention import get_attention_backend
+        from flashserve.layers.fused import use_triton_ops
+        from flashserve.loader import default_model_path, load_model
+        from flashserve.runner.host_weights import pack_weights_in_huge_pages
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = max_model_len
+        backend_name = config.attention_backend
+        if backend_name == "auto":
+            backend_name = "triton" if self.device.type == "cuda" else "torch"
+        self.attn_backend = get_attention_backend(backend_name, max_seq_len_cap=max_model_len)
+        t0 = time.perf_counter()
+        source = config.model if config.model is not None else default_model_path()
+        self.model, _ = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend, config.seed,
+                                   quantization=config.quantization, dense_gguf=config.dtype != "auto")
+        if self.device.type == "cpu":
+            pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
+        load_s = time.perf_counter() - t0
+
+        sched, cache = config.scheduler, config.cache
+        self.block_size = cache.block_size
+        useful_blocks = sched.max_num_seqs * -(-max_model_len // cache.block_size)
+        plan = plan_kv_pool(model_config, cache, self.dtype, self.device, max_model_len, useful_blocks,
+                            reserve_bytes=self._activation_reserve(model_config, sched.max_num_batched_tokens,
+                                                                   sched.max_num_seqs))
+        self.kv_pool = allocate_kv_pool(model_config, plan, self.dtype, self.device)
+        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(self.kv_pool.shape[0])]
+        num_host_blocks = cache.swap_space_bytes // plan.bytes_per_block
+        self.swap_space = HostSwapSpace(self.kv_pool, num_host_blocks) if num_host_blocks else None
+        self.sampler = Sampler(self.device, model_config.vocab_size, config.seed)
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.batch = InputBatch(max_model_len, self.block_size, tuple(eos_token_ids))
+        self.block_table = torch.zeros(0, self.max_blocks, dtype=torch.int32, device=self.device)
+        self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device)
+        self._pin = self.device.type == "cuda"
+        self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
+        self._prev_rows: dict[str, int] = {}
+        self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
+        self.graphs: CudaGraphs | None = None
+        if backend_name == "triton":
+            use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
+            if config.cuda_graphs and self.device.type == "cuda":
+                self.graphs = CudaGraphs(self.model, self.kv_caches, self.buffers, self.block_size, max_model_len,
+                                         sched.max_num_seqs, config.max_mixed_graph_tokens)
+                self.graphs.capture()
+        from flashserve.quant import stored_bytes
+
+        weights = stored_bytes(self.model)  # quantized weights live in buffers
+        self.info = WorkerInfo(
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name,
+            num_blocks=plan.num_blocks, block_size=self.block_size, bytes_per_block=plan.bytes_per_block,
+            num_host_blocks=num_host_blocks, load_seconds=load_s,
+            graph_capture_seconds=self.graphs.capture_seconds if self.graphs else None,
+            max_decode_graph_batch=self.graphs.decode_sizes[-1] if self.graphs else None, weight_bytes=weights)
+
+    def _activation_reserve(self, mc: ModelConfig, max_tokens: int, max_seqs: int) -> int:
+        """Device bytes kept out of the KV budget for one step's activations and logits."""
+        if self.device.type != "cuda":
+            return 0
+        elem = self.dtype.itemsize
+        acts = max_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * elem * 2
+        logits = max_seqs * mc.vocab_size * 4 * 4
+        return acts + logits + (512 << 20)
+
+    # ----------------------------------------------------------------- plan application
+    def _apply_plan_state(self, plan: SchedulerOutput) -> None:
+        for rid in plan.finished_ids:
+            state = self.batch.remove(rid)
+            if state is not None and state.penalty_slot is not None:
+                self.sampler.penalties.release(state.penalty_slot)
+        for new in plan.new_requests:
+            pslot = self.sampler.penalties.add(new.prompt_token_ids, new.output_token_ids) \
+                if has_penalty(new.params) else None
+            self.batch.add(new, pslot)
+        if self.batch.num_slots > self.block_table.shape[0]:  # more request slots: grow the device table
+            grown = torch.zeros(self.batch.num_slots, self.max_blocks, dtype=torch.int32, device=self.device)
+            grown[: self.block_table.shape[0]] = self.block_table
+            self.block_table = grown
+        if plan.block_copies:  # swap preemption moves, before the forward
+            apply_block_copies(self.kv_pool, self.swap_space, plan.block_copies)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self._pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int) -> None:
+        """Write a step's inputs into the static buffers, padded to ``pad_tokens`` tokens and
+        ``pad_seqs`` sequences (padding owns nothing and stores nothing)."""
+        buf = self.buffers
+        t, b = inp.num_tokens, inp.num_seqs
+        i64 = np.zeros(3 * pad_tokens + b, dtype=np.int64)
+        i64[:t] = inp.input_ids
+        i64[pad_tokens : pad_tokens + t] = inp.positions
+        i64[2 * pad_tokens : 2 * pad_tokens + t] = inp.slot_mapping
+        i64[2 * pad_tokens + t : 3 * pad_tokens] = -1
+        i64[3 * pad_tokens :] = inp.slots
+        i32 = np.empty(2 * pad_seqs + 1, dtype=np.int32)
+        i32[: b + 1] = inp.query_start_loc
+        i32[b + 1 : pad_seqs + 1] = t
+        i32[pad_seqs + 1 : pad_seqs + 1 + b] = inp.seq_lens
+        i32[pad_seqs + 1 + b :] = 0
+        d64, d32 = self._to_device(i64), self._to_device(i32)
+        buf.input_ids[:pad_tokens].copy_(d64[:pad_tokens])
+        buf.positions[:pad_tokens].copy_(d64[pad_tokens : 2 * pad_tokens])
+        buf.slot_mapping[:pad_tokens].copy_(d64[2 * pad_tokens : 3 * pad_tokens])
+        buf.query_start_loc[: pad_seqs + 1].copy_(d32[: pad_seqs + 1])
+        buf.seq_lens[:pad_seqs].copy_(d32[pad_seqs + 1 :])
+        if inp.block_updates is not None:
+            s, c, blk = (self._to_device(a) for a in inp.block_updates)
+            self.block_table[s, c] = blk.to(torch.int32)
+        torch.index_select(self.block_table, 0, d64[3 * pad_tokens :], out=buf.block_tables[:b])
+        if inp.prev_scatter is not None:  # tokens the step in flight sampled, straight from the device
+            idx, rows = (self._to_device(a) for a in inp.prev_scatter)
+            buf.input_ids.index_copy_(0, idx, self._prev_tokens.index_select(0, rows))
+
+    def _forward(self, inp: StepInputs) -> tuple[torch.Tensor, bool]:
+        """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran."""
+        t, b = inp.num_tokens, inp.num_seqs
+        key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None else None
+        if key is not None:
+            pt, pb = self.graphs.padded_shape(key)
+            self._upload(inp, pt, pb)
+            return self.graphs.replay(key, t), True
+        self._upload(inp, t, b)
+        query_lens = np.diff(inp.query_start_loc).tolist()
+        seq_lens = inp.seq_lens.tolist()
+        meta = self.buffers.metadata(t, b, max(query_lens), max(seq_lens), self.block_size, query_lens, seq_lens,
+                                     inp.is_decode)
+        with forward_context(meta):
+            return self.model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False
+
+    # ----------------------------------------------------------------- steps
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> StepHandle:
+        """Apply the plan and launch its step; the handle's ``result()`` waits for the tokens."""
+        t0 = time.perf_counter()
+        self._apply_plan_state(plan)
+        if not plan.requests:
+            return StepHandle(plan.step_id, [], None)
+        inp = self.batch.build(plan.requests, self._prev_rows)
+        timing = StepTiming(inp.num_tokens, inp.is_decode, False, 0.0)
+        if self.timings is not None and self._pin:
+            timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            timing.start.record()
+        hidden, timing.graph = self._forward(inp)
+        handle = StepHandle(plan.step_id, [plan.requests[i].request_id for i in inp.sample_rows], None, worker=self)
+        if inp.sample_rows:
+            logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
+            states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
+            rows = [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
+                                st.banned if st.num_output_tokens - 1 < st.params.min_tokens else ())
+                    for st in states]
+            handle.out = self.sampler(logits, rows)
+            self._prev_tokens = handle.out.token_ids
+            self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
+            handle.host = {name: self._to_host(getattr(handle.out, name))
+                           for name in ("token_ids", "logprobs", "top_ids", "top_logprobs")
+                           if getattr(handle.out, name) is not None}
+            if self._pin:
+                handle.event = torch.cuda.Event()
+                handle.event.record()
+        if timing.end is not None:
+            timing.end.record()
+        timing.host_s = time.perf_counter() - t0
+        if self.timings is not None:
+            self.timings.append(timing)
+        return handle
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if not self._pin:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def _finish(self, handle: StepHandle) -> WorkerOutput:
+        """Wait for a step's tokens, record them in the request states, return them."""
+        if handle.out is None:
+            return WorkerOutput(handle.step_id, {})
+        if handle.event is not None:
+            t0 = time.perf_counter()
+            handle.event.synchronize()
+            handle.wait_s = time.perf_counter() - t0
+        tokens = handle.host["token_ids"].tolist()
+        logprobs = handle.host.get("logprobs")
+        lp = logprobs.tolist() if logprobs is not None else None
+        top_ids = handle.host["top_ids"].tolist() if lp is not None else None
+        top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
+        sampled: dict[str, SampledTokens] = {}
+        for j, (rid, state) in enumerate(zip(handle.request_ids, handle.states)):
+            if self.batch.states.get(rid) is state:  # not if it left (or its id was reused) while the step ran
+                self.batch.append(state, (tokens[j],))
+            k = state.params.logprobs
+            entry = None
+            if k is not None and lp is not None:
+                entry = ((lp[j], tuple(zip(top_ids[j][:k], top_vals[j][:k]))),)
+            sampled[rid] = SampledTokens((tokens[j],), entry)
+        return WorkerOutput(handle.step_id, sampled)
+
+    @torch.inference_mode()
+    def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
+        """Log-probabilities [n, V] (fp32, on the device) of the token after each of ``token_ids``,
+        which sit at positions ``start_pos ...`` of a sequence whose K/V before ``start_pos`` is in
+        ``block_ids``; their own K/V is written to the cache (so a later chunk reads it back).
+        Eager, outside the persistent batch; the Worker must be idle."""
+        bs = self.block_size
+        n = len(token_ids)
+        positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
+        table = np.asarray(block_ids, dtype=np.int64)
+        slots = table[positions // bs] * bs + positions % bs
+        meta_tables = torch.as_tensor(table, dtype=torch.int32, device=self.device)[None]
+        from flashserve.layers.attention_metadata import AttentionMetadata
+
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([start_pos + n], dtype=torch.int32, device=self.device),
+            block_tables=meta_tables, slot_mapping=self._to_device(slots), max_query_len=n,
+            max_seq_len=start_pos + n, query_lens_cpu=[n], seq_lens_cpu=[start_pos + n], block_size=bs,
+            is_decode=n == 1)
+        with forward_context(meta):
+            hidden = self.model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
+                                self.kv_caches)
+        return self.model.compute_logits(hidden).log_softmax(dim=-1)

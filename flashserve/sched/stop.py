@@ -1,0 +1,45 @@
+"""When a sequence is done: one place for every stop condition. Pure Python.
+
+Token conditions are checked on each new token in order (a step may bring several, with
+speculative decoding): EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the sequence with
+finish reason "stop", keeping the stopping token; ``max_tokens`` and the model's context end it
+with "length". Tokens after the first stop are dropped. ``min_tokens`` holds back EOS, stop ids
+*and* stop strings until that many tokens exist; the detokenizer asks ``stop_strings_armed``
+before it searches its text for stop strings.
+"""
+
+from __future__ import annotations
+
+from flashserve.request import Request, RequestStatus
+
+
+class StopChecker:
+    def __init__(self, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
+
+    @staticmethod
+    def stop_strings_armed(request: Request) -> bool:
+        return len(request.output_token_ids) >= request.params.min_tokens
+
+    def check(self, request: Request, num_new: int) -> RequestStatus | None:
+        """Status for a request whose last ``num_new`` output tokens just arrived, or None to
+        continue. On a stop, tokens after the stopping one are removed (with their logprobs)."""
+        params = request.params
+        outputs = request.output_token_ids
+        first = len(outputs) - num_new
+        for i in range(first, len(outputs)):
+            count = i + 1  # outputs up to and including token i
+            status = None
+            token = outputs[i]
+            if count >= params.min_tokens and (
+                    (not params.ignore_eos and token in request.eos_token_ids) or token in params.stop_token_ids):
+                request.stop_reason = token
+                status = RequestStatus.FINISHED_STOPPED
+            elif (params.max_tokens is not None and count >= params.max_tokens) or \
+                    request.num_prompt_tokens + count >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                del outputs[count:]
+                del request.output_logprobs[count:]
+                return status
+        return None

@@ -1,0 +1,104 @@
+"""The engine loop on a tiny model: the overlapped loop (step N+1 planned before step N's tokens
+are read) gives the same tokens as the serial loop, under batching, chunking, preemption by
+recompute and by swap, and prefix caching; a Worker in another process (torch.distributed, gloo)
+gives the same tokens as an in-process one, and its death is a clear error, not a hang."""
+
+import os
+import random
+import signal
+
+import pytest
+
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+
+BLOCK = 2 * 2 * 4 * 2 * 16 * 4  # bytes of one fp32 block of the tiny model: layers x K/V x 4 tokens x 2 heads x 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3_gqa_loop")
+    make_tiny_checkpoint("llama3_gqa", folder, seed=6)
+    return str(folder)
+
+
+def workload():
+    """Prompts sharing prefixes, and a mix of greedy, seeded sampling, penalties, n > 1 and stops."""
+    rng = random.Random(3)
+    stem = [rng.randrange(3, 500) for _ in range(24)]
+    prompts = [stem[: rng.randrange(8, 24)] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 30))]
+               for _ in range(10)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_k=20, seed=12, max_tokens=18, repetition_penalty=1.3,
+                       presence_penalty=0.5, frequency_penalty=0.3, ignore_eos=True),
+        SamplingParams(n=2, temperature=0.7, seed=13, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[7, 11, 13, 17, 19], min_tokens=3),
+    ]
+    return prompts, [params[i % len(params)] for i in range(len(prompts))]
+
+
+def generate(folder, **kw):
+    prompts, params = workload()
+    llm = LLM(model=folder, device="cpu", block_size=4, max_model_len=128, verbose=False, **kw)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    got = [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs]
+    logprobs = [lp for o in outs for c in o.outputs if c.logprobs for _, lp, _ in c.logprobs]
+    return (got, logprobs), llm
+
+
+CASES = {
+    "batching": dict(kv_cache_bytes=1 << 21),
+    "chunking": dict(kv_cache_bytes=1 << 21, max_num_batched_tokens=20),
+    "recompute": dict(kv_cache_bytes=40 * BLOCK, preemption_mode="recompute", max_num_batched_tokens=40),
+    "swap": dict(kv_cache_bytes=40 * BLOCK, preemption_mode="swap", swap_space_bytes=64 * BLOCK,
+                 max_num_batched_tokens=40),
+    "no-prefix-cache": dict(kv_cache_bytes=1 << 21, enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_overlapped_loop_equals_serial_loop(tiny, case):
+    serial, s_llm = generate(tiny, async_scheduling=False, **CASES[case])
+    overlapped, o_llm = generate(tiny, async_scheduling=True, **CASES[case])
+    assert overlapped[0] == serial[0]
+    assert overlapped[1] == pytest.approx(serial[1], abs=1e-4) and len(serial[1]) > 0
+    sched = o_llm.engine.scheduler
+    if case in ("recompute", "swap"):
+        assert sched.num_preemptions > 0 and s_llm.engine.scheduler.num_preemptions > 0
+    if case == "swap":
+        assert sched.num_swap_outs > 0
+    if case == "batching":
+        assert o_llm.engine.block_manager.prefix_hits > 0
+    assert o_llm.engine.block_manager.num_used_blocks == 0
+    o_llm.engine.block_manager.check_invariants()
+
+
+def test_worker_in_another_process_gives_the_same_tokens(tiny):
+    ref, _ = generate(tiny, kv_cache_bytes=40 * BLOCK, preemption_mode="swap", swap_space_bytes=64 * BLOCK,
+                      max_num_batched_tokens=40)
+    got, llm = generate(tiny, kv_cache_bytes=40 * BLOCK, preemption_mode="swap", swap_space_bytes=64 * BLOCK,
+                        max_num_batched_tokens=40, executor="process")
+    try:
+        assert got[0] == ref[0] and got[1] == pytest.approx(ref[1], abs=1e-4)
+        assert llm.engine.scheduler.num_swap_outs > 0
+        scored = list(llm.engine.score(list(range(3, 60)), chunk_size=16))  # scoring crosses the boundary too
+        assert sum(c.shape[0] for c in scored) == 56
+    finally:
+        llm.engine.shutdown()
+    assert not llm.engine.executor.process.is_alive()
+
+
+def test_killed_worker_process_is_a_clear_error(tiny):
+    llm = LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, kv_cache_bytes=1 << 21, verbose=False,
+              executor="process")
+    engine = llm.engine
+    engine.add_request("a", list(range(3, 20)), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    engine.step()
+    os.kill(engine.executor.process.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"worker process \(pid \d+\) exited with code -9"):
+        for _ in range(5):
+            engine.step()
+    with pytest.raises(RuntimeError, match="worker process is gone"):
+        engine.step()

@@ -1,0 +1,75 @@
+"""The v2 engine on the GPU: mixed-step CUDA graphs equal eager steps, and launching a step never
+synchronises the host with the device (checked with CUDA's sync debug mode, which catches every
+synchronising call: .item(), .tolist(), bool(), int(), .cpu(), blocking copies). Skipped
+without a CUDA device."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu_tiny")
+    make_tiny_checkpoint("qwen3_qknorm", folder, seed=8)
+    return str(folder)
+
+
+def _workload(n=12, seed=4):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(n)]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=3, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=4, repetition_penalty=1.2, frequency_penalty=0.2, max_tokens=16,
+                             ignore_eos=True, logprobs=3),
+              SamplingParams(n=2, temperature=0.7, seed=5, max_tokens=12, ignore_eos=True)]
+    return prompts, [params[i % len(params)] for i in range(n)]
+
+
+def _engine(folder, **kw):
+    kw.setdefault("kv_cache_bytes", 64 << 20)
+    return LLM(folder, device="cuda", dtype="float32", block_size=16, max_model_len=256, max_num_seqs=16,
+               max_num_batched_tokens=64, verbose=False, **kw)
+
+
+def test_mixed_step_graphs_equal_eager(tiny):
+    prompts, params = _workload()
+    eager = _engine(tiny, cuda_graphs=False)
+    graphs = _engine(tiny, cuda_graphs=True, max_mixed_graph_tokens=64)
+    graphs.engine.worker.timings = []
+    ref = [[c.token_ids for c in o.outputs] for o in eager.generate(prompts, params, use_tqdm=False)]
+    got = [[c.token_ids for c in o.outputs] for o in graphs.generate(prompts, params, use_tqdm=False)]
+    assert got == ref
+    steps = graphs.engine.worker.timings
+    assert any(t.graph and not t.is_decode for t in steps) and any(t.graph and t.is_decode for t in steps)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_launching_a_step_never_synchronises(tiny, overlap):
+    prompts, params = _workload(seed=9)
+    block = 2 * 2 * 16 * 2 * 16 * 4  # fp32 bytes of one block: layers x K/V x tokens x kv heads x head dim
+    llm = _engine(tiny, cuda_graphs=True, async_scheduling=overlap, preemption_mode="swap",
+                  kv_cache_bytes=40 * block, swap_space_bytes=200 * block)  # preemptions swap: async copies too
+    llm.engine.warm_up()
+    worker = llm.engine.worker
+    launch = worker.execute
+
+    def checked(plan):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    worker.execute = checked
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(c.token_ids) == p.max_tokens for o, p in zip(outs, params) for c in o.outputs)
+    assert llm.engine.scheduler.num_swap_outs > 0
