@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest_models import PagedKVCache, make_tiny_checkpoint
+from flashserve.config import EngineConfig
 from flashserve.kernels import quant_reference as ref
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.quant.config import QUANTIZATION_MODES, fp8_support_error
@@ -106,6 +107,8 @@ def test_bad_options_fail_before_allocation(tmp_path, monkeypatch):
         _load(tmp_path, "int4-g128")
     with pytest.raises(ValueError, match="quantization must be one of auto, none, gguf"):
         _load(tmp_path, "int3")
+    with pytest.raises(ValueError, match="quantization must be one of auto, none, gguf"):
+        EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="needs a .gguf file"):
         _load(tmp_path, "gguf")
     with pytest.raises(ValueError, match="declares quantization_config.quant_method='gptq'"):
@@ -135,7 +138,7 @@ def test_engine_and_cli_take_the_option(tmp_path):
     assert len(out.token_ids) == 4
     r = subprocess.run([sys.executable, "-m", "flashserve.cli", "generate", "hi", "--model", str(tmp_path),
                         "--device", "cpu", "--quantization", "int3"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "quantization must be one of" in r.stderr
+    assert r.returncode == 2 and "--quantization: invalid choice: 'int3'" in r.stderr
 
 
 def test_weight_bytes_counts_what_decoding_reads(tmp_path):
