@@ -49,7 +49,7 @@ case "${1:-}" in
     ;;
   quant)  # quantized weights (docs/quantization.md): kernels vs references, kernel timings, batch-1 and throughput
     stage quant-tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_gemm.py \
-      tests/kernels/test_quant_gguf.py tests/test_quant_gpu.py
+      tests/kernels/test_quant_gguf_kernels.py tests/test_quant_gpu.py
     stage quant-kernels 240 $fs bench quant-kernels --gguf --output-json "$out/quant-kernels.json"
     for q in none int8 int4 fp8; do
       stage "latency-llama8b-$q" 170 $fs bench latency --model llama-3.1-8b --load-format dummy --quantization "$q" \
