@@ -129,6 +129,14 @@ class SchedulerConfig:
             raise ValueError(f"preemption_mode must be recompute, swap or auto, got {self.preemption_mode!r}")
 
 
+# Weight quantization modes (flashserve.quant.config says what each does): "auto" takes the
+# checkpoint's own (GGUF tensors packed unless a dtype is given, GPTQ, AWQ), "none" is dense.
+QUANTIZATION_MODES = (
+    "auto", "none", "gguf", "gptq", "awq", "int8", "int4",
+    "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g64-zp", "int4-g128-zp", "fp8", "fp8-w8a8",
+)
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to start, as the user gave it (built by ``EngineArgs``)."""
@@ -144,6 +152,7 @@ class EngineConfig:
     max_mixed_graph_tokens: int = 512  # largest mixed (prefill + decode) step replayed as a CUDA graph
     async_scheduling: bool = True  # plan step N+1 while step N runs
     executor: str = "inproc"  # inproc | process (the Worker in its own process, over torch.distributed)
+    quantization: str = "auto"  # one of QUANTIZATION_MODES (flashserve.quant)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -158,6 +167,8 @@ class EngineConfig:
             raise ValueError(f"executor must be inproc or process, got {self.executor!r}")
         if self.max_mixed_graph_tokens < 0:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -203,6 +214,9 @@ class EngineArgs:
                                   flag="--no-async-scheduling")
     executor: str = _arg("inproc", "run the Worker in this process or in its own process",
                          choices=("inproc", "process"))
+    quantization: str = _arg("auto", "weights: auto (the checkpoint's own: GGUF blocks kept packed unless --dtype "
+                                     "is given, GPTQ, AWQ), none (dense), or online int8 / int4 / fp8 "
+                                     "(docs/quantization.md)", choices=QUANTIZATION_MODES)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -217,6 +231,7 @@ class EngineArgs:
             max_mixed_graph_tokens=self.max_mixed_graph_tokens,
             async_scheduling=self.async_scheduling,
             executor=self.executor,
+            quantization=self.quantization,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

@@ -104,7 +104,8 @@ def test_engine_chat_batch_matches_transformers(hf_model):
     conversation equal transformers' own greedy decoding of the same templated prompts."""
     from flashserve import LLM, SamplingParams
 
-    llm = LLM(device="cpu", max_model_len=512, kv_cache_bytes=64 << 20, verbose=False)
+    # dtype float32: the exact dequantized path (the default runs the packed GGUF weights)
+    llm = LLM(device="cpu", dtype="float32", max_model_len=512, kv_cache_bytes=64 << 20, verbose=False)
     steps = 24
     outs = llm.chat(CHATS, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
     for conv, out in zip(CHATS, outs):

@@ -32,11 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decoded token: every parameter except the (untied) embedding table."""
-    emb = model.model.embed_tokens.weight
-    tied = model.config.tie_word_embeddings
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total if tied else total - emb.numel() * emb.element_size()
+    """Bytes read per decoded token: every weight as stored (quantized weights with their scales)
+    except the embedding table, unless it is the LM head's (``flashserve.quant.weight_bytes``)."""
+    from flashserve.quant import weight_bytes as stored_weight_bytes
+
+    return stored_weight_bytes(model)
 
 
 def kv_bytes_per_token(cfg, context: float, elem: int) -> float:
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "quantization": args.quantization,
         "triton_cache_at_start": cache,
         "warm_up_s": warm_s,
         "prompt_len": args.prompt_len,

@@ -1,8 +1,10 @@
 """Model and tokenizer loading.
 
-``load_model(source, load_format, dtype, device, attn_backend)`` builds the registered model
-of the checkpoint's architecture directly on the target device and dtype and fills it from a safetensors directory, a GGUF file
-or random weights (``dummy``). ``source=None`` means the bundled SmolLM2-135M GGUF.
+``load_model(source, load_format, dtype, device, attn_backend, quantization=...)`` builds the
+registered model of the checkpoint's architecture directly on the target device and dtype and
+fills it from a safetensors directory (dense, GPTQ or AWQ), a GGUF file (tensors packed or
+dequantized) or random weights (``dummy``); online quantization (int8 / int4 / fp8) is its last
+step. ``source=None`` means the bundled SmolLM2-135M GGUF.
 """
 
 from __future__ import annotations
@@ -117,16 +119,28 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend) -> Any:
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend,
+                quant_config: Any = None) -> Any:
     """An uninitialised model of ``config.architecture`` (``flashserve.models.registry``),
-    allocated directly on ``device`` in ``dtype``."""
+    allocated directly on ``device`` in ``dtype``; each linear layer takes its storage from
+    ``quant_config`` (a ``flashserve.quant.QuantConfig``; dense if None)."""
     from flashserve.models.registry import model_class
+    from flashserve.quant import QuantConfig, quant_scope
 
     cls = model_class(config.architecture)
     cls.check_supported(config, attn_backend)  # before allocating anything
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), _default_dtype(dtype), quant_scope(quant_config or QuantConfig()):
         model = cls(config, attn_backend)
     return model.eval().requires_grad_(False)
+
+
+def _finish(model: Any, device: torch.device | str) -> None:
+    """Build the kernel-ready quantized weights once every tensor is in."""
+    from flashserve.quant import finalize_quantized
+
+    finalize_quantized(model)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # give back the dense weights online quantization replaced
 
 
 def load_model(
@@ -137,37 +151,59 @@ def load_model(
     attn_backend: AttentionBackend,
     seed: int = 0,
     config_overrides: dict[str, Any] | None = None,
+    quantization: str = "none",
+    dense_gguf: bool = False,
 ) -> tuple[Any, ModelConfig]:
     """Build and fill the model. Returns ``(model, config)``.
 
     ``config_overrides`` (dummy only) replaces ModelConfig fields, e.g. ``{"num_layers": 2}``.
+    ``quantization``: a mode of ``flashserve.quant.QUANTIZATION_MODES``; ``"auto"`` keeps a GGUF
+    file packed unless ``dense_gguf`` (the engine sets it when a dtype was asked for explicitly).
+    Every quantization check runs before the model is allocated.
     """
+    from flashserve.quant import make_quant_config
+
     source, fmt = resolve_load_format(source, load_format)
     if config_overrides and fmt != "dummy":
         raise ValueError("config_overrides only apply to load_format='dummy'")
     if fmt == "gguf":
-        from flashserve.loader.gguf_loader import load_gguf
+        from flashserve.loader.gguf_loader import _field, gguf_model_config, gguf_tensor_types, iterate_gguf, open_gguf
 
-        config, weights = load_gguf(source)
-        model = build_model(config, dtype, device, attn_backend)
-        model.load_weights(weights)
+        reader = open_gguf(source)
+        config = gguf_model_config(reader, source)
+        qconfig = make_quant_config(quantization, "gguf", config, device, dtype,
+                                    gguf_types=gguf_tensor_types(reader), dense_gguf=dense_gguf)
+        model = build_model(config, dtype, device, attn_backend, qconfig)
+        model.load_weights(iterate_gguf(reader, config, str(_field(reader, "general.architecture")), qconfig.keeps_packed))
+        _finish(model, device)
         return model, config
     if fmt == "safetensors":
         from flashserve.loader.hf_config import load_hf_config
-        from flashserve.loader.safetensors_loader import iterate_safetensors, safetensors_files
+        from flashserve.loader.safetensors_loader import (
+            iterate_safetensors,
+            read_quantization_config,
+            safetensors_files,
+            safetensors_tensor_names,
+        )
 
         config = load_hf_config(source)
         safetensors_files(source)  # fail on a missing checkpoint before allocating the model
-        model = build_model(config, dtype, device, attn_backend)
+        declared = read_quantization_config(source)
+        qconfig = make_quant_config(quantization, "safetensors", config, device, dtype, checkpoint_quant=declared,
+                                    tensor_names=safetensors_tensor_names(source) if declared else None)
+        model = build_model(config, dtype, device, attn_backend, qconfig)
         model.load_weights(iterate_safetensors(source))
+        _finish(model, device)
         return model, config
     from flashserve.loader.dummy import init_dummy_weights
 
     config = _dummy_config(source)
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
-    model = build_model(config, dtype, device, attn_backend)
+    qconfig = make_quant_config(quantization, "dummy", config, device, dtype)
+    model = build_model(config, dtype, device, attn_backend, qconfig)
     init_dummy_weights(model, seed=seed)
+    _finish(model, device)
     return model, config
 
 

@@ -1,15 +1,15 @@
-"""Load a GGUF file (llama.cpp format): ModelConfig from metadata, dequantized HF-named tensors.
+"""Load a GGUF file (llama.cpp format): ModelConfig from metadata, HF-named tensors.
 
-Tensors are dequantized to fp32 with ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, K-quants ... whatever the installed gguf package supports) and renamed to Hugging Face
-names. llama.cpp permutes the rows of llama q/k weights for its rope layout; that permutation
+Tensors are renamed to Hugging Face names and either handed over packed (the file's blocks,
+memory-mapped; ``flashserve.quant.gguf``) or dequantized to fp32 with ``gguf.quants.dequantize``
+(F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants ... whatever the installed gguf package supports). llama.cpp permutes the rows of llama q/k weights for its rope layout; that permutation
 is undone here (qwen2/qwen3 GGUFs are stored unpermuted).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +43,16 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def _fast_reader_class() -> type:
-    """GGUFReader whose file buffer is a plain ndarray view of the memmap.
-
-    Parsing slices the buffer ~10^5 times (tokenizer arrays); ``np.memmap`` slices carry a
-    Python-level ``__array_finalize__`` each, which makes parsing ~3x slower. The view still
-    maps the file (no copy).
-    """
-    from gguf import GGUFReader
-
-    class PlainBufferGGUFReader(GGUFReader):
-        @property
-        def data(self) -> np.ndarray:
-            return self._plain_data
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._plain_data = np.asarray(value)
-
-    return PlainBufferGGUFReader
-
-
 def open_gguf(path: str | Path) -> Any:
-    """A ``gguf.GGUFReader`` on ``path`` (memory-mapped); clear errors for missing/corrupt files."""
+    """The GGUF file's metadata and tensor directory (``flashserve.loader.gguf_file``, memory-mapped);
+    clear errors for missing/corrupt files."""
+    from flashserve.loader.gguf_file import GGUFFile
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        return _fast_reader_class()(str(path))
+        return GGUFFile(path)
     except Exception as e:  # ValueError / struct errors / IndexError on truncated files
         raise ValueError(f"cannot read GGUF file {path} (corrupt or truncated?): {type(e).__name__}: {e}") from e
 
@@ -112,7 +94,7 @@ def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
     num_heads = int(meta("attention.head_count"))
     num_kv_heads = int(meta("attention.head_count_kv", num_heads))
     head_dim = int(meta("attention.key_length", hidden // num_heads))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")  # its length only: no need to decode 10^5 strings
     vocab = len(tokens) if tokens is not None else int(meta("vocab_size"))
     rope_scaling: dict[str, Any] | None = None
     scaling_type = _field(reader, f"{arch_name}.rope.scaling.type")
@@ -173,8 +155,17 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def iterate_gguf(reader: Any, config: ModelConfig, arch_name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, fp32 tensor)`` for every model tensor of the GGUF file."""
+def gguf_tensor_types(reader: Any) -> dict[str, str]:
+    """HF tensor name -> GGUF type name (e.g. ``Q4_1``) of every model tensor of the file."""
+    return {name: t.tensor_type.name for t in reader.tensors if (name := hf_tensor_name(t.name)) is not None}
+
+
+def iterate_gguf(
+    reader: Any, config: ModelConfig, arch_name: str, keep_packed: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for every model tensor of the GGUF file: fp32, or for names
+    ``keep_packed`` accepts the stored blocks as uint8 ``[rows, row_bytes]`` (a view of the
+    mapped file; llama q/k rows are still un-permuted, which moves whole rows)."""
     permute = arch_name in ("llama", "mistral")
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
@@ -183,9 +174,14 @@ def iterate_gguf(reader: Any, config: ModelConfig, arch_name: str) -> Iterator[t
                 continue  # folded into config.rope_scaling
             raise ValueError(f"unexpected tensor {t.name!r} in GGUF file")
         try:
-            tensor = dequantize_tensor(t)
+            if keep_packed is not None and keep_packed(name):
+                from flashserve.quant.gguf import raw_tensor
+
+                tensor = raw_tensor(t)
+            else:
+                tensor = dequantize_tensor(t)
         except Exception as e:
-            raise ValueError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
+            raise ValueError(f"cannot read GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
         if permute and ".self_attn.q_proj." in name:
             tensor = unpermute_qk(tensor, config.num_heads)
         elif permute and ".self_attn.k_proj." in name:

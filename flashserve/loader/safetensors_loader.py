@@ -67,3 +67,33 @@ def iterate_safetensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]
                 except Exception as e:
                     raise ValueError(f"corrupt tensor {name!r} in safetensors file {path}: {e}") from e
                 yield name, tensor
+
+
+def safetensors_tensor_names(folder: str | Path) -> set[str]:
+    """Names of every tensor of the checkpoint (headers only; nothing is read)."""
+    names: set[str] = set()
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names.update(f.keys())
+        except Exception as e:
+            raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+    return names
+
+
+def read_quantization_config(folder: str | Path) -> dict | None:
+    """The quantization a checkpoint declares: ``quantization_config`` of config.json, or the
+    older AutoGPTQ ``quantize_config.json`` / AutoAWQ ``quant_config.json`` files."""
+    folder = Path(folder)
+    for name, method in (("config.json", None), ("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt {path}: {e}") from e
+        qc = data.get("quantization_config") if method is None else data
+        if isinstance(qc, dict):
+            return {"quant_method": method, **qc} if method else qc
+    return None

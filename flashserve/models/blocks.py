@@ -1,7 +1,7 @@
 """Layer parts a decoder layer is assembled from, by the names a ``LayerSpec`` gives.
 
-``MLP_TYPES`` maps a ``LayerSpec.mlp`` name to a module class built as ``cls(config)`` that maps
-``[T, hidden] -> [T, hidden]``. New MLP kinds (GeGLU, mixture of experts) register here; the
+``MLP_TYPES`` maps a ``LayerSpec.mlp`` name to a module class built as ``cls(config, prefix=...)``
+(``prefix``: its checkpoint name, e.g. ``model.layers.0.mlp``) that maps ``[T, hidden] -> [T, hidden]``. New MLP kinds (GeGLU, mixture of experts) register here; the
 decoder layer has no branch on them.
 """
 
@@ -18,11 +18,11 @@ from flashserve.layers.linear import GateUpLinear, Linear
 class GatedSiluMLP(nn.Module):
     """SwiGLU MLP: fused gate_up projection, silu(gate) * up, down projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, prefix=f"{prefix}.gate_up_proj")
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

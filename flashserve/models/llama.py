@@ -49,7 +49,7 @@ class LlamaAttention(nn.Module):
     """qkv projection -> (qk norm) -> rope -> paged attention -> output projection."""
 
     def __init__(self, config: ModelConfig, spec: AttentionSpec, attn_backend: AttentionBackend,
-                 rotary_emb: RotaryEmbedding) -> None:
+                 rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -57,11 +57,12 @@ class LlamaAttention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = QKVLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias,
+            prefix=f"{prefix}.qkv_proj",
         )
         # Qwen2 has bias on q/k/v only; Llama/Qwen3 ``attention_bias`` also covers o_proj.
         o_bias = config.attention_bias and config.architecture != "qwen2"
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb
@@ -88,10 +89,10 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual add is fused into the next norm call."""
 
     def __init__(self, config: ModelConfig, spec: LayerSpec, attn_backend: AttentionBackend,
-                 rotary_emb: RotaryEmbedding) -> None:
+                 rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, spec.attention, attn_backend, rotary_emb)
-        self.mlp = MLP_TYPES[spec.mlp](config)
+        self.self_attn = LlamaAttention(config, spec.attention, attn_backend, rotary_emb, prefix=f"{prefix}.self_attn")
+        self.mlp = MLP_TYPES[spec.mlp](config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,14 +119,15 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens")
         specs = [config.layer_spec(i) for i in range(config.num_layers)]
         # One cos/sin cache per rope base, shared by the layers that use it.
         thetas = sorted({s.attention.rope_theta or config.rope_theta for s in specs})
         self.rotary = nn.ModuleList([make_rotary(config, t) for t in thetas])
         self._rope_index = [thetas.index(s.attention.rope_theta or config.rope_theta) for s in specs]
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, spec, attn_backend, self.rotary[j]) for spec, j in zip(specs, self._rope_index)]
+            [LlamaDecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{i}")
+             for i, (spec, j) in enumerate(zip(specs, self._rope_index))]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -169,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attn_backend)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied, prefix="lm_head")
 
     def forward(
         self,

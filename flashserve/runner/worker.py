@@ -124,7 +124,8 @@ class Worker:
         self.attn_backend = get_attention_backend(backend_name, max_seq_len_cap=max_model_len)
         t0 = time.perf_counter()
         source = config.model if config.model is not None else default_model_path()
-        self.model, _ = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend, config.seed)
+        self.model, _ = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend, config.seed,
+                                   quantization=config.quantization, dense_gguf=config.dtype != "auto")
         if self.device.type == "cpu":
             pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
         load_s = time.perf_counter() - t0
@@ -155,7 +156,9 @@ class Worker:
                 self.graphs = CudaGraphs(self.model, self.kv_caches, self.buffers, self.block_size, max_model_len,
                                          sched.max_num_seqs, config.max_mixed_graph_tokens)
                 self.graphs.capture()
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        from flashserve.quant import stored_bytes
+
+        weights = stored_bytes(self.model)  # quantized weights live in buffers
         self.info = WorkerInfo(
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name,
             num_blocks=plan.num_blocks, block_size=self.block_size, bytes_per_block=plan.bytes_per_block,

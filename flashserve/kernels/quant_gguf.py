@@ -1,0 +1,197 @@
+"""GGUF weights on the GPU, read in llama.cpp's own block layout (no repacking, no dense copy).
+
+A GGUF matrix ``[N, K]`` is N rows of ``K / block_elems`` blocks of ``block_bytes`` each, exactly
+as in the file (``flashserve.kernels.quant_reference.GGUF_BLOCKS``). The kernels receive three
+views of the same bytes (uint8, int8 and fp16: every fp16 field of every type sits at an even
+offset of an even-sized row) and decode each weight in registers from its block: the scale
+field(s) of the block or sub-block, the low nibble / high bits of its quant, then ``tl.dot``.
+Types: Q8_0, Q4_0, Q4_1, Q5_0 (32-element blocks) and Q4_K, Q5_K, Q6_K (256-element blocks).
+
+``gguf_matmul`` uses one program per ``[BLOCK_M, BLOCK_N]`` output tile and K slice, like
+``quant_gemm`` (flat GEMM with split-K for M <= 16, tiles beyond); ``gguf_dequantize`` writes a
+dense copy for dequant + cuBLAS on large M. These kernels favour exactness and coverage over
+speed (byte-granular loads); the tuned batch-1 targets are the int8 / int4 / fp8 kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels.quant_gemm import FLAT_MAX_M, MatmulConfig
+from flashserve.kernels.quant_reference import GGUF_BLOCKS
+from flashserve.kernels.utils import cdiv, dot_ieee, num_sms
+
+GGUF_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
+
+
+@triton.jit
+def _k_scale_min(u8_ptr, base, sub):
+    """The 6-bit scale and min of sub-block ``sub`` (0..7) of a Q4_K / Q5_K super-block."""
+    lo4 = sub % 4
+    b_d = tl.load(u8_ptr + base + 4 + lo4).to(tl.int32)  # bytes 0..3 of the scale field
+    b_m = tl.load(u8_ptr + base + 8 + lo4).to(tl.int32)  # bytes 4..7
+    b_md = tl.load(u8_ptr + base + 12 + lo4).to(tl.int32)  # bytes 8..11
+    first = sub < 4
+    sc = tl.where(first, b_d & 63, (b_md & 15) | ((b_d >> 6) << 4))
+    mn = tl.where(first, b_m & 63, (b_md >> 4) | ((b_m >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _gguf_tile(u8_ptr, i8_ptr, f16_ptr, rows, cols, mask, row_bytes, QTYPE: tl.constexpr):
+    """fp32 weights ``[len(rows), len(cols)]`` decoded from their blocks (0 where ``mask`` is off)."""
+    row_base = rows.to(tl.int64)[:, None] * row_bytes
+    if QTYPE <= 3:  # 32-element blocks
+        j = (cols % 32)[None, :]
+        if QTYPE == 0:
+            base = row_base + (cols // 32 * 34)[None, :]
+            d = tl.load(f16_ptr + base // 2, mask=mask, other=0.0).to(tl.float32)
+            q = tl.load(i8_ptr + base + 2 + j, mask=mask, other=0).to(tl.float32)
+            w = d * q
+        elif QTYPE == 1:
+            base = row_base + (cols // 32 * 18)[None, :]
+            d = tl.load(f16_ptr + base // 2, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(u8_ptr + base + 2 + j % 16, mask=mask, other=0).to(tl.int32)
+            w = d * (((b >> (j // 16 * 4)) & 15).to(tl.float32) - 8.0)
+        elif QTYPE == 2:
+            base = row_base + (cols // 32 * 20)[None, :]
+            d = tl.load(f16_ptr + base // 2, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(f16_ptr + base // 2 + 1, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(u8_ptr + base + 4 + j % 16, mask=mask, other=0).to(tl.int32)
+            w = d * ((b >> (j // 16 * 4)) & 15).to(tl.float32) + m
+        else:
+            base = row_base + (cols // 32 * 22)[None, :]
+            d = tl.load(f16_ptr + base // 2, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(u8_ptr + base + 2 + j // 8, mask=mask, other=0).to(tl.int32)
+            b = tl.load(u8_ptr + base + 6 + j % 16, mask=mask, other=0).to(tl.int32)
+            u = ((b >> (j // 16 * 4)) & 15) | (((h >> (j % 8)) & 1) << 4)
+            w = d * (u.to(tl.float32) - 16.0)
+    else:  # 256-element super-blocks
+        j = (cols % 256)[None, :]
+        l = j % 32
+        if QTYPE == 6:
+            base = row_base + (cols // 256 * 210)[None, :]
+            half = j // 128
+            r = (j % 128) // 32
+            lo = tl.load(u8_ptr + base + half * 64 + (r % 2) * 32 + l, mask=mask, other=0).to(tl.int32)
+            hi = tl.load(u8_ptr + base + 128 + half * 32 + l, mask=mask, other=0).to(tl.int32)
+            q = ((lo >> (r // 2 * 4)) & 15) | (((hi >> (2 * r)) & 3) << 4)
+            sc = tl.load(i8_ptr + base + 192 + j // 16, mask=mask, other=0).to(tl.float32)
+            d = tl.load(f16_ptr + (base + 208) // 2, mask=mask, other=0.0).to(tl.float32)
+            w = d * sc * (q.to(tl.float32) - 32.0)
+        else:
+            nbytes = 144 if QTYPE == 4 else 176
+            qs_off = 16 if QTYPE == 4 else 48
+            base = row_base + (cols // 256 * nbytes)[None, :]
+            sub = j // 32
+            d = tl.load(f16_ptr + base // 2, mask=mask, other=0.0).to(tl.float32)
+            dmin = tl.load(f16_ptr + base // 2 + 1, mask=mask, other=0.0).to(tl.float32)
+            sc, mn = _k_scale_min(u8_ptr, base, sub)
+            b = tl.load(u8_ptr + base + qs_off + (sub // 2) * 32 + l, mask=mask, other=0).to(tl.int32)
+            u = (b >> ((sub % 2) * 4)) & 15
+            if QTYPE == 5:
+                h = tl.load(u8_ptr + base + 16 + l, mask=mask, other=0).to(tl.int32)
+                u = u | (((h >> sub) & 1) << 4)
+            w = d * sc * u.to(tl.float32) - dmin * mn
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _gguf_matmul_kernel(
+    x_ptr, u8_ptr, i8_ptr, f16_ptr, out_ptr,
+    M, N, K, row_bytes, k_per_split,
+    stride_xm, stride_om, stride_os,
+    QTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < k_hi
+        w = _gguf_tile(u8_ptr, i8_ptr, f16_ptr, offs_n, cols, n_ok[:, None] & k_ok[None, :], row_bytes, QTYPE)
+        x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gguf_dequant_kernel(u8_ptr, i8_ptr, f16_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = _gguf_tile(u8_ptr, i8_ptr, f16_ptr, offs_n, offs_k, mask, row_bytes, QTYPE)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _views(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if qtype not in GGUF_CODES:
+        raise ValueError(f"GGUF type {qtype} has no GPU kernel; supported: {', '.join(GGUF_CODES)}")
+    if raw.dtype != torch.uint8 or raw.dim() != 2 or not raw.is_contiguous():
+        raise ValueError("GGUF weights must be a contiguous uint8 [N, row_bytes] tensor")
+    return raw, raw.view(torch.int8), raw.view(torch.float16)
+
+
+def gguf_config(m: int, n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
+    """Fixed launch configuration per shape class."""
+    if m <= FLAT_MAX_M:
+        block_n, block_k = 32, 128
+        want = cdiv(2 * num_sms(device), cdiv(n, block_n))
+        most = max(1, k // (4 * block_k))
+        split = 1
+        while split * 2 <= min(want, most) and split < 16:
+            split *= 2
+        return MatmulConfig(16, block_n, block_k, split, 4, 3)
+    return MatmulConfig(64, 64, 64, 1, 4, 2)
+
+
+def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: MatmulConfig | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(raw)^T`` -> [M, N] in x's dtype; ``raw`` uint8 [N, row_bytes]."""
+    u8, i8, f16 = _views(raw, qtype)
+    m, k = x.shape
+    n, row_bytes = raw.shape
+    elems, nbytes = GGUF_BLOCKS[qtype]
+    if row_bytes * elems != k * nbytes:
+        raise ValueError(f"{qtype} rows of {row_bytes} bytes do not hold {k} columns")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or gguf_config(m, n, k, x.device)
+    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = cdiv(k, k_per_split)
+    out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    if m == 0:
+        return out[0].to(x.dtype)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), split)
+    _gguf_matmul_kernel[grid](
+        x, u8, i8, f16, out, m, n, k, row_bytes, k_per_split,
+        x.stride(0), out.stride(1), out.stride(0),
+        QTYPE=GGUF_CODES[qtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT_PREC="ieee" if dot_ieee(x.dtype) else "tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out.sum(0).to(x.dtype) if split > 1 else out[0]
+
+
+def gguf_dequantize(raw: torch.Tensor, qtype: str, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense ``[N, K]`` copy in ``dtype`` (for dequant + cuBLAS)."""
+    u8, i8, f16 = _views(raw, qtype)
+    n, row_bytes = raw.shape
+    out = torch.empty(n, k, dtype=dtype, device=raw.device)
+    block_n, block_k = 16, 256
+    _gguf_dequant_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
+        u8, i8, f16, out, n, k, row_bytes, QTYPE=GGUF_CODES[qtype], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out

@@ -1,0 +1,43 @@
+"""Triton GGUF kernels, reading llama.cpp's blocks directly, against the torch block decoder
+(itself equal to ``gguf.quants.dequantize``: tests/test_quant_formats.py) for every type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashserve.kernels import quant_reference as ref
+from flashserve.kernels.quant_gemm import MatmulConfig
+from flashserve.kernels.quant_gguf import GGUF_CODES, gguf_dequantize, gguf_matmul
+from flashserve.kernels.quant_reference import random_gguf_blocks
+
+
+@pytest.mark.parametrize("qtype", list(GGUF_CODES))
+@pytest.mark.parametrize("m,config", [(3, None), (5, MatmulConfig(16, 16, 64, 2, 4, 1)), (18, None)])
+def test_gguf_matmul_matches_block_decoder(device, dtype, qtype, m, config):
+    k = 512 if qtype.endswith("_K") else 96  # 96: ragged last K tile of the 32-element types
+    raw = random_gguf_blocks(qtype, 24, k, seed=m).to(device)
+    w = ref.gguf_dequantize(raw.cpu(), qtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
+    y = gguf_matmul(x, raw, qtype, config)
+    expect = x.float() @ w.to(device).t()
+    scale = expect.abs().max().item()
+    err = (y.float() - expect).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-2) * max(scale, 1.0), (qtype, err, scale)
+
+
+@pytest.mark.parametrize("qtype", list(GGUF_CODES))
+def test_gguf_dequantize_kernel_is_exact(device, qtype):
+    k = 256 if qtype.endswith("_K") else 64
+    raw = random_gguf_blocks(qtype, 8, k, seed=3).to(device)
+    out = gguf_dequantize(raw, qtype, k, torch.float32)
+    assert torch.equal(out.cpu(), ref.gguf_dequantize(raw.cpu(), qtype))
+
+
+def test_gguf_matmul_rejects_unknown_type_and_bad_rows(device):
+    raw = random_gguf_blocks("Q4_0", 4, 64).to(device)
+    x = torch.randn(1, 64, device=device)
+    with pytest.raises(ValueError, match="Q2_K has no GPU kernel"):
+        gguf_matmul(x, raw, "Q2_K")
+    with pytest.raises(ValueError, match="do not hold 96 columns"):
+        gguf_matmul(torch.randn(1, 96, device=device), raw, "Q4_0")
