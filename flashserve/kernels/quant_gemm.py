@@ -11,7 +11,8 @@ registers and feeds ``tl.dot``. For int4 the low and high nibbles of a byte row 
 separate ``[BLOCK_N, BLOCK_K / 2]`` tiles multiplied with the even and the odd columns of x, so
 no interleaving shuffle is needed. int8 / fp8 scales are applied once to the accumulator.
 
-* Flat GEMM (M <= 16: batch-1 to batch-16 decode, speculative verification): M is padded to 16
+* M = 1 goes to ``quant_gemv`` (no tensor cores) wherever its fixed tiles divide the shape.
+* Flat GEMM (M <= 16: batch-2 to batch-16 decode, speculative verification): M is padded to 16
   rows for the tensor cores (FlashDecoding++'s flat GEMM); K is split over ``SPLIT_K`` programs
   when N alone would not fill the GPU, partial sums in fp32 are reduced by a torch sum; Triton's
   software pipelining (``num_stages``) keeps several weight tiles in flight (multi-buffering).
@@ -31,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels.quant_gemv import wq_gemv
 from flashserve.kernels.utils import cdiv, dot_ieee, next_power_of_2, num_sms
 
 FMT_INT8 = 0
@@ -188,6 +190,10 @@ def wq_matmul(
     """``x @ dequant(w)^T`` -> [M, N] in x's dtype. ``group`` (int4 only) divides K."""
     m, k = x.shape
     n = w.shape[0]
+    if m == 1 and config is None:  # batch-1 decode: the GEMV without tensor cores, where its tiles fit
+        y = wq_gemv(x, w, scales, zeros, fmt, group)
+        if y is not None:
+            return y
     if fmt == FMT_FP8:
         w = w.view(torch.uint8)
     if x.stride(1) != 1:

@@ -1,0 +1,157 @@
+"""Batch-1 weight-only quantized GEMV: ``y[1, N] = x[1, K] @ dequant(W)^T`` without tensor cores.
+
+At M = 1 the flat GEMM of ``quant_gemm`` pads x to 16 rows for ``tl.dot`` and dequantizes every
+weight tile into a full ``[BLOCK_N, BLOCK_K]`` operand; that arithmetic, not the memory system,
+bounds it (measured on an H200: 0.3-1.3 TB/s for int4). Here each program streams a
+``[BLOCK_N, BLOCK_K]`` weight tile, multiplies it with the x slice in fp32 registers and reduces
+along K, so the only per-weight work is the conversion and one multiply-add:
+
+* int8 / fp8 e4m3 per channel: the channel scale is applied once to the finished row sum.
+* int4 group-wise (``w = (u - 8) * s + z``): per group ``sum(w * x) = s * sum(u * x) + (z - 8 s) *
+  sum(x)``, so the unsigned nibbles are used as they are and the scale, zero and offset cost one
+  multiply-add per group and row instead of three operations per weight.
+
+Long rows (K >= 8192, e.g. the down projection) split K over several programs that add their
+partial sums into an fp32 row with atomics (a zero fill before and one cast after). Shapes the
+fixed tiles do not divide return ``None`` and the caller uses the flat GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels.utils import num_sms
+
+
+@triton.jit
+def _gemv_byte_kernel(
+    x_ptr,  # [K] activations
+    w_ptr,  # uint8 view of int8 or fp8 e4m3 [N, K]
+    s_ptr,  # fp32 [N] per-channel scales
+    out_ptr,  # [N] in x's dtype, or fp32 zeros when ATOMIC
+    K, k_per_split,
+    FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    k_lo = tl.program_id(1) * k_per_split
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        w = tl.load(w_ptr + rows[:, None] * K + (k0 + cols)[None, :])  # [BLOCK_N, BLOCK_K]
+        if FP8:
+            w = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            w = w.to(tl.int8, bitcast=True).to(tl.float32)
+        x = tl.load(x_ptr + k0 + cols).to(tl.float32)  # [BLOCK_K]
+        acc += tl.sum(w * x[None, :], axis=1)
+    acc = acc * tl.load(s_ptr + rows)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, acc, sem="relaxed")
+    else:
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _gemv_int4_kernel(
+    x_ptr,  # [K] activations
+    w_ptr,  # uint8 [N, K / 2]: column 2j in the low nibble of byte j
+    s_ptr,  # fp32 [N, NUM_GROUPS]
+    z_ptr,  # fp32 [N, NUM_GROUPS] zeros, or a dummy
+    out_ptr,  # [N] in x's dtype, or fp32 zeros when ATOMIC
+    K, NUM_GROUPS, k_per_split,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCK_K // 2
+    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP  # >= 1: the config keeps BLOCK_K a multiple of GROUP
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    j = tl.arange(0, HALF)
+    g = tl.arange(0, TILE_GROUPS)
+    k_lo = tl.program_id(1) * k_per_split
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :])  # [BLOCK_N, HALF]
+        xe = tl.load(x_ptr + k0 + 2 * j).to(tl.float32)  # even columns [HALF]
+        xo = tl.load(x_ptr + k0 + 2 * j + 1).to(tl.float32)  # odd columns
+        p = (b & 15).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :]
+        ux = tl.sum(tl.reshape(p, [BLOCK_N, TILE_GROUPS, GROUP // 2]), axis=2)  # sum(u * x) per group
+        xs = tl.sum(tl.reshape(xe + xo, [TILE_GROUPS, GROUP // 2]), axis=1)  # sum(x) per group
+        g_off = rows[:, None] * NUM_GROUPS + (k0 // GROUP + g)[None, :]  # [BLOCK_N, TILE_GROUPS]
+        s = tl.load(s_ptr + g_off)
+        off = -8.0 * s
+        if HAS_ZERO:
+            off += tl.load(z_ptr + g_off)
+        acc += tl.sum(s * ux + off * xs[None, :], axis=1)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, acc, sem="relaxed")
+    else:
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+LONG_ROW = 8192  # K from which the row is split over several programs
+
+
+def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | None = None) -> GemvConfig | None:
+    """The fixed tile for one shape, or None when the tiles do not divide it (measured choices:
+    docs/quantization.md, `bench quant-kernels`)."""
+    if int4:
+        block_n, block_k, warps = 32, max(256, group), 4
+    else:
+        block_n, block_k, warps = 32, 512, 8
+    split = 1
+    if k >= LONG_ROW:
+        block_n, block_k = 64, 256 if not int4 else max(256, group)
+        while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
+            split *= 2
+    if n % block_n or k % (split * block_k) or (int4 and (group < 2 or group & (group - 1) or block_k % group)):
+        return None
+    return GemvConfig(block_n, block_k, split, warps, 3)
+
+
+def wq_gemv(
+    x: torch.Tensor,  # [1, K]
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    fmt: int,
+    group: int = 0,
+    config: GemvConfig | None = None,
+) -> torch.Tensor | None:
+    """``x @ dequant(w)^T`` -> [1, N] in x's dtype, or None when this shape needs the flat GEMM.
+    ``fmt`` as in ``quant_gemm``: 0 int8, 1 int4, 2 fp8."""
+    k = x.shape[1]
+    n = w.shape[0]
+    cfg = config or gemv_config(n, k, fmt == 1, group, x.device)
+    if cfg is None:
+        return None
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    atomic = cfg.split_k > 1
+    out = torch.zeros(n, dtype=torch.float32, device=x.device) if atomic else torch.empty(n, dtype=x.dtype, device=x.device)
+    grid = (n // cfg.block_n, cfg.split_k)
+    k_per_split = k // cfg.split_k
+    if fmt == 1:
+        _gemv_int4_kernel[grid](
+            x, w, scales, zeros if zeros is not None else scales, out, k, k // group, k_per_split,
+            GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        _gemv_byte_kernel[grid](
+            x, w.view(torch.uint8), scales, out, k, k_per_split,
+            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return (out.to(x.dtype) if atomic else out).view(1, n)

@@ -1,0 +1,54 @@
+"""The batch-1 quantized GEMV (int8, fp8, int4 group-wise with and without zero points) against
+dequantize-then-matmul on random inputs: explicit small tiles, split K with atomics, the fixed
+per-shape configuration, and shapes it declines (the caller then uses the flat GEMM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashserve.kernels import quant_reference as ref
+from flashserve.kernels.quant_gemm import FMT_FP8, FMT_INT4, FMT_INT8, wq_matmul
+from flashserve.kernels.quant_gemv import GemvConfig, gemv_config, wq_gemv
+from test_quant_gemm import _weights
+
+CASES = [  # (fmt, N, K, group, zero_point, config)
+    (FMT_INT8, 64, 256, 0, False, GemvConfig(16, 64, 1, 4, 1)),
+    (FMT_INT8, 32, 512, 0, False, GemvConfig(16, 128, 2, 4, 1)),  # split K, atomics
+    (FMT_FP8, 48, 256, 0, False, GemvConfig(16, 128, 1, 4, 1)),
+    (FMT_INT4, 32, 256, 32, False, GemvConfig(16, 128, 1, 4, 1)),  # four groups per tile
+    (FMT_INT4, 32, 512, 64, True, GemvConfig(16, 128, 2, 4, 1)),  # zero points, split K
+    (FMT_INT4, 16, 512, 128, True, GemvConfig(16, 256, 1, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("fmt,n,k,group,zp,cfg", CASES)
+def test_gemv_matches_dequantized_matmul(device, fmt, n, k, group, zp, cfg):
+    torch.manual_seed(n + k + group)
+    w = torch.randn(n, k) * 0.05
+    q, s, z, dense = _weights(fmt, w, group, zp, device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    out = wq_gemv(x, q, s, z, fmt, group, cfg)
+    expect = x.float() @ dense.to(device).t()
+    assert out.shape == (1, n) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expect, rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                               atol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_fixed_config_and_flat_gemm_agree(device):
+    """The chosen tile of a small int4 shape, and a long row (split K) of int8, equal the flat GEMM."""
+    torch.manual_seed(0)
+    for fmt, n, k, group in ((FMT_INT4, 64, 512, 128), (FMT_INT8, 128, 8192, 0)):
+        q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, False, device)
+        x = torch.randn(1, k, device=device)
+        cfg = gemv_config(n, k, fmt == FMT_INT4, group, device)
+        assert cfg is not None and (cfg.split_k > 1) == (k >= 8192)
+        torch.testing.assert_close(wq_gemv(x, q, s, z, fmt, group), wq_matmul(x, q, s, z, fmt, group), rtol=1e-4, atol=1e-4)
+
+
+def test_declines_shapes_the_tiles_do_not_divide():
+    assert gemv_config(40, 512, False, 0) is None  # N not a multiple of 32
+    assert gemv_config(64, 300, False, 0) is None  # ragged K
+    assert gemv_config(64, 768, True, 96) is None  # a group size that is not a power of two
+    assert gemv_config(4096, 4096, True, 128) is not None
