@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "host_ms_per_step_200plus_seqs": statistics.median(busy) * 1e3 if busy else None,
         "device_idle_share": device_idle_share(worker.timings) if worker is not None else None,
         "graph_steps_share": sum(t.graph for t in worker.timings) / len(worker.timings) if worker else None,
+        "device_by_step_kind": step_breakdown(worker.timings) if worker is not None else None,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         "kv_blocks": engine.block_manager.num_blocks,
         "max_num_seqs": engine.scheduler.config.max_num_seqs,
@@ -98,6 +99,24 @@ def run(args: argparse.Namespace) -> int:
           f"({res['total_tok_s']:.0f} tok/s with prompts), {res['preemptions']} preemptions; device idle "
           f"{'n/a' if idle is None else f'{idle:.1%}'}; Triton cache {cache} at start")
     return 0
+
+
+def step_breakdown(timings: list) -> dict | None:
+    """Per step kind (decode / mixed, graph or eager): steps, device ms and the device's idle ms
+    just before them, to tell host-bound phases from device-bound ones."""
+    steps = [t for t in timings if t.start is not None]
+    if len(steps) < 2:
+        return None
+    steps[-1].end.synchronize()
+    out: dict[str, dict[str, float]] = {}
+    for prev, t in zip(steps, steps[1:]):
+        kind = f"{'decode' if t.is_decode else 'mixed'}-{'graph' if t.graph else 'eager'}"
+        row = out.setdefault(kind, {"steps": 0, "device_ms": 0.0, "idle_ms_before": 0.0, "host_ms": 0.0})
+        row["steps"] += 1
+        row["device_ms"] += t.start.elapsed_time(t.end)
+        row["idle_ms_before"] += max(0.0, prev.end.elapsed_time(t.start))
+        row["host_ms"] += t.host_s * 1e3
+    return out
 
 
 def device_idle_share(timings: list) -> float | None:
