@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--repeats", type=int, default=7, help="CPU: best of this many timing runs")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (1 is steadier on a shared machine)")
     p.add_argument("--output-json", default=None)
 
 
@@ -216,6 +217,8 @@ def _best_us(fn: Callable[[], object], repeats: int) -> float:
 def run_cpu(args: argparse.Namespace) -> dict:
     from flashserve.kernels.quant_cpu import cpu_int4_matmul, cpu_int8_matmul, pack_int4_for_cpu, scale_zeros_for_cpu
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ms_list = [int(v) for v in (args.m or "1,4").split(",")]
     shapes = _shapes(args.shapes, {**SMOLLM2, **ONE_B})
     rows = []
