@@ -9,7 +9,7 @@ call must read (weights with their scales, activations) over the time as GB/s an
 the device's read bandwidth measured in the same run (``x.sum()`` over 4 GiB), and the speedup
 over bf16. A summary adds the four layer linears x 32 layers + the LM head at M = 1: the
 linear part of one batch-1 decode step, and the tok/s it allows. Every kernel's output is
-checked against dequantize-then-matmul before it is timed. ``--sweep`` also tries 32 launch
+checked against dequantize-then-matmul before it is timed. ``--sweep`` also tries 48 launch
 configurations (block N, block K, split-K, pipeline stages) for M <= 16 and prints the best per
 (format, shape, M), for tuning the fixed table in ``flashserve.kernels.quant_gemm.matmul_config``
 (minutes: restrict it with ``--m 1 --shapes ...``).
@@ -135,7 +135,7 @@ def _sweep(fmt_name: str, x: torch.Tensor, n: int, k: int) -> tuple[str, float]:
     else:
         w, s = ref.quantize_fp8(wt)
     best = ("", float("inf"))
-    for bn in (32, 64):
+    for bn in (32, 64, 128):
         for bk in (128, 256):
             for split in (1, 2, 4, 8):
                 for warps, stages in ((4, 3), (4, 4)):
