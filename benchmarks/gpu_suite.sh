@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu_suite.sh engine    # GPU engine tests, batch-1 latency (+ gpt-fast beside it when
 #                                          # its source is in .peers/gpt-fast), offline throughput
 #   bash benchmarks/gpu_suite.sh kernels   # attention kernels against SDPA / cuDNN and the read ceiling
-#   bash benchmarks/gpu_suite.sh quant     # quantized weights: GPU tests, kernel timings, batch-1 per mode
-#                                          # (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
+#   bash benchmarks/gpu_suite.sh quant     # quantized weights (~3 min): bf16 kernel tests, two modes end to
+#                                          # end, kernel timings at M = 1, 16 against bf16 cuBLAS
+#   bash benchmarks/gpu_suite.sh quant full  # (~15 min) all quant tests, kernel timings, batch-1 latency per
+#                                          # mode (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -47,24 +49,34 @@ case "${1:-}" in
   kernels)
     stage kernels 300 $fs bench kernels --output-json "$out/kernels.json"
     ;;
-  quant)  # quantized weights (docs/quantization.md): kernels vs references, kernel timings, batch-1 and throughput
-    stage quant-tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_gemm.py \
-      tests/kernels/test_quant_gguf_kernels.py tests/test_quant_gpu.py
-    stage quant-kernels 240 $fs bench quant-kernels --gguf --output-json "$out/quant-kernels.json"
-    for q in none int8 int4 fp8; do
-      stage "latency-llama8b-$q" 170 $fs bench latency --model llama-3.1-8b --load-format dummy --quantization "$q" \
-        --output-json "$out/latency-llama8b-$q.json"
-    done
-    if [ -f .peers/gpt-fast/model.py ]; then
-      for q in int8 int4; do
-        stage "gpt-fast-llama8b-$q" 200 python3 benchmarks/gpt_fast_peer.py --source .peers/gpt-fast --quant "$q" \
-          --output-json "$out/gpt-fast-llama8b-$q.json"
+  quant)  # quantized weights (docs/quantization.md). ~3 min: bf16 kernels vs references, two modes end to end,
+    # kernel timings at M = 1 and 16. `quant full` (~15 min) adds every dtype and mode, M = 4 and 2048,
+    # batch-1 latency per mode (+ gpt-fast int8/int4) and fp8 W8A8 throughput against bf16.
+    if [ "${2:-}" = full ]; then
+      stage quant-tests 420 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_gemm.py \
+        tests/kernels/test_quant_gguf_kernels.py tests/test_quant_gpu.py
+      stage quant-kernels 300 $fs bench quant-kernels --gguf --output-json "$out/quant-kernels.json"
+      for q in none int8 int4 fp8; do
+        stage "latency-llama8b-$q" 170 $fs bench latency --model llama-3.1-8b --load-format dummy --quantization "$q" \
+          --output-json "$out/latency-llama8b-$q.json"
       done
+      if [ -f .peers/gpt-fast/model.py ]; then
+        for q in int8 int4; do
+          stage "gpt-fast-llama8b-$q" 200 python3 benchmarks/gpt_fast_peer.py --source .peers/gpt-fast --quant "$q" \
+            --output-json "$out/gpt-fast-llama8b-$q.json"
+        done
+      fi
+      for q in none fp8-w8a8; do
+        stage "throughput-llama8b-$q" 170 $fs bench throughput --model llama-3.1-8b --load-format dummy \
+          --quantization "$q" --output-json "$out/throughput-llama8b-$q.json"
+      done
+    else
+      stage quant-tests 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_gemm.py \
+        tests/kernels/test_quant_gguf_kernels.py tests/test_quant_gpu.py \
+        -k "bfloat16 or llama_shape or exact or rejects or decode_like_the_reference and (int4-g32 or w8a8) or mixed_types"
+      stage quant-kernels 90 $fs bench quant-kernels --gguf --m 1,16 --warmup-ms 10 --rep-ms 50 \
+        --output-json "$out/quant-kernels.json"
     fi
-    for q in none fp8-w8a8; do
-      stage "throughput-llama8b-$q" 170 $fs bench throughput --model llama-3.1-8b --load-format dummy \
-        --quantization "$q" --output-json "$out/throughput-llama8b-$q.json"
-    done
     ;;
   *)
     echo "usage: $0 tests|engine|kernels|quant" >&2

@@ -9,7 +9,7 @@ call must read (weights with their scales, activations) over the time as GB/s an
 the device's read bandwidth measured in the same run (``x.sum()`` over 4 GiB), and the speedup
 over bf16. A summary adds the four layer linears x 32 layers + the LM head at M = 1: the
 linear part of one batch-1 decode step, and the tok/s it allows. Every kernel's output is
-checked against dequantize-then-matmul before it is timed. ``--sweep`` also tries 32 launch
+checked against dequantize-then-matmul before it is timed. ``--sweep`` also tries 48 launch
 configurations (block N, block K, split-K, pipeline stages) for M <= 16 and prints the best per
 (format, shape, M), for tuning the fixed table in ``flashserve.kernels.quant_gemm.matmul_config``
 (minutes: restrict it with ``--m 1 --shapes ...``).
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--repeats", type=int, default=7, help="CPU: best of this many timing runs")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (1 is steadier on a shared machine)")
     p.add_argument("--output-json", default=None)
 
 
@@ -134,7 +135,7 @@ def _sweep(fmt_name: str, x: torch.Tensor, n: int, k: int) -> tuple[str, float]:
     else:
         w, s = ref.quantize_fp8(wt)
     best = ("", float("inf"))
-    for bn in (32, 64):
+    for bn in (32, 64, 128):
         for bk in (128, 256):
             for split in (1, 2, 4, 8):
                 for warps, stages in ((4, 3), (4, 4)):
@@ -216,6 +217,8 @@ def _best_us(fn: Callable[[], object], repeats: int) -> float:
 def run_cpu(args: argparse.Namespace) -> dict:
     from flashserve.kernels.quant_cpu import cpu_int4_matmul, cpu_int8_matmul, pack_int4_for_cpu, scale_zeros_for_cpu
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ms_list = [int(v) for v in (args.m or "1,4").split(",")]
     shapes = _shapes(args.shapes, {**SMOLLM2, **ONE_B})
     rows = []

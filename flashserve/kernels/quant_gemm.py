@@ -166,7 +166,7 @@ def matmul_config(m: int, n: int, k: int, fmt: int, group: int, device: torch.de
     # (int4 groups below 64 gather a scale per column pair in 128-column tiles)
     block_k = min(block_k, max(32, next_power_of_2(k)))
     if m <= FLAT_MAX_M:
-        block_n = 64
+        block_n = 128 if fmt == FMT_INT4 else 64  # 8 KiB weight tiles either way
         tiles = cdiv(n, block_n)
         want = cdiv(2 * num_sms(device), tiles)  # two programs per SM
         most = max(1, k // (4 * block_k))  # at least four K tiles per program

@@ -76,7 +76,6 @@ class MergedLinear(Linear):
             raise ValueError("shard_sizes and shard_ids must have the same length")
         names = shard_names or [f"{prefix}:{sid}" for sid in shard_ids]
         nn.Module.__init__(self)
-        self.shard_sizes = list(shard_sizes)
         self.shard_offsets: dict[object, tuple[int, int]] = {}
         partitions = []
         offset = 0
@@ -99,10 +98,6 @@ class MergedLinear(Linear):
                 f"shape mismatch for shard {shard_id!r}: expected {tuple(target.shape)}, got {tuple(loaded.shape)}"
             )
         target.copy_(loaded)
-
-    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Split a fused output ``[T, sum(sizes)]`` back into its parts."""
-        return y.split(self.shard_sizes, dim=-1)
 
 
 def _siblings(prefix: str, names: list[str]) -> list[str]:

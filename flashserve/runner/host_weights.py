@@ -15,6 +15,8 @@ import mmap
 import torch
 from torch import nn
 
+from flashserve.quant.base import cpu_single_thread
+
 _ALIGN = 64  # bytes: every tensor starts on a cache line
 
 
@@ -44,10 +46,15 @@ def pack_weights_in_huge_pages(model: nn.Module) -> int:
         except OSError:
             pass  # huge pages disabled: ordinary pages
     storage = torch.frombuffer(buf, dtype=torch.uint8)
+    with cpu_single_thread():  # memory-bound copies (see cpu_single_thread)
+        _copy_into(tensors, offsets, storage)
+    model._huge_page_weights = buf  # the mapping must live as long as the model
+    return total
+
+
+def _copy_into(tensors: dict[int, torch.Tensor], offsets: dict[int, int], storage: torch.Tensor) -> None:
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         dst = storage[offsets[key] : offsets[key] + nbytes].view(t.dtype).view(t.shape)
         dst.copy_(t.data)
         t.data = dst
-    model._huge_page_weights = buf  # the mapping must live as long as the model
-    return total
