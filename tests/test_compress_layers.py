@@ -1,0 +1,61 @@
+"""Layers of compressed checkpoints: low-rank linears, 2:4 linears, the config.json entry."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashserve.compress.prune import mask_2_4
+from flashserve.layers.compressed import (LowRankLinear, SemiStructuredLinear, apply_low_rank, compression_spec,
+                                          is_2_4, use_semi_structured)
+
+
+def test_low_rank_linear_is_two_thin_products():
+    g = torch.Generator().manual_seed(0)
+    m = LowRankLinear(32, 48, 8, bias=True)
+    for p in m.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(5, 32, generator=g)
+    torch.testing.assert_close(m(x), x @ (m.weight_b @ m.weight_a).T + m.bias)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 32\]"):
+        LowRankLinear(32, 48, 33)
+
+
+def test_semi_structured_linear_equals_dense_math_and_refuses_other_patterns():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    w24 = w * mask_2_4(w.abs())
+    assert is_2_4(w24) and not is_2_4(w)
+    layer = SemiStructuredLinear(w24, None, min_tokens=4)
+    x = torch.randn(7, 64, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, w24))  # CPU: no kernel, the dense matrix
+    assert layer.sparse is None
+    with pytest.raises(ValueError, match="2:4 pattern"):
+        SemiStructuredLinear(w, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_semi_structured_kernel_matches_dense_on_gpu():
+    g = torch.Generator(device="cuda").manual_seed(2)
+    w = torch.randn(1024, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    w24 = w * mask_2_4(w.abs())
+    layer = SemiStructuredLinear(w24, None)
+    assert layer.sparse is not None
+    for rows in (8, 2048):  # decode-sized input: dense path; prefill-sized: the 2:4 kernel
+        x = torch.randn(rows, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x).float(), F.linear(x, w24).float(), atol=0.5, rtol=2e-2)
+
+
+def test_apply_low_rank_and_spec_errors():
+    from flashserve.compress.model_io import load_source  # noqa: F401 (import check of the layer order)
+
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="not a module"):
+        apply_low_rank(lin, {"nope": 2})
+    with pytest.raises(ValueError, match="not a linear layer"):
+        apply_low_rank(lin, {"0": 2})  # torch.nn.Linear is not a flashserve linear
+    assert compression_spec({}) == {}
+    with pytest.raises(ValueError, match="positive integer ranks"):
+        compression_spec({"compression": {"low_rank": {"a": 0}}})
+    with pytest.raises(ValueError, match="'2:4'"):
+        compression_spec({"compression": {"semi_structured": "4:8"}})
+    assert use_semi_structured(lin) == 0
