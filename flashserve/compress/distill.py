@@ -73,8 +73,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------- student
 def select_layers(num_teacher: int, num_student: int, init: str = "spread") -> list[int]:
     """Teacher layer indices the student starts from: evenly spread (first and last kept) or the first N."""
-    if not 1 <= num_student <= num_teacher:
-        raise ValueError(f"the student needs between 1 and {num_teacher} layers (its teacher has {num_teacher}), got {num_student}")
+    if num_student > num_teacher:
+        raise ValueError(f"a student of {num_student} layers would be deeper than its teacher ({num_teacher} layers)")
+    if num_student < 1:
+        raise ValueError(f"the student needs at least 1 layer, got {num_student}")
     if init == "first":
         return list(range(num_student))
     if init != "spread":
