@@ -102,6 +102,17 @@ def gemm_table(shapes: dict[str, tuple[int, int]], rows: list[int], shares: list
     return out
 
 
+def sparse_bytes(model: nn.Module) -> int:
+    """Device bytes of the compressed 2:4 copies (kept besides the dense weights)."""
+    total = 0
+    for m in model.modules():
+        t = getattr(m, "sparse", None)
+        if t is not None:
+            names, _ = t.__tensor_flatten__()
+            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names if getattr(t, n) is not None)
+    return total
+
+
 def model_speed(kwargs: dict[str, Any], variant: str, prompt_lens: list[int], new_tokens: int, repeats: int) -> dict[str, Any]:
     """Prefill ms per prompt length and batch-1 decode tok/s of the engine with ``variant`` linears."""
     from flashserve import LLM, SamplingParams
@@ -113,7 +124,8 @@ def model_speed(kwargs: dict[str, Any], variant: str, prompt_lens: list[int], ne
         engine.runner.capture_cuda_graphs(engine.scheduler.config.max_num_seqs, engine.max_model_len)
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
-    res: dict[str, Any] = {"variant": variant, "weight_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30}
+    res: dict[str, Any] = {"variant": variant, "weight_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30,
+                           "sparse_copy_gib": sparse_bytes(engine.model) / 2**30}
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     for n in prompt_lens:
         prompt = [rng.randrange(100, vocab) for _ in range(n)]
@@ -180,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                   + " | ".join(f"{r[c]:.3f} ({r['dense_ms'] / r[c]:.2f}x)" for c in cols) + " |")
     dense = next((r for r in res["model_runs"] if r["variant"] == "dense"), None)
     print(f"\n{res['model']} ({res['dtype']}, {res['device']}, {res['date']})")
-    print("| variant | weights GiB | " + " | ".join(f"prefill {n} ms" for n in prompt_lens) + " | decode tok/s |")
+    print("| variant | weights GiB (+ 2:4 copy) | " + " | ".join(f"prefill {n} ms" for n in prompt_lens) + " | decode tok/s |")
     print("|---|---|" + "---|" * len(prompt_lens) + "---|")
     for r in res["model_runs"]:
         def rel(key: str, inverse: bool = False) -> str:
@@ -188,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
                 return ""
             x = dense[key] / r[key] if not inverse else r[key] / dense[key]
             return f" ({x:.2f}x)"
-        print(f"| {r['variant']} | {r['weight_gib']:.1f} | "
+        copy = f" (+{r['sparse_copy_gib']:.2f})" if r["sparse_copy_gib"] else ""
+        print(f"| {r['variant']} | {r['weight_gib']:.2f}{copy} | "
               + " | ".join(f"{r[f'prefill_{n}_ms']:.1f}{rel(f'prefill_{n}_ms')}" for n in prompt_lens)
               + f" | {r['decode_tok_s']:.1f}{rel('decode_tok_s', inverse=True)} |")
     return 0
