@@ -13,7 +13,7 @@ from compress_models import tiny_smollm_vocab
 from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
 from flashserve.compress.distill import (Sample, TrainConfig, batch_loss, generate_samples, heldout_kl, make_student,
-                                         select_layers, tokens_per_step, train)
+                                         select_layers, sparsity_masks, tokens_per_step, train)
 from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
 from flashserve.compress.packed import packed_logits
 
@@ -74,6 +74,23 @@ def test_a_few_steps_lower_the_heldout_kl_and_the_student_serves(teacher, tmp_pa
     assert len(out.token_ids) == 8
 
 
+def test_pruned_weights_stay_zero_while_training(teacher):
+    from flashserve.compress.prune import prune_model
+
+    rng = random.Random(1)
+    src = load_source(teacher)
+    prune_model(src.model, "magnitude", 0.5)
+    student = make_student(src.model, [0, 1])
+    masks = sparsity_masks(student)
+    assert len(masks) == 2 * 4 and all(m.float().mean() == 0.5 for m in masks.values())  # fused qkv, o, gate_up, down
+    data = [Sample([rng.randrange(3, 512) for _ in range(24)], 4) for _ in range(6)]
+    before = {p: p.detach().clone() for p in masks}
+    train(student, src.model, data, [], TrainConfig(mode="black", steps=3, batch_tokens=256, lr=1e-2, eval_every=3),
+          log=lambda s: None, masks=masks)
+    for p, m in masks.items():
+        assert (p[~m] == 0).all() and not torch.equal(p, before[p])
+
+
 def test_samples_need_tokens():
     with pytest.raises(ValueError, match="exceeds --batch-tokens"):
         train(torch.nn.Linear(1, 1), None, [Sample(list(range(20)), 2)], [], TrainConfig(mode="black", steps=1, batch_tokens=8))
@@ -95,7 +112,8 @@ def test_distill_command_end_to_end(tmp_path):
     res = json.loads((tmp_path / "s.json").read_text())
     assert res["student_layers"] == 2 and res["layers_from_teacher"] == [0, 3] and res["training_samples"] == 6
     assert [h["step"] for h in res["history"]] == [0, 2] and res["quality"]["num_tokens"] == 47
-    assert res["acceptance"]["distilled"] >= 1.0 and res["acceptance"]["first_layers"] >= 1.0
+    assert res["acceptance"]["distilled"] >= 1.0 and res["acceptance"]["baseline"] >= 1.0
+    assert res["acceptance"]["baseline_draft"] == "teacher's first 2 layers"
     assert (tmp_path / "data.json").is_file()  # the generated text, reusable by the next run
     reply = LLM(str(tmp_path / "student"), device="cpu", max_model_len=256, verbose=False).chat(
         [{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]

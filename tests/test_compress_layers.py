@@ -33,6 +33,7 @@ def test_semi_structured_linear_equals_dense_math_and_refuses_other_patterns():
         SemiStructuredLinear(w, None)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_semi_structured_kernel_matches_dense_on_gpu():
     g = torch.Generator(device="cuda").manual_seed(2)

@@ -5,8 +5,9 @@
 1. Data: the teacher (an ordinary engine) samples continuations of a fixed prompt set
    (flashserve.compress.prompts, chat prompts through its chat template), temperature 1.
 2. Student: the teacher with N of its layers (evenly spread, first and last kept; ``--init first``
-   keeps the first N), or any model directory sharing the teacher's vocabulary (``--student``,
-   e.g. a structurally pruned one), so training starts from the teacher's own weights.
+   keeps the first N), so training starts from the teacher's own weights; or any model directory
+   sharing the teacher's vocabulary (``--student``: a pruned or factorised model to heal; pruned
+   weights stay zero during training, a low-rank model stays low rank).
 3. Training, on the generated tokens only (the prompt is ours, not the teacher's):
    white box, KL(teacher || student) over the whole next-token distribution, which needs the
    teacher's logits (computed on the fly); black box, cross-entropy on the sampled tokens alone,
@@ -14,7 +15,8 @@
    bf16 autocast with fp32 weights on CUDA, fp32 on CPU.
 4. Report: held-out KL during training; the student's perplexity, KL and top-1 agreement against
    the teacher on GPL-3 (flashserve.compress.evaluate); and its acceptance length as a greedy
-   speculative draft against the undistilled draft made of the teacher's first N layers.
+   speculative draft against an undistilled draft: the teacher's first N layers (``--student``:
+   the student before training).
 
 The student is written as a model directory (safetensors, config.json, the teacher's tokenizer).
 """
@@ -165,12 +167,19 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, samples: Sequence[Sample]
     return total / max(count, 1)
 
 
+def sparsity_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Non-zero masks of the decoder linears' weights, to keep a pruned student pruned."""
+    return {p: p.detach() != 0 for n, p in model.named_parameters() if ".layers." in n and n.endswith("_proj.weight")}
+
+
 def train(student: nn.Module, teacher: nn.Module, train_set: Sequence[Sample], val_set: Sequence[Sample],
-          cfg: TrainConfig, log: Callable[[str], None] = print) -> list[dict[str, float]]:
+          cfg: TrainConfig, log: Callable[[str], None] = print,
+          masks: dict[nn.Parameter, torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Train ``student`` in place; returns the history of (step, train loss, held-out KL).
 
     The teacher's logits enter the loss only in white-box mode; in black-box mode they serve only
-    to measure the held-out KL (a measurement, never a training signal)."""
+    to measure the held-out KL (a measurement, never a training signal). ``masks`` (from
+    ``sparsity_masks``) are re-applied after every step, so pruned weights stay zero."""
     if not train_set:
         raise ValueError("no training samples")
     loss_teacher = teacher if cfg.mode == "white" else None
@@ -196,6 +205,10 @@ def train(student: nn.Module, teacher: nn.Module, train_set: Sequence[Sample], v
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        if masks:
+            with torch.no_grad():
+                for p, m in masks.items():
+                    p.mul_(m)
         running += loss.item()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             entry = {"step": step, "train_loss": running / (step - (history[-1]["step"] if history else 0)),
@@ -259,16 +272,14 @@ def generate_samples(llm: Any, prompts: Sequence[list[int]], num: int, max_token
 
 def encode_prompts(tokenizer: Any, chat: Sequence[str], plain: Sequence[str]) -> list[list[int]]:
     """Token ids of chat prompts (through the chat template, when there is one) and plain prompts."""
-    ids = []
-    template = getattr(tokenizer, "chat_template", None)
-    for text in chat:
-        if template:
-            ids.append(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True))
-        else:
-            ids.append(text)
-    ids += list(plain)
-    return [tokenizer.encode(t, add_special_tokens=not (template and i < len(chat))) for i, t in enumerate(ids)]
+    out = []
+    if getattr(tokenizer, "chat_template", None):
+        for text in chat:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            out.append(tokenizer.encode(prompt, add_special_tokens=False))  # the template holds the special tokens
+    else:
+        plain = [*chat, *plain]
+    return out + [tokenizer.encode(text) for text in plain]
 
 
 def save_samples(path: str | Path, teacher: str, samples: Sequence[Sample]) -> None:
@@ -313,6 +324,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
     from flashserve.compress.prompts import heldout_prompts, training_prompts
     from flashserve.engine.llm import LLM
+    from flashserve.layers.compressed import compression_spec
 
     t_start = time.perf_counter()
     device = resolve_device(args.device)
@@ -322,22 +334,31 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--samples, --gen-tokens and --heldout must be >= 1")
     teacher_src = load_source(args.model, device)
     tcfg = teacher_src.config
+    tok = teacher_src.tokenizer
+    if tok is None:
+        raise ValueError(f"the teacher {teacher_src.path} has no tokenizer; distillation generates text from prompts")
+    compression: dict[str, Any] = {"tool": "flashserve distill", "teacher": teacher_src.path, "mode": cfg.mode, "steps": cfg.steps}
+    masks = None
     if args.student is not None:
         student_src = load_source(args.student, device)
         if student_src.config.vocab_size != tcfg.vocab_size:
             raise ValueError(f"the student's vocabulary ({student_src.config.vocab_size}) differs from the teacher's ({tcfg.vocab_size})")
         if student_src.config.num_layers > tcfg.num_layers:
             raise ValueError(f"the student has {student_src.config.num_layers} layers, deeper than its teacher ({tcfg.num_layers})")
+        spec = compression_spec(student_src.config_json)
+        compression.update({k: spec[k] for k in ("low_rank", "semi_structured") if k in spec}, student=student_src.path)
         student = student_src.model.float().train().requires_grad_(True)
+        if spec.get("method") in ("magnitude", "wanda", "2:4"):
+            masks = sparsity_masks(student)  # heal a pruned model without filling its zeros
+        baseline_name, baseline = "student before training", copy.deepcopy(student).eval()
         layers, student_json = None, student_src.config_json
     else:
         layers = select_layers(tcfg.num_layers, args.layers, args.init)
         student = make_student(teacher_src.model, layers)
         student_json = {**teacher_src.config_json, "num_hidden_layers": len(layers)}
-    tok = teacher_src.tokenizer
-    if tok is None:
-        raise ValueError(f"the teacher {teacher_src.path} has no tokenizer; distillation generates text from prompts")
-    first = make_student(teacher_src.model, list(range(student.config.num_layers))).eval()  # the undistilled draft
+        compression["layers_from_teacher"] = layers
+        baseline_name = f"teacher's first {len(layers)} layers"
+        baseline = make_student(teacher_src.model, list(range(len(layers)))).eval()  # the undistilled draft
     teacher = teacher_src.model
     if device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)
@@ -368,17 +389,16 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. training
     t0 = time.perf_counter()
-    history = train(student, teacher, train_set, val_set, cfg, log=lambda s: print(s, flush=True))
+    history = train(student, teacher, train_set, val_set, cfg, log=lambda s: print(s, flush=True), masks=masks)
     train_s = time.perf_counter() - t0
 
     # 3. drafting figures, then the model directory and its quality
     acceptance = {
         "k": args.draft_k,
         "distilled": tokens_per_step(greedy_matches(student, greedy, cfg.batch_tokens), args.draft_k),
-        "first_layers": tokens_per_step(greedy_matches(first, greedy, cfg.batch_tokens), args.draft_k),
+        "baseline": tokens_per_step(greedy_matches(baseline, greedy, cfg.batch_tokens), args.draft_k),
+        "baseline_draft": baseline_name,
     }
-    compression = {"tool": "flashserve distill", "teacher": teacher_src.path, "mode": cfg.mode, "steps": cfg.steps,
-                   "layers_from_teacher": layers}
     out = write_model_dir(args.output, hf_state_dict(student), student_json, tok, compression, getattr(torch, args.save_dtype))
     summary: dict[str, Any] = {
         "teacher": teacher_src.path, "output": str(out), "mode": cfg.mode, "student_layers": student.config.num_layers,
@@ -391,8 +411,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"wrote {out}: {summary['student_layers']} of {tcfg.num_layers} layers, {summary['params'] / 1e6:.1f}M parameters; "
           f"greedy draft acceptance (k={args.draft_k}): {acceptance['distilled']:.2f} tokens/step vs "
-          f"{acceptance['first_layers']:.2f} for the teacher's first {student.config.num_layers} layers", flush=True)
-    del student, first, teacher
+          f"{acceptance['baseline']:.2f} for the {baseline_name}", flush=True)
+    del student, baseline, teacher
     if args.eval_tokens > 0:
         from flashserve.compress.evaluate import ReferenceScores, format_report
 

@@ -8,6 +8,7 @@ over many candidates scores the reference once (fp32, ``max_tokens x vocab x 4``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,33 @@ class ReferenceScores:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return report
+
+
+def decode_weights(model: str | None) -> int:
+    """Weights a decode step multiplies per token (decoder projections and LM head), as stored: a
+    model pruned without structure still stores, reads and multiplies every zero."""
+    from flashserve.loader import load_model_config, resolve_load_format
+
+    path, fmt = resolve_load_format(model)
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        from flashserve.loader.safetensors_loader import safetensors_files
+
+        total, head = 0, 0
+        for f in safetensors_files(path):
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    n = math.prod(h.get_slice(name).get_shape())
+                    if "_proj." in name and not name.endswith("bias"):
+                        total += n
+                    elif name == "lm_head.weight" or (name == "model.embed_tokens.weight" and not head):
+                        head = n  # a tied head is the embedding
+        return total + head
+    c = load_model_config(path, fmt)
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    return c.num_layers * per_layer + c.vocab_size * c.hidden_size
 
 
 def format_report(report: QualityReport) -> str:

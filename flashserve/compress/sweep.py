@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -53,9 +54,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-json", default=None)
 
 
+def text_scatter(points: list[tuple[float, float, str]], width: int = 64, height: int = 18) -> str:
+    """A plain-text scatter plot: x linear, y logarithmic (y > 0), each point drawn as its label's
+    first character; the legend lists the labels."""
+    xs, ys = [p[0] for p in points], [math.log10(max(p[1], 1e-6)) for p in points]
+    x0, x1 = min(xs + [0.0]), max(xs + [1.0])
+    y0, y1 = math.floor(min(ys)), math.ceil(max(ys))
+    y1 = y1 if y1 > y0 else y0 + 1
+    grid = [[" "] * width for _ in range(height)]
+    marks = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        col = round((x - x0) / (x1 - x0) * (width - 1))
+        row = height - 1 - round((y - y0) / (y1 - y0) * (height - 1))
+        grid[row][col] = marks[i % len(marks)]
+    lines = []
+    for r, cells in enumerate(grid):
+        label = f"{10 ** (y1 - r * (y1 - y0) / (height - 1)):9.3g} |" if r % 3 == 0 else " " * 10 + "|"
+        lines.append(label + "".join(cells))
+    lines.append(" " * 10 + "+" + "-" * width)
+    lines.append(" " * 11 + f"{x0:<{width // 2}.2f}{x1:>{width - width // 2}.2f}")
+    lines += [f"  {marks[i % len(marks)]}: {p[2]}" for i, p in enumerate(points)]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from flashserve.compress.cli import compress
-    from flashserve.compress.evaluate import ReferenceScores
+    from flashserve.compress.evaluate import ReferenceScores, decode_weights
 
     settings = [s for s in args.settings.split(",") if s]
     dirs = [d for d in args.dirs.split(",") if d]
@@ -65,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         tool_args(s, args.model, "", args.device, 1, 2)
     t0 = time.perf_counter()
     ref = ReferenceScores(args.model, args.eval_tokens, device=args.device)
+    source_weights = decode_weights(args.model)
     rows: list[dict[str, Any]] = []
     try:
         for s in settings:
@@ -72,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             summary = compress(tool_args(s, args.model, str(out), args.device, args.calibration_seqs, args.calibration_len))
             report = ref.evaluate(str(out))
             rows.append({"setting": s, "linear_param_share": summary["linear_param_share"], "params": summary["params"],
+                         "decode_weight_share": decode_weights(str(out)) / source_weights,
                          "compress_seconds": summary["compress_seconds"], **report.__dict__,
                          "perplexity_change": report.perplexity_change})
             print(f"{s}: perplexity {report.perplexity:.3f} ({100 * report.perplexity_change:+.1f}%), KL {report.kl_divergence:.4f}, "
@@ -80,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(out, ignore_errors=True)
         for d in dirs:
             report = ref.evaluate(d)
-            rows.append({"setting": d, **report.__dict__, "perplexity_change": report.perplexity_change})
+            rows.append({"setting": d, "decode_weight_share": decode_weights(d) / source_weights, **report.__dict__,
+                         "perplexity_change": report.perplexity_change})
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -91,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)
     print(f"\n{res['model']}, {res['eval_tokens']} tokens of GPL-3 (reference perplexity {res['reference_perplexity']:.3f})")
-    print("| setting | decoder linear weights kept | perplexity | change | KL (nats) | top-1 agreement |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | decoder linear weights kept | weights read per decoded token | perplexity | change | KL (nats) | top-1 agreement |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         kept = f"{100 * r['linear_param_share']:.0f}%" if "linear_param_share" in r else ""
-        print(f"| {r['setting']} | {kept} | {r['perplexity']:.3f} | {100 * r['perplexity_change']:+.1f}% | "
-              f"{r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.1f}% |")
+        print(f"| {r['setting']} | {kept} | {100 * r['decode_weight_share']:.0f}% | {r['perplexity']:.3f} | "
+              f"{100 * r['perplexity_change']:+.1f}% | {r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.1f}% |")
+    if rows:
+        print("\nKL against the source (nats, log scale) vs weights read per decoded token (share of the source):")
+        print(text_scatter([(r["decode_weight_share"], r["kl_divergence"], r["setting"]) for r in rows]))
     return 0
 

@@ -136,6 +136,15 @@ class CascadeLLM:
         self.counters = CascadeCounters()
         self.shared_tokenizer = same_tokenizer(small.tokenizer, large.tokenizer)
 
+    @classmethod
+    def from_models(cls, small: str | None, large: str | None, rule: ConfidenceRule | None = None,
+                    **llm_kwargs: Any) -> CascadeLLM:
+        """Build both engines with the same ``LLM`` options (the wiring of ``LLM(cascade=[small, large])``).
+        On one GPU, give ``kv_cache_memory_fraction`` so the first engine leaves room for the second."""
+        from flashserve.engine.llm import LLM
+
+        return cls(LLM(small, **llm_kwargs), LLM(large, **llm_kwargs), rule)
+
     def _check_prompts(self, prompts: Sequence[Any]) -> None:
         if not self.shared_tokenizer and any(not isinstance(p, str) for p in prompts):
             raise ValueError("the cascade's models have different tokenizers, so token-id prompts would mean different "
