@@ -47,8 +47,8 @@ def test_tokens_per_step_is_greedy_speculative_arithmetic():
 def test_a_few_steps_lower_the_heldout_kl_and_the_student_serves(teacher, tmp_path):
     rng = random.Random(0)
     llm = LLM(teacher, device="cpu", max_model_len=128, kv_cache_bytes=8 << 20, verbose=False)
-    train_set = generate_samples(llm, [[rng.randrange(3, 512) for _ in range(6)] for _ in range(8)], 24, 32, 1.0, 0)
-    val_set = generate_samples(llm, [[rng.randrange(3, 512) for _ in range(6)] for _ in range(4)], 8, 32, 1.0, 100)
+    train_set = generate_samples(llm, [[rng.randrange(3, 512) for _ in range(6)] for _ in range(8)], 24, 32, 1.0)
+    val_set = generate_samples(llm, [[rng.randrange(3, 512) for _ in range(6)] for _ in range(4)], 8, 32, 1.0)
     assert all(s.prompt_len == 6 and len(s.token_ids) > 6 for s in train_set)
     src = load_source(teacher)
     student = make_student(src.model, [1])

@@ -257,16 +257,15 @@ def tokens_per_step(matches: Sequence[Sequence[bool]], k: int) -> float:
 
 
 # ---------------------------------------------------------------------------------- data
-def generate_samples(llm: Any, prompts: Sequence[list[int]], num: int, max_tokens: int, temperature: float,
-                     seed: int = 0) -> list[Sample]:
-    """``num`` teacher continuations of ``prompts`` (cycled), sampled with per-request seeds."""
+def generate_samples(llm: Any, prompts: Sequence[list[int]], num: int, max_tokens: int, temperature: float) -> list[Sample]:
+    """``num`` teacher continuations of ``prompts`` (cycled). Sampling draws from the engine's
+    seeded generator (``LLM(seed=...)``): the same run gives the same text."""
     from flashserve.sampling_params import SamplingParams
 
     if not prompts:
         raise ValueError("no prompts to generate from")
     chosen = [prompts[i % len(prompts)] for i in range(num)]
-    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(num)]
-    outs = llm.generate(chosen, params, use_tqdm=False)
+    outs = llm.generate(chosen, SamplingParams(temperature=temperature, max_tokens=max_tokens), use_tqdm=False)
     return [Sample(list(p) + list(o.token_ids), len(p)) for p, o in zip(chosen, outs) if o.token_ids]
 
 
@@ -360,8 +359,9 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         baseline_name = f"teacher's first {len(layers)} layers"
         baseline = make_student(teacher_src.model, list(range(len(layers)))).eval()  # the undistilled draft
     teacher = teacher_src.model
-    if device.type == "cuda":
-        teacher = teacher.to(torch.bfloat16)
+    if device.type == "cuda":  # bf16 weights, as the engine serves it (buffers such as the rope table stay fp32)
+        for p in teacher.parameters():
+            p.data = p.data.to(torch.bfloat16)
 
     # 1. data: sampled training text, held-out sampled text, held-out greedy targets (drafting)
     t0 = time.perf_counter()
@@ -375,10 +375,10 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     if args.data and Path(args.data).is_file():
         train_set = load_samples(args.data, teacher_src.path)
     else:
-        train_set = generate_samples(llm, train_prompts, args.samples, args.gen_tokens, args.temperature, args.seed)
+        train_set = generate_samples(llm, train_prompts, args.samples, args.gen_tokens, args.temperature)
         if args.data:
             save_samples(args.data, teacher_src.path, train_set)
-    val_set = generate_samples(llm, held_prompts, args.heldout, args.gen_tokens, args.temperature, args.seed + 10**6)
+    val_set = generate_samples(llm, held_prompts, args.heldout, args.gen_tokens, args.temperature)
     greedy = generate_samples(llm, held_prompts, min(args.heldout, len(held_prompts)), args.gen_tokens, 0.0)
     del llm
     if device.type == "cuda":
