@@ -60,3 +60,25 @@ def test_apply_low_rank_and_spec_errors():
     with pytest.raises(ValueError, match="'2:4'"):
         compression_spec({"compression": {"semi_structured": "4:8"}})
     assert use_semi_structured(lin) == 0
+
+
+def test_speed_bench_variants_swap_every_decoder_linear(tmp_path):
+    from conftest_models import make_tiny_checkpoint
+    from flashserve import LLM, SamplingParams
+    from flashserve.compress.speed import lowrank_rank, to_variant
+    from flashserve.layers.linear import Linear
+
+    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=1)
+    for variant in ("2:4", "lowrank-0.5"):
+        llm = LLM(str(tmp_path), device="cpu", max_model_len=64, kv_cache_bytes=2 << 20, verbose=False)
+        to_variant(llm.engine.model, variant)
+        layer = llm.engine.model.model.layers[0]
+        if variant == "2:4":
+            assert all(is_2_4(m.weight) for m in layer.modules() if isinstance(m, Linear))
+        else:
+            qkv = layer.self_attn.qkv_proj
+            assert isinstance(qkv, LowRankLinear) and qkv.rank == lowrank_rank(128 + 2 * 32, 64, 0.5) == 24
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+        assert len(out.token_ids) == 4
+    with pytest.raises(ValueError, match="unknown variant"):
+        to_variant(llm.engine.model, "int4")
