@@ -150,7 +150,7 @@ def model_speed(kwargs: dict[str, Any], variant: str, prompt_lens: list[int], ne
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
-    p.set_defaults(model="llama-3.1-8b", load_format="dummy", max_model_len=8192, max_num_seqs=8, kv_cache_bytes=8 << 30)
+    p.set_defaults(model="llama-3.1-8b", load_format="dummy", max_model_len=8192, max_num_seqs=8, kv_cache_bytes=4 << 30)
     p.add_argument("--variants", default="dense,2:4,lowrank-0.6,lowrank-0.4")
     p.add_argument("--prompt-lens", default="1024,4096", help="prefill lengths (tokens), comma-separated")
     p.add_argument("--gemm-rows", default="1,16,256,1024,4096", help="rows (tokens) of the GEMM table")
