@@ -139,6 +139,16 @@ def test_bad_sparsity_and_missing_calibration():
         prune_model(torch.nn.Module(), "wanda", 0.5, None)
 
 
+def test_output_never_overwrites_the_source(tiny, tmp_path):
+    from flashserve.compress.model_io import check_output
+
+    with pytest.raises(ValueError, match="is the source model itself"):
+        check_output(tiny + "/", tiny)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="non-empty folder that holds no model"):
+        write_model_dir(tmp_path, {}, {}, None)
+
+
 @pytest.mark.slow
 def test_cli_prunes_the_embedded_model_and_refuses_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "flashserve.cli", "compress", "prune"]

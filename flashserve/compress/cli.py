@@ -66,11 +66,13 @@ def calibration_for(src: Any, args: argparse.Namespace) -> list[list[int]]:
 
 def compress(args: argparse.Namespace) -> dict[str, Any]:
     """Run one tool; returns the summary that ``run`` prints (the model is written to ``args.output``)."""
-    from flashserve.compress.model_io import count_parameters, hf_state_dict, load_source, refuse_low_rank, write_model_dir
+    from flashserve.compress.model_io import (check_output, count_parameters, hf_state_dict, load_source, refuse_low_rank,
+                                              write_model_dir)
 
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     src = load_source(args.model, device)
+    check_output(args.output, src.path)
     refuse_low_rank(src, f"compress {args.tool}")
     params_before = count_parameters(src.model)
     linear_before = count_parameters(src.model, decoder_linears_only=True)

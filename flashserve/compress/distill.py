@@ -320,7 +320,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def distill(args: argparse.Namespace) -> dict[str, Any]:
     from flashserve.compress.cli import resolve_device
-    from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
+    from flashserve.compress.model_io import check_output, hf_state_dict, load_source, write_model_dir
     from flashserve.compress.prompts import heldout_prompts, training_prompts
     from flashserve.engine.llm import LLM
     from flashserve.layers.compressed import compression_spec
@@ -332,6 +332,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     if args.samples < 1 or args.gen_tokens < 1 or args.heldout < 1:
         raise ValueError("--samples, --gen-tokens and --heldout must be >= 1")
     teacher_src = load_source(args.model, device)
+    check_output(args.output, teacher_src.path, *([args.student] if args.student else []))
     tcfg = teacher_src.config
     tok = teacher_src.tokenizer
     if tok is None:

@@ -84,6 +84,14 @@ def load_source(source: str | None, device: str | torch.device = "cpu", dtype: t
     return SourceModel(path, model, config, config_json, load_tokenizer(path, fmt))
 
 
+def check_output(output: str | Path, *sources: str) -> None:
+    """Refuse to write over a model the tool reads."""
+    out = Path(output).expanduser().resolve()
+    for src in sources:
+        if out == Path(src).expanduser().resolve():
+            raise ValueError(f"--output {output} is the source model itself; write to a new directory")
+
+
 def refuse_low_rank(src: SourceModel, tool: str) -> None:
     """The pruning and low-rank tools work on dense linears; a factorised source is refused."""
     if compression_spec(src.config_json).get("low_rank"):
