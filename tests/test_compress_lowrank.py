@@ -13,7 +13,7 @@ from flashserve.compress.calibration import InputStats
 from flashserve.compress.lowrank import check_rule, factorise, lowrank_model, rank_for
 from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
 from flashserve.compress.packed import packed_logits
-from flashserve.layers.compressed import LowRankLinear
+from flashserve.compress.layers import is_low_rank
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_full_rank_is_the_original(tiny, scaling):
         ref = packed_logits(src.model, TEST)
     ranks = lowrank_model(src.model, rank=64, scaling=scaling, calibration=CALIB)  # every matrix has min dim 64
     assert set(ranks.values()) == {64}
-    assert isinstance(src.model.model.layers[1].mlp.down_proj, LowRankLinear)
+    assert is_low_rank(src.model.model.layers[1].mlp.down_proj)
     with torch.no_grad():
         torch.testing.assert_close(packed_logits(src.model, TEST), ref, atol=5e-5, rtol=1e-5)
 
@@ -77,7 +77,7 @@ def test_rank_larger_than_a_matrix_is_refused_before_any_work(tiny):
     src = load_source(tiny)
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.qkv_proj.*rank at most 64"):
         lowrank_model(src.model, rank=65, scaling="none")
-    assert not any(isinstance(m, LowRankLinear) for m in src.model.modules())
+    assert not any(is_low_rank(m) for m in src.model.modules())
 
 
 def test_written_directory_serves_the_factorised_model(tiny, tmp_path):
@@ -90,7 +90,8 @@ def test_written_directory_serves_the_factorised_model(tiny, tmp_path):
     cfg = json.loads((tmp_path / "lr" / "config.json").read_text())
     assert cfg["compression"]["low_rank"] == ranks
     llm = LLM(str(tmp_path / "lr"), device="cpu", max_model_len=128, kv_cache_bytes=4 << 20, verbose=False)
-    assert isinstance(llm.engine.model.model.layers[0].mlp.gate_up_proj, LowRankLinear)
+    gate_up = llm.engine.worker.model.model.layers[0].mlp.gate_up_proj
+    assert is_low_rank(gate_up) and gate_up.weight_a.shape == (ranks["model.layers.0.mlp.gate_up_proj"], 64)
     rows = torch.cat([torch.arange(i * 40, i * 40 + 39) for i in range(len(TEST))])
     served = torch.cat([torch.cat(list(llm.engine.score(s, 16))) for s in TEST])
     torch.testing.assert_close(served, in_memory[rows], atol=2e-4, rtol=1e-4)

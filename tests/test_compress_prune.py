@@ -13,7 +13,7 @@ from flashserve import LLM, SamplingParams
 from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
 from flashserve.compress.packed import packed, packed_logits
 from flashserve.compress.prune import check_sparsity, head_grid, prune_model, slim_state_dict
-from flashserve.layers.compressed import is_2_4
+from flashserve.compress.layers import is_2_4
 
 
 @pytest.fixture(scope="module")

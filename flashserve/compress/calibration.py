@@ -23,7 +23,6 @@ from torch import nn
 
 from flashserve.bench.quality import LICENSES_DIR
 from flashserve.compress.packed import packed
-from flashserve.layers.compressed import LowRankLinear
 from flashserve.layers.linear import Linear
 
 CALIBRATION_TEXTS = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.3", "MPL-1.1", "MPL-2.0")
@@ -70,7 +69,7 @@ class InputStats:
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     """The linear projections of a decoder layer by name relative to it (e.g. ``self_attn.qkv_proj``)."""
-    return {n: m for n, m in layer.named_modules() if isinstance(m, (Linear, LowRankLinear))}
+    return {n: m for n, m in layer.named_modules() if isinstance(m, Linear)}
 
 
 class LayerwiseCalibration:
@@ -100,10 +99,11 @@ class LayerwiseCalibration:
 
     def _run(self, layer: nn.Module, keep: bool) -> None:
         new_states = []
+        rotary = layer.self_attn.rotary_emb  # the rope module this layer shares with its base's layers
         with torch.no_grad():
             for batch, (hidden, residual) in zip(self.batches, self.states):
                 with packed(batch, self.device) as (_, pos):
-                    out = layer(pos, hidden, residual, None)
+                    out = layer(rotary.lookup(pos), hidden, residual, None)
                 new_states.append(out)
         if keep:
             self.states = new_states

@@ -35,9 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def matmul_params(llm: Any) -> int:
     """Weights multiplied per token: the decoder linears and the LM head (not the embedding lookup)."""
-    model = llm.engine.model
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "_proj." in n)
-    return layers + model.lm_head.weight.numel()
+    from flashserve.compress.layers import LowRankMethod
+    from flashserve.layers.linear import Linear
+
+    total = 0
+    for m in llm.engine.worker.model.modules():  # counted from shapes, whatever the storage (GGUF blocks, ...)
+        if isinstance(m, Linear):
+            method = m.quant_method
+            total += method.rank * (m.in_features + m.out_features) if isinstance(method, LowRankMethod) \
+                else m.in_features * m.out_features
+    return total
 
 
 def prefix_share(a: list[int], ref: list[int]) -> float:

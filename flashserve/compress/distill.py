@@ -323,7 +323,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     from flashserve.compress.model_io import check_output, hf_state_dict, load_source, write_model_dir
     from flashserve.compress.prompts import heldout_prompts, training_prompts
     from flashserve.engine.llm import LLM
-    from flashserve.layers.compressed import compression_spec
+    from flashserve.compress.layers import compression_spec
 
     t_start = time.perf_counter()
     device = resolve_device(args.device)

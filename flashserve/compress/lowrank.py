@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from flashserve.compress.calibration import InputStats, LayerwiseCalibration, linear_modules
-from flashserve.layers.compressed import LowRankLinear
-from flashserve.layers.linear import Linear
+from flashserve.compress.layers import is_low_rank, set_low_rank
 
 SCALINGS = ("whiten", "diag", "none")
 DAMPING = 0.01  # share of the mean input second moment added to the diagonal before Cholesky
@@ -106,7 +105,7 @@ def lowrank_model(model: nn.Module, ratio: float | None = None, rank: int | None
         raise ValueError(f"scaling {scaling!r} needs calibration text")
     for i, layer in enumerate(model.model.layers):  # every rank checked before any work
         for name, m in linear_modules(layer).items():
-            if not isinstance(m, Linear):
+            if is_low_rank(m):
                 raise ValueError(f"model.layers.{i}.{name} is already factorised")
             if rank is not None:
                 rank_for(m.out_features, m.in_features, None, None, rank, None, f"model.layers.{i}.{name}")
@@ -117,16 +116,7 @@ def lowrank_model(model: nn.Module, ratio: float | None = None, rank: int | None
         for name, m in linear_modules(layer).items():
             full = f"model.layers.{i}.{name}"
             a, b = factorise(m.weight.data, stats.get(name), scaling, ratio, rank, energy, full)
-            w = m.weight
-            with torch.device(w.device):
-                new = LowRankLinear(m.in_features, m.out_features, a.shape[0], bias=m.bias is not None).to(w.dtype)
-            new.weight_a.data.copy_(a)
-            new.weight_b.data.copy_(b)
-            if m.bias is not None:
-                new.bias.data.copy_(m.bias.data)
-            new.requires_grad_(False)
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, new)
+            set_low_rank(m, a, b)  # the layer keeps its name and bias; weight -> weight_a, weight_b
             ranks[full] = a.shape[0]
         if calib is not None:
             calib.advance(layer)

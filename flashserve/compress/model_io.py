@@ -8,7 +8,7 @@ tokenizer and a ``config.json`` dict.
 The output is a Hugging Face-style directory: ``model.safetensors`` (HF tensor names: the fused
 ``qkv_proj`` / ``gate_up_proj`` are split back into q/k/v and gate/up, so a dense result loads in
 transformers too), ``config.json`` (the source's, or one written from the GGUF metadata, with the
-new shapes and a ``compression`` entry: flashserve.layers.compressed) and the source's tokenizer
+new shapes and a ``compression`` entry: flashserve.compress.layers) and the source's tokenizer
 files with its chat template. No pickle anywhere.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flashserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from flashserve.layers.compressed import compression_spec
+from flashserve.compress.layers import compression_spec
 from flashserve.layers.linear import MergedLinear
 
 # fused flashserve module -> HF module of each shard
@@ -110,7 +110,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         module = modules[module_name]
         tensor = param.detach().to("cpu").contiguous()
         short = module_name.rpartition(".")[2]
-        if isinstance(module, MergedLinear) and short in _UNFUSED:
+        if isinstance(module, MergedLinear) and short in _UNFUSED and leaf in ("weight", "bias"):
             prefix = module_name.rpartition(".")[0]
             for sid, (offset, size) in module.shard_offsets.items():
                 out[f"{prefix}.{_UNFUSED[short][sid]}.{leaf}"] = tensor.narrow(0, offset, size).clone()

@@ -8,7 +8,7 @@ embedding and LM head are kept. Scores:
 * Wanda (Sun et al., 2023): ``|W_ij| * ||X_j||``, the weight times the L2 norm of its input
   channel over the calibration tokens; compared within each output row, as the paper does.
 * 2:4: in every group of 4 consecutive inputs of a row, the 2 lowest scores (magnitude or Wanda)
-  are zeroed: the pattern NVIDIA's sparse tensor cores run (flashserve.layers.compressed).
+  are zeroed: the pattern NVIDIA's sparse tensor cores run (flashserve.compress.layers).
 * heads: structured. The importance of a query head is the expected squared norm of what it adds
   to the output, ``sum_c ||W_o[:, c]||^2 E[x_c^2]`` over its columns c of o_proj; of an MLP channel
   ``||W_down[:, j]||^2 E[x_j^2]``. Every layer keeps the same number of kv groups, query heads per

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashserve.cli import add_engine_arguments, llm_kwargs
-from flashserve.layers.compressed import LowRankLinear, use_semi_structured
+from flashserve.compress.layers import set_low_rank, set_semi_structured
 from flashserve.layers.linear import Linear
 
 
@@ -39,8 +39,9 @@ def lowrank_rank(out_f: int, in_f: int, share: float) -> int:
 
 @torch.no_grad()
 def to_variant(model: nn.Module, variant: str, seed: int = 0) -> None:
-    """Swap every decoder linear in place: ``dense`` (nothing), ``2:4`` (magnitude 2:4 pruning, then
-    the 2:4 module where a kernel exists), ``lowrank-S`` (random factors at parameter share S)."""
+    """Change every decoder linear in place: ``dense`` (nothing), ``2:4`` (magnitude 2:4 pruning, then
+    the 2:4 method, with its kernel where one exists), ``lowrank-S`` (random factors at parameter
+    share S). The layers keep their names; only their ``quant_method`` and weights change."""
     from flashserve.compress.prune import mask_2_4
 
     if variant == "dense":
@@ -49,7 +50,7 @@ def to_variant(model: nn.Module, variant: str, seed: int = 0) -> None:
         for name, m in model.named_modules():
             if isinstance(m, Linear) and ".layers." in name:
                 m.weight.mul_(mask_2_4(m.weight.abs()))
-        use_semi_structured(model)
+                set_semi_structured(m)
         return
     if not variant.startswith("lowrank-"):
         raise ValueError(f"unknown variant {variant!r}; expected dense, 2:4 or lowrank-<share>")
@@ -61,15 +62,10 @@ def to_variant(model: nn.Module, variant: str, seed: int = 0) -> None:
         if isinstance(m, Linear) and ".layers." in name:
             w = m.weight
             r = lowrank_rank(m.out_features, m.in_features, share)
-            with torch.device(w.device):
-                new = LowRankLinear(m.in_features, m.out_features, r, bias=m.bias is not None).to(w.dtype)
             # Random factors scaled so that B @ A has the dense weights' spread.
-            new.weight_a.normal_(0.0, 1.0 / math.sqrt(r), generator=gen)
-            new.weight_b.normal_(0.0, float(w.float().std()), generator=gen)
-            if m.bias is not None:
-                new.bias.copy_(m.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new.requires_grad_(False))
+            a = torch.empty(r, m.in_features, device=w.device, dtype=w.dtype).normal_(0.0, 1.0 / math.sqrt(r), generator=gen)
+            b = torch.empty(m.out_features, r, device=w.device, dtype=w.dtype).normal_(0.0, float(w.float().std()), generator=gen)
+            set_low_rank(m, a, b)
 
 
 def gemm_table(shapes: dict[str, tuple[int, int]], rows: list[int], shares: list[float], dtype: torch.dtype,
@@ -117,15 +113,16 @@ def model_speed(kwargs: dict[str, Any], variant: str, prompt_lens: list[int], ne
     """Prefill ms per prompt length and batch-1 decode tok/s of the engine with ``variant`` linears."""
     from flashserve import LLM, SamplingParams
 
-    llm = LLM(**{**kwargs, "cuda_graphs": False, "enable_prefix_caching": False}, verbose=False)
+    llm = LLM(**{**kwargs, "enable_prefix_caching": False, "executor": "inproc"}, verbose=False)
     engine = llm.engine
-    to_variant(engine.model, variant)
-    if kwargs["cuda_graphs"] and engine.device.type == "cuda":
-        engine.runner.capture_cuda_graphs(engine.scheduler.config.max_num_seqs, engine.max_model_len)
+    worker = engine.worker
+    to_variant(worker.model, variant)
+    if worker.graphs is not None:
+        worker.graphs.capture()  # the graphs of the dense layers replay the old kernels: capture again
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
-    res: dict[str, Any] = {"variant": variant, "weight_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30,
-                           "sparse_copy_gib": sparse_bytes(engine.model) / 2**30}
+    res: dict[str, Any] = {"variant": variant, "weight_gib": sum(p.numel() * p.element_size() for p in worker.model.parameters()) / 2**30,
+                           "sparse_copy_gib": sparse_bytes(worker.model) / 2**30}
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     for n in prompt_lens:
         prompt = [rng.randrange(100, vocab) for _ in range(n)]
@@ -161,7 +158,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashserve.engine.llm_engine import resolve_device, resolve_dtype
+    from flashserve.runner.worker import resolve_device, resolve_dtype
     from flashserve.loader import load_model_config
 
     kwargs = llm_kwargs(args)
