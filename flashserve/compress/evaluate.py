@@ -19,10 +19,15 @@ KV_BYTES_PER_TOKEN_MARGIN = 2  # the KV pool holds twice the scored text (headro
 
 
 def quality_engine(model: str | None, max_tokens: int, device: str = "auto", dtype: str = "auto"):
-    """An LLMEngine sized to score ``max_tokens`` tokens (one sequence, no CUDA graphs)."""
+    """An LLMEngine sized to score ``max_tokens`` tokens (one sequence, no CUDA graphs); dense
+    weights in the device's default dtype unless ``dtype`` says otherwise."""
     from flashserve.engine.llm import LLM
     from flashserve.loader import load_model_config
 
+    from flashserve.runner.worker import resolve_device
+
+    if dtype == "auto":  # explicit, so a GGUF source is dequantized as the tools read it (not kept packed)
+        dtype = "bfloat16" if resolve_device(device).type == "cuda" else "float32"
     cfg = load_model_config(model)
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     max_len = min(cfg.max_position_embeddings, max_tokens + 1)
