@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from conftest_models import copy_smollm2_tokenizer, make_tiny_checkpoint
+from compress_models import tiny_smollm_vocab
+from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
 from flashserve.compress.distill import make_student
 from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
@@ -124,12 +125,9 @@ def test_bad_input(models, llms, tmp_path):
     cascade = CascadeLLM(*llms)
     with pytest.raises(ValueError, match="n must be 1"):
         cascade.generate(PROMPTS[:1], SamplingParams(n=2))
-    # A small model with its own tokenizer, a large one without: token ids would not mean the same text.
-    folder = tmp_path / "with_tokenizer"
-    src = load_source(models[0])
-    write_model_dir(folder, hf_state_dict(src.model), src.config_json, None)
-    copy_smollm2_tokenizer(folder)
-    mixed = CascadeLLM(LLM(str(folder), **ENGINE), llms[1])
+    # A small model with SmolLM2's tokenizer, a large one without: token ids would not mean the same text.
+    tiny_smollm_vocab(tmp_path / "with_tokenizer", layers=1)
+    mixed = CascadeLLM(LLM(str(tmp_path / "with_tokenizer"), **ENGINE), llms[1])
     assert not mixed.shared_tokenizer
     with pytest.raises(ValueError, match="different tokenizers"):
         mixed.generate(PROMPTS[:1], PARAMS)
