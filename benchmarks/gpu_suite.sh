@@ -10,6 +10,7 @@
 #                                          # end, kernel timings at M = 1, 16 against bf16 cuBLAS
 #   bash benchmarks/gpu_suite.sh quant full  # (~15 min) all quant tests, kernel timings, batch-1 latency per
 #                                          # mode (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
+#   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 students, cascade]
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -78,8 +79,25 @@ case "${1:-}" in
         --output-json "$out/quant-kernels.json"
     fi
     ;;
+  compress)  # docs/compression.md: `compress` = 2:4 / low-rank GPU tests and speed at Llama-3.1-8B shapes (~2.5 min);
+             # `compress distill` = SmolLM2 students of 15 and 7 of 30 layers, white and black box (~8 min)
+    if [ "${2:-speed}" = distill ]; then
+      d="$out/distill"
+      mkdir -p "$d"
+      for m in white black; do
+        for n in 15 7; do
+          stage "distill-$m-$n" 240 $fs distill --layers "$n" --mode "$m" --samples 2048 --gen-tokens 192 --steps 300 \
+            --data "$d/teacher-text.json" --output "$d/student-$m-$n" --output-json "$out/distill-$m-$n.json"
+        done
+      done
+      stage cascade 120 $fs bench cascade --small "$d/student-white-15" --output-json "$out/cascade.json"
+    else
+      stage compress-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compress_layers.py
+      stage compress-speed 200 $fs bench compress --output-json "$out/compress-speed.json"
+    fi
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress [distill]" >&2
     exit 2
     ;;
 esac

@@ -14,6 +14,8 @@ import sys
 # name -> (module, help). Each module has add_arguments(parser) and run(args).
 PLUGINS: dict[str, tuple[str, str]] = {
     "serve": ("flashserve.server.cli", "run the OpenAI-compatible HTTP server"),
+    "compress": ("flashserve.compress.cli", "prune or factorise a model into a new model directory"),
+    "distill": ("flashserve.compress.distill", "train a shallower student on a teacher's generated text"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("flashserve.bench.kernels", "attention kernels vs torch SDPA and the read-bandwidth ceiling"),
@@ -24,6 +26,9 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve-sim": ("flashserve.bench.serve_sim", "replay a Poisson trace against the engine for each policy"),
     "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
+    "compress": ("flashserve.compress.speed", "2:4 and low-rank linears against dense: prefill and decode at real shapes"),
+    "compress-quality": ("flashserve.compress.sweep", "quality of pruning and low rank at several ratios on real text"),
+    "cascade": ("flashserve.compress.cascade_eval", "small-then-large cascade: share, agreement and compute saved per threshold"),
 }
 
 

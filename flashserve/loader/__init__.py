@@ -191,6 +191,10 @@ def load_model(
         declared = read_quantization_config(source)
         qconfig = make_quant_config(quantization, "safetensors", config, device, dtype, checkpoint_quant=declared,
                                     tensor_names=safetensors_tensor_names(source) if declared else None)
+        from flashserve.compress.layers import compression_quant_config
+        from flashserve.loader.hf_config import read_config_json
+
+        qconfig = compression_quant_config(read_config_json(source), qconfig)  # low-rank / 2:4 layers, if any
         model = build_model(config, dtype, device, attn_backend, qconfig)
         model.load_weights(iterate_safetensors(source))
         _finish(model, device)
