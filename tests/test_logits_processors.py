@@ -1,0 +1,150 @@
+"""Logit bias and grammar masks in the batched sampler, against pure-torch / Python references.
+
+The grammar tests use the real SmolLM2 tokenizer (no model) and random logits: whatever the
+logits, the constrained row's text must parse and satisfy its schema, and the other rows of the
+batch must be untouched.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashserve.layers.logits_processors import LogitsProcessors, unpack_bitmask, validate_structured_output
+from flashserve.layers.sampler import Sampler, SamplingRow
+from flashserve.sampling_params import SamplingParams, StructuredOutput
+
+pytest.importorskip("llguidance")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "tag": {"type": "string", "maxLength": 6},
+    },
+    "required": ["ok", "colour", "tag"],
+    "additionalProperties": False,
+}
+EOS = [2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from flashserve.loader import default_model_path, load_tokenizer
+
+    return load_tokenizer(default_model_path(), "auto")
+
+
+def row(params: SamplingParams, output: list[int], rid: str) -> SamplingRow:
+    return SamplingRow(params, [1, 2, 3], output, EOS, rid)
+
+
+def test_unpack_bitmask_matches_a_bit_loop():
+    g = torch.Generator().manual_seed(0)
+    vocab = 100
+    packed = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=g)
+    ref = torch.tensor([[(int(packed[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(3)], dtype=torch.bool)
+    assert torch.equal(unpack_bitmask(packed, vocab), ref)
+
+
+def test_logit_bias_matches_reference_and_leaves_input_alone():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 50, generator=g)
+    before = logits.clone()
+    biases = [{3: 5.0, 7: -100.0}, None, {49: 0.5}]
+    rows = [row(SamplingParams(logit_bias=b), [], f"r{i}") for i, b in enumerate(biases)]
+    out = LogitsProcessors()(logits, rows)
+    ref = before.clone()
+    for i, b in enumerate(biases):
+        for t, v in (b or {}).items():
+            ref[i, t] += v
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    plain = [row(SamplingParams(), [], "p")]
+    assert LogitsProcessors()(logits[:1], plain) is logits[:1] or torch.equal(LogitsProcessors()(logits[:1], plain), logits[:1])
+
+
+def test_logit_bias_steers_the_sampler():
+    logits = torch.zeros(1, 10)
+    logits[0, 4] = 3.0
+    sampler = Sampler(torch.device("cpu"))
+    assert sampler(logits, [row(SamplingParams(temperature=0), [], "a")]).token_ids == [4]
+    assert sampler(logits, [row(SamplingParams(temperature=0, logit_bias={4: -100.0, 8: 1.0}), [], "b")]).token_ids == [8]
+
+
+def _decode_constrained(tokenizer, seed: int, steps: int = 80) -> tuple[str, list[int], list[int]]:
+    """Sample a grammar row next to an unconstrained greedy row on random logits; returns the
+    grammar row's text, the plain row's tokens and the plain row's argmax reference."""
+    sampler = Sampler(torch.device("cpu"), seed=seed)
+    sampler.logits_processors = LogitsProcessors(tokenizer, EOS)
+    vocab = 49152
+    g = torch.Generator().manual_seed(seed)
+    structured = StructuredOutput("json", json.dumps(SCHEMA))
+    constrained = SamplingParams(temperature=1.0, seed=seed, structured_output=structured, max_tokens=None)
+    out_g: list[int] = []
+    out_p: list[int] = []
+    ref_p: list[int] = []
+    for _ in range(steps):
+        logits = torch.randn(2, vocab, generator=g) * 3
+        rows = [row(constrained, out_g, "g"), row(SamplingParams(temperature=0), out_p, "p")]
+        tokens = sampler(logits, rows).token_ids
+        out_p.append(tokens[1])
+        ref_p.append(int(logits[1].argmax()))
+        if tokens[0] in EOS:
+            return tokenizer.decode(out_g), out_p, ref_p
+        out_g.append(tokens[0])
+    raise AssertionError(f"the grammar row did not end in {steps} steps: {tokenizer.decode(out_g)!r}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grammar_row_always_yields_schema_json_and_other_rows_are_untouched(tokenizer, seed):
+    text, plain, reference = _decode_constrained(tokenizer, seed)
+    value = json.loads(text)
+    assert set(value) == {"ok", "colour", "tag"}
+    assert isinstance(value["ok"], bool) and value["colour"] in ("red", "green", "blue")
+    assert isinstance(value["tag"], str) and len(value["tag"]) <= 6
+    assert plain == reference
+
+
+def test_state_is_a_cache_rebuilt_by_replaying_the_output(tokenizer):
+    proc = LogitsProcessors(tokenizer, EOS)
+    params = SamplingParams(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))
+    prefix = tokenizer.encode('{"ok":true,"col', add_special_tokens=False)
+    logits = torch.randn(1, 49152, generator=torch.Generator().manual_seed(3))
+    out: list[int] = []
+    for t in prefix:  # advance step by step, as decoding does
+        proc(logits, [row(params, out, "x")])
+        out.append(t)
+    cached = proc(logits, [row(params, out, "x")])
+    proc._states.clear()  # evicted (or lost): rebuilt from the output tokens
+    rebuilt = proc(logits, [row(params, out, "x")])
+    assert torch.equal(cached, rebuilt)
+    allowed = torch.isfinite(cached[0]).nonzero().flatten().tolist()
+    assert allowed and all(tokenizer.decode(out + [t]).startswith('{"ok":true,"col') for t in allowed)
+    assert any("our" in tokenizer.decode([t]) for t in allowed)
+
+
+def test_a_row_that_left_its_grammar_is_ended_alone(tokenizer, caplog):
+    proc = LogitsProcessors(tokenizer, EOS)
+    params = SamplingParams(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))
+    bad_output = tokenizer.encode("hello world", add_special_tokens=False)
+    logits = torch.randn(2, 49152, generator=torch.Generator().manual_seed(4))
+    out = proc(logits, [row(params, bad_output, "bad"), row(SamplingParams(), [], "fine")])
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == EOS
+    assert torch.equal(out[1], logits[1])
+    assert "left its grammar" in caplog.text
+
+
+@pytest.mark.parametrize("structured,message", [
+    (StructuredOutput("json", '{"type": "foo"}'), "not supported"),
+    (StructuredOutput("json", "{not json"), "not valid"),
+    (StructuredOutput("regex", "(unclosed"), "not supported"),
+])
+def test_malformed_constraints_are_refused(structured, message):
+    with pytest.raises(ValueError, match=message):
+        validate_structured_output(structured)
+    validate_structured_output(StructuredOutput("regex", "[a-z]{3}"))
+    validate_structured_output(StructuredOutput("json", json.dumps(SCHEMA)))
