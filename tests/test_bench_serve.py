@@ -1,4 +1,5 @@
-"""``flashserve bench serve`` against a real server: JSON report and PNG plot; summary maths."""
+"""``flashserve bench serve`` against a real server: JSON report and PNG plot, structured-output and
+hostile-client runs; summary maths."""
 
 from __future__ import annotations
 
@@ -27,26 +28,32 @@ def test_summarize_percentiles_and_throughput():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_bench_serve_against_server(tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("matplotlib")
     from flashserve.server.testing import ServerProcess
 
     report, png = tmp_path / "report.json", tmp_path / "plot.png"
+    hostile_report = tmp_path / "hostile.json"
     with ServerProcess(["--max-model-len", "512", "--kv-cache-bytes", str(50_000_000), "--max-num-seqs", "8",
-                        "--log-level", "warning"]) as server:
+                        "--max-stream-buffer", "8", "--send-buffer-bytes", "16384", "--log-level", "warning"]) as server:
         cmd = [sys.executable, "-m", "flashserve.cli", "bench", "serve", "--base-url", server.url("/v1"),
                "--num-prompts", "4", "--request-rate", "4", "inf", "--input-len", "8", "--output-len", "6",
-               "--concurrency", "4", "--timeout", "60", "--max-duration", "120",
+               "--concurrency", "4", "--timeout", "60", "--max-duration", "120", "--response-format", "none", "json_schema",
                "--output-json", str(report), "--plot", str(png)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        hostile = subprocess.run([sys.executable, "-m", "flashserve.cli", "bench", "serve", "--base-url", server.url("/v1"),
+                                  "--num-prompts", "4", "--input-len", "8", "--output-len", "16", "--concurrency", "2",
+                                  "--hostile", "--hostile-prompt-len", "300", "--max-duration", "30",
+                                  "--output-json", str(hostile_report)], capture_output=True, text=True, timeout=180)
     assert server.returncode == 0 and server.orphans() == []
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "TTFT" in proc.stdout
+    assert "TTFT" in proc.stdout and "json_schema vs none at rate 4.0: TPOT mean x" in proc.stdout
     data = json.loads(report.read_text())
     assert data["model"] == "SmolLM2-135M-Instruct"
-    assert [r["request_rate"] for r in data["runs"]] == [4.0, "inf"]
+    assert [(r["label"], r["request_rate"]) for r in data["runs"]] == [("none", 4.0), ("json_schema", 4.0),
+                                                                      ("none", "inf"), ("json_schema", "inf")]
     for run in data["runs"]:
         assert run["completed"] == 4 and run["failed"] == 0
         assert run["total_output_tokens"] == 4 * 6
@@ -54,3 +61,10 @@ def test_bench_serve_against_server(tmp_path):
             assert run[key]["mean"] > 0 and run[key]["p99"] >= run[key]["p50"]
         assert run["e2e_ms"]["p50"] >= run["ttft_ms"]["p50"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Hostile clients next to the load: each is refused or dropped, and no well-behaved request fails.
+    assert hostile.returncode == 0, hostile.stderr + hostile.stdout
+    runs = json.loads(hostile_report.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["none", "none+hostile"] and all(r["failed"] == 0 for r in runs)
+    outcomes = runs[1]["hostile"]
+    assert outcomes[0].startswith("50 MB body: HTTP/1.1 413") and outcomes[1].startswith("n=10^6: HTTP 400")
+    assert outcomes[2].startswith("300-token prompt: HTTP 200") and outcomes[3].startswith("stalled reader: dropped")

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MAX_MODEL_LEN = 2048
 MAX_SEQS = 16 + 16  # --max-num-seqs + --max-pending
-BYSTANDER = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
+BYSTANDER = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,13 @@ chunk and reports, per rate, TTFT, TPOT (mean decode interval per request), ITL 
 chunks) and end-to-end latency at mean/p50/p90/p99, plus request and output-token throughput.
 Every loop is bounded: ``--num-prompts`` requests per rate, ``--timeout`` per request and
 ``--max-duration`` per rate.
+
+``--response-format none json_schema`` runs each load once per format: json_schema constrains
+every output to an array of at least 10,000 short strings, so each request still produces exactly
+``--output-len`` tokens and the runs compare time per token with and without the grammar mask.
+``--hostile`` runs each load twice, alone and next to the hostile clients of
+``flashserve.bench.hostile`` (a 50 MB body, n = 10^6, a long prompt, a reader that stops), and
+reports the well-behaved streams' ITL and failures side by side.
 """
 
 from __future__ import annotations
@@ -79,9 +86,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=1800.0, help="seconds per rate; unfinished requests count as failed")
+    p.add_argument("--response-format", nargs="+", default=["none"], choices=["none", "json_object", "json_schema"],
+                   help="run the load once per format (json_schema: a grammar that never ends before --output-len)")
+    p.add_argument("--hostile", action="store_true", help="run each load alone and next to hostile clients")
+    p.add_argument("--hostile-prompt-len", type=int, default=8000,
+                   help="tokens of the hostile long prompt (capped to the model's context)")
     p.add_argument("--output-json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG of latency against offered load here")
     p.add_argument("--quiet", action="store_true")
+
+
+# Never satisfied within a benchmark's output length: every request runs to max_tokens.
+LONG_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "minItems": 10000,
+                                                          "items": {"type": "string", "maxLength": 24}}},
+               "required": ["notes"], "additionalProperties": False}
+RESPONSE_FORMATS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "json_object": {"type": "json_object"},
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "notes", "schema": LONG_SCHEMA}},
+}
 
 
 def random_prompts(n: int, words: int, rng: random.Random) -> list[str]:
@@ -227,7 +250,7 @@ async def run_load(client: Any, url: str, bodies: list[dict[str, Any]], chat: bo
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    header = f"{'rate':>6} {'conc':>5} {'ok':>5} {'fail':>5} {'req/s':>7} {'tok/s':>8} | " + " | ".join(
+    header = f"{'run':<12} {'rate':>6} {'conc':>5} {'ok':>5} {'fail':>5} {'req/s':>7} {'tok/s':>8} | " + " | ".join(
         f"{name:^27}" for name in ("TTFT ms mean/p50/p90/p99", "TPOT ms", "ITL ms", "E2E ms"))
     lines = [header, "-" * len(header)]
     for run in runs:
@@ -236,7 +259,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             s = run[key]
             cells.append("/".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("mean", "p50", "p90", "p99")).center(27))
         conc = "-" if run["concurrency"] is None else str(run["concurrency"])
-        lines.append(f"{str(run['request_rate']):>6} {conc:>5} {run['completed']:>5} {run['failed']:>5} "
+        lines.append(f"{run.get('label', '-'):<12} {str(run['request_rate']):>6} {conc:>5} {run['completed']:>5} {run['failed']:>5} "
                       f"{run['request_throughput']:>7.2f} {run['output_token_throughput']:>8.1f} | " + " | ".join(cells))
     return "\n".join(lines)
 
@@ -267,6 +290,50 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def build_bodies(args: argparse.Namespace, model: str, chat: bool, fmt: str, rng: random.Random) -> list[dict[str, Any]]:
+    prompts = [args.prompt] * args.num_prompts if args.prompt else random_prompts(args.num_prompts, args.input_len, rng)
+    bodies = []
+    for prompt in prompts:
+        body: dict[str, Any] = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
+                                "stream": True, "stream_options": {"include_usage": True}}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if RESPONSE_FORMATS[fmt] is not None:
+            body["response_format"] = RESPONSE_FORMATS[fmt]  # the grammar ends the output, not ignore_eos
+        elif not args.no_ignore_eos:
+            body["ignore_eos"] = True
+        bodies.append(body)
+    return bodies
+
+
+async def _hostile(client: Any, base: str, model: str, headers: dict[str, str], prompt_len: int,
+                   args: argparse.Namespace) -> list[str]:
+    from flashserve.bench.hostile import run_all
+
+    await asyncio.sleep(1.0)  # let the well-behaved streams start first
+    return await run_all(client, base, model, headers, prompt_len, duration_s=min(60.0, args.max_duration / 2))
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[str]:
+    """Each run against the plain run of the same rate: TPOT mean, ITL p99, output tok/s."""
+    lines = []
+    for run in runs:
+        base = next((r for r in runs if r.get("label") == "none" and r["request_rate"] == run["request_rate"]), None)
+        if base is None or run is base:
+            continue
+        parts = []
+        for key, stat in (("tpot_ms", "mean"), ("itl_ms", "p99")):
+            a, b = run[key][stat], base[key][stat]
+            parts.append(f"{key.split('_')[0].upper()} {stat} x{a / b:.2f}" if a and b else f"{key} {stat} -")
+        if base["output_token_throughput"]:
+            parts.append(f"tok/s x{run['output_token_throughput'] / base['output_token_throughput']:.2f}")
+        lines.append(f"{run['label']} vs none at rate {run['request_rate']}: " + ", ".join(parts)
+                     + f"; failed {run['failed']} (none: {base['failed']})")
+    return lines
+
+
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -282,26 +349,32 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             model = response.json()["data"][0]["id"]
         chat = args.endpoint == "chat"
         url = f"{base}/chat/completions" if chat else f"{base}/completions"
+        prompt_len = args.hostile_prompt_len
+        if args.hostile:
+            cards = (await client.get(f"{base}/models")).json()["data"]
+            context = next((c.get("max_model_len") for c in cards if c["id"] == model), None)
+            prompt_len = min(prompt_len, context - 16) if context else prompt_len
         runs = []
         for rate in args.request_rate:
-            rng = random.Random(args.seed)
-            prompts = [args.prompt] * args.num_prompts if args.prompt else random_prompts(args.num_prompts, args.input_len, rng)
-            bodies = []
-            for prompt in prompts:
-                body: dict[str, Any] = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
-                                        "stream": True, "stream_options": {"include_usage": True}}
-                if chat:
-                    body["messages"] = [{"role": "user", "content": prompt}]
-                else:
-                    body["prompt"] = prompt
-                if not args.no_ignore_eos:
-                    body["ignore_eos"] = True
-                bodies.append(body)
-            summary = await run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
-            runs.append(summary)
-            if not args.quiet:
-                print(f"rate {summary['request_rate']}: {summary['completed']} ok, {summary['failed']} failed "
-                      f"in {summary['duration_s']:.1f}s", file=sys.stderr)
+            for fmt in args.response_format:
+                for hostile in ([False, True] if args.hostile else [False]):
+                    rng = random.Random(args.seed)
+                    bodies = build_bodies(args, model, chat, fmt, rng)
+                    label = fmt + ("+hostile" if hostile else "")
+                    load = run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
+                    if hostile:
+                        attack = _hostile(client, base, model, headers, prompt_len, args)
+                        summary, outcomes = await asyncio.gather(load, attack)
+                        summary["hostile"] = outcomes
+                    else:
+                        summary = await load
+                    summary["label"] = label
+                    runs.append(summary)
+                    if not args.quiet:
+                        print(f"{label} rate {summary['request_rate']}: {summary['completed']} ok, {summary['failed']} failed "
+                              f"in {summary['duration_s']:.1f}s", file=sys.stderr)
+                        for line in summary.get("hostile", []):
+                            print(f"  {line}", file=sys.stderr)
     return {"base_url": args.base_url, "model": model, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "runs": runs}
 
@@ -319,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"flashserve bench serve: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(format_table(report["runs"]))
+    for line in ratios(report["runs"]):
+        print(line)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)

@@ -5,6 +5,7 @@
 
 Picks a free port on 127.0.0.1, waits for /health, and on exit terminates the process (SIGTERM,
 then SIGKILL after a timeout), remembering its exit code and the children it had.
+``HeadlessChromium`` drives a real browser (Debian's chromium) for the chat page test.
 """
 
 from __future__ import annotations
