@@ -39,7 +39,7 @@ from flashserve.sampling_params import SamplingParams
 from flashserve.server.auth import APIKeyMiddleware
 from flashserve.server.errors import APIError, bad_request, error_body, install_error_handlers
 from flashserve.server.frontend import Frontend
-from flashserve.server.limits import RequestGuard, request_id_of
+from flashserve.server.limits import ABORT_EXTENSION, RequestGuard, request_id_of
 from flashserve.server.metrics import ServerMetrics
 from flashserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.server.tools import ToolPlan, parse_tool_calls
@@ -134,6 +134,9 @@ class SSEResponse(StreamingResponse):
                 body_task.result()
             elif any(e.is_set() for e in self.dropped):
                 logger.warning("request %s: dropping a client that stopped reading", request_id_of(scope))
+                abort = (scope.get("extensions") or {}).get(ABORT_EXTENSION)
+                if abort is not None:  # reset: a graceful close would wait to flush to a client that never reads
+                    abort()
         except OSError:
             pass  # the client went away while we were writing
         finally:

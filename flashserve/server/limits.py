@@ -11,7 +11,9 @@ refused (400): the two disagreeing is how request smuggling works.
 none (only a keep-alive timeout that any byte resets), so a client sending its headers one byte
 at a time (slowloris) would hold a connection forever. It can also cap each connection's kernel
 send buffer (``SO_SNDBUF``), which otherwise grows to megabytes for a client that stops reading
-(and hides that client from the server's own backpressure for as long).
+(and hides that client from the server's own backpressure for as long), and it offers the app a
+way to reset a connection (``ABORT_EXTENSION`` in the scope's extensions): a graceful close
+would wait forever to flush data to a client that never reads.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flashserve.server.errors import error_response
 logger = logging.getLogger("flashserve")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ABORT_EXTENSION = "flashserve.abort_connection"  # scope["extensions"][...]: a callable resetting the connection
 
 
 def request_id_of(scope: Scope) -> str:
@@ -139,6 +142,7 @@ def guarded_protocol(timeout: float, send_buffer_bytes: int | None = None) -> ty
     """uvicorn's h11 protocol, closing connections whose request head takes over ``timeout`` s,
     with each socket's send buffer set to ``send_buffer_bytes`` when given."""
     import socket
+    import struct
 
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -172,6 +176,19 @@ def guarded_protocol(timeout: float, send_buffer_bytes: int | None = None) -> ty
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._disarm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.scope is not None and self.transport is not None:  # the request just parsed, if any
+                self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self._reset
+
+        def _reset(self) -> None:
+            """Close with a TCP reset: a plain close would queue the FIN behind data that a client
+            which stopped reading never takes, keeping the socket and its buffers alive."""
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
