@@ -75,10 +75,13 @@ def test_logit_bias_steers_the_sampler():
     assert sampler(logits, [row(SamplingParams(temperature=0, logit_bias={4: -100.0, 8: 1.0}), [], "b")]).token_ids == [8]
 
 
-def _decode_constrained(tokenizer, seed: int, steps: int = 80) -> tuple[str, list[int], list[int]]:
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _decode_constrained(tokenizer, seed: int, device: str = "cpu", steps: int = 80) -> tuple[str, list[int], list[int]]:
     """Sample a grammar row next to an unconstrained greedy row on random logits; returns the
     grammar row's text, the plain row's tokens and the plain row's argmax reference."""
-    sampler = Sampler(torch.device("cpu"), seed=seed)
+    sampler = Sampler(torch.device(device), seed=seed)
     sampler.logits_processors = LogitsProcessors(tokenizer, EOS)
     vocab = 49152
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +91,7 @@ def _decode_constrained(tokenizer, seed: int, steps: int = 80) -> tuple[str, lis
     out_p: list[int] = []
     ref_p: list[int] = []
     for _ in range(steps):
-        logits = torch.randn(2, vocab, generator=g) * 3
+        logits = (torch.randn(2, vocab, generator=g) * 3).to(device)
         rows = [row(constrained, out_g, "g"), row(SamplingParams(temperature=0), out_p, "p")]
         tokens = sampler(logits, rows).token_ids
         out_p.append(tokens[1])
@@ -99,9 +102,10 @@ def _decode_constrained(tokenizer, seed: int, steps: int = 80) -> tuple[str, lis
     raise AssertionError(f"the grammar row did not end in {steps} steps: {tokenizer.decode(out_g)!r}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_grammar_row_always_yields_schema_json_and_other_rows_are_untouched(tokenizer, seed):
-    text, plain, reference = _decode_constrained(tokenizer, seed)
+def test_grammar_row_always_yields_schema_json_and_other_rows_are_untouched(tokenizer, seed, device):
+    text, plain, reference = _decode_constrained(tokenizer, seed, device)
     value = json.loads(text)
     assert set(value) == {"ok", "colour", "tag"}
     assert isinstance(value["ok"], bool) and value["colour"] in ("red", "green", "blue")

@@ -256,7 +256,7 @@ def test_reader_that_stops_is_dropped_and_harms_nobody(server, alone):
 
 def test_long_prompt_is_chunked_so_streams_keep_moving(server, alone):
     """Finding 4 at CI scale: a 1,900-token prompt arrives while a stream runs. With the CPU step
-    budget (512 tokens) it is prefilled over four steps, and the stream gets tokens in between."""
+    budget (64 tokens) it is prefilled over 30 steps, and the stream gets tokens in between."""
     long_ids = [(i * 7919) % 40000 + 100 for i in range(1900)]
     chunk_times: list[float] = []
     window: list[float] = []

@@ -46,6 +46,7 @@ async def huge_body(base_url: str, auth: dict[str, str], size: int = 50 << 20, t
     t0 = time.perf_counter()
     writer.write(_request("POST", f"{root}/chat/completions", host, {**auth, "Content-Length": str(size)}))
     status = asyncio.ensure_future(_status(reader, timeout))
+    await asyncio.wait({status}, timeout=1.0)  # a server may refuse on the length alone: read that first
     chunk = b'{"messages": [{"role": "user", "content": "' + b"a" * (1 << 20)
     sent = 0
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -202,18 +203,25 @@ class LogitsProcessors:
                 jobs.append((matcher, j))
         if jobs:  # fills rows j of the buffer in parallel threads (llguidance drops the GIL)
             self._executor.unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), words * 4, bitmask.shape[0])
+        # Reusing the pinned buffer next step is safe: the sampler reads the sampled ids back
+        # (a sync) after this copy, before the next step fills the buffer again.
         device_mask = bitmask[:g].to(logits.device, non_blocking=True)
-        rows = torch.tensor([i for i, _, _ in grammar_rows], device=logits.device)
         allowed = unpack_bitmask(device_mask, vocab)  # [G, V] bool
-        return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+        rows = [i for i, _, _ in grammar_rows]
+        if rows == list(range(logits.shape[0])):  # every row constrained: one pass, no gather
+            return torch.where(allowed, logits, float("-inf"))
+        index = torch.tensor(rows, device=logits.device)
+        return logits.index_put((index,), torch.where(allowed, logits[index], float("-inf")))
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[G, W] int32 packed masks (bit k of word w is token 32 * w + k) -> [G, V] bool, on the
-    bitmask's device."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [G, W, 32]
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    bitmask's device. Unpacked byte-wise (little-endian words: byte j of word w holds tokens
+    32w + 8j ... 32w + 8j + 7), so the intermediate is uint8, a quarter of an int32 unpack."""
+    assert sys.byteorder == "little"
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [G, 4W]
+    bit = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=bitmask.device, dtype=torch.uint8)
+    return (as_bytes.unsqueeze(-1) & bit).ne(0).view(bitmask.shape[0], -1)[:, :vocab_size]  # [G, 4W, 8] -> [G, V]
 
 
 def _bit(k: int) -> int:
