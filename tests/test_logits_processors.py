@@ -152,3 +152,21 @@ def test_malformed_constraints_are_refused(structured, message):
         validate_structured_output(structured)
     validate_structured_output(StructuredOutput("regex", "[a-z]{3}"))
     validate_structured_output(StructuredOutput("json", json.dumps(SCHEMA)))
+
+
+def test_parallel_and_inline_mask_fills_agree(tokenizer, monkeypatch):
+    """From 8 grammar rows on (and more than 2 CPUs) llguidance's thread pool fills the masks."""
+    import flashserve.layers.logits_processors as lp
+
+    params = SamplingParams(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))
+    prefixes = ['{"ok":', '{"ok":true,"colour":"', '{"ok":false,"colour":"red","tag":"ab', "", '{"ok":true,"col']
+    outputs = [tokenizer.encode(prefixes[i % len(prefixes)], add_special_tokens=False) for i in range(10)]
+    logits = torch.randn(10, 49152, generator=torch.Generator().manual_seed(5))
+
+    def run(cpus: int) -> torch.Tensor:
+        monkeypatch.setattr(lp.os, "cpu_count", lambda: cpus)
+        return LogitsProcessors(tokenizer, EOS)(logits, [row(params, out, f"r{i}") for i, out in enumerate(outputs)])
+
+    inline, parallel = run(1), run(16)
+    assert torch.equal(inline, parallel)
+    assert (torch.isfinite(inline).sum(dim=1) < 49152).all()  # every row is constrained

@@ -286,3 +286,27 @@ def test_special_tokens_in_messages_cannot_fake_a_turn(server):
     escaped = tok.encode(tok.apply_chat_template([{"role": "user", "content": content.replace("<|", "<\u200b|")}],
                                                  tokenize=False, add_generation_prompt=True), add_special_tokens=False)
     assert r.json()["usage"]["prompt_tokens"] == len(escaped) != len(raw)
+
+
+def test_the_openai_client_gets_bad_request_errors_naming_the_limit(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    cases = [
+        (dict(prompt="hi", n=10**6, max_tokens=1), "n must be an integer in [1, 128]"),
+        (dict(prompt="hi", extra_body={"top_k": 2**63}), "top_k must be"),
+        (dict(prompt="hi", min_tokens=1, extra_body={"stop_token_ids": [49152], "min_tokens": 1}),
+         "outside the vocabulary [0, 49152)"),
+        (dict(prompt="hi", best_of=2), "best_of is not supported"),
+        (dict(prompt="hi", stream_options={"include_usage": True}), "stream_options is only allowed when stream is true"),
+        (dict(prompt=LONG_IDS, max_tokens=500), "(1900 in the prompt + max_tokens 500)"),
+        (dict(prompt=["hi"] * (MAX_SEQS + 1)), f"at most {MAX_SEQS} in flight"),
+        (dict(prompt="hi", logit_bias={"5": 500}), "logit_bias values must be a finite number in [-100, 100]"),
+    ]
+    for kwargs, fragment in cases:
+        kwargs.pop("min_tokens", None)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, **kwargs)
+        assert fragment in e.value.message, (kwargs, e.value.message)
+    with pytest.raises(openai.BadRequestError, match="temperature must be a finite number"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], temperature=float("inf"))

@@ -10,7 +10,8 @@ chunks) and end-to-end latency at mean/p50/p90/p99, plus request and output-toke
 Every loop is bounded: ``--num-prompts`` requests per rate, ``--timeout`` per request and
 ``--max-duration`` per rate.
 
-``--response-format none json_schema`` runs each load once per format: json_schema constrains
+Each run draws its own random prompts (same lengths), so no run reuses another's prefix-cache
+entries. ``--response-format none json_schema`` runs each load once per format: json_schema constrains
 every output to an array of at least 10,000 short strings, so each request still produces exactly
 ``--output-len`` tokens and the runs compare time per token with and without the grammar mask.
 ``--hostile`` runs each load twice, alone and next to the hostile clients of
@@ -358,7 +359,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         for rate in args.request_rate:
             for fmt in args.response_format:
                 for hostile in ([False, True] if args.hostile else [False]):
-                    rng = random.Random(args.seed)
+                    # Fresh prompts per run: a run must not find the previous run's prompts in the
+                    # server's prefix cache (that would make later runs look faster).
+                    rng = random.Random(args.seed * 1000 + len(runs))
                     bodies = build_bodies(args, model, chat, fmt, rng)
                     label = fmt + ("+hostile" if hostile else "")
                     load = run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)

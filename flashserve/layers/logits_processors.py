@@ -7,8 +7,8 @@
 2. structured output: tokens the request's grammar forbids set to -inf. A grammar (a JSON
    schema, a regex or a Lark grammar, as plain text in ``SamplingParams.structured_output``) is
    compiled by llguidance into a matcher per request. Every step the matchers of the grammar rows
-   fill one packed bitmask [G, ceil(V / 32)] int32 on the host (in parallel, without the GIL),
-   which is copied to the device and expanded into the row masks there.
+   fill one packed bitmask [G, ceil(V / 32)] int32 on the host (from 8 rows on, in parallel
+   threads without the GIL), which is copied to the device and expanded into the row masks there.
 
 State is keyed by request id and is only a cache: a matcher is advanced lazily with the tokens
 the row's ``output_token_ids`` gained since it last saw them, so it survives preemption and chunked
@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ logger = logging.getLogger("flashserve")
 
 _EVICT_AFTER = 64  # sampler calls without a row before a request's state is dropped
 _MAX_COMPILED = 64  # grammar texts kept compiled (LRU)
+_PARALLEL_FROM = 8  # grammar rows from which masks are filled by llguidance's thread pool
 
 
 def grammar_text(structured: StructuredOutput) -> str:
@@ -201,8 +203,12 @@ class LogitsProcessors:
                     bitmask[j, t // 32] |= _bit(t % 32)
             else:
                 jobs.append((matcher, j))
-        if jobs:  # fills rows j of the buffer in parallel threads (llguidance drops the GIL)
+        if len(jobs) >= _PARALLEL_FROM and (os.cpu_count() or 1) > 2:
+            # Rows j of the buffer filled in parallel threads (llguidance drops the GIL).
             self._executor.unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), words * 4, bitmask.shape[0])
+        else:  # a few rows: waking the pool costs more than the masks (~0.1 ms each)
+            for matcher, j in jobs:
+                matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
         # Reusing the pinned buffer next step is safe: the sampler reads the sampled ids back
         # (a sync) after this copy, before the next step fills the buffer again.
         device_mask = bitmask[:g].to(logits.device, non_blocking=True)
