@@ -39,7 +39,7 @@ def tokenizer():
 
 
 def row(params: SamplingParams, output: list[int], rid: str) -> SamplingRow:
-    return SamplingRow(params, [1, 2, 3], output, EOS, rid)
+    return SamplingRow(params, len(output), None, (), rid, output)
 
 
 def test_unpack_bitmask_matches_a_bit_loop():
@@ -70,9 +70,10 @@ def test_logit_bias_matches_reference_and_leaves_input_alone():
 def test_logit_bias_steers_the_sampler():
     logits = torch.zeros(1, 10)
     logits[0, 4] = 3.0
-    sampler = Sampler(torch.device("cpu"))
-    assert sampler(logits, [row(SamplingParams(temperature=0), [], "a")]).token_ids == [4]
-    assert sampler(logits, [row(SamplingParams(temperature=0, logit_bias={4: -100.0, 8: 1.0}), [], "b")]).token_ids == [8]
+    sampler = Sampler(torch.device("cpu"), 10)
+    assert sampler(logits, [row(SamplingParams(temperature=0), [], "a")]).token_ids.tolist() == [4]
+    biased = SamplingParams(temperature=0, logit_bias={4: -100.0, 8: 1.0})
+    assert sampler(logits, [row(biased, [], "b")]).token_ids.tolist() == [8]
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -81,9 +82,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def _decode_constrained(tokenizer, seed: int, device: str = "cpu", steps: int = 80) -> tuple[str, list[int], list[int]]:
     """Sample a grammar row next to an unconstrained greedy row on random logits; returns the
     grammar row's text, the plain row's tokens and the plain row's argmax reference."""
-    sampler = Sampler(torch.device(device), seed=seed)
-    sampler.logits_processors = LogitsProcessors(tokenizer, EOS)
     vocab = 49152
+    sampler = Sampler(torch.device(device), vocab, seed=seed)
+    sampler.logits_processors = LogitsProcessors(tokenizer, EOS)
     g = torch.Generator().manual_seed(seed)
     structured = StructuredOutput("json", json.dumps(SCHEMA))
     constrained = SamplingParams(temperature=1.0, seed=seed, structured_output=structured, max_tokens=None)
@@ -93,7 +94,7 @@ def _decode_constrained(tokenizer, seed: int, device: str = "cpu", steps: int = 
     for _ in range(steps):
         logits = (torch.randn(2, vocab, generator=g) * 3).to(device)
         rows = [row(constrained, out_g, "g"), row(SamplingParams(temperature=0), out_p, "p")]
-        tokens = sampler(logits, rows).token_ids
+        tokens = sampler(logits, rows).token_ids.tolist()
         out_p.append(tokens[1])
         ref_p.append(int(logits[1].argmax()))
         if tokens[0] in EOS:

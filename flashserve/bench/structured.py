@@ -5,7 +5,8 @@ For each ``--concurrency`` C and each format, C requests with distinct prompts d
 end before ``--output-len`` (an object holding an array of at least 10,000 short strings), so both
 decode exactly the same number of tokens and differ only by the grammar work: advancing each
 request's matcher, filling the packed bitmask on the host and masking the logits on the device.
-Reported per run: the mean decode step (runner timings, the sync on the sampled ids included),
+Reported per run: the mean decode step (the engine's host timings of pure decode steps: planning,
+launch, the wait for the device and the outputs, i.e. the loop's period),
 output tokens/s over the whole run, and the ratio to "none" at the same concurrency.
 
     flashserve bench structured --concurrency 1 64 --output-len 128
@@ -47,12 +48,12 @@ def measure(llm: Any, prompts: list[str], fmt: str, output_len: int) -> dict[str
                                              structured_output=structured), use_tqdm=False)  # warm-up, grammar setup
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    engine.runner.timings = []
+    engine.timings = []
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    steps = [t.step_s for t in engine.runner.timings if t.is_decode]
-    engine.runner.timings = None
+    steps = [t.host_s + t.wait_s for t in engine.timings if t.num_tokens == t.num_seqs]
+    engine.timings = None
     tokens = [len(o.token_ids) for o in outs]
     if any(n != output_len for n in tokens):
         raise RuntimeError(f"{fmt}: outputs of {sorted(set(tokens))} tokens, expected {output_len} each")

@@ -37,6 +37,7 @@ import torch
 from flashserve.sampling_params import StructuredOutput
 
 if TYPE_CHECKING:
+    from flashserve.config import EngineConfig
     from flashserve.layers.sampler import SamplingRow
 
 logger = logging.getLogger("flashserve")
@@ -92,7 +93,9 @@ class LogitsProcessors:
     """Applies each row's logit bias and grammar mask to a batch of logits."""
 
     def __init__(self, tokenizer: Any = None, eos_token_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer  # a Hugging Face fast tokenizer; needed only for grammars
+        # A Hugging Face fast tokenizer, or a function that loads it (on the first grammar row);
+        # needed only for grammars.
+        self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self._states: dict[str, _RowState] = {}
         self._calls = 0
@@ -100,6 +103,20 @@ class LogitsProcessors:
         self._ll_vocab = 0
         self._executor: Any = None
         self._bitmask: torch.Tensor | None = None  # host staging [G, W] int32 (pinned on CUDA)
+        self._copied: torch.cuda.Event | None = None  # the last copy out of the staging buffer
+
+    @classmethod
+    def for_engine(cls, config: EngineConfig, eos_token_ids: Sequence[int]) -> LogitsProcessors:
+        """The Worker's processors: the engine's tokenizer is loaded here (in the Worker's
+        process) only when the first grammar row arrives."""
+
+        def load() -> Any:
+            from flashserve.loader import default_model_path, load_tokenizer
+
+            source = config.model if config.model is not None else default_model_path()
+            return load_tokenizer(config.tokenizer or source, "auto" if config.tokenizer else config.load_format)
+
+        return cls(load, eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits: [N, V] fp32, not modified; returns the processed logits (the same tensor when
@@ -142,6 +159,8 @@ class LogitsProcessors:
     # ------------------------------------------------------------------ grammars
     def _ensure_tokenizer(self, vocab_size: int) -> Any:
         if self._ll_tokenizer is None or self._ll_vocab != vocab_size:
+            if callable(self.tokenizer) and not hasattr(self.tokenizer, "encode"):
+                self.tokenizer = self.tokenizer()
             if self.tokenizer is None:
                 raise ValueError("structured output needs the model's tokenizer")
             import llguidance
@@ -173,7 +192,7 @@ class LogitsProcessors:
         if state.failed and state.matcher is None:
             return None
         if state.consumed < len(outputs):
-            new = outputs[state.consumed :]
+            new = [int(t) for t in outputs[state.consumed :]]  # a list, or a numpy row of the Worker
             # The last token may be an EOS the grammar already accepted; the request ends with it.
             if not state.matcher.consume_tokens(new) and not state.failed:
                 state.failed = True
@@ -194,12 +213,14 @@ class LogitsProcessors:
         if bitmask is None or bitmask.shape[0] < g or bitmask.shape[1] != words:
             bitmask = torch.empty((max(g, 8), words), dtype=torch.int32, pin_memory=logits.device.type == "cuda")
             self._bitmask = bitmask
+        if self._copied is not None:  # the previous step's copy may still be reading the buffer
+            self._copied.synchronize()
         jobs = []
         for j, (_, row, state) in enumerate(grammar_rows):
             matcher = self._matcher(state, row, vocab)
             if state.failed:
                 bitmask[j].zero_()
-                for t in self.eos_token_ids or row.eos_token_ids:
+                for t in self.eos_token_ids:
                     bitmask[j, t // 32] |= _bit(t % 32)
             else:
                 jobs.append((matcher, j))
@@ -209,9 +230,10 @@ class LogitsProcessors:
         else:  # a few rows: waking the pool costs more than the masks (~0.1 ms each)
             for matcher, j in jobs:
                 matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
-        # Reusing the pinned buffer next step is safe: the sampler reads the sampled ids back
-        # (a sync) after this copy, before the next step fills the buffer again.
         device_mask = bitmask[:g].to(logits.device, non_blocking=True)
+        if logits.device.type == "cuda":  # steps overlap: the next fill waits for this copy only
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         allowed = unpack_bitmask(device_mask, vocab)  # [G, V] bool
         rows = [i for i, _, _ in grammar_rows]
         if rows == list(range(logits.shape[0])):  # every row constrained: one pass, no gather
