@@ -67,6 +67,15 @@ def test_health_and_models(server, client, model):
     assert httpx.get(server.url("/health")).json() == {"status": "ok"}
     assert model == "SmolLM2-135M-Instruct"
     assert client.models.retrieve(model).id == model
+    card = httpx.get(server.url(f"/v1/models/{model}")).json()
+    assert card["max_model_len"] == MAX_MODEL_LEN and card["vocab_size"] == 49152
+
+
+def test_server_warms_up_before_it_listens(server):
+    # The warm-up runs before the port opens, so its line is in the log once /health answers,
+    # and its synthetic requests left nothing behind in the KV pool.
+    assert re.search(r"flashserve: warmed up in \d+\.\ds; serving", server.read_log())
+    assert wait_kv_free(server) == 0
 
 
 def test_completion_stream_equals_non_stream_and_usage(client, model):

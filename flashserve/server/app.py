@@ -221,7 +221,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
 
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "flashserve",
-                "max_model_len": engine.max_model_len}
+                "max_model_len": engine.max_model_len, "vocab_size": engine.engine.model_config.vocab_size}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""``flashserve serve``: load the model, start the engine thread and run uvicorn until a signal.
+"""``flashserve serve``: load the model, warm it up, start the engine thread and run uvicorn until a signal.
+
+Warm start: before the port opens (so /health cannot answer before the server is ready), the
+engine runs its warm-up steps (``LLMEngine.warm_up``): every Triton kernel variant and sampler
+path a request can hit is compiled, and CUDA graphs were captured when the engine was built, so
+the first requests do not pay JIT compiles. The log says how long it took and whether Triton's
+kernel cache was cold.
 
 First SIGTERM/SIGINT: the listening socket closes, new requests on open connections get 503,
 and running requests get ``--shutdown-timeout`` seconds to finish; then they are aborted (streams
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"flashserve serve: error: {e}", file=sys.stderr)
         return 2
+    warm_up(llm.engine)
     engine = AsyncLLMEngine(llm.engine, max_pending=args.max_pending, max_stream_buffer=args.max_stream_buffer)
     options = ServerOptions(api_key=api_key, metrics_require_key=args.metrics_require_key,
                             enable_openapi=args.enable_openapi, shutdown_timeout=args.shutdown_timeout,
@@ -117,6 +124,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0 if server.started or server.should_exit else 1
+
+
+def warm_up(engine: Any) -> None:
+    """Compile what the first requests would otherwise wait for (see the module docstring)."""
+    from flashserve.engine.warm_up import triton_cache_state
+
+    cache = triton_cache_state() if engine.device.type == "cuda" else None
+    seconds = engine.warm_up()
+    logging.getLogger("flashserve").warning(
+        "flashserve: warmed up in %.1fs%s; serving", seconds, f" (Triton cache was {cache})" if cache else "")
 
 
 def _make_server(config: Any, state: Any) -> Any:
