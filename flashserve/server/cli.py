@@ -1,10 +1,11 @@
 """``flashserve serve``: load the model, warm it up, start the engine thread and run uvicorn until a signal.
 
-Warm start: before the port opens (so /health cannot answer before the server is ready), the
-engine runs its warm-up steps (``LLMEngine.warm_up``): every Triton kernel variant and sampler
-path a request can hit is compiled, and CUDA graphs were captured when the engine was built, so
-the first requests do not pay JIT compiles. The log says how long it took and whether Triton's
-kernel cache was cold.
+Warm start: on a GPU, before the port opens (so /health cannot answer before the server is
+ready), the engine runs its warm-up steps (``LLMEngine.warm_up``): every Triton kernel variant
+and sampler path a request can hit is compiled, and CUDA graphs were captured when the engine was
+built, so the first requests do not pay JIT compiles. The log says how long it took and whether
+Triton's kernel cache was cold. On CPU there is nothing to compile (torch kernels), so the
+server starts at once.
 
 First SIGTERM/SIGINT: the listening socket closes, new requests on open connections get 503,
 and running requests get ``--shutdown-timeout`` seconds to finish; then they are aborted (streams
@@ -130,10 +131,13 @@ def warm_up(engine: Any) -> None:
     """Compile what the first requests would otherwise wait for (see the module docstring)."""
     from flashserve.engine.warm_up import triton_cache_state
 
-    cache = triton_cache_state() if engine.device.type == "cuda" else None
+    log = logging.getLogger("flashserve")
+    if engine.device.type != "cuda":
+        log.warning("flashserve: nothing to compile on %s; serving", engine.device.type)
+        return
+    cache = triton_cache_state()
     seconds = engine.warm_up()
-    logging.getLogger("flashserve").warning(
-        "flashserve: warmed up in %.1fs%s; serving", seconds, f" (Triton cache was {cache})" if cache else "")
+    log.warning("flashserve: warmed up in %.1fs (Triton cache was %s); serving", seconds, cache)
 
 
 def _make_server(config: Any, state: Any) -> Any:
