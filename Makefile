@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashserve-installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test browser
 
 setup: $(STAMP)
 
@@ -24,3 +24,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# Debian's chromium for the chat page test (tests/test_server.py drives it headless over the
+# DevTools pipe); needs root and apt, and gives up after 15 minutes.
+browser:
+	command -v chromium >/dev/null 2>&1 || ( \
+		timeout 300 apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends chromium )

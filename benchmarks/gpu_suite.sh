@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_suite.sh quant full  # (~15 min) all quant tests, kernel timings, batch-1 latency per
 #                                          # mode (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
 #   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 students, cascade]
+#   bash benchmarks/gpu_suite.sh server    # grammar masks on the GPU (tests) and structured-output cost
+#                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -96,8 +98,13 @@ case "${1:-}" in
       stage compress-speed 200 $fs bench compress --output-json "$out/compress-speed.json"
     fi
     ;;
+  server)  # structured output (docs/server.md): grammar masks in the overlapped GPU loop, then their cost
+    stage server-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processors.py
+    stage structured-smollm2 150 $fs bench structured --device cuda --concurrency 1 64 --output-len 256 \
+      --output-json "$out/structured-smollm2.json"
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress [distill]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server [...]" >&2
     exit 2
     ;;
 esac

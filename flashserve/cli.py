@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "cpu-decode": ("flashserve.bench.cpu_decode", "decode speed vs transformers' generate on the same machine"),
     "serve": ("flashserve.bench.serve", "load an OpenAI-compatible endpoint; TTFT/TPOT/ITL percentiles"),
     "serve-sim": ("flashserve.bench.serve_sim", "replay a Poisson trace against the engine for each policy"),
+    "structured": ("flashserve.bench.structured", "grammar-constrained (json_schema) decoding against plain, in process"),
     "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
     "compress": ("flashserve.compress.speed", "2:4 and low-rank linears against dense: prefill and decode at real shapes"),

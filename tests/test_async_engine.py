@@ -1,4 +1,5 @@
-"""AsyncLLMEngine in process on the real SmolLM2: streams, errors, abort, admission bound, shutdown."""
+"""AsyncLLMEngine in process on the real SmolLM2: streams, errors, abort, admission by sequences,
+bounded delta streams, shutdown."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from flashserve.engine.async_engine import AsyncLLMEngine, EngineOverloaded, EngineShutdown
+from flashserve.engine.async_engine import AsyncLLMEngine, EngineOverloaded, EngineShutdown, StreamOverflow
 from flashserve.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -87,3 +88,73 @@ def test_shutdown_aborts_in_flight_and_refuses_new(engine):
 
     asyncio.run(main())
     assert engine.engine.stats().kv_blocks_used == 0
+
+
+def test_admission_counts_sequences_not_requests(llm):
+    eng = AsyncLLMEngine(llm.engine, max_pending=1)  # 2 running + 1 pending = 3 sequences
+    params = SamplingParams(max_tokens=200, temperature=0.8, seed=1, ignore_eos=True)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match=r"n: the request needs 4 sequences .* at most 3 in flight"):
+            eng.check_capacity(4)
+        gen = eng.generate("three", "Once upon a time", SamplingParams(n=3, max_tokens=200, ignore_eos=True))
+        first = await gen.__anext__()
+        assert len(first.outputs) == 3 and eng.num_seqs_in_flight == 3 and eng.num_in_flight == 1
+        with pytest.raises(EngineOverloaded, match="3 sequences in flight, 1 more asked for, at most 3"):
+            await eng.add_request("one", "Hi", params)
+        await gen.aclose()
+        assert eng.num_seqs_in_flight == 0
+        eng.check_capacity(3)
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+def test_unread_stream_holds_deltas_then_is_dropped(llm):
+    eng = AsyncLLMEngine(llm.engine, max_pending=1, max_stream_buffer=4)
+
+    async def main() -> None:
+        stream = await eng.add_request("slow", "Once upon a time", SamplingParams(max_tokens=300, temperature=0,
+                                                                                   ignore_eos=True))
+        await asyncio.wait_for(stream.dropped.wait(), 120)  # nobody reads: the buffer fills, the request is aborted
+        buffered = []
+        while not stream.queue.empty():
+            buffered.append(stream.queue.get_nowait())
+        assert len(buffered) == 5 and isinstance(buffered[-1], StreamOverflow)
+        # The buffer holds each step's new tokens only, not growing copies of the whole output.
+        assert [len(o.outputs[0].token_ids) for o in buffered[:-1]] == [1, 1, 1, 1]
+        assert all(o.outputs[0].text == "" and o.outputs[0].text_delta for o in buffered[:-1])
+        for _ in range(100):
+            if eng.stats().kv_blocks_used == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert eng.stats().kv_blocks_used == 0 and eng.stats().num_running == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+def test_iterate_rebuilds_cumulative_outputs_and_abort_all_ends_streams(llm):
+    eng = AsyncLLMEngine(llm.engine, max_pending=1)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
+
+    async def main() -> None:
+        outs = [out async for out in eng.generate("a", "The capital of France is", params)]
+        final = outs[-1].outputs[0]
+        assert final.text == "".join(o.outputs[0].text_delta for o in outs)
+        assert len(final.token_ids) == len(final.logprobs) == 6
+        gen = eng.generate("b", "Hello", SamplingParams(max_tokens=300, ignore_eos=True))
+        await gen.__anext__()
+        eng.abort_all("going away")
+        with pytest.raises(EngineShutdown, match="going away"):
+            async for _ in gen:
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()

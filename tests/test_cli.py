@@ -34,8 +34,8 @@ def test_chat_streams_replies_and_keeps_history():
     "args, message",
     [
         (["generate", ""], "prompt 0: the prompt is empty"),
-        (["generate", "hi", "--max-tokens", "0"], "max_tokens must be a positive integer"),
-        (["generate", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer in [1, "),
+        (["generate", "hi", "--top-p", "1.5"], "top_p must be a finite number in (0, 1]"),
         (["generate", "hi", "--model", "/nonexistent/model"], "/nonexistent/model"),
     ],
 )

@@ -113,15 +113,15 @@ def test_min_tokens_masks_eos_and_logprobs_are_log_softmax():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": -0.1}, "temperature must be >= 0"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": -0.1}, r"temperature must be a finite number in \[0, 100\]"),
+        ({"top_p": 0.0}, r"top_p must be a finite number in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a finite number in \(0, 1\]"),
         ({"top_k": -2}, "top_k must be -1"),
-        ({"max_tokens": 0}, "max_tokens must be a positive integer"),
-        ({"max_tokens": -3}, "max_tokens must be a positive integer"),
-        ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
-        ({"n": 0}, "n must be an integer >= 1"),
-        ({"logprobs": 50}, r"logprobs must be in \[0, 20\]"),
+        ({"max_tokens": 0}, r"max_tokens must be an integer in \[1, "),
+        ({"max_tokens": -3}, r"max_tokens must be an integer in \[1, "),
+        ({"min_p": 1.5}, r"min_p must be a finite number in \[0, 1\]"),
+        ({"n": 0}, r"n must be an integer in \[1, 128\]"),
+        ({"logprobs": 50}, r"logprobs must be an integer in \[0, 20\]"),
     ],
 )
 def test_invalid_sampling_params_are_named(kwargs, message):

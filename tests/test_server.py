@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 
@@ -66,6 +67,17 @@ def test_health_and_models(server, client, model):
     assert httpx.get(server.url("/health")).json() == {"status": "ok"}
     assert model == "SmolLM2-135M-Instruct"
     assert client.models.retrieve(model).id == model
+    card = httpx.get(server.url(f"/v1/models/{model}")).json()
+    assert card["max_model_len"] == MAX_MODEL_LEN and card["vocab_size"] == 49152
+
+
+def test_server_is_ready_before_it_listens(server):
+    # The warm-up (GPU: Triton compiles; CPU: nothing to compile) runs before the port opens, so
+    # its line is in the log once /health answers, and nothing is left in the KV pool.
+    log = server.read_log()
+    ready = r"flashserve: (warmed up in \d+\.\ds \(Triton cache was (cold|warm)\)|nothing to compile on cpu); serving"
+    assert re.search(ready, log), log[-2000:]
+    assert wait_kv_free(server) == 0
 
 
 def test_completion_stream_equals_non_stream_and_usage(client, model):
@@ -281,7 +293,7 @@ def test_disconnect_non_streaming_frees_kv(server, model):
 
 def test_metrics_exposition(server):
     text = httpx.get(server.url("/metrics")).text
-    assert httpx.get(server.url("/metrics")).headers["content-type"].startswith("text/plain")
+    assert httpx.get(server.url("/metrics")).headers["content-type"].startswith("text/plain; version=")
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used", "kv_cache_blocks_total",
                  "num_preemptions_total", "prompt_tokens_total", "generation_tokens_total"):
         assert re.search(rf"^flashserve_{name} \d", text, re.M), name
@@ -289,7 +301,191 @@ def test_metrics_exposition(server):
         assert f"# TYPE flashserve_{hist} histogram" in text
         count = float(re.search(rf"^flashserve_{hist}_count (\S+)$", text, re.M).group(1))
         assert count > 0, hist
-        assert f'flashserve_{hist}_bucket{{le="+Inf"}} {int(count)}' in text
+        assert f'flashserve_{hist}_bucket{{le="+Inf"}} {count}' in text
     assert metric(server, "kv_cache_blocks_total") > 0
     assert metric(server, "generation_tokens_total") > 64 * 8
-    assert re.search(r'^flashserve_request_success_total\{finished_reason="abort"\} [1-9]', text, re.M)
+    assert float(re.search(r'^flashserve_request_success_total\{finished_reason="abort"\} (\S+)$', text, re.M).group(1)) >= 1
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "maxLength": 24},
+        "likes": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 2},
+    },
+    "required": ["name", "age", "city", "likes"],
+    "additionalProperties": False,
+}
+CITIES = ["Paris", "Lagos", "Lima", "Oslo", "Hanoi", "Quito", "Perth", "Cairo", "Seoul", "Dakar"]
+
+
+def check_person(value: object) -> None:
+    """PERSON's constraints, checked by hand."""
+    assert isinstance(value, dict) and set(value) == {"name", "age", "city", "likes"}, value
+    assert isinstance(value["name"], str) and len(value["name"]) <= 24
+    assert isinstance(value["age"], int) and not isinstance(value["age"], bool) and 0 <= value["age"] <= 150
+    assert isinstance(value["city"], str) and len(value["city"]) <= 24
+    assert isinstance(value["likes"], list) and len(value["likes"]) <= 2
+    assert all(isinstance(x, str) and len(x) <= 16 for x in value["likes"])
+
+
+def test_json_schema_output_parses_and_validates_on_20_prompts(server, model):
+    aclient = openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=240)
+    prompts = [f"Invent a person who lives in {city}. Answer in JSON." for city in CITIES] + [
+        f"Describe a {job} as a JSON object." for job in ("baker", "pilot", "nurse", "poet", "farmer", "judge", "chef",
+                                                          "diver", "miner", "tailor")]
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+    async def one(prompt: str) -> tuple[str, str]:
+        r = await aclient.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=120, temperature=0.7, seed=1, response_format=response_format)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    async def main() -> list[tuple[str, str]]:
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 20
+    for text, finish in results:
+        assert finish == "stop", text
+        check_person(json.loads(text))
+    # json_object mode and streaming give an object too.
+    pieces = []
+    for chunk in openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Give me a JSON object about cats."}], max_tokens=120,
+            temperature=0, stream=True, response_format={"type": "json_object"},
+            extra_body={"logit_bias": {"90": -5}}):
+        pieces += [c.delta.content or "" for c in chunk.choices]
+    text = "".join(pieces)
+    if text.endswith("}"):  # a free-form object may not close within 120 tokens; when it does, it parses
+        assert isinstance(json.loads(text), dict)
+    assert text.startswith("{")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 30},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                                "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_tool_calls_come_back_in_openai_format(client, model):
+    messages = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    r = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], tool_choice="required",
+                                       max_tokens=80, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    for call in calls:
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+        else:
+            assert call.function.name == "get_time" and set(args) == {"zone"}
+    named = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME],
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           max_tokens=60, temperature=0)
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and set(json.loads(call.function.arguments)) == {"zone"}
+    # Streamed: the call arrives whole in one delta, then finish_reason "tool_calls".
+    deltas, finish = [], None
+    for chunk in client.chat.completions.create(model=model, messages=messages, tools=[WEATHER], stream=True,
+                                                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                                max_tokens=60, temperature=0):
+        for c in chunk.choices:
+            deltas += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and len(deltas) == 1 and deltas[0].function.name == "get_weather"
+    assert set(json.loads(deltas[0].function.arguments)) == {"city", "unit"}
+    # The conversation goes on with the tool's answer.
+    follow = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        *messages, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls[:1]]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 21}'}])
+    assert follow.choices[0].message.content
+
+
+def test_logit_bias_changes_the_greedy_choice(client, model):
+    def first_token(bias: dict[str, float] | None) -> tuple[str, int]:
+        r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=1, temperature=0, logprobs=1,
+                                      logit_bias=bias)
+        return r.choices[0].text, r.choices[0].logprobs.tokens[0]
+
+    from flashserve.loader import default_model_path, load_tokenizer
+
+    tok = load_tokenizer(default_model_path(), "auto")
+    top, _ = first_token(None)
+    top_id = tok.encode(top, add_special_tokens=False)[0]
+    banned, _ = first_token({str(top_id): -100})
+    assert banned != top
+    forced_id = tok.encode(" zebra", add_special_tokens=False)[0]
+    forced, _ = first_token({str(forced_id): 100})
+    assert forced == tok.decode([forced_id])
+
+
+def test_request_id_is_echoed(server):
+    r = httpx.get(server.url("/v1/models"), headers={"X-Request-Id": "trace-42"})
+    assert r.headers["x-request-id"] == "trace-42"
+    r = httpx.post(server.url("/v1/completions"), json={"prompt": "hi", "n": 0}, headers={"X-Request-Id": "bad id!"})
+    assert r.status_code == 400 and len(r.headers["x-request-id"]) == 32  # not echoed as given: a fresh one
+    assert httpx.get(server.url("/openapi.json")).status_code == 404  # off unless --enable-openapi
+
+
+def test_chat_page_streams_and_stop_aborts_in_chromium(server, tmp_path):
+    """GET / in a real headless Chromium: type, see tokens stream, stop, see the abort in /metrics."""
+    from flashserve.server.testing import HeadlessChromium
+
+    page = httpx.get(server.url("/"))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # no third-party resources
+    try:
+        browser = HeadlessChromium()
+    except FileNotFoundError:
+        pytest.skip("chromium is not installed")
+
+    def aborted() -> float:
+        text = httpx.get(server.url("/metrics")).text
+        return float(re.search(r'^flashserve_request_success_total\{finished_reason="abort"\} (\S+)$', text, re.M).group(1))
+
+    with browser:
+        browser.navigate(server.url("/"))
+        browser.wait_for("document.getElementById('model').textContent.includes('SmolLM2')")
+        browser.evaluate("document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '24'")
+        browser.evaluate("document.getElementById('input').focus()")
+        browser.type_text("Name three colours.")
+        browser.evaluate("document.getElementById('send').click()")
+        browser.wait_for("document.querySelector('.msg.assistant')?.dataset.state === 'done'", timeout=120)
+        first = browser.evaluate("document.querySelector('.msg.assistant').firstChild.textContent")
+        assert first and first == client_reply(server, "Name three colours.", 24)
+        before = aborted()
+        browser.evaluate("document.getElementById('max_tokens').value = '600'")
+        browser.evaluate("document.getElementById('input').focus()")
+        browser.type_text("Write a long story about a dragon who learns to cook.")
+        browser.evaluate("document.getElementById('send').click()")
+        browser.wait_for("document.querySelectorAll('.msg.assistant')[1]?.textContent.length > 80", timeout=120)
+        assert browser.evaluate("document.getElementById('stop').disabled") is False
+        shot = os.environ.get("FLASHSERVE_SCREENSHOT") or str(tmp_path / "chat.png")
+        browser.screenshot(shot)
+        browser.evaluate("document.getElementById('stop').click()")
+        browser.wait_for("document.querySelectorAll('.msg.assistant')[1].dataset.state === 'stopped'")
+        deadline = time.monotonic() + 10
+        while aborted() < before + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert aborted() == before + 1
+        assert wait_kv_free(server) == 0
+        assert browser.evaluate("document.getElementById('send').disabled") is False
+    with open(shot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def client_reply(server: ServerProcess, content: str, max_tokens: int) -> str:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0, "top_p": 1}
+    return httpx.post(server.url("/v1/chat/completions"), json=body, timeout=60).json()["choices"][0]["message"]["content"]

@@ -1,10 +1,13 @@
-"""A second server with an API key (from $FLASHSERVE_API_KEY) and a tiny admission bound:
-401 without the key, 429 + Retry-After beyond the bound while /health keeps answering, and a
-graceful SIGTERM that lets an in-flight stream finish, exits 0 and leaves no orphan."""
+"""A second server with an API key (from $FLASHSERVE_API_KEY), the key required on /metrics and
+/openapi.json, and a tiny admission bound (4 sequences): 401 without the key, 429 + Retry-After
+beyond the bound (counted in sequences: n counts) while /health keeps answering, 400 for a request
+that can never fit, and a graceful SIGTERM that lets an in-flight stream finish, exits 0 and
+leaves no orphan."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -25,7 +28,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server():
     proc = ServerProcess(["--max-model-len", "512", "--kv-cache-bytes", str(50_000_000), "--max-num-seqs", "2",
-                          "--max-pending", "2", "--shutdown-timeout", "30", "--log-level", "warning"],
+                          "--max-pending", "2", "--shutdown-timeout", "30", "--metrics-require-key", "--enable-openapi",
+                          "--log-level", "warning"],
                          env={"FLASHSERVE_API_KEY": KEY})
     with proc:
         yield proc
@@ -47,8 +51,48 @@ def test_api_key_required_on_v1_only(server):
         openai.OpenAI(base_url=server.url("/v1"), api_key="nope", max_retries=0).models.list()
 
 
+def test_metrics_and_openapi_need_the_key(server):
+    for path in ("/metrics", "/openapi.json"):
+        assert httpx.get(server.url(path)).status_code == 401
+        assert httpx.get(server.url(path), headers=AUTH).status_code == 200
+    assert "/v1/chat/completions" in httpx.get(server.url("/openapi.json"), headers=AUTH).json()["paths"]
+    assert httpx.get(server.url("/"), timeout=10).status_code == 200  # the chat page itself is public
+
+
+def test_admission_counts_sequences(server):
+    body = {"prompt": "Count to ten:", "max_tokens": 200, "temperature": 0.5, "ignore_eos": True, "stream": True, "n": 3}
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with httpx.stream("POST", server.url("/v1/completions"), json=body, headers=AUTH, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    started.set()
+                if release.is_set():
+                    return  # leaving aborts the request
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert started.wait(60)
+    try:
+        r = httpx.post(server.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2, "n": 2}, headers=AUTH)
+        assert r.status_code == 429, r.text
+        assert "3 sequences in flight, 2 more asked for, at most 4" in r.json()["error"]["message"]
+        r = httpx.post(server.url("/v1/completions"), json={"prompt": ["a", "b", "c"], "max_tokens": 2, "n": 2}, headers=AUTH)
+        assert r.status_code == 400 and "needs 6 sequences" in r.json()["error"]["message"]  # never fits: not 429
+    finally:
+        release.set()
+        holder.join(60)
+
+
+def rejected(server) -> float:
+    text = httpx.get(server.url("/metrics"), headers=AUTH).text
+    return float(re.search(r"^flashserve_requests_rejected_total (\S+)$", text, re.M).group(1))
+
+
 def test_overload_gets_429_and_health_still_answers(server):
     body = {"prompt": "Count to ten:", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    before = rejected(server)
 
     async def main() -> tuple[list[httpx.Response], list[int]]:
         async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as http:
@@ -67,8 +111,7 @@ def test_overload_gets_429_and_health_still_answers(server):
             assert r.json()["error"]["code"] == "overloaded"
         else:
             assert r.json()["usage"]["completion_tokens"] == 24
-    metrics = httpx.get(server.url("/metrics")).text
-    assert "flashserve_requests_rejected_total 6" in metrics
+    assert rejected(server) == before + 6
     # Once the load is gone, requests are accepted again.
     assert httpx.post(server.url("/v1/completions"), json={**body, "max_tokens": 2}, headers=AUTH).status_code == 200
 

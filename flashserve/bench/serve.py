@@ -9,6 +9,17 @@ chunk and reports, per rate, TTFT, TPOT (mean decode interval per request), ITL 
 chunks) and end-to-end latency at mean/p50/p90/p99, plus request and output-token throughput.
 Every loop is bounded: ``--num-prompts`` requests per rate, ``--timeout`` per request and
 ``--max-duration`` per rate.
+
+Prompts are random words (``--input-len`` words each), one ``--prompt``, or with
+``--prompt-token-ids`` random token ids of exactly ``--input-len`` tokens (completions only; ids
+drawn from [100, vocabulary), the vocabulary taken from the model card or ``--vocab-size``), which
+needs no tokenizer on the client and gives exact prompt lengths. Each run draws its own random
+prompts (same lengths), so no run reuses another's prefix-cache entries. ``--response-format none json_schema`` runs each load once per format: json_schema constrains
+every output to an array of at least 10,000 short strings, so each request still produces exactly
+``--output-len`` tokens and the runs compare time per token with and without the grammar mask.
+``--hostile`` runs each load twice, alone and next to the hostile clients of
+``flashserve.bench.hostile`` (a 50 MB body, n = 10^6, a long prompt, a reader that stops), and
+reports the well-behaved streams' ITL and failures side by side.
 """
 
 from __future__ import annotations
@@ -71,21 +82,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=parse_rate, nargs="+", default=[math.inf],
                    help="Poisson arrival rate(s) in requests/s; several values sweep; inf sends all at once")
     p.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
-    p.add_argument("--input-len", type=int, default=32, help="words per random prompt")
+    p.add_argument("--input-len", type=int, default=32, help="words per random prompt (tokens with --prompt-token-ids)")
     p.add_argument("--output-len", type=int, default=32, help="max_tokens per request")
     p.add_argument("--prompt", default=None, help="a fixed prompt for every request instead of random words")
+    p.add_argument("--prompt-token-ids", action="store_true",
+                   help="send prompts as lists of random token ids, --input-len each (completions endpoint)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="token ids are drawn below this (default: the model card's vocab_size)")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=1800.0, help="seconds per rate; unfinished requests count as failed")
+    p.add_argument("--response-format", nargs="+", default=["none"], choices=["none", "json_object", "json_schema"],
+                   help="run the load once per format (json_schema: a grammar that never ends before --output-len)")
+    p.add_argument("--hostile", action="store_true", help="run each load alone and next to hostile clients")
+    p.add_argument("--hostile-prompt-len", type=int, default=8000,
+                   help="tokens of the hostile long prompt (capped to the model's context)")
     p.add_argument("--output-json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG of latency against offered load here")
     p.add_argument("--quiet", action="store_true")
 
 
+# Never satisfied within a benchmark's output length: every request runs to max_tokens.
+LONG_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "minItems": 10000,
+                                                          "items": {"type": "string", "maxLength": 24}}},
+               "required": ["notes"], "additionalProperties": False}
+RESPONSE_FORMATS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "json_object": {"type": "json_object"},
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "notes", "schema": LONG_SCHEMA}},
+}
+
+
 def random_prompts(n: int, words: int, rng: random.Random) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(max(1, words))) for _ in range(n)]
+
+
+FIRST_PROMPT_ID = 100  # token-id prompts stay clear of the low ids, where tokenizers keep special tokens
+
+
+def random_token_prompts(n: int, tokens: int, vocab_size: int, rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(FIRST_PROMPT_ID, vocab_size) for _ in range(max(1, tokens))] for _ in range(n)]
 
 
 def _iter_sse(buffer: str) -> tuple[list[str], str]:
@@ -227,7 +265,7 @@ async def run_load(client: Any, url: str, bodies: list[dict[str, Any]], chat: bo
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    header = f"{'rate':>6} {'conc':>5} {'ok':>5} {'fail':>5} {'req/s':>7} {'tok/s':>8} | " + " | ".join(
+    header = f"{'run':<12} {'rate':>6} {'conc':>5} {'ok':>5} {'fail':>5} {'req/s':>7} {'tok/s':>8} | " + " | ".join(
         f"{name:^27}" for name in ("TTFT ms mean/p50/p90/p99", "TPOT ms", "ITL ms", "E2E ms"))
     lines = [header, "-" * len(header)]
     for run in runs:
@@ -236,35 +274,116 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             s = run[key]
             cells.append("/".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("mean", "p50", "p90", "p99")).center(27))
         conc = "-" if run["concurrency"] is None else str(run["concurrency"])
-        lines.append(f"{str(run['request_rate']):>6} {conc:>5} {run['completed']:>5} {run['failed']:>5} "
+        lines.append(f"{run.get('label', '-'):<12} {str(run['request_rate']):>6} {conc:>5} {run['completed']:>5} {run['failed']:>5} "
                       f"{run['request_throughput']:>7.2f} {run['output_token_throughput']:>8.1f} | " + " | ".join(cells))
     return "\n".join(lines)
 
 
+def plot_positions(runs: list[dict[str, Any]]) -> tuple[list[float], float | None]:
+    """x of each run in the plot: its offered rate, or for a run at rate inf (no offered rate: all
+    requests at once) one shared position right of the sweep, behind a break (None if no run is
+    at inf). Drawing inf at its achieved throughput would put it inside the sweep and make the
+    lines zig-zag."""
+    finite = [float(r["request_rate"]) for r in runs if r["request_rate"] != "inf"]
+    if not any(r["request_rate"] == "inf" for r in runs):
+        return finite, None
+    x_inf = 1.3 * max(finite) if finite else 1.0
+    return [x_inf if r["request_rate"] == "inf" else float(r["request_rate"]) for r in runs], x_inf
+
+
 def plot(runs: list[dict[str, Any]], path: str) -> None:
-    """Latency percentiles against offered load (achieved throughput where the rate was inf)."""
+    """Latency (mean, p50, p99) against the offered request rate, one colour per run label (format,
+    hostile); the unbounded-rate runs are points apart, labelled with the rate they achieved."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["request_rate"] if r["request_rate"] != "inf" else r["request_throughput"] for r in runs]
-    order = sorted(range(len(runs)), key=lambda i: xs[i])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    xs, x_inf = plot_positions(runs)
+    labels = list(dict.fromkeys(r.get("label", "-") for r in runs))
+    finite = sorted({x for x, r in zip(xs, runs) if r["request_rate"] != "inf"})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms"), ("time to first token", "time per output token",
                                                                        "end-to-end latency")):
-        for stat, style in (("mean", "o-"), ("p50", "s--"), ("p99", "^:")):
-            pts = [(xs[i], runs[i][key][stat]) for i in order if runs[i][key][stat] is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=stat)
+        for c, label in enumerate(labels):
+            mine = [(x, r) for x, r in zip(xs, runs) if r.get("label", "-") == label]
+            sweep = sorted((x, r) for x, r in mine if r["request_rate"] != "inf")
+            for stat, style in (("mean", "o-"), ("p50", "s--"), ("p99", "^:")):
+                pts = [(x, r[key][stat]) for x, r in sweep if r[key][stat] is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{c}", label=f"{label} {stat}")
+                for x, r in mine:
+                    if r["request_rate"] == "inf" and r[key][stat] is not None:
+                        ax.plot([x], [r[key][stat]], style[0], color=f"C{c}", markersize=9,
+                                label=None if sweep else f"{label} {stat}")
+            for x, r in mine:
+                if r["request_rate"] == "inf" and r[key]["p50"] is not None:
+                    ax.annotate(f"{r['request_throughput']:.2f} req/s", (x, r[key]["p50"]), textcoords="offset points",
+                                xytext=(6, 4 + 10 * c), fontsize=7, color=f"C{c}")
+        if x_inf is not None:
+            if finite:
+                ax.axvline((finite[-1] + x_inf) / 2, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_xticks(finite + [x_inf], [f"{x:g}" for x in finite] + ["inf\n(all at once)"])
         ax.set_title(title)
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylabel("ms")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def build_bodies(args: argparse.Namespace, model: str, chat: bool, fmt: str, rng: random.Random,
+                 vocab_size: int | None = None) -> list[dict[str, Any]]:
+    prompts: list[Any]
+    if args.prompt_token_ids:
+        assert vocab_size is not None
+        prompts = random_token_prompts(args.num_prompts, args.input_len, vocab_size, rng)
+    elif args.prompt:
+        prompts = [args.prompt] * args.num_prompts
+    else:
+        prompts = random_prompts(args.num_prompts, args.input_len, rng)
+    bodies = []
+    for prompt in prompts:
+        body: dict[str, Any] = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
+                                "stream": True, "stream_options": {"include_usage": True}}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if RESPONSE_FORMATS[fmt] is not None:
+            body["response_format"] = RESPONSE_FORMATS[fmt]  # the grammar ends the output, not ignore_eos
+        elif not args.no_ignore_eos:
+            body["ignore_eos"] = True
+        bodies.append(body)
+    return bodies
+
+
+async def _hostile(client: Any, base: str, model: str, headers: dict[str, str], prompt_len: int,
+                   args: argparse.Namespace) -> list[str]:
+    from flashserve.bench.hostile import run_all
+
+    await asyncio.sleep(1.0)  # let the well-behaved streams start first
+    return await run_all(client, base, model, headers, prompt_len, duration_s=min(60.0, args.max_duration / 2))
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[str]:
+    """Each run against the plain run of the same rate: TPOT mean, ITL p99, output tok/s."""
+    lines = []
+    for run in runs:
+        base = next((r for r in runs if r.get("label") == "none" and r["request_rate"] == run["request_rate"]), None)
+        if base is None or run is base:
+            continue
+        parts = []
+        for key, stat in (("tpot_ms", "mean"), ("itl_ms", "p99")):
+            a, b = run[key][stat], base[key][stat]
+            parts.append(f"{key.split('_')[0].upper()} {stat} x{a / b:.2f}" if a and b else f"{key} {stat} -")
+        if base["output_token_throughput"]:
+            parts.append(f"tok/s x{run['output_token_throughput'] / base['output_token_throughput']:.2f}")
+        lines.append(f"{run['label']} vs none at rate {run['request_rate']}: " + ", ".join(parts)
+                     + f"; failed {run['failed']} (none: {base['failed']})")
+    return lines
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,28 +401,41 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             model = response.json()["data"][0]["id"]
         chat = args.endpoint == "chat"
         url = f"{base}/chat/completions" if chat else f"{base}/completions"
+        prompt_len = args.hostile_prompt_len
+        vocab_size = args.vocab_size
+        if args.hostile or (args.prompt_token_ids and vocab_size is None):
+            cards = (await client.get(f"{base}/models")).json()["data"]
+            card = next((c for c in cards if c["id"] == model), {})
+            context = card.get("max_model_len")
+            prompt_len = min(prompt_len, context - 16) if context else prompt_len
+            vocab_size = vocab_size or card.get("vocab_size")
+            if args.prompt_token_ids and not vocab_size:
+                raise ValueError(f"the model card of {model!r} gives no vocab_size; pass --vocab-size")
         runs = []
         for rate in args.request_rate:
-            rng = random.Random(args.seed)
-            prompts = [args.prompt] * args.num_prompts if args.prompt else random_prompts(args.num_prompts, args.input_len, rng)
-            bodies = []
-            for prompt in prompts:
-                body: dict[str, Any] = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
-                                        "stream": True, "stream_options": {"include_usage": True}}
-                if chat:
-                    body["messages"] = [{"role": "user", "content": prompt}]
-                else:
-                    body["prompt"] = prompt
-                if not args.no_ignore_eos:
-                    body["ignore_eos"] = True
-                bodies.append(body)
-            summary = await run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
-            runs.append(summary)
-            if not args.quiet:
-                print(f"rate {summary['request_rate']}: {summary['completed']} ok, {summary['failed']} failed "
-                      f"in {summary['duration_s']:.1f}s", file=sys.stderr)
+            for fmt in args.response_format:
+                for hostile in ([False, True] if args.hostile else [False]):
+                    # Fresh prompts per run: a run must not find the previous run's prompts in the
+                    # server's prefix cache (that would make later runs look faster).
+                    rng = random.Random(args.seed * 1000 + len(runs))
+                    bodies = build_bodies(args, model, chat, fmt, rng, vocab_size)
+                    label = fmt + ("+hostile" if hostile else "")
+                    load = run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
+                    if hostile:
+                        attack = _hostile(client, base, model, headers, prompt_len, args)
+                        summary, outcomes = await asyncio.gather(load, attack)
+                        summary["hostile"] = outcomes
+                    else:
+                        summary = await load
+                    summary["label"] = label
+                    runs.append(summary)
+                    if not args.quiet:
+                        print(f"{label} rate {summary['request_rate']}: {summary['completed']} ok, {summary['failed']} failed "
+                              f"in {summary['duration_s']:.1f}s", file=sys.stderr)
+                        for line in summary.get("hostile", []):
+                            print(f"  {line}", file=sys.stderr)
     return {"base_url": args.base_url, "model": model, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
-            "input_len": args.input_len, "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "runs": runs}
+            "prompt_token_ids": args.prompt_token_ids, "input_len": args.input_len, "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "runs": runs}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -313,12 +445,20 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         print("flashserve bench serve: --concurrency must be >= 1", file=sys.stderr)
         return 2
+    if args.prompt_token_ids and (args.endpoint == "chat" or args.prompt):
+        print("flashserve bench serve: --prompt-token-ids needs --endpoint completions and no --prompt", file=sys.stderr)
+        return 2
+    if args.vocab_size is not None and args.vocab_size <= FIRST_PROMPT_ID:
+        print(f"flashserve bench serve: --vocab-size must be > {FIRST_PROMPT_ID}", file=sys.stderr)
+        return 2
     try:
         report = asyncio.run(_main(args))
     except Exception as e:  # e.g. the server is not there
         print(f"flashserve bench serve: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(format_table(report["runs"]))
+    for line in ratios(report["runs"]):
+        print(line)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)
@@ -327,4 +467,4 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["completed"] for r in report["runs"]) else 1
 
 
-__all__ = ["add_arguments", "run", "summarize", "format_table", "plot", "RequestResult"]
+__all__ = ["add_arguments", "run", "summarize", "format_table", "plot", "plot_positions", "RequestResult"]

@@ -7,13 +7,21 @@
 
 ``LLMEngine`` is not thread safe, so every call on it runs on the engine thread. Coroutines hand it
 work through a command queue guarded by a condition variable; the thread loops ``step()`` while
-there is work and sleeps on the condition otherwise. Outputs go back to each request's
-``asyncio.Queue`` through ``loop.call_soon_threadsafe``.
+there is work and sleeps on the condition otherwise. Only cheap work runs there: callers should
+tokenize first (``add_request(..., prompt_token_ids=...)``; ``flashserve.server.frontend`` does it
+on its own thread), since every running stream waits while the engine thread is busy.
 
-Admission control: at most ``max_num_seqs + max_pending`` requests are in flight (so at most
-``max_pending`` wait for a batch slot); beyond that ``generate`` raises ``EngineOverloaded``
-before queueing anything. Leaving a ``generate`` iterator early (break, cancellation, a client
-that went away) aborts the request, which frees its KV blocks on the next loop iteration.
+Admission control counts sequences (a request with ``n`` choices is n sequences): at most
+``max_num_seqs + max_pending`` are in flight. ``check_capacity`` tells a request that can never
+fit (ValueError) from one that must wait (``EngineOverloaded``, with a retry delay).
+
+Streams: the engine thread sends each request's progress as deltas (new text, new token ids, new
+logprobs) to a bounded per-request buffer; ``iterate`` rebuilds the cumulative ``RequestOutput``
+on the reading side, so an unread stream costs memory linear in its length, not quadratic. When a
+reader falls ``max_stream_buffer`` outputs behind (a client that stopped reading), its request is
+aborted, its stream ends with ``StreamOverflow`` and ``dropped`` is set. Leaving a stream early
+(break, cancellation, a client that went away) aborts the request, which frees its KV blocks on
+the next loop iteration.
 
 This module needs neither FastAPI nor uvicorn.
 """
@@ -22,15 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from flashserve.engine.llm_engine import EngineStats, LLMEngine
-from flashserve.request import RequestOutput
+from flashserve.request import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("flashserve")
@@ -39,7 +48,7 @@ T = TypeVar("T")
 
 
 class EngineOverloaded(RuntimeError):
-    """Too many requests are waiting; the caller should retry after ``retry_after`` seconds."""
+    """Too many sequences are in flight; the caller should retry after ``retry_after`` seconds."""
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
@@ -54,19 +63,46 @@ class EngineError(RuntimeError):
     """The engine loop failed while running a request (a server-side bug, not the caller's)."""
 
 
+class StreamOverflow(RuntimeError):
+    """The reader of a stream fell too far behind; its request was aborted."""
+
+
 @dataclass
 class _Stream:
-    """Where the engine thread sends one request's outputs."""
+    """Where the engine thread sends one request's outputs (as deltas), bounded by ``limit``."""
 
     loop: asyncio.AbstractEventLoop
+    limit: int
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: int = 0  # items sent and not yet taken by the reader
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the engine thread."""
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """Called from the engine thread; False (nothing queued) when the buffer is full."""
+        with self.lock:
+            if not isinstance(item, BaseException) and self.pending >= self.limit:
+                return False
+            self.pending += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+        return True
+
+    def drop(self, error: BaseException) -> None:
+        """Engine thread: end the stream with ``error`` and flag it as dropped."""
+        self.put(error)
+        try:
+            self.loop.call_soon_threadsafe(self.dropped.set)
+        except RuntimeError:
+            pass
+
+    async def get(self) -> RequestOutput | BaseException:
+        item = await self.queue.get()
+        with self.lock:
+            self.pending -= 1
+        return item
 
 
 @dataclass
@@ -93,41 +129,108 @@ class _Call:
             self.future.set_result(result)
 
 
+def _delta(out: RequestOutput) -> RequestOutput:
+    """The step's progress only: each choice's new token ids and logprobs, text_delta, and no
+    cumulative text (the engine thread keeps nothing that grows with the stream's backlog)."""
+    outputs = []
+    for c in out.outputs:
+        k = c.num_new_tokens
+        new_ids = c.token_ids[len(c.token_ids) - k :]
+        new_lp = None if c.logprobs is None else c.logprobs[len(c.logprobs) - k :]
+        outputs.append(replace(c, text="", token_ids=new_ids, logprobs=new_lp))
+    return replace(out, outputs=outputs)
+
+
+class _Accumulator:
+    """Rebuilds cumulative outputs from deltas on the reading side. The yielded outputs share
+    their ``token_ids`` / ``logprobs`` lists with later ones (they keep growing); copy to keep."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, CompletionOutput] = {}
+
+    def add(self, delta: RequestOutput) -> RequestOutput:
+        outputs = []
+        for d in delta.outputs:
+            acc = self.choices.get(d.index)
+            if acc is None:
+                acc = self.choices[d.index] = CompletionOutput(d.index, "", [], None,
+                                                               logprobs=None if d.logprobs is None else [])
+            acc.text += d.text_delta
+            acc.token_ids.extend(d.token_ids)
+            if acc.logprobs is not None and d.logprobs:
+                acc.logprobs.extend(d.logprobs)
+            acc.finish_reason, acc.stop_reason = d.finish_reason, d.stop_reason
+            outputs.append(replace(acc, text_delta=d.text_delta, num_new_tokens=d.num_new_tokens))
+        return replace(delta, outputs=outputs)
+
+
 class AsyncLLMEngine:
     """Runs an ``LLMEngine`` on a background thread and exposes it to asyncio code."""
 
-    def __init__(self, engine: LLMEngine, max_pending: int = 256, retry_after: float = 1.0) -> None:
+    def __init__(self, engine: LLMEngine, max_pending: int = 256, retry_after: float = 1.0,
+                 max_stream_buffer: int = 1024) -> None:
         if max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
+        if max_stream_buffer < 1:
+            raise ValueError(f"max_stream_buffer must be >= 1, got {max_stream_buffer}")
         self.engine = engine
         self.max_pending = max_pending
         self.retry_after = retry_after
-        self.max_in_flight = engine.scheduler.config.max_num_seqs + max_pending
+        self.max_stream_buffer = max_stream_buffer
+        self.max_in_flight = engine.scheduler.config.max_num_seqs + max_pending  # sequences
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self._cond = threading.Condition()
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._streams: dict[str, _Stream] = {}  # engine thread only
-        self._in_flight: set[str] = set()  # event-loop side
+        self._in_flight: dict[str, int] = {}  # event-loop side: request id -> sequences
         self._accepting = True
         self._stop = False
         self._stats = engine.stats()
         self._steps = 0
+        self.num_dropped = 0  # streams dropped because their reader fell behind
+        self._busy = False  # the engine thread has work (for the stall check)
+        self._last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="flashserve-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ public API
     @property
     def num_in_flight(self) -> int:
+        """Requests admitted and not finished."""
         return len(self._in_flight)
+
+    @property
+    def num_seqs_in_flight(self) -> int:
+        return sum(self._in_flight.values())
 
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stop
 
+    def seconds_since_progress(self) -> float:
+        """How long the engine thread has been inside one step or command batch while it has
+        work (0 when idle); a large value means the loop is stuck or starved."""
+        return time.monotonic() - self._last_progress if self._busy else 0.0
+
     def stats(self) -> EngineStats:
         """The snapshot the engine thread took after its latest step (never blocks)."""
         return self._stats
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raise ValueError if ``num_seqs`` sequences can never be in flight at once, or
+        ``EngineOverloaded`` if they cannot be now; ``EngineShutdown`` when not accepting."""
+        if not self._accepting or self._stop:
+            raise EngineShutdown("the server is shutting down")
+        if num_seqs > self.max_in_flight:
+            raise ValueError(
+                f"n: the request needs {num_seqs} sequences (prompts x n), but this server holds at most "
+                f"{self.max_in_flight} in flight (max_num_seqs + max_pending); send fewer prompts or a smaller n")
+        in_flight = self.num_seqs_in_flight
+        if in_flight + num_seqs > self.max_in_flight:
+            raise EngineOverloaded(
+                f"the server is overloaded: {in_flight} sequences in flight, {num_seqs} more asked for, "
+                f"at most {self.max_in_flight}; retry later", self.retry_after)
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` on the engine thread between steps and return its result."""
@@ -144,15 +247,18 @@ class AsyncLLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         add_special_tokens: bool = True,
+        prompt_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a ``RequestOutput`` each time the request progresses, the last one ``finished``.
 
         Raises ``ValueError`` (bad input, before anything is yielded), ``EngineOverloaded``,
-        ``EngineShutdown`` or ``EngineError``. Closing the iterator early aborts the request.
+        ``EngineShutdown``, ``EngineError`` or ``StreamOverflow``. Closing the iterator early
+        aborts the request.
         """
-        stream = await self.add_request(request_id, prompt, params, add_special_tokens)
-        async for out in self.iterate(request_id, stream):
-            yield out
+        stream = await self.add_request(request_id, prompt, params, add_special_tokens, prompt_token_ids)
+        async with contextlib.aclosing(self.iterate(request_id, stream)) as outputs:  # closed with us: aborts at once
+            async for out in outputs:
+                yield out
 
     async def add_request(
         self,
@@ -160,28 +266,24 @@ class AsyncLLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         add_special_tokens: bool = True,
+        prompt_token_ids: list[int] | None = None,
     ) -> _Stream:
         """Admit and queue a request; returns once the engine has accepted it (or raised).
 
-        Pair with ``iterate(request_id, stream)``, which aborts the request if left early. Split
-        from ``generate`` so that a server can answer an error before a stream starts."""
-        if not self._accepting or self._stop:
-            raise EngineShutdown("the server is shutting down")
+        ``prompt_token_ids`` is the text prompt already tokenized (so the engine thread does not
+        tokenize). Pair with ``iterate(request_id, stream)``, which aborts the request if left
+        early. Split from ``generate`` so that a server can answer an error before a stream starts."""
         if request_id in self._in_flight:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if len(self._in_flight) >= self.max_in_flight:
-            raise EngineOverloaded(
-                f"the server is overloaded: {len(self._in_flight)} requests in flight "
-                f"(at most {self.max_pending} may wait for a slot); retry later",
-                self.retry_after,
-            )
+        self.check_capacity(params.n)
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
-        self._in_flight.add(request_id)
+        stream = _Stream(loop, self.max_stream_buffer)
+        self._in_flight[request_id] = params.n
         try:
-            await self.call(lambda engine: self._add(engine, request_id, prompt, params, add_special_tokens, stream))
+            await self.call(lambda engine: self._add(engine, request_id, prompt, params, add_special_tokens,
+                                                     prompt_token_ids, stream))
         except BaseException as e:
-            self._in_flight.discard(request_id)
+            self._in_flight.pop(request_id, None)
             if not isinstance(e, ValueError):  # e.g. cancelled after the engine had taken it
                 self.abort_nowait(request_id)
             raise
@@ -189,25 +291,26 @@ class AsyncLLMEngine:
 
     async def iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
+        acc = _Accumulator()
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
                 if item.finished:
                     finished = True
-                yield item
+                yield acc.add(item)
                 if finished:
                     return
         finally:
-            self._in_flight.discard(request_id)
+            self._in_flight.pop(request_id, None)
             if not finished:
                 self.abort_nowait(request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request and free its KV blocks; False if it was unknown or already done."""
-        self._in_flight.discard(request_id)
+        self._in_flight.pop(request_id, None)
         if self._stop:
             return False
         return await self.call(lambda engine: self._abort(engine, request_id))
@@ -217,11 +320,16 @@ class AsyncLLMEngine:
         if not self._stop:
             self._submit(lambda: self._abort(self.engine, request_id))
 
+    def abort_all(self, message: str) -> None:
+        """End every running request now: its stream raises ``EngineShutdown(message)``."""
+        if not self._stop:
+            self._submit(lambda: self._abort_all(self.engine, message))
+
     def release(self, request_ids: list[str]) -> None:
         """Abort any of ``request_ids`` still in flight (for streams that were never iterated)."""
         for request_id in request_ids:
             if request_id in self._in_flight:
-                self._in_flight.discard(request_id)
+                self._in_flight.pop(request_id, None)
                 self.abort_nowait(request_id)
 
     def stop_accepting(self) -> None:
@@ -235,8 +343,8 @@ class AsyncLLMEngine:
         return not self._in_flight
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop: abort what is still running (streams end with finish_reason "abort")
-        and join the engine thread. Safe to call twice and from any thread."""
+        """Stop the loop: abort what is still running (streams raise ``EngineShutdown``) and join
+        the engine thread. Safe to call twice and from any thread."""
         self._accepting = False
         if self._thread.is_alive():
             with self._cond:
@@ -252,32 +360,35 @@ class AsyncLLMEngine:
             self._cond.notify_all()
 
     def _add(self, engine: LLMEngine, request_id: str, prompt: str | list[int], params: SamplingParams,
-             add_special_tokens: bool, stream: _Stream) -> None:
-        engine.add_request(request_id, prompt, params, add_special_tokens)
+             add_special_tokens: bool, prompt_token_ids: list[int] | None, stream: _Stream) -> None:
+        engine.add_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids)
         self._streams[request_id] = stream
         self._stats = engine.stats()
 
-    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+    def _abort(self, engine: LLMEngine, request_id: str, message: str | None = None) -> bool:
         stream = self._streams.pop(request_id, None)
         aborted = engine.abort_request(request_id)
         self._stats = engine.stats()
         if stream is not None:
-            stream.put(EngineShutdown(f"request {request_id!r} was aborted"))
+            stream.put(EngineShutdown(message or f"request {request_id!r} was aborted"))
         return aborted
 
     def _run(self) -> None:
         engine = self.engine
         while True:
+            self._last_progress = time.monotonic()
             with self._cond:
+                self._busy = False
                 while not self._commands and not self._stop and not engine.has_unfinished_requests():
                     self._cond.wait()
+                self._busy, self._last_progress = True, time.monotonic()
                 commands = list(self._commands)
                 self._commands.clear()
                 stop = self._stop
             for command in commands:
                 command()
             if stop:
-                self._abort_all(engine)
+                self._abort_all(engine, "the server shut down before the request finished")
                 return
             if not engine.has_unfinished_requests():
                 continue
@@ -292,13 +403,23 @@ class AsyncLLMEngine:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-                if stream is not None:
-                    stream.put(out)
+                if stream is not None and not stream.put(_delta(out)):
+                    self._drop(engine, out.request_id, stream)
             self._stats = engine.stats()
 
-    def _abort_all(self, engine: LLMEngine) -> None:
+    def _drop(self, engine: LLMEngine, request_id: str, stream: _Stream) -> None:
+        """A reader fell ``max_stream_buffer`` outputs behind: abort its request, end its stream."""
+        logger.warning("flashserve: request %s: the client stopped reading (%d outputs buffered); aborting it",
+                       request_id, stream.limit)
+        self._streams.pop(request_id, None)
+        engine.abort_request(request_id)
+        self.num_dropped += 1
+        stream.drop(StreamOverflow(f"request {request_id!r} was aborted: the client read too slowly "
+                                   f"({stream.limit} outputs were waiting)"))
+
+    def _abort_all(self, engine: LLMEngine, message: str) -> None:
         for request_id in list(self._streams):
-            self._abort(engine, request_id)
+            self._abort(engine, request_id, message)
         self._stats = engine.stats()
 
     def _fail_all(self, engine: LLMEngine, error: BaseException) -> None:

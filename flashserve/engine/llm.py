@@ -68,7 +68,7 @@ class LLM:
                     ids = self.engine.encode(p, add_special_tokens)
                 else:
                     ids = list(p)
-                self.engine.validate_prompt(ids)
+                self.engine.validate_prompt(ids, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             encoded.append(ids)

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from flashserve.cache.block_manager import BlockManager
-from flashserve.config import EngineConfig
+from flashserve.config import EngineConfig, default_max_num_batched_tokens
 from flashserve.engine.core import EngineCore
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
 from flashserve.engine.executor import Handle, make_executor
 from flashserve.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
-from flashserve.sampling_params import SamplingParams
+from flashserve.sampling_params import SamplingParams, validate_for_model
 from flashserve.sched.plan import SchedulerOutput
 from flashserve.sched.preemption import PreemptionCostModel
 
@@ -102,10 +102,15 @@ class LLMEngine:
                              f"{mc.vocab_size}; give a tokenizer made for this model")
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         sched_cfg = config.scheduler
+        if sched_cfg.max_num_batched_tokens is None:  # the user left it: a budget that suits the device
+            from flashserve.runner.worker import resolve_device
+
+            budget = default_max_num_batched_tokens(resolve_device(config.device).type)
+            sched_cfg = replace(sched_cfg, max_num_batched_tokens=budget)
         if not sched_cfg.enable_chunked_prefill and sched_cfg.max_num_batched_tokens < self.max_model_len:
             # Without chunking a whole prompt must fit one step.
             sched_cfg = replace(sched_cfg, max_num_batched_tokens=self.max_model_len)
-            config = replace(config, scheduler=sched_cfg)
+        config = self.config = replace(config, scheduler=sched_cfg)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
         self.executor = make_executor(config, mc, self.max_model_len, tuple(self.eos_token_ids))
@@ -162,7 +167,7 @@ class LLMEngine:
                 raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty; give at least one token")
@@ -175,6 +180,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params is not None:
+            validate_for_model(params, n, vocab, self.max_model_len)
 
     def add_request(
         self,
@@ -205,7 +212,7 @@ class LLMEngine:
             token_ids = list(prompt)
             if any(not isinstance(t, int) for t in token_ids):
                 raise ValueError("prompt token ids must be integers")
-        self.validate_prompt(token_ids)
+        self.validate_prompt(token_ids, params)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         parent = _Parent(request_id, text, token_ids, child_ids, stream)
         for i, cid in enumerate(child_ids):

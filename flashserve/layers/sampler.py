@@ -7,23 +7,26 @@ Python loop over the vocabulary):
      keeps on the device for requests that use them (updated with each sampled token on the
      device, so nothing is rebuilt from token lists);
   2. min_tokens: EOS / stop ids masked until the minimum is reached;
-  3. greedy rows: argmax;
-  4. other rows: temperature, then top-k / top-p / min-p masks on one descending sort, then the
+  3. logit bias and grammar masks (``flashserve.layers.logits_processors``);
+  4. greedy rows: argmax;
+  5. other rows: temperature, then top-k / top-p / min-p masks on one descending sort, then the
      exponential-race draw argmax(p / E), E ~ Exp(1). A seeded row draws E from its own generator
      seeded by (seed, output position), so it is reproducible across runs, batch compositions and
      preemptions;
-  5. logprobs of the model's distribution (raw logits, log-softmax) for the sampled token and top-n.
+  6. logprobs of the model's distribution (raw logits, log-softmax) for the sampled token and top-n.
 Results stay on the device (``SamplerOutput``); the Worker copies them to the host
 asynchronously, so the next step can be launched before they are read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from flashserve.layers.logits_processors import LogitsProcessors
 from flashserve.sampling_params import SamplingParams
 
 _MASK = float("-inf")
@@ -36,6 +39,8 @@ class SamplingRow(NamedTuple):
     num_output_tokens: int  # generated before this sample (seed position, min_tokens)
     penalty_slot: int | None  # row of the request in PenaltyState (None: no penalties)
     banned_token_ids: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
+    request_id: str = ""  # keys the per-request state of the logits processors
+    output_token_ids: Sequence[int] = ()  # the tokens so far, for rows with a grammar (else empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +158,7 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.penalties = PenaltyState(vocab_size, device)
+        self.logits_processors = LogitsProcessors()  # the Worker gives it the tokenizer (grammars)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
@@ -167,8 +173,9 @@ class Sampler:
                 logits = logits.clone()
             idx = to_device(banned, dev, torch.int64)
             logits.index_put_((idx[:, 0], idx[:, 1]), torch.full_like(idx[:, 0], _MASK, dtype=logits.dtype))
+        logits = self.logits_processors(logits, rows)
 
-        greedy = [r.params.temperature == 0.0 for r in rows]
+        greedy = [r.params.greedy for r in rows]
         tokens = logits.argmax(dim=-1)
         if not all(greedy):
             tokens = torch.where(to_device(greedy, dev, torch.bool), tokens, self._sample(logits, rows))
@@ -188,7 +195,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Random draw for every row (greedy rows' results are discarded by the caller)."""
         dev = logits.device
-        temp = to_device([r.params.temperature or 1.0 for r in rows], dev, torch.float32)
+        temp = to_device([1.0 if r.params.greedy else r.params.temperature for r in rows], dev, torch.float32)
         scaled = logits / temp[:, None]
         if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
             top_k = to_device([r.params.top_k for r in rows], dev, torch.int64)
@@ -199,7 +206,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self.generator)
         for i, r in enumerate(rows):
-            if r.params.seed is not None and r.params.temperature > 0:
+            if r.params.seed is not None and not r.params.greedy:
                 g = torch.Generator(device=dev)
                 g.manual_seed(_row_seed(r.params.seed, r.num_output_tokens))
                 noise[i].exponential_(generator=g)

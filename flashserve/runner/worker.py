@@ -25,6 +25,7 @@ import torch
 
 from flashserve.config import EngineConfig, ModelConfig
 from flashserve.layers.attention_metadata import forward_context
+from flashserve.layers.logits_processors import LogitsProcessors
 from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
 from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
 from flashserve.runner.input_batch import InputBatch, StepInputs
@@ -141,6 +142,7 @@ class Worker:
         num_host_blocks = cache.swap_space_bytes // plan.bytes_per_block
         self.swap_space = HostSwapSpace(self.kv_pool, num_host_blocks) if num_host_blocks else None
         self.sampler = Sampler(self.device, model_config.vocab_size, config.seed)
+        self.sampler.logits_processors = LogitsProcessors.for_engine(config, eos_token_ids)
         self.max_blocks = -(-max_model_len // self.block_size)
         self.batch = InputBatch(max_model_len, self.block_size, tuple(eos_token_ids))
         self.block_table = torch.zeros(0, self.max_blocks, dtype=torch.int32, device=self.device)
@@ -148,6 +150,7 @@ class Worker:
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
         self._prev_rows: dict[str, int] = {}
+        self._last_handle: StepHandle | None = None  # the step launched last (maybe still in flight)
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
         self.graphs: CudaGraphs | None = None
         if backend_name == "triton":
@@ -262,9 +265,13 @@ class Worker:
         if inp.sample_rows:
             logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
             states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
+            grammar = [st.params.structured_output is not None for st in states]
+            if any(g and st.num_known < st.num_tokens - 1 for g, st in zip(grammar, states)):
+                self._last_handle.result()  # a grammar mask needs the token the step in flight sampled
             rows = [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
-                                st.banned if st.num_output_tokens - 1 < st.params.min_tokens else ())
-                    for st in states]
+                                st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
+                                self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known] if g else ())
+                    for st, g in zip(states, grammar)]
             handle.out = self.sampler(logits, rows)
             self._prev_tokens = handle.out.token_ids
             self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
@@ -279,6 +286,7 @@ class Worker:
         timing.host_s = time.perf_counter() - t0
         if self.timings is not None:
             self.timings.append(timing)
+        self._last_handle = handle
         return handle
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:

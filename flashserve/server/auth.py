@@ -1,4 +1,4 @@
-"""Bearer-token check for the API routes (a pure ASGI middleware, so streaming is untouched)."""
+"""Bearer-token check for the protected routes (a pure ASGI middleware, so streaming is untouched)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from flashserve.server.errors import error_response
 
 
 class APIKeyMiddleware:
-    """Answer 401 on ``protected_prefix`` routes unless ``Authorization: Bearer <api_key>`` is sent."""
+    """Answer 401 on routes under any of ``protected`` unless ``Authorization: Bearer <api_key>`` is sent."""
 
-    def __init__(self, app: ASGIApp, api_key: str, protected_prefix: str = "/v1") -> None:
+    def __init__(self, app: ASGIApp, api_key: str, protected: tuple[str, ...] = ("/v1",)) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
-        self.prefix = protected_prefix
+        self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix) and scope.get("method") != "OPTIONS":
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and scope["path"].startswith(self.protected):
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(header.strip(), self.expected):
                 response = error_response(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",

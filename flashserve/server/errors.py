@@ -23,14 +23,18 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
 }
-# Sampling and request fields whose name may start a ValueError message.
+# Request fields whose name (or dotted path, e.g. messages.0.content) may start a ValueError message.
 _FIELDS = re.compile(
-    r"^(n|temperature|top_p|top_k|min_p|presence_penalty|frequency_penalty|repetition_penalty|seed|"
-    r"max_tokens|max_completion_tokens|min_tokens|logprobs|top_logprobs|stop|stop_token_ids|prompt|messages)\b"
+    r"^((?:n|temperature|top_p|top_k|min_p|presence_penalty|frequency_penalty|repetition_penalty|seed|"
+    r"max_tokens|max_completion_tokens|min_tokens|logprobs|top_logprobs|stop|stop_token_ids|prompt|messages|"
+    r"logit_bias|response_format|tools|tool_choice|stream_options|best_of|echo|suffix|functions|function_call|"
+    r"audio|prediction|web_search_options|modalities|structured_output)(?:\.\w+)*)\b"
 )
 
 

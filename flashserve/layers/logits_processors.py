@@ -1,0 +1,262 @@
+"""Per-request logit processors applied inside the batched sampler: logit bias and grammars.
+
+``LogitsProcessors(tokenizer, eos_token_ids)(logits, rows)`` takes the step's fp32 logits
+[N, V] (one row per sampling request) and returns them with
+
+1. ``logit_bias``: each row's {token id: bias} added (one batched ``index_put`` for all rows);
+2. structured output: tokens the request's grammar forbids set to -inf. A grammar (a JSON
+   schema, a regex or a Lark grammar, as plain text in ``SamplingParams.structured_output``) is
+   compiled by llguidance into a matcher per request. Every step the matchers of the grammar rows
+   fill one packed bitmask [G, ceil(V / 32)] int32 on the host (from 8 rows on, in parallel
+   threads without the GIL), which is copied to the device and expanded into the row masks there.
+
+State is keyed by request id and is only a cache: a matcher is advanced lazily with the tokens
+the row's ``output_token_ids`` gained since it last saw them, so it survives preemption and chunked
+prefill, and an evicted or lost state is rebuilt by replaying the output. Rows of requests that
+have not sampled for ``_EVICT_AFTER`` calls are dropped (finished or aborted requests included),
+so nothing needs to tell this module that a request ended.
+
+A grammar is validated when the request arrives (``validate_structured_output``), so a matcher
+error here means a bug; the row is then forced to end (EOS only) and the error is logged, and
+the other rows of the batch are untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flashserve.sampling_params import StructuredOutput
+
+if TYPE_CHECKING:
+    from flashserve.config import EngineConfig
+    from flashserve.layers.sampler import SamplingRow
+
+logger = logging.getLogger("flashserve")
+
+_EVICT_AFTER = 64  # sampler calls without a row before a request's state is dropped
+_MAX_COMPILED = 64  # grammar texts kept compiled (LRU)
+_PARALLEL_FROM = 8  # grammar rows from which masks are filled by llguidance's thread pool
+
+
+def grammar_text(structured: StructuredOutput) -> str:
+    """The llguidance grammar for a structured-output request (compact JSON: no free whitespace,
+    so a model cannot pad its output with endless newlines)."""
+    import llguidance
+
+    if structured.kind == "json":
+        schema = json.loads(structured.spec)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    if structured.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(structured.spec)
+    return llguidance.LLMatcher.grammar_from_lark(structured.spec)
+
+
+def validate_structured_output(structured: StructuredOutput) -> None:
+    """Raise ValueError if the schema / regex / grammar is malformed or unsupported (no tokenizer
+    needed; cheap enough for the request path, run off the engine thread)."""
+    try:
+        import llguidance
+    except ImportError:
+        raise ValueError("structured output needs the llguidance package: pip install 'flashserve[server]'") from None
+    structured.validate()
+    try:
+        text = grammar_text(structured)
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"the {structured.kind} constraint is not valid: {e}") from None
+    error = llguidance.LLMatcher.validate_grammar(text)
+    if error and not error.startswith("WARNING"):
+        raise ValueError(f"the {structured.kind} constraint is not supported: {error}")
+
+
+@dataclass
+class _RowState:
+    """One request's cached processor state."""
+
+    last_seen: int
+    bias: tuple[torch.Tensor, torch.Tensor] | None  # token ids [B] int64, biases [B] fp32, on the device
+    grammar_key: str | None = None
+    matcher: Any = None  # llguidance.LLMatcher
+    consumed: int = 0  # output tokens the matcher has consumed
+    failed: bool = False
+
+
+class LogitsProcessors:
+    """Applies each row's logit bias and grammar mask to a batch of logits."""
+
+    def __init__(self, tokenizer: Any = None, eos_token_ids: Sequence[int] = ()) -> None:
+        # A Hugging Face fast tokenizer, or a function that loads it (on the first grammar row);
+        # needed only for grammars.
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self._states: dict[str, _RowState] = {}
+        self._calls = 0
+        self._ll_tokenizer: Any = None
+        self._ll_vocab = 0
+        self._executor: Any = None
+        self._bitmask: torch.Tensor | None = None  # host staging [G, W] int32 (pinned on CUDA)
+        self._copied: torch.cuda.Event | None = None  # the last copy out of the staging buffer
+
+    @classmethod
+    def for_engine(cls, config: EngineConfig, eos_token_ids: Sequence[int]) -> LogitsProcessors:
+        """The Worker's processors: the engine's tokenizer is loaded here (in the Worker's
+        process) only when the first grammar row arrives."""
+
+        def load() -> Any:
+            from flashserve.loader import default_model_path, load_tokenizer
+
+            source = config.model if config.model is not None else default_model_path()
+            return load_tokenizer(config.tokenizer or source, "auto" if config.tokenizer else config.load_format)
+
+        return cls(load, eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits: [N, V] fp32, not modified; returns the processed logits (the same tensor when
+        no row has a bias or a grammar)."""
+        self._calls += 1
+        if self._states and self._calls % 16 == 0:
+            self._evict()
+        active = [i for i, r in enumerate(rows) if r.params.logit_bias or r.params.structured_output is not None]
+        if not active:
+            return logits
+        states = {i: self._state(rows[i], logits.device) for i in active}
+        biased = [(i, s.bias) for i, s in states.items() if s.bias is not None]
+        if biased:
+            row_idx = torch.cat([torch.full_like(ids, i) for i, (ids, _) in biased])
+            logits = logits.index_put((row_idx, torch.cat([ids for _, (ids, _) in biased])),
+                                      torch.cat([vals for _, (_, vals) in biased]), accumulate=True)
+        grammar_rows = [i for i in active if rows[i].params.structured_output is not None]
+        if grammar_rows:
+            logits = self._apply_grammars(logits, [(i, rows[i], states[i]) for i in grammar_rows])
+        return logits
+
+    # ------------------------------------------------------------------ state
+    def _state(self, row: SamplingRow, device: torch.device) -> _RowState:
+        state = self._states.get(row.request_id)
+        if state is None:
+            bias = None
+            if row.params.logit_bias:
+                items = sorted(row.params.logit_bias.items())
+                bias = (torch.tensor([t for t, _ in items], dtype=torch.int64, device=device),
+                        torch.tensor([b for _, b in items], dtype=torch.float32, device=device))
+            state = self._states[row.request_id] = _RowState(self._calls, bias)
+        state.last_seen = self._calls
+        return state
+
+    def _evict(self) -> None:
+        stale = [rid for rid, s in self._states.items() if self._calls - s.last_seen > _EVICT_AFTER]
+        for rid in stale:
+            del self._states[rid]
+
+    # ------------------------------------------------------------------ grammars
+    def _ensure_tokenizer(self, vocab_size: int) -> Any:
+        if self._ll_tokenizer is None or self._ll_vocab != vocab_size:
+            if callable(self.tokenizer) and not hasattr(self.tokenizer, "encode"):
+                self.tokenizer = self.tokenizer()
+            if self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer")
+            import llguidance
+            import llguidance.hf
+
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab_size,
+                                                              eos_token=self.eos_token_ids or None)
+            self._ll_vocab = vocab_size
+            self._executor = llguidance.LLExecutor()
+        return self._ll_tokenizer
+
+    def _matcher(self, state: _RowState, row: SamplingRow, vocab_size: int) -> Any:
+        """The row's matcher, advanced over every output token; rebuilt when the cache is stale
+        (None, with ``state.failed`` set, if it cannot be built)."""
+        structured = row.params.structured_output
+        assert structured is not None
+        key = f"{structured.kind}\x00{structured.spec}"
+        outputs = row.output_token_ids
+        if state.matcher is None or state.grammar_key != key or state.consumed > len(outputs):
+            import llguidance
+
+            state.grammar_key, state.consumed = key, 0
+            try:
+                state.matcher, state.failed = llguidance.LLMatcher(self._ensure_tokenizer(vocab_size), _compiled(structured)), False
+            except Exception as e:  # no tokenizer, or a grammar that slipped past validation
+                state.matcher, state.failed = None, True
+                logger.error("flashserve: cannot constrain request %s (%s); ending it", row.request_id, e)
+                return None
+        if state.failed and state.matcher is None:
+            return None
+        if state.consumed < len(outputs):
+            new = [int(t) for t in outputs[state.consumed :]]  # a list, or a numpy row of the Worker
+            # The last token may be an EOS the grammar already accepted; the request ends with it.
+            if not state.matcher.consume_tokens(new) and not state.failed:
+                state.failed = True
+                logger.error("flashserve: request %s left its grammar (%s); ending it", row.request_id,
+                             state.matcher.get_error())
+            state.consumed = len(outputs)
+        if not state.failed and state.matcher.is_error():
+            state.failed = True
+            logger.error("flashserve: grammar of request %s failed (%s); ending it", row.request_id,
+                         state.matcher.get_error())
+        return state.matcher
+
+    def _apply_grammars(self, logits: torch.Tensor, grammar_rows: list[tuple[int, SamplingRow, _RowState]]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        words = (vocab + 31) // 32
+        g = len(grammar_rows)
+        bitmask = self._bitmask
+        if bitmask is None or bitmask.shape[0] < g or bitmask.shape[1] != words:
+            bitmask = torch.empty((max(g, 8), words), dtype=torch.int32, pin_memory=logits.device.type == "cuda")
+            self._bitmask = bitmask
+        if self._copied is not None:  # the previous step's copy may still be reading the buffer
+            self._copied.synchronize()
+        jobs = []
+        for j, (_, row, state) in enumerate(grammar_rows):
+            matcher = self._matcher(state, row, vocab)
+            if state.failed:
+                bitmask[j].zero_()
+                for t in self.eos_token_ids:
+                    bitmask[j, t // 32] |= _bit(t % 32)
+            else:
+                jobs.append((matcher, j))
+        if len(jobs) >= _PARALLEL_FROM and (os.cpu_count() or 1) > 2:
+            # Rows j of the buffer filled in parallel threads (llguidance drops the GIL).
+            self._executor.unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), words * 4, bitmask.shape[0])
+        else:  # a few rows: waking the pool costs more than the masks (~0.1 ms each)
+            for matcher, j in jobs:
+                matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
+        device_mask = bitmask[:g].to(logits.device, non_blocking=True)
+        if logits.device.type == "cuda":  # steps overlap: the next fill waits for this copy only
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        allowed = unpack_bitmask(device_mask, vocab)  # [G, V] bool
+        rows = [i for i, _, _ in grammar_rows]
+        if rows == list(range(logits.shape[0])):  # every row constrained: one pass, no gather
+            return torch.where(allowed, logits, float("-inf"))
+        index = torch.tensor(rows, device=logits.device)
+        return logits.index_put((index,), torch.where(allowed, logits[index], float("-inf")))
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[G, W] int32 packed masks (bit k of word w is token 32 * w + k) -> [G, V] bool, on the
+    bitmask's device. Unpacked byte-wise (little-endian words: byte j of word w holds tokens
+    32w + 8j ... 32w + 8j + 7), so the intermediate is uint8, a quarter of an int32 unpack."""
+    assert sys.byteorder == "little"
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [G, 4W]
+    bit = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=bitmask.device, dtype=torch.uint8)
+    return (as_bytes.unsqueeze(-1) & bit).ne(0).view(bitmask.shape[0], -1)[:, :vocab_size]  # [G, 4W, 8] -> [G, V]
+
+
+def _bit(k: int) -> int:
+    """Bit k of an int32 word as a Python int that fits int32 (bit 31 is the sign bit)."""
+    return -(1 << 31) if k == 31 else 1 << k
+
+
+@functools.lru_cache(maxsize=_MAX_COMPILED)
+def _compiled(structured: StructuredOutput) -> str:
+    return grammar_text(structured)
