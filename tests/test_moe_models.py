@@ -71,10 +71,10 @@ def prompts(n: int, seed: int, lo: int = 3, hi: int = 40, vocab: int = 512) -> l
 
 @torch.no_grad()
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    for _ in range(n):
-        ids = torch.cat([ids, hf(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
+    """transformers' greedy continuation (its KV cache), EOS allowed like any token."""
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("arch", list(TINY_MOE))
