@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flashserve.kernels.utils import cdiv, is_interpreter
+from flashserve.kernels.utils import cdiv, is_interpreter, num_sms
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens per step: the GEMV path (no sort, no padding)
 
@@ -191,7 +191,11 @@ def _grouped(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: to
 def _gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
           row_div: int, gated: bool, mul_weight: bool) -> None:
     n = out.shape[1]
-    block_n, block_k = (16, 16) if is_interpreter() else (32, 128)
+    if is_interpreter():
+        block_n, block_k = 16, 16
+    else:  # narrower tiles when 32-row tiles would leave SMs idle (few pairs, small N)
+        block_n = 32 if out.shape[0] * cdiv(n, 32) >= 4 * num_sms(a.device) else 16
+        block_k = 128
     _moe_gemv_kernel[(out.shape[0], cdiv(n, block_n))](
         a, w, out, ids, weights, n, a.shape[1],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
