@@ -164,3 +164,95 @@ def test_routing_softmax_sigmoid_renormalisation():
     assert torch.allclose(w.sum(-1), torch.ones(1))
     w, ids = route(logits, 2, "sigmoid", renormalize=False)
     assert torch.allclose(w[0], logits.sigmoid()[0, [0, 2]])
+
+
+@pytest.mark.parametrize("name,arch,gb,active_gb", [("qwen3-30b-a3b", "qwen3_moe", 61.1, 6.08),
+                                                     ("mixtral-8x7b", "mixtral", 93.4, 25.5)])
+def test_bundled_dummy_configs(name, arch, gb, active_gb):
+    """The bundled configs build (on the meta device) with the published sizes: bf16 bytes of all
+    weights, and the bytes one decoded token reads (k experts per layer, attention, LM head)."""
+    from flashserve.bench.latency import weight_bytes
+
+    model, config = load_model(name, "dummy", torch.bfloat16, "meta", TorchAttentionBackend())
+    assert config.architecture == arch and all(config.layer_spec(i).mlp == "moe" for i in range(config.num_layers))
+    assert sum(p.numel() * 2 for p in model.parameters()) / 1e9 == pytest.approx(gb, abs=0.1)
+    assert weight_bytes(model) / 1e9 == pytest.approx(active_gb, abs=0.05)
+
+
+_GGUF_MOE = {"mlp.gate": "ffn_gate_inp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+             "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+             "mlp.shared_expert.down_proj": "ffn_down_shexp"}
+
+
+@torch.no_grad()
+def write_moe_gguf(hf: torch.nn.Module, path: Path) -> None:
+    """``hf`` as an F32 GGUF file with llama.cpp's MoE names: router ``ffn_gate_inp``, experts
+    stacked ``ffn_{gate,up,down}_exps`` [E, out, in], shared expert ``*_shexp``; Mixtral as
+    architecture "llama" with q/k rows permuted."""
+    import gguf
+    import numpy as np
+
+    from conftest_models import _GGUF_LAYER, _llamacpp_permute
+
+    cfg = hf.config
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[cfg.model_type]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+    for name, p in hf.named_parameters():
+        t = p.detach().float()
+        if name in globals_:
+            w.add_tensor(globals_[name], np.ascontiguousarray(t.numpy()))
+            continue
+        parts = name.split(".")
+        layer, module, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+        if module == "mlp.experts":  # transformers' stacked parameters
+            if kind == "gate_up_proj":
+                gate, up = t.chunk(2, dim=1)
+                w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate.numpy()))
+                w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(up.numpy()))
+            else:
+                w.add_tensor(f"blk.{layer}.ffn_down_exps.weight", np.ascontiguousarray(t.numpy()))
+            continue
+        if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+            t = _llamacpp_permute(t, cfg.num_attention_heads if "q_proj" in module else cfg.num_key_value_heads)
+        w.add_tensor(f"blk.{layer}.{_GGUF_MOE.get(module) or _GGUF_LAYER[module]}.{kind}", np.ascontiguousarray(t.numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(TINY_MOE))
+def test_gguf_moe_matches_transformers(checkpoints, arch, tmp_path):
+    folder, hf = checkpoints[arch]
+    path = tmp_path / f"{arch}.gguf"
+    write_moe_gguf(hf, path)
+    model, config = load_model(str(path), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="none")
+    assert config.architecture == arch and config.layer_types == load_model(
+        folder, "auto", torch.float32, "meta", TorchAttentionBackend())[1].layer_types
+    ids = prompts(1, seed=6, lo=20, hi=20)[0]
+    ours = _all_logits(model, PagedKVCache(config, num_blocks=32, block_size=4), [(0, ids)])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
