@@ -72,8 +72,10 @@ def prompts(n: int, seed: int, lo: int = 3, hi: int = 40, vocab: int = 512) -> l
 @torch.no_grad()
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation (its KV cache), EOS allowed like any token."""
-    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    dev = hf.device
+    out = hf.generate(torch.tensor([prompt], device=dev),
+                      attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=dev), max_new_tokens=n,
+                      min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -114,7 +116,8 @@ def test_stacked_expert_tensors_load(checkpoints, tmp_path):
         p = f"model.layers.{layer}.mlp.experts"
         n = TINY_MOE["qwen3_moe"][2]["num_experts"]
         stacked[f"{p}.gate_up_proj"] = torch.stack(
-            [torch.cat([tensors.pop(f"{p}.{e}.gate_proj.weight"), tensors.pop(f"{p}.{e}.up_proj.weight")]) for e in range(n)])
+            [torch.cat([tensors.pop(f"{p}.{e}.gate_proj.weight"), tensors.pop(f"{p}.{e}.up_proj.weight")])
+             for e in range(n)])
         stacked[f"{p}.down_proj"] = torch.stack([tensors.pop(f"{p}.{e}.down_proj.weight") for e in range(n)])
     save_file({**tensors, **stacked}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((Path(folder) / "config.json").read_text())
@@ -143,7 +146,8 @@ def test_top_k_larger_than_experts_is_refused(checkpoints, tmp_path):
     cfg = json.loads((Path(folder) / "config.json").read_text())
     cfg["num_experts_per_tok"] = 9  # of 8 experts
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"num_experts_per_tok \(top-k\) must be between 1 and num_experts \(8\), got 9"):
+    msg = r"num_experts_per_tok \(top-k\) must be between 1 and num_experts \(8\), got 9"
+    with pytest.raises(ValueError, match=msg):
         load_model(str(tmp_path), "dummy", torch.float32, "cpu", TorchAttentionBackend())
     with pytest.raises(ValueError, match=r"top-k must be between 1 and the number of experts \(4\), got 5"):
         route(torch.randn(3, 4), 5)
@@ -236,7 +240,8 @@ def write_moe_gguf(hf: torch.nn.Module, path: Path) -> None:
             continue
         if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
             t = _llamacpp_permute(t, cfg.num_attention_heads if "q_proj" in module else cfg.num_key_value_heads)
-        w.add_tensor(f"blk.{layer}.{_GGUF_MOE.get(module) or _GGUF_LAYER[module]}.{kind}", np.ascontiguousarray(t.numpy()))
+        gguf_module = _GGUF_MOE.get(module) or _GGUF_LAYER[module]
+        w.add_tensor(f"blk.{layer}.{gguf_module}.{kind}", np.ascontiguousarray(t.numpy()))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

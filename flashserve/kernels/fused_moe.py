@@ -184,7 +184,8 @@ def _grouped(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: to
         ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=mul_weight,
         DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        **({} if is_interpreter() else {"num_warps": 4, "num_stages": 3}),
+        # 8 warps for 64-row tiles: the gated launch keeps two [BM, BN] fp32 accumulators
+        **({} if is_interpreter() else {"num_warps": 8 if block_m >= 64 else 4, "num_stages": 3}),
     )
 
 
