@@ -253,6 +253,8 @@ def test_gguf_moe_matches_transformers(checkpoints, arch, tmp_path):
     folder, hf = checkpoints[arch]
     path = tmp_path / f"{arch}.gguf"
     write_moe_gguf(hf, path)
+    with pytest.raises(ValueError, match="quantized experts are not implemented \\(quantization='gguf'\\)"):
+        load_model(str(path), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="auto")
     model, config = load_model(str(path), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="none")
     assert config.architecture == arch and config.layer_types == load_model(
         folder, "auto", torch.float32, "meta", TorchAttentionBackend())[1].layer_types
