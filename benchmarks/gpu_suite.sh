@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 students, cascade]
 #   bash benchmarks/gpu_suite.sh server    # grammar masks on the GPU (tests) and structured-output cost
 #                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
+#   bash benchmarks/gpu_suite.sh moe       # MoE: GPU tests, fused kernel vs expert loop, batch-1 and throughput
+#                                          # of dummy Qwen3-30B-A3B and Mixtral-8x7B (docs/moe.md)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -103,8 +105,18 @@ case "${1:-}" in
     stage structured-smollm2 150 $fs bench structured --device cuda --concurrency 1 64 --output-len 256 \
       --output-json "$out/structured-smollm2.json"
     ;;
+  moe)  # mixture of experts (docs/moe.md): tests, kernel vs loop, batch-1 over active bytes, 256-request throughput
+    stage moe-tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py tests/test_moe_gpu.py
+    stage moe-kernel 120 $fs bench moe --output-json "$out/moe-kernel.json"
+    for m in qwen3-30b-a3b mixtral-8x7b; do
+      stage "latency-$m" 150 $fs bench latency --model "$m" --load-format dummy --max-model-len 1024 \
+        --new-tokens 128 --repeats 2 --output-json "$out/latency-$m.json"
+      stage "throughput-$m" 240 $fs bench throughput --model "$m" --load-format dummy \
+        --output-json "$out/throughput-$m.json"
+    done
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe [...]" >&2
     exit 2
     ;;
 esac

@@ -30,6 +30,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "compress": ("flashserve.compress.speed", "2:4 and low-rank linears against dense: prefill and decode at real shapes"),
     "compress-quality": ("flashserve.compress.sweep", "quality of pruning and low rank at several ratios on real text"),
     "cascade": ("flashserve.compress.cascade_eval", "small-then-large cascade: share, agreement and compute saved per threshold"),
+    "moe": ("flashserve.bench.moe", "fused MoE kernel vs a loop over experts, one layer of Qwen3-30B-A3B / Mixtral-8x7B"),
 }
 
 

@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -62,6 +65,13 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     hidden_act: str = "silu"
     layer_types: tuple[LayerSpec, ...] | None = None  # per layer; None: every layer is LayerSpec()
+    # Mixture of experts (layers whose LayerSpec.mlp is "moe"; flashserve.layers.moe).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # per expert
+    moe_scoring: str = "softmax"  # router gating: softmax | sigmoid
+    norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert with a sigmoid gate
 
     def layer_spec(self, index: int) -> LayerSpec:
         return self.layer_types[index] if self.layer_types is not None else LayerSpec()
@@ -75,6 +85,14 @@ class ModelConfig:
             raise ValueError(f"unsupported activation {self.hidden_act!r}; only silu is implemented")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok (top-k) must be between 1 and num_experts ({self.num_experts}), "
+                                 f"got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1:
+                raise ValueError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+            if self.moe_scoring not in ("softmax", "sigmoid"):
+                raise ValueError(f"moe_scoring must be softmax or sigmoid, got {self.moe_scoring!r}")
 
 
 @dataclass

@@ -33,10 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes read per decoded token: every weight as stored (quantized weights with their scales)
-    except the embedding table, unless it is the LM head's (``flashserve.quant.weight_bytes``)."""
+    except the embedding table, unless it is the LM head's (``flashserve.quant.weight_bytes``);
+    of a mixture-of-experts layer only the ``k`` experts a token is routed to."""
+    from flashserve.layers.moe import inactive_expert_bytes
     from flashserve.quant import weight_bytes as stored_weight_bytes
 
-    return stored_weight_bytes(model)
+    return stored_weight_bytes(model) - inactive_expert_bytes(model)
 
 
 def kv_bytes_per_token(cfg, context: float, elem: int) -> float:

@@ -1,4 +1,5 @@
-"""Switch a model's elementwise layers (RMSNorm, rotary, SiLU-and-mul) to fused Triton kernels.
+"""Switch a model's elementwise layers (RMSNorm, rotary, SiLU-and-mul) and its MoE layers to fused
+Triton kernels.
 
 The layers keep their PyTorch code as the CPU path and the reference; a model built for the GPU
 backend is switched once after loading, per module, so two models in one process can differ.
@@ -9,10 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from flashserve.layers.activation import SiluAndMul
+from flashserve.layers.moe import MoEMLP
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
 
-_FUSABLE = (RMSNorm, RotaryEmbedding, SiluAndMul)
+_FUSABLE = (RMSNorm, RotaryEmbedding, SiluAndMul, MoEMLP)
 
 
 def use_triton_ops(model: nn.Module, enabled: bool = True) -> int:

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from flashserve.config import ModelConfig
+from flashserve.config import LayerSpec, ModelConfig
 
 # GGUF general.architecture -> ModelConfig.architecture
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # Mixtral: "llama" with experts
 
 # per-layer GGUF tensor name -> HF name (within model.layers.N.)
 _LAYER_NAMES = {
@@ -34,7 +35,18 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts (flashserve.layers.moe): router, shared expert, and the experts stacked
+    # [E, out, in] (split per expert by iterate_gguf)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+_STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(\w+)\.weight$")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -122,6 +134,9 @@ def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
     if eot is not None and int(eot) not in eos:
         eos.append(int(eot))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    moe = _moe_fields(reader, arch_name, arch, int(meta("block_count")), tensor_names)
+    if moe:
+        arch = moe.pop("architecture")
     return ModelConfig(
         architecture=arch,
         vocab_size=vocab,
@@ -141,6 +156,32 @@ def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
         sliding_window=None,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos,
+        **moe,
+    )
+
+
+def _moe_fields(reader: Any, arch_name: str, arch: str, num_layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    """ModelConfig fields of a GGUF mixture of experts ({} for a dense model). A layer is sparse
+    when it has a router tensor; renormalisation follows ``expert_weights_norm`` when the file
+    has it, else the architecture (Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not)."""
+    num_experts = int(_field(reader, f"{arch_name}.expert_count", 0) or 0)
+    if num_experts == 0:
+        return {}
+    arch = "mixtral" if arch in ("llama", "mistral") else arch
+    inter = _field(reader, f"{arch_name}.expert_feed_forward_length")
+    norm = _field(reader, f"{arch_name}.expert_weights_norm")
+    gating = int(_field(reader, f"{arch_name}.expert_gating_func", 1) or 1)  # llama.cpp: 1 softmax, 2 sigmoid
+    shared = _field(reader, f"{arch_name}.expert_shared_feed_forward_length")
+    return dict(
+        architecture=arch,
+        num_experts=num_experts,
+        num_experts_per_tok=int(_field(reader, f"{arch_name}.expert_used_count", 0) or 0),
+        moe_intermediate_size=int(inter if inter is not None else _field(reader, f"{arch_name}.feed_forward_length")),
+        moe_scoring="sigmoid" if gating == 2 else "softmax",
+        norm_topk_prob=bool(norm) if norm is not None else arch != "qwen2_moe",
+        shared_expert_intermediate_size=int(shared or 0) if "blk.0.ffn_gate_shexp.weight" in tensor_names else 0,
+        layer_types=tuple(LayerSpec(mlp="moe" if f"blk.{i}.ffn_gate_inp.weight" in tensor_names else "gated_silu")
+                          for i in range(num_layers)),
     )
 
 
@@ -198,6 +239,11 @@ def iterate_gguf(
             tensor = unpermute_qk(tensor, config.num_heads)
         elif permute and ".self_attn.k_proj." in name:
             tensor = unpermute_qk(tensor, config.num_kv_heads)
+        stacked = _STACKED_EXPERTS.match(name)
+        if stacked is not None:  # [E, out, in] -> one tensor per expert, as in HF checkpoints
+            for expert, part in enumerate(tensor):
+                yield f"{stacked[1]}.{expert}.{stacked[2]}.weight", part
+            continue
         yield name, tensor
 
 

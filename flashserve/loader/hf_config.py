@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flashserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from flashserve.config import SUPPORTED_ARCHITECTURES, LayerSpec, ModelConfig
 from flashserve.layers.rotary import SUPPORTED_ROPE_TYPES, rope_type_of
 
 
@@ -76,12 +76,12 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
         head_dim = int(cfg.get("head_dim") or hidden // num_heads)
         rope_theta, rope_scaling = _rope(cfg)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2_moe"):
             attention_bias = True
         else:
             attention_bias = bool(cfg.get("attention_bias", False))
         sliding_window = cfg.get("sliding_window")
-        if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not cfg.get("use_sliding_window", False):
             sliding_window = None
         if arch == "llama":
             sliding_window = None
@@ -100,14 +100,42 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             sliding_window=int(sliding_window) if sliding_window is not None else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
             hidden_act=str(cfg.get("hidden_act", "silu")),
+            **_moe_fields(arch, cfg),
         )
     except KeyError as e:
         raise ValueError(f"config.json of {arch_name} lacks the required key {e.args[0]!r}") from e
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a mixture-of-experts architecture (none for a dense one): the expert
+    counts and sizes, the routing, and which layers are sparse (Qwen's ``mlp_only_layers`` and
+    ``decoder_sparse_step``; every layer in Mixtral)."""
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    num_layers = int(cfg["num_hidden_layers"])
+    # the expert count is "num_experts" in Qwen checkpoints, "num_local_experts" in Mixtral's and
+    # in what transformers >= 5 writes for Qwen3-MoE
+    num_experts = int(cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"])
+    if arch == "mixtral":
+        inter, sparse = int(cfg["intermediate_size"]), range(num_layers)
+    else:
+        inter = int(cfg["moe_intermediate_size"])
+        step, dense = int(cfg.get("decoder_sparse_step", 1)), set(cfg.get("mlp_only_layers") or [])
+        sparse = [i for i in range(num_layers) if i not in dense and num_experts > 0 and (i + 1) % step == 0]
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=inter,
+        norm_topk_prob=True if arch == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+        if arch == "qwen2_moe" else 0,
+        layer_types=tuple(LayerSpec(mlp="moe" if i in sparse else "gated_silu") for i in range(num_layers)),
+    )
 
 
 def load_hf_config(path: str | Path) -> ModelConfig:

@@ -13,6 +13,7 @@ from torch import nn
 from flashserve.config import ModelConfig
 from flashserve.layers.activation import SiluAndMul
 from flashserve.layers.linear import GateUpLinear, Linear
+from flashserve.layers.moe import MoEMLP
 
 
 class GatedSiluMLP(nn.Module):
@@ -30,4 +31,5 @@ class GatedSiluMLP(nn.Module):
 
 MLP_TYPES: dict[str, type[nn.Module]] = {
     "gated_silu": GatedSiluMLP,
+    "moe": MoEMLP,  # router + stacked experts (+ shared expert)
 }

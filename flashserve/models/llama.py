@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
             prefix=f"{prefix}.qkv_proj",
         )
         # Qwen2 has bias on q/k/v only; Llama/Qwen3 ``attention_bias`` also covers o_proj.
-        o_bias = config.attention_bias and config.architecture != "qwen2"
+        o_bias = config.attention_bias and config.architecture not in ("qwen2", "qwen2_moe")
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -197,11 +197,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            target, shard_id = name, None
-            for fragment, (fused, sid) in STACKED_PARAMS.items():
-                if fragment in name:
-                    target, shard_id = name.replace(fragment, fused), sid
-                    break
+            target, shard_id = self.checkpoint_target(name)
             param = params.get(target)
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
@@ -210,15 +206,22 @@ class LlamaForCausalLM(nn.Module):
                 loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
             except ValueError as e:
                 raise ValueError(f"cannot load {name!r}: {e}") from e
-            loaded.add(name if shard_id is None else f"{target}:{shard_id}")
+            loaded.add(target if shard_id is None else f"{target}:{shard_id}")
         self._check_all_loaded(params, loaded)
         return loaded
+
+    def checkpoint_target(self, name: str) -> tuple[str, object]:
+        """(parameter name, shard id or None) that checkpoint tensor ``name`` loads into."""
+        for fragment, (fused, sid) in STACKED_PARAMS.items():
+            if fragment in name:
+                return name.replace(fragment, fused), sid
+        return name, None
 
     def _check_all_loaded(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
         missing = []
         for name, param in params.items():
             module = self.get_submodule(name.rsplit(".", 1)[0])
-            shard_ids = getattr(module, "shard_offsets", None)
+            shard_ids = getattr(param, "shard_ids", None) or getattr(module, "shard_offsets", None)
             if shard_ids is not None and name not in loaded:
                 missing += [f"{name}:{sid}" for sid in shard_ids if f"{name}:{sid}" not in loaded]
             elif shard_ids is None and name not in loaded:

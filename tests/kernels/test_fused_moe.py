@@ -1,0 +1,90 @@
+"""Fused MoE kernel (grouped GEMM and decode GEMV paths) vs the per-expert torch loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_test_utils import ON_GPU, tol
+
+from flashserve.config import ModelConfig
+from flashserve.kernels.fused_moe import fused_moe, moe_align, moe_loop
+from flashserve.layers.moe import MoEMLP
+
+
+def _case(T: int, E: int, k: int, H: int, inter: int, dtype: torch.dtype, device: torch.device,
+          ids: torch.Tensor | None = None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(device)
+    w13 = (torch.randn(E, 2 * inter, H, generator=gen) / H**0.5).to(dtype).to(device)
+    w2 = (torch.randn(E, H, inter, generator=gen) / inter**0.5).to(dtype).to(device)
+    if ids is None:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=gen).softmax(-1)
+    return x, w13, w2, weights.to(device), ids.to(device)
+
+
+def test_align_sorts_pairs_by_expert_with_padding():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 1]])  # expert 2 has no tokens
+    sorted_ids, block_expert = moe_align(ids, 4, 4)
+    n = ids.numel()
+    assert sorted_ids.numel() % 4 == 0 and block_expert.numel() == sorted_ids.numel() // 4
+    flat = ids.reshape(-1)
+    seen = []
+    for b, e in enumerate(block_expert.tolist()):
+        rows = sorted_ids[b * 4:(b + 1) * 4].tolist()
+        valid = [r for r in rows if r < n]
+        if e < 0:
+            assert not valid
+            continue
+        assert all(flat[r] == e for r in valid)
+        seen += valid
+    assert sorted(seen) == list(range(n))  # every pair exactly once
+    assert 2 not in block_expert.tolist()
+
+
+@pytest.mark.parametrize("T", [1, 3, 5, 37])  # 1, 3: decode path; 5, 37: grouped GEMM
+def test_fused_moe_matches_loop(device, dtype, T):
+    E, k = 8, 2
+    H, inter = (64, 48) if not ON_GPU else (512, 384)
+    x, w13, w2, weights, ids = _case(T, E, k, H, inter, dtype, device, seed=T)
+    out = fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(out, moe_loop(x, w13, w2, weights, ids), **tol(dtype))
+
+
+def test_fused_moe_uneven_loads_and_idle_experts(device, dtype):
+    """Most pairs go to expert 5, a few to 0 and 6, the other experts get none; H and I not
+    multiples of the tile sizes."""
+    T, E, k, H, inter = 24, 8, 2, 40, 24
+    ids = torch.tensor([[5, 0] if t % 7 else [6, 5] for t in range(T)])
+    x, w13, w2, weights, ids = _case(T, E, k, H, inter, dtype, device, ids=ids, seed=1)
+    out = fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(out, moe_loop(x, w13, w2, weights, ids), **tol(dtype))
+    # the same routing through the decode path (forced) gives the same result
+    out_gemv = fused_moe(x, w13, w2, weights, ids, decode_max_tokens=T)
+    torch.testing.assert_close(out_gemv, out, **tol(dtype))
+
+
+def test_fused_moe_many_experts_top8(device, dtype):
+    """Qwen3-MoE-like routing: 64 experts, 8 per token; most experts see 0 or 1 pair."""
+    T, E, k, H, inter = 9, 64, 8, 32, 16
+    x, w13, w2, weights, ids = _case(T, E, k, H, inter, dtype, device, seed=2)
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), moe_loop(x, w13, w2, weights, ids), **tol(dtype))
+
+
+@pytest.mark.parametrize("T", [2, 21])
+def test_moe_layer_triton_matches_torch_path(T):
+    """The whole MoE layer (router, top-k, shared expert with its gate) on the fused kernel
+    equals its per-expert torch path."""
+    config = ModelConfig(architecture="qwen2_moe", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64, num_experts=6,
+                         num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
+                         shared_expert_intermediate_size=40)
+    torch.manual_seed(T)
+    layer = MoEMLP(config, prefix="model.layers.0.mlp")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(T, 32)
+    ref = layer(x)
+    layer.triton = True
+    torch.testing.assert_close(layer(x), ref, **tol(torch.float32))
