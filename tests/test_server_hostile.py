@@ -195,11 +195,12 @@ def test_slow_body_gets_408(server):
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")
-        s.settimeout(10)
+        s.settimeout(30)
         t0 = time.monotonic()
         response = s.recv(4096)
     assert response.startswith(b"HTTP/1.1 408"), response[:200]
-    assert 2.5 < time.monotonic() - t0 < 8  # --body-timeout 3
+    # --body-timeout 3; the upper bound leaves room for a loaded 2-core machine (9.8 s seen at load 25)
+    assert 2.5 < time.monotonic() - t0 < 20
 
 
 def test_tiny_temperature_is_greedy(server):
