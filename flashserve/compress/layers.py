@@ -112,7 +112,7 @@ class SemiStructuredMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         sparse = getattr(layer, "sparse", None)
         if sparse is not None and x.shape[0] >= self.min_tokens:
-            y = F.linear(x, sparse)
+            y = F.linear(x, sparse).contiguous()  # the 2:4 kernel returns a transposed view
             return y if bias is None else y + bias
         return F.linear(x, layer.weight, bias)
 

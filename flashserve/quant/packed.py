@@ -226,9 +226,10 @@ class Fp8Weight(PackedWeight):
         return self.weight.float()
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w8a8:  # fp8 activations, exact fp32 products
+        if self.w8a8:  # fp8 activations, exact fp32 products; on CUDA rounded to bf16 as _scaled_mm does
             xq, xs = ref.quantize_fp8(x)
-            return (ref.dequantize_fp8(xq, xs) @ self.dequantize().t()).to(x.dtype)
+            y = ref.dequantize_fp8(xq, xs) @ self.dequantize().t()
+            return (y.to(torch.bfloat16) if _on_cuda(x) else y).to(x.dtype)
         return super().reference(x)
 
 

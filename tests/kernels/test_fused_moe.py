@@ -72,7 +72,7 @@ def test_fused_moe_many_experts_top8(device, dtype):
 
 
 @pytest.mark.parametrize("T", [2, 21])
-def test_moe_layer_triton_matches_torch_path(T):
+def test_moe_layer_triton_matches_torch_path(device, T):
     """The whole MoE layer (router, top-k, shared expert with its gate) on the fused kernel
     equals its per-expert torch path."""
     config = ModelConfig(architecture="qwen2_moe", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -84,7 +84,8 @@ def test_moe_layer_triton_matches_torch_path(T):
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.2)
-    x = torch.randn(T, 32)
+    layer.to(device)
+    x = torch.randn(T, 32, device=device)
     ref = layer(x)
     layer.triton = True
     torch.testing.assert_close(layer(x), ref, **tol(torch.float32))
