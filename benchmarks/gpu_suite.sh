@@ -10,7 +10,7 @@
 #                                          # end, kernel timings at M = 1, 16 against bf16 cuBLAS
 #   bash benchmarks/gpu_suite.sh quant full  # (~15 min) all quant tests, kernel timings, batch-1 latency per
 #                                          # mode (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
-#   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 students, cascade]
+#   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 quality table, students, cascade]
 #   bash benchmarks/gpu_suite.sh server    # grammar masks on the GPU (tests) and structured-output cost
 #                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
 #   bash benchmarks/gpu_suite.sh moe       # MoE: GPU tests, fused kernel vs expert loop, batch-1 and throughput
@@ -84,10 +84,11 @@ case "${1:-}" in
     fi
     ;;
   compress)  # docs/compression.md: `compress` = 2:4 / low-rank GPU tests and speed at Llama-3.1-8B shapes (~2.5 min);
-             # `compress distill` = SmolLM2 students of 15 and 7 of 30 layers, white and black box (~8 min)
+             # `compress distill` = SmolLM2 quality table, students of 15 and 7 of 30 layers, white and black box (~12 min)
     if [ "${2:-speed}" = distill ]; then
       d="$out/distill"
       mkdir -p "$d"
+      stage compress-quality 400 $fs bench compress-quality --output-json "$out/compress-quality.json"
       for m in white black; do
         for n in 15 7; do
           stage "distill-$m-$n" 240 $fs distill --layers "$n" --mode "$m" --samples 2048 --gen-tokens 192 --steps 300 \
