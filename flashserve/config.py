@@ -16,17 +16,64 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
+
+
+# Attention kinds (``AttentionSpec.kind``); ``flashserve.layers.sparse_attention`` defines each.
+ATTENTION_KINDS = ("full", "sliding", "h2o", "quest", "lsh")
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """How one layer attends. ``kind`` names a variant the attention backends implement
-    ("full": causal attention over the whole context); the other fields parameterise variants."""
+    """How one layer attends. ``kind`` names a variant the attention backends implement:
+
+    * ``full``: causal attention over the whole context;
+    * ``sliding``: the last ``sliding_window`` tokens (itself included), every ``dilation``-th
+      one (the window then spans ``(sliding_window - 1) * dilation + 1`` positions), plus the
+      first ``num_sinks`` tokens (StreamingLLM's attention sinks / global tokens);
+    * ``h2o``: heavy hitters: keeps ``kv_budget`` of the context per KV head, the recent half
+      and the tokens with the most accumulated attention, plus the sinks; evicted ones are gone;
+    * ``quest``: per step and KV head, reads the ``kv_budget`` share of the context's pages
+      with the highest upper bound of q.k (per-page key minima and maxima), plus the sinks;
+    * ``lsh``: tokens whose key hashes (random rotations) into the query's bucket among
+      ``num_buckets``, plus the sinks and the last ``sliding_window`` tokens.
+    """
 
     kind: str = "full"
     sliding_window: int | None = None  # tokens a query sees (itself included), for windowed kinds
     rope_theta: float | None = None  # this layer's rope base (None: the model's)
+    dilation: int = 1
+    num_sinks: int = 0
+    kv_budget: float | None = None
+    num_buckets: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {self.kind!r}; known: {', '.join(ATTENTION_KINDS)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"the attention window must be >= 1 token, got {self.sliding_window}")
+        if self.kind == "sliding" and self.sliding_window is None:
+            raise ValueError("sliding attention needs a window (sliding_window >= 1)")
+        if self.dilation < 1:
+            raise ValueError(f"the window dilation must be >= 1, got {self.dilation}")
+        if self.num_sinks < 0:
+            raise ValueError(f"the number of sink tokens must be >= 0, got {self.num_sinks}")
+        if self.kind in ("h2o", "quest"):
+            if self.kv_budget is None or not 0.0 < self.kv_budget <= 1.0:
+                raise ValueError(f"{self.kind} attention needs a KV budget in (0, 1], got {self.kv_budget}")
+        elif self.kv_budget is not None:
+            raise ValueError(f"kv_budget applies to h2o and quest attention, not {self.kind!r}")
+        if self.kind == "lsh" and (self.num_buckets is None or not 2 <= self.num_buckets <= 64
+                                   or self.num_buckets % 2):
+            raise ValueError(f"lsh attention needs an even number of buckets in [2, 64], got {self.num_buckets}")
+
+    @property
+    def span(self) -> int | None:
+        """Positions from the oldest windowed key a query sees to the query itself, inclusive."""
+        if self.sliding_window is None:
+            return None
+        return (self.sliding_window - 1) * self.dilation + 1
 
 
 @dataclass(frozen=True)
@@ -57,11 +104,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
-    sliding_window: int | None = None  # Mistral v0.1: refused unless it covers the whole context
+    sliding_window: int | None = None  # the window of the model's sliding layers (Mistral, Gemma 3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hidden_act: str = "silu"
     layer_types: tuple[LayerSpec, ...] | None = None  # per layer; None: every layer is LayerSpec()
+    attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
 
     def layer_spec(self, index: int) -> LayerSpec:
         return self.layer_types[index] if self.layer_types is not None else LayerSpec()
@@ -71,8 +119,9 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"unsupported activation {self.hidden_act!r}; only silu is implemented")
+        if self.hidden_act not in ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {self.hidden_act!r}; silu and tanh-approximated gelu "
+                             f"are implemented")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
 

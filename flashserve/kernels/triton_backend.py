@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.config import AttentionSpec
 from flashserve.kernels.cache_ops import store_kv
 from flashserve.kernels.decode_attention import (
     MAX_DECODE_ROWS,
@@ -37,6 +38,9 @@ from flashserve.kernels.utils import next_power_of_2, num_sms
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
 
 
+FULL = AttentionSpec()
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -45,6 +49,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention with Triton kernels (see module docstring for routing and graphs)."""
 
     name = "triton"
+    attention_kinds = ("full", "sliding")
 
     def __init__(
         self,
@@ -89,19 +94,22 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, Hq, D]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
+        window = dict(window=spec.sliding_window, dilation=spec.dilation, num_sinks=spec.num_sinks) \
+            if spec.kind == "sliding" else {}
         if self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
             paged_decode_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                 max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, scale=scale,
                 num_splits=self.decode_num_splits(meta, q, k_cache),
-                unified_max=self.unified_max, out=out,
+                unified_max=self.unified_max, out=out, **window,
             )
         else:
             paged_prefill_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                max_query_len=meta.max_query_len, scale=scale, out=out,
+                max_query_len=meta.max_query_len, scale=scale, out=out, **window,
             )
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,7 +90,9 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        spec: Any = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store the new k/v at ``meta.slot_mapping``, then attend causally over each sequence's
-        whole context (cached tokens followed by the new ones)."""
+        context (cached tokens followed by the new ones) as the layer's ``AttentionSpec`` says
+        (None: full attention)."""
         raise NotImplementedError
