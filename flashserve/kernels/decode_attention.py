@@ -72,7 +72,7 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_sb, stride_sh,
-    stride_bt,
+    stride_bt, stride_bth,  # block table: sequence, KV head (0: one table per sequence)
     stride_mot, stride_moh, stride_mos,  # with DIRECT_OUT: o's token / head / feature strides
     stride_mlt, stride_mlh,
     head_dim, num_kv_heads, num_splits,
@@ -127,7 +127,7 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)  # running max (online) / observed max (unified)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt + kvh * stride_bth
     win_len = win * dil
 
     if WINDOW:
@@ -284,7 +284,7 @@ def paged_decode_attention(
     v_cache: torch.Tensor,
     query_start_loc: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, or [B, Hkv, max_blocks]: one per KV head
     max_query_len: int,  # host int: largest new-token count of any sequence (1 for decode)
     max_seq_len: int,  # host int: largest context (or a cap: it only sizes num_splits)
     scale: float,
@@ -307,7 +307,8 @@ def paged_decode_attention(
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.stride() == v_cache.stride()
-    assert k_cache.shape[3] == head_dim and block_tables.stride(1) == 1
+    assert k_cache.shape[3] == head_dim and block_tables.stride(-1) == 1
+    stride_bth = block_tables.stride(1) if block_tables.dim() == 3 else 0
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     block_q = next_power_of_2(max(1, max_query_len))
@@ -348,7 +349,7 @@ def paged_decode_attention(
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
             qa.stride_sb, qa.stride_sh,
-            block_tables.stride(0),
+            block_tables.stride(0), stride_bth,
             *mo_strides,
             mid_lse.stride(0), mid_lse.stride(1),
             head_dim, num_kv_heads, num_splits,

@@ -17,6 +17,7 @@ from flashserve.config import AttentionSpec
 from flashserve.kernels import kv_quant
 from flashserve.kernels.reference import window_mask
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
+from flashserve.layers.sparse_attention import SideStates, h2o_accumulate_and_evict, visible_keys
 
 
 FULL = AttentionSpec()
@@ -103,6 +104,24 @@ def grouped_attention(
     return out.to(out_dtype)
 
 
+def masked_attention(
+    q: torch.Tensor,  # [L, H, D]
+    k: torch.Tensor,  # [S, Hkv, D]
+    v: torch.Tensor,  # [S, Hkv, D]
+    scale: float,
+    mask: torch.Tensor,  # [Hkv, G * L, S] bool, rows g * L + l (every row sees at least one key)
+) -> tuple[torch.Tensor, torch.Tensor]:  # [L, H, D], probabilities [Hkv, G * L, S] fp32
+    """Attention with an explicit per-KV-head mask, in fp32, returning the probabilities too."""
+    L, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.float().view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * L, D)
+    scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale  # [Hkv, G * L, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, G * L, D]
+    return out.view(Hkv, G, L, D).permute(2, 0, 1, 3).reshape(L, H, D).to(q.dtype), probs
+
+
 def key_positions(spec: AttentionSpec, seq_len: int, query_len: int) -> tuple[int, int]:
     """The keys a sliding layer's queries can see: positions [0, sink_end) and [lo, seq_len)."""
     if spec.kind != "sliding":
@@ -119,7 +138,10 @@ class TorchAttentionBackend(AttentionBackend):
     """
 
     name = "torch"
-    attention_kinds = ("full", "sliding")
+    attention_kinds = ("full", "sliding", "h2o", "quest", "lsh")
+
+    def __init__(self) -> None:
+        self.side_states = SideStates()  # per layer cache: h2o / quest side state
 
     def forward(
         self,
@@ -133,8 +155,16 @@ class TorchAttentionBackend(AttentionBackend):
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, H, D]
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
+        state = None
         if has_cache:
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self._valid_slots(meta))
+            valid = self._valid_slots(meta)
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, valid)
+            if spec.kind in ("quest", "h2o"):
+                state = self.side_states.get(k_cache)
+                new_slots = meta.slot_mapping if valid is None else meta.slot_mapping[valid]
+                state.update(spec, k if valid is None else k[valid], new_slots)
+        elif spec.kind in ("quest", "h2o"):
+            raise ValueError(f"{spec.kind} attention needs a KV cache")
         outputs = []
         start = 0
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -149,6 +179,15 @@ class TorchAttentionBackend(AttentionBackend):
             else:  # no cache (a profiling run): the new tokens are the whole context
                 keys, values = k[start:end], v[start:end]
                 k_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+                slots = None
+            if spec.kind in ("h2o", "quest", "lsh"):
+                mask = visible_keys(spec, q[start:end], keys, slots, state, scale)
+                out, probs = masked_attention(q[start:end], keys, values, scale, mask)
+                if spec.kind == "h2o":
+                    h2o_accumulate_and_evict(spec, probs, slots, state)
+                outputs.append(out)
+                start = end
+                continue
             mask = None
             if spec.kind == "sliding":
                 q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
