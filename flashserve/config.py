@@ -7,7 +7,7 @@ This module imports only the standard library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 # Architectures one decoder implementation covers, keyed by the Hugging Face class name.
@@ -114,6 +114,19 @@ class ModelConfig:
     def layer_spec(self, index: int) -> LayerSpec:
         return self.layer_types[index] if self.layer_types is not None else LayerSpec()
 
+    def with_attention(self, attention: AttentionSpec | None) -> ModelConfig:
+        """This config with ``attention`` in every layer the model itself gives full attention
+        (its own windowed layers keep their window; each layer keeps its rope base)."""
+        if attention is None:
+            return self
+        specs = []
+        for i in range(self.num_layers):
+            spec = self.layer_spec(i)
+            if spec.attention.kind == "full":
+                spec = replace(spec, attention=replace(attention, rope_theta=spec.attention.rope_theta))
+            specs.append(spec)
+        return replace(self, layer_types=tuple(specs))
+
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
@@ -202,6 +215,7 @@ class EngineConfig:
     async_scheduling: bool = True  # plan step N+1 while step N runs
     executor: str = "inproc"  # inproc | process (the Worker in its own process, over torch.distributed)
     quantization: str = "auto"  # one of QUANTIZATION_MODES (flashserve.quant)
+    attention: AttentionSpec | None = None  # replaces the model's full attention layers (None: the model's own)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -266,6 +280,16 @@ class EngineArgs:
     quantization: str = _arg("auto", "weights: auto (the checkpoint's own: GGUF blocks kept packed unless --dtype "
                                      "is given, GPTQ, AWQ), none (dense), or online int8 / int4 / fp8 "
                                      "(docs/quantization.md)", choices=QUANTIZATION_MODES)
+    attention: str = _arg("auto", "attention of the model's full-attention layers: the model's own, a sliding window, "
+                                  "window + sink tokens (StreamingLLM), H2O heavy hitters, Quest page selection or "
+                                  "LSH buckets", choices=("auto", "full", "sliding", "sinks", "h2o", "quest", "lsh"))
+    attention_window: int | None = _arg(None, "sliding / sinks: tokens a query sees, itself included; lsh: local "
+                                              "window (default 1)")
+    attention_dilation: int = _arg(1, "sliding / sinks: attend to every n-th token of the window")
+    attention_sinks: int | None = _arg(None, "first tokens every query also sees and that are never evicted "
+                                             "(default 4 for sinks, else 0)")
+    kv_budget: float | None = _arg(None, "h2o / quest: fraction of the context kept / read, in (0, 1]")
+    lsh_buckets: int = _arg(8, "lsh: hash buckets (even, 2-64)")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -281,6 +305,7 @@ class EngineArgs:
             async_scheduling=self.async_scheduling,
             executor=self.executor,
             quantization=self.quantization,
+            attention=self.attention_spec(),
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,
@@ -297,6 +322,28 @@ class EngineArgs:
                 policy=self.policy,
                 preemption_mode=self.preemption_mode,
             ),
+        )
+
+    def attention_spec(self) -> AttentionSpec | None:
+        """The ``attention*`` options as one AttentionSpec (ValueError naming a bad value)."""
+        kind = self.attention
+        if kind == "auto":
+            if self.attention_window is not None or self.kv_budget is not None or self.attention_sinks is not None:
+                raise ValueError("attention_window, attention_sinks and kv_budget need an attention kind "
+                                 "(sliding, sinks, h2o, quest, lsh)")
+            return None
+        sinks = self.attention_sinks if self.attention_sinks is not None else (4 if kind == "sinks" else 0)
+        if kind in ("sliding", "sinks") and self.attention_window is None:
+            raise ValueError(f"attention={kind!r} needs attention_window (tokens a query sees, >= 1)")
+        if kind == "sinks" and sinks < 1:
+            raise ValueError(f"attention='sinks' needs attention_sinks >= 1, got {sinks}")
+        return AttentionSpec(
+            kind="sliding" if kind == "sinks" else kind,
+            sliding_window=self.attention_window if kind != "lsh" else (self.attention_window or 1),
+            dilation=self.attention_dilation,
+            num_sinks=sinks,
+            kv_budget=self.kv_budget,
+            num_buckets=self.lsh_buckets if kind == "lsh" else None,
         )
 
     @classmethod

@@ -96,7 +96,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or source, "auto" if config.tokenizer else config.load_format)
         if self.tokenizer is None:
             logger.warning("flashserve: %s has no tokenizer files; the engine takes prompts as token ids only", source)
-        self.model_config = mc = load_model_config(source, config.load_format)
+        self.model_config = mc = load_model_config(source, config.load_format).with_attention(config.attention)
         if self.tokenizer is not None and len(self.tokenizer) > mc.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{mc.vocab_size}; give a tokenizer made for this model")

@@ -85,6 +85,20 @@ def quest_num_pages(spec: AttentionSpec, num_pages: int, block_size: int) -> int
     return min(num_pages, max(math.ceil(spec.kv_budget * num_pages), 1 + sink_pages))
 
 
+def page_bounds(
+    q: torch.Tensor,  # [..., L, G, D] fp32
+    lo: torch.Tensor,  # [..., pages, D] fp32 per-page key minima
+    hi: torch.Tensor,  # [..., pages, D] maxima
+) -> torch.Tensor:  # [..., L, G, pages]
+    """Quest's upper bound of q . k over each page: sum_d max(q_d lo_d, q_d hi_d)
+    = relu(q) . hi - relu(-q) . lo (two matmuls)."""
+    lead = q.shape[:-3]
+    L, G, D = q.shape[-3:]
+    flat = q.reshape(*lead, L * G, D)
+    bound = flat.clamp(min=0) @ hi.transpose(-1, -2) + flat.clamp(max=0) @ lo.transpose(-1, -2)
+    return bound.reshape(*lead, L, G, lo.shape[-2])
+
+
 def _lsh_rotation(spec: AttentionSpec, head_dim: int, device: torch.device) -> torch.Tensor:
     """The fixed random rotation [D, num_buckets / 2] of a layer (seeded by its parameters)."""
     g = torch.Generator().manual_seed(1000 + spec.num_buckets)
@@ -129,11 +143,10 @@ def visible_keys(
         bs = state.block_size
         pages = -(-S // bs)
         blocks = slots[::bs] // bs  # [pages] physical block of each page
-        lo, hi = state.bounds[blocks, 0], state.bounds[blocks, 1]  # [pages, Hkv, D]
-        qf = qg.float()  # [L, Hkv, G, D]
+        lo, hi = state.bounds[blocks, 0].float(), state.bounds[blocks, 1].float()  # [pages, Hkv, D]
         # upper bound of q.k over each page, max over the group's heads: [L, Hkv, pages]
-        bound = torch.maximum(qf[:, :, :, None, :] * lo.permute(1, 0, 2)[None, :, None],
-                              qf[:, :, :, None, :] * hi.permute(1, 0, 2)[None, :, None]).sum(-1).amax(2)
+        bound = page_bounds(qg.float().transpose(0, 1), lo.transpose(0, 1), hi.transpose(0, 1))  # [Hkv, L, G, pages]
+        bound = bound.amax(2).transpose(0, 1)
         page_of_q = q_pos // bs  # [L]
         page_ids = torch.arange(pages, device=q.device)
         reachable = page_ids[None, :] <= page_of_q[:, None]  # [L, pages]
@@ -188,10 +201,9 @@ def quest_block_tables(
     Hkv, bs = state.num_kv_heads, state.block_size
     G = Hq // Hkv
     P = block_tables.shape[1]
-    bounds = state.bounds[block_tables.long()]  # [B, P, 2, Hkv, D]
-    qf = q.float().view(B, 1, Hkv, G, D)
-    lo, hi = bounds[:, :, 0, :, None, :].float(), bounds[:, :, 1, :, None, :].float()  # [B, P, Hkv, 1, D]
-    bound = torch.maximum(qf * lo, qf * hi).sum(-1).amax(-1).transpose(1, 2)  # [B, Hkv, P]
+    bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
+    lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
+    bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]  # [B, Hkv, P]
     num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
     page_ids = torch.arange(P, device=q.device)
     sink_pages = -(-spec.num_sinks // bs)

@@ -125,7 +125,8 @@ class Worker:
         t0 = time.perf_counter()
         source = config.model if config.model is not None else default_model_path()
         self.model, _ = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend, config.seed,
-                                   quantization=config.quantization, dense_gguf=config.dtype != "auto")
+                                   quantization=config.quantization, dense_gguf=config.dtype != "auto",
+                                   attention=config.attention)
         if self.device.type == "cpu":
             pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
         load_s = time.perf_counter() - t0
