@@ -295,6 +295,10 @@ class BlockManager:
         self.prefix_hits += len(reused) * self.block_size
         return table
 
+    def trim(self, request_id: str, start: int) -> None:
+        """Release blocks that a step starting at position ``start`` and every later one can no
+        longer read: none with full attention (``flashserve.cache.window`` frees out-of-window ones)."""
+
     def record_query(self, num_tokens: int) -> None:
         self.prefix_queries += num_tokens
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flashserve.cache.block_manager import BlockManager
+from flashserve.cache.window import make_block_manager
 from flashserve.config import EngineConfig
 from flashserve.engine.core import EngineCore
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
@@ -112,8 +112,8 @@ class LLMEngine:
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
-        self.block_manager = BlockManager(info.num_blocks, info.block_size, config.cache.enable_prefix_caching,
-                                          info.num_host_blocks)
+        self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
+                                                config.cache.enable_prefix_caching, info.num_host_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
         self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model)

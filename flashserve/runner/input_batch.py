@@ -125,10 +125,11 @@ class InputBatch:
         for e, st in zip(entries, states):
             if e.new_block_ids:
                 n = len(e.new_block_ids)
-                self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = e.new_block_ids
+                ids = [max(b, 0) for b in e.new_block_ids]  # a released block (-1, windowed) is never read
+                self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = ids
                 upd_slot += [st.slot] * n
                 upd_col += range(st.num_blocks, st.num_blocks + n)
-                upd_blk += e.new_block_ids
+                upd_blk += ids
                 st.num_blocks += n
         count = len(entries)
         starts = np.fromiter((e.start_pos for e in entries), np.int64, count)

@@ -168,6 +168,7 @@ class Scheduler:
         bm = self.block_manager
         rid = request.request_id
         start = request.num_computed_tokens
+        bm.trim(rid, start)  # blocks out of every window (flashserve.cache.window)
         bm.assert_writable(rid, start, start + num_new)
         sample = start + num_new == request.num_tokens
         request.num_computed_tokens += num_new
