@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve-sim": ("flashserve.bench.serve_sim", "replay a Poisson trace against the engine for each policy"),
     "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
+    "attention": ("flashserve.bench.attention", "decode attention and tok/s of windowed / selective attention (GPU)"),
     "attention-quality": ("flashserve.bench.attention_quality", "perplexity of each attention kind against its KV budget"),
 }
 

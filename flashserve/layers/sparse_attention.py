@@ -201,10 +201,15 @@ def quest_block_tables(
     Hkv, bs = state.num_kv_heads, state.block_size
     G = Hq // Hkv
     P = block_tables.shape[1]
-    bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
-    lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
-    bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]  # [B, Hkv, P]
     num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
+    if q.is_cuda:  # one pass over the bounds (flashserve.kernels.quest)
+        from flashserve.kernels.quest import quest_page_scores
+
+        bound = quest_page_scores(q, state.bounds, block_tables, seq_lens, bs)  # [B, Hkv, P]
+    else:
+        bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
+        lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
+        bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
     page_ids = torch.arange(P, device=q.device)
     sink_pages = -(-spec.num_sinks // bs)
     forced = (page_ids[None, :] == num_pages[:, None] - 1) | (page_ids[None, :] < sink_pages)

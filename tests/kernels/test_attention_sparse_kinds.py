@@ -179,3 +179,25 @@ def test_quest_decode_kernel_matches_torch_backend(device):
             state.update(spec, kc.flatten(0, 1)[slots], slots)
         outs.append(backend.forward(batch.q, batch.k_new, batch.v_new, kc, vc, batch.meta, 0.25, spec))
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
+
+
+def test_quest_page_score_kernel_matches_torch(device):
+    from flashserve.kernels.quest import quest_page_scores
+    from flashserve.layers.sparse_attention import page_bounds
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, bs, P = 3, 8, 2, 32, 4, 37
+    bounds = torch.randn(50, 2, Hkv, D, generator=g)
+    bounds = torch.stack([bounds.amin(1), bounds.amax(1)], 1).to(device)  # lo <= hi
+    q = torch.randn(B, Hq, D, generator=g).to(device)
+    tables = torch.randint(0, 50, (B, P), generator=g, dtype=torch.int32).to(device)
+    seq_lens = torch.tensor([145, 1, 60], dtype=torch.int32, device=device)
+    out = quest_page_scores(q, bounds, tables, seq_lens, bs)
+    sel = bounds[tables.long()].float()  # [B, P, 2, Hkv, D]
+    ref = page_bounds(q.float().view(B, Hkv, 1, Hq // Hkv, D), sel[:, :, 0].transpose(1, 2),
+                      sel[:, :, 1].transpose(1, 2)).amax(-2)[:, :, 0]
+    pages = (seq_lens.long() + bs - 1) // bs
+    valid = torch.arange(P, device=device)[None, :] < pages[:, None]
+    torch.testing.assert_close(out[valid[:, None, :].expand_as(out)], ref[valid[:, None, :].expand_as(ref)],
+                               atol=1e-4, rtol=1e-4)
+    assert (out[~valid[:, None, :].expand_as(out)] == float("-inf")).all()
