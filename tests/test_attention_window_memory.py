@@ -11,7 +11,8 @@ import torch
 
 from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
-from flashserve.cache.window import HOLE, WindowedBlockManager, window_memory
+from flashserve.cache.kv_groups import kv_layout
+from flashserve.cache.window import HOLE, WindowedBlockManager
 from flashserve.config import AttentionSpec, LayerSpec
 from flashserve.runner.kv_cache import bytes_per_block
 from test_engine import hf_greedy, prompts
@@ -53,7 +54,7 @@ def test_windowed_model_holds_bounded_blocks_over_a_long_generation(mistral):
     folder, hf = mistral
     llm = _engine(folder)
     engine = llm.engine
-    assert window_memory(engine.model_config) == (0, 8)
+    assert kv_layout(engine.model_config).groups[0].span == 8
     prompt = prompts(1, seed=1, lo=12, hi=12)[0]
     engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=36, ignore_eos=True))
     held, out = [], None
@@ -133,4 +134,67 @@ def test_with_attention_keeps_the_models_own_windows():
     mc = ModelConfig("gemma3", 10, 8, 16, 2, 1, 1, 8, 64, hidden_act="gelu_pytorch_tanh", layer_types=(local, glob))
     out = mc.with_attention(AttentionSpec("h2o", kv_budget=0.2, num_sinks=4))
     assert out.layer_spec(0) == local and out.layer_spec(1).attention.kind == "h2o"
-    assert out.layer_spec(1).mlp == "gated_gelu_tanh" and window_memory(out) is None
+    assert out.layer_spec(1).mlp == "gated_gelu_tanh" and kv_layout(out).num_groups == 2
+
+
+def _gemma_like(num_layers: int = 18, window: int = 8):
+    from flashserve.config import ModelConfig
+
+    local = LayerSpec(AttentionSpec("sliding", window, rope_theta=1e4), "gated_gelu_tanh")
+    glob = LayerSpec(AttentionSpec(), "gated_gelu_tanh")
+    return ModelConfig("gemma3", 10, 8, 16, num_layers, 1, 1, 8, 64, hidden_act="gelu_pytorch_tanh",
+                       layer_types=tuple(local if i % 6 < 5 else glob for i in range(num_layers)))
+
+
+def test_layout_groups_layers_by_memory_kind():
+    layout = kv_layout(_gemma_like())
+    assert layout.slab == 3 and layout.num_groups == 6  # 15 local layers in 5 groups of 3, the 3 global ones
+    assert [g.span for g in layout.groups] == [8] * 5 + [None]
+    assert layout.layer_group[5] == layout.layer_group[11] == layout.layer_group[17] == 5
+    assert sorted(zip(layout.layer_group, layout.layer_slab)) == sorted({(g, r) for g in range(6) for r in range(3)})
+    uneven = kv_layout(_gemma_like(8))  # 7 local, 1 global: slab 1, every layer its own group
+    assert uneven.slab == 1 and uneven.num_groups == 8
+
+
+def test_grouped_manager_releases_windowed_groups_only():
+    from flashserve.cache.kv_groups import GroupedBlockManager
+
+    layout = kv_layout(_gemma_like(12, window=8))  # 10 local, 2 global: slab 2, 6 groups
+    bm = GroupedBlockManager(64, 4, True, 16, layout)
+    assert bm.allocate_slots("a", 24) is not None and bm.num_used_blocks == 6 * 6
+    bm.trim("a", 24)  # the query at 24 sees [17, 24]: positions 0-15 (blocks 0-3) are out of every window
+    tables = bm.block_tables("a")
+    assert all(t[:4] == [HOLE] * 4 and HOLE not in t[4:] for t in tables[:5]) and HOLE not in tables[5]
+    assert bm.num_used_blocks == 5 * 2 + 6 and bm.blocks_held("a") == 16
+    bm.check_invariants()
+    pairs = bm.swap_out("a")
+    assert len(pairs) == 16 and bm.num_used_blocks == 0
+    assert len(bm.swap_in("a")) == 16 and bm.block_tables("a")[0][:4] == [HOLE] * 4
+    bm.free("a")
+    assert bm.num_used_blocks == 0
+    bm.check_invariants()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma3")
+    return str(folder), make_tiny_checkpoint("gemma3", folder, seed=6)
+
+
+def test_gemma3_local_layers_hold_a_window_the_global_layer_everything(gemma):
+    folder, hf = gemma
+    engine = _engine(folder).engine
+    layout = kv_layout(engine.model_config)  # local, global, local: slab 1, three groups
+    assert layout.num_groups == 3 and [g.span for g in layout.groups] == [8, 8, None]
+    prompt = prompts(1, seed=2, lo=12, hi=12)[0]
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=36, ignore_eos=True))
+    out, held = None, []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+        if engine.has_unfinished_requests():
+            held.append([sum(b != HOLE for b in t) for t in engine.block_manager.block_tables("r")])
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 36)
+    final = held[-1]
+    assert final[2] == -(-47 // 4) and max(final[:2]) <= 4  # global: all 47 tokens; local: the window
+    assert engine.block_manager.num_used_blocks == 0

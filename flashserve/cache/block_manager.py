@@ -221,6 +221,10 @@ class BlockManager:
     def block_table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
 
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        """The request's table of each group of layers (one here; ``flashserve.cache.kv_groups``)."""
+        return [self.block_table(request_id)]
+
     def can_allocate(self, request_id: str, total_tokens: int) -> bool:
         have = len(self.tables.get(request_id, ()))
         return self.blocks_needed(total_tokens) - have <= self.pool.num_free

@@ -15,25 +15,16 @@ request with the same prefix can still reuse it; a lookup stops at the first evi
 Swap moves only the blocks held; the holes come back as holes. Freed blocks may still be read
 by the step in flight: any later owner writes them in a later step, in stream order.
 
-Models that mix windowed and full layers (Gemma 3) keep every block for now: the block table is
-shared by all layers, and the full layers need the whole context.
+Models that mix windowed and full layers (Gemma 3) keep one table per group of layers
+(``flashserve.cache.kv_groups``), each windowed group one of these.
 """
 
 from __future__ import annotations
 
 from flashserve.cache.block_manager import BlockManager, PrefixHit
-from flashserve.config import ModelConfig
 from flashserve.request import Request
 
 HOLE = -1  # a table entry whose block was released (its positions are out of every window)
-
-
-def window_memory(config: ModelConfig) -> tuple[int, int] | None:
-    """(sinks, span) when every layer is a sliding window (the largest of each), else None."""
-    specs = [config.layer_spec(i).attention for i in range(config.num_layers)]
-    if not specs or any(s.kind != "sliding" for s in specs):
-        return None
-    return max(s.num_sinks for s in specs), max(s.span for s in specs)
 
 
 class WindowedBlockManager(BlockManager):
@@ -125,13 +116,3 @@ class WindowedBlockManager(BlockManager):
             super().check_invariants()
         finally:
             self.tables, self.host_tables = saved
-
-
-def make_block_manager(config: ModelConfig, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                       num_host_blocks: int) -> BlockManager:
-    """A WindowedBlockManager when every layer is windowed, else a plain BlockManager."""
-    memory = window_memory(config)
-    if memory is None:
-        return BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
-    sinks, span = memory
-    return WindowedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks, sinks=sinks, span=span)

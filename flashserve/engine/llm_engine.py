@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flashserve.cache.window import make_block_manager
+from flashserve.cache.kv_groups import make_block_manager
 from flashserve.config import EngineConfig
 from flashserve.engine.core import EngineCore
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
@@ -357,7 +357,8 @@ class LLMEngine:
             raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache ({bm.num_free_blocks} free blocks "
                              f"of {bm.block_size} tokens); score a shorter text or give the cache more memory")
         try:
-            table = bm.block_table(rid)
+            tables = bm.block_tables(rid)
+            table = tables[0] if len(tables) == 1 else tables
             for start in range(0, len(token_ids) - 1, chunk_size):
                 chunk = token_ids[start : min(start + chunk_size, len(token_ids) - 1)]
                 yield self.executor.score_chunk(chunk, start, table)

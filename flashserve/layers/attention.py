@@ -247,6 +247,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.kv_group = 0  # the layer's group of block tables (flashserve.cache.kv_groups; set by the Worker)
 
     def forward(
         self,
@@ -256,7 +257,7 @@ class Attention(nn.Module):
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
     ) -> torch.Tensor:
-        meta = get_forward_context()
+        meta = get_forward_context().for_group(self.kv_group)
         T = q.shape[0]
         out = self.backend.forward(
             q.view(T, self.num_heads, self.head_dim),

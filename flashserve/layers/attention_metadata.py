@@ -42,6 +42,12 @@ class AttentionMetadata:
     is_decode: bool = False
     # Values a backend derives from this metadata once per step and reuses in every layer.
     memo: dict = field(default_factory=dict)
+    # Models with several groups of layers (flashserve.cache.kv_groups): the metadata of groups
+    # 1, 2, ... (their own block tables and slot mappings); a layer of group g > 0 reads groups[g - 1].
+    groups: tuple[AttentionMetadata, ...] = ()
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        return self if group == 0 else self.groups[group - 1]
 
     @property
     def num_seqs(self) -> int:
