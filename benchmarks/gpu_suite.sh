@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_suite.sh kernels   # attention kernels against SDPA / cuDNN and the read ceiling
 #   bash benchmarks/gpu_suite.sh quant     # quantized weights: GPU tests, kernel timings, batch-1 per mode
 #                                          # (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
+#   bash benchmarks/gpu_suite.sh attn      # windowed / Quest attention: kernel tests at full size, decode attention
+#                                          # and end-to-end tok/s at 32k (Llama-3.1-8B shapes) against full attention
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -66,8 +68,13 @@ case "${1:-}" in
         --quantization "$q" --output-json "$out/throughput-llama8b-$q.json"
     done
     ;;
+  attn)  # docs/attention.md: window / sinks / Quest in the Triton kernels, then the 32k decode table
+    stage attn-tests 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_window_kernels.py \
+      tests/kernels/test_attention_sparse_kinds.py tests/test_attention_gpu.py
+    stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant" >&2
+    echo "usage: $0 tests|engine|kernels|quant|attn" >&2
     exit 2
     ;;
 esac

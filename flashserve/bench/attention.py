@@ -19,6 +19,7 @@ H2O and LSH run in the torch backend only and are not timed here.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per method (end to end)")
     p.add_argument("--model", default="llama-3.1-8b", help="bundled config for dummy weights")
     p.add_argument("--skip-e2e", action="store_true", help="kernel timings only")
+    p.add_argument("--output-json", default=None)
 
 
 def _kv_gib_per_seq(spec, context: int, block_size: int, bytes_per_token: int) -> float:
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     per_token = 2 * 32 * 8 * 128 * 2  # K and V bytes per token, all 32 layers
     full_gib = _kv_gib_per_seq(methods[0][1], args.context, 16, per_token)
     print(f"\nbench attention done in {time.perf_counter() - t0:.0f}s\n")
+    rows = []
     print("| method | batch | decode attention (us/layer) | speedup | e2e decode tok/s | speedup | KV per seq (GiB) | freed |")
     print("|---|---|---|---|---|---|---|---|")
     for b in batch_sizes:
@@ -139,6 +142,12 @@ def run(args: argparse.Namespace) -> int:
             kv = _kv_gib_per_seq(spec, args.context, 16, per_token)
             rate = e2e.get(b, [math.nan] * len(methods))[j]
             base_rate = e2e.get(b, [math.nan])[0]
+            rows.append({"method": name, "batch": b, "decode_attention_ms": kernel[b][j],
+                         "attention_speedup": kernel[b][0] / kernel[b][j], "e2e_tok_s": rate,
+                         "e2e_speedup": rate / base_rate, "kv_gib_per_seq": kv, "kv_freed": 1 - kv / full_gib})
             print(f"| {name} | {b} | {1000 * kernel[b][j]:.0f} | {kernel[b][0] / kernel[b][j]:.2f}x | {rate:.1f} | "
                   f"{rate / base_rate:.2f}x | {kv:.2f} | {100 * (1 - kv / full_gib):.0f}% |")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "context": args.context, "rows": rows}, f, indent=2)
     return 0

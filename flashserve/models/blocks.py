@@ -32,8 +32,8 @@ class GatedSiluMLP(nn.Module):
 class GatedGeluTanhMLP(GatedSiluMLP):
     """GeGLU MLP (Gemma): gelu_tanh(gate) * up, with GELU's tanh approximation."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
+        super().__init__(config, prefix)
         self.act_fn = GeluTanhAndMul()
 
 

@@ -50,13 +50,13 @@ class Gemma3DecoderLayer(nn.Module):
     fused into the pre-norms."""
 
     def __init__(self, config: ModelConfig, spec: LayerSpec, attn_backend: AttentionBackend,
-                 rotary_emb: RotaryEmbedding) -> None:
+                 rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, spec.attention, attn_backend, rotary_emb)
+        self.self_attn = LlamaAttention(config, spec.attention, attn_backend, rotary_emb, prefix=f"{prefix}.self_attn")
         self.self_attn.q_norm = gemma_norm(config.head_dim, eps)
         self.self_attn.k_norm = gemma_norm(config.head_dim, eps)
-        self.mlp = MLP_TYPES[spec.mlp](config)
+        self.mlp = MLP_TYPES[spec.mlp](config, prefix=f"{prefix}.mlp")
         self.input_layernorm = gemma_norm(config.hidden_size, eps)
         self.post_attention_layernorm = gemma_norm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = gemma_norm(config.hidden_size, eps)
@@ -80,7 +80,7 @@ class Gemma3Model(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens")
         # sqrt(hidden) rounded to the model's dtype, as transformers multiplies by it
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=torch.get_default_dtype()))
         specs = [config.layer_spec(i) for i in range(config.num_layers)]
@@ -88,7 +88,8 @@ class Gemma3Model(nn.Module):
         self.rotary = nn.ModuleList([make_rotary(config, t) for t in thetas])
         self._rope_index = [thetas.index(s.attention.rope_theta or config.rope_theta) for s in specs]
         self.layers = nn.ModuleList(
-            [Gemma3DecoderLayer(config, spec, attn_backend, self.rotary[j]) for spec, j in zip(specs, self._rope_index)]
+            [Gemma3DecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{i}")
+             for i, (spec, j) in enumerate(zip(specs, self._rope_index))]
         )
         self.norm = gemma_norm(config.hidden_size, config.rms_norm_eps)
 
@@ -120,4 +121,4 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.config = config
         self.model = Gemma3Model(config, attn_backend)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied, prefix="lm_head")
