@@ -25,7 +25,7 @@ def test_architectures_resolve_and_unknown_ones_are_named():
 
 def test_layers_take_their_mlp_and_rope_base_from_the_spec(monkeypatch):
     class ScaledMLP(nn.Module):  # a stand-in MLP kind registered for this test
-        def __init__(self, config):
+        def __init__(self, config, prefix=""):
             super().__init__()
             self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
