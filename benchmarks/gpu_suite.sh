@@ -15,6 +15,8 @@
 #                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
 #   bash benchmarks/gpu_suite.sh moe       # MoE: GPU tests, fused kernel vs expert loop, batch-1 and throughput
 #                                          # of dummy Qwen3-30B-A3B and Mixtral-8x7B (docs/moe.md)
+#   bash benchmarks/gpu_suite.sh attn      # windowed / Quest attention: kernel tests at full size, decode attention
+#                                          # and end-to-end tok/s at 32k (Llama-3.1-8B shapes) against full attention
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -116,8 +118,13 @@ case "${1:-}" in
         --output-json "$out/throughput-$m.json"
     done
     ;;
+  attn)  # docs/attention.md: window / sinks / Quest in the Triton kernels, then the 32k decode table
+    stage attn-tests 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_window_kernels.py \
+      tests/kernels/test_attention_sparse_kinds.py tests/test_attention_gpu.py
+    stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|attn [...]" >&2
     exit 2
     ;;
 esac

@@ -31,6 +31,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "compress-quality": ("flashserve.compress.sweep", "quality of pruning and low rank at several ratios on real text"),
     "cascade": ("flashserve.compress.cascade_eval", "small-then-large cascade: share, agreement and compute saved per threshold"),
     "moe": ("flashserve.bench.moe", "fused MoE kernel vs a loop over experts, one layer of Qwen3-30B-A3B / Mixtral-8x7B"),
+    "attention": ("flashserve.bench.attention", "decode attention and tok/s of windowed / selective attention (GPU)"),
+    "attention-quality": ("flashserve.bench.attention_quality", "perplexity of each attention kind against its KV budget"),
 }
 
 

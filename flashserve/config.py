@@ -7,7 +7,7 @@ This module imports only the standard library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 # Architectures one decoder implementation covers, keyed by the Hugging Face class name.
@@ -19,17 +19,64 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Gemma3ForCausalLM": "gemma3",
 }
+
+
+# Attention kinds (``AttentionSpec.kind``); ``flashserve.layers.sparse_attention`` defines each.
+ATTENTION_KINDS = ("full", "sliding", "h2o", "quest", "lsh")
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """How one layer attends. ``kind`` names a variant the attention backends implement
-    ("full": causal attention over the whole context); the other fields parameterise variants."""
+    """How one layer attends. ``kind`` names a variant the attention backends implement:
+
+    * ``full``: causal attention over the whole context;
+    * ``sliding``: the last ``sliding_window`` tokens (itself included), every ``dilation``-th
+      one (the window then spans ``(sliding_window - 1) * dilation + 1`` positions), plus the
+      first ``num_sinks`` tokens (StreamingLLM's attention sinks / global tokens);
+    * ``h2o``: heavy hitters: keeps ``kv_budget`` of the context per KV head, the recent half
+      and the tokens with the most accumulated attention, plus the sinks; evicted ones are gone;
+    * ``quest``: per step and KV head, reads the ``kv_budget`` share of the context's pages
+      with the highest upper bound of q.k (per-page key minima and maxima), plus the sinks;
+    * ``lsh``: tokens whose key hashes (random rotations) into the query's bucket among
+      ``num_buckets``, plus the sinks and the last ``sliding_window`` tokens.
+    """
 
     kind: str = "full"
     sliding_window: int | None = None  # tokens a query sees (itself included), for windowed kinds
     rope_theta: float | None = None  # this layer's rope base (None: the model's)
+    dilation: int = 1
+    num_sinks: int = 0
+    kv_budget: float | None = None
+    num_buckets: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {self.kind!r}; known: {', '.join(ATTENTION_KINDS)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"the attention window must be >= 1 token, got {self.sliding_window}")
+        if self.kind == "sliding" and self.sliding_window is None:
+            raise ValueError("sliding attention needs a window (sliding_window >= 1)")
+        if self.dilation < 1:
+            raise ValueError(f"the window dilation must be >= 1, got {self.dilation}")
+        if self.num_sinks < 0:
+            raise ValueError(f"the number of sink tokens must be >= 0, got {self.num_sinks}")
+        if self.kind in ("h2o", "quest"):
+            if self.kv_budget is None or not 0.0 < self.kv_budget <= 1.0:
+                raise ValueError(f"{self.kind} attention needs a KV budget in (0, 1], got {self.kv_budget}")
+        elif self.kv_budget is not None:
+            raise ValueError(f"kv_budget applies to h2o and quest attention, not {self.kind!r}")
+        if self.kind == "lsh" and (self.num_buckets is None or not 2 <= self.num_buckets <= 64
+                                   or self.num_buckets % 2):
+            raise ValueError(f"lsh attention needs an even number of buckets in [2, 64], got {self.num_buckets}")
+
+    @property
+    def span(self) -> int | None:
+        """Positions from the oldest windowed key a query sees to the query itself, inclusive."""
+        if self.sliding_window is None:
+            return None
+        return (self.sliding_window - 1) * self.dilation + 1
 
 
 @dataclass(frozen=True)
@@ -60,7 +107,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
-    sliding_window: int | None = None  # Mistral v0.1: refused unless it covers the whole context
+    sliding_window: int | None = None  # the window of the model's sliding layers (Mistral, Gemma 3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hidden_act: str = "silu"
@@ -72,17 +119,32 @@ class ModelConfig:
     moe_scoring: str = "softmax"  # router gating: softmax | sigmoid
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert with a sigmoid gate
+    attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
 
     def layer_spec(self, index: int) -> LayerSpec:
         return self.layer_types[index] if self.layer_types is not None else LayerSpec()
+
+    def with_attention(self, attention: AttentionSpec | None) -> ModelConfig:
+        """This config with ``attention`` in every layer the model itself gives full attention
+        (its own windowed layers keep their window; each layer keeps its rope base)."""
+        if attention is None:
+            return self
+        specs = []
+        for i in range(self.num_layers):
+            spec = self.layer_spec(i)
+            if spec.attention.kind == "full":
+                spec = replace(spec, attention=replace(attention, rope_theta=spec.attention.rope_theta))
+            specs.append(spec)
+        return replace(self, layer_types=tuple(specs))
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"unsupported activation {self.hidden_act!r}; only silu is implemented")
+        if self.hidden_act not in ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {self.hidden_act!r}; silu and tanh-approximated gelu "
+                             f"are implemented")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
         if self.num_experts:
@@ -181,6 +243,7 @@ class EngineConfig:
     async_scheduling: bool = True  # plan step N+1 while step N runs
     executor: str = "inproc"  # inproc | process (the Worker in its own process, over torch.distributed)
     quantization: str = "auto"  # one of QUANTIZATION_MODES (flashserve.quant)
+    attention: AttentionSpec | None = None  # replaces the model's full attention layers (None: the model's own)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -246,6 +309,16 @@ class EngineArgs:
     quantization: str = _arg("auto", "weights: auto (the checkpoint's own: GGUF blocks kept packed unless --dtype "
                                      "is given, GPTQ, AWQ), none (dense), or online int8 / int4 / fp8 "
                                      "(docs/quantization.md)", choices=QUANTIZATION_MODES)
+    attention: str = _arg("auto", "attention of the model's full-attention layers: the model's own, a sliding window, "
+                                  "window + sink tokens (StreamingLLM), H2O heavy hitters, Quest page selection or "
+                                  "LSH buckets", choices=("auto", "full", "sliding", "sinks", "h2o", "quest", "lsh"))
+    attention_window: int | None = _arg(None, "sliding / sinks: tokens a query sees, itself included; lsh: local "
+                                              "window (default 1)")
+    attention_dilation: int = _arg(1, "sliding / sinks: attend to every n-th token of the window")
+    attention_sinks: int | None = _arg(None, "first tokens every query also sees and that are never evicted "
+                                             "(default 4 for sinks, else 0)")
+    kv_budget: float | None = _arg(None, "h2o / quest: fraction of the context kept / read, in (0, 1]")
+    lsh_buckets: int = _arg(8, "lsh: hash buckets (even, 2-64)")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -261,6 +334,7 @@ class EngineArgs:
             async_scheduling=self.async_scheduling,
             executor=self.executor,
             quantization=self.quantization,
+            attention=self.attention_spec(),
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,
@@ -277,6 +351,28 @@ class EngineArgs:
                 policy=self.policy,
                 preemption_mode=self.preemption_mode,
             ),
+        )
+
+    def attention_spec(self) -> AttentionSpec | None:
+        """The ``attention*`` options as one AttentionSpec (ValueError naming a bad value)."""
+        kind = self.attention
+        if kind == "auto":
+            if self.attention_window is not None or self.kv_budget is not None or self.attention_sinks is not None:
+                raise ValueError("attention_window, attention_sinks and kv_budget need an attention kind "
+                                 "(sliding, sinks, h2o, quest, lsh)")
+            return None
+        sinks = self.attention_sinks if self.attention_sinks is not None else (4 if kind == "sinks" else 0)
+        if kind in ("sliding", "sinks") and self.attention_window is None:
+            raise ValueError(f"attention={kind!r} needs attention_window (tokens a query sees, >= 1)")
+        if kind == "sinks" and sinks < 1:
+            raise ValueError(f"attention='sinks' needs attention_sinks >= 1, got {sinks}")
+        return AttentionSpec(
+            kind="sliding" if kind == "sinks" else kind,
+            sliding_window=self.attention_window if kind != "lsh" else (self.attention_window or 1),
+            dilation=self.attention_dilation,
+            num_sinks=sinks,
+            kv_budget=self.kv_budget,
+            num_buckets=self.lsh_buckets if kind == "lsh" else None,
         )
 
     @classmethod

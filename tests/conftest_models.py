@@ -77,6 +77,21 @@ TINY_ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "MistralForCausalLM",
         dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False),
     ),
+    # Mistral with a sliding window shorter than the test prompts
+    "mistral_swa": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False),
+    ),
+    # Gemma 3: local (window 8, rope base 10k) and global layers, q/k norms, four norms per layer,
+    # GeGLU, scaled embeddings; a query scale that is not head_dim ** -0.5
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=3, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=24,
+             rope_theta=100000.0, tie_word_embeddings=True),
+    ),
     "qwen2_bias": (
         "Qwen2Config",
         "Qwen2ForCausalLM",

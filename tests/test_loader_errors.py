@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest_models import make_tiny_checkpoint, write_tiny_gguf
+from flashserve.config import AttentionSpec
 from flashserve.layers.attention import TorchAttentionBackend, get_attention_backend
 from flashserve.loader import bundled_config_names, load_model, load_model_config, load_tokenizer
 from flashserve.loader.hf_config import model_config_from_hf
@@ -130,12 +131,12 @@ def test_gguf_missing_and_truncated(tiny_dir, tmp_path):
         _load(not_gguf)
 
 
-def test_mistral_sliding_window_refused():
+def test_sliding_window_configs_become_layer_specs():
     cfg = {
         "architectures": ["MistralForCausalLM"],
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 1,
+        "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "vocab_size": 100,
@@ -144,17 +145,21 @@ def test_mistral_sliding_window_refused():
     }
     config = model_config_from_hf(cfg)
     assert config.sliding_window == 4096
-    from flashserve.models.llama import LlamaForCausalLM
-
-    with pytest.raises(ValueError, match="sliding-window attention is not implemented"):
-        LlamaForCausalLM(config, BACKEND)
+    assert [config.layer_spec(i).attention for i in range(2)] == [AttentionSpec("sliding", 4096)] * 2
     # a window covering the whole context is plain causal attention
     ok = model_config_from_hf({**cfg, "sliding_window": 32768})
-    with torch.device("meta"):
-        LlamaForCausalLM(ok, BACKEND)
-    # Qwen2 configs carry a sliding_window that is off unless use_sliding_window is set
+    assert ok.sliding_window is None and ok.layer_types is None
+    # Qwen2 configs carry a sliding_window that is off unless use_sliding_window is set; then it
+    # covers the layers from max_window_layers on
     qwen = model_config_from_hf({**cfg, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False})
-    assert qwen.sliding_window is None and qwen.attention_bias
+    assert qwen.sliding_window is None and qwen.attention_bias and qwen.layer_types is None
+    qwen = model_config_from_hf({**cfg, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+                                 "max_window_layers": 1})
+    assert [qwen.layer_spec(i).attention.kind for i in range(2)] == ["full", "sliding"]
+    with pytest.raises(ValueError, match="unsupported layer type 'chunked_attention'"):
+        model_config_from_hf({**cfg, "layer_types": ["chunked_attention", "full_attention"]})
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        model_config_from_hf({**cfg, "sliding_window": 0})
 
 
 def test_rope_formats_and_unsupported_rope():

@@ -19,7 +19,7 @@ TINY = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48,
 
 def test_architectures_resolve_and_unknown_ones_are_named():
     assert model_class("qwen3").__name__ == "LlamaForCausalLM"
-    with pytest.raises(ValueError, match="no model implements architecture 'gpt2'; supported: llama, mistral"):
+    with pytest.raises(ValueError, match="no model implements architecture 'gpt2'; supported: gemma3, llama, mistral"):
         model_class("gpt2")
 
 
@@ -46,8 +46,11 @@ def test_unknown_layer_parts_are_refused_before_allocation():
     bad_mlp = dataclasses.replace(TINY, layer_types=(LayerSpec(), LayerSpec(mlp="geglu_xl"), LayerSpec()))
     with pytest.raises(ValueError, match="layer 1: unknown MLP type 'geglu_xl'"):
         build_model(bad_mlp, torch.float32, "meta", TorchAttentionBackend())
+    class FullOnly(TorchAttentionBackend):
+        attention_kinds = ("full",)
+
     windowed = dataclasses.replace(TINY, layer_types=(LayerSpec(AttentionSpec("sliding", 16)),) * 3)
     with pytest.raises(ValueError, match="layer 0: the torch attention backend does not implement 'sliding'"):
-        build_model(windowed, torch.float32, "meta", TorchAttentionBackend())
+        build_model(windowed, torch.float32, "meta", FullOnly())
     with pytest.raises(ValueError, match="layer_types lists 2 layers, the model has 3"):
         dataclasses.replace(TINY, layer_types=(LayerSpec(), LayerSpec()))

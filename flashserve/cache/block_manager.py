@@ -221,6 +221,10 @@ class BlockManager:
     def block_table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
 
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        """The request's table of each group of layers (one here; ``flashserve.cache.kv_groups``)."""
+        return [self.block_table(request_id)]
+
     def can_allocate(self, request_id: str, total_tokens: int) -> bool:
         have = len(self.tables.get(request_id, ()))
         return self.blocks_needed(total_tokens) - have <= self.pool.num_free
@@ -294,6 +298,10 @@ class BlockManager:
             table.extend(self.pool.allocate(extra))
         self.prefix_hits += len(reused) * self.block_size
         return table
+
+    def trim(self, request_id: str, start: int) -> None:
+        """Release blocks that a step starting at position ``start`` and every later one can no
+        longer read: none with full attention (``flashserve.cache.window`` frees out-of-window ones)."""
 
     def record_query(self, num_tokens: int) -> None:
         self.prefix_queries += num_tokens

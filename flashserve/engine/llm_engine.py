@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flashserve.cache.block_manager import BlockManager
+from flashserve.cache.kv_groups import make_block_manager
 from flashserve.config import EngineConfig, default_max_num_batched_tokens
 from flashserve.engine.core import EngineCore
 from flashserve.engine.detokenizer import DecodeState, Detokenizer
@@ -96,7 +96,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or source, "auto" if config.tokenizer else config.load_format)
         if self.tokenizer is None:
             logger.warning("flashserve: %s has no tokenizer files; the engine takes prompts as token ids only", source)
-        self.model_config = mc = load_model_config(source, config.load_format)
+        self.model_config = mc = load_model_config(source, config.load_format).with_attention(config.attention)
         if self.tokenizer is not None and len(self.tokenizer) > mc.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{mc.vocab_size}; give a tokenizer made for this model")
@@ -117,8 +117,8 @@ class LLMEngine:
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
-        self.block_manager = BlockManager(info.num_blocks, info.block_size, config.cache.enable_prefix_caching,
-                                          info.num_host_blocks)
+        self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
+                                                config.cache.enable_prefix_caching, info.num_host_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
         self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model)
@@ -364,7 +364,8 @@ class LLMEngine:
             raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache ({bm.num_free_blocks} free blocks "
                              f"of {bm.block_size} tokens); score a shorter text or give the cache more memory")
         try:
-            table = bm.block_table(rid)
+            tables = bm.block_tables(rid)
+            table = tables[0] if len(tables) == 1 else tables
             for start in range(0, len(token_ids) - 1, chunk_size):
                 chunk = token_ids[start : min(start + chunk_size, len(token_ids) - 1)]
                 yield self.executor.score_chunk(chunk, start, table)

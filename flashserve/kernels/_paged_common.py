@@ -173,6 +173,7 @@ def attend_tile(
     ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, Hkv, BLOCK_SIZE] (else unused)
     start_n, kv_end,  # this tile's first key position; keys >= kv_end do not exist
     q_pos,  # [BLOCK_M] absolute position of each query row (causal limit)
+    win_len, dil, n_sink,  # WINDOW: key k is seen when p - k < win_len with (p - k) % dil == 0, or k < n_sink
     qk_scale,  # scale * log2(e)
     phi,  # unified max, log2 units (MODE 1 only)
     kvh, offs_d, d_mask,
@@ -180,6 +181,7 @@ def attend_tile(
     stride_sb, stride_sh,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     MASK: tl.constexpr,  # apply causal + bounds masks (False: tile fully visible to all rows)
+    WINDOW: tl.constexpr,  # MASK also applies the sliding window (+ dilation, sinks)
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     MODE: tl.constexpr,  # 0/2: online softmax; 1: unified max phi (no rescaling)
     DOT_PREC: tl.constexpr,
@@ -188,7 +190,8 @@ def attend_tile(
     ALIGN: tl.constexpr,
 ):
     """One FlashAttention-2 step over keys [start_n, start_n + BLOCK_N): scores, online
-    softmax update (or FlashDecoding++'s unified max), P @ V.
+    softmax update (or FlashDecoding++'s unified max), P @ V. A row that sees no key of the tile
+    keeps its state (its probabilities are exp2(-inf) = 0 against a finite running max).
 
     Online: m_i is the running max and acc/l_i are relative to it. Unified (MODE 1): acc/l_i
     are relative to phi and m_i only records the observed max (for the overflow check)."""
@@ -203,7 +206,11 @@ def attend_tile(
     if QUANT:
         qk = qk * load_scales(ks_ptr, s_off, n_ok, MASK)[None, :]
     if MASK:
-        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        dist = q_pos[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]
+        visible = (dist >= 0) & n_ok[None, :]
+        if WINDOW:
+            in_window = (dist < win_len) & (dist % dil == 0)
+            visible = visible & (in_window | (offs_n < n_sink)[None, :])
         qk = tl.where(visible, qk, float("-inf"))
     v = load_kv_tile(v_cache_ptr, kv_off, offs_d, n_ok, d_mask, stride_cd, MASK, EVEN_D)  # [BLOCK_N, BLOCK_D]
     if MODE == 1:
@@ -219,6 +226,25 @@ def attend_tile(
         acc = acc * alpha[:, None] + p_times_v(p, v, vs_ptr, s_off, n_ok, MASK, QUANT, KV_FP16, MODE, DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def window_tiles(
+    p_first, p_last,  # positions of the program's first and last query rows
+    win, dil, n_sink,
+    BLOCK_N: tl.constexpr,
+):
+    """Key tiles a block of windowed queries needs: the sink tiles [0, sink_tiles_end) and the
+    window tiles from ``win_start`` on (no tile twice); and the tile-aligned range
+    [full_lo, full_hi) of window tiles every row sees whole (empty with dilation)."""
+    span = (win - 1) * dil + 1
+    lo = tl.maximum(p_first - span + 1, 0)  # oldest key the first row sees in its window
+    sink_tiles_end = tl.cdiv(tl.minimum(n_sink, lo), BLOCK_N) * BLOCK_N
+    win_start = tl.maximum((lo // BLOCK_N) * BLOCK_N, sink_tiles_end)
+    full_lo = tl.cdiv(tl.maximum(p_last - span + 1, 0), BLOCK_N) * BLOCK_N
+    full_hi = ((p_first + 1) // BLOCK_N) * BLOCK_N
+    full_hi = tl.where(dil == 1, full_hi, 0)
+    return sink_tiles_end, win_start, full_lo, full_hi
 
 
 class QuantArgs(NamedTuple):

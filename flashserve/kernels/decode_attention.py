@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._paged_common import (
-    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query,
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, window_tiles,
 )
 from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
@@ -68,10 +68,11 @@ def _decode_split_kernel(
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale,  # scale * log2(e)
     phi,  # unified max in log2 units (MODE_UNIFIED)
+    win, dil, n_sink,  # WINDOW: sliding window (tokens), dilation, sink tokens
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_sb, stride_sh,
-    stride_bt,
+    stride_bt, stride_bth,  # block table: sequence, KV head (0: one table per sequence)
     stride_mot, stride_moh, stride_mos,  # with DIRECT_OUT: o's token / head / feature strides
     stride_mlt, stride_mlh,
     head_dim, num_kv_heads, num_splits,
@@ -84,6 +85,7 @@ def _decode_split_kernel(
     QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
     MODE: tl.constexpr,
     HI_MARGIN: tl.constexpr, LO_MARGIN: tl.constexpr,
+    WINDOW: tl.constexpr,  # sliding window (+ dilation, sinks): visit only the tiles it reaches
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -98,9 +100,18 @@ def _decode_split_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + b)
     ctx_len = seq_len - q_len
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # Keys are visited in a virtual order that the splits cut into equal slices: all of them, or
+    # with a window the sink tiles [0, sink_end) followed by the window tiles [win_start, seq_len).
+    sink_end = 0
+    win_start = 0
+    full_lo = 0
+    full_hi = 0
+    if WINDOW:
+        sink_end, win_start, full_lo, full_hi = window_tiles(ctx_len, seq_len - 1, win, dil, n_sink, BLOCK_N)
+    n_virtual = sink_end + tl.maximum(seq_len - win_start, 0)
+    chunk = tl.cdiv(tl.cdiv(n_virtual, num_splits), BLOCK_N) * BLOCK_N
     n_start = split * chunk
-    n_end = tl.minimum(n_start + chunk, seq_len)
+    n_end = tl.minimum(n_start + chunk, n_virtual)
 
     offs_m = tl.arange(0, BLOCK_M)
     qi = offs_m // GROUP_PAD  # [BLOCK_M] query token within the sequence's new tokens
@@ -116,21 +127,40 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)  # running max (online) / observed max (unified)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt + kvh * stride_bth
+    win_len = win * dil
 
-    # Keys <= ctx_len are visible to every query row: whole tiles of them need no mask.
-    n_full = tl.maximum(tl.minimum(n_end, ctx_len + 1) - n_start, 0)
-    full_end = n_start + (n_full // BLOCK_N) * BLOCK_N
-    for start_n in range(n_start, full_end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos, qk_scale, phi,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
-    for start_n in range(full_end, n_end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos, qk_scale, phi,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
+    if WINDOW:
+        for v in range(n_start, n_end, BLOCK_N):
+            start_n = tl.where(v < sink_end, v, win_start + (v - sink_end))
+            if (start_n >= full_lo) & (start_n + BLOCK_N <= full_hi):
+                acc, m_i, l_i = attend_tile(
+                    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, seq_len, q_pos,
+                    win_len, dil, n_sink, qk_scale, phi,
+                    kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                    BLOCK_N, BLOCK_SIZE, False, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
+            else:
+                acc, m_i, l_i = attend_tile(
+                    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, seq_len, q_pos,
+                    win_len, dil, n_sink, qk_scale, phi,
+                    kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                    BLOCK_N, BLOCK_SIZE, True, True, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
+    else:
+        # Keys <= ctx_len are visible to every query row: whole tiles of them need no mask.
+        n_full = tl.maximum(tl.minimum(n_end, ctx_len + 1) - n_start, 0)
+        full_end = n_start + (n_full // BLOCK_N) * BLOCK_N
+        for start_n in range(n_start, full_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos,
+                win_len, dil, n_sink, qk_scale, phi,
+                kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                BLOCK_N, BLOCK_SIZE, False, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
+        for start_n in range(full_end, n_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, n_end, q_pos,
+                win_len, dil, n_sink, qk_scale, phi,
+                kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                BLOCK_N, BLOCK_SIZE, True, False, PAGED, EVEN_D, MODE, DOT_PREC, QUANT, KV_FP16, ALIGN)
 
     if MODE == 1:
         seen = row_valid & (m_i > NEG_BIG)  # rows with at least one visible key in this slice
@@ -254,7 +284,7 @@ def paged_decode_attention(
     v_cache: torch.Tensor,
     query_start_loc: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, or [B, Hkv, max_blocks]: one per KV head
     max_query_len: int,  # host int: largest new-token count of any sequence (1 for decode)
     max_seq_len: int,  # host int: largest context (or a cap: it only sizes num_splits)
     scale: float,
@@ -263,9 +293,13 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [T, Hq, D]
     return_fallback_flags: bool = False,
     config: DecodeConfig | None = None,  # None: decode_config(...) (benchmarks compare others)
+    window: int | None = None,  # sliding window (tokens seen, itself included); None: full attention
+    dilation: int = 1,
+    num_sinks: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Split-KV attention for sequences with few new tokens each (decode / spec verify).
-    The cache may be 8-bit (``flashserve.kernels.kv_quant``): dequantized in registers.
+    The cache may be 8-bit (``flashserve.kernels.kv_quant``): dequantized in registers. With a
+    ``window`` the splits share only the tiles the window (and the sinks) reach.
 
     Returns ``out`` [T, Hq, D]; with ``return_fallback_flags`` also the int32 flags
     [B, Hkv, num_splits] raised by the unified-max path (None without ``unified_max``).
@@ -273,7 +307,8 @@ def paged_decode_attention(
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.stride() == v_cache.stride()
-    assert k_cache.shape[3] == head_dim and block_tables.stride(1) == 1
+    assert k_cache.shape[3] == head_dim and block_tables.stride(-1) == 1
+    stride_bth = block_tables.stride(1) if block_tables.dim() == 3 else 0
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     block_q = next_power_of_2(max(1, max_query_len))
@@ -310,10 +345,11 @@ def paged_decode_attention(
             q, k_cache, v_cache, qa.k_scales, qa.v_scales, mid_o, mid_lse, flags,
             query_start_loc, seq_lens, block_tables,
             scale * LOG2E, float(unified_max or 0.0) * LOG2E,
+            window or 1, dilation, num_sinks,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
             qa.stride_sb, qa.stride_sh,
-            block_tables.stride(0),
+            block_tables.stride(0), stride_bth,
             *mo_strides,
             mid_lse.stride(0), mid_lse.stride(1),
             head_dim, num_kv_heads, num_splits,
@@ -323,7 +359,7 @@ def paged_decode_attention(
             DIRECT_OUT=direct,
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
             QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
-            MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo,
+            MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo, WINDOW=window is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

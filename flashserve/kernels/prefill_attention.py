@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._paged_common import (
-    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query,
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, window_tiles,
 )
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
@@ -38,6 +38,7 @@ def _prefill_kernel(
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
     qk_scale,  # scale * log2(e)
+    win, dil, n_sink,  # WINDOW: sliding window (tokens), dilation, sink tokens
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cb, stride_co, stride_ch, stride_cd,
@@ -50,6 +51,7 @@ def _prefill_kernel(
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
+    WINDOW: tl.constexpr,  # sliding window (+ dilation, sinks): visit only the tiles it reaches
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -78,20 +80,46 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
 
-    # Keys [0, full_end) are visible to every row of the tile: no mask needed.
-    full_end = ((ctx_len + q_tile + 1) // BLOCK_N) * BLOCK_N
     # One past the last key any row of the tile can see.
     kv_end = ctx_len + tl.minimum(q_tile + BLOCK_Q, q_len)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos, qk_scale, 0.0,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
-    for start_n in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos, qk_scale, 0.0,
-            kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
-            BLOCK_N, BLOCK_SIZE, True, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
+    win_len = win * dil
+    if WINDOW:
+        sink_end, win_start, full_lo, full_hi = window_tiles(ctx_len + q_tile, kv_end - 1, win, dil, n_sink,
+                                                             BLOCK_N)
+        for start_n in range(0, sink_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos,
+                win_len, dil, n_sink, qk_scale, 0.0,
+                kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                BLOCK_N, BLOCK_SIZE, True, True, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
+        for start_n in range(win_start, kv_end, BLOCK_N):
+            if (start_n >= full_lo) & (start_n + BLOCK_N <= full_hi):
+                acc, m_i, l_i = attend_tile(
+                    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos,
+                    win_len, dil, n_sink, qk_scale, 0.0,
+                    kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                    BLOCK_N, BLOCK_SIZE, False, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
+            else:
+                acc, m_i, l_i = attend_tile(
+                    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos,
+                    win_len, dil, n_sink, qk_scale, 0.0,
+                    kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                    BLOCK_N, BLOCK_SIZE, True, True, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
+    else:
+        # Keys [0, full_end) are visible to every row of the tile: no mask needed.
+        full_end = ((ctx_len + q_tile + 1) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos,
+                win_len, dil, n_sink, qk_scale, 0.0,
+                kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                BLOCK_N, BLOCK_SIZE, False, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
+        for start_n in range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, ks_ptr, vs_ptr, start_n, kv_end, q_pos,
+                win_len, dil, n_sink, qk_scale, 0.0,
+                kvh, offs_d, d_mask, stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh,
+                BLOCK_N, BLOCK_SIZE, True, False, PAGED, EVEN_D, 0, DOT_PREC, QUANT, KV_FP16, ALIGN)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -135,8 +163,12 @@ def paged_prefill_attention(
     max_query_len: int,  # host int (grid size)
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D]
+    window: int | None = None,  # sliding window (tokens seen, itself included); None: full attention
+    dilation: int = 1,
+    num_sinks: int = 0,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal attention of every sequence's new tokens over its cached context plus itself.
+    """Causal attention of every sequence's new tokens over its cached context plus itself,
+    optionally within a sliding window (+ dilation, sinks; ``reference.window_mask``).
     The cache may be 8-bit (``flashserve.kernels.kv_quant``): dequantized in registers."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -158,6 +190,7 @@ def paged_prefill_attention(
     _prefill_kernel[grid](
         q, k_cache, v_cache, qa.k_scales, qa.v_scales, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E,
+        window or 1, dilation, num_sinks,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -168,7 +201,7 @@ def paged_prefill_attention(
         BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
         DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
-        QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
+        QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align, WINDOW=window is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

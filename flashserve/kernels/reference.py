@@ -46,6 +46,24 @@ def gather_kv_ref(
     return cache[blocks, pos % block_size]
 
 
+def window_mask(
+    q_pos: torch.Tensor,  # [L] int64 absolute query positions
+    k_pos: torch.Tensor,  # [S] int64 absolute key positions
+    window: int | None = None,  # tokens seen (itself included); None: no window
+    dilation: int = 1,
+    num_sinks: int = 0,
+) -> torch.Tensor:  # [L, S] bool, True = attend
+    """Causal visibility with an optional (dilated) sliding window and sink tokens: key k is seen
+    by the query at p when k <= p and either k < num_sinks or p - k is a multiple of ``dilation``
+    below ``window * dilation``. ``window=None`` (full attention) ignores the rest."""
+    dist = q_pos[:, None] - k_pos[None, :]
+    visible = dist >= 0
+    if window is not None:
+        in_window = (dist < window * dilation) & (dist % dilation == 0)
+        visible &= in_window | (k_pos[None, :] < num_sinks)
+    return visible
+
+
 def paged_attention_ref(
     q: torch.Tensor,  # [T, Hq, D], new tokens packed by query_start_loc
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -54,8 +72,12 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # [B] int32
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     scale: float,
+    window: int | None = None,
+    dilation: int = 1,
+    num_sinks: int = 0,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal attention of each sequence's new tokens over its whole (paged) context.
+    """Causal attention of each sequence's new tokens over its whole (paged) context, with an
+    optional sliding window (``window_mask``).
 
     New token i of a sequence with q_len new tokens and seq_len context tokens sits at
     absolute position seq_len - q_len + i and sees positions 0 .. seq_len - q_len + i.
@@ -76,9 +98,10 @@ def paged_attention_ref(
         v = v.repeat_interleave(group, dim=1)
         qb = q[start:end].float()  # [q_len, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale  # [Hq, q_len, S]
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        visible = window_mask(q_pos, k_pos, window, dilation, num_sinks)
+        scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out

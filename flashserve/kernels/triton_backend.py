@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.config import AttentionSpec
 from flashserve.kernels.cache_ops import store_kv
 from flashserve.kernels.decode_attention import (
     MAX_DECODE_ROWS,
@@ -35,6 +36,10 @@ from flashserve.kernels.decode_attention import (
 from flashserve.kernels.prefill_attention import paged_prefill_attention
 from flashserve.kernels.utils import next_power_of_2, num_sms
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
+from flashserve.layers.sparse_attention import SideStates, quest_block_tables, quest_num_pages
+
+
+FULL = AttentionSpec()
 
 
 def _capturing() -> bool:
@@ -45,6 +50,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention with Triton kernels (see module docstring for routing and graphs)."""
 
     name = "triton"
+    attention_kinds = ("full", "sliding", "quest")
 
     def __init__(
         self,
@@ -64,6 +70,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_seq_len_cap = max_seq_len_cap
         self.unified_max = unified_max
         self.num_splits = num_splits
+        self.side_states = SideStates()  # quest: per-page key bounds of each layer
 
     def use_decode_kernel(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int) -> bool:
         rows = next_power_of_2(max(1, meta.max_query_len)) * next_power_of_2(num_heads // num_kv_heads)
@@ -89,19 +96,44 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, Hq, D]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
+        window = dict(window=spec.sliding_window, dilation=spec.dilation, num_sinks=spec.num_sinks) \
+            if spec.kind == "sliding" else {}
+        if spec.kind == "quest":
+            state = self.side_states.get(k_cache)
+            state.update(spec, k, meta.slot_mapping)
+            if meta.is_decode and self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
+                return self._quest_decode(q, k_cache, v_cache, meta, scale, spec, state, out)
         if self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
             paged_decode_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                 max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, scale=scale,
                 num_splits=self.decode_num_splits(meta, q, k_cache),
-                unified_max=self.unified_max, out=out,
+                unified_max=self.unified_max, out=out, **window,
             )
         else:
             paged_prefill_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                max_query_len=meta.max_query_len, scale=scale, out=out,
+                max_query_len=meta.max_query_len, scale=scale, out=out, **window,
             )
+        return out
+
+    def _quest_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, spec: AttentionSpec, state, out: torch.Tensor) -> torch.Tensor:
+        """Decode over the pages Quest selects per (sequence, KV head); prompts stay dense."""
+        bs = k_cache.shape[1]
+        seq_bound = self.max_seq_len_cap if self.max_seq_len_cap is not None and _capturing() else meta.max_seq_len
+        max_pages = quest_num_pages(spec, -(-seq_bound // bs), bs)
+        tables, virtual_lens = quest_block_tables(spec, q, meta.block_tables, meta.seq_lens, state, max_pages)
+        paged_decode_attention(
+            q, k_cache, v_cache, meta.query_start_loc, virtual_lens, tables,
+            max_query_len=1, max_seq_len=max_pages * bs, scale=scale,
+            num_splits=self.num_splits or choose_num_splits(meta.num_seqs, k_cache.shape[2], max_pages * bs,
+                                                             num_sms(q.device), decode_block_n(q.shape[2], q.dtype,
+                                                                                               k_cache.dtype)),
+            unified_max=self.unified_max, out=out,
+        )
         return out

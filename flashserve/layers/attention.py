@@ -15,7 +15,12 @@ from torch import nn
 
 from flashserve.config import AttentionSpec
 from flashserve.kernels import kv_quant
+from flashserve.kernels.reference import window_mask
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
+from flashserve.layers.sparse_attention import SideStates, h2o_accumulate_and_evict, visible_keys
+
+
+FULL = AttentionSpec()
 
 
 def store_kv(
@@ -66,8 +71,10 @@ def grouped_attention(
     k: torch.Tensor,  # [S, Hkv, D]
     v: torch.Tensor,  # [S, Hkv, D]
     scale: float,
+    mask: torch.Tensor | None = None,  # [L, S] bool (True = attend); None: causal
 ) -> torch.Tensor:  # [L, H, D]
-    """Causal attention of L new queries over S context tokens, GQA without copying K/V.
+    """Attention of L new queries over S context tokens, GQA without copying K/V; causal (the
+    queries are the last L of the S positions) unless an explicit ``mask`` is given.
 
     The G = H / Hkv query heads sharing a kv head are folded into the query axis, so SDPA runs
     with batch = Hkv, queries = G * L, keys = S. Softmax accumulates in fp32 (SDPA on GPU; on
@@ -84,19 +91,43 @@ def grouped_attention(
     qg = q.view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * L, D)  # rows g * L + l
     kg = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
     vg = v.transpose(0, 1).unsqueeze(0)
-    if L == 1:  # decode: every context token is visible
+    if mask is not None:
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask.repeat(G, 1), scale=scale)
+    elif L == 1:  # decode: every context token is visible
         out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
-    elif L == S:  # whole prompt in one step: plain causal
-        if G == 1:
-            out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
-        else:
-            mask = causal_mask(L, S, q.device).repeat(G, 1)  # [G * L, S]
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-    else:  # a chunk (or speculative tokens) after cached context
+    elif L == S and G == 1:  # whole prompt in one step: plain causal
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+    else:  # a chunk (or speculative tokens) after cached context, or GQA
         mask = causal_mask(L, S, q.device).repeat(G, 1)  # [G * L, S]
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
     out = out.view(Hkv, G, L, D).permute(2, 0, 1, 3).reshape(L, H, D)  # [1, Hkv, G*L, D] -> [L, H, D]
     return out.to(out_dtype)
+
+
+def masked_attention(
+    q: torch.Tensor,  # [L, H, D]
+    k: torch.Tensor,  # [S, Hkv, D]
+    v: torch.Tensor,  # [S, Hkv, D]
+    scale: float,
+    mask: torch.Tensor,  # [Hkv, G * L, S] bool, rows g * L + l (every row sees at least one key)
+) -> tuple[torch.Tensor, torch.Tensor]:  # [L, H, D], probabilities [Hkv, G * L, S] fp32
+    """Attention with an explicit per-KV-head mask, in fp32, returning the probabilities too."""
+    L, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.float().view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * L, D)
+    scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale  # [Hkv, G * L, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, G * L, D]
+    return out.view(Hkv, G, L, D).permute(2, 0, 1, 3).reshape(L, H, D).to(q.dtype), probs
+
+
+def key_positions(spec: AttentionSpec, seq_len: int, query_len: int) -> tuple[int, int]:
+    """The keys a sliding layer's queries can see: positions [0, sink_end) and [lo, seq_len)."""
+    if spec.kind != "sliding":
+        return 0, 0
+    lo = max(0, seq_len - query_len - spec.span + 1)
+    return min(spec.num_sinks, lo), lo
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -107,6 +138,10 @@ class TorchAttentionBackend(AttentionBackend):
     """
 
     name = "torch"
+    attention_kinds = ("full", "sliding", "h2o", "quest", "lsh")
+
+    def __init__(self) -> None:
+        self.side_states = SideStates()  # per layer cache: h2o / quest side state
 
     def forward(
         self,
@@ -117,12 +152,19 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor | None,
         meta: AttentionMetadata,
         scale: float,
+        spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, H, D]
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
+        state = None
         if has_cache:
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self._valid_slots(meta))
-        if meta.num_seqs == 1 and not has_cache:
-            return grouped_attention(q, k, v, scale)
+            valid = self._valid_slots(meta)
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, valid)
+            if spec.kind in ("quest", "h2o"):
+                state = self.side_states.get(k_cache)
+                new_slots = meta.slot_mapping if valid is None else meta.slot_mapping[valid]
+                state.update(spec, k if valid is None else k[valid], new_slots)
+        elif spec.kind in ("quest", "h2o"):
+            raise ValueError(f"{spec.kind} attention needs a KV cache")
         outputs = []
         start = 0
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -130,15 +172,29 @@ class TorchAttentionBackend(AttentionBackend):
             if query_len == 0:
                 continue
             if has_cache:
-                slots = self._context_slots(meta, i, k_cache)  # [S]
+                sink_end, lo = key_positions(spec, seq_len, query_len)
+                slots, k_pos = self._context_slots(meta, i, k_cache, sink_end, lo)  # [S]
                 keys = kv_quant.gather(k_cache, slots, q.dtype)  # [S, Hkv, D]
                 values = kv_quant.gather(v_cache, slots, q.dtype)
-            else:
+            else:  # no cache (a profiling run): the new tokens are the whole context
                 keys, values = k[start:end], v[start:end]
-            outputs.append(grouped_attention(q[start:end], keys, values, scale))
+                k_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+                slots = None
+            if spec.kind in ("h2o", "quest", "lsh"):
+                mask = visible_keys(spec, q[start:end], keys, slots, state, scale)
+                out, probs = masked_attention(q[start:end], keys, values, scale, mask)
+                if spec.kind == "h2o":
+                    h2o_accumulate_and_evict(spec, probs, slots, state)
+                outputs.append(out)
+                start = end
+                continue
+            mask = None
+            if spec.kind == "sliding":
+                q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+                mask = window_mask(q_pos, k_pos, spec.sliding_window, spec.dilation, spec.num_sinks)
+            outputs.append(grouped_attention(q[start:end], keys, values, scale, mask))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-
 
     @staticmethod
     def _valid_slots(meta: AttentionMetadata) -> torch.Tensor | None:
@@ -149,11 +205,21 @@ class TorchAttentionBackend(AttentionBackend):
         return meta.memo["valid_slots"]
 
     @staticmethod
-    def _context_slots(meta: AttentionMetadata, i: int, cache: torch.Tensor) -> torch.Tensor:
-        """Sequence i's context slots, derived once per step and shared by every layer."""
-        key = ("context_slots", i)
+    def _context_slots(meta: AttentionMetadata, i: int, cache: torch.Tensor, sink_end: int = 0,
+                       lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat slots and positions [S] of sequence i's keys at positions [0, sink_end) and
+        [lo, seq_len), derived once per step and shared by every layer of the same window."""
+        key = ("context_slots", i, sink_end, lo)
         if key not in meta.memo:
-            meta.memo[key] = context_slots(meta.block_tables[i], meta.seq_lens_cpu[i], cache.shape[1], cache.device)
+            seq_len = meta.seq_lens_cpu[i]
+            slots = context_slots(meta.block_tables[i], seq_len, cache.shape[1], cache.device)
+            if sink_end == 0 and lo == 0:
+                pos = torch.arange(seq_len, device=cache.device)
+            else:
+                pos = torch.cat([torch.arange(sink_end, device=cache.device),
+                                 torch.arange(lo, seq_len, device=cache.device)])
+                slots = slots[pos]
+            meta.memo[key] = (slots, pos)
         return meta.memo[key]
 
 
@@ -181,6 +247,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.kv_group = 0  # the layer's group of block tables (flashserve.cache.kv_groups; set by the Worker)
 
     def forward(
         self,
@@ -190,7 +257,7 @@ class Attention(nn.Module):
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
     ) -> torch.Tensor:
-        meta = get_forward_context()
+        meta = get_forward_context().for_group(self.kv_group)
         T = q.shape[0]
         out = self.backend.forward(
             q.view(T, self.num_heads, self.head_dim),
@@ -200,6 +267,7 @@ class Attention(nn.Module):
             v_cache,
             meta,
             self.scale,
+            self.spec,
         )
         return out.reshape(T, self.num_heads * self.head_dim)
 

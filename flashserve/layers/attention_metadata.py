@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,12 @@ class AttentionMetadata:
     is_decode: bool = False
     # Values a backend derives from this metadata once per step and reuses in every layer.
     memo: dict = field(default_factory=dict)
+    # Models with several groups of layers (flashserve.cache.kv_groups): the metadata of groups
+    # 1, 2, ... (their own block tables and slot mappings); a layer of group g > 0 reads groups[g - 1].
+    groups: tuple[AttentionMetadata, ...] = ()
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        return self if group == 0 else self.groups[group - 1]
 
     @property
     def num_seqs(self) -> int:
@@ -89,7 +96,9 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        spec: Any = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store the new k/v at ``meta.slot_mapping``, then attend causally over each sequence's
-        whole context (cached tokens followed by the new ones)."""
+        context (cached tokens followed by the new ones) as the layer's ``AttentionSpec`` says
+        (None: full attention)."""
         raise NotImplementedError

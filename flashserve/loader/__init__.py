@@ -153,6 +153,7 @@ def load_model(
     config_overrides: dict[str, Any] | None = None,
     quantization: str = "none",
     dense_gguf: bool = False,
+    attention: Any = None,
 ) -> tuple[Any, ModelConfig]:
     """Build and fill the model. Returns ``(model, config)``.
 
@@ -160,6 +161,7 @@ def load_model(
     ``quantization``: a mode of ``flashserve.quant.QUANTIZATION_MODES``; ``"auto"`` keeps a GGUF
     file packed unless ``dense_gguf`` (the engine sets it when a dtype was asked for explicitly).
     Every quantization check runs before the model is allocated.
+    ``attention`` (an ``AttentionSpec``) replaces the model's full-attention layers.
     """
     from flashserve.quant import make_quant_config
 
@@ -170,7 +172,7 @@ def load_model(
         from flashserve.loader.gguf_loader import _field, gguf_model_config, gguf_tensor_types, iterate_gguf, open_gguf
 
         reader = open_gguf(source)
-        config = gguf_model_config(reader, source)
+        config = gguf_model_config(reader, source).with_attention(attention)
         qconfig = make_quant_config(quantization, "gguf", config, device, dtype,
                                     gguf_types=gguf_tensor_types(reader), dense_gguf=dense_gguf)
         model = build_model(config, dtype, device, attn_backend, qconfig)
@@ -186,7 +188,7 @@ def load_model(
             safetensors_tensor_names,
         )
 
-        config = load_hf_config(source)
+        config = load_hf_config(source).with_attention(attention)
         safetensors_files(source)  # fail on a missing checkpoint before allocating the model
         declared = read_quantization_config(source)
         qconfig = make_quant_config(quantization, "safetensors", config, device, dtype, checkpoint_quant=declared,
@@ -204,6 +206,7 @@ def load_model(
     config = _dummy_config(source)
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
+    config = config.with_attention(attention)
     qconfig = make_quant_config(quantization, "dummy", config, device, dtype)
     model = build_model(config, dtype, device, attn_backend, qconfig)
     init_dummy_weights(model, seed=seed)

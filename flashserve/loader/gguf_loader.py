@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flashserve.config import LayerSpec, ModelConfig
+from flashserve.config import AttentionSpec, LayerSpec, ModelConfig
 
 # GGUF general.architecture -> ModelConfig.architecture
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
                       "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # Mixtral: "llama" with experts
 
 # per-layer GGUF tensor name -> HF name (within model.layers.N.)
@@ -47,6 +47,15 @@ _LAYER_NAMES = {
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 _STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(\w+)\.weight$")
+
+# Gemma 3 names its norms around the blocks differently (``ffn_norm`` is the pre-MLP norm).
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0  # not in the file; llama.cpp fixes it too
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -88,14 +97,21 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """HF parameter name of a GGUF tensor, or None for tensors we do not load (e.g. rope_freqs)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
+
+
+def _gemma3_layers(num_layers: int, window: int) -> tuple[LayerSpec, ...]:
+    """Gemma 3: layer i is local (sliding window, rope base 10,000) when i % 6 < 5, else global."""
+    local = LayerSpec(AttentionSpec("sliding", window, rope_theta=_GEMMA3_LOCAL_ROPE_BASE), "gated_gelu_tanh")
+    return tuple(local if i % 6 < 5 else LayerSpec(AttentionSpec(), "gated_gelu_tanh") for i in range(num_layers))
 
 
 def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
@@ -134,15 +150,22 @@ def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
     if eot is not None and int(eot) not in eos:
         eos.append(int(eot))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    moe = _moe_fields(reader, arch_name, arch, int(meta("block_count")), tensor_names)
+    num_layers = int(meta("block_count"))
+    window = _field(reader, f"{arch_name}.attention.sliding_window")
+    gemma = arch == "gemma3"
+    if gemma and window is None:
+        raise ValueError(f"GGUF file {path} lacks metadata key gemma3.attention.sliding_window")
+    moe = _moe_fields(reader, arch_name, arch, num_layers, tensor_names)
     if moe:
         arch = moe.pop("architecture")
+    else:
+        moe = {"layer_types": _gemma3_layers(num_layers, int(window)) if gemma else None}
     return ModelConfig(
         architecture=arch,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")),
-        num_layers=int(meta("block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -153,9 +176,10 @@ def gguf_model_config(reader: Any, path: str | Path = "<gguf>") -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-        sliding_window=None,
+        sliding_window=int(window) if gemma else None,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos,
+        hidden_act="gelu_pytorch_tanh" if gemma else "silu",
         **moe,
     )
 
@@ -210,7 +234,8 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
 
 def gguf_tensor_types(reader: Any) -> dict[str, str]:
     """HF tensor name -> GGUF type name (e.g. ``Q4_1``) of every model tensor of the file."""
-    return {name: t.tensor_type.name for t in reader.tensors if (name := hf_tensor_name(t.name)) is not None}
+    arch = str(_field(reader, "general.architecture"))
+    return {name: t.tensor_type.name for t in reader.tensors if (name := hf_tensor_name(t.name, arch)) is not None}
 
 
 def iterate_gguf(
@@ -221,7 +246,7 @@ def iterate_gguf(
     mapped file; llama q/k rows are still un-permuted, which moves whole rows)."""
     permute = arch_name in ("llama", "mistral")
     for t in reader.tensors:
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch_name)
         if name is None:
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
@@ -235,6 +260,8 @@ def iterate_gguf(
                 tensor = dequantize_tensor(t)
         except Exception as e:
             raise ValueError(f"cannot read GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
+        if arch_name == "gemma3" and name.endswith("norm.weight"):
+            tensor = tensor - 1.0  # stored as 1 + w; the model adds the 1 back at load (HF layout)
         if permute and ".self_attn.q_proj." in name:
             tensor = unpermute_qk(tensor, config.num_heads)
         elif permute and ".self_attn.k_proj." in name:

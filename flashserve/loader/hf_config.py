@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flashserve.config import SUPPORTED_ARCHITECTURES, LayerSpec, ModelConfig
+from flashserve.config import SUPPORTED_ARCHITECTURES, AttentionSpec, LayerSpec, ModelConfig
 from flashserve.layers.rotary import SUPPORTED_ROPE_TYPES, rope_type_of
 
 
@@ -59,6 +59,50 @@ def _eos_ids(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
+def _gemma3_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
+    """(global rope base, global scaling or None, local rope base) of a Gemma 3 config: either
+    per layer type in ``rope_parameters`` (transformers >= 5) or ``rope_theta`` /
+    ``rope_scaling`` / ``rope_local_base_freq``."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:
+        theta, scaling = _rope({"rope_parameters": params["full_attention"]})
+        local = float((params.get("sliding_attention") or {}).get("rope_theta", 10000.0))
+        return theta, scaling, local
+    theta, scaling = _rope({k: v for k, v in cfg.items() if k in ("rope_theta", "rope_scaling")})
+    return theta, scaling, float(cfg.get("rope_local_base_freq", 10000.0))
+
+
+def _layer_types(cfg: dict[str, Any], arch: str, num_layers: int, window: int | None,
+                 local_theta: float | None = None) -> tuple[LayerSpec, ...] | None:
+    """Per-layer specs from ``layer_types`` ("sliding_attention" / "full_attention") or the
+    architecture's rule: Gemma 3 layer i is local when i % 6 < 5; Mistral's window covers every
+    layer; Qwen2/3 (``use_sliding_window``) window the layers from ``max_window_layers`` on."""
+    mlp = "gated_gelu_tanh" if arch == "gemma3" else "gated_silu"
+    names = cfg.get("layer_types")
+    if names is None:
+        if arch == "gemma3":
+            pattern = int(cfg.get("sliding_window_pattern", 6))
+            names = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+        elif window is not None and arch == "mistral":
+            names = ["sliding_attention"] * num_layers
+        elif window is not None:
+            first = int(cfg.get("max_window_layers", 0))
+            names = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        else:
+            return None
+    if len(names) != num_layers:
+        raise ValueError(f"layer_types lists {len(names)} layers, the model has {num_layers}")
+    specs = []
+    for name in names:
+        if name == "sliding_attention" and window is not None:
+            specs.append(LayerSpec(AttentionSpec("sliding", window, rope_theta=local_theta), mlp))
+        elif name in ("full_attention", "sliding_attention"):
+            specs.append(LayerSpec(AttentionSpec(), mlp))
+        else:
+            raise ValueError(f"unsupported layer type {name!r}; supported: sliding_attention, full_attention")
+    return None if all(spec == LayerSpec() for spec in specs) else tuple(specs)
+
+
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a parsed config.json dict (ValueError on anything unsupported)."""
     archs = cfg.get("architectures") or []
@@ -75,7 +119,11 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         num_heads = int(cfg["num_attention_heads"])
         num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
         head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-        rope_theta, rope_scaling = _rope(cfg)
+        local_theta = None
+        if arch == "gemma3":
+            rope_theta, rope_scaling, local_theta = _gemma3_rope(cfg)
+        else:
+            rope_theta, rope_scaling = _rope(cfg)
         if arch in ("qwen2", "qwen2_moe"):
             attention_bias = True
         else:
@@ -85,12 +133,19 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             sliding_window = None
         if arch == "llama":
             sliding_window = None
+        num_layers = int(cfg["num_hidden_layers"])
+        if sliding_window is not None and arch != "gemma3" \
+                and int(sliding_window) >= int(cfg.get("max_position_embeddings", 2048)):
+            sliding_window = None  # a window as long as the context is full attention
+        window = int(sliding_window) if sliding_window is not None else None
+        hidden_act = str(cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"))
+        scalar = cfg.get("query_pre_attn_scalar") if arch == "gemma3" else None
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
@@ -98,17 +153,32 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),
             attention_bias=attention_bias,
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
-            sliding_window=int(sliding_window) if sliding_window is not None else None,
+            qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
+            sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-            hidden_act=str(cfg.get("hidden_act", "silu")),
-            **_moe_fields(arch, cfg),
+            hidden_act=hidden_act,
+            attention_scale=float(scalar) ** -0.5 if scalar else None,
+            **_layer_fields(cfg, arch, num_layers, window, local_theta),
         )
     except KeyError as e:
         raise ValueError(f"config.json of {arch_name} lacks the required key {e.args[0]!r}") from e
+
+
+def _layer_fields(cfg: dict[str, Any], arch: str, num_layers: int, window: int | None,
+                  local_theta: float | None) -> dict[str, Any]:
+    """``layer_types`` (each layer's attention from ``_layer_types``, its MLP kind from the
+    experts' layout) and the expert fields."""
+    attention = _layer_types(cfg, arch, num_layers, window, local_theta)
+    moe = _moe_fields(arch, cfg)
+    mlps = moe.pop("layer_types", None)
+    if mlps is None:
+        return {**moe, "layer_types": attention}
+    specs = tuple(LayerSpec(attention[i].attention if attention else AttentionSpec(), mlps[i].mlp)
+                  for i in range(num_layers))
+    return {**moe, "layer_types": specs}
 
 
 def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:

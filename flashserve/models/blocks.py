@@ -8,6 +8,7 @@ decoder layer has no branch on them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flashserve.config import ModelConfig
@@ -29,7 +30,24 @@ class GatedSiluMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+class GatedGeluTanhMLP(GatedSiluMLP):
+    """GeGLU MLP (Gemma): gelu_tanh(gate) * up, with GELU's tanh approximation."""
+
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
+        super().__init__(config, prefix)
+        self.act_fn = GeluTanhAndMul()
+
+
+class GeluTanhAndMul(nn.Module):
+    """``gelu_tanh(gate) * up`` where ``x = cat([gate, up], -1)``: [..., 2 * I] -> [..., I]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
 MLP_TYPES: dict[str, type[nn.Module]] = {
     "gated_silu": GatedSiluMLP,
     "moe": MoEMLP,  # router + stacked experts (+ shared expert)
+    "gated_gelu_tanh": GatedGeluTanhMLP,
 }

@@ -1,4 +1,4 @@
-"""One decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5 and Qwen3.
+"""One decoder for the Llama family: Llama 2/3/3.1, Mistral (sliding window), Qwen2/2.5 and Qwen3.
 
 Differences are ModelConfig flags: ``attention_bias`` (Qwen2: bias on q/k/v), ``qk_norm``
 (Qwen3: per-head RMSNorm on q and k before rope), ``tie_word_embeddings``, ``rope_scaling``.
@@ -66,9 +66,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = Attention(
-            config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5, attn_backend, spec
-        )
+        scale = config.attention_scale if config.attention_scale is not None else config.head_dim**-0.5
+        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, scale, attn_backend, spec)
 
     def forward(self, rope: RopeInputs, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         T = hidden.shape[0]
@@ -152,11 +151,14 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def check_supported(cls, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         """Refuse configurations this decoder would compute wrongly (before allocating anything)."""
-        if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
-            raise ValueError(
-                f"sliding-window attention is not implemented yet: this {config.architecture} model uses "
-                f"sliding_window={config.sliding_window} < max_position_embeddings={config.max_position_embeddings}"
-            )
+        if config.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported activation {config.hidden_act!r} for {config.architecture}; "
+                             f"its MLP is SwiGLU (silu)")
+        cls.check_layers(config, attn_backend)
+
+    @staticmethod
+    def check_layers(config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        """Every layer's MLP type is known and its attention kind implemented by the backend."""
         for i in range(config.num_layers):
             spec = config.layer_spec(i)
             if spec.mlp not in MLP_TYPES:

@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable
 
 _MODELS: dict[str, type] = {}
-_MODULES = ("flashserve.models.llama", "flashserve.models.moe")  # modules whose import registers architectures
+_MODULES = ("flashserve.models.llama", "flashserve.models.moe", "flashserve.models.gemma3")  # modules whose import registers architectures
 
 
 def register_model(*architectures: str) -> Callable[[type], type]:

@@ -41,7 +41,8 @@ def mixed_ladder(max_tokens: int) -> list[int]:
 class StepBuffers:
     """The static device tensors one step's model inputs live in."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device,
+                 num_groups: int = 1) -> None:
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(max_tokens, **i64)
@@ -50,23 +51,31 @@ class StepBuffers:
         self.query_start_loc = torch.zeros(max_seqs + 1, **i32)
         self.seq_lens = torch.zeros(max_seqs, **i32)
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **i32)
+        # layer groups 1, 2, ... (flashserve.cache.kv_groups): their own slots and tables
+        self.group_slot_mapping = [torch.full((max_tokens,), -1, **i64) for _ in range(num_groups - 1)]
+        self.group_block_tables = [torch.zeros(max_seqs, max_blocks_per_seq, **i32) for _ in range(num_groups - 1)]
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, max_seq_len: int, block_size: int,
                  query_lens: list[int], seq_lens: list[int], is_decode: bool) -> AttentionMetadata:
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: num_seqs + 1],
-            seq_lens=self.seq_lens[:num_seqs],
-            block_tables=self.block_tables[:num_seqs],
-            slot_mapping=self.slot_mapping[:num_tokens],
-            max_query_len=max_query_len,
-            max_seq_len=max_seq_len,
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            block_size=block_size,
-            is_decode=is_decode,
-        )
+        def meta(block_tables: torch.Tensor, slot_mapping: torch.Tensor, groups=()) -> AttentionMetadata:
+            return AttentionMetadata(
+                query_start_loc=self.query_start_loc[: num_seqs + 1],
+                seq_lens=self.seq_lens[:num_seqs],
+                block_tables=block_tables[:num_seqs],
+                slot_mapping=slot_mapping[:num_tokens],
+                max_query_len=max_query_len,
+                max_seq_len=max_seq_len,
+                query_lens_cpu=query_lens,
+                seq_lens_cpu=seq_lens,
+                block_size=block_size,
+                is_decode=is_decode,
+                groups=groups,
+            )
+
+        groups = tuple(meta(t, s) for t, s in zip(self.group_block_tables, self.group_slot_mapping))
+        return meta(self.block_tables, self.slot_mapping, groups)
 
 
 class CudaGraphs:
@@ -109,6 +118,8 @@ class CudaGraphs:
             buf.query_start_loc[: b + 1].zero_()
             buf.seq_lens[:b].zero_()
             buf.slot_mapping[:t].fill_(-1)
+            for slots in buf.group_slot_mapping:
+                slots[:t].fill_(-1)
             meta = self._meta(kind, size)
             with forward_context(meta):
                 self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)  # warm-up compiles kernels

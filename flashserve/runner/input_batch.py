@@ -58,6 +58,9 @@ class StepInputs:
     sample_rows: list[int]  # [S] plan index of each sampling sequence
     prev_scatter: tuple[np.ndarray, np.ndarray] | None  # (input index, row of the previous step's tokens)
     block_updates: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (slot, column, block id)
+    # groups 1, 2, ... of layers (flashserve.cache.kv_groups): their slot mappings and table updates
+    group_slot_mapping: tuple[np.ndarray, ...] = ()
+    group_block_updates: tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -75,7 +78,7 @@ class StepInputs:
 class InputBatch:
     """Request states, the host token and block tables, and step-input building."""
 
-    def __init__(self, max_model_len: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, max_model_len: int, block_size: int, eos_token_ids: tuple[int, ...], num_groups: int = 1) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
@@ -83,6 +86,8 @@ class InputBatch:
         self.states: dict[str, RequestState] = {}
         self.tokens = np.zeros((0, max_model_len), dtype=np.int32)  # [slots, max_model_len]
         self.block_table = np.zeros((0, self.max_blocks), dtype=np.int32)  # [slots, max_blocks]
+        # the tables of layer groups 1, 2, ... (the request's block count is the same in every group)
+        self.group_tables = [np.zeros((0, self.max_blocks), dtype=np.int32) for _ in range(num_groups - 1)]
         self._free_slots: list[int] = []
 
     @property
@@ -95,6 +100,8 @@ class InputBatch:
             grow = max(16, old)
             self.tokens = np.concatenate([self.tokens, np.zeros((grow, self.max_model_len), np.int32)])
             self.block_table = np.concatenate([self.block_table, np.zeros((grow, self.max_blocks), np.int32)])
+            self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
+                                 for t in self.group_tables]
             self._free_slots.extend(range(old + grow - 1, old - 1, -1))
         state = RequestState(new, self._free_slots.pop(), penalty_slot, self.eos_token_ids)
         n = len(new.prompt_token_ids)
@@ -122,13 +129,20 @@ class InputBatch:
         states = [self.states[e.request_id] for e in entries]
         # Block ids the plan appends: host table now, device table through ``block_updates``.
         upd_slot, upd_col, upd_blk = [], [], []
+        group_upd: list[list[int]] = [[] for _ in self.group_tables]
         for e, st in zip(entries, states):
             if e.new_block_ids:
                 n = len(e.new_block_ids)
-                self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = e.new_block_ids
+                ids = [max(b, 0) for b in e.new_block_ids]  # a released block (-1, windowed) is never read
+                self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = ids
                 upd_slot += [st.slot] * n
                 upd_col += range(st.num_blocks, st.num_blocks + n)
-                upd_blk += e.new_block_ids
+                upd_blk += ids
+                group_ids = e.group_block_ids or tuple((0,) * n for _ in self.group_tables)  # (warm-up plans)
+                for table, new_ids, upd in zip(self.group_tables, group_ids, group_upd):
+                    ids = [max(b, 0) for b in new_ids]
+                    table[st.slot, st.num_blocks : st.num_blocks + n] = ids
+                    upd += ids
                 st.num_blocks += n
         count = len(entries)
         starts = np.fromiter((e.start_pos for e in entries), np.int64, count)
@@ -142,6 +156,8 @@ class InputBatch:
         positions = np.arange(total, dtype=np.int64) - qsl[seq_ids] + starts[seq_ids]
         token_slots = slots[seq_ids]
         slot_mapping = self.block_table[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
+        group_slots = tuple(t[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
+                            for t in self.group_tables)
         input_ids = self.tokens[token_slots, np.minimum(positions, self.max_model_len - 1)].astype(np.int64)
         # A token past the known ones was sampled by the step in flight: it comes from the device.
         pending = np.flatnonzero(positions >= known[seq_ids])
@@ -166,4 +182,7 @@ class InputBatch:
             prev_scatter=prev_scatter,
             block_updates=(np.array(upd_slot, np.int64), np.array(upd_col, np.int64), np.array(upd_blk, np.int64))
             if upd_slot else None,
+            group_slot_mapping=group_slots,
+            group_block_updates=tuple((np.array(upd_slot, np.int64), np.array(upd_col, np.int64), np.array(u, np.int64))
+                                      if upd_slot else None for u in group_upd),
         )

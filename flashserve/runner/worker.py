@@ -18,12 +18,14 @@ The same Worker serves in-process engines and worker processes (``flashserve.dis
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from flashserve.cache.kv_groups import kv_layout
 from flashserve.config import EngineConfig, ModelConfig
+from flashserve.layers.attention import Attention
 from flashserve.layers.attention_metadata import forward_context
 from flashserve.layers.logits_processors import LogitsProcessors
 from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
@@ -126,27 +128,38 @@ class Worker:
         t0 = time.perf_counter()
         source = config.model if config.model is not None else default_model_path()
         self.model, _ = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend, config.seed,
-                                   quantization=config.quantization, dense_gguf=config.dtype != "auto")
+                                   quantization=config.quantization, dense_gguf=config.dtype != "auto",
+                                   attention=config.attention)
         if self.device.type == "cpu":
             pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
         load_s = time.perf_counter() - t0
 
         sched, cache = config.scheduler, config.cache
         self.block_size = cache.block_size
-        useful_blocks = sched.max_num_seqs * -(-max_model_len // cache.block_size)
-        plan = plan_kv_pool(model_config, cache, self.dtype, self.device, max_model_len, useful_blocks,
+        # Layers of different memory kinds keep separate block tables over one pool whose blocks hold
+        # ``slab`` layers each (flashserve.cache.kv_groups); one kind: every layer, one table.
+        self.layout = layout = kv_layout(model_config)
+        slab_config = replace(model_config, num_layers=layout.slab, layer_types=None)
+        useful_blocks = layout.num_groups * sched.max_num_seqs * -(-max_model_len // cache.block_size)
+        plan = plan_kv_pool(slab_config, cache, self.dtype, self.device, max_model_len, useful_blocks,
                             reserve_bytes=self._activation_reserve(model_config, sched.max_num_batched_tokens,
                                                                    sched.max_num_seqs))
-        self.kv_pool = allocate_kv_pool(model_config, plan, self.dtype, self.device)
-        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(self.kv_pool.shape[0])]
+        self._check_fits_one_sequence(plan.num_blocks, max_model_len, sched.max_num_batched_tokens)
+        self.kv_pool = allocate_kv_pool(slab_config, plan, self.dtype, self.device)
+        self.kv_caches = [(self.kv_pool[j, 0], self.kv_pool[j, 1]) for j in layout.layer_slab]
+        attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer, group in zip(attention_layers, layout.layer_group):
+            layer.kv_group = group
         num_host_blocks = cache.swap_space_bytes // plan.bytes_per_block
         self.swap_space = HostSwapSpace(self.kv_pool, num_host_blocks) if num_host_blocks else None
         self.sampler = Sampler(self.device, model_config.vocab_size, config.seed)
         self.sampler.logits_processors = LogitsProcessors.for_engine(config, eos_token_ids)
         self.max_blocks = -(-max_model_len // self.block_size)
-        self.batch = InputBatch(max_model_len, self.block_size, tuple(eos_token_ids))
+        self.batch = InputBatch(max_model_len, self.block_size, tuple(eos_token_ids), layout.num_groups)
         self.block_table = torch.zeros(0, self.max_blocks, dtype=torch.int32, device=self.device)
-        self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device)
+        self.group_block_tables = [self.block_table.clone() for _ in range(layout.num_groups - 1)]
+        self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device,
+                                   layout.num_groups)
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
         self._prev_rows: dict[str, int] = {}
@@ -169,6 +182,21 @@ class Worker:
             graph_capture_seconds=self.graphs.capture_seconds if self.graphs else None,
             max_decode_graph_batch=self.graphs.decode_sizes[-1] if self.graphs else None, weight_bytes=weights)
 
+    def _check_fits_one_sequence(self, num_blocks: int, max_model_len: int, max_step_tokens: int) -> None:
+        """With several groups of layers, one sequence of ``max_model_len`` needs the whole context
+        in each full group and a window plus one step's tokens in each windowed one."""
+        if self.layout.num_groups == 1:
+            return  # plan_kv_pool checked it
+        bs = self.block_size
+        whole = -(-max_model_len // bs)
+        need = sum(whole if g.span is None else min(whole, -(-g.span // bs) + 1 + -(-g.sinks // bs)
+                                                     + -(-max_step_tokens // bs))
+                   for g in self.layout.groups)
+        if num_blocks < need:
+            raise ValueError(f"the KV cache holds {num_blocks} blocks of {self.layout.slab} layers x {bs} tokens, but "
+                             f"one sequence of max_model_len={max_model_len} tokens needs {need} over the model's "
+                             f"{self.layout.num_groups} groups of layers; raise the KV cache budget or lower max_model_len")
+
     def _activation_reserve(self, mc: ModelConfig, max_tokens: int, max_seqs: int) -> int:
         """Device bytes kept out of the KV budget for one step's activations and logits."""
         if self.device.type != "cuda":
@@ -188,10 +216,14 @@ class Worker:
             pslot = self.sampler.penalties.add(new.prompt_token_ids, new.output_token_ids) \
                 if has_penalty(new.params) else None
             self.batch.add(new, pslot)
-        if self.batch.num_slots > self.block_table.shape[0]:  # more request slots: grow the device table
-            grown = torch.zeros(self.batch.num_slots, self.max_blocks, dtype=torch.int32, device=self.device)
-            grown[: self.block_table.shape[0]] = self.block_table
-            self.block_table = grown
+        if self.batch.num_slots > self.block_table.shape[0]:  # more request slots: grow the device tables
+            def grow(table: torch.Tensor) -> torch.Tensor:
+                grown = torch.zeros(self.batch.num_slots, self.max_blocks, dtype=torch.int32, device=self.device)
+                grown[: table.shape[0]] = table
+                return grown
+
+            self.block_table = grow(self.block_table)
+            self.group_block_tables = [grow(t) for t in self.group_block_tables]
         if plan.block_copies:  # swap preemption moves, before the forward
             apply_block_copies(self.kv_pool, self.swap_space, plan.block_copies)
 
@@ -227,6 +259,15 @@ class Worker:
             s, c, blk = (self._to_device(a) for a in inp.block_updates)
             self.block_table[s, c] = blk.to(torch.int32)
         torch.index_select(self.block_table, 0, d64[3 * pad_tokens :], out=buf.block_tables[:b])
+        for g, (table, slots, updates) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping,
+                                                       inp.group_block_updates)):
+            group_slots = np.full(pad_tokens, -1, dtype=np.int64)
+            group_slots[:t] = slots
+            buf.group_slot_mapping[g][:pad_tokens].copy_(self._to_device(group_slots))
+            if updates is not None:
+                s, c, blk = (self._to_device(a) for a in updates)
+                table[s, c] = blk.to(torch.int32)
+            torch.index_select(table, 0, d64[3 * pad_tokens :], out=buf.group_block_tables[g][:b])
         if inp.prev_scatter is not None:  # tokens the step in flight sampled, straight from the device
             idx, rows = (self._to_device(a) for a in inp.prev_scatter)
             buf.input_ids.index_copy_(0, idx, self._prev_tokens.index_select(0, rows))
@@ -321,25 +362,31 @@ class Worker:
         return WorkerOutput(handle.step_id, sampled)
 
     @torch.inference_mode()
-    def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
+    def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:
         """Log-probabilities [n, V] (fp32, on the device) of the token after each of ``token_ids``,
         which sit at positions ``start_pos ...`` of a sequence whose K/V before ``start_pos`` is in
-        ``block_ids``; their own K/V is written to the cache (so a later chunk reads it back).
-        Eager, outside the persistent batch; the Worker must be idle."""
+        ``block_ids`` (one table per group of layers when the model has several); their own K/V is
+        written to the cache (so a later chunk reads it back). Eager, outside the persistent batch;
+        the Worker must be idle."""
+        from flashserve.layers.attention_metadata import AttentionMetadata
+
         bs = self.block_size
         n = len(token_ids)
         positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
-        table = np.asarray(block_ids, dtype=np.int64)
-        slots = table[positions // bs] * bs + positions % bs
-        meta_tables = torch.as_tensor(table, dtype=torch.int32, device=self.device)[None]
-        from flashserve.layers.attention_metadata import AttentionMetadata
+        tables = block_ids if block_ids and isinstance(block_ids[0], list) else [block_ids]
 
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([start_pos + n], dtype=torch.int32, device=self.device),
-            block_tables=meta_tables, slot_mapping=self._to_device(slots), max_query_len=n,
-            max_seq_len=start_pos + n, query_lens_cpu=[n], seq_lens_cpu=[start_pos + n], block_size=bs,
-            is_decode=n == 1)
+        def meta(block_table: list[int], groups=()) -> AttentionMetadata:
+            table = np.maximum(np.asarray(block_table, dtype=np.int64), 0)
+            slots = table[positions // bs] * bs + positions % bs
+            return AttentionMetadata(
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                seq_lens=torch.tensor([start_pos + n], dtype=torch.int32, device=self.device),
+                block_tables=torch.as_tensor(table, dtype=torch.int32, device=self.device)[None],
+                slot_mapping=self._to_device(slots), max_query_len=n,
+                max_seq_len=start_pos + n, query_lens_cpu=[n], seq_lens_cpu=[start_pos + n], block_size=bs,
+                is_decode=n == 1, groups=groups)
+
+        meta = meta(tables[0], tuple(meta(t) for t in tables[1:]))
         with forward_context(meta):
             hidden = self.model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
                                 self.kv_caches)

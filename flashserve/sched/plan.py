@@ -45,6 +45,9 @@ class ScheduledRequest(NamedTuple):
     num_new_tokens: int
     new_block_ids: tuple[int, ...]  # appended to the request's block table before the step
     sample: bool  # True when this step reaches the end of the known tokens: sample the next
+    # Models with several groups of layers (flashserve.cache.kv_groups): the ids appended to the
+    # tables of groups 1, 2, ... (group 0's are ``new_block_ids``); -1 marks a released block.
+    group_block_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def seq_len(self) -> int:

@@ -168,6 +168,7 @@ class Scheduler:
         bm = self.block_manager
         rid = request.request_id
         start = request.num_computed_tokens
+        bm.trim(rid, start)  # blocks out of every window (flashserve.cache.window)
         bm.assert_writable(rid, start, start + num_new)
         sample = start + num_new == request.num_tokens
         request.num_computed_tokens += num_new
@@ -192,14 +193,14 @@ class Scheduler:
         sampling: dict[str, Request] = {}
         for request, start, num_new, sample in scheduled:
             rid = request.request_id
-            table = self.block_manager.block_table(rid)
+            table, *group_tables = self.block_manager.block_tables(rid)
             sent = self._blocks_sent.get(rid)
             if sent is None:  # the Worker does not hold this request (new, or back from a preemption)
                 new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
                                                tuple(request.output_token_ids), request.params))
                 sent = 0
             entries.append(ScheduledRequest(rid, start, num_new, tuple(table[sent:]) if len(table) > sent else (),
-                                            sample))
+                                            sample, tuple(tuple(t[sent:]) for t in group_tables)))
             self._blocks_sent[rid] = len(table)
             if sample:
                 sampling[rid] = request

@@ -1,0 +1,203 @@
+"""KV memory tracked per attention type: one block table per group of layers of one memory kind.
+
+A model whose layers need different amounts of context (Gemma 3: 5 local sliding-window layers to 1
+global) keeps, per request, one block table per *group*: the layers of one memory kind (full, or a
+window of ``span`` positions plus ``sinks``), ``slab`` layers per group. All groups draw from one
+pool whose blocks hold ``slab`` layers each (the pool is ``[slab, 2, num_blocks, block_size, Hkv,
+D]``): layer i reads ``pool[layer_slab[i]]`` through its group's table. A windowed group releases
+the blocks out of its window (``flashserve.cache.window``) while a full group keeps the whole
+context, so a long request on Gemma 3 holds the whole context in 3 of 18 layers only.
+
+``slab`` is the size of the smallest memory kind; a larger kind is cut into groups of ``slab``
+layers, the last one padded (its pages carry unused slab rows). A model with one memory kind has
+one group of every layer: the plain layout, and the plain ``BlockManager`` / ``WindowedBlockManager``.
+
+``GroupedBlockManager`` keeps the ``BlockManager`` interface the scheduler uses; each group is a
+``WindowedBlockManager`` (a full group never trims) on the shared pool and host allocator, with
+its own prefix-cache hash chain (salted by the group, so groups never share a block). A prefix hit
+is the shortest hit over the groups; allocation succeeds for all groups or for none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashserve.cache.block_manager import BlockManager, BlockPool, HostBlockAllocator, PrefixHit, hash_block
+from flashserve.cache.window import HOLE, WindowedBlockManager
+from flashserve.config import ModelConfig
+from flashserve.request import Request
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """Layers sharing one block table; ``span`` None: every position is kept."""
+
+    layers: tuple[int, ...]
+    sinks: int = 0
+    span: int | None = None
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    groups: tuple[KVGroup, ...]
+    slab: int  # layers per pool block
+    layer_group: tuple[int, ...]  # group of each layer
+    layer_slab: tuple[int, ...]  # row of the pool block each layer uses
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+
+def kv_layout(config: ModelConfig) -> KVLayout:
+    """Group the layers by memory kind (see module docstring)."""
+    kinds: dict[tuple[int, int | None], list[int]] = {}
+    for i in range(config.num_layers):
+        spec = config.layer_spec(i).attention
+        key = (spec.num_sinks, spec.span) if spec.kind == "sliding" else (0, None)
+        kinds.setdefault(key, []).append(i)
+    if len(kinds) == 1:
+        (sinks, span), layers = next(iter(kinds.items()))
+        return KVLayout((KVGroup(tuple(layers), sinks, span),), len(layers), (0,) * len(layers), tuple(range(len(layers))))
+    slab = min(len(v) for v in kinds.values())
+    groups: list[KVGroup] = []
+    layer_group, layer_slab = [0] * config.num_layers, [0] * config.num_layers
+    for (sinks, span), layers in kinds.items():
+        for start in range(0, len(layers), slab):
+            chunk = layers[start : start + slab]
+            for row, layer in enumerate(chunk):
+                layer_group[layer], layer_slab[layer] = len(groups), row
+            groups.append(KVGroup(tuple(chunk), sinks, span))
+    return KVLayout(tuple(groups), slab, tuple(layer_group), tuple(layer_slab))
+
+
+class _GroupTables(WindowedBlockManager):
+    """One group's tables on a shared pool, with a salted hash chain."""
+
+    def __init__(self, pool: BlockPool, host: HostBlockAllocator, block_size: int, enable_prefix_caching: bool,
+                 group: KVGroup, index: int) -> None:
+        super().__init__(1, block_size, enable_prefix_caching, 0, sinks=group.sinks, span=group.span or 0)
+        self.pool, self.host = pool, host
+        self.windowed = group.span is not None
+        self._salt = hash_block(None, [-1 - index])
+
+    def trim(self, request_id: str, start: int) -> None:
+        if self.windowed:
+            super().trim(request_id, start)
+
+    def _chain(self, request_id, token_ids, num_full):
+        hashes = self._hashes.setdefault(request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else self._salt, token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+
+class GroupedPrefixHit(PrefixHit):
+    """A prefix hit in every group: ``blocks`` is group 0's, ``group_blocks`` all of them."""
+
+    def __init__(self, group_blocks: list[list[int]], num_tokens: int) -> None:
+        super().__init__(group_blocks[0], num_tokens)
+        self.group_blocks = group_blocks
+
+
+class GroupedBlockManager(BlockManager):
+    """Block tables per group of layers over one pool (see module docstring)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int,
+                 layout: KVLayout) -> None:
+        super().__init__(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
+        self.layout = layout
+        self.groups = [_GroupTables(self.pool, self.host, block_size, enable_prefix_caching, g, i)
+                       for i, g in enumerate(layout.groups)]
+        self.tables = self.groups[0].tables  # group 0's tables (the BlockManager view)
+        self.host_tables = self.groups[0].host_tables
+
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        return [g.block_table(request_id) for g in self.groups]
+
+    def blocks_held(self, request_id: str) -> int:
+        return sum(g.blocks_held(request_id) for g in self.groups)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return len(self.groups) * -(-num_tokens // self.block_size)
+
+    def can_allocate(self, request_id: str, total_tokens: int) -> bool:
+        need = sum(max(0, -(-total_tokens // self.block_size) - len(g.tables.get(request_id, ()))) for g in self.groups)
+        return need <= self.pool.num_free
+
+    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> PrefixHit:
+        hits = [g.lookup_prefix(request_id, token_ids) for g in self.groups]
+        n = min(len(h.blocks) for h in hits)
+        return GroupedPrefixHit([h.blocks[:n] for h in hits], n * self.block_size)
+
+    def commit(self, request: Request) -> None:
+        for g in self.groups:
+            g.commit(request)
+
+    def allocate_slots(self, request_id: str, total_tokens: int, prefix: PrefixHit | None = None) -> list[int] | None:
+        want = -(-total_tokens // self.block_size)
+        need = 0
+        for i, g in enumerate(self.groups):
+            table = g.tables.get(request_id, [])
+            reused = prefix.group_blocks[i] if isinstance(prefix, GroupedPrefixHit) and not table else []
+            need += max(0, want - len(table) - len(reused)) + sum(1 for b in reused if self.pool.ref_counts[b] == 0)
+        if need > self.pool.num_free:
+            return None
+        for i, g in enumerate(self.groups):
+            hit = PrefixHit(prefix.group_blocks[i], prefix.num_tokens) if isinstance(prefix, GroupedPrefixHit) else None
+            assert g.allocate_slots(request_id, total_tokens, hit) is not None
+        self.prefix_hits = self.groups[0].prefix_hits
+        return self.groups[0].tables[request_id]
+
+    def assert_writable(self, request_id: str, start: int, end: int) -> None:
+        for g in self.groups:
+            g.assert_writable(request_id, start, end)
+
+    def trim(self, request_id: str, start: int) -> None:
+        for g in self.groups:
+            g.trim(request_id, start)
+
+    def free(self, request_id: str) -> None:
+        for g in self.groups:
+            g.free(request_id)
+
+    def can_swap_out(self, request_id: str) -> bool:
+        return self.blocks_held(request_id) <= self.host.num_free
+
+    def swap_out(self, request_id: str) -> list[tuple[int, int]]:
+        return [pair for g in self.groups for pair in g.swap_out(request_id)]
+
+    def swap_in(self, request_id: str) -> list[tuple[int, int]] | None:
+        held = sum(1 for g in self.groups for h in g.host_tables[request_id] if h != HOLE)
+        if held > self.pool.num_free:
+            return None
+        return [pair for g in self.groups for pair in g.swap_in(request_id)]
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        refs = [0] * self.pool.num_blocks
+        for g in self.groups:
+            for table in g.tables.values():
+                for b in table:
+                    if b != HOLE:
+                        refs[b] += 1
+        assert refs == self.pool.ref_counts, "reference counts disagree with the block tables"
+        held = [b for g in self.groups for t in g.host_tables.values() for b in t if b != HOLE]
+        assert len(set(held)) == len(held)
+        assert len(held) + self.host.num_free + len(self.host._pending) == self.host.num_blocks
+
+
+def make_block_manager(config: ModelConfig, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                       num_host_blocks: int) -> BlockManager:
+    """The block manager for the model's layout: one table (plain, or released out of the window
+    when every layer is windowed) or one per group of layers."""
+    layout = kv_layout(config)
+    if layout.num_groups > 1:
+        return GroupedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks, layout)
+    group = layout.groups[0]
+    if group.span is None:
+        return BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
+    return WindowedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks,
+                                sinks=group.sinks, span=group.span)

@@ -1,0 +1,227 @@
+"""Approximate attention kinds on the paged cache: H2O heavy hitters, Quest page selection and
+LSH buckets (``AttentionSpec``); sliding windows live in the kernels' masks
+(``flashserve.kernels.reference.window_mask``).
+
+Per layer, a kind may keep *side state* beside the KV cache, indexed by the same flat slots:
+
+* quest: per block and KV head, the elementwise minimum and maximum of its keys
+  ``[num_blocks, 2, Hkv, D]`` in the keys' dtype (1/block_size of the KV bytes), updated on store. A query's upper bound on ``q . k`` over a
+  page is ``sum_d max(q_d min_d, q_d max_d)``; the pages with the highest bounds are read.
+* h2o: per slot and KV head, the attention the token has received so far (``score``, fp32) and
+  whether it is still kept (``alive``). After each step the lowest-scoring tokens beyond the
+  budget are evicted (never the sinks nor the recent half of the budget).
+* lsh: nothing stored; keys and queries are hashed on the fly with one fixed random rotation
+  per layer (angular LSH: bucket = argmax over [x R, -x R]).
+
+``visible_keys`` gives, for one sequence's queries and context, the ``[Hkv, G * L, S]`` mask of
+the keys each query row (head g of a KV group, new token l) attends to; the torch backend
+applies it densely, and ``quest_block_tables`` gives the Triton kernels the pages to read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flashserve.config import AttentionSpec
+
+
+class SideState:
+    """Side tensors of one layer's cache, allocated on first use (see module docstring)."""
+
+    def __init__(self, k_cache: torch.Tensor) -> None:
+        self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim = k_cache.shape
+        self.device = k_cache.device
+        self.bounds: torch.Tensor | None = None  # quest: [num_blocks + 1, 2, Hkv, D], the keys' dtype
+        self.score: torch.Tensor | None = None  # h2o: [num_blocks * block_size, Hkv] fp32
+        self.alive: torch.Tensor | None = None  # h2o: [num_blocks * block_size, Hkv] bool
+
+    def update(self, spec: AttentionSpec, k: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record the new keys k [T, Hkv, D] stored at flat ``slots`` [T] (all valid)."""
+        if spec.kind == "quest":
+            if self.bounds is None:  # one extra row takes the writes of skipped slots (-1)
+                self.bounds = torch.zeros(self.num_blocks + 1, 2, self.num_kv_heads, self.head_dim,
+                                          dtype=k.dtype, device=self.device)
+            blocks = torch.div(slots, self.block_size, rounding_mode="floor")  # -1 for skipped slots
+            # a block's first token resets its bounds (no host sync: the others write the spare row)
+            reset = torch.where(slots % self.block_size == 0, blocks, self.num_blocks)
+            self.bounds[reset, 0] = k
+            self.bounds[reset, 1] = k
+            rows = (blocks % (self.num_blocks + 1))[:, None, None].expand_as(k)  # [T, Hkv, D]
+            self.bounds[:, 0].scatter_reduce_(0, rows, k, "amin", include_self=True)
+            self.bounds[:, 1].scatter_reduce_(0, rows, k, "amax", include_self=True)
+        elif spec.kind == "h2o":
+            if self.score is None:
+                n = self.num_blocks * self.block_size
+                self.score = torch.zeros(n, self.num_kv_heads, dtype=torch.float32, device=self.device)
+                self.alive = torch.zeros(n, self.num_kv_heads, dtype=torch.bool, device=self.device)
+            self.score[slots] = 0.0
+            self.alive[slots] = True
+
+
+class SideStates:
+    """The side state of every layer of a backend, keyed by the layer's cache tensor."""
+
+    def __init__(self) -> None:
+        self._states: dict[tuple, SideState] = {}
+
+    def get(self, k_cache: torch.Tensor) -> SideState:
+        key = (k_cache.data_ptr(), tuple(k_cache.shape))
+        if key not in self._states:
+            self._states[key] = SideState(k_cache)
+        return self._states[key]
+
+
+def kept_tokens(spec: AttentionSpec, seq_len: int) -> int:
+    """h2o: tokens kept per KV head once a sequence has ``seq_len`` tokens."""
+    return min(seq_len, max(math.ceil(spec.kv_budget * seq_len), spec.num_sinks + 1))
+
+
+def quest_num_pages(spec: AttentionSpec, num_pages: int, block_size: int) -> int:
+    """quest: pages a query reads out of the ``num_pages`` its context spans (always its own
+    page and the sinks' pages)."""
+    sink_pages = -(-spec.num_sinks // block_size)
+    return min(num_pages, max(math.ceil(spec.kv_budget * num_pages), 1 + sink_pages))
+
+
+def page_bounds(
+    q: torch.Tensor,  # [..., L, G, D] fp32
+    lo: torch.Tensor,  # [..., pages, D] fp32 per-page key minima
+    hi: torch.Tensor,  # [..., pages, D] maxima
+) -> torch.Tensor:  # [..., L, G, pages]
+    """Quest's upper bound of q . k over each page: sum_d max(q_d lo_d, q_d hi_d)
+    = relu(q) . hi - relu(-q) . lo (two matmuls)."""
+    lead = q.shape[:-3]
+    L, G, D = q.shape[-3:]
+    flat = q.reshape(*lead, L * G, D)
+    bound = flat.clamp(min=0) @ hi.transpose(-1, -2) + flat.clamp(max=0) @ lo.transpose(-1, -2)
+    return bound.reshape(*lead, L, G, lo.shape[-2])
+
+
+def _lsh_rotation(spec: AttentionSpec, head_dim: int, device: torch.device) -> torch.Tensor:
+    """The fixed random rotation [D, num_buckets / 2] of a layer (seeded by its parameters)."""
+    g = torch.Generator().manual_seed(1000 + spec.num_buckets)
+    return torch.randn(head_dim, spec.num_buckets // 2, generator=g).to(device)
+
+
+def lsh_buckets(x: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Angular LSH bucket of each vector x [..., D] -> [...] int64."""
+    proj = x.float() @ _lsh_rotation(spec, x.shape[-1], x.device)
+    return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+
+
+def visible_keys(
+    spec: AttentionSpec,
+    q: torch.Tensor,  # [L, Hq, D] the sequence's new queries
+    keys: torch.Tensor,  # [S, Hkv, D] its whole context (positions 0 .. S-1)
+    slots: torch.Tensor,  # [S] flat cache slots of the context
+    state: SideState | None,
+    scale: float,
+) -> torch.Tensor:  # [Hkv, G * L, S] bool, rows g * L + l
+    """Which keys each query row attends to, for the h2o / quest / lsh kinds (causal included)."""
+    L, Hq, _ = q.shape
+    S, Hkv = keys.shape[0], keys.shape[1]
+    G = Hq // Hkv
+    q_pos = torch.arange(S - L, S, device=q.device)
+    k_pos = torch.arange(S, device=q.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # [L, S]
+    sinks = (k_pos < spec.num_sinks)[None, :]
+    qg = q.view(L, Hkv, G, -1)
+    if spec.kind == "h2o":
+        alive = state.alive[slots].T  # [Hkv, S]
+        mask = causal[None] & alive[:, None, :]  # [Hkv, L, S]
+        return mask.repeat(1, G, 1)
+    if spec.kind == "lsh":
+        kb = lsh_buckets(keys, spec).T  # [Hkv, S]
+        qb = lsh_buckets(qg, spec).permute(1, 2, 0)  # [Hkv, G, L]
+        local = (q_pos[:, None] - k_pos[None, :]) < (spec.sliding_window or 1)  # [L, S]
+        same = qb[..., None] == kb[:, None, None, :]  # [Hkv, G, L, S]
+        mask = causal & (same | local | sinks)
+        return mask.reshape(Hkv, G * L, S)
+    if spec.kind == "quest":
+        bs = state.block_size
+        pages = -(-S // bs)
+        blocks = slots[::bs] // bs  # [pages] physical block of each page
+        lo, hi = state.bounds[blocks, 0].float(), state.bounds[blocks, 1].float()  # [pages, Hkv, D]
+        # upper bound of q.k over each page, max over the group's heads: [L, Hkv, pages]
+        bound = page_bounds(qg.float().transpose(0, 1), lo.transpose(0, 1), hi.transpose(0, 1))  # [Hkv, L, G, pages]
+        bound = bound.amax(2).transpose(0, 1)
+        page_of_q = q_pos // bs  # [L]
+        page_ids = torch.arange(pages, device=q.device)
+        reachable = page_ids[None, :] <= page_of_q[:, None]  # [L, pages]
+        forced = (page_ids[None, :] == page_of_q[:, None]) | (page_ids[None, :] * bs < spec.num_sinks)
+        bound = bound.masked_fill(~reachable[:, None, :], float("-inf"))
+        bound = bound.masked_fill(forced[:, None, :], float("inf"))
+        want = torch.tensor([quest_num_pages(spec, int(p) + 1, bs) for p in page_of_q.tolist()], device=q.device)
+        rank = bound.argsort(dim=-1, descending=True).argsort(dim=-1)  # [L, Hkv, pages]
+        chosen = rank < want[:, None, None]
+        token_chosen = chosen.repeat_interleave(bs, dim=-1)[..., :S]  # [L, Hkv, S]
+        mask = causal[:, None, :] & token_chosen  # [L, Hkv, S]
+        return mask.permute(1, 0, 2).repeat(1, G, 1)
+    raise ValueError(f"visible_keys does not handle {spec.kind!r} attention")
+
+
+def h2o_accumulate_and_evict(
+    spec: AttentionSpec,
+    probs: torch.Tensor,  # [Hkv, G * L, S] attention probabilities of this step's rows
+    slots: torch.Tensor,  # [S] flat cache slots of the context
+    state: SideState,
+) -> None:
+    """Add the attention each key received to its score, then evict per KV head the
+    lowest-scoring tokens beyond ``kept_tokens`` (never the sinks or the recent half)."""
+    S = slots.shape[0]
+    state.score[slots] += probs.sum(1).T  # [S, Hkv]
+    keep = kept_tokens(spec, S)
+    alive = state.alive[slots]  # [S, Hkv]
+    excess = int(alive.sum(0).max()) - keep
+    if excess <= 0:
+        return
+    pos = torch.arange(S, device=slots.device)
+    protected = (pos < spec.num_sinks) | (pos >= S - keep // 2)
+    key = state.score[slots].masked_fill(protected[:, None] | ~alive, float("inf"))  # [S, Hkv]
+    victims = key.topk(excess, dim=0, largest=False).indices  # [excess, Hkv]
+    ok = key.gather(0, victims).isfinite()
+    heads = torch.arange(alive.shape[1], device=slots.device).expand_as(victims)
+    state.alive[slots[victims[ok]], heads[ok]] = False
+
+
+def quest_block_tables(
+    spec: AttentionSpec,
+    q: torch.Tensor,  # [B, Hq, D] one new token per sequence (a decode step)
+    block_tables: torch.Tensor,  # [B, P] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    state: SideState,
+    max_pages: int,  # host bound on the pages any query reads (sizes the output)
+) -> tuple[torch.Tensor, torch.Tensor]:  # [B, Hkv, max_pages] int32, [B] int32
+    """A decode step's Quest selection as block tables per (sequence, KV head): the chosen
+    pages' blocks in position order, the query's own page last, so that the kernels run plain
+    causal attention over a virtual context of ``virtual_lens`` tokens. Device ops only."""
+    B, Hq, D = q.shape
+    Hkv, bs = state.num_kv_heads, state.block_size
+    G = Hq // Hkv
+    P = block_tables.shape[1]
+    num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
+    if q.is_cuda:  # one pass over the bounds (flashserve.kernels.quest)
+        from flashserve.kernels.quest import quest_page_scores
+
+        bound = quest_page_scores(q, state.bounds, block_tables, seq_lens, bs)  # [B, Hkv, P]
+    else:
+        bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
+        lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
+        bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
+    page_ids = torch.arange(P, device=q.device)
+    sink_pages = -(-spec.num_sinks // bs)
+    forced = (page_ids[None, :] == num_pages[:, None] - 1) | (page_ids[None, :] < sink_pages)
+    bound = bound.masked_fill((page_ids[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
+    bound = bound.masked_fill(forced[:, None, :], float("inf"))
+    want = torch.clamp(torch.ceil(spec.kv_budget * num_pages.double()).long(), min=1 + sink_pages)
+    want = torch.minimum(want, num_pages)  # [B] pages read by each sequence's query
+    k = min(max_pages, P)
+    top = bound.topk(k, dim=-1).indices  # [B, Hkv, k], best first
+    rank = torch.arange(k, device=q.device)
+    order_key = torch.where(rank[None, None, :] < want[:, None, None], top, P + rank[None, None, :])
+    pages = order_key.sort(dim=-1).values.clamp(max=P - 1)  # chosen pages ascending, then padding
+    tables = block_tables.long()[:, None, :].expand(B, Hkv, P).gather(2, pages).to(torch.int32)
+    virtual_lens = ((want - 1) * bs + seq_lens.long() - (num_pages - 1) * bs).to(torch.int32)
+    return tables.contiguous(), virtual_lens

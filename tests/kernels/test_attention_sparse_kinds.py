@@ -1,0 +1,203 @@
+"""Quest page selection, LSH buckets and H2O heavy hitters on the paged cache: the torch backend
+against dense references written out position by position, and the Triton decode kernel over
+Quest's per-head block tables against the torch backend (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_test_utils import PagedBatch
+
+from flashserve.config import AttentionSpec
+from flashserve.kernels.reference import gather_kv_ref
+from flashserve.layers.attention import TorchAttentionBackend
+from flashserve.layers.attention_metadata import AttentionMetadata
+from flashserve.layers.sparse_attention import kept_tokens, lsh_buckets
+
+CPU = torch.device("cpu")
+
+
+def _dense_attention(q, k, v, scale, allowed):
+    """q [Hq, D] one query, k/v [S, Hkv, D], allowed [Hkv, S] bool -> [Hq, D] (fp32)."""
+    hq, hkv = q.shape[0], k.shape[1]
+    g = hq // hkv
+    out = torch.empty(hq, q.shape[1])
+    for h in range(hq):
+        kv = h // g
+        s = (k[:, kv].float() @ q[h].float()) * scale
+        s = s.masked_fill(~allowed[kv], float("-inf"))
+        out[h] = s.softmax(0) @ v[:, kv].float()
+    return out
+
+
+def _dense_quest(spec, q, k, v, scale, block_size):
+    """Quest for each new token of one sequence, written out: per KV head, page bounds from the
+    keys, the pages with the highest bound (max over the group's heads) plus its own page."""
+    L, S = q.shape[0], k.shape[0]
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    out = torch.empty(L, hq, q.shape[2])
+    for i in range(L):
+        p = S - L + i
+        pages = p // block_size + 1
+        want = min(pages, max(math.ceil(spec.kv_budget * pages), 1 + -(-spec.num_sinks // block_size)))
+        allowed = torch.zeros(hkv, S, dtype=torch.bool)
+        for kv in range(hkv):
+            bounds = []
+            for page in range(pages):
+                keys = k[page * block_size : min((page + 1) * block_size, S), kv].float()
+                lo, hi = keys.amin(0), keys.amax(0)
+                ub = max(float(torch.maximum(q[i, kv * g + j] * lo, q[i, kv * g + j] * hi).sum()) for j in range(g))
+                forced = page == pages - 1 or page * block_size < spec.num_sinks
+                bounds.append(float("inf") if forced else ub)
+            chosen = sorted(range(pages), key=lambda x: -bounds[x])[:want]
+            for page in chosen:
+                allowed[kv, page * block_size : min((page + 1) * block_size, p + 1)] = True
+        out[i] = _dense_attention(q[i], k, v, scale, allowed)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+@pytest.mark.parametrize("budget,sinks", [(0.2, 0), (0.5, 3)])
+def test_torch_quest_matches_dense_reference(block_size, budget, sinks):
+    spec = AttentionSpec("quest", kv_budget=budget, num_sinks=sinks)
+    batch = PagedBatch([41, 30], [1, 7], 4, 2, 8, block_size, torch.float32, CPU, seed=block_size)
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    backend = TorchAttentionBackend()
+    # the cached context's keys enter the page bounds as the steps that wrote them would have
+    state = backend.side_states.get(k_cache)
+    for b, (s, ql) in enumerate(zip(batch.seq_lens, batch.q_lens)):
+        pos = torch.arange(s - ql)
+        slots = batch.meta.block_tables[b].long()[pos // block_size] * block_size + pos % block_size
+        state.update(spec, k_cache.flatten(0, 1)[slots], slots)
+    out = backend.forward(batch.q, batch.k_new, batch.v_new, k_cache, v_cache, batch.meta, 0.3, spec)
+    start = 0
+    for b, (s, ql) in enumerate(zip(batch.seq_lens, batch.q_lens)):
+        k = gather_kv_ref(k_cache, batch.meta.block_tables[b], s)
+        v = gather_kv_ref(v_cache, batch.meta.block_tables[b], s)
+        ref = _dense_quest(spec, batch.q[start : start + ql], k, v, 0.3, block_size)
+        torch.testing.assert_close(out[start : start + ql], ref, atol=1e-5, rtol=1e-5)
+        start += ql
+
+
+@pytest.mark.parametrize("buckets,window,sinks", [(4, 1, 0), (8, 3, 2)])
+def test_torch_lsh_matches_dense_reference(buckets, window, sinks):
+    spec = AttentionSpec("lsh", sliding_window=window, num_sinks=sinks, num_buckets=buckets)
+    batch = PagedBatch([33, 19], [1, 19], 4, 2, 8, 4, torch.float32, CPU, seed=buckets)
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    out = TorchAttentionBackend().forward(batch.q, batch.k_new, batch.v_new, k_cache, v_cache, batch.meta, 0.3, spec)
+    start = 0
+    hits = total = 0
+    for b, (s, ql) in enumerate(zip(batch.seq_lens, batch.q_lens)):
+        k = gather_kv_ref(k_cache, batch.meta.block_tables[b], s)
+        v = gather_kv_ref(v_cache, batch.meta.block_tables[b], s)
+        kb = lsh_buckets(k, spec)  # [S, Hkv]
+        for i in range(ql):
+            p = s - ql + i
+            q = batch.q[start + i]
+            qb = lsh_buckets(q, spec)  # [Hq]
+            for h in range(q.shape[0]):
+                kv = h // 2
+                allowed = torch.tensor([k_ <= p and (k_ < sinks or p - k_ < window or int(kb[k_, kv]) == int(qb[h]))
+                                        for k_ in range(s)])
+                hits += int(allowed.sum())
+                total += p + 1
+                ref = _dense_attention(q[h : h + 1], k[:, kv : kv + 1], v[:, kv : kv + 1], 0.3, allowed[None])
+                torch.testing.assert_close(out[start + i, h], ref[0], atol=1e-5, rtol=1e-5)
+        start += ql
+    assert hits < total  # the buckets do leave keys out
+
+
+def _meta(starts, q_lens, tables, block_size):
+    seq_lens = [s + q for s, q in zip(starts, q_lens)]
+    slots, qsl = [], [0]
+    for s, q, t in zip(starts, q_lens, tables):
+        slots += [t[p // block_size] * block_size + p % block_size for p in range(s, s + q)]
+        qsl.append(qsl[-1] + q)
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        torch.tensor(slots, dtype=torch.int64), max(q_lens), max(seq_lens), list(q_lens), seq_lens, block_size,
+        is_decode=all(q == 1 for q in q_lens))
+
+
+@pytest.mark.parametrize("budget,sinks", [(0.3, 2), (0.5, 0)])
+def test_h2o_steps_match_a_dense_simulation(budget, sinks):
+    """A prompt chunk then decode steps: outputs equal a dense H2O run (per KV head: attend to
+    kept tokens, add each key's attention to its score, evict the lowest beyond the budget
+    except sinks and the recent half), and the kept count and the sinks hold at every step."""
+    torch.manual_seed(0)
+    spec = AttentionSpec("h2o", kv_budget=budget, num_sinks=sinks)
+    hq, hkv, d, bs, total = 4, 2, 8, 4, 30
+    q_all, k_all, v_all = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
+    k_cache, v_cache = torch.zeros(12, bs, hkv, d), torch.zeros(12, bs, hkv, d)
+    table = [7, 2, 9, 0, 5, 11, 3, 8]
+    backend = TorchAttentionBackend()
+    score = torch.zeros(total, hkv)
+    alive = torch.zeros(total, hkv, dtype=torch.bool)
+    steps = [(0, 12)] + [(p, 1) for p in range(12, total)]
+    for start, n in steps:
+        meta = _meta([start], [n], [table], bs)
+        out = backend.forward(q_all[start : start + n], k_all[start : start + n], v_all[start : start + n],
+                              k_cache, v_cache, meta, 0.35, spec)
+        alive[start : start + n] = True
+        end = start + n
+        for i in range(n):
+            p = start + i
+            for h in range(hq):
+                kv = h // 2
+                allowed = alive[:end, kv] & (torch.arange(end) <= p)
+                s = (k_all[:end, kv] @ q_all[p, h]) * 0.35
+                prob = s.masked_fill(~allowed, float("-inf")).softmax(0)
+                torch.testing.assert_close(out[i, h], prob @ v_all[:end, kv], atol=1e-5, rtol=1e-5)
+                score[:end, kv] += prob
+        keep = kept_tokens(spec, end)
+        for kv in range(hkv):
+            live = [j for j in range(end) if alive[j, kv]]
+            excess = len(live) - keep
+            free = [j for j in live if j >= sinks and j < end - keep // 2]
+            for j in sorted(free, key=lambda j: float(score[j, kv]))[: max(excess, 0)]:
+                alive[j, kv] = False
+        assert alive[:sinks].all() and (alive[:end].sum(0) == keep).all()
+
+
+def test_quest_decode_kernel_matches_torch_backend(device):
+    from flashserve.kernels.triton_backend import TritonAttentionBackend
+
+    spec = AttentionSpec("quest", kv_budget=0.25, num_sinks=2)
+    batch = PagedBatch([70, 9, 40], [1, 1, 1], 8, 2, 16, 4, torch.float32, device, seed=4)
+    caches = [(batch.k_cache.clone(), batch.v_cache.clone()) for _ in range(2)]
+    outs = []
+    for backend, (kc, vc) in zip((TorchAttentionBackend(), TritonAttentionBackend(num_splits=2)), caches):
+        state = backend.side_states.get(kc)
+        for b, (s, ql) in enumerate(zip(batch.seq_lens, batch.q_lens)):
+            pos = torch.arange(s - ql, device=device)
+            slots = batch.meta.block_tables[b].long()[pos // 4] * 4 + pos % 4
+            state.update(spec, kc.flatten(0, 1)[slots], slots)
+        outs.append(backend.forward(batch.q, batch.k_new, batch.v_new, kc, vc, batch.meta, 0.25, spec))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
+
+
+def test_quest_page_score_kernel_matches_torch(device):
+    from flashserve.kernels.quest import quest_page_scores
+    from flashserve.layers.sparse_attention import page_bounds
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, bs, P = 3, 8, 2, 32, 4, 37
+    bounds = torch.randn(50, 2, Hkv, D, generator=g)
+    bounds = torch.stack([bounds.amin(1), bounds.amax(1)], 1).to(device)  # lo <= hi
+    q = torch.randn(B, Hq, D, generator=g).to(device)
+    tables = torch.randint(0, 50, (B, P), generator=g, dtype=torch.int32).to(device)
+    seq_lens = torch.tensor([145, 1, 60], dtype=torch.int32, device=device)
+    out = quest_page_scores(q, bounds, tables, seq_lens, bs)
+    sel = bounds[tables.long()].float()  # [B, P, 2, Hkv, D]
+    ref = page_bounds(q.float().view(B, Hkv, 1, Hq // Hkv, D), sel[:, :, 0].transpose(1, 2),
+                      sel[:, :, 1].transpose(1, 2)).amax(-2)[:, :, 0]
+    pages = (seq_lens.long() + bs - 1) // bs
+    valid = torch.arange(P, device=device)[None, :] < pages[:, None]
+    torch.testing.assert_close(out[valid[:, None, :].expand_as(out)], ref[valid[:, None, :].expand_as(ref)],
+                               atol=1e-4, rtol=1e-4)
+    assert (out[~valid[:, None, :].expand_as(out)] == float("-inf")).all()
