@@ -37,6 +37,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Scheduling hints (used by the priority / shortest-job policies).
     priority: int = 0
+    # Speculative decoding for this request: None = the engine's setting, 0 = off, k = at most k drafts.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +77,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if self.num_speculative_tokens is not None and (
+                not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0):
+            raise ValueError(f"num_speculative_tokens must be None (the engine's setting) or an integer >= 0, "
+                             f"got {self.num_speculative_tokens!r}")
         if len(self.stop) > 16:
             raise ValueError(f"at most 16 stop strings are allowed, got {len(self.stop)}")
 

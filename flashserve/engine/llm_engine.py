@@ -54,6 +54,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_rank_preemptions: int = 0
+    spec: Any = None  # flashserve.spec.controller.SpecStats when speculating
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,13 @@ class LLMEngine:
             config = replace(config, scheduler=sched_cfg)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
+        self.speculation = None
+        if config.speculative is not None:  # refuse an incompatible draft before any weights load
+            from flashserve.spec.controller import SpeculationController
+            from flashserve.spec.proposers import check_speculative
+
+            check_speculative(config.speculative, mc, self.tokenizer, self.max_model_len)
+            self.speculation = SpeculationController(config.speculative)
         self.executor = make_executor(config, mc, self.max_model_len, tuple(self.eos_token_ids))
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
@@ -116,7 +124,7 @@ class LLMEngine:
                                           info.num_host_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
-        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model)
+        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
         self.scheduler = self.core.scheduler
         self.graph_capture_seconds = info.graph_capture_seconds
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -377,6 +385,7 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_rank_preemptions=self.scheduler.num_rank_preemptions,
+            spec=replace(self.speculation.stats) if self.speculation is not None else None,
         )
 
     def shutdown(self) -> None:

@@ -33,6 +33,7 @@ from flashserve.kernels.decode_attention import (
     paged_decode_attention,
 )
 from flashserve.kernels.prefill_attention import paged_prefill_attention
+from flashserve.kernels.tree_attention import tree_attention
 from flashserve.kernels.utils import next_power_of_2, num_sms
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
 
@@ -90,6 +91,8 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
+        if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
+            return tree_attention(q, k, v, k_cache, v_cache, meta, scale)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):

@@ -15,6 +15,7 @@ from torch import nn
 
 from flashserve.config import AttentionSpec
 from flashserve.kernels import kv_quant
+from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
 
 
@@ -118,6 +119,8 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]
+        if meta.tree is not None:  # a speculative token tree: nodes see their ancestors only
+            return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
         if has_cache:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self._valid_slots(meta))

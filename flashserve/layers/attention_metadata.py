@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,9 @@ class AttentionMetadata:
     is_decode: bool = False
     # Values a backend derives from this metadata once per step and reuses in every layer.
     memo: dict = field(default_factory=dict)
+    # Token trees of a speculative verification step (flashserve.kernels.tree_attention.TreeMask):
+    # their new tokens attend to their ancestors only. None: every sequence is causal.
+    tree: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -26,7 +26,7 @@ class RequestState:
     """What the Worker keeps for one request (its tokens live in the batch's token table)."""
 
     __slots__ = ("request_id", "params", "slot", "num_known", "num_tokens", "num_prompt_tokens",
-                 "num_blocks", "penalty_slot", "banned")
+                 "num_blocks", "penalty_slot", "banned", "spec")
 
     def __init__(self, new: NewRequest, slot: int, penalty_slot: int | None, eos_token_ids: tuple[int, ...]) -> None:
         self.request_id = new.request_id
@@ -38,6 +38,7 @@ class RequestState:
         self.num_blocks = 0
         self.penalty_slot = penalty_slot
         self.banned = tuple(sorted(set(eos_token_ids) | set(new.params.stop_token_ids)))
+        self.spec = None  # a proposer's state for this request (flashserve.spec)
 
     @property
     def num_output_tokens(self) -> int:
@@ -110,31 +111,45 @@ class InputBatch:
         return state
 
     def append(self, state: RequestState, token_ids: tuple[int, ...]) -> None:
-        """Record tokens a step sampled for the request."""
+        """Record tokens a step sampled for the request (several when drafts were accepted)."""
         n = len(token_ids)
         self.tokens[state.slot, state.num_known : state.num_known + n] = token_ids
         state.num_known += n
+        state.num_tokens += n - 1  # build() counted one token for the step
 
-    def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: dict[str, int]) -> StepInputs:
-        """Inputs of one step. ``prev_rows``: request id -> row of the step in flight's sampled
-        tokens, for requests whose last token has not come back to the host."""
-        bs = self.block_size
-        states = [self.states[e.request_id] for e in entries]
-        # Block ids the plan appends: host table now, device table through ``block_updates``.
+    def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Append the plan's new block ids to the host table; returns (slot, column, block id)
+        for the device table, or None."""
         upd_slot, upd_col, upd_blk = [], [], []
-        for e, st in zip(entries, states):
+        for e in entries:
             if e.new_block_ids:
+                st = self.states[e.request_id]
                 n = len(e.new_block_ids)
                 self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = e.new_block_ids
                 upd_slot += [st.slot] * n
                 upd_col += range(st.num_blocks, st.num_blocks + n)
                 upd_blk += e.new_block_ids
                 st.num_blocks += n
+        if not upd_slot:
+            return None
+        return np.array(upd_slot, np.int64), np.array(upd_col, np.int64), np.array(upd_blk, np.int64)
+
+    def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: dict[str, int],
+              num_drafts: np.ndarray | None = None) -> StepInputs:
+        """Inputs of one step. ``prev_rows``: request id -> row of the step in flight's sampled
+        tokens, for requests whose last token has not come back to the host. ``num_drafts``: per
+        entry, draft tokens a proposer wrote into the token table after the known ones."""
+        bs = self.block_size
+        states = [self.states[e.request_id] for e in entries]
+        # Block ids the plan appends: host table now, device table through ``block_updates``.
+        block_updates = self.append_blocks(entries)
         count = len(entries)
         starts = np.fromiter((e.start_pos for e in entries), np.int64, count)
         lens = np.fromiter((e.num_new_tokens for e in entries), np.int64, count)
         slots = np.fromiter((st.slot for st in states), np.int64, count)
         known = np.fromiter((st.num_known for st in states), np.int64, count)
+        if num_drafts is not None:
+            known = known + num_drafts
         qsl = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
         total = int(qsl[-1])
@@ -164,6 +179,5 @@ class InputBatch:
             logits_indices=qsl[1:][sample_rows] - 1,
             sample_rows=sample_rows,
             prev_scatter=prev_scatter,
-            block_updates=(np.array(upd_slot, np.int64), np.array(upd_col, np.int64), np.array(upd_blk, np.int64))
-            if upd_slot else None,
+            block_updates=block_updates,
         )
