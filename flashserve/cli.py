@@ -14,6 +14,7 @@ import sys
 # name -> (module, help). Each module has add_arguments(parser) and run(args).
 PLUGINS: dict[str, tuple[str, str]] = {
     "serve": ("flashserve.server.cli", "run the OpenAI-compatible HTTP server"),
+    "train-heads": ("flashserve.spec.train_heads", "train Medusa-style drafting heads on the model's own generations"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("flashserve.bench.kernels", "attention kernels vs torch SDPA and the read-bandwidth ceiling"),

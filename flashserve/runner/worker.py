@@ -348,7 +348,7 @@ class Worker:
             if self.batch.states.get(rid) is state:  # not if it left (or its id was reused) while the step ran
                 self.batch.append(state, toks)
                 if self.speculator is not None:
-                    self.speculator.on_result(state, toks)
+                    self.speculator.on_result(state, toks, handle, j)
             k = state.params.logprobs
             entry = None
             if k is not None and lps is not None:
@@ -362,6 +362,11 @@ class Worker:
         which sit at positions ``start_pos ...`` of a sequence whose K/V before ``start_pos`` is in
         ``block_ids``; their own K/V is written to the cache (so a later chunk reads it back).
         Eager, outside the persistent batch; the Worker must be idle."""
+        return self.model.compute_logits(self.hidden_chunk(token_ids, start_pos, block_ids)).log_softmax(dim=-1)
+
+    @torch.inference_mode()
+    def hidden_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
+        """Final hidden states [n, hidden] of ``token_ids`` (as ``score_chunk``, before the LM head)."""
         bs = self.block_size
         n = len(token_ids)
         positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
@@ -376,7 +381,7 @@ class Worker:
             block_tables=meta_tables, slot_mapping=self._to_device(slots), max_query_len=n,
             max_seq_len=start_pos + n, query_lens_cpu=[n], seq_lens_cpu=[start_pos + n], block_size=bs,
             is_decode=n == 1)
+        model = self.early_exit if self.early_exit is not None and n == 1 else self.model
         with forward_context(meta):
-            hidden = self.model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
-                                self.kv_caches)
-        return self.model.compute_logits(hidden).log_softmax(dim=-1)
+            return model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
+                         self.kv_caches)
