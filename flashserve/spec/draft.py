@@ -203,15 +203,8 @@ class DraftProposer:
         for (e, st), root in zip(items, roots):
             ds = st.spec if isinstance(st.spec, DraftState) else None
             starts.append(root if self.shares_kv else min(ds.valid if ds is not None else 0, root))
-        lens = np.array([r - s + 1 for s, r in zip(starts, roots)], dtype=np.int64)
-        positions = np.concatenate([np.arange(s, r + 1) for s, r in zip(starts, roots)])
         slots = np.array([st.slot for _, st in items], dtype=np.int64)
-        token_rows = np.repeat(slots, lens)
-        ids = torch.from_numpy(table[token_rows, positions].astype(np.int64)).to(dev)
-        slot_map = np.concatenate([self._slots(st.slot, np.arange(s, r + 1)) for (_, st), s, r in zip(items, starts, roots)])
-        hidden = self.runner.run(ids, positions, slot_map, lens, np.array(roots) + 1, slots, w.block_table)
-        last = torch.as_tensor(np.cumsum(lens) - 1, device=dev)
-        logits = self.model.compute_logits(hidden[last])  # [R, V]
+        logits = self._catch_up(starts, roots, slots)  # [R, V] at each root
         # 2. extend the chains.
         rows = [SamplingRow(st.params, st.num_output_tokens, None) for _, st in items]
         max_c = max(chain_len)
@@ -261,6 +254,31 @@ class DraftProposer:
             if not self.shares_kv:
                 st.spec = DraftState(valid=root + 1, root_pos=root, chain=tuple(c))
         return DraftOutput(trees, probs, [not g for g in greedy])
+
+    def _catch_up(self, starts: list[int], roots: list[int], slots: np.ndarray) -> torch.Tensor:
+        """Compute positions start .. root of every request (in passes that fit the step buffers);
+        logits [R, V] at each root."""
+        dev = self.worker.device
+        table = self.worker.batch.tokens
+        cap = max(1, self.runner.buffers.max_tokens // len(roots))
+        pos = list(starts)
+        hidden_last: list[torch.Tensor | None] = [None] * len(roots)
+        while any(p <= r for p, r in zip(pos, roots)):
+            rows = [i for i, (p, r) in enumerate(zip(pos, roots)) if p <= r]
+            ends = [min(roots[i], pos[i] + cap - 1) for i in rows]
+            positions = np.concatenate([np.arange(pos[i], e + 1) for i, e in zip(rows, ends)]).astype(np.int64)
+            lens = np.array([e - pos[i] + 1 for i, e in zip(rows, ends)], dtype=np.int64)
+            sub = slots[rows]
+            ids = torch.from_numpy(table[np.repeat(sub, lens), positions].astype(np.int64)).to(dev)
+            slot_map = np.concatenate([self._slots(slots[i], np.arange(pos[i], e + 1)) for i, e in zip(rows, ends)])
+            hidden = self.runner.run(ids, positions, slot_map, lens, np.array(ends, dtype=np.int64) + 1, sub,
+                                     self.worker.block_table)
+            last = np.cumsum(lens) - 1
+            for j, (i, e) in enumerate(zip(rows, ends)):
+                if e == roots[i]:
+                    hidden_last[i] = hidden[int(last[j])]
+                pos[i] = e + 1
+        return self.model.compute_logits(torch.stack(hidden_last))
 
     def on_result(self, state, tokens: tuple[int, ...], handle=None, row: int = 0) -> None:
         """A separate draft's cache holds the root and the chain drafts it fed itself (all but
