@@ -159,6 +159,7 @@ class CompletionOutput:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
     text_delta: str = ""  # text added since the previous output of a stream
     num_new_tokens: int = 0  # tokens added since the previous output of a stream
+    cumulative_logprob: float | None = None  # beam search: the sequence's summed log-probability
 
 
 @dataclass

@@ -32,6 +32,9 @@ class EngineCore:
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         return self.scheduler.finish_request(request_id, status)
 
+    def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
+        self.scheduler.fork(parent, child, share_partial)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

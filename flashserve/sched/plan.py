@@ -58,13 +58,15 @@ class ScheduledRequest(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class BlockCopy:
-    """Host <-> device block moves for swap preemption, executed by the Worker before the step."""
+    """Block moves executed by the Worker before the step: device -> device copies of forked
+    beams' last blocks, then host <-> device moves for swap preemption."""
 
     swap_out: tuple[tuple[int, int], ...] = ()  # (device block, host block)
     swap_in: tuple[tuple[int, int], ...] = ()  # (host block, device block)
+    copy: tuple[tuple[int, int], ...] = ()  # (device block, device block)
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in)
+        return bool(self.swap_out or self.swap_in or self.copy)
 
 
 @dataclass(frozen=True, slots=True)

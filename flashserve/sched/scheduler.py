@@ -90,6 +90,7 @@ class Scheduler:
         self._blocks_sent: dict[str, int] = {}  # block-table length the Worker holds per request
         self._dropped: list[str] = []  # left the running set since the last plan
         self._inflight: dict[int, dict[str, Request]] = {}  # step id -> requests it samples for
+        self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
 
     # ----------------------------------------------------------------- queue operations
     def add_request(self, request: Request) -> None:
@@ -97,6 +98,29 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
+        """Add ``child`` (beam search: the parent's tokens plus one) as a running request that
+        shares the parent's computed K/V (``BlockManager.fork``; the copy of a partially filled
+        block travels with the next plan). A parent that is not running (preempted), or a pool
+        without a block for the copy, makes the child wait for admission instead (it recomputes,
+        sharing what the prefix cache holds)."""
+        if child.request_id in self.requests:
+            raise ValueError(f"request id {child.request_id!r} is already in use")
+        self.requests[child.request_id] = child
+        copies = None
+        if parent.status == RequestStatus.RUNNING and parent.request_id in self._blocks_sent:
+            copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_computed_tokens,
+                                             share_partial)
+        if copies is None:
+            self.waiting.append(child)
+            return
+        self._block_copies.extend(copies)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
+        self.running.append(child)
+        self._admitted_at[child.request_id] = self.step_count
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Retire a request (finished or aborted) and free its blocks at once."""
@@ -178,8 +202,9 @@ class Scheduler:
                     continue
             scheduled.append(self._claim(request, num_new, num_spec))
             budget -= num_new
-        if swap_out or swap_in:
-            copies = BlockCopy(tuple(swap_out), tuple(swap_in))
+        if swap_out or swap_in or self._block_copies:
+            copies = BlockCopy(tuple(swap_out), tuple(swap_in), tuple(self._block_copies))
+            self._block_copies.clear()
         return self._plan(scheduled, preempted, copies)
 
     def _claim(self, request: Request, num_new: int, num_spec: int = 0) -> _Work:
