@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from flashserve.engine.llm_engine import EngineStats, LLMEngine
 from flashserve.request import RequestOutput
 from flashserve.sampling_params import SamplingParams
+from flashserve.spec.beam import BeamSearchParams
 
 logger = logging.getLogger("flashserve")
 
@@ -253,7 +254,10 @@ class AsyncLLMEngine:
 
     def _add(self, engine: LLMEngine, request_id: str, prompt: str | list[int], params: SamplingParams,
              add_special_tokens: bool, stream: _Stream) -> None:
-        engine.add_request(request_id, prompt, params, add_special_tokens)
+        if isinstance(params, BeamSearchParams):
+            engine.add_beam_request(request_id, prompt, params, add_special_tokens)
+        else:
+            engine.add_request(request_id, prompt, params, add_special_tokens)
         self._streams[request_id] = stream
         self._stats = engine.stats()
 

@@ -104,6 +104,20 @@ class ServerMetrics:
             metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
             metric("prefix_cache_hit_rate", "gauge", "Prefix-cache hits / queries since start.",
                    stats.prefix_cache_hits / stats.prefix_cache_queries)
+        if stats.spec is not None:  # speculative decoding, labelled by method
+            label = f'{{method="{stats.spec.method}"}}'
+            for name, kind, help_text, value in (
+                ("spec_decode_num_steps_total", "counter", "Verification steps (a request with drafts).",
+                 stats.spec.num_steps),
+                ("spec_decode_num_draft_tokens_total", "counter", "Draft tokens verified.", stats.spec.num_draft_tokens),
+                ("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+                 stats.spec.num_accepted_tokens),
+                ("spec_decode_acceptance_length", "gauge", "Tokens per verification step (accepted drafts + 1).",
+                 stats.spec.acceptance_length),
+                ("spec_decode_num_switched_off_total", "counter", "Requests sent back to plain decoding by the "
+                 "off-switch.", stats.spec.num_switched_off)):
+                lines.extend([f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} {kind}",
+                              f"{p}_{name}{label} {_fmt(value)}"])
         with self._lock:
             finished = dict(self.requests)
             rejected = self.rejected

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from flashserve.sampling_params import SamplingParams
+from flashserve.spec.beam import BeamSearchParams
 
 
 class StreamOptions(BaseModel):
@@ -43,9 +44,20 @@ class _SamplingFields(BaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     user: str | None = None
+    # vLLM's extras: beam search (n beams, the best first) and speculation per request.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    num_speculative_tokens: int | None = None
 
-    def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Build SamplingParams; raises ValueError naming the bad field."""
+    def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams | BeamSearchParams:
+        """Build SamplingParams (BeamSearchParams with ``use_beam_search``); raises ValueError
+        naming the bad field."""
+        if self.use_beam_search:
+            if self.stream:
+                raise ValueError("use_beam_search does not stream; set stream to false")
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or 16, length_penalty=self.length_penalty,
+                                    early_stopping=self.early_stopping, ignore_eos=self.ignore_eos)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n,
@@ -64,6 +76,7 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
 
     @property

@@ -45,6 +45,13 @@ class BeamSearchParams:
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 
+    @property
+    def n(self) -> int:
+        """Sequences returned (the server reads ``n`` and ``logprobs`` like SamplingParams')."""
+        return self.beam_width
+
+    logprobs = None
+
     def num_candidates(self, num_eos: int) -> int:
         """K: candidates kept per step (transformers: max(2, 1 + #EOS) x beam_width)."""
         return max(2, 1 + (0 if self.ignore_eos else num_eos)) * self.beam_width
