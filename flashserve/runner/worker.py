@@ -252,7 +252,8 @@ class Worker:
         """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
         the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), eager."""
         t, b = inp.num_tokens, inp.num_seqs
-        key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None and tree is None else None
+        eager = tree is not None or (self.early_exit is not None and inp.is_decode)  # data-dependent passes
+        key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None and not eager else None
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
             self._upload(inp, pt, pb)
