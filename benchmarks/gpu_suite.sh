@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_suite.sh kernels   # attention kernels against SDPA / cuDNN and the read ceiling
 #   bash benchmarks/gpu_suite.sh quant     # quantized weights: GPU tests, kernel timings, batch-1 per mode
 #                                          # (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
+#   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
+#                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -66,8 +68,17 @@ case "${1:-}" in
         --quantization "$q" --output-json "$out/throughput-llama8b-$q.json"
     done
     ;;
+  spec)  # speculative decoding (docs/decoding.md): tests, cost curve, heads trained here, per-method table
+    stage spec-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_spec_gpu.py tests/kernels/test_tree_attention.py
+    stage spec-cost-llama8b 120 $fs bench decoding --cost-curve --model llama-3.1-8b --load-format dummy \
+      --output-json "$out/spec-cost-llama8b.json"
+    stage spec-train-heads 150 $fs train-heads --num-prompts 64 --max-tokens 128 --epochs 3 \
+      --output "$out/smollm2-heads.safetensors"
+    stage spec-smollm2 240 $fs bench decoding --methods ngram,layers-tree,heads,heads-tree \
+      --heads "$out/smollm2-heads.safetensors" --output-json "$out/spec-smollm2.json"
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant" >&2
+    echo "usage: $0 tests|engine|kernels|quant|spec" >&2
     exit 2
     ;;
 esac

@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("flashserve.bench.serve", "load an OpenAI-compatible endpoint; TTFT/TPOT/ITL percentiles"),
     "serve-sim": ("flashserve.bench.serve_sim", "replay a Poisson trace against the engine for each policy"),
     "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
+    "decoding": ("flashserve.bench.decoding", "speculative decoding per method: acceptance length, speedup; verification cost"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
 }
 

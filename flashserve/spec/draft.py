@@ -90,12 +90,13 @@ class StepRunner:
         return t.to(self.device, non_blocking=True)
 
     def run(self, input_ids: torch.Tensor, positions: np.ndarray, slot_mapping: np.ndarray, query_lens: np.ndarray,
-            seq_lens: np.ndarray, request_slots: np.ndarray, block_table: torch.Tensor) -> torch.Tensor:
+            seq_lens: np.ndarray, request_slots: np.ndarray, block_table: torch.Tensor, tree=None) -> torch.Tensor:
         """Hidden states [T, hidden]. input_ids: [T] on the device; the rest host arrays: positions /
-        slot_mapping [T], query_lens / seq_lens / request_slots (rows of ``block_table``) [B]."""
+        slot_mapping [T], query_lens / seq_lens / request_slots (rows of ``block_table``) [B].
+        ``tree``: token-tree masks (``flashserve.kernels.tree_mask.TreeMask``), run eagerly."""
         t, b = len(positions), len(query_lens)
         is_decode = t == b
-        key = self.graphs.pick(t, b, is_decode) if self.graphs is not None else None
+        key = self.graphs.pick(t, b, is_decode) if self.graphs is not None and tree is None else None
         pt, pb = self.graphs.padded_shape(key) if key is not None else (t, b)
         buf = self.buffers
         i64 = np.zeros(2 * pt, dtype=np.int64)
@@ -118,6 +119,7 @@ class StepRunner:
             return self.graphs.replay(key, t)
         meta = buf.metadata(t, b, int(query_lens.max()), int(seq_lens.max()), self.block_size,
                             query_lens.tolist(), seq_lens.tolist(), is_decode)
+        meta.tree = tree
         with forward_context(meta):
             return self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)
 
