@@ -157,7 +157,8 @@ def run_methods(args: argparse.Namespace) -> dict:
             rows.append({"method": m, "kind": kind, "batch": b, "tokens_per_s": round(cell["tokens_per_s"], 2),
                          "speedup": round(cell["tokens_per_s"] / ref["tokens_per_s"], 3),
                          "acceptance_length": round(cell.get("acceptance_length", 1.0), 3),
-                         "switched_off": cell.get("switched_off", 0), "identical": round(same, 3)})
+                         "verify_steps": cell.get("verify_steps", 0), "switched_off": cell.get("switched_off", 0),
+                         "identical": round(same, 3)})
     return {"device": device, "cpu": cpu, "k": args.num_spec_tokens, "new_tokens": args.new_tokens,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
 

@@ -58,6 +58,12 @@ class SpecStats:
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
+    def as_dict(self) -> dict:
+        """The counters and the acceptance length / rate, for benchmark JSON."""
+        return {"method": self.method, "verify_steps": self.num_steps, "draft_tokens": self.num_draft_tokens,
+                "accepted_tokens": self.num_accepted_tokens, "switched_off": self.num_switched_off,
+                "acceptance_length": self.acceptance_length, "acceptance_rate": self.acceptance_rate}
+
 
 @dataclass
 class _CostFit:
