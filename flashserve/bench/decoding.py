@@ -254,7 +254,7 @@ def run_cost_curve(args: argparse.Namespace) -> dict:
     sizes_needed = max(batches) * max(max(_ints(args.tree_sizes)), 1 + max(_ints(args.chain_ks)))
     graphs = w.device.type == "cuda" and w.config.cuda_graphs and w.attn_backend.name == "triton"
     runner = StepRunner(w.model, w.kv_caches, w.block_size, max(sizes_needed, 64), max(batches), w.max_blocks,
-                        w.max_model_len, w.device, graphs)
+                        w.max_model_len, w.device, graphs, w.config.max_mixed_graph_tokens)
     rows = []
     for b in batches:
         base = _time_step(w, runner, vocab, b, 1, args.context, None, args.repeats)

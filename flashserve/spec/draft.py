@@ -72,7 +72,8 @@ class StepRunner:
     Worker's device block table: the draft's steps."""
 
     def __init__(self, model: nn.Module, kv_caches: list, block_size: int, max_tokens: int, max_seqs: int,
-                 max_blocks: int, max_seq_len: int, device: torch.device, cuda_graphs: bool) -> None:
+                 max_blocks: int, max_seq_len: int, device: torch.device, cuda_graphs: bool,
+                 max_graph_tokens: int = 64) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -80,7 +81,7 @@ class StepRunner:
         self.buffers = StepBuffers(max_tokens, max_seqs, max_blocks, device)
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
-            self.graphs = CudaGraphs(model, kv_caches, self.buffers, block_size, max_seq_len, max_seqs, 64)
+            self.graphs = CudaGraphs(model, kv_caches, self.buffers, block_size, max_seq_len, max_seqs, max_graph_tokens)
             self.graphs.capture()
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
