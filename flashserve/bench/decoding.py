@@ -177,10 +177,19 @@ def _cpu_model() -> str | None:
 def print_methods(res: dict) -> None:
     print(f"device {res['device']}{' (' + res['cpu'] + ')' if res['cpu'] else ''}, k = {res['k']}, "
           f"{res['new_tokens']} new tokens, greedy, {res['date']}")
-    print(f"{'method':<12} {'kind':<10} {'batch':>5} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'off':>4} {'same':>5}")
+    print(f"{'method':<12} {'kind':<10} {'batch':>5} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'off':>4} {'same':>5}"
+          f"  speedup (| = 1x)")
     for r in res["rows"]:
         print(f"{r['method']:<12} {r['kind']:<10} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
-              f"{r['acceptance_length']:>7.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}%")
+              f"{r['acceptance_length']:>7.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}%  {_bar(r['speedup'])}")
+
+
+def _bar(x: float, per_unit: int = 20, width: int = 80) -> str:
+    """A text bar of ``x`` (per_unit characters per 1.0) with a mark at 1.0: the table's plot."""
+    n = min(width, round(x * per_unit))
+    bar = ["#"] * n + [" "] * max(0, per_unit + 1 - n)
+    bar[per_unit] = "|" if n <= per_unit else "+"
+    return "".join(bar).rstrip()
 
 
 # ---------------------------------------------------------------------------- verification cost curve
@@ -274,9 +283,10 @@ def run_cost_curve(args: argparse.Namespace) -> dict:
 def print_cost_curve(res: dict) -> None:
     print(f"{res['model']} ({res['dtype']}) on {res['device']}, context {res['context']}, "
           f"chains {'CUDA graphs' if res['graphs'] else 'eager'}, trees eager, {res['date']}")
-    print(f"{'batch':>5} {'shape':<7} {'tokens/seq':>10} {'ms/step':>9} {'x decode':>9}")
+    print(f"{'batch':>5} {'shape':<7} {'tokens/seq':>10} {'ms/step':>9} {'x decode':>9}  cost (| = one decode step)")
     for r in res["rows"]:
-        print(f"{r['batch']:>5} {r['shape']:<7} {r['tokens']:>10} {r['ms']:>9.3f} {r['ratio']:>9.2f}")
+        print(f"{r['batch']:>5} {r['shape']:<7} {r['tokens']:>10} {r['ms']:>9.3f} {r['ratio']:>9.2f}  "
+              f"{_bar(r['ratio'], 10)}")
 
 
 def run(args: argparse.Namespace) -> int:
