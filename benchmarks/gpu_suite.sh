@@ -69,7 +69,7 @@ case "${1:-}" in
     done
     ;;
   spec)  # speculative decoding (docs/decoding.md): tests, cost curve, heads trained here, per-method table
-    stage spec-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_spec_gpu.py tests/kernels/test_tree_attention.py
+    stage spec-tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_spec_gpu.py tests/kernels/test_tree_attention.py
     stage spec-cost-llama8b 120 $fs bench decoding --cost-curve --model llama-3.1-8b --load-format dummy \
       --output-json "$out/spec-cost-llama8b.json"
     stage spec-train-heads 150 $fs train-heads --num-prompts 64 --max-tokens 128 --epochs 3 \

@@ -46,9 +46,14 @@ def _generate(folder, spec=None, **kw):
 CASES = [("ngram", 1), ("ngram", 3), ("layers", 1), ("layers", 2), ("draft", 1), ("draft", 2)]
 
 
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return _generate(tiny)[0]
+
+
 @pytest.mark.parametrize("method,width", CASES, ids=[f"{m}-w{w}" for m, w in CASES])
-def test_greedy_identical_on_gpu(tiny, method, width):
-    ref, _ = _generate(tiny)
+def test_greedy_identical_on_gpu(tiny, reference, method, width):
+    ref = reference
     spec = {"method": method, "num_speculative_tokens": 4 if width == 1 else 8, "tree_width": width,
             "disable_by_cost": False}
     if method == "draft":
