@@ -17,6 +17,8 @@
 #                                          # of dummy Qwen3-30B-A3B and Mixtral-8x7B (docs/moe.md)
 #   bash benchmarks/gpu_suite.sh attn      # windowed / Quest attention: kernel tests at full size, decode attention
 #                                          # and end-to-end tok/s at 32k (Llama-3.1-8B shapes) against full attention
+#   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
+#                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -124,7 +126,7 @@ case "${1:-}" in
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
     ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|attn [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|attn|spec [...]" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
 from flashserve.request import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
+from flashserve.spec.beam import BeamSearchParams
 
 
 def __getattr__(name: str):
@@ -13,4 +14,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]

@@ -16,6 +16,7 @@ PLUGINS: dict[str, tuple[str, str]] = {
     "serve": ("flashserve.server.cli", "run the OpenAI-compatible HTTP server"),
     "compress": ("flashserve.compress.cli", "prune or factorise a model into a new model directory"),
     "distill": ("flashserve.compress.distill", "train a shallower student on a teacher's generated text"),
+    "train-heads": ("flashserve.spec.train_heads", "train Medusa-style drafting heads on the model's own generations"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("flashserve.bench.kernels", "attention kernels vs torch SDPA and the read-bandwidth ceiling"),
@@ -26,6 +27,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve-sim": ("flashserve.bench.serve_sim", "replay a Poisson trace against the engine for each policy"),
     "structured": ("flashserve.bench.structured", "grammar-constrained (json_schema) decoding against plain, in process"),
     "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
+    "decoding": ("flashserve.bench.decoding", "speculative decoding per method: acceptance length, speedup; verification cost"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
     "compress": ("flashserve.compress.speed", "2:4 and low-rank linears against dense: prefill and decode at real shapes"),
     "compress-quality": ("flashserve.compress.sweep", "quality of pruning and low rank at several ratios on real text"),

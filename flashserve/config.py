@@ -7,6 +7,7 @@ This module imports only the standard library.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -225,6 +226,109 @@ QUANTIZATION_MODES = (
     "auto", "none", "gguf", "gptq", "awq", "int8", "int4",
     "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g64-zp", "int4-g128-zp", "fp8", "fp8-w8a8",
 )
+SPECULATIVE_METHODS = ("ngram", "draft", "layers", "heads")
+MAX_SPECULATIVE_TOKENS = 16  # a chain of drafts per step
+MAX_TREE_TOKENS = 63  # draft nodes of a token tree (the root makes 64: one bit each in an int64 mask)
+
+
+def _config_from(cls: type, value: Any, what: str) -> Any:
+    """A config dataclass from a dict or its JSON text; unknown keys name the valid ones."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} must be a JSON object, got {value!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict or a JSON object, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    return cls(**value)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (``flashserve.spec``): a proposer drafts tokens, one target pass verifies.
+
+    method: "ngram" (prompt lookup), "draft" (another model with the same vocabulary, ``model``),
+    "layers" (the target's first ``num_layers`` layers and its LM head) or "heads" (Medusa-style
+    heads from ``flashserve train-heads``, ``heads``). ``num_speculative_tokens`` (k): drafts per
+    step, or with ``tree_width`` > 1 the draft nodes of a token tree (SpecInfer). ``disable_by_cost``:
+    switch a request back to plain decoding while its measured acceptance makes it slower.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # draft: a model folder or .gguf with the target's vocabulary
+    load_format: str = "auto"  # of the draft model
+    num_layers: int | None = None  # layers: how many of the target's first layers draft (default: a quarter)
+    heads: str | None = None  # heads: safetensors from `flashserve train-heads` (default: beside the model)
+    prompt_lookup_max: int = 4  # ngram: longest suffix matched in the context
+    prompt_lookup_min: int = 1  # ngram: shortest
+    tree_width: int = 1  # > 1: branches per draft position merged into a token tree
+    disable_by_cost: bool = True  # the automatic off-switch
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        limit = MAX_TREE_TOKENS if self.tree_width > 1 else MAX_SPECULATIVE_TOKENS
+        if not isinstance(k, int) or not 1 <= k <= limit:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, {limit}]"
+                             f"{' for a token tree' if self.tree_width > 1 else ''}, got {k!r}")
+        if not isinstance(self.tree_width, int) or not 1 <= self.tree_width <= 8:
+            raise ValueError(f"tree_width must be an integer in [1, 8], got {self.tree_width!r}")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative method 'draft' needs 'model': a draft model folder or .gguf "
+                             "with the target's vocabulary")
+        if self.method != "draft" and self.model is not None:
+            raise ValueError(f"'model' is the draft model of method 'draft', not of {self.method!r}")
+        if self.num_layers is not None and (self.method != "layers" or self.num_layers < 1):
+            raise ValueError(f"num_layers (>= 1) applies to method 'layers' only, got {self.num_layers!r} "
+                             f"with method {self.method!r}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @classmethod
+    def parse(cls, value: Any) -> SpeculativeConfig | None:
+        return None if value is None else _config_from(cls, value, "speculative_config")
+
+
+EARLY_EXIT_MEASURES = ("softmax", "hidden")
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Confidence-based early exit (``flashserve.spec.early_exit``), a lossy decoding mode.
+
+    A decode token leaves the network at the first layer of ``exit_layers`` (default: every
+    second layer from the middle on) where it is confident: ``measure`` "softmax" = the max
+    probability of the LM head on that layer's state >= ``threshold``; "hidden" = the cosine
+    similarity of the layer's state with the previous layer's >= ``threshold`` (cheap: no LM head
+    per check). The later layers' K/V of an exited token are computed from its exit state.
+    """
+
+    threshold: float = 0.9
+    measure: str = "softmax"
+    exit_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"early exit threshold must be in (0, 1], got {self.threshold}")
+        if self.measure not in EARLY_EXIT_MEASURES:
+            raise ValueError(f"early exit measure must be one of {', '.join(EARLY_EXIT_MEASURES)}, got {self.measure!r}")
+        if self.exit_layers is not None:
+            object.__setattr__(self, "exit_layers", tuple(sorted(set(self.exit_layers))))
+            if not self.exit_layers or any(not isinstance(i, int) or i < 1 for i in self.exit_layers):
+                raise ValueError(f"exit_layers must be layer counts >= 1, got {self.exit_layers!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> EarlyExitConfig | None:
+        return None if value is None else _config_from(cls, value, "early_exit_config")
 
 
 @dataclass
@@ -244,6 +348,8 @@ class EngineConfig:
     executor: str = "inproc"  # inproc | process (the Worker in its own process, over torch.distributed)
     quantization: str = "auto"  # one of QUANTIZATION_MODES (flashserve.quant)
     attention: AttentionSpec | None = None  # replaces the model's full attention layers (None: the model's own)
+    speculative: SpeculativeConfig | None = None  # speculative decoding (flashserve.spec)
+    early_exit: EarlyExitConfig | None = None  # confidence-based early exit (flashserve.spec.early_exit)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -260,6 +366,8 @@ class EngineConfig:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
+        if self.speculative is not None and self.early_exit is not None:
+            raise ValueError("speculative decoding and early exit are separate modes; choose one")
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -319,6 +427,11 @@ class EngineArgs:
                                              "(default 4 for sinks, else 0)")
     kv_budget: float | None = _arg(None, "h2o / quest: fraction of the context kept / read, in (0, 1]")
     lsh_buckets: int = _arg(8, "lsh: hash buckets (even, 2-64)")
+    speculative_config: str | dict | None = _arg(
+        None, "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+              "(methods: ngram, draft, layers, heads; tree_width > 1 for a token tree)")
+    early_exit_config: str | dict | None = _arg(
+        None, "confidence-based early exit (lossy) as JSON, e.g. '{\"threshold\": 0.9, \"measure\": \"softmax\"}'")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -335,6 +448,8 @@ class EngineArgs:
             executor=self.executor,
             quantization=self.quantization,
             attention=self.attention_spec(),
+            speculative=SpeculativeConfig.parse(self.speculative_config),
+            early_exit=EarlyExitConfig.parse(self.early_exit_config),
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

@@ -102,6 +102,11 @@ class Request:
     num_computed_tokens: int = 0
     # Tokens sampled by planned steps whose values have not come back yet (overlapped loop).
     num_pending_tokens: int = 0
+    # The step in flight decides this request's next step (speculative drafts, beam forks): plan
+    # nothing for it until its result is back. Set by the scheduler, cleared by its update.
+    awaiting_result: bool = False
+    # Every step waits for its result before the next is planned (beam search).
+    synchronous: bool = False
     stop_reason: int | str | None = None
     metrics: RequestMetrics = field(init=False)
 
@@ -154,6 +159,7 @@ class CompletionOutput:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
     text_delta: str = ""  # text added since the previous output of a stream
     num_new_tokens: int = 0  # tokens added since the previous output of a stream
+    cumulative_logprob: float | None = None  # beam search: the sequence's summed log-probability
 
 
 @dataclass

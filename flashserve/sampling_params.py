@@ -81,6 +81,8 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None
     # Scheduling hints (used by the priority / shortest-job policies).
     priority: int = 0
+    # Speculative decoding for this request: None = the engine's setting, 0 = off, k = at most k drafts.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -142,6 +144,10 @@ class SamplingParams:
                 raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends with EOS)")
             if self.min_tokens:
                 raise ValueError("min_tokens cannot be combined with structured output (the grammar decides the length)")
+        if self.num_speculative_tokens is not None and (
+                not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0):
+            raise ValueError(f"num_speculative_tokens must be None (the engine's setting) or an integer >= 0, "
+                             f"got {self.num_speculative_tokens!r}")
 
     @property
     def greedy(self) -> bool:

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "gpu_ms_per_decode_step": statistics.median(gpu_ms) if gpu_ms else None,
         "cuda_graphs": worker.graphs is not None,
         "graph_capture_s": engine.graph_capture_seconds,
+        "speculative": spec.as_dict() if (spec := engine.stats().spec) is not None else None,  # acceptance length
     }
     if read is not None:
         res["read_tb_s"] = read["tb_s"]

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = llm_kwargs(args)
     ref_kwargs = {**kwargs, "model": args.reference_model or args.model, "dtype": args.reference_dtype}
-    for key, plain in (("quantization", "none"), ("kv_cache_dtype", "auto")):  # lossy options the reference drops
+    for key, plain in (("quantization", "none"), ("kv_cache_dtype", "auto"), ("early_exit_config", None)):  # lossy options the reference drops
         if key in ref_kwargs:
             ref_kwargs[key] = plain
     t0 = time.perf_counter()

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_blocks": engine.block_manager.num_blocks,
         "max_num_seqs": engine.scheduler.config.max_num_seqs,
         "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
+        "speculative": spec.as_dict() if (spec := engine.stats().spec) is not None else None,  # acceptance length
     }
     if worker is not None:
         worker.timings = None

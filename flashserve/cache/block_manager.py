@@ -23,8 +23,10 @@ could with Python's ``hash``). We chose the chain over a radix tree because
 
 Only *full* blocks are ever cached or shared, and a request writes only at positions at or
 after its ``num_computed_tokens``, which is at least the cached length: so a shared block is
-never written by a request that shares it, and copy-on-write cannot be needed
-(``assert_writable`` checks each request when its slots are allocated). A block is registered
+never written by a request that shares it. Beam search forks a hypothesis (``fork``): the child
+shares the parent's full blocks and gets a copy of its partially filled last block (one child
+may take the block over, as the parent is retired before anyone writes), so again no request
+writes a shared block (``assert_writable`` checks each request when its slots are allocated). A block is registered
 as soon as a planned step will fill it with known tokens, before that step runs: a request
 admitted later in the same step (``n > 1`` children, identical prompts) shares it, which is
 safe because every layer stores the step's K/V before any of its attention reads. ``n > 1``
@@ -302,6 +304,32 @@ class BlockManager:
     def trim(self, request_id: str, start: int) -> None:
         """Release blocks that a step starting at position ``start`` and every later one can no
         longer read: none with full attention (``flashserve.cache.window`` frees out-of-window ones)."""
+    def fork(self, parent_id: str, child_id: str, num_tokens: int, share_partial: bool) -> list[tuple[int, int]] | None:
+        """Give ``child_id`` the parent's K/V of its first ``num_tokens`` tokens (beam search):
+        full blocks are shared (reference counted); a partially filled last block is shared too
+        when ``share_partial`` (the caller retires the parent before the child writes, so the child
+        then owns it alone), else copied into a fresh block: returns the (source, destination)
+        block copies the Worker must make before the child's next step, or None (and no change)
+        when the pool has no block for the copy."""
+        table = self.tables[parent_id]
+        bs = self.block_size
+        n_full, partial = divmod(num_tokens, bs)
+        shared = table[:n_full]
+        copies: list[tuple[int, int]] = []
+        child = list(shared)
+        if partial:
+            if share_partial:
+                child.append(table[n_full])
+            else:
+                if self.pool.num_free < 1:
+                    return None
+                dst = self.pool.allocate(1)[0]
+                copies.append((table[n_full], dst))
+                child.append(dst)
+        for b in (child if partial and share_partial else shared):
+            self.pool.incref(b)
+        self.tables[child_id] = child
+        return copies
 
     def record_query(self, num_tokens: int) -> None:
         self.prefix_queries += num_tokens

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from flashserve.engine.llm_engine import EngineStats, LLMEngine
 from flashserve.request import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
+from flashserve.spec.beam import BeamSearchParams
 
 logger = logging.getLogger("flashserve")
 
@@ -361,7 +362,10 @@ class AsyncLLMEngine:
 
     def _add(self, engine: LLMEngine, request_id: str, prompt: str | list[int], params: SamplingParams,
              add_special_tokens: bool, prompt_token_ids: list[int] | None, stream: _Stream) -> None:
-        engine.add_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids)
+        if isinstance(params, BeamSearchParams):
+            engine.add_beam_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids)
+        else:
+            engine.add_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids)
         self._streams[request_id] = stream
         self._stats = engine.stats()
 

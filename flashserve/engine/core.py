@@ -19,9 +19,11 @@ from flashserve.sched.stop import StopChecker
 
 class EngineCore:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 cost_model: PreemptionCostModel | None = None) -> None:
+                 cost_model: PreemptionCostModel | None = None, speculation=None) -> None:
         self.block_manager = block_manager
-        self.scheduler = Scheduler(config, block_manager, make_policy(config.policy), max_model_len, cost_model)
+        self.speculation = speculation  # flashserve.spec.controller.SpeculationController, or None
+        self.scheduler = Scheduler(config, block_manager, make_policy(config.policy), max_model_len, cost_model,
+                                   speculation=speculation)
         self.stop = StopChecker(max_model_len)
 
     def add_request(self, request: Request) -> None:
@@ -29,6 +31,9 @@ class EngineCore:
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         return self.scheduler.finish_request(request_id, status)
+
+    def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
+        self.scheduler.fork(parent, child, share_partial)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -40,6 +45,8 @@ class EngineCore:
         """Apply a step's tokens. Returns (request, index of its first new output token) for every
         request that got tokens; those that hit a token-level stop are finished already."""
         progressed = []
+        if self.speculation is not None:
+            self.speculation.observe(plan, result)
         for request, n in self.scheduler.update(plan, result):
             first = len(request.output_token_ids) - n
             status = self.stop.check(request, n)

@@ -17,6 +17,7 @@ from flashserve.config import EngineArgs
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.request import RequestOutput
 from flashserve.sampling_params import SamplingParams
+from flashserve.spec.beam import BeamSearchParams
 
 Messages = list[dict[str, Any]]
 
@@ -79,6 +80,30 @@ class LLM:
             ids_in_order.append(rid)
         finished = self._run(len(prompts), use_tqdm)
         return [finished[rid] for rid in ids_in_order]
+
+    def beam_search(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]],
+        params: BeamSearchParams,
+        use_tqdm: bool = True,
+        add_special_tokens: bool = True,
+    ) -> list[RequestOutput]:
+        """Beam search for every prompt (batched with each other); per prompt a RequestOutput
+        whose ``outputs`` are the kept hypotheses, best first (``cumulative_logprob`` on each)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = []
+        for i, p in enumerate(prompts):
+            rid = self._next_id()
+            try:
+                self.engine.add_beam_request(rid, p, params, add_special_tokens)
+            except ValueError as e:
+                for done in ids:
+                    self.engine.abort_request(done)
+                raise ValueError(f"prompt {i}: {e}") from None
+            ids.append(rid)
+        finished = self._run(len(ids), use_tqdm)
+        return [finished[rid] for rid in ids]
 
     def chat(
         self,

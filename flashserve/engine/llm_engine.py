@@ -54,6 +54,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_rank_preemptions: int = 0
+    spec: Any = None  # flashserve.spec.controller.SpecStats when speculating
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,13 @@ class LLMEngine:
         config = self.config = replace(config, scheduler=sched_cfg)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
+        self.speculation = None
+        if config.speculative is not None:  # refuse an incompatible draft before any weights load
+            from flashserve.spec.controller import SpeculationController
+            from flashserve.spec.proposers import check_speculative
+
+            check_speculative(config.speculative, mc, self.tokenizer, self.max_model_len)
+            self.speculation = SpeculationController(config.speculative)
         self.executor = make_executor(config, mc, self.max_model_len, tuple(self.eos_token_ids))
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
@@ -121,7 +129,7 @@ class LLMEngine:
                                                 config.cache.enable_prefix_caching, info.num_host_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
-        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model)
+        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
         self.scheduler = self.core.scheduler
         self.graph_capture_seconds = info.graph_capture_seconds
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -129,6 +137,9 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
         self._inflight: tuple[SchedulerOutput, Handle] | None = None
+        from flashserve.spec.beam import BeamSearchDriver
+
+        self.beams = BeamSearchDriver(self.core, self.eos_token_ids, self._decode_all)
         self.timings: list[HostTiming] | None = None  # set to [] to record per-step host timings
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -228,8 +239,30 @@ class LLMEngine:
         self._parents[request_id] = parent
         self.prompt_tokens_total += len(token_ids) * params.n
 
+    def add_beam_request(self, request_id: str, prompt: str | list[int], params, add_special_tokens: bool = True,
+                         prompt_token_ids: list[int] | None = None) -> None:
+        """Queue a beam search (``flashserve.spec.beam.BeamSearchParams``); it reports once, when
+        it finishes: one CompletionOutput per kept hypothesis, best first. ValueError for bad input."""
+        if request_id in self._parents or self.beams.owns(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt, add_special_tokens)
+        else:
+            token_ids = list(prompt)
+        self.validate_prompt(token_ids)
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens and beam search may add max_tokens="
+                             f"{params.max_tokens}, past the model's context of {self.max_model_len} tokens")
+        self.beams.add(request_id, token_ids, prompt if isinstance(prompt, str) else None, params)
+        self.prompt_tokens_total += len(token_ids)
+
+    def _decode_all(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
     def abort_request(self, request_id: str) -> bool:
         """Abort a request (all its child sequences) and free its KV blocks. False if unknown."""
+        if self.beams.abort(request_id):
+            return True
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return False
@@ -240,7 +273,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self._parents) or self.beams.has_unfinished()
 
     def warm_up(self) -> float:
         """Compile every kernel variant a step can hit (``flashserve.engine.warm_up``) before the
@@ -289,13 +322,19 @@ class LLMEngine:
     def _outputs(self, plan: SchedulerOutput, result) -> list[RequestOutput]:
         touched: dict[str, None] = {}
         for req, first in self.core.update(plan, result):
+            if self.beams.owns(req.request_id):  # a beam's candidates: the group decides below
+                self.beams.collect(req)
+                continue
             new = req.output_token_ids[first:]
             self.generation_tokens_total += len(new)
             parent = self._parents[self._child_parent[req.request_id]]
             self._process(req, new, parent)
             if parent.stream or req.is_finished:
                 touched[parent.request_id] = None
-        return [out for pid in touched if (out := self._parent_output(pid)) is not None]
+        outputs = [out for pid in touched if (out := self._parent_output(pid)) is not None]
+        if self.beams.has_unfinished():
+            outputs += self.beams.advance()
+        return outputs
 
     def _process(self, req: Request, new_tokens: list[int], parent: _Parent) -> None:
         """Detokenize the new tokens, apply stop strings, update the child's CompletionOutput."""
@@ -385,6 +424,7 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_rank_preemptions=self.scheduler.num_rank_preemptions,
+            spec=replace(self.speculation.stats) if self.speculation is not None else None,
         )
 
     def shutdown(self) -> None:

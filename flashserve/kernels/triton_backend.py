@@ -34,6 +34,7 @@ from flashserve.kernels.decode_attention import (
     paged_decode_attention,
 )
 from flashserve.kernels.prefill_attention import paged_prefill_attention
+from flashserve.kernels.tree_attention import tree_attention
 from flashserve.kernels.utils import next_power_of_2, num_sms
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
 from flashserve.layers.sparse_attention import SideStates, quest_block_tables, quest_num_pages
@@ -98,6 +99,8 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, Hq, D]
+        if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
+            return tree_attention(q, k, v, k_cache, v_cache, meta, scale)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         window = dict(window=spec.sliding_window, dilation=spec.dilation, num_sinks=spec.num_sinks) \

@@ -16,6 +16,7 @@ from torch import nn
 from flashserve.config import AttentionSpec
 from flashserve.kernels import kv_quant
 from flashserve.kernels.reference import window_mask
+from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
 from flashserve.layers.sparse_attention import SideStates, h2o_accumulate_and_evict, visible_keys
 
@@ -154,6 +155,8 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, H, D]
+        if meta.tree is not None:  # a speculative token tree: nodes see their ancestors only
+            return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
         state = None
         if has_cache:

@@ -48,6 +48,9 @@ class AttentionMetadata:
 
     def for_group(self, group: int) -> AttentionMetadata:
         return self if group == 0 else self.groups[group - 1]
+    # Token trees of a speculative verification step (flashserve.kernels.tree_attention.TreeMask):
+    # their new tokens attend to their ancestors only. None: every sequence is causal.
+    tree: Any = None
 
     @property
     def num_seqs(self) -> int:

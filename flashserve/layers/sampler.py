@@ -46,12 +46,14 @@ class SamplingRow(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class SamplerOutput:
     """Device tensors: sampled ids [N] int64; logprob of each [N] and top-n ids/logprobs [N, k]
-    (None when no row asked for logprobs)."""
+    (None when no row asked for logprobs). Speculative verification gives several tokens per
+    row: ids [N, M], logprobs [N, M], top-n [N, M, k], and ``num_tokens`` [N] of them valid."""
 
     token_ids: torch.Tensor
     logprobs: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
 
 
 def to_device(data: list | tuple, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -108,8 +110,11 @@ class PenaltyState:
         self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
         self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
 
-    def apply(self, logits: torch.Tensor, rows: list[SamplingRow], penalised: list[int]) -> torch.Tensor:
-        """Penalties of the rows ``penalised`` (indices into ``rows``) applied to ``logits`` [N, V]."""
+    def apply(self, logits: torch.Tensor, rows: list[SamplingRow], penalised: list[int],
+              extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Penalties of the rows ``penalised`` (indices into ``rows``) applied to ``logits`` [N, V].
+        ``extra``: tokens generated after what the state holds, as (index into ``penalised`` [P],
+        token [P]) (speculative verification: the drafts before each verified position)."""
         dev = logits.device
         idx = to_device(penalised, dev, torch.int64)
         slots = to_device([rows[i].penalty_slot for i in penalised], dev, torch.int64)
@@ -120,6 +125,9 @@ class PenaltyState:
         sub = logits[idx]  # [M, V]
         counts = self.counts[slots][:, : sub.shape[1]]
         seen = self.seen[slots][:, : sub.shape[1]]
+        if extra is not None:
+            counts.index_put_(extra, torch.ones_like(extra[1], dtype=counts.dtype), accumulate=True)
+            seen.index_put_(extra, torch.ones_like(extra[1], dtype=torch.bool))
         factor = torch.where(seen, rep, torch.ones_like(sub))
         sub = torch.where(sub > 0, sub / factor, sub * factor)
         sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
@@ -160,20 +168,29 @@ class Sampler:
         self.penalties = PenaltyState(vocab_size, device)
         self.logits_processors = LogitsProcessors()  # the Worker gives it the tokenizer (grammars)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow],
+                extra_penalty_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """fp32 logits [N, V] with penalties, min_tokens bans, logit bias and grammar masks applied (a new tensor if any
+        applies). ``extra_penalty_tokens``: see ``PenaltyState.apply``."""
         logits = logits.float()
         raw = logits
-        dev = logits.device
         penalised = [i for i, r in enumerate(rows) if r.penalty_slot is not None]
         if penalised:
-            logits = self.penalties.apply(logits, rows, penalised)
+            logits = self.penalties.apply(logits, rows, penalised, extra_penalty_tokens)
         banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
         if banned:
             if logits is raw:
                 logits = logits.clone()
-            idx = to_device(banned, dev, torch.int64)
+            idx = to_device(banned, logits.device, torch.int64)
             logits.index_put_((idx[:, 0], idx[:, 1]), torch.full_like(idx[:, 0], _MASK, dtype=logits.dtype))
-        logits = self.logits_processors(logits, rows)
+        logits = self.logits_processors(logits, rows)  # logit bias, grammars
+        return logits
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        raw = logits.float()
+        dev = logits.device
+        penalised = [i for i, r in enumerate(rows) if r.penalty_slot is not None]
+        logits = self.process(raw, rows)
 
         greedy = [r.params.greedy for r in rows]
         tokens = logits.argmax(dim=-1)
@@ -192,8 +209,10 @@ class Sampler:
         top_vals, top_ids = logprobs.topk(max(want, 1), dim=-1)
         return SamplerOutput(tokens, chosen, top_ids, top_vals)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Random draw for every row (greedy rows' results are discarded by the caller)."""
+    @staticmethod
+    def distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The probabilities [N, V] a random row draws from: processed logits (``process``) divided
+        by the temperature, top-k / top-p / min-p masked, softmax. (Greedy rows: temperature 1.)"""
         dev = logits.device
         temp = to_device([1.0 if r.params.greedy else r.params.temperature for r in rows], dev, torch.float32)
         scaled = logits / temp[:, None]
@@ -202,14 +221,26 @@ class Sampler:
             top_p = to_device([r.params.top_p for r in rows], dev, torch.float32)
             min_p = to_device([r.params.min_p for r in rows], dev, torch.float32)
             scaled = top_k_top_p_min_p_mask(scaled, top_k, top_p, min_p)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs)
+        return scaled.softmax(dim=-1)
+
+    def exponential_noise(self, shape: tuple[int, int], rows: list[SamplingRow], device: torch.device,
+                          position_offset: int = 0, salt: int = 0) -> torch.Tensor:
+        """Exp(1) noise [N, V] for the race argmax(p / E): a seeded row's from its own generator
+        seeded by (seed, output position + ``position_offset``) (``salt``: an independent stream,
+        e.g. a draft model's), the rest from the sampler's."""
+        noise = torch.empty(shape, dtype=torch.float32, device=device)
         noise.exponential_(generator=self.generator)
         for i, r in enumerate(rows):
             if r.params.seed is not None and not r.params.greedy:
-                g = torch.Generator(device=dev)
-                g.manual_seed(_row_seed(r.params.seed, r.num_output_tokens))
+                g = torch.Generator(device=device)
+                g.manual_seed(_row_seed(r.params.seed, r.num_output_tokens + position_offset) ^ salt)
                 noise[i].exponential_(generator=g)
+        return noise
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Random draw for every row (greedy rows' results are discarded by the caller)."""
+        probs = self.distribution(logits, rows)
+        noise = self.exponential_noise(tuple(probs.shape), rows, probs.device)
         return (probs / noise).argmax(dim=-1)
 
 

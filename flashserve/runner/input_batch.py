@@ -21,12 +21,14 @@ import numpy as np
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import NewRequest, ScheduledRequest
 
+BlockUpdates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (slot, column, block id) writes into a device block table
+
 
 class RequestState:
     """What the Worker keeps for one request (its tokens live in the batch's token table)."""
 
     __slots__ = ("request_id", "params", "slot", "num_known", "num_tokens", "num_prompt_tokens",
-                 "num_blocks", "penalty_slot", "banned")
+                 "num_blocks", "penalty_slot", "banned", "spec")
 
     def __init__(self, new: NewRequest, slot: int, penalty_slot: int | None, eos_token_ids: tuple[int, ...]) -> None:
         self.request_id = new.request_id
@@ -38,6 +40,7 @@ class RequestState:
         self.num_blocks = 0
         self.penalty_slot = penalty_slot
         self.banned = tuple(sorted(set(eos_token_ids) | set(new.params.stop_token_ids)))
+        self.spec = None  # a proposer's state for this request (flashserve.spec)
 
     @property
     def num_output_tokens(self) -> int:
@@ -57,10 +60,10 @@ class StepInputs:
     logits_indices: np.ndarray  # [S] int64: last new token of each sampling sequence
     sample_rows: list[int]  # [S] plan index of each sampling sequence
     prev_scatter: tuple[np.ndarray, np.ndarray] | None  # (input index, row of the previous step's tokens)
-    block_updates: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (slot, column, block id)
+    block_updates: BlockUpdates | None
     # groups 1, 2, ... of layers (flashserve.cache.kv_groups): their slot mappings and table updates
     group_slot_mapping: tuple[np.ndarray, ...] = ()
-    group_block_updates: tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, ...] = ()
+    group_block_updates: tuple[BlockUpdates | None, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -117,21 +120,20 @@ class InputBatch:
         return state
 
     def append(self, state: RequestState, token_ids: tuple[int, ...]) -> None:
-        """Record tokens a step sampled for the request."""
+        """Record tokens a step sampled for the request (several when drafts were accepted)."""
         n = len(token_ids)
         self.tokens[state.slot, state.num_known : state.num_known + n] = token_ids
         state.num_known += n
+        state.num_tokens += n - 1  # build() counted one token for the step
 
-    def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: dict[str, int]) -> StepInputs:
-        """Inputs of one step. ``prev_rows``: request id -> row of the step in flight's sampled
-        tokens, for requests whose last token has not come back to the host."""
-        bs = self.block_size
-        states = [self.states[e.request_id] for e in entries]
-        # Block ids the plan appends: host table now, device table through ``block_updates``.
+    def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
+        """Append the plan's new block ids to the host tables (group 0's and the other groups');
+        returns the (slot, column, block id) updates of the device tables, None where none changes."""
         upd_slot, upd_col, upd_blk = [], [], []
         group_upd: list[list[int]] = [[] for _ in self.group_tables]
-        for e, st in zip(entries, states):
+        for e in entries:
             if e.new_block_ids:
+                st = self.states[e.request_id]
                 n = len(e.new_block_ids)
                 ids = [max(b, 0) for b in e.new_block_ids]  # a released block (-1, windowed) is never read
                 self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = ids
@@ -144,11 +146,27 @@ class InputBatch:
                     table[st.slot, st.num_blocks : st.num_blocks + n] = ids
                     upd += ids
                 st.num_blocks += n
+        if not upd_slot:
+            return None, tuple(None for _ in self.group_tables)
+        slot, col = np.array(upd_slot, np.int64), np.array(upd_col, np.int64)
+        return (slot, col, np.array(upd_blk, np.int64)), tuple((slot, col, np.array(u, np.int64)) for u in group_upd)
+
+    def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: dict[str, int],
+              num_drafts: np.ndarray | None = None) -> StepInputs:
+        """Inputs of one step. ``prev_rows``: request id -> row of the step in flight's sampled
+        tokens, for requests whose last token has not come back to the host. ``num_drafts``: per
+        entry, draft tokens a proposer wrote into the token table after the known ones."""
+        bs = self.block_size
+        states = [self.states[e.request_id] for e in entries]
+        # Block ids the plan appends: host table now, device table through ``block_updates``.
+        block_updates, group_block_updates = self.append_blocks(entries)
         count = len(entries)
         starts = np.fromiter((e.start_pos for e in entries), np.int64, count)
         lens = np.fromiter((e.num_new_tokens for e in entries), np.int64, count)
         slots = np.fromiter((st.slot for st in states), np.int64, count)
         known = np.fromiter((st.num_known for st in states), np.int64, count)
+        if num_drafts is not None:
+            known = known + num_drafts
         qsl = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
         total = int(qsl[-1])
@@ -180,9 +198,7 @@ class InputBatch:
             logits_indices=qsl[1:][sample_rows] - 1,
             sample_rows=sample_rows,
             prev_scatter=prev_scatter,
-            block_updates=(np.array(upd_slot, np.int64), np.array(upd_col, np.int64), np.array(upd_blk, np.int64))
-            if upd_slot else None,
+            block_updates=block_updates,
             group_slot_mapping=group_slots,
-            group_block_updates=tuple((np.array(upd_slot, np.int64), np.array(upd_col, np.int64), np.array(u, np.int64))
-                                      if upd_slot else None for u in group_upd),
+            group_block_updates=group_block_updates,
         )

@@ -78,12 +78,15 @@ def plan_kv_pool(
     max_model_len: int,
     max_useful_blocks: int,
     reserve_bytes: int = 0,
+    extra_bytes_per_block: int = 0,
 ) -> KVPoolPlan:
     """Number of blocks from the user's budget; refuses (ValueError, with the numbers) when one
-    sequence of ``max_model_len`` tokens cannot fit. Never plans more than ``max_useful_blocks``."""
+    sequence of ``max_model_len`` tokens cannot fit. Never plans more than ``max_useful_blocks``.
+    ``extra_bytes_per_block``: what each block costs besides the model's K/V (a draft model's
+    K/V for the same tokens, kept in a pool of its own with the same block ids)."""
     kv_dtype = kv_quant.storage_dtype(cache.kv_cache_dtype)
     check_kv_dtype(kv_dtype, device)
-    per_block = bytes_per_block(model, cache.block_size, dtype, kv_dtype)
+    per_block = bytes_per_block(model, cache.block_size, dtype, kv_dtype) + extra_bytes_per_block
     if cache.kv_cache_bytes is not None:
         budget = cache.kv_cache_bytes
         source = f"kv_cache_bytes={cache.kv_cache_bytes}"

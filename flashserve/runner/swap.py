@@ -78,7 +78,14 @@ class HostSwapSpace:
 
 
 def apply_block_copies(device_pool: torch.Tensor, swap: HostSwapSpace | None, copies: BlockCopy) -> None:
-    """Execute a plan's block moves: swap-outs, then swap-ins."""
+    """Execute a plan's block moves: device copies (forked beams), swap-outs, then swap-ins."""
+    if copies.copy:
+        blocks = whole_blocks(device_pool)  # [L, 2, N, ...]: values and (8-bit) scales together
+        src = torch.tensor([s for s, _ in copies.copy], device=device_pool.device)
+        dst = torch.tensor([d for _, d in copies.copy], device=device_pool.device)
+        blocks.index_copy_(2, dst, blocks.index_select(2, src))
+    if not (copies.swap_out or copies.swap_in):
+        return
     if swap is None:
         raise RuntimeError("the plan swaps blocks but the engine has no host swap space")
     swap.swap_out(device_pool, list(copies.swap_out))

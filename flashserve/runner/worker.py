@@ -18,6 +18,7 @@ The same Worker serves in-process engines and worker processes (``flashserve.dis
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,10 +31,10 @@ from flashserve.layers.attention_metadata import forward_context
 from flashserve.layers.logits_processors import LogitsProcessors
 from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
 from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
-from flashserve.runner.input_batch import InputBatch, StepInputs
+from flashserve.runner.input_batch import BlockUpdates, InputBatch, StepInputs
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.swap import HostSwapSpace, apply_block_copies
-from flashserve.sched.plan import SampledTokens, SchedulerOutput, WorkerOutput
+from flashserve.sched.plan import SampledTokens, SchedulerOutput, StepCost, WorkerOutput
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,6 +96,8 @@ class StepHandle:
     request_ids: list[str]  # of the sampling rows, in row order
     out: SamplerOutput | None
     states: list = field(default_factory=list)  # the RequestState of each row at launch
+    num_drafts: dict[str, int] | None = None  # drafts verified per request (speculative steps)
+    cost: Callable[[], StepCost] | None = None  # the step's measured cost, read after the event
     wait_s: float = 0.0  # time result() waited for the device
     host: dict[str, torch.Tensor] = field(default_factory=dict)
     event: torch.cuda.Event | None = None
@@ -139,11 +142,20 @@ class Worker:
         # Layers of different memory kinds keep separate block tables over one pool whose blocks hold
         # ``slab`` layers each (flashserve.cache.kv_groups); one kind: every layer, one table.
         self.layout = layout = kv_layout(model_config)
+        self.speculator = None
+        if config.speculative is not None:  # its draft model (if any) loads before the KV pool is sized
+            from flashserve.spec.speculator import Speculator
+
+            if layout.num_groups > 1:
+                raise ValueError("speculative decoding is not supported for models whose layers keep different "
+                                 f"KV spans ({layout.num_groups} groups, e.g. Gemma 3's local and global layers)")
+            self.speculator = Speculator(config, self, source)
         slab_config = replace(model_config, num_layers=layout.slab, layer_types=None)
         useful_blocks = layout.num_groups * sched.max_num_seqs * -(-max_model_len // cache.block_size)
         plan = plan_kv_pool(slab_config, cache, self.dtype, self.device, max_model_len, useful_blocks,
                             reserve_bytes=self._activation_reserve(model_config, sched.max_num_batched_tokens,
-                                                                   sched.max_num_seqs))
+                                                                   sched.max_num_seqs),
+                            extra_bytes_per_block=self.speculator.kv_bytes_per_block() if self.speculator else 0)
         self._check_fits_one_sequence(plan.num_blocks, max_model_len, sched.max_num_batched_tokens)
         self.kv_pool = allocate_kv_pool(slab_config, plan, self.dtype, self.device)
         self.kv_caches = [(self.kv_pool[j, 0], self.kv_pool[j, 1]) for j in layout.layer_slab]
@@ -175,6 +187,13 @@ class Worker:
         from flashserve.quant import stored_bytes
 
         weights = stored_bytes(self.model)  # quantized weights live in buffers
+        if self.speculator is not None:
+            self.speculator.start(plan.num_blocks)
+        self.early_exit = None
+        if config.early_exit is not None:
+            from flashserve.spec.early_exit import EarlyExitModel
+
+            self.early_exit = EarlyExitModel(self.model, config.early_exit)
         self.info = WorkerInfo(
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name,
             num_blocks=plan.num_blocks, block_size=self.block_size, bytes_per_block=plan.bytes_per_block,
@@ -233,6 +252,15 @@ class Worker:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
+    def apply_block_updates(self, updates: tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]) -> None:
+        """Scatter (slot, column, block id) updates into the device block tables: group 0's, then
+        the other groups' (``InputBatch.append_blocks``)."""
+        main, groups = updates
+        for table, upd in zip((self.block_table, *self.group_block_tables), (main, *groups)):
+            if upd is not None:
+                s, c, blk = (self._to_device(a) for a in upd)
+                table[s, c] = blk.to(torch.int32)
+
     def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int) -> None:
         """Write a step's inputs into the static buffers, padded to ``pad_tokens`` tokens and
         ``pad_seqs`` sequences (padding owns nothing and stores nothing)."""
@@ -255,27 +283,23 @@ class Worker:
         buf.slot_mapping[:pad_tokens].copy_(d64[2 * pad_tokens : 3 * pad_tokens])
         buf.query_start_loc[: pad_seqs + 1].copy_(d32[: pad_seqs + 1])
         buf.seq_lens[:pad_seqs].copy_(d32[pad_seqs + 1 :])
-        if inp.block_updates is not None:
-            s, c, blk = (self._to_device(a) for a in inp.block_updates)
-            self.block_table[s, c] = blk.to(torch.int32)
+        self.apply_block_updates((inp.block_updates, inp.group_block_updates))
         torch.index_select(self.block_table, 0, d64[3 * pad_tokens :], out=buf.block_tables[:b])
-        for g, (table, slots, updates) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping,
-                                                       inp.group_block_updates)):
+        for g, (table, slots) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping)):
             group_slots = np.full(pad_tokens, -1, dtype=np.int64)
             group_slots[:t] = slots
             buf.group_slot_mapping[g][:pad_tokens].copy_(self._to_device(group_slots))
-            if updates is not None:
-                s, c, blk = (self._to_device(a) for a in updates)
-                table[s, c] = blk.to(torch.int32)
             torch.index_select(table, 0, d64[3 * pad_tokens :], out=buf.group_block_tables[g][:b])
         if inp.prev_scatter is not None:  # tokens the step in flight sampled, straight from the device
             idx, rows = (self._to_device(a) for a in inp.prev_scatter)
             buf.input_ids.index_copy_(0, idx, self._prev_tokens.index_select(0, rows))
 
-    def _forward(self, inp: StepInputs) -> tuple[torch.Tensor, bool]:
-        """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran."""
+    def _forward(self, inp: StepInputs, tree=None) -> tuple[torch.Tensor, bool]:
+        """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
+        the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), eager."""
         t, b = inp.num_tokens, inp.num_seqs
-        key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None else None
+        eager = tree is not None or (self.early_exit is not None and inp.is_decode)  # data-dependent passes
+        key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None and not eager else None
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
             self._upload(inp, pt, pb)
@@ -285,8 +309,10 @@ class Worker:
         seq_lens = inp.seq_lens.tolist()
         meta = self.buffers.metadata(t, b, max(query_lens), max(seq_lens), self.block_size, query_lens, seq_lens,
                                      inp.is_decode)
+        meta.tree = tree
+        model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
         with forward_context(meta):
-            return self.model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False
+            return model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False
 
     # ----------------------------------------------------------------- steps
     @torch.inference_mode()
@@ -296,15 +322,19 @@ class Worker:
         self._apply_plan_state(plan)
         if not plan.requests:
             return StepHandle(plan.step_id, [], None)
-        inp = self.batch.build(plan.requests, self._prev_rows)
+        entries, spec = plan.requests, None
+        if self.speculator is not None:  # drafts into the token table, entries with the real draft counts
+            entries, spec = self.speculator.propose(entries)
+        inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None)
+        if spec is not None:
+            spec.adjust_inputs(inp)
         timing = StepTiming(inp.num_tokens, inp.is_decode, False, 0.0)
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
-        hidden, timing.graph = self._forward(inp)
-        handle = StepHandle(plan.step_id, [plan.requests[i].request_id for i in inp.sample_rows], None, worker=self)
+        hidden, timing.graph = self._forward(inp, spec.tree_meta if spec is not None else None)
+        handle = StepHandle(plan.step_id, [entries[i].request_id for i in inp.sample_rows], None, worker=self)
         if inp.sample_rows:
-            logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
             states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
             grammar = [st.params.structured_output is not None for st in states]
             if any(g and st.num_known < st.num_tokens - 1 for g, st in zip(grammar, states)):
@@ -313,12 +343,19 @@ class Worker:
                                 st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
                                 self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known] if g else ())
                     for st, g in zip(states, grammar)]
-            handle.out = self.sampler(logits, rows)
-            self._prev_tokens = handle.out.token_ids
+            if spec is None:
+                logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
+                handle.out = self.sampler(logits, rows)
+                self._prev_tokens = handle.out.token_ids
+            else:  # verify every sampling row's drafts (a row without drafts samples as above)
+                handle.out = self.speculator.verify(hidden, inp, rows, spec)
+                self._prev_tokens = handle.out.token_ids.gather(1, handle.out.num_tokens[:, None] - 1)[:, 0]
+            if self.speculator is not None:
+                self.speculator.after_sampling(hidden, inp, states, handle, spec)
             self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
-            handle.host = {name: self._to_host(getattr(handle.out, name))
-                           for name in ("token_ids", "logprobs", "top_ids", "top_logprobs")
-                           if getattr(handle.out, name) is not None}
+            handle.host.update({name: self._to_host(getattr(handle.out, name))
+                                for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
+                                if getattr(handle.out, name) is not None})
             if self._pin:
                 handle.event = torch.cuda.Event()
                 handle.event.record()
@@ -350,16 +387,26 @@ class Worker:
         lp = logprobs.tolist() if logprobs is not None else None
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
+        counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
+        drafts = handle.num_drafts
         sampled: dict[str, SampledTokens] = {}
         for j, (rid, state) in enumerate(zip(handle.request_ids, handle.states)):
+            if counts is None:  # one token per row: [S] ids, [S] logprobs, [S, n] top
+                toks = (tokens[j],)
+                lps = None if lp is None else ((lp[j], top_ids[j], top_vals[j]),)
+            else:  # verified drafts: [S, M] ids, [S, M] logprobs, [S, M, n] top; counts[j] of them
+                toks = tuple(tokens[j][: counts[j]])
+                lps = None if lp is None else tuple(zip(lp[j], top_ids[j], top_vals[j]))[: counts[j]]
             if self.batch.states.get(rid) is state:  # not if it left (or its id was reused) while the step ran
-                self.batch.append(state, (tokens[j],))
+                self.batch.append(state, toks)
+                if self.speculator is not None:
+                    self.speculator.on_result(state, toks, handle, j)
             k = state.params.logprobs
             entry = None
-            if k is not None and lp is not None:
-                entry = ((lp[j], tuple(zip(top_ids[j][:k], top_vals[j][:k]))),)
-            sampled[rid] = SampledTokens((tokens[j],), entry)
-        return WorkerOutput(handle.step_id, sampled)
+            if k is not None and lps is not None:
+                entry = tuple((v, tuple(zip(ids[:k], vals[:k]))) for v, ids, vals in lps)
+            sampled[rid] = SampledTokens(toks, entry, drafts.get(rid, 0) if drafts else 0)
+        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
 
     @torch.inference_mode()
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:
@@ -368,6 +415,11 @@ class Worker:
         ``block_ids`` (one table per group of layers when the model has several); their own K/V is
         written to the cache (so a later chunk reads it back). Eager, outside the persistent batch;
         the Worker must be idle."""
+        return self.model.compute_logits(self.hidden_chunk(token_ids, start_pos, block_ids)).log_softmax(dim=-1)
+
+    @torch.inference_mode()
+    def hidden_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:
+        """Final hidden states [n, hidden] of ``token_ids`` (as ``score_chunk``, before the LM head)."""
         from flashserve.layers.attention_metadata import AttentionMetadata
 
         bs = self.block_size
@@ -387,7 +439,7 @@ class Worker:
                 is_decode=n == 1, groups=groups)
 
         meta = meta(tables[0], tuple(meta(t) for t in tables[1:]))
+        model = self.early_exit if self.early_exit is not None and n == 1 else self.model
         with forward_context(meta):
-            hidden = self.model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
-                                self.kv_caches)
-        return self.model.compute_logits(hidden).log_softmax(dim=-1)
+            return model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
+                         self.kv_caches)

@@ -7,8 +7,9 @@ penalty counts) from one step to the next, so a plan carries only what changed:
   preemption): its prompt, the tokens it generated before any preemption, its SamplingParams.
 * ``ScheduledRequest``: per request per step, the position of its first new token
   (``start_pos``, = tokens whose K/V is already in the cache), how many tokens to compute
-  (a prompt chunk, 1 decode token, or 1 + k speculative tokens), the block ids appended to its
-  table this step (the whole table for a new request), and whether to sample after them. The
+  (a prompt chunk, 1 decode token, or 1 + k speculative tokens, ``num_spec_tokens`` = k of them
+  drafted by the Worker), the block ids appended to its table this step (the whole table for a
+  new request), and whether to sample after them. The
   token ids themselves are never sent: the Worker knows the prompt and outputs, including the
   token it sampled in the step still in flight (overlapped scheduling).
 * ``finished_ids``: requests that left the engine (stopped, aborted) or were preempted since the
@@ -48,6 +49,9 @@ class ScheduledRequest(NamedTuple):
     # Models with several groups of layers (flashserve.cache.kv_groups): the ids appended to the
     # tables of groups 1, 2, ... (group 0's are ``new_block_ids``); -1 marks a released block.
     group_block_ids: tuple[tuple[int, ...], ...] = ()
+    # Of num_new_tokens, slots reserved for draft tokens the Worker proposes and verifies
+    # (speculative decoding; the Worker may use fewer). 0 for a plain step.
+    num_spec_tokens: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -57,13 +61,15 @@ class ScheduledRequest(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class BlockCopy:
-    """Host <-> device block moves for swap preemption, executed by the Worker before the step."""
+    """Block moves executed by the Worker before the step: device -> device copies of forked
+    beams' last blocks, then host <-> device moves for swap preemption."""
 
     swap_out: tuple[tuple[int, int], ...] = ()  # (device block, host block)
     swap_in: tuple[tuple[int, int], ...] = ()  # (host block, device block)
+    copy: tuple[tuple[int, int], ...] = ()  # (device block, device block)
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in)
+        return bool(self.swap_out or self.swap_in or self.copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,16 @@ class SampledTokens(NamedTuple):
     token_ids: tuple[int, ...]
     # Per token, when logprobs were asked for: (logprob of the token, ((top id, logprob), ...)).
     logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
+    num_draft_tokens: int = 0  # drafts the Worker verified for it (token_ids - 1 of them were accepted)
+
+
+class StepCost(NamedTuple):
+    """Measured device time of one step (reported by a Worker that speculates, for the off-switch)."""
+
+    num_tokens: int  # tokens the target computed
+    num_seqs: int
+    forward_s: float  # target forward, sampling and verification
+    draft_s: float  # proposing drafts
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +116,4 @@ class WorkerOutput:
 
     step_id: int
     sampled: dict[str, SampledTokens]
+    cost: StepCost | None = None

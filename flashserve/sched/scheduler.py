@@ -29,7 +29,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
@@ -46,6 +46,17 @@ class _Work(NamedTuple):
     start: int
     num_new: int
     sample: bool
+    num_spec: int = 0
+
+
+class Speculation(Protocol):
+    """How many draft tokens a request may verify per step (``flashserve.spec.controller``)."""
+
+    def num_spec_tokens(self, request: Request) -> int:
+        """Draft slots for the request's next decode step; 0 decodes plainly (and overlapped)."""
+        ...
+
+    def on_finished(self, request: Request) -> None: ...
 
 
 class Scheduler:
@@ -57,8 +68,10 @@ class Scheduler:
         max_model_len: int,
         cost_model: PreemptionCostModel | None = None,
         rank_rule: RankPreemptionRule | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         self.config = config
+        self.speculation = speculation
         self.block_manager = block_manager
         self.policy = policy
         self.max_model_len = max_model_len
@@ -77,6 +90,7 @@ class Scheduler:
         self._blocks_sent: dict[str, int] = {}  # block-table length the Worker holds per request
         self._dropped: list[str] = []  # left the running set since the last plan
         self._inflight: dict[int, dict[str, Request]] = {}  # step id -> requests it samples for
+        self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
 
     # ----------------------------------------------------------------- queue operations
     def add_request(self, request: Request) -> None:
@@ -84,6 +98,29 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
+        """Add ``child`` (beam search: the parent's tokens plus one) as a running request that
+        shares the parent's computed K/V (``BlockManager.fork``; the copy of a partially filled
+        block travels with the next plan). A parent that is not running (preempted), or a pool
+        without a block for the copy, makes the child wait for admission instead (it recomputes,
+        sharing what the prefix cache holds)."""
+        if child.request_id in self.requests:
+            raise ValueError(f"request id {child.request_id!r} is already in use")
+        self.requests[child.request_id] = child
+        copies = None
+        if parent.status == RequestStatus.RUNNING and parent.request_id in self._blocks_sent:
+            copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_computed_tokens,
+                                             share_partial)
+        if copies is None:
+            self.waiting.append(child)
+            return
+        self._block_copies.extend(copies)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
+        self.running.append(child)
+        self._admitted_at[child.request_id] = self.step_count
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Retire a request (finished or aborted) and free its blocks at once."""
@@ -99,6 +136,8 @@ class Scheduler:
         if self._blocks_sent.pop(request_id, None) is not None:
             self._dropped.append(request_id)
         self.policy.on_finished(request)
+        if self.speculation is not None:
+            self.speculation.on_finished(request)
         request.status = status
         request.metrics.finished_time = time.monotonic()
         return request
@@ -138,10 +177,16 @@ class Scheduler:
         for request in work:
             if budget == 0:
                 break
+            num_spec = 0
+            if request.awaiting_result:
+                continue  # its step in flight decides what it does next
             if request.status == RequestStatus.RUNNING:
                 if request.request_id not in pending or self._at_limit(request):
                     continue  # preempted as a victim earlier in this step, or done once its tokens arrive
                 num_new = self._num_new_tokens(request, budget)
+                if num_new == 1:
+                    num_spec = self._num_spec_tokens(request, budget)
+                    num_new += num_spec
                 before = len(preempted)
                 if not self._grow_running(request, num_new, ranked, pending, preempted, swap_out):
                     memory_short = True
@@ -155,28 +200,44 @@ class Scheduler:
                 if num_new == 0:
                     memory_short = True  # keep order: nothing behind it is admitted this step
                     continue
-            scheduled.append(self._claim(request, num_new))
+            scheduled.append(self._claim(request, num_new, num_spec))
             budget -= num_new
-        if swap_out or swap_in:
-            copies = BlockCopy(tuple(swap_out), tuple(swap_in))
+        if swap_out or swap_in or self._block_copies:
+            copies = BlockCopy(tuple(swap_out), tuple(swap_in), tuple(self._block_copies))
+            self._block_copies.clear()
         return self._plan(scheduled, preempted, copies)
 
-    def _claim(self, request: Request, num_new: int) -> _Work:
+    def _claim(self, request: Request, num_new: int, num_spec: int = 0) -> _Work:
         """Advance a request whose slots are allocated by this step's work, and register the
         blocks the step fills with known tokens in the prefix cache at once (so requests admitted
-        later in this step share them: the step writes a block's K/V before any attention reads)."""
+        later in this step share them: the step writes a block's K/V before any attention reads).
+        Of ``num_new``, ``num_spec`` slots are for drafts: they count as computed only once
+        ``update`` learns how many were accepted."""
         bm = self.block_manager
         rid = request.request_id
         start = request.num_computed_tokens
         bm.trim(rid, start)  # blocks out of every window (flashserve.cache.window)
         bm.assert_writable(rid, start, start + num_new)
-        sample = start + num_new == request.num_tokens
-        request.num_computed_tokens += num_new
+        sample = start + num_new - num_spec == request.num_tokens
+        request.num_computed_tokens += num_new - num_spec
         if sample:
             request.num_pending_tokens += 1
+            # A request that will speculate needs this step's tokens to draft its next one.
+            request.awaiting_result = request.synchronous or (
+                self.speculation is not None and self.speculation.num_spec_tokens(request) > 0)
         bm.commit(request)
         self.policy.on_scheduled(request, num_new)
-        return _Work(request, start, num_new, sample)
+        return _Work(request, start, num_new, sample, num_spec)
+
+    def _num_spec_tokens(self, request: Request, budget: int) -> int:
+        """Draft slots for a decode step (0: a plain one): only when the request's last token is
+        known (drafts continue it), never past ``max_tokens``, the context or the step budget."""
+        if self.speculation is None or request.num_pending_tokens:
+            return 0
+        room = min(budget - 1, self.max_model_len - request.num_tokens - 1)
+        if request.params.max_tokens is not None:
+            room = min(room, request.params.max_tokens - request.num_output_tokens - 1)
+        return max(0, min(room, self.speculation.num_spec_tokens(request)))
 
     def _at_limit(self, request: Request) -> bool:
         """True when the request's pending tokens already reach ``max_tokens`` or the context:
@@ -191,7 +252,7 @@ class Scheduler:
         entries: list[ScheduledRequest] = []
         new_requests: list[NewRequest] = []
         sampling: dict[str, Request] = {}
-        for request, start, num_new, sample in scheduled:
+        for request, start, num_new, sample, num_spec in scheduled:
             rid = request.request_id
             table, *group_tables = self.block_manager.block_tables(rid)
             sent = self._blocks_sent.get(rid)
@@ -200,7 +261,8 @@ class Scheduler:
                                                tuple(request.output_token_ids), request.params))
                 sent = 0
             entries.append(ScheduledRequest(rid, start, num_new, tuple(table[sent:]) if len(table) > sent else (),
-                                            sample, tuple(tuple(t[sent:]) for t in group_tables)))
+                                            sample, group_block_ids=tuple(tuple(t[sent:]) for t in group_tables),
+                                            num_spec_tokens=num_spec))
             self._blocks_sent[rid] = len(table)
             if sample:
                 sampling[rid] = request
@@ -340,9 +402,13 @@ class Scheduler:
         now = time.monotonic()
         for rid, request in sampling.items():
             request.num_pending_tokens -= 1
+            request.awaiting_result = False
             if request.is_finished:
                 continue
             sampled = result.sampled[rid]
+            if len(sampled.token_ids) > 1 and request.status != RequestStatus.WAITING:
+                # Accepted drafts: their K/V is in the cache now (a recomputed request starts over).
+                request.num_computed_tokens += len(sampled.token_ids) - 1
             request.output_token_ids.extend(sampled.token_ids)
             if sampled.logprobs is not None:
                 request.output_logprobs.extend(sampled.logprobs)

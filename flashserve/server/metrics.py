@@ -50,6 +50,21 @@ class _EngineCollector(Collector):
                                       value=stats.prefix_cache_hits)
             yield GaugeMetricFamily(f"{p}_prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
                                     value=stats.prefix_cache_hits / stats.prefix_cache_queries)
+        spec = getattr(stats, "spec", None)
+        if spec is not None:  # speculative decoding, labelled by method
+            for name, family, help_text, value in (
+                ("spec_decode_num_steps", CounterMetricFamily, "Verification steps (a request with drafts).",
+                 spec.num_steps),
+                ("spec_decode_num_draft_tokens", CounterMetricFamily, "Draft tokens verified.", spec.num_draft_tokens),
+                ("spec_decode_num_accepted_tokens", CounterMetricFamily, "Draft tokens accepted.",
+                 spec.num_accepted_tokens),
+                ("spec_decode_acceptance_length", GaugeMetricFamily,
+                 "Tokens per verification step (accepted drafts + 1).", spec.acceptance_length),
+                ("spec_decode_num_switched_off", CounterMetricFamily,
+                 "Requests sent back to plain decoding by the off-switch.", spec.num_switched_off)):
+                metric = family(f"{p}_{name}", help_text, labels=["method"])
+                metric.add_metric([spec.method], value)
+                yield metric
 
 
 class ServerMetrics:

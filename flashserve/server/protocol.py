@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from flashserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams, StructuredOutput
+from flashserve.spec.beam import BeamSearchParams
 from flashserve.server.tools import ToolPlan, plan_tools
 
 # Fields that would change the output but are not implemented here: refused, never ignored.
@@ -77,6 +78,11 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # vLLM's extras: beam search (n beams, the best first) and speculation per request.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    num_speculative_tokens: int | None = None
 
     def check_unsupported(self) -> None:
         """400 for fields this server would otherwise silently ignore."""
@@ -102,9 +108,17 @@ class _SamplingFields(BaseModel):
         return out
 
     def _params(self, max_tokens: int | None, logprobs: int | None,
-                structured: StructuredOutput | None) -> SamplingParams:
-        """Build SamplingParams; raises ValueError naming the bad field."""
+                structured: StructuredOutput | None) -> SamplingParams | BeamSearchParams:
+        """Build SamplingParams (BeamSearchParams with ``use_beam_search``); raises ValueError
+        naming the bad field."""
         self.check_unsupported()
+        if self.use_beam_search:
+            if self.stream:
+                raise ValueError("use_beam_search does not stream; set stream to false")
+            if structured is not None or self.logit_bias:
+                raise ValueError("use_beam_search cannot be combined with response_format or logit_bias")
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or 16, length_penalty=self.length_penalty,
+                                    early_stopping=self.early_stopping, ignore_eos=self.ignore_eos)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n,
@@ -125,6 +139,7 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self._logit_bias(),
             structured_output=structured,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
 
     @property

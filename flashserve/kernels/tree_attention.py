@@ -1,0 +1,113 @@
+"""Paged attention with token-tree masks (Triton): the verification step of SpecInfer-style trees.
+
+The masks are described in ``flashserve.kernels.tree_mask`` (``TreeMask``), whose
+``tree_attention_reference`` is this kernel's oracle. The kernel is FlashAttention-2 style:
+one program per (KV head, sequence, query tile), the GQA group's heads folded into the rows, an
+online softmax over the paged keys, and the tree test (bit j of the query's ancestor mask for
+the key at ``ctx + j``) in place of the causal test for a tree's nodes. It stores the step's
+K/V first (``store_kv``). Backends route a step here when ``AttentionMetadata.tree`` is set.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels.tree_mask import TreeMask, tree_attention_reference
+from flashserve.kernels.utils import next_power_of_2
+
+
+@triton.jit
+def _tree_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr,  # q/o [T, Hq, D]; caches [num_blocks, BLOCK_SIZE, Hkv, D]
+    qsl_ptr, seq_lens_ptr, block_tables_ptr, bits_ptr, tree_lens_ptr,
+    qk_scale,  # scale * log2(e)
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_co, stride_ch,
+    stride_bt, head_dim,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    q_tile = tl.program_id(2) * BLOCK_Q
+    tok_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - tok_start
+    if q_tile >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    tree_len = tl.load(tree_lens_ptr + b)
+    ctx = seq_len - tree_len  # tree nodes live at positions ctx .. seq_len - 1 (none if tree_len = 0)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    qi = q_tile + offs_m // GROUP_PAD  # query index within the sequence's new tokens
+    g = offs_m % GROUP_PAD
+    row_ok = (qi < q_len) & (g < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    tok = (tok_start + qi).to(tl.int64)
+    head = kvh * GROUP + g
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = seq_len - q_len + qi  # [BLOCK_M] absolute (index) positions
+    bits = tl.load(bits_ptr + tok, mask=row_ok, other=0)  # [BLOCK_M] int64
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    hi = tl.minimum(seq_len, seq_len - q_len + q_tile + BLOCK_Q)
+    for n0 in range(0, hi, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < seq_len
+        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_co + kvh * stride_ch
+        kt = tl.load(k_cache_ptr + off[None, :] + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt.to(q.dtype)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        j = tl.maximum(k_pos - ctx, 0)
+        in_tree = ((bits[:, None] >> j[None, :].to(tl.int64)) & 1) != 0
+        causal = k_pos[None, :] <= q_pos[:, None]
+        visible = tl.where((k_pos >= ctx)[None, :] & (tree_len > 0), in_tree, causal) & k_ok[None, :]
+        s = tl.where(visible, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.where(visible, p, 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_cache_ptr + off[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta, scale: float) -> torch.Tensor:
+    """The Triton path: store the step's K/V, then one program per (KV head, sequence, query tile)."""
+    from flashserve.kernels import kv_quant
+    from flashserve.kernels.cache_ops import store_kv
+
+    if kv_quant.is_quantized(k_cache):  # 8-bit caches: the reference dequantizes on read
+        return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    tree: TreeMask = meta.tree.to(q.device)
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    group = Hq // Hkv
+    group_pad = next_power_of_2(group)
+    block_q = max(1, 64 // group_pad)
+    block_d = max(16, next_power_of_2(D))
+    out = torch.empty_like(q)
+    grid = (Hkv, meta.num_seqs, triton.cdiv(meta.max_query_len, block_q))
+    _tree_kernel[grid](
+        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, tree.bits, tree.tree_lens,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), D,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_q * group_pad,
+        BLOCK_N=32, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
+    )
+    return out

@@ -1,0 +1,54 @@
+"""``flashserve bench decoding``: the per-method table on SmolLM2 (greedy outputs of every method
+identical to plain decoding's, acceptance lengths counted) and the verification cost curve
+(chains through the step runner, trees through the tree-masked attention) on a tiny model."""
+
+import argparse
+
+import pytest
+
+from conftest_models import make_tiny_checkpoint
+from flashserve.bench import decoding
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    decoding.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_cost_curve_on_a_tiny_model(tmp_path, capsys):
+    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=2)
+    args = _args("--cost-curve", "--model", str(tmp_path), "--device", "cpu", "--block-size", "4",
+                 "--context", "24", "--cost-batch-sizes", "1,3", "--chain-ks", "1,3", "--tree-sizes", "4,9",
+                 "--repeats", "2")
+    res = decoding.run_cost_curve(args)
+    shapes = [(r["batch"], r["shape"], r["tokens"]) for r in res["rows"]]
+    assert shapes == [(b, s, n) for b in (1, 3) for s, n in
+                      (("decode", 1), ("chain", 2), ("chain", 4), ("tree", 4), ("tree", 9))]
+    assert all(r["ms"] > 0 for r in res["rows"])
+    decoding.print_cost_curve(res)
+    assert "x decode" in capsys.readouterr().out
+
+
+def test_bad_methods_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown method 'medusa'"):
+        decoding.spec_config("medusa", 4, None, None, True)
+    with pytest.raises(ValueError, match="needs --draft-model"):
+        decoding.spec_config("draft", 4, None, None, True)
+    assert decoding.spec_config("layers-tree", 3, None, None, False) == {
+        "method": "layers", "tree_width": 2, "num_speculative_tokens": 6, "disable_by_cost": False}
+
+
+def test_method_table_on_smollm2(capsys):
+    args = _args("--device", "cpu", "--methods", "ngram,layers-tree", "--batch-sizes", "1,3", "--kinds", "code",
+                 "--num-prompts", "3", "--batch1-prompts", "1", "--new-tokens", "10", "--no-off-switch",
+                 "--max-model-len", "512")
+    res = decoding.run_methods(args)
+    rows = {(r["method"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {(m, b) for m in ("none", "ngram", "layers-tree") for b in (1, 3)}
+    for (m, _), r in rows.items():
+        assert r["identical"] == 1.0, r  # lossless: token for token what plain decoding gives
+        assert r["acceptance_length"] >= 1.0
+        assert (r["verify_steps"] > 0) == (m == "layers-tree") or m == "ngram", r  # layers always drafts
+    decoding.print_methods(res)
+    assert "speedup" in capsys.readouterr().out

@@ -1,0 +1,67 @@
+"""Early exit (a lossy mode): a threshold no token reaches changes nothing; a threshold every
+token reaches at layer 1 decodes exactly like the model cut after layer 1 (transformers, the
+later layers deleted); tokens that exit feed later layers' K/V from their exit state, and the
+forward reports the layers it ran."""
+
+import random
+
+import pytest
+import torch
+
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ee_tiny")
+    hf = make_tiny_checkpoint("llama3_gqa", folder, seed=6)
+    return str(folder), hf
+
+
+def _prompts():
+    rng = random.Random(3)
+    return [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 20))] for _ in range(4)]
+
+
+KW = dict(device="cpu", block_size=4, max_model_len=128, verbose=False)
+
+
+def test_unreached_threshold_is_the_full_model(tiny):
+    folder, _ = tiny
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(model=folder, **KW).generate(_prompts(), sp, use_tqdm=False)]
+    for measure in ("softmax", "hidden"):
+        llm = LLM(model=folder, **KW, early_exit_config={"threshold": 1.0, "measure": measure, "exit_layers": [1]})
+        assert [o.token_ids for o in llm.generate(_prompts(), sp, use_tqdm=False)] == ref
+        assert llm.engine.worker.early_exit.layers_per_token == 2.0
+
+
+def test_always_exiting_at_layer_one_is_the_truncated_model(tiny):
+    folder, hf = tiny
+    llm = LLM(model=folder, **KW, early_exit_config={"threshold": 1e-6, "exit_layers": [1]})
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(_prompts(), sp, use_tqdm=False)
+    hf.model.layers = hf.model.layers[:1]
+    hf.config.num_hidden_layers = 1
+    for prompt, out in zip(_prompts(), outs):
+        # The prompt runs the full model (its K/V feed layer 2), so only decode tokens are cut:
+        # the first token comes from the full model, the rest from layer 1 of the same cache.
+        first = out.token_ids[0]
+        ids = torch.tensor([prompt + [first]])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=11, do_sample=False,
+                          pad_token_id=0)[0, len(prompt) + 1:].tolist()
+        assert out.token_ids[1:] == ref
+    assert llm.engine.worker.early_exit.layers_per_token == pytest.approx(1.0)
+
+
+def test_bad_early_exit_configs(tiny):
+    folder, _ = tiny
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        LLM(model=folder, **KW, early_exit_config={"threshold": 0})
+    with pytest.raises(ValueError, match="measure must be one of softmax, hidden"):
+        LLM(model=folder, **KW, early_exit_config={"measure": "entropy"})
+    with pytest.raises(ValueError, match="exit_layers must be below the model's 2 layers"):
+        LLM(model=folder, **KW, early_exit_config={"exit_layers": [2]})
+    with pytest.raises(ValueError, match="separate modes"):
+        LLM(model=folder, **KW, early_exit_config={}, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
