@@ -181,6 +181,8 @@ class EngineConfig:
     async_scheduling: bool = True  # plan step N+1 while step N runs
     executor: str = "inproc"  # inproc | process (the Worker in its own process, over torch.distributed)
     quantization: str = "auto"  # one of QUANTIZATION_MODES (flashserve.quant)
+    tensor_parallel_size: int = 1  # ranks one model is split over (flashserve.distributed)
+    distributed_timeout_s: float = 300.0  # a rank silent this long is reported as hung
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -197,6 +199,10 @@ class EngineConfig:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -246,6 +252,10 @@ class EngineArgs:
     quantization: str = _arg("auto", "weights: auto (the checkpoint's own: GGUF blocks kept packed unless --dtype "
                                      "is given, GPTQ, AWQ), none (dense), or online int8 / int4 / fp8 "
                                      "(docs/quantization.md)", choices=QUANTIZATION_MODES)
+    tensor_parallel_size: int = _arg(1, "split the model over this many ranks (one GPU, or CPU process, each; "
+                                        "docs/distributed.md)")
+    distributed_timeout_s: float = _arg(300.0, "seconds a silent rank may take before the engine reports it hung "
+                                               "and shuts down")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -261,6 +271,8 @@ class EngineArgs:
             async_scheduling=self.async_scheduling,
             executor=self.executor,
             quantization=self.quantization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            distributed_timeout_s=self.distributed_timeout_s,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

@@ -51,23 +51,25 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, spec: AttentionSpec, attn_backend: AttentionBackend,
                  rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = QKVLinear(
             config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias,
             prefix=f"{prefix}.qkv_proj",
         )
+        # this rank's heads (all of them without tensor parallelism)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * config.head_dim
+        self.kv_size = self.num_kv_heads * config.head_dim
         # Qwen2 has bias on q/k/v only; Llama/Qwen3 ``attention_bias`` also covers o_proj.
         o_bias = config.attention_bias and config.architecture not in ("qwen2", "qwen2_moe")
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, prefix=f"{prefix}.o_proj")
+        self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size, bias=o_bias,
+                             prefix=f"{prefix}.o_proj", parallel="row")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb
         self.attn = Attention(
-            config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5, attn_backend, spec
+            self.num_heads, self.num_kv_heads, config.head_dim, config.head_dim**-0.5, attn_backend, spec
         )
 
     def forward(self, rope: RopeInputs, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:

@@ -18,12 +18,13 @@ The same Worker serves in-process engines and worker processes (``flashserve.dis
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from flashserve.config import EngineConfig, ModelConfig
+from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.attention_metadata import forward_context
 from flashserve.layers.logits_processors import LogitsProcessors
 from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
@@ -137,6 +138,8 @@ class Worker:
         plan = plan_kv_pool(model_config, cache, self.dtype, self.device, max_model_len, useful_blocks,
                             reserve_bytes=self._activation_reserve(model_config, sched.max_num_batched_tokens,
                                                                    sched.max_num_seqs))
+        # every tensor-parallel rank holds the same number of blocks (the smallest budget)
+        plan = replace(plan, num_blocks=current_parallel().all_reduce_min(plan.num_blocks))
         self.kv_pool = allocate_kv_pool(model_config, plan, self.dtype, self.device)
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(self.kv_pool.shape[0])]
         num_host_blocks = cache.swap_space_bytes // plan.bytes_per_block
