@@ -182,6 +182,7 @@ class EngineConfig:
     executor: str = "inproc"  # inproc | process (the Worker in its own process, over torch.distributed)
     quantization: str = "auto"  # one of QUANTIZATION_MODES (flashserve.quant)
     tensor_parallel_size: int = 1  # ranks one model is split over (flashserve.distributed)
+    pipeline_parallel_size: int = 1  # stages of consecutive layers, each of tensor_parallel_size ranks
     distributed_timeout_s: float = 300.0  # a rank silent this long is reported as hung
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -201,8 +202,15 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: tensor-parallel ranks times pipeline stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -254,6 +262,8 @@ class EngineArgs:
                                      "(docs/quantization.md)", choices=QUANTIZATION_MODES)
     tensor_parallel_size: int = _arg(1, "split the model over this many ranks (one GPU, or CPU process, each; "
                                         "docs/distributed.md)")
+    pipeline_parallel_size: int = _arg(1, "split the layers into this many pipeline stages (each of "
+                                          "--tensor-parallel-size ranks)")
     distributed_timeout_s: float = _arg(300.0, "seconds a silent rank may take before the engine reports it hung "
                                                "and shuts down")
 
@@ -272,6 +282,7 @@ class EngineArgs:
             executor=self.executor,
             quantization=self.quantization,
             tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
             distributed_timeout_s=self.distributed_timeout_s,
             cache=CacheConfig(
                 block_size=self.block_size,

@@ -1,4 +1,4 @@
-"""Tensor parallelism: one Worker per rank, driven by rank 0 inside the engine process.
+"""Tensor and pipeline parallelism: one Worker per rank, driven by rank 0 inside the engine process.
 
 Rank 0 (the driver) is this process: it holds a Worker like the in-process executor does, and
 mirrors every call it makes on it (``execute``, ``result``, ``score_chunk``) to ranks 1..N-1 over
@@ -6,7 +6,10 @@ a gloo control group, so every rank applies the same plans in the same order and
 persistent batch. The model's own collectives (all-reduce after row-parallel layers, the
 vocabulary all-gather) run on a separate group: NCCL on CUDA, gloo on CPU. All logits are
 gathered on every rank and every rank samples with the same seed, so each rank appends the same
-tokens; only the driver's are returned.
+tokens; only the driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
+stage holds its layers only and hands hidden states and residual to the next over point-to-point
+send/recv; the last stage's logits are broadcast to every rank. Stages run one after the other
+within a step (one micro-batch in flight; see docs/distributed.md).
 
 Ranks are started with torch.multiprocessing (spawn) on this host; ``flashserve.distributed.launch``
 starts them under torchrun instead (several hosts), where rank 0 runs the engine.
@@ -41,10 +44,13 @@ _SHUTDOWN = "shutdown"
 RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
-def local_model_config(model_config: ModelConfig, tp_size: int) -> ModelConfig:
-    """The shapes one rank's KV pool holds: its share of the KV heads (and query heads)."""
-    kv_heads, _ = kv_head_split(model_config.num_kv_heads, tp_size)
-    return dataclasses.replace(model_config, num_heads=model_config.num_heads // tp_size, num_kv_heads=kv_heads)
+def local_model_config(model_config: ModelConfig, ctx: ParallelContext) -> ModelConfig:
+    """The shapes one rank's KV pool holds: its stage's layers, its share of the KV heads."""
+    kv_heads, _ = kv_head_split(model_config.num_kv_heads, ctx.tp_size)
+    start, end = ctx.layer_range(model_config.num_layers)
+    return dataclasses.replace(model_config, num_heads=model_config.num_heads // ctx.tp_size, num_kv_heads=kv_heads,
+                               num_layers=end - start, layer_types=model_config.layer_types[start:end]
+                               if model_config.layer_types is not None else None)
 
 
 def rank_device(config: EngineConfig, rank: int) -> str:
@@ -60,19 +66,23 @@ def rank_device(config: EngineConfig, rank: int) -> str:
 
 def check_parallel_config(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors before any process starts: shapes that do not split, more ranks than devices."""
-    tp = config.tensor_parallel_size
+    tp, world = config.tensor_parallel_size, config.world_size
     from flashserve.runner.worker import resolve_device
 
     device = resolve_device(config.device)
     if device.type == "cuda":
         count = torch.cuda.device_count()
-        if tp > count:
-            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs (one per rank), but this host has {count}")
-    else:
-        cores = os.cpu_count() or 1
-        if tp > cores:
-            raise ValueError(f"tensor_parallel_size={tp} needs a CPU core per rank, but this host has {cores}")
-    check_tensor_parallel(model_config, tp)
+        if world > count:
+            raise ValueError(f"{_sizes(config)} needs {world} GPUs (one per rank), but this host has {count}")
+    # CPU ranks share the cores (each takes cores // world threads)
+    check_tensor_parallel(model_config, tp, config.pipeline_parallel_size)
+
+
+def _sizes(config: EngineConfig) -> str:
+    s = f"tensor_parallel_size={config.tensor_parallel_size}"
+    if config.pipeline_parallel_size > 1:
+        s += f" x pipeline_parallel_size={config.pipeline_parallel_size}"
+    return s
 
 
 def _store_timeout(timeout_s: float) -> datetime.timedelta:
@@ -81,36 +91,42 @@ def _store_timeout(timeout_s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(timeout_s, 120.0))
 
 
-def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.timedelta,
-                 device: str) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """(control group: gloo, model group: NCCL on CUDA, gloo on CPU), on prefixes of one store.
+def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.timedelta, device: str,
+                 tp: int = 1) -> tuple[dist.ProcessGroup, ParallelContext]:
+    """(control group: gloo; this rank's ParallelContext: world and tensor-parallel groups, NCCL
+    on CUDA, gloo on CPU), on prefixes of one store.
 
     Every rank first waits on the store (with its long start-up timeout) until all have arrived,
     so the groups' own ``timeout`` only has to cover the collectives."""
     store.set(f"arrived/{rank}", "1")
     store.wait([f"arrived/{r}" for r in range(world)])
     control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, world, timeout)
-    if device.startswith("cuda"):
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        model = dist.ProcessGroupNCCL(dist.PrefixStore("model", store), rank, world, opts)
-    else:
-        model = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, world, timeout)
-    return control, model
+
+    def group(prefix: str, r: int, n: int) -> dist.ProcessGroup:
+        if device.startswith("cuda"):
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), r, n, opts)
+        return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), r, n, timeout)
+
+    pp_rank, tp_rank = divmod(rank, tp)
+    world_group = group("world", rank, world)
+    tp_group = world_group if tp == world else group(f"tp{pp_rank}", tp_rank, tp)
+    return control, ParallelContext(tp_rank=tp_rank, tp_size=tp, tp_group=tp_group, pp_rank=pp_rank,
+                                    pp_size=world // tp, world_group=world_group)
 
 
 def _build_worker(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                  eos_token_ids: tuple[int, ...], rank: int, world: int, model_group: dist.ProcessGroup):
+                  eos_token_ids: tuple[int, ...], ctx: ParallelContext):
     from flashserve.runner.worker import Worker
 
-    device = rank_device(config, rank)
+    device = rank_device(config, ctx.rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    # CUDA graphs would capture the NCCL all-reduces; they stay off until that is tested on GPUs.
-    cfg = dataclasses.replace(config, device=device, cuda_graphs=config.cuda_graphs and world == 1)
-    ctx = ParallelContext(tp_rank=rank, tp_size=world, tp_group=model_group)
+    # CUDA graphs would capture the NCCL collectives; they stay off until that is tested on GPUs.
+    cfg = dataclasses.replace(config, device=device, cuda_graphs=config.cuda_graphs and ctx.world_size == 1)
     with parallel_scope(ctx):
-        return Worker(cfg, local_model_config(model_config, world), max_model_len, eos_token_ids)
+        return Worker(cfg, local_model_config(model_config, ctx), max_model_len, eos_token_ids)
 
 
 def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config: EngineConfig,
@@ -118,10 +134,10 @@ def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config:
     """Ranks 1..N-1: build the Worker, then repeat what the driver does until it says stop."""
     timeout = datetime.timedelta(seconds=timeout_s)
     device = rank_device(config, rank)
-    control, model_group = _make_groups(store, rank, world, timeout, device)
+    control, ctx = _make_groups(store, rank, world, timeout, device, config.tensor_parallel_size)
     chan = _Channel(control, 0)
     try:
-        worker = _build_worker(config, model_config, max_model_len, eos_token_ids, rank, world, model_group)
+        worker = _build_worker(config, model_config, max_model_len, eos_token_ids, ctx)
     except Exception:
         store.set(f"failure/{rank}", traceback.format_exc())
         raise
@@ -174,7 +190,8 @@ class DistributedExecutor:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
                  eos_token_ids: tuple[int, ...], store: dist.Store | None = None) -> None:
         check_parallel_config(config, model_config)
-        self.world = world = config.tensor_parallel_size
+        self.world = world = config.world_size
+        self.tp = config.tensor_parallel_size
         self.timeout_s = timeout_s = config.distributed_timeout_s
         self.dead_reason: str | None = None
         self.processes: list[mp.Process] = []
@@ -198,10 +215,9 @@ class DistributedExecutor:
         torch.set_num_threads(threads)
         try:
             self._wait_for_ranks(store)
-            control, model_group = _make_groups(store, 0, world, timeout, device)
+            control, ctx = _make_groups(store, 0, world, timeout, device, self.tp)
             self._peers = [_Channel(control, r) for r in range(1, world)]
-            self.worker = self._guard(lambda: _build_worker(config, model_config, max_model_len, eos_token_ids,
-                                                            0, world, model_group))
+            self.worker = self._guard(lambda: _build_worker(config, model_config, max_model_len, eos_token_ids, ctx))
         except BaseException:
             self.shutdown()
             raise
@@ -216,7 +232,7 @@ class DistributedExecutor:
                 return
             for rank, p in enumerate(self.processes, start=1):
                 if p.exitcode is not None:
-                    raise RuntimeError(f"tensor-parallel rank {rank} {self._rank_state(rank)} while starting")
+                    raise RuntimeError(f"{self._rank_name(rank)} {self._rank_state(rank)} while starting")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the tensor-parallel ranks did not start within {_store_timeout(self.timeout_s)}")
             time.sleep(0.05)
@@ -249,10 +265,15 @@ class DistributedExecutor:
     def _fail(self, cause: BaseException) -> RuntimeError:
         states = {r: self._rank_state(r) for r in range(1, self.world)}
         shown = {r: s for r, s in states.items() if "did not answer" not in s} or states
-        what = "; ".join(f"tensor-parallel rank {r} {s}" for r, s in shown.items())
+        what = "; ".join(f"{self._rank_name(r)} {s}" for r, s in shown.items())
         self.dead_reason = f"{what}; the engine has shut down its {self.world} ranks"
         self.shutdown()
         return RuntimeError(f"{self.dead_reason} (rank 0 saw: {str(cause).splitlines()[0] if str(cause) else cause!r})")
+
+    def _rank_name(self, rank: int) -> str:
+        if self.world == self.tp:
+            return f"tensor-parallel rank {rank}"
+        return f"rank {rank} (pipeline stage {rank // self.tp}, tensor-parallel rank {rank % self.tp})"
 
     def _check_open(self) -> None:
         if self.dead_reason is not None:

@@ -24,11 +24,61 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """This rank's place: ``tp_rank`` of ``tp_size`` within its tensor-parallel group."""
+    """This rank's place: ``tp_rank`` of ``tp_size`` within its tensor-parallel group (the ranks
+    of one pipeline stage), stage ``pp_rank`` of ``pp_size``. Global rank
+    ``pp_rank * tp_size + tp_rank`` in ``world_group`` (all ranks)."""
 
     tp_rank: int = 0
     tp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
+    pp_rank: int = 0
+    pp_size: int = 1
+    world_group: dist.ProcessGroup | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.tp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """This stage's decoder layers ``[start, end)``: contiguous, the first stages taking one
+        more when ``pp_size`` does not divide ``num_layers``."""
+        base, extra = divmod(num_layers, self.pp_size)
+        start = self.pp_rank * base + min(self.pp_rank, extra)
+        return start, start + base + (self.pp_rank < extra)
+
+    def send_next_stage(self, tensors: list[torch.Tensor]) -> None:
+        """Hand activations to the same tensor-parallel rank of the next stage."""
+        dst = self.rank + self.tp_size
+        for i, t in enumerate(tensors):
+            self.world_group.send([t.contiguous()], dst, i).wait()
+
+    def recv_prev_stage(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        src = self.rank - self.tp_size
+        out = [torch.empty_like(t) for t in like]
+        for i, t in enumerate(out):
+            self.world_group.recv([t], src, i).wait()
+        return out
+
+    def broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank gets the last stage's (tensor rank 0's) ``t`` (logits: all ranks sample)."""
+        if self.pp_size == 1:
+            return t
+        opts = dist.BroadcastOptions()
+        opts.rootRank = (self.pp_size - 1) * self.tp_size
+        self.world_group.broadcast([t], opts).wait()
+        return t
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the tensor-parallel group, in place (returns ``t``)."""
@@ -46,15 +96,16 @@ class ParallelContext:
         return torch.cat(parts, dim=-1)
 
     def all_reduce_min(self, value: int) -> int:
-        """The smallest ``value`` over the group (ranks agree on a KV pool size)."""
-        if self.tp_size == 1:
+        """The smallest ``value`` over all ranks (they agree on a KV pool size)."""
+        group = self.world_group if self.world_group is not None else self.tp_group
+        if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        if self.tp_group.name() == "nccl":  # NCCL reduces device tensors only
+        if group.name() == "nccl":  # NCCL reduces device tensors only
             t = t.cuda()
-        self.tp_group.allreduce([t], opts).wait()
+        group.allreduce([t], opts).wait()
         return int(t.item())
 
 
@@ -95,8 +146,11 @@ def kv_head_split(num_kv_heads: int, tp_size: int) -> tuple[int, int]:
     return 1, num_kv_heads
 
 
-def check_tensor_parallel(model_config, tp_size: int) -> None:
-    """Refuse a tensor-parallel size the model's shapes cannot be split by (before any process starts)."""
+def check_tensor_parallel(model_config, tp_size: int, pp_size: int = 1) -> None:
+    """Refuse sizes the model's shapes cannot be split by (before any process starts)."""
+    if pp_size > model_config.num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp_size} is larger than the number of layers "
+                         f"({model_config.num_layers}); each stage needs at least one")
     if tp_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp_size}")
     if tp_size == 1:
