@@ -15,6 +15,7 @@
 #                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
 #   bash benchmarks/gpu_suite.sh moe       # MoE: GPU tests, fused kernel vs expert loop, batch-1 and throughput
 #                                          # of dummy Qwen3-30B-A3B and Mixtral-8x7B (docs/moe.md)
+#   bash benchmarks/gpu_suite.sh dist      # distributed: NCCL tests (2+ GPUs), process boundary at world size 1
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -50,6 +51,13 @@ case "${1:-}" in
       --output-json "$out/throughput-qwen3.json"
     stage throughput-qwen3-serial 80 $fs bench throughput --model qwen3-0.6b --load-format dummy \
       --no-async-scheduling --output-json "$out/throughput-qwen3-serial.json"
+    ;;
+  dist)  # docs/distributed.md: NCCL tensor/pipeline tests (skip on one GPU), Worker in-process vs another process
+    stage dist-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed_gpu.py -rs
+    for ex in inproc process; do
+      stage "dist-latency-qwen3-$ex" 60 $fs bench latency --model qwen3-0.6b --load-format dummy --executor "$ex" \
+        --output-json "$out/dist-latency-qwen3-$ex.json"
+    done
     ;;
   kernels)
     stage kernels 300 $fs bench kernels --output-json "$out/kernels.json"

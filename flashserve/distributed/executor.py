@@ -143,7 +143,10 @@ def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config:
         raise
     handles: dict[int, Any] = {}
     while True:
-        msg = chan.recv()
+        try:
+            msg = chan.recv()
+        except RuntimeError:  # the driver exited without saying shutdown (its process ended)
+            return
         try:
             if msg == _SHUTDOWN:
                 return
@@ -201,6 +204,15 @@ class DistributedExecutor:
         device = rank_device(config, 0)
         self._threads = torch.get_num_threads()
         threads = max(1, (os.cpu_count() or 1) // world) if device == "cpu" else self._threads
+        if store is None:
+            from flashserve.distributed.launch import publish_engine, torchrun_store
+
+            store = torchrun_store()
+            if store is not None:  # under torchrun: the other ranks wait for this
+                if int(os.environ.get("WORLD_SIZE", world)) != world:
+                    raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but {_sizes(config)} "
+                                     f"needs {world}")
+                publish_engine(store, config, model_config, max_model_len, eos_token_ids)
         if store is None:  # start ranks 1..N-1 on this host
             store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=_store_timeout(timeout_s),
                                   wait_for_workers=False)
