@@ -156,6 +156,10 @@ def check_tensor_parallel(model_config, tp_size: int, pp_size: int = 1) -> None:
     if tp_size == 1:
         return
     c = model_config
+    kinds = sorted({c.layer_spec(i).mlp for i in range(c.num_layers)} - {"gated_silu"})
+    if kinds:
+        raise ValueError(f"tensor parallelism of {', '.join(kinds)} MLP layers is not implemented; "
+                         f"use pipeline_parallel_size to split this model")
     split_size(c.num_heads, tp_size, "the number of attention heads")
     kv_head_split(c.num_kv_heads, tp_size)
     split_size(c.intermediate_size, tp_size, "the MLP intermediate size")
