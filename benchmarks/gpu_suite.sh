@@ -19,6 +19,7 @@
 #                                          # and end-to-end tok/s at 32k (Llama-3.1-8B shapes) against full attention
 #   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
 #                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
+#   bash benchmarks/gpu_suite.sh dist      # distributed: NCCL tests (2+ GPUs), process boundary at world size 1
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -54,6 +55,13 @@ case "${1:-}" in
       --output-json "$out/throughput-qwen3.json"
     stage throughput-qwen3-serial 80 $fs bench throughput --model qwen3-0.6b --load-format dummy \
       --no-async-scheduling --output-json "$out/throughput-qwen3-serial.json"
+    ;;
+  dist)  # docs/distributed.md: NCCL tensor/pipeline tests (skip on one GPU), Worker in-process vs another process
+    stage dist-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed_gpu.py -rs
+    for ex in inproc process; do
+      stage "dist-latency-qwen3-$ex" 60 $fs bench latency --model qwen3-0.6b --load-format dummy --executor "$ex" \
+        --output-json "$out/dist-latency-qwen3-$ex.json"
+    done
     ;;
   kernels)
     stage kernels 300 $fs bench kernels --output-json "$out/kernels.json"

@@ -350,6 +350,9 @@ class EngineConfig:
     attention: AttentionSpec | None = None  # replaces the model's full attention layers (None: the model's own)
     speculative: SpeculativeConfig | None = None  # speculative decoding (flashserve.spec)
     early_exit: EarlyExitConfig | None = None  # confidence-based early exit (flashserve.spec.early_exit)
+    tensor_parallel_size: int = 1  # ranks one model is split over (flashserve.distributed)
+    pipeline_parallel_size: int = 1  # stages of consecutive layers, each of tensor_parallel_size ranks
+    distributed_timeout_s: float = 300.0  # a rank silent this long is reported as hung
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -368,6 +371,17 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.speculative is not None and self.early_exit is not None:
             raise ValueError("speculative decoding and early exit are separate modes; choose one")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: tensor-parallel ranks times pipeline stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -432,6 +446,12 @@ class EngineArgs:
               "(methods: ngram, draft, layers, heads; tree_width > 1 for a token tree)")
     early_exit_config: str | dict | None = _arg(
         None, "confidence-based early exit (lossy) as JSON, e.g. '{\"threshold\": 0.9, \"measure\": \"softmax\"}'")
+    tensor_parallel_size: int = _arg(1, "split the model over this many ranks (one GPU, or CPU process, each; "
+                                        "docs/distributed.md)")
+    pipeline_parallel_size: int = _arg(1, "split the layers into this many pipeline stages (each of "
+                                          "--tensor-parallel-size ranks)")
+    distributed_timeout_s: float = _arg(300.0, "seconds a silent rank may take before the engine reports it hung "
+                                               "and shuts down")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -450,6 +470,9 @@ class EngineArgs:
             attention=self.attention_spec(),
             speculative=SpeculativeConfig.parse(self.speculative_config),
             early_exit=EarlyExitConfig.parse(self.early_exit_config),
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            distributed_timeout_s=self.distributed_timeout_s,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

@@ -68,22 +68,28 @@ def run(args: argparse.Namespace) -> int:
 
     tpots, e2es, host_ms, gpu_ms = [], [], [], []
     for _ in range(args.repeats):
-        worker.timings, engine.timings = [], []
+        engine.timings = []
+        if worker is not None:  # None: the Worker runs in another process (--executor process)
+            worker.timings = []
         start = time.perf_counter()
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         e2es.append(time.perf_counter() - start)
         tpots.append(out.metrics.time_per_output_token(args.new_tokens))
         host_ms.append(statistics.median(t.host_s for t in engine.timings if t.num_tokens == 1) * 1e3)
-        decode = [t for t in worker.timings if t.is_decode]
+        decode = [t for t in worker.timings if t.is_decode] if worker is not None else []
         if decode and decode[0].start is not None:
             gpu_ms.append(statistics.median(t.gpu_ms for t in decode))
-    worker.timings = engine.timings = None
+    engine.timings = None
+    if worker is not None:
+        worker.timings = None
 
     cfg = engine.model_config
     elem = engine.dtype.itemsize
     tpot = statistics.median(tpots)
     mean_ctx = args.prompt_len + args.new_tokens / 2
-    bytes_per_token = weight_bytes(worker.model) + kv_bytes_per_token(cfg, mean_ctx, elem)
+    # (rank 0's shard under tensor / pipeline parallelism; all stored bytes for a Worker in another process)
+    weights = weight_bytes(worker.model) if worker is not None else engine.info.weight_bytes
+    bytes_per_token = weights + kv_bytes_per_token(cfg, mean_ctx, elem)
     res = {
         "model": args.model,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -100,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         "achieved_tb_s": bytes_per_token / tpot / 1e12,
         "host_ms_per_decode_step": statistics.median(host_ms),
         "gpu_ms_per_decode_step": statistics.median(gpu_ms) if gpu_ms else None,
-        "cuda_graphs": worker.graphs is not None,
+        "cuda_graphs": worker is not None and worker.graphs is not None,
+        "executor": args.executor,
+        "world_size": args.tensor_parallel_size * args.pipeline_parallel_size,
         "graph_capture_s": engine.graph_capture_seconds,
         "speculative": spec.as_dict() if (spec := engine.stats().spec) is not None else None,  # acceptance length
     }

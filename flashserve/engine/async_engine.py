@@ -187,6 +187,7 @@ class AsyncLLMEngine:
         self._in_flight: dict[str, int] = {}  # event-loop side: request id -> sequences
         self._accepting = True
         self._stop = False
+        self.dead_reason: str | None = None  # why the engine stopped on its own (a distributed rank died)
         self._stats = engine.stats()
         self._steps = 0
         self.num_dropped = 0  # streams dropped because their reader fell behind
@@ -221,6 +222,8 @@ class AsyncLLMEngine:
     def check_capacity(self, num_seqs: int) -> None:
         """Raise ValueError if ``num_seqs`` sequences can never be in flight at once, or
         ``EngineOverloaded`` if they cannot be now; ``EngineShutdown`` when not accepting."""
+        if self.dead_reason is not None:
+            raise EngineShutdown(f"the engine is down: {self.dead_reason}")
         if not self._accepting or self._stop:
             raise EngineShutdown("the server is shutting down")
         if num_seqs > self.max_in_flight:
@@ -399,6 +402,13 @@ class AsyncLLMEngine:
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug in the engine must not take the server down
+                reason = getattr(engine.executor, "dead_reason", None)
+                if reason is not None:  # a rank is gone: the engine cannot run again
+                    logger.error("flashserve: %s", reason)
+                    self.dead_reason = reason
+                    self._stop = True
+                    self._fail_all(engine, EngineShutdown(f"the engine is down: {reason}"))
+                    return
                 logger.exception("flashserve: engine step failed; failing the requests in flight")
                 self._fail_all(engine, EngineError(f"engine step failed: {e}"))
                 continue

@@ -2,8 +2,14 @@
 
 Fused projections (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) run as one matmul.
 Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` that copies a Hugging
-Face shard into the right slice, so ``load_weights`` never needs to know the layout. The
-``tp_rank``/``tp_size`` attributes are placeholders for tensor parallelism (always 0/1 now).
+Face shard into the right slice, so ``load_weights`` never needs to know the layout.
+
+Tensor parallelism (``flashserve.distributed.parallel_state``): a layer built with
+``parallel="column"`` keeps ``1/tp`` of its output rows (of each fused shard), one built with
+``parallel="row"`` ``1/tp`` of its input columns and all-reduces its output. Sharding happens on
+the checkpoint tensor, before the quantization method's own loader sees it (``_shard_loader``),
+so every LinearMethod (dense, online int8/int4/fp8, GGUF blocks, GPTQ/AWQ) loads its slice
+straight from the checkpoint.
 
 How a layer stores and multiplies its weight is its ``quant_method``, chosen at construction by
 the quantization config in scope (``flashserve.quant``) from the layer's checkpoint names
@@ -16,7 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flashserve.distributed.parallel_state import current_parallel, split_size
 from flashserve.quant.base import Partition, current_quant_config
+
+# Checkpoint tensor name -> (its output dim, its input dim); None: not split along that side.
+# Dense and GGUF weights are [out, in(-bytes)]; GPTQ / AWQ tensors are [in-ish, out-ish].
+_CHECKPOINT_DIMS: dict[str, tuple[int | None, int | None]] = {
+    "weight": (0, 1), "bias": (0, None), "qweight": (1, 0), "qzeros": (1, 0), "scales": (1, 0), "g_idx": (None, 0),
+}
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -32,17 +45,38 @@ class Linear(nn.Module):
     """``y = x W^T (+ b)``; weight ``[out, in]`` as in HF checkpoints. ``prefix`` is the layer's
     checkpoint name (e.g. ``model.layers.0.self_attn.o_proj``)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, prefix: str = "") -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, prefix: str = "",
+                 parallel: str | None = None) -> None:
         super().__init__()
-        self._setup(in_features, [Partition(None, 0, out_features, prefix)], bias, prefix)
+        self._setup(in_features, [Partition(None, 0, out_features, prefix)], bias, prefix, parallel=parallel)
 
     def _setup(self, in_features: int, partitions: list[Partition], bias: bool, prefix: str,
-               tied: nn.Module | None = None) -> None:
+               tied: nn.Module | None = None, parallel: str | None = None,
+               splits: dict[object, tuple[int, int]] | None = None) -> None:
+        """``splits``: shard id -> (this rank's index, number of pieces) of a column-parallel
+        layer's output rows (default: rank of tp); K/V of fewer heads than ranks are replicated."""
+        ctx = current_parallel()
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        self.parallel = parallel if ctx.tp_size > 1 else None
+        self.tp = ctx
+        self._splits: dict[object, tuple[int, int]] = {}
+        if self.parallel == "column":
+            local, offset = [], 0
+            for p in partitions:
+                index, pieces = (splits or {}).get(p.shard_id, (ctx.tp_rank, ctx.tp_size))
+                size = split_size(p.size, pieces, f"the output size of {p.name}")
+                self._splits[p.shard_id] = (index, pieces)
+                local.append(Partition(p.shard_id, offset, size, p.name))
+                offset += size
+            partitions = local
+        elif self.parallel == "row":
+            in_features = split_size(in_features, ctx.tp_size, f"the input size of {prefix}")
+        elif self.parallel is not None:
+            raise ValueError(f"parallel must be 'column', 'row' or None, got {parallel!r}")
         self.in_features = in_features
         self.out_features = sum(p.size for p in partitions)
         self.prefix = prefix
         self.partitions = partitions
-        self.tp_rank, self.tp_size = 0, 1
         self.quant_method = current_quant_config().linear_method(self)
         if tied is None:
             self.quant_method.create_weights(self)
@@ -51,15 +85,54 @@ class Linear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        if self.parallel is not None:
+            for name, param in self._parameters.items():
+                if param is not None and hasattr(param, "weight_loader"):
+                    param.weight_loader = self._shard_loader(name, param.weight_loader)
+
+    def _shard_loader(self, name: str, loader):
+        """Wrap a parameter's loader so it receives this rank's slice of the checkpoint tensor."""
+        out_dim, in_dim = _CHECKPOINT_DIMS.get(name, (0, 1))
+
+        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+            if self.parallel == "column":
+                if shard_id is None and len(self.partitions) > 1:
+                    raise ValueError(f"{self.prefix}: an already-fused checkpoint tensor cannot be split "
+                                     f"for tensor parallelism; give its parts separately")
+                dim, (index, pieces) = out_dim, self._splits[shard_id]
+            else:
+                dim, index, pieces = in_dim, self.tp_rank, self.tp_size
+                if name == "g_idx":  # group ids of this rank's input columns, from 0
+                    loaded = _local_group_ids(loaded, index, pieces, self.prefix)
+                    dim = None
+            if dim is not None:
+                size = loaded.shape[dim]
+                part = split_size(size, pieces, f"dim {dim} of {self.prefix}.{name} in the checkpoint")
+                loaded = loaded.narrow(dim, index * part, part)
+            loader(param, loaded, shard_id)
+
+        return load
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.parallel == "row":  # partial sums of this rank's input columns; bias once, after the sum
+            y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
+            return y if self.bias is None else y + self.bias
         return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.quant_method.label}"
+
+
+def _local_group_ids(g_idx: torch.Tensor, index: int, pieces: int, prefix: str) -> torch.Tensor:
+    """A row-parallel slice of a GPTQ ``g_idx``: only in-order groups split cleanly by rank."""
+    part = split_size(g_idx.shape[0], pieces, f"the input size of {prefix}")
+    local = g_idx.narrow(0, index * part, part)
+    if bool((local[1:] < local[:-1]).any()):
+        raise ValueError(f"{prefix}: act-order GPTQ (permuted g_idx) cannot be split across tensor-parallel ranks")
+    return local - local.min()
 
 
 class MergedLinear(Linear):
@@ -71,19 +144,20 @@ class MergedLinear(Linear):
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], shard_ids: list[object], bias: bool = False,
-                 prefix: str = "", shard_names: list[str] | None = None) -> None:
+                 prefix: str = "", shard_names: list[str] | None = None,
+                 splits: dict[object, tuple[int, int]] | None = None) -> None:
         if len(shard_sizes) != len(shard_ids):
             raise ValueError("shard_sizes and shard_ids must have the same length")
         names = shard_names or [f"{prefix}:{sid}" for sid in shard_ids]
         nn.Module.__init__(self)
-        self.shard_offsets: dict[object, tuple[int, int]] = {}
         partitions = []
         offset = 0
         for sid, size, name in zip(shard_ids, shard_sizes, names):
-            self.shard_offsets[sid] = (offset, size)
             partitions.append(Partition(sid, offset, size, name))
             offset += size
-        self._setup(in_features, partitions, bias, prefix)
+        self._setup(in_features, partitions, bias, prefix, parallel="column", splits=splits)
+        # this rank's shards (all of them on one rank)
+        self.shard_offsets: dict[object, tuple[int, int]] = {p.shard_id: (p.offset, p.size) for p in self.partitions}
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id is None:  # an already-fused checkpoint tensor
@@ -107,16 +181,23 @@ def _siblings(prefix: str, names: list[str]) -> list[str]:
 
 
 class QKVLinear(MergedLinear):
-    """Fused q/k/v projection: ``[T, hidden] -> [T, (H + 2 * Hkv) * D]`` with shards q, k, v."""
+    """Fused q/k/v projection: ``[T, hidden] -> [T, (H + 2 * Hkv) * D]`` with shards q, k, v.
+
+    Under tensor parallelism ``num_heads`` / ``num_kv_heads`` are this rank's: ``H / tp`` query
+    heads and ``Hkv / tp`` KV heads, or one replicated KV head when ``Hkv < tp``."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
                  prefix: str = "") -> None:
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
+        from flashserve.distributed.parallel_state import kv_head_split
+
+        ctx = current_parallel()
         self.head_dim = head_dim
+        self.num_heads = split_size(num_heads, ctx.tp_size, "the number of attention heads")
+        self.num_kv_heads, kv_pieces = kv_head_split(num_kv_heads, ctx.tp_size)
+        kv_split = (ctx.tp_rank * kv_pieces // ctx.tp_size, kv_pieces)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         super().__init__(hidden_size, [q_size, kv_size, kv_size], ["q", "k", "v"], bias, prefix,
-                         _siblings(prefix, ["q_proj", "k_proj", "v_proj"]))
+                         _siblings(prefix, ["q_proj", "k_proj", "v_proj"]), splits={"k": kv_split, "v": kv_split})
 
 
 class GateUpLinear(MergedLinear):

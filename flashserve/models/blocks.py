@@ -24,7 +24,8 @@ class GatedSiluMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, prefix=f"{prefix}.gate_up_proj")
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, prefix=f"{prefix}.down_proj")
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, prefix=f"{prefix}.down_proj",
+                                parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

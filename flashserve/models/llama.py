@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from flashserve.config import AttentionSpec, LayerSpec, ModelConfig
+from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.attention import Attention
 from flashserve.layers.attention_metadata import AttentionBackend
 from flashserve.layers.embedding import LMHead, VocabEmbedding
@@ -51,23 +52,25 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, spec: AttentionSpec, attn_backend: AttentionBackend,
                  rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = QKVLinear(
             config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.attention_bias,
             prefix=f"{prefix}.qkv_proj",
         )
+        # this rank's heads (all of them without tensor parallelism)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * config.head_dim
+        self.kv_size = self.num_kv_heads * config.head_dim
         # Qwen2 has bias on q/k/v only; Llama/Qwen3 ``attention_bias`` also covers o_proj.
         o_bias = config.attention_bias and config.architecture not in ("qwen2", "qwen2_moe")
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, prefix=f"{prefix}.o_proj")
+        self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size, bias=o_bias,
+                             prefix=f"{prefix}.o_proj", parallel="row")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb
         scale = config.attention_scale if config.attention_scale is not None else config.head_dim**-0.5
-        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, scale, attn_backend, spec)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, config.head_dim, scale, attn_backend, spec)
 
     def forward(self, rope: RopeInputs, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         T = hidden.shape[0]
@@ -118,27 +121,44 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens")
-        specs = [config.layer_spec(i) for i in range(config.num_layers)]
+        # A pipeline stage holds its layers [start, end) only; the embedding on the first stage
+        # (and on the last when the head is tied to it), the final norm on the last.
+        self.pp = current_parallel()
+        self.start, end = self.pp.layer_range(config.num_layers)
+        self.hidden_size = config.hidden_size
+        tied = config.tie_word_embeddings and self.pp.is_last_stage
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens") \
+            if self.pp.is_first_stage or tied else None
+        specs = [config.layer_spec(i) for i in range(self.start, end)]
         # One cos/sin cache per rope base, shared by the layers that use it.
         thetas = sorted({s.attention.rope_theta or config.rope_theta for s in specs})
         self.rotary = nn.ModuleList([make_rotary(config, t) for t in thetas])
         self._rope_index = [thetas.index(s.attention.rope_theta or config.rope_theta) for s in specs]
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{i}")
+            [LlamaDecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{self.start + i}")
              for i, (spec, j) in enumerate(zip(specs, self._rope_index))]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.pp.is_last_stage else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        ropes = [emb.lookup(positions) for emb in self.rotary]  # once per forward pass
+        """Final hidden states [T, hidden] (on a stage before the last: zeros, after handing its
+        hidden states and residual to the next stage). ``kv_caches``: this stage's layers."""
         residual: torch.Tensor | None = None
+        if self.pp.is_first_stage:
+            hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        else:
+            like = torch.empty(input_ids.shape[0], self.hidden_size, dtype=self.layers[0].input_layernorm.weight.dtype,
+                               device=input_ids.device)
+            hidden, residual = self.pp.recv_prev_stage([like, like])
+        ropes = [emb.lookup(positions) for emb in self.rotary]  # once per forward pass
         for i, layer in enumerate(self.layers):
             kv_cache = kv_caches[i] if kv_caches else None
             hidden, residual = layer(ropes[self._rope_index[i]], hidden, residual, kv_cache)
+        if not self.pp.is_last_stage:
+            self.pp.send_next_stage([hidden, residual])
+            return torch.zeros_like(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -173,7 +193,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attn_backend)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied, prefix="lm_head")
+        self.pp = self.model.pp
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied, prefix="lm_head") \
+            if self.pp.is_last_stage else None
 
     def forward(
         self,
@@ -184,7 +206,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
-        return self.lm_head(hidden)
+        if self.pp.pp_size == 1:
+            return self.lm_head(hidden)
+        # pipeline: the last stage computes them, every stage gets them (all ranks sample alike)
+        logits = self.lm_head(hidden) if self.pp.is_last_stage else \
+            torch.empty(hidden.shape[0], self.config.vocab_size, dtype=torch.float32, device=hidden.device)
+        return self.pp.broadcast_from_last_stage(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the set of loaded parameter names.
@@ -199,6 +226,11 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            if not self._on_this_stage(name):
+                continue
+            if self.model.start and name.startswith("model.layers."):  # a later stage's layers count from 0
+                i, rest = name[len("model.layers."):].split(".", 1)
+                name = f"model.layers.{int(i) - self.model.start}.{rest}"
             target, shard_id = self.checkpoint_target(name)
             param = params.get(target)
             if param is None:
@@ -218,6 +250,19 @@ class LlamaForCausalLM(nn.Module):
             if fragment in name:
                 return name.replace(fragment, fused), sid
         return name, None
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to this pipeline stage."""
+        if self.pp.pp_size == 1:
+            return True
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            return self.model.start <= i < self.model.start + len(self.model.layers)
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if name.startswith("model.norm.") or name.startswith("lm_head."):
+            return self.pp.is_last_stage
+        return True
 
     def _check_all_loaded(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
         missing = []

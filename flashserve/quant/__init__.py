@@ -44,7 +44,7 @@ def weight_bytes(model) -> int:
     seen: set[int] = set()
     total = 0
     lm_head = model.lm_head
-    head_tensors = {id(t) for t in list(lm_head.parameters()) + list(lm_head.buffers())}
+    head_tensors = {id(t) for t in list(lm_head.parameters()) + list(lm_head.buffers())} if lm_head else set()
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             continue

@@ -27,6 +27,7 @@ import torch
 from flashserve.cache.kv_groups import kv_layout
 from flashserve.config import EngineConfig, ModelConfig
 from flashserve.layers.attention import Attention
+from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.attention_metadata import forward_context
 from flashserve.layers.logits_processors import LogitsProcessors
 from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
@@ -156,6 +157,8 @@ class Worker:
                             reserve_bytes=self._activation_reserve(model_config, sched.max_num_batched_tokens,
                                                                    sched.max_num_seqs),
                             extra_bytes_per_block=self.speculator.kv_bytes_per_block() if self.speculator else 0)
+        # every tensor-parallel rank holds the same number of blocks (the smallest budget)
+        plan = replace(plan, num_blocks=current_parallel().all_reduce_min(plan.num_blocks))
         self._check_fits_one_sequence(plan.num_blocks, max_model_len, sched.max_num_batched_tokens)
         self.kv_pool = allocate_kv_pool(slab_config, plan, self.dtype, self.device)
         self.kv_caches = [(self.kv_pool[j, 0], self.kv_pool[j, 1]) for j in layout.layer_slab]

@@ -207,7 +207,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         if state.shutting_down:
             return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
         if not engine.is_running:
-            return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
+            return JSONResponse(error_body(503, engine.dead_reason or "the engine is not running"), status_code=503)
         stalled = engine.seconds_since_progress()
         if stalled > options.health_stall_timeout:
             return JSONResponse(error_body(503, f"the engine has been inside one step for {stalled:.0f}s "
