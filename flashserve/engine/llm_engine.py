@@ -178,11 +178,16 @@ class LLMEngine:
                 raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                        scoring: bool = False) -> None:
+        """ValueError naming the problem; ``scoring``: the sequence is only scored (``score``), so it
+        may fill the whole context."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty; give at least one token")
-        if n >= self.max_model_len:
+        if scoring and n > self.max_model_len:
+            raise ValueError(f"the sequence has {n} tokens, but the model's context is {self.max_model_len} tokens")
+        if not scoring and n >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens, but the model's context is {self.max_model_len} tokens "
                 f"(prompt plus at least one generated token); shorten the prompt"
@@ -392,7 +397,7 @@ class LLMEngine:
         runs through the paged KV cache like a chunked prompt, so whatever the cache stores
         (a quantized or windowed KV) is what later chunks read. Needs the engine to be idle.
         """
-        self.validate_prompt(token_ids)
+        self.validate_prompt(token_ids, scoring=True)
         self._drain()
         if self.has_unfinished_requests():
             raise RuntimeError("score() needs an idle engine; finish or abort the running requests first")

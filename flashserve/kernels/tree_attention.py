@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels.tree_mask import TreeMask, tree_attention_reference
-from flashserve.kernels.utils import next_power_of_2
+from flashserve.kernels.utils import dot_ieee, next_power_of_2
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _tree_kernel(
     stride_cb, stride_co, stride_ch,
     stride_bt, head_dim,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -64,7 +64,7 @@ def _tree_kernel(
         blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_co + kvh * stride_ch
         kt = tl.load(k_cache_ptr + off[None, :] + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt.to(q.dtype)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         j = tl.maximum(k_pos - ctx, 0)
         in_tree = ((bits[:, None] >> j[None, :].to(tl.int64)) & 1) != 0
         causal = k_pos[None, :] <= q_pos[:, None]
@@ -76,7 +76,7 @@ def _tree_kernel(
         p = tl.where(visible, p, 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_cache_ptr + off[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
         m_i = m_new
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -109,5 +109,6 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
         meta.block_tables.stride(0), D,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_q * group_pad,
         BLOCK_N=32, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
+        DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",  # fp32 inputs: exact products, as the other kernels
     )
     return out

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flashserve.config import LayerSpec, ModelConfig
+from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.attention_metadata import AttentionBackend
 from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.norm import RMSNorm
@@ -80,6 +81,10 @@ class Gemma3Model(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
+        self.pp = current_parallel()
+        if self.pp.world_size > 1:
+            raise ValueError("gemma3 runs on one rank: tensor and pipeline parallelism are not implemented for it")
+        self.start = 0  # first layer of this stage (one stage)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, prefix="model.embed_tokens")
         # sqrt(hidden) rounded to the model's dtype, as transformers multiplies by it
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=torch.get_default_dtype()))
@@ -120,5 +125,6 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.check_supported(config, attn_backend)
         self.config = config
         self.model = Gemma3Model(config, attn_backend)
+        self.pp = self.model.pp
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied=tied, prefix="lm_head")

@@ -51,6 +51,7 @@ class BeamSearchParams:
         return self.beam_width
 
     logprobs = None
+    structured_output = None  # (beam search takes no grammar; the server refuses response_format with it)
 
     def num_candidates(self, num_eos: int) -> int:
         """K: candidates kept per step (transformers: max(2, 1 + #EOS) x beam_width)."""
