@@ -23,7 +23,7 @@ from flashserve.compress.model_io import hf_state_dict, load_source, write_model
 from flashserve.engine.cascade import ConfidenceRule  # noqa: E402
 from flashserve.server.testing import ServerProcess  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ENGINE = dict(device="cpu", max_model_len=256, kv_cache_bytes=8 << 20)
 MAX_TOKENS = 6
@@ -134,3 +134,23 @@ def test_cascade_limits_are_clear_400s(server, client, dirs):
         client.completions.create(model=large_dir, prompt=PROMPTS[:2], max_tokens=4)
     r = httpx.post(server.url("/v1/completions"), json={"prompt": PROMPTS[0], "stream": True}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+def test_serve_refuses_a_bad_cascade_at_start(dirs, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest_models import make_tiny_checkpoint
+
+    small_dir, large_dir = dirs
+    make_tiny_checkpoint("llama_mha_tied", tmp_path / "other", seed=1)  # no tokenizer, another vocabulary
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flashserve.cli", "serve", "--device", "cpu", "--max-model-len", "64",
+                               "--kv-cache-bytes", str(1 << 20), *args], capture_output=True, text=True, timeout=120)
+
+    r = serve("--model", large_dir, "--cascade", small_dir, "--cascade-threshold", "1.5")
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "error: cascade threshold must be in [0, 1] (0: always the small model, 1: always the large), got 1.5"), r.stderr
+    r = serve("--model", str(tmp_path / "other"), "--cascade", small_dir)
+    assert r.returncode == 2 and "the small and large models have different vocabularies" in r.stderr, r.stderr[-2000:]

@@ -222,6 +222,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
         if not engine.is_running:
             return JSONResponse(error_body(503, engine.dead_reason or "the engine is not running"), status_code=503)
+        if cascade is not None and not cascade.small.is_running:
+            return JSONResponse(error_body(503, cascade.small.dead_reason or "the cascade's small engine is not running"),
+                                status_code=503)
         stalled = engine.seconds_since_progress()
         if stalled > options.health_stall_timeout:
             return JSONResponse(error_body(503, f"the engine has been inside one step for {stalled:.0f}s "
