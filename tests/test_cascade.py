@@ -16,6 +16,7 @@ from flashserve.compress.distill import make_student
 from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
 from flashserve.compress.packed import packed_logits
 from flashserve.engine.cascade import CascadeCounters, CascadeLLM, ConfidenceRule, cascade_generate
+from flashserve.spec.beam import BeamSearchParams
 
 ENGINE = dict(device="cpu", max_model_len=128, kv_cache_bytes=8 << 20, verbose=False)
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -151,6 +152,8 @@ def test_llm_cascade_keyword_delegates_to_the_cascade(models, llms):
         next(both.stream(PROMPTS[0], PARAMS))
     with pytest.raises(ValueError, match="one SamplingParams"):
         both.generate(PROMPTS[:2], [PARAMS, PARAMS])
+    with pytest.raises(ValueError, match="beam search keeps several"):
+        both.beam_search(PROMPTS[:1], BeamSearchParams(beam_width=2, max_tokens=4))
 
 
 def test_llm_cascade_keyword_bad_input(models):

@@ -116,6 +116,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Beam search for every prompt (batched with each other); per prompt a RequestOutput
         whose ``outputs`` are the kept hypotheses, best first (``cumulative_logprob`` on each)."""
+        if self.cascade is not None:
+            raise ValueError("a cascade scores one answer per request; beam search keeps several, so it is not "
+                             "available with cascade (use generate)")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         ids = []
