@@ -16,6 +16,7 @@ from flashserve.compress.distill import make_student
 from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
 from flashserve.compress.packed import packed_logits
 from flashserve.engine.cascade import CascadeCounters, CascadeLLM, ConfidenceRule, cascade_generate
+from flashserve.spec.beam import BeamSearchParams
 
 ENGINE = dict(device="cpu", max_model_len=128, kv_cache_bytes=8 << 20, verbose=False)
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -133,3 +134,37 @@ def test_bad_input(models, llms, tmp_path):
         mixed.generate(PROMPTS[:1], PARAMS)
     with pytest.raises(ValueError, match="different tokenizers"):
         mixed.fit_threshold(PROMPTS[:2])
+
+
+def test_llm_cascade_keyword_delegates_to_the_cascade(models, llms):
+    small_dir, large_dir, _ = models
+    small, large = llms
+    for threshold, model, own in ((0.0, "small", small), (1.0, "large", large)):
+        llm = LLM(large_dir, cascade=small_dir, cascade_rule=ConfidenceRule("min_margin", threshold), **ENGINE)
+        outs = llm.generate(PROMPTS[:4], PARAMS)
+        assert [o.model for o in outs] == [model] * 4
+        assert [o.output.token_ids for o in outs] == _own(own, PROMPTS[:4])
+        assert (llm.cascade.counters.small, llm.cascade.counters.large) == ((4, 0) if model == "small" else (0, 4))
+        assert llm.engine is llm.cascade.large.engine
+    both = LLM(cascade=[small_dir, large_dir], **ENGINE)  # the shape; default rule
+    assert both.cascade.rule == ConfidenceRule() and both.engine.model_name == large_dir
+    with pytest.raises(ValueError, match="cannot stream"):
+        next(both.stream(PROMPTS[0], PARAMS))
+    with pytest.raises(ValueError, match="one SamplingParams"):
+        both.generate(PROMPTS[:2], [PARAMS, PARAMS])
+    with pytest.raises(ValueError, match="beam search keeps several"):
+        both.beam_search(PROMPTS[:1], BeamSearchParams(beam_width=2, max_tokens=4))
+
+
+def test_llm_cascade_keyword_bad_input(models):
+    small_dir, large_dir, _ = models
+    with pytest.raises(ValueError, match="cascade_rule needs cascade"):
+        LLM(large_dir, cascade_rule=ConfidenceRule(), **ENGINE)
+    with pytest.raises(ValueError, match="give the large model once"):
+        LLM(large_dir, cascade=[small_dir, large_dir], **ENGINE)
+    with pytest.raises(ValueError, match=r"small model \(a path\) or \[small, large\]"):
+        LLM(large_dir, cascade=[small_dir], **ENGINE)
+    with pytest.raises(TypeError, match="must be a ConfidenceRule"):
+        LLM(large_dir, cascade=small_dir, cascade_rule="min_margin", **ENGINE)
+    with pytest.raises(TypeError, match="unknown engine option"):
+        LLM(large_dir, cascade=small_dir, max_num_seq=4, **ENGINE)

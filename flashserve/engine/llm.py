@@ -4,6 +4,10 @@
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     outs = llm.chat([{"role": "user", "content": "Hi"}])
     for piece in llm.stream("Once upon a time"): print(piece, end="")
+
+    cascade = LLM(cascade="student-dir")          # small-then-large (flashserve.engine.cascade):
+    out = cascade.generate(["Hi"])[0]             # a CascadeOutput: out.model is "small" or "large",
+    out.output.outputs[0].text                    # out.output the RequestOutput of the model that answered
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flashserve.config import EngineArgs
+from flashserve.engine.cascade import CascadeLLM, CascadeOutput, ConfidenceRule
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.request import RequestOutput
 from flashserve.sampling_params import SamplingParams
@@ -27,11 +32,30 @@ class LLM:
 
     Keywords are the fields of ``flashserve.config.EngineArgs`` (the same options as the CLI
     flags), e.g. ``LLM("model.gguf", max_num_seqs=64, device="cpu")``.
+
+    ``cascade``: a small model that answers first, ``model`` being the large one
+    (``LLM(large, cascade=small)``), or both as ``cascade=[small, large]``; ``cascade_rule`` (a
+    ``ConfidenceRule``, default mean log-probability at 0.5) decides when the large model answers
+    instead. Both engines are built with the same keywords. ``generate`` and ``chat`` then return
+    ``CascadeOutput``s (``.model`` says which model answered, ``.output`` is its ``RequestOutput``)
+    and ``stream`` refuses: the small answer must be complete before the rule can judge it.
     """
 
-    def __init__(self, model: str | None = None, *, verbose: bool = True, **engine_args: Any) -> None:
-        args = EngineArgs.from_kwargs(model=model, **engine_args)
-        self.engine = LLMEngine(args.engine_config(), verbose=verbose)
+    def __init__(self, model: str | None = None, *, verbose: bool = True,
+                 cascade: str | Sequence[str | None] | None = None, cascade_rule: ConfidenceRule | None = None,
+                 **engine_args: Any) -> None:
+        self.cascade: CascadeLLM | None = None
+        if cascade is None:
+            if cascade_rule is not None:
+                raise ValueError("cascade_rule needs cascade (the small model that answers first)")
+            args = EngineArgs.from_kwargs(model=model, **engine_args)
+            self.engine = LLMEngine(args.engine_config(), verbose=verbose)
+        else:
+            small, large = cascade_models(model, cascade)
+            if cascade_rule is not None and not isinstance(cascade_rule, ConfidenceRule):
+                raise TypeError(f"cascade_rule must be a ConfidenceRule, got {type(cascade_rule).__name__}")
+            self.cascade = CascadeLLM.from_models(small, large, cascade_rule, verbose=verbose, **engine_args)
+            self.engine = self.cascade.large.engine  # the large model's: tokenizer, chat template, limits
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -44,12 +68,14 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_special_tokens: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput] | list[CascadeOutput]:
         """Run every prompt to completion; outputs come back in the order of ``prompts``.
 
         Every prompt is validated before any is queued: one bad prompt raises ValueError naming
-        its index, and nothing runs.
+        its index, and nothing runs. With a cascade: ``CascadeOutput``s, one ``SamplingParams``.
         """
+        if self.cascade is not None:
+            return self.cascade.generate(prompts, self._one_params(sampling_params), use_tqdm, add_special_tokens)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
@@ -90,6 +116,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Beam search for every prompt (batched with each other); per prompt a RequestOutput
         whose ``outputs`` are the kept hypotheses, best first (``cumulative_logprob`` on each)."""
+        if self.cascade is not None:
+            raise ValueError("a cascade scores one answer per request; beam search keeps several, so it is not "
+                             "available with cascade (use generate)")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         ids = []
@@ -110,8 +139,11 @@ class LLM:
         messages: Messages | Sequence[Messages],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation and generate a reply."""
+    ) -> list[RequestOutput] | list[CascadeOutput]:
+        """Apply the model's chat template to each conversation and generate a reply (with a
+        cascade, each model applies its own template)."""
+        if self.cascade is not None:
+            return self.cascade.chat(messages, self._one_params(sampling_params), use_tqdm)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.engine.apply_chat_template(conv) for conv in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm, add_special_tokens=False)
@@ -123,6 +155,9 @@ class LLM:
         add_special_tokens: bool = True,
     ) -> Iterator[str]:
         """Yield text increments of one request as they are produced."""
+        if self.cascade is not None:
+            raise ValueError("a cascade cannot stream: the small model's answer must be complete before the "
+                             "confidence rule decides which model answers; use generate")
         rid = self._next_id()
         self.engine.add_request(rid, prompt, sampling_params, add_special_tokens)
         try:
@@ -138,6 +173,13 @@ class LLM:
 
     def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         return self.stream(self.engine.apply_chat_template(messages), sampling_params, add_special_tokens=False)
+
+    @staticmethod
+    def _one_params(sampling_params: Any) -> SamplingParams | None:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            return sampling_params
+        raise ValueError("a cascade takes one SamplingParams for all prompts (its confidence rule and counters are "
+                         "per cascade), not a list")
 
     def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -161,3 +203,14 @@ class LLM:
         if bar is not None:
             bar.close()
         return finished
+
+
+def cascade_models(model: str | None, cascade: str | Sequence[str | None]) -> tuple[str | None, str | None]:
+    """(small, large) from ``LLM``'s ``model`` and ``cascade`` keywords (None: the embedded model)."""
+    if isinstance(cascade, str):
+        return cascade, model
+    if isinstance(cascade, Sequence) and len(cascade) == 2:
+        if model is not None:
+            raise ValueError("give the large model once: as model (with cascade=SMALL) or as cascade=[small, large]")
+        return cascade[0], cascade[1]
+    raise ValueError(f"cascade must be the small model (a path) or [small, large], got {cascade!r}")

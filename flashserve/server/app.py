@@ -31,9 +31,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from flashserve.engine.async_engine import AsyncLLMEngine, EngineError, EngineOverloaded, EngineShutdown
-from flashserve.request import CompletionOutput
+from flashserve.request import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
 from flashserve.server.auth import APIKeyMiddleware
+from flashserve.server.cascade import ServedCascade
 from flashserve.server.errors import APIError, bad_request, error_body, install_error_handlers
 from flashserve.server.frontend import Frontend
 from flashserve.server.limits import RequestGuard, request_id_of
@@ -75,6 +76,7 @@ class ServerState:
     metrics: ServerMetrics
     options: ServerOptions
     created: int
+    cascade: ServedCascade | None = None  # flashserve serve --cascade: the small model answers first
     shutting_down: bool = False
     _drain: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -83,16 +85,20 @@ class ServerState:
         if self.shutting_down:
             return
         self.shutting_down = True
-        self.engine.stop_accepting()
+        engines = [self.engine] + ([self.cascade.small] if self.cascade is not None else [])
+        for e in engines:
+            e.stop_accepting()
         timeout = self.options.shutdown_timeout
         logger.warning("flashserve: shutting down; %d requests in flight get %gs to finish", self.engine.num_in_flight,
                        timeout)
 
         async def drain() -> None:
-            if not await self.engine.wait_idle(timeout):
-                logger.warning("flashserve: aborting %d requests still running after %gs", self.engine.num_in_flight,
-                               timeout)
-                self.engine.abort_all(f"the server is shutting down; the request was aborted after {timeout:g}s")
+            idle = await asyncio.gather(*(e.wait_idle(timeout) for e in engines))
+            if not all(idle):
+                logger.warning("flashserve: aborting %d requests still running after %gs",
+                               sum(e.num_in_flight for e in engines), timeout)
+                for e in engines:
+                    e.abort_all(f"the server is shutting down; the request was aborted after {timeout:g}s")
 
         self._drain = asyncio.ensure_future(drain())
 
@@ -102,12 +108,17 @@ def _chat_page() -> str:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
-              options: ServerOptions | None = None) -> FastAPI:
-    """The ASGI app serving ``engine`` under ``served_model_name`` (default: the engine's model)."""
+              options: ServerOptions | None = None, cascade: ServedCascade | None = None) -> FastAPI:
+    """The ASGI app serving ``engine`` under ``served_model_name`` (default: the engine's model);
+    with ``cascade``, ``engine`` is the large model and completions go through the cascade
+    (flashserve.server.cascade)."""
     options = options or ServerOptions()
     frontend = Frontend(engine.engine.tokenizer, engine.max_model_len, options.escape_special_tokens)
     metrics = ServerMetrics(lambda: (engine.stats(), engine.num_in_flight, engine.num_dropped))
-    state = ServerState(engine, frontend, served_model_name or engine.model_name, metrics, options, int(time.time()))
+    if cascade is not None:
+        metrics.add_cascade(cascade.counters)
+    state = ServerState(engine, frontend, served_model_name or engine.model_name, metrics, options, int(time.time()),
+                        cascade)
     page = _chat_page()
 
     @asynccontextmanager
@@ -116,6 +127,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         state.begin_shutdown()
         engine.abort_all("the server is shutting down")
         await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        if cascade is not None:
+            cascade.small.abort_all("the server is shutting down")
+            await asyncio.get_running_loop().run_in_executor(None, cascade.small.shutdown)
         frontend.shutdown()
 
     app = FastAPI(title="flashserve", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -208,6 +222,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
         if not engine.is_running:
             return JSONResponse(error_body(503, engine.dead_reason or "the engine is not running"), status_code=503)
+        if cascade is not None and not cascade.small.is_running:
+            return JSONResponse(error_body(503, cascade.small.dead_reason or "the cascade's small engine is not running"),
+                                status_code=503)
         stalled = engine.seconds_since_progress()
         if stalled > options.health_stall_timeout:
             return JSONResponse(error_body(503, f"the engine has been inside one step for {stalled:.0f}s "
@@ -240,6 +257,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             prompts = body.prompts()
         except ValueError as e:
             raise bad_request(e) from None
+        if cascade is not None:
+            cascade.check(body.stream, len(prompts), params.n)
         check_capacity(len(prompts) * params.n)
         await check_structured(params)
         encoded: list[tuple[str | list[int], list[int]]] = []
@@ -248,10 +267,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                 encoded.append((p, await frontend.encode(p) if isinstance(p, str) else list(p)))
             except ValueError as e:
                 raise bad_request(ValueError(f"prompt {i}: {e}") if len(prompts) > 1 else e) from None
-        request_id, admitted = await admit("cmpl", request, encoded, params)
         created = int(time.time())
         n = params.n
         want_lp = params.logprobs is not None
+        if cascade is not None:
+            request_id, final, model_name, extra = await cascaded("cmpl", request, encoded[0][1], params)
+            return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                                 "choices": await completion_choices(final, n, want_lp), "usage": usage_of(final),
+                                 **extra})
+        request_id, admitted = await admit("cmpl", request, encoded, params)
 
         chunk = chunk_maker(request_id, "text_completion", created, state.model_name, body.include_usage)
 
@@ -267,15 +291,16 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             return stream_response(events, admitted)
 
         final = await final_outputs(engine, request, admitted, metrics)
-        usage = Usage()
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+                             "choices": await completion_choices(final, n, want_lp), "usage": usage_of(final)})
+
+    async def completion_choices(final: dict[int, RequestOutput], n: int, want_lp: bool) -> list[dict[str, Any]]:
         choices = []
         for i in sorted(final):
-            usage.add(final[i])
             for c in final[i].outputs:
                 lp = await completion_logprobs(c.logprobs, 0) if want_lp and c.logprobs is not None else None
                 choices.append({"index": i * n + c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
-                             "choices": choices, "usage": usage.as_dict()})
+        return choices
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
@@ -286,6 +311,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             messages = body.template_messages()
         except ValueError as e:
             raise bad_request(e) from None
+        if cascade is not None:
+            cascade.check(body.stream, 1, params.n)
         check_capacity(params.n)
         await check_structured(params)
         try:
@@ -293,9 +320,14 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             ids = await frontend.encode(prompt, add_special_tokens=False)
         except ValueError as e:
             raise bad_request(e) from None
-        request_id, admitted = await admit("chatcmpl", request, [(prompt, ids)], params)
         created = int(time.time())
         want_lp = params.logprobs is not None and tool_plan is None
+        if cascade is not None:
+            request_id, outputs, model_name, extra = await cascaded("chatcmpl", request, ids, params)
+            return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
+                                 "choices": await chat_choices(outputs[0], tool_plan, want_lp),
+                                 "usage": usage_of(outputs), **extra})
+        request_id, admitted = await admit("chatcmpl", request, [(prompt, ids)], params)
 
         chunk = chunk_maker(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage)
 
@@ -322,9 +354,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         outputs = await final_outputs(engine, request, admitted, metrics)
         if 0 not in outputs:
             raise engine_error(EngineError("the request ended without a final output"))
-        final = outputs[0]
-        usage = Usage()
-        usage.add(final)
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
+                             "choices": await chat_choices(outputs[0], tool_plan, want_lp), "usage": usage_of(outputs)})
+
+    async def chat_choices(final: RequestOutput, tool_plan: ToolPlan | None, want_lp: bool) -> list[dict[str, Any]]:
         choices = []
         for c in final.outputs:
             if tool_plan is not None:
@@ -334,10 +367,26 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             lp = await chat_logprobs(c.logprobs) if want_lp and c.logprobs is not None else None
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": lp, "finish_reason": c.finish_reason})
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
-                             "choices": choices, "usage": usage.as_dict()})
+        return choices
+
+    async def cascaded(prefix: str, request: Request, ids: list[int],
+                       params: SamplingParams) -> tuple[str, dict[int, RequestOutput], str, dict[str, Any]]:
+        """(request id, {0: the answer}, the answering model's name, the response's ``cascade`` entry)."""
+        assert cascade is not None
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        logger.debug("request %s is %s", request_id_of(request.scope), request_id)
+        out = await cascade.answer(engine, request, request_id, ids, params, metrics)
+        model_name, info = cascade.describe(out, state.model_name)
+        return request_id, {0: out.output}, model_name, {"cascade": info}
 
     return app
+
+
+def usage_of(final: dict[int, RequestOutput]) -> dict[str, int]:
+    usage = Usage()
+    for out in final.values():
+        usage.add(out)
+    return usage.as_dict()
 
 
 def _tool_message(plan: ToolPlan, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:

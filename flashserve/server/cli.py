@@ -17,6 +17,12 @@ Connection limits (uvicorn and ``flashserve.server.limits``): request bodies up 
 up to 16 KiB (h11's limit) within ``--header-timeout`` s (the connection is closed); idle
 keep-alive connections closed after ``--keep-alive-timeout`` s; at most ``--max-connections``
 open connections (503 beyond); ``--send-buffer-bytes`` caps each connection's kernel send buffer.
+
+Cascade (``--cascade SMALL``, flashserve.server.cascade): SMALL answers each request first and
+``--model`` re-answers when ``--cascade-rule`` scores the small answer below
+``--cascade-threshold``. Both engines get the same engine flags (two KV pools: size them with
+``--kv-cache-bytes``). Non-streaming only, one prompt and n = 1 per request; the two models must
+share a vocabulary.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from flashserve.cli import add_engine_arguments
+    from flashserve.engine.cascade import RULES
 
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -58,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="/health answers 503 while one engine step has run longer than this")
     parser.add_argument("--allow-special-tokens-in-messages", action="store_true",
                         help="let special-token strings in chat messages become special tokens (default: escaped)")
+    parser.add_argument("--cascade", default=None, metavar="SMALL_MODEL",
+                        help="answer each request with this small model first and with --model only when the small "
+                             "answer's confidence is below --cascade-threshold (non-streaming requests only)")
+    parser.add_argument("--cascade-rule", default="mean_logprob", choices=RULES,
+                        help="the small answer's confidence: geometric-mean token probability, or the smallest "
+                             "top-1 minus top-2 probability")
+    parser.add_argument("--cascade-threshold", type=float, default=0.5,
+                        help="keep the small answer when its confidence is at least this (0: always small, 1: always large)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_arguments(parser)
@@ -85,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from flashserve.cli import llm_kwargs
     from flashserve.engine.async_engine import AsyncLLMEngine
+    from flashserve.engine.cascade import ConfidenceRule
     from flashserve.engine.llm import LLM
     from flashserve.server.app import ServerOptions, build_app
+    from flashserve.server.cascade import ServedCascade
     from flashserve.server.limits import guarded_protocol
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
@@ -100,18 +117,29 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     api_key = args.api_key or os.environ.get("FLASHSERVE_API_KEY") or None
     try:
-        llm = LLM(**llm_kwargs(args), verbose=True)
+        cascade_kwargs = {} if args.cascade is None else {
+            "cascade": args.cascade, "cascade_rule": ConfidenceRule(args.cascade_rule, args.cascade_threshold)}
+        llm = LLM(**llm_kwargs(args), verbose=True, **cascade_kwargs)
+        if llm.cascade is not None and not llm.cascade.shared_tokenizer:
+            raise ValueError(f"--cascade {args.cascade}: the small and large models have different vocabularies; the "
+                             "server tokenizes each prompt once, so a cascade needs models that share a tokenizer")
     except (ValueError, FileNotFoundError) as e:
         print(f"flashserve serve: error: {e}", file=sys.stderr)
         return 2
     warm_up(llm.engine)
     engine = AsyncLLMEngine(llm.engine, max_pending=args.max_pending, max_stream_buffer=args.max_stream_buffer)
+    cascade = None
+    if llm.cascade is not None:
+        warm_up(llm.cascade.small.engine)
+        small = AsyncLLMEngine(llm.cascade.small.engine, max_pending=args.max_pending,
+                               max_stream_buffer=args.max_stream_buffer)
+        cascade = ServedCascade(small, llm.cascade.rule)
     options = ServerOptions(api_key=api_key, metrics_require_key=args.metrics_require_key,
                             enable_openapi=args.enable_openapi, shutdown_timeout=args.shutdown_timeout,
                             max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
                             escape_special_tokens=not args.allow_special_tokens_in_messages,
                             health_stall_timeout=args.health_stall_timeout)
-    app = build_app(engine, args.served_model_name, options)
+    app = build_app(engine, args.served_model_name, options, cascade)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             http=guarded_protocol(args.header_timeout, args.send_buffer_bytes),
                             timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.max_connections,
@@ -124,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     finally:
         engine.shutdown()
+        if cascade is not None:
+            cascade.small.shutdown()
     return 0 if server.started or server.should_exit else 1
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from flashserve.engine.cascade import CascadeCounters
 from flashserve.engine.llm_engine import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -67,10 +68,31 @@ class _EngineCollector(Collector):
                 yield metric
 
 
+class _CascadeCollector(Collector):
+    """Which model of a cascade answered, read from its plain-int counters at scrape time."""
+
+    def __init__(self, prefix: str, counters: CascadeCounters) -> None:
+        self.prefix = prefix
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c, p = self.counters, self.prefix
+        answers = CounterMetricFamily(f"{p}_cascade_answers", "Cascade requests answered, by the model that answered.",
+                                      labels=["model"])
+        tokens = CounterMetricFamily(f"{p}_cascade_tokens", "Tokens each cascade model computed (prompt + generated), "
+                                     "kept or not.", labels=["model"])
+        for model, n, t in (("small", c.small, c.small_tokens), ("large", c.large, c.large_tokens)):
+            answers.add_metric([model], n)
+            tokens.add_metric([model], t)
+        yield answers
+        yield tokens
+
+
 class ServerMetrics:
     """What /metrics reports."""
 
     def __init__(self, source: Callable[[], tuple[EngineStats, int, int]], prefix: str = "flashserve") -> None:
+        self.prefix = prefix
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(prefix, source))
         r = self.registry
@@ -97,6 +119,10 @@ class ServerMetrics:
             self.tpot.observe(tpot)
         if e2e is not None:
             self.e2e.observe(e2e)
+
+    def add_cascade(self, counters: CascadeCounters) -> None:
+        """Export a cascade's counters (``flashserve_cascade_answers_total{model="small"}`` ...)."""
+        self.registry.register(_CascadeCollector(self.prefix, counters))
 
     def count_rejected(self) -> None:
         self.rejected.inc()
