@@ -213,3 +213,7 @@ def test_bad_configurations_are_clear_errors(tiny, heads_file, tmp_path):
         LLM(model=tiny, **BASE, speculative_config={"method": "heads", "heads": heads_file, "num_speculative_tokens": 4})
     with pytest.raises(ValueError, match="num_speculative_tokens must be None"):
         SamplingParams(num_speculative_tokens=-1)
+    gemma = tmp_path / "gemma3"  # local and global layers keep different KV spans: refused
+    make_tiny_checkpoint("gemma3", gemma, seed=2)
+    with pytest.raises(ValueError, match="layers keep different KV spans"):
+        LLM(model=str(gemma), **BASE, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
