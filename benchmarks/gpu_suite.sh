@@ -20,6 +20,7 @@
 #   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
 #                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
 #   bash benchmarks/gpu_suite.sh dist      # distributed: NCCL tests (2+ GPUs), process boundary at world size 1
+#   bash benchmarks/gpu_suite.sh serve DIR # bench serve 200/200 against flashserve serve on dummy weights of DIR
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -133,8 +134,22 @@ case "${1:-}" in
       tests/kernels/test_attention_sparse_kinds.py tests/test_attention_gpu.py
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
     ;;
+  serve)  # issue 8's serving targets: flashserve serve on dummy weights, then bench serve 200/200 at 10, 45 and
+           # unbounded req/s. $2: a folder with config.json and tokenizer files whose vocabulary matches the
+           # config (e.g. Llama-3.1-8B's config with vocab_size 49152 beside SmolLM2's tokenizer). The GPU machine
+           # needs the server wheels (fastapi, starlette, uvicorn, pydantic, pydantic-core, ...) on PYTHONPATH.
+    dir=${2:?"usage: $0 serve MODEL_DIR (config.json + tokenizer files; the weights are drawn at random)"}
+    python3 -m flashserve serve --model "$dir" --load-format dummy --port 8011 > "$out/server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 240); do curl -sf http://127.0.0.1:8011/health > /dev/null && break; sleep 1; done
+    stage bench-serve 240 $fs bench serve --base-url http://127.0.0.1:8011/v1 --prompt-token-ids \
+      --input-len 200 --output-len 200 --num-prompts 200 --request-rate 10 45 inf \
+      --output-json "$out/serve.json" --plot "$out/serve.png"
+    kill "$server"
+    wait "$server" 2> /dev/null
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|attn|spec [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|attn|spec|dist|serve [...]" >&2
     exit 2
     ;;
 esac
