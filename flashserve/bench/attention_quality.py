@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from dataclasses import replace
 
 import torch
 
+from flashserve.bench import cpu_model
 from flashserve.config import AttentionSpec
 
 DEFAULT_METHODS = ("full,sliding:1024,sinks:1024:4,dilated:512:2:4,h2o:0.1,h2o:0.2,h2o:0.5,"
@@ -85,17 +85,6 @@ def set_attention(model: torch.nn.Module, base: list[AttentionSpec], spec: Atten
             from flashserve.layers.sparse_attention import SideStates
 
             layer.backend.side_states = SideStates()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

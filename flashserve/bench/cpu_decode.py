@@ -88,7 +88,7 @@ class LlamaCpp:
 
 def run(args: argparse.Namespace) -> int:
     from flashserve import LLM, SamplingParams
-    from flashserve.bench.quant_kernels import cpu_model
+    from flashserve.bench import cpu_model
     from flashserve.loader import default_model_path
 
     if args.threads:

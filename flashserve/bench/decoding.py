@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from flashserve.bench import cpu_model
 from flashserve.cli import add_engine_arguments, llm_kwargs
 
 METHODS = {  # name -> speculative_config without k (None: plain decoding)
@@ -148,7 +149,7 @@ def run_methods(args: argparse.Namespace) -> dict:
         engine.shutdown()
         del llm, engine
     if device == "cpu":
-        cpu = _cpu_model()
+        cpu = cpu_model()
     rows = []
     for m in methods:
         for (kind, b), cell in results[m].items():
@@ -161,17 +162,6 @@ def run_methods(args: argparse.Namespace) -> dict:
                          "identical": round(same, 3)})
     return {"device": device, "cpu": cpu, "k": args.num_spec_tokens, "new_tokens": args.new_tokens,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def print_methods(res: dict) -> None:

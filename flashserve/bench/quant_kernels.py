@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from flashserve.bench import cpu_model
 from flashserve.kernels import quant_reference as ref
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -54,16 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=7, help="CPU: best of this many timing runs")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (1 is steadier on a shared machine)")
     p.add_argument("--output-json", default=None)
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _shapes(text: str | None, default: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
