@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -179,6 +180,9 @@ class Worker:
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
         self._prev_rows: dict[str, int] = {}
         self._last_handle: StepHandle | None = None  # the step launched last (maybe still in flight)
+        # A step whose grammar masks need the tokens of the step before it: its forward is launched,
+        # its sampling waits for the next execute() or its result() (see _defer).
+        self._deferred: tuple[StepHandle, torch.Tensor, StepInputs, Any, StepHandle] | None = None
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
         self.graphs: CudaGraphs | None = None
         if backend_name == "triton":
@@ -321,6 +325,7 @@ class Worker:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepHandle:
         """Apply the plan and launch its step; the handle's ``result()`` waits for the tokens."""
+        self._sample_deferred()  # before the plan changes the batch the deferred step was built from
         t0 = time.perf_counter()
         self._apply_plan_state(plan)
         if not plan.requests:
@@ -339,29 +344,13 @@ class Worker:
         handle = StepHandle(plan.step_id, [entries[i].request_id for i in inp.sample_rows], None, worker=self)
         if inp.sample_rows:
             states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
-            grammar = [st.params.structured_output is not None for st in states]
-            if any(g and st.num_known < st.num_tokens - 1 for g, st in zip(grammar, states)):
-                self._last_handle.result()  # a grammar mask needs the token the step in flight sampled
-            rows = [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
-                                st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
-                                self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known] if g else ())
-                    for st, g in zip(states, grammar)]
-            if spec is None:
-                logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
-                handle.out = self.sampler(logits, rows)
-                self._prev_tokens = handle.out.token_ids
-            else:  # verify every sampling row's drafts (a row without drafts samples as above)
-                handle.out = self.speculator.verify(hidden, inp, rows, spec)
-                self._prev_tokens = handle.out.token_ids.gather(1, handle.out.num_tokens[:, None] - 1)[:, 0]
-            if self.speculator is not None:
-                self.speculator.after_sampling(hidden, inp, states, handle, spec)
-            self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
-            handle.host.update({name: self._to_host(getattr(handle.out, name))
-                                for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
-                                if getattr(handle.out, name) is not None})
-            if self._pin:
-                handle.event = torch.cuda.Event()
-                handle.event.record()
+            if any(st.params.structured_output is not None and st.num_known < st.num_tokens - 1 for st in states):
+                # A grammar mask needs the token the step in flight samples. Sampling now would make
+                # the device wait for the host's whole turn (outputs, scheduling, inputs) after
+                # it; deferred to the next execute(), the host does that turn while this forward runs.
+                self._deferred = (handle, hidden, inp, spec, self._last_handle)
+            else:
+                self._sample(handle, hidden, inp, spec)
         if timing.end is not None:
             timing.end.record()
         timing.host_s = time.perf_counter() - t0
@@ -369,6 +358,41 @@ class Worker:
             self.timings.append(timing)
         self._last_handle = handle
         return handle
+
+    def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
+        """Launch the sampling (or draft verification) of a step whose forward is launched."""
+        states = handle.states
+        grammar = [st.params.structured_output is not None for st in states]
+        rows = [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
+                            st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
+                            self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known] if g else ())
+                for st, g in zip(states, grammar)]
+        if spec is None:
+            logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
+            handle.out = self.sampler(logits, rows)
+            self._prev_tokens = handle.out.token_ids
+        else:  # verify every sampling row's drafts (a row without drafts samples as above)
+            handle.out = self.speculator.verify(hidden, inp, rows, spec)
+            self._prev_tokens = handle.out.token_ids.gather(1, handle.out.num_tokens[:, None] - 1)[:, 0]
+        if self.speculator is not None:
+            self.speculator.after_sampling(hidden, inp, states, handle, spec)
+        self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
+        handle.host.update({name: self._to_host(getattr(handle.out, name))
+                            for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
+                            if getattr(handle.out, name) is not None})
+        if self._pin:
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+
+    def _sample_deferred(self) -> None:
+        """Sample the deferred grammar step, once the previous step's tokens are on the host (the
+        engine has read them by now; the device is still busy with the deferred step's forward)."""
+        if self._deferred is None:
+            return
+        handle, hidden, inp, spec, previous = self._deferred
+        self._deferred = None
+        previous.result()
+        self._sample(handle, hidden, inp, spec)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if not self._pin:
@@ -379,6 +403,8 @@ class Worker:
 
     def _finish(self, handle: StepHandle) -> WorkerOutput:
         """Wait for a step's tokens, record them in the request states, return them."""
+        if self._deferred is not None and self._deferred[0] is handle:
+            self._sample_deferred()
         if handle.out is None:
             return WorkerOutput(handle.step_id, {})
         if handle.event is not None:
