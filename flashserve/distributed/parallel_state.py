@@ -156,7 +156,11 @@ def check_tensor_parallel(model_config, tp_size: int, pp_size: int = 1) -> None:
     if tp_size == 1:
         return
     c = model_config
-    kinds = sorted({c.layer_spec(i).mlp for i in range(c.num_layers)} - {"gated_silu"})
+    kinds = sorted({c.layer_spec(i).mlp for i in range(c.num_layers)} - {"gated_silu", "moe"})
+    if c.num_experts:  # MoE layers split by expert (flashserve.distributed.expert_parallel)
+        from flashserve.distributed.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(c, tp_size)
     if kinds:
         raise ValueError(f"tensor parallelism of {', '.join(kinds)} MLP layers is not implemented; "
                          f"use pipeline_parallel_size to split this model")

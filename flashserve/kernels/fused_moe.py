@@ -2,8 +2,12 @@
 
 Weights are stacked per layer, expert-major (so they shard by expert):
 ``w13 [E, 2I, H]`` (rows ``[0, I)`` gate, ``[I, 2I)`` up) and ``w2 [E, H, I]``, the checkpoints'
-``[out, in]`` layout. A token routed to ``k`` experts makes ``k`` (token, slot) *pairs*, numbered
-``t * k + slot``.
+``[out, in]`` layout. They are bf16 / fp16 / fp32, or weight-only quantized per output channel:
+int8 or fp8 e4m3 with fp32 scales ``s13 [E, 2I]`` / ``s2 [E, H]`` (``w = q * s``); the kernels
+load the 8-bit values, convert them in registers and apply the scales to the accumulators, so a
+quantized expert is read at one byte per weight. A token routed to ``k`` experts makes ``k``
+(token, slot) *pairs*, numbered ``t * k + slot``. An expert id of ``-1`` marks a pair whose
+expert is not held here (expert parallelism): it contributes nothing.
 
 Two paths, same result:
 
@@ -15,43 +19,110 @@ Two paths, same result:
   the ``k`` rows of each token are summed at the end. Each block reads its expert's weights once,
   so an expert without tokens costs nothing. All shapes are fixed by ``T``, ``k`` and ``E`` (the
   padding is an upper bound, blocks past the end exit at once), so no step synchronises with the
-  host and the launches can be captured in a CUDA graph.
-* **decode** (``T <= DECODE_MAX_TOKENS``): no sort; one program per (pair, output tile) reads the
-  active expert's rows directly (a GEMV), so a batch-1 step reads exactly the ``k`` active
-  experts' weights.
+  host and the launches can be captured in a CUDA graph. Tile sizes come from ``TUNED_GEMM``
+  (by shape and rows per expert) or a heuristic.
+* **decode** (``T <= DECODE_MAX_TOKENS``): no sort. The gate/up launch has one program per
+  (pair, tile of ``I``) reading the active expert's rows (a GEMV, products accumulated in a 2-D
+  register tile and reduced once at the end); the down launch has one program per (token, tile of
+  ``H``) that loops over the token's ``k`` experts and writes the weighted sum in x's dtype, so a
+  batch-1 step is two launches that read exactly the ``k`` active experts' weights.
 
-``moe_loop`` is the per-expert torch loop: the CPU path, the reference of the tests and the
-baseline of ``flashserve bench moe``.
+``moe_loop`` is the per-expert torch loop (dequantizing a quantized expert first): the CPU path,
+the reference of the tests and the baseline of ``flashserve bench moe``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flashserve.kernels.utils import cdiv, is_interpreter, num_sms
+from flashserve.kernels.utils import cdiv, is_interpreter, next_power_of_2, num_sms
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens per step: the GEMV path (no sort, no padding)
 
+# weight formats of the kernels (constexpr W_FMT)
+FMT_DENSE, FMT_INT8, FMT_FP8 = 0, 1, 2
+
+
+class GemmConfig(NamedTuple):
+    """Launch parameters of the grouped GEMM (both projections)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+class GemvConfig(NamedTuple):
+    """Launch parameters of the decode path: tile of output rows x reduction columns."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+# (experts, hidden, expert intermediate, rows per expert bucket) -> grouped GEMM launch. Keys come
+# from ``flashserve bench moe --sweep`` on an H200 (it prints the best entry per shape in this
+# form); shapes not listed use ``_heuristic_gemm``. The bucket is the mean number of pairs per
+# expert rounded up to a power of two (16 .. 256). Entries not yet measured are marked.
+TUNED_GEMM: dict[tuple[int, int, int, int], GemmConfig] = {
+    # Mixtral-8x7B at 256 tokens (64 pairs per expert): one 64-row tile per expert, so each
+    # expert's weights stream once per N tile; wide N tiles, 8 warps for the two accumulators.
+    # Not yet measured (first guess after the 1.4x of run A with 32-row tiles).
+    (8, 4096, 14336, 64): GemmConfig(64, 128, 64, 8, 4),
+}
+# (experts, hidden, expert intermediate) -> decode launch (gate/up, down).
+TUNED_GEMV: dict[tuple[int, int, int], tuple[GemvConfig, GemvConfig]] = {}
+
+
+def quantized_format(w: torch.Tensor, scale: torch.Tensor | None) -> int:
+    """The kernels' W_FMT of a stacked weight (and a check that a quantized one has scales)."""
+    if w.dtype == torch.int8:
+        fmt = FMT_INT8
+    elif w.dtype == torch.float8_e4m3fn:
+        fmt = FMT_FP8
+    elif w.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fmt = FMT_DENSE
+    else:
+        raise ValueError(f"expert weights of dtype {w.dtype} are not supported (float, int8 or float8_e4m3fn)")
+    if (fmt != FMT_DENSE) != (scale is not None):
+        raise ValueError("int8 / fp8 expert weights need per-output-channel scales (and dense ones take none)")
+    return fmt
+
+
+def dequantize_experts(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``w [..., N, K]`` (int8 / fp8 with ``scale [..., N]``, or dense) -> dense ``dtype``."""
+    if scale is None:
+        return w.to(dtype)
+    return (w.float() * scale.float()[..., None]).to(dtype)
+
 
 def moe_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-             topk_ids: torch.Tensor) -> torch.Tensor:
+             topk_ids: torch.Tensor, s13: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: for each expert with tokens, gather them, run its SwiGLU MLP, scatter-add the
-    outputs times their routing weights. x [T, H], w13 [E, 2I, H], w2 [E, H, I],
-    topk_weights [T, k] (fp32), topk_ids [T, k] -> [T, H] in x's dtype (sum in fp32)."""
+    outputs times their routing weights. x [T, H], w13 [E, 2I, H], w2 [E, H, I] (int8 / fp8
+    with scales s13 [E, 2I], s2 [E, H]: dequantized to x's dtype first), topk_weights [T, k]
+    (fp32), topk_ids [T, k] (-1: expert not held here) -> [T, H] in x's dtype (sum in fp32)."""
     T, H = x.shape
     inter = w2.shape[2]
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     hit = torch.unique(flat_ids).tolist()  # host sync: fine for the CPU path and the reference
     for e in hit:
+        if e < 0:
+            continue
         pairs = torch.nonzero(flat_ids == e).squeeze(1)  # [n_e] pair indices
         rows = pairs // topk_ids.shape[1]
-        gu = F.linear(x[rows], w13[e])  # [n_e, 2I]
+        w_gu = dequantize_experts(w13[e], None if s13 is None else s13[e], x.dtype)
+        w_d = dequantize_experts(w2[e], None if s2 is None else s2[e], x.dtype)
+        gu = F.linear(x[rows], w_gu)  # [n_e, 2I]
         act = (F.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
-        y = F.linear(act, w2[e]).float()  # [n_e, H]
+        y = F.linear(act, w_d).float()  # [n_e, H]
         out.index_add_(0, rows, y * topk_weights.reshape(-1)[pairs].float()[:, None])
     return out.to(x.dtype)
 
@@ -59,18 +130,21 @@ def moe_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (token, slot) pairs by expert, each expert's run padded to a multiple of ``block_m``.
 
-    topk_ids [T, k] -> (sorted_ids [P] int32: pair index, or ``T * k`` for padding;
-    block_expert [P // block_m] int32: the expert of each block, -1 past the last one).
+    topk_ids [T, k] (-1: not held here) -> (sorted_ids [P] int32: pair index, or ``T * k`` for
+    padding; block_expert [P // block_m] int32: the expert of each block, -1 past the last
+    expert's run and for the pairs of experts held elsewhere, which are sorted last).
     ``P`` is the worst case over all routings of this shape, so nothing depends on the values.
     """
     flat = topk_ids.reshape(-1).to(torch.int64)
+    flat = torch.where(flat < 0, num_experts, flat)  # experts held elsewhere: one extra bucket
     n = flat.numel()
     device = flat.device
-    P = cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    buckets = num_experts + 1
+    P = cdiv(n + min(buckets, n) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(buckets, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)  # [E] end of each expert's run in the sorted order
+    ends = torch.cumsum(padded, 0)  # [E + 1] end of each expert's run in the sorted order
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order within
     sorted_e = flat[order]
     rank = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_e]
@@ -83,20 +157,33 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 
 @triton.jit
+def _load_weight(ptrs, mask, W_FMT: tl.constexpr, DTYPE: tl.constexpr):
+    """A weight tile in the compute dtype: 8-bit values converted in registers (fp8 arrives as its
+    bytes: masked fp8 loads do not run in the interpreter)."""
+    w = tl.load(ptrs, mask=mask, other=0)
+    if W_FMT == 2:
+        w = w.to(tl.float8e4nv, bitcast=True)
+    if W_FMT != 0:
+        w = w.to(tl.float32)
+    return w.to(DTYPE)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr,  # [rows, K]: tokens (row = pair // ROW_DIV) or pairs (ROW_DIV = 1)
     w_ptr,  # [E, N (x2 if GATED), K]
+    s_ptr,  # [E, N (x2 if GATED)] fp32 scales (W_FMT != 0)
     out_ptr,  # [T * k, N]
     sorted_ids_ptr, block_expert_ptr, weights_ptr,  # [P], [P // BLOCK_M], [T * k]
     num_pairs, N, K,
-    stride_am, stride_we, stride_wn, stride_om,
+    stride_am, stride_we, stride_wn, stride_se, stride_om,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if expert < 0:  # past the last expert's run
+    if expert < 0:  # past the last expert's run, or an expert held elsewhere
         return
     pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
     row_ok = pair < num_pairs
@@ -111,13 +198,18 @@ def _moe_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = _load_weight(w_ptrs, k_ok[:, None] & n_ok[None, :], W_FMT, a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
         if GATED:
-            wu = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = _load_weight(w_ptrs + N * stride_wn, k_ok[:, None] & n_ok[None, :], W_FMT, a.dtype)
             acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if W_FMT != 0:  # per-output-channel scales, once on the accumulators
+        s_row = s_ptr + expert * stride_se + offs_n
+        acc = acc * tl.load(s_row, mask=n_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(s_row + N, mask=n_ok, other=0.0)[None, :]
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -127,106 +219,178 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
-def _moe_gemv_kernel(
-    a_ptr,  # [rows, K]
-    w_ptr,  # [E, N (x2 if GATED), K]
-    out_ptr,  # [T * k, N]
-    ids_ptr, weights_ptr,  # [T * k] expert of each pair, its routing weight
+def _moe_gemv_gate_up_kernel(
+    x_ptr,  # [T, K]
+    w_ptr,  # [E, 2N, K]
+    s_ptr,  # [E, 2N] fp32 scales (W_FMT != 0)
+    out_ptr,  # [T * k, N]: silu(gate) * up per pair
+    ids_ptr,  # [T * k] expert of each pair (-1: held elsewhere)
     N, K,
-    stride_am, stride_we, stride_wn, stride_om,
-    ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_xm, stride_we, stride_wn, stride_se, stride_om,
+    TOP_K: tl.constexpr, W_FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
-    a_row = (pair // ROW_DIV).to(tl.int64)
+    if expert < 0:  # not held here: the down launch skips this pair
+        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
     w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # products accumulated elementwise, reduced once after the loop (no per-step shuffles)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
-        a = tl.load(a_ptr + a_row * stride_am + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * a[None, :], axis=1)
-        if GATED:
-            wu = tl.load(w_ptrs + N * stride_wn, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc_up += tl.sum(wu * a[None, :], axis=1)
+        a = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        mask = n_ok[:, None] & k_ok[None, :]
+        acc += _load_weight(w_ptrs, mask, W_FMT, tl.float32) * a
+        acc_up += _load_weight(w_ptrs + N * stride_wn, mask, W_FMT, tl.float32) * a
         w_ptrs += BLOCK_K
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(weights_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    gate = tl.sum(acc, axis=1)
+    up = tl.sum(acc_up, axis=1)
+    if W_FMT != 0:
+        s_row = s_ptr + expert * stride_se + offs_n
+        gate = gate * tl.load(s_row, mask=n_ok, other=0.0)
+        up = up * tl.load(s_row + N, mask=n_ok, other=0.0)
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs_n, act.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemm_blocks(num_pairs: int, num_experts: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) from the mean rows per expert (small in the interpreter)."""
+@triton.jit
+def _moe_gemv_down_kernel(
+    act_ptr,  # [T * k, K]
+    w_ptr,  # [E, N, K]
+    s_ptr,  # [E, N] fp32 scales (W_FMT != 0)
+    out_ptr,  # [T, N] in x's dtype: the weighted sum over the token's experts
+    ids_ptr, weights_ptr,  # [T * k], [T * k] fp32
+    N, K,
+    stride_am, stride_we, stride_wn, stride_se, stride_om,
+    TOP_K: tl.constexpr, W_FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in range(TOP_K):
+        pair = tok * TOP_K + slot
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        here = expert >= 0  # an expert held elsewhere: every load masked, nothing read
+        expert = tl.maximum(expert, 0)
+        a_row = act_ptr + pair.to(tl.int64) * stride_am
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (offs_k + k0 < K) & here
+            a = tl.load(a_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += _load_weight(w_ptrs, n_ok[:, None] & k_ok[None, :], W_FMT, tl.float32) * a
+            w_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1)
+        if W_FMT != 0:
+            y = y * tl.load(s_ptr + expert * stride_se + offs_n, mask=n_ok & here, other=0.0)
+        total += y * tl.load(weights_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + tok.to(tl.int64) * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def rows_bucket(num_pairs: int, num_experts: int) -> int:
+    """Mean pairs per expert rounded up to a power of two, in 16 .. 256 (the table's key)."""
+    return min(max(next_power_of_2(cdiv(num_pairs, num_experts)), 16), 256)
+
+
+def _heuristic_gemm(bucket: int) -> GemmConfig:
+    block_m = 16 if bucket <= 16 else 32 if bucket <= 64 else 64
+    # 8 warps for 64-row tiles: the gated launch keeps two [BM, BN] fp32 accumulators
+    return GemmConfig(block_m, 64 if block_m < 64 else 128, 64, 8 if block_m >= 64 else 4, 3)
+
+
+def gemm_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> GemmConfig:
+    """The grouped GEMM's launch: the tuned entry of this shape, else the heuristic (small tiles
+    in the interpreter)."""
     if is_interpreter():
-        return 16, 16, 16
-    per_expert = num_pairs / num_experts
-    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
-    return block_m, 64 if block_m < 64 else 128, 64
+        return GemmConfig(16, 16, 16, 4, 1)
+    bucket = rows_bucket(num_pairs, num_experts)
+    return TUNED_GEMM.get((num_experts, hidden, inter, bucket)) or _heuristic_gemm(bucket)
 
 
-def _grouped(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
-             block_expert: torch.Tensor, weights: torch.Tensor, row_div: int, gated: bool, mul_weight: bool,
-             blocks: tuple[int, int, int]) -> None:
-    block_m, block_n, block_k = blocks
+def gemv_configs(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, device: torch.device
+                 ) -> tuple[GemvConfig, GemvConfig]:
+    """(gate/up, down) launches of the decode path (gate/up: a program per pair and tile of
+    ``inter`` rows; down: per token and tile of ``hidden`` rows)."""
+    if is_interpreter():
+        return GemvConfig(16, 16, 4), GemvConfig(16, 16, 4)
+    tuned = TUNED_GEMV.get((num_experts, hidden, inter))
+    if tuned is not None:
+        return tuned
+    # enough programs to keep every SM streaming: narrow row tiles when the rows are few
+    sms = num_sms(device)
+    pairs = tokens * top_k
+    gu_n = 32 if pairs * cdiv(inter, 32) >= 4 * sms else 16 if pairs * cdiv(inter, 16) >= 2 * sms else 8
+    dn_n = 32 if tokens * cdiv(hidden, 32) >= 4 * sms else 16 if tokens * cdiv(hidden, 16) >= 2 * sms else 8
+    return GemvConfig(gu_n, 256, 4), GemvConfig(dn_n, 256, 4)
+
+
+def _grouped(a: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, fmt: int, out: torch.Tensor,
+             sorted_ids: torch.Tensor, block_expert: torch.Tensor, weights: torch.Tensor, row_div: int, gated: bool,
+             mul_weight: bool, cfg: GemmConfig) -> None:
     n = out.shape[1]
-    grid = (block_expert.numel(), cdiv(n, block_n))
+    grid = (block_expert.numel(), cdiv(n, cfg.block_n))
     _moe_gemm_kernel[grid](
-        a, w, out, sorted_ids, block_expert, weights, out.shape[0], n, a.shape[1],
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        a, w if fmt != FMT_FP8 else w.view(torch.uint8), s if s is not None else weights, out, sorted_ids,
+        block_expert, weights, out.shape[0], n, a.shape[1],
+        a.stride(0), w.stride(0), w.stride(1), s.stride(0) if s is not None else 0, out.stride(0),
         ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=mul_weight,
-        DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        # 8 warps for 64-row tiles: the gated launch keeps two [BM, BN] fp32 accumulators
-        **({} if is_interpreter() else {"num_warps": 8 if block_m >= 64 else 4, "num_stages": 3}),
+        DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32", W_FMT=fmt,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        **({} if is_interpreter() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}),
     )
 
 
-def _gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-          row_div: int, gated: bool, mul_weight: bool) -> None:
-    n = out.shape[1]
-    if is_interpreter():
-        block_n, block_k = 16, 16
-    else:  # narrower tiles when 32-row tiles would leave SMs idle (few pairs, small N)
-        block_n = 32 if out.shape[0] * cdiv(n, 32) >= 4 * num_sms(a.device) else 16
-        block_k = 128
-    _moe_gemv_kernel[(out.shape[0], cdiv(n, block_n))](
-        a, w, out, ids, weights, n, a.shape[1],
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=mul_weight, BLOCK_N=block_n, BLOCK_K=block_k,
-        **({} if is_interpreter() else {"num_warps": 4}),
-    )
+def _launch_kw(num_warps: int) -> dict:
+    return {} if is_interpreter() else {"num_warps": num_warps}
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, decode_max_tokens: int = DECODE_MAX_TOKENS) -> torch.Tensor:
-    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] (fp32), topk_ids [T, k]
-    -> [T, H] = sum over slots of weight * down(silu(gate(x)) * up(x)), in x's dtype."""
+              topk_ids: torch.Tensor, s13: torch.Tensor | None = None, s2: torch.Tensor | None = None,
+              decode_max_tokens: int = DECODE_MAX_TOKENS, gemm: GemmConfig | None = None,
+              gemv: tuple[GemvConfig, GemvConfig] | None = None) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (dense, or int8 / fp8 with fp32 scales
+    s13 [E, 2I], s2 [E, H]), topk_weights [T, k] (fp32), topk_ids [T, k] (-1: expert held
+    elsewhere) -> [T, H] = sum over slots of weight * down(silu(gate(x)) * up(x)), in x's dtype.
+    ``gemm`` / ``gemv`` override the launch parameters (the benchmark's sweep)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
+    f13, f2 = quantized_format(w13, s13), quantized_format(w2, s2)
     if T == 0:
         return torch.empty_like(x)
     x = x.contiguous()
     num_pairs = T * top_k
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
-    y = torch.empty(num_pairs, H, dtype=torch.float32, device=x.device)  # [T*k, H], weighted
     if T <= decode_max_tokens:
         ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
-        _gemv(x, w13, act, ids, weights, top_k, gated=True, mul_weight=False)
-        _gemv(act, w2, y, ids, weights, 1, gated=False, mul_weight=True)
-    else:
-        blocks = _gemm_blocks(num_pairs, E, max(inter, H), H)
-        sorted_ids, block_expert = moe_align(topk_ids, E, blocks[0])
-        _grouped(x, w13, act, sorted_ids, block_expert, weights, top_k, gated=True, mul_weight=False, blocks=blocks)
-        _grouped(act, w2, y, sorted_ids, block_expert, weights, 1, gated=False, mul_weight=True, blocks=blocks)
+        gu, dn = gemv or gemv_configs(T, top_k, E, H, inter, x.device)
+        out = torch.empty_like(x)
+        _moe_gemv_gate_up_kernel[(num_pairs, cdiv(inter, gu.block_n))](
+            x, w13 if f13 != FMT_FP8 else w13.view(torch.uint8), s13 if s13 is not None else weights, act, ids,
+            inter, H, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0) if s13 is not None else 0,
+            act.stride(0), TOP_K=top_k, W_FMT=f13, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+            **_launch_kw(gu.num_warps))
+        _moe_gemv_down_kernel[(T, cdiv(H, dn.block_n))](
+            act, w2 if f2 != FMT_FP8 else w2.view(torch.uint8), s2 if s2 is not None else weights, out, ids,
+            weights, H, inter, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if s2 is not None else 0,
+            out.stride(0), TOP_K=top_k, W_FMT=f2, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k,
+            **_launch_kw(dn.num_warps))
+        return out
+    cfg = gemm or gemm_config(num_pairs, E, H, inter)
+    # [T*k, H] weighted rows; zeroed, since the rows of experts held elsewhere are not written
+    y = torch.zeros(num_pairs, H, dtype=torch.float32, device=x.device)
+    sorted_ids, block_expert = moe_align(topk_ids, E, cfg.block_m)
+    _grouped(x, w13, s13, f13, act, sorted_ids, block_expert, weights, top_k, gated=True, mul_weight=False, cfg=cfg)
+    _grouped(act, w2, s2, f2, y, sorted_ids, block_expert, weights, 1, gated=False, mul_weight=True, cfg=cfg)
     return y.view(T, top_k, H).sum(dim=1).to(x.dtype)

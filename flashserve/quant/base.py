@@ -97,10 +97,29 @@ class EmbeddingMethod:
         return F.embedding(input_ids, layer.weight)
 
 
+class ExpertMethod:
+    """How an MoE layer stores its stacked experts (``flashserve.layers.moe.ExpertWeights``):
+    dense by default. A quantized method's ``finalize`` replaces the loaded dense tensors by the
+    kernel-ready ones (``flashserve.quant.experts``)."""
+
+    label = "dense"
+
+    def finalize(self, layer: nn.Module) -> None:
+        """Nothing to do for dense experts."""
+
+
 class QuantConfig:
     """No quantization: dense methods everywhere. Subclasses override what they change."""
 
     name = "none"
+
+    def expert_method(self, layer: nn.Module) -> ExpertMethod:
+        """Storage of an MoE layer's experts: dense without quantization; a quantized mode that
+        has no expert format says so (its subclass overrides this where it has one)."""
+        if self.name != "none":
+            raise ValueError(f"quantized experts are not implemented for quantization={self.name!r}; "
+                             "MoE models take int8, fp8 or gguf (experts dequantized), or 'none'")
+        return ExpertMethod()
 
     def linear_method(self, layer: nn.Module) -> LinearMethod:
         return LinearMethod()
@@ -165,6 +184,8 @@ def _finalize(model: nn.Module) -> None:
         if isinstance(method, LinearMethod):
             tied = getattr(module, "tied_to", None)
             method.finalize(module, tied.quant_method.source(tied) if tied is not None else None)
+        elif isinstance(method, ExpertMethod):
+            method.finalize(module)
     for module in model.modules():  # embeddings last: a tied head reads their loaded tensor first
         method = getattr(module, "quant_method", None)
         if isinstance(method, EmbeddingMethod):

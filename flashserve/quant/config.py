@@ -114,6 +114,9 @@ def make_quant_config(
     scheme = ONLINE_SCHEMES[mode]
     if scheme is None:
         scheme = Scheme("int4", auto_int4_group(model_config))
+    if scheme.kind == "int4" and getattr(model_config, "num_experts", 0):
+        raise ValueError(f"int4 experts are not implemented (quantization={mode!r}); MoE models take int8 or fp8 "
+                         "(or 'none')")
     if scheme.kind == "int4":
         check_int4_groups(scheme.group, model_config)
     if scheme.kind == "fp8":

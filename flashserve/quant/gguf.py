@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flashserve.kernels import quant_reference as ref
-from flashserve.quant.base import EmbeddingMethod, LinearMethod, PackedLinearMethod, QuantConfig
+from flashserve.quant.base import EmbeddingMethod, ExpertMethod, LinearMethod, PackedLinearMethod, QuantConfig
 from flashserve.quant.packed import DenseWeight, gguf_weight
 
 PACKED_TYPES = tuple(ref.GGUF_BLOCKS)  # Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K
@@ -139,7 +139,13 @@ class GGUFQuantConfig(QuantConfig):
         self.device, self.dtype = torch.device(device), dtype
 
     def keeps_packed(self, tensor_name: str) -> bool:
+        if ".mlp.experts." in tensor_name:  # MoE experts are dequantized at load (expert_method)
+            return False
         return self.tensor_types.get(tensor_name) in PACKED_TYPES
+
+    def expert_method(self, layer: nn.Module) -> ExpertMethod:
+        """MoE experts: dense, dequantized from the file's blocks at load (no packed expert kernel)."""
+        return ExpertMethod()
 
     def linear_method(self, layer: nn.Module) -> LinearMethod:
         qtypes = [self.tensor_types.get(f"{p.name}.weight", "F32") for p in layer.partitions]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flashserve.kernels import quant_reference as ref
-from flashserve.quant.base import LinearMethod, PackedLinearMethod, QuantConfig
+from flashserve.quant.base import ExpertMethod, LinearMethod, PackedLinearMethod, QuantConfig
 from flashserve.quant.packed import Fp8Weight, Int4Weight, Int8Weight, PackedWeight
 
 INT4_GROUPS = (32, 64, 128)
@@ -84,6 +84,12 @@ class OnlineQuantConfig(QuantConfig):
         if self.scheme.kind == "int4" and layer.in_features % self.scheme.group:
             raise ValueError(group_error(self.scheme.group, layer.in_features, layer.prefix))
         return OnlineLinearMethod(self.scheme)
+
+    def expert_method(self, layer: nn.Module) -> ExpertMethod:
+        """MoE experts: int8 / fp8 per output channel, weight-only (``flashserve.quant.experts``)."""
+        from flashserve.quant.experts import OnlineExpertMethod
+
+        return OnlineExpertMethod(self.scheme.kind)
 
     def describe(self) -> dict[str, Any]:
         return {"quantization": self.name}

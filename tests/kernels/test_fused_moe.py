@@ -89,3 +89,59 @@ def test_moe_layer_triton_matches_torch_path(device, T):
     ref = layer(x)
     layer.triton = True
     torch.testing.assert_close(layer(x), ref, **tol(torch.float32))
+
+
+def _quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from flashserve.quant.experts import quantize_experts
+
+    return quantize_experts(w, kind)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("T", [2, 11])  # decode path, grouped GEMM
+def test_quantized_experts_match_dequantize_then_reference(device, kind, T):
+    """int8 / fp8 experts (8-bit values, per-output-channel scales) through the fused kernels equal
+    the torch loop on the dequantized dense weights; the scales are not all equal, so a scale
+    applied to the wrong row or expert shows."""
+    E, k, H, inter = 6, 2, 40, 24
+    x, w13, w2, weights, ids = _case(T, E, k, H, inter, torch.float32, device, seed=10 + T)
+    w13 = w13 * torch.linspace(0.5, 2.0, 2 * inter, device=device)[None, :, None]  # rows of different ranges
+    q13, s13 = _quantize(w13, kind)
+    q2, s2 = _quantize(w2, kind)
+    assert q13.dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn) and s13.shape == (E, 2 * inter)
+    dense13 = q13.float() * s13[..., None]
+    dense2 = q2.float() * s2[..., None]
+    ref = moe_loop(x, dense13, dense2, weights, ids)
+    torch.testing.assert_close(moe_loop(x, q13, q2, weights, ids, s13, s2), ref)
+    torch.testing.assert_close(fused_moe(x, q13, q2, weights, ids, s13, s2), ref, rtol=1e-4, atol=1e-4)
+    # and the quantization itself is close to the dense weights (one step of the 8-bit grid)
+    step = (1 / 127) if kind == "int8" else (1 / 8)
+    assert (dense13 - w13).abs().max() <= step * w13.abs().amax(dim=2).max()
+
+
+@pytest.mark.parametrize("T", [3, 13])
+def test_experts_held_elsewhere_contribute_nothing(device, T):
+    """Expert parallelism: ids of -1 (experts on another rank) are skipped on both paths, and the
+    result equals the full routing with those pairs' weights set to zero."""
+    E, k, H, inter = 8, 3, 32, 24
+    x, w13, w2, weights, ids = _case(T, E, k, H, inter, torch.float32, device, seed=20 + T)
+    from flashserve.distributed.expert_parallel import local_expert_ids
+
+    first, count = 4, 4  # rank 1 of 2
+    local = local_expert_ids(ids, first, count)
+    assert ((local >= 0) == (ids >= first)).all() and (local[local >= 0] == ids[local >= 0] - first).all()
+    expected = moe_loop(x, w13, w2, torch.where(ids >= first, weights, 0.0), ids)
+    held13, held2 = w13[first:].contiguous(), w2[first:].contiguous()
+    torch.testing.assert_close(moe_loop(x, held13, held2, weights, local), expected)
+    torch.testing.assert_close(fused_moe(x, held13, held2, weights, local), expected, rtol=1e-4, atol=1e-4)
+    sorted_ids, block_expert = moe_align(local, count, 4)
+    assert set(block_expert.tolist()) <= set(range(count)) | {-1}
+    held = [r for b, e in enumerate(block_expert.tolist()) if e >= 0 for r in sorted_ids[b * 4:(b + 1) * 4].tolist()]
+    assert sorted(r for r in held if r < local.numel()) == torch.nonzero(local.reshape(-1) >= 0).squeeze(1).tolist()
+
+
+def test_quantized_experts_need_their_scales():
+    x, w13, w2, weights, ids = _case(2, 4, 2, 16, 8, torch.float32, torch.device("cpu"))
+    q13, s13 = _quantize(w13, "int8")
+    with pytest.raises(ValueError, match="per-output-channel scales"):
+        fused_moe(x, q13, w2, weights, ids)
