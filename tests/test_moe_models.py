@@ -184,7 +184,7 @@ def test_quantized_experts_end_to_end(checkpoints, mode):
     assert report.kl_divergence < limit and report.top1_agreement > 0.75, report
 
 
-def test_int4_and_checkpoint_quantized_experts_are_refused(checkpoints):
+def test_int4_experts_are_refused(checkpoints):
     folder, _ = checkpoints["qwen3_moe"]
     with pytest.raises(ValueError, match=r"int4 experts are not implemented \(quantization='int4-g32'\)"):
         load_model(folder, "auto", torch.float32, "cpu", TorchAttentionBackend(), quantization="int4-g32")
