@@ -296,6 +296,57 @@ def _moe_gemv_down_kernel(
     tl.store(out_ptr + tok.to(tl.int64) * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _route_kernel(
+    logits_ptr,  # [T, E] router logits, any float dtype
+    weights_ptr, ids_ptr,  # [T, k] fp32, [T, k] int32
+    E, stride_lm,
+    TOP_K: tl.constexpr, K_BLOCK: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    logits = tl.load(logits_ptr + tok.to(tl.int64) * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        scores = p / tl.sum(p, axis=0)
+    scores = tl.where(ok, scores, -1.0)  # below every real score (softmax and sigmoid are >= 0)
+    slots = tl.arange(0, K_BLOCK)
+    sel_w = tl.zeros([K_BLOCK], dtype=tl.float32)
+    sel_i = tl.zeros([K_BLOCK], dtype=tl.int32)
+    for slot in range(TOP_K):  # k rounds of arg-max (k is small), kept in registers
+        best = tl.max(scores, axis=0)
+        idx = tl.min(tl.where(scores == best, offs, BLOCK_E), axis=0)  # lowest index among ties
+        sel_w = tl.where(slots == slot, best, sel_w)
+        sel_i = tl.where(slots == slot, idx, sel_i)
+        scores = tl.where(offs == idx, -1.0, scores)
+    if RENORMALIZE:
+        sel_w = sel_w / tl.sum(sel_w, axis=0)
+    out = tok * TOP_K + slots
+    tl.store(weights_ptr + out, sel_w, mask=slots < TOP_K)
+    tl.store(ids_ptr + out, sel_i, mask=slots < TOP_K)
+
+
+def fused_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax",
+                renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flashserve.layers.moe.route`` in one launch: router logits [T, E] -> (weights [T, k] fp32,
+    expert ids [T, k] int32), one program per token (softmax or sigmoid, ``k`` rounds of arg-max,
+    renormalisation). Replaces the six small launches of the torch routing at decode."""
+    T, E = logits.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top-k must be between 1 and the number of experts ({E}), got {top_k}")
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
+    if T:
+        logits = logits.contiguous()
+        _route_kernel[(T,)](logits, weights, ids, E, logits.stride(0), TOP_K=top_k, K_BLOCK=next_power_of_2(top_k), SIGMOID=scoring == "sigmoid",
+                            RENORMALIZE=renormalize, BLOCK_E=next_power_of_2(E), **_launch_kw(4))
+    return weights, ids
+
+
 def rows_bucket(num_pairs: int, num_experts: int) -> int:
     """Mean pairs per expert rounded up to a power of two, in 16 .. 256 (the table's key)."""
     return min(max(next_power_of_2(cdiv(num_pairs, num_experts)), 16), 256)

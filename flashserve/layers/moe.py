@@ -153,7 +153,12 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         from flashserve.kernels.fused_moe import moe_loop
 
-        weights, ids = route(self.gate(x), self.top_k, self.scoring, self.renormalize)  # [T, k] each
+        if self.triton:  # one launch for softmax / top-k / renormalisation
+            from flashserve.kernels.fused_moe import fused_route
+
+            weights, ids = fused_route(self.gate(x), self.top_k, self.scoring, self.renormalize)  # [T, k] each
+        else:
+            weights, ids = route(self.gate(x), self.top_k, self.scoring, self.renormalize)
         experts = self.experts
         split = experts.num_local != experts.num_experts
         if split:  # the same routing on every rank; each runs the pairs of the experts it holds

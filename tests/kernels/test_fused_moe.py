@@ -145,3 +145,17 @@ def test_quantized_experts_need_their_scales():
     q13, s13 = _quantize(w13, "int8")
     with pytest.raises(ValueError, match="per-output-channel scales"):
         fused_moe(x, q13, w2, weights, ids)
+
+
+@pytest.mark.parametrize("scoring,renormalize,E,k", [("softmax", True, 8, 2), ("softmax", False, 60, 3),
+                                                       ("sigmoid", True, 16, 8), ("softmax", True, 4, 1)])
+def test_fused_route_matches_torch_routing(device, scoring, renormalize, E, k):
+    from flashserve.kernels.fused_moe import fused_route
+    from flashserve.layers.moe import route
+
+    logits = torch.randn(7, E, generator=torch.Generator().manual_seed(E)).to(device)
+    ref_w, ref_ids = route(logits, k, scoring, renormalize)
+    w, ids = fused_route(logits, k, scoring, renormalize)
+    assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(w, ref_w)
+    assert fused_route(logits[:0], k)[0].shape == (0, k)
