@@ -71,10 +71,11 @@ def test_fused_moe_many_experts_top8(device, dtype):
     torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), moe_loop(x, w13, w2, weights, ids), **tol(dtype))
 
 
+@pytest.mark.parametrize("experts", ["dense", "int8", "fp8"])
 @pytest.mark.parametrize("T", [2, 21])
-def test_moe_layer_triton_matches_torch_path(device, T):
-    """The whole MoE layer (router, top-k, shared expert with its gate) on the fused kernel
-    equals its per-expert torch path."""
+def test_moe_layer_triton_matches_torch_path(device, T, experts):
+    """The whole MoE layer (router, top-k, shared expert with its gate; dense or quantized experts)
+    on the fused kernels equals its per-expert torch path."""
     config = ModelConfig(architecture="qwen2_moe", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
                          num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64, num_experts=6,
                          num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
@@ -84,6 +85,11 @@ def test_moe_layer_triton_matches_torch_path(device, T):
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.2)
+    if experts != "dense":
+        from flashserve.quant.experts import OnlineExpertMethod
+
+        OnlineExpertMethod(experts).finalize(layer.experts)
+        assert layer.experts.tensors()[2] is not None
     layer.to(device)
     x = torch.randn(T, 32, device=device)
     ref = layer(x)
