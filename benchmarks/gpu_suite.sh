@@ -13,8 +13,10 @@
 #   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 quality table, students, cascade]
 #   bash benchmarks/gpu_suite.sh server    # grammar masks on the GPU (tests) and structured-output cost
 #                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
-#   bash benchmarks/gpu_suite.sh moe       # MoE: GPU tests, fused kernel vs expert loop, batch-1 and throughput
-#                                          # of dummy Qwen3-30B-A3B and Mixtral-8x7B (docs/moe.md)
+#   bash benchmarks/gpu_suite.sh moe       # MoE (docs/moe.md): new GPU tests, launch sweep, fused kernel vs expert
+#                                          # loop for bf16 / int8 / fp8 experts (<= 150 s)
+#   bash benchmarks/gpu_suite.sh moe-e2e   # MoE batch-1 decode (bf16, fp8 experts) and throughput of dummy
+#                                          # Qwen3-30B-A3B and Mixtral-8x7B (~12 min)
 #   bash benchmarks/gpu_suite.sh attn      # windowed / Quest attention: kernel tests at full size, decode attention
 #                                          # and end-to-end tok/s at 32k (Llama-3.1-8B shapes) against full attention
 #   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
@@ -119,13 +121,20 @@ case "${1:-}" in
     stage structured-smollm2 150 $fs bench structured --device cuda --concurrency 1 64 --output-len 256 \
       --output-json "$out/structured-smollm2.json"
     ;;
-  moe)  # mixture of experts (docs/moe.md): tests, kernel vs loop, batch-1 over active bytes, 256-request throughput
-    stage moe-tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py tests/test_moe_gpu.py
-    stage moe-kernel 120 $fs bench moe --output-json "$out/moe-kernel.json"
+  moe)  # mixture of experts (docs/moe.md), <= 150 s: the new GPU tests (the tests stage runs them all), then the
+         # launch sweep (best config per shape) and the fused-vs-loop table for bf16 / int8 / fp8 experts, short table last
+    stage moe-tests 55 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py tests/test_moe_gpu.py \
+      -k "quantized or route or elsewhere or layer_triton"
+    stage moe-kernel 95 $fs bench moe --sweep --tokens 1,4,256 --output-json "$out/moe-kernel.json"
+    ;;
+  moe-e2e)  # MoE end to end (~12 min): batch-1 decode over active bytes (bf16 and fp8 experts) and the
+            # 256-request throughput, dummy Qwen3-30B-A3B (61 GB) and Mixtral-8x7B (93 GB)
     for m in qwen3-30b-a3b mixtral-8x7b; do
-      stage "latency-$m" 150 $fs bench latency --model "$m" --load-format dummy --max-model-len 1024 \
-        --new-tokens 128 --repeats 2 --output-json "$out/latency-$m.json"
-      stage "throughput-$m" 240 $fs bench throughput --model "$m" --load-format dummy \
+      for q in none fp8; do
+        stage "latency-$m-$q" 150 $fs bench latency --model "$m" --load-format dummy --max-model-len 1024 \
+          --new-tokens 128 --repeats 2 --quantization "$q" --output-json "$out/latency-$m-$q.json"
+      done
+      stage "throughput-$m" 150 $fs bench throughput --model "$m" --load-format dummy \
         --output-json "$out/throughput-$m.json"
     done
     ;;
@@ -149,7 +158,7 @@ case "${1:-}" in
     wait "$server" 2> /dev/null
     ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|attn|spec|dist|serve [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|moe-e2e|attn|spec|dist|serve [...]" >&2
     exit 2
     ;;
 esac
