@@ -275,24 +275,25 @@ def _moe_gemv_down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for slot in range(TOP_K):
-        pair = tok * TOP_K + slot
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        here = expert >= 0  # an expert held elsewhere: every load masked, nothing read
-        expert = tl.maximum(expert, 0)
-        a_row = act_ptr + pair.to(tl.int64) * stride_am
-        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (offs_k + k0 < K) & here
-            a = tl.load(a_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            acc += _load_weight(w_ptrs, n_ok[:, None] & k_ok[None, :], W_FMT, tl.float32) * a
-            w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1)
-        if W_FMT != 0:
-            y = y * tl.load(s_ptr + expert * stride_se + offs_n, mask=n_ok & here, other=0.0)
-        total += y * tl.load(weights_ptr + pair).to(tl.float32)
+    rows = offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
+    # one accumulator for the token's k experts: routing weight folded into the activation and the
+    # row scale into the weight tile, so the k tiles of a step are independent loads in flight
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k + k0 < K
+        for slot in tl.static_range(TOP_K):
+            pair = tok * TOP_K + slot
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            here = expert >= 0  # an expert held elsewhere: every load masked, nothing read
+            expert = tl.maximum(expert, 0)
+            mask = k_ok & here
+            a = tl.load(act_ptr + pair.to(tl.int64) * stride_am + k0 + offs_k, mask=mask, other=0.0).to(tl.float32)
+            a = a * tl.load(weights_ptr + pair)
+            w = _load_weight(w_ptr + expert * stride_we + k0 + rows, n_ok[:, None] & mask[None, :], W_FMT, tl.float32)
+            if W_FMT != 0:
+                w = w * tl.load(s_ptr + expert * stride_se + offs_n, mask=n_ok & here, other=0.0)[:, None]
+            acc += w * a[None, :]
+    total = tl.sum(acc, axis=1)
     tl.store(out_ptr + tok.to(tl.int64) * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
