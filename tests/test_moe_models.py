@@ -220,10 +220,11 @@ _GGUF_MOE = {"mlp.gate": "ffn_gate_inp", "mlp.shared_expert_gate": "ffn_gate_inp
 
 
 @torch.no_grad()
-def write_moe_gguf(hf: torch.nn.Module, path: Path) -> None:
+def write_moe_gguf(hf: torch.nn.Module, path: Path, q8_0: bool = False) -> None:
     """``hf`` as an F32 GGUF file with llama.cpp's MoE names: router ``ffn_gate_inp``, experts
     stacked ``ffn_{gate,up,down}_exps`` [E, out, in], shared expert ``*_shexp``; Mixtral as
-    architecture "llama" with q/k rows permuted."""
+    architecture "llama" with q/k rows permuted. ``q8_0``: the layers' projection matrices and
+    experts in Q8_0 blocks (gguf-py's quantizer), the rest F32."""
     import gguf
     import numpy as np
 
@@ -254,6 +255,14 @@ def write_moe_gguf(hf: torch.nn.Module, path: Path) -> None:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
+
+    def add(gguf_name: str, t: torch.Tensor, blocks: bool = True) -> None:
+        if not (q8_0 and blocks and t.ndim >= 2 and t.shape[-1] % 32 == 0):
+            w.add_tensor(gguf_name, np.ascontiguousarray(t.numpy()))
+            return
+        q = gguf.quants.quantize(np.ascontiguousarray(t.reshape(-1, t.shape[-1]).numpy()), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(gguf_name, q.reshape(*t.shape[:-1], -1), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
     for name, p in hf.named_parameters():
         t = p.detach().float()
         if name in globals_:
@@ -264,15 +273,15 @@ def write_moe_gguf(hf: torch.nn.Module, path: Path) -> None:
         if module == "mlp.experts":  # transformers' stacked parameters
             if kind == "gate_up_proj":
                 gate, up = t.chunk(2, dim=1)
-                w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate.numpy()))
-                w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(up.numpy()))
+                add(f"blk.{layer}.ffn_gate_exps.weight", gate)
+                add(f"blk.{layer}.ffn_up_exps.weight", up)
             else:
-                w.add_tensor(f"blk.{layer}.ffn_down_exps.weight", np.ascontiguousarray(t.numpy()))
+                add(f"blk.{layer}.ffn_down_exps.weight", t)
             continue
         if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
             t = _llamacpp_permute(t, cfg.num_attention_heads if "q_proj" in module else cfg.num_key_value_heads)
         gguf_module = _GGUF_MOE.get(module) or _GGUF_LAYER[module]
-        w.add_tensor(f"blk.{layer}.{gguf_module}.{kind}", np.ascontiguousarray(t.numpy()))
+        add(f"blk.{layer}.{gguf_module}.{kind}", t, blocks=module != "mlp.gate")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -293,3 +302,25 @@ def test_gguf_moe_matches_transformers(checkpoints, arch, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_q8_0_gguf_moe_keeps_blocks_packed_and_experts_dense(checkpoints, tmp_path):
+    """A Q8_0 GGUF MoE file under the default ``auto``: attention blocks stay packed, experts are
+    dequantized at load to the same values as under ``none``, and the logits follow."""
+    from flashserve.quant.packed import PackedWeight
+
+    _, hf = checkpoints["qwen3_moe"]
+    path = tmp_path / "q8_0.gguf"
+    write_moe_gguf(hf, path, q8_0=True)
+    packed, config = load_model(str(path), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="auto")
+    dense, _ = load_model(str(path), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="none")
+    assert any(isinstance(m, PackedWeight) for m in packed.model.layers[0].self_attn.modules())
+    for a, b in zip([m.experts for m in packed.modules() if isinstance(m, MoEMLP)],
+                    [m.experts for m in dense.modules() if isinstance(m, MoEMLP)], strict=True):
+        assert a.tensors()[0].dtype == torch.float32 and torch.equal(a.tensors()[0], b.tensors()[0])
+        assert torch.equal(a.tensors()[1], b.tensors()[1])
+    ids = prompts(1, seed=7, lo=20, hi=20)[0]
+    got = _all_logits(packed, PagedKVCache(config, num_blocks=32, block_size=4), [(0, ids)])[0]
+    ref = _all_logits(dense, PagedKVCache(config, num_blocks=32, block_size=4), [(0, ids)])[0]
+    # the CPU's packed kernels take bf16 activations: close, not equal
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
