@@ -14,8 +14,8 @@ graph replays several routings in turn (disjoint experts at batch 1), so the wei
 served from L2. The fused output is checked against the loop on the same (dequantized) weights
 before timing.
 
-``--sweep`` first times candidate launch parameters for each shape (grouped GEMM at
-``--sweep-tokens``' largest count, decode at its smallest), prints the best per shape as
+``--sweep`` first times candidate launch parameters for each shape (decode at ``--sweep-tokens``'
+smallest count, grouped GEMM at each count above ``DECODE_MAX_TOKENS``), prints the best per shape as
 ``TUNED_GEMM`` / ``TUNED_GEMV`` entries of ``flashserve.kernels.fused_moe`` (to paste there), and
 uses them for the table that follows. Needs CUDA.
 """
@@ -113,7 +113,6 @@ class Layer:
 
 def sweep(layer: Layer, tokens: list[int], fmt: str = "bf16") -> dict:
     """Time candidate launches; install the best in the tuned tables; return what was found."""
-    from flashserve.bench.kernels import time_ms
     from flashserve.kernels import fused_moe as fm
 
     w13, w2, s13, s2 = layer.weights[fmt]
@@ -143,10 +142,17 @@ def sweep(layer: Layer, tokens: list[int], fmt: str = "bf16") -> dict:
     found["decode"] = {"tokens": T, "heuristic_us": base_us, "best_us": best_us,
                        "entry": f"{key3}: ({gu_best!r}, {dn_best!r}),"}
 
-    T = max(tokens)
+    found["gemm"] = [_sweep_gemm(layer, T, w13, w2, s13, s2) for T in tokens if T > fm.DECODE_MAX_TOKENS]
+    return found
+
+
+def _sweep_gemm(layer: Layer, T: int, w13, w2, s13, s2) -> dict:
+    from flashserve.bench.kernels import time_ms
+    from flashserve.kernels import fused_moe as fm
+
     x, weights, ids = layer.routings(T, 1)[0]
     bucket = fm.rows_bucket(T * layer.k, layer.E)
-    key4 = (*key3, bucket)
+    key4 = (layer.E, layer.H, layer.inter, bucket)
     fm.TUNED_GEMM.pop(key4, None)
     heuristic_cfg = fm.gemm_config(T * layer.k, layer.E, layer.H, layer.inter)
 
@@ -164,8 +170,7 @@ def sweep(layer: Layer, tokens: list[int], fmt: str = "bf16") -> dict:
         if us < best:
             best_cfg, best = cfg, us
     fm.TUNED_GEMM[key4] = best_cfg
-    found["gemm"] = {"tokens": T, "heuristic_us": base, "best_us": best, "entry": f"{key4}: {best_cfg!r},"}
-    return found
+    return {"tokens": T, "heuristic_us": base, "best_us": best, "entry": f"{key4}: {best_cfg!r},"}
 
 
 def _candidates() -> tuple[list, list]:
@@ -235,8 +240,7 @@ def run(args: argparse.Namespace) -> int:
     if found:
         print("best launches per shape (bf16; paste into flashserve/kernels/fused_moe.py):")
         for f in found:
-            for kind, table in (("decode", "TUNED_GEMV"), ("gemm", "TUNED_GEMM")):
-                r = f[kind]
+            for table, r in [("TUNED_GEMV", f["decode"])] + [("TUNED_GEMM", g) for g in f["gemm"]]:
                 print(f"  {table}  {r['entry']:<72} # {f['shape']} T={r['tokens']}: {r['best_us']:.1f} us, "
                       f"heuristic {r['heuristic_us']:.1f} us")
     print(f"{result['device']}, read bandwidth {read['tb_s']:.2f} TB/s (x.sum over {args.read_gib} GiB); "

@@ -5,7 +5,8 @@
 * ``config``: the ``quantization`` option -> a ``QuantConfig`` (all checks before allocation);
 * ``online``: int8 / int4 / fp8 quantization of dense checkpoints at load;
 * ``gguf``: GGUF tensors kept in their blocks; ``gptq``: GPTQ and AWQ checkpoints;
-* ``packed``: the kernel-ready weights (Triton on CUDA, torch's int8 / int4 ops on the CPU).
+* ``packed``: the kernel-ready weights (Triton on CUDA, torch's int8 / int4 ops on the CPU);
+* ``experts``: int8 / fp8 MoE experts (``QuantConfig.expert_method``; docs/moe.md).
 
 Documentation and measured quality: docs/quantization.md.
 """
