@@ -32,7 +32,7 @@ from flashserve.distributed.expert_parallel import expert_range, local_expert_id
 from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.activation import SiluAndMul
 from flashserve.layers.linear import GateUpLinear, Linear
-from flashserve.quant.base import current_quant_config
+from flashserve.quant.base import QuantConfig, current_quant_config, quant_scope
 
 # checkpoint projection name -> (stacked parameter, part): part 0 gate, 1 up, None down
 EXPERT_PROJECTIONS: dict[str, tuple[str, int | None]] = {
@@ -139,14 +139,18 @@ class MoEMLP(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.scoring = config.moe_scoring
         self.renormalize = config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")
+        # The router and the shared expert's gate stay dense under every quantization: their few
+        # outputs pick the experts (a rounding error flips a route), and they are < 0.1% of the bytes.
+        with quant_scope(QuantConfig()):
+            self.gate = Linear(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")
         self.experts = ExpertWeights(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_expert: SharedExpert | None = None
         self.shared_expert_gate: Linear | None = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(config.hidden_size, config.shared_expert_intermediate_size,
                                               f"{prefix}.shared_expert")
-            self.shared_expert_gate = Linear(config.hidden_size, 1, prefix=f"{prefix}.shared_expert_gate")
+            with quant_scope(QuantConfig()):
+                self.shared_expert_gate = Linear(config.hidden_size, 1, prefix=f"{prefix}.shared_expert_gate")
         self.parallel = current_parallel()  # experts split over its tensor-parallel ranks
         self.triton = False  # set by flashserve.layers.fused.use_triton_ops: the fused kernel
 

@@ -139,8 +139,8 @@ class GGUFQuantConfig(QuantConfig):
         self.device, self.dtype = torch.device(device), dtype
 
     def keeps_packed(self, tensor_name: str) -> bool:
-        if ".mlp.experts." in tensor_name:  # MoE experts are dequantized at load (expert_method)
-            return False
+        if ".mlp.experts." in tensor_name or ".mlp.gate." in tensor_name or ".shared_expert_gate." in tensor_name:
+            return False  # MoE experts are dequantized at load (expert_method); routers are dense
         return self.tensor_types.get(tensor_name) in PACKED_TYPES
 
     def expert_method(self, layer: nn.Module) -> ExpertMethod:
