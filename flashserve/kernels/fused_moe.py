@@ -408,11 +408,12 @@ def _launch_kw(num_warps: int) -> dict:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, s13: torch.Tensor | None = None, s2: torch.Tensor | None = None,
               decode_max_tokens: int = DECODE_MAX_TOKENS, gemm: GemmConfig | None = None,
-              gemv: tuple[GemvConfig, GemvConfig] | None = None) -> torch.Tensor:
+              gemv: tuple[GemvConfig, GemvConfig] | None = None, held_elsewhere: bool = False) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (dense, or int8 / fp8 with fp32 scales
     s13 [E, 2I], s2 [E, H]), topk_weights [T, k] (fp32), topk_ids [T, k] (-1: expert held
-    elsewhere) -> [T, H] = sum over slots of weight * down(silu(gate(x)) * up(x)), in x's dtype.
-    ``gemm`` / ``gemv`` override the launch parameters (the benchmark's sweep)."""
+    elsewhere, allowed with ``held_elsewhere``) -> [T, H] = sum over slots of
+    weight * down(silu(gate(x)) * up(x)), in x's dtype. ``gemm`` / ``gemv`` override the launch
+    parameters (the benchmark's sweep)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
@@ -440,8 +441,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             **_launch_kw(dn.num_warps))
         return out
     cfg = gemm or gemm_config(num_pairs, E, H, inter)
-    # [T*k, H] weighted rows; zeroed, since the rows of experts held elsewhere are not written
-    y = torch.zeros(num_pairs, H, dtype=torch.float32, device=x.device)
+    # [T*k, H] weighted rows; zeroed when some pairs' experts are elsewhere (their rows are not written)
+    y = (torch.zeros if held_elsewhere else torch.empty)(num_pairs, H, dtype=torch.float32, device=x.device)
     sorted_ids, block_expert = moe_align(topk_ids, E, cfg.block_m)
     _grouped(x, w13, s13, f13, act, sorted_ids, block_expert, weights, top_k, gated=True, mul_weight=False, cfg=cfg)
     _grouped(act, w2, s2, f2, y, sorted_ids, block_expert, weights, 1, gated=False, mul_weight=True, cfg=cfg)

@@ -171,7 +171,7 @@ class MoEMLP(nn.Module):
         if self.triton:
             from flashserve.kernels.fused_moe import fused_moe
 
-            out = fused_moe(x, w13, w2, weights, ids, s13, s2)
+            out = fused_moe(x, w13, w2, weights, ids, s13, s2, held_elsewhere=split)
         else:
             out = moe_loop(x, w13, w2, weights, ids, s13, s2)
         if split:

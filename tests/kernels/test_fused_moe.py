@@ -139,7 +139,8 @@ def test_experts_held_elsewhere_contribute_nothing(device, T):
     expected = moe_loop(x, w13, w2, torch.where(ids >= first, weights, 0.0), ids)
     held13, held2 = w13[first:].contiguous(), w2[first:].contiguous()
     torch.testing.assert_close(moe_loop(x, held13, held2, weights, local), expected)
-    torch.testing.assert_close(fused_moe(x, held13, held2, weights, local), expected, rtol=1e-4, atol=1e-4)
+    got = fused_moe(x, held13, held2, weights, local, held_elsewhere=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     sorted_ids, block_expert = moe_align(local, count, 4)
     assert set(block_expert.tolist()) <= set(range(count)) | {-1}
     held = [r for b, e in enumerate(block_expert.tolist()) if e >= 0 for r in sorted_ids[b * 4:(b + 1) * 4].tolist()]
