@@ -1,6 +1,8 @@
 """MoE models end to end on the GPU (skipped without CUDA): with the Triton backend, the fused MoE
 kernel and CUDA graphs (decode and mixed steps), greedy tokens equal transformers' in fp32 for
-Mixtral, Qwen2-MoE and Qwen3-MoE, and equal the same engine's eager, per-expert-loop tokens."""
+Mixtral, Qwen2-MoE and Qwen3-MoE, and equal the same engine's eager, per-expert-loop tokens; int8 / fp8
+experts on the fused kernels match the loop; experts split over 2 GPUs (when there are 2) give one
+GPU's tokens."""
 
 from __future__ import annotations
 
@@ -68,3 +70,18 @@ def test_quantized_experts_fused_with_graphs_match_the_loop(mode, tmp_path):
         runs.append((scores, tokens))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=2e-3, rtol=1e-3)
     assert runs[0][1] == runs[1][1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_expert_parallel_over_nccl_gives_one_gpus_tokens(tmp_path):
+    """Experts split over 2 GPUs (NCCL all-reduce, fused kernels, graphs): one GPU's greedy tokens."""
+    make_tiny_moe("qwen2_moe", tmp_path, seed=10)
+    outs = []
+    for tp in (1, 2):
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float32", attention_backend="triton", block_size=16,
+                  max_model_len=256, kv_cache_bytes=64 << 20, tensor_parallel_size=tp, verbose=False)
+        try:
+            outs.append([o.token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)])
+        finally:
+            llm.engine.shutdown()
+    assert outs[0] == outs[1]
