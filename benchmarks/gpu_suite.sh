@@ -123,9 +123,9 @@ case "${1:-}" in
     ;;
   moe)  # mixture of experts (docs/moe.md), <= 150 s: the new GPU tests (the tests stage runs them all), then the
          # launch sweep (best config per shape) and the fused-vs-loop table for bf16 / int8 / fp8 experts, short table last
-    stage moe-tests 55 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py tests/test_moe_gpu.py \
+    stage moe-tests 50 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py tests/test_moe_gpu.py \
       -k "quantized or route or elsewhere or layer_triton"
-    stage moe-kernel 95 $fs bench moe --sweep --tokens 1,4,256 --output-json "$out/moe-kernel.json"
+    stage moe-kernel 100 $fs bench moe --sweep --tokens 1,4,256 --output-json "$out/moe-kernel.json"
     ;;
   moe-e2e)  # MoE end to end (~12 min): batch-1 decode over active bytes (bf16 and fp8 experts) and the
             # 256-request throughput, dummy Qwen3-30B-A3B (61 GB) and Mixtral-8x7B (93 GB)
