@@ -44,8 +44,8 @@ def tiny(tmp_path_factory):
     return str(folder)
 
 
-PROMPTS = [[3 + (7 * i + 13 * j) % 500 for j in range(5 + 3 * i)] for i in range(6)]
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[3 + (7 * i + 13 * j) % 500 for j in range(5 + 4 * i)] for i in range(5)]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
 def engine(folder, **kw):
@@ -94,6 +94,17 @@ def test_offloaded_tensors_live_in_the_host_store(deep):
     assert tokens(llm, PROMPTS[:2]) == ref
     off.host[1].zero_()  # the layer in the middle computes from the store, not from a stale copy
     assert tokens(llm, PROMPTS[:2]) != ref
+
+
+def test_offload_leaves_tensors_the_model_reads_outside_the_layer(tmp_path):
+    """Gemma 3's one global layer has a rope module of its own, which the model also holds and
+    reads before the layers run: it must stay resident when that layer is offloaded."""
+    make_tiny_checkpoint("gemma3", tmp_path, seed=3)
+    kw = dict(model=str(tmp_path), device="cpu", verbose=False, max_model_len=64)
+    ref = tokens(LLM(**kw), PROMPTS[:3])
+    llm = LLM(**kw, cpu_offload_gb=1e-9)
+    assert llm.engine.executor.worker.offload.layer_indices == [1]  # the global layer
+    assert tokens(llm, PROMPTS[:3]) == ref
 
 
 def test_choose_layers_spreads_the_fewest_layers():
@@ -181,7 +192,8 @@ def test_host_tier_under_batching_preemption_and_scoring(tiny):
                for _ in range(12)]
     kw = dict(kv_cache_bytes=34 * BLOCK, max_num_batched_tokens=40, preemption_mode="swap",
               swap_space_bytes=32 * BLOCK)
-    ref = tokens(engine(tiny, **kw), prompts) + tokens(engine(tiny, **kw), prompts[::-1])
+    plain = engine(tiny, **kw)
+    ref = tokens(plain, prompts) + tokens(plain, prompts[::-1])
     llm = engine(tiny, kv_host_cache_gb=16 * BLOCK / GIB, **kw)
     got = tokens(llm, prompts)
     list(llm.engine.score(list(range(3, 80)), chunk_size=32))  # overwrites evicted blocks outside a plan

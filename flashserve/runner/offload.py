@@ -11,8 +11,8 @@ code is unchanged:
 
 * **which weights**: whole decoder layers, as few as reach ``cpu_offload_gb``, spread evenly over
   the depth (with every other layer offloaded, each copy overlaps a resident layer's compute).
-  Only tensors a layer owns alone move (a rotary cache shared by all layers stays); the
-  embedding, final norm and head always stay on the device.
+  Only tensors reachable through that layer alone move (a rope cache the model also holds, or
+  one shared by several layers, stays); the embedding, final norm and head stay on the device.
 * **where they live**: per offloaded layer one contiguous host buffer (``HostWeights.host``) with
   its parameters and buffers (quantized weights are buffers) at 64-byte aligned offsets.
 * **on the device**: two reusable staging buffers, each the size of the largest offloaded layer.
@@ -21,8 +21,9 @@ code is unchanged:
   between steps, only the buffer's contents.
 * **when**: a forward pre-hook on each offloaded layer waits for its copy, then starts copying the
   next offloaded layer into the other buffer on a side stream, after an event that marks the end
-  of that buffer's previous user. The first offloaded layer of a pass is copied by its own hook
-  (the copy cannot start before the pass starts: the buffer's last user was the previous pass).
+  of that buffer's previous user. The first offloaded layer's copy starts in a pre-hook of the
+  first decoder layer (not earlier: the buffer's last user was the previous pass), so the
+  resident layers before it overlap it.
 
 CUDA graphs stay on: every copy is a device-side ``cudaMemcpyAsync`` from pinned memory with
 fixed addresses and the side stream is forked from and joined back to the capturing stream with
@@ -52,18 +53,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _owned_tensors(layers: Sequence[nn.Module]) -> list[list[torch.Tensor]]:
-    """Per layer, the parameters and buffers no other layer shares (each tensor once), contiguous
-    and non-empty; shared ones (a rope cache) and odd layouts stay where they are."""
-    seen: dict[int, int] = {}
-    per_layer: list[dict[int, torch.Tensor]] = []
-    for layer in layers:
-        own = {id(t): t for t in [*layer.parameters(), *layer.buffers()]}
-        for key in own:
-            seen[key] = seen.get(key, 0) + 1
-        per_layer.append(own)
-    return [[t for key, t in own.items() if seen[key] == 1 and t.numel() > 0 and t.is_contiguous()]
-            for own in per_layer]
+def _owned_tensors(model: nn.Module, layers: nn.ModuleList) -> list[list[torch.Tensor]]:
+    """Per layer, the parameters and buffers reachable only through that layer (each tensor once),
+    contiguous and non-empty. A tensor also reachable elsewhere stays where it is: a rope cache
+    that the model reads before any layer runs, or one shared by several layers."""
+    prefix = next(name for name, m in model.named_modules() if m is layers) + "."
+    owners: dict[int, set[int | None]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        rest = (path + ".")[len(prefix):] if path.startswith(prefix) else None
+        owner = int(rest.split(".", 1)[0]) if rest else None  # the layer index, or None outside the layers
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            owners.setdefault(id(t), set()).add(owner)
+            tensors[id(t)] = t
+    per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+    for key, who in owners.items():
+        t = tensors[key]
+        if len(who) == 1 and None not in who and t.numel() > 0 and t.is_contiguous():
+            per_layer[next(iter(who))].append(t)
+    return per_layer
 
 
 def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
@@ -82,7 +90,7 @@ def _view(buf: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
 
 def layer_sizes(model: nn.Module) -> list[int]:
     """Bytes each decoder layer would move to the host store (its own tensors, aligned)."""
-    return [_layout(ts)[1] for ts in _owned_tensors(decoder_layers(model))]
+    return [_layout(ts)[1] for ts in _owned_tensors(model, decoder_layers(model))]
 
 
 def choose_layers(layer_bytes: Sequence[int], nbytes: int) -> list[int]:
@@ -129,11 +137,14 @@ class HostWeights:
             dst.copy_(self.host[j], non_blocking=True)
             self.ready[j].record(self.stream)
 
+    def start_pass(self) -> None:
+        """Pre-hook of the first decoder layer: start copying the first offloaded layer, so the
+        resident layers before it overlap the copy."""
+        self._copy(0)
+
     def before_layer(self, j: int) -> None:
         """Pre-hook of offloaded layer ``j``: its weights are in place when it runs, and the next
         offloaded layer's copy is under way."""
-        if j == 0:
-            self._copy(0)
         if self.stream is not None:
             torch.cuda.current_stream().wait_event(self.ready[j])
         if j + 1 < len(self.host):
@@ -147,7 +158,7 @@ def offload_weights(model: nn.Module, cpu_offload_gb: float, device: torch.devic
     if cpu_offload_gb <= 0:
         raise ValueError(f"cpu_offload_gb must be > 0 GiB to offload anything, got {cpu_offload_gb}")
     layers = decoder_layers(model)
-    owned = _owned_tensors(layers)
+    owned = _owned_tensors(model, layers)
     layer_bytes = [_layout(ts)[1] for ts in owned]
     nbytes = int(cpu_offload_gb * 2**30)
     total = sum(layer_bytes)
@@ -176,6 +187,7 @@ def offload_weights(model: nn.Module, cpu_offload_gb: float, device: torch.devic
         weights.released = [torch.cuda.Event() for _ in chosen]
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the layers' old device storage goes back before the KV pool is sized
+    layers[0].register_forward_pre_hook(lambda _module, _args: weights.start_pass())  # runs first
     for j, i in enumerate(chosen):
         layers[i].register_forward_pre_hook(lambda _module, _args, j=j: weights.before_layer(j))
     model._host_weights = weights  # lives as long as the model
