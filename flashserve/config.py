@@ -468,7 +468,8 @@ class EngineArgs:
     distributed_timeout_s: float = _arg(300.0, "seconds a silent rank may take before the engine reports it hung "
                                                "and shuts down")
     cpu_offload_gb: float = _arg(0.0, "GiB of the decoder-layer weights kept in host memory and streamed to the "
-                                      "device layer by layer before use (for models larger than the GPU)")
+                                      "device layer by layer before use (frees device memory; the model is still "
+                                      "loaded onto the device first)")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
