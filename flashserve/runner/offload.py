@@ -130,7 +130,7 @@ class HostWeights:
         if self.stream is None:
             dst.copy_(self.host[j])
             return
-        main = torch.cuda.current_stream()
+        main = torch.cuda.current_stream(self.staging[0].device)
         self.released[j].record(main)  # everything before this point (the buffer's last user) is done
         self.stream.wait_event(self.released[j])
         with torch.cuda.stream(self.stream):
@@ -146,7 +146,7 @@ class HostWeights:
         """Pre-hook of offloaded layer ``j``: its weights are in place when it runs, and the next
         offloaded layer's copy is under way."""
         if self.stream is not None:
-            torch.cuda.current_stream().wait_event(self.ready[j])
+            torch.cuda.current_stream(self.staging[0].device).wait_event(self.ready[j])
         if j + 1 < len(self.host):
             self._copy(j + 1)
 
