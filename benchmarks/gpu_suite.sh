@@ -23,6 +23,8 @@
 #                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
 #   bash benchmarks/gpu_suite.sh dist      # distributed: NCCL tests (2+ GPUs), process boundary at world size 1
 #   bash benchmarks/gpu_suite.sh serve DIR # bench serve 200/200 against flashserve serve on dummy weights of DIR
+#   bash benchmarks/gpu_suite.sh offload   # weights streamed from host (25/50/75% of Llama-3.1-8B) and host KV-tier
+#                                          # prefix hits, against the pinned copy bandwidth (docs/distributed.md)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -157,8 +159,12 @@ case "${1:-}" in
     kill "$server"
     wait "$server" 2> /dev/null
     ;;
+  offload)  # docs/distributed.md "Offloading": GPU tests (graphs and eager), then the 8B table (~2 min)
+    stage offload-tests 40 python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py
+    stage offload-llama8b 150 $fs bench offload --output-json "$out/offload-llama8b.json"
+    ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|moe-e2e|attn|spec|dist|serve [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|moe-e2e|attn|spec|dist|serve|offload|disagg [...]" >&2
     exit 2
     ;;
 esac

@@ -35,6 +35,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "moe": ("flashserve.bench.moe", "fused MoE kernel vs a loop over experts, one layer of Qwen3-30B-A3B / Mixtral-8x7B"),
     "attention": ("flashserve.bench.attention", "decode attention and tok/s of windowed / selective attention (GPU)"),
     "attention-quality": ("flashserve.bench.attention_quality", "perplexity of each attention kind against its KV budget"),
+    "offload": ("flashserve.bench.offload", "decode tok/s with weights streamed from host memory, host KV-tier prefix hits"),
 }
 
 

@@ -176,6 +176,9 @@ class CacheConfig:
     # auto: the model's dtype; int8 / fp8 (e4m3): 8-bit K/V with a scale per token and head
     # (flashserve.kernels.kv_quant), about twice the tokens for the same bytes.
     kv_cache_dtype: str = "auto"
+    # GiB of host memory (pinned on CUDA) that keeps prefix-cache blocks evicted from the device pool;
+    # a later prefix hit copies them back instead of recomputing (flashserve.cache.host_tier). 0: off.
+    kv_host_cache_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -188,6 +191,11 @@ class CacheConfig:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
         if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_host_cache_gb < 0:
+            raise ValueError(f"kv_host_cache_gb must be >= 0 GiB, got {self.kv_host_cache_gb}")
+        if self.kv_host_cache_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_host_cache_gb keeps evicted prefix-cache blocks, so it needs prefix caching; "
+                             "drop --no-prefix-caching or set kv_host_cache_gb=0")
 
 
 @dataclass
@@ -353,6 +361,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks one model is split over (flashserve.distributed)
     pipeline_parallel_size: int = 1  # stages of consecutive layers, each of tensor_parallel_size ranks
     distributed_timeout_s: float = 300.0  # a rank silent this long is reported as hung
+    # GiB of decoder-layer weights kept in host memory (pinned on CUDA) and streamed to the device
+    # layer by layer before use (flashserve.runner.offload). 0: every weight on the device.
+    cpu_offload_gb: float = 0.0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -377,6 +388,8 @@ class EngineConfig:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+        if self.cpu_offload_gb < 0:
+            raise ValueError(f"cpu_offload_gb must be >= 0 GiB, got {self.cpu_offload_gb}")
 
     @property
     def world_size(self) -> int:
@@ -412,6 +425,8 @@ class EngineArgs:
     swap_space_bytes: int = _arg(0, "host memory for swapped-out KV blocks")
     kv_cache_dtype: str = _arg("auto", "KV cache element type: the model's dtype, or 8 bits with an fp16 scale "
                                        "per token and head (about twice the tokens)", choices=("auto", "int8", "fp8"))
+    kv_host_cache_gb: float = _arg(0.0, "GiB of host memory that keeps prefix-cache KV blocks evicted from the "
+                                        "device; a later hit copies them back instead of recomputing")
     max_num_seqs: int = _arg(256, "requests running at once")
     max_num_batched_tokens: int | None = _arg(None, "tokens computed in one step, prefill + decode (default: 8192 on "
                                                     "GPU, 64 on CPU, where a bigger step stalls every stream)")
@@ -452,6 +467,9 @@ class EngineArgs:
                                           "--tensor-parallel-size ranks)")
     distributed_timeout_s: float = _arg(300.0, "seconds a silent rank may take before the engine reports it hung "
                                                "and shuts down")
+    cpu_offload_gb: float = _arg(0.0, "GiB of the decoder-layer weights kept in host memory and streamed to the "
+                                      "device layer by layer before use (frees device memory; the model is still "
+                                      "loaded onto the device first)")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -473,6 +491,7 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
             distributed_timeout_s=self.distributed_timeout_s,
+            cpu_offload_gb=self.cpu_offload_gb,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,
@@ -480,6 +499,7 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
                 swap_space_bytes=self.swap_space_bytes,
                 kv_cache_dtype=self.kv_cache_dtype,
+                kv_host_cache_gb=self.kv_host_cache_gb,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -117,15 +117,16 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def make_tiny_checkpoint(arch: str, folder: str | Path, seed: int = 0) -> torch.nn.Module:
-    """Write a tiny random checkpoint of ``arch`` (a TINY_ARCHS key) to ``folder``.
+def make_tiny_checkpoint(arch: str, folder: str | Path, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """Write a tiny random checkpoint of ``arch`` (a TINY_ARCHS key) to ``folder``; ``overrides``
+    replace config values (e.g. ``num_hidden_layers=5``).
 
     Returns the transformers model (fp32, eval, eager attention) that wrote it, as the oracle.
     """
     import transformers
 
     config_cls, model_cls, extra = TINY_ARCHS[arch]
-    kwargs = {**_COMMON, **extra}
+    kwargs = {**_COMMON, **extra, **overrides}
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)

@@ -36,7 +36,9 @@ Invariants (``check_invariants``): free + cached-evictable + in use = total; no 
 free and referenced; reference counts never negative; every hashed block is in the hash map.
 
 Host blocks (swap space) are plain slots counted by ``HostBlockAllocator``; the copy itself is
-done by the runner (``flashserve.runner.swap``).
+done by the runner (``flashserve.runner.swap``). With a host tier (``attach_host_tier``,
+``flashserve.cache.host_tier``) an evicted cached block is saved to host memory, and a lookup
+continues into the tier: its hits come back into fresh device blocks (``PrefixHit.host``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flashserve.request import Request
@@ -70,6 +72,7 @@ class BlockPool:
         self.block_hash: dict[int, bytes] = {}
         self.cached: dict[bytes, int] = {}
         self.num_evictions = 0
+        self.on_evict: Callable[[int, bytes], None] | None = None  # told of each evicted (block, hash)
 
     @property
     def num_free(self) -> int:
@@ -95,8 +98,11 @@ class BlockPool:
                 b = self._free.popleft()
             else:
                 b, _ = self._evictable.popitem(last=False)
-                del self.cached[self.block_hash.pop(b)]
+                h = self.block_hash.pop(b)
+                del self.cached[h]
                 self.num_evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict(b, h)
             self.ref_counts[b] = 1
             blocks.append(b)
         return blocks
@@ -183,10 +189,13 @@ class HostBlockAllocator:
 
 @dataclass
 class PrefixHit:
-    """Result of a prefix-cache lookup: the cached blocks and how many tokens they cover."""
+    """Result of a prefix-cache lookup: the cached blocks and how many tokens they cover.
+    ``host``: (index in ``blocks``, hash) of the blocks found in the host tier, whose entry in
+    ``blocks`` is -1 (a fresh device block takes their place when they are loaded)."""
 
     blocks: list[int]
     num_tokens: int
+    host: tuple[tuple[int, bytes], ...] = ()
 
 
 class BlockManager:
@@ -204,6 +213,8 @@ class BlockManager:
         self._committed: dict[str, int] = {}  # leading blocks of each table already committed
         self.prefix_queries = 0  # tokens looked up (at admission)
         self.prefix_hits = 0  # of which found cached
+        self.host_tier = None  # flashserve.cache.host_tier.HostPrefixTier, or None
+        self.host_tier_hits = 0  # of the hits, tokens brought back from the host tier
 
     @property
     def num_blocks(self) -> int:
@@ -247,13 +258,26 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return PrefixHit([], 0)
         num_full = (len(token_ids) - 1) // self.block_size
-        blocks = []
+        blocks, host, tier = [], [], self.host_tier
         for h in self._chain(request_id, token_ids, num_full)[:num_full]:
             b = self.pool.cached.get(h)
             if b is None:
-                break
+                if tier is None or h not in tier:
+                    break
+                host.append((len(blocks), h))
+                b = -1
             blocks.append(b)
-        return PrefixHit(blocks, len(blocks) * self.block_size)
+        return PrefixHit(blocks, len(blocks) * self.block_size, tuple(host))
+
+    # ----------------------------------------------------------------- host tier
+    def attach_host_tier(self, tier) -> None:
+        """Save evicted cached blocks to ``tier`` (a ``HostPrefixTier``) and look them up there."""
+        self.host_tier = tier
+        self.pool.on_evict = tier.on_evict
+
+    def take_host_tier_moves(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """(saves, loads) of the host tier for the plan being built (none without a tier)."""
+        return self.host_tier.take_moves() if self.host_tier is not None else ((), ())
 
     def commit(self, request: Request) -> None:
         """Register the request's blocks that are full of computed (or being computed by a
@@ -286,19 +310,29 @@ class BlockManager:
         if prefix is None and -(-total_tokens // self.block_size) <= len(table):
             return table  # the common decode step: the last block has room
         reused = prefix.blocks if prefix is not None and not table else []
-        extra = self.blocks_needed(total_tokens) - len(table) - len(reused)
+        host = prefix.host if reused else ()  # hits in the host tier: -1 in ``reused``
+        extra = self.blocks_needed(total_tokens) - len(table) - len(reused) + len(host)
         # Cached blocks with no references count as free: reusing them takes them off that list.
-        revived = sum(1 for b in reused if self.pool.ref_counts[b] == 0)
+        revived = sum(1 for b in reused if b >= 0 and self.pool.ref_counts[b] == 0)
         if extra + revived > self.pool.num_free:
             if not table:
                 del self.tables[request_id]
             return None
         for b in reused:
-            self.pool.touch(b)
+            if b >= 0:
+                self.pool.touch(b)
+        # Claim the host hits before allocating: the allocation may evict (and save) device blocks,
+        # and a save must not take a host block this step loads from.
+        slots = [self.host_tier.claim(h) for _, h in host]
+        fresh = iter(self.pool.allocate(extra) if extra > 0 else [])
+        reused = [b if b >= 0 else next(fresh) for b in reused]
+        for (i, h), slot in zip(host, slots):
+            self.pool.register(reused[i], h)  # a device hit again for whoever asks next
+            self.host_tier.load(slot, reused[i])
         table.extend(reused)
-        if extra > 0:
-            table.extend(self.pool.allocate(extra))
+        table.extend(fresh)
         self.prefix_hits += len(reused) * self.block_size
+        self.host_tier_hits += len(host) * self.block_size
         return table
 
     def trim(self, request_id: str, start: int) -> None:
@@ -383,6 +417,8 @@ class BlockManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
+        if self.host_tier is not None:
+            self.host_tier.check_invariants()
         refs = [0] * self.pool.num_blocks
         for table in self.tables.values():
             for b in table:

@@ -190,14 +190,31 @@ class GroupedBlockManager(BlockManager):
 
 
 def make_block_manager(config: ModelConfig, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                       num_host_blocks: int) -> BlockManager:
+                       num_host_blocks: int, num_host_cache_blocks: int = 0) -> BlockManager:
     """The block manager for the model's layout: one table (plain, or released out of the window
-    when every layer is windowed) or one per group of layers."""
+    when every layer is windowed) or one per group of layers. ``num_host_cache_blocks``: the host
+    KV tier of the prefix cache (``flashserve.cache.host_tier``), host blocks after the swap slots."""
     layout = kv_layout(config)
     if layout.num_groups > 1:
+        check_host_tier(layout, num_host_cache_blocks)
         return GroupedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks, layout)
     group = layout.groups[0]
     if group.span is None:
-        return BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
-    return WindowedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks,
-                                sinks=group.sinks, span=group.span)
+        bm = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
+    else:
+        bm = WindowedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks,
+                                  sinks=group.sinks, span=group.span)
+    if num_host_cache_blocks and enable_prefix_caching:
+        from flashserve.cache.host_tier import HostPrefixTier
+
+        bm.attach_host_tier(HostPrefixTier(num_host_cache_blocks, first_id=num_host_blocks))
+    return bm
+
+
+def check_host_tier(layout: KVLayout, num_host_cache_blocks: int) -> None:
+    """Refuse the host KV tier for models whose layers keep several block tables: a hit would have
+    to come back in every group at once, which the tier does not do."""
+    if num_host_cache_blocks and layout.num_groups > 1:
+        raise ValueError(f"kv_host_cache_gb (the host KV tier of the prefix cache) is not supported for models whose "
+                         f"layers keep different KV spans ({layout.num_groups} groups, e.g. Gemma 3's local and "
+                         f"global layers); set kv_host_cache_gb=0")

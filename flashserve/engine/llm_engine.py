@@ -53,6 +53,7 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    prefix_cache_host_hits: int = 0  # of the hits, tokens brought back from the host KV tier
     num_rank_preemptions: int = 0
     spec: Any = None  # flashserve.spec.controller.SpecStats when speculating
 
@@ -126,7 +127,8 @@ class LLMEngine:
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
         self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
-                                                config.cache.enable_prefix_caching, info.num_host_blocks)
+                                                config.cache.enable_prefix_caching, info.num_host_blocks,
+                                                info.num_host_cache_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
         self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
@@ -407,6 +409,8 @@ class LLMEngine:
         if bm.allocate_slots(rid, len(token_ids)) is None:
             raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache ({bm.num_free_blocks} free blocks "
                              f"of {bm.block_size} tokens); score a shorter text or give the cache more memory")
+        if bm.host_tier is not None:  # blocks it evicted are overwritten now, outside any plan
+            bm.host_tier.cancel_saves()
         try:
             tables = bm.block_tables(rid)
             table = tables[0] if len(tables) == 1 else tables
@@ -428,6 +432,7 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
+            prefix_cache_host_hits=bm.host_tier_hits,
             num_rank_preemptions=self.scheduler.num_rank_preemptions,
             spec=replace(self.speculation.stats) if self.speculation is not None else None,
         )

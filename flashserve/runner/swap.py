@@ -78,7 +78,12 @@ class HostSwapSpace:
 
 
 def apply_block_copies(device_pool: torch.Tensor, swap: HostSwapSpace | None, copies: BlockCopy) -> None:
-    """Execute a plan's block moves: device copies (forked beams), swap-outs, then swap-ins."""
+    """Execute a plan's block moves: host-tier saves of evicted blocks (read before anything
+    writes them), device copies (forked beams), swap-outs, then swap-ins (and host-tier loads)."""
+    if copies.host_save:
+        if swap is None:
+            raise RuntimeError("the plan saves blocks to the host KV tier but the engine has no host space")
+        swap.swap_out(device_pool, list(copies.host_save))
     if copies.copy:
         blocks = whole_blocks(device_pool)  # [L, 2, N, ...]: values and (8-bit) scales together
         src = torch.tensor([s for s, _ in copies.copy], device=device_pool.device)

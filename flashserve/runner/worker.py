@@ -69,6 +69,8 @@ class WorkerInfo:
     graph_capture_seconds: float | None
     max_decode_graph_batch: int | None
     weight_bytes: int
+    num_host_cache_blocks: int = 0  # the prefix cache's host tier, host blocks after the swap slots
+    offloaded_weight_bytes: int = 0  # weights kept in host memory and streamed in (cpu_offload_gb)
 
 
 @dataclass
@@ -137,6 +139,11 @@ class Worker:
                                    attention=config.attention)
         if self.device.type == "cpu":
             pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
+        self.offload = None
+        if config.cpu_offload_gb > 0:  # after packing, which would copy the streamed views away
+            from flashserve.runner.offload import offload_weights
+
+            self.offload = offload_weights(self.model, config.cpu_offload_gb, self.device)
         load_s = time.perf_counter() - t0
 
         sched, cache = config.scheduler, config.cache
@@ -144,6 +151,9 @@ class Worker:
         # Layers of different memory kinds keep separate block tables over one pool whose blocks hold
         # ``slab`` layers each (flashserve.cache.kv_groups); one kind: every layer, one table.
         self.layout = layout = kv_layout(model_config)
+        from flashserve.cache.kv_groups import check_host_tier
+
+        check_host_tier(layout, int(cache.kv_host_cache_gb > 0))
         self.speculator = None
         if config.speculative is not None:  # its draft model (if any) loads before the KV pool is sized
             from flashserve.spec.speculator import Speculator
@@ -167,7 +177,13 @@ class Worker:
         for layer, group in zip(attention_layers, layout.layer_group):
             layer.kv_group = group
         num_host_blocks = cache.swap_space_bytes // plan.bytes_per_block
-        self.swap_space = HostSwapSpace(self.kv_pool, num_host_blocks) if num_host_blocks else None
+        # the prefix cache's host tier shares the swap space's host tensor, after the swap slots
+        num_cache_blocks = int(cache.kv_host_cache_gb * 2**30) // plan.bytes_per_block
+        if cache.kv_host_cache_gb > 0 and num_cache_blocks == 0:
+            raise ValueError(f"kv_host_cache_gb={cache.kv_host_cache_gb} holds no KV block of {plan.bytes_per_block} "
+                             f"bytes; give at least {plan.bytes_per_block / 2**30:.6f} GiB")
+        total_host = num_host_blocks + num_cache_blocks
+        self.swap_space = HostSwapSpace(self.kv_pool, total_host) if total_host else None
         self.sampler = Sampler(self.device, model_config.vocab_size, config.seed)
         self.sampler.logits_processors = LogitsProcessors.for_engine(config, eos_token_ids)
         self.max_blocks = -(-max_model_len // self.block_size)
@@ -206,7 +222,9 @@ class Worker:
             num_blocks=plan.num_blocks, block_size=self.block_size, bytes_per_block=plan.bytes_per_block,
             num_host_blocks=num_host_blocks, load_seconds=load_s,
             graph_capture_seconds=self.graphs.capture_seconds if self.graphs else None,
-            max_decode_graph_batch=self.graphs.decode_sizes[-1] if self.graphs else None, weight_bytes=weights)
+            max_decode_graph_batch=self.graphs.decode_sizes[-1] if self.graphs else None, weight_bytes=weights,
+            num_host_cache_blocks=num_cache_blocks,
+            offloaded_weight_bytes=self.offload.host_bytes if self.offload is not None else 0)
 
     def _check_fits_one_sequence(self, num_blocks: int, max_model_len: int, max_step_tokens: int) -> None:
         """With several groups of layers, one sequence of ``max_model_len`` needs the whole context

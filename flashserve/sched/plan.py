@@ -61,15 +61,17 @@ class ScheduledRequest(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class BlockCopy:
-    """Block moves executed by the Worker before the step: device -> device copies of forked
-    beams' last blocks, then host <-> device moves for swap preemption."""
+    """Block moves executed by the Worker before the step: saves of evicted prefix blocks to the
+    host tier, device -> device copies of forked beams' last blocks, then host <-> device moves
+    for swap preemption and host-tier prefix hits (``flashserve.cache.host_tier``)."""
 
     swap_out: tuple[tuple[int, int], ...] = ()  # (device block, host block)
     swap_in: tuple[tuple[int, int], ...] = ()  # (host block, device block)
     copy: tuple[tuple[int, int], ...] = ()  # (device block, device block)
+    host_save: tuple[tuple[int, int], ...] = ()  # (device block, host block), before anything else
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in or self.copy)
+        return bool(self.swap_out or self.swap_in or self.copy or self.host_save)
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,8 +202,9 @@ class Scheduler:
                     continue
             scheduled.append(self._claim(request, num_new, num_spec))
             budget -= num_new
-        if swap_out or swap_in or self._block_copies:
-            copies = BlockCopy(tuple(swap_out), tuple(swap_in), tuple(self._block_copies))
+        saves, loads = self.block_manager.take_host_tier_moves()  # evicted prefix blocks to / from host
+        if swap_out or swap_in or self._block_copies or saves or loads:
+            copies = BlockCopy(tuple(swap_out), tuple(swap_in) + loads, tuple(self._block_copies), saves)
             self._block_copies.clear()
         return self._plan(scheduled, preempted, copies)
 

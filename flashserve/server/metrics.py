@@ -51,6 +51,9 @@ class _EngineCollector(Collector):
                                       value=stats.prefix_cache_hits)
             yield GaugeMetricFamily(f"{p}_prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
                                     value=stats.prefix_cache_hits / stats.prefix_cache_queries)
+            yield CounterMetricFamily(f"{p}_prefix_cache_host_hits", "Of the prefix-cache hits, prompt tokens "
+                                      "brought back from the host KV tier.",
+                                      value=getattr(stats, "prefix_cache_host_hits", 0))
         spec = getattr(stats, "spec", None)
         if spec is not None:  # speculative decoding, labelled by method
             for name, family, help_text, value in (
