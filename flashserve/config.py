@@ -353,6 +353,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks one model is split over (flashserve.distributed)
     pipeline_parallel_size: int = 1  # stages of consecutive layers, each of tensor_parallel_size ranks
     distributed_timeout_s: float = 300.0  # a rank silent this long is reported as hung
+    disaggregated: bool = False  # prefill and decode Workers in two processes, KV sent between them
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -452,6 +453,9 @@ class EngineArgs:
                                           "--tensor-parallel-size ranks)")
     distributed_timeout_s: float = _arg(300.0, "seconds a silent rank may take before the engine reports it hung "
                                                "and shuts down")
+    disaggregated: bool = _arg(False, "disaggregated prefill and decode: a prefill Worker and a decode Worker in "
+                                      "their own processes, each prompt's KV blocks sent from one to the other "
+                                      "(docs/distributed.md)", flag="--disaggregated")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -473,6 +477,7 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
             distributed_timeout_s=self.distributed_timeout_s,
+            disaggregated=self.disaggregated,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

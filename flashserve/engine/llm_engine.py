@@ -125,11 +125,16 @@ class LLMEngine:
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
-        self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
-                                                config.cache.enable_prefix_caching, info.num_host_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
-        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
+        if hasattr(self.executor, "make_core"):  # disaggregated prefill/decode: a router over two pools
+            self.core = self.executor.make_core(sched_cfg, mc, self.max_model_len, config.cache.enable_prefix_caching,
+                                                cost_model)
+            self.block_manager = self.core.block_manager
+        else:
+            self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
+                                                    config.cache.enable_prefix_caching, info.num_host_blocks)
+            self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
         self.scheduler = self.core.scheduler
         self.graph_capture_seconds = info.graph_capture_seconds
         self.detokenizer = Detokenizer(self.tokenizer)

@@ -1,0 +1,135 @@
+"""Disaggregated prefill/decode on CPU (gloo, a prefill and a decode Worker process): the same tokens
+as one process under batching, chunked prefill, prefix sharing and decode-side preemption; a
+first token that stops the request never reaches the decode side; a killed Worker is named and
+the engine shuts down; combinations it does not support are clear errors before any process
+starts."""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+from flashserve.config import EngineArgs
+from flashserve.distributed.disagg import DECODE, PREFILL
+from flashserve.engine.llm_engine import LLMEngine
+
+BLOCK = 2 * 2 * 4 * 2 * 16 * 4  # bytes of one fp32 block of llama3_gqa: layers x K/V x 4 tokens x 2 KV heads x 16
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3_gqa")
+    make_tiny_checkpoint("llama3_gqa", folder, seed=7)
+    return str(folder)
+
+
+def workload(n=10):
+    rng = random.Random(5)
+    stem = [rng.randrange(3, 500) for _ in range(20)]
+    prompts = [stem[: rng.randrange(6, 20)] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 24))]
+               for _ in range(n)]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, seed=9, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]  # done at the prefill side
+    return prompts, [params[i % 3] for i in range(n)]
+
+
+def run(folder, max_model_len=96, **kw):
+    prompts, params = workload()
+    llm = LLM(model=folder, device="cpu", block_size=4, max_model_len=max_model_len, verbose=False, **kw)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine
+    finally:
+        llm.engine.shutdown()
+
+
+def test_disaggregated_gives_the_tokens_of_one_process(ckpt):
+    kw = dict(kv_cache_bytes=1 << 20, max_num_batched_tokens=24)  # prompts are chunked and batched
+    ref, _ = run(ckpt, **kw)
+    got, engine = run(ckpt, disaggregated=True, **kw)
+    assert got == ref
+    core = engine.core
+    # every request that decodes past its first token went through a hand-off (cached prefix
+    # blocks already on the decode side are not sent)
+    assert core.num_transfers == sum(1 for t in got if len(t) > 1)
+    assert 0 < core.blocks_transferred <= sum(-(-len(p) // 4) for p in workload()[0])
+    assert not core.requests and core.decode_blocks.num_used_blocks == 0 and core.prefill_blocks.num_used_blocks == 0
+
+
+def test_disaggregated_under_decode_preemption(ckpt):
+    # 16 blocks of 4 tokens per side (one 64-token sequence): the decode side runs out while its
+    # requests grow
+    kw = dict(kv_cache_bytes=16 * BLOCK, max_model_len=64, max_num_batched_tokens=40, preemption_mode="recompute")
+    ref, _ = run(ckpt, **kw)
+    got, engine = run(ckpt, disaggregated=True, **kw)
+    assert engine.core.decode.num_preemptions > 0
+    assert got == ref
+
+
+def _started(folder, **kw):
+    engine = LLMEngine(EngineArgs(model=folder, device="cpu", block_size=4, max_model_len=96, kv_cache_bytes=1 << 20,
+                                  disaggregated=True, **kw).engine_config(), verbose=False)
+    prompts, params = workload(4)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    engine.step()
+    engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("rank", [PREFILL, DECODE])
+def test_killed_worker_is_named_and_the_engine_shuts_down(ckpt, rank):
+    engine = _started(ckpt)
+    proc = engine.executor.processes[rank]
+    other = engine.executor.processes[DECODE if rank == PREFILL else PREFILL]
+    name = "prefill" if rank == PREFILL else "decode"
+    os.kill(proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"the {name} worker \(pid {proc.pid}\) was killed by SIGKILL"):
+        for _ in range(40):
+            engine.step()
+    assert time.monotonic() - t0 < 20
+    assert engine.executor.dead_reason.startswith(f"the {name} worker")
+    assert not other.is_alive()  # both Workers are gone
+    with pytest.raises(RuntimeError, match=f"the disaggregated engine is down: the {name} worker"):
+        engine.step()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(tensor_parallel_size=2), "does not combine with tensor_parallel_size=2"),
+    (dict(kv_cache_dtype="int8"), r"cannot hand off an 8-bit KV cache \(kv_cache_dtype='int8'"),
+    (dict(attention="sliding", attention_window=8), "hands off full-attention KV only; attention='sliding'"),
+])
+def test_unsupported_combinations_are_clear_errors(ckpt, bad, message):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        LLM(model=ckpt, device="cpu", disaggregated=True, verbose=False, **bad)
+    assert time.monotonic() - t0 < 5  # refused before any process starts
+
+
+def test_beam_search_is_refused(ckpt):
+    from flashserve.spec.beam import BeamSearchParams
+
+    engine = LLMEngine(EngineArgs(model=ckpt, device="cpu", block_size=4, max_model_len=96, kv_cache_bytes=1 << 20,
+                                  disaggregated=True).engine_config(), verbose=False)
+    try:
+        engine.add_beam_request("b", [5, 6, 7, 8], BeamSearchParams(beam_width=2, max_tokens=4))
+        with pytest.raises(ValueError, match="beam search is not supported with disaggregated"):
+            for _ in range(20):
+                engine.step()
+    finally:
+        engine.shutdown()
+
+
+def test_cli_flag():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli(parser.parse_args(["--disaggregated"])).engine_config().disaggregated
+    assert not EngineArgs.from_cli(parser.parse_args([])).engine_config().disaggregated
