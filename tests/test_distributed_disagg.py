@@ -133,3 +133,20 @@ def test_cli_flag():
     EngineArgs.add_cli_args(parser)
     assert EngineArgs.from_cli(parser.parse_args(["--disaggregated"])).engine_config().disaggregated
     assert not EngineArgs.from_cli(parser.parse_args([])).engine_config().disaggregated
+
+
+def test_gather_and_scatter_blocks_round_trip():
+    import torch
+
+    from flashserve.distributed.disagg import gather_blocks, scatter_blocks
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(3, 2, 10, 4, 2, 8, generator=g)
+    dst = torch.randn(3, 2, 12, 4, 2, 8, generator=g)
+    before = dst.clone()
+    data = gather_blocks(src, (7, 2, 5))
+    assert torch.equal(data, src[:, :, [7, 2, 5]])
+    scatter_blocks(dst, (0, 11, 3), data)
+    assert torch.equal(dst[:, :, [0, 11, 3]], src[:, :, [7, 2, 5]])
+    untouched = [b for b in range(12) if b not in (0, 11, 3)]
+    assert torch.equal(dst[:, :, untouched], before[:, :, untouched])
