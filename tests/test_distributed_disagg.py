@@ -100,6 +100,71 @@ def test_killed_worker_is_named_and_the_engine_shuts_down(ckpt, rank):
         engine.step()
 
 
+def test_stopped_worker_times_out_with_a_clear_error(ckpt):
+    engine = _started(ckpt, distributed_timeout_s=3.0)
+    proc = engine.executor.processes[DECODE]
+    os.kill(proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=rf"the decode worker \(pid {proc.pid}\) is stopped"):
+            for _ in range(40):
+                engine.step()
+    finally:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGCONT)
+    assert time.monotonic() - t0 < 15
+    proc.join(timeout=5)
+    assert not proc.is_alive()
+
+
+def _phase(core, rid):
+    if any(r.request_id == rid for r in core.queue):
+        return "queued"
+    if rid in core._prefilling:
+        return "prefilling"
+    if any(r.request_id == rid for r, _ in core._ready):
+        return "handing off"
+    return "decoding" if rid in core.decode.requests else "done"
+
+
+def test_aborts_in_every_phase_free_both_pools(ckpt):
+    """Requests aborted while queued for a decode reservation, prefilling, or decoding leave no
+    block behind on either side, and the others get the tokens they get alone."""
+    prompts, _ = workload(8)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    engine = LLMEngine(EngineArgs(model=ckpt, device="cpu", block_size=4, max_model_len=96, kv_cache_bytes=1 << 20,
+                                  max_num_seqs=3, max_num_batched_tokens=16, disaggregated=True).engine_config(),
+                       verbose=False)
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        phases, done = {}, {}
+        for step in range(200):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+            now = {str(i): _phase(engine.core, str(i)) for i in range(8) if str(i) not in done and str(i) not in phases}
+            for phase in ("queued", "prefilling", "handing off", "decoding"):
+                rid = next((r for r, ph in now.items() if ph == phase), None)
+                if phase not in phases.values() and rid is not None and len(phases) < 4:
+                    phases[rid] = phase
+                    assert engine.abort_request(rid)
+                    break
+            if not engine.has_unfinished_requests():
+                break
+        core = engine.core
+        assert {"queued", "prefilling", "decoding"} <= set(phases.values()), phases
+        assert not core.requests and not core._prefilling and not core._ready
+        assert core.prefill_blocks.num_used_blocks == 0 and core.decode_blocks.num_used_blocks == 0
+        assert len(done) == 8 - len(phases)
+    finally:
+        engine.shutdown()
+    llm = LLM(model=ckpt, device="cpu", block_size=4, max_model_len=96, kv_cache_bytes=1 << 20, verbose=False)
+    ids = sorted(done, key=int)
+    ref = llm.generate([prompts[int(i)] for i in ids], params, use_tqdm=False)
+    assert [done[i] for i in ids] == [o.outputs[0].token_ids for o in ref]
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(tensor_parallel_size=2), "does not combine with tensor_parallel_size=2"),
     (dict(kv_cache_dtype="int8"), r"cannot hand off an 8-bit KV cache \(kv_cache_dtype='int8'"),
