@@ -215,3 +215,50 @@ def test_gather_and_scatter_blocks_round_trip():
     assert torch.equal(dst[:, :, [0, 11, 3]], src[:, :, [7, 2, 5]])
     untouched = [b for b in range(12) if b not in (0, 11, 3)]
     assert torch.equal(dst[:, :, untouched], before[:, :, untouched])
+
+
+def test_router_recomputes_on_the_decode_side_a_prompt_preempted_on_the_prefill_side():
+    """The router alone (pure Python, its plans answered with fixed tokens, one step in flight as
+    in the engine's loop). A prompt whose last chunk is in flight is preempted on the prefill side
+    (forced here; a full prefill pool or a higher-ranked prompt does it in the engine). Its first
+    token still arrives, but its KV is gone: the decode side recomputes it instead of receiving
+    it, and every request gets all its tokens with both pools empty at the end."""
+    from flashserve.cache.block_manager import BlockManager
+    from flashserve.config import SchedulerConfig
+    from flashserve.distributed.disagg import DisaggOutput, DisaggregatedCore
+    from flashserve.request import Request
+    from flashserve.sched.plan import SampledTokens, WorkerOutput
+
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=9, preemption_mode="recompute")
+    core = DisaggregatedCore(config, BlockManager(8, 4), BlockManager(64, 4), max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    requests = [Request(str(i), [20 + i] * 9, params, [0]) for i in range(3)]
+    for r in requests:
+        core.add_request(r)
+
+    def answer(plan):
+        def out(sub):
+            return WorkerOutput(sub.step_id, {e.request_id: SampledTokens((7,)) for e in sub.requests if e.sample})
+        return DisaggOutput(plan.step_id, out(plan.prefill), out(plan.decode))
+
+    inflight, transfers, decode_prompt_tokens = None, [], 0
+    for step in range(100):
+        plan = core.schedule()
+        if step == 0:
+            assert [e.request_id for e in plan.prefill.requests] == ["0"]
+        if step == 1:  # as if this plan preempted request 0, whose only chunk is still in flight
+            core.prefill._preempt(core.prefill.requests["0"], [], [])
+        transfers += [t.request_id for t in plan.transfers]
+        decode_prompt_tokens += sum(e.num_new_tokens for e in plan.decode.requests if e.request_id == "0"
+                                    and e.start_pos < 10)
+        if inflight is not None:
+            for r, _ in core.update(inflight, answer(inflight)):
+                if r.is_finished:
+                    core.finish_request(r.request_id, r.status)
+        inflight = None if plan.is_empty else plan
+        if not core.has_unfinished() and inflight is None:
+            break
+    assert all(r.output_token_ids == [7] * 4 for r in requests)
+    assert transfers == ["1", "2"] and requests[0].metrics.num_preemptions == 1
+    assert decode_prompt_tokens == 10  # request 0's prompt and first token, recomputed on the decode side
+    assert core.prefill_blocks.num_used_blocks == 0 and core.decode_blocks.num_used_blocks == 0

@@ -284,7 +284,6 @@ class DisaggregatedCore:
                 # recomputes it, as after a decode-side preemption.
                 self.decode_blocks.free(rid)
                 self._decode_hits.pop(rid, None)
-                request.metrics.num_preemptions += 1
                 self.decode.add_request(request)
             else:
                 self._ready.append((request, src))
