@@ -183,10 +183,14 @@ def test_beam_search_is_refused(ckpt):
     engine = LLMEngine(EngineArgs(model=ckpt, device="cpu", block_size=4, max_model_len=96, kv_cache_bytes=1 << 20,
                                   disaggregated=True).engine_config(), verbose=False)
     try:
-        engine.add_beam_request("b", [5, 6, 7, 8], BeamSearchParams(beam_width=2, max_tokens=4))
         with pytest.raises(ValueError, match="beam search is not supported with disaggregated"):
-            for _ in range(20):
-                engine.step()
+            engine.add_beam_request("b", [5, 6, 7, 8], BeamSearchParams(beam_width=2, max_tokens=4))
+        assert not engine.has_unfinished_requests()
+        out = None  # the engine still serves plain requests
+        engine.add_request("p", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            out = engine.step() or out
+        assert len(out[0].outputs[0].token_ids) == 3
     finally:
         engine.shutdown()
 

@@ -255,6 +255,9 @@ class LLMEngine:
         it finishes: one CompletionOutput per kept hypothesis, best first. ValueError for bad input."""
         if request_id in self._parents or self.beams.owns(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.config.disaggregated:  # beams fork on the decode side only; not built
+            raise ValueError("beam search is not supported with disaggregated prefill and decode; "
+                             "run it on a colocated engine")
         if isinstance(prompt, str):
             token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt, add_special_tokens)
         else:
