@@ -166,7 +166,6 @@ class DisaggregatedCore:
     decode_blocks: BlockManager
     max_model_len: int
     cost_model: PreemptionCostModel | None = None
-    speculation: None = None
     requests: dict[str, Request] = field(default_factory=dict)  # every unfinished request, by id
     queue: list[Request] = field(default_factory=list)  # waiting for a decode-side reservation
     _prefilling: dict[str, Request] = field(default_factory=dict)  # on the prefill side (as a copy)
