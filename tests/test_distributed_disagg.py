@@ -167,6 +167,7 @@ def test_aborts_in_every_phase_free_both_pools(ckpt):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(tensor_parallel_size=2), "does not combine with tensor_parallel_size=2"),
+    (dict(executor="process"), "starts its own Worker processes; leave executor='inproc'"),
     (dict(kv_cache_dtype="int8"), r"cannot hand off an 8-bit KV cache \(kv_cache_dtype='int8'"),
     (dict(attention="sliding", attention_window=8), "hands off full-attention KV only; attention='sliding'"),
 ])

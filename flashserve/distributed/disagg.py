@@ -491,6 +491,9 @@ def check_disaggregated(config: EngineConfig, model_config: ModelConfig) -> None
         raise ValueError("disaggregated prefill/decode runs one Worker per side; it does not combine with "
                          f"tensor_parallel_size={config.tensor_parallel_size} or "
                          f"pipeline_parallel_size={config.pipeline_parallel_size}")
+    if config.executor != "inproc":
+        raise ValueError(f"disaggregated prefill/decode starts its own Worker processes; leave executor='inproc' "
+                         f"(got executor={config.executor!r})")
     if config.speculative is not None or config.early_exit is not None:
         raise ValueError("disaggregated prefill/decode does not combine with speculative decoding or early exit")
     if config.cache.kv_cache_dtype != "auto":
