@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import multiprocessing as mp
 import random
@@ -120,6 +121,10 @@ def _serve(kwargs: dict, prompts: list[list[int]], new_tokens: int) -> tuple[dic
         wall = time.perf_counter() - t0
     finally:
         llm.engine.shutdown()
+        del llm  # the colocated Worker's weights and pool live in this process: free them for the next run
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     ttft = sorted(o.metrics.time_to_first_token for o in outs)
     tpot = sorted(o.metrics.time_per_output_token(new_tokens) for o in outs)
 
