@@ -22,6 +22,8 @@
 #   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
 #                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
 #   bash benchmarks/gpu_suite.sh dist      # distributed: NCCL tests (2+ GPUs), process boundary at world size 1
+#   bash benchmarks/gpu_suite.sh disagg    # disaggregated prefill/decode on one GPU: tokens, KV hand-off per block,
+#                                          # TTFT/TPOT against the colocated engine (Llama-3.1-8B dummy weights)
 #   bash benchmarks/gpu_suite.sh serve DIR # bench serve 200/200 against flashserve serve on dummy weights of DIR
 #   bash benchmarks/gpu_suite.sh offload   # weights streamed from host (25/50/75% of Llama-3.1-8B) and host KV-tier
 #                                          # prefix hits, against the pinned copy bandwidth (docs/distributed.md)
@@ -144,6 +146,14 @@ case "${1:-}" in
     stage attn-tests 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_window_kernels.py \
       tests/kernels/test_attention_sparse_kinds.py tests/test_attention_gpu.py
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
+    ;;
+  disagg)  # docs/distributed.md: disaggregated prefill/decode, two processes on one GPU (~2.5 min): tokens against
+           # one GPU, then KV hand-off time per block at Llama-3.1-8B shapes (host-staged gloo on one GPU, NCCL
+           # when there are two) and TTFT/TPOT of 32 requests against the colocated engine (dummy weights)
+    stage disagg-tests 40 python3 -m pytest -q -p no:cacheprovider tests/test_distributed_disagg_gpu.py -rs
+    stage disagg-bench 120 $fs bench disagg --model llama-3.1-8b --load-format dummy --max-model-len 2048 \
+      --kv-cache-bytes $((16 << 30)) --blocks 1,16,64,256 --requests 32 --prompt-len 512 --new-tokens 64 \
+      --output-json "$out/disagg.json"
     ;;
   serve)  # issue 8's serving targets: flashserve serve on dummy weights, then bench serve 200/200 at 10, 45 and
            # unbounded req/s. $2: a folder with config.json and tokenizer files whose vocabulary matches the

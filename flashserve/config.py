@@ -364,6 +364,7 @@ class EngineConfig:
     # GiB of decoder-layer weights kept in host memory (pinned on CUDA) and streamed to the device
     # layer by layer before use (flashserve.runner.offload). 0: every weight on the device.
     cpu_offload_gb: float = 0.0
+    disaggregated: bool = False  # prefill and decode Workers in two processes, KV sent between them
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -470,6 +471,9 @@ class EngineArgs:
     cpu_offload_gb: float = _arg(0.0, "GiB of the decoder-layer weights kept in host memory and streamed to the "
                                       "device layer by layer before use (frees device memory; the model is still "
                                       "loaded onto the device first)")
+    disaggregated: bool = _arg(False, "disaggregated prefill and decode: a prefill Worker and a decode Worker in "
+                                      "their own processes, each prompt's KV blocks sent from one to the other "
+                                      "(docs/distributed.md)", flag="--disaggregated")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -492,6 +496,7 @@ class EngineArgs:
             pipeline_parallel_size=self.pipeline_parallel_size,
             distributed_timeout_s=self.distributed_timeout_s,
             cpu_offload_gb=self.cpu_offload_gb,
+            disaggregated=self.disaggregated,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

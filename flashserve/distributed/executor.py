@@ -91,6 +91,32 @@ def _store_timeout(timeout_s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(timeout_s, 120.0))
 
 
+def process_state(store: dist.Store, rank: int, process: mp.Process | None, timeout_s: float) -> str:
+    """What became of a rank's process: the traceback it recorded in the store, its exit code or
+    signal, 'stopped' (SIGSTOP), or silent for ``timeout_s``. ``process`` None: started elsewhere
+    (torchrun), nothing more to see from here."""
+    key = f"failure/{rank}"
+    try:
+        if store.check([key]):
+            return "failed:\n" + store.get(key).decode()
+    except Exception:
+        pass
+    if process is None:
+        return "did not answer"
+    process.join(timeout=0.5)
+    if process.exitcode is not None:
+        if process.exitcode < 0:
+            return f"(pid {process.pid}) was killed by {signal.Signals(-process.exitcode).name}"
+        return f"(pid {process.pid}) exited with code {process.exitcode}"
+    try:
+        with open(f"/proc/{process.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return f"(pid {process.pid}) is stopped"
+    except OSError:
+        pass
+    return f"(pid {process.pid}) did not answer within {timeout_s:g} s"
+
+
 def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.timedelta, device: str,
                  tp: int = 1) -> tuple[dist.ProcessGroup, ParallelContext]:
     """(control group: gloo; this rank's ParallelContext: world and tensor-parallel groups, NCCL
@@ -252,27 +278,8 @@ class DistributedExecutor:
     # ----------------------------------------------------------------- failure handling
     def _rank_state(self, rank: int) -> str:
         """What became of a rank: its exit code / signal, 'stopped', or 'alive'."""
-        key = f"failure/{rank}"
-        try:
-            if self._store.check([key]):
-                return "failed:\n" + self._store.get(key).decode()
-        except Exception:
-            pass
-        if rank - 1 >= len(self.processes):
-            return "did not answer"  # started by torchrun: nothing more to see from here
-        p = self.processes[rank - 1]
-        p.join(timeout=0.5)
-        if p.exitcode is not None:
-            if p.exitcode < 0:
-                return f"(pid {p.pid}) was killed by {signal.Signals(-p.exitcode).name}"
-            return f"(pid {p.pid}) exited with code {p.exitcode}"
-        try:
-            with open(f"/proc/{p.pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                    return f"(pid {p.pid}) is stopped"
-        except OSError:
-            pass
-        return f"(pid {p.pid}) did not answer within {self.timeout_s:g} s"
+        process = self.processes[rank - 1] if rank - 1 < len(self.processes) else None
+        return process_state(self._store, rank, process, self.timeout_s)
 
     def _fail(self, cause: BaseException) -> RuntimeError:
         states = {r: self._rank_state(r) for r in range(1, self.world)}

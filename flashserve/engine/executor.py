@@ -41,6 +41,10 @@ class InProcExecutor:
 
 def make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
                   eos_token_ids: tuple[int, ...]):
+    if config.disaggregated:
+        from flashserve.distributed.disagg import DisaggregatedExecutor
+
+        return DisaggregatedExecutor(config, model_config, max_model_len, eos_token_ids)
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
         from flashserve.distributed.executor import DistributedExecutor
 

@@ -126,12 +126,17 @@ class LLMEngine:
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
-        self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
-                                                config.cache.enable_prefix_caching, info.num_host_blocks,
-                                                info.num_host_cache_blocks)
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
-        self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
+        if hasattr(self.executor, "make_core"):  # disaggregated prefill/decode: a router over two pools
+            self.core = self.executor.make_core(sched_cfg, mc, self.max_model_len, config.cache.enable_prefix_caching,
+                                                cost_model)
+            self.block_manager = self.core.block_manager
+        else:
+            self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
+                                                    config.cache.enable_prefix_caching, info.num_host_blocks,
+                                                    info.num_host_cache_blocks)
+            self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
         self.scheduler = self.core.scheduler
         self.graph_capture_seconds = info.graph_capture_seconds
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -252,6 +257,9 @@ class LLMEngine:
         it finishes: one CompletionOutput per kept hypothesis, best first. ValueError for bad input."""
         if request_id in self._parents or self.beams.owns(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.config.disaggregated:  # beams fork on the decode side only; not built
+            raise ValueError("beam search is not supported with disaggregated prefill and decode; "
+                             "run it on a colocated engine")
         if isinstance(prompt, str):
             token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt, add_special_tokens)
         else:
