@@ -170,6 +170,7 @@ def test_aborts_in_every_phase_free_both_pools(ckpt):
     (dict(executor="process"), "starts its own Worker processes; leave executor='inproc'"),
     (dict(kv_cache_dtype="int8"), r"cannot hand off an 8-bit KV cache \(kv_cache_dtype='int8'"),
     (dict(attention="sliding", attention_window=8), "hands off full-attention KV only; attention='sliding'"),
+    (dict(kv_host_cache_gb=0.01), r"kv_host_cache_gb=0.01 is not supported with it"),
 ])
 def test_unsupported_combinations_are_clear_errors(ckpt, bad, message):
     t0 = time.monotonic()

@@ -503,6 +503,9 @@ def check_disaggregated(config: EngineConfig, model_config: ModelConfig) -> None
     if config.attention is not None:
         raise ValueError(f"disaggregated prefill/decode hands off full-attention KV only; attention="
                          f"{config.attention.kind!r} keeps other state (leave attention='auto')")
+    if config.cache.kv_host_cache_gb > 0:
+        raise ValueError(f"disaggregated prefill/decode keeps each side's prefix cache on its device only; "
+                         f"kv_host_cache_gb={config.cache.kv_host_cache_gb} is not supported with it (use 0)")
     if kv_layout(model_config).num_groups > 1:
         raise ValueError("disaggregated prefill/decode does not support models whose layers keep different KV "
                          "spans (e.g. Gemma 3's local and global layers, or a sliding-window attention option)")
