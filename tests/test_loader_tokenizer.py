@@ -1,12 +1,26 @@
-"""The embedded GGUF's cached tokenizer, loaded without AutoTokenizer, behaves exactly as
-AutoTokenizer's load of the same cache: same class, token ids, special tokens, chat prompt."""
+"""The embedded GGUF's cached tokenizer, loaded through the ``tokenizers`` library without
+transformers (``FastTokenizer``), behaves exactly as AutoTokenizer's load of the same cache:
+token ids with and without special tokens, decoded text, vocabulary, special tokens, chat
+prompts; what it does not implement is delegated to the transformers tokenizer."""
 
 from __future__ import annotations
+
+import copy
+import random
 
 from transformers import AutoTokenizer
 
 from flashserve.loader import default_model_path
 from flashserve.loader.tokenizer import gguf_tokenizer_cache_dir, load_gguf_tokenizer
+from flashserve.loader.tokenizer_fast import FastTokenizer
+
+TEXTS = ["Quantized weights: ünïcode, numbers 12345, code `x = y[0]`\n\tand spaces.",
+         "<|im_start|>user\nHi there<|im_end|>  trailing  ", "", " leading space", "emoji 🙂 and 中文"]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}],
+]
 
 
 def test_cached_gguf_tokenizer_equals_autotokenizer():
@@ -14,11 +28,44 @@ def test_cached_gguf_tokenizer_equals_autotokenizer():
     load_gguf_tokenizer(path)  # converts and caches on a fresh machine
     fast = load_gguf_tokenizer(path)  # from the cache
     auto = AutoTokenizer.from_pretrained(str(gguf_tokenizer_cache_dir(path)))
-    assert type(fast) is type(auto)
-    text = "Quantized weights: ünïcode, numbers 12345, code `x = y[0]`\n\tand spaces."
-    assert fast(text)["input_ids"] == auto(text)["input_ids"]
-    assert fast.all_special_ids == auto.all_special_ids and fast.eos_token_id == auto.eos_token_id
-    chat = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = fast.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    assert prompt == auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    assert prompt.endswith("<|im_start|>assistant\n")
+    assert isinstance(fast, FastTokenizer) and fast._hf is None
+    for text in TEXTS:
+        for special in (True, False):
+            assert fast.encode(text, add_special_tokens=special) == auto.encode(text, add_special_tokens=special)
+        assert fast(text)["input_ids"] == auto(text)["input_ids"]
+    rng = random.Random(0)
+    ids = [rng.randrange(len(auto)) for _ in range(300)] + [auto.eos_token_id, 1, 2]
+    for skip in (True, False):
+        assert fast.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip)
+        assert fast.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False) == \
+            auto.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert len(fast) == len(auto) and fast.get_vocab() == auto.get_vocab()
+    assert fast.convert_ids_to_tokens(ids[:20]) == auto.convert_ids_to_tokens(ids[:20])
+    assert fast.all_special_ids == auto.all_special_ids and fast.all_special_tokens == auto.all_special_tokens
+    assert (fast.eos_token_id, fast.bos_token_id, fast.pad_token_id, fast.eos_token) == \
+        (auto.eos_token_id, auto.bos_token_id, auto.pad_token_id, auto.eos_token)
+    for chat in CHATS:
+        for gen in (True, False):
+            prompt = fast.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
+            assert prompt == auto.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
+        assert fast.apply_chat_template(chat, add_generation_prompt=True) == \
+            list(auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert prompt.startswith("<|im_start|>system\nBe brief.")
+    assert fast._hf is None  # nothing above needed transformers' tokenizer
+    clone = copy.deepcopy(fast)
+    assert clone.encode(TEXTS[0]) == fast.encode(TEXTS[0])
+    assert fast.name_or_path == auto.name_or_path  # delegated: loads the transformers tokenizer once
+    assert fast._hf is not None
+
+
+def test_tokenizer_load_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from flashserve.loader import default_model_path; "
+            "from flashserve.loader.tokenizer import load_gguf_tokenizer; "
+            "t = load_gguf_tokenizer(default_model_path()); t.apply_chat_template([{'role': 'user', 'content': 'x'}]); "
+            "print(type(t).__name__, 'transformers' in sys.modules)")
+    load_gguf_tokenizer(default_model_path())  # the cache exists
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["FastTokenizer", "False"]

@@ -166,7 +166,8 @@ class LogitsProcessors:
             import llguidance
             import llguidance.hf
 
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab_size,
+            hf = getattr(self.tokenizer, "hf", self.tokenizer)  # a FastTokenizer's transformers tokenizer
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size,
                                                               eos_token=self.eos_token_ids or None)
             self._ll_vocab = vocab_size
             self._executor = llguidance.LLExecutor()

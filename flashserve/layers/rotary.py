@@ -82,14 +82,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
+def rotate_q_k(q: torch.Tensor, k: torch.Tensor, cos_full: torch.Tensor,
+               sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary`` of q and k over whole heads in one pass (rotary_dim == head_dim).
+
+    ``x * [cos, cos] + swap_halves(x) * [-sin, sin]`` is the rotate_half formula term by term
+    (``x1 cos - x2 sin`` as ``x1 cos + x2 (-sin)``: the same fp32 values), in five tensor ops
+    for both instead of about twenty: at batch-1 decode the per-op cost dominates these tiny
+    tensors. q: [T, H, D], k: [T, Hkv, D]; cos_full, sin_signed: [T, 1, D] fp32."""
+    heads = q.shape[1]
+    x = torch.cat([q, k], dim=1).float()  # [T, H + Hkv, D]
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    out = (x * cos_full + swapped * sin_signed).to(q.dtype)
+    return out[:, :heads], out[:, heads:]
+
+
 @dataclass(frozen=True)
 class RopeInputs:
     """One forward pass's rope inputs, looked up once and shared by every layer: the positions
-    (the fused kernel reads the cache itself), or cos/sin rows [T, 1, rotary_dim / 2] fp32."""
+    (the fused kernel reads the cache itself), or cos/sin rows [T, 1, rotary_dim / 2] fp32
+    (plus, for whole-head rotation, ``[cos, cos]`` and ``[-sin, sin]`` rows [T, 1, rotary_dim])."""
 
     positions: torch.Tensor  # [T]
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    cos_full: torch.Tensor | None = None
+    sin_signed: torch.Tensor | None = None
 
 
 class RotaryEmbedding(nn.Module):
@@ -127,7 +145,9 @@ class RotaryEmbedding(nn.Module):
             return RopeInputs(positions)
         cos_sin = self.cos_sin_cache.index_select(0, positions).float()  # [T, rd]
         cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
-        return RopeInputs(positions, cos, sin)
+        if self.rotary_dim != self.head_dim:
+            return RopeInputs(positions, cos, sin)
+        return RopeInputs(positions, cos, sin, torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
 
     def forward(self, rope: RopeInputs, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
@@ -135,4 +155,6 @@ class RotaryEmbedding(nn.Module):
             from flashserve.kernels.rotary import rotary_embedding
 
             return rotary_embedding(rope.positions, q, k, self.cos_sin_cache, self.head_dim)  # type: ignore[return-value]
+        if rope.cos_full is not None:
+            return rotate_q_k(q, k, rope.cos_full, rope.sin_signed)
         return apply_rotary(q, rope.cos, rope.sin, self.rotary_dim), apply_rotary(k, rope.cos, rope.sin, self.rotary_dim)

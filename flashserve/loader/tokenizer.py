@@ -3,8 +3,10 @@
 Converting a GGUF tokenizer with transformers takes ~10 s, so the converted tokenizer (chat
 template included) is saved once under ``$FLASHSERVE_CACHE`` (default ``~/.cache/flashserve``)
 in ``tokenizers/<sha256 of path, size, mtime>`` and reloaded from there in well under a second.
-A cached tokenizer of the generic class is loaded through ``PreTrainedTokenizerFast`` itself:
-``AutoTokenizer`` first indexes every model of transformers (~1.5 s of CPU time here).
+A cached tokenizer of the generic class is loaded through the ``tokenizers`` library directly
+(``tokenizer_fast.FastTokenizer``: importing transformers alone costs ~1 s of CPU), or else
+through ``PreTrainedTokenizerFast`` itself: ``AutoTokenizer`` first indexes every model of
+transformers (~1.5 s of CPU time here).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flashserve.loader.tokenizer_fast import GENERIC_FAST_CLASSES, FastTokenizer
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# tokenizer_class values that name the generic fast tokenizer (transformers 5 / 4 spelling)
-GENERIC_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def cache_root() -> Path:
@@ -39,6 +41,8 @@ def gguf_tokenizer_cache_dir(gguf_path: str | Path) -> Path:
 def _load_cached(cache: Path) -> Any:
     """A tokenizer saved by ``load_gguf_tokenizer``; the generic class without AutoTokenizer."""
     config = json.loads((cache / "tokenizer_config.json").read_text())
+    if FastTokenizer.usable(config) and (cache / "tokenizer.json").is_file():
+        return FastTokenizer(cache, config)  # no transformers import (~1 s of CPU)
     if config.get("tokenizer_class") in GENERIC_FAST_CLASSES and (cache / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 

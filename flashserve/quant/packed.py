@@ -146,6 +146,16 @@ class Int4Weight(PackedWeight):
         self.register_buffer("packed", packed if packed is not None else quant_cpu.pack_int4_for_cpu(u), persistent=False)
         self.register_buffer("scale_zeros", quant_cpu.scale_zeros_for_cpu(scales, zeros), persistent=False)
         self.padded = pad > 0
+        if perm is None and not self.padded:  # chosen once: no per-call checks at batch-1 decode
+            self.forward = self._cpu_forward
+
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the CPU for a weight without column permutation or padded rows."""
+        if self.planes > 1:
+            x = torch.cat([x] * self.planes, dim=1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(quant_cpu.ACT_DTYPE).contiguous(), self.packed,
+                                                       self.group, self.scale_zeros)
+        return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
