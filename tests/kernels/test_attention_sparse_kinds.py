@@ -14,6 +14,7 @@ from flashserve.config import AttentionSpec
 from flashserve.kernels.reference import gather_kv_ref
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.layers.attention_metadata import AttentionMetadata
+from flashserve.cache.window import h2o_kept
 from flashserve.layers.sparse_attention import kept_tokens, lsh_buckets
 
 CPU = torch.device("cpu")
@@ -128,7 +129,8 @@ def _meta(starts, q_lens, tables, block_size):
 def test_h2o_steps_match_a_dense_simulation(budget, sinks):
     """A prompt chunk then decode steps: outputs equal a dense H2O run (per KV head: attend to
     kept tokens, add each key's attention to its score, evict the lowest beyond the budget
-    except sinks and the recent half), and the kept count and the sinks hold at every step."""
+    except sinks and the recent half), the kept count and the sinks hold at every step, and the
+    backend holds exactly the kept keys, compacted into the last slots."""
     torch.manual_seed(0)
     spec = AttentionSpec("h2o", kv_budget=budget, num_sinks=sinks)
     hq, hkv, d, bs, total = 4, 2, 8, 4, 30
@@ -161,7 +163,12 @@ def test_h2o_steps_match_a_dense_simulation(budget, sinks):
             free = [j for j in live if j >= sinks and j < end - keep // 2]
             for j in sorted(free, key=lambda j: float(score[j, kv]))[: max(excess, 0)]:
                 alive[j, kv] = False
-        assert alive[:sinks].all() and (alive[:end].sum(0) == keep).all()
+        assert alive[:sinks].all() and (alive[:end].sum(0) == h2o_kept(budget, sinks, end)).all()
+        # each KV head's kept keys sit compacted, in order, at logical positions [end - kept, end)
+        pos = torch.arange(end - h2o_kept(budget, sinks, end), end)
+        slots = torch.tensor(table)[pos // bs] * bs + pos % bs
+        for kv in range(hkv):
+            assert torch.equal(k_cache.flatten(0, 1)[slots, kv], k_all[:end][alive[:end, kv], kv])
 
 
 def test_quest_decode_kernel_matches_torch_backend(device):
