@@ -110,7 +110,8 @@ class _GroupTables(WindowedBlockManager):
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else self._salt, token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else self._chain_root(request_id, self._salt),
+                                     token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
 
@@ -147,8 +148,8 @@ class GroupedBlockManager(BlockManager):
         need = sum(max(0, -(-total_tokens // self.block_size) - len(g.tables.get(request_id, ()))) for g in self.groups)
         return need <= self.pool.num_free
 
-    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> PrefixHit:
-        hits = [g.lookup_prefix(request_id, token_ids) for g in self.groups]
+    def lookup_prefix(self, request_id: str, token_ids: list[int], salt: list[int] | None = None) -> PrefixHit:
+        hits = [g.lookup_prefix(request_id, token_ids, salt) for g in self.groups]
         n = min(len(h.blocks) for h in hits)
         return GroupedPrefixHit([h.blocks[:n] for h in hits], n * self.block_size)
 

@@ -18,6 +18,7 @@ from flashserve.kernels import kv_quant
 from flashserve.kernels.reference import window_mask
 from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
+from flashserve.layers.request_attention import layer_spec_for
 from flashserve.layers.sparse_attention import SideStates, h2o_evict_and_compact, h2o_region_start, visible_keys
 
 
@@ -173,10 +174,12 @@ class TorchAttentionBackend(AttentionBackend):
             raise ValueError(f"{spec.kind} attention needs a KV cache")
         outputs = []
         start = 0
+        layer_spec = spec
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             end = start + query_len
             if query_len == 0:
                 continue
+            spec = layer_spec if meta.seq_attention is None else layer_spec_for(layer_spec, meta.seq_attention[i])
             if has_cache:
                 sink_end, lo = key_positions(spec, seq_len, query_len)
                 slots, k_pos = self._context_slots(meta, i, k_cache, sink_end, lo)  # [S]
