@@ -221,18 +221,20 @@ def quest_block_tables(
     G = Hq // Hkv
     P = block_tables.shape[1]
     num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
-    if q.is_cuda:  # one pass over the bounds (flashserve.kernels.quest)
-        from flashserve.kernels.quest import quest_page_scores
+    if q.is_cuda:  # two launches: page scores, then the exact top pages (flashserve.kernels.quest)
+        from flashserve.kernels.quest import quest_page_scores, quest_select
 
         bound = quest_page_scores(q, state.bounds, block_tables, seq_lens, bs)  # [B, Hkv, P]
-    else:
-        bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
-        lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
-        bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
+        return quest_select(bound, block_tables, seq_lens, bs, spec.kv_budget, spec.num_sinks, min(max_pages, P))
+    # the torch reference of those two kernels (ties: topk's order instead of the earliest pages)
+    bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
+    lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
+    bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
     page_ids = torch.arange(P, device=q.device)
     sink_pages = -(-spec.num_sinks // bs)
-    forced = (page_ids[None, :] == num_pages[:, None] - 1) | (page_ids[None, :] < sink_pages)
-    bound = bound.masked_fill((page_ids[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
+    inside = page_ids[None, :] < num_pages[:, None]  # [B, P]
+    forced = ((page_ids[None, :] == num_pages[:, None] - 1) | (page_ids[None, :] < sink_pages)) & inside
+    bound = bound.masked_fill(~inside[:, None, :], float("-inf"))
     bound = bound.masked_fill(forced[:, None, :], float("inf"))
     want = torch.clamp(torch.ceil(spec.kv_budget * num_pages.double()).long(), min=1 + sink_pages)
     want = torch.minimum(want, num_pages)  # [B] pages read by each sequence's query
