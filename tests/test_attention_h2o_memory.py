@@ -5,6 +5,8 @@ tokens equal a reference H2O that keeps every token at its slot and masks the ev
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -103,7 +105,7 @@ def test_h2o_kept_count_does_not_depend_on_the_steps():
             alive = seq = 0
             for n in steps:
                 seq, alive = seq + n, alive + n
-                keep = max(-(-int(budget * 1e9) * seq // int(1e9)), sinks + 1)
+                keep = max(math.ceil(budget * seq), sinks + 1)
                 protected = min(seq, sinks + keep // 2)
                 if alive > keep:
                     alive = max(keep, protected)
@@ -169,3 +171,27 @@ def test_h2o_preemption_recomputes_and_prefix_caching_is_off(tiny):
     assert sum(a.token_ids == b.token_ids for a, b in zip(outs, roomy)) >= len(batch) // 2
     assert tight.engine.block_manager.num_used_blocks == 0
     tight.engine.block_manager.check_invariants()
+
+
+def test_grouped_layout_releases_h2o_groups_below_their_kept_tokens():
+    """Gemma-3-like local/global layers with --attention h2o: the local groups release out of their
+    window, the H2O group below its kept tokens; no prefix sharing, no swap."""
+    from flashserve.cache.kv_groups import GroupedBlockManager, kv_layout
+    from flashserve.config import LayerSpec, ModelConfig
+
+    local = LayerSpec(AttentionSpec("sliding", 8, rope_theta=1e4), "gated_gelu_tanh")
+    glob = LayerSpec(AttentionSpec(), "gated_gelu_tanh")
+    mc = ModelConfig("gemma3", 10, 8, 16, 6, 1, 1, 8, 64, hidden_act="gelu_pytorch_tanh",
+                     layer_types=tuple(local if i % 6 < 5 else glob for i in range(6)))
+    layout = kv_layout(mc.with_attention(AttentionSpec("h2o", kv_budget=0.2, num_sinks=2)))
+    assert [g.kv_budget for g in layout.groups] == [None] * 5 + [0.2] and layout.groups[5].sinks == 2
+    bm = GroupedBlockManager(256, 4, True, 16, layout)
+    assert bm.allocate_slots("a", 101) is not None
+    bm.trim("a", 100)  # window 8: positions >= 93; H2O: 20 kept tokens at [80, 100)
+    tables = bm.block_tables("a")
+    assert all(t[:23] == [HOLE] * 23 and HOLE not in t[23:] for t in tables[:5])
+    assert tables[5][:20] == [HOLE] * 20 and HOLE not in tables[5][20:]
+    assert not bm.can_swap_out("a") and bm.lookup_prefix("b", list(range(3, 60))).num_tokens == 0
+    bm.check_invariants()
+    bm.free("a")
+    assert bm.num_used_blocks == 0
