@@ -195,3 +195,8 @@ def test_grouped_layout_releases_h2o_groups_below_their_kept_tokens():
     bm.check_invariants()
     bm.free("a")
     assert bm.num_used_blocks == 0
+
+
+def test_h2o_with_speculative_decoding_is_a_clear_error():
+    with pytest.raises(ValueError, match="use speculative decoding or h2o, not both"):
+        LLM(model="unused", speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **H2O)
