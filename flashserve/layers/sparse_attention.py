@@ -195,7 +195,7 @@ def h2o_evict_and_compact(
     dest = slots[R - kept :]
     state.score[dest] = score.gather(0, order)
     rows = order[..., None].expand(kept, Hkv, k_cache.shape[3])
-    if kv_quant.is_quantized(k_cache):  # dequantize, move, quantize again (same scales, same values)
+    if kv_quant.is_quantized(k_cache):  # dequantize, move, quantize again (not tested: h2o with an 8-bit KV)
         k = kv_quant.gather(k_cache, slots, torch.float32).gather(0, rows)
         v = kv_quant.gather(v_cache, slots, torch.float32).gather(0, rows)
         kv_quant.store(k, v, k_cache, v_cache, dest)
