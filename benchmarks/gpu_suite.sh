@@ -131,7 +131,7 @@ case "${1:-}" in
     ;;
   attn)  # docs/attention.md: window / sinks / Quest in the Triton kernels, then the 32k decode table
     stage attn-tests 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_window_kernels.py \
-      tests/kernels/test_attention_sparse_kinds.py tests/kernels/test_attention_request_options.py \
+      tests/kernels/test_attention_sparse_kinds.py tests/kernels/test_attention_request_option_kernels.py \
       tests/test_attention_gpu.py
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
     ;;
