@@ -144,7 +144,8 @@ case "${1:-}" in
     ;;
   attn)  # docs/attention.md: window / sinks / Quest in the Triton kernels, then the 32k decode table
     stage attn-tests 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_window_kernels.py \
-      tests/kernels/test_attention_sparse_kinds.py tests/test_attention_gpu.py
+      tests/kernels/test_attention_sparse_kinds.py tests/kernels/test_attention_request_option_kernels.py \
+      tests/test_attention_gpu.py
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
     ;;
   disagg)  # docs/distributed.md: disaggregated prefill/decode, two processes on one GPU (~2.5 min): tokens against

@@ -383,6 +383,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.speculative is not None and self.early_exit is not None:
             raise ValueError("speculative decoding and early exit are separate modes; choose one")
+        if self.speculative is not None and self.attention is not None and self.attention.kind == "h2o":
+            raise ValueError("h2o attention evicts and compacts the KV after every step, which rejected "
+                             "speculative drafts would corrupt; use speculative decoding or h2o, not both")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:

@@ -114,6 +114,13 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
 
     @property
+    def prefix_salt(self) -> list[int] | None:
+        """Tokens that start this request's prefix-cache hash chain (its attention option's), or None."""
+        from flashserve.layers.request_attention import prefix_salt
+
+        return prefix_salt(self.params.attention)
+
+    @property
     def all_token_ids(self) -> list[int]:
         """Prompt and output tokens whose values are known (pending ones excluded), as a new list."""
         return self.prompt_token_ids + self.output_token_ids

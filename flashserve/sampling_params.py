@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_N = 128  # sequences per request (OpenAI's limit)
 MAX_STOP_STRINGS = 16
@@ -83,6 +84,10 @@ class SamplingParams:
     priority: int = 0
     # Speculative decoding for this request: None = the engine's setting, 0 = off, k = at most k drafts.
     num_speculative_tokens: int | None = None
+    # Attention of the layers the engine runs with full attention, for this request: None (the
+    # engine's), or {"kind": "window", "window": W[, "dilation": D]} / {"kind": "sinks", "window": W,
+    # "sinks": N} / {"kind": "full"}; parsed into an AttentionSpec (flashserve.layers.request_attention).
+    attention: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +96,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias is not None:
             self.logit_bias = dict(self.logit_bias) or None
+        from flashserve.layers.request_attention import parse_request_attention
+
+        self.attention = parse_request_attention(self.attention)
         self.validate()
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0

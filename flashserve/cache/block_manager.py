@@ -211,6 +211,7 @@ class BlockManager:
         self.host_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # chain hashes of each request's full blocks
         self._committed: dict[str, int] = {}  # leading blocks of each table already committed
+        self._salts: dict[str, list[int]] = {}  # tokens that start a request's hash chain (lookup_prefix)
         self.prefix_queries = 0  # tokens looked up (at admission)
         self.prefix_hits = 0  # of which found cached
         self.host_tier = None  # flashserve.cache.host_tier.HostPrefixTier, or None
@@ -249,12 +250,22 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else self._chain_root(request_id, None),
+                                     token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
-    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> PrefixHit:
+    def _chain_root(self, request_id: str, root: bytes | None) -> bytes | None:
+        """Parent hash of a request's first block: ``root``, salted by the request's salt if any."""
+        salt = self._salts.get(request_id)
+        return root if salt is None else hash_block(root, salt)
+
+    def lookup_prefix(self, request_id: str, token_ids: list[int], salt: list[int] | None = None) -> PrefixHit:
         """Longest cached run of full blocks at the start of ``token_ids``, leaving at least the
-        last token to compute (so the step has logits to sample from). Takes no references."""
+        last token to compute (so the step has logits to sample from). Takes no references.
+        ``salt``: tokens that start the request's hash chain, so that requests whose K/V differ
+        for the same tokens (per-request attention options) share blocks only among themselves."""
+        if salt is not None:
+            self._salts[request_id] = salt
         if not self.enable_prefix_caching:
             return PrefixHit([], 0)
         num_full = (len(token_ids) - 1) // self.block_size
@@ -380,6 +391,7 @@ class BlockManager:
     def free(self, request_id: str) -> None:
         """Release every block the request holds (a no-op for unknown ids)."""
         self._hashes.pop(request_id, None)
+        self._salts.pop(request_id, None)
         self._committed.pop(request_id, None)
         table = self.tables.pop(request_id, None)
         if table:

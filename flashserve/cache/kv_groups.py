@@ -16,6 +16,10 @@ one group of every layer: the plain layout, and the plain ``BlockManager`` / ``W
 ``WindowedBlockManager`` (a full group never trims) on the shared pool and host allocator, with
 its own prefix-cache hash chain (salted by the group, so groups never share a block). A prefix hit
 is the shortest hit over the groups; allocation succeeds for all groups or for none.
+
+H2O layers (heavy hitters at a KV budget) are a memory kind too: their group keeps only the region
+of compacted kept tokens (``flashserve.cache.window.EvictingBlockManager``) and never takes part in
+prefix caching (so a model with an H2O group gets no prefix hits).
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flashserve.cache.block_manager import BlockManager, BlockPool, HostBlockAllocator, PrefixHit, hash_block
-from flashserve.cache.window import HOLE, WindowedBlockManager
+from flashserve.cache.window import HOLE, EvictingBlockManager, WindowedBlockManager, h2o_kept
 from flashserve.config import ModelConfig
 from flashserve.request import Request
 
 
 @dataclass(frozen=True)
 class KVGroup:
-    """Layers sharing one block table; ``span`` None: every position is kept."""
+    """Layers sharing one block table; ``span`` None: every position is kept; ``kv_budget``:
+    H2O layers (the compacted kept tokens only)."""
 
     layers: tuple[int, ...]
     sinks: int = 0
     span: int | None = None
+    kv_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,23 +57,29 @@ class KVLayout:
 
 def kv_layout(config: ModelConfig) -> KVLayout:
     """Group the layers by memory kind (see module docstring)."""
-    kinds: dict[tuple[int, int | None], list[int]] = {}
+    kinds: dict[tuple[int, int | None, float | None], list[int]] = {}
     for i in range(config.num_layers):
         spec = config.layer_spec(i).attention
-        key = (spec.num_sinks, spec.span) if spec.kind == "sliding" else (0, None)
+        if spec.kind == "sliding":
+            key = (spec.num_sinks, spec.span, None)
+        elif spec.kind == "h2o":
+            key = (spec.num_sinks, None, spec.kv_budget)
+        else:
+            key = (0, None, None)
         kinds.setdefault(key, []).append(i)
     if len(kinds) == 1:
-        (sinks, span), layers = next(iter(kinds.items()))
-        return KVLayout((KVGroup(tuple(layers), sinks, span),), len(layers), (0,) * len(layers), tuple(range(len(layers))))
+        (sinks, span, kv_budget), layers = next(iter(kinds.items()))
+        return KVLayout((KVGroup(tuple(layers), sinks, span, kv_budget),), len(layers), (0,) * len(layers),
+                        tuple(range(len(layers))))
     slab = min(len(v) for v in kinds.values())
     groups: list[KVGroup] = []
     layer_group, layer_slab = [0] * config.num_layers, [0] * config.num_layers
-    for (sinks, span), layers in kinds.items():
+    for (sinks, span, kv_budget), layers in kinds.items():
         for start in range(0, len(layers), slab):
             chunk = layers[start : start + slab]
             for row, layer in enumerate(chunk):
                 layer_group[layer], layer_slab[layer] = len(groups), row
-            groups.append(KVGroup(tuple(chunk), sinks, span))
+            groups.append(KVGroup(tuple(chunk), sinks, span, kv_budget))
     return KVLayout(tuple(groups), slab, tuple(layer_group), tuple(layer_slab))
 
 
@@ -76,10 +88,18 @@ class _GroupTables(WindowedBlockManager):
 
     def __init__(self, pool: BlockPool, host: HostBlockAllocator, block_size: int, enable_prefix_caching: bool,
                  group: KVGroup, index: int) -> None:
-        super().__init__(1, block_size, enable_prefix_caching, 0, sinks=group.sinks, span=group.span or 0)
+        evicting = group.kv_budget is not None  # H2O: compacted, never shared (flashserve.cache.window)
+        super().__init__(1, block_size, enable_prefix_caching and not evicting, 0,
+                         sinks=0 if evicting else group.sinks, span=group.span or 0)
         self.pool, self.host = pool, host
-        self.windowed = group.span is not None
+        self.group = group
+        self.windowed = group.span is not None or evicting
         self._salt = hash_block(None, [-1 - index])
+
+    def oldest_read(self, start: int) -> int:
+        if self.group.kv_budget is not None:
+            return start - h2o_kept(self.group.kv_budget, self.group.sinks, start)
+        return super().oldest_read(start)
 
     def trim(self, request_id: str, start: int) -> None:
         if self.windowed:
@@ -90,7 +110,8 @@ class _GroupTables(WindowedBlockManager):
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else self._salt, token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else self._chain_root(request_id, self._salt),
+                                     token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
 
@@ -127,8 +148,8 @@ class GroupedBlockManager(BlockManager):
         need = sum(max(0, -(-total_tokens // self.block_size) - len(g.tables.get(request_id, ()))) for g in self.groups)
         return need <= self.pool.num_free
 
-    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> PrefixHit:
-        hits = [g.lookup_prefix(request_id, token_ids) for g in self.groups]
+    def lookup_prefix(self, request_id: str, token_ids: list[int], salt: list[int] | None = None) -> PrefixHit:
+        hits = [g.lookup_prefix(request_id, token_ids, salt) for g in self.groups]
         n = min(len(h.blocks) for h in hits)
         return GroupedPrefixHit([h.blocks[:n] for h in hits], n * self.block_size)
 
@@ -164,6 +185,8 @@ class GroupedBlockManager(BlockManager):
             g.free(request_id)
 
     def can_swap_out(self, request_id: str) -> bool:
+        if any(g.group.kv_budget is not None for g in self.groups):
+            return False  # H2O scores do not travel (flashserve.cache.window): recompute instead
         return self.blocks_held(request_id) <= self.host.num_free
 
     def swap_out(self, request_id: str) -> list[tuple[int, int]]:
@@ -191,14 +214,21 @@ class GroupedBlockManager(BlockManager):
 
 def make_block_manager(config: ModelConfig, num_blocks: int, block_size: int, enable_prefix_caching: bool,
                        num_host_blocks: int, num_host_cache_blocks: int = 0) -> BlockManager:
-    """The block manager for the model's layout: one table (plain, or released out of the window
-    when every layer is windowed) or one per group of layers. ``num_host_cache_blocks``: the host
-    KV tier of the prefix cache (``flashserve.cache.host_tier``), host blocks after the swap slots."""
+    """The block manager for the model's layout: one table (plain, released out of the window when
+    every layer is windowed, or below the kept tokens when every layer is H2O) or one per group.
+    ``num_host_cache_blocks``: the host KV tier of the prefix cache (``flashserve.cache.host_tier``),
+    host blocks after the swap slots."""
     layout = kv_layout(config)
     if layout.num_groups > 1:
         check_host_tier(layout, num_host_cache_blocks)
         return GroupedBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks, layout)
     group = layout.groups[0]
+    if group.kv_budget is not None:
+        if num_host_cache_blocks:
+            raise ValueError("kv_host_cache_gb (the host KV tier of the prefix cache) does not combine with H2O "
+                             "attention, whose blocks are never shared through the prefix cache; set kv_host_cache_gb=0")
+        return EvictingBlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks,
+                                    kv_budget=group.kv_budget, sinks=group.sinks)
     if group.span is None:
         bm = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
     else:

@@ -17,14 +17,40 @@ by the step in flight: any later owner writes them in a later step, in stream or
 
 Models that mix windowed and full layers (Gemma 3) keep one table per group of layers
 (``flashserve.cache.kv_groups``), each windowed group one of these.
+
+``EvictingBlockManager`` does the same for H2O layers (heavy hitters at a KV budget). After each
+step an H2O layer *compacts* the tokens each KV head keeps into the last slots of the sequence's
+logical table: once a sequence has ``S`` tokens, every KV head of every H2O layer keeps exactly
+``h2o_kept(budget, sinks, S)`` of them (a count the host computes; which ones differs per head),
+stored in position order at logical positions ``[S - kept, S)``. A step starting at ``start``
+therefore reads ``[start - h2o_kept(start), start + new)`` only, and the blocks wholly below are
+released as a window's are. The sinks are the first entries of that region (never evicted, and
+compaction keeps the order). Compacted blocks hold a head-dependent mix of positions, so they are
+never registered in the prefix cache (an H2O table neither shares nor is shared) nor forked (beam
+search is refused). The tokens' accumulated scores live beside the cache, indexed by slot, and do
+not travel with a swap: a preempted H2O request is recomputed (``can_swap_out`` is False).
 """
 
 from __future__ import annotations
+
+import math
 
 from flashserve.cache.block_manager import BlockManager, PrefixHit
 from flashserve.request import Request
 
 HOLE = -1  # a table entry whose block was released (its positions are out of every window)
+
+
+def h2o_kept(kv_budget: float, num_sinks: int, seq_len: int) -> int:
+    """Tokens every KV head of an H2O layer keeps once a sequence has ``seq_len`` tokens.
+
+    After each step a head keeps ``budget = max(ceil(kv_budget * S), sinks + 1)`` tokens, or more
+    when the protected ones (the sinks and the newest ``budget // 2``) outnumber it; the count
+    does not depend on how the tokens were cut into steps (each step adds at most as many tokens
+    as the count can grow), so the host and the layers agree on it."""
+    budget = max(math.ceil(kv_budget * seq_len), num_sinks + 1)
+    protected = min(seq_len, num_sinks + budget // 2)
+    return min(seq_len, max(budget, protected))
 
 
 class WindowedBlockManager(BlockManager):
@@ -41,13 +67,17 @@ class WindowedBlockManager(BlockManager):
     def blocks_held(self, request_id: str) -> int:
         return sum(1 for b in self.tables.get(request_id, ()) if b != HOLE)
 
+    def oldest_read(self, start: int) -> int:
+        """The oldest non-sink position a step starting at ``start`` (or any later one) reads."""
+        return start - self.span + 1
+
     def trim(self, request_id: str, start: int) -> None:
         """Release the blocks a step whose first query sits at ``start`` (and every later step)
         can no longer read."""
         table = self.tables.get(request_id)
         if not table:
             return
-        end = min((start - self.span + 1) // self.block_size, len(table))  # blocks wholly below the window
+        end = min(self.oldest_read(start) // self.block_size, len(table))  # blocks wholly below the window
         first = max(self._trimmed.get(request_id, 0), self._sink_blocks)
         if end <= first:
             return
@@ -116,3 +146,25 @@ class WindowedBlockManager(BlockManager):
             super().check_invariants()
         finally:
             self.tables, self.host_tables = saved
+
+
+class EvictingBlockManager(WindowedBlockManager):
+    """A BlockManager for H2O layers: releases the blocks below the kept tokens' region (see the
+    module docstring); never shares blocks through the prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 num_host_blocks: int = 0, *, kv_budget: float, sinks: int) -> None:
+        # the sinks are compacted with the other kept tokens: no block is held for them
+        super().__init__(num_blocks, block_size, False, num_host_blocks, sinks=0, span=1)
+        self.kv_budget = kv_budget
+        self.h2o_sinks = sinks
+
+    def oldest_read(self, start: int) -> int:
+        return start - h2o_kept(self.kv_budget, self.h2o_sinks, start)
+
+    def can_swap_out(self, request_id: str) -> bool:
+        return False  # the accumulated scores stay on the device: recompute instead
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int, share_partial: bool) -> list[tuple[int, int]] | None:
+        raise ValueError("h2o attention compacts each sequence's kept tokens in place, so its KV blocks "
+                         "cannot be shared with a forked sequence (beam search); use another attention kind")

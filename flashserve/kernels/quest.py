@@ -11,6 +11,8 @@ pages past a sequence's end score -inf. Reference: ``sparse_attention.page_bound
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -86,3 +88,84 @@ def quest_page_scores(
         num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _quest_select_kernel(
+    scores_ptr,  # [B, Hkv, P] fp32 (quest_page_scores; -inf past a sequence's end)
+    bt_ptr,  # [B, P] int32
+    seq_lens_ptr,  # [B] int32
+    tables_ptr,  # out: [B, Hkv, K] int32, the chosen pages' blocks in position order
+    vlens_ptr,  # out: [B] int32 virtual context lengths
+    stride_sb, stride_sh, stride_bt, stride_tb, stride_th,
+    num_pages_max, max_pages,
+    budget_bits,  # the KV budget's float64 bits (an int64), so that ceil(budget * pages) is the host's
+    sink_pages, num_kv_heads,
+    BLOCK_SIZE: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
+    # pages read: ceil(budget * pages), at least the own page and the sinks' pages, at most all
+    budget = budget_bits.to(tl.float64, bitcast=True)
+    want = tl.minimum(tl.maximum(tl.ceil(budget * num_pages.to(tl.float64)).to(tl.int32), 1 + sink_pages), num_pages)
+    want = tl.minimum(want, max_pages)
+    offs = tl.arange(0, P_PAD)
+    valid = offs < num_pages
+    s = tl.load(scores_ptr + b.to(tl.int64) * stride_sb + kvh * stride_sh + offs, mask=offs < num_pages_max,
+                other=float("-inf"))
+    s = tl.where(valid, s, float("-inf"))
+    s = tl.where(valid & ((offs == num_pages - 1) | (offs < sink_pages)), float("inf"), s)
+    # the want-th largest score, exactly: bisection on the scores' order-preserving int32 keys
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # monotone in the float value
+    lo = tl.min(tl.where(valid, key, 1 << 40), 0)  # invariant: count(key >= lo) >= want
+    hi = tl.max(tl.where(valid, key, -(1 << 40)), 0)  # invariant: count(key > hi) < want
+    for _ in range(33):
+        mid = lo + ((hi - lo + 1) >> 1)
+        enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= want
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = valid & (key > lo)
+    ties = valid & (key == lo)
+    take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
+    dest = tl.cumsum(take.to(tl.int32), 0) - 1  # position-ordered slot of each chosen page
+    blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + offs, mask=valid, other=0)
+    out = tables_ptr + b.to(tl.int64) * stride_tb + kvh * stride_th
+    tl.store(out + dest, blk, mask=take & (dest < max_pages))
+    pad = tl.arange(0, K_PAD)
+    tl.store(out + pad, tl.zeros([K_PAD], tl.int32), mask=(pad >= want) & (pad < max_pages))
+    if kvh == 0:
+        tl.store(vlens_ptr + b, (want - 1) * BLOCK_SIZE + seq_len - (num_pages - 1) * BLOCK_SIZE)
+
+
+def quest_select(
+    scores: torch.Tensor,  # [B, Hkv, P] fp32 from quest_page_scores
+    block_tables: torch.Tensor,  # [B, P] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    block_size: int,
+    kv_budget: float,
+    num_sinks: int,
+    max_pages: int,  # host bound on the pages any query reads (sizes the output)
+) -> tuple[torch.Tensor, torch.Tensor]:  # [B, Hkv, max_pages] int32, [B] int32
+    """Quest's top pages per (sequence, KV head) in one launch: the exact want-th largest page
+    score by bisection over the scores' bits (32 counting passes over a row held in registers),
+    then the chosen pages' blocks written in position order by a prefix sum, the own page last
+    (ties at the threshold: the earliest pages). Replaces topk + sort + gather on the device.
+    Same contract as ``flashserve.layers.sparse_attention.quest_block_tables``."""
+    B, Hkv, P = scores.shape
+    tables = torch.empty(B, Hkv, max_pages, dtype=torch.int32, device=scores.device)
+    vlens = torch.empty(B, dtype=torch.int32, device=scores.device)
+    if B == 0:
+        return tables, vlens
+    assert scores.stride(2) == 1 and block_tables.stride(1) == 1
+    p_pad = max(16, next_power_of_2(P))
+    _quest_select_kernel[(B, Hkv)](
+        scores, block_tables, seq_lens, tables, vlens,
+        scores.stride(0), scores.stride(1), block_tables.stride(0), tables.stride(0), tables.stride(1),
+        P, max_pages, struct.unpack("<q", struct.pack("<d", float(kv_budget)))[0], -(-num_sinks // block_size), Hkv,
+        BLOCK_SIZE=block_size, P_PAD=p_pad, K_PAD=max(16, next_power_of_2(max_pages)),
+        num_warps=4 if p_pad <= 2048 else 8,
+    )
+    return tables, vlens

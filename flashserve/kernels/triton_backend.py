@@ -37,6 +37,7 @@ from flashserve.kernels.prefill_attention import paged_prefill_attention
 from flashserve.kernels.tree_attention import tree_attention
 from flashserve.kernels.utils import next_power_of_2, num_sms
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
+from flashserve.layers.request_attention import option_batches
 from flashserve.layers.sparse_attention import SideStates, quest_block_tables, quest_num_pages
 
 
@@ -103,13 +104,25 @@ class TritonAttentionBackend(AttentionBackend):
             return tree_attention(q, k, v, k_cache, v_cache, meta, scale)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        window = dict(window=spec.sliding_window, dilation=spec.dilation, num_sinks=spec.num_sinks) \
-            if spec.kind == "sliding" else {}
         if spec.kind == "quest":
             state = self.side_states.get(k_cache)
             state.update(spec, k, meta.slot_mapping)
             if meta.is_decode and self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
                 return self._quest_decode(q, k_cache, v_cache, meta, scale, spec, state, out)
+        if meta.seq_attention is not None and spec.kind == "full":
+            # requests with their own attention options (flashserve.layers.request_attention):
+            # one launch per option over that option's sequences
+            for option, sub, tokens in option_batches(meta):
+                out.index_copy_(0, tokens, self._attend(q.index_select(0, tokens), k_cache, v_cache, sub, scale, option))
+            return out
+        return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float, spec: AttentionSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Full or sliding-window attention of the step's queries over the cache (K/V stored)."""
+        out = torch.empty_like(q) if out is None else out
+        window = dict(window=spec.sliding_window, dilation=spec.dilation, num_sinks=spec.num_sinks) \
+            if spec.kind == "sliding" else {}
         if self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
             paged_decode_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,

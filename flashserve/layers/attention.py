@@ -18,7 +18,8 @@ from flashserve.kernels import kv_quant
 from flashserve.kernels.reference import window_mask
 from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
-from flashserve.layers.sparse_attention import SideStates, h2o_accumulate_and_evict, visible_keys
+from flashserve.layers.request_attention import layer_spec_for
+from flashserve.layers.sparse_attention import SideStates, h2o_evict_and_compact, h2o_region_start, visible_keys
 
 
 FULL = AttentionSpec()
@@ -124,7 +125,10 @@ def masked_attention(
 
 
 def key_positions(spec: AttentionSpec, seq_len: int, query_len: int) -> tuple[int, int]:
-    """The keys a sliding layer's queries can see: positions [0, sink_end) and [lo, seq_len)."""
+    """The keys a sliding layer's queries can see: positions [0, sink_end) and [lo, seq_len);
+    an h2o layer's: its compacted kept tokens and the new ones, [lo, seq_len)."""
+    if spec.kind == "h2o":
+        return 0, h2o_region_start(spec, seq_len, query_len)
     if spec.kind != "sliding":
         return 0, 0
     lo = max(0, seq_len - query_len - spec.span + 1)
@@ -170,10 +174,12 @@ class TorchAttentionBackend(AttentionBackend):
             raise ValueError(f"{spec.kind} attention needs a KV cache")
         outputs = []
         start = 0
+        layer_spec = spec
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             end = start + query_len
             if query_len == 0:
                 continue
+            spec = layer_spec if meta.seq_attention is None else layer_spec_for(layer_spec, meta.seq_attention[i])
             if has_cache:
                 sink_end, lo = key_positions(spec, seq_len, query_len)
                 slots, k_pos = self._context_slots(meta, i, k_cache, sink_end, lo)  # [S]
@@ -183,19 +189,22 @@ class TorchAttentionBackend(AttentionBackend):
                 keys, values = k[start:end], v[start:end]
                 k_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
                 slots = None
-            if spec.kind in ("h2o", "quest", "lsh"):
-                mask = visible_keys(spec, q[start:end], keys, slots, state, scale)
+            if spec.kind == "h2o":  # the kept tokens (compacted) then the new ones: causal over the region
+                region = keys.shape[0]
+                G = q.shape[1] // keys.shape[1]
+                mask = causal_mask(query_len, region, q.device).repeat(G, 1).expand(keys.shape[1], -1, -1)
                 out, probs = masked_attention(q[start:end], keys, values, scale, mask)
-                if spec.kind == "h2o":
-                    h2o_accumulate_and_evict(spec, probs, slots, state)
+                h2o_evict_and_compact(spec, probs, slots, seq_len, state, k_cache, v_cache)
                 outputs.append(out)
-                start = end
-                continue
-            mask = None
-            if spec.kind == "sliding":
-                q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
-                mask = window_mask(q_pos, k_pos, spec.sliding_window, spec.dilation, spec.num_sinks)
-            outputs.append(grouped_attention(q[start:end], keys, values, scale, mask))
+            elif spec.kind in ("quest", "lsh"):
+                mask = visible_keys(spec, q[start:end], keys, slots, state, scale)
+                outputs.append(masked_attention(q[start:end], keys, values, scale, mask)[0])
+            else:
+                mask = None
+                if spec.kind == "sliding":
+                    q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+                    mask = window_mask(q_pos, k_pos, spec.sliding_window, spec.dilation, spec.num_sinks)
+                outputs.append(grouped_attention(q[start:end], keys, values, scale, mask))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 

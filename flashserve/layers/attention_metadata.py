@@ -48,6 +48,10 @@ class AttentionMetadata:
 
     def for_group(self, group: int) -> AttentionMetadata:
         return self if group == 0 else self.groups[group - 1]
+    # Per-request attention options (flashserve.layers.request_attention): per sequence, the spec
+    # that replaces full attention in the layers the engine runs fully (None: the layer's own).
+    # None: no request of the step asks for one.
+    seq_attention: tuple[Any, ...] | None = None
     # Token trees of a speculative verification step (flashserve.kernels.tree_attention.TreeMask):
     # their new tokens attend to their ancestors only. None: every sequence is causal.
     tree: Any = None

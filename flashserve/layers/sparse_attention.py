@@ -7,15 +7,19 @@ Per layer, a kind may keep *side state* beside the KV cache, indexed by the same
 * quest: per block and KV head, the elementwise minimum and maximum of its keys
   ``[num_blocks, 2, Hkv, D]`` in the keys' dtype (1/block_size of the KV bytes), updated on store. A query's upper bound on ``q . k`` over a
   page is ``sum_d max(q_d min_d, q_d max_d)``; the pages with the highest bounds are read.
-* h2o: per slot and KV head, the attention the token has received so far (``score``, fp32) and
-  whether it is still kept (``alive``). After each step the lowest-scoring tokens beyond the
-  budget are evicted (never the sinks nor the recent half of the budget).
+* h2o: per slot and KV head, the attention the token has received so far (``score``, fp32).
+  The kept tokens of each KV head are compacted, in position order, into the last slots of the
+  sequence's logical table (``flashserve.cache.window``): with S tokens, logical positions
+  ``[S - h2o_kept(S), S)`` hold them, so a step reads that region plus its new tokens, causally,
+  and the block manager releases the blocks below it. After each step the lowest-scoring tokens
+  beyond the budget are evicted per KV head (never the sinks, which stay the region's first
+  entries, nor the recent half of the budget) and the survivors are moved down (K, V and score).
 * lsh: nothing stored; keys and queries are hashed on the fly with one fixed random rotation
   per layer (angular LSH: bucket = argmax over [x R, -x R]).
 
 ``visible_keys`` gives, for one sequence's queries and context, the ``[Hkv, G * L, S]`` mask of
-the keys each query row (head g of a KV group, new token l) attends to; the torch backend
-applies it densely, and ``quest_block_tables`` gives the Triton kernels the pages to read.
+the keys each query row (head g of a KV group, new token l) attends to (quest, lsh); the torch
+backend applies it densely, and ``quest_block_tables`` gives the Triton kernels the pages to read.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import math
 
 import torch
 
+from flashserve.cache.window import h2o_kept
 from flashserve.config import AttentionSpec
+from flashserve.kernels import kv_quant
 
 
 class SideState:
@@ -35,7 +41,6 @@ class SideState:
         self.device = k_cache.device
         self.bounds: torch.Tensor | None = None  # quest: [num_blocks + 1, 2, Hkv, D], the keys' dtype
         self.score: torch.Tensor | None = None  # h2o: [num_blocks * block_size, Hkv] fp32
-        self.alive: torch.Tensor | None = None  # h2o: [num_blocks * block_size, Hkv] bool
 
     def update(self, spec: AttentionSpec, k: torch.Tensor, slots: torch.Tensor) -> None:
         """Record the new keys k [T, Hkv, D] stored at flat ``slots`` [T] (all valid)."""
@@ -55,9 +60,7 @@ class SideState:
             if self.score is None:
                 n = self.num_blocks * self.block_size
                 self.score = torch.zeros(n, self.num_kv_heads, dtype=torch.float32, device=self.device)
-                self.alive = torch.zeros(n, self.num_kv_heads, dtype=torch.bool, device=self.device)
             self.score[slots] = 0.0
-            self.alive[slots] = True
 
 
 class SideStates:
@@ -119,7 +122,7 @@ def visible_keys(
     state: SideState | None,
     scale: float,
 ) -> torch.Tensor:  # [Hkv, G * L, S] bool, rows g * L + l
-    """Which keys each query row attends to, for the h2o / quest / lsh kinds (causal included)."""
+    """Which keys each query row attends to, for the quest / lsh kinds (causal included)."""
     L, Hq, _ = q.shape
     S, Hkv = keys.shape[0], keys.shape[1]
     G = Hq // Hkv
@@ -128,10 +131,6 @@ def visible_keys(
     causal = k_pos[None, :] <= q_pos[:, None]  # [L, S]
     sinks = (k_pos < spec.num_sinks)[None, :]
     qg = q.view(L, Hkv, G, -1)
-    if spec.kind == "h2o":
-        alive = state.alive[slots].T  # [Hkv, S]
-        mask = causal[None] & alive[:, None, :]  # [Hkv, L, S]
-        return mask.repeat(1, G, 1)
     if spec.kind == "lsh":
         kb = lsh_buckets(keys, spec).T  # [Hkv, S]
         qb = lsh_buckets(qg, spec).permute(1, 2, 0)  # [Hkv, G, L]
@@ -162,28 +161,48 @@ def visible_keys(
     raise ValueError(f"visible_keys does not handle {spec.kind!r} attention")
 
 
-def h2o_accumulate_and_evict(
+def h2o_region_start(spec: AttentionSpec, seq_len: int, query_len: int) -> int:
+    """h2o: the first logical position a step reads: its kept tokens sit at ``[lo, start)``."""
+    start = seq_len - query_len
+    return start - h2o_kept(spec.kv_budget, spec.num_sinks, start)
+
+
+def h2o_evict_and_compact(
     spec: AttentionSpec,
-    probs: torch.Tensor,  # [Hkv, G * L, S] attention probabilities of this step's rows
-    slots: torch.Tensor,  # [S] flat cache slots of the context
+    probs: torch.Tensor,  # [Hkv, G * L, R] attention probabilities of this step's rows over its region
+    slots: torch.Tensor,  # [R] flat cache slots of the region (kept tokens, then the new ones)
+    seq_len: int,  # the sequence's tokens after this step
     state: SideState,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] (8-bit caches too)
+    v_cache: torch.Tensor,
 ) -> None:
-    """Add the attention each key received to its score, then evict per KV head the
-    lowest-scoring tokens beyond ``kept_tokens`` (never the sinks or the recent half)."""
-    S = slots.shape[0]
-    state.score[slots] += probs.sum(1).T  # [S, Hkv]
-    keep = kept_tokens(spec, S)
-    alive = state.alive[slots]  # [S, Hkv]
-    excess = int(alive.sum(0).max()) - keep
-    if excess <= 0:
+    """Add the attention each key received to its score, evict per KV head the lowest-scoring
+    tokens beyond ``h2o_kept`` (never the sinks, the region's first entries, nor the newest
+    ``budget // 2``), and move each head's survivors, in order, into the region's last slots
+    (K, V and score), so that logical positions ``[seq_len - kept, seq_len)`` hold them."""
+    R, Hkv = slots.shape[0], k_cache.shape[2]
+    score = state.score[slots] + probs.sum(1).T  # [R, Hkv]
+    kept = h2o_kept(spec.kv_budget, spec.num_sinks, seq_len)
+    if kept >= R:  # nothing to evict: the region already ends at seq_len
+        state.score[slots] = score
         return
-    pos = torch.arange(S, device=slots.device)
-    protected = (pos < spec.num_sinks) | (pos >= S - keep // 2)
-    key = state.score[slots].masked_fill(protected[:, None] | ~alive, float("inf"))  # [S, Hkv]
-    victims = key.topk(excess, dim=0, largest=False).indices  # [excess, Hkv]
-    ok = key.gather(0, victims).isfinite()
-    heads = torch.arange(alive.shape[1], device=slots.device).expand_as(victims)
-    state.alive[slots[victims[ok]], heads[ok]] = False
+    budget = max(math.ceil(spec.kv_budget * seq_len), spec.num_sinks + 1)
+    idx = torch.arange(R, device=slots.device)
+    protected = (idx < spec.num_sinks) | (idx >= R - budget // 2)  # h2o_kept leaves enough unprotected
+    victims = score.masked_fill(protected[:, None], float("inf")).topk(R - kept, dim=0, largest=False).indices
+    evicted = torch.zeros(R, Hkv, dtype=torch.int8, device=slots.device).scatter_(0, victims, 1)
+    order = evicted.sort(dim=0, stable=True).indices[:kept]  # [kept, Hkv] survivors in position order
+    dest = slots[R - kept :]
+    state.score[dest] = score.gather(0, order)
+    rows = order[..., None].expand(kept, Hkv, k_cache.shape[3])
+    if kv_quant.is_quantized(k_cache):  # dequantize, move, quantize again (not tested: h2o with an 8-bit KV)
+        k = kv_quant.gather(k_cache, slots, torch.float32).gather(0, rows)
+        v = kv_quant.gather(v_cache, slots, torch.float32).gather(0, rows)
+        kv_quant.store(k, v, k_cache, v_cache, dest)
+        return
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, Hkv, cache.shape[3])
+        flat[dest] = flat[slots].gather(0, rows)
 
 
 def quest_block_tables(
@@ -202,18 +221,20 @@ def quest_block_tables(
     G = Hq // Hkv
     P = block_tables.shape[1]
     num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
-    if q.is_cuda:  # one pass over the bounds (flashserve.kernels.quest)
-        from flashserve.kernels.quest import quest_page_scores
+    if q.is_cuda:  # two launches: page scores, then the exact top pages (flashserve.kernels.quest)
+        from flashserve.kernels.quest import quest_page_scores, quest_select
 
         bound = quest_page_scores(q, state.bounds, block_tables, seq_lens, bs)  # [B, Hkv, P]
-    else:
-        bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
-        lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
-        bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
+        return quest_select(bound, block_tables, seq_lens, bs, spec.kv_budget, spec.num_sinks, min(max_pages, P))
+    # the torch reference of those two kernels (ties: topk's order instead of the earliest pages)
+    bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
+    lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
+    bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
     page_ids = torch.arange(P, device=q.device)
     sink_pages = -(-spec.num_sinks // bs)
-    forced = (page_ids[None, :] == num_pages[:, None] - 1) | (page_ids[None, :] < sink_pages)
-    bound = bound.masked_fill((page_ids[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
+    inside = page_ids[None, :] < num_pages[:, None]  # [B, P]
+    forced = ((page_ids[None, :] == num_pages[:, None] - 1) | (page_ids[None, :] < sink_pages)) & inside
+    bound = bound.masked_fill(~inside[:, None, :], float("-inf"))
     bound = bound.masked_fill(forced[:, None, :], float("inf"))
     want = torch.clamp(torch.ceil(spec.kv_budget * num_pages.double()).long(), min=1 + sink_pages)
     want = torch.minimum(want, num_pages)  # [B] pages read by each sequence's query

@@ -64,6 +64,8 @@ class StepInputs:
     # groups 1, 2, ... of layers (flashserve.cache.kv_groups): their slot mappings and table updates
     group_slot_mapping: tuple[np.ndarray, ...] = ()
     group_block_updates: tuple[BlockUpdates | None, ...] = ()
+    # per sequence, its request's attention option (flashserve.layers.request_attention); None: none asks
+    seq_attention: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -188,7 +190,9 @@ class InputBatch:
         sample_rows = [i for i, e in enumerate(entries) if e.sample]
         for i in sample_rows:
             states[i].num_tokens += 1
+        seq_attention = tuple(st.params.attention for st in states)
         return StepInputs(
+            seq_attention=seq_attention if any(a is not None for a in seq_attention) else None,
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,

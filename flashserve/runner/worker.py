@@ -323,7 +323,8 @@ class Worker:
         """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
         the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), eager."""
         t, b = inp.num_tokens, inp.num_seqs
-        eager = tree is not None or (self.early_exit is not None and inp.is_decode)  # data-dependent passes
+        eager = (tree is not None or (self.early_exit is not None and inp.is_decode)  # data-dependent passes
+                 or inp.seq_attention is not None)  # per-request attention: launches per option
         key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None and not eager else None
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
@@ -335,6 +336,8 @@ class Worker:
         meta = self.buffers.metadata(t, b, max(query_lens), max(seq_lens), self.block_size, query_lens, seq_lens,
                                      inp.is_decode)
         meta.tree = tree
+        for m in (meta, *meta.groups):
+            m.seq_attention = inp.seq_attention
         model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
         with forward_context(meta):
             return model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False

@@ -310,7 +310,7 @@ class Scheduler:
         else:
             assert request.num_pending_tokens == 0, "a request is re-admitted before its tokens came back"
             tokens = request.all_token_ids
-            hit = bm.lookup_prefix(request.request_id, tokens)
+            hit = bm.lookup_prefix(request.request_id, tokens, request.prefix_salt)
             remaining = request.num_tokens - hit.num_tokens
             if remaining > budget and not self.config.enable_chunked_prefill:
                 return 0

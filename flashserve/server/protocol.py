@@ -83,6 +83,9 @@ class _SamplingFields(BaseModel):
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     num_speculative_tokens: int | None = None
+    # flashserve's extra: this request's attention, e.g. {"kind": "window", "window": 1024}
+    # (flashserve.layers.request_attention; validated by SamplingParams)
+    attention: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         """400 for fields this server would otherwise silently ignore."""
@@ -115,8 +118,8 @@ class _SamplingFields(BaseModel):
         if self.use_beam_search:
             if self.stream:
                 raise ValueError("use_beam_search does not stream; set stream to false")
-            if structured is not None or self.logit_bias:
-                raise ValueError("use_beam_search cannot be combined with response_format or logit_bias")
+            if structured is not None or self.logit_bias or self.attention is not None:
+                raise ValueError("use_beam_search cannot be combined with response_format, logit_bias or attention")
             return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or 16, length_penalty=self.length_penalty,
                                     early_stopping=self.early_stopping, ignore_eos=self.ignore_eos)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -140,6 +143,7 @@ class _SamplingFields(BaseModel):
             logit_bias=self._logit_bias(),
             structured_output=structured,
             num_speculative_tokens=self.num_speculative_tokens,
+            attention=self.attention,
         )
 
     @property

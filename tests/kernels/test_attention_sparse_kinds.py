@@ -14,6 +14,7 @@ from flashserve.config import AttentionSpec
 from flashserve.kernels.reference import gather_kv_ref
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.layers.attention_metadata import AttentionMetadata
+from flashserve.cache.window import h2o_kept
 from flashserve.layers.sparse_attention import kept_tokens, lsh_buckets
 
 CPU = torch.device("cpu")
@@ -128,7 +129,8 @@ def _meta(starts, q_lens, tables, block_size):
 def test_h2o_steps_match_a_dense_simulation(budget, sinks):
     """A prompt chunk then decode steps: outputs equal a dense H2O run (per KV head: attend to
     kept tokens, add each key's attention to its score, evict the lowest beyond the budget
-    except sinks and the recent half), and the kept count and the sinks hold at every step."""
+    except sinks and the recent half), the kept count and the sinks hold at every step, and the
+    backend holds exactly the kept keys, compacted into the last slots."""
     torch.manual_seed(0)
     spec = AttentionSpec("h2o", kv_budget=budget, num_sinks=sinks)
     hq, hkv, d, bs, total = 4, 2, 8, 4, 30
@@ -161,7 +163,12 @@ def test_h2o_steps_match_a_dense_simulation(budget, sinks):
             free = [j for j in live if j >= sinks and j < end - keep // 2]
             for j in sorted(free, key=lambda j: float(score[j, kv]))[: max(excess, 0)]:
                 alive[j, kv] = False
-        assert alive[:sinks].all() and (alive[:end].sum(0) == keep).all()
+        assert alive[:sinks].all() and (alive[:end].sum(0) == h2o_kept(budget, sinks, end)).all()
+        # each KV head's kept keys sit compacted, in order, at logical positions [end - kept, end)
+        pos = torch.arange(end - h2o_kept(budget, sinks, end), end)
+        slots = torch.tensor(table)[pos // bs] * bs + pos % bs
+        for kv in range(hkv):
+            assert torch.equal(k_cache.flatten(0, 1)[slots, kv], k_all[:end][alive[:end, kv], kv])
 
 
 def test_quest_decode_kernel_matches_torch_backend(device):
@@ -201,3 +208,39 @@ def test_quest_page_score_kernel_matches_torch(device):
     torch.testing.assert_close(out[valid[:, None, :].expand_as(out)], ref[valid[:, None, :].expand_as(ref)],
                                atol=1e-4, rtol=1e-4)
     assert (out[~valid[:, None, :].expand_as(out)] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("budget,sinks", [(0.2, 0), (0.25, 2), (0.5, 9), (1.0, 0), (0.1, 4)])
+def test_quest_select_kernel_matches_torch_selection(device, budget, sinks):
+    """The one-launch top-page selection (bisection on the scores' bits, prefix-sum compaction)
+    gives the torch path's per-head tables and virtual lengths, sinks longer than a sequence too."""
+    from flashserve.kernels.quest import quest_select
+    from flashserve.layers.sparse_attention import SideState, page_bounds, quest_block_tables, quest_num_pages
+
+    g = torch.Generator().manual_seed(int(budget * 100) + sinks)
+    B, Hq, Hkv, D, bs, P = 4, 8, 2, 16, 4, 40
+    spec = AttentionSpec("quest", kv_budget=budget, num_sinks=sinks)
+    state = SideState(torch.zeros(B * P, bs, Hkv, D))
+    raw = torch.randn(B * P + 1, 2, Hkv, D, generator=g)
+    state.bounds = torch.stack([raw.amin(1), raw.amax(1)], 1)
+    q = torch.randn(B, Hq, D, generator=g)
+    tables = torch.randperm(B * P, generator=g).view(B, P).to(torch.int32)  # distinct blocks: no ties
+    seq_lens = torch.tensor([157, 1, 60, 9], dtype=torch.int32)
+    max_pages = quest_num_pages(spec, 40, bs)
+    ref_tables, ref_lens = quest_block_tables(spec, q, tables, seq_lens, state, max_pages)
+    sel = state.bounds[tables.long()]
+    scores = page_bounds(q.view(B, Hkv, 1, Hq // Hkv, D), sel[:, :, 0].transpose(1, 2),
+                         sel[:, :, 1].transpose(1, 2)).amax(-2)[:, :, 0].contiguous()
+    out_tables, out_lens = quest_select(scores.to(device), tables.to(device), seq_lens.to(device), bs, budget, sinks,
+                                        max_pages)
+    assert torch.equal(out_lens.cpu(), ref_lens)
+    pages = (seq_lens.long() + bs - 1) // bs
+    for b in range(B):
+        want = int((ref_lens[b] - (seq_lens[b] - (pages[b] - 1) * bs)) // bs + 1)
+        assert torch.equal(out_tables[b, :, :want].cpu(), ref_tables[b, :, :want]), b
+        assert (out_tables[b, :, want - 1].cpu() == tables[b, pages[b] - 1]).all()  # the own page last
+    # ties at the threshold: the earliest pages
+    flat = torch.zeros(1, Hkv, P)
+    t, n = quest_select(flat.to(device), tables[:1].to(device), torch.tensor([80], dtype=torch.int32, device=device),
+                        bs, 0.25, 0, 8)
+    assert t[0, :, :5].cpu().tolist() == [tables[0, [0, 1, 2, 3, 19]].tolist()] * Hkv and int(n[0]) == 5 * bs
