@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="mean_logprob", choices=["mean_logprob", "min_margin"])
     p.add_argument("--thresholds", default="0.4,0.6,0.8", help="comma-separated thresholds in [0, 1]")
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--num-questions", type=int, default=len(CASCADE_QUESTIONS),
+                   help=f"the first N of the {len(CASCADE_QUESTIONS)} fixed questions (a smaller run on a slow machine)")
     p.add_argument("--fit-target", type=float, default=0.9, help="agreement the fitted threshold must reach on the calibration half")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -87,13 +89,16 @@ def run(args: argparse.Namespace) -> int:
     from flashserve.sampling_params import SamplingParams
 
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    if not 2 <= args.num_questions <= len(CASCADE_QUESTIONS):
+        raise ValueError(f"--num-questions must be in [2, {len(CASCADE_QUESTIONS)}] (half calibrate the fitted "
+                         f"threshold, half test it), got {args.num_questions}")
     for t in thresholds:
         ConfidenceRule(args.rule, t)  # validates
     common = dict(device=args.device, dtype=args.dtype, max_model_len=512, max_num_seqs=64, verbose=False)
     small, large = LLM(args.small, **common), LLM(args.large, **common)
     costs = (2 * matmul_params(small), 2 * matmul_params(large))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    conversations = [[{"role": "user", "content": q}] for q in CASCADE_QUESTIONS]
+    conversations = [[{"role": "user", "content": q}] for q in CASCADE_QUESTIONS[: args.num_questions]]
     large.chat(conversations[:4], params, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     reference = large.chat(conversations, params, use_tqdm=False)
