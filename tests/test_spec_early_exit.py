@@ -55,6 +55,22 @@ def test_always_exiting_at_layer_one_is_the_truncated_model(tiny):
     assert llm.engine.worker.early_exit.layers_per_token == pytest.approx(1.0)
 
 
+def test_early_exit_on_packed_gguf_weights(tiny, tmp_path):
+    """A Q4_1 GGUF kept packed (embedding included, as the embedded SmolLM2): early exit runs, and
+    a threshold nobody reaches decodes exactly like the model without early exit."""
+    from conftest_models import write_tiny_gguf
+
+    folder, hf = tiny
+    path = tmp_path / "tiny.Q4_1.gguf"
+    write_tiny_gguf(hf, path, "Q4_1")
+    kw = dict(KW, model=str(path), tokenizer=folder)  # the file's token list is placeholders
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(**kw).generate(_prompts(), sp, use_tqdm=False)]
+    llm = LLM(**kw, early_exit_config={"threshold": 1.0, "exit_layers": [1]})
+    assert [o.token_ids for o in llm.generate(_prompts(), sp, use_tqdm=False)] == ref
+    assert llm.engine.worker.early_exit.tokens > 0
+
+
 def test_exited_tokens_write_every_later_layers_kv(tiny):
     """A token that exits (here every token, alone in its step) still gets the K/V of the layers
     after its exit, propagated from its exit state: the next tokens' later layers read them."""

@@ -112,8 +112,8 @@ class EarlyExitModel(nn.Module):
         T = input_ids.shape[0]
         if T != meta.num_seqs:  # not a pure decode step: the full model
             return self.target[0](input_ids, positions, kv_caches)
-        out = torch.empty(T, m.norm.hidden_size, dtype=m.embed_tokens.weight.dtype, device=dev)
         hidden = m.embed_tokens(input_ids)
+        out = torch.empty(T, hidden.shape[-1], dtype=hidden.dtype, device=dev)  # (a packed embedding has no .weight)
         residual = None
         active = list(range(T))
         sub_meta = meta
