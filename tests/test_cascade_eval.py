@@ -46,7 +46,10 @@ def test_cascade_bench_on_a_subset(models, tmp_path, capsys):
     assert rows[0.0]["small_share"] == 1.0 and rows[0.0]["compute_saved"] == pytest.approx(1 - ratio)
     assert rows[1.0]["small_share"] == 0.0 and rows[1.0]["exact_agreement"] == 1.0
     assert rows[1.0]["compute_saved"] == pytest.approx(0.0)
-    assert "answered by small" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "answered by small" in printed and "confidence (mean_logprob)" in printed
+    q = rows[0.0]["confidence_quantiles"]
+    assert len(q) == 5 and q == sorted(q) and 0 < q[0] <= q[-1] <= 1 and rows[1.0]["confidence_quantiles"] is None
 
 
 def test_bad_subset_is_a_clear_error(models):

@@ -69,6 +69,7 @@ def measure(cascade: Any, conversations: list, params: Any, reference: list, cos
     outs = cascade.chat(conversations, params)
     wall = time.perf_counter() - t0
     c = cascade.counters
+    conf = sorted(o.confidence for o in outs if o.confidence is not None)
     baseline = sum(len(r.prompt_token_ids) + len(r.token_ids) for r in reference) * costs[1]
     spent = c.small_tokens * costs[0] + c.large_tokens * costs[1]
     return {
@@ -80,6 +81,8 @@ def measure(cascade: Any, conversations: list, params: Any, reference: list, cos
         "compute_saved": 1.0 - spent / baseline,
         "wall_s": wall,
         "wall_saved": 1.0 - wall / large_seconds,
+        # the small model's confidences (min, quartiles, max): where thresholds that split the requests lie
+        "confidence_quantiles": [conf[round(q * (len(conf) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)] if conf else None,
     }
 
 
@@ -124,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
             json.dump(res, f, indent=2)
     print(f"cascade {res['small']} -> {res['large']}, rule {args.rule}, {len(conversations)} questions, "
           f"matmul weights {costs[0] / 2e6:.0f}M / {costs[1] / 2e6:.0f}M; large alone {large_s:.1f}s")
+    spread = rows[0]["confidence_quantiles"]  # threshold 0: the small model answered every question
+    print(f"small model's confidence ({args.rule}) over the questions: min {spread[0]:.3f}, quartiles "
+          f"{spread[1]:.3f} / {spread[2]:.3f} / {spread[3]:.3f}, max {spread[4]:.3f}")
     print("| threshold | answered by small | exact agreement | prefix agreement | compute saved | wall time | wall saved |")
     print("|---|---|---|---|---|---|---|")
     for r in rows + [fit_row]:
