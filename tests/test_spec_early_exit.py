@@ -55,15 +55,16 @@ def test_always_exiting_at_layer_one_is_the_truncated_model(tiny):
     assert llm.engine.worker.early_exit.layers_per_token == pytest.approx(1.0)
 
 
-def test_early_exit_on_packed_gguf_weights(tiny, tmp_path):
+def test_early_exit_on_packed_gguf_weights(tmp_path):
     """A Q4_1 GGUF kept packed (embedding included, as the embedded SmolLM2): early exit runs, and
     a threshold nobody reaches decodes exactly like the model without early exit."""
     from conftest_models import write_tiny_gguf
 
-    folder, hf = tiny
+    folder = tmp_path / "hf"
+    hf = make_tiny_checkpoint("llama3_gqa", folder, seed=6)  # its own copy: another test cuts the fixture's layers
     path = tmp_path / "tiny.Q4_1.gguf"
     write_tiny_gguf(hf, path, "Q4_1")
-    kw = dict(KW, model=str(path), tokenizer=folder)  # the file's token list is placeholders
+    kw = dict(KW, model=str(path), tokenizer=str(folder))  # the file's token list is placeholders
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     ref = [o.token_ids for o in LLM(**kw).generate(_prompts(), sp, use_tqdm=False)]
     llm = LLM(**kw, early_exit_config={"threshold": 1.0, "exit_layers": [1]})

@@ -126,7 +126,7 @@ def print_sweep(res: dict) -> None:
     print(f"{'threshold':>9} {'ppl':>8} {'change':>8} {'KL':>7} {'top-1':>6} {'exited':>7} {'layers':>6} "
           f"{'work':>5}  exits per layer")
     for r in res["rows"]:
-        print(f"{r['threshold']:>9.2f} {r['perplexity']:>8.3f} {100 * r['perplexity_change']:>+7.1f}% {r['kl']:>7.4f} "
+        print(f"{r['threshold']:>9g} {r['perplexity']:>8.3f} {100 * r['perplexity_change']:>+7.1f}% {r['kl']:>7.4f} "
               f"{100 * r['top1_agreement']:>5.1f}% {100 * r['exit_share']:>6.1f}% {r['layers_per_token']:>6.2f} "
               f"{100 * r['work_vs_full']:>4.0f}%  {r['exits_at']}")
     print(f"full model: perplexity {res['rows'][0]['reference_perplexity']:.3f}, {res['num_layers']} layers, "
