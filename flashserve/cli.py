@@ -28,6 +28,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "structured": ("flashserve.bench.structured", "grammar-constrained (json_schema) decoding against plain, in process"),
     "quality": ("flashserve.bench.quality", "perplexity, KL and top-1 agreement of a lossy option against the exact model"),
     "decoding": ("flashserve.bench.decoding", "speculative decoding per method: acceptance length, speedup; verification cost"),
+    "early-exit": ("flashserve.spec.early_exit_eval", "early exit per threshold on real text: quality against the full model, exits, work"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
     "compress": ("flashserve.compress.speed", "2:4 and low-rank linears against dense: prefill and decode at real shapes"),
     "compress-quality": ("flashserve.compress.sweep", "quality of pruning and low rank at several ratios on real text"),

@@ -55,6 +55,40 @@ def test_always_exiting_at_layer_one_is_the_truncated_model(tiny):
     assert llm.engine.worker.early_exit.layers_per_token == pytest.approx(1.0)
 
 
+def test_early_exit_on_packed_gguf_weights(tmp_path):
+    """A Q4_1 GGUF kept packed (embedding included, as the embedded SmolLM2): early exit runs, and
+    a threshold nobody reaches decodes exactly like the model without early exit."""
+    from conftest_models import write_tiny_gguf
+
+    folder = tmp_path / "hf"
+    hf = make_tiny_checkpoint("llama3_gqa", folder, seed=6)  # its own copy: another test cuts the fixture's layers
+    path = tmp_path / "tiny.Q4_1.gguf"
+    write_tiny_gguf(hf, path, "Q4_1")
+    kw = dict(KW, model=str(path), tokenizer=str(folder))  # the file's token list is placeholders
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(**kw).generate(_prompts(), sp, use_tqdm=False)]
+    llm = LLM(**kw, early_exit_config={"threshold": 1.0, "exit_layers": [1]})
+    assert [o.token_ids for o in llm.generate(_prompts(), sp, use_tqdm=False)] == ref
+    assert llm.engine.worker.early_exit.tokens > 0
+
+
+def test_exited_tokens_write_every_later_layers_kv(tiny):
+    """A token that exits (here every token, alone in its step) still gets the K/V of the layers
+    after its exit, propagated from its exit state: the next tokens' later layers read them."""
+    folder, _ = tiny
+    llm = LLM(model=folder, **KW, early_exit_config={"threshold": 1e-6, "exit_layers": [1]})
+    engine = llm.engine
+    worker = engine.worker
+    worker.kv_pool.fill_(float("nan"))  # a slot nobody writes stays NaN
+    ids = _prompts()[0] + _prompts()[1]
+    for _ in engine.score(ids, chunk_size=1):  # every token a one-token step through the early-exit forward
+        pass
+    written = [int(torch.isfinite(k).all(-1).all(-1).sum()) for k, _ in worker.kv_caches]
+    assert written == [len(ids) - 1] * len(written)  # the scored tokens' K, in every layer
+    ee = worker.early_exit
+    assert ee.exits_at == {1: len(ids) - 1} and ee.exit_share == 1.0 and ee.layers_per_token == 1.0
+
+
 def test_bad_early_exit_configs(tiny):
     folder, _ = tiny
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
@@ -65,3 +99,22 @@ def test_bad_early_exit_configs(tiny):
         LLM(model=folder, **KW, early_exit_config={"exit_layers": [2]})
     with pytest.raises(ValueError, match="separate modes"):
         LLM(model=folder, **KW, early_exit_config={}, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_sweep_reports_quality_exits_and_work(tiny):
+    """``flashserve bench early-exit``'s rows: a threshold nobody reaches is the full model (KL 0,
+    but every token paid an LM-head test); one everybody reaches at layer 1 exits every token."""
+    from flashserve.spec.early_exit_eval import _thresholds, sweep
+
+    folder, _ = tiny
+    engine = LLM(model=folder, **KW, early_exit_config={"exit_layers": [1]}).engine
+    ids = _prompts()[0] + _prompts()[2]
+    never, always = sweep(engine, ids, [1.0, 1e-6])
+    n = len(ids) - 1
+    assert never["tokens"] == always["tokens"] == n
+    assert never["kl"] == pytest.approx(0.0, abs=1e-6) and never["top1_agreement"] == 1.0 and never["exit_share"] == 0.0
+    assert never["layers_per_token"] == 2.0 and never["tests_per_token"] == 1.0 and never["work_vs_full"] > 1.0
+    assert always["exit_share"] == 1.0 and always["exits_at"] == {1: n} and always["layers_per_token"] == 1.0
+    assert always["kl"] > 0 and always["work_vs_full"] < never["work_vs_full"]
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        _thresholds("0.9,1.5")

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="mean_logprob", choices=["mean_logprob", "min_margin"])
     p.add_argument("--thresholds", default="0.4,0.6,0.8", help="comma-separated thresholds in [0, 1]")
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--num-questions", type=int, default=len(CASCADE_QUESTIONS),
+                   help=f"the first N of the {len(CASCADE_QUESTIONS)} fixed questions (a smaller run on a slow machine)")
     p.add_argument("--fit-target", type=float, default=0.9, help="agreement the fitted threshold must reach on the calibration half")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -67,6 +69,7 @@ def measure(cascade: Any, conversations: list, params: Any, reference: list, cos
     outs = cascade.chat(conversations, params)
     wall = time.perf_counter() - t0
     c = cascade.counters
+    conf = sorted(o.confidence for o in outs if o.confidence is not None)
     baseline = sum(len(r.prompt_token_ids) + len(r.token_ids) for r in reference) * costs[1]
     spent = c.small_tokens * costs[0] + c.large_tokens * costs[1]
     return {
@@ -78,6 +81,8 @@ def measure(cascade: Any, conversations: list, params: Any, reference: list, cos
         "compute_saved": 1.0 - spent / baseline,
         "wall_s": wall,
         "wall_saved": 1.0 - wall / large_seconds,
+        # the small model's confidences (min, quartiles, max): where thresholds that split the requests lie
+        "confidence_quantiles": [conf[round(q * (len(conf) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)] if conf else None,
     }
 
 
@@ -87,13 +92,16 @@ def run(args: argparse.Namespace) -> int:
     from flashserve.sampling_params import SamplingParams
 
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    if not 2 <= args.num_questions <= len(CASCADE_QUESTIONS):
+        raise ValueError(f"--num-questions must be in [2, {len(CASCADE_QUESTIONS)}] (half calibrate the fitted "
+                         f"threshold, half test it), got {args.num_questions}")
     for t in thresholds:
         ConfidenceRule(args.rule, t)  # validates
     common = dict(device=args.device, dtype=args.dtype, max_model_len=512, max_num_seqs=64, verbose=False)
     small, large = LLM(args.small, **common), LLM(args.large, **common)
     costs = (2 * matmul_params(small), 2 * matmul_params(large))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    conversations = [[{"role": "user", "content": q}] for q in CASCADE_QUESTIONS]
+    conversations = [[{"role": "user", "content": q}] for q in CASCADE_QUESTIONS[: args.num_questions]]
     large.chat(conversations[:4], params, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     reference = large.chat(conversations, params, use_tqdm=False)
@@ -119,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
             json.dump(res, f, indent=2)
     print(f"cascade {res['small']} -> {res['large']}, rule {args.rule}, {len(conversations)} questions, "
           f"matmul weights {costs[0] / 2e6:.0f}M / {costs[1] / 2e6:.0f}M; large alone {large_s:.1f}s")
+    spread = rows[0]["confidence_quantiles"]  # threshold 0: the small model answered every question
+    print(f"small model's confidence ({args.rule}) over the questions: min {spread[0]:.3f}, quartiles "
+          f"{spread[1]:.3f} / {spread[2]:.3f} / {spread[3]:.3f}, max {spread[4]:.3f}")
     print("| threshold | answered by small | exact agreement | prefix agreement | compute saved | wall time | wall saved |")
     print("|---|---|---|---|---|---|---|")
     for r in rows + [fit_row]:

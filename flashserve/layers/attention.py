@@ -18,6 +18,7 @@ from flashserve.kernels import kv_quant
 from flashserve.kernels.reference import window_mask
 from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
+from flashserve.layers.attention_rows import decode_rows
 from flashserve.layers.request_attention import layer_spec_for
 from flashserve.layers.sparse_attention import SideStates, h2o_evict_and_compact, h2o_region_start, visible_keys
 
@@ -159,7 +160,8 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, H, D]
-        if meta.tree is not None:  # a speculative token tree: nodes see their ancestors only
+        # a token tree: nodes see their ancestors only (full layers of a verification step: below, by row)
+        if meta.tree is not None and not (meta.verify_seqs and spec.kind == "full"):
             return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
         state = None
@@ -199,6 +201,10 @@ class TorchAttentionBackend(AttentionBackend):
             elif spec.kind in ("quest", "lsh"):
                 mask = visible_keys(spec, q[start:end], keys, slots, state, scale)
                 outputs.append(masked_attention(q[start:end], keys, values, scale, mask)[0])
+            elif has_cache and i in meta.verify_seqs and spec.kind in ("full", "sliding"):  # attention_rows
+                tree_len = meta.tree.tree_lens_cpu[i] if meta.tree is not None else 0
+                bits = meta.tree.bits[start:end].tolist() if tree_len else None
+                outputs.append(decode_rows(q[start:end], keys, values, k_pos, seq_len, scale, spec, bits))
             else:
                 mask = None
                 if spec.kind == "sliding":

@@ -55,6 +55,10 @@ class AttentionMetadata:
     # Token trees of a speculative verification step (flashserve.kernels.tree_attention.TreeMask):
     # their new tokens attend to their ancestors only. None: every sequence is causal.
     tree: Any = None
+    # Sequences (indices) whose new tokens verify speculative drafts: the torch backend attends each
+    # of those tokens as its own one-token decode step would (flashserve.layers.attention_rows), so
+    # verified logits equal plain decoding's bit for bit. Other backends ignore it.
+    verify_seqs: frozenset[int] = frozenset()
 
     @property
     def num_seqs(self) -> int:

@@ -319,9 +319,10 @@ class Worker:
             idx, rows = (self._to_device(a) for a in inp.prev_scatter)
             buf.input_ids.index_copy_(0, idx, self._prev_tokens.index_select(0, rows))
 
-    def _forward(self, inp: StepInputs, tree=None) -> tuple[torch.Tensor, bool]:
+    def _forward(self, inp: StepInputs, tree=None, verify_seqs: frozenset[int] = frozenset()) -> tuple[torch.Tensor, bool]:
         """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
-        the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), eager."""
+        the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), eager;
+        ``verify_seqs``: the sequences verifying drafts (``AttentionMetadata.verify_seqs``)."""
         t, b = inp.num_tokens, inp.num_seqs
         eager = (tree is not None or (self.early_exit is not None and inp.is_decode)  # data-dependent passes
                  or inp.seq_attention is not None)  # per-request attention: launches per option
@@ -335,7 +336,7 @@ class Worker:
         seq_lens = inp.seq_lens.tolist()
         meta = self.buffers.metadata(t, b, max(query_lens), max(seq_lens), self.block_size, query_lens, seq_lens,
                                      inp.is_decode)
-        meta.tree = tree
+        meta.tree, meta.verify_seqs = tree, verify_seqs
         for m in (meta, *meta.groups):
             m.seq_attention = inp.seq_attention
         model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
@@ -361,7 +362,7 @@ class Worker:
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
-        hidden, timing.graph = self._forward(inp, spec.tree_meta if spec is not None else None)
+        hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle = StepHandle(plan.step_id, [entries[i].request_id for i in inp.sample_rows], None, worker=self)
         if inp.sample_rows:
             states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]

@@ -64,6 +64,13 @@ class EarlyExitModel(nn.Module):
         self.config = config
         self.tokens = 0  # decode tokens computed through this forward
         self.layers_run = 0  # full layers they ran (the rest only got K/V)
+        self.exits_at: dict[int, int] = {}  # exit layer (layers run) -> tokens that left there
+        self.tests = 0  # confidence tests (rows tested at exit layers; "softmax": one LM-head product each)
+
+    @property
+    def exit_share(self) -> float:
+        """Share of the decode tokens that left before the last layer."""
+        return sum(self.exits_at.values()) / self.tokens if self.tokens else 0.0
 
     @property
     def layers_per_token(self) -> float:
@@ -105,8 +112,8 @@ class EarlyExitModel(nn.Module):
         T = input_ids.shape[0]
         if T != meta.num_seqs:  # not a pure decode step: the full model
             return self.target[0](input_ids, positions, kv_caches)
-        out = torch.empty(T, m.norm.hidden_size, dtype=m.embed_tokens.weight.dtype, device=dev)
         hidden = m.embed_tokens(input_ids)
+        out = torch.empty(T, hidden.shape[-1], dtype=hidden.dtype, device=dev)  # (a packed embedding has no .weight)
         residual = None
         active = list(range(T))
         sub_meta = meta
@@ -117,6 +124,8 @@ class EarlyExitModel(nn.Module):
             for rows, state, e_meta, e_ropes in exited:
                 with forward_context(e_meta):
                     self._propagate_kv(layer, state, e_ropes[m._rope_index[i]], e_meta, kv_caches[i])
+            if not active:  # every token has left: the remaining layers only get their K/V
+                continue
             with forward_context(sub_meta):
                 hidden, residual = layer(ropes[m._rope_index[i]], hidden, residual, kv_caches[i])
             self.layers_run += len(active)
@@ -127,17 +136,19 @@ class EarlyExitModel(nn.Module):
             state = hidden + residual  # [n, H] the residual stream after layer i
             if check:
                 keep = self._confident(state, prev_state).tolist()
+                self.tests += len(keep)
                 leave = [j for j, c in enumerate(keep) if c]
                 if leave:
                     stay = [j for j, c in enumerate(keep) if not c]
                     rows = [active[j] for j in leave]
+                    self.exits_at[i + 1] = self.exits_at.get(i + 1, 0) + len(rows)
                     sel = torch.tensor(leave, device=dev)
                     out[torch.tensor(rows, device=dev)] = m.norm(state.index_select(0, sel)).to(out.dtype)
                     exited.append((rows, state.index_select(0, sel), _sub_metadata(meta, rows, dev),
                                    [emb.lookup(positions[rows]) for emb in m.rotary]))
                     active = [active[j] for j in stay]
                     if not active:
-                        break
+                        continue
                     sel = torch.tensor(stay, device=dev)
                     hidden, residual, state = (t.index_select(0, sel) for t in (hidden, residual, state))
                     sub_meta = _sub_metadata(meta, active, dev)

@@ -1,0 +1,116 @@
+"""Verification is bit-identical to plain decoding on the CPU (``flashserve.layers.attention_rows``).
+
+SDPA's CPU kernel gives a query row other bits in a 1 + k token chunk than alone, and on the
+packed-int4 SmolLM2 (bf16 activations) that rounding difference grows into flipped greedy tokens.
+Here the torch backend's verification rows (chains, sliding windows, token trees, beside other
+sequences of the same step) must equal one-token decode steps exactly (``torch.equal``), and a
+speculating SmolLM2 engine must give the same tokens *and the same log-probabilities, bit for bit*
+as plain decoding."""
+
+import pytest
+import torch
+
+from conftest_models import build_metadata
+from flashserve.config import AttentionSpec
+from flashserve.layers.attention import TorchAttentionBackend, store_kv
+from flashserve.spec.tree import TokenTree
+
+H, HKV, D, BS = 9, 3, 64, 16  # SmolLM2's heads: 3 query heads per kv head
+SCALE = D ** -0.5
+
+
+def _cache(ctx_k: torch.Tensor, ctx_v: torch.Tensor, table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A paged cache holding ``ctx_k / ctx_v`` [S, Hkv, D] at positions 0 .. S - 1 of ``table``."""
+    k_cache = torch.zeros(64, BS, HKV, D)
+    v_cache = torch.zeros(64, BS, HKV, D)
+    pos = torch.arange(ctx_k.shape[0])
+    slots = torch.tensor(table)[pos // BS] * BS + pos % BS
+    store_kv(ctx_k, ctx_v, k_cache, v_cache, slots)
+    return k_cache, v_cache
+
+
+def _decode(backend, caches, table, q, k, v, seq_len, spec) -> torch.Tensor:
+    """One one-token decode step of the token at position seq_len - 1. -> [1, H, D]"""
+    meta = build_metadata([1], [seq_len], [table], BS)
+    return backend.forward(q, k, v, *caches, meta, SCALE, spec)
+
+
+def _random(n: int, heads: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, heads, D, generator=gen)
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec(), AttentionSpec("sliding", sliding_window=40, num_sinks=4)],
+                         ids=["full", "sliding"])
+def test_chain_rows_equal_decode_steps_bitwise(spec):
+    gen = torch.Generator().manual_seed(0)
+    ctx, L = 203, 5
+    table_a = list(range(1, 15))  # a verifying sequence and, in the same step, a decoding one
+    table_b = list(range(30, 44))
+    ctx_k, ctx_v = _random(ctx, HKV, gen), _random(ctx, HKV, gen)
+    q, k, v = _random(L + 1, H, gen), _random(L + 1, HKV, gen), _random(L + 1, HKV, gen)
+    backend = TorchAttentionBackend()
+
+    caches = _cache(ctx_k, ctx_v, table_a)
+    store_kv(ctx_k, ctx_v, *caches, torch.tensor(table_b)[torch.arange(ctx) // BS] * BS + torch.arange(ctx) % BS)
+    meta = build_metadata([L, 1], [ctx + L, ctx + 1], [table_a, table_b], BS)
+    meta.verify_seqs = frozenset({0})
+    out = backend.forward(q, k, v, *caches, meta, SCALE, spec)  # [L + 1, H, D]
+
+    ref = _cache(ctx_k, ctx_v, table_a)
+    for j in range(L):  # plain decoding: one token at a time
+        row = _decode(backend, ref, table_a, q[j : j + 1], k[j : j + 1], v[j : j + 1], ctx + j + 1, spec)
+        assert torch.equal(out[j], row[0]), f"verification row {j} differs from its decode step"
+    other = _cache(ctx_k, ctx_v, table_b)
+    assert torch.equal(out[L], _decode(backend, other, table_b, q[L:], k[L:], v[L:], ctx + 1, spec)[0])
+
+
+def test_tree_nodes_equal_decoding_their_path_bitwise():
+    from flashserve.kernels.tree_mask import TreeMask
+
+    gen = torch.Generator().manual_seed(1)
+    tree = TokenTree((0, 1, 2, 3, 4, 5, 6, 7), (-1, 0, 0, 1, 1, 2, 4, 6))
+    ctx, n = 150, tree.size
+    table = list(range(2, 14))
+    ctx_k, ctx_v = _random(ctx, HKV, gen), _random(ctx, HKV, gen)
+    q, k, v = _random(n, H, gen), _random(n, HKV, gen), _random(n, HKV, gen)
+    backend = TorchAttentionBackend()
+    meta = build_metadata([n], [ctx + n], [table], BS)
+    meta.tree = TreeMask(torch.tensor(tree.ancestor_bits), torch.tensor([n], dtype=torch.int32), [n])
+    meta.verify_seqs = frozenset({0})
+    out = backend.forward(q, k, v, *_cache(ctx_k, ctx_v, table), meta, SCALE, AttentionSpec())
+
+    for node in range(n):  # decode the root-to-node path: each ancestor at its depth position
+        path = [a for a in range(n) if tree.ancestor_bits[node] >> a & 1]
+        ref = _cache(ctx_k, ctx_v, table)
+        for depth, a in enumerate(path):
+            row = _decode(backend, ref, table, q[a : a + 1], k[a : a + 1], v[a : a + 1], ctx + depth + 1,
+                          AttentionSpec())
+        assert torch.equal(out[node], row[0]), f"tree node {node} differs from decoding its path"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from flashserve import LLM
+
+    llm = LLM(device="cpu", max_model_len=512, verbose=False, enable_prefix_caching=False,  # both runs prefill alike
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "disable_by_cost": False})
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2):
+    """The packed Q4_1 SmolLM2 (the model whose greedy outputs diverged): the same prompt with
+    n-gram drafts and with speculation off for the request (``num_speculative_tokens=0``): same
+    tokens and the same log-probability of every token."""
+    from flashserve import SamplingParams
+
+    prompt = ("Repeat the list exactly: alpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa, "
+              "lambda, mu. Again: alpha, beta, gamma, delta, epsilon, zeta,")
+    outs = {}
+    for k in (None, 0):
+        params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1, num_speculative_tokens=k)
+        outs[k] = smollm2.generate([prompt], params)[0].outputs[0]
+    spec, plain = outs[None], outs[0]
+    assert spec.token_ids == plain.token_ids
+    assert smollm2.engine.stats().spec.num_accepted_tokens > 0  # drafts were verified and accepted
+    assert spec.logprobs == plain.logprobs  # (token, logprob, top-1) per token, floats compared exactly
