@@ -69,15 +69,21 @@ class GemvConfig(NamedTuple):
 # (experts, hidden, expert intermediate, rows per expert bucket) -> grouped GEMM launch. Keys come
 # from ``flashserve bench moe --sweep`` on an H200 (it prints the best entry per shape in this
 # form); shapes not listed use ``_heuristic_gemm``. The bucket is the mean number of pairs per
-# expert rounded up to a power of two (16 .. 256). Entries not yet measured are marked.
+# expert rounded up to a power of two (16 .. 256).
 TUNED_GEMM: dict[tuple[int, int, int, int], GemmConfig] = {
-    # Mixtral-8x7B at 256 tokens (64 pairs per expert): one 64-row tile per expert, so each
-    # expert's weights stream once per N tile; wide N tiles, 8 warps for the two accumulators.
-    # Not yet measured (first guess after the 1.4x of run A with 32-row tiles).
-    (8, 4096, 14336, 64): GemmConfig(64, 128, 64, 8, 4),
+    # H200, torch 2.11, 2026-12-02 (`flashserve bench moe --sweep --tokens 1,4,256`): best of the sweep.
+    # qwen3-30b-a3b T=256: 871 us, heuristic 907 us
+    (128, 2048, 768, 16): GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    # mixtral-8x7b T=256: 901 us, heuristic 1199 us
+    (8, 4096, 14336, 64): GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
 }
-# (experts, hidden, expert intermediate) -> decode launch (gate/up, down).
-TUNED_GEMV: dict[tuple[int, int, int], tuple[GemvConfig, GemvConfig]] = {}
+# (experts, hidden, expert intermediate) -> decode launch (gate/up, down); same sweep.
+TUNED_GEMV: dict[tuple[int, int, int], tuple[GemvConfig, GemvConfig]] = {
+    # qwen3-30b-a3b T=1: 31.5 us, heuristic 35.6 us
+    (128, 2048, 768): (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=16, block_k=512, num_warps=8)),
+    # mixtral-8x7b T=1: 177 us, heuristic 202 us
+    (8, 4096, 14336): (GemvConfig(block_n=64, block_k=128, num_warps=8), GemvConfig(block_n=8, block_k=512, num_warps=4)),
+}
 
 
 def quantized_format(w: torch.Tensor, scale: torch.Tensor | None) -> int:
