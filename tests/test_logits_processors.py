@@ -173,6 +173,36 @@ def test_parallel_and_inline_mask_fills_agree(tokenizer, monkeypatch):
     assert (torch.isfinite(inline).sum(dim=1) < 49152).all()  # every row is constrained
 
 
+def test_prefetched_masks_equal_inline_ones_and_stale_ones_are_recomputed(tokenizer, monkeypatch):
+    """prefetch() fills the next call's masks in a background thread; the call uses them only when
+    its grammar rows and their outputs are those the prefetch saw."""
+    import threading
+
+    params = SamplingParams(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))
+    outputs = [tokenizer.encode(p, add_special_tokens=False) for p in ('{"ok":', '{"ok":true,"colour":"', "")]
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(6))
+    rows = lambda outs: [row(params, outs[0], "a"), row(SamplingParams(), [], "plain"),  # noqa: E731
+                         row(params, outs[1], "b"), row(params, outs[2], "c")]
+    proc = LogitsProcessors(tokenizer, EOS)
+    proc(logits, rows([o[:-1] for o in outputs[:2]] + [[]]))  # the rows' states exist, as after a step
+    fills: list[str] = []
+    fill = proc._fill_masks
+    monkeypatch.setattr(proc, "_fill_masks", lambda *a: (fills.append(threading.current_thread().name), fill(*a))[1])
+
+    proc.prefetch(rows(outputs), 49152)
+    prefetched = proc(logits, rows(outputs))
+    assert len(fills) == 1 and fills[0].startswith("flashserve-grammar")  # filled by the thread only
+    inline = LogitsProcessors(tokenizer, EOS)(logits, rows(outputs))
+    assert torch.equal(prefetched, inline)
+    assert torch.equal(prefetched[1], logits[1]) and (torch.isfinite(prefetched[0]) != torch.isfinite(prefetched[2])).any()
+
+    longer = [o + tokenizer.encode("true", add_special_tokens=False) if i == 0 else o for i, o in enumerate(outputs)]
+    proc.prefetch(rows(outputs), 49152)  # stale: the call below has one more output token in row "a"
+    stale = proc(logits, rows(longer))
+    assert fills[-1] == threading.current_thread().name  # recomputed inline
+    assert torch.equal(stale, LogitsProcessors(tokenizer, EOS)(logits, rows(longer)))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grammar_rows_in_the_overlapped_engine_loop(device):
     """Grammars through the Worker: the overlapped loop (step N+1 launched before step N's tokens

@@ -104,6 +104,8 @@ class LogitsProcessors:
         self._executor: Any = None
         self._bitmask: torch.Tensor | None = None  # host staging [G, W] int32 (pinned on CUDA)
         self._copied: torch.cuda.Event | None = None  # the last copy out of the staging buffer
+        self._prefetcher: Any = None  # one background thread (concurrent.futures) for prefetch()
+        self._prefetched: tuple[tuple, Any] | None = None  # (rows' key, future of the filled bitmask)
 
     @classmethod
     def for_engine(cls, config: EngineConfig, eos_token_ids: Sequence[int]) -> LogitsProcessors:
@@ -122,6 +124,9 @@ class LogitsProcessors:
         """logits: [N, V] fp32, not modified; returns the processed logits (the same tensor when
         no row has a bias or a grammar)."""
         self._calls += 1
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:  # its thread touches the states: done before anything else here
+            prefetched = (prefetched[0], prefetched[1].result())
         if self._states and self._calls % 16 == 0:
             self._evict()
         active = [i for i, r in enumerate(rows) if r.params.logit_bias or r.params.structured_output is not None]
@@ -135,8 +140,24 @@ class LogitsProcessors:
                                       torch.cat([vals for _, (_, vals) in biased]), accumulate=True)
         grammar_rows = [i for i in active if rows[i].params.structured_output is not None]
         if grammar_rows:
-            logits = self._apply_grammars(logits, [(i, rows[i], states[i]) for i in grammar_rows])
+            grammar = [(i, rows[i], states[i]) for i in grammar_rows]
+            bitmask = prefetched[1] if prefetched is not None and prefetched[0] == _key(grammar) else None
+            logits = self._apply_grammars(logits, grammar, bitmask)
         return logits
+
+    def prefetch(self, rows: list[SamplingRow], vocab_size: int) -> None:
+        """Start filling the grammar masks of the next call's ``rows`` in a background thread
+        (llguidance drops the GIL), so the host's other work overlaps it; the next call uses the
+        result when its grammar rows and their outputs are the same, and recomputes otherwise."""
+        grammar = [(i, r, self._states.get(r.request_id)) for i, r in enumerate(rows)
+                   if r.params.structured_output is not None]
+        if not grammar or any(st is None for _, _, st in grammar):  # new rows: set up on the next call
+            return
+        if self._prefetcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="flashserve-grammar")
+        self._prefetched = (_key(grammar), self._prefetcher.submit(self._fill_in_thread, grammar, vocab_size))
 
     # ------------------------------------------------------------------ state
     def _state(self, row: SamplingRow, device: torch.device) -> _RowState:
@@ -206,13 +227,17 @@ class LogitsProcessors:
                          state.matcher.get_error())
         return state.matcher
 
-    def _apply_grammars(self, logits: torch.Tensor, grammar_rows: list[tuple[int, SamplingRow, _RowState]]) -> torch.Tensor:
-        vocab = logits.shape[1]
+    def _fill_in_thread(self, grammar_rows: list[tuple[int, SamplingRow, _RowState]], vocab: int) -> torch.Tensor:
+        with torch.inference_mode():  # the staging buffer may be an inference tensor (the Worker's)
+            return self._fill_masks(grammar_rows, vocab)
+
+    def _fill_masks(self, grammar_rows: list[tuple[int, SamplingRow, _RowState]], vocab: int) -> torch.Tensor:
+        """The rows' packed masks in the host staging buffer [>= G, ceil(V / 32)] int32."""
         words = (vocab + 31) // 32
         g = len(grammar_rows)
         bitmask = self._bitmask
         if bitmask is None or bitmask.shape[0] < g or bitmask.shape[1] != words:
-            bitmask = torch.empty((max(g, 8), words), dtype=torch.int32, pin_memory=logits.device.type == "cuda")
+            bitmask = torch.empty((max(g, 8), words), dtype=torch.int32, pin_memory=torch.cuda.is_available())
             self._bitmask = bitmask
         if self._copied is not None:  # the previous step's copy may still be reading the buffer
             self._copied.synchronize()
@@ -231,6 +256,14 @@ class LogitsProcessors:
         else:  # a few rows: waking the pool costs more than the masks (~0.1 ms each)
             for matcher, j in jobs:
                 matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
+        return bitmask
+
+    def _apply_grammars(self, logits: torch.Tensor, grammar_rows: list[tuple[int, SamplingRow, _RowState]],
+                        bitmask: torch.Tensor | None = None) -> torch.Tensor:
+        vocab = logits.shape[1]
+        g = len(grammar_rows)
+        if bitmask is None:
+            bitmask = self._fill_masks(grammar_rows, vocab)
         device_mask = bitmask[:g].to(logits.device, non_blocking=True)
         if logits.device.type == "cuda":  # steps overlap: the next fill waits for this copy only
             self._copied = torch.cuda.Event()
@@ -251,6 +284,11 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     as_bytes = bitmask.contiguous().view(torch.uint8)  # [G, 4W]
     bit = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=bitmask.device, dtype=torch.uint8)
     return (as_bytes.unsqueeze(-1) & bit).ne(0).view(bitmask.shape[0], -1)[:, :vocab_size]  # [G, 4W, 8] -> [G, V]
+
+
+def _key(grammar_rows: list[tuple[int, SamplingRow, _RowState]]) -> tuple:
+    """What a prefetched mask was computed for: each grammar row's place, request and output length."""
+    return tuple((i, row.request_id, len(row.output_token_ids)) for i, row, _ in grammar_rows)
 
 
 def _bit(k: int) -> int:

@@ -384,11 +384,7 @@ class Worker:
     def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
-        grammar = [st.params.structured_output is not None for st in states]
-        rows = [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
-                            st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
-                            self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known] if g else ())
-                for st, g in zip(states, grammar)]
+        rows = self._sampling_rows(states)
         if spec is None:
             logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
             handle.out = self.sampler(logits, rows)
@@ -405,6 +401,13 @@ class Worker:
         if self._pin:
             handle.event = torch.cuda.Event()
             handle.event.record()
+
+    def _sampling_rows(self, states: list) -> list[SamplingRow]:
+        return [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
+                            st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
+                            self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known]
+                            if st.params.structured_output is not None else ())
+                for st in states]
 
     def _sample_deferred(self) -> None:
         """Sample the deferred grammar step, once the previous step's tokens are on the host (the
@@ -457,6 +460,11 @@ class Worker:
             if k is not None and lps is not None:
                 entry = tuple((v, tuple(zip(ids[:k], vals[:k]))) for v, ids, vals in lps)
             sampled[rid] = SampledTokens(toks, entry, drafts.get(rid, 0) if drafts else 0)
+        if self._deferred is not None and self._deferred[4] is handle:
+            # The deferred grammar step can now have its masks filled: in a background thread,
+            # while the engine processes these tokens and plans the next step.
+            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred[0].states),
+                                                    self.sampler.penalties.vocab_size)
         return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
 
     @torch.inference_mode()
