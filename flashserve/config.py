@@ -223,9 +223,9 @@ def default_max_num_batched_tokens(device_type: str) -> int:
     """The step budget when the user gives none. A GPU computes 8192 prompt tokens in well under
     a second; a CPU takes minutes, and every running stream waits for the whole step, so CPU steps
     stay small: chunked prefill spreads a long prompt over many steps, each costing about what a
-    decode step does (docs/server.md: an 8k prompt next to 8 streams, p99 ITL x1.6 at 64 tokens
-    per step, x27 at 512)."""
-    return 8192 if device_type == "cuda" else 64
+    decode step does (docs/server.md: an 8k prompt next to 8 streams on engine core v2, p99 ITL
+    x1.47 at 32 tokens per step, x3.0 at 64, x27 at 512 before v2)."""
+    return 8192 if device_type == "cuda" else 32
 
 
 # Weight quantization modes (flashserve.quant.config says what each does): "auto" takes the
