@@ -9,6 +9,9 @@
    compiled by llguidance into a matcher per request. Every step the matchers of the grammar rows
    fill one packed bitmask [G, ceil(V / 32)] int32 on the host (from 8 rows on, in parallel
    threads without the GIL), which is copied to the device and expanded into the row masks there.
+   ``prefetch(rows)`` starts that fill in a background thread for the next call (the Worker calls
+   it as soon as the tokens the masks depend on reach the host); the call uses it when its rows
+   and their outputs are the ones the prefetch saw.
 
 State is keyed by request id and is only a cache: a matcher is advanced lazily with the tokens
 the row's ``output_token_ids`` gained since it last saw them, so it survives preemption and chunked

@@ -197,7 +197,7 @@ class Worker:
         self._prev_rows: dict[str, int] = {}
         self._last_handle: StepHandle | None = None  # the step launched last (maybe still in flight)
         # A step whose grammar masks need the tokens of the step before it: its forward is launched,
-        # its sampling waits for the next execute() or its result() (see _defer).
+        # its sampling waits for the next execute() or its result() (see execute).
         self._deferred: tuple[StepHandle, torch.Tensor, StepInputs, Any, StepHandle] | None = None
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
         self.graphs: CudaGraphs | None = None
