@@ -158,7 +158,7 @@ def test_h2o_generation_holds_bounded_blocks_and_matches_the_masked_reference(ti
 def test_h2o_preemption_recomputes_and_prefix_caching_is_off(tiny):
     batch = prompts(10, seed=8, lo=5, hi=40)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    roomy = _engine(tiny).generate(batch, params, use_tqdm=False)
+    roomy = _engine(tiny, max_num_batched_tokens=64).generate(batch, params, use_tqdm=False)  # the tight run's budget
     assert all(o.num_cached_tokens == 0 for o in roomy)
     per_block = bytes_per_block(_engine(tiny).engine.model_config, 4, torch.float32)
     tight = _engine(tiny, kv_cache_bytes=24 * per_block, max_model_len=80, preemption_mode="swap",

@@ -39,7 +39,8 @@ def test_unreached_threshold_is_the_full_model(tiny):
 
 def test_always_exiting_at_layer_one_is_the_truncated_model(tiny):
     folder, hf = tiny
-    llm = LLM(model=folder, **KW, early_exit_config={"threshold": 1e-6, "exit_layers": [1]})
+    # Every prompt in the first step: decode tokens in a step mixed with a prompt chunk run the full model.
+    llm = LLM(model=folder, **KW, max_num_batched_tokens=128, early_exit_config={"threshold": 1e-6, "exit_layers": [1]})
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = llm.generate(_prompts(), sp, use_tqdm=False)
     hf.model.layers = hf.model.layers[:1]
