@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -114,6 +114,16 @@ class StepHandle:
         return self._result
 
 
+class _DeferredStep(NamedTuple):
+    """A launched step whose sampling waits for the tokens of ``previous`` (grammar masks)."""
+
+    handle: StepHandle
+    hidden: torch.Tensor  # [T, hidden] the forward's output
+    inp: StepInputs
+    spec: Any  # the speculator's step data, or None
+    previous: StepHandle  # the step in flight when this one was launched
+
+
 class Worker:
     """Owns the model, the KV pool, the sampler and the request states of one device."""
 
@@ -198,7 +208,7 @@ class Worker:
         self._last_handle: StepHandle | None = None  # the step launched last (maybe still in flight)
         # A step whose grammar masks need the tokens of the step before it: its forward is launched,
         # its sampling waits for the next execute() or its result() (see execute).
-        self._deferred: tuple[StepHandle, torch.Tensor, StepInputs, Any, StepHandle] | None = None
+        self._deferred: _DeferredStep | None = None
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
         self.graphs: CudaGraphs | None = None
         if backend_name == "triton":
@@ -370,7 +380,7 @@ class Worker:
                 # A grammar mask needs the token the step in flight samples. Sampling now would make
                 # the device wait for the host's whole turn (outputs, scheduling, inputs) after
                 # it; deferred to the next execute(), the host does that turn while this forward runs.
-                self._deferred = (handle, hidden, inp, spec, self._last_handle)
+                self._deferred = _DeferredStep(handle, hidden, inp, spec, self._last_handle)
             else:
                 self._sample(handle, hidden, inp, spec)
         if timing.end is not None:
@@ -428,7 +438,7 @@ class Worker:
 
     def _finish(self, handle: StepHandle) -> WorkerOutput:
         """Wait for a step's tokens, record them in the request states, return them."""
-        if self._deferred is not None and self._deferred[0] is handle:
+        if self._deferred is not None and self._deferred.handle is handle:
             self._sample_deferred()
         if handle.out is None:
             return WorkerOutput(handle.step_id, {})
@@ -460,10 +470,10 @@ class Worker:
             if k is not None and lps is not None:
                 entry = tuple((v, tuple(zip(ids[:k], vals[:k]))) for v, ids, vals in lps)
             sampled[rid] = SampledTokens(toks, entry, drafts.get(rid, 0) if drafts else 0)
-        if self._deferred is not None and self._deferred[4] is handle:
+        if self._deferred is not None and self._deferred.previous is handle:
             # The deferred grammar step can now have its masks filled: in a background thread,
             # while the engine processes these tokens and plans the next step.
-            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred[0].states),
+            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
                                                     self.sampler.penalties.vocab_size)
         return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
 
