@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from flashserve.layers.sampler import PenaltyState, Sampler, SamplingRow, top_k_top_p_min_p_mask
+from flashserve.layers.sampler import PenaltyState, Sampler, SamplingRow, race_argmax, top_k_top_p_min_p_mask
 from flashserve.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -75,6 +75,18 @@ def test_top_p_sampling_never_leaves_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     tokens = ids(sampler(vocab=4)(logits, [row(temperature=1.0, top_p=0.75)] * 2000))
     assert set(tokens) == {0, 1}
+
+
+def test_race_never_picks_a_zero_probability_token_on_a_zero_draw():
+    # CUDA's exponential_ can draw exactly 0; on a masked token that was 0 / 0 = NaN, which argmax took.
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(8, 64, generator=g) + 0.1
+    probs[:, ::2] = 0.0  # masked tokens
+    noise = torch.empty(8, 64).exponential_(generator=g)
+    noise[:, ::4] = 0.0  # zero draws on masked tokens, and on no allowed one
+    drawn = race_argmax(probs / probs.sum(-1, keepdim=True), noise)
+    assert (drawn % 2 == 1).all()
+    assert torch.equal(drawn, (probs / noise.clamp_min(1e-30)).argmax(-1))
 
 
 def test_penalties_change_logits_as_specified_and_count_sampled_tokens():

@@ -241,7 +241,15 @@ class Sampler:
         """Random draw for every row (greedy rows' results are discarded by the caller)."""
         probs = self.distribution(logits, rows)
         noise = self.exponential_noise(tuple(probs.shape), rows, probs.device)
-        return (probs / noise).argmax(dim=-1)
+        return race_argmax(probs, noise)
+
+
+def race_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race argmax(p / E) over the last dimension. A draw E of exactly 0 (CUDA's
+    ``exponential_`` returns one about once in 2^24 values) is raised to the smallest normal
+    float first: otherwise a token of probability 0 (masked by a grammar or top-k) gives 0 / 0 =
+    NaN, and argmax picks NaN."""
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
 def _row_seed(seed: int, position: int) -> int:

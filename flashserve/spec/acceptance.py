@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, _row_seed
+from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, _row_seed, race_argmax
 
 
 @dataclass
@@ -168,6 +168,6 @@ def _sample_level(sampler: Sampler, p: torch.Tensor, trees: TreeBatch, cur: torc
         nxt = torch.where(samp[:, None], resid, removed)
         p = torch.where(reject[:, None], nxt, p)
     noise = sampler.exponential_noise(tuple(p.shape), rows, dev, position_offset=level)
-    drawn = (p / noise).argmax(dim=-1)
+    drawn = race_argmax(p, noise)
     token = torch.where(accepted, token, drawn)
     return accepted, child, token

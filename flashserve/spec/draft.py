@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from flashserve.layers.attention_metadata import forward_context
-from flashserve.layers.sampler import Sampler, SamplingRow
+from flashserve.layers.sampler import Sampler, SamplingRow, race_argmax
 from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
 from flashserve.sched.plan import ScheduledRequest
 from flashserve.spec.tree import TokenTree
@@ -227,7 +227,7 @@ class DraftProposer:
             if probs is not None and not all(greedy[i] for i in active):
                 q = Sampler.distribution(logits, sub_rows)
                 noise = sampler.exponential_noise(tuple(q.shape), sub_rows, dev, position_offset=j, salt=DRAFT_SALT)
-                drawn = (q / noise).argmax(dim=-1)
+                drawn = race_argmax(q, noise)
                 is_greedy = torch.as_tensor([greedy[i] for i in active], device=dev)
                 best = torch.where(is_greedy, best, drawn)
                 probs[idx, j] = q
