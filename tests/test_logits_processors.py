@@ -8,6 +8,7 @@ batch must be untouched.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -164,13 +165,18 @@ def test_parallel_and_inline_mask_fills_agree(tokenizer, monkeypatch):
     outputs = [tokenizer.encode(prefixes[i % len(prefixes)], add_special_tokens=False) for i in range(10)]
     logits = torch.randn(10, 49152, generator=torch.Generator().manual_seed(5))
 
-    def run(cpus: int) -> torch.Tensor:
+    def run(cpus: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of a first call, then of a call one token later (the matchers advance together)."""
         monkeypatch.setattr(lp.os, "cpu_count", lambda: cpus)
-        return LogitsProcessors(tokenizer, EOS)(logits, [row(params, out, f"r{i}") for i, out in enumerate(outputs)])
+        proc = LogitsProcessors(tokenizer, EOS)
+        first = proc(logits, [row(params, out[:-1], f"r{i}") for i, out in enumerate(outputs)])
+        return first, proc(logits, [row(params, out, f"r{i}") for i, out in enumerate(outputs)])
 
     inline, parallel = run(1), run(16)
-    assert torch.equal(inline, parallel)
-    assert (torch.isfinite(inline).sum(dim=1) < 49152).all()  # every row is constrained
+    assert all(torch.equal(a, b) for a, b in zip(inline, parallel))
+    assert torch.equal(inline[1], LogitsProcessors(tokenizer, EOS)(logits, [row(params, out, f"r{i}")
+                                                                             for i, out in enumerate(outputs)]))
+    assert (torch.isfinite(inline[1]).sum(dim=1) < 49152).all()  # every row is constrained
 
 
 def test_prefetched_masks_equal_inline_ones_and_stale_ones_are_recomputed(tokenizer, monkeypatch):
@@ -189,8 +195,11 @@ def test_prefetched_masks_equal_inline_ones_and_stale_ones_are_recomputed(tokeni
     fill = proc._fill_masks
     monkeypatch.setattr(proc, "_fill_masks", lambda *a: (fills.append(threading.current_thread().name), fill(*a))[1])
 
+    switch = sys.getswitchinterval()
     proc.prefetch(rows(outputs), 49152)
+    assert sys.getswitchinterval() < switch  # the thread gets the GIL soon while it fills
     prefetched = proc(logits, rows(outputs))
+    assert sys.getswitchinterval() == switch
     assert len(fills) == 1 and fills[0].startswith("flashserve-grammar")  # filled by the thread only
     inline = LogitsProcessors(tokenizer, EOS)(logits, rows(outputs))
     assert torch.equal(prefetched, inline)

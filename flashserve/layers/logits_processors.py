@@ -47,7 +47,8 @@ logger = logging.getLogger("flashserve")
 
 _EVICT_AFTER = 64  # sampler calls without a row before a request's state is dropped
 _MAX_COMPILED = 64  # grammar texts kept compiled (LRU)
-_PARALLEL_FROM = 8  # grammar rows from which masks are filled by llguidance's thread pool
+_PARALLEL_FROM = 8  # grammar rows from which llguidance's thread pool advances matchers and fills masks
+_PREFETCH_SWITCH_S = 1e-4  # the interpreter's GIL switch interval while a prefetch runs (default 5 ms)
 
 
 def grammar_text(structured: StructuredOutput) -> str:
@@ -86,7 +87,7 @@ class _RowState:
 
     last_seen: int
     bias: tuple[torch.Tensor, torch.Tensor] | None  # token ids [B] int64, biases [B] fp32, on the device
-    grammar_key: str | None = None
+    grammar_key: tuple[str, str] | None = None  # (kind, spec) the matcher was built for
     matcher: Any = None  # llguidance.LLMatcher
     consumed: int = 0  # output tokens the matcher has consumed
     failed: bool = False
@@ -109,6 +110,7 @@ class LogitsProcessors:
         self._copied: torch.cuda.Event | None = None  # the last copy out of the staging buffer
         self._prefetcher: Any = None  # one background thread (concurrent.futures) for prefetch()
         self._prefetched: tuple[tuple, Any] | None = None  # (rows' key, future of the filled bitmask)
+        self._switch_interval: float | None = None  # the interpreter's own, while a prefetch runs
 
     @classmethod
     def for_engine(cls, config: EngineConfig, eos_token_ids: Sequence[int]) -> LogitsProcessors:
@@ -130,6 +132,9 @@ class LogitsProcessors:
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None:  # its thread touches the states: done before anything else here
             prefetched = (prefetched[0], prefetched[1].result())
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         if self._states and self._calls % 16 == 0:
             self._evict()
         active = [i for i, r in enumerate(rows) if r.params.logit_bias or r.params.structured_output is not None]
@@ -151,7 +156,11 @@ class LogitsProcessors:
     def prefetch(self, rows: list[SamplingRow], vocab_size: int) -> None:
         """Start filling the grammar masks of the next call's ``rows`` in a background thread
         (llguidance drops the GIL), so the host's other work overlaps it; the next call uses the
-        result when its grammar rows and their outputs are the same, and recomputes otherwise."""
+        result when its grammar rows and their outputs are the same, and recomputes otherwise.
+
+        Until that call the GIL switch interval is 0.1 ms instead of 5 ms: the thread's short
+        Python parts (between llguidance's calls) would otherwise wait for the engine thread's
+        whole turn, and the fill would run only once the next call blocks on it, serially."""
         grammar = [(i, r, self._states.get(r.request_id)) for i, r in enumerate(rows)
                    if r.params.structured_output is not None]
         if not grammar or any(st is None for _, _, st in grammar):  # new rows: set up on the next call
@@ -160,6 +169,9 @@ class LogitsProcessors:
             from concurrent.futures import ThreadPoolExecutor
 
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="flashserve-grammar")
+        if self._switch_interval is None:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(_PREFETCH_SWITCH_S)
         self._prefetched = (_key(grammar), self._prefetcher.submit(self._fill_in_thread, grammar, vocab_size))
 
     # ------------------------------------------------------------------ state
@@ -198,13 +210,12 @@ class LogitsProcessors:
         return self._ll_tokenizer
 
     def _matcher(self, state: _RowState, row: SamplingRow, vocab_size: int) -> Any:
-        """The row's matcher, advanced over every output token; rebuilt when the cache is stale
-        (None, with ``state.failed`` set, if it cannot be built)."""
+        """The row's matcher for its grammar, built (or rebuilt when the cache is stale) but not
+        advanced; None, with ``state.failed`` set, if it cannot be built."""
         structured = row.params.structured_output
         assert structured is not None
-        key = f"{structured.kind}\x00{structured.spec}"
-        outputs = row.output_token_ids
-        if state.matcher is None or state.grammar_key != key or state.consumed > len(outputs):
+        key = (structured.kind, structured.spec)
+        if state.matcher is None or state.grammar_key != key or state.consumed > len(row.output_token_ids):
             import llguidance
 
             state.grammar_key, state.consumed = key, 0
@@ -213,22 +224,47 @@ class LogitsProcessors:
             except Exception as e:  # no tokenizer, or a grammar that slipped past validation
                 state.matcher, state.failed = None, True
                 logger.error("flashserve: cannot constrain request %s (%s); ending it", row.request_id, e)
-                return None
-        if state.failed and state.matcher is None:
-            return None
-        if state.consumed < len(outputs):
-            new = [int(t) for t in outputs[state.consumed :]]  # a list, or a numpy row of the Worker
-            # The last token may be an EOS the grammar already accepted; the request ends with it.
-            if not state.matcher.consume_tokens(new) and not state.failed:
-                state.failed = True
-                logger.error("flashserve: request %s left its grammar (%s); ending it", row.request_id,
-                             state.matcher.get_error())
+        return state.matcher
+
+    def _advance(self, grammar_rows: list[tuple[int, SamplingRow, _RowState]]) -> None:
+        """Feed each healthy matcher the output tokens it has not seen. Rows one token behind (every
+        row in steady decoding) are advanced together by llguidance's pool, without the GIL."""
+        one: list[tuple[Any, int]] = []
+        one_rows: list[tuple[SamplingRow, _RowState]] = []
+        for _, row, state in grammar_rows:
+            outputs = row.output_token_ids  # a list, or a numpy row of the Worker
+            if state.failed or state.consumed >= len(outputs):
+                state.consumed = len(outputs)
+                continue
+            new = [int(t) for t in outputs[state.consumed :]]
             state.consumed = len(outputs)
-        if not state.failed and state.matcher.is_error():
+            if len(new) == 1:
+                one.append((state.matcher, new[0]))
+                one_rows.append((row, state))
+            else:
+                self._check(row, state, state.matcher.consume_tokens(new))
+        if one:
+            ok = self._executor.consume_token_par(one) if self._parallel(len(one)) else [m.consume_token(t) for m, t in one]
+            for (row, state), good in zip(one_rows, ok):
+                self._check(row, state, good)
+
+    @staticmethod
+    def _check(row: SamplingRow, state: _RowState, consumed: bool) -> None:
+        """Mark a row whose matcher refused its tokens, or is in error, as failed (it is ended).
+        The last token may be an EOS the grammar already accepted: the request ends with it."""
+        if not consumed:
+            state.failed = True
+            logger.error("flashserve: request %s left its grammar (%s); ending it", row.request_id,
+                         state.matcher.get_error())
+        elif state.matcher.is_error():
             state.failed = True
             logger.error("flashserve: grammar of request %s failed (%s); ending it", row.request_id,
                          state.matcher.get_error())
-        return state.matcher
+
+    @staticmethod
+    def _parallel(rows: int) -> bool:
+        """Whether llguidance's thread pool pays for this many rows (waking it costs ~0.1 ms)."""
+        return rows >= _PARALLEL_FROM and (os.cpu_count() or 1) > 2
 
     def _fill_in_thread(self, grammar_rows: list[tuple[int, SamplingRow, _RowState]], vocab: int) -> torch.Tensor:
         with torch.inference_mode():  # the staging buffer may be an inference tensor (the Worker's)
@@ -244,19 +280,19 @@ class LogitsProcessors:
             self._bitmask = bitmask
         if self._copied is not None:  # the previous step's copy may still be reading the buffer
             self._copied.synchronize()
+        matchers = [self._matcher(state, row, vocab) for _, row, state in grammar_rows]
+        self._advance(grammar_rows)
         jobs = []
-        for j, (_, row, state) in enumerate(grammar_rows):
-            matcher = self._matcher(state, row, vocab)
+        for j, ((_, _, state), matcher) in enumerate(zip(grammar_rows, matchers)):
             if state.failed:
                 bitmask[j].zero_()
                 for t in self.eos_token_ids:
                     bitmask[j, t // 32] |= _bit(t % 32)
             else:
                 jobs.append((matcher, j))
-        if len(jobs) >= _PARALLEL_FROM and (os.cpu_count() or 1) > 2:
-            # Rows j of the buffer filled in parallel threads (llguidance drops the GIL).
+        if self._parallel(len(jobs)):  # rows j of the buffer filled by llguidance's pool, without the GIL
             self._executor.unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), words * 4, bitmask.shape[0])
-        else:  # a few rows: waking the pool costs more than the masks (~0.1 ms each)
+        else:
             for matcher, j in jobs:
                 matcher.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
         return bitmask
@@ -285,8 +321,13 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     32w + 8j ... 32w + 8j + 7), so the intermediate is uint8, a quarter of an int32 unpack."""
     assert sys.byteorder == "little"
     as_bytes = bitmask.contiguous().view(torch.uint8)  # [G, 4W]
-    bit = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=bitmask.device, dtype=torch.uint8)
-    return (as_bytes.unsqueeze(-1) & bit).ne(0).view(bitmask.shape[0], -1)[:, :vocab_size]  # [G, 4W, 8] -> [G, V]
+    return (as_bytes.unsqueeze(-1) & _bits(bitmask.device)).ne(0).view(bitmask.shape[0], -1)[:, :vocab_size]  # [G, 4W, 8] -> [G, V]
+
+
+@functools.lru_cache(maxsize=8)
+def _bits(device: torch.device) -> torch.Tensor:
+    """[8] uint8 single-bit bytes on ``device`` (made once, not copied to the device every step)."""
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=device, dtype=torch.uint8)
 
 
 def _key(grammar_rows: list[tuple[int, SamplingRow, _RowState]]) -> tuple:
