@@ -6,9 +6,24 @@ runs. It lets a model larger than the device run, at the cost of moving the offl
 the host link once per forward pass: a decode step cannot beat ``offloaded bytes / host-to-device
 bandwidth``, whatever the batch, so large batches amortise the copy.
 
-Plugged in at the edge, after the model is built and loaded (``offload_weights``); the model's
-code is unchanged:
+Plugged in at the edges: the loader (``flashserve.loader.load_model(..., cpu_offload_gb=)``)
+builds the offloaded layers in host memory through the models' layer placement hook
+(``flashserve.models.blocks.layer_placement``), and forward hooks stream them in; the model's
+forward is unchanged. The device never holds an offloaded layer's weights outside the staging
+buffers:
 
+* **placement, dense weights**: the sizes are known before the build (a sizing build with the
+  decoder layers on the meta device, nothing of them allocated), so the offloaded layers are
+  chosen first (``plan_offload``), then built and filled from the checkpoint on the host.
+* **placement, quantized weights** (online int8 / int4 / fp8, packed GGUF, GPTQ / AWQ): a layer's
+  stored bytes are set by its method's ``finalize``, whose format is the device's (Triton layouts
+  on CUDA, torch's packed CPU layouts on the CPU). Every decoder layer is built and loaded on the
+  host; each is moved to the device alone, finalized there and moved back (one layer's transient
+  stay on the device); then the offloaded layers are chosen from the final sizes and the others
+  moved to the device (``finish_offload``). This path holds every decoder layer in host memory
+  while loading.
+* **ranks**: under tensor or pipeline parallelism each rank offloads ``cpu_offload_gb`` of its
+  own decoder layers (its shards, its stage's layers) with the same machinery.
 * **which weights**: whole decoder layers, as few as reach ``cpu_offload_gb``, spread evenly over
   the depth (with every other layer offloaded, each copy overlaps a resident layer's compute).
   Only tensors reachable through that layer alone move (a rope cache the model also holds, or
@@ -27,7 +42,10 @@ code is unchanged:
 
 CUDA graphs stay on: every copy is a device-side ``cudaMemcpyAsync`` from pinned memory with
 fixed addresses and the side stream is forked from and joined back to the capturing stream with
-events inside each pass, so a captured graph contains the copies and replays them. On CPU the
+events inside each pass, so a captured graph contains the copies and replays them. A pass that
+stops before the last offloaded layer (the first-layers draft of speculative decoding) leaves the
+next layer's copy in flight: a pre-hook of the final norm joins it. Early exit is refused: it
+computes later layers' K/V from their submodules without running the layer (no pre-hook). On CPU the
 "device" is host memory: the same hooks copy host buffer -> staging buffer without a stream
 (``tests/test_offload.py`` checks tokens and where the bytes live).
 """
