@@ -109,6 +109,7 @@ def test_a_model_larger_than_the_memory_limit_loads_with_offloading(tmp_path):
     (random weights for a host-built layer are drawn on the device, one tensor at a time)."""
     from flashserve.layers.attention import get_attention_backend
     from flashserve.loader import load_model
+    from flashserve.quant import stored_bytes
     from flashserve.runner.offload import layer_sizes
 
     folder = write_config(tmp_path)
@@ -116,7 +117,7 @@ def test_a_model_larger_than_the_memory_limit_loads_with_offloading(tmp_path):
     ps = prompts()
     plain = engine(folder, **kw)
     ref = tokens(plain, ps)
-    weight_bytes = plain.engine.worker.info.weight_bytes
+    weight_bytes = stored_bytes(plain.engine.worker.model)
     layers = layer_sizes(plain.engine.worker.model)
     del plain
     gc.collect()
@@ -124,9 +125,9 @@ def test_a_model_larger_than_the_memory_limit_loads_with_offloading(tmp_path):
     offload_gb = 0.75 * sum(layers) / 2**30
 
     device = torch.device("cuda")
+    backend = get_attention_backend("triton", max_seq_len_cap=256)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    backend = get_attention_backend("triton", max_seq_len_cap=256)
     model, _ = load_model(folder, "dummy", torch.bfloat16, device, backend, cpu_offload_gb=offload_gb)
     peak = torch.cuda.max_memory_allocated() - before
     off = model._host_weights
