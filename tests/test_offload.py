@@ -122,6 +122,79 @@ def test_offload_size_errors(deep):
         engine(deep, cpu_offload_gb=1)
 
 
+# ----------------------------------------------------------------------------- loading
+def test_offloaded_layers_are_built_and_loaded_in_host_memory(deep):
+    """Loaded onto the meta device, which holds no bytes: every resident weight is a meta tensor,
+    and the host store of each offloaded layer holds that layer's checkpoint values, so they were
+    built and filled in host memory, never on the device. (Building the whole model on the
+    device first, then moving the layers out, leaves nothing to copy out of a meta tensor.)"""
+    from flashserve.layers.attention import get_attention_backend
+    from flashserve.loader import load_model
+    from flashserve.runner.offload import _layout, _view
+
+    backend = get_attention_backend("torch", max_seq_len_cap=128)
+    ref, _ = load_model(deep, "auto", torch.float32, "cpu", backend)
+    per_layer = layer_sizes(ref)
+    model, _ = load_model(deep, "auto", torch.float32, "meta", backend, cpu_offload_gb=2.5 * per_layer[1] / GIB)
+    off = model._host_weights
+    assert off.layer_indices == [0, 2, 4]
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    assert all(s.device.type == "meta" for s in off.staging) and all(h.device.type == "cpu" for h in off.host)
+    layers, ref_layers = decoder_layers(model), decoder_layers(ref)
+    for j, i in enumerate(off.layer_indices):
+        offsets = dict(zip(map(id, off.tensors[j]), _layout(off.tensors[j])[0]))
+        ref_params = dict(ref_layers[i].named_parameters())
+        for name, p in layers[i].named_parameters():
+            stored = _view(off.host[j], offsets[id(p)], p)
+            assert torch.equal(stored, ref_params[name]), (i, name)
+    assert off.host_bytes == sum(per_layer[i] for i in off.layer_indices)
+
+
+def test_offloading_packed_gguf_gives_identical_tokens(tmp_path):
+    """GGUF blocks kept packed (the layers' stored format is known only once they are packed):
+    every decoder layer is loaded in host memory, packed, and the offloaded one stays there."""
+    from test_quant_gguf import MIXED, tiny_hf, write_mixed_gguf
+
+    path = tmp_path / "m.gguf"
+    write_mixed_gguf(tiny_hf("llama3_gqa", seed=5), path, MIXED)
+    (tmp_path / "no_tokenizer").mkdir()
+    kw = dict(model=str(path), tokenizer=str(tmp_path / "no_tokenizer"), device="cpu", block_size=4,
+              max_model_len=64, verbose=False)
+    ref = tokens(LLM(**kw), PROMPTS[:3])
+    llm = LLM(**kw, cpu_offload_gb=1e-9)
+    worker = llm.engine.executor.worker
+    assert worker.offload.layer_indices == [1]
+    assert decoder_layers(worker.model)[1].self_attn.qkv_proj.quant_method.label.startswith("gguf-")
+    assert tokens(llm, PROMPTS[:3]) == ref
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_each_rank_offloads_its_own_layers(tiny, tp, pp):
+    ref = tokens(engine(tiny), PROMPTS[:3])
+    llm = engine(tiny, cpu_offload_gb=1e-9, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        assert llm.engine.worker.info.offloaded_weight_bytes > 0  # rank 0's share
+        assert tokens(llm, PROMPTS[:3]) == ref
+    finally:
+        llm.engine.shutdown()
+
+
+def test_first_layers_drafts_with_offloaded_layers(deep):
+    """Self-speculation runs passes that stop after the first layers (the next offloaded layer's
+    copy is joined at the final norm): the tokens of the same drafts without offloading."""
+    spec = {"method": "layers", "num_layers": 2, "num_speculative_tokens": 3}
+    ref_llm = engine(deep, speculative_config=spec)
+    ref = tokens(ref_llm, PROMPTS[:3])
+    llm = engine(deep, speculative_config=spec, cpu_offload_gb=2.5 * sizes(ref_llm)[1] / GIB)
+    assert llm.engine.executor.worker.offload.layer_indices == [0, 2, 4]
+    assert tokens(llm, PROMPTS[:3]) == ref
+
+
+def test_offloading_refuses_early_exit(deep):
+    with pytest.raises(ValueError, match=r"cpu_offload_gb does not work with early exit"):
+        engine(deep, cpu_offload_gb=1e-9, early_exit_config={"threshold": 0.5, "exit_layers": [2]})
+
+
 # ----------------------------------------------------------------------------- host KV tier
 def test_scheduler_plans_saves_then_loads_of_evicted_prefix_blocks():
     bm = BlockManager(6, 4, enable_prefix_caching=True, num_host_blocks=2)

@@ -134,10 +134,33 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     return model.eval().requires_grad_(False)
 
 
-def _finish(model: Any, device: torch.device | str) -> None:
-    """Build the kernel-ready quantized weights once every tensor is in."""
+def _build(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend,
+           qconfig: Any, cpu_offload_gb: float) -> tuple[Any, Any]:
+    """``build_model``; with ``cpu_offload_gb``, the offloaded decoder layers (or, when their stored
+    size is known only after quantizing, every decoder layer) are built in host memory
+    (``flashserve.runner.offload``). Returns (model, offload plan or None)."""
+    if cpu_offload_gb <= 0:
+        return build_model(config, dtype, device, attn_backend, qconfig), None
+    from flashserve.models.blocks import layer_placement
+    from flashserve.quant import QuantConfig
+    from flashserve.runner.offload import plan_offload
+
+    plan = plan_offload(cpu_offload_gb, lambda: build_model(config, dtype, "cpu", attn_backend, qconfig),
+                        dense=type(qconfig) is QuantConfig)
+    with layer_placement(plan.device_of(torch.device(device))):
+        return build_model(config, dtype, device, attn_backend, qconfig), plan
+
+
+def _finish(model: Any, device: torch.device | str, plan: Any = None) -> None:
+    """Build the kernel-ready quantized weights once every tensor is in (and, with an offload
+    plan, place the host-built layers and install the streaming)."""
     from flashserve.quant import finalize_quantized
 
+    if plan is not None:
+        from flashserve.runner.offload import finish_offload
+
+        finish_offload(model, plan, torch.device(device))
+        return
     finalize_quantized(model)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # give back the dense weights online quantization replaced
@@ -154,6 +177,7 @@ def load_model(
     quantization: str = "none",
     dense_gguf: bool = False,
     attention: Any = None,
+    cpu_offload_gb: float = 0.0,
 ) -> tuple[Any, ModelConfig]:
     """Build and fill the model. Returns ``(model, config)``.
 
@@ -162,6 +186,9 @@ def load_model(
     file packed unless ``dense_gguf`` (the engine sets it when a dtype was asked for explicitly).
     Every quantization check runs before the model is allocated.
     ``attention`` (an ``AttentionSpec``) replaces the model's full-attention layers.
+    ``cpu_offload_gb`` > 0: that many GiB of the decoder layers are kept in host memory and
+    streamed in (``flashserve.runner.offload``; ``model._host_weights``); they are built and
+    loaded there, never on ``device`` (a quantized one passes through it once, to be quantized).
     """
     from flashserve.quant import make_quant_config
 
@@ -175,9 +202,9 @@ def load_model(
         config = gguf_model_config(reader, source).with_attention(attention)
         qconfig = make_quant_config(quantization, "gguf", config, device, dtype,
                                     gguf_types=gguf_tensor_types(reader), dense_gguf=dense_gguf)
-        model = build_model(config, dtype, device, attn_backend, qconfig)
+        model, plan = _build(config, dtype, device, attn_backend, qconfig, cpu_offload_gb)
         model.load_weights(iterate_gguf(reader, config, str(_field(reader, "general.architecture")), qconfig.keeps_packed))
-        _finish(model, device)
+        _finish(model, device, plan)
         return model, config
     if fmt == "safetensors":
         from flashserve.loader.hf_config import load_hf_config
@@ -197,9 +224,9 @@ def load_model(
         from flashserve.loader.hf_config import read_config_json
 
         qconfig = compression_quant_config(read_config_json(source), qconfig)  # low-rank / 2:4 layers, if any
-        model = build_model(config, dtype, device, attn_backend, qconfig)
+        model, plan = _build(config, dtype, device, attn_backend, qconfig, cpu_offload_gb)
         model.load_weights(iterate_safetensors(source))
-        _finish(model, device)
+        _finish(model, device, plan)
         return model, config
     from flashserve.loader.dummy import init_dummy_weights
 
@@ -208,9 +235,9 @@ def load_model(
         config = dataclasses.replace(config, **config_overrides)
     config = config.with_attention(attention)
     qconfig = make_quant_config(quantization, "dummy", config, device, dtype)
-    model = build_model(config, dtype, device, attn_backend, qconfig)
-    init_dummy_weights(model, seed=seed)
-    _finish(model, device)
+    model, plan = _build(config, dtype, device, attn_backend, qconfig, cpu_offload_gb)
+    init_dummy_weights(model, seed=seed, device=device)
+    _finish(model, device, plan)
     return model, config
 
 

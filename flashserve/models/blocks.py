@@ -3,9 +3,17 @@
 ``MLP_TYPES`` maps a ``LayerSpec.mlp`` name to a module class built as ``cls(config, prefix=...)``
 (``prefix``: its checkpoint name, e.g. ``model.layers.0.mlp``) that maps ``[T, hidden] -> [T, hidden]``. New MLP kinds (GeGLU, mixture of experts) register here; the
 decoder layer has no branch on them.
+
+``build_layers`` builds a model's decoder layers, each on the device the loader's placement
+gives it (``layer_placement``: weight offloading builds the offloaded layers in host memory), or
+on the current device.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +53,32 @@ class GeluTanhAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
+
+
+_PLACEMENT: contextvars.ContextVar[Callable[[int], torch.device] | None] = contextvars.ContextVar(
+    "flashserve_layer_placement", default=None)
+
+
+@contextlib.contextmanager
+def layer_placement(device_of: Callable[[int], torch.device]) -> Iterator[None]:
+    """Inside the block, models build decoder layer ``i`` (this rank's index) on ``device_of(i)``."""
+    token = _PLACEMENT.set(device_of)
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+def build_layers(count: int, make: Callable[[int], nn.Module]) -> nn.ModuleList:
+    """``make(i)`` for ``i < count``, each under the device ``layer_placement`` gives it."""
+    device_of = _PLACEMENT.get()
+    if device_of is None:
+        return nn.ModuleList([make(i) for i in range(count)])
+    layers = []
+    for i in range(count):
+        with torch.device(device_of(i)):
+            layers.append(make(i))
+    return nn.ModuleList(layers)
 
 
 MLP_TYPES: dict[str, type[nn.Module]] = {

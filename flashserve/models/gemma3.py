@@ -28,7 +28,7 @@ from flashserve.layers.attention_metadata import AttentionBackend
 from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
-from flashserve.models.blocks import MLP_TYPES
+from flashserve.models.blocks import MLP_TYPES, build_layers
 from flashserve.models.llama import KVCache, LlamaAttention, LlamaForCausalLM, make_rotary
 from flashserve.models.registry import register_model
 
@@ -92,10 +92,8 @@ class Gemma3Model(nn.Module):
         thetas = sorted({s.attention.rope_theta or config.rope_theta for s in specs})
         self.rotary = nn.ModuleList([make_rotary(config, t) for t in thetas])
         self._rope_index = [thetas.index(s.attention.rope_theta or config.rope_theta) for s in specs]
-        self.layers = nn.ModuleList(
-            [Gemma3DecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{i}")
-             for i, (spec, j) in enumerate(zip(specs, self._rope_index))]
-        )
+        self.layers = build_layers(len(specs), lambda i: Gemma3DecoderLayer(
+            config, specs[i], attn_backend, self.rotary[self._rope_index[i]], prefix=f"model.layers.{i}"))
         self.norm = gemma_norm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.linear import Linear, QKVLinear, default_weight_loader
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
-from flashserve.models.blocks import MLP_TYPES
+from flashserve.models.blocks import MLP_TYPES, build_layers
 from flashserve.models.registry import register_model
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
@@ -134,10 +134,8 @@ class LlamaModel(nn.Module):
         thetas = sorted({s.attention.rope_theta or config.rope_theta for s in specs})
         self.rotary = nn.ModuleList([make_rotary(config, t) for t in thetas])
         self._rope_index = [thetas.index(s.attention.rope_theta or config.rope_theta) for s in specs]
-        self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, spec, attn_backend, self.rotary[j], prefix=f"model.layers.{self.start + i}")
-             for i, (spec, j) in enumerate(zip(specs, self._rope_index))]
-        )
+        self.layers = build_layers(len(specs), lambda i: LlamaDecoderLayer(
+            config, specs[i], attn_backend, self.rotary[self._rope_index[i]], prefix=f"model.layers.{self.start + i}"))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.pp.is_last_stage else None
 
     def forward(

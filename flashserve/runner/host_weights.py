@@ -11,6 +11,7 @@ available the weights are still packed, just on ordinary pages.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ from flashserve.quant.base import cpu_single_thread
 _ALIGN = 64  # bytes: every tensor starts on a cache line
 
 
-def pack_weights_in_huge_pages(model: nn.Module) -> int:
-    """Move every parameter and buffer of a CPU model into one huge-page mapping, in place.
+def pack_weights_in_huge_pages(model: nn.Module, skip: Collection[int] = ()) -> int:
+    """Move every parameter and buffer of a CPU model into one huge-page mapping, in place,
+    except the tensors whose ids are in ``skip`` (the views of offloading's staging buffers).
 
     Tied parameters stay tied (each distinct tensor is copied once). Returns the bytes packed.
     """
@@ -29,7 +31,8 @@ def pack_weights_in_huge_pages(model: nn.Module) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type != "cpu":
             raise ValueError("pack_weights_in_huge_pages is for CPU models")
-        tensors.setdefault(id(t), t)
+        if id(t) not in skip:
+            tensors.setdefault(id(t), t)
     offsets: dict[int, int] = {}
     total = 0
     for key, t in tensors.items():

@@ -144,16 +144,16 @@ class Worker:
         self.attn_backend = get_attention_backend(backend_name, max_seq_len_cap=max_model_len)
         t0 = time.perf_counter()
         source = config.model if config.model is not None else default_model_path()
+        if config.cpu_offload_gb > 0:
+            from flashserve.runner.offload import check_offload_modes
+
+            check_offload_modes(config)
         self.model, _ = load_model(source, config.load_format, self.dtype, self.device, self.attn_backend, config.seed,
                                    quantization=config.quantization, dense_gguf=config.dtype != "auto",
-                                   attention=config.attention)
-        if self.device.type == "cpu":
-            pack_weights_in_huge_pages(self.model)  # fewer TLB misses when streaming the weights
-        self.offload = None
-        if config.cpu_offload_gb > 0:  # after packing, which would copy the streamed views away
-            from flashserve.runner.offload import offload_weights
-
-            self.offload = offload_weights(self.model, config.cpu_offload_gb, self.device)
+                                   attention=config.attention, cpu_offload_gb=config.cpu_offload_gb)
+        self.offload = getattr(self.model, "_host_weights", None)  # offloaded layers (cpu_offload_gb)
+        if self.device.type == "cpu":  # fewer TLB misses when streaming the weights (not the staging views)
+            pack_weights_in_huge_pages(self.model, skip=self.offload.streamed() if self.offload is not None else ())
         load_s = time.perf_counter() - t0
 
         sched, cache = config.scheduler, config.cache
