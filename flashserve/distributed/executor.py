@@ -4,12 +4,13 @@ Rank 0 (the driver) is this process: it holds a Worker like the in-process execu
 mirrors every call it makes on it (``execute``, ``result``, ``score_chunk``) to ranks 1..N-1 over
 a gloo control group, so every rank applies the same plans in the same order and keeps the same
 persistent batch. The model's own collectives (all-reduce after row-parallel layers, the
-vocabulary all-gather) run on a separate group: NCCL on CUDA, gloo on CPU. All logits are
-gathered on every rank and every rank samples with the same seed, so each rank appends the same
-tokens; only the driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
+vocabulary all-gather) run on a separate group: NCCL on CUDA, gloo on CPU. The tensor ranks
+gather all logits and sample with the same seed, so each appends the same tokens; only the
+driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
 stage holds its layers only and hands hidden states and residual to the next over point-to-point
-send/recv; the last stage's logits are broadcast to every rank. Stages run one after the other
-within a step (one micro-batch in flight; see docs/distributed.md).
+send/recv; the last stage samples and sends the token ids back to the earlier stages
+(``flashserve.distributed.pipeline``), so a stage returns from ``execute`` once its part is
+launched and the engine keeps several micro-batches in flight (see docs/distributed.md).
 
 Ranks are started with torch.multiprocessing (spawn) on this host; ``flashserve.distributed.launch``
 starts them under torchrun instead (several hosts), where rank 0 runs the engine.
@@ -138,8 +139,10 @@ def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.tim
     pp_rank, tp_rank = divmod(rank, tp)
     world_group = group("world", rank, world)
     tp_group = world_group if tp == world else group(f"tp{pp_rank}", tp_rank, tp)
+    # pipeline stages: the last stage's sampled ids travel back on a group of their own
+    result_group = group("results", rank, world) if tp < world else None
     return control, ParallelContext(tp_rank=tp_rank, tp_size=tp, tp_group=tp_group, pp_rank=pp_rank,
-                                    pp_size=world // tp, world_group=world_group)
+                                    pp_size=world // tp, world_group=world_group, result_group=result_group)
 
 
 def _build_worker(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
@@ -310,8 +313,10 @@ class DistributedExecutor:
             raise self._fail(e) from None
 
     def _broadcast(self, msg: object) -> None:
+        # not waited for: a rank still busy with an earlier plan (a later pipeline stage) takes
+        # the message when it gets to it, while this rank goes on with its own part
         for chan in self._peers:
-            chan.send(msg)
+            chan.send(msg, wait=False)
 
     # ----------------------------------------------------------------- the executor interface
     def execute(self, plan: SchedulerOutput) -> _DriverHandle:
