@@ -92,7 +92,7 @@ def _run(engine):
 
 
 def test_stage_zero_runs_ahead_while_the_last_stage_is_stopped(ckpt):
-    """With the last stage's process stopped, the driver (stage 0) still launches two micro-batches:
+    """With the last stage's process stopped, the driver (stage 0) still launches a micro-batch:
     its execute returns once its activations are sent, it does not wait for the last stage. Once
     the stage runs again, every request gets the tokens (and logprobs) of one process, and
     ``score`` afterwards the log-probabilities of one process."""
@@ -106,20 +106,18 @@ def test_stage_zero_runs_ahead_while_the_last_stage_is_stopped(ckpt):
     llm = LLM(pipeline_parallel_size=2, distributed_timeout_s=60, **kw)
     engine = llm.engine
     try:
-        assert engine.info.pipeline_stages == 2 and engine._depth == 3
+        # on CPU one micro-batch per stage (execute() computes the stage: no extra one to hide the host)
+        assert engine.info.pipeline_stages == 2 and engine._depth == 2
         for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS)):
             engine.add_request(str(i), p, sp)
         last = engine.executor.processes[0]
         os.kill(last.pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
-            assert engine.step() == [] and engine.step() == []
-            assert len(engine._inflight) == 2
-            assert time.monotonic() - t0 < 20
-            (first, _), (second, _) = engine._inflight
-            # a request in both is a prompt whose first chunk sampled nothing
-            assert {r.request_id for r in first.requests if r.sample}.isdisjoint(r.request_id for r in second.requests)
-            assert first.requests and second.requests
+            assert engine.step() == []  # launched: stage 0 ran it and posted its activations
+            assert len(engine._inflight) == 1 and time.monotonic() - t0 < 20
+            (plan, _), = engine._inflight
+            assert 0 < len(plan.requests) <= 2  # ceil(4 / 2) sequences
         finally:
             os.kill(last.pid, signal.SIGCONT)
         got = _run(engine)

@@ -11,7 +11,7 @@ are read, so the device never idles while the host schedules; otherwise each ste
 run and read in turn. Both give the same tokens.
 
 With pipeline stages that overlap (``WorkerInfo.pipeline_stages`` = P > 1) the loop keeps P
-plans in flight (P + 1 with ``async_scheduling``), each a micro-batch of disjoint requests
+plans in flight (P + 1 with ``async_scheduling`` on CUDA), each a micro-batch of disjoint requests
 (``EngineCore``'s ``micro_batches``): stage 0 runs micro-batch N+1 while the next stage runs N,
 and a step reads the tokens of the oldest plan only.
 
@@ -132,8 +132,12 @@ class LLMEngine:
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
-        # plans in flight while a step launches: 1 (+1 overlapped), or one per pipeline stage (+1)
-        self._depth = info.pipeline_stages + int(config.async_scheduling)
+        # Plans in flight while a step launches: one per pipeline stage that overlaps (1 without
+        # stages), plus one with async scheduling where launching does not wait for the device.
+        # A CPU stage computes inside execute(): there an extra micro-batch would only split the
+        # batch further (each stage reads its weights once more per round) and hide nothing.
+        stages = info.pipeline_stages
+        self._depth = stages + int(config.async_scheduling and (stages == 1 or self.device.type == "cuda"))
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
         if hasattr(self.executor, "make_core"):  # disaggregated prefill/decode: a router over two pools

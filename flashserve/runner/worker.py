@@ -13,6 +13,8 @@ to pinned host memory are queued right after sampling, so ``result()`` waits for
 only.
 
 The same Worker serves in-process engines and worker processes (``flashserve.distributed``).
+On a pipeline stage before the last, ``execute`` returns once the stage's activations are posted
+and ``result()`` receives the step's tokens from the last stage (``flashserve.distributed.pipeline``).
 """
 
 from __future__ import annotations
