@@ -38,6 +38,8 @@ class ParallelContext:
     # group of their own, so they never queue behind activations of later micro-batches (NCCL
     # runs one communicator's operations in issue order).
     result_group: dist.ProcessGroup | None = None
+    # Every rank on one GPU (gloo groups, NCCL refuses that): point-to-point tensors go through host memory.
+    p2p_through_host: bool = False
     # Activation sends not waited for yet (``send_next_stage``; ``take_sends`` hands them over).
     _sends: list = field(default_factory=list, compare=False, repr=False)
 
@@ -71,7 +73,7 @@ class ParallelContext:
         ``take_sends`` and waited for once the step's result is read."""
         dst = self.rank + self.tp_size
         for i, t in enumerate(tensors):
-            self._sends.append(self.world_group.send([t.contiguous()], dst, i))
+            self._sends.append(self.world_group.send([self.to_wire(t)], dst, i))
 
     def take_sends(self) -> list:
         """The activation sends issued since the last call (their ``Work`` objects)."""
@@ -80,10 +82,18 @@ class ParallelContext:
 
     def recv_prev_stage(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
         src = self.rank - self.tp_size
-        out = [torch.empty_like(t) for t in like]
+        out = [torch.empty_like(t, device=self.wire_device(t.device)) for t in like]
         for i, t in enumerate(out):
             self.world_group.recv([t], src, i).wait()
-        return out
+        return [o.to(t.device) for o, t in zip(out, like)]
+
+    def wire_device(self, device: torch.device) -> torch.device:
+        """Where point-to-point tensors of ``device`` travel from (host memory when staged)."""
+        return torch.device("cpu") if self.p2p_through_host else device
+
+    def to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ready to send: contiguous, on the host when staged."""
+        return t.contiguous().to(self.wire_device(t.device))
 
     def broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank gets the last stage's (tensor rank 0's) ``t`` (logits: all ranks sample)."""

@@ -67,21 +67,22 @@ class StageResults:
         self.device = device
         self.samples = ctx.is_last_stage  # this rank computes logits and samples
         self.root = (ctx.pp_size - 1) * ctx.tp_size  # tensor rank 0 of the last stage sends
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.wire = ctx.wire_device(device)  # where packets travel from
+        self._copy_stream = torch.cuda.Stream(device) if self.wire.type == "cuda" else None
 
     def publish(self, out: SamplerOutput) -> list[Any]:
         """Last stage: send the step's packet to every earlier rank (not waited for; the returned
         works keep it alive until the step's result is read)."""
         if self.ctx.rank != self.root:
             return []
-        packet = pack(out)
+        packet = self.ctx.to_wire(pack(out))
         return [self.ctx.result_group.send([packet], dst, 0) for dst in range(self.root)]
 
     def expect(self, states: list) -> tuple[torch.Tensor, Any, int | None]:
         """Earlier stage: post the receive of a step's packet (its rows: ``states``)."""
         k = logprobs_width(states)
         shape, dtype = ((len(states),), torch.int64) if k is None else ((len(states), 2 + 2 * k), torch.float64)
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        buf = torch.empty(shape, dtype=dtype, device=self.wire)
         return buf, self.ctx.result_group.recv([buf], self.root, 0), k
 
     def collect(self, pending: tuple[torch.Tensor, Any, int | None]) -> dict[str, torch.Tensor]:
