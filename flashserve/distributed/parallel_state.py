@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,14 @@ class ParallelContext:
     pp_rank: int = 0
     pp_size: int = 1
     world_group: dist.ProcessGroup | None = None
+    # Pipeline micro-batches: the last stage's sampled ids go to the earlier stages' ranks on a
+    # group of their own, so they never queue behind activations of later micro-batches (NCCL
+    # runs one communicator's operations in issue order).
+    result_group: dist.ProcessGroup | None = None
+    # Every rank on one GPU (gloo groups, NCCL refuses that): point-to-point tensors go through host memory.
+    p2p_through_host: bool = False
+    # Activation sends not waited for yet (``send_next_stage``; ``take_sends`` hands them over).
+    _sends: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def rank(self) -> int:
@@ -59,17 +67,33 @@ class ParallelContext:
         return start, start + base + (self.pp_rank < extra)
 
     def send_next_stage(self, tensors: list[torch.Tensor]) -> None:
-        """Hand activations to the same tensor-parallel rank of the next stage."""
+        """Hand activations to the same tensor-parallel rank of the next stage without waiting
+        for the transfer: the stage goes on with its next micro-batch while the next stage
+        receives. The pending sends (which keep their tensors alive) are collected with
+        ``take_sends`` and waited for once the step's result is read."""
         dst = self.rank + self.tp_size
         for i, t in enumerate(tensors):
-            self.world_group.send([t.contiguous()], dst, i).wait()
+            self._sends.append(self.world_group.send([self.to_wire(t)], dst, i))
+
+    def take_sends(self) -> list:
+        """The activation sends issued since the last call (their ``Work`` objects)."""
+        sends, self._sends[:] = list(self._sends), []
+        return sends
 
     def recv_prev_stage(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
         src = self.rank - self.tp_size
-        out = [torch.empty_like(t) for t in like]
+        out = [torch.empty_like(t, device=self.wire_device(t.device)) for t in like]
         for i, t in enumerate(out):
             self.world_group.recv([t], src, i).wait()
-        return out
+        return [o.to(t.device) for o, t in zip(out, like)]
+
+    def wire_device(self, device: torch.device) -> torch.device:
+        """Where point-to-point tensors of ``device`` travel from (host memory when staged)."""
+        return torch.device("cpu") if self.p2p_through_host else device
+
+    def to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ready to send: contiguous, on the host when staged."""
+        return t.contiguous().to(self.wire_device(t.device))
 
     def broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank gets the last stage's (tensor rank 0's) ``t`` (logits: all ranks sample)."""

@@ -50,11 +50,20 @@ class _Channel:
     def __init__(self, group: dist.ProcessGroup, peer: int) -> None:
         self.group = group
         self.peer = peer
+        self._pending: list = []  # sends posted with wait=False and not seen complete yet
 
-    def send(self, obj: object) -> None:
+    def send(self, obj: object, wait: bool = True) -> None:
+        """Send ``obj``; ``wait=False`` returns before the peer has taken it (a gloo send completes
+        only once the peer posts its receive), so the sender goes on while the peer is busy.
+        Messages arrive in the order they were sent either way."""
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self.group.send([torch.tensor([len(data)], dtype=torch.int64)], self.peer, 0).wait()
-        self.group.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], self.peer, 1).wait()
+        works = [self.group.send([torch.tensor([len(data)], dtype=torch.int64)], self.peer, 0),
+                 self.group.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], self.peer, 1)]
+        if wait:
+            for work in works:
+                work.wait()
+        else:  # the works keep their tensors alive until the transfer is done
+            self._pending = [w for w in self._pending if not w.is_completed()] + works
 
     def recv(self) -> object:
         size = torch.empty(1, dtype=torch.int64)

@@ -19,11 +19,12 @@ from flashserve.sched.stop import StopChecker
 
 class EngineCore:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 cost_model: PreemptionCostModel | None = None, speculation=None) -> None:
+                 cost_model: PreemptionCostModel | None = None, speculation=None, micro_batches: int = 1) -> None:
         self.block_manager = block_manager
         self.speculation = speculation  # flashserve.spec.controller.SpeculationController, or None
+        # micro_batches > 1: that many plans in flight on disjoint requests (pipeline stages)
         self.scheduler = Scheduler(config, block_manager, make_policy(config.policy), max_model_len, cost_model,
-                                   speculation=speculation)
+                                   speculation=speculation, micro_batches=micro_batches)
         self.stop = StopChecker(max_model_len)
 
     def add_request(self, request: Request) -> None:

@@ -10,6 +10,11 @@ With ``async_scheduling`` (the default) step N+1 is planned and launched before 
 are read, so the device never idles while the host schedules; otherwise each step is planned,
 run and read in turn. Both give the same tokens.
 
+With pipeline stages that overlap (``WorkerInfo.pipeline_stages`` = P > 1) the loop keeps P
+plans in flight (P + 1 with ``async_scheduling`` on CUDA), each a micro-batch of disjoint requests
+(``EngineCore``'s ``micro_batches``): stage 0 runs micro-batch N+1 while the next stage runs N,
+and a step reads the tokens of the oldest plan only.
+
 Requests enter through ``add_request``, which validates everything a caller can get wrong and
 raises ``ValueError`` naming the problem and the limit, so a bad request never reaches the loop.
 A request with ``n > 1`` runs as n child sequences (child i seeded with seed + i) and reports as
@@ -21,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -126,6 +132,12 @@ class LLMEngine:
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
         self.dtype = getattr(torch, info.dtype)
+        # Plans in flight while a step launches: one per pipeline stage that overlaps (1 without
+        # stages), plus one with async scheduling where launching does not wait for the device.
+        # A CPU stage computes inside execute(): there an extra micro-batch would only split the
+        # batch further (each stage reads its weights once more per round) and hide nothing.
+        stages = info.pipeline_stages
+        self._depth = stages + int(config.async_scheduling and (stages == 1 or self.device.type == "cuda"))
         kv_elem = self.dtype.itemsize if config.cache.kv_cache_dtype == "auto" else 1  # an 8-bit KV cache
         cost_model = PreemptionCostModel.for_model(mc, kv_elem, self.device.type)
         if hasattr(self.executor, "make_core"):  # disaggregated prefill/decode: a router over two pools
@@ -136,14 +148,15 @@ class LLMEngine:
             self.block_manager = make_block_manager(mc, info.num_blocks, info.block_size,
                                                     config.cache.enable_prefix_caching, info.num_host_blocks,
                                                     info.num_host_cache_blocks)
-            self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation)
+            self.core = EngineCore(sched_cfg, self.block_manager, self.max_model_len, cost_model, self.speculation,
+                                   micro_batches=self._depth if info.pipeline_stages > 1 else 1)
         self.scheduler = self.core.scheduler
         self.graph_capture_seconds = info.graph_capture_seconds
         self.detokenizer = Detokenizer(self.tokenizer)
         self._decode_states: dict[str, DecodeState] = {}
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
-        self._inflight: tuple[SchedulerOutput, Handle] | None = None
+        self._inflight: deque[tuple[SchedulerOutput, Handle]] = deque()  # launched, tokens not read, oldest first
         from flashserve.spec.beam import BeamSearchDriver
 
         self.beams = BeamSearchDriver(self.core, self.eos_token_ids, self._decode_all)
@@ -306,10 +319,9 @@ class LLMEngine:
         return time.perf_counter() - start
 
     def _drain(self) -> None:
-        """Read the step still in flight (its requests have all finished: nothing to report)."""
-        if self._inflight is not None:
-            plan, handle = self._inflight
-            self._inflight = None
+        """Read the steps still in flight (their requests have all finished: nothing to report)."""
+        while self._inflight:
+            plan, handle = self._inflight.popleft()
             self._outputs(plan, handle.result())
 
     # ----------------------------------------------------------------- the loop
@@ -323,10 +335,11 @@ class LLMEngine:
         t1 = time.perf_counter()
         handle = self.executor.execute(plan) if not plan.is_empty else None
         t2 = time.perf_counter()
-        if not self.config.async_scheduling:
-            done = (plan, handle) if handle is not None else None
-        else:
-            done, self._inflight = self._inflight, (plan, handle) if handle is not None else None
+        if handle is not None:
+            self._inflight.append((plan, handle))
+        # the oldest plan's tokens: once the pipeline is full, or when nothing new could be launched
+        done = self._inflight.popleft() if len(self._inflight) >= self._depth or (handle is None and self._inflight) \
+            else None
         outputs = self._outputs(done[0], done[1].result()) if done is not None else []
         if self.timings is not None:
             wait = done[1].wait_s if done is not None else 0.0

@@ -142,7 +142,8 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (on a stage before the last: zeros, after handing its
-        hidden states and residual to the next stage). ``kv_caches``: this stage's layers."""
+        hidden states and residual to the next stage with sends that are not waited for: the
+        caller collects them with ``ParallelContext.take_sends``). ``kv_caches``: this stage's layers."""
         residual: torch.Tensor | None = None
         if self.pp.is_first_stage:
             hidden = self.embed_tokens(input_ids)  # [T, hidden]
@@ -206,10 +207,18 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         if self.pp.pp_size == 1:
             return self.lm_head(hidden)
-        # pipeline: the last stage computes them, every stage gets them (all ranks sample alike)
+        # pipeline, one micro-batch at a time (scoring, speculation): every stage gets the last
+        # stage's logits, so all ranks sample alike
         logits = self.lm_head(hidden) if self.pp.is_last_stage else \
             torch.empty(hidden.shape[0], self.config.vocab_size, dtype=torch.float32, device=hidden.device)
         return self.pp.broadcast_from_last_stage(logits)
+
+    def stage_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        """The logits on the last stage, shared with no other stage (pipeline micro-batches: the
+        last stage samples and sends the tokens back, ``flashserve.distributed.pipeline``)."""
+        if self.lm_head is None:
+            raise RuntimeError(f"pipeline stage {self.pp.pp_rank} has no LM head; only the last stage computes logits")
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the set of loaded parameter names.

@@ -13,6 +13,8 @@ to pinned host memory are queued right after sampling, so ``result()`` waits for
 only.
 
 The same Worker serves in-process engines and worker processes (``flashserve.distributed``).
+On a pipeline stage before the last, ``execute`` returns once the stage's activations are posted
+and ``result()`` receives the step's tokens from the last stage (``flashserve.distributed.pipeline``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class WorkerInfo:
     weight_bytes: int
     num_host_cache_blocks: int = 0  # the prefix cache's host tier, host blocks after the swap slots
     offloaded_weight_bytes: int = 0  # weights kept in host memory and streamed in (cpu_offload_gb)
+    # Pipeline stages whose steps overlap: the engine may keep this many plans (on disjoint
+    # requests) in flight. 1: one micro-batch at a time (one stage, or speculation / early exit).
+    pipeline_stages: int = 1
 
 
 @dataclass
@@ -105,6 +110,8 @@ class StepHandle:
     wait_s: float = 0.0  # time result() waited for the device
     host: dict[str, torch.Tensor] = field(default_factory=dict)
     event: torch.cuda.Event | None = None
+    comms: list = field(default_factory=list)  # sends not waited for yet (pipeline stages)
+    packet: Any = None  # a pipeline stage before the last: the posted receive of the step's tokens
     worker: Worker | None = None
     _result: WorkerOutput | None = None
 
@@ -135,6 +142,7 @@ class Worker:
         from flashserve.runner.host_weights import pack_weights_in_huge_pages
 
         self.config = config
+        self.parallel = current_parallel()  # this rank's place (one rank outside flashserve.distributed)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = max_model_len
@@ -179,7 +187,7 @@ class Worker:
                                                                    sched.max_num_seqs),
                             extra_bytes_per_block=self.speculator.kv_bytes_per_block() if self.speculator else 0)
         # every tensor-parallel rank holds the same number of blocks (the smallest budget)
-        plan = replace(plan, num_blocks=current_parallel().all_reduce_min(plan.num_blocks))
+        plan = replace(plan, num_blocks=self.parallel.all_reduce_min(plan.num_blocks))
         self._check_fits_one_sequence(plan.num_blocks, max_model_len, sched.max_num_batched_tokens)
         self.kv_pool = allocate_kv_pool(slab_config, plan, self.dtype, self.device)
         self.kv_caches = [(self.kv_pool[j, 0], self.kv_pool[j, 1]) for j in layout.layer_slab]
@@ -227,6 +235,13 @@ class Worker:
             from flashserve.spec.early_exit import EarlyExitModel
 
             self.early_exit = EarlyExitModel(self.model, config.early_exit)
+        # Pipeline stages: the last samples and sends the tokens back (flashserve.distributed.pipeline),
+        # so stages overlap on micro-batches; speculation and early exit keep every rank sampling.
+        self.stage_results = None
+        if self.parallel.pp_size > 1 and self.speculator is None and self.early_exit is None:
+            from flashserve.distributed.pipeline import StageResults
+
+            self.stage_results = StageResults(self.parallel, self.device)
         self.info = WorkerInfo(
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name,
             num_blocks=plan.num_blocks, block_size=self.block_size, bytes_per_block=plan.bytes_per_block,
@@ -234,7 +249,8 @@ class Worker:
             graph_capture_seconds=self.graphs.capture_seconds if self.graphs else None,
             max_decode_graph_batch=self.graphs.decode_sizes[-1] if self.graphs else None, weight_bytes=weights,
             num_host_cache_blocks=num_cache_blocks,
-            offloaded_weight_bytes=self.offload.host_bytes if self.offload is not None else 0)
+            offloaded_weight_bytes=self.offload.host_bytes if self.offload is not None else 0,
+            pipeline_stages=self.parallel.pp_size if self.stage_results is not None else 1)
 
     def _check_fits_one_sequence(self, num_blocks: int, max_model_len: int, max_step_tokens: int) -> None:
         """With several groups of layers, one sequence of ``max_model_len`` needs the whole context
@@ -374,9 +390,12 @@ class Worker:
             timing.start.record()
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle = StepHandle(plan.step_id, [entries[i].request_id for i in inp.sample_rows], None, worker=self)
+        handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
             states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
-            if any(st.params.structured_output is not None and st.num_known < st.num_tokens - 1 for st in states):
+            if self.stage_results is not None and not self.stage_results.samples:
+                handle.packet = self.stage_results.expect(states)  # the last stage samples
+            elif any(st.params.structured_output is not None and st.num_known < st.num_tokens - 1 for st in states):
                 # A grammar mask needs the token the step in flight samples. Sampling now would make
                 # the device wait for the host's whole turn (outputs, scheduling, inputs) after
                 # it; deferred to the next execute(), the host does that turn while this forward runs.
@@ -396,7 +415,9 @@ class Worker:
         states = handle.states
         rows = self._sampling_rows(states)
         if spec is None:
-            logits = self.model.compute_logits(hidden[self._to_device(inp.logits_indices)])
+            # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
+            head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
+            logits = head(hidden[self._to_device(inp.logits_indices)])
             handle.out = self.sampler(logits, rows)
             self._prev_tokens = handle.out.token_ids
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
@@ -408,6 +429,8 @@ class Worker:
         handle.host.update({name: self._to_host(getattr(handle.out, name))
                             for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
                             if getattr(handle.out, name) is not None})
+        if self.stage_results is not None:
+            handle.comms += self.stage_results.publish(handle.out)
         if self._pin:
             handle.event = torch.cuda.Event()
             handle.event.record()
@@ -440,7 +463,12 @@ class Worker:
         """Wait for a step's tokens, record them in the request states, return them."""
         if self._deferred is not None and self._deferred.handle is handle:
             self._sample_deferred()
-        if handle.out is None:
+        if handle.packet is not None:  # a pipeline stage before the last: the tokens come from it
+            handle.host, handle.packet = self.stage_results.collect(handle.packet), None
+        for work in handle.comms:  # complete by now: the last stage received this step's activations
+            work.wait()
+        handle.comms = []
+        if not handle.host:
             return WorkerOutput(handle.step_id, {})
         if handle.event is not None:
             t0 = time.perf_counter()
@@ -510,5 +538,8 @@ class Worker:
         meta = meta(tables[0], tuple(meta(t) for t in tables[1:]))
         model = self.early_exit if self.early_exit is not None and n == 1 else self.model
         with forward_context(meta):
-            return model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
-                         self.kv_caches)
+            hidden = model(self._to_device(np.asarray(token_ids, dtype=np.int64)), self._to_device(positions),
+                           self.kv_caches)
+        for work in self.parallel.take_sends():  # a pipeline stage's hand-off to the next
+            work.wait()
+        return hidden

@@ -21,7 +21,13 @@ After such a preemption no new request is admitted in that step.
 
 Overlap: ``schedule`` advances each request's ``num_computed_tokens`` at once and counts the
 token a sampling step will produce as *pending*, so the next step can be planned before this
-one's tokens come back (``update`` then fills them in). Work past ``max_tokens`` or the context
+one's tokens come back (``update`` then fills them in).
+
+Micro-batches (``micro_batches`` > 1, pipeline stages): that many plans are in flight at once, on
+disjoint requests: every request is ``synchronous`` (planned again only once its sampled token is
+back; the chunks of a prompt that sample nothing still follow each other through the stages) and
+a plan takes at most ``ceil(min(requests, max_num_seqs) / micro_batches)`` sequences, so the
+first plan does not take every request and leave the others empty. Work past ``max_tokens`` or the context
 is never planned. Prefix blocks are registered in the cache when a planned step fills them with
 known tokens, so requests admitted in the same step (and ``n > 1`` siblings) share them.
 """
@@ -69,8 +75,12 @@ class Scheduler:
         cost_model: PreemptionCostModel | None = None,
         rank_rule: RankPreemptionRule | None = None,
         speculation: Speculation | None = None,
+        micro_batches: int = 1,
     ) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.config = config
+        self.micro_batches = micro_batches
         self.speculation = speculation
         self.block_manager = block_manager
         self.policy = policy
@@ -97,6 +107,8 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        if self.micro_batches > 1:  # plans in flight hold disjoint requests
+            request.synchronous = True
         self.waiting.append(request)
 
     def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
@@ -159,6 +171,10 @@ class Scheduler:
         self.block_manager.host.begin_step()
         self.policy.begin_step(list(self.requests.values()))
         budget = self.config.max_num_batched_tokens
+        # Sequences per plan: an even share of those that can run for each micro-batch (with one,
+        # the bound is never reached: beam forks may run past max_num_seqs, nothing else can).
+        seats = max(self.config.max_num_seqs, len(self.running))
+        max_seqs = -(-min(len(self.requests), seats) // self.micro_batches)
         scheduled: list[_Work] = []
         preempted: list[str] = []
         copies = BlockCopy()
@@ -175,7 +191,7 @@ class Scheduler:
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         for request in work:
-            if budget == 0:
+            if budget == 0 or len(scheduled) == max_seqs:
                 break
             num_spec = 0
             if request.awaiting_result:
