@@ -103,14 +103,14 @@ case "${1:-}" in
     fi
     ;;
   compress)  # docs/compression.md: `compress` = 2:4 / low-rank GPU tests and speed at Llama-3.1-8B shapes (~2.5 min);
-             # `compress distill` = SmolLM2 quality table, students of 15 and 7 of 30 layers, white and black box (~12 min)
+             # `compress distill` = SmolLM2 quality table, students of 15 and 7 of 30 layers, white and black box (~20 min)
     if [ "${2:-speed}" = distill ]; then
       d="$out/distill"
       mkdir -p "$d"
       stage compress-quality 400 $fs bench compress-quality --output-json "$out/compress-quality.json"
       for m in white black; do
         for n in 15 7; do
-          stage "distill-$m-$n" 240 $fs distill --layers "$n" --mode "$m" --samples 2048 --gen-tokens 192 --steps 300 \
+          stage "distill-$m-$n" 240 $fs distill --layers "$n" --mode "$m" --samples 2048 --gen-tokens 192 --steps 100 --eval-every 50 \
             --data "$d/teacher-text.json" --output "$d/student-$m-$n" --output-json "$out/distill-$m-$n.json"
         done
       done
