@@ -171,7 +171,7 @@ case "${1:-}" in
     wait "$server" 2> /dev/null
     ;;
   offload)  # docs/distributed.md "Offloading": GPU tests (graphs and eager), then the 8B table (~2 min)
-    stage offload-tests 40 python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py
+    stage offload-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py
     stage offload-llama8b 150 $fs bench offload --output-json "$out/offload-llama8b.json"
     ;;
   *)
