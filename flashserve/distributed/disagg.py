@@ -54,6 +54,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from flashserve.distributed.executor import RANK_ENV, _store_timeout, process_state
 from flashserve.distributed.process_executor import _Channel, _Score
+from flashserve.engine.executor import PendingResult
 from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import make_policy
@@ -454,35 +455,6 @@ class _Side:
         return self.outputs.pop(step_id)
 
 
-class _Handle:
-    def __init__(self, executor: DisaggregatedExecutor, plan: DisaggPlan) -> None:
-        self.executor = executor
-        self.plan = plan
-        self.wait_s = 0.0
-        self._result: DisaggOutput | None = None
-
-    def result(self) -> DisaggOutput:
-        if self._result is None:
-            t0 = time.perf_counter()
-            ex, plan = self.executor, self.plan
-            self._result = ex._guard(lambda: DisaggOutput(plan.step_id, ex.sides[PREFILL].result(plan.prefill.step_id),
-                                                          ex.sides[DECODE].result(plan.decode.step_id)))
-            self.wait_s = time.perf_counter() - t0
-        return self._result
-
-
-class _SideHandle:
-    """A plan sent to the decode Worker alone."""
-
-    def __init__(self, executor: DisaggregatedExecutor, step_id: int) -> None:
-        self.executor = executor
-        self.step_id = step_id
-        self.wait_s = 0.0
-
-    def result(self) -> WorkerOutput:
-        return self.executor._guard(lambda: self.executor.sides[DECODE].result(self.step_id))
-
-
 def check_disaggregated(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors, before any process starts, for what disaggregation does not combine with."""
     from flashserve.cache.kv_groups import kv_layout
@@ -596,7 +568,7 @@ class DisaggregatedExecutor:
             self._guard(lambda: self.sides[PREFILL].execute(plan))
             self._guard(lambda: self.sides[PREFILL].result(plan.step_id))
             self._guard(lambda: self.sides[DECODE].execute(plan))
-            return _SideHandle(self, plan.step_id)
+            return PendingResult(lambda: self._guard(lambda: self.sides[DECODE].result(plan.step_id)))
 
         def send() -> None:
             for t in plan.transfers:  # before the plans: the hand-offs read blocks a later prefill may reuse
@@ -606,7 +578,8 @@ class DisaggregatedExecutor:
             self.sides[DECODE].execute(plan.decode)
 
         self._guard(send)
-        return _Handle(self, plan)
+        return PendingResult(lambda: self._guard(lambda: DisaggOutput(
+            plan.step_id, self.sides[PREFILL].result(plan.prefill.step_id), self.sides[DECODE].result(plan.decode.step_id))))
 
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
         side = self.sides[DECODE]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import pickle
-import time
 import traceback
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from flashserve.config import EngineConfig, ModelConfig
+from flashserve.engine.executor import PendingResult
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 
 _FLUSH = "flush"
@@ -109,21 +109,6 @@ def _worker_main(port: int, timeout_s: float, config: EngineConfig, model_config
             return
 
 
-class _RemoteHandle:
-    def __init__(self, executor: ProcessExecutor, step_id: int) -> None:
-        self.executor = executor
-        self.step_id = step_id
-        self.wait_s = 0.0
-        self._result: WorkerOutput | None = None
-
-    def result(self) -> WorkerOutput:
-        if self._result is None:
-            t0 = time.perf_counter()
-            self._result = self.executor._result(self.step_id)
-            self.wait_s = time.perf_counter() - t0
-        return self._result
-
-
 class ProcessExecutor:
     """Starts the Worker process and talks to it (see the module docstring)."""
 
@@ -170,10 +155,10 @@ class ProcessExecutor:
         except RuntimeError as e:
             raise self._dead(e) from None
 
-    def execute(self, plan: SchedulerOutput) -> _RemoteHandle:
+    def execute(self, plan: SchedulerOutput) -> PendingResult:
         self._send(plan)
-        self._last_sent = plan.step_id
-        return _RemoteHandle(self, plan.step_id)
+        self._last_sent = step_id = plan.step_id
+        return PendingResult(lambda: self._result(step_id))
 
     def _result(self, step_id: int) -> WorkerOutput:
         if self._last_sent == step_id:  # no newer plan will make the Worker answer: ask

@@ -7,7 +7,9 @@ a handle with ``result()``, so the engine's loop is the same for each.
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from flashserve.config import EngineConfig, ModelConfig
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
@@ -17,6 +19,23 @@ class Handle(Protocol):
     wait_s: float  # seconds result() spent waiting for the device (or the Worker process)
 
     def result(self) -> WorkerOutput: ...
+
+
+class PendingResult:
+    """The handle of a step launched elsewhere (another process, other Workers): ``result()``
+    calls ``fetch`` once, keeps what it returns and times the wait in ``wait_s``."""
+
+    def __init__(self, fetch: Callable[[], Any]) -> None:
+        self._fetch: Callable[[], Any] | None = fetch
+        self._result: Any = None
+        self.wait_s = 0.0
+
+    def result(self) -> Any:
+        if self._fetch is not None:
+            t0 = time.perf_counter()
+            self._result, self._fetch = self._fetch(), None
+            self.wait_s = time.perf_counter() - t0
+        return self._result
 
 
 class InProcExecutor:
