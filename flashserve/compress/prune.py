@@ -153,12 +153,12 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None, calibrati
     sparsity = check_sparsity(method, sparsity)
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
-    needs_stats = method in ("wanda", "heads") or (method == "2:4" and score == "wanda")
-    if needs_stats and not calibration:
-        raise ValueError(f"--method {method} needs calibration text")
     result = PruneResult(method, sparsity)
     if sparsity == 0.0:
         return result  # nothing to remove: the model stays exactly as it was
+    needs_stats = method in ("wanda", "heads") or (method == "2:4" and score == "wanda")
+    if needs_stats and not calibration:
+        raise ValueError(f"--method {method} needs calibration text")
     cfg = model.config
     keep_kv, keep_g = head_grid(cfg.num_heads, cfg.num_kv_heads, 1.0 - sparsity)
     keep_ch = max(1, round((1.0 - sparsity) * cfg.intermediate_size))
