@@ -6,15 +6,20 @@ Every directory is written with the config.json the tools make for a GGUF source
 (``hf_config_json``), as for the real Gemma 3 270M. Oracles: the compressed model in memory (the
 written directory must serve the same logits), transformers (dense results), the source itself
 (0% pruning, full rank), and a plain forward pass (the layer-by-layer calibration inputs).
+The cascade bench runs on two such models without a chat template (the real GGUF has none).
 """
 
+import argparse
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest_models import make_tiny_checkpoint
+from conftest_models import copy_smollm2_tokenizer, make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
+from flashserve.compress import cascade_eval
 from flashserve.compress.calibration import LayerwiseCalibration, linear_modules
 from flashserve.compress.distill import (TrainConfig, Sample, make_student, student_config_json, train)
 from flashserve.compress.lowrank import lowrank_model
@@ -159,3 +164,35 @@ def test_gemma3_student_keeps_each_layers_attention_and_trains(tiny, tmp_path):
     out = _write(tmp_path / "student", student, cfg, {"tool": "flashserve distill"})
     torch.testing.assert_close(_scores(out), _log_probs(student), atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(_hf_log_probs(out), _log_probs(student), atol=2e-4, rtol=1e-4)
+
+
+def _without_chat_template(folder):
+    """The SmolLM2 tokenizer minus its chat template (a base model's tokenizer, as Gemma 3 270M's GGUF)."""
+    copy_smollm2_tokenizer(folder)
+    for f in Path(folder).glob("chat_template.*"):
+        f.unlink()
+    cfg_path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def test_cascade_bench_uses_plain_prompts_without_a_chat_template(tmp_path):
+    large = tmp_path / "large"
+    make_tiny_checkpoint("gemma3", large, seed=4, vocab_size=49152)
+    _without_chat_template(large)
+    src = load_source(str(large))
+    assert not src.tokenizer.chat_template
+    small = _write(tmp_path / "small", make_student(src.model, [0]).eval(),
+                   student_config_json(src.config_json, src.config, [0]))
+    _without_chat_template(small)
+    p = argparse.ArgumentParser()
+    cascade_eval.add_arguments(p)
+    out = tmp_path / "cascade.json"
+    args = p.parse_args(["--small", small, "--large", str(large), "--device", "cpu", "--num-questions", "2",
+                         "--max-tokens", "3", "--thresholds", "0.5", "--output-json", str(out)])
+    assert cascade_eval.run(args) == 0
+    res = json.loads(out.read_text())
+    assert res["prompts"] == "plain: " + cascade_eval.PLAIN_PROMPT
+    rows = {r["threshold"]: r for r in res["thresholds"]}
+    assert rows[0.0]["small_share"] == 1.0 and rows[1.0]["small_share"] == 0.0 and rows[1.0]["exact_agreement"] == 1.0
