@@ -25,7 +25,7 @@ from flashserve.compress.distill import (TrainConfig, Sample, make_student, stud
 from flashserve.compress.lowrank import lowrank_model
 from flashserve.compress.model_io import hf_config_json, hf_state_dict, load_source, write_model_dir
 from flashserve.compress.packed import packed, packed_logits
-from flashserve.compress.prune import prune_model, slim_state_dict
+from flashserve.compress.prune import head_grid, prune_model, slim_state_dict
 from flashserve.loader.hf_config import model_config_from_hf
 
 
@@ -120,14 +120,16 @@ def test_pruned_gemma3_serves_the_pruned_model_and_matches_transformers(tiny, tm
 
 
 def test_structured_heads_on_gemma3(tiny, tmp_path):
+    # transformers' Gemma 3 config wants heads that divide the hidden size: 3 of 4 heads would not load
+    assert head_grid(4, 1, 0.7) == (1, 3) and head_grid(4, 1, 0.7, divides=64) == (1, 2)
     src = load_source(tiny)
-    res = prune_model(src.model, "heads", 0.5, CALIB)
-    assert [len(g) for g in res.heads[0]] == [2] and len(res.channels[0]) == 64  # 2 of 4 heads (one kv group)
+    res = prune_model(src.model, "heads", 0.3, CALIB)
+    assert [len(g) for g in res.heads[0]] == [2] and len(res.channels[0]) == 90  # 2 of 4 heads, 90 of 128 channels
     zeroed = _log_probs(src.model)
     tensors, cfg = slim_state_dict(hf_state_dict(src.model), hf_config_json(src.config), res, src.config.head_dim)
     out = _write(tmp_path / "heads", None, cfg, {"method": "heads"}, tensors)
     slim = load_source(out)
-    assert (slim.config.num_heads, slim.config.num_kv_heads, slim.config.intermediate_size) == (2, 1, 64)
+    assert (slim.config.num_heads, slim.config.num_kv_heads, slim.config.intermediate_size) == (2, 1, 90)
     assert slim.config.layer_types == src.config.layer_types and slim.config.attention_scale == src.config.attention_scale
     torch.testing.assert_close(_scores(out), zeroed, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(_hf_log_probs(out), zeroed, atol=2e-4, rtol=1e-4)
