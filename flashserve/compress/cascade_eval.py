@@ -1,16 +1,15 @@
 """``flashserve bench cascade``: what a small-then-large cascade saves and what it changes.
 
 On a fixed set of short questions (flashserve.compress.prompts.CASCADE_QUESTIONS, greedy; through
-each model's chat template, or as plain ``Question: ...\nAnswer:`` completions when a model has
+each model's chat template, or as plain ``Question: ...\\nAnswer:`` completions when a model has
 none, as a pretrained base model such as Gemma 3 270M), the large model's own answers are the
-reference. For each
-threshold the cascade (flashserve.engine.cascade) really runs and reports: the share of requests
-the small model answered, the share of answers identical to the large model's (exact token ids,
-and the mean share of the large answer's tokens matched before the first difference), the
-compute saved against the large model alone (matmul FLOPs: 2 x weights of the linears and LM
-head per token, prompt and generated tokens, the small model counted on every request) and the
-wall time against the large model alone. A threshold fitted on the first half of the questions
-(``--fit-target``) is then measured on the second half.
+reference. For each threshold the cascade (flashserve.engine.cascade) really runs and reports:
+the share of requests the small model answered, the share of answers identical to the large
+model's (exact token ids, and the mean share of the large answer's tokens matched before the
+first difference), the compute saved against the large model alone (matmul FLOPs: 2 x weights of
+the linears and LM head per token, prompt and generated tokens, the small model counted on every
+request) and the wall time against the large model alone. A threshold fitted on the first half
+of the questions (``--fit-target``) is then measured on the second half.
 """
 
 from __future__ import annotations
