@@ -21,10 +21,10 @@ from conftest_models import copy_smollm2_tokenizer, make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
 from flashserve.compress import cascade_eval
 from flashserve.compress.calibration import LayerwiseCalibration, linear_modules
-from flashserve.compress.distill import (TrainConfig, Sample, make_student, student_config_json, train)
+from flashserve.compress.distill import Sample, TrainConfig, make_student, student_config_json, train
 from flashserve.compress.lowrank import lowrank_model
 from flashserve.compress.model_io import hf_config_json, hf_state_dict, load_source, write_model_dir
-from flashserve.compress.packed import packed, packed_logits
+from flashserve.compress.packed import packed_logits
 from flashserve.compress.prune import head_grid, prune_model, slim_state_dict
 from flashserve.loader.hf_config import model_config_from_hf
 
