@@ -72,6 +72,33 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, Linear)}
 
 
+class _Stop(Exception):
+    """Raised by the hook that captured layer 0's inputs: the rest of the model need not run."""
+
+
+def first_layer_inputs(model: nn.Module, batch: Sequence[Sequence[int]],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden, residual) that decoder layer 0 receives for the packed ``batch``, taken from the
+    model's own forward pass (whatever it does before the layers: Gemma scales the embeddings)."""
+    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        captured.append((args[1], args[2]))  # layer(rope, hidden, residual, kv_cache)
+        raise _Stop
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), packed(batch, device) as (ids, pos):
+            model(ids, pos, None)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the model's forward pass never reached decoder layer 0")
+    return captured[0]
+
+
 class LayerwiseCalibration:
     """Carries calibration sequences through the decoder one layer at a time.
 
@@ -88,11 +115,7 @@ class LayerwiseCalibration:
                 self.batches.append([])
             self.batches[-1].append(s)
         # Per batch: (hidden, residual) entering the next layer; residual None before layer 0.
-        self.states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        with torch.no_grad():
-            for batch in self.batches:
-                with packed(batch, self.device) as (ids, _):
-                    self.states.append((model.model.embed_tokens(ids), None))
+        self.states = [first_layer_inputs(model, batch, self.device) for batch in self.batches]
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
         return enumerate(self.model.model.layers)

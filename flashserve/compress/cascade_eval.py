@@ -1,14 +1,15 @@
 """``flashserve bench cascade``: what a small-then-large cascade saves and what it changes.
 
-On a fixed set of short questions (flashserve.compress.prompts.CASCADE_QUESTIONS, through each
-model's chat template, greedy), the large model's own answers are the reference. For each
-threshold the cascade (flashserve.engine.cascade) really runs and reports: the share of requests
-the small model answered, the share of answers identical to the large model's (exact token ids,
-and the mean share of the large answer's tokens matched before the first difference), the
-compute saved against the large model alone (matmul FLOPs: 2 x weights of the linears and LM
-head per token, prompt and generated tokens, the small model counted on every request) and the
-wall time against the large model alone. A threshold fitted on the first half of the questions
-(``--fit-target``) is then measured on the second half.
+On a fixed set of short questions (flashserve.compress.prompts.CASCADE_QUESTIONS, greedy; through
+each model's chat template, or as plain ``Question: ...\\nAnswer:`` completions when a model has
+none, as a pretrained base model such as Gemma 3 270M), the large model's own answers are the
+reference. For each threshold the cascade (flashserve.engine.cascade) really runs and reports:
+the share of requests the small model answered, the share of answers identical to the large
+model's (exact token ids, and the mean share of the large answer's tokens matched before the
+first difference), the compute saved against the large model alone (matmul FLOPs: 2 x weights of
+the linears and LM head per token, prompt and generated tokens, the small model counted on every
+request) and the wall time against the large model alone. A threshold fitted on the first half
+of the questions (``--fit-target``) is then measured on the second half.
 """
 
 from __future__ import annotations
@@ -16,9 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from flashserve.compress.prompts import CASCADE_QUESTIONS
+
+PLAIN_PROMPT = "Question: {}\nAnswer:"  # the questions as completions, for models without a chat template
+
+
+def make_requests(small: Any, large: Any, questions: Sequence[str]) -> tuple[list[Any], bool]:
+    """(requests, whether they are chat conversations): conversations when both models have a
+    chat template, else plain completion prompts."""
+    if all(getattr(m.engine.tokenizer, "chat_template", None) for m in (small, large)):
+        return [[{"role": "user", "content": q}] for q in questions], True
+    return [PLAIN_PROMPT.format(q) for q in questions], False
+
+
+def ask(model: Any, requests: list[Any], params: Any, chat: bool) -> list[Any]:
+    """Answers of an ``LLM`` or a ``CascadeLLM`` to chat conversations or plain prompts."""
+    return model.chat(requests, params, use_tqdm=False) if chat else model.generate(requests, params, use_tqdm=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,13 +77,14 @@ def prefix_share(a: list[int], ref: list[int]) -> float:
 
 
 def measure(cascade: Any, conversations: list, params: Any, reference: list, costs: tuple[int, int],
-            large_seconds: float) -> dict[str, Any]:
-    """Run the cascade on ``conversations`` and compare with the large model's ``reference`` answers."""
+            large_seconds: float, chat: bool = True) -> dict[str, Any]:
+    """Run the cascade on ``conversations`` (plain prompts when not ``chat``) and compare with the
+    large model's ``reference`` answers."""
     from flashserve.engine.cascade import CascadeCounters
 
     cascade.counters = CascadeCounters()
     t0 = time.perf_counter()
-    outs = cascade.chat(conversations, params)
+    outs = ask(cascade, conversations, params, chat)
     wall = time.perf_counter() - t0
     c = cascade.counters
     conf = sorted(o.confidence for o in outs if o.confidence is not None)
@@ -101,31 +119,33 @@ def run(args: argparse.Namespace) -> int:
     small, large = LLM(args.small, **common), LLM(args.large, **common)
     costs = (2 * matmul_params(small), 2 * matmul_params(large))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    conversations = [[{"role": "user", "content": q}] for q in CASCADE_QUESTIONS[: args.num_questions]]
-    large.chat(conversations[:4], params, use_tqdm=False)  # warm-up
+    conversations, chat = make_requests(small, large, CASCADE_QUESTIONS[: args.num_questions])
+    ask(large, conversations[:4], params, chat)  # warm-up
     t0 = time.perf_counter()
-    reference = large.chat(conversations, params, use_tqdm=False)
+    reference = ask(large, conversations, params, chat)
     large_s = time.perf_counter() - t0
     cascade = CascadeLLM(small, large, ConfidenceRule(args.rule, 0.0))
     rows = []
     for t in [0.0, *thresholds, 1.0]:
         cascade.rule = ConfidenceRule(args.rule, t)
-        rows.append(measure(cascade, conversations, params, reference, costs, large_s))
+        rows.append(measure(cascade, conversations, params, reference, costs, large_s, chat))
     half = len(conversations) // 2
     cascade.rule = ConfidenceRule(args.rule, 0.0)
-    calib = [small.engine.apply_chat_template(c) for c in conversations[:half]]
-    fitted = cascade.fit_threshold(calib, params, args.fit_target, add_special_tokens=False)
+    calib = [small.engine.apply_chat_template(c) for c in conversations[:half]] if chat else conversations[:half]
+    fitted = cascade.fit_threshold(calib, params, args.fit_target, add_special_tokens=not chat)  # a template holds the BOS
     t0 = time.perf_counter()
-    large.chat(conversations[half:], params, use_tqdm=False)
-    fit_row = measure(cascade, conversations[half:], params, reference[half:], costs, time.perf_counter() - t0)
+    ask(large, conversations[half:], params, chat)
+    fit_row = measure(cascade, conversations[half:], params, reference[half:], costs, time.perf_counter() - t0, chat)
     res = {"small": args.small, "large": args.large or "SmolLM2-135M-Instruct", "rule": args.rule,
+           "prompts": "chat template" if chat else "plain: " + PLAIN_PROMPT,
            "max_tokens": args.max_tokens, "questions": len(conversations), "matmul_params": {"small": costs[0] // 2, "large": costs[1] // 2},
            "large_alone_s": large_s, "thresholds": rows,
            "fitted": {"target_agreement": args.fit_target, "threshold": fitted, "calibration_questions": half, **fit_row}}
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)
-    print(f"cascade {res['small']} -> {res['large']}, rule {args.rule}, {len(conversations)} questions, "
+    print(f"cascade {res['small']} -> {res['large']}, rule {args.rule}, {len(conversations)} questions "
+          f"({'through the chat template' if chat else 'as plain completion prompts'}), "
           f"matmul weights {costs[0] / 2e6:.0f}M / {costs[1] / 2e6:.0f}M; large alone {large_s:.1f}s")
     spread = rows[0]["confidence_quantiles"]  # threshold 0: the small model answered every question
     print(f"small model's confidence ({args.rule}) over the questions: min {spread[0]:.3f}, quartiles "

@@ -92,8 +92,22 @@ def make_student(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
     """A copy of ``teacher`` (fp32, trainable) keeping only ``layers`` (its shared rotary, norm and head kept)."""
     student = copy.deepcopy(teacher).float()
     student.model.layers = nn.ModuleList([student.model.layers[i] for i in layers])
-    student.config = dataclasses.replace(teacher.config, num_layers=len(layers))
+    student.model._rope_index = [student.model._rope_index[i] for i in layers]  # each layer keeps its rope base
+    specs = teacher.config.layer_types
+    student.config = dataclasses.replace(teacher.config, num_layers=len(layers),
+                                         layer_types=tuple(specs[i] for i in layers) if specs is not None else None)
     return student.train().requires_grad_(True)
+
+
+def student_config_json(config_json: dict[str, Any], config: Any, layers: Sequence[int]) -> dict[str, Any]:
+    """The teacher's config.json for a student of its ``layers``: the depth, and, when some layers
+    attend through a sliding window (Gemma 3's local layers), each kept layer's attention kind."""
+    out = {**config_json, "num_hidden_layers": len(layers)}
+    kinds = [config.layer_spec(i).attention.kind for i in range(config.num_layers)]
+    if "sliding" in kinds:
+        out["layer_types"] = ["sliding_attention" if kinds[i] == "sliding" else "full_attention" for i in layers]
+        out.pop("sliding_window_pattern", None)  # the list above replaces the periodic rule
+    return out
 
 
 # ---------------------------------------------------------------------------------- losses
@@ -355,7 +369,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     else:
         layers = select_layers(tcfg.num_layers, args.layers, args.init)
         student = make_student(teacher_src.model, layers)
-        student_json = {**teacher_src.config_json, "num_hidden_layers": len(layers)}
+        student_json = student_config_json(teacher_src.config_json, tcfg, layers)
         compression["layers_from_teacher"] = layers
         baseline_name = f"teacher's first {len(layers)} layers"
         baseline = make_student(teacher_src.model, list(range(len(layers)))).eval()  # the undistilled draft

@@ -25,7 +25,11 @@ from torch import nn
 from flashserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from flashserve.compress.layers import compression_spec
 from flashserve.layers.linear import MergedLinear
+from flashserve.layers.norm import RMSNorm
 
+# Architectures whose loader adds a constant to every norm weight (Gemma's RMSNorm multiplies by
+# 1 + w and flashserve stores 1 + w): subtracted again when writing Hugging Face tensors.
+_NORM_OFFSET = {"gemma3": 1.0}
 # fused flashserve module -> HF module of each shard
 _UNFUSED = {"qkv_proj": {"q": "q_proj", "k": "k_proj", "v": "v_proj"}, "gate_up_proj": {0: "gate_proj", 1: "up_proj"}}
 _ARCH_CLASS = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
@@ -67,7 +71,26 @@ def hf_config_json(config: ModelConfig) -> dict[str, Any]:
     }
     if config.architecture == "qwen2":
         out["use_sliding_window"] = False
+    if config.architecture == "gemma3":
+        out.update(_gemma3_fields(config))
     return out
+
+
+def _gemma3_fields(config: ModelConfig) -> dict[str, Any]:
+    """What Gemma 3's config.json says beyond the Llama fields: transformers' text-only model
+    type, the activation under Gemma's key, the query scale, and each layer's attention (local
+    layers: the window and their own rope base)."""
+    specs = [config.layer_spec(i).attention for i in range(config.num_layers)]
+    local = [s for s in specs if s.kind == "sliding"]
+    scale = config.attention_scale
+    return {
+        "model_type": "gemma3_text",
+        "hidden_activation": config.hidden_act,
+        "query_pre_attn_scalar": round(scale**-2) if scale is not None else config.head_dim,  # an int in transformers
+        "sliding_window": config.sliding_window,
+        "layer_types": ["sliding_attention" if s.kind == "sliding" else "full_attention" for s in specs],
+        "rope_local_base_freq": (local[0].rope_theta or config.rope_theta) if local else config.rope_theta,
+    }
 
 
 def load_source(source: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SourceModel:
@@ -102,13 +125,17 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (fused projections split), contiguous CPU copies.
 
     Low-rank modules keep their own names (``<flashserve module>.weight_a`` / ``.weight_b``); a
-    tied LM head is written once, as the embedding."""
+    tied LM head is written once, as the embedding; norm weights are written as the checkpoint
+    stores them (Gemma: ``w``, where the model holds ``1 + w``)."""
     out: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
+    norm_offset = _NORM_OFFSET.get(model.config.architecture, 0.0)
     for name, param in model.named_parameters():  # tied parameters appear once
         module_name, _, leaf = name.rpartition(".")
         module = modules[module_name]
         tensor = param.detach().to("cpu").contiguous()
+        if norm_offset and isinstance(module, RMSNorm):
+            tensor = tensor - norm_offset
         short = module_name.rpartition(".")[2]
         if isinstance(module, MergedLinear) and short in _UNFUSED and leaf in ("weight", "bias"):
             prefix = module_name.rpartition(".")[0]

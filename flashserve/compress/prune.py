@@ -13,8 +13,9 @@ embedding and LM head are kept. Scores:
   to the output, ``sum_c ||W_o[:, c]||^2 E[x_c^2]`` over its columns c of o_proj; of an MLP channel
   ``||W_down[:, j]||^2 E[x_j^2]``. Every layer keeps the same number of kv groups, query heads per
   group and MLP channels (so the result is an ordinary, smaller config.json), each layer choosing
-  which. During calibration the removed heads / channels are zeroed (their o_proj / down_proj
-  columns: exactly the function of the smaller model); the written model is sliced.
+  which (Gemma 3: a number of query heads that divides the hidden size, as transformers
+  requires). During calibration the removed heads / channels are zeroed (their o_proj /
+  down_proj columns: exactly the function of the smaller model); the written model is sliced.
 
 Activation statistics come from ``LayerwiseCalibration``: each layer is scored on the inputs
 the already-pruned layers below it produce.
@@ -125,12 +126,21 @@ def _prune_linear(module: Linear, stats: InputStats | None, method: str, score: 
         masks[prefix if sid is None else f"{prefix}:{sid}"] = mask.cpu()
 
 
-def head_grid(num_heads: int, num_kv_heads: int, keep_share: float) -> tuple[int, int]:
+# Architectures whose transformers config refuses a hidden size that is not a multiple of the
+# query heads (Gemma3TextConfig does, although Gemma sets head_dim itself): a structurally pruned
+# directory with such a head count would not load (not even its tokenizer, which transformers
+# reads through config.json), so the kept head count must divide the hidden size.
+_HEADS_DIVIDE_HIDDEN = ("gemma3",)
+
+
+def head_grid(num_heads: int, num_kv_heads: int, keep_share: float, divides: int | None = None) -> tuple[int, int]:
     """(kv groups kept, query heads kept per group) whose product is nearest to
-    ``keep_share * num_heads`` (at least one head; ties keep more kv groups)."""
+    ``keep_share * num_heads`` (at least one head; ties keep more kv groups); with ``divides``,
+    only products that divide it."""
     group = num_heads // num_kv_heads
     target = keep_share * num_heads
-    options = [(kv, g) for kv in range(1, num_kv_heads + 1) for g in range(1, group + 1)]
+    options = [(kv, g) for kv in range(1, num_kv_heads + 1) for g in range(1, group + 1)
+               if divides is None or divides % (kv * g) == 0]
     return min(options, key=lambda o: (abs(o[0] * o[1] - target), -o[0]))
 
 
@@ -153,14 +163,15 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None, calibrati
     sparsity = check_sparsity(method, sparsity)
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
-    needs_stats = method in ("wanda", "heads") or (method == "2:4" and score == "wanda")
-    if needs_stats and not calibration:
-        raise ValueError(f"--method {method} needs calibration text")
     result = PruneResult(method, sparsity)
     if sparsity == 0.0:
         return result  # nothing to remove: the model stays exactly as it was
+    needs_stats = method in ("wanda", "heads") or (method == "2:4" and score == "wanda")
+    if needs_stats and not calibration:
+        raise ValueError(f"--method {method} needs calibration text")
     cfg = model.config
-    keep_kv, keep_g = head_grid(cfg.num_heads, cfg.num_kv_heads, 1.0 - sparsity)
+    divides = cfg.hidden_size if cfg.architecture in _HEADS_DIVIDE_HIDDEN else None
+    keep_kv, keep_g = head_grid(cfg.num_heads, cfg.num_kv_heads, 1.0 - sparsity, divides)
     keep_ch = max(1, round((1.0 - sparsity) * cfg.intermediate_size))
     calib = LayerwiseCalibration(model, calibration) if needs_stats else None
     for i, layer in enumerate(model.model.layers):
