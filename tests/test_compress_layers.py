@@ -88,7 +88,8 @@ def test_semi_structured_kernel_matches_dense_on_gpu():
     w = torch.randn(1024, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
     w24 = w * mask_2_4(w.abs())
     layer.weight.data.copy_(w24)
-    assert set_semi_structured(layer)
+    assert not set_semi_structured(layer)  # served dense unless a row threshold is given
+    assert set_semi_structured(layer, 1024)
     for rows in (8, 2048):  # decode-sized input: dense path; prefill-sized: the 2:4 kernel
         x = torch.randn(rows, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
         torch.testing.assert_close(layer(x).float(), F.linear(x, w24).float(), atol=0.5, rtol=2e-2)
@@ -119,7 +120,7 @@ def test_speed_bench_variants_change_every_decoder_linear(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_2_4_directory_prefills_through_the_sparse_kernel_on_gpu(tmp_path):
+def test_2_4_directory_prefills_through_the_sparse_kernel_on_gpu(tmp_path, monkeypatch):
     import random
 
     import transformers
@@ -139,6 +140,12 @@ def test_2_4_directory_prefills_through_the_sparse_kernel_on_gpu(tmp_path):
     write_model_dir(tmp_path / "sparse", tensors, src.config_json, None, {"semi_structured": "2:4"})
     write_model_dir(tmp_path / "zeros", tensors, src.config_json, None)  # the same weights, served dense
     kw = dict(device="cuda", dtype="bfloat16", max_model_len=2048, kv_cache_bytes=64 << 20, verbose=False)
+    plain = LLM(str(tmp_path / "sparse"), **kw).engine  # the loader's default: no sparse copy
+    assert not any(getattr(m, "sparse", None) is not None for m in plain.worker.model.modules())
+    del plain
+    import flashserve.compress.layers as compress_layers
+
+    monkeypatch.setattr(compress_layers, "SEMI_STRUCTURED_MIN_TOKENS", 1024)
     sparse, zeros = LLM(str(tmp_path / "sparse"), **kw).engine, LLM(str(tmp_path / "zeros"), **kw).engine
     assert sum(getattr(m, "sparse", None) is not None for m in sparse.worker.model.modules()) == 8
     ids = [random.Random(1).randrange(3, 512) for _ in range(1600)]

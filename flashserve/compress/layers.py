@@ -19,14 +19,15 @@ asks the config in scope for its method, as for quantization.
   ``gate_up_proj`` are factorised as one matrix) gets a ``LowRankMethod`` whose checkpoint
   tensors are ``<module>.weight_a`` [r, in] and ``<module>.weight_b`` [out, r]. The layer stays
   a ``Linear`` (same name, same bias); only its storage and product change.
-* 2:4: the weights are dense matrices with zeros (any reader computes the right thing). On CUDA
-  in fp16/bf16, ``finalize`` also keeps a compressed copy of each decoder linear made by
-  ``torch.sparse.to_sparse_semi_structured`` and uses it for inputs of at least ``min_tokens``
-  rows, i.e. for prefill only: on an H200 the sparse kernel beats the dense GEMM only from about
-  1024 rows (1.1-1.4x), and the torch wrapper costs about 0.5 ms a call, far more than a decode
-  GEMM. Decode therefore reads the dense weights and gains nothing from 2:4. (Steps of fewer
-  than 1024 tokens are the only ones replayed as CUDA graphs by default, so the sparse kernel
-  runs eagerly.) With a quantization mode other than ``none`` the zeros are simply quantized.
+* 2:4: the weights are dense matrices with zeros (any reader computes the right thing), served
+  dense by default. ``SemiStructuredMethod(min_tokens)`` can keep a compressed copy of each decoder
+  linear (CUDA, fp16/bf16; ``torch.sparse.to_sparse_semi_structured``) and use it for inputs of at
+  least ``min_tokens`` rows, i.e. prefill. Measured on the H200 with torch 2.11 (docs/compression.md,
+  2026-12-02) that never paid: each call costs about 0.5 ms of wrapper on top of the product, so
+  at Llama-3.1-8B shapes the sparse product was 0.10-0.46x dense at 1024 rows and 0.34-0.86x at
+  4096, and whole prefills 0.25x / 0.95x, while the copy added 7.3 GiB. So the loader does not
+  make it (``SEMI_STRUCTURED_MIN_TOKENS`` is None); ``flashserve bench compress`` turns it on to
+  keep measuring it. With a quantization mode other than ``none`` the zeros are simply quantized.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from flashserve.quant.base import EmbeddingMethod, LinearMethod, QuantConfig
 
 logger = logging.getLogger("flashserve")
 
-SEMI_STRUCTURED_MIN_TOKENS = 1024  # rows from which the 2:4 kernel pays on an H200
+SEMI_STRUCTURED_MIN_TOKENS: int | None = None  # rows from which loaded 2:4 layers use the kernel (None: never)
 
 
 def _register(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -86,12 +87,13 @@ def is_2_4(weight: torch.Tensor) -> bool:
 
 
 class SemiStructuredMethod(LinearMethod):
-    """A dense weight holding a 2:4 pattern, plus (CUDA, fp16/bf16) its compressed form in
-    ``layer.sparse`` for inputs of ``>= min_tokens`` rows. ``layer.weight`` stays: decode reads it."""
+    """A dense weight holding a 2:4 pattern, plus (CUDA, fp16/bf16, when ``min_tokens`` is given)
+    its compressed form in ``layer.sparse`` for inputs of ``>= min_tokens`` rows. ``layer.weight``
+    stays: decode reads it."""
 
     label = "2:4"
 
-    def __init__(self, min_tokens: int = SEMI_STRUCTURED_MIN_TOKENS) -> None:
+    def __init__(self, min_tokens: int | None = None) -> None:
         self.min_tokens = min_tokens
 
     def finalize(self, layer: nn.Module, tied: torch.Tensor | None = None) -> None:
@@ -100,7 +102,7 @@ class SemiStructuredMethod(LinearMethod):
             raise ValueError(f"{getattr(layer, 'prefix', '') or 'layer'}: config.json says 2:4 but the weight of shape "
                              f"{tuple(w.shape)} does not hold the pattern (at most 2 non-zeros in every group of 4 inputs)")
         layer.sparse = None
-        if w.is_cuda and w.dtype in (torch.float16, torch.bfloat16):
+        if self.min_tokens is not None and w.is_cuda and w.dtype in (torch.float16, torch.bfloat16):
             try:
                 from torch.sparse import to_sparse_semi_structured
 
@@ -131,9 +133,10 @@ def set_low_rank(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     _register(layer, "weight_b", b.detach().clone())
 
 
-def set_semi_structured(layer: nn.Module, min_tokens: int = SEMI_STRUCTURED_MIN_TOKENS) -> bool:
-    """Serve a loaded dense ``Linear`` whose weight holds a 2:4 pattern through the 2:4 method;
-    returns whether the sparse kernel is in use (CUDA fp16/bf16 only)."""
+def set_semi_structured(layer: nn.Module, min_tokens: int | None = None) -> bool:
+    """Serve a loaded dense ``Linear`` whose weight holds a 2:4 pattern through the 2:4 method (with
+    the sparse kernel from ``min_tokens`` rows, when given); returns whether the kernel is in use
+    (CUDA fp16/bf16 only)."""
     if type(getattr(layer, "quant_method", None)) is not LinearMethod:
         raise ValueError(f"{getattr(layer, 'prefix', '') or type(layer).__name__} is not a dense flashserve linear layer")
     method = SemiStructuredMethod(min_tokens)
@@ -163,8 +166,7 @@ class CompressionConfig(QuantConfig):
     """Low-rank and 2:4 methods for the layers a checkpoint's ``compression`` entry names; every
     other layer (and the embedding) gets what the quantization config ``inner`` gives it."""
 
-    def __init__(self, spec: dict[str, Any], inner: QuantConfig,
-                 min_tokens: int = SEMI_STRUCTURED_MIN_TOKENS) -> None:
+    def __init__(self, spec: dict[str, Any], inner: QuantConfig, min_tokens: int | None = None) -> None:
         self.low_rank: dict[str, int] = dict(spec.get("low_rank") or {})
         self.semi_structured = spec.get("semi_structured") == "2:4"
         self.inner = inner
@@ -200,4 +202,4 @@ def compression_quant_config(config_json: dict[str, Any], inner: QuantConfig) ->
     spec = compression_spec(config_json)
     if not spec.get("low_rank") and not spec.get("semi_structured"):
         return inner
-    return CompressionConfig(spec, inner)
+    return CompressionConfig(spec, inner, SEMI_STRUCTURED_MIN_TOKENS)

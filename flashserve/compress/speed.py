@@ -7,7 +7,8 @@ Two tables:
    dense ``F.linear``, the 2:4 kernel (``to_sparse_semi_structured``, forced on at every M to show
    where it starts to pay) and the two thin linears of low rank at the given parameter shares.
 2. Model: the whole engine with every decoder linear swapped (2:4: magnitude-pruned, the sparse
-   kernel used from ``SEMI_STRUCTURED_MIN_TOKENS`` rows, i.e. prefill; low rank: random factors of
+   kernel used from ``PREFILL_ROWS`` rows, i.e. prefill, although the loader leaves it off since
+   it did not pay; low rank: random factors of
    the rank a parameter share gives), CUDA graphs captured after the swap: prefill time of one
    prompt (prefix caching off) and batch-1 decode tokens/s.
 """
@@ -31,6 +32,8 @@ from flashserve.cli import add_engine_arguments, llm_kwargs
 from flashserve.compress.layers import set_low_rank, set_semi_structured
 from flashserve.layers.linear import Linear
 
+PREFILL_ROWS = 1024  # the 2:4 variant uses the sparse kernel from this many rows (prefill only)
+
 
 def lowrank_rank(out_f: int, in_f: int, share: float) -> int:
     """Rank whose two factors hold ``share`` of the dense matrix's parameters."""
@@ -50,7 +53,7 @@ def to_variant(model: nn.Module, variant: str, seed: int = 0) -> None:
         for name, m in model.named_modules():
             if isinstance(m, Linear) and ".layers." in name:
                 m.weight.mul_(mask_2_4(m.weight.abs()))
-                set_semi_structured(m)
+                set_semi_structured(m, PREFILL_ROWS)
         return
     if not variant.startswith("lowrank-"):
         raise ValueError(f"unknown variant {variant!r}; expected dense, 2:4 or lowrank-<share>")
