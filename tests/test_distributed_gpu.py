@@ -24,26 +24,25 @@ def _tokens(folder, device, tp, pp, params):
         llm.engine.shutdown()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_nccl_ranks_give_the_same_tokens_as_one_gpu(tmp_path, tp, pp):
-    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=4)
+def _assert_parallel_matches_one_gpu(folder, device, tp, pp):
+    """Greedy tokens equal, logprobs within 1e-4 (fp32), against one rank on ``device``."""
+    make_tiny_checkpoint("llama3_gqa", folder, seed=4)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
-    ref = _tokens(str(tmp_path), "cuda", 1, 1, params)
-    got = _tokens(str(tmp_path), "cuda", tp, pp, params)
+    ref = _tokens(str(folder), device, 1, 1, params)
+    got = _tokens(str(folder), device, tp, pp, params)
     assert [t for t, _ in got] == [t for t, _ in ref]
     for (_, g), (_, r) in zip(got, ref):
         assert g == pytest.approx(r, abs=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_nccl_ranks_give_the_same_tokens_as_one_gpu(tmp_path, tp, pp):
+    _assert_parallel_matches_one_gpu(tmp_path, "cuda", tp, pp)
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
 def test_pipeline_micro_batches_on_one_gpu(tmp_path, tp, pp):
     """Every rank on GPU 0: the CUDA side of micro-batches (sends not waited for, the packet of
     token ids and logprobs received on a side stream) gives the tokens of one GPU."""
-    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=4)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
-    ref = _tokens(str(tmp_path), "cuda:0", 1, 1, params)
-    got = _tokens(str(tmp_path), "cuda:0", tp, pp, params)
-    assert [t for t, _ in got] == [t for t, _ in ref]
-    for (_, g), (_, r) in zip(got, ref):
-        assert g == pytest.approx(r, abs=1e-4)
+    _assert_parallel_matches_one_gpu(tmp_path, "cuda:0", tp, pp)
