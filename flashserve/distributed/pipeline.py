@@ -33,14 +33,7 @@ from typing import Any
 import torch
 
 from flashserve.distributed.parallel_state import ParallelContext
-from flashserve.layers.sampler import SamplerOutput
-
-
-def logprobs_width(states: list) -> int | None:
-    """k of a step's packet: the most logprobs a sampling row asked for (at least 1), None when
-    no row asked (the sampler's own rule for its top-k)."""
-    want = max((st.params.logprobs for st in states if st.params.logprobs is not None), default=None)
-    return None if want is None else max(want, 1)
+from flashserve.layers.sampler import SamplerOutput, logprobs_width
 
 
 def pack(out: SamplerOutput) -> torch.Tensor:
@@ -80,7 +73,7 @@ class StageResults:
 
     def expect(self, states: list) -> tuple[torch.Tensor, Any, int | None]:
         """Earlier stage: post the receive of a step's packet (its rows: ``states``)."""
-        k = logprobs_width(states)
+        k = logprobs_width(states)  # the sampler's top-k: the packet's shape
         shape, dtype = ((len(states),), torch.int64) if k is None else ((len(states), 2 + 2 * k), torch.float64)
         buf = torch.empty(shape, dtype=dtype, device=self.wire)
         return buf, self.ctx.result_group.recv([buf], self.root, 0), k

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -201,12 +201,12 @@ class Sampler:
             slots = to_device([rows[i].penalty_slot for i in penalised], dev, torch.int64)
             self.penalties.record(slots, tokens[pen])
 
-        want = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
+        want = logprobs_width(rows)
         if want is None:
             return SamplerOutput(tokens)
         logprobs = raw.log_softmax(dim=-1)
         chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
-        top_vals, top_ids = logprobs.topk(max(want, 1), dim=-1)
+        top_vals, top_ids = logprobs.topk(want, dim=-1)
         return SamplerOutput(tokens, chosen, top_ids, top_vals)
 
     @staticmethod
@@ -242,6 +242,13 @@ class Sampler:
         probs = self.distribution(logits, rows)
         noise = self.exponential_noise(tuple(probs.shape), rows, probs.device)
         return race_argmax(probs, noise)
+
+
+def logprobs_width(rows: Sequence[Any]) -> int | None:
+    """How many top logprobs a step returns per row (rows: anything with ``params``): the most
+    any row asked for, at least 1; None when no row asked."""
+    want = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
+    return None if want is None else max(want, 1)
 
 
 def race_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.kernels import kv_quant
 from flashserve.kernels.tree_mask import TreeMask
-from flashserve.layers.sampler import SamplerOutput, SamplingRow
+from flashserve.layers.sampler import SamplerOutput, SamplingRow, logprobs_width
 from flashserve.sched.plan import ScheduledRequest, StepCost
 from flashserve.spec.acceptance import TreeBatch, verify
 from flashserve.spec.tree import TokenTree
@@ -170,8 +170,7 @@ class Speculator:
                      torch.tensor(extra_toks, dtype=torch.int64, device=dev))
         processed = w.sampler.process(raw, node_params, extra)
         batch = self._tree_batch(trees, offsets, spec, inp.sample_rows, raw.shape[1])
-        want = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
-        res = verify(w.sampler, processed, node_params, rows, batch, raw, want)
+        res = verify(w.sampler, processed, node_params, rows, batch, raw, logprobs_width(rows))
         out = res.out
         self._record_penalties(rows, out)
         spec.path, spec.num_tokens = res.path, out.num_tokens
