@@ -107,6 +107,45 @@ def grouped_attention(
     return out.to(out_dtype)
 
 
+def padded_attention(
+    q: torch.Tensor,  # [T, H, D], B whole sequences packed back to back
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    lens: list[int],
+    scale: float,
+    spec: AttentionSpec = FULL,
+    memo: dict | None = None,
+) -> torch.Tensor:  # [T, H, D]
+    """Causal (or windowed) self-attention of B whole sequences with no cache, in one SDPA call
+    over a zero-padded ``[B, H, max_len, D]`` batch instead of one call per sequence (training and
+    calibration push hundreds of short sequences per step). Padded keys are masked out; padded
+    query rows see at least key 0, so they stay finite, and are dropped. Differentiable."""
+    H, D = q.shape[1], q.shape[2]
+    B, L = len(lens), max(lens)
+    window = spec.sliding_window if spec.kind == "sliding" else None
+    key = ("padded_attention", window, spec.dilation, spec.num_sinks)
+    cached = None if memo is None else memo.get(key)
+    if cached is None:
+        lens_t = torch.tensor(lens, device=q.device)
+        pos = torch.arange(L, device=q.device)
+        rows = (torch.arange(B, device=q.device)[:, None] * L + pos[None, :])[pos[None, :] < lens_t[:, None]]  # [T]
+        mask = window_mask(pos, pos, window, spec.dilation, spec.num_sinks)[None] & (pos[None, None, :] < lens_t[:, None, None])
+        cached = (rows, mask.unsqueeze(1))  # [T], [B, 1, L, L]
+        if memo is not None:
+            memo[key] = cached
+    rows, mask = cached
+    out_dtype = q.dtype
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [T, h, D] -> [B, H, L, D]
+        x = x.new_zeros(B * L, x.shape[1], D).index_copy(0, rows, x).view(B, L, x.shape[1], D).transpose(1, 2)
+        return x.repeat_interleave(H // x.shape[1], dim=1) if x.shape[1] != H else x
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale)  # [B, H, L, D]
+    return out.transpose(1, 2).reshape(B * L, H, D).index_select(0, rows).to(out_dtype)
+
+
 def masked_attention(
     q: torch.Tensor,  # [L, H, D]
     k: torch.Tensor,  # [S, Hkv, D]
@@ -174,6 +213,8 @@ class TorchAttentionBackend(AttentionBackend):
                 state.update(spec, k if valid is None else k[valid], new_slots)
         elif spec.kind in ("quest", "h2o"):
             raise ValueError(f"{spec.kind} attention needs a KV cache")
+        elif spec.kind in ("full", "sliding") and meta.seq_attention is None and len(meta.query_lens_cpu) > 1:
+            return padded_attention(q, k, v, meta.query_lens_cpu, scale, spec, meta.memo)
         outputs = []
         start = 0
         layer_spec = spec
