@@ -90,3 +90,19 @@ def test_default_runs_the_packed_blocks(gguf_path):
     # bf16 rounding in torch's int4 kernel: near-ties may flip (it does at token 12 of PROMPTS[0])
     assert abs(report.perplexity_change) <= 0.02 and report.top1_agreement >= 0.9, report
     assert len(greedy) == STEPS and "France" in llm.tokenizer.decode(greedy)
+
+
+def test_a_converted_tokenizer_without_the_files_bos_is_refused(gguf_path):
+    """Gemma reads a prompt without its BOS badly, and a converter can drop it (transformers 5.17
+    does for this file); the GGUF says to add it, so such a tokenizer is refused at load."""
+    import copy
+
+    from flashserve.loader.tokenizer import check_gguf_bos, load_gguf_tokenizer
+
+    tokenizer = load_gguf_tokenizer(gguf_path)
+    assert tokenizer.encode("Hello")[0] == 2
+    check_gguf_bos(tokenizer, gguf_path)
+    dropped = copy.deepcopy(tokenizer)
+    dropped.add_bos_token = False
+    with pytest.raises(ValueError, match=r"without the BOS token \(id 2\)"):
+        check_gguf_bos(dropped, gguf_path)

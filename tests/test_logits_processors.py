@@ -115,6 +115,28 @@ def test_grammar_row_always_yields_schema_json_and_other_rows_are_untouched(toke
     assert plain == reference
 
 
+def test_grammar_tokenizer_reads_a_byte_level_vocabulary_under_a_sentencepiece_decoder_chain(tokenizer):
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with ByteFallback / Fuse / Replace
+    around its byte-level decoder. The tokenizer still decodes right, but llguidance then read
+    'Ġamount' as those letters, so masks allowed the wrong bytes (an H200 run emitted a raw
+    0x15 inside a JSON string). ``grammar_tokenizer`` gives llguidance the byte-level step."""
+    import copy
+
+    import llguidance.hf
+    from tokenizers import decoders
+
+    from flashserve.layers.logits_processors import grammar_tokenizer
+
+    hf = copy.deepcopy(getattr(tokenizer, "hf", tokenizer))
+    hf.backend_tokenizer.decoder = decoders.Sequence(
+        [decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "), decoders.ByteLevel()])
+    ids = [207, 1902, 28]
+    expected = [hf.decode([i]).encode() for i in ids]
+    assert expected == [b"\x15", b" amount", b","]
+    assert [llguidance.hf.from_tokenizer(hf, n_vocab=49152).decode_bytes([i]) for i in ids] != expected
+    assert [grammar_tokenizer(hf, 49152, EOS).decode_bytes([i]) for i in ids] == expected
+
+
 def test_state_is_a_cache_rebuilt_by_replaying_the_output(tokenizer):
     proc = LogitsProcessors(tokenizer, EOS)
     params = SamplingParams(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))

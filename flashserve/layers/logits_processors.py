@@ -26,6 +26,7 @@ the other rows of the batch are untouched.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -200,11 +201,9 @@ class LogitsProcessors:
             if self.tokenizer is None:
                 raise ValueError("structured output needs the model's tokenizer")
             import llguidance
-            import llguidance.hf
 
             hf = getattr(self.tokenizer, "hf", self.tokenizer)  # a FastTokenizer's transformers tokenizer
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size,
-                                                              eos_token=self.eos_token_ids or None)
+            self._ll_tokenizer = grammar_tokenizer(hf, vocab_size, self.eos_token_ids)
             self._ll_vocab = vocab_size
             self._executor = llguidance.LLExecutor()
         return self._ll_tokenizer
@@ -313,6 +312,52 @@ class LogitsProcessors:
             return torch.where(allowed, logits, float("-inf"))
         index = torch.tensor(rows, device=logits.device)
         return logits.index_put((index,), torch.where(allowed, logits[index], float("-inf")))
+
+
+def grammar_tokenizer(hf: Any, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> Any:
+    """llguidance's tokenizer for a Hugging Face fast tokenizer, checked to read each token as the
+    bytes the tokenizer decodes it to.
+
+    llguidance learns the bytes of every token from the tokenizer's JSON, its decoder included.
+    Some converters give a byte-level BPE (GPT-2 style) a SentencePiece decoder chain around its
+    byte-level step (transformers 5.17 does so for SmolLM2's GGUF); llguidance then reads 'Ġthe'
+    as those letters rather than ' the', and every mask constrains the wrong text. A byte-level
+    pre-tokenizer means the vocabulary is byte-level, so the chain is replaced by its byte-level
+    step. A sample of the vocabulary is then compared with the tokenizer's own decoding, and a
+    tokenizer llguidance still misreads is refused."""
+    import llguidance
+
+    backend = copy.copy(hf.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    spec["decoder"] = _byte_level_decoder(spec) or spec.get("decoder")
+    eos = list(eos_token_ids) or hf.eos_token_id
+    ll = llguidance.LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=eos)
+    special = set(hf.all_special_ids)
+    sample = [i for i in range(0, min(vocab_size, len(hf)), max(1, vocab_size // 4000)) if i not in special]
+    checked = [(i, ll.decode_bytes([i]), text) for i in sample if "\ufffd" not in (text := hf.decode([i]))]
+    wrong = [(i, got, text) for i, got, text in checked if got != text.encode()]
+    if len(wrong) > len(checked) // 100:
+        i, got, text = wrong[0]
+        raise ValueError(f"the grammar library reads {len(wrong)} of {len(checked)} sampled tokens as other bytes than "
+                         f"the tokenizer decodes them to (token {i}: {got!r}, decoded {text!r}); structured output "
+                         "would constrain the wrong text with this tokenizer")
+    return ll
+
+
+def _byte_level_decoder(spec: dict) -> dict | None:
+    """The byte-level step of a decoder chain, when the pre-tokenizer is byte-level (else None)."""
+    def steps(node: dict | None, key: str) -> list[dict]:
+        if not node:
+            return []
+        return [x for child in node.get(key, []) for x in steps(child, key)] if node.get("type") == "Sequence" else [node]
+
+    if not any(n.get("type") == "ByteLevel" for n in steps(spec.get("pre_tokenizer"), "pretokenizers")):
+        return None
+    chain = steps(spec.get("decoder"), "decoders")
+    byte_level = [n for n in chain if n.get("type") == "ByteLevel"]
+    return byte_level[0] if byte_level and len(chain) > 1 else None
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

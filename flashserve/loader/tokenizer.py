@@ -69,6 +69,7 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise ValueError(f"cannot read the tokenizer of GGUF file {path}: {e}") from e
+    check_gguf_bos(tokenizer, path)
     try:  # write to a temp dir, then rename: concurrent loaders never see a half-written cache
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
@@ -80,6 +81,25 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> Any:
     except OSError:
         pass  # read-only home: still usable, just not cached
     return tokenizer
+
+
+def check_gguf_bos(tokenizer: Any, path: str | Path) -> None:
+    """Refuse a converted tokenizer that drops the BOS token its GGUF file says to add: without
+    it a model such as Gemma 3 reads every prompt badly. (transformers 5.17 converts Gemma 3's
+    GGUF tokenizer that way, with wrong merges too; 5.24 converts it correctly.)"""
+    from flashserve.loader.gguf_file import GGUFFile
+
+    fields = GGUFFile(path).fields
+    add_bos, bos = fields.get("tokenizer.ggml.add_bos_token"), fields.get("tokenizer.ggml.bos_token_id")
+    if add_bos is None or bos is None or not add_bos.contents():
+        return
+    ids = tokenizer.encode("Hello")
+    if not ids or ids[0] != int(bos.contents()):
+        import transformers
+
+        raise ValueError(f"transformers {transformers.__version__} converted the tokenizer of GGUF file {path} without "
+                         f"the BOS token (id {int(bos.contents())}) the file says to add (it encodes 'Hello' as {ids}); "
+                         "use transformers 5.24 or later, or a tokenizer directory (--tokenizer)")
 
 
 def load_hf_tokenizer(folder: str | Path) -> Any:
