@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_suite.sh quant full  # (~15 min) all quant tests, kernel timings, batch-1 latency per
 #                                          # mode (+ gpt-fast int8/int4), fp8 W8A8 throughput against bf16
 #   bash benchmarks/gpu_suite.sh compress [distill]  # 2:4 / low-rank tests and speed; [SmolLM2 quality table, students, cascade]
+#   bash benchmarks/gpu_suite.sh compress gemma GGUF  # Gemma 3 270M students (white 9 and 4 layers, black 9)
 #   bash benchmarks/gpu_suite.sh server    # grammar masks on the GPU (tests) and structured-output cost
 #                                          # against plain decoding (needs the llguidance wheel: docs/server.md)
 #   bash benchmarks/gpu_suite.sh moe       # MoE (docs/moe.md): new GPU tests, launch sweep, fused kernel vs expert
@@ -104,6 +105,7 @@ case "${1:-}" in
     ;;
   compress)  # docs/compression.md: `compress` = 2:4 / low-rank GPU tests and speed at Llama-3.1-8B shapes (~2.5 min);
              # `compress distill` = SmolLM2 quality table, students of 15 and 7 of 30 layers, white and black box (~20 min)
+             # `compress gemma GGUF` = Gemma 3 270M students; needs transformers >= 5.24 (5.17 converts its tokenizer wrongly)
     if [ "${2:-speed}" = distill ]; then
       d="$out/distill"
       mkdir -p "$d"
@@ -115,6 +117,15 @@ case "${1:-}" in
         done
       done
       stage cascade 120 $fs bench cascade --small "$d/student-white-15" --output-json "$out/cascade.json"
+    elif [ "${2:-}" = gemma ]; then  # $3: the Gemma 3 270M GGUF; students of 9 and 4 of 18 layers (~4 min)
+      g=${3:?"usage: $0 compress gemma GGUF"}
+      d="$out/distill-gemma"
+      mkdir -p "$d"
+      for mn in white-9 white-4 black-9; do
+        stage "distill-gemma-$mn" 270 $fs distill --model "$g" --layers "${mn#*-}" --mode "${mn%-*}" --samples 2048 \
+          --gen-tokens 192 --steps 100 --eval-every 50 --batch-tokens 8192 --data "$d/teacher-text.json" \
+          --output "$d/student-$mn" --output-json "$out/distill-gemma-$mn.json"
+      done
     else
       stage compress-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compress_layers.py
       stage compress-speed 200 $fs bench compress --output-json "$out/compress-speed.json"

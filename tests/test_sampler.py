@@ -78,7 +78,7 @@ def test_top_p_sampling_never_leaves_the_nucleus():
 
 
 def test_race_never_picks_a_zero_probability_token_on_a_zero_draw():
-    # CUDA's exponential_ can draw exactly 0; on a masked token that was 0 / 0 = NaN, which argmax took.
+    # a draw of exactly 0 on a masked token would be 0 / 0 = NaN, which argmax takes.
     g = torch.Generator().manual_seed(5)
     probs = torch.rand(8, 64, generator=g) + 0.1
     probs[:, ::2] = 0.0  # masked tokens

@@ -254,8 +254,7 @@ def logprobs_width(rows: Sequence[Any]) -> int | None:
 def race_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The exponential race argmax(p / E) over the last dimension. A draw E of exactly 0 is raised
     to the smallest normal float first: otherwise a token of probability 0 (masked by a grammar or
-    top-k) gives 0 / 0 = NaN, and argmax picks NaN (a grammar test on the H200 emitted a masked
-    token within about 4M of CUDA's ``exponential_`` draws, which such a 0 explains)."""
+    top-k) gives 0 / 0 = NaN, and argmax picks NaN."""
     return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
