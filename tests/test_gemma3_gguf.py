@@ -92,14 +92,14 @@ def test_default_runs_the_packed_blocks(gguf_path):
     assert len(greedy) == STEPS and "France" in llm.tokenizer.decode(greedy)
 
 
-def test_a_converted_tokenizer_without_the_files_bos_is_refused(gguf_path):
+def test_a_converted_tokenizer_without_the_files_bos_is_refused(gguf_path, ours):
     """Gemma reads a prompt without its BOS badly, and a converter can drop it (transformers 5.17
     does for this file); the GGUF says to add it, so such a tokenizer is refused at load."""
     import copy
 
-    from flashserve.loader.tokenizer import check_gguf_bos, load_gguf_tokenizer
+    from flashserve.loader.tokenizer import check_gguf_bos
 
-    tokenizer = load_gguf_tokenizer(gguf_path)
+    tokenizer = ours.engine.tokenizer  # loaded through load_gguf_tokenizer, so checked already
     assert tokenizer.encode("Hello")[0] == 2
     check_gguf_bos(tokenizer, gguf_path)
     dropped = copy.deepcopy(tokenizer)

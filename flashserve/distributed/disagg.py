@@ -541,9 +541,10 @@ class DisaggregatedExecutor:
     # ----------------------------------------------------------------- failures
     def _fail(self, cause: BaseException) -> RuntimeError:
         states = {r: process_state(self._store, r, p, self.timeout_s) for r, p in self.processes.items()}
-        # The side that died first: a signal or an exit beats a traceback (the other side's failed
-        # hand-off), which beats silence.
-        order = sorted(states, key=lambda r: (not states[r].startswith("(pid"), "did not answer" in states[r]))
+        # The side that died first: a signal beats an exit (the other side may exit on its broken
+        # connection), which beats a traceback (a failed hand-off), which beats silence.
+        order = sorted(states, key=lambda r: ("killed by" not in states[r], not states[r].startswith("(pid"),
+                                              "did not answer" in states[r]))
         shown = [r for r in order if "did not answer" not in states[r]] or order
         what = "; ".join(f"the {SIDE_NAMES[r]} {states[r]}" for r in shown)
         self.dead_reason = f"{what}; the disaggregated engine has shut down both workers"
