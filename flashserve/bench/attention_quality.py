@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -121,7 +122,7 @@ def plot(runs: list[dict], path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("KV budget (share of the context attended)")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"{run['model']}, {run['tokens']} tokens ({run['device']})")
+        ax.set_title(f"{Path(run['model']).name}, {run['tokens']} tokens ({run['device']})")  # the file, not its folder
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
