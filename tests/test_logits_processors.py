@@ -179,7 +179,8 @@ def test_malformed_constraints_are_refused(structured, message):
 
 
 def test_parallel_and_inline_mask_fills_agree(tokenizer, monkeypatch):
-    """From 8 grammar rows on (and more than 2 CPUs) llguidance's thread pool fills the masks."""
+    """With more than 2 CPUs llguidance's thread pool advances the matchers and fills the masks,
+    for any number of rows (one included); on fewer, the calls run inline. Both give the same masks."""
     import flashserve.layers.logits_processors as lp
 
     params = SamplingParams(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))
@@ -199,6 +200,10 @@ def test_parallel_and_inline_mask_fills_agree(tokenizer, monkeypatch):
     assert torch.equal(inline[1], LogitsProcessors(tokenizer, EOS)(logits, [row(params, out, f"r{i}")
                                                                              for i, out in enumerate(outputs)]))
     assert (torch.isfinite(inline[1]).sum(dim=1) < 49152).all()  # every row is constrained
+    outputs, logits = outputs[2:3], logits[2:3]  # a single row
+    one_inline, one_parallel = run(1), run(16)
+    assert all(torch.equal(a, b) for a, b in zip(one_inline, one_parallel))
+    assert torch.equal(one_parallel[1], parallel[1][2:3])
 
 
 def test_prefetched_masks_equal_inline_ones_and_stale_ones_are_recomputed(tokenizer, monkeypatch):
