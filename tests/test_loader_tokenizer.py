@@ -69,3 +69,17 @@ def test_tokenizer_load_does_not_import_transformers():
     load_gguf_tokenizer(default_model_path())  # the cache exists
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["FastTokenizer", "False"]
+
+
+def test_cache_is_per_transformers_version(monkeypatch):
+    """Conversions differ between transformers versions (5.17 and 5.24 convert the same GGUF
+    differently), so a cache written by one version is not read by another."""
+    import importlib.metadata
+
+    path = default_model_path()
+    here = gguf_tokenizer_cache_dir(path)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0-other" if name == "transformers" else real(name))
+    assert gguf_tokenizer_cache_dir(path) != here
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    assert gguf_tokenizer_cache_dir(path) == here

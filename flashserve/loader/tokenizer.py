@@ -2,7 +2,8 @@
 
 Converting a GGUF tokenizer with transformers takes ~10 s, so the converted tokenizer (chat
 template included) is saved once under ``$FLASHSERVE_CACHE`` (default ``~/.cache/flashserve``)
-in ``tokenizers/<sha256 of path, size, mtime>`` and reloaded from there in well under a second.
+in ``tokenizers/<sha256 of path, size, mtime, transformers version>`` and reloaded from there in
+well under a second.
 A cached tokenizer of the generic class is loaded through the ``tokenizers`` library directly
 (``tokenizer_fast.FastTokenizer``: importing transformers alone costs ~1 s of CPU), or else
 through ``PreTrainedTokenizerFast`` itself: ``AutoTokenizer`` first indexes every model of
@@ -31,10 +32,18 @@ def cache_root() -> Path:
 
 
 def gguf_tokenizer_cache_dir(gguf_path: str | Path) -> Path:
-    """Cache folder for the converted tokenizer of one GGUF file (keyed by path, size, mtime)."""
+    """Cache folder for the converted tokenizer of one GGUF file, keyed by path, size, mtime and
+    the converting transformers' version (conversions differ between versions; the version is
+    read from the package metadata, without importing transformers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     path = Path(gguf_path).resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    try:
+        converter = version("transformers")
+    except PackageNotFoundError:
+        converter = "none"
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{converter}".encode()).hexdigest()[:32]
     return cache_root() / "tokenizers" / key
 
 
