@@ -31,19 +31,23 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "flashserve"
 
 
-def gguf_tokenizer_cache_dir(gguf_path: str | Path) -> Path:
-    """Cache folder for the converted tokenizer of one GGUF file, keyed by path, size, mtime and
-    the converting transformers' version (conversions differ between versions; the version is
-    read from the package metadata, without importing transformers)."""
+def converter_version() -> str:
+    """The installed transformers' version (it converts GGUF tokenizers), read from the package
+    metadata without importing transformers; "none" when it is missing."""
     from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
+
+
+def gguf_tokenizer_cache_dir(gguf_path: str | Path) -> Path:
+    """Cache folder for the converted tokenizer of one GGUF file, keyed by path, size, mtime and
+    the converting transformers' version (conversions differ between versions)."""
     path = Path(gguf_path).resolve()
     st = path.stat()
-    try:
-        converter = version("transformers")
-    except PackageNotFoundError:
-        converter = "none"
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{converter}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{converter_version()}".encode()).hexdigest()[:32]
     return cache_root() / "tokenizers" / key
 
 
@@ -99,15 +103,13 @@ def check_gguf_bos(tokenizer: Any, path: str | Path) -> None:
     from flashserve.loader.gguf_file import GGUFFile
 
     fields = GGUFFile(path).fields
-    add_bos, bos = fields.get("tokenizer.ggml.add_bos_token"), fields.get("tokenizer.ggml.bos_token_id")
-    if add_bos is None or bos is None or not add_bos.contents():
+    add_bos, bos_field = fields.get("tokenizer.ggml.add_bos_token"), fields.get("tokenizer.ggml.bos_token_id")
+    if add_bos is None or bos_field is None or not add_bos.contents():
         return
-    ids = tokenizer.encode("Hello")
-    if not ids or ids[0] != int(bos.contents()):
-        import transformers
-
-        raise ValueError(f"transformers {transformers.__version__} converted the tokenizer of GGUF file {path} without "
-                         f"the BOS token (id {int(bos.contents())}) the file says to add (it encodes 'Hello' as {ids}); "
+    bos, ids = int(bos_field.contents()), tokenizer.encode("Hello")
+    if not ids or ids[0] != bos:
+        raise ValueError(f"transformers {converter_version()} converted the tokenizer of GGUF file {path} without "
+                         f"the BOS token (id {bos}) the file says to add (it encodes 'Hello' as {ids}); "
                          "use transformers 5.24 or later, or a tokenizer directory (--tokenizer)")
 
 
