@@ -4,16 +4,24 @@ At M = 1 the flat GEMM of ``quant_gemm`` pads x to 16 rows for ``tl.dot`` and de
 weight tile into a full ``[BLOCK_N, BLOCK_K]`` operand; that arithmetic, not the memory system,
 bounds it (measured on an H200: 0.3-1.3 TB/s for int4). Here each program streams a
 ``[BLOCK_N, BLOCK_K]`` weight tile, multiplies it with the x slice in fp32 registers and reduces
-along K, so the only per-weight work is the conversion and one multiply-add:
+along K, so the per-weight work is the conversion and one multiply-add:
 
 * int8 / fp8 e4m3 per channel: the channel scale is applied once to the finished row sum.
 * int4 group-wise (``w = (u - 8) * s + z``): per group ``sum(w * x) = s * sum(u * x) + (z - 8 s) *
   sum(x)``, so the unsigned nibbles are used as they are and the scale, zero and offset cost one
   multiply-add per group and row instead of three operations per weight.
 
-Long rows (K >= 8192, e.g. the down projection) split K over several programs that add their
-partial sums into an fp32 row with atomics (a zero fill before and one cast after). Shapes the
-fixed tiles do not divide return ``None`` and the caller uses the flat GEMM.
+Integers become floats without conversion instructions (which run at a fraction of the fp32
+rate): an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` is the float ``2^23 + u``,
+so one bitwise operation and one subtraction give it exactly: int8 ``q`` as ``byte ^ 0x80 = q +
+128``, int4 nibbles as they are. With it (and the tiles below), batch-1 decode of Llama-3.1-8B on
+an H200 went from 216.5 to 260.7 tok/s in int4 and from 278.4 to 318.1 in int8
+(docs/quantization.md). fp8 keeps Triton's conversion: a bit-level decoding measured slower.
+
+Long rows (K >= 8192, e.g. the down projection) and, for int4, rows too few to give every SM
+several programs split K over programs that add their partial sums into an fp32 row with atomics
+(a zero fill before and one cast after). Shapes the fixed tiles do not divide return ``None`` and
+the caller uses the flat GEMM.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels.utils import num_sms
+
+TWO_23 = tl.constexpr(8388608.0)  # the float whose low mantissa bits an OR-ed integer becomes
 
 
 @triton.jit
@@ -44,8 +54,8 @@ def _gemv_byte_kernel(
         w = tl.load(w_ptr + rows[:, None] * K + (k0 + cols)[None, :])  # [BLOCK_N, BLOCK_K]
         if FP8:
             w = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
-            w = w.to(tl.int8, bitcast=True).to(tl.float32)
+        else:  # the float 2^23 + (q + 128), less 2^23 + 128
+            w = (w.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - (TWO_23 + 128.0)
         x = tl.load(x_ptr + k0 + cols).to(tl.float32)  # [BLOCK_K]
         acc += tl.sum(w * x[None, :], axis=1)
     acc = acc * tl.load(s_ptr + rows)
@@ -74,10 +84,12 @@ def _gemv_int4_kernel(
     k_lo = tl.program_id(1) * k_per_split
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-        b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :])  # [BLOCK_N, HALF]
+        b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]).to(tl.int32)  # [BLOCK_N, HALF]
         xe = tl.load(x_ptr + k0 + 2 * j).to(tl.float32)  # even columns [HALF]
         xo = tl.load(x_ptr + k0 + 2 * j + 1).to(tl.float32)  # odd columns
-        p = (b & 15).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :]
+        lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - TWO_23  # the nibbles u, exactly
+        hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - TWO_23
+        p = lo * xe[None, :] + hi * xo[None, :]
         ux = tl.sum(tl.reshape(p, [BLOCK_N, TILE_GROUPS, GROUP // 2]), axis=2)  # sum(u * x) per group
         xs = tl.sum(tl.reshape(xe + xo, [TILE_GROUPS, GROUP // 2]), axis=1)  # sum(x) per group
         g_off = rows[:, None] * NUM_GROUPS + (k0 // GROUP + g)[None, :]  # [BLOCK_N, TILE_GROUPS]
@@ -100,22 +112,29 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-LONG_ROW = 8192  # K from which the row is split over several programs
+LONG_ROW = 8192  # K from which byte rows are split over several programs
 
 
 def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | None = None) -> GemvConfig | None:
-    """The fixed tile for one shape, or None when the tiles do not divide it (measured choices:
-    docs/quantization.md, `bench quant-kernels`)."""
-    if int4:
-        block_n, block_k, warps = 32, max(256, group), 4
-    else:
-        block_n, block_k, warps = 32, 512, 8
+    """The fixed tile for one shape, or None when the tiles do not divide it. Chosen on an H200 by
+    batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8 / fp8 stream 16 rows x 512 columns
+    per step and split long rows (64 x 256 tiles) until there are two programs per SM, which
+    took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only; int4 takes 32
+    rows x 256 columns and splits K (up to 4 ways) until there are four programs per SM."""
     split = 1
-    if k >= LONG_ROW:
-        block_n, block_k = 64, 256 if not int4 else max(256, group)
+    if int4:
+        if group < 2 or group & (group - 1):
+            return None
+        block_n, block_k, warps = 32, max(256, group), 4
+        while split < 4 and n // block_n * split < 4 * num_sms(device) and k % (2 * split * block_k) == 0:
+            split *= 2
+    elif k >= LONG_ROW:
+        block_n, block_k, warps = 64, 256, 8
         while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
-    if n % block_n or k % (split * block_k) or (int4 and (group < 2 or group & (group - 1) or block_k % group)):
+    else:
+        block_n, block_k, warps = 16, 512, 8
+    if n % block_n or k % (split * block_k):
         return None
     return GemvConfig(block_n, block_k, split, warps, 3)
 

@@ -36,14 +36,37 @@ def test_gemv_matches_dequantized_matmul(device, fmt, n, k, group, zp, cfg):
                                atol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("fmt", [FMT_INT8, FMT_FP8])
+def test_every_byte_code_converts_exactly(device, fmt):
+    """Row r holds code r everywhere (fp8's two NaN codes excepted): int8's bit-level conversion and
+    fp8's give each code's value exactly (fp8 subnormals and negative zero included)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    if fmt == FMT_FP8:
+        codes[[0x7F, 0xFF]] = 0
+        values = codes.view(torch.float8_e4m3fn).float()
+        w = codes.view(torch.float8_e4m3fn)
+    else:
+        values = codes.view(torch.int8).float()
+        w = codes.view(torch.int8)
+    k = 64
+    w = w[:, None].expand(256, k).contiguous().to(device)
+    scales = torch.rand(256, device=device) + 0.5
+    x = torch.randint(-64, 64, (1, k), device=device).float() / 16  # products and sums exact in fp32
+    out = wq_gemv(x, w, scales, None, fmt, 0, GemvConfig(16, 32, 1, 4, 1))
+    expect = values.to(device) * scales * x.sum()
+    torch.testing.assert_close(out[0], expect, rtol=1e-6, atol=1e-30)
+
+
 def test_fixed_config_and_flat_gemm_agree(device):
-    """The chosen tile of a small int4 shape, and a long row (split K) of int8, equal the flat GEMM."""
+    """The chosen tiles equal the flat GEMM: int4 with few rows (split K for more programs), int8
+    and fp8 with a long row (split K), fp8 with a short one (not split)."""
     torch.manual_seed(0)
-    for fmt, n, k, group in ((FMT_INT4, 64, 512, 128), (FMT_INT8, 128, 8192, 0)):
+    for fmt, n, k, group, split in ((FMT_INT4, 64, 512, 128, True), (FMT_INT8, 128, 8192, 0, True),
+                                    (FMT_FP8, 128, 8192, 0, True), (FMT_FP8, 32, 2048, 0, False)):
         q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, False, device)
         x = torch.randn(1, k, device=device)
         cfg = gemv_config(n, k, fmt == FMT_INT4, group, device)
-        assert cfg is not None and (cfg.split_k > 1) == (k >= 8192)
+        assert cfg is not None and (cfg.split_k > 1) == split
         torch.testing.assert_close(wq_gemv(x, q, s, z, fmt, group), wq_matmul(x, q, s, z, fmt, group), rtol=1e-4, atol=1e-4)
 
 
