@@ -120,3 +120,36 @@ def test_bfloat16_on_cpu_agrees_with_float32(llm):
     ref = llm.chat(chat, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)[0]
     top5 = [t for t, _ in ref.outputs[0].logprobs[0][2]]
     assert out.token_ids[0] in top5
+
+
+def stream_equals_windows(tokenizer, seed: int) -> None:
+    """The tokenizers library's streaming and this module's decoding windows give the same deltas
+    (random ids, special tokens included, both skip settings, with a prompt's tail as context), and
+    their concatenation is the decoded output."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    fast, windows = Detokenizer(tokenizer), Detokenizer(tokenizer, stream=False)
+    assert fast._backend is not None and windows._backend is None
+    specials = list(tokenizer.all_special_ids)
+    for skip in (True, False):
+        prompt = [rng.randrange(vocab) for _ in range(7)]
+        out = [rng.choice(specials) if rng.random() < 0.05 else rng.randrange(vocab) for _ in range(300)]
+        pieces = []
+        for detok in (fast, windows):
+            state = detok.new_state(prompt, skip_special_tokens=skip, stop=[])
+            got = []
+            for t in out:
+                detok.append(state, [t])
+                got.append(detok.take_delta(state, finished=False))
+            detok.flush(state)
+            got.append(detok.take_delta(state, finished=True))
+            pieces.append(got)
+        assert pieces[0] == pieces[1]
+        text = tokenizer.decode(prompt[-5:] + out, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert text.endswith("".join(pieces[0]))
+
+
+def test_streamed_detokenization_equals_the_windows(llm):
+    stream_equals_windows(llm.tokenizer, seed=0)

@@ -106,3 +106,10 @@ def test_a_converted_tokenizer_without_the_files_bos_is_refused(gguf_path, ours)
     dropped.add_bos_token = False
     with pytest.raises(ValueError, match=r"without the BOS token \(id 2\)"):
         check_gguf_bos(dropped, gguf_path)
+
+
+def test_streamed_detokenization_equals_the_windows(ours):
+    """Gemma 3's SentencePiece-style tokenizer (leading spaces, byte fallback) through both paths."""
+    from test_engine_smollm2 import stream_equals_windows
+
+    stream_equals_windows(ours.tokenizer, seed=1)

@@ -7,7 +7,9 @@ tokens over the wall time of the whole run, prefill included.
 Also reported: the device's idle share of the run (gaps between one step's last kernel and the
 next step's first, from CUDA events; the host planning the next step shows up here when it is
 slower than the device), and the host time per step (scheduling, launch and output processing,
-the wait for the device excluded) over the steps that run 200 or more sequences. The engine is
+the wait for the device excluded) over the steps that run 200 or more sequences, whole and by
+phase (scheduling; the Worker's part up to the launch; outputs: update, stop checks,
+detokenization). The engine is
 warmed up first (``LLMEngine.warm_up``) and the Triton cache's state at start is printed.
 """
 
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     gen = sum(len(o.token_ids) for o in outs)
     assert gen == sum(out_lens), "every request must produce exactly its max_tokens"
-    busy = [t.host_s for t in engine.timings if t.num_seqs >= 200]
+    crowded = [t for t in engine.timings if t.num_seqs >= 200]
+    busy = [t.host_s for t in crowded]
     res = {
         "model": args.model,
         "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
@@ -79,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         "total_tok_s": (gen + sum(len(p) for p in prompts)) / elapsed,
         "steps": len(engine.timings),
         "host_ms_per_step_200plus_seqs": statistics.median(busy) * 1e3 if busy else None,
+        "host_ms_by_phase_200plus_seqs": {  # medians: scheduling, plan to launch, outputs (update, detokenize)
+            phase: statistics.median(getattr(t, f"{phase}_s") for t in crowded) * 1e3
+            for phase in ("schedule", "launch", "finish")} if crowded else None,
         "device_idle_share": device_idle_share(worker.timings) if worker is not None else None,
         "graph_steps_share": sum(t.graph for t in worker.timings) / len(worker.timings) if worker else None,
         "device_by_step_kind": step_breakdown(worker.timings) if worker is not None else None,
