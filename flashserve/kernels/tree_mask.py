@@ -41,14 +41,16 @@ class TreeMask:
 
     @staticmethod
     def build(bits: np.ndarray, tree_lens: np.ndarray, query_start_loc: np.ndarray,
-              device: torch.device | None = None) -> TreeMask:
-        """From host arrays; a tree's nodes must be its sequence's new tokens (bits [T], lens [B])."""
+              device: torch.device | None = None, depths: np.ndarray | None = None) -> TreeMask:
+        """From host arrays; a tree's nodes must be its sequence's new tokens (bits [T], lens [B],
+        depths [T] or None: from the bits)."""
         qlens = np.diff(query_start_loc)
         bad = np.flatnonzero((tree_lens > 0) & (tree_lens != qlens))
         if len(bad):
             raise ValueError(f"sequence {int(bad[0])}: a token tree must be all of its new tokens")
         mask = TreeMask(torch.from_numpy(bits), torch.from_numpy(tree_lens.astype(np.int32)),
-                        [int(x) for x in tree_lens])
+                        [int(x) for x in tree_lens],
+                        torch.from_numpy(depths.astype(np.int32)) if depths is not None else None)
         return mask.to(device) if device is not None else mask
 
     def to(self, device: torch.device) -> TreeMask:

@@ -4,10 +4,11 @@
   from ``flashserve distill``, a smaller model of the same family). Its K/V lives in a pool of its
   own (``[layers, 2, num_blocks, block_size, Hkv, D]``) addressed by the *target's* block ids, so
   the block manager, prefix caching and preemption need nothing new: a block id means the same
-  tokens in both pools. A target with several groups of layers (Gemma 3's local and global
-  layers, ``flashserve.cache.kv_groups``) lends the table of its full-attention group, which
-  keeps every position; a draft with windowed layers of its own (Gemma 3 drafting for Gemma 3)
-  reads its windows from that one table. The engine sizes the pool count from the sum of both models' bytes.
+  tokens in both pools. The engine sizes the pool count from the sum of both models' bytes. A
+  target with several groups of layers (Gemma 3's local and global layers,
+  ``flashserve.cache.kv_groups``) lends the table of its full-attention group, which keeps every
+  position; a draft with windowed layers of its own (Gemma 3 drafting for Gemma 3) reads its
+  windows from that one table.
 * ``method="layers"``: self-speculation. The target's first L layers, its final norm and its LM
   head (early exit used as a draft). It shares the target's K/V (each layer through its own
   group's block table): the target's verification pass computes layers 0..L-1 of every accepted

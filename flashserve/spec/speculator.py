@@ -60,13 +60,15 @@ class SpecStep:
             return
         qsl = inp.query_start_loc
         bits = np.zeros(inp.num_tokens, dtype=np.int64)
+        depths = np.zeros(inp.num_tokens, dtype=np.int32)
         tree_lens = np.zeros(inp.num_seqs, dtype=np.int32)
         for i, tree in branching.items():
             start = int(qsl[i])
-            inp.positions[start : start + tree.size] = self.entries[i].start_pos + np.asarray(tree.depths)
+            depths[start : start + tree.size] = tree.depths
+            inp.positions[start : start + tree.size] = self.entries[i].start_pos + depths[start : start + tree.size]
             bits[start : start + tree.size] = tree.ancestor_bits
             tree_lens[i] = tree.size
-        self.tree_meta = TreeMask.build(bits, tree_lens, inp.query_start_loc)
+        self.tree_meta = TreeMask.build(bits, tree_lens, inp.query_start_loc, depths=depths)
 
 
 class Speculator:
