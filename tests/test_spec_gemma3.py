@@ -9,8 +9,8 @@ local layers and full global layers, one block table per group of layers).
 * Engine, tiny Gemma 3 (window 8, prompts and outputs well past it): greedy outputs with each
   proposer (n-gram, a Gemma 3 draft model, the first layers, trained heads; chains and token
   trees) equal plain decoding's, under batching of requests of different lengths, chunked prefill
-  with prefix caching, and preemption by recompute and by swap; the block bookkeeping of every
-  group holds after every step and every group's blocks come back at the end.
+  with prefix caching, preemption by recompute and by swap, and a Worker in another process; the
+  block bookkeeping of every group holds after every step and every group's blocks come back.
 * The real Gemma 3 270M GGUF (skipped without its package): n-gram speculation gives the plain
   engine's tokens.
 """
@@ -220,6 +220,8 @@ MODES = {
     "recompute": dict(kv_cache_bytes=64 * BLOCK, preemption_mode="recompute", max_num_batched_tokens=32),
     "swap": dict(kv_cache_bytes=64 * BLOCK, preemption_mode="swap", swap_space_bytes=128 * BLOCK,
                  max_num_batched_tokens=32),
+    "process-swap": dict(kv_cache_bytes=64 * BLOCK, preemption_mode="swap", swap_space_bytes=128 * BLOCK,
+                         max_num_batched_tokens=32, executor="process"),  # the Worker in another process
 }
 
 
@@ -262,6 +264,7 @@ CASES = [
     ("draft", 1, "chunked-prefix"), ("draft", 2, "swap"), ("draft", 1, "recompute"),
     ("layers", 1, "serial"), ("layers", 2, "overlapped"), ("layers", 2, "swap"), ("layers", 1, "recompute"),
     ("heads", 1, "swap"), ("heads", 3, "chunked-prefix"), ("heads", 2, "recompute"),
+    ("ngram", 2, "process-swap"), ("layers", 2, "process-swap"),
 ]
 
 
@@ -273,9 +276,9 @@ def test_greedy_outputs_identical_on_gemma3(gemma, other_gemma, heads_file, refe
     assert got == ref_tokens
     assert lps == pytest.approx(ref_lps, abs=1e-4)
     assert stats.spec.num_steps > 0 and 0 < stats.spec.num_accepted_tokens < stats.spec.num_draft_tokens
-    if mode in ("recompute", "swap"):
+    if mode in ("recompute", "swap", "process-swap"):
         assert stats.num_preemptions > 0
-    if mode == "swap":
+    if mode.endswith("swap"):
         assert sched.num_swap_outs > 0
 
 
