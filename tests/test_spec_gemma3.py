@@ -321,6 +321,18 @@ def test_windowed_groups_of_two_spans_speculate(gemma):
     assert got == [o.token_ids for o in LLM(model=gemma, **kw).generate(prompts, params, use_tqdm=False)]
 
 
+def test_token_trees_on_a_windowed_one_group_model(tmp_path):
+    """Mistral's window (every layer sliding, one group): token trees verify with each node's
+    window (before the window was measured in tree masks, these outputs differed from plain)."""
+    make_tiny_checkpoint("mistral_swa", tmp_path, seed=2)
+    prompts, params = workload()
+    want = [o.token_ids for o in LLM(model=str(tmp_path), **BASE).generate(prompts, params, use_tqdm=False)]
+    for spec in ({"method": "ngram", "tree_width": 3}, {"method": "layers", "num_layers": 1, "tree_width": 2}):
+        spec = {**spec, "num_speculative_tokens": 4, "disable_by_cost": False}
+        llm = LLM(model=str(tmp_path), **BASE, speculative_config=spec)
+        assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want, spec["method"]
+
+
 # ----------------------------------------------------------------------------------------------
 # the real Gemma 3 270M
 
