@@ -34,6 +34,7 @@ from flashserve.spec.tree import TokenTree
 TREE = TokenTree((0, 11, 12, 13, 14, 15, 16, 17, 18), (-1, 0, 0, 1, 1, 2, 3, 3, 5))  # depths up to 3
 SLIDING = AttentionSpec("sliding", sliding_window=8)
 INTERPRET = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels: compiled, or interpreted
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,10 @@ def other_gemma(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # attention: token trees on sliding-window layers
 
-def _tree_meta(n_ctx: int, tree: TokenTree, table: list[int], bs: int):
-    meta = build_metadata([tree.size], [n_ctx + tree.size], [table], bs)
-    meta.tree = TreeMask(torch.tensor(tree.ancestor_bits), torch.tensor([tree.size], dtype=torch.int32), [tree.size])
+def _tree_meta(n_ctx: int, tree: TokenTree, table: list[int], bs: int, device="cpu"):
+    meta = build_metadata([tree.size], [n_ctx + tree.size], [table], bs, device)
+    meta.tree = TreeMask(torch.tensor(tree.ancestor_bits), torch.tensor([tree.size], dtype=torch.int32),
+                         [tree.size]).to(torch.device(device))
     return meta
 
 
@@ -66,17 +68,19 @@ def test_tree_through_gemma3_equals_decoding_each_branch(gemma, backend):
     """A tree after a context three windows long: each node's logits equal decoding its path."""
     if backend == "triton" and not INTERPRET:
         pytest.skip("the Triton kernels run in the interpreter only with TRITON_INTERPRET=1 (tests/kernels)")
-    model, cfg = load_model(gemma, "safetensors", torch.float32, "cpu", get_attention_backend(backend))
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    model, cfg = load_model(gemma, "safetensors", torch.float32, dev, get_attention_backend(backend))
     ref_model, _ = load_model(gemma, "safetensors", torch.float32, "cpu", get_attention_backend("torch"))
     context = [5, 9, 33, 2, 71, 70, 8, 100, 45, 6, 3, 88, 17, 250, 41, 9, 300, 12, 64, 7, 19, 400, 23]
     with torch.no_grad():
-        cache = PagedKVCache(cfg, block_size=4)
+        cache = PagedKVCache(cfg, block_size=4, device=dev)
         cache.step(model, [(0, context)])
         start = len(context)
-        meta = _tree_meta(start, TREE, list(cache._reserve(0, start + TREE.size)), 4)
-        positions = torch.tensor([start + d for d in TREE.depths])
+        meta = _tree_meta(start, TREE, list(cache._reserve(0, start + TREE.size)), 4, dev)
+        positions = torch.tensor([start + d for d in TREE.depths], device=dev)
         with forward_context(meta):
-            tree_logits = model.compute_logits(model(torch.tensor(TREE.tokens), positions, cache.kv_caches))
+            hidden = model(torch.tensor(TREE.tokens, device=dev), positions, cache.kv_caches)
+            tree_logits = model.compute_logits(hidden).cpu()
         for node in range(TREE.size):
             ref = PagedKVCache(cfg, block_size=4)
             ref.step(ref_model, [(0, context)])
@@ -144,7 +148,10 @@ def test_tree_never_reads_blocks_below_the_window(path):
             meta.verify_seqs = frozenset({0})
             return TorchAttentionBackend().forward(q, k, v, *caches, meta, D**-0.5, SLIDING)
         if path == "triton":
-            return tree_attention(q, k, v, *caches, meta, D**-0.5, SLIDING)
+            dev = TRITON_DEVICE
+            meta = _tree_meta(ctx, TREE, tbl, BS, dev)
+            return tree_attention(q.to(dev), k.to(dev), v.to(dev), *(c.to(dev) for c in caches), meta, D**-0.5,
+                                  SLIDING).cpu()
         return tree_attention_reference(q, k, v, *caches, meta, D**-0.5, SLIDING)
 
     want = attend(table, intact)
