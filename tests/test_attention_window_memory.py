@@ -175,6 +175,34 @@ def test_grouped_manager_releases_windowed_groups_only():
     bm.check_invariants()
 
 
+def test_grouped_prefix_hit_is_never_evicted_by_another_groups_allocation():
+    """A request admitted with a prefix hit whose cached blocks are evictable, in a pool with no
+    free block: the fresh blocks group 0 allocates (evicting the least recently used cached ones)
+    must not take the hit blocks of the groups after it (a block in two tables, written by a step
+    while another request reads it)."""
+    from flashserve.cache.kv_groups import GroupedBlockManager
+    from flashserve.request import Request
+
+    layout = kv_layout(_gemma_like(8, window=8))  # 7 local, 1 global: slab 1, 8 groups
+    bm = GroupedBlockManager(8 * 4, 4, True, 0, layout)
+    shared, other = list(range(3, 11)), list(range(20, 28))
+    for rid, tokens in (("a", shared), ("x", other)):  # two cached prefixes fill the pool, ``shared`` oldest
+        assert bm.allocate_slots(rid, 8) is not None
+        request = Request(rid, tokens, SamplingParams(max_tokens=4), [2])
+        request.num_computed_tokens = 8
+        bm.commit(request)
+        bm.free(rid)
+    assert bm.num_free_blocks == 32 and bm.pool.num_evictable == 32
+    hit = bm.lookup_prefix("b", shared + [40, 41, 42, 43])
+    assert hit.num_tokens == 8
+    assert bm.allocate_slots("b", 12, hit) is not None
+    tables = bm.block_tables("b")
+    assert [t[:2] for t in tables] == hit.group_blocks
+    assert len({b for t in tables for b in t}) == 8 * 3  # no block in two places
+    bm.assert_writable("b", 8, 12)
+    bm.check_invariants()
+
+
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gemma3")

@@ -213,7 +213,8 @@ def test_bad_configurations_are_clear_errors(tiny, heads_file, tmp_path):
         LLM(model=tiny, **BASE, speculative_config={"method": "heads", "heads": heads_file, "num_speculative_tokens": 4})
     with pytest.raises(ValueError, match="num_speculative_tokens must be None"):
         SamplingParams(num_speculative_tokens=-1)
-    gemma = tmp_path / "gemma3"  # local and global layers keep different KV spans: refused
+    gemma = tmp_path / "gemma3"  # every layer windowed: no block table a separate draft can use
     make_tiny_checkpoint("gemma3", gemma, seed=2)
-    with pytest.raises(ValueError, match="layers keep different KV spans"):
-        LLM(model=str(gemma), **BASE, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="'draft' needs a target with full-attention layers"):
+        LLM(model=str(gemma), **BASE, attention="sliding", attention_window=16,
+            speculative_config={"method": "draft", "model": str(gemma), "num_speculative_tokens": 2})

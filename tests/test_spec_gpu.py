@@ -1,7 +1,8 @@
 """Speculative decoding on the GPU (Triton attention, the tree kernel compiled, chain
 verification and drafting steps through CUDA graphs): greedy outputs identical to plain decoding
-for every method, chains and trees, in the overlapped loop; a draft equal to the target accepts
-everything; SmolLM2 with n-gram drafts. Skipped without a CUDA device."""
+for every method, chains and trees, in the overlapped loop, on a tiny Llama and a tiny Gemma 3
+(windowed and full groups of layers); a draft equal to the target accepts everything; SmolLM2
+with n-gram drafts. Skipped without a CUDA device."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from flashserve import LLM, SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("spec_gpu_tiny")
-    make_tiny_checkpoint("llama3_gqa", folder, seed=6)
+@pytest.fixture(scope="module", params=["llama3_gqa", "gemma3"])
+def tiny(request, tmp_path_factory):
+    """A tiny Llama, and a tiny Gemma 3 (window 8: three groups of layers, one block table each)."""
+    folder = tmp_path_factory.mktemp(f"spec_gpu_{request.param}")
+    make_tiny_checkpoint(request.param, folder, seed=6)
     return str(folder)
 
 

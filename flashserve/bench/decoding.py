@@ -219,7 +219,8 @@ def _time_step(worker, runner, vocab: int, batch: int, n: int, context: int, tre
     slots = np.arange(batch, dtype=np.int64)
 
     def step() -> None:
-        hidden = runner.run(ids, pos, slot_map, qlens, seq_lens, slots, block_table, tree=mask)
+        groups = len(runner.buffers.group_slot_mapping) + 1  # every group of layers reads the same table
+        hidden = runner.run(ids, pos, [slot_map] * groups, qlens, seq_lens, slots, [block_table] * groups, tree=mask)
         worker.model.compute_logits(hidden)
 
     for _ in range(3):
@@ -253,7 +254,7 @@ def run_cost_curve(args: argparse.Namespace) -> dict:
     sizes_needed = max(batches) * max(max(_ints(args.tree_sizes)), 1 + max(_ints(args.chain_ks)))
     graphs = w.device.type == "cuda" and w.config.cuda_graphs and w.attn_backend.name == "triton"
     runner = StepRunner(w.model, w.kv_caches, w.block_size, max(sizes_needed, 64), max(batches), w.max_blocks,
-                        w.max_model_len, w.device, graphs, w.config.max_mixed_graph_tokens)
+                        w.max_model_len, w.device, graphs, w.config.max_mixed_graph_tokens, w.layout.num_groups)
     rows = []
     for b in batches:
         base = _time_step(w, runner, vocab, b, 1, args.context, None, args.repeats)

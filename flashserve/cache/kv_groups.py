@@ -166,9 +166,16 @@ class GroupedBlockManager(BlockManager):
             need += max(0, want - len(table) - len(reused)) + sum(1 for b in reused if self.pool.ref_counts[b] == 0)
         if need > self.pool.num_free:
             return None
+        # Pin every group's hit blocks first: a group allocating fresh blocks may evict cached ones,
+        # and must not take a block that a later group is about to reuse.
+        pinned = [b for i, g in enumerate(self.groups) if not g.tables.get(request_id)
+                  for b in (prefix.group_blocks[i] if isinstance(prefix, GroupedPrefixHit) else ())]
+        for b in pinned:
+            self.pool.touch(b)
         for i, g in enumerate(self.groups):
             hit = PrefixHit(prefix.group_blocks[i], prefix.num_tokens) if isinstance(prefix, GroupedPrefixHit) else None
             assert g.allocate_slots(request_id, total_tokens, hit) is not None
+        self.pool.free(pinned)  # the groups' tables hold their own references now
         self.prefix_hits = self.groups[0].prefix_hits
         return self.groups[0].tables[request_id]
 

@@ -4,8 +4,10 @@ The masks are described in ``flashserve.kernels.tree_mask`` (``TreeMask``), whos
 ``tree_attention_reference`` is this kernel's oracle. The kernel is FlashAttention-2 style:
 one program per (KV head, sequence, query tile), the GQA group's heads folded into the rows, an
 online softmax over the paged keys, and the tree test (bit j of the query's ancestor mask for
-the key at ``ctx + j``) in place of the causal test for a tree's nodes. It stores the step's
-K/V first (``store_kv``). Backends route a step here when ``AttentionMetadata.tree`` is set.
+the key at ``ctx + j``) in place of the causal test for a tree's nodes. On a sliding-window
+layer only the sink tiles and the tiles from the root's window on are read, and the window test
+compares depth positions (``TreeMask.depths``). It stores the step's K/V first (``store_kv``).
+Backends route a step here when ``AttentionMetadata.tree`` is set.
 """
 
 from __future__ import annotations
@@ -14,20 +16,62 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels._paged_common import window_tiles
 from flashserve.kernels.tree_mask import TreeMask, tree_attention_reference
 from flashserve.kernels.utils import dot_ieee, next_power_of_2
 
 
 @triton.jit
+def _tree_tile(
+    m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
+    seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
+    win_len, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
+    stride_cb, stride_co, stride_ch,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Keys [n0, n0 + BLOCK_N): scores, tree / causal / window visibility, online softmax update."""
+    k_pos = n0 + tl.arange(0, BLOCK_N)
+    k_ok = k_pos < seq_len
+    if WINDOW:  # keys below the window's oldest one (and not sinks) may sit in released blocks: never read
+        k_ok = k_ok & ((k_pos >= lo_key) | (k_pos < n_sink))
+    blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+    off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_co + kvh * stride_ch
+    kt = tl.load(k_cache_ptr + off[None, :] + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+    j = tl.maximum(k_pos - ctx, 0)
+    tree_key = (k_pos >= ctx) & (tree_len > 0)
+    in_tree = ((bits[:, None] >> j[None, :].to(tl.int64)) & 1) != 0
+    causal = k_pos[None, :] <= q_pos[:, None]
+    visible = tl.where(tree_key[None, :], in_tree, causal) & k_ok[None, :]
+    if WINDOW:  # distances between depth positions (a tree key sits at ctx + its depth)
+        k_depth = tl.load(depths_ptr + tok_start + j, mask=tree_key & k_ok, other=0)
+        k_rot = tl.where(tree_key, ctx + k_depth, k_pos)
+        dist = q_rot[:, None] - k_rot[None, :]
+        in_window = ((dist < win_len) & (dist % dil == 0)) | (k_pos < n_sink)[None, :]
+        visible = visible & in_window
+    s = tl.where(visible, s, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.where(visible, p, 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vt = tl.load(v_cache_ptr + off[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _tree_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, o_ptr,  # q/o [T, Hq, D]; caches [num_blocks, BLOCK_SIZE, Hkv, D]
-    qsl_ptr, seq_lens_ptr, block_tables_ptr, bits_ptr, tree_lens_ptr,
+    qsl_ptr, seq_lens_ptr, block_tables_ptr, bits_ptr, tree_lens_ptr, depths_ptr,
     qk_scale,  # scale * log2(e)
+    win, dil, n_sink,  # WINDOW: tokens seen, dilation, sink tokens (flashserve.config.AttentionSpec)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_co, stride_ch,
     stride_bt, head_dim,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -52,45 +96,44 @@ def _tree_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_pos = seq_len - q_len + qi  # [BLOCK_M] absolute (index) positions
     bits = tl.load(bits_ptr + tok, mask=row_ok, other=0)  # [BLOCK_M] int64
+    q_depth = tl.load(depths_ptr + tok, mask=row_ok, other=0)
+    q_rot = tl.where(tree_len > 0, ctx + q_depth, q_pos)  # where the row's decode step would sit
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     hi = tl.minimum(seq_len, seq_len - q_len + q_tile + BLOCK_Q)
-    for n0 in range(0, hi, BLOCK_N):
-        k_pos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < seq_len
-        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_co + kvh * stride_ch
-        kt = tl.load(k_cache_ptr + off[None, :] + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        j = tl.maximum(k_pos - ctx, 0)
-        in_tree = ((bits[:, None] >> j[None, :].to(tl.int64)) & 1) != 0
-        causal = k_pos[None, :] <= q_pos[:, None]
-        visible = tl.where((k_pos >= ctx)[None, :] & (tree_len > 0), in_tree, causal) & k_ok[None, :]
-        s = tl.where(visible, s, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        p = tl.where(visible, p, 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_cache_ptr + off[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-        m_i = m_new
+    lo_key = 0
+    win_start = 0
+    if WINDOW:  # the sink tiles, then the window of the sequence's oldest query (a tree's root) on
+        sink_end, win_start, _, _ = window_tiles(seq_len - q_len, seq_len - 1, win, dil, n_sink, BLOCK_N)
+        lo_key = tl.maximum(seq_len - q_len - (win - 1) * dil, 0)
+        for n0 in range(0, sink_end, BLOCK_N):
+            m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
+                                       seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
+                                       win * dil, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
+                                       stride_cb, stride_co, stride_ch, BLOCK_N, BLOCK_SIZE, WINDOW, DOT_PREC)
+    for n0 in range(win_start, hi, BLOCK_N):
+        m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
+                                   seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
+                                   win * dil, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
+                                   stride_cb, stride_co, stride_ch, BLOCK_N, BLOCK_SIZE, WINDOW, DOT_PREC)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta, scale: float) -> torch.Tensor:
-    """The Triton path: store the step's K/V, then one program per (KV head, sequence, query tile)."""
+                   meta, scale: float, spec=None) -> torch.Tensor:
+    """The Triton path: store the step's K/V, then one program per (KV head, sequence, query tile).
+    ``spec``: the layer's ``AttentionSpec`` (a sliding window is measured at the nodes' depth
+    positions, ``flashserve.kernels.tree_mask``); None: full attention."""
     from flashserve.kernels import kv_quant
     from flashserve.kernels.cache_ops import store_kv
 
     if kv_quant.is_quantized(k_cache):  # 8-bit caches: the reference dequantizes on read
-        return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
+        return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale, spec)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     tree: TreeMask = meta.tree.to(q.device)
     T, Hq, D = q.shape
@@ -101,14 +144,17 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     block_d = max(16, next_power_of_2(D))
     out = torch.empty_like(q)
     grid = (Hkv, meta.num_seqs, triton.cdiv(meta.max_query_len, block_q))
+    window = spec is not None and spec.kind == "sliding"
     _tree_kernel[grid](
         q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, tree.bits, tree.tree_lens,
-        scale * 1.4426950408889634,
+        tree.depths, scale * 1.4426950408889634,
+        spec.sliding_window if window else 0, spec.dilation if window else 1, spec.num_sinks if window else 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), D,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_q * group_pad,
         BLOCK_N=32, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
         DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",  # fp32 inputs: exact products, as the other kernels
+        WINDOW=window,
     )
     return out

@@ -101,7 +101,7 @@ class TritonAttentionBackend(AttentionBackend):
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, Hq, D]
         if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
-            return tree_attention(q, k, v, k_cache, v_cache, meta, scale)
+            return tree_attention(q, k, v, k_cache, v_cache, meta, scale, spec)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if spec.kind == "quest":

@@ -199,9 +199,10 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, H, D]
-        # a token tree: nodes see their ancestors only (full layers of a verification step: below, by row)
-        if meta.tree is not None and not (meta.verify_seqs and spec.kind == "full"):
-            return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
+        # a token tree: nodes see their ancestors only (full and sliding layers of a verification step:
+        # below, by row)
+        if meta.tree is not None and not (meta.verify_seqs and spec.kind in ("full", "sliding")):
+            return tree_attention_reference(q, k, v, k_cache, v_cache, meta, scale, spec)
         has_cache = k_cache is not None and v_cache is not None and k_cache.numel() > 0
         state = None
         if has_cache:

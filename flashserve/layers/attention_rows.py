@@ -35,28 +35,40 @@ def decode_rows(
     """Row j of the L new tokens, attended as the decode step of that token would attend it.
 
     Chains: row j sits at position ``p = seq_len - L + j`` and sees the keys up to p (and, for a
-    sliding layer, only those a decode step at p keeps: sinks and the window). Trees (full
-    attention only): node j sees the cached context and its ancestors (bits of ``tree_bits[j]``,
-    itself included), which are exactly the keys its decode step would see once the path is
-    accepted, in the same order (a node's ancestors precede it)."""
+    sliding layer, only those a decode step at p keeps: sinks and the window). Trees: node j sees
+    the cached context and its ancestors (bits of ``tree_bits[j]``, itself included), which are
+    exactly the keys its decode step would see once the path is accepted, in the same order (a
+    node's ancestors precede it); on a sliding layer the window is that decode step's, at the
+    node's depth position ``p = ctx + depth``, the ancestors at their depth positions too."""
     from flashserve.layers.attention import grouped_attention, key_positions
 
     L = q.shape[0]
     ctx = seq_len - L
+    dev = keys.device
     outs = []
     for j in range(L):
         if tree_bits is not None:
-            anc = [ctx + b for b in range(L) if tree_bits[j] >> b & 1]
-            idx = torch.cat([torch.arange(ctx, device=keys.device), torch.tensor(anc, device=keys.device)])
-            outs.append(grouped_attention(q[j : j + 1], keys.index_select(0, idx), values.index_select(0, idx), scale))
-            continue
-        p = ctx + j
-        if spec.kind == "full":  # keys are positions 0 .. seq_len - 1: a decode step sees the first p + 1
-            outs.append(grouped_attention(q[j : j + 1], keys[: p + 1], values[: p + 1], scale))
-            continue
-        sink_end, lo = key_positions(spec, p + 1, 1)  # the keys a decode step at p gathers
-        sel = torch.nonzero((k_pos < sink_end) | ((k_pos >= lo) & (k_pos <= p)))[:, 0]
-        pos = k_pos.index_select(0, sel)
+            anc = [b for b in range(L) if tree_bits[j] >> b & 1]  # index order = depth order
+            p = ctx + len(anc) - 1  # the node's depth position
+            if spec.kind == "full":
+                idx = torch.cat([torch.arange(ctx, device=dev), torch.tensor(anc, device=dev) + ctx])
+                outs.append(grouped_attention(q[j : j + 1], keys.index_select(0, idx), values.index_select(0, idx),
+                                              scale))
+                continue
+            # the context keys (position order) then the ancestors, as the decode step at p gathers them
+            sink_end, lo = key_positions(spec, p + 1, 1)
+            ctx_sel = torch.nonzero((k_pos < ctx) & ((k_pos < sink_end) | (k_pos >= lo)))[:, 0]
+            anc_sel = torch.nonzero(k_pos >= ctx)[:, 0][torch.tensor(anc, device=dev)]  # keys at index ctx + a
+            sel = torch.cat([ctx_sel, anc_sel])
+            pos = torch.cat([k_pos.index_select(0, ctx_sel), torch.arange(ctx, p + 1, device=dev)])
+        else:
+            p = ctx + j
+            if spec.kind == "full":  # keys are positions 0 .. seq_len - 1: a decode step sees the first p + 1
+                outs.append(grouped_attention(q[j : j + 1], keys[: p + 1], values[: p + 1], scale))
+                continue
+            sink_end, lo = key_positions(spec, p + 1, 1)  # the keys a decode step at p gathers
+            sel = torch.nonzero((k_pos < sink_end) | ((k_pos >= lo) & (k_pos <= p)))[:, 0]
+            pos = k_pos.index_select(0, sel)
         mask = window_mask(torch.tensor([p], device=q.device), pos, spec.sliding_window, spec.dilation,
                            spec.num_sinks)
         outs.append(grouped_attention(q[j : j + 1], keys.index_select(0, sel), values.index_select(0, sel), scale,

@@ -96,9 +96,12 @@ class Gemma3Model(nn.Module):
             config, specs[i], attn_backend, self.rotary[self._rope_index[i]], prefix=f"model.layers.{i}"))
         self.norm = gemma_norm(config.hidden_size, config.rms_norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The scaled input embeddings [T, hidden] (also the first step of a ``layers`` draft)."""
+        return self.embed_tokens(input_ids) * self.embed_scale
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        hidden = hidden * self.embed_scale
+        hidden = self.embed(input_ids)  # [T, hidden]
         ropes = [emb.lookup(positions) for emb in self.rotary]
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):

@@ -138,6 +138,10 @@ class LlamaModel(nn.Module):
             config, specs[i], attn_backend, self.rotary[self._rope_index[i]], prefix=f"model.layers.{self.start + i}"))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.pp.is_last_stage else None
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings [T, hidden] (also the first step of a ``layers`` draft)."""
+        return self.embed_tokens(input_ids)
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache] | None
     ) -> torch.Tensor:
@@ -146,7 +150,7 @@ class LlamaModel(nn.Module):
         caller collects them with ``ParallelContext.take_sends``). ``kv_caches``: this stage's layers."""
         residual: torch.Tensor | None = None
         if self.pp.is_first_stage:
-            hidden = self.embed_tokens(input_ids)  # [T, hidden]
+            hidden = self.embed(input_ids)  # [T, hidden]
         else:
             like = torch.empty(input_ids.shape[0], self.hidden_size, dtype=self.layers[0].input_layernorm.weight.dtype,
                                device=input_ids.device)

@@ -176,9 +176,6 @@ class Worker:
         if config.speculative is not None:  # its draft model (if any) loads before the KV pool is sized
             from flashserve.spec.speculator import Speculator
 
-            if layout.num_groups > 1:
-                raise ValueError("speculative decoding is not supported for models whose layers keep different "
-                                 f"KV spans ({layout.num_groups} groups, e.g. Gemma 3's local and global layers)")
             self.speculator = Speculator(config, self, source)
         slab_config = replace(model_config, num_layers=layout.slab, layer_types=None)
         useful_blocks = layout.num_groups * sched.max_num_seqs * -(-max_model_len // cache.block_size)
@@ -362,9 +359,8 @@ class Worker:
         seq_lens = inp.seq_lens.tolist()
         meta = self.buffers.metadata(t, b, max(query_lens), max(seq_lens), self.block_size, query_lens, seq_lens,
                                      inp.is_decode)
-        meta.tree, meta.verify_seqs = tree, verify_seqs
-        for m in (meta, *meta.groups):
-            m.seq_attention = inp.seq_attention
+        for m in (meta, *meta.groups):  # every group of layers verifies the same drafts
+            m.seq_attention, m.tree, m.verify_seqs = inp.seq_attention, tree, verify_seqs
         model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
         with forward_context(meta):
             return model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False

@@ -4,11 +4,16 @@
   from ``flashserve distill``, a smaller model of the same family). Its K/V lives in a pool of its
   own (``[layers, 2, num_blocks, block_size, Hkv, D]``) addressed by the *target's* block ids, so
   the block manager, prefix caching and preemption need nothing new: a block id means the same
-  tokens in both pools. The engine sizes the pool count from the sum of both models' bytes.
+  tokens in both pools. The engine sizes the pool count from the sum of both models' bytes. A
+  target with several groups of layers (Gemma 3's local and global layers,
+  ``flashserve.cache.kv_groups``) lends the table of its full-attention group, which keeps every
+  position; a draft with windowed layers of its own (Gemma 3 drafting for Gemma 3) reads its
+  windows from that one table.
 * ``method="layers"``: self-speculation. The target's first L layers, its final norm and its LM
-  head (early exit used as a draft). It shares the target's K/V: the target's verification pass
-  computes layers 0..L-1 of every accepted token exactly as the draft would, so the draft never
-  catches up on anything but the newest token.
+  head (early exit used as a draft). It shares the target's K/V (each layer through its own
+  group's block table): the target's verification pass computes layers 0..L-1 of every accepted
+  token exactly as the draft would, so the draft never catches up on anything but the newest
+  token.
 
 A round, for the requests that speculate this step (all at once, batched):
 1. catch-up: the draft computes the tokens its cache lacks, up to the root (the last known
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flashserve.cache.kv_groups import KVLayout
 from flashserve.layers.attention_metadata import forward_context
 from flashserve.layers.sampler import Sampler, SamplingRow, race_argmax
 from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
@@ -39,6 +45,23 @@ from flashserve.sched.plan import ScheduledRequest
 from flashserve.spec.tree import TokenTree
 
 DRAFT_SALT = 0x2545F4914F6CDD1D  # seeded draft sampling uses a stream independent of verification's
+
+
+def draft_group(layout: KVLayout) -> int:
+    """The target's group of layers whose block ids address a separate draft's K/V
+    (``DraftProposer``): one that keeps every position, so a draft catching up from position 0
+    (after the target's windowed groups released the old blocks) finds them all. A one-group
+    target has no choice (group 0; windowed there, the draft's context is only as good as the
+    window: docs/decoding.md). Several groups that all keep a window: a clear error."""
+    if layout.num_groups == 1:
+        return 0
+    for g, group in enumerate(layout.groups):
+        if group.span is None and group.kv_budget is None:
+            return g
+    raise ValueError("speculative method 'draft' needs a target with full-attention layers: the draft model's K/V "
+                     "is addressed by the block ids of the target's layers that keep every position, and every "
+                     f"layer of this target keeps a window ({layout.num_groups} groups of layers); use method "
+                     "'ngram', 'layers' or 'heads', or the model's own attention")
 
 
 class FirstLayers(nn.Module):
@@ -55,7 +78,7 @@ class FirstLayers(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list) -> torch.Tensor:
         m = self.target[0].model
-        hidden = m.embed_tokens(input_ids)
+        hidden = m.embed(input_ids)
         ropes = [emb.lookup(positions) for emb in m.rotary]
         residual = None
         for i in range(self.num_layers):
@@ -68,17 +91,18 @@ class FirstLayers(nn.Module):
 
 
 class StepRunner:
-    """One model's forward over static step buffers (and CUDA graphs on GPU), reading the
-    Worker's device block table: the draft's steps."""
+    """One model's forward over static step buffers (and CUDA graphs on GPU): the draft's steps.
+    ``num_groups``: the groups of block tables its layers read (``flashserve.cache.kv_groups``;
+    a layer of group g reads the g-th table and slot mapping given to ``run``)."""
 
     def __init__(self, model: nn.Module, kv_caches: list, block_size: int, max_tokens: int, max_seqs: int,
                  max_blocks: int, max_seq_len: int, device: torch.device, cuda_graphs: bool,
-                 max_graph_tokens: int = 64) -> None:
+                 max_graph_tokens: int = 64, num_groups: int = 1) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        self.buffers = StepBuffers(max_tokens, max_seqs, max_blocks, device)
+        self.buffers = StepBuffers(max_tokens, max_seqs, max_blocks, device, num_groups)
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             self.graphs = CudaGraphs(model, kv_caches, self.buffers, block_size, max_seq_len, max_seqs, max_graph_tokens)
@@ -90,20 +114,24 @@ class StepRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def run(self, input_ids: torch.Tensor, positions: np.ndarray, slot_mapping: np.ndarray, query_lens: np.ndarray,
-            seq_lens: np.ndarray, request_slots: np.ndarray, block_table: torch.Tensor, tree=None) -> torch.Tensor:
-        """Hidden states [T, hidden]. input_ids: [T] on the device; the rest host arrays: positions /
-        slot_mapping [T], query_lens / seq_lens / request_slots (rows of ``block_table``) [B].
+    def run(self, input_ids: torch.Tensor, positions: np.ndarray, slot_mappings: list[np.ndarray],
+            query_lens: np.ndarray, seq_lens: np.ndarray, request_slots: np.ndarray,
+            block_tables: list[torch.Tensor], tree=None) -> torch.Tensor:
+        """Hidden states [T, hidden]. input_ids: [T] on the device; the rest host arrays: positions
+        [T], query_lens / seq_lens / request_slots (rows of the block tables) [B]; per group of
+        tables, the new tokens' slots [T] and the device block table ``[slots, max_blocks]``.
         ``tree``: token-tree masks (``flashserve.kernels.tree_mask.TreeMask``), run eagerly."""
         t, b = len(positions), len(query_lens)
         is_decode = t == b
         key = self.graphs.pick(t, b, is_decode) if self.graphs is not None and tree is None else None
         pt, pb = self.graphs.padded_shape(key) if key is not None else (t, b)
         buf = self.buffers
-        i64 = np.zeros(2 * pt, dtype=np.int64)
+        n = len(slot_mappings)
+        i64 = np.full((1 + n) * pt, -1, dtype=np.int64)  # positions, then each group's slots (-1: padding)
+        i64[:pt] = 0
         i64[:t] = positions
-        i64[pt : pt + t] = slot_mapping
-        i64[pt + t :] = -1
+        for j, slots in enumerate(slot_mappings):
+            i64[(1 + j) * pt : (1 + j) * pt + t] = slots
         i32 = np.zeros(2 * pb + 1, dtype=np.int32)
         i32[1 : b + 1] = np.cumsum(query_lens)
         i32[b + 1 : pb + 1] = t
@@ -112,15 +140,19 @@ class StepRunner:
         buf.input_ids[:t].copy_(input_ids)
         buf.input_ids[t:pt].zero_()
         buf.positions[:pt].copy_(d64[:pt])
-        buf.slot_mapping[:pt].copy_(d64[pt:])
+        rows = self._to_device(request_slots.astype(np.int64))
+        for j, (slots, table, src) in enumerate(zip((buf.slot_mapping, *buf.group_slot_mapping),
+                                                    (buf.block_tables, *buf.group_block_tables), block_tables)):
+            slots[:pt].copy_(d64[(1 + j) * pt : (2 + j) * pt])
+            torch.index_select(src, 0, rows, out=table[:b])
         buf.query_start_loc[: pb + 1].copy_(d32[: pb + 1])
         buf.seq_lens[:pb].copy_(d32[pb + 1 :])
-        torch.index_select(block_table, 0, self._to_device(request_slots.astype(np.int64)), out=buf.block_tables[:b])
         if key is not None:
             return self.graphs.replay(key, t)
         meta = buf.metadata(t, b, int(query_lens.max()), int(seq_lens.max()), self.block_size,
                             query_lens.tolist(), seq_lens.tolist(), is_decode)
-        meta.tree = tree
+        for m in (meta, *meta.groups):
+            m.tree = tree
         with forward_context(meta):
             return self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)
 
@@ -157,6 +189,7 @@ class DraftProposer:
         self.tree_width = tree_width
         self.worker = worker
         self.runner: StepRunner | None = None
+        self.groups: tuple[int, ...] = (0,)  # the Worker's groups of layers whose tables the draft reads (start)
 
     def kv_bytes_per_block(self) -> int:
         if self.shares_kv:
@@ -166,9 +199,11 @@ class DraftProposer:
 
     def start(self, num_blocks: int) -> None:
         w = self.worker
-        if self.shares_kv:
+        if self.shares_kv:  # the target's first layers, each through its own group's table
             caches = w.kv_caches[: self.num_layers]
-        else:
+            self.groups = tuple(range(w.layout.num_groups))
+        else:  # every draft layer through one target table that keeps every position
+            self.groups = (draft_group(w.layout),)
             shape = (self.num_layers, 2, num_blocks, w.block_size, self.num_kv_heads, self.head_dim)
             alloc = torch.zeros if w.device.type == "cuda" else torch.empty
             self.pool = alloc(shape, dtype=w.dtype, device=w.device)
@@ -176,12 +211,22 @@ class DraftProposer:
         sched = w.config.scheduler
         self.runner = StepRunner(self.model, caches, w.block_size, sched.max_num_batched_tokens, sched.max_num_seqs,
                                  w.max_blocks, w.max_model_len, w.device,
-                                 w.config.cuda_graphs and w.attn_backend.name == "triton")
+                                 w.config.cuda_graphs and w.attn_backend.name == "triton",
+                                 num_groups=len(self.groups))
 
     # ----------------------------------------------------------------- a round
-    def _slots(self, slot: int, positions: np.ndarray) -> np.ndarray:
-        bs = self.worker.block_size
-        return self.worker.batch.block_table[slot, positions // bs].astype(np.int64) * bs + positions % bs
+    def _run(self, ids: torch.Tensor, positions: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray,
+             request_slots: np.ndarray) -> torch.Tensor:
+        """One draft step through the Worker's tables of ``self.groups`` (host tables for the new
+        tokens' slots, device tables for the attention; read at each step, as the Worker grows them)."""
+        w = self.worker
+        bs = w.block_size
+        host = (w.batch.block_table, *w.batch.group_tables)
+        device = (w.block_table, *w.group_block_tables)
+        token_slots = np.repeat(request_slots, query_lens)
+        slot_maps = [host[g][token_slots, positions // bs].astype(np.int64) * bs + positions % bs for g in self.groups]
+        return self.runner.run(ids, positions, slot_maps, query_lens, seq_lens, request_slots,
+                               [device[g] for g in self.groups])
 
     def propose(self, items: list[tuple[ScheduledRequest, object]]) -> tuple[list[TokenTree], list | None]:
         """One tree per request, and per request q [n, V] of a sampled chain (else None)."""
@@ -238,9 +283,8 @@ class DraftProposer:
             # Feed the new draft at position root + 1 + j for the requests that continue.
             pos = np.array([roots[i] + 1 + j for i in active], dtype=np.int64)
             feed = chain[torch.as_tensor(active, device=dev), j]
-            smap = np.array([self._slots(items[i][1].slot, np.array([p]))[0] for i, p in zip(active, pos)], np.int64)
             ones = np.ones(len(active), dtype=np.int64)
-            hidden = self.runner.run(feed, pos, smap, ones, pos + 1, slots[active], w.block_table)
+            hidden = self._run(feed, pos, ones, pos + 1, slots[active])
             logits = self.model.compute_logits(hidden)
         chain_h = chain.cpu().tolist()
         alts_h = alts.cpu().tolist() if max_w > 1 else None
@@ -273,9 +317,7 @@ class DraftProposer:
             lens = np.array([e - pos[i] + 1 for i, e in zip(rows, ends)], dtype=np.int64)
             sub = slots[rows]
             ids = torch.from_numpy(table[np.repeat(sub, lens), positions].astype(np.int64)).to(dev)
-            slot_map = np.concatenate([self._slots(slots[i], np.arange(pos[i], e + 1)) for i, e in zip(rows, ends)])
-            hidden = self.runner.run(ids, positions, slot_map, lens, np.array(ends, dtype=np.int64) + 1, sub,
-                                     self.worker.block_table)
+            hidden = self._run(ids, positions, lens, np.array(ends, dtype=np.int64) + 1, sub)
             last = np.cumsum(lens) - 1
             for j, (i, e) in enumerate(zip(rows, ends)):
                 if e == roots[i]:

@@ -75,9 +75,14 @@ def check_vocab(draft: ModelConfig, target: ModelConfig, name: str | None) -> No
 
 def check_speculative(config: SpeculativeConfig, target: ModelConfig, tokenizer, max_model_len: int) -> None:
     """Refuse a speculative configuration that cannot work with this target, before any weights
-    load: a draft with another vocabulary or tokenizer, too many layers for self-speculation."""
+    load: a draft with another vocabulary or tokenizer, a draft for a target whose groups of layers all
+    keep a window, too many layers for self-speculation."""
     if config.method == "draft":
+        from flashserve.cache.kv_groups import kv_layout
         from flashserve.loader import load_model_config, load_tokenizer
+        from flashserve.spec.draft import draft_group
+
+        draft_group(kv_layout(target))
 
         check_vocab(load_model_config(config.model, config.load_format), target, config.model)
         draft_tok = load_tokenizer(config.model, config.load_format)

@@ -14,7 +14,8 @@ The Worker calls, per step:
   path counted as generated), then ``flashserve.spec.acceptance.verify``. Rows without drafts
   are roots without children: sampled exactly like plain decoding. Penalty counts get every
   emitted token; a tree's accepted path is copied from index to depth positions in the cache
-  (all layers, values and 8-bit scales), so the cache holds exactly the accepted tokens.
+  (all layers, each through its group's block table; values and 8-bit scales), so the cache
+  holds exactly the accepted tokens.
 * ``after_sampling``: proposers that draft from this step's state (heads) run here, and the
   step's cost is measured (``StepCost``, for the off-switch);
 * ``on_result``: proposers that keep per-request state (a draft model's cache length) learn
@@ -59,13 +60,15 @@ class SpecStep:
             return
         qsl = inp.query_start_loc
         bits = np.zeros(inp.num_tokens, dtype=np.int64)
+        depths = np.zeros(inp.num_tokens, dtype=np.int32)
         tree_lens = np.zeros(inp.num_seqs, dtype=np.int32)
         for i, tree in branching.items():
             start = int(qsl[i])
-            inp.positions[start : start + tree.size] = self.entries[i].start_pos + np.asarray(tree.depths)
+            depths[start : start + tree.size] = tree.depths
+            inp.positions[start : start + tree.size] = self.entries[i].start_pos + depths[start : start + tree.size]
             bits[start : start + tree.size] = tree.ancestor_bits
             tree_lens[i] = tree.size
-        self.tree_meta = TreeMask.build(bits, tree_lens, inp.query_start_loc)
+        self.tree_meta = TreeMask.build(bits, tree_lens, inp.query_start_loc, depths=depths)
 
 
 class Speculator:
@@ -223,7 +226,8 @@ class Speculator:
         p.seen.index_put_((slots.flatten(), toks.flatten()), torch.ones_like(valid.flatten()))
 
     def _compact(self, inp, spec: SpecStep, path: torch.Tensor, num: torch.Tensor, trees: list[TokenTree]) -> None:
-        """Copy each branching tree's accepted nodes from index to depth positions (all layers)."""
+        """Copy each branching tree's accepted nodes from index to depth positions (all layers,
+        each through its group's block table: ``flashserve.cache.kv_groups``)."""
         rows = [r for r, t in enumerate(trees) if t.size > 1 and not t.is_chain]
         if not rows:
             return
@@ -239,10 +243,13 @@ class Speculator:
         dst_pos = starts + depth
         slots = torch.tensor([w.batch.states[spec.entries[inp.sample_rows[r]].request_id].slot for r in rows],
                              device=dev)[:, None].expand_as(src_pos)
-        table = w.block_table.long()
-        sb, so = table[slots, src_pos // bs].flatten(), (src_pos % bs).flatten()
-        db, do = table[slots, dst_pos // bs].flatten(), (dst_pos % bs).flatten()
-        for k_cache, v_cache in w.kv_caches:
+        so, do = (src_pos % bs).flatten(), (dst_pos % bs).flatten()
+        moves = []  # per group: (source blocks, destination blocks) [R * D]
+        for table in (w.block_table, *w.group_block_tables):
+            table = table.long()
+            moves.append((table[slots, src_pos // bs].flatten(), table[slots, dst_pos // bs].flatten()))
+        for (k_cache, v_cache), group in zip(w.kv_caches, w.layout.layer_group):
+            sb, db = moves[group]
             for cache in (k_cache, v_cache):
                 cache[db, do] = cache[sb, so]
                 if kv_quant.is_quantized(cache):

@@ -47,8 +47,8 @@ def _hidden_states(engine, token_ids: list[int], chunk: int = 512) -> torch.Tens
     if bm.allocate_slots(rid, len(token_ids)) is None:
         raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache; lower --max-tokens")
     try:
-        table = bm.block_table(rid)
-        parts = [worker.hidden_chunk(token_ids[s : s + chunk], s, table) for s in range(0, len(token_ids), chunk)]
+        tables = bm.block_tables(rid)  # one per group of layers (flashserve.cache.kv_groups)
+        parts = [worker.hidden_chunk(token_ids[s : s + chunk], s, tables) for s in range(0, len(token_ids), chunk)]
     finally:
         bm.free(rid)
     return torch.cat(parts).float()
