@@ -22,21 +22,27 @@ def tiny(tmp_path_factory):
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def heads_file(tiny, tmp_path_factory):
-    """Heads trained for a few seconds on the tiny model's own generations."""
+def train_small_heads(model: str, folder, num_prompts: int, max_tokens: int, epochs: int, min_top1: float) -> str:
+    """Three heads trained for a few seconds on ``model``'s own generations, saved in ``folder``;
+    their first head's top-1 accuracy must pass ``min_top1`` (they learned the model's habits)."""
     from flashserve.spec.heads import save_heads
     from flashserve.spec.train_heads import train_heads
 
     rng = random.Random(5)
-    prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(4, 12))] for _ in range(12)]
-    llm = LLM(model=tiny, **BASE)
-    heads, meta, rep = train_heads(llm.engine, prompts, num_heads=3, max_tokens=32, epochs=6, batch_size=64, lr=3e-3,
-                                   log=lambda *a: None)
-    assert rep.accuracy[0][7] >= rep.accuracy[0][0] > 0.3  # the heads learned the model's habits
-    path = tmp_path_factory.mktemp("heads") / "heads.safetensors"
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(4, 12))] for _ in range(num_prompts)]
+    llm = LLM(model=model, **BASE)
+    heads, meta, rep = train_heads(llm.engine, prompts, num_heads=3, max_tokens=max_tokens, epochs=epochs,
+                                   batch_size=64, lr=3e-3, log=lambda *a: None)
+    assert rep.accuracy[0][7] >= rep.accuracy[0][0] > min_top1
+    path = folder / "heads.safetensors"
     save_heads(heads, meta, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def heads_file(tiny, tmp_path_factory):
+    return train_small_heads(tiny, tmp_path_factory.mktemp("heads"), num_prompts=12, max_tokens=32, epochs=6,
+                             min_top1=0.3)
 
 
 def workload():

@@ -234,19 +234,11 @@ MODES = {
 
 @pytest.fixture(scope="module")
 def heads_file(gemma, tmp_path_factory):
-    """Heads trained for a few seconds on the tiny Gemma 3's own generations (through every group)."""
-    from flashserve.spec.heads import save_heads
-    from flashserve.spec.train_heads import train_heads
+    """Heads trained on the tiny Gemma 3's own generations (teacher-forced through every group)."""
+    from test_spec_engine import train_small_heads
 
-    rng = random.Random(5)
-    prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(4, 12))] for _ in range(10)]
-    llm = LLM(model=gemma, **BASE)
-    heads, meta, rep = train_heads(llm.engine, prompts, num_heads=3, max_tokens=24, epochs=4, batch_size=64, lr=3e-3,
-                                   log=lambda *a: None)
-    assert rep.accuracy[0][7] >= rep.accuracy[0][0] > 0.2
-    path = tmp_path_factory.mktemp("gemma3_heads") / "heads.safetensors"
-    save_heads(heads, meta, path)
-    return str(path)
+    return train_small_heads(gemma, tmp_path_factory.mktemp("gemma3_heads"), num_prompts=10, max_tokens=24, epochs=4,
+                             min_top1=0.2)
 
 
 @pytest.fixture(scope="module")
