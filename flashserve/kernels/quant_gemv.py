@@ -15,7 +15,8 @@ Integers become floats without conversion instructions (which run at a fraction 
 rate): an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` is the float ``2^23 + u``,
 so one bitwise operation and one subtraction give it exactly: int8 ``q`` as ``byte ^ 0x80 = q +
 128``, int4 nibbles as they are. With it (and the tiles below), batch-1 decode of Llama-3.1-8B on
-an H200 went from 216.5 to 260.7 tok/s in int4 and from 278.4 to 318.1 in int8
+an H200 went from 216.5 to 260.7 tok/s in int4 (265.4 with the split below) and from 278.4 to
+318.1 in int8
 (docs/quantization.md). fp8 keeps Triton's conversion: a bit-level decoding measured slower.
 
 Long rows (K >= 8192, e.g. the down projection) and, for int4, rows too few to give every SM
@@ -120,13 +121,14 @@ def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | N
     batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8 / fp8 stream 16 rows x 512 columns
     per step and split long rows (64 x 256 tiles) until there are two programs per SM, which
     took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only; int4 takes 32
-    rows x 256 columns and splits K (up to 4 ways) until there are four programs per SM."""
+    rows x 256 columns and splits K (up to 8 ways) until there are four programs per SM: 265.4
+    tok/s against 262.0 up to 4 ways, 238.0 for long rows only, 183.9 never."""
     split = 1
     if int4:
         if group < 2 or group & (group - 1):
             return None
         block_n, block_k, warps = 32, max(256, group), 4
-        while split < 4 and n // block_n * split < 4 * num_sms(device) and k % (2 * split * block_k) == 0:
+        while split < 8 and n // block_n * split < 4 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
     elif k >= LONG_ROW:
         block_n, block_k, warps = 64, 256, 8
