@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-from collections.abc import Callable
 
 import torch
+
+from flashserve.kernels.timing import graph_ms
 
 SHAPES = {  # name -> (experts, top-k, hidden, expert intermediate)
     "qwen3-30b-a3b": (128, 8, 2048, 768),
@@ -45,29 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-tokens", default="1,256", help="token counts of the sweep: decode, grouped GEMM")
     p.add_argument("--read-gib", type=float, default=4.0, help="size of the bandwidth-probe tensor")
     p.add_argument("--output-json", default=None)
-
-
-def graph_ms(calls: list[Callable[[], object]], replays: int = 10) -> float:
-    """Milliseconds per call of ``calls`` captured once in a CUDA graph, one after the other."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:  # compile and warm up outside the capture
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * len(calls))
 
 
 class Layer:

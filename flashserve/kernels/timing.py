@@ -33,6 +33,29 @@ def time_fn(fn: Callable[[], object], warmup: int = 5, iters: int = 20,
     return statistics.median(times)
 
 
+def graph_ms(calls: list[Callable[[], object]], replays: int = 10) -> float:
+    """Milliseconds per call of ``calls`` captured once in a CUDA graph, one after the other."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:  # compile and warm up outside the capture
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (replays * len(calls))
+
+
 def attention_bytes(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
                     context_tokens: int, elem_bytes: int) -> int:
     """Minimum HBM traffic of one paged attention call: q + out + every context K/V once."""
