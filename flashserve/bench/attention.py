@@ -5,7 +5,8 @@ Two measurements per method, against full attention in the same run, at Llama-3.
 
 1. decode attention: one layer's ``TritonAttentionBackend.forward`` (store the new token, Quest's
    page selection when it applies, split-KV decode) for batch 1 and 16 at ``--context`` tokens
-   per sequence, CUDA-event median, and the K/V bytes it must read;
+   per sequence, replayed from a CUDA graph as decoding runs it (mean of the replays), and the K/V
+   bytes it must read;
 2. end to end: the whole model with dummy weights and CUDA graphs: the prompts (``--context``
    random tokens each) are prefilled once with full attention, then each method decodes
    ``--steps`` tokens per sequence from that cache (graphs recaptured per method); decode tok/s.
