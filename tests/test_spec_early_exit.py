@@ -119,3 +119,28 @@ def test_sweep_reports_quality_exits_and_work(tiny):
     assert always["kl"] > 0 and always["work_vs_full"] < never["work_vs_full"]
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
         _thresholds("0.9,1.5")
+
+
+def test_gemma3_early_exit(tmp_path):
+    """Gemma 3 (scaled embedding; layers sliding, full, sliding: three KV groups): a threshold nobody
+    reaches is the full model; tokens exiting at layer 1 write the later layers' K/V into each
+    layer's own group, where a later request's prefill reads them through the prefix cache (the
+    pool starts as NaN, so K/V written to another group's slots would make its logits NaN)."""
+    folder = str(tmp_path)
+    make_tiny_checkpoint("gemma3", folder, seed=2)
+    kw = dict(KW, model=folder, block_size=2)
+    prompts = [[rng.randrange(3, 500) for _ in range(12)] for rng in [random.Random(4)]] + _prompts()
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)  # past the window of 8
+    ref = [o.token_ids for o in LLM(**kw).generate(prompts, sp, use_tqdm=False)]
+    llm = LLM(**kw, early_exit_config={"threshold": 1.0, "exit_layers": [1]})
+    assert [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == ref
+
+    llm = LLM(**kw, enable_prefix_caching=True, early_exit_config={"threshold": 1e-6, "exit_layers": [1]})
+    llm.engine.worker.kv_pool.fill_(float("nan"))
+    prompt = [7, 8]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert llm.engine.worker.early_exit.exits_at.get(1, 0) >= 3  # positions 2-4 exited (K/V propagated)
+    again = llm.generate([prompt + out.token_ids], SamplingParams(temperature=0, max_tokens=1, logprobs=1),
+                         use_tqdm=False)[0]
+    assert again.num_cached_tokens >= 4  # blocks [7, 8] and the propagated positions 2-3
+    assert all(torch.isfinite(torch.tensor(lp)) for _, lp, _ in again.outputs[0].logprobs)

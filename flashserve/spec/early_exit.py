@@ -37,7 +37,8 @@ def default_exit_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def _sub_metadata(meta: AttentionMetadata, rows: list[int], device: torch.device) -> AttentionMetadata:
-    """The metadata of a subset of a decode step's sequences (one token each)."""
+    """The metadata of a subset of a decode step's sequences (one token each), with the same
+    subset of every group's block tables and slots (models with several KV groups, Gemma 3)."""
     idx = torch.tensor(rows, device=device)
     n = len(rows)
     seq_cpu = [meta.seq_lens_cpu[i] for i in rows]
@@ -45,11 +46,13 @@ def _sub_metadata(meta: AttentionMetadata, rows: list[int], device: torch.device
         query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
         seq_lens=meta.seq_lens.index_select(0, idx), block_tables=meta.block_tables.index_select(0, idx),
         slot_mapping=meta.slot_mapping.index_select(0, idx), max_query_len=1, max_seq_len=max(seq_cpu),
-        query_lens_cpu=[1] * n, seq_lens_cpu=seq_cpu, block_size=meta.block_size, is_decode=True)
+        query_lens_cpu=[1] * n, seq_lens_cpu=seq_cpu, block_size=meta.block_size, is_decode=True,
+        groups=tuple(_sub_metadata(g, rows, device) for g in meta.groups))
 
 
 class EarlyExitModel(nn.Module):
-    """Wraps a Llama-family model: ``forward`` as the model's (final-normed hidden states, here
+    """Wraps a Llama-family model (Gemma 3 included: its scaled embedding, several KV groups):
+    ``forward`` as the model's (final-normed hidden states, here
     from each sequence's exit layer) for decode steps; ``compute_logits`` is the model's."""
 
     def __init__(self, model: nn.Module, config: EarlyExitConfig) -> None:
@@ -103,7 +106,7 @@ class EarlyExitModel(nn.Module):
             q, k = attn.q_norm(q), attn.k_norm(k)
         _, k = attn.rotary_emb(rope, q.contiguous(), k.contiguous())
         store_kv(k.reshape(T, attn.num_kv_heads, attn.head_dim), v.reshape(T, attn.num_kv_heads, attn.head_dim),
-                 kv_cache[0], kv_cache[1], meta.slot_mapping)
+                 kv_cache[0], kv_cache[1], meta.for_group(attn.attn.kv_group).slot_mapping)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list) -> torch.Tensor:
         m = self.target[0].model
@@ -112,7 +115,7 @@ class EarlyExitModel(nn.Module):
         T = input_ids.shape[0]
         if T != meta.num_seqs:  # not a pure decode step: the full model
             return self.target[0](input_ids, positions, kv_caches)
-        hidden = m.embed_tokens(input_ids)
+        hidden = m.embed(input_ids)
         out = torch.empty(T, hidden.shape[-1], dtype=hidden.dtype, device=dev)  # (a packed embedding has no .weight)
         residual = None
         active = list(range(T))
