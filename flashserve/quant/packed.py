@@ -10,7 +10,7 @@ built for:
 | int4 group-wise | Triton ``wq_matmul`` | ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 | fp8 e4m3, weight only | Triton ``wq_matmul`` | emulated: fp8-rounded weights, dense matmul |
 | fp8 e4m3, W8A8 | per-token fp8 activations + ``torch._scaled_mm`` | emulated likewise |
-| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | int4 CPU kernel (exact re-expression) or dense |
+| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | int4 CPU kernel (exact re-expression) |
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
@@ -149,11 +149,13 @@ class Int4Weight(PackedWeight):
         if perm is None and not self.padded:  # chosen once: no per-call checks at batch-1 decode
             self.forward = self._cpu_forward
 
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` -> the ``[M, planes * K]`` columns the stored weight multiplies (CPU)."""
+        return torch.cat([x] * self.planes, dim=1) if self.planes > 1 else x
+
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` on the CPU for a weight without column permutation or padded rows."""
-        if self.planes > 1:
-            x = torch.cat([x] * self.planes, dim=1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(quant_cpu.ACT_DTYPE).contiguous(), self.packed,
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(self.feed(x).to(quant_cpu.ACT_DTYPE).contiguous(), self.packed,
                                                        self.group, self.scale_zeros)
         return y.to(x.dtype)
 
@@ -167,11 +169,8 @@ class Int4Weight(PackedWeight):
                 w = wq_dequantize(self.packed, self.scales, self.zeros, FMT_INT4, self.in_features, self.group, x.dtype)
                 return F.linear(x, w)
             return wq_matmul(x, self.packed, self.scales, self.zeros, FMT_INT4, self.group)
-        dtype = x.dtype
-        if self.planes > 1:
-            x = torch.cat([x] * self.planes, dim=1)
-        y = quant_cpu.cpu_int4_matmul(x, self.packed, self.group, self.scale_zeros)
-        return (y[:, : self.out_features] if self.padded else y).to(dtype)
+        y = quant_cpu.cpu_int4_matmul(self.feed(x), self.packed, self.group, self.scale_zeros)
+        return (y[:, : self.out_features] if self.padded else y).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """fp32 ``[N, planes * K]`` in stored column order (``perm`` not undone)."""
@@ -193,8 +192,30 @@ class Int4Weight(PackedWeight):
             return super().reference(x)
         if getattr(self, "_dense_for_reference", None) is None:
             self._dense_for_reference = self.dequantize()
-        xb = torch.cat([x] * self.planes, dim=1).to(torch.bfloat16).float()
+        xb = self.feed(x).to(torch.bfloat16).float()
         return (xb @ self._dense_for_reference.t()).to(torch.bfloat16).to(x.dtype)
+
+
+class Q6KWeight(Int4Weight):
+    """GGUF Q6_K on the CPU through torch's int4 kernel, exactly up to its bf16 scales.
+
+    Q6_K is ``w = a * (q - 32)`` per 16 columns, ``q = 16 * hi + lo`` (2 + 4 bits); the kernel's
+    groups are 32 columns with one scale and zero. Each kernel group holds one 16-column group
+    twice: ``u = lo`` fed ``x``, then ``u = 2 * hi + 5`` fed ``8 * x`` (exact in bf16), scale ``a``,
+    zero 0: ``(lo - 8) a x + (2 hi - 3) a 8x = a (16 hi + lo - 32) x``. Unlike a dense fp32 copy,
+    a row's product does not depend on how many rows the call has (speculative verification)."""
+
+    def __init__(self, raw: torch.Tensor) -> None:
+        q, a = ref.gguf_q6_k(raw)
+        n, k = q.shape
+        q = q.reshape(n, k // 16, 1, 16)
+        u = torch.cat([q & 15, 2 * (q >> 4) + 5], dim=2).reshape(n, 2 * k)
+        super().__init__(u, a, None, 32, label="gguf-Q6_K", planes=2)
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        x = x.reshape(m, k // 16, 1, 16)
+        return torch.cat([x, 8.0 * x], dim=2).reshape(m, 2 * k)
 
 
 class Fp8Weight(PackedWeight):
@@ -264,15 +285,15 @@ class GGUFWeight(PackedWeight):
         return ref.gguf_dequantize(self.raw, self.qtype)
 
 
-def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device, dtype: torch.dtype) -> PackedWeight:
+def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device) -> PackedWeight:
     """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU torch's int4 kernel with
     the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit ``u`` in
-    one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K (16-column groups,
-    which the CPU kernel lacks) dense in ``dtype``."""
+    one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column groups as
+    ``Q6KWeight`` describes."""
     if device.type == "cuda":
         return GGUFWeight(raw.to(device), qtype, in_features)
-    if qtype not in ref.GGUF_AFFINE_BITS:
-        return DenseWeight(ref.gguf_dequantize(raw, qtype).to(dtype), label=f"gguf-{qtype}-dense")
+    if qtype == "Q6_K":
+        return Q6KWeight(raw)
     a, c = ref.gguf_group_scales(raw, qtype)
     if ref.GGUF_AFFINE_BITS[qtype] <= 4:  # (u - 8) * a + (8a + c)
         packed = None
