@@ -3,7 +3,8 @@
 Default mode, on real weights (default: the embedded SmolLM2-135M-Instruct): for each method
 (plain decoding, then n-gram, the target's first layers, trained heads, a draft model; chains and
 token trees) and each batch size, greedy generation over the fixed prompt sets
-(``flashserve.spec.prompts``: chat, summarize, code). Per cell: acceptance length (tokens per
+(``flashserve.spec.prompts``: chat, summarize, code; through the model's chat template, or as plain
+text for a base model without one, e.g. Gemma 3 270M). Per cell: acceptance length (tokens per
 verification step, from the engine's ``SpecStats``), decode tokens/s, the speedup over plain
 decoding in the same run, and the share of outputs identical to plain decoding's (speculation
 is lossless: expect 100 %, up to float ties under a different batch shape on GPU).
@@ -138,8 +139,9 @@ def run_methods(args: argparse.Namespace) -> dict:
     for m in methods:
         llm = LLM(**{**base, "speculative_config": configs[m]})
         engine = llm.engine
-        if not results:  # chat-templated prompts, the same for every method
-            prompts = {k: [engine.apply_chat_template([{"role": "user", "content": t}])
+        if not results:  # chat-templated prompts (plain text for a base model), the same for every method
+            chat = bool(getattr(engine.tokenizer, "chat_template", None))
+            prompts = {k: [engine.apply_chat_template([{"role": "user", "content": t}]) if chat else t
                            for t in eval_prompts(k, args.num_prompts)] for k in kinds}
         device = str(engine.device)
         engine.warm_up()
