@@ -221,11 +221,12 @@ _GGUF_MOE = {"mlp.gate": "ffn_gate_inp", "mlp.shared_expert_gate": "ffn_gate_inp
 
 
 @torch.no_grad()
-def write_moe_gguf(hf: torch.nn.Module, path: Path, q8_0: bool = False) -> None:
+def write_moe_gguf(hf: torch.nn.Module, path: Path, q8_0: bool = False, per_expert: bool = False) -> None:
     """``hf`` as an F32 GGUF file with llama.cpp's MoE names: router ``ffn_gate_inp``, experts
     stacked ``ffn_{gate,up,down}_exps`` [E, out, in], shared expert ``*_shexp``; Mixtral as
     architecture "llama" with q/k rows permuted. ``q8_0``: the layers' projection matrices and
-    experts and routers in Q8_0 blocks (gguf-py's quantizer), the rest F32."""
+    experts and routers in Q8_0 blocks (gguf-py's quantizer), the rest F32. ``per_expert``: the
+    first llama.cpp Mixtral layout, one ``ffn_{gate,up,down}.J`` tensor per expert."""
     import gguf
     import numpy as np
 
@@ -258,6 +259,10 @@ def write_moe_gguf(hf: torch.nn.Module, path: Path, q8_0: bool = False) -> None:
                 "lm_head.weight": "output.weight"}
 
     def add(gguf_name: str, t: torch.Tensor) -> None:
+        if per_expert and gguf_name.endswith("_exps.weight"):
+            for j, part in enumerate(t):
+                add(gguf_name.replace("_exps.weight", f".{j}.weight"), part)
+            return
         if not (q8_0 and t.ndim >= 2 and t.shape[-1] % 32 == 0):
             w.add_tensor(gguf_name, np.ascontiguousarray(t.numpy()))
             return
@@ -303,6 +308,29 @@ def test_gguf_moe_matches_transformers(checkpoints, arch, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q8_0", [False, True])
+def test_gguf_with_one_tensor_per_expert_loads_like_the_stacked_layout(checkpoints, tmp_path, q8_0):
+    """llama.cpp's first Mixtral files name each expert's matrices ``blk.N.ffn_gate.J.weight``: they
+    load to the same model as the stacked ``ffn_gate_exps`` layout (F32: transformers' logits)."""
+    _, hf = checkpoints["mixtral"]
+    old, new = tmp_path / "per_expert.gguf", tmp_path / "stacked.gguf"
+    write_moe_gguf(hf, old, q8_0=q8_0, per_expert=True)
+    write_moe_gguf(hf, new, q8_0=q8_0)
+    a, config = load_model(str(old), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="auto")
+    b, _ = load_model(str(new), "gguf", torch.float32, "cpu", TorchAttentionBackend(), quantization="auto")
+    assert config.architecture == "mixtral"
+    for ma, mb in zip([m for m in a.modules() if isinstance(m, MoEMLP)],
+                      [m for m in b.modules() if isinstance(m, MoEMLP)], strict=True):
+        assert all(x is y is None or torch.equal(x, y)
+                   for x, y in zip(ma.experts.tensors(), mb.experts.tensors(), strict=True))
+    if not q8_0:
+        ids = prompts(1, seed=8, lo=16, hi=16)[0]
+        ours = _all_logits(a, PagedKVCache(config, num_blocks=32, block_size=4), [(0, ids)])[0]
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].float()
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_q8_0_gguf_moe_keeps_blocks_packed_and_experts_dense(checkpoints, tmp_path):

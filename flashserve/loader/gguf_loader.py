@@ -62,6 +62,8 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# llama.cpp's first Mixtral files (before the stacked ``ffn_*_exps``): one tensor per expert
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 
 
 # The last file opened, keyed by (path, size, mtime): a load reads the directory twice (config,
@@ -105,6 +107,9 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     m = _LAYER_RE.match(gguf_name)
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
+    m = _EXPERT_RE.match(gguf_name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     return None
 
 
