@@ -20,8 +20,8 @@
 #                                          # Qwen3-30B-A3B and Mixtral-8x7B (~12 min)
 #   bash benchmarks/gpu_suite.sh attn      # windowed / Quest attention: kernel tests at full size, decode attention
 #                                          # and end-to-end tok/s at 32k (Llama-3.1-8B shapes) against full attention
-#   bash benchmarks/gpu_suite.sh spec      # speculative decoding (docs/decoding.md): GPU tests, verification cost
-#                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2
+#   bash benchmarks/gpu_suite.sh spec [gemma GGUF]  # speculative decoding (docs/decoding.md): GPU tests, verification cost
+#                                          # curve (Llama-3.1-8B shapes), train-heads, methods on SmolLM2 (or on Gemma 3)
 #   bash benchmarks/gpu_suite.sh dist      # distributed: NCCL tests (2+ GPUs), process boundary at world size 1
 #   bash benchmarks/gpu_suite.sh disagg    # disaggregated prefill/decode on one GPU: tokens, KV hand-off per block,
 #                                          # TTFT/TPOT against the colocated engine (Llama-3.1-8B dummy weights)
@@ -158,6 +158,22 @@ case "${1:-}" in
       tests/kernels/test_attention_sparse_kinds.py tests/kernels/test_attention_request_option_kernels.py \
       tests/test_attention_gpu.py
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
+    ;;
+  spec)  # speculative decoding (docs/decoding.md): tests, cost curve, heads trained here, per-method table;
+         # `spec gemma GGUF`: the method table on the Gemma 3 270M GGUF (needs transformers >= 5.24 for its tokenizer)
+    if [ "${2:-}" = gemma ]; then
+      g=${3:?"usage: $0 spec gemma GGUF"}
+      stage spec-gemma3 300 $fs bench decoding --model "$g" --methods ngram,ngram-tree,layers --batch-sizes 1,16 \
+        --num-prompts 16 --batch1-prompts 4 --new-tokens 96 --output-json "$out/spec-gemma3.json"
+    else
+      stage spec-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_spec_gpu.py tests/kernels/test_tree_attention.py
+      stage spec-cost-llama8b 120 $fs bench decoding --cost-curve --model llama-3.1-8b --load-format dummy \
+        --output-json "$out/spec-cost-llama8b.json"
+      stage spec-train-heads 150 $fs train-heads --num-prompts 64 --max-tokens 128 --epochs 3 \
+        --output "$out/smollm2-heads.safetensors"
+      stage spec-smollm2 240 $fs bench decoding --methods ngram,layers-tree,heads,heads-tree \
+        --heads "$out/smollm2-heads.safetensors" --output-json "$out/spec-smollm2.json"
+    fi
     ;;
   disagg)  # docs/distributed.md: disaggregated prefill/decode, two processes on one GPU (~2.5 min): tokens against
            # one GPU, then KV hand-off time per block at Llama-3.1-8B shapes (host-staged gloo on one GPU, NCCL
