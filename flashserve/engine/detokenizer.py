@@ -6,7 +6,8 @@ starts a few tokens back (``prefix_offset``), and emits only what the window add
 that was already emitted (``read_offset``); a window ending in U+FFFD is an incomplete character
 and waits for more tokens. With a fast tokenizer that rule runs inside the tokenizers library
 (``tokenizers.decoders.DecodeStream``, one call per token: about 0.5 us against two 3 us
-``decode`` calls, which at 256 running sequences was most of the engine's per-step host time);
+``decode`` calls; with 256 running sequences on a 2-core CPU the outputs phase of a step went from
+3.4 to 2.4 ms);
 other tokenizers run it here. Stop strings are searched in the newly emitted text plus just enough
 of the old text to catch a string spanning tokens; the stop string itself is not returned.
 """
