@@ -9,14 +9,16 @@ import pytest
 
 
 def assert_killed_process_is_named(engine, proc, match: str, down: str, steps: int = 40) -> None:
-    """SIGKILL ``proc``: within 20 s of stepping, an error matching ``match``; then every step
-    raises ``down``."""
+    """SIGKILL ``proc``: within 60 s of stepping, an error matching ``match``; then every step
+    raises ``down``. (Well below the 300 s a silent rank is given, so the error comes from the dead
+    connection, not a timeout; a 20 s bound failed once on a 2-core CI machine, with the right
+    error.)"""
     os.kill(proc.pid, signal.SIGKILL)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=match):
         for _ in range(steps):
             engine.step()
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 60
     with pytest.raises(RuntimeError, match=down):
         engine.step()
 
