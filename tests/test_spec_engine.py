@@ -89,12 +89,14 @@ MODES = {
 }
 
 
-def _spec(method, tiny, heads_file, **extra):
+def spec_config(method, draft, heads_file, num_layers=1, **extra):
+    """A test's ``speculative_config`` for ``method``: k = 4 (heads: 3, or 6 nodes in a tree), the
+    off-switch off; ``draft``: the draft model folder, ``num_layers``: the ``layers`` draft's depth."""
     cfg = {"method": method, "num_speculative_tokens": 4, "disable_by_cost": False, **extra}
     if method == "draft":
-        cfg["model"] = tiny
+        cfg["model"] = draft
     if method == "layers":
-        cfg["num_layers"] = 1
+        cfg["num_layers"] = num_layers
     if method == "heads":
         cfg["heads"] = heads_file
         cfg["num_speculative_tokens"] = 3 if extra.get("tree_width", 1) == 1 else 6
@@ -118,7 +120,7 @@ def references(tiny):
 @pytest.mark.parametrize("method,width,mode", CASES, ids=[f"{m}-w{w}-{mode}" for m, w, mode in CASES])
 def test_greedy_outputs_identical(tiny, heads_file, references, method, width, mode):
     ref_tokens, ref_lps, ref_stats, _ = references[mode]
-    got, lps, stats, llm = run(tiny, _spec(method, tiny, heads_file, tree_width=width), **MODES[mode])
+    got, lps, stats, llm = run(tiny, spec_config(method, tiny, heads_file, tree_width=width), **MODES[mode])
     assert got == ref_tokens
     assert lps == pytest.approx(ref_lps, abs=1e-4)
     assert stats.spec.num_steps > 0 and stats.spec.num_draft_tokens > 0
@@ -135,7 +137,7 @@ def test_draft_equal_to_target_accepts_everything(tiny, heads_file):
     are the target's own tokens, so every one is accepted."""
     prompts, _ = workload()
     params = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
-    llm = LLM(model=tiny, **BASE, speculative_config=_spec("draft", tiny, heads_file), kv_cache_bytes=1 << 22)
+    llm = LLM(model=tiny, **BASE, speculative_config=spec_config("draft", tiny, heads_file), kv_cache_bytes=1 << 22)
     got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     ref = [o.token_ids for o in LLM(model=tiny, **BASE).generate(prompts, params, use_tqdm=False)]
     assert got == ref
@@ -145,7 +147,7 @@ def test_draft_equal_to_target_accepts_everything(tiny, heads_file):
 
 
 def test_worker_in_another_process(tiny, heads_file, references):
-    got, _, stats, _ = run(tiny, _spec("ngram", tiny, heads_file, tree_width=2), executor="process", **MODES["swap"])
+    got, _, stats, _ = run(tiny, spec_config("ngram", tiny, heads_file, tree_width=2), executor="process", **MODES["swap"])
     assert got == references["swap"][0]
     assert stats.spec.num_accepted_tokens > 0
 
@@ -173,7 +175,7 @@ def test_sampling_with_speculation_runs_and_is_seeded(tiny, heads_file):
     p = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.2, seed=7,
                        max_tokens=24, ignore_eos=True, logprobs=1)
     for method in ("draft", "ngram"):
-        spec = _spec(method, tiny, heads_file)
+        spec = spec_config(method, tiny, heads_file)
         a = LLM(model=tiny, **BASE, speculative_config=spec).generate(prompts, p, use_tqdm=False)
         b = LLM(model=tiny, **BASE, speculative_config=spec).generate(prompts, p, use_tqdm=False)
         assert [o.token_ids for o in a] == [o.token_ids for o in b]

@@ -30,6 +30,7 @@ from flashserve.layers.attention import TorchAttentionBackend, get_attention_bac
 from flashserve.layers.attention_metadata import forward_context
 from flashserve.loader import load_model
 from flashserve.spec.tree import TokenTree
+from test_spec_engine import spec_config, train_small_heads
 
 TREE = TokenTree((0, 11, 12, 13, 14, 15, 16, 17, 18), (-1, 0, 0, 1, 1, 2, 3, 3, 5))  # depths up to 3
 SLIDING = AttentionSpec("sliding", sliding_window=8)
@@ -235,8 +236,6 @@ MODES = {
 @pytest.fixture(scope="module")
 def heads_file(gemma, tmp_path_factory):
     """Heads trained on the tiny Gemma 3's own generations (teacher-forced through every group)."""
-    from test_spec_engine import train_small_heads
-
     return train_small_heads(gemma, tmp_path_factory.mktemp("gemma3_heads"), num_prompts=10, max_tokens=24, epochs=4,
                              min_top1=0.2)
 
@@ -244,18 +243,6 @@ def heads_file(gemma, tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(gemma):
     return {mode: run(gemma, **kw) for mode, kw in MODES.items()}
-
-
-def _spec(method, width, gemma, other_gemma, heads_file):
-    cfg = {"method": method, "num_speculative_tokens": 4, "disable_by_cost": False, "tree_width": width}
-    if method == "draft":
-        cfg["model"] = other_gemma
-    if method == "layers":
-        cfg["num_layers"] = 2
-    if method == "heads":
-        cfg["heads"] = heads_file
-        cfg["num_speculative_tokens"] = 3 if width == 1 else 6
-    return cfg
 
 
 CASES = [
@@ -270,7 +257,8 @@ CASES = [
 @pytest.mark.parametrize("method,width,mode", CASES, ids=[f"{m}-w{w}-{mode}" for m, w, mode in CASES])
 def test_greedy_outputs_identical_on_gemma3(gemma, other_gemma, heads_file, references, method, width, mode):
     ref_tokens, ref_lps, _, _, ref_released = references[mode]
-    got, lps, stats, sched, released = run(gemma, _spec(method, width, gemma, other_gemma, heads_file), **MODES[mode])
+    spec = spec_config(method, other_gemma, heads_file, num_layers=2, tree_width=width)
+    got, lps, stats, sched, released = run(gemma, spec, **MODES[mode])
     assert ref_released and released  # the windows were exceeded: windowed groups released blocks
     assert got == ref_tokens
     assert lps == pytest.approx(ref_lps, abs=1e-4)
