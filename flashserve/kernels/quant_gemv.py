@@ -20,9 +20,13 @@ an H200 went from 216.5 to 260.7 tok/s in int4 (265.4 with the split below) and 
 (docs/quantization.md). fp8 keeps Triton's conversion: a bit-level decoding measured slower.
 
 Long rows (K >= 8192, e.g. the down projection) and, for int4, rows too few to give every SM
-several programs split K over programs that add their partial sums into an fp32 row with atomics
-(a zero fill before and one cast after). Shapes the fixed tiles do not divide return ``None`` and
-the caller uses the flat GEMM.
+several programs split K over programs. Each writes its fp32 partial sums to a workspace and counts
+itself in, per row block, with an atomic; the last one to arrive adds the partials in split order,
+stores the output rows and resets the counter for the next call. So a split product is one launch
+(no zero fill before it nor cast after it, which cost two more small kernels per product) and its
+sums are deterministic. The counters are one zeroed buffer per device, reused by every call: split
+products on one device must not run concurrently on two streams. Shapes the fixed tiles do not
+divide return ``None`` and the caller uses the flat GEMM.
 """
 
 from __future__ import annotations
@@ -39,13 +43,32 @@ TWO_23 = tl.constexpr(8388608.0)  # the float whose low mantissa bits an OR-ed i
 
 
 @triton.jit
+def _store_rows(acc, rows, out_ptr, ws_ptr, count_ptr, N, SPLIT: tl.constexpr):
+    """Store the rows' sums; with a split K, the last program of the row block adds the partials."""
+    if SPLIT == 1:
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(ws_ptr + tl.program_id(1) * N + rows, acc)
+        tl.debug_barrier()  # every thread's partials are written before the count is released
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros_like(acc)
+            for i in tl.static_range(SPLIT):
+                total += tl.load(ws_ptr + i * N + rows, cache_modifier=".cg")
+            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed")
+
+
+@triton.jit
 def _gemv_byte_kernel(
     x_ptr,  # [K] activations
     w_ptr,  # uint8 view of int8 or fp8 e4m3 [N, K]
     s_ptr,  # fp32 [N] per-channel scales
-    out_ptr,  # [N] in x's dtype, or fp32 zeros when ATOMIC
-    K, k_per_split,
-    FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    out_ptr,  # [N] in x's dtype
+    ws_ptr,  # fp32 [SPLIT, N] partial sums (when SPLIT > 1)
+    count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
+    N, K, k_per_split,
+    FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
@@ -59,11 +82,7 @@ def _gemv_byte_kernel(
             w = (w.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - (TWO_23 + 128.0)
         x = tl.load(x_ptr + k0 + cols).to(tl.float32)  # [BLOCK_K]
         acc += tl.sum(w * x[None, :], axis=1)
-    acc = acc * tl.load(s_ptr + rows)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, acc, sem="relaxed")
-    else:
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
+    _store_rows(acc * tl.load(s_ptr + rows), rows, out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
 @triton.jit
@@ -72,10 +91,12 @@ def _gemv_int4_kernel(
     w_ptr,  # uint8 [N, K / 2]: column 2j in the low nibble of byte j
     s_ptr,  # fp32 [N, NUM_GROUPS]
     z_ptr,  # fp32 [N, NUM_GROUPS] zeros, or a dummy
-    out_ptr,  # [N] in x's dtype, or fp32 zeros when ATOMIC
-    K, NUM_GROUPS, k_per_split,
+    out_ptr,  # [N] in x's dtype
+    ws_ptr,  # fp32 [SPLIT, N] partial sums (when SPLIT > 1)
+    count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
+    N, K, NUM_GROUPS, k_per_split,
     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_K // 2
     TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP  # >= 1: the config keeps BLOCK_K a multiple of GROUP
@@ -99,10 +120,7 @@ def _gemv_int4_kernel(
         if HAS_ZERO:
             off += tl.load(z_ptr + g_off)
         acc += tl.sum(s * ux + off * xs[None, :], axis=1)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, acc, sem="relaxed")
-    else:
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
+    _store_rows(acc, rows, out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
 class GemvConfig(NamedTuple):
@@ -141,6 +159,21 @@ def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | N
     return GemvConfig(block_n, block_k, split, warps, 3)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: CUDA graphs may still point at them
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's zeroed arrival counters, at least ``n`` of them (each split launch leaves its
+    counters at zero again)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf
+
+
 def wq_gemv(
     x: torch.Tensor,  # [1, K]
     w: torch.Tensor,
@@ -159,20 +192,22 @@ def wq_gemv(
         return None
     if x.stride(1) != 1:
         x = x.contiguous()
-    atomic = cfg.split_k > 1
-    out = torch.zeros(n, dtype=torch.float32, device=x.device) if atomic else torch.empty(n, dtype=x.dtype, device=x.device)
-    grid = (n // cfg.block_n, cfg.split_k)
-    k_per_split = k // cfg.split_k
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    split = cfg.split_k
+    ws = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    count = _counters(x.device, n // cfg.block_n) if split > 1 else out
+    grid = (n // cfg.block_n, split)
+    k_per_split = k // split
     if fmt == 1:
         _gemv_int4_kernel[grid](
-            x, w, scales, zeros if zeros is not None else scales, out, k, k // group, k_per_split,
-            GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
+            x, w, scales, zeros if zeros is not None else scales, out, ws, count, n, k, k // group, k_per_split,
+            GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         _gemv_byte_kernel[grid](
-            x, w.view(torch.uint8), scales, out, k, k_per_split,
-            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
+            x, w.view(torch.uint8), scales, out, ws, count, n, k, k_per_split,
+            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return (out.to(x.dtype) if atomic else out).view(1, n)
+    return out.view(1, n)

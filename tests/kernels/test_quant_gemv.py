@@ -70,6 +70,22 @@ def test_fixed_config_and_flat_gemm_agree(device):
         torch.testing.assert_close(wq_gemv(x, q, s, z, fmt, group), wq_matmul(x, q, s, z, fmt, group), rtol=1e-4, atol=1e-4)
 
 
+def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
+    """A split product, called again and again on new inputs, stays right (the last program of each
+    row block left its counter at zero) and gives the same bits for the same input."""
+    from flashserve.kernels.quant_gemv import _COUNTERS
+    torch.manual_seed(1)
+    n, k, group = 64, 512, 64
+    q, s, z, dense = _weights(FMT_INT4, torch.randn(n, k) * 0.05, group, True, device)
+    cfg = GemvConfig(16, 64, 4, 4, 1)
+    for _ in range(3):
+        x = torch.randn(1, k, device=device)
+        out = wq_gemv(x, q, s, z, FMT_INT4, group, cfg)
+        torch.testing.assert_close(out, x @ dense.to(device).t(), rtol=1e-4, atol=1e-4)
+        assert torch.equal(wq_gemv(x, q, s, z, FMT_INT4, group, cfg), out)
+        assert int(_COUNTERS[torch.device(device)].abs().sum()) == 0
+
+
 def test_declines_shapes_the_tiles_do_not_divide():
     assert gemv_config(40, 512, False, 0) is None  # N not a multiple of 32
     assert gemv_config(64, 300, False, 0) is None  # ragged K
