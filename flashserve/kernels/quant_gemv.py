@@ -12,12 +12,19 @@ along K, so the per-weight work is the conversion and one multiply-add:
   multiply-add per group and row instead of three operations per weight.
 
 Integers become floats without conversion instructions (which run at a fraction of the fp32
-rate): an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` is the float ``2^23 + u``,
-so one bitwise operation and one subtraction give it exactly: int8 ``q`` as ``byte ^ 0x80 = q +
-128``, int4 nibbles as they are. With it (and the tiles below), batch-1 decode of Llama-3.1-8B on
-an H200 went from 216.5 to 260.7 tok/s in int4 (265.4 with the split below) and from 278.4 to
-318.1 in int8
-(docs/quantization.md). fp8 keeps Triton's conversion: a bit-level decoding measured slower.
+rate). int8: an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` is the float
+``2^23 + u``, so ``byte ^ 0x80 = q + 128`` becomes ``q`` with one bitwise operation and one
+subtraction (batch-1 Llama-3.1-8B on an H200: int8 278.4 -> 318.1 tok/s, docs/quantization.md).
+fp8 keeps Triton's conversion: a bit-level decoding measured slower.
+
+int4 is bound by this per-weight work, not by its bytes (a kernel that only loads and adds the
+bytes ran 2.3x faster on the H200), so it does the least per nibble: weights are read as int32
+words of 8 nibbles, and nibble i is shifted to mantissa bits 19-22 and OR-ed into the bits of 1.0,
+which makes the float ``1 + u / 16`` exactly (a shift and a bitwise operation). Its product with a
+bf16 x is exact in fp32 and no subtraction is needed: ``sum(u * x) = 16 * (sum((1 + u / 16) * x) -
+sum(x))``, once per group. One group per step, the next group's words loaded before this one's
+work. Llama-3.1-8B batch-1 int4 g128: 271.3 -> 298.0 tok/s against the byte-wise kernel (two
+nibbles per byte, each as ``2^23 + u`` less ``2^23``) in the same job.
 
 Long rows (K >= 8192, e.g. the down projection) and, for int4, rows too few to give every SM
 several programs split K over programs. Each writes its fp32 partial sums to a workspace and counts
@@ -88,38 +95,45 @@ def _gemv_byte_kernel(
 @triton.jit
 def _gemv_int4_kernel(
     x_ptr,  # [K] activations
-    w_ptr,  # uint8 [N, K / 2]: column 2j in the low nibble of byte j
+    w_ptr,  # int32 view of the uint8 [N, K / 2] nibbles: word m holds columns 8m..8m+7, column 8m + i in bits 4i..4i+3
     s_ptr,  # fp32 [N, NUM_GROUPS]
     z_ptr,  # fp32 [N, NUM_GROUPS] zeros, or a dummy
     out_ptr,  # [N] in x's dtype
     ws_ptr,  # fp32 [SPLIT, N] partial sums (when SPLIT > 1)
     count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
     N, K, NUM_GROUPS, k_per_split,
-    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    HALF: tl.constexpr = BLOCK_K // 2
-    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP  # >= 1: the config keeps BLOCK_K a multiple of GROUP
+    WORDS: tl.constexpr = GROUP // 8  # one group per step
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    j = tl.arange(0, HALF)
-    g = tl.arange(0, TILE_GROUPS)
+    m = tl.arange(0, WORDS)
     k_lo = tl.program_id(1) * k_per_split
+    k_last = k_lo + k_per_split - GROUP
+    words = w_ptr + rows[:, None] * (K // 8) + m[None, :]
+    w = tl.load(words + k_lo // 8)  # [BLOCK_N, WORDS]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-        b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]).to(tl.int32)  # [BLOCK_N, HALF]
-        xe = tl.load(x_ptr + k0 + 2 * j).to(tl.float32)  # even columns [HALF]
-        xo = tl.load(x_ptr + k0 + 2 * j + 1).to(tl.float32)  # odd columns
-        lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - TWO_23  # the nibbles u, exactly
-        hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - TWO_23
-        p = lo * xe[None, :] + hi * xo[None, :]
-        ux = tl.sum(tl.reshape(p, [BLOCK_N, TILE_GROUPS, GROUP // 2]), axis=2)  # sum(u * x) per group
-        xs = tl.sum(tl.reshape(xe + xo, [TILE_GROUPS, GROUP // 2]), axis=1)  # sum(x) per group
-        g_off = rows[:, None] * NUM_GROUPS + (k0 // GROUP + g)[None, :]  # [BLOCK_N, TILE_GROUPS]
+    for k0 in range(k_lo, k_lo + k_per_split, GROUP):
+        w_next = tl.load(words + tl.minimum(k0 + GROUP, k_last) // 8)  # in flight during this group's work
+        fx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        xs = tl.zeros([WORDS], dtype=tl.float32)
+        for i in tl.static_range(8):  # nibble i to mantissa bits 19-22 of 1.0: the float 1 + u / 16
+            if 4 * i >= 19:
+                t = w >> (4 * i - 19)
+            else:
+                t = w << (19 - 4 * i)
+            f = ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            x = tl.load(x_ptr + k0 + 8 * m + i).to(tl.float32)
+            fx += f * x[None, :]
+            xs += x
+        x_sum = tl.sum(xs, axis=0)
+        ux = 16.0 * (tl.sum(fx, axis=1) - x_sum)  # sum(u * x) over the group
+        g_off = rows * NUM_GROUPS + k0 // GROUP
         s = tl.load(s_ptr + g_off)
         off = -8.0 * s
         if HAS_ZERO:
             off += tl.load(z_ptr + g_off)
-        acc += tl.sum(s * ux + off * xs[None, :], axis=1)
+        acc += s * ux + off * x_sum
+        w = w_next
     _store_rows(acc, rows, out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
@@ -132,20 +146,23 @@ class GemvConfig(NamedTuple):
 
 
 LONG_ROW = 8192  # K from which byte rows are split over several programs
+INT4_ROWS, INT4_WARPS = 128, 8  # int4 programs: rows (and one group of columns per step), warps
 
 
 def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | None = None) -> GemvConfig | None:
     """The fixed tile for one shape, or None when the tiles do not divide it. Chosen on an H200 by
     batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8 / fp8 stream 16 rows x 512 columns
     per step and split long rows (64 x 256 tiles) until there are two programs per SM, which
-    took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only; int4 takes 32
-    rows x 256 columns and splits K (up to 8 ways) until there are four programs per SM: 265.4
-    tok/s against 262.0 up to 4 ways, 238.0 for long rows only, 183.9 never."""
+    took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only; int4 takes 128
+    rows x one group per step (8 warps) and splits K (up to 8 ways) until there are four programs
+    per SM (see the int4 kernel for its measurements); rows that 128 does not divide take 64, 32 or
+    16 per program."""
     split = 1
     if int4:
-        if group < 2 or group & (group - 1):
+        if group < 8 or group & (group - 1):
             return None
-        block_n, block_k, warps = 32, max(256, group), 4
+        block_n = next((r for r in (INT4_ROWS, 64, 32, 16) if n % r == 0), INT4_ROWS)
+        block_k, warps = group, INT4_WARPS if block_n == INT4_ROWS else 4
         while split < 8 and n // block_n * split < 4 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
     elif k >= LONG_ROW:
@@ -200,8 +217,8 @@ def wq_gemv(
     k_per_split = k // split
     if fmt == 1:
         _gemv_int4_kernel[grid](
-            x, w, scales, zeros if zeros is not None else scales, out, ws, count, n, k, k // group, k_per_split,
-            GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split,
+            x, w.view(torch.int32), scales, zeros if zeros is not None else scales, out, ws, count, n, k, k // group,
+            k_per_split, GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, SPLIT=split,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

@@ -16,9 +16,10 @@ CASES = [  # (fmt, N, K, group, zero_point, config)
     (FMT_INT8, 64, 256, 0, False, GemvConfig(16, 64, 1, 4, 1)),
     (FMT_INT8, 32, 512, 0, False, GemvConfig(16, 128, 2, 4, 1)),  # split K, atomics
     (FMT_FP8, 48, 256, 0, False, GemvConfig(16, 128, 1, 4, 1)),
-    (FMT_INT4, 32, 256, 32, False, GemvConfig(16, 128, 1, 4, 1)),  # four groups per tile
-    (FMT_INT4, 32, 512, 64, True, GemvConfig(16, 128, 2, 4, 1)),  # zero points, split K
-    (FMT_INT4, 16, 512, 128, True, GemvConfig(16, 256, 1, 4, 1)),
+    (FMT_INT4, 32, 256, 32, False, GemvConfig(16, 32, 1, 4, 1)),
+    (FMT_INT4, 32, 512, 64, True, GemvConfig(16, 64, 2, 4, 1)),  # zero points, split K
+    (FMT_INT4, 16, 512, 128, True, GemvConfig(16, 128, 1, 4, 1)),
+    (FMT_INT4, 32, 64, 8, False, GemvConfig(32, 8, 1, 4, 1)),  # one word per group
 ]
 
 
@@ -77,13 +78,13 @@ def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
     torch.manual_seed(1)
     n, k, group = 64, 512, 64
     q, s, z, dense = _weights(FMT_INT4, torch.randn(n, k) * 0.05, group, True, device)
-    cfg = GemvConfig(16, 64, 4, 4, 1)
+    cfg = GemvConfig(16, group, 4, 4, 1)
     for _ in range(3):
         x = torch.randn(1, k, device=device)
         out = wq_gemv(x, q, s, z, FMT_INT4, group, cfg)
         torch.testing.assert_close(out, x @ dense.to(device).t(), rtol=1e-4, atol=1e-4)
         assert torch.equal(wq_gemv(x, q, s, z, FMT_INT4, group, cfg), out)
-        assert int(_COUNTERS[torch.device(device)].abs().sum()) == 0
+        assert int(_COUNTERS[x.device].abs().sum()) == 0
 
 
 def test_declines_shapes_the_tiles_do_not_divide():
