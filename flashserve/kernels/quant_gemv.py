@@ -31,8 +31,8 @@ several programs split K over programs. Each writes its fp32 partial sums to a w
 itself in, per row block, with an atomic; the last one to arrive adds the partials in split order,
 stores the output rows and resets the counter for the next call. So a split product is one launch
 (no zero fill before it nor cast after it, which cost two more small kernels per product) and its
-sums are deterministic. The counters are one zeroed buffer per device, reused by every call: split
-products on one device must not run concurrently on two streams. Shapes the fixed tiles do not
+sums are deterministic (``utils.arrival_counters``: one buffer per device, so split products must
+not run on two streams at once). Shapes the fixed tiles do not
 divide return ``None`` and the caller uses the flat GEMM.
 """
 
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels.utils import num_sms
+from flashserve.kernels.utils import arrival_counters, num_sms
 
 TWO_23 = tl.constexpr(8388608.0)  # the float whose low mantissa bits an OR-ed integer becomes
 
@@ -176,21 +176,6 @@ def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | N
     return GemvConfig(block_n, block_k, split, warps, 3)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: CUDA graphs may still point at them
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's zeroed arrival counters, at least ``n`` of them (each split launch leaves its
-    counters at zero again)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return buf
-
-
 def wq_gemv(
     x: torch.Tensor,  # [1, K]
     w: torch.Tensor,
@@ -212,7 +197,7 @@ def wq_gemv(
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     split = cfg.split_k
     ws = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    count = _counters(x.device, n // cfg.block_n) if split > 1 else out
+    count = arrival_counters(x.device, n // cfg.block_n) if split > 1 else out
     grid = (n // cfg.block_n, split)
     k_per_split = k // split
     if fmt == 1:

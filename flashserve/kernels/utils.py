@@ -39,3 +39,20 @@ def num_sms(device: torch.device | str | None = None) -> int:
 def dot_ieee(dtype: torch.dtype) -> bool:
     """Whether tl.dot must run in full fp32 precision (fp32 inputs: no TF32 rounding)."""
     return dtype == torch.float32
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: CUDA graphs may still point at them
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's zeroed int32 arrival counters, at least ``n`` of them, for kernels whose last
+    program of a group finishes the group's work (the split-K GEMV): each such launch leaves its
+    counters at zero again, so one buffer serves every launch on the device's stream (not two
+    streams at once)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf

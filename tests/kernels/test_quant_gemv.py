@@ -74,7 +74,7 @@ def test_fixed_config_and_flat_gemm_agree(device):
 def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
     """A split product, called again and again on new inputs, stays right (the last program of each
     row block left its counter at zero) and gives the same bits for the same input."""
-    from flashserve.kernels.quant_gemv import _COUNTERS
+    from flashserve.kernels.utils import _COUNTERS
     torch.manual_seed(1)
     n, k, group = 64, 512, 64
     q, s, z, dense = _weights(FMT_INT4, torch.randn(n, k) * 0.05, group, True, device)
