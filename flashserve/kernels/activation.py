@@ -6,14 +6,18 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
+
 
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr,  # [N, 2I]
     out_ptr,  # [N, I]
     stride_x, stride_o, inter,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -40,6 +44,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(n, triton.cdiv(inter, block))](
         x2, out2, x2.stride(0), out2.stride(0), inter,
-        BLOCK=block, num_warps=4 if block >= 512 else 1,
+        BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl.launch_args(x2.device),
     )
     return out

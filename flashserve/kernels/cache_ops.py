@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import kv_quant
+from flashserve.kernels import kv_quant, pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.kv_quant import QMAX, is_quantized, kv_scales
 from flashserve.kernels.utils import next_power_of_2
 
@@ -59,9 +60,10 @@ def _store_kv_kernel(
     stride_sb, stride_sh,  # scale strides (block, head; offset stride 1), shared by K and V
     num_heads, head_dim, block_size,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per new token: copies (or quantizes) its [H, D] key and value tile.
+    wait_for_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -117,5 +119,5 @@ def store_kv(
         num_heads, head_dim, k_cache.shape[1],
         BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
         QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
-        num_warps=4 if num_heads * head_dim >= 2048 else 1,
+        num_warps=4 if num_heads * head_dim >= 2048 else 1, **pdl.launch_args(k.device),
     )

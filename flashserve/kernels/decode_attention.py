@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels._paged_common import (
     LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, window_tiles,
 )
@@ -86,7 +88,9 @@ def _decode_split_kernel(
     MODE: tl.constexpr,
     HI_MARGIN: tl.constexpr, LO_MARGIN: tl.constexpr,
     WINDOW: tl.constexpr,  # sliding window (+ dilation, sinks): visit only the tiles it reaches
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -194,8 +198,9 @@ def _decode_reduce_kernel(
     stride_mlt, stride_mlh,
     stride_ot, stride_oh, stride_od,
     head_dim, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -360,7 +365,7 @@ def paged_decode_attention(
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
             QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo, WINDOW=window is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(q.device),
         )
 
     if use_unified:
@@ -377,7 +382,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1), out.stride(2),
             head_dim, num_splits,
             BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4 if block_d >= 128 else 1,
+            num_warps=4 if block_d >= 128 else 1, **pdl.launch_args(q.device),
         )
     if return_fallback_flags:
         return out, (flags if use_unified else None)

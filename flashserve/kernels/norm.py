@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.utils import next_power_of_2
 
 
@@ -22,8 +24,9 @@ def _rms_norm_kernel(
     out_ptr,  # [N, H] normalised output (may alias x_ptr)
     stride_x, stride_r, stride_o,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < hidden
@@ -55,7 +58,7 @@ def _launch(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, o
         x2.stride(0), (res2 if res2 is not None else x2).stride(0), out2.stride(0),
         hidden, eps,
         HAS_RESIDUAL=res2 is not None, BLOCK_H=block,
-        num_warps=min(16, max(1, block // 512)),
+        num_warps=min(16, max(1, block // 512)), **pdl.launch_args(x2.device),
     )
 
 

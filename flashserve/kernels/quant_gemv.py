@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.utils import arrival_counters, num_sms
 
 TWO_23 = tl.constexpr(8388608.0)  # the float whose low mantissa bits an OR-ed integer becomes
@@ -75,8 +77,9 @@ def _gemv_byte_kernel(
     ws_ptr,  # fp32 [SPLIT, N] partial sums (when SPLIT > 1)
     count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
     N, K, k_per_split,
-    FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     k_lo = tl.program_id(1) * k_per_split
@@ -102,8 +105,9 @@ def _gemv_int4_kernel(
     ws_ptr,  # fp32 [SPLIT, N] partial sums (when SPLIT > 1)
     count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
     N, K, NUM_GROUPS, k_per_split,
-    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     WORDS: tl.constexpr = GROUP // 8  # one group per step
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m = tl.arange(0, WORDS)
@@ -204,12 +208,12 @@ def wq_gemv(
         _gemv_int4_kernel[grid](
             x, w.view(torch.int32), scales, zeros if zeros is not None else scales, out, ws, count, n, k, k // group,
             k_per_split, GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, SPLIT=split,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device),
         )
     else:
         _gemv_byte_kernel[grid](
             x, w.view(torch.uint8), scales, out, ws, count, n, k, k_per_split,
             FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device),
         )
     return out.view(1, n)

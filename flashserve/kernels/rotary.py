@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.utils import next_power_of_2
 
 
@@ -40,8 +42,9 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
     num_q_heads, num_k_heads, half,
     HAS_K: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
@@ -84,6 +87,6 @@ def rotary_embedding(
         hq, hk, half,
         HAS_K=k is not None,
         BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), BLOCK_R=next_power_of_2(half),
-        num_warps=4 if hq * half >= 1024 else 1,
+        num_warps=4 if hq * half >= 1024 else 1, **pdl.launch_args(q.device),
     )
     return q, k
