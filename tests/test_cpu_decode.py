@@ -58,15 +58,17 @@ def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch,
 
 def test_a_swapped_product_sends_the_layer_to_its_general_forward(tmp_path):
     model, config = _load(tmp_path, "llama3_gqa")
+    packed, _ = _run(model, config, consecutive=False)
     use_cpu_decode_layers(model)
-    for part in model.modules():  # dense torch ops of the same arithmetic (what tests swap in)
+    for part in model.modules():  # other products swapped in (tests swap in ``reference``): fp32 x
         if isinstance(part, Int4Weight):
-            part.forward = part.reference
+            part.forward = lambda x, part=part: x @ part.dequantize().t()
     got, _ = _run(model, config, consecutive=False)
     for layer in model.model.layers:
-        del layer.forward  # the general layer, the reference products still swapped in
+        del layer.forward  # the general layer, the same products swapped in
     want, _ = _run(model, config, consecutive=False)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(got[2], packed[2])  # the swapped products did run
 
 
 @pytest.mark.parametrize("arch,quantization", [

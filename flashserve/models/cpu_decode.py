@@ -86,7 +86,7 @@ class CpuDecodeLayer:
         self.qkv, self.o, self.gate_up, self.down = ((w.packed, w.group, w.scale_zeros) for w in parts)
         # A part whose forward is replaced later (tests swap in ``reference``) sends steps to the
         # general forward, which calls it.
-        self.part_forwards = [(w.__dict__, w.__dict__["forward"]) for w in parts]
+        self.part_forwards = [(w, w.forward) for w in parts]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.norm1, self.norm2 = (n1.weight, n1.eps), (n2.weight, n2.eps)
         self.hidden_shape = (n1.hidden_size,)
@@ -121,7 +121,7 @@ class CpuDecodeLayer:
         if (not meta.is_decode or meta.tree is not None or meta.seq_attention is not None or meta.verify_seqs
                 or kv_cache is None or rope.cos_full is None or hidden.dtype != torch.float32
                 or kv_cache[0].dtype != torch.float32 or kv_cache[0].numel() == 0
-                or any(d.get("forward") is not f for d, f in self.part_forwards)):
+                or any(w.forward is not f for w, f in self.part_forwards)):
             return self.general(rope, hidden, residual, kv_cache)
         contexts = decode_contexts(meta, kv_cache[0].shape[1])
         if contexts is None:
