@@ -4,7 +4,7 @@ At batch-1 decode on the CPU a step of SmolLM2-135M (GGUF kept packed, torch's i
 spent about as long on ~90 small ops and their Python frames per layer (module calls, norms,
 rope, casts around each product, the attention backend's per-sequence bookkeeping, K/V
 gathers) as on the layer's four int4 products. ``CpuDecodeLayer`` is a forward for such a layer
-that computes a decode step with the same arithmetic in ~30 ops:
+that computes a decode step with the same arithmetic in 25 computing ops (plus ~20 views):
 
 * the int4 products are called directly on bf16 activations (the op's only fast input), and their
   bf16 outputs are widened only where fp32 math follows (rope, the SiLU gate, the returned block
