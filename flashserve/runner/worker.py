@@ -138,6 +138,7 @@ class Worker:
                  eos_token_ids: tuple[int, ...]) -> None:
         from flashserve.layers.attention import get_attention_backend
         from flashserve.layers.fused import use_triton_ops
+        from flashserve.models.cpu_decode import use_cpu_decode_layers
         from flashserve.loader import default_model_path, load_model
         from flashserve.runner.host_weights import pack_weights_in_huge_pages
 
@@ -222,6 +223,8 @@ class Worker:
                 self.graphs = CudaGraphs(self.model, self.kv_caches, self.buffers, self.block_size, max_model_len,
                                          sched.max_num_seqs, config.max_mixed_graph_tokens)
                 self.graphs.capture()
+        else:  # int4 CPU layers: decode steps in few ops (flashserve.models.cpu_decode)
+            use_cpu_decode_layers(self.model)
         from flashserve.quant import stored_bytes
 
         weights = stored_bytes(self.model)  # quantized weights live in buffers

@@ -1,0 +1,170 @@
+"""Decode steps of a Llama-family decoder layer on the CPU in few torch ops, same bits.
+
+At batch-1 decode on the CPU a step of SmolLM2-135M (GGUF kept packed, torch's int4 kernel)
+spent about as long on ~90 small ops and their Python frames per layer (module calls, norms,
+rope, casts around each product, the attention backend's per-sequence bookkeeping, K/V
+gathers) as on the layer's four int4 products. ``CpuDecodeLayer`` is a forward for such a layer
+that computes a decode step with the same arithmetic in 25 computing ops (plus ~20 views):
+
+* the int4 products are called directly on bf16 activations (the op's only fast input), and their
+  bf16 outputs are widened only where fp32 math follows (rope, the SiLU gate, the returned block
+  output); a residual add takes the bf16 output as is (type promotion widens it exactly);
+* q and k are rotated without concatenating them (they are adjacent in the qkv output);
+* a sequence whose KV blocks are consecutive (the usual case; checked once per step) is attended
+  over a view of the cache instead of gathered copies of its keys and values;
+* each sequence's attention is the very SDPA call ``grouped_attention`` makes for one query.
+
+Every value equals the general forward's bit for bit (tests/test_cpu_decode.py), so greedy
+tokens, the exact speculative verification (``flashserve.layers.attention_rows``) and the
+agreement with the fp32 path are untouched. Other steps (prompts, chunks, speculative
+verification, token trees, per-request attention options), activations other than fp32 and 8-bit
+or empty KV caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every
+layer that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashserve.layers.attention import TorchAttentionBackend, context_slots
+from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
+from flashserve.layers.linear import Linear
+from flashserve.layers.rotary import RopeInputs
+from flashserve.models.blocks import GatedSiluMLP
+from flashserve.models.llama import KVCache, LlamaDecoderLayer
+from flashserve.quant.base import PackedLinearMethod
+from flashserve.quant.packed import Int4Weight
+
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_BF16 = torch.bfloat16
+_MEMO_KEY = "cpu_decode_context"
+
+
+def _int4_part(linear: Linear) -> Int4Weight | None:
+    """The weight of a linear layer that is one plain int4 CPU product (its forward the one chosen
+    at build, ``Int4Weight._cpu_forward``), else None."""
+    if linear.bias is not None or linear.parallel is not None or not isinstance(linear.quant_method, PackedLinearMethod):
+        return None
+    parts = linear.packed_parts
+    if len(parts) != 1 or type(parts[0]) is not Int4Weight:  # subclasses feed x differently (Q6_K)
+        return None
+    w = parts[0]
+    if w.planes != 1 or "forward" not in w.__dict__:  # no CPU build-time forward: permuted, padded or CUDA
+        return None
+    return w
+
+
+def decode_contexts(meta: AttentionMetadata, block_size: int) -> list[int | torch.Tensor] | None:
+    """Where each sequence's context lies in the flattened cache: the first slot of its tokens
+    when its blocks are consecutive, else the flat slots [S] to gather; None when a new token has
+    no slot (it must not be stored: the general path). Derived once per step (``meta.memo``)."""
+    if _MEMO_KEY not in meta.memo:
+        contexts: list[int | torch.Tensor] | None = None
+        if TorchAttentionBackend._valid_slots(meta) is None:
+            contexts = []
+            for i, seq_len in enumerate(meta.seq_lens_cpu):
+                blocks = meta.block_tables[i, : -(-seq_len // block_size)].tolist()
+                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                    contexts.append(blocks[0] * block_size)
+                else:
+                    contexts.append(context_slots(blocks, seq_len, block_size, meta.block_tables.device))
+        meta.memo[_MEMO_KEY] = contexts
+    return meta.memo[_MEMO_KEY]
+
+
+class CpuDecodeLayer:
+    """The forward of one ``LlamaDecoderLayer`` (installed as its ``forward``): decode steps in
+    few ops, every other step through the layer's general forward."""
+
+    def __init__(self, layer: LlamaDecoderLayer) -> None:
+        attn = layer.self_attn
+        self.general = layer.forward
+        self.attn = attn.attn  # its kv_group is set by the Worker after loading, read per step
+        parts = [_int4_part(lin) for lin in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        self.qkv, self.o, self.gate_up, self.down = ((w.packed, w.group, w.scale_zeros) for w in parts)
+        # A part whose forward is replaced later (tests swap in ``reference``) sends steps to the
+        # general forward, which calls it.
+        self.part_forwards = [(w, w.forward) for w in parts]
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.norm1, self.norm2 = (n1.weight, n1.eps), (n2.weight, n2.eps)
+        self.hidden_shape = (n1.hidden_size,)
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.qk_size = attn.q_size + attn.kv_size  # q then k in the qkv output, v after
+        self.scale = attn.attn.scale
+        self.intermediate = layer.mlp.down_proj.in_features
+
+    @staticmethod
+    def supports(layer: nn.Module) -> bool:
+        """A plain Llama-family layer (full attention on the torch backend, whole-head rope, no
+        q/k norms, SwiGLU MLP, PyTorch elementwise ops) whose four products are int4 CPU ones."""
+        if not isinstance(layer, LlamaDecoderLayer) or type(layer.mlp) is not GatedSiluMLP:
+            return False
+        attn = layer.self_attn
+        plain = (attn.q_norm is None and attn.attn.spec.kind == "full"
+                 and isinstance(attn.attn.backend, TorchAttentionBackend)
+                 and attn.rotary_emb.rotary_dim == attn.head_dim
+                 and not any(m.triton for m in (attn.rotary_emb, layer.input_layernorm,
+                                                layer.post_attention_layernorm, layer.mlp.act_fn)))
+        linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        return plain and all(_int4_part(lin) is not None for lin in linears)
+
+    def __call__(
+        self,
+        rope: RopeInputs,
+        hidden: torch.Tensor,  # [T, hidden]
+        residual: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = get_forward_context().for_group(self.attn.kv_group)
+        if (not meta.is_decode or meta.tree is not None or meta.seq_attention is not None or meta.verify_seqs
+                or kv_cache is None or rope.cos_full is None or hidden.dtype != torch.float32
+                or kv_cache[0].dtype != torch.float32 or kv_cache[0].numel() == 0
+                or any(w.forward is not f for w, f in self.part_forwards)):
+            return self.general(rope, hidden, residual, kv_cache)
+        contexts = decode_contexts(meta, kv_cache[0].shape[1])
+        if contexts is None:
+            return self.general(rope, hidden, residual, kv_cache)
+        return self._decode(rope, hidden, residual, kv_cache, meta, contexts)
+
+    def _decode(self, rope: RopeInputs, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache,
+                meta: AttentionMetadata, contexts: list[int | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = hidden.shape[0]  # one new token per sequence
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        residual = hidden if residual is None else hidden + residual  # [T, hidden] fp32
+        h = torch.rms_norm(residual, self.hidden_shape, *self.norm1)
+        qkv = _INT4_MM(h.to(_BF16), *self.qkv)  # [T, (H + 2 Hkv) D] bf16
+        # rope on q and k together: x * [cos, cos] + swap_halves(x) * [-sin, sin] (``rotate_q_k``)
+        x = qkv[:, : self.qk_size].float().view(T, H + Hkv, D)
+        x = x * rope.cos_full + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * rope.sin_signed
+        k_flat, v_flat = kv_cache[0].view(-1, Hkv, D), kv_cache[1].view(-1, Hkv, D)
+        k_flat.index_copy_(0, meta.slot_mapping, x[:, H:])
+        v_flat.index_copy_(0, meta.slot_mapping, qkv[:, self.qk_size :].view(T, Hkv, D).float())
+        outs = []
+        for i, (ctx, seq_len) in enumerate(zip(contexts, meta.seq_lens_cpu)):
+            if isinstance(ctx, int):  # consecutive blocks: the cache rows themselves
+                keys, values = k_flat[ctx : ctx + seq_len], v_flat[ctx : ctx + seq_len]
+            else:
+                keys, values = k_flat.index_select(0, ctx), v_flat.index_select(0, ctx)
+            q = x[i : i + 1, :H].view(1, Hkv, H // Hkv, D)  # the query heads sharing a kv head as rows
+            out = F.scaled_dot_product_attention(q, keys.transpose(0, 1).unsqueeze(0),
+                                                 values.transpose(0, 1).unsqueeze(0), scale=self.scale)
+            outs.append(out.view(1, H * D))
+        attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
+        residual = _INT4_MM(attn_out.to(_BF16), *self.o) + residual  # bf16 + fp32: the exact fp32 sum
+        h = torch.rms_norm(residual, self.hidden_shape, *self.norm2)
+        gate_up = _INT4_MM(h.to(_BF16), *self.gate_up).float()  # [T, 2 I]
+        act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
+        return _INT4_MM(act.to(_BF16), *self.down).float(), residual
+
+
+def use_cpu_decode_layers(model: nn.Module) -> int:
+    """Give every decoder layer of ``model`` that ``CpuDecodeLayer.supports`` that forward;
+    returns how many were switched. Call it once the weights are final (loaded and packed)."""
+    n = 0
+    for module in model.modules():
+        if CpuDecodeLayer.supports(module) and not isinstance(module.__dict__.get("forward"), CpuDecodeLayer):
+            module.forward = CpuDecodeLayer(module)
+            n += 1
+    return n

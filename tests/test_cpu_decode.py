@@ -1,0 +1,83 @@
+"""The CPU decode layer (``flashserve.models.cpu_decode``) computes what the general decoder layer
+computes, bit for bit: the logits and the KV cache of decode steps of one and of several
+sequences, over consecutive blocks (attended as a view of the cache) and scattered ones
+(gathered), on a tiny random int4 model; other steps and layers keep the general forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest_models import PagedKVCache, make_tiny_checkpoint
+from flashserve.layers.attention import TorchAttentionBackend
+from flashserve.loader import load_model
+from flashserve.models.cpu_decode import CpuDecodeLayer, use_cpu_decode_layers
+from flashserve.quant.packed import Int4Weight
+
+
+def _load(folder, arch: str, quantization: str = "int4-g32"):
+    make_tiny_checkpoint(arch, folder, seed=3)
+    return load_model(str(folder), "auto", torch.float32, torch.device("cpu"), TorchAttentionBackend(),
+                      quantization=quantization)
+
+
+def _run(model, config, consecutive: bool) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Prompts of two sequences, then decode steps of sequence 0 alone and of both (crossing block
+    boundaries); returns each step's logits and the final KV caches."""
+    cache = PagedKVCache(config, num_blocks=32, block_size=4)
+    if consecutive:  # one sequence, its blocks handed out in order: a view of the cache
+        cache._free = list(range(31, -1, -1))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (9, 6)]
+    steps = [cache.step(model, [(0, prompts[0])])]
+    for _ in range(4):
+        steps.append(cache.step(model, [(0, [int(steps[-1][0].argmax())])]))
+    if not consecutive:
+        steps.append(cache.step(model, [(1, prompts[1])]))
+        for _ in range(4):
+            steps.append(cache.step(model, [(0, [int(steps[-1][0].argmax())]), (1, [int(steps[-1][-1].argmax())])]))
+    return steps, cache.kv_caches
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+@pytest.mark.parametrize("arch", ["llama3_gqa", "llama_mha_tied"])
+def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, arch, consecutive):
+    model, config = _load(tmp_path, arch)
+    want_logits, want_kv = _run(model, config, consecutive)
+    assert use_cpu_decode_layers(model) == config.num_layers
+    assert use_cpu_decode_layers(model) == 0  # installed once
+    decoded = []
+    fast = CpuDecodeLayer._decode
+    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, *a: decoded.append(1) or fast(self, *a))
+    got_logits, got_kv = _run(model, config, consecutive)
+    assert len(decoded) == config.num_layers * (4 if consecutive else 8)  # prompts: the general forward
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+    assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
+    assert not torch.equal(want_logits[1], want_logits[2])  # real, changing outputs
+
+
+def test_a_swapped_product_sends_the_layer_to_its_general_forward(tmp_path):
+    model, config = _load(tmp_path, "llama3_gqa")
+    packed, _ = _run(model, config, consecutive=False)
+    use_cpu_decode_layers(model)
+    for part in model.modules():  # other products swapped in (tests swap in ``reference``): fp32 x
+        if isinstance(part, Int4Weight):
+            part.forward = lambda x, part=part: x @ part.dequantize().t()
+    got, _ = _run(model, config, consecutive=False)
+    for layer in model.model.layers:
+        del layer.forward  # the general layer, the same products swapped in
+    want, _ = _run(model, config, consecutive=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(got[2], packed[2])  # the swapped products did run
+
+
+@pytest.mark.parametrize("arch,quantization", [
+    ("qwen3_qknorm", "int4-g32"),  # q/k norms
+    ("qwen2_bias", "int4-g32"),  # q/k/v biases
+    ("mistral_swa", "int4-g32"),  # sliding-window attention
+    ("llama3_gqa", "int8"),  # another product
+    ("llama3_gqa", "none"),  # dense weights
+])
+def test_other_layers_keep_the_general_forward(tmp_path, arch, quantization):
+    model, _ = _load(tmp_path, arch, quantization)
+    assert use_cpu_decode_layers(model) == 0
