@@ -19,8 +19,10 @@ and ``result()`` receives the step's tokens from the last stage (``flashserve.di
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
+from itertools import compress
 from typing import Any, NamedTuple
 from dataclasses import dataclass, field, replace
 
@@ -476,6 +478,33 @@ class Worker:
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
+        if counts is None and lp is None and self.speculator is None:
+            sampled = self._record_plain(handle, tokens)
+        else:
+            sampled = self._record(handle, tokens, lp, top_ids, top_vals, counts)
+        if self._deferred is not None and self._deferred.previous is handle:
+            # The deferred grammar step can now have its masks filled: in a background thread,
+            # while the engine processes these tokens and plans the next step.
+            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
+                                                    self.sampler.penalties.vocab_size)
+        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
+
+    def _record_plain(self, handle: StepHandle, tokens: list[int]) -> dict[str, SampledTokens]:
+        """``_record`` for the common step: one token per row, no logprobs, no drafts; the token
+        table is written at once and no Python code runs per row but the tuple constructors."""
+        live = self.batch.states
+        states = handle.states
+        alive = list(map(operator.is_, map(live.get, handle.request_ids), states))
+        if all(alive):  # not if a request left (or its id was reused) while the step ran
+            self.batch.append_one(states, tokens)
+        else:
+            self.batch.append_one(list(compress(states, alive)), list(compress(tokens, alive)))
+        return dict(zip(handle.request_ids, map(SampledTokens, zip(tokens))))
+
+    def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
+                counts: list[int] | None) -> dict[str, SampledTokens]:
+        """Record a step's tokens in the request states (and the speculator's), and give each
+        row's answer with its logprobs and draft count."""
         drafts = handle.num_drafts
         sampled: dict[str, SampledTokens] = {}
         for j, (rid, state) in enumerate(zip(handle.request_ids, handle.states)):
@@ -494,12 +523,7 @@ class Worker:
             if k is not None and lps is not None:
                 entry = tuple((v, tuple(zip(ids[:k], vals[:k]))) for v, ids, vals in lps)
             sampled[rid] = SampledTokens(toks, entry, drafts.get(rid, 0) if drafts else 0)
-        if self._deferred is not None and self._deferred.previous is handle:
-            # The deferred grammar step can now have its masks filled: in a background thread,
-            # while the engine processes these tokens and plans the next step.
-            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
-                                                    self.sampler.penalties.vocab_size)
-        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
+        return sampled
 
     @torch.inference_mode()
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:

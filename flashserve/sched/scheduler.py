@@ -261,16 +261,13 @@ class Scheduler:
             step.sampling[rid] = request
         bm.commit(request)
         self.policy.on_scheduled(request, num_new)
-        table, *group_tables = bm.block_tables(rid)
         sent = self._blocks_sent.get(rid)
         if sent is None:  # the Worker does not hold this request (new, or back from a preemption)
             step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
                                                 request.params))
             sent = 0
-        step.entries.append(ScheduledRequest(
-            rid, start, num_new, tuple(table[sent:]) if len(table) > sent else (), sample,
-            tuple(tuple(t[sent:]) for t in group_tables) if group_tables else (), num_spec))
-        self._blocks_sent[rid] = len(table)
+        new_ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, sent)
+        step.entries.append(ScheduledRequest(rid, start, num_new, new_ids, sample, group_ids, num_spec))
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """Draft slots for a decode step (0: a plain one): only when the request's last token is
@@ -421,7 +418,7 @@ class Scheduler:
         for rid, request in sampling.items():
             request.num_pending_tokens -= 1
             request.awaiting_result = False
-            if request.is_finished:
+            if request.status.finished:
                 continue
             sampled = result.sampled[rid]
             if len(sampled.token_ids) > 1 and request.status != RequestStatus.WAITING:

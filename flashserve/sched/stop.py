@@ -31,6 +31,8 @@ class StopChecker:
         if params.max_tokens is not None and params.max_tokens < limit:
             limit = params.max_tokens
         stops = request.stop_token_set
+        if num_new == 1 and outputs[-1] not in stops and len(outputs) < limit:
+            return None  # the common case: one token that stops nothing
         for count in range(len(outputs) - num_new + 1, len(outputs) + 1):  # outputs up to and including this one
             if outputs[count - 1] in stops and count >= params.min_tokens:
                 request.stop_reason = outputs[count - 1]
