@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable
-from itertools import compress
+from itertools import compress, repeat
 from typing import Any, NamedTuple
 from dataclasses import dataclass, field, replace
 
@@ -491,7 +491,8 @@ class Worker:
 
     def _record_plain(self, handle: StepHandle, tokens: list[int]) -> dict[str, SampledTokens]:
         """``_record`` for the common step: one token per row, no logprobs, no drafts; the token
-        table is written at once and no Python code runs per row but the tuple constructors."""
+        table is written at once, and each row's ``SampledTokens((token,), None, 0)`` is made by
+        ``tuple.__new__`` (as ``NamedTuple._make`` does) from C, with no Python frame per row."""
         live = self.batch.states
         states = handle.states
         alive = list(map(operator.is_, map(live.get, handle.request_ids), states))
@@ -499,7 +500,8 @@ class Worker:
             self.batch.append_one(states, tokens)
         else:
             self.batch.append_one(list(compress(states, alive)), list(compress(tokens, alive)))
-        return dict(zip(handle.request_ids, map(SampledTokens, zip(tokens))))
+        rows = map(tuple.__new__, repeat(SampledTokens), zip(zip(tokens), repeat(None), repeat(0)))
+        return dict(zip(handle.request_ids, rows))
 
     def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
                 counts: list[int] | None) -> dict[str, SampledTokens]:

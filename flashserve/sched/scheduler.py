@@ -202,9 +202,10 @@ class Scheduler:
             if request.awaiting_result:
                 continue  # its step in flight decides what it does next
             if request.status is RequestStatus.RUNNING:
-                if request.request_id not in pending or (request.num_pending_tokens and self._at_limit(request)):
+                num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + request.num_pending_tokens
+                if request.request_id not in pending or self._at_limit(request, num_tokens):
                     continue  # preempted as a victim earlier in this step, or done once its tokens arrive
-                num_new = self._num_new_tokens(request, budget)
+                num_new = self._num_new_tokens(num_tokens - request.num_computed_tokens, budget)
                 if num_new == 1:
                     num_spec = self._num_spec_tokens(request, budget)
                     num_new += num_spec
@@ -223,7 +224,8 @@ class Scheduler:
                 if num_new == 0:
                     memory_short = True  # keep order: nothing behind it is admitted this step
                     continue
-            self._claim(step, request, num_new, num_spec)
+                num_tokens = request.num_tokens
+            self._claim(step, request, num_tokens, num_new, num_spec)
             budget -= num_new
         copies = BlockCopy()
         saves, loads = bm.take_host_tier_moves()  # evicted prefix blocks to / from host
@@ -237,21 +239,21 @@ class Scheduler:
                                new_requests=tuple(step.new_requests), finished_ids=dropped,
                                preempted_ids=tuple(step.preempted), block_copies=copies)
 
-    def _claim(self, step: _Step, request: Request, num_new: int, num_spec: int = 0) -> None:
+    def _claim(self, step: _Step, request: Request, num_tokens: int, num_new: int, num_spec: int = 0) -> None:
         """Advance a request whose slots are allocated by this step's work, register the blocks
         the step fills with known tokens in the prefix cache at once (so requests admitted later
         in this step share them: the step writes a block's K/V before any attention reads), and
         add its entry to the plan: the request in full if the Worker does not hold it, the block
         ids the Worker lacks (later work in the step never changes this request's tables).
         Of ``num_new``, ``num_spec`` slots are for drafts: they count as computed only once
-        ``update`` learns how many were accepted."""
+        ``update`` learns how many were accepted. ``num_tokens``: the request's ``num_tokens``."""
         bm = self.block_manager
         rid = request.request_id
         start = request.num_computed_tokens
         bm.trim(rid, start)  # blocks out of every window (flashserve.cache.window)
         bm.assert_writable(rid, start, start + num_new)
         computed = start + num_new - num_spec
-        sample = computed == len(request.prompt_token_ids) + len(request.output_token_ids) + request.num_pending_tokens
+        sample = computed == num_tokens
         request.num_computed_tokens = computed
         if sample:
             request.num_pending_tokens += 1
@@ -279,16 +281,18 @@ class Scheduler:
             room = min(room, request.params.max_tokens - request.num_output_tokens - 1)
         return max(0, min(room, self.speculation.num_spec_tokens(request)))
 
-    def _at_limit(self, request: Request) -> bool:
-        """True when the request's pending tokens already reach ``max_tokens`` or the context:
-        it finishes when they arrive, so no more work is planned for it."""
+    def _at_limit(self, request: Request, num_tokens: int) -> bool:
+        """True when the request's pending tokens already reach ``max_tokens`` or the context
+        (``num_tokens``: its ``num_tokens``): it finishes when they arrive, so no more work is
+        planned for it."""
+        if not request.num_pending_tokens:
+            return False
         max_tokens = request.params.max_tokens
-        return request.num_pending_tokens > 0 and (
-            (max_tokens is not None and request.num_output_tokens >= max_tokens)
-            or request.num_tokens >= self.max_model_len)
+        return num_tokens >= self.max_model_len or (
+            max_tokens is not None and num_tokens - len(request.prompt_token_ids) >= max_tokens)
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+    def _num_new_tokens(self, remaining: int, budget: int) -> int:
+        """Tokens to compute this step of the ``remaining`` ones."""
         return remaining if remaining <= budget or not self.config.enable_chunked_prefill else budget
 
     def _grow_running(self, request: Request, num_new: int, ranked: list[Request], pending: set[str],
@@ -310,7 +314,7 @@ class Scheduler:
         the number of new tokens, or 0 if it does not fit (nothing changes then)."""
         bm = self.block_manager
         if request.status == RequestStatus.SWAPPED:
-            num_new = self._num_new_tokens(request, budget)
+            num_new = self._num_new_tokens(request.num_tokens - request.num_computed_tokens, budget)
             if num_new > budget:
                 return 0
             if bm.blocks_needed(request.num_computed_tokens + num_new) > bm.num_free_blocks:
