@@ -434,11 +434,16 @@ class Worker:
             handle.event.record()
 
     def _sampling_rows(self, states: list) -> list[SamplingRow]:
-        return [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
-                            st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
-                            self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known]
-                            if st.params.structured_output is not None else ())
-                for st in states]
+        tokens = self.batch.tokens
+        rows = []
+        for st in states:  # runs for every sampling row of every step: one read of each field
+            params = st.params
+            num_output = st.num_tokens - st.num_prompt_tokens - 1  # generated before this sample
+            rows.append(SamplingRow(params, num_output, st.penalty_slot,
+                                    st.banned if num_output < params.min_tokens else (), st.request_id,
+                                    tokens[st.slot, st.num_prompt_tokens : st.num_known]
+                                    if params.structured_output is not None else ()))
+        return rows
 
     def _sample_deferred(self) -> None:
         """Sample the deferred grammar step, once the previous step's tokens are on the host (the
