@@ -112,9 +112,14 @@ class Request:
     synchronous: bool = False
     stop_reason: int | str | None = None
     metrics: RequestMetrics = field(init=False)
+    # Token ids that end the sequence (EOS unless ignore_eos, and stop_token_ids), fixed at creation
+    # so the stop check of each new token is one set lookup.
+    stop_token_set: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        eos = () if self.params.ignore_eos else self.eos_token_ids
+        self.stop_token_set = frozenset(eos).union(self.params.stop_token_ids)
 
     @property
     def prefix_salt(self) -> list[int] | None:

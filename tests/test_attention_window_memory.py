@@ -166,6 +166,9 @@ def test_grouped_manager_releases_windowed_groups_only():
     tables = bm.block_tables("a")
     assert all(t[:4] == [HOLE] * 4 and HOLE not in t[4:] for t in tables[:5]) and HOLE not in tables[5]
     assert bm.num_used_blocks == 5 * 2 + 6 and bm.blocks_held("a") == 16
+    # what a plan sends of the tables a Worker holds the first 3 columns of: every group's tail
+    assert bm.table_tail("a", 3) == (tuple(tables[0][3:]), tuple(tuple(t[3:]) for t in tables[1:]), 6)
+    assert bm.table_tail("a", 6) == ((), ((),) * 5, 6)
     bm.check_invariants()
     pairs = bm.swap_out("a")
     assert len(pairs) == 16 and bm.num_used_blocks == 0

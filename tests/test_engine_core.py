@@ -2,6 +2,7 @@
 planning (a step planned before the previous one's tokens are back); same-step prefix sharing."""
 
 import pickle
+import random
 
 from sched_testing import apply_tokens, fake_output, run_step
 from flashserve.cache.block_manager import BlockManager
@@ -11,6 +12,7 @@ from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import NewRequest, ScheduledRequest
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
+from flashserve.sched.stop import StopChecker
 
 SP = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -117,3 +119,68 @@ def test_a_block_is_shared_only_once_its_tokens_are_known():
     assert s.block_manager.pool.block_hash == {} and s.requests["a"].num_computed_tokens == 4
     apply_tokens(s, p1, token=4)  # the token is known now: block 0 is registered
     assert list(s.block_manager.pool.block_hash) == [0]
+
+
+def test_plans_send_every_block_once_over_random_steps():
+    """Plan entries are built as each request is claimed: over random arrivals, stops, aborts and
+    preemptions with prefix caching, the block ids a Worker would have collected for each request
+    since it (re)entered are exactly its table, and it holds only the running requests."""
+    rng = random.Random(5)
+    s = make(num_blocks=14, block_size=4, budget=24, prefix=True, enable_chunked_prefill=True)
+    held: dict[str, list[int]] = {}  # what a Worker keeps: request id -> block table
+    inflight = []
+    stem = [rng.randrange(1, 50) for _ in range(8)]
+    for step in range(300):
+        if rng.random() < 0.4:
+            params = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 24), stop_token_ids=[rng.randrange(1, 50)])
+            s.add_request(req(f"r{step}", stem[: rng.randrange(1, 9)] + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 10))],
+                              params, t=step))
+        if s.running and rng.random() < 0.05:
+            s.finish_request(rng.choice(s.running).request_id, RequestStatus.FINISHED_ABORTED)
+        plan = s.schedule()
+        for rid in plan.finished_ids:
+            held.pop(rid, None)
+        for new in plan.new_requests:
+            assert new.request_id not in held
+            held[new.request_id] = []
+        for e in plan.requests:
+            held[e.request_id] += e.new_block_ids
+            assert held[e.request_id] == s.block_manager.block_table(e.request_id)
+        inflight.append(plan)
+        if len(inflight) == 2:  # overlapped: a plan's tokens come back after the next is planned
+            apply_tokens(s, inflight.pop(0), token=rng.randrange(1, 50))
+        assert set(held) >= {r.request_id for r in s.running}
+        s.block_manager.check_invariants()
+    assert s.num_preemptions > 0
+
+
+def test_stop_check_follows_the_rules_token_by_token():
+    """``StopChecker.check`` (one set lookup per token, a shortcut for one plain token) against the
+    rules written out: EOS unless ignore_eos and stop ids end with "stop" once min_tokens are
+    there, max_tokens and the context with "length"; tokens after the first stop are dropped."""
+    rng = random.Random(9)
+    max_len = 40
+    checker = StopChecker(max_len)
+    for _ in range(3000):
+        params = SamplingParams(max_tokens=rng.choice([None, rng.randrange(1, 30)]), min_tokens=0,
+                                stop_token_ids=rng.sample(range(1, 8), rng.randrange(0, 3)), ignore_eos=rng.random() < 0.3)
+        if params.max_tokens is not None:
+            params.min_tokens = rng.randrange(0, params.max_tokens + 1)
+        prompt = list(range(rng.randrange(1, 20)))
+        r = Request("x", prompt, params, eos_token_ids=[0, 1])
+        before = rng.randrange(0, 10)
+        n = rng.randrange(1, 4)
+        r.output_token_ids = [rng.randrange(0, 12) for _ in range(before + n)]
+        r.output_logprobs = [(0.0, [])] * len(r.output_token_ids)
+        expect_status, expect_len, expect_reason = None, len(r.output_token_ids), None
+        for i in range(before, before + n):
+            count, token = i + 1, r.output_token_ids[i]
+            stops = (set() if params.ignore_eos else {0, 1}) | set(params.stop_token_ids)
+            if count >= params.min_tokens and token in stops:
+                expect_status, expect_len, expect_reason = RequestStatus.FINISHED_STOPPED, count, token
+                break
+            if (params.max_tokens is not None and count >= params.max_tokens) or len(prompt) + count >= max_len:
+                expect_status, expect_len = RequestStatus.FINISHED_LENGTH, count
+                break
+        assert checker.check(r, n) == expect_status
+        assert len(r.output_token_ids) == len(r.output_logprobs) == expect_len and r.stop_reason == expect_reason

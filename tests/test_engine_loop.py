@@ -102,3 +102,21 @@ def test_killed_worker_process_is_a_clear_error(tiny):
             engine.step()
     with pytest.raises(RuntimeError, match="worker process is gone"):
         engine.step()
+
+
+def test_plain_steps_record_the_tokens_the_general_path_records(tiny):
+    """A step whose rows each take one token without logprobs writes its tokens to the Worker's
+    token table at once (``Worker._record_plain``); a request asking for logprobs sends every
+    step through the general path. The serial loop reads each next input from that table, so a
+    wrong write would change the tokens."""
+    prompts, _ = workload()
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)  # outlasts the others
+
+    def run(extra: list[list[int]]):
+        llm = LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, verbose=False, kv_cache_bytes=1 << 21,
+                  async_scheduling=False)
+        outs = llm.generate(prompts + extra, [greedy] * len(prompts) + [with_logprobs] * len(extra), use_tqdm=False)
+        return [o.token_ids for o in outs[: len(prompts)]]
+
+    assert run([]) == run([[5, 6, 7]])

@@ -153,3 +153,31 @@ def stream_equals_windows(tokenizer, seed: int) -> None:
 
 def test_streamed_detokenization_equals_the_windows(llm):
     stream_equals_windows(llm.tokenizer, seed=0)
+
+
+def test_a_request_nobody_streams_is_detokenized_when_it_finishes(llm):
+    """``stream=False`` (what ``generate`` uses): no text is decoded while the request runs,
+    unless it has stop strings; at its end the text, tokens and logprobs equal a streamed twin's."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, n=2, logprobs=2)
+    prompt = "Grüße aus Köln: 日本語"
+    engine.add_request("streamed", prompt, params)
+    engine.add_request("batch", prompt, params, stream=False)
+    engine.add_request("batch-stop", "1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=20, stop=["6, 7"]),
+                       stream=False)
+    final = {}
+    for step in range(100):
+        for out in engine.step():
+            assert out.finished or out.request_id == "streamed"
+            if out.finished:
+                final[out.request_id] = out
+        if step == 4:
+            states = engine._decode_states
+            assert states["streamed#0"].num_read > 0 and states["batch#0"].num_read == 0
+            assert states["batch-stop"].num_read > 0  # searched for its stop string as it grows
+        if not engine.has_unfinished_requests():
+            break
+    summary = [[(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in final[rid].outputs]
+               for rid in ("streamed", "batch")]
+    assert summary[0] == summary[1] and all(text for text, *_ in summary[0])
+    assert final["batch-stop"].finish_reason == "stop" and "6, 7" not in final["batch-stop"].text

@@ -239,6 +239,13 @@ class BlockManager:
         """The request's table of each group of layers (one here; ``flashserve.cache.kv_groups``)."""
         return [self.block_table(request_id)]
 
+    def table_tail(self, request_id: str, start: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]:
+        """The ids from column ``start`` on of the request's table, of each other group's table
+        (none here), and the table's length: what a plan sends of a table the Worker holds the
+        first ``start`` columns of."""
+        table = self.tables.get(request_id, ())
+        return (tuple(table[start:]) if len(table) > start else ()), (), len(table)
+
     def can_allocate(self, request_id: str, total_tokens: int) -> bool:
         have = len(self.tables.get(request_id, ()))
         return self.blocks_needed(total_tokens) - have <= self.pool.num_free
@@ -383,8 +390,12 @@ class BlockManager:
         """A step writes K/V of positions [start, end): none of their blocks may be shared."""
         table = self.tables[request_id]
         bs = self.block_size
-        for i in range(start // bs, -(-end // bs)):
-            if self.pool.ref_counts[table[i]] != 1:
+        first, stop = start // bs, -(-end // bs)
+        refs = self.pool.ref_counts
+        if stop - first == 1 and refs[table[first]] == 1:
+            return  # a decode step: one block, the common case
+        for i in range(first, stop):
+            if refs[table[i]] != 1:
                 raise AssertionError(f"request {request_id} would write shared block {table[i]} "
                                      f"(refs {self.pool.ref_counts[table[i]]}); copy-on-write is never expected")
 

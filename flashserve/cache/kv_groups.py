@@ -138,6 +138,10 @@ class GroupedBlockManager(BlockManager):
     def block_tables(self, request_id: str) -> list[list[int]]:
         return [g.block_table(request_id) for g in self.groups]
 
+    def table_tail(self, request_id: str, start: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]:
+        main, *others = self.block_tables(request_id)
+        return (tuple(main[start:]) if len(main) > start else ()), tuple(tuple(t[start:]) for t in others), len(main)
+
     def blocks_held(self, request_id: str) -> int:
         return sum(g.blocks_held(request_id) for g in self.groups)
 

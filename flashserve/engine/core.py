@@ -45,13 +45,14 @@ class EngineCore:
     def update(self, plan: SchedulerOutput, result: WorkerOutput) -> list[tuple[Request, int]]:
         """Apply a step's tokens. Returns (request, index of its first new output token) for every
         request that got tokens; those that hit a token-level stop are finished already."""
-        progressed = []
         if self.speculation is not None:
             self.speculation.observe(plan, result)
-        for request, n in self.scheduler.update(plan, result):
+        progressed = self.scheduler.update(plan, result)
+        check, finish = self.stop.check, self.scheduler.finish_request
+        for i, (request, n) in enumerate(progressed):
             first = len(request.output_token_ids) - n
-            status = self.stop.check(request, n)
+            status = check(request, n)
             if status is not None:
-                self.scheduler.finish_request(request.request_id, status)
-            progressed.append((request, first))
+                finish(request.request_id, status)
+            progressed[i] = (request, first)
         return progressed

@@ -34,6 +34,7 @@ class DecodeState:
     stopped_on: str | None = None  # the stop string that ended the sequence, if any
     stop_armed: bool = True  # False while min_tokens holds stop strings back (StopChecker decides)
     stream: Any = None  # the tokenizers library's DecodeStream, when the tokenizer has one
+    num_read: int = 0  # output tokens of the sequence appended so far (the caller's count)
 
 
 def _stream_backend(tokenizer: Any) -> Any:

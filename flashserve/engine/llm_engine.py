@@ -349,25 +349,31 @@ class LLMEngine:
 
     def _outputs(self, plan: SchedulerOutput, result) -> list[RequestOutput]:
         touched: dict[str, None] = {}
+        beams = self.beams
         for req, first in self.core.update(plan, result):
-            if self.beams.owns(req.request_id):  # a beam's candidates: the group decides below
-                self.beams.collect(req)
+            rid = req.request_id
+            if beams.owns(rid):  # a beam's candidates: the group decides below
+                beams.collect(req)
                 continue
-            new = req.output_token_ids[first:]
-            self.generation_tokens_total += len(new)
-            parent = self._parents[self._child_parent[req.request_id]]
-            self._process(req, new, parent)
-            if parent.stream or req.is_finished:
+            self.generation_tokens_total += len(req.output_token_ids) - first
+            parent = self._parents[self._child_parent[rid]]
+            state = self._decode_states[rid]
+            # A request nobody streams is detokenized when it finishes, unless a stop string
+            # must be looked for in its text as it grows.
+            if parent.stream or req.status.finished or state.stop:
+                self._process(req, state, parent)
                 touched[parent.request_id] = None
         outputs = [out for pid in touched if (out := self._parent_output(pid)) is not None]
-        if self.beams.has_unfinished():
-            outputs += self.beams.advance()
+        if beams.has_unfinished():
+            outputs += beams.advance()
         return outputs
 
-    def _process(self, req: Request, new_tokens: list[int], parent: _Parent) -> None:
-        """Detokenize the new tokens, apply stop strings, update the child's CompletionOutput."""
-        state = self._decode_states[req.request_id]
+    def _process(self, req: Request, state: DecodeState, parent: _Parent) -> None:
+        """Detokenize the output tokens not read yet, apply stop strings, update the child's
+        CompletionOutput."""
         comp = parent.completions[req.request_id]
+        new_tokens = req.output_token_ids[state.num_read:]
+        state.num_read += len(new_tokens)
         state.stop_armed = self.core.stop.stop_strings_armed(req)
         self.detokenizer.append(state, new_tokens)
         if state.stopped_on is not None and not req.is_finished:

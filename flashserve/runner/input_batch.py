@@ -15,11 +15,15 @@ sampled-token tensor (``StepInputs.prev_scatter``), so no host synchronisation i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 
 import numpy as np
 
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import NewRequest, ScheduledRequest
+
+_new_block_ids, _slot, _num_known = attrgetter("new_block_ids"), attrgetter("slot"), attrgetter("num_known")
 
 BlockUpdates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (slot, column, block id) writes into a device block table
 
@@ -121,6 +125,12 @@ class InputBatch:
             self._free_slots.append(state.slot)
         return state
 
+    def append_one(self, states: list[RequestState], token_ids: list[int]) -> None:
+        """Record one sampled token for each of ``states`` (a plain step's rows) in one table write."""
+        self.tokens[list(map(_slot, states)), list(map(_num_known, states))] = token_ids
+        for state in states:
+            state.num_known += 1
+
     def append(self, state: RequestState, token_ids: tuple[int, ...]) -> None:
         """Record tokens a step sampled for the request (several when drafts were accepted)."""
         n = len(token_ids)
@@ -133,25 +143,26 @@ class InputBatch:
         returns the (slot, column, block id) updates of the device tables, None where none changes."""
         upd_slot, upd_col, upd_blk = [], [], []
         group_upd: list[list[int]] = [[] for _ in self.group_tables]
-        for e in entries:
-            if e.new_block_ids:
-                st = self.states[e.request_id]
-                n = len(e.new_block_ids)
-                ids = [max(b, 0) for b in e.new_block_ids]  # a released block (-1, windowed) is never read
-                self.block_table[st.slot, st.num_blocks : st.num_blocks + n] = ids
-                upd_slot += [st.slot] * n
-                upd_col += range(st.num_blocks, st.num_blocks + n)
-                upd_blk += ids
-                group_ids = e.group_block_ids or tuple((0,) * n for _ in self.group_tables)  # (warm-up plans)
-                for table, new_ids, upd in zip(self.group_tables, group_ids, group_upd):
-                    ids = [max(b, 0) for b in new_ids]
-                    table[st.slot, st.num_blocks : st.num_blocks + n] = ids
-                    upd += ids
-                st.num_blocks += n
+        for e in compress(entries, map(_new_block_ids, entries)):  # the few entries with new blocks
+            st = self.states[e.request_id]
+            n = len(e.new_block_ids)
+            upd_slot += [st.slot] * n
+            upd_col += range(st.num_blocks, st.num_blocks + n)
+            upd_blk += e.new_block_ids
+            group_ids = e.group_block_ids or tuple((0,) * n for _ in self.group_tables)  # (warm-up plans)
+            for new_ids, upd in zip(group_ids, group_upd):
+                upd += new_ids
+            st.num_blocks += n
         if not upd_slot:
             return None, tuple(None for _ in self.group_tables)
+        # one write per table; a released block (-1, windowed) is never read: 0 stands in
         slot, col = np.array(upd_slot, np.int64), np.array(upd_col, np.int64)
-        return (slot, col, np.array(upd_blk, np.int64)), tuple((slot, col, np.array(u, np.int64)) for u in group_upd)
+        updates = []
+        for table, ids in zip((self.block_table, *self.group_tables), (upd_blk, *group_upd)):
+            blk = np.maximum(np.array(ids, np.int64), 0)
+            table[slot, col] = blk
+            updates.append((slot, col, blk))
+        return updates[0], tuple(updates[1:])
 
     def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: dict[str, int],
               num_drafts: np.ndarray | None = None) -> StepInputs:
@@ -184,8 +195,9 @@ class InputBatch:
         prev_scatter = None
         if len(pending):
             input_ids[pending] = 0
-            rows = [prev_rows[states[i].request_id] for i in seq_ids[pending].tolist()]
-            assert all(positions[pending] == known[seq_ids[pending]]), "only the newest token may be in flight"
+            pending_seqs = seq_ids[pending]
+            rows = [prev_rows[states[i].request_id] for i in pending_seqs.tolist()]
+            assert (positions[pending] == known[pending_seqs]).all(), "only the newest token may be in flight"
             prev_scatter = (pending.astype(np.int64), np.array(rows, np.int64))
         sample_rows = [i for i, e in enumerate(entries) if e.sample]
         for i in sample_rows:

@@ -19,8 +19,10 @@ and ``result()`` receives the step's tokens from the last stage (``flashserve.di
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
+from itertools import compress, repeat
 from typing import Any, NamedTuple
 from dataclasses import dataclass, field, replace
 
@@ -435,11 +437,16 @@ class Worker:
             handle.event.record()
 
     def _sampling_rows(self, states: list) -> list[SamplingRow]:
-        return [SamplingRow(st.params, st.num_output_tokens - 1, st.penalty_slot,
-                            st.banned if st.num_output_tokens - 1 < st.params.min_tokens else (), st.request_id,
-                            self.batch.tokens[st.slot, st.num_prompt_tokens : st.num_known]
-                            if st.params.structured_output is not None else ())
-                for st in states]
+        tokens = self.batch.tokens
+        rows = []
+        for st in states:  # runs for every sampling row of every step: one read of each field
+            params = st.params
+            num_output = st.num_tokens - st.num_prompt_tokens - 1  # generated before this sample
+            rows.append(SamplingRow(params, num_output, st.penalty_slot,
+                                    st.banned if num_output < params.min_tokens else (), st.request_id,
+                                    tokens[st.slot, st.num_prompt_tokens : st.num_known]
+                                    if params.structured_output is not None else ()))
+        return rows
 
     def _sample_deferred(self) -> None:
         """Sample the deferred grammar step, once the previous step's tokens are on the host (the
@@ -479,6 +486,35 @@ class Worker:
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
+        if counts is None and lp is None and self.speculator is None:
+            sampled = self._record_plain(handle, tokens)
+        else:
+            sampled = self._record(handle, tokens, lp, top_ids, top_vals, counts)
+        if self._deferred is not None and self._deferred.previous is handle:
+            # The deferred grammar step can now have its masks filled: in a background thread,
+            # while the engine processes these tokens and plans the next step.
+            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
+                                                    self.sampler.penalties.vocab_size)
+        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
+
+    def _record_plain(self, handle: StepHandle, tokens: list[int]) -> dict[str, SampledTokens]:
+        """``_record`` for the common step: one token per row, no logprobs, no drafts; the token
+        table is written at once, and each row's ``SampledTokens((token,), None, 0)`` is made by
+        ``tuple.__new__`` (as ``NamedTuple._make`` does) from C, with no Python frame per row."""
+        live = self.batch.states
+        states = handle.states
+        alive = list(map(operator.is_, map(live.get, handle.request_ids), states))
+        if all(alive):  # not if a request left (or its id was reused) while the step ran
+            self.batch.append_one(states, tokens)
+        else:
+            self.batch.append_one(list(compress(states, alive)), list(compress(tokens, alive)))
+        rows = map(tuple.__new__, repeat(SampledTokens), zip(zip(tokens), repeat(None), repeat(0)))
+        return dict(zip(handle.request_ids, rows))
+
+    def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
+                counts: list[int] | None) -> dict[str, SampledTokens]:
+        """Record a step's tokens in the request states (and the speculator's), and give each
+        row's answer with its logprobs and draft count."""
         drafts = handle.num_drafts
         sampled: dict[str, SampledTokens] = {}
         for j, (rid, state) in enumerate(zip(handle.request_ids, handle.states)):
@@ -497,12 +533,7 @@ class Worker:
             if k is not None and lps is not None:
                 entry = tuple((v, tuple(zip(ids[:k], vals[:k]))) for v, ids, vals in lps)
             sampled[rid] = SampledTokens(toks, entry, drafts.get(rid, 0) if drafts else 0)
-        if self._deferred is not None and self._deferred.previous is handle:
-            # The deferred grammar step can now have its masks filled: in a background thread,
-            # while the engine processes these tokens and plans the next step.
-            self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
-                                                    self.sampler.penalties.vocab_size)
-        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
+        return sampled
 
     @torch.inference_mode()
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:

@@ -35,7 +35,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
@@ -45,14 +45,16 @@ from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
 
-class _Work(NamedTuple):
-    """A request's work this step, decided by ``schedule`` (``_plan`` turns it into the plan)."""
+class _Step:
+    """The plan ``schedule`` builds, as it claims each request's work."""
 
-    request: Request
-    start: int
-    num_new: int
-    sample: bool
-    num_spec: int = 0
+    __slots__ = ("entries", "new_requests", "preempted", "sampling")
+
+    def __init__(self) -> None:
+        self.entries: list[ScheduledRequest] = []
+        self.new_requests: list[NewRequest] = []
+        self.preempted: list[str] = []  # request ids preempted this step
+        self.sampling: dict[str, Request] = {}  # requests this step samples for, by id
 
 
 class Speculation(Protocol):
@@ -175,76 +177,99 @@ class Scheduler:
         # the bound is never reached: beam forks may run past max_num_seqs, nothing else can).
         seats = max(self.config.max_num_seqs, len(self.running))
         max_seqs = -(-min(len(self.requests), seats) // self.micro_batches)
-        scheduled: list[_Work] = []
-        preempted: list[str] = []
-        copies = BlockCopy()
+        bm = self.block_manager
+        step = _Step()
         swap_out: list[tuple[int, int]] = []
         swap_in: list[tuple[int, int]] = []
 
-        self._rank_preemption(preempted, swap_out)
+        self._rank_preemption(step.preempted, swap_out)
 
         ranked = self.policy.order(self.running)
         pending = {r.request_id for r in ranked}  # running, not yet served or preempted this step
         decodes, prefills = [], []
         for r in ranked:
-            (decodes if r.num_tokens - r.num_computed_tokens == 1 else prefills).append(r)
+            # r.num_tokens - r.num_computed_tokens, inlined: this runs for every running request
+            if len(r.prompt_token_ids) + len(r.output_token_ids) + r.num_pending_tokens - r.num_computed_tokens == 1:
+                decodes.append(r)
+            else:
+                prefills.append(r)
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         for request in work:
-            if budget == 0 or len(scheduled) == max_seqs:
+            if budget == 0 or len(step.entries) == max_seqs:
                 break
             num_spec = 0
             if request.awaiting_result:
                 continue  # its step in flight decides what it does next
-            if request.status == RequestStatus.RUNNING:
-                if request.request_id not in pending or self._at_limit(request):
+            if request.status is RequestStatus.RUNNING:
+                num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + request.num_pending_tokens
+                if request.request_id not in pending or self._at_limit(request, num_tokens):
                     continue  # preempted as a victim earlier in this step, or done once its tokens arrive
-                num_new = self._num_new_tokens(request, budget)
+                num_new = self._num_new_tokens(num_tokens - request.num_computed_tokens, budget)
                 if num_new == 1:
                     num_spec = self._num_spec_tokens(request, budget)
                     num_new += num_spec
-                before = len(preempted)
-                if not self._grow_running(request, num_new, ranked, pending, preempted, swap_out):
-                    memory_short = True
-                    continue
-                memory_short = memory_short or len(preempted) > before
+                # the common case (the table has room) first, without preemption's bookkeeping
+                if bm.allocate_slots(request.request_id, request.num_computed_tokens + num_new) is None:
+                    before = len(step.preempted)
+                    if not self._grow_running(request, num_new, ranked, pending, step.preempted, swap_out):
+                        memory_short = True
+                        continue
+                    memory_short = memory_short or len(step.preempted) > before
                 pending.discard(request.request_id)
             else:
-                if memory_short or len(self.running) >= self.config.max_num_seqs or request.request_id in preempted:
+                if memory_short or len(self.running) >= self.config.max_num_seqs or request.request_id in step.preempted:
                     continue
                 num_new = self._admit(request, budget, swap_in)
                 if num_new == 0:
                     memory_short = True  # keep order: nothing behind it is admitted this step
                     continue
-            scheduled.append(self._claim(request, num_new, num_spec))
+                num_tokens = request.num_tokens
+            self._claim(step, request, num_tokens, num_new, num_spec)
             budget -= num_new
-        saves, loads = self.block_manager.take_host_tier_moves()  # evicted prefix blocks to / from host
+        copies = BlockCopy()
+        saves, loads = bm.take_host_tier_moves()  # evicted prefix blocks to / from host
         if swap_out or swap_in or self._block_copies or saves or loads:
             copies = BlockCopy(tuple(swap_out), tuple(swap_in) + loads, tuple(self._block_copies), saves)
             self._block_copies.clear()
-        return self._plan(scheduled, preempted, copies)
+        dropped = tuple(self._dropped)
+        self._dropped.clear()
+        self._inflight[self.step_count] = step.sampling
+        return SchedulerOutput(step_id=self.step_count, requests=tuple(step.entries),
+                               new_requests=tuple(step.new_requests), finished_ids=dropped,
+                               preempted_ids=tuple(step.preempted), block_copies=copies)
 
-    def _claim(self, request: Request, num_new: int, num_spec: int = 0) -> _Work:
-        """Advance a request whose slots are allocated by this step's work, and register the
-        blocks the step fills with known tokens in the prefix cache at once (so requests admitted
-        later in this step share them: the step writes a block's K/V before any attention reads).
+    def _claim(self, step: _Step, request: Request, num_tokens: int, num_new: int, num_spec: int = 0) -> None:
+        """Advance a request whose slots are allocated by this step's work, register the blocks
+        the step fills with known tokens in the prefix cache at once (so requests admitted later
+        in this step share them: the step writes a block's K/V before any attention reads), and
+        add its entry to the plan: the request in full if the Worker does not hold it, the block
+        ids the Worker lacks (later work in the step never changes this request's tables).
         Of ``num_new``, ``num_spec`` slots are for drafts: they count as computed only once
-        ``update`` learns how many were accepted."""
+        ``update`` learns how many were accepted. ``num_tokens``: the request's ``num_tokens``."""
         bm = self.block_manager
         rid = request.request_id
         start = request.num_computed_tokens
         bm.trim(rid, start)  # blocks out of every window (flashserve.cache.window)
         bm.assert_writable(rid, start, start + num_new)
-        sample = start + num_new - num_spec == request.num_tokens
-        request.num_computed_tokens += num_new - num_spec
+        computed = start + num_new - num_spec
+        sample = computed == num_tokens
+        request.num_computed_tokens = computed
         if sample:
             request.num_pending_tokens += 1
             # A request that will speculate needs this step's tokens to draft its next one.
             request.awaiting_result = request.synchronous or (
                 self.speculation is not None and self.speculation.num_spec_tokens(request) > 0)
+            step.sampling[rid] = request
         bm.commit(request)
         self.policy.on_scheduled(request, num_new)
-        return _Work(request, start, num_new, sample, num_spec)
+        sent = self._blocks_sent.get(rid)
+        if sent is None:  # the Worker does not hold this request (new, or back from a preemption)
+            step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
+                                                request.params))
+            sent = 0
+        new_ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, sent)
+        step.entries.append(ScheduledRequest(rid, start, num_new, new_ids, sample, group_ids, num_spec))
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """Draft slots for a decode step (0: a plain one): only when the request's last token is
@@ -256,42 +281,19 @@ class Scheduler:
             room = min(room, request.params.max_tokens - request.num_output_tokens - 1)
         return max(0, min(room, self.speculation.num_spec_tokens(request)))
 
-    def _at_limit(self, request: Request) -> bool:
-        """True when the request's pending tokens already reach ``max_tokens`` or the context:
-        it finishes when they arrive, so no more work is planned for it."""
+    def _at_limit(self, request: Request, num_tokens: int) -> bool:
+        """True when the request's pending tokens already reach ``max_tokens`` or the context
+        (``num_tokens``: its ``num_tokens``): it finishes when they arrive, so no more work is
+        planned for it."""
+        if not request.num_pending_tokens:
+            return False
         max_tokens = request.params.max_tokens
-        return request.num_pending_tokens > 0 and (
-            (max_tokens is not None and request.num_output_tokens >= max_tokens)
-            or request.num_tokens >= self.max_model_len)
+        return num_tokens >= self.max_model_len or (
+            max_tokens is not None and num_tokens - len(request.prompt_token_ids) >= max_tokens)
 
-    def _plan(self, scheduled: list[_Work], preempted: list[str], copies: BlockCopy) -> SchedulerOutput:
-        """This step's incremental plan: new requests in full, block ids the Worker lacks."""
-        entries: list[ScheduledRequest] = []
-        new_requests: list[NewRequest] = []
-        sampling: dict[str, Request] = {}
-        for request, start, num_new, sample, num_spec in scheduled:
-            rid = request.request_id
-            table, *group_tables = self.block_manager.block_tables(rid)
-            sent = self._blocks_sent.get(rid)
-            if sent is None:  # the Worker does not hold this request (new, or back from a preemption)
-                new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
-                                               tuple(request.output_token_ids), request.params))
-                sent = 0
-            entries.append(ScheduledRequest(rid, start, num_new, tuple(table[sent:]) if len(table) > sent else (),
-                                            sample, group_block_ids=tuple(tuple(t[sent:]) for t in group_tables),
-                                            num_spec_tokens=num_spec))
-            self._blocks_sent[rid] = len(table)
-            if sample:
-                sampling[rid] = request
-        dropped = tuple(self._dropped)
-        self._dropped.clear()
-        self._inflight[self.step_count] = sampling
-        return SchedulerOutput(step_id=self.step_count, requests=tuple(entries), new_requests=tuple(new_requests),
-                               finished_ids=dropped, preempted_ids=tuple(preempted), block_copies=copies)
-
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
-        return min(remaining, budget) if self.config.enable_chunked_prefill else remaining
+    def _num_new_tokens(self, remaining: int, budget: int) -> int:
+        """Tokens to compute this step of the ``remaining`` ones."""
+        return remaining if remaining <= budget or not self.config.enable_chunked_prefill else budget
 
     def _grow_running(self, request: Request, num_new: int, ranked: list[Request], pending: set[str],
                       preempted: list[str], swap_out: list[tuple[int, int]]) -> bool:
@@ -312,7 +314,7 @@ class Scheduler:
         the number of new tokens, or 0 if it does not fit (nothing changes then)."""
         bm = self.block_manager
         if request.status == RequestStatus.SWAPPED:
-            num_new = self._num_new_tokens(request, budget)
+            num_new = self._num_new_tokens(request.num_tokens - request.num_computed_tokens, budget)
             if num_new > budget:
                 return 0
             if bm.blocks_needed(request.num_computed_tokens + num_new) > bm.num_free_blocks:
@@ -420,7 +422,7 @@ class Scheduler:
         for rid, request in sampling.items():
             request.num_pending_tokens -= 1
             request.awaiting_result = False
-            if request.is_finished:
+            if request.status.finished:
                 continue
             sampled = result.sampled[rid]
             if len(sampled.token_ids) > 1 and request.status != RequestStatus.WAITING:

@@ -26,20 +26,22 @@ class StopChecker:
         continue. On a stop, tokens after the stopping one are removed (with their logprobs)."""
         params = request.params
         outputs = request.output_token_ids
-        first = len(outputs) - num_new
-        for i in range(first, len(outputs)):
-            count = i + 1  # outputs up to and including token i
-            status = None
-            token = outputs[i]
-            if count >= params.min_tokens and (
-                    (not params.ignore_eos and token in request.eos_token_ids) or token in params.stop_token_ids):
-                request.stop_reason = token
+        # outputs allowed by max_tokens and the context
+        limit = self.max_model_len - len(request.prompt_token_ids)
+        if params.max_tokens is not None and params.max_tokens < limit:
+            limit = params.max_tokens
+        stops = request.stop_token_set
+        if num_new == 1 and outputs[-1] not in stops and len(outputs) < limit:
+            return None  # the common case: one token that stops nothing
+        for count in range(len(outputs) - num_new + 1, len(outputs) + 1):  # outputs up to and including this one
+            if outputs[count - 1] in stops and count >= params.min_tokens:
+                request.stop_reason = outputs[count - 1]
                 status = RequestStatus.FINISHED_STOPPED
-            elif (params.max_tokens is not None and count >= params.max_tokens) or \
-                    request.num_prompt_tokens + count >= self.max_model_len:
+            elif count >= limit:
                 status = RequestStatus.FINISHED_LENGTH
-            if status is not None:
-                del outputs[count:]
-                del request.output_logprobs[count:]
-                return status
+            else:
+                continue
+            del outputs[count:]
+            del request.output_logprobs[count:]
+            return status
         return None
