@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
 
@@ -91,6 +93,67 @@ def quest_page_scores(
 
 
 @triton.jit
+def _quest_bounds_decode_kernel(
+    k_ptr,  # [T, Hkv, D] the step's new keys, one per sequence
+    slots_ptr,  # [T] flat cache slots, -1 for padding
+    bounds_ptr,  # [num_blocks + 1, 2, Hkv, D]
+    stride_kt, stride_kh, stride_xb, stride_xm, stride_xh,
+    num_kv_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+):
+    t = tl.program_id(0)
+    wait_for_prior(PDL)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        blk = (slot // BLOCK_SIZE).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = (offs_h < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
+        k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :],
+                    mask=ok).to(tl.float32)  # exact: min / max pick one of their inputs
+        lo_ptr = bounds_ptr + blk * stride_xb + offs_h[:, None] * stride_xh + offs_d[None, :]
+        lo, hi = k, k
+        if slot % BLOCK_SIZE != 0:  # the block's first key resets its bounds
+            lo = tl.minimum(lo, tl.load(lo_ptr, mask=ok).to(tl.float32))
+            hi = tl.maximum(hi, tl.load(lo_ptr + stride_xm, mask=ok).to(tl.float32))
+        tl.store(lo_ptr, lo.to(bounds_ptr.dtype.element_ty), mask=ok)
+        tl.store(lo_ptr + stride_xm, hi.to(bounds_ptr.dtype.element_ty), mask=ok)
+
+
+def quest_update_bounds_decode(k: torch.Tensor, slots: torch.Tensor, bounds: torch.Tensor, block_size: int) -> None:
+    """A decode step's keys folded into their pages' bounds in one launch (one program per token).
+    Each token must own its block within the step, as decode tokens do (a sequence writes only its
+    own last block); prompts, where a step writes several keys of one block, take the torch path
+    (``SideState.update``)."""
+    T, Hkv, D = k.shape
+    if T == 0:
+        return
+    assert k.stride(2) == 1 and bounds.stride(3) == 1
+    _quest_bounds_decode_kernel[(T,)](
+        k, slots, bounds,
+        k.stride(0), k.stride(1), bounds.stride(0), bounds.stride(1), bounds.stride(2),
+        Hkv, D,
+        BLOCK_SIZE=block_size, BLOCK_H=next_power_of_2(Hkv), BLOCK_D=max(16, next_power_of_2(D)),
+        num_warps=4, **pdl.launch_args(k.device),
+    )
+
+
+# The selection's search: thresholds counted per pass, and the program's warps. Best of arity
+# 2 / 8 / 16 x 4 / 8 / 16 warps on the H200 at 2048 pages (tl.sort of the row: 3-4x slower);
+# docs/attention.md.
+SELECT_ARITY = 8
+SELECT_WARPS = 8
+
+
+def select_passes(arity: int) -> int:
+    """Passes until an ARITY-way search has narrowed the 2**32 int32 keys to one."""
+    span, passes = 1 << 32, 0
+    while span > 1:
+        span, passes = -(-span // arity), passes + 1
+    return passes
+
+
+@triton.jit
 def _quest_select_kernel(
     scores_ptr,  # [B, Hkv, P] fp32 (quest_page_scores; -inf past a sequence's end)
     bt_ptr,  # [B, P] int32
@@ -101,7 +164,7 @@ def _quest_select_kernel(
     num_pages_max, max_pages,
     budget_bits,  # the KV budget's float64 bits (an int64), so that ceil(budget * pages) is the host's
     sink_pages, num_kv_heads,
-    BLOCK_SIZE: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr, ARITY: tl.constexpr, PASSES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -117,16 +180,23 @@ def _quest_select_kernel(
                 other=float("-inf"))
     s = tl.where(valid, s, float("-inf"))
     s = tl.where(valid & ((offs == num_pages - 1) | (offs < sink_pages)), float("inf"), s)
-    # the want-th largest score, exactly: bisection on the scores' order-preserving int32 keys
+    # the want-th largest score, exactly: an ARITY-way search on the scores' order-preserving int32
+    # keys, counting ARITY thresholds per pass (PASSES passes)
     bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # monotone in the float value
-    lo = tl.min(tl.where(valid, key, 1 << 40), 0)  # invariant: count(key >= lo) >= want
-    hi = tl.max(tl.where(valid, key, -(1 << 40)), 0)  # invariant: count(key > hi) < want
-    for _ in range(33):
-        mid = lo + ((hi - lo + 1) >> 1)
-        enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= want
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float value
+    lo = tl.min(tl.where(valid, key, 2147483647), 0).to(tl.int64)  # invariant: count(key >= lo) >= want
+    hi = tl.max(tl.where(valid, key, -2147483647 - 1), 0).to(tl.int64)  # invariant: count(key > hi) < want
+    arm = tl.arange(0, ARITY)
+    for _ in range(PASSES):
+        step = (hi - lo + ARITY) // ARITY  # ceil((hi - lo + 1) / ARITY) >= 1
+        t = lo + arm.to(tl.int64) * step  # [ARITY]; t[0] = lo keeps the invariant
+        inside = t <= hi
+        t32 = tl.minimum(t, hi).to(tl.int32)
+        count = tl.sum(((key[None, :] >= t32[:, None]) & valid[None, :]).to(tl.int32), 1)
+        best = tl.max(tl.where((count >= want) & inside, arm, 0), 0)
+        lo = lo + best.to(tl.int64) * step
+        hi = tl.minimum(hi, lo + step - 1)  # the next threshold failed (or lay past hi)
+    lo = lo.to(tl.int32)
     above = valid & (key > lo)
     ties = valid & (key == lo)
     take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
@@ -150,9 +220,9 @@ def quest_select(
     max_pages: int,  # host bound on the pages any query reads (sizes the output)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, Hkv, max_pages] int32, [B] int32
     """Quest's top pages per (sequence, KV head) in one launch: the exact want-th largest page
-    score by bisection over the scores' bits (32 counting passes over a row held in registers),
-    then the chosen pages' blocks written in position order by a prefix sum, the own page last
-    (ties at the threshold: the earliest pages). Replaces topk + sort + gather on the device.
+    score (a row held in registers, searched ARITY-way over the scores' bits), then the
+    chosen pages' blocks written in position order by a prefix sum, the own page last (ties at the
+    threshold: the earliest pages). Replaces topk + sort + gather on the device.
     Same contract as ``flashserve.layers.sparse_attention.quest_block_tables``."""
     B, Hkv, P = scores.shape
     tables = torch.empty(B, Hkv, max_pages, dtype=torch.int32, device=scores.device)
@@ -166,6 +236,6 @@ def quest_select(
         scores.stride(0), scores.stride(1), block_tables.stride(0), tables.stride(0), tables.stride(1),
         P, max_pages, struct.unpack("<q", struct.pack("<d", float(kv_budget)))[0], -(-num_sinks // block_size), Hkv,
         BLOCK_SIZE=block_size, P_PAD=p_pad, K_PAD=max(16, next_power_of_2(max_pages)),
-        num_warps=4 if p_pad <= 2048 else 8,
+        ARITY=SELECT_ARITY, PASSES=select_passes(SELECT_ARITY), num_warps=SELECT_WARPS,
     )
     return tables, vlens

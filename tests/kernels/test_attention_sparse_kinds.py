@@ -244,3 +244,33 @@ def test_quest_select_kernel_matches_torch_selection(device, budget, sinks):
     t, n = quest_select(flat.to(device), tables[:1].to(device), torch.tensor([80], dtype=torch.int32, device=device),
                         bs, 0.25, 0, 8)
     assert t[0, :, :5].cpu().tolist() == [tables[0, [0, 1, 2, 3, 19]].tolist()] * Hkv and int(n[0]) == 5 * bs
+    # scores one ulp apart, with the whole int32 key range spanned (-inf, +inf): the search must
+    # narrow down to the exact key, not to a neighbourhood of it
+    bits = torch.randperm(P - 2, generator=g).to(torch.int32) + 0x3F800000
+    close = torch.cat([bits.view(torch.float32), torch.tensor([float("-inf"), float("inf")])])
+    close = close[torch.randperm(P, generator=g)].expand(1, Hkv, P).contiguous()
+    t, n = quest_select(close.to(device), tables[:1].to(device), torch.tensor([P * bs], dtype=torch.int32,
+                        device=device), bs, 0.25, 0, 10)
+    pages = sorted(set(close[0, 0, :-1].topk(9).indices.tolist()) | {P - 1})
+    assert t[0, :, :10].cpu().tolist() == [tables[0, pages].tolist()] * Hkv and int(n[0]) == 10 * bs
+
+
+def test_quest_bounds_decode_kernel_matches_torch_update(device, dtype):
+    """A decode step's one-launch bounds update equals the torch path's scatter-reduce: pages that
+    the step opens are reset to the new key, others widened, padded slots (-1) write nothing."""
+    from flashserve.kernels.quest import quest_update_bounds_decode
+    from flashserve.layers.sparse_attention import SideState
+
+    g = torch.Generator().manual_seed(7)
+    num_blocks, bs, Hkv, D = 12, 4, 2, 16
+    spec = AttentionSpec("quest", kv_budget=0.5)
+    state = SideState(torch.zeros(num_blocks, bs, Hkv, D))
+    raw = torch.randn(num_blocks + 1, 2, Hkv, D, generator=g)
+    state.bounds = torch.stack([raw.amin(1), raw.amax(1)], 1).to(dtype)
+    slots = torch.tensor([5 * bs, 2 * bs + 3, -1, 9 * bs + 1, 0], dtype=torch.int32)  # opens, widens, padding
+    k = torch.randn(len(slots), Hkv, D, generator=g).to(dtype)
+    bounds = state.bounds.clone().to(device)
+    quest_update_bounds_decode(k.to(device), slots.to(device), bounds, bs)
+    state.update(spec, k, slots.long())
+    assert torch.equal(bounds[:num_blocks].cpu(), state.bounds[:num_blocks])
+    assert torch.equal(bounds[5, 0].cpu(), k[0]) and torch.equal(bounds[5, 1].cpu(), k[0])
