@@ -120,3 +120,22 @@ def test_plain_steps_record_the_tokens_the_general_path_records(tiny):
         return [o.token_ids for o in outs[: len(prompts)]]
 
     assert run([]) == run([[5, 6, 7]])
+
+
+def test_worker_step_timings_split_the_launch(tiny):
+    """Each engine step that launched work made one Worker step (the throughput bench pairs them
+    in order); the Worker's host preparation and its model / sampler time add up to its host time."""
+    from flashserve.bench.throughput import launch_split
+
+    prompts, params = workload()
+    llm = LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, verbose=False, kv_cache_bytes=1 << 21)
+    engine = llm.engine
+    engine.timings, engine.worker.timings = [], []
+    llm.generate(prompts, params, use_tqdm=False)
+    steps = engine.worker.timings
+    assert len(steps) == sum(t.num_seqs > 0 for t in engine.timings) > 0
+    assert all(0 < t.compute_s <= t.host_s for t in steps)
+    split = launch_split(engine.timings, steps, min_seqs=1)
+    assert set(split) == {"worker_prep", "model_and_sampler"} and split["model_and_sampler"] > 0
+    assert launch_split(engine.timings, steps[1:], min_seqs=1) is None  # not one Worker step per launch
+    assert launch_split(engine.timings, steps, min_seqs=10**6) is None

@@ -90,6 +90,16 @@ class StepTiming:
     host_s: float  # host time to apply the plan, build inputs and launch the forward and sampling
     start: torch.cuda.Event | None = None  # device timeline of the step (CUDA)
     end: torch.cuda.Event | None = None
+    # Of host_s, the time inside the model's forward, the sampler and the speculator's draft and
+    # verification calls: launching their kernels on CUDA (nothing waits for the device), running
+    # them on CPU. The rest (``prep_s``) is the Worker's own host work.
+    compute_s: float = 0.0
+
+    @property
+    def prep_s(self) -> float:
+        """Host time of the plan's application, the inputs (built and written into the step's
+        buffers) and the sampling rows: ``host_s`` outside the model, sampler and speculator calls."""
+        return self.host_s - self.compute_s
 
     @property
     def gpu_ms(self) -> float | None:
@@ -218,6 +228,7 @@ class Worker:
         # its sampling waits for the next execute() or its result() (see execute).
         self._deferred: _DeferredStep | None = None
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
+        self._compute_s = 0.0  # time in model, sampler and speculator calls since execute() began
         self.graphs: CudaGraphs | None = None
         if backend_name == "triton":
             use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
@@ -358,7 +369,10 @@ class Worker:
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
             self._upload(inp, pt, pb)
-            return self.graphs.replay(key, t), True
+            c0 = time.perf_counter()
+            hidden = self.graphs.replay(key, t)
+            self._compute_s += time.perf_counter() - c0
+            return hidden, True
         self._upload(inp, t, b)
         query_lens = np.diff(inp.query_start_loc).tolist()
         seq_lens = inp.seq_lens.tolist()
@@ -367,8 +381,11 @@ class Worker:
         for m in (meta, *meta.groups):  # every group of layers verifies the same drafts
             m.seq_attention, m.tree, m.verify_seqs = inp.seq_attention, tree, verify_seqs
         model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
+        c0 = time.perf_counter()
         with forward_context(meta):
-            return model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False
+            hidden = model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches)
+        self._compute_s += time.perf_counter() - c0
+        return hidden, False
 
     # ----------------------------------------------------------------- steps
     @torch.inference_mode()
@@ -376,12 +393,15 @@ class Worker:
         """Apply the plan and launch its step; the handle's ``result()`` waits for the tokens."""
         self._sample_deferred()  # before the plan changes the batch the deferred step was built from
         t0 = time.perf_counter()
+        self._compute_s = 0.0
         self._apply_plan_state(plan)
         if not plan.requests:
             return StepHandle(plan.step_id, [], None)
         entries, spec = plan.requests, None
         if self.speculator is not None:  # drafts into the token table, entries with the real draft counts
+            c0 = time.perf_counter()
             entries, spec = self.speculator.propose(entries)
+            self._compute_s += time.perf_counter() - c0
         inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None)
         if spec is not None:
             spec.adjust_inputs(inp)
@@ -406,6 +426,7 @@ class Worker:
         if timing.end is not None:
             timing.end.record()
         timing.host_s = time.perf_counter() - t0
+        timing.compute_s = self._compute_s
         if self.timings is not None:
             self.timings.append(timing)
         self._last_handle = handle
@@ -415,6 +436,7 @@ class Worker:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
         rows = self._sampling_rows(states)
+        c0 = time.perf_counter()
         if spec is None:
             # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
             head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
@@ -426,6 +448,7 @@ class Worker:
             self._prev_tokens = handle.out.token_ids.gather(1, handle.out.num_tokens[:, None] - 1)[:, 0]
         if self.speculator is not None:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
+        self._compute_s += time.perf_counter() - c0
         self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
         handle.host.update({name: self._to_host(getattr(handle.out, name))
                             for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
