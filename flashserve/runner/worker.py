@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable
-from itertools import compress, repeat
+from itertools import repeat
 from typing import Any, NamedTuple
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +41,9 @@ from flashserve.runner.input_batch import BlockUpdates, InputBatch, StepInputs
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.swap import HostSwapSpace, apply_block_copies
 from flashserve.sched.plan import SampledTokens, SchedulerOutput, StepCost, WorkerOutput
+
+_request_id, _slot = operator.attrgetter("request_id"), operator.attrgetter("slot")
+_params, _penalty_slot = operator.attrgetter("params"), operator.attrgetter("penalty_slot")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,6 +128,7 @@ class StepHandle:
     comms: list = field(default_factory=list)  # sends not waited for yet (pipeline stages)
     packet: Any = None  # a pipeline stage before the last: the posted receive of the step's tokens
     worker: Worker | None = None
+    slots: np.ndarray | None = None  # [S] the batch slot of each row at launch
     _result: WorkerOutput | None = None
 
     def result(self) -> WorkerOutput:
@@ -222,7 +226,7 @@ class Worker:
                                    layout.num_groups)
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
-        self._prev_rows: dict[str, int] = {}
+        self._prev_rows = np.full(0, -1, dtype=np.int64)  # per batch slot: its row in _prev_tokens (-1: none)
         self._last_handle: StepHandle | None = None  # the step launched last (maybe still in flight)
         # A step whose grammar masks need the tokens of the step before it: its forward is launched,
         # its sampling waits for the next execute() or its result() (see execute).
@@ -409,14 +413,16 @@ class Worker:
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
+        # the sampling rows' ids and states, by C-level maps
+        handle = StepHandle(plan.step_id, list(map(_request_id, map(entries.__getitem__, inp.sample_rows))), None,
+                            worker=self, slots=inp.sample_slots)
+        states = handle.states = list(map(self.batch.states.__getitem__, handle.request_ids))
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
-        handle = StepHandle(plan.step_id, [entries[i].request_id for i in inp.sample_rows], None, worker=self)
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
-            states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
             if self.stage_results is not None and not self.stage_results.samples:
                 handle.packet = self.stage_results.expect(states)  # the last stage samples
-            elif any(st.params.structured_output is not None and st.num_known < st.num_tokens - 1 for st in states):
+            elif self.batch.grammar_waits(inp.sample_slots):
                 # A grammar mask needs the token the step in flight samples. Sampling now would make
                 # the device wait for the host's whole turn (outputs, scheduling, inputs) after
                 # it; deferred to the next execute(), the host does that turn while this forward runs.
@@ -449,7 +455,8 @@ class Worker:
         if self.speculator is not None:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0
-        self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
+        self._prev_rows = np.full(self.batch.num_slots, -1, dtype=np.int64)
+        self._prev_rows[handle.slots] = np.arange(len(handle.slots))
         handle.host.update({name: self._to_host(getattr(handle.out, name))
                             for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
                             if getattr(handle.out, name) is not None})
@@ -460,16 +467,22 @@ class Worker:
             handle.event.record()
 
     def _sampling_rows(self, states: list) -> list[SamplingRow]:
-        tokens = self.batch.tokens
-        rows = []
-        for st in states:  # runs for every sampling row of every step: one read of each field
-            params = st.params
-            num_output = st.num_tokens - st.num_prompt_tokens - 1  # generated before this sample
-            rows.append(SamplingRow(params, num_output, st.penalty_slot,
-                                    st.banned if num_output < params.min_tokens else (), st.request_id,
-                                    tokens[st.slot, st.num_prompt_tokens : st.num_known]
-                                    if params.structured_output is not None else ()))
-        return rows
+        """One SamplingRow per state, made from C (``tuple.__new__`` over zipped columns); the
+        columns are array work over the batch's per-slot counts, with Python only for the rare
+        rows below their min_tokens (banned ids) or with a grammar (their tokens so far)."""
+        batch = self.batch
+        slots = np.fromiter(map(_slot, states), np.int64, len(states))
+        num_output = batch.num_tokens[slots] - batch.num_prompt[slots] - 1  # generated before this sample
+        banned = [()] * len(states)
+        for i in np.flatnonzero(num_output < batch.min_tokens[slots]).tolist():
+            banned[i] = states[i].banned
+        outputs = [()] * len(states)
+        for i in np.flatnonzero(batch.grammar[slots]).tolist():
+            st = states[i]
+            outputs[i] = batch.tokens[st.slot, st.num_prompt_tokens : st.num_known]
+        columns = zip(map(_params, states), num_output.tolist(), map(_penalty_slot, states), banned,
+                      map(_request_id, states), outputs)
+        return list(map(tuple.__new__, repeat(SamplingRow), columns))
 
     def _sample_deferred(self) -> None:
         """Sample the deferred grammar step, once the previous step's tokens are on the host (the
@@ -509,8 +522,10 @@ class Worker:
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
-        if counts is None and lp is None and self.speculator is None:
-            sampled = self._record_plain(handle, tokens)
+        plain = counts is None and lp is None and self.speculator is None
+        if plain:
+            self._record_plain(handle)
+            sampled = {}
         else:
             sampled = self._record(handle, tokens, lp, top_ids, top_vals, counts)
         if self._deferred is not None and self._deferred.previous is handle:
@@ -518,21 +533,21 @@ class Worker:
             # while the engine processes these tokens and plans the next step.
             self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
                                                     self.sampler.penalties.vocab_size)
-        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
+        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None,
+                            tokens if plain else None)
 
-    def _record_plain(self, handle: StepHandle, tokens: list[int]) -> dict[str, SampledTokens]:
-        """``_record`` for the common step: one token per row, no logprobs, no drafts; the token
-        table is written at once, and each row's ``SampledTokens((token,), None, 0)`` is made by
-        ``tuple.__new__`` (as ``NamedTuple._make`` does) from C, with no Python frame per row."""
+    def _record_plain(self, handle: StepHandle) -> None:
+        """``_record`` for the common step: one token per row, no logprobs, no drafts. The token
+        table and the rows' counts are written at once, and the answer is the token list itself
+        (``WorkerOutput.tokens``): nothing is made per row."""
         live = self.batch.states
-        states = handle.states
-        alive = list(map(operator.is_, map(live.get, handle.request_ids), states))
+        alive = list(map(operator.is_, map(live.get, handle.request_ids), handle.states))
+        ids = handle.host["token_ids"].numpy()
         if all(alive):  # not if a request left (or its id was reused) while the step ran
-            self.batch.append_one(states, tokens)
+            self.batch.append_one(handle.slots, ids)
         else:
-            self.batch.append_one(list(compress(states, alive)), list(compress(tokens, alive)))
-        rows = map(tuple.__new__, repeat(SampledTokens), zip(zip(tokens), repeat(None), repeat(0)))
-        return dict(zip(handle.request_ids, rows))
+            keep = np.array(alive, dtype=bool)
+            self.batch.append_one(handle.slots[keep], ids[keep])
 
     def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
                 counts: list[int] | None) -> dict[str, SampledTokens]:

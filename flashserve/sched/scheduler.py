@@ -417,6 +417,8 @@ class Scheduler:
         with ``finish_request``. Requests that left the engine while the step ran are skipped.
         """
         sampling = self._inflight.pop(plan.step_id)
+        if result.tokens is not None:
+            return self._update_plain(sampling, result.tokens)
         progressed: list[tuple[Request, int]] = []
         now = time.monotonic()
         for rid, request in sampling.items():
@@ -436,4 +438,25 @@ class Scheduler:
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
                 self.block_manager.commit(request)
             progressed.append((request, len(sampled.token_ids)))
+        return progressed
+
+    def _update_plain(self, sampling: dict[str, Request], tokens: list[int]) -> list[tuple[Request, int]]:
+        """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
+        request the step samples for, in plan order (the order ``sampling`` was filled in)."""
+        if len(tokens) != len(sampling):
+            raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples {len(sampling)} requests")
+        progressed: list[tuple[Request, int]] = []
+        now = time.monotonic()
+        running, commit = self._blocks_sent, self.block_manager.commit
+        for request, token in zip(sampling.values(), tokens):
+            request.num_pending_tokens -= 1
+            request.awaiting_result = False
+            if request.status.finished:
+                continue
+            request.output_token_ids.append(token)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            if request.request_id in running:  # still running: its blocks may be full now
+                commit(request)
+            progressed.append((request, 1))
         return progressed
