@@ -22,6 +22,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from flashserve.layers.sampler import is_plain_greedy
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import NewRequest, ScheduledRequest
 
@@ -126,13 +127,15 @@ class InputBatch:
         # the tables of layer groups 1, 2, ... (the request's block count is the same in every group)
         self.group_tables = [np.zeros((0, self.max_blocks), dtype=np.int32) for _ in range(num_groups - 1)]
         # Per slot: token values on the host, tokens including those sampled by steps in flight,
-        # prompt tokens, block-table columns held, min_tokens, and whether it has a grammar.
+        # prompt tokens, block-table columns held, min_tokens, whether it has a grammar, and
+        # whether its rows are plain greedy.
         self.num_known = np.zeros(0, dtype=np.int64)
         self.num_tokens = np.zeros(0, dtype=np.int64)
         self.num_prompt = np.zeros(0, dtype=np.int64)
         self.num_blocks = np.zeros(0, dtype=np.int64)
         self.min_tokens = np.zeros(0, dtype=np.int64)
         self.grammar = np.zeros(0, dtype=bool)
+        self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
         self._free_slots: list[int] = []
 
     @property
@@ -146,7 +149,7 @@ class InputBatch:
         self.block_table = np.concatenate([self.block_table, np.zeros((grow, self.max_blocks), np.int32)])
         self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
                              for t in self.group_tables]
-        for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar"):
+        for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar", "plain"):
             column = getattr(self, name)
             setattr(self, name, np.concatenate([column, np.zeros(grow, column.dtype)]))
         self._free_slots.extend(range(old + grow - 1, old - 1, -1))
@@ -165,6 +168,7 @@ class InputBatch:
         self.num_blocks[slot] = 0
         self.min_tokens[slot] = new.params.min_tokens
         self.grammar[slot] = new.params.structured_output is not None
+        self.plain[slot] = is_plain_greedy(new.params)
         self.states[new.request_id] = state
         return state
 

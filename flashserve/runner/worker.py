@@ -388,6 +388,7 @@ class Worker:
         c0 = time.perf_counter()
         with forward_context(meta):
             hidden = model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches)
+        del meta, m  # part of the forward: what the attention backend memoised in it is freed here
         self._compute_s += time.perf_counter() - c0
         return hidden, False
 
@@ -441,13 +442,15 @@ class Worker:
     def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
-        rows = self._sampling_rows(states)
+        # rows that are all plain greedy need no SamplingRow (Sampler.greedy)
+        plain = spec is None and bool(self.batch.plain[handle.slots].all())
+        rows = None if plain else self._sampling_rows(states)
         c0 = time.perf_counter()
         if spec is None:
             # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
             head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
             logits = head(hidden[self._to_device(inp.logits_indices)])
-            handle.out = self.sampler(logits, rows)
+            handle.out = self.sampler.greedy(logits) if plain else self.sampler(logits, rows)
             self._prev_tokens = handle.out.token_ids
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
             handle.out = self.speculator.verify(hidden, inp, rows, spec)
