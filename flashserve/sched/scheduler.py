@@ -455,16 +455,19 @@ class Scheduler:
             raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples {len(sampling)} requests")
         progressed: list[tuple[Request, int]] = []
         now = time.monotonic()
-        running, commit = self._blocks_sent, self.block_manager.commit
+        running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
         for request, token in zip(sampling.values(), tokens):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
                 continue
-            request.output_token_ids.append(token)
+            outputs = request.output_token_ids
+            outputs.append(token)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
-            if request.request_id in running:  # still running: its blocks may be full now
+            # Still running, and this token completed a block of known tokens: the block may be
+            # registered now (commit's other trigger, computed tokens, moves only in _claim).
+            if not (len(request.prompt_token_ids) + len(outputs)) % bs and request.request_id in running:
                 commit(request)
             progressed.append((request, 1))
         return progressed
