@@ -128,7 +128,7 @@ class InputBatch:
         self.group_tables = [np.zeros((0, self.max_blocks), dtype=np.int32) for _ in range(num_groups - 1)]
         # Per slot: token values on the host, tokens including those sampled by steps in flight,
         # prompt tokens, block-table columns held, min_tokens, whether it has a grammar, and
-        # whether its rows are plain greedy.
+        # whether its rows are plain greedy, whether it has an attention option.
         self.num_known = np.zeros(0, dtype=np.int64)
         self.num_tokens = np.zeros(0, dtype=np.int64)
         self.num_prompt = np.zeros(0, dtype=np.int64)
@@ -136,6 +136,7 @@ class InputBatch:
         self.min_tokens = np.zeros(0, dtype=np.int64)
         self.grammar = np.zeros(0, dtype=bool)
         self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
+        self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
         self._free_slots: list[int] = []
 
     @property
@@ -149,7 +150,8 @@ class InputBatch:
         self.block_table = np.concatenate([self.block_table, np.zeros((grow, self.max_blocks), np.int32)])
         self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
                              for t in self.group_tables]
-        for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar", "plain"):
+        for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar", "plain",
+                     "attention"):
             column = getattr(self, name)
             setattr(self, name, np.concatenate([column, np.zeros(grow, column.dtype)]))
         self._free_slots.extend(range(old + grow - 1, old - 1, -1))
@@ -169,6 +171,7 @@ class InputBatch:
         self.min_tokens[slot] = new.params.min_tokens
         self.grammar[slot] = new.params.structured_output is not None
         self.plain[slot] = is_plain_greedy(new.params)
+        self.attention[slot] = new.params.attention is not None
         self.states[new.request_id] = state
         return state
 
@@ -270,9 +273,8 @@ class InputBatch:
         sample_rows = np.flatnonzero(np.fromiter(map(_sample, entries), bool, count))
         sample_slots = slots[sample_rows]
         self.num_tokens[sample_slots] += 1
-        attention = tuple(map(_attention, map(_params, states)))
         return StepInputs(
-            seq_attention=attention if attention.count(None) != count else None,
+            seq_attention=tuple(map(_attention, map(_params, states))) if self.attention[slots].any() else None,
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,

@@ -340,17 +340,14 @@ class Worker:
         i64[2 * pad_tokens : 2 * pad_tokens + t] = inp.slot_mapping
         i64[2 * pad_tokens + t : 3 * pad_tokens] = -1
         i64[3 * pad_tokens :] = inp.slots
-        i32 = np.empty(2 * pad_seqs + 1, dtype=np.int32)
+        i32 = np.empty(2 * pad_seqs + 2, dtype=np.int32)  # query starts, then context lengths (and one 0)
         i32[: b + 1] = inp.query_start_loc
         i32[b + 1 : pad_seqs + 1] = t
         i32[pad_seqs + 1 : pad_seqs + 1 + b] = inp.seq_lens
         i32[pad_seqs + 1 + b :] = 0
         d64, d32 = self._to_device(i64), self._to_device(i32)
-        buf.input_ids[:pad_tokens].copy_(d64[:pad_tokens])
-        buf.positions[:pad_tokens].copy_(d64[pad_tokens : 2 * pad_tokens])
-        buf.slot_mapping[:pad_tokens].copy_(d64[2 * pad_tokens : 3 * pad_tokens])
-        buf.query_start_loc[: pad_seqs + 1].copy_(d32[: pad_seqs + 1])
-        buf.seq_lens[:pad_seqs].copy_(d32[pad_seqs + 1 :])
+        buf.token_inputs[:, :pad_tokens].copy_(d64[: 3 * pad_tokens].view(3, pad_tokens))
+        buf.seq_inputs[:, : pad_seqs + 1].copy_(d32.view(2, pad_seqs + 1))
         self.apply_block_updates((inp.block_updates, inp.group_block_updates))
         torch.index_select(self.block_table, 0, d64[3 * pad_tokens :], out=buf.block_tables[:b])
         for g, (table, slots) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping)):
