@@ -139,3 +139,25 @@ def test_worker_step_timings_split_the_launch(tiny):
     assert set(split) == {"worker_prep", "model_and_sampler"} and split["model_and_sampler"] > 0
     assert launch_split(engine.timings, steps[1:], min_seqs=1) is None  # not one Worker step per launch
     assert launch_split(engine.timings, steps, min_seqs=10**6) is None
+
+
+def test_a_token_of_a_request_that_left_never_lands_in_its_reused_slot(tiny):
+    """A request aborted while its step runs: the next plan drops it and gives its Worker slot to
+    a new request before that step's token is read; the token must not be written there."""
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def fresh():
+        return LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, verbose=False,
+                   kv_cache_bytes=1 << 21).engine
+
+    alone = fresh()
+    alone.add_request("b", list(range(30, 41)), greedy)
+    want = [o for _ in range(40) for o in alone.step() if o.finished][0].outputs[0].token_ids
+    engine = fresh()
+    engine.add_request("a", list(range(3, 20)), greedy)
+    engine.step()
+    engine.step()  # a's second step is in flight
+    engine.abort_request("a")
+    engine.add_request("b", list(range(30, 41)), greedy)
+    got = [o for _ in range(40) for o in engine.step() if o.finished]
+    assert got[0].request_id == "b" and got[0].outputs[0].token_ids == want

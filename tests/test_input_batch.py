@@ -67,3 +67,12 @@ def test_grammar_waits_only_for_a_grammar_row_whose_previous_token_is_in_flight(
     assert batch.grammar_waits(slots) and not batch.grammar_waits(slots[:1])
     batch.append_one(slots, np.array([1, 2]))
     assert not batch.grammar_waits(slots)
+
+
+def test_a_slot_generation_moves_on_when_its_request_leaves():
+    batch = InputBatch(max_model_len=32, block_size=4, eos_token_ids=(0,))
+    a = batch.add(new("a", [5, 6]), None)
+    before = int(batch.generation[a.slot])
+    batch.remove("a")
+    c = batch.add(new("c", [7]), None)
+    assert c.slot == a.slot and int(batch.generation[c.slot]) != before

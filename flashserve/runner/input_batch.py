@@ -137,6 +137,7 @@ class InputBatch:
         self.grammar = np.zeros(0, dtype=bool)
         self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
         self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
+        self.generation = np.zeros(0, dtype=np.int64)  # bumped when the slot's request leaves
         self._free_slots: list[int] = []
 
     @property
@@ -151,7 +152,7 @@ class InputBatch:
         self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
                              for t in self.group_tables]
         for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar", "plain",
-                     "attention"):
+                     "attention", "generation"):
             column = getattr(self, name)
             setattr(self, name, np.concatenate([column, np.zeros(grow, column.dtype)]))
         self._free_slots.extend(range(old + grow - 1, old - 1, -1))
@@ -179,6 +180,7 @@ class InputBatch:
         state = self.states.pop(request_id, None)
         if state is not None:
             self._free_slots.append(state.slot)
+            self.generation[state.slot] += 1
         return state
 
     def append_one(self, slots: np.ndarray, token_ids: np.ndarray) -> None:

@@ -129,6 +129,7 @@ class StepHandle:
     packet: Any = None  # a pipeline stage before the last: the posted receive of the step's tokens
     worker: Worker | None = None
     slots: np.ndarray | None = None  # [S] the batch slot of each row at launch
+    generations: np.ndarray | None = None  # [S] those slots' InputBatch.generation at launch
     _result: WorkerOutput | None = None
 
     def result(self) -> WorkerOutput:
@@ -413,7 +414,7 @@ class Worker:
             timing.start.record()
         # the sampling rows' ids and states, by C-level maps
         handle = StepHandle(plan.step_id, list(map(_request_id, map(entries.__getitem__, inp.sample_rows))), None,
-                            worker=self, slots=inp.sample_slots)
+                            worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
         states = handle.states = list(map(self.batch.states.__getitem__, handle.request_ids))
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle.comms = self.parallel.take_sends()
@@ -540,14 +541,13 @@ class Worker:
         """``_record`` for the common step: one token per row, no logprobs, no drafts. The token
         table and the rows' counts are written at once, and the answer is the token list itself
         (``WorkerOutput.tokens``): nothing is made per row."""
-        live = self.batch.states
-        alive = list(map(operator.is_, map(live.get, handle.request_ids), handle.states))
         ids = handle.host["token_ids"].numpy()
-        if all(alive):  # not if a request left (or its id was reused) while the step ran
+        # not the rows whose request left (its slot's generation moved on) while the step ran
+        alive = self.batch.generation[handle.slots] == handle.generations
+        if alive.all():
             self.batch.append_one(handle.slots, ids)
         else:
-            keep = np.array(alive, dtype=bool)
-            self.batch.append_one(handle.slots[keep], ids[keep])
+            self.batch.append_one(handle.slots[alive], ids[alive])
 
     def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
                 counts: list[int] | None) -> dict[str, SampledTokens]:
