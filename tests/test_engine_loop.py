@@ -120,3 +120,44 @@ def test_plain_steps_record_the_tokens_the_general_path_records(tiny):
         return [o.token_ids for o in outs[: len(prompts)]]
 
     assert run([]) == run([[5, 6, 7]])
+
+
+def test_worker_step_timings_split_the_launch(tiny):
+    """Each engine step that launched work made one Worker step (the throughput bench pairs them
+    in order); the Worker's host preparation and its model / sampler time add up to its host time."""
+    from flashserve.bench.throughput import launch_split
+
+    prompts, params = workload()
+    llm = LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, verbose=False, kv_cache_bytes=1 << 21)
+    engine = llm.engine
+    engine.timings, engine.worker.timings = [], []
+    llm.generate(prompts, params, use_tqdm=False)
+    steps = engine.worker.timings
+    assert len(steps) == sum(t.num_seqs > 0 for t in engine.timings) > 0
+    assert all(0 < t.compute_s <= t.host_s for t in steps)
+    split = launch_split(engine.timings, steps, min_seqs=1)
+    assert set(split) == {"worker_prep", "model_and_sampler"} and split["model_and_sampler"] > 0
+    assert launch_split(engine.timings, steps[1:], min_seqs=1) is None  # not one Worker step per launch
+    assert launch_split(engine.timings, steps, min_seqs=10**6) is None
+
+
+def test_a_token_of_a_request_that_left_never_lands_in_its_reused_slot(tiny):
+    """A request aborted while its step runs: the next plan drops it and gives its Worker slot to
+    a new request before that step's token is read; the token must not be written there."""
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def fresh():
+        return LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, verbose=False,
+                   kv_cache_bytes=1 << 21).engine
+
+    alone = fresh()
+    alone.add_request("b", list(range(30, 41)), greedy)
+    want = [o for _ in range(40) for o in alone.step() if o.finished][0].outputs[0].token_ids
+    engine = fresh()
+    engine.add_request("a", list(range(3, 20)), greedy)
+    engine.step()
+    engine.step()  # a's second step is in flight
+    engine.abort_request("a")
+    engine.add_request("b", list(range(30, 41)), greedy)
+    got = [o for _ in range(40) for o in engine.step() if o.finished]
+    assert got[0].request_id == "b" and got[0].outputs[0].token_ids == want

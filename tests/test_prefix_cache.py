@@ -167,3 +167,37 @@ def test_greedy_outputs_identical_with_and_without_prefix_cache(tiny_model):
         else:
             assert stats.prefix_cache_hits == 0
     assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_blocks_completed_by_generated_tokens_are_shared_under_overlap(plain):
+    """With step N+1 planned before step N's tokens are back, a block that a generated token
+    completes is registered when that token arrives (a plain token list or the sampled dict),
+    so a later prompt extending the output shares it."""
+    from flashserve.sched.plan import SampledTokens, WorkerOutput
+    from flashserve.sched.stop import StopChecker
+
+    s = make(num_blocks=32)
+    stop = StopChecker(s.max_model_len)
+    s.add_request(req("a", range(10, 16), max_tokens=7))
+    inflight, out_tokens = [], iter(range(100, 200))
+    for _ in range(40):
+        if not (s.has_unfinished() or inflight):
+            break
+        plan = s.schedule()
+        inflight.append(plan)
+        if len(inflight) == 2 or not plan.requests:
+            done = inflight.pop(0)
+            rows = [r.request_id for r in done.requests if r.sample]
+            toks = [next(out_tokens) for _ in rows]
+            out = WorkerOutput(done.step_id, {}, tokens=toks) if plain else \
+                WorkerOutput(done.step_id, {r: SampledTokens((t,)) for r, t in zip(rows, toks)})
+            for r, n in s.update(done, out):
+                status = stop.check(r, n)
+                if status is not None:
+                    s.finish_request(r.request_id, status)
+        s.block_manager.check_invariants()
+    assert not s.has_unfinished()
+    # a's tokens: 6 prompt + 7 generated (100 ... 106); its computed K/V covers the first 12
+    hit = s.block_manager.lookup_prefix("b", list(range(10, 16)) + list(range(100, 107)) + [1])
+    assert hit.num_tokens == 12

@@ -107,3 +107,46 @@ def test_max_model_len_ends_with_length():
     for _ in range(3):
         run_step(s)
     assert r.status == RequestStatus.FINISHED_LENGTH and r.num_tokens == 6
+
+
+def test_a_plain_token_list_updates_as_the_sampled_dict_does():
+    """``WorkerOutput.tokens`` (one token per sampling row, in plan order) gives the same requests
+    the same tokens as ``sampled`` keyed by id, with overlapped plans and a request that leaves
+    while its step runs; a list of the wrong length is refused."""
+    import pytest
+
+    from flashserve.sched.plan import SampledTokens, WorkerOutput
+    from flashserve.sched.stop import StopChecker
+
+    def run(plain: bool):
+        s = make(num_blocks=64, budget=16, max_seqs=8, max_len=64)
+        for i in range(6):
+            s.add_request(req(f"r{i}", 3 + 2 * i, max_tokens=6, t=i))
+        stop, inflight, log = StopChecker(s.max_model_len), [], []
+        for step in range(100):
+            if not (s.has_unfinished() or inflight):
+                break
+            plan = s.schedule()
+            inflight.append(plan)
+            if step == 3:
+                s.finish_request("r2", RequestStatus.FINISHED_ABORTED)
+            if len(inflight) == 2 or not plan.requests:
+                done = inflight.pop(0)
+                rows = [r.request_id for r in done.requests if r.sample]
+                tokens = [100 * step + j for j in range(len(rows))]
+                out = WorkerOutput(done.step_id, {}, tokens=tokens) if plain else \
+                    WorkerOutput(done.step_id, {rid: SampledTokens((t,)) for rid, t in zip(rows, tokens)})
+                for r, n in s.update(done, out):
+                    log.append((r.request_id, n, list(r.output_token_ids)))
+                    status = stop.check(r, n)
+                    if status is not None:
+                        s.finish_request(r.request_id, status)
+        assert not s.has_unfinished() and len(log) > 20
+        return log
+
+    assert run(plain=True) == run(plain=False)
+    s = make()
+    s.add_request(req("a", 3))
+    plan = s.schedule()
+    with pytest.raises(ValueError, match="sent 2 tokens for a step that samples 1"):
+        s.update(plan, WorkerOutput(plan.step_id, {}, tokens=[1, 2]))

@@ -9,7 +9,9 @@ next step's first, from CUDA events; the host planning the next step shows up he
 slower than the device), and the host time per step (scheduling, launch and output processing,
 the wait for the device excluded) over the steps that run 200 or more sequences, whole and by
 phase (scheduling; the Worker's part up to the launch; outputs: update, stop checks,
-detokenization). The engine is
+detokenization), and the launch phase split into the Worker's own host work (plan application,
+inputs, sampling rows) and the time inside the model, sampler and speculator calls (on CUDA their
+kernel launches, on CPU the computation itself; ``StepTiming.compute_s``). The engine is
 warmed up first (``LLMEngine.warm_up``) and the Triton cache's state at start is printed.
 """
 
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "host_ms_by_phase_200plus_seqs": {  # medians: scheduling, plan to launch, outputs (update, detokenize)
             phase: statistics.median(getattr(t, f"{phase}_s") for t in crowded) * 1e3
             for phase in ("schedule", "launch", "finish")} if crowded else None,
+        "launch_ms_split_200plus_seqs": launch_split(engine.timings, worker.timings) if worker is not None else None,
         "device_idle_share": device_idle_share(worker.timings) if worker is not None else None,
         "graph_steps_share": sum(t.graph for t in worker.timings) / len(worker.timings) if worker else None,
         "device_by_step_kind": step_breakdown(worker.timings) if worker is not None else None,
@@ -106,6 +109,20 @@ def run(args: argparse.Namespace) -> int:
           f"({res['total_tok_s']:.0f} tok/s with prompts), {res['preemptions']} preemptions; device idle "
           f"{'n/a' if idle is None else f'{idle:.1%}'}; Triton cache {cache} at start")
     return 0
+
+
+def launch_split(host: list, steps: list, min_seqs: int = 200) -> dict[str, float] | None:
+    """Medians over the engine steps of ``min_seqs`` or more sequences of the Worker's host
+    preparation (``StepTiming.prep_s``) and its model / sampler calls (``compute_s``), in ms. Each
+    engine step that launched work (``num_seqs`` > 0) made one Worker step, in order."""
+    launched = [t for t in host if t.num_seqs > 0]
+    if len(launched) != len(steps):
+        return None
+    pairs = [w for h, w in zip(launched, steps) if h.num_seqs >= min_seqs]
+    if not pairs:
+        return None
+    return {"worker_prep": statistics.median(w.prep_s for w in pairs) * 1e3,
+            "model_and_sampler": statistics.median(w.compute_s for w in pairs) * 1e3}
 
 
 def step_breakdown(timings: list) -> dict | None:

@@ -350,19 +350,22 @@ class LLMEngine:
     def _outputs(self, plan: SchedulerOutput, result) -> list[RequestOutput]:
         touched: dict[str, None] = {}
         beams = self.beams
+        owns, parents, child_parent, decode_states = beams.owns, self._parents, self._child_parent, self._decode_states
+        generated = 0
         for req, first in self.core.update(plan, result):
             rid = req.request_id
-            if beams.owns(rid):  # a beam's candidates: the group decides below
+            if owns(rid):  # a beam's candidates: the group decides below
                 beams.collect(req)
                 continue
-            self.generation_tokens_total += len(req.output_token_ids) - first
-            parent = self._parents[self._child_parent[rid]]
-            state = self._decode_states[rid]
+            generated += len(req.output_token_ids) - first
+            parent = parents[child_parent[rid]]
+            state = decode_states[rid]
             # A request nobody streams is detokenized when it finishes, unless a stop string
             # must be looked for in its text as it grows.
             if parent.stream or req.status.finished or state.stop:
                 self._process(req, state, parent)
                 touched[parent.request_id] = None
+        self.generation_tokens_total += generated
         outputs = [out for pid in touched if (out := self._parent_output(pid)) is not None]
         if beams.has_unfinished():
             outputs += beams.advance()

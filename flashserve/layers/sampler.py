@@ -68,6 +68,13 @@ def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def is_plain_greedy(p: SamplingParams) -> bool:
+    """A row the argmax alone samples: greedy, without penalties, min_tokens, logit bias, grammar
+    or logprobs (``Sampler.greedy`` gives it the token ``Sampler.__call__`` would)."""
+    return (p.greedy and not has_penalty(p) and p.min_tokens == 0 and not p.logit_bias
+            and p.structured_output is None and p.logprobs is None)
+
+
 class PenaltyState:
     """Per-request token statistics on the device, for requests with penalties.
 
@@ -208,6 +215,12 @@ class Sampler:
         chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
         top_vals, top_ids = logprobs.topk(want, dim=-1)
         return SamplerOutput(tokens, chosen, top_ids, top_vals)
+
+    def greedy(self, logits: torch.Tensor) -> SamplerOutput:
+        """``__call__`` for rows that are all ``is_plain_greedy``: their argmax, with no per-row
+        work on the host (the logits processors still count the call, for their evictions)."""
+        logits = self.logits_processors(logits.float(), ())
+        return SamplerOutput(logits.argmax(dim=-1))
 
     @staticmethod
     def distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -45,11 +45,14 @@ class StepBuffers:
                  num_groups: int = 1) -> None:
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(max_tokens, **i64)
-        self.positions = torch.zeros(max_tokens, **i64)
-        self.slot_mapping = torch.full((max_tokens,), -1, **i64)
-        self.query_start_loc = torch.zeros(max_seqs + 1, **i32)
-        self.seq_lens = torch.zeros(max_seqs, **i32)
+        # rows of one tensor each, so a step writes them with one copy: token ids, positions and
+        # cache slots [3, max_tokens]; query starts and context lengths [2, max_seqs + 1]
+        self.token_inputs = torch.zeros(3, max_tokens, **i64)
+        self.input_ids, self.positions, self.slot_mapping = self.token_inputs.unbind(0)
+        self.slot_mapping.fill_(-1)
+        self.seq_inputs = torch.zeros(2, max_seqs + 1, **i32)
+        self.query_start_loc = self.seq_inputs[0]
+        self.seq_lens = self.seq_inputs[1, :max_seqs]
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **i32)
         # layer groups 1, 2, ... (flashserve.cache.kv_groups): their own slots and tables
         self.group_slot_mapping = [torch.full((max_tokens,), -1, **i64) for _ in range(num_groups - 1)]

@@ -3,9 +3,11 @@
 A request's state arrives once (``NewRequest``) and is updated in place by each plan: each
 request owns a row (slot) of a persistent host token table ``[slots, max_model_len]`` and of a
 persistent block table (host copy, and a device copy the Worker updates by a small scatter per
-step); sampled tokens are appended to its token row when they come back. Building a step's
-inputs is vectorised numpy work over those tables: gathers by (slot, position), no Python loop
-over tokens and only a light one over the scheduled requests.
+step); sampled tokens are appended to its token row when they come back. Its counts (tokens
+known, tokens including those in flight, blocks held, ...) live in per-slot arrays. Building a
+step's inputs is vectorised numpy work over those tables and arrays: gathers by (slot,
+position); the plan entries' fields are read by C-level maps (no Python frame per request), and
+the only Python loop runs over the few entries that bring new blocks.
 
 Overlap: when a step is planned before the previous one's tokens came back, a request's last
 token is not on the host yet. Its input slot is filled on the device from the previous step's
@@ -20,31 +22,57 @@ from operator import attrgetter
 
 import numpy as np
 
+from flashserve.layers.sampler import is_plain_greedy
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import NewRequest, ScheduledRequest
 
-_new_block_ids, _slot, _num_known = attrgetter("new_block_ids"), attrgetter("slot"), attrgetter("num_known")
+_new_block_ids, _request_id, _slot = attrgetter("new_block_ids"), attrgetter("request_id"), attrgetter("slot")
+_start_pos, _num_new_tokens, _sample = attrgetter("start_pos"), attrgetter("num_new_tokens"), attrgetter("sample")
+_params, _attention = attrgetter("params"), attrgetter("attention")
 
 BlockUpdates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (slot, column, block id) writes into a device block table
 
 
 class RequestState:
-    """What the Worker keeps for one request (its tokens live in the batch's token table)."""
+    """What the Worker keeps for one request. Its tokens live in the batch's token table, and its
+    counts in the batch's per-slot arrays (so a step reads and advances them for every request
+    at once); the properties read and write them."""
 
-    __slots__ = ("request_id", "params", "slot", "num_known", "num_tokens", "num_prompt_tokens",
-                 "num_blocks", "penalty_slot", "banned", "spec")
+    __slots__ = ("request_id", "params", "slot", "num_prompt_tokens", "penalty_slot", "banned", "spec", "_batch")
 
-    def __init__(self, new: NewRequest, slot: int, penalty_slot: int | None, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, new: NewRequest, slot: int, penalty_slot: int | None, eos_token_ids: tuple[int, ...],
+                 batch: InputBatch) -> None:
         self.request_id = new.request_id
         self.params: SamplingParams = new.params
         self.slot = slot
-        self.num_known = len(new.prompt_token_ids) + len(new.output_token_ids)  # token values on the host
-        self.num_tokens = self.num_known  # known + sampled by steps in flight
         self.num_prompt_tokens = len(new.prompt_token_ids)
-        self.num_blocks = 0
         self.penalty_slot = penalty_slot
         self.banned = tuple(sorted(set(eos_token_ids) | set(new.params.stop_token_ids)))
         self.spec = None  # a proposer's state for this request (flashserve.spec)
+        self._batch = batch
+
+    @property
+    def num_known(self) -> int:
+        """Token values on the host."""
+        return int(self._batch.num_known[self.slot])
+
+    @num_known.setter
+    def num_known(self, value: int) -> None:
+        self._batch.num_known[self.slot] = value
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens and those sampled by steps in flight."""
+        return int(self._batch.num_tokens[self.slot])
+
+    @num_tokens.setter
+    def num_tokens(self, value: int) -> None:
+        self._batch.num_tokens[self.slot] = value
+
+    @property
+    def num_blocks(self) -> int:
+        """Columns of the request's block table the Worker holds."""
+        return int(self._batch.num_blocks[self.slot])
 
     @property
     def num_output_tokens(self) -> int:
@@ -70,6 +98,7 @@ class StepInputs:
     group_block_updates: tuple[BlockUpdates | None, ...] = ()
     # per sequence, its request's attention option (flashserve.layers.request_attention); None: none asks
     seq_attention: tuple | None = None
+    sample_slots: np.ndarray | None = None  # [S] int64: the batch slot of each sampling sequence
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +114,7 @@ class StepInputs:
 
 
 class InputBatch:
-    """Request states, the host token and block tables, and step-input building."""
+    """Request states, the host token and block tables, per-slot counts, and step-input building."""
 
     def __init__(self, max_model_len: int, block_size: int, eos_token_ids: tuple[int, ...], num_groups: int = 1) -> None:
         self.block_size = block_size
@@ -97,25 +126,53 @@ class InputBatch:
         self.block_table = np.zeros((0, self.max_blocks), dtype=np.int32)  # [slots, max_blocks]
         # the tables of layer groups 1, 2, ... (the request's block count is the same in every group)
         self.group_tables = [np.zeros((0, self.max_blocks), dtype=np.int32) for _ in range(num_groups - 1)]
+        # Per slot: token values on the host, tokens including those sampled by steps in flight,
+        # prompt tokens, block-table columns held, min_tokens, whether it has a grammar, and
+        # whether its rows are plain greedy, whether it has an attention option.
+        self.num_known = np.zeros(0, dtype=np.int64)
+        self.num_tokens = np.zeros(0, dtype=np.int64)
+        self.num_prompt = np.zeros(0, dtype=np.int64)
+        self.num_blocks = np.zeros(0, dtype=np.int64)
+        self.min_tokens = np.zeros(0, dtype=np.int64)
+        self.grammar = np.zeros(0, dtype=bool)
+        self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
+        self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
+        self.generation = np.zeros(0, dtype=np.int64)  # bumped when the slot's request leaves
         self._free_slots: list[int] = []
 
     @property
     def num_slots(self) -> int:
         return self.block_table.shape[0]
 
+    def _grow(self) -> None:
+        old = self.num_slots
+        grow = max(16, old)
+        self.tokens = np.concatenate([self.tokens, np.zeros((grow, self.max_model_len), np.int32)])
+        self.block_table = np.concatenate([self.block_table, np.zeros((grow, self.max_blocks), np.int32)])
+        self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
+                             for t in self.group_tables]
+        for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar", "plain",
+                     "attention", "generation"):
+            column = getattr(self, name)
+            setattr(self, name, np.concatenate([column, np.zeros(grow, column.dtype)]))
+        self._free_slots.extend(range(old + grow - 1, old - 1, -1))
+
     def add(self, new: NewRequest, penalty_slot: int | None) -> RequestState:
         if not self._free_slots:
-            old = self.num_slots
-            grow = max(16, old)
-            self.tokens = np.concatenate([self.tokens, np.zeros((grow, self.max_model_len), np.int32)])
-            self.block_table = np.concatenate([self.block_table, np.zeros((grow, self.max_blocks), np.int32)])
-            self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
-                                 for t in self.group_tables]
-            self._free_slots.extend(range(old + grow - 1, old - 1, -1))
-        state = RequestState(new, self._free_slots.pop(), penalty_slot, self.eos_token_ids)
+            self._grow()
+        slot = self._free_slots.pop()
+        state = RequestState(new, slot, penalty_slot, self.eos_token_ids, self)
         n = len(new.prompt_token_ids)
-        self.tokens[state.slot, :n] = new.prompt_token_ids
-        self.tokens[state.slot, n : state.num_known] = new.output_token_ids
+        known = n + len(new.output_token_ids)
+        self.tokens[slot, :n] = new.prompt_token_ids
+        self.tokens[slot, n:known] = new.output_token_ids
+        self.num_known[slot] = self.num_tokens[slot] = known
+        self.num_prompt[slot] = n
+        self.num_blocks[slot] = 0
+        self.min_tokens[slot] = new.params.min_tokens
+        self.grammar[slot] = new.params.structured_output is not None
+        self.plain[slot] = is_plain_greedy(new.params)
+        self.attention[slot] = new.params.attention is not None
         self.states[new.request_id] = state
         return state
 
@@ -123,36 +180,46 @@ class InputBatch:
         state = self.states.pop(request_id, None)
         if state is not None:
             self._free_slots.append(state.slot)
+            self.generation[state.slot] += 1
         return state
 
-    def append_one(self, states: list[RequestState], token_ids: list[int]) -> None:
-        """Record one sampled token for each of ``states`` (a plain step's rows) in one table write."""
-        self.tokens[list(map(_slot, states)), list(map(_num_known, states))] = token_ids
-        for state in states:
-            state.num_known += 1
+    def append_one(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
+        """Record one sampled token in each of the (distinct) ``slots`` (a plain step's rows) at once."""
+        known = self.num_known[slots]
+        self.tokens[slots, known] = token_ids
+        self.num_known[slots] = known + 1
 
     def append(self, state: RequestState, token_ids: tuple[int, ...]) -> None:
         """Record tokens a step sampled for the request (several when drafts were accepted)."""
-        n = len(token_ids)
-        self.tokens[state.slot, state.num_known : state.num_known + n] = token_ids
-        state.num_known += n
-        state.num_tokens += n - 1  # build() counted one token for the step
+        n, slot = len(token_ids), state.slot
+        known = int(self.num_known[slot])
+        self.tokens[slot, known : known + n] = token_ids
+        self.num_known[slot] = known + n
+        self.num_tokens[slot] += n - 1  # build() counted one token for the step
+
+    def grammar_waits(self, slots: np.ndarray) -> bool:
+        """True when a request in ``slots`` has a grammar and the token before its next sample is
+        still in flight (its mask needs that token)."""
+        g = slots[self.grammar[slots]]
+        return bool(len(g)) and bool((self.num_known[g] < self.num_tokens[g] - 1).any())
 
     def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
         """Append the plan's new block ids to the host tables (group 0's and the other groups');
         returns the (slot, column, block id) updates of the device tables, None where none changes."""
         upd_slot, upd_col, upd_blk = [], [], []
         group_upd: list[list[int]] = [[] for _ in self.group_tables]
+        num_blocks = self.num_blocks
         for e in compress(entries, map(_new_block_ids, entries)):  # the few entries with new blocks
-            st = self.states[e.request_id]
+            slot = self.states[e.request_id].slot
             n = len(e.new_block_ids)
-            upd_slot += [st.slot] * n
-            upd_col += range(st.num_blocks, st.num_blocks + n)
+            have = int(num_blocks[slot])
+            upd_slot += [slot] * n
+            upd_col += range(have, have + n)
             upd_blk += e.new_block_ids
             group_ids = e.group_block_ids or tuple((0,) * n for _ in self.group_tables)  # (warm-up plans)
             for new_ids, upd in zip(group_ids, group_upd):
                 upd += new_ids
-            st.num_blocks += n
+            num_blocks[slot] = have + n
         if not upd_slot:
             return None, tuple(None for _ in self.group_tables)
         # one write per table; a released block (-1, windowed) is never read: 0 stands in
@@ -164,27 +231,32 @@ class InputBatch:
             updates.append((slot, col, blk))
         return updates[0], tuple(updates[1:])
 
-    def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: dict[str, int],
+    def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: np.ndarray,
               num_drafts: np.ndarray | None = None) -> StepInputs:
-        """Inputs of one step. ``prev_rows``: request id -> row of the step in flight's sampled
-        tokens, for requests whose last token has not come back to the host. ``num_drafts``: per
-        entry, draft tokens a proposer wrote into the token table after the known ones."""
+        """Inputs of one step. ``prev_rows``: per slot, the row of the step in flight's sampled
+        tokens (-1: none), for requests whose last token has not come back to the host.
+        ``num_drafts``: per entry, draft tokens a proposer wrote into the token table after the
+        known ones. Per-entry fields are gathered by C-level maps, everything else is array work."""
         bs = self.block_size
-        states = [self.states[e.request_id] for e in entries]
+        count = len(entries)
         # Block ids the plan appends: host table now, device table through ``block_updates``.
         block_updates, group_block_updates = self.append_blocks(entries)
-        count = len(entries)
-        starts = np.fromiter((e.start_pos for e in entries), np.int64, count)
-        lens = np.fromiter((e.num_new_tokens for e in entries), np.int64, count)
-        slots = np.fromiter((st.slot for st in states), np.int64, count)
-        known = np.fromiter((st.num_known for st in states), np.int64, count)
+        starts = np.fromiter(map(_start_pos, entries), np.int64, count)
+        lens = np.fromiter(map(_num_new_tokens, entries), np.int64, count)
+        states = entries_states(self.states, entries)
+        slots = np.fromiter(map(_slot, states), np.int64, count)
+        known = self.num_known[slots]
         if num_drafts is not None:
             known = known + num_drafts
         qsl = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
         total = int(qsl[-1])
-        seq_ids = np.repeat(np.arange(count), lens)  # [T] sequence of each token
-        positions = np.arange(total, dtype=np.int64) - qsl[seq_ids] + starts[seq_ids]
+        if total == count and not (lens - 1).any():  # one token per sequence (decodes)
+            seq_ids = np.arange(count)
+            positions = starts
+        else:
+            seq_ids = np.repeat(np.arange(count), lens)  # [T] sequence of each token
+            positions = np.arange(total, dtype=np.int64) - qsl[seq_ids] + starts[seq_ids]
         token_slots = slots[seq_ids]
         slot_mapping = self.block_table[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
         group_slots = tuple(t[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
@@ -196,15 +268,15 @@ class InputBatch:
         if len(pending):
             input_ids[pending] = 0
             pending_seqs = seq_ids[pending]
-            rows = [prev_rows[states[i].request_id] for i in pending_seqs.tolist()]
+            rows = prev_rows[token_slots[pending]]
             assert (positions[pending] == known[pending_seqs]).all(), "only the newest token may be in flight"
-            prev_scatter = (pending.astype(np.int64), np.array(rows, np.int64))
-        sample_rows = [i for i, e in enumerate(entries) if e.sample]
-        for i in sample_rows:
-            states[i].num_tokens += 1
-        seq_attention = tuple(st.params.attention for st in states)
+            assert (rows >= 0).all(), "a pending token's row in the step in flight is unknown"
+            prev_scatter = (pending.astype(np.int64), rows.astype(np.int64))
+        sample_rows = np.flatnonzero(np.fromiter(map(_sample, entries), bool, count))
+        sample_slots = slots[sample_rows]
+        self.num_tokens[sample_slots] += 1
         return StepInputs(
-            seq_attention=seq_attention if any(a is not None for a in seq_attention) else None,
+            seq_attention=tuple(map(_attention, map(_params, states))) if self.attention[slots].any() else None,
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,
@@ -212,9 +284,15 @@ class InputBatch:
             seq_lens=(starts + lens).astype(np.int32),
             slots=slots,
             logits_indices=qsl[1:][sample_rows] - 1,
-            sample_rows=sample_rows,
+            sample_rows=sample_rows.tolist(),
+            sample_slots=sample_slots,
             prev_scatter=prev_scatter,
             block_updates=block_updates,
             group_slot_mapping=group_slots,
             group_block_updates=group_block_updates,
         )
+
+
+def entries_states(states: dict[str, RequestState], entries: tuple[ScheduledRequest, ...]) -> list[RequestState]:
+    """The request state of each entry (a C-level map: no Python frame per entry)."""
+    return list(map(states.__getitem__, map(_request_id, entries)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable
-from itertools import compress, repeat
+from itertools import repeat
 from typing import Any, NamedTuple
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +41,9 @@ from flashserve.runner.input_batch import BlockUpdates, InputBatch, StepInputs
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.swap import HostSwapSpace, apply_block_copies
 from flashserve.sched.plan import SampledTokens, SchedulerOutput, StepCost, WorkerOutput
+
+_request_id, _slot = operator.attrgetter("request_id"), operator.attrgetter("slot")
+_params, _penalty_slot = operator.attrgetter("params"), operator.attrgetter("penalty_slot")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +93,16 @@ class StepTiming:
     host_s: float  # host time to apply the plan, build inputs and launch the forward and sampling
     start: torch.cuda.Event | None = None  # device timeline of the step (CUDA)
     end: torch.cuda.Event | None = None
+    # Of host_s, the time inside the model's forward, the sampler and the speculator's draft and
+    # verification calls: launching their kernels on CUDA (nothing waits for the device), running
+    # them on CPU. The rest (``prep_s``) is the Worker's own host work.
+    compute_s: float = 0.0
+
+    @property
+    def prep_s(self) -> float:
+        """Host time of the plan's application, the inputs (built and written into the step's
+        buffers) and the sampling rows: ``host_s`` outside the model, sampler and speculator calls."""
+        return self.host_s - self.compute_s
 
     @property
     def gpu_ms(self) -> float | None:
@@ -115,6 +128,8 @@ class StepHandle:
     comms: list = field(default_factory=list)  # sends not waited for yet (pipeline stages)
     packet: Any = None  # a pipeline stage before the last: the posted receive of the step's tokens
     worker: Worker | None = None
+    slots: np.ndarray | None = None  # [S] the batch slot of each row at launch
+    generations: np.ndarray | None = None  # [S] those slots' InputBatch.generation at launch
     _result: WorkerOutput | None = None
 
     def result(self) -> WorkerOutput:
@@ -212,12 +227,13 @@ class Worker:
                                    layout.num_groups)
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
-        self._prev_rows: dict[str, int] = {}
+        self._prev_rows = np.full(0, -1, dtype=np.int64)  # per batch slot: its row in _prev_tokens (-1: none)
         self._last_handle: StepHandle | None = None  # the step launched last (maybe still in flight)
         # A step whose grammar masks need the tokens of the step before it: its forward is launched,
         # its sampling waits for the next execute() or its result() (see execute).
         self._deferred: _DeferredStep | None = None
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
+        self._compute_s = 0.0  # time in model, sampler and speculator calls since execute() began
         self.graphs: CudaGraphs | None = None
         if backend_name == "triton":
             use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
@@ -325,17 +341,14 @@ class Worker:
         i64[2 * pad_tokens : 2 * pad_tokens + t] = inp.slot_mapping
         i64[2 * pad_tokens + t : 3 * pad_tokens] = -1
         i64[3 * pad_tokens :] = inp.slots
-        i32 = np.empty(2 * pad_seqs + 1, dtype=np.int32)
+        i32 = np.empty(2 * pad_seqs + 2, dtype=np.int32)  # query starts, then context lengths (and one 0)
         i32[: b + 1] = inp.query_start_loc
         i32[b + 1 : pad_seqs + 1] = t
         i32[pad_seqs + 1 : pad_seqs + 1 + b] = inp.seq_lens
         i32[pad_seqs + 1 + b :] = 0
         d64, d32 = self._to_device(i64), self._to_device(i32)
-        buf.input_ids[:pad_tokens].copy_(d64[:pad_tokens])
-        buf.positions[:pad_tokens].copy_(d64[pad_tokens : 2 * pad_tokens])
-        buf.slot_mapping[:pad_tokens].copy_(d64[2 * pad_tokens : 3 * pad_tokens])
-        buf.query_start_loc[: pad_seqs + 1].copy_(d32[: pad_seqs + 1])
-        buf.seq_lens[:pad_seqs].copy_(d32[pad_seqs + 1 :])
+        buf.token_inputs[:, :pad_tokens].copy_(d64[: 3 * pad_tokens].view(3, pad_tokens))
+        buf.seq_inputs[:, : pad_seqs + 1].copy_(d32.view(2, pad_seqs + 1))
         self.apply_block_updates((inp.block_updates, inp.group_block_updates))
         torch.index_select(self.block_table, 0, d64[3 * pad_tokens :], out=buf.block_tables[:b])
         for g, (table, slots) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping)):
@@ -358,7 +371,10 @@ class Worker:
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
             self._upload(inp, pt, pb)
-            return self.graphs.replay(key, t), True
+            c0 = time.perf_counter()
+            hidden = self.graphs.replay(key, t)
+            self._compute_s += time.perf_counter() - c0
+            return hidden, True
         self._upload(inp, t, b)
         query_lens = np.diff(inp.query_start_loc).tolist()
         seq_lens = inp.seq_lens.tolist()
@@ -367,8 +383,12 @@ class Worker:
         for m in (meta, *meta.groups):  # every group of layers verifies the same drafts
             m.seq_attention, m.tree, m.verify_seqs = inp.seq_attention, tree, verify_seqs
         model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
+        c0 = time.perf_counter()
         with forward_context(meta):
-            return model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches), False
+            hidden = model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches)
+        del meta, m  # part of the forward: what the attention backend memoised in it is freed here
+        self._compute_s += time.perf_counter() - c0
+        return hidden, False
 
     # ----------------------------------------------------------------- steps
     @torch.inference_mode()
@@ -376,12 +396,15 @@ class Worker:
         """Apply the plan and launch its step; the handle's ``result()`` waits for the tokens."""
         self._sample_deferred()  # before the plan changes the batch the deferred step was built from
         t0 = time.perf_counter()
+        self._compute_s = 0.0
         self._apply_plan_state(plan)
         if not plan.requests:
             return StepHandle(plan.step_id, [], None)
         entries, spec = plan.requests, None
         if self.speculator is not None:  # drafts into the token table, entries with the real draft counts
+            c0 = time.perf_counter()
             entries, spec = self.speculator.propose(entries)
+            self._compute_s += time.perf_counter() - c0
         inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None)
         if spec is not None:
             spec.adjust_inputs(inp)
@@ -389,14 +412,16 @@ class Worker:
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
+        # the sampling rows' ids and states, by C-level maps
+        handle = StepHandle(plan.step_id, list(map(_request_id, map(entries.__getitem__, inp.sample_rows))), None,
+                            worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
+        states = handle.states = list(map(self.batch.states.__getitem__, handle.request_ids))
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
-        handle = StepHandle(plan.step_id, [entries[i].request_id for i in inp.sample_rows], None, worker=self)
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
-            states = handle.states = [self.batch.states[rid] for rid in handle.request_ids]
             if self.stage_results is not None and not self.stage_results.samples:
                 handle.packet = self.stage_results.expect(states)  # the last stage samples
-            elif any(st.params.structured_output is not None and st.num_known < st.num_tokens - 1 for st in states):
+            elif self.batch.grammar_waits(inp.sample_slots):
                 # A grammar mask needs the token the step in flight samples. Sampling now would make
                 # the device wait for the host's whole turn (outputs, scheduling, inputs) after
                 # it; deferred to the next execute(), the host does that turn while this forward runs.
@@ -406,6 +431,7 @@ class Worker:
         if timing.end is not None:
             timing.end.record()
         timing.host_s = time.perf_counter() - t0
+        timing.compute_s = self._compute_s
         if self.timings is not None:
             self.timings.append(timing)
         self._last_handle = handle
@@ -414,19 +440,24 @@ class Worker:
     def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
-        rows = self._sampling_rows(states)
+        # rows that are all plain greedy need no SamplingRow (Sampler.greedy)
+        plain = spec is None and bool(self.batch.plain[handle.slots].all())
+        rows = None if plain else self._sampling_rows(states)
+        c0 = time.perf_counter()
         if spec is None:
             # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
             head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
             logits = head(hidden[self._to_device(inp.logits_indices)])
-            handle.out = self.sampler(logits, rows)
+            handle.out = self.sampler.greedy(logits) if plain else self.sampler(logits, rows)
             self._prev_tokens = handle.out.token_ids
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
             handle.out = self.speculator.verify(hidden, inp, rows, spec)
             self._prev_tokens = handle.out.token_ids.gather(1, handle.out.num_tokens[:, None] - 1)[:, 0]
         if self.speculator is not None:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
-        self._prev_rows = {rid: j for j, rid in enumerate(handle.request_ids)}
+        self._compute_s += time.perf_counter() - c0
+        self._prev_rows = np.full(self.batch.num_slots, -1, dtype=np.int64)
+        self._prev_rows[handle.slots] = np.arange(len(handle.slots))
         handle.host.update({name: self._to_host(getattr(handle.out, name))
                             for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
                             if getattr(handle.out, name) is not None})
@@ -437,16 +468,22 @@ class Worker:
             handle.event.record()
 
     def _sampling_rows(self, states: list) -> list[SamplingRow]:
-        tokens = self.batch.tokens
-        rows = []
-        for st in states:  # runs for every sampling row of every step: one read of each field
-            params = st.params
-            num_output = st.num_tokens - st.num_prompt_tokens - 1  # generated before this sample
-            rows.append(SamplingRow(params, num_output, st.penalty_slot,
-                                    st.banned if num_output < params.min_tokens else (), st.request_id,
-                                    tokens[st.slot, st.num_prompt_tokens : st.num_known]
-                                    if params.structured_output is not None else ()))
-        return rows
+        """One SamplingRow per state, made from C (``tuple.__new__`` over zipped columns); the
+        columns are array work over the batch's per-slot counts, with Python only for the rare
+        rows below their min_tokens (banned ids) or with a grammar (their tokens so far)."""
+        batch = self.batch
+        slots = np.fromiter(map(_slot, states), np.int64, len(states))
+        num_output = batch.num_tokens[slots] - batch.num_prompt[slots] - 1  # generated before this sample
+        banned = [()] * len(states)
+        for i in np.flatnonzero(num_output < batch.min_tokens[slots]).tolist():
+            banned[i] = states[i].banned
+        outputs = [()] * len(states)
+        for i in np.flatnonzero(batch.grammar[slots]).tolist():
+            st = states[i]
+            outputs[i] = batch.tokens[st.slot, st.num_prompt_tokens : st.num_known]
+        columns = zip(map(_params, states), num_output.tolist(), map(_penalty_slot, states), banned,
+                      map(_request_id, states), outputs)
+        return list(map(tuple.__new__, repeat(SamplingRow), columns))
 
     def _sample_deferred(self) -> None:
         """Sample the deferred grammar step, once the previous step's tokens are on the host (the
@@ -486,8 +523,10 @@ class Worker:
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
-        if counts is None and lp is None and self.speculator is None:
-            sampled = self._record_plain(handle, tokens)
+        plain = counts is None and lp is None and self.speculator is None
+        if plain:
+            self._record_plain(handle)
+            sampled = {}
         else:
             sampled = self._record(handle, tokens, lp, top_ids, top_vals, counts)
         if self._deferred is not None and self._deferred.previous is handle:
@@ -495,21 +534,20 @@ class Worker:
             # while the engine processes these tokens and plans the next step.
             self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
                                                     self.sampler.penalties.vocab_size)
-        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None)
+        return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None,
+                            tokens if plain else None)
 
-    def _record_plain(self, handle: StepHandle, tokens: list[int]) -> dict[str, SampledTokens]:
-        """``_record`` for the common step: one token per row, no logprobs, no drafts; the token
-        table is written at once, and each row's ``SampledTokens((token,), None, 0)`` is made by
-        ``tuple.__new__`` (as ``NamedTuple._make`` does) from C, with no Python frame per row."""
-        live = self.batch.states
-        states = handle.states
-        alive = list(map(operator.is_, map(live.get, handle.request_ids), states))
-        if all(alive):  # not if a request left (or its id was reused) while the step ran
-            self.batch.append_one(states, tokens)
+    def _record_plain(self, handle: StepHandle) -> None:
+        """``_record`` for the common step: one token per row, no logprobs, no drafts. The token
+        table and the rows' counts are written at once, and the answer is the token list itself
+        (``WorkerOutput.tokens``): nothing is made per row."""
+        ids = handle.host["token_ids"].numpy()
+        # not the rows whose request left (its slot's generation moved on) while the step ran
+        alive = self.batch.generation[handle.slots] == handle.generations
+        if alive.all():
+            self.batch.append_one(handle.slots, ids)
         else:
-            self.batch.append_one(list(compress(states, alive)), list(compress(tokens, alive)))
-        rows = map(tuple.__new__, repeat(SampledTokens), zip(zip(tokens), repeat(None), repeat(0)))
-        return dict(zip(handle.request_ids, rows))
+            self.batch.append_one(handle.slots[alive], ids[alive])
 
     def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
                 counts: list[int] | None) -> dict[str, SampledTokens]:

@@ -18,7 +18,8 @@ penalty counts) from one step to the next, so a plan carries only what changed:
 Everything is immutable plain data (named tuples of ints, tuples, strings and SamplingParams;
 named tuples because hundreds are built per step), so a plan pickles in microseconds to a Worker
 in another process. The Worker answers with a ``WorkerOutput``: the
-tokens each sampling request got this step (a list, so speculation can accept several).
+tokens each sampling request got this step (a list, so speculation can accept several), or for
+a plain step one token per sampling row, in plan order.
 """
 
 from __future__ import annotations
@@ -114,8 +115,11 @@ class StepCost(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class WorkerOutput:
-    """The Worker's answer to one plan: sampled tokens keyed by request id."""
+    """The Worker's answer to one plan: sampled tokens keyed by request id, or, for a plain step
+    (every sampling row took one token, without logprobs or drafts), ``tokens``: one token per
+    sampling row in plan order (``sampled`` is empty then), so nothing is built per row."""
 
     step_id: int
     sampled: dict[str, SampledTokens]
     cost: StepCost | None = None
+    tokens: list[int] | None = None

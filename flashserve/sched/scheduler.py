@@ -35,6 +35,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
+from operator import attrgetter
 from typing import Protocol
 
 from flashserve.cache.block_manager import BlockManager
@@ -43,6 +44,9 @@ from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
+
+_request_id = attrgetter("request_id")
+_new_entry = tuple.__new__
 
 
 class _Step:
@@ -185,7 +189,7 @@ class Scheduler:
         self._rank_preemption(step.preempted, swap_out)
 
         ranked = self.policy.order(self.running)
-        pending = {r.request_id for r in ranked}  # running, not yet served or preempted this step
+        pending = set(map(_request_id, ranked))  # running, not yet served or preempted this step
         decodes, prefills = [], []
         for r in ranked:
             # r.num_tokens - r.num_computed_tokens, inlined: this runs for every running request
@@ -195,28 +199,33 @@ class Scheduler:
                 prefills.append(r)
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
+        entries, chunked, speculation = step.entries, self.config.enable_chunked_prefill, self.speculation
         for request in work:
-            if budget == 0 or len(step.entries) == max_seqs:
+            if budget == 0 or len(entries) == max_seqs:
                 break
-            num_spec = 0
             if request.awaiting_result:
                 continue  # its step in flight decides what it does next
+            num_spec = 0
             if request.status is RequestStatus.RUNNING:
+                rid = request.request_id
+                computed = request.num_computed_tokens
                 num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + request.num_pending_tokens
-                if request.request_id not in pending or self._at_limit(request, num_tokens):
+                if rid not in pending or (request.num_pending_tokens and self._at_limit(request, num_tokens)):
                     continue  # preempted as a victim earlier in this step, or done once its tokens arrive
-                num_new = self._num_new_tokens(num_tokens - request.num_computed_tokens, budget)
-                if num_new == 1:
+                num_new = num_tokens - computed  # as _num_new_tokens, inlined
+                if num_new > budget and chunked:
+                    num_new = budget
+                if num_new == 1 and speculation is not None:
                     num_spec = self._num_spec_tokens(request, budget)
                     num_new += num_spec
                 # the common case (the table has room) first, without preemption's bookkeeping
-                if bm.allocate_slots(request.request_id, request.num_computed_tokens + num_new) is None:
+                if bm.allocate_slots(rid, computed + num_new) is None:
                     before = len(step.preempted)
                     if not self._grow_running(request, num_new, ranked, pending, step.preempted, swap_out):
                         memory_short = True
                         continue
                     memory_short = memory_short or len(step.preempted) > before
-                pending.discard(request.request_id)
+                pending.discard(rid)
             else:
                 if memory_short or len(self.running) >= self.config.max_num_seqs or request.request_id in step.preempted:
                     continue
@@ -269,7 +278,8 @@ class Scheduler:
                                                 request.params))
             sent = 0
         new_ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, sent)
-        step.entries.append(ScheduledRequest(rid, start, num_new, new_ids, sample, group_ids, num_spec))
+        # ScheduledRequest(...) made from C, without the named tuple's Python __new__
+        step.entries.append(_new_entry(ScheduledRequest, (rid, start, num_new, new_ids, sample, group_ids, num_spec)))
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """Draft slots for a decode step (0: a plain one): only when the request's last token is
@@ -282,11 +292,9 @@ class Scheduler:
         return max(0, min(room, self.speculation.num_spec_tokens(request)))
 
     def _at_limit(self, request: Request, num_tokens: int) -> bool:
-        """True when the request's pending tokens already reach ``max_tokens`` or the context
-        (``num_tokens``: its ``num_tokens``): it finishes when they arrive, so no more work is
-        planned for it."""
-        if not request.num_pending_tokens:
-            return False
+        """True when a request with pending tokens (``num_tokens``: its ``num_tokens``) already
+        reaches ``max_tokens`` or the context with them: it finishes when they arrive, so no
+        more work is planned for it."""
         max_tokens = request.params.max_tokens
         return num_tokens >= self.max_model_len or (
             max_tokens is not None and num_tokens - len(request.prompt_token_ids) >= max_tokens)
@@ -417,6 +425,8 @@ class Scheduler:
         with ``finish_request``. Requests that left the engine while the step ran are skipped.
         """
         sampling = self._inflight.pop(plan.step_id)
+        if result.tokens is not None:
+            return self._update_plain(sampling, result.tokens)
         progressed: list[tuple[Request, int]] = []
         now = time.monotonic()
         for rid, request in sampling.items():
@@ -436,4 +446,28 @@ class Scheduler:
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
                 self.block_manager.commit(request)
             progressed.append((request, len(sampled.token_ids)))
+        return progressed
+
+    def _update_plain(self, sampling: dict[str, Request], tokens: list[int]) -> list[tuple[Request, int]]:
+        """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
+        request the step samples for, in plan order (the order ``sampling`` was filled in)."""
+        if len(tokens) != len(sampling):
+            raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples {len(sampling)} requests")
+        progressed: list[tuple[Request, int]] = []
+        now = time.monotonic()
+        running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
+        for request, token in zip(sampling.values(), tokens):
+            request.num_pending_tokens -= 1
+            request.awaiting_result = False
+            if request.status.finished:
+                continue
+            outputs = request.output_token_ids
+            outputs.append(token)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            # Still running, and this token completed a block of known tokens: the block may be
+            # registered now (commit's other trigger, computed tokens, moves only in _claim).
+            if not (len(request.prompt_token_ids) + len(outputs)) % bs and request.request_id in running:
+                commit(request)
+            progressed.append((request, 1))
         return progressed
