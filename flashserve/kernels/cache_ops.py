@@ -54,15 +54,19 @@ def _store_kv_kernel(
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, H, D]
     ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, H, block_size]
     slot_ptr,  # [T] int64
+    bounds_ptr,  # BOUNDS: Quest's per-page key bounds [num_blocks + 1, 2, H, D] (min, max)
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_cb, stride_co, stride_ch, stride_cd,  # shared by k_cache and v_cache
     stride_sb, stride_sh,  # scale strides (block, head; offset stride 1), shared by K and V
+    stride_xb, stride_xm, stride_xh,  # bounds strides (block, min/max, head; D stride 1)
     num_heads, head_dim, block_size,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program per new token: copies (or quantizes) its [H, D] key and value tile.
+    # One program per new token: copies (or quantizes) its [H, D] key and value tile, and with
+    # BOUNDS folds the key into its page's bounds (the page's first key resets them; exact, as
+    # min / max pick one of their inputs). Each token must own its page within the launch.
     wait_for_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -77,6 +81,14 @@ def _store_kv_kernel(
     dst = blk * stride_cb + off * stride_co + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
     kk = tl.load(src_k, mask=mask, other=0.0)
     vv = tl.load(src_v, mask=mask, other=0.0)
+    if BOUNDS:
+        lo_ptr = bounds_ptr + blk * stride_xb + offs_h[:, None] * stride_xh + offs_d[None, :]
+        lo, hi = kk.to(tl.float32), kk.to(tl.float32)
+        if off != 0:
+            lo = tl.minimum(lo, tl.load(lo_ptr, mask=mask).to(tl.float32))
+            hi = tl.maximum(hi, tl.load(lo_ptr + stride_xm, mask=mask).to(tl.float32))
+        tl.store(lo_ptr, lo.to(bounds_ptr.dtype.element_ty), mask=mask)
+        tl.store(lo_ptr + stride_xm, hi.to(bounds_ptr.dtype.element_ty), mask=mask)
     if QUANT:
         kk, k_scale = quantize_rows(kk.to(tl.float32), QMAX, IS_INT8)
         vv, v_scale = quantize_rows(vv.to(tl.float32), QMAX, IS_INT8)
@@ -93,9 +105,12 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # same shape and strides as k_cache
     slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
+    quest_bounds: torch.Tensor | None = None,  # [num_blocks + 1, 2, Hkv, D] (SideState.bounds)
 ) -> None:
     """Scatter the new tokens' keys and values into the paged cache, in place (quantizing
-    them when the cache is 8-bit)."""
+    them when the cache is 8-bit). ``quest_bounds``: also fold each key into its page's Quest
+    bounds, in the same launch; only for steps whose tokens each write a page of their own (a
+    decode step; prompts write several keys of one page: ``SideState.update``)."""
     num_tokens, num_heads, head_dim = k.shape
     assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.dtype == v_cache.dtype
@@ -110,14 +125,21 @@ def store_kv(
         assert vs.stride() == ks.stride() and ks.stride(2) == 1
     else:
         ks, vs, scale_strides = k_cache, v_cache, (0, 0)  # dummies
+    has_bounds = quest_bounds is not None
+    if has_bounds:
+        assert quest_bounds.shape[1:] == (2, num_heads, head_dim) and quest_bounds.stride(3) == 1
+        bound_strides = quest_bounds.stride()[:3]
+    else:
+        quest_bounds, bound_strides = k, (0, 0, 0)  # dummies
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, ks, vs, slot_mapping,
+        k, v, k_cache, v_cache, ks, vs, slot_mapping, quest_bounds,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        *scale_strides,
+        *scale_strides, *bound_strides,
         num_heads, head_dim, k_cache.shape[1],
         BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
         QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
+        BOUNDS=has_bounds,
         num_warps=4 if num_heads * head_dim >= 2048 else 1, **pdl.launch_args(k.device),
     )

@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import pdl
-from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
 
@@ -90,52 +88,6 @@ def quest_page_scores(
         num_warps=4,
     )
     return out
-
-
-@triton.jit
-def _quest_bounds_decode_kernel(
-    k_ptr,  # [T, Hkv, D] the step's new keys, one per sequence
-    slots_ptr,  # [T] flat cache slots, -1 for padding
-    bounds_ptr,  # [num_blocks + 1, 2, Hkv, D]
-    stride_kt, stride_kh, stride_xb, stride_xm, stride_xh,
-    num_kv_heads, head_dim,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-):
-    t = tl.program_id(0)
-    wait_for_prior(PDL)
-    slot = tl.load(slots_ptr + t)
-    if slot >= 0:
-        blk = (slot // BLOCK_SIZE).to(tl.int64)
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
-        ok = (offs_h < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
-        k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :],
-                    mask=ok).to(tl.float32)  # exact: min / max pick one of their inputs
-        lo_ptr = bounds_ptr + blk * stride_xb + offs_h[:, None] * stride_xh + offs_d[None, :]
-        lo, hi = k, k
-        if slot % BLOCK_SIZE != 0:  # the block's first key resets its bounds
-            lo = tl.minimum(lo, tl.load(lo_ptr, mask=ok).to(tl.float32))
-            hi = tl.maximum(hi, tl.load(lo_ptr + stride_xm, mask=ok).to(tl.float32))
-        tl.store(lo_ptr, lo.to(bounds_ptr.dtype.element_ty), mask=ok)
-        tl.store(lo_ptr + stride_xm, hi.to(bounds_ptr.dtype.element_ty), mask=ok)
-
-
-def quest_update_bounds_decode(k: torch.Tensor, slots: torch.Tensor, bounds: torch.Tensor, block_size: int) -> None:
-    """A decode step's keys folded into their pages' bounds in one launch (one program per token).
-    Each token must own its block within the step, as decode tokens do (a sequence writes only its
-    own last block); prompts, where a step writes several keys of one block, take the torch path
-    (``SideState.update``)."""
-    T, Hkv, D = k.shape
-    if T == 0:
-        return
-    assert k.stride(2) == 1 and bounds.stride(3) == 1
-    _quest_bounds_decode_kernel[(T,)](
-        k, slots, bounds,
-        k.stride(0), k.stride(1), bounds.stride(0), bounds.stride(1), bounds.stride(2),
-        Hkv, D,
-        BLOCK_SIZE=block_size, BLOCK_H=next_power_of_2(Hkv), BLOCK_D=max(16, next_power_of_2(D)),
-        num_warps=4, **pdl.launch_args(k.device),
-    )
 
 
 # The selection's search: thresholds counted per pass, and the program's warps. Best of arity

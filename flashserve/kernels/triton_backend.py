@@ -105,13 +105,10 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [T, Hq, D]
         if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
             return tree_attention(q, k, v, k_cache, v_cache, meta, scale, spec)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if spec.kind == "quest":
-            state = self.side_states.get(k_cache)
-            state.update(spec, k, meta.slot_mapping, decode=meta.is_decode)
-            if meta.is_decode and self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
-                return self._quest_decode(q, k_cache, v_cache, meta, scale, spec, state, out)
+            return self._quest(q, k, v, k_cache, v_cache, meta, scale, spec, out)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.seq_attention is not None and spec.kind == "full":
             # requests with their own attention options (flashserve.layers.request_attention):
             # one launch per option over that option's sequences
@@ -140,9 +137,19 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return out
 
-    def _quest_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                      scale: float, spec: AttentionSpec, state, out: torch.Tensor) -> torch.Tensor:
-        """Decode over the pages Quest selects per (sequence, KV head); prompts stay dense."""
+    def _quest(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float, spec: AttentionSpec, out: torch.Tensor) -> torch.Tensor:
+        """Quest: a decode step reads the pages selected per (sequence, KV head); prompts attend
+        densely (as in the paper). Both record their keys in the pages' bounds."""
+        state = self.side_states.get(k_cache)
+        if not meta.is_decode:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            state.update(spec, k, meta.slot_mapping)
+            return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
+        # each decode token owns its page, so the bounds update rides on the store's launch
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, quest_bounds=state.quest_bounds(k.dtype))
+        if not self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
+            return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
         bs = k_cache.shape[1]
         seq_bound = self.max_seq_len_cap if self.max_seq_len_cap is not None and _capturing() else meta.max_seq_len
         max_pages = quest_num_pages(spec, -(-seq_bound // bs), bs)

@@ -42,18 +42,19 @@ class SideState:
         self.bounds: torch.Tensor | None = None  # quest: [num_blocks + 1, 2, Hkv, D], the keys' dtype
         self.score: torch.Tensor | None = None  # h2o: [num_blocks * block_size, Hkv] fp32
 
-    def update(self, spec: AttentionSpec, k: torch.Tensor, slots: torch.Tensor, decode: bool = False) -> None:
-        """Record the new keys k [T, Hkv, D] stored at flat ``slots`` [T] (-1: skipped). ``decode``:
-        a decode step, whose tokens each write a block of their own (one launch on the GPU)."""
-        if spec.kind == "quest":
-            if self.bounds is None:  # one extra row takes the writes of skipped slots (-1)
-                self.bounds = torch.zeros(self.num_blocks + 1, 2, self.num_kv_heads, self.head_dim,
-                                          dtype=k.dtype, device=self.device)
-            if decode and k.is_cuda:
-                from flashserve.kernels.quest import quest_update_bounds_decode
+    def quest_bounds(self, dtype: torch.dtype) -> torch.Tensor:
+        """Quest's page bounds, allocated on first use; one extra row takes the writes of skipped
+        slots (-1). Decode steps on the GPU fold their keys in as they store them
+        (``flashserve.kernels.cache_ops.store_kv``); ``update`` is the general path."""
+        if self.bounds is None:
+            self.bounds = torch.zeros(self.num_blocks + 1, 2, self.num_kv_heads, self.head_dim,
+                                      dtype=dtype, device=self.device)
+        return self.bounds
 
-                quest_update_bounds_decode(k, slots, self.bounds, self.block_size)
-                return
+    def update(self, spec: AttentionSpec, k: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record the new keys k [T, Hkv, D] stored at flat ``slots`` [T] (-1: skipped)."""
+        if spec.kind == "quest":
+            self.quest_bounds(k.dtype)
             blocks = torch.div(slots, self.block_size, rounding_mode="floor")  # -1 for skipped slots
             # a block's first token resets its bounds (no host sync: the others write the spare row)
             reset = torch.where(slots % self.block_size == 0, blocks, self.num_blocks)

@@ -255,10 +255,11 @@ def test_quest_select_kernel_matches_torch_selection(device, budget, sinks):
     assert t[0, :, :10].cpu().tolist() == [tables[0, pages].tolist()] * Hkv and int(n[0]) == 10 * bs
 
 
-def test_quest_bounds_decode_kernel_matches_torch_update(device, dtype):
-    """A decode step's one-launch bounds update equals the torch path's scatter-reduce: pages that
-    the step opens are reset to the new key, others widened, padded slots (-1) write nothing."""
-    from flashserve.kernels.quest import quest_update_bounds_decode
+def test_store_kv_with_quest_bounds_matches_torch_update(device, dtype):
+    """A decode step's store with the bounds folded in (one launch) writes the cache as a plain
+    store does and the bounds as the torch path's scatter-reduce: pages that the step opens are
+    reset to the new key, others widened, padded slots (-1) write nothing."""
+    from flashserve.kernels.cache_ops import store_kv
     from flashserve.layers.sparse_attention import SideState
 
     g = torch.Generator().manual_seed(7)
@@ -267,10 +268,17 @@ def test_quest_bounds_decode_kernel_matches_torch_update(device, dtype):
     state = SideState(torch.zeros(num_blocks, bs, Hkv, D))
     raw = torch.randn(num_blocks + 1, 2, Hkv, D, generator=g)
     state.bounds = torch.stack([raw.amin(1), raw.amax(1)], 1).to(dtype)
-    slots = torch.tensor([5 * bs, 2 * bs + 3, -1, 9 * bs + 1, 0], dtype=torch.int32)  # opens, widens, padding
+    slots = torch.tensor([5 * bs, 2 * bs + 3, -1, 9 * bs + 1, 0], dtype=torch.int64)  # opens, widens, padding
     k = torch.randn(len(slots), Hkv, D, generator=g).to(dtype)
+    v = torch.randn(len(slots), Hkv, D, generator=g).to(dtype)
+    caches = [torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype).to(device) for _ in range(2)]
+    plain = [c.clone() for c in caches]
+    before = state.bounds.clone()
     bounds = state.bounds.clone().to(device)
-    quest_update_bounds_decode(k.to(device), slots.to(device), bounds, bs)
-    state.update(spec, k, slots.long())
+    store_kv(k.to(device), v.to(device), *caches, slots.to(device), quest_bounds=bounds)
+    store_kv(k.to(device), v.to(device), *plain, slots.to(device))
+    state.update(spec, k, slots)
+    assert torch.equal(caches[0], plain[0]) and torch.equal(caches[1], plain[1])
     assert torch.equal(bounds[:num_blocks].cpu(), state.bounds[:num_blocks])
     assert torch.equal(bounds[5, 0].cpu(), k[0]) and torch.equal(bounds[5, 1].cpu(), k[0])
+    assert not torch.equal(bounds[2].cpu(), before[2]) and torch.equal(bounds[3].cpu(), before[3])  # widened, untouched
