@@ -48,6 +48,9 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
+
+import numpy as np
 
 from flashserve.request import Request
 
@@ -352,6 +355,29 @@ class BlockManager:
         self.prefix_hits += len(reused) * self.block_size
         self.host_tier_hits += len(host) * self.block_size
         return table
+
+    def quiet_decodes(self, request_ids: list[str], starts: np.ndarray, known: np.ndarray,
+                      sent: np.ndarray) -> np.ndarray | None:
+        """For running requests about to compute one token each, at positions ``starts``, with
+        ``known`` token values, whose tables' first ``sent`` columns the Worker holds (-1: none):
+        True where that step needs
+        nothing from this manager, so that ``allocate_slots``, ``trim``, ``assert_writable``,
+        ``commit`` (with the step counted as computed) and ``table_tail`` would change and send
+        nothing: the position falls in a block the table holds and only the request references,
+        the Worker holds the whole table, and no block is full past those committed. None when
+        the manager cannot tell in bulk (every request then takes those calls)."""
+        bs = self.block_size
+        n = len(request_ids)
+        tables = list(map(self.tables.get, request_ids, repeat(())))
+        lens = np.fromiter(map(len, tables), np.int64, n)
+        cols = starts // bs
+        quiet = (cols < lens) & (lens == sent)
+        blocks = map(list.__getitem__, compress(tables, quiet), cols[quiet].tolist())
+        quiet[quiet] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(quiet.sum())) == 1
+        if self.enable_prefix_caching:
+            full = np.minimum(starts + 1, known) // bs  # full blocks of known, computed tokens (as commit)
+            quiet &= full <= np.fromiter(map(self._committed.get, request_ids, repeat(0)), np.int64, n)
+        return quiet
 
     def trim(self, request_id: str, start: int) -> None:
         """Release blocks that a step starting at position ``start`` and every later one can no

@@ -8,7 +8,10 @@ plus outputs). One token budget (``max_num_batched_tokens``) is shared by everyt
    and cannot get a seat (``max_num_seqs``) or memory, ``RankPreemptionRule.select`` names the
    running requests to preempt for it (FastServe-style; under FCFS it never fires).
 1. *Decodes first*: running requests that need one token, in policy order. Piggybacking them
-   on the prefill chunks keeps inter-token latency flat while long prompts arrive.
+   on the prefill chunks keeps inter-token latency flat while long prompts arrive. When none of
+   them can run the pool, the budget or the seats short, they are claimed at once
+   (``_claim_decodes``: array work over their counts; the block manager is called only for the
+   few whose step adds a block or commits one).
 2. *Prefill work* in policy order: running requests still in (chunked) prefill, swapped
    requests (swapped back in) and waiting requests (admitted, reusing cached prefix blocks).
    With ``enable_chunked_prefill`` a prompt longer than the remaining budget gets a chunk.
@@ -35,8 +38,13 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterator
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import Protocol
+
+import numpy as np
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
@@ -45,8 +53,32 @@ from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, Sched
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
-_request_id = attrgetter("request_id")
+_request_id, _synchronous = attrgetter("request_id"), attrgetter("synchronous")
+_computed, _num_pending = attrgetter("num_computed_tokens"), attrgetter("num_pending_tokens")
+_prompt, _outputs = attrgetter("prompt_token_ids"), attrgetter("output_token_ids")
+_awaiting, _max_tokens = attrgetter("awaiting_result"), attrgetter("params.max_tokens")
 _new_entry = tuple.__new__
+
+
+def consume(calls: Iterator) -> None:
+    """Run a lazy map of calls for their effect (C-level: no Python frame per call)."""
+    deque(calls, maxlen=0)
+
+
+class _RunningColumns:
+    """The running requests' counts as arrays, read by C-level maps (one pass per field)."""
+
+    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "awaiting", "max_tokens")
+
+    def __init__(self, requests: list[Request]) -> None:
+        n = len(requests)
+        self.requests = requests
+        self.computed = np.fromiter(map(_computed, requests), np.int64, n)
+        self.num_pending = np.fromiter(map(_num_pending, requests), np.int64, n)
+        self.num_prompt = np.fromiter(map(len, map(_prompt, requests)), np.int64, n)
+        self.num_tokens = self.num_prompt + np.fromiter(map(len, map(_outputs, requests)), np.int64, n) + self.num_pending
+        self.awaiting = np.fromiter(map(_awaiting, requests), bool, n)
+        self.max_tokens = np.array(list(map(_max_tokens, requests)), dtype=float).reshape(n)  # None: nan, no limit
 
 
 class _Step:
@@ -190,14 +222,13 @@ class Scheduler:
 
         ranked = self.policy.order(self.running)
         pending = set(map(_request_id, ranked))  # running, not yet served or preempted this step
-        decodes, prefills = [], []
-        for r in ranked:
-            # r.num_tokens - r.num_computed_tokens, inlined: this runs for every running request
-            if len(r.prompt_token_ids) + len(r.output_token_ids) + r.num_pending_tokens - r.num_computed_tokens == 1:
-                decodes.append(r)
-            else:
-                prefills.append(r)
-        work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
+        running = _RunningColumns(ranked)
+        is_decode = running.num_tokens - running.computed == 1
+        decodes = list(compress(ranked, is_decode))
+        prefills = list(compress(ranked, ~is_decode))
+        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs, pending)
+        budget -= claimed
+        work = ([] if claimed else decodes) + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         entries, chunked, speculation = step.entries, self.config.enable_chunked_prefill, self.speculation
         for request in work:
@@ -280,6 +311,58 @@ class Scheduler:
         new_ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, sent)
         # ScheduledRequest(...) made from C, without the named tuple's Python __new__
         step.entries.append(_new_entry(ScheduledRequest, (rid, start, num_new, new_ids, sample, group_ids, num_spec)))
+
+    def _claim_decodes(self, step: _Step, running: _RunningColumns, is_decode: np.ndarray, budget: int,
+                       max_seqs: int, pending: set[str]) -> int:
+        """Claim every running request that needs one token (in rank order) at once, as the
+        per-request loop would, when none of them can run the pool short (each needs at most one
+        new block) or the step's budget or seats out, and nothing is speculated (draft counts are
+        per request). The block manager is called only for the requests whose step changes their
+        tables or commits a block (``BlockManager.quiet_decodes``). Returns the tokens claimed
+        (one per request); 0 when the bulk claim does not apply (the loop then claims them)."""
+        if self.speculation is not None or not is_decode.any():
+            return 0
+        bm = self.block_manager
+        # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
+        max_tokens = running.max_tokens[is_decode]
+        num_tokens = running.num_tokens[is_decode]
+        at_limit = (running.num_pending[is_decode] > 0) & (
+            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt[is_decode] >= max_tokens))
+        take = ~(running.awaiting[is_decode] | at_limit)
+        count = int(take.sum())
+        if count > budget or count > max_seqs:
+            return 0
+        sel = np.flatnonzero(is_decode)[take]
+        requests = list(map(running.requests.__getitem__, sel.tolist()))
+        rids = list(map(_request_id, requests))
+        starts = running.computed[sel]
+        sent = np.fromiter(map(self._blocks_sent.get, rids, repeat(-1)), np.int64, count)
+        known = (running.num_tokens - running.num_pending)[sel]
+        quiet = bm.quiet_decodes(rids, starts, known, sent)
+        if quiet is None or count - int(quiet.sum()) > bm.num_free_blocks:
+            return 0
+        consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
+        consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
+        consume(map(setattr, requests, repeat("awaiting_result"), map(_synchronous, requests)))
+        new_ids = [()] * count
+        for i in np.flatnonzero(~quiet).tolist():  # what _claim does with the block manager, in rank order
+            request, rid, start = requests[i], rids[i], int(starts[i])
+            allocated = bm.allocate_slots(rid, start + 1)
+            assert allocated is not None, "the pool had a block for every decode"
+            bm.trim(rid, start)
+            bm.assert_writable(rid, start, start + 1)
+            bm.commit(request)
+            if sent[i] < 0:  # the Worker does not hold it (a forked beam)
+                step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
+                                                    tuple(request.output_token_ids), request.params))
+            new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
+            assert not group_ids, "one table per request"
+        consume(map(self.policy.on_scheduled, requests, repeat(1)))
+        step.sampling.update(zip(rids, requests))
+        pending.difference_update(rids)
+        step.entries.extend(map(_new_entry, repeat(ScheduledRequest),
+                                zip(rids, starts.tolist(), repeat(1), new_ids, repeat(True), repeat(()), repeat(0))))
+        return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """Draft slots for a decode step (0: a plain one): only when the request's last token is
