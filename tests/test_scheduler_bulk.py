@@ -1,5 +1,6 @@
 """The scheduler's bulk paths (decodes claimed at once, a plain step's tokens recorded at once)
-against its per-request loops: the same plans, tokens and finish reasons, step by step."""
+against its per-request loops (and the per-request answer, ``WorkerOutput.sampled``): the same
+plans, tokens and finish reasons, step by step."""
 
 import random
 
@@ -9,7 +10,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import WorkerOutput
+from flashserve.sched.plan import SampledTokens, WorkerOutput
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
 from flashserve.sched.stop import StopChecker
@@ -18,7 +19,8 @@ from flashserve.sched.stop import StopChecker
 def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute"):
     """A random workload: prompts sharing prefixes, EOS or not, a pool small enough to preempt,
     chunked prompts, two plans in flight, synchronous requests, aborts, a forked request. Returns every plan and
-    every request's end state; with ``bulk`` False the per-request loops do all the work."""
+    every request's end state; with ``bulk`` False the per-request loops do all the work and the
+    tokens come keyed by request (``update``'s general path)."""
     calls = {"bulk": 0}
     if not bulk:
         monkeypatch.setattr(Scheduler, "_claim_decodes", lambda *a: 0)
@@ -74,13 +76,16 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
             done = inflight.pop(0)
             rows = [r.request_id for r in done.requests if r.sample]
             tokens = [rng.randrange(0, 5) if rng.random() < 0.1 else rng.randrange(5, 50) for _ in rows]
-            for r, n in s.update(done, WorkerOutput(done.step_id, {}, tokens=tokens)):
+            out = WorkerOutput(done.step_id, {}, tokens=tokens) if bulk else \
+                WorkerOutput(done.step_id, {rid: SampledTokens((t,)) for rid, t in zip(rows, tokens)})
+            for r, n in s.update(done, out):
                 status = stop.check(r, n)
                 if status is not None:
                     s.finish_request(r.request_id, status)
         bm.pool.check_invariants()
     assert not s.has_unfinished() and not pending_adds
-    ends = {rid: (r.status, list(r.output_token_ids), r.metrics.num_preemptions) for rid, r in requests.items()}
+    ends = {rid: (r.status, list(r.output_token_ids), r.metrics.num_preemptions, r.metrics.first_token_time is None,
+                  r.num_computed_tokens, r.num_pending_tokens) for rid, r in requests.items()}
     assert forked
     return plans, ends, calls["bulk"], s.num_preemptions
 
@@ -101,6 +106,6 @@ def test_workload_preempts_and_stops_on_eos(monkeypatch):
     """The workload above covers what the bulk paths must leave unchanged."""
     plans, ends, _, preemptions = _drive(True, monkeypatch, 0)
     assert preemptions > 0
-    assert any(status == RequestStatus.FINISHED_STOPPED for status, _, _ in ends.values())
-    assert any(status == RequestStatus.FINISHED_ABORTED for status, _, _ in ends.values())
-    assert any(status == RequestStatus.FINISHED_LENGTH for status, _, _ in ends.values())
+    statuses = {end[0] for end in ends.values()}
+    assert {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_LENGTH} <= statuses
+

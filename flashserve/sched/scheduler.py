@@ -38,15 +38,13 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterator
 from itertools import compress, repeat
 from operator import attrgetter
 from typing import Protocol
 
 import numpy as np
 
-from flashserve.cache.block_manager import BlockManager
+from flashserve.cache.block_manager import BlockManager, consume
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
@@ -58,11 +56,6 @@ _computed, _num_pending = attrgetter("num_computed_tokens"), attrgetter("num_pen
 _prompt, _outputs = attrgetter("prompt_token_ids"), attrgetter("output_token_ids")
 _awaiting, _max_tokens = attrgetter("awaiting_result"), attrgetter("params.max_tokens")
 _new_entry = tuple.__new__
-
-
-def consume(calls: Iterator) -> None:
-    """Run a lazy map of calls for their effect (C-level: no Python frame per call)."""
-    deque(calls, maxlen=0)
 
 
 class _RunningColumns:
@@ -338,25 +331,32 @@ class Scheduler:
         starts = running.computed[sel]
         sent = np.fromiter(map(self._blocks_sent.get, rids, repeat(-1)), np.int64, count)
         known = (running.num_tokens - running.num_pending)[sel]
-        quiet = bm.quiet_decodes(rids, starts, known, sent)
-        if quiet is None or count - int(quiet.sum()) > bm.num_free_blocks:
+        needs = bm.quiet_decodes(rids, starts, known, sent)
+        if needs is None or count - int((needs == 0).sum()) > bm.num_free_blocks:
             return 0
         consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
         consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
         consume(map(setattr, requests, repeat("awaiting_result"), map(_synchronous, requests)))
         new_ids = [()] * count
-        for i in np.flatnonzero(~quiet).tolist():  # what _claim does with the block manager, in rank order
-            request, rid, start = requests[i], rids[i], int(starts[i])
-            allocated = bm.allocate_slots(rid, start + 1)
-            assert allocated is not None, "the pool had a block for every decode"
-            bm.trim(rid, start)
-            bm.assert_writable(rid, start, start + 1)
-            bm.commit(request)
-            if sent[i] < 0:  # the Worker does not hold it (a forked beam)
-                step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
-                                                    tuple(request.output_token_ids), request.params))
-            new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
-            assert not group_ids, "one table per request"
+        if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
+            grow = np.flatnonzero(needs).tolist()
+            blocks = bm.append_blocks([rids[i] for i in grow])
+            for i, block in zip(grow, blocks):
+                new_ids[i] = (block,)
+                self._blocks_sent[rids[i]] = int(sent[i]) + 1
+        else:
+            for i in np.flatnonzero(needs).tolist():  # what _claim does with the block manager, in rank order
+                request, rid, start = requests[i], rids[i], int(starts[i])
+                allocated = bm.allocate_slots(rid, start + 1)
+                assert allocated is not None, "the pool had a block for every decode"
+                bm.trim(rid, start)
+                bm.assert_writable(rid, start, start + 1)
+                bm.commit(request)
+                if sent[i] < 0:  # the Worker does not hold it (a forked beam)
+                    step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
+                                                        tuple(request.output_token_ids), request.params))
+                new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
+                assert not group_ids, "one table per request"
         consume(map(self.policy.on_scheduled, requests, repeat(1)))
         step.sampling.update(zip(rids, requests))
         pending.difference_update(rids)
