@@ -87,9 +87,11 @@ class TokenView(Sequence):
         return self.prompt[index] if index < n else self.output[index - n]
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One sequence being generated. Token ids are the truth; text is derived by the detokenizer."""
+    """One sequence being generated. Token ids are the truth; text is derived by the detokenizer.
+    Equal only to itself (``eq=False``): finding one in a queue is an identity scan, not a compare
+    of every field with each request before it."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -115,11 +117,15 @@ class Request:
     # Token ids that end the sequence (EOS unless ignore_eos, and stop_token_ids), fixed at creation
     # so the stop check of each new token is one set lookup.
     stop_token_set: frozenset[int] = field(init=False, repr=False)
+    # ``params.max_tokens``, infinity without one (fixed at creation: one compare per new token).
+    max_output_tokens: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         eos = () if self.params.ignore_eos else self.eos_token_ids
         self.stop_token_set = frozenset(eos).union(self.params.stop_token_ids)
+        max_tokens = self.params.max_tokens
+        self.max_output_tokens = float("inf") if max_tokens is None else max_tokens
 
     @property
     def prefix_salt(self) -> list[int] | None:
