@@ -17,7 +17,7 @@ sampled-token tensor (``StepInputs.prev_scatter``), so no host synchronisation i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import compress
+from itertools import chain, compress
 from operator import attrgetter
 
 import numpy as np
@@ -30,7 +30,9 @@ _new_block_ids, _request_id, _slot = attrgetter("new_block_ids"), attrgetter("re
 _start_pos, _num_new_tokens, _sample = attrgetter("start_pos"), attrgetter("num_new_tokens"), attrgetter("sample")
 _params, _attention = attrgetter("params"), attrgetter("attention")
 
-BlockUpdates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (slot, column, block id) writes into a device block table
+# Writes into a device block table [slots, max_blocks]: (flat index slot * max_blocks + column, int64;
+# block id, int32), so the device side is one index_copy_ of the flattened table.
+BlockUpdates = tuple[np.ndarray, np.ndarray]
 
 
 class RequestState:
@@ -205,30 +207,31 @@ class InputBatch:
 
     def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
         """Append the plan's new block ids to the host tables (group 0's and the other groups');
-        returns the (slot, column, block id) updates of the device tables, None where none changes."""
-        upd_slot, upd_col, upd_blk = [], [], []
-        group_upd: list[list[int]] = [[] for _ in self.group_tables]
-        num_blocks = self.num_blocks
-        for e in compress(entries, map(_new_block_ids, entries)):  # the few entries with new blocks
-            slot = self.states[e.request_id].slot
-            n = len(e.new_block_ids)
-            have = int(num_blocks[slot])
-            upd_slot += [slot] * n
-            upd_col += range(have, have + n)
-            upd_blk += e.new_block_ids
-            group_ids = e.group_block_ids or tuple((0,) * n for _ in self.group_tables)  # (warm-up plans)
-            for new_ids, upd in zip(group_ids, group_upd):
-                upd += new_ids
-            num_blocks[slot] = have + n
-        if not upd_slot:
+        returns the updates of the device tables, None where none changes. Array work over the
+        few entries that bring blocks (a request's entries bring as many ids in every group)."""
+        grown = list(compress(entries, map(_new_block_ids, entries)))
+        if not grown:
             return None, tuple(None for _ in self.group_tables)
-        # one write per table; a released block (-1, windowed) is never read: 0 stands in
-        slot, col = np.array(upd_slot, np.int64), np.array(upd_col, np.int64)
+        slots = np.fromiter(map(_slot, map(self.states.__getitem__, map(_request_id, grown))), np.int64, len(grown))
+        counts = np.fromiter(map(len, map(_new_block_ids, grown)), np.int64, len(grown))
+        have = self.num_blocks[slots]
+        self.num_blocks[slots] = have + counts
+        # each new id's column: the row's blocks so far plus its place among the entry's new ids
+        ends = np.cumsum(counts)
+        col = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(have - ends + counts, counts)
+        row = np.repeat(slots, counts)
+        flat = row * self.max_blocks + col
+        ids = [list(chain.from_iterable(map(_new_block_ids, grown)))]
+        for g in range(len(self.group_tables)):
+            # warm-up plans send no group ids: zeros stand in
+            ids.append(list(chain.from_iterable(e.group_block_ids[g] if e.group_block_ids else (0,) * len(e.new_block_ids)
+                                                for e in grown)))
+        # a released block (-1, windowed) is never read: 0 stands in
         updates = []
-        for table, ids in zip((self.block_table, *self.group_tables), (upd_blk, *group_upd)):
-            blk = np.maximum(np.array(ids, np.int64), 0)
-            table[slot, col] = blk
-            updates.append((slot, col, blk))
+        for table, blk in zip((self.block_table, *self.group_tables), ids):
+            blk = np.maximum(np.array(blk, np.int32), 0)
+            table[row, col] = blk
+            updates.append((flat, blk))
         return updates[0], tuple(updates[1:])
 
     def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: np.ndarray,

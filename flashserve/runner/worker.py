@@ -327,8 +327,8 @@ class Worker:
         main, groups = updates
         for table, upd in zip((self.block_table, *self.group_block_tables), (main, *groups)):
             if upd is not None:
-                s, c, blk = (self._to_device(a) for a in upd)
-                table[s, c] = blk.to(torch.int32)
+                flat, blk = upd
+                table.view(-1).index_copy_(0, self._to_device(flat), self._to_device(blk))
 
     def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int) -> None:
         """Write a step's inputs into the static buffers, padded to ``pad_tokens`` tokens and
