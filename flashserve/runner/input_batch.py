@@ -101,6 +101,7 @@ class StepInputs:
     # per sequence, its request's attention option (flashserve.layers.request_attention); None: none asks
     seq_attention: tuple | None = None
     sample_slots: np.ndarray | None = None  # [S] int64: the batch slot of each sampling sequence
+    states: list | None = None  # [B] the RequestState of each sequence
 
     @property
     def num_tokens(self) -> int:
@@ -254,27 +255,25 @@ class InputBatch:
         qsl = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
         total = int(qsl[-1])
-        if total == count and not (lens - 1).any():  # one token per sequence (decodes)
-            seq_ids = np.arange(count)
-            positions = starts
+        if total == count and not (lens - 1).any():  # one token per sequence (decodes): token i is sequence i's
+            positions, token_slots, token_known = starts, slots, known
         else:
             seq_ids = np.repeat(np.arange(count), lens)  # [T] sequence of each token
             positions = np.arange(total, dtype=np.int64) - qsl[seq_ids] + starts[seq_ids]
-        token_slots = slots[seq_ids]
-        slot_mapping = self.block_table[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
-        group_slots = tuple(t[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
-                            for t in self.group_tables)
+            token_slots, token_known = slots[seq_ids], known[seq_ids]
+        cols, offsets = np.divmod(positions, bs)
+        slot_mapping = self.block_table[token_slots, cols].astype(np.int64) * bs + offsets
+        group_slots = tuple(t[token_slots, cols].astype(np.int64) * bs + offsets for t in self.group_tables)
         input_ids = self.tokens[token_slots, np.minimum(positions, self.max_model_len - 1)].astype(np.int64)
         # A token past the known ones was sampled by the step in flight: it comes from the device.
-        pending = np.flatnonzero(positions >= known[seq_ids])
+        pending = np.flatnonzero(positions >= token_known)
         prev_scatter = None
         if len(pending):
             input_ids[pending] = 0
-            pending_seqs = seq_ids[pending]
             rows = prev_rows[token_slots[pending]]
-            assert (positions[pending] == known[pending_seqs]).all(), "only the newest token may be in flight"
+            assert (positions[pending] == token_known[pending]).all(), "only the newest token may be in flight"
             assert (rows >= 0).all(), "a pending token's row in the step in flight is unknown"
-            prev_scatter = (pending.astype(np.int64), rows.astype(np.int64))
+            prev_scatter = (pending, rows)
         sample_rows = np.flatnonzero(np.fromiter(map(_sample, entries), bool, count))
         sample_slots = slots[sample_rows]
         self.num_tokens[sample_slots] += 1
@@ -293,6 +292,7 @@ class InputBatch:
             block_updates=block_updates,
             group_slot_mapping=group_slots,
             group_block_updates=group_block_updates,
+            states=states,
         )
 
 
