@@ -11,12 +11,12 @@ from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import SampledTokens, WorkerOutput
-from flashserve.sched.policy import FCFSPolicy
+from flashserve.sched.policy import make_policy
 from flashserve.sched.scheduler import Scheduler
 from flashserve.sched.stop import StopChecker
 
 
-def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute"):
+def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute", policy: str = "fcfs"):
     """A random workload: prompts sharing prefixes, EOS or not, a pool small enough to preempt,
     chunked prompts, two plans in flight, synchronous requests, aborts, a forked request. Returns every plan and
     every request's end state; with ``bulk`` False the per-request loops do all the work and the
@@ -37,7 +37,7 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
     cfg = SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=40, enable_chunked_prefill=True,
                           preemption_mode=preemption_mode)
     bm = BlockManager(48, 4, enable_prefix_caching=True, num_host_blocks=16)
-    s = Scheduler(cfg, bm, FCFSPolicy(), max_model_len=96)
+    s = Scheduler(cfg, bm, make_policy(policy), max_model_len=96)
     stop = StopChecker(s.max_model_len)
     shared = [rng.randrange(1, 50) for _ in range(12)]
     requests = {}
@@ -92,11 +92,12 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_bulk_decode_claims_plan_as_the_loop_does(monkeypatch, seed, mode):
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq"])  # MLFQ keeps per-request state (on_scheduled)
+def test_bulk_decode_claims_plan_as_the_loop_does(monkeypatch, seed, mode, policy):
     with monkeypatch.context() as m:
-        loop = _drive(False, m, seed, mode)
+        loop = _drive(False, m, seed, mode, policy)
     with monkeypatch.context() as m:
-        bulk = _drive(True, m, seed, mode)
+        bulk = _drive(True, m, seed, mode, policy)
     assert bulk[0] == loop[0]  # every plan: entries, new requests, dropped, preempted, block moves
     assert bulk[1] == loop[1]  # tokens, finish reasons, preemptions per request
     assert bulk[2] > 0  # the bulk path ran

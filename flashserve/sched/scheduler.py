@@ -336,7 +336,8 @@ class Scheduler:
             return 0
         consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
         consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
-        consume(map(setattr, requests, repeat("awaiting_result"), map(_synchronous, requests)))
+        for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
+            request.awaiting_result = True
         new_ids = [()] * count
         if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
             grow = np.flatnonzero(needs).tolist()
@@ -357,7 +358,7 @@ class Scheduler:
                                                         tuple(request.output_token_ids), request.params))
                 new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
                 assert not group_ids, "one table per request"
-        consume(map(self.policy.on_scheduled, requests, repeat(1)))
+        self.policy.on_scheduled_each(requests, 1)
         step.sampling.update(zip(rids, requests))
         pending.difference_update(rids)
         step.entries.extend(map(_new_entry, repeat(ScheduledRequest),
