@@ -22,6 +22,7 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
     every request's end state; with ``bulk`` False the per-request loops do all the work and the
     tokens come keyed by request (``update``'s general path)."""
     calls = {"bulk": 0}
+    monkeypatch.setattr(Scheduler, "bulk_claim_min", 1)  # the workload runs at most 12 requests
     if not bulk:
         monkeypatch.setattr(Scheduler, "_claim_decodes", lambda *a: 0)
     else:

@@ -97,6 +97,9 @@ class Speculation(Protocol):
 
 
 class Scheduler:
+    # running requests from which the decodes are claimed at once (``_decodes_first``)
+    bulk_claim_min = 64
+
     def __init__(
         self,
         config: SchedulerConfig,
@@ -215,13 +218,9 @@ class Scheduler:
 
         ranked = self.policy.order(self.running)
         pending = set(map(_request_id, ranked))  # running, not yet served or preempted this step
-        running = _RunningColumns(ranked)
-        is_decode = running.num_tokens - running.computed == 1
-        decodes = list(compress(ranked, is_decode))
-        prefills = list(compress(ranked, ~is_decode))
-        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs, pending)
+        decodes, prefills, claimed = self._decodes_first(step, ranked, budget, max_seqs, pending)
         budget -= claimed
-        work = ([] if claimed else decodes) + self.policy.order(prefills + self.swapped + self.waiting)
+        work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         entries, chunked, speculation = step.entries, self.config.enable_chunked_prefill, self.speculation
         for request in work:
@@ -304,6 +303,26 @@ class Scheduler:
         new_ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, sent)
         # ScheduledRequest(...) made from C, without the named tuple's Python __new__
         step.entries.append(_new_entry(ScheduledRequest, (rid, start, num_new, new_ids, sample, group_ids, num_spec)))
+
+    def _decodes_first(self, step: _Step, ranked: list[Request], budget: int, max_seqs: int,
+                       pending: set[str]) -> tuple[list[Request], list[Request], int]:
+        """Split the ranked running requests into those that need one token (decodes) and the
+        others, and claim the decodes at once (``_claim_decodes``) when there are at least
+        ``bulk_claim_min`` running requests (below that the array work costs more than the
+        loop). Returns the decodes left for the loop, the others, and the tokens claimed."""
+        if len(ranked) < self.bulk_claim_min:
+            decodes, prefills = [], []
+            for r in ranked:
+                # r.num_tokens - r.num_computed_tokens, inlined
+                if len(r.prompt_token_ids) + len(r.output_token_ids) + r.num_pending_tokens - r.num_computed_tokens == 1:
+                    decodes.append(r)
+                else:
+                    prefills.append(r)
+            return decodes, prefills, 0
+        running = _RunningColumns(ranked)
+        is_decode = running.num_tokens - running.computed == 1
+        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs, pending)
+        return [] if claimed else list(compress(ranked, is_decode)), list(compress(ranked, ~is_decode)), claimed
 
     def _claim_decodes(self, step: _Step, running: _RunningColumns, is_decode: np.ndarray, budget: int,
                        max_seqs: int, pending: set[str]) -> int:
