@@ -54,7 +54,7 @@ class EngineCore:
             first = len(outputs) - n
             # StopChecker.check's common case inlined: one token that stops nothing
             if n != 1 or outputs[-1] in request.stop_token_set or first + 1 >= request.max_output_tokens \
-                    or len(request.prompt_token_ids) + first + 1 >= max_len:
+                    or request.num_prompt_tokens + first + 1 >= max_len:
                 status = check(request, n)
                 if status is not None:
                     finish(request.request_id, status)

@@ -53,8 +53,8 @@ from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
 _request_id, _synchronous = attrgetter("request_id"), attrgetter("synchronous")
 _computed, _num_pending = attrgetter("num_computed_tokens"), attrgetter("num_pending_tokens")
-_prompt, _outputs = attrgetter("prompt_token_ids"), attrgetter("output_token_ids")
-_awaiting, _max_tokens = attrgetter("awaiting_result"), attrgetter("params.max_tokens")
+_num_prompt, _outputs = attrgetter("num_prompt_tokens"), attrgetter("output_token_ids")
+_awaiting, _max_outputs = attrgetter("awaiting_result"), attrgetter("max_output_tokens")
 _new_entry = tuple.__new__
 
 
@@ -68,10 +68,10 @@ class _RunningColumns:
         self.requests = requests
         self.computed = np.fromiter(map(_computed, requests), np.int64, n)
         self.num_pending = np.fromiter(map(_num_pending, requests), np.int64, n)
-        self.num_prompt = np.fromiter(map(len, map(_prompt, requests)), np.int64, n)
+        self.num_prompt = np.fromiter(map(_num_prompt, requests), np.int64, n)
         self.num_tokens = self.num_prompt + np.fromiter(map(len, map(_outputs, requests)), np.int64, n) + self.num_pending
         self.awaiting = np.fromiter(map(_awaiting, requests), bool, n)
-        self.max_tokens = np.array(list(map(_max_tokens, requests)), dtype=float).reshape(n)  # None: nan, no limit
+        self.max_tokens = np.fromiter(map(_max_outputs, requests), float, n)  # infinity: no limit
 
 
 class _Step:
@@ -570,7 +570,7 @@ class Scheduler:
                 request.metrics.first_token_time = now
             # Still running, and this token completed a block of known tokens: the block may be
             # registered now (commit's other trigger, computed tokens, moves only in _claim).
-            if not (len(request.prompt_token_ids) + len(outputs)) % bs and request.request_id in running:
+            if not (request.num_prompt_tokens + len(outputs)) % bs and request.request_id in running:
                 commit(request)
             progressed.append((request, 1))
         return progressed
