@@ -141,6 +141,9 @@ class InputBatch:
         self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
         self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
         self.generation = np.zeros(0, dtype=np.int64)  # bumped when the slot's request leaves
+        # Live requests with a grammar, with an attention option, whose rows are not plain greedy:
+        # while a count is 0 a step skips reading that flag for its slots.
+        self.num_grammar = self.num_attention = self.num_not_plain = 0
         self._free_slots: list[int] = []
 
     @property
@@ -173,17 +176,24 @@ class InputBatch:
         self.num_prompt[slot] = n
         self.num_blocks[slot] = 0
         self.min_tokens[slot] = new.params.min_tokens
-        self.grammar[slot] = new.params.structured_output is not None
-        self.plain[slot] = is_plain_greedy(new.params)
-        self.attention[slot] = new.params.attention is not None
+        self.grammar[slot] = grammar = new.params.structured_output is not None
+        self.plain[slot] = plain = is_plain_greedy(new.params)
+        self.attention[slot] = attention = new.params.attention is not None
+        self.num_grammar += grammar
+        self.num_not_plain += not plain
+        self.num_attention += attention
         self.states[new.request_id] = state
         return state
 
     def remove(self, request_id: str) -> RequestState | None:
         state = self.states.pop(request_id, None)
         if state is not None:
-            self._free_slots.append(state.slot)
-            self.generation[state.slot] += 1
+            slot = state.slot
+            self._free_slots.append(slot)
+            self.generation[slot] += 1
+            self.num_grammar -= bool(self.grammar[slot])
+            self.num_not_plain -= not self.plain[slot]
+            self.num_attention -= bool(self.attention[slot])
         return state
 
     def append_one(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
@@ -203,6 +213,8 @@ class InputBatch:
     def grammar_waits(self, slots: np.ndarray) -> bool:
         """True when a request in ``slots`` has a grammar and the token before its next sample is
         still in flight (its mask needs that token)."""
+        if not self.num_grammar:
+            return False
         g = slots[self.grammar[slots]]
         return bool(len(g)) and bool((self.num_known[g] < self.num_tokens[g] - 1).any())
 
@@ -278,7 +290,7 @@ class InputBatch:
         sample_slots = slots[sample_rows]
         self.num_tokens[sample_slots] += 1
         return StepInputs(
-            seq_attention=tuple(map(_attention, map(_params, states))) if self.attention[slots].any() else None,
+            seq_attention=tuple(map(_attention, map(_params, states))) if self.num_attention and self.attention[slots].any() else None,
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,

@@ -458,7 +458,7 @@ class Worker:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
         # rows that are all plain greedy need no SamplingRow (Sampler.greedy)
-        plain = spec is None and bool(self.batch.plain[handle.slots].all())
+        plain = spec is None and (not self.batch.num_not_plain or bool(self.batch.plain[handle.slots].all()))
         rows = None if plain else self._sampling_rows(states)
         c0 = time.perf_counter()
         if spec is None:
