@@ -2,12 +2,12 @@
 
 A request's state arrives once (``NewRequest``) and is updated in place by each plan: each
 request owns a row (slot) of a persistent host token table ``[slots, max_model_len]`` and of a
-persistent block table (host copy, and a device copy the Worker updates by a small scatter per
-step); sampled tokens are appended to its token row when they come back. Its counts (tokens
-known, tokens including those in flight, blocks held, ...) live in per-slot arrays. Building a
-step's inputs is vectorised numpy work over those tables and arrays: gathers by (slot,
-position); the plan entries' fields are read by C-level maps (no Python frame per request), and
-the only Python loop runs over the few entries that bring new blocks.
+persistent block table (host copy, and a device copy the Worker updates by one index_copy_ of
+the plan's new ids per step); sampled tokens are appended to its token row when they come back.
+Its counts (tokens known, tokens including those in flight, blocks held, ...) live in per-slot
+arrays. Building a step's inputs is vectorised numpy work over those tables and arrays: gathers
+by (slot, position), the new block ids' columns included; the plan entries' fields are read by
+C-level maps (no Python frame per request).
 
 Overlap: when a step is planned before the previous one's tokens came back, a request's last
 token is not on the host yet. Its input slot is filled on the device from the previous step's
