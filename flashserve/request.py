@@ -87,9 +87,11 @@ class TokenView(Sequence):
         return self.prompt[index] if index < n else self.output[index - n]
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One sequence being generated. Token ids are the truth; text is derived by the detokenizer."""
+    """One sequence being generated. Token ids are the truth; text is derived by the detokenizer.
+    Equal only to itself (``eq=False``): finding one in a queue is an identity scan, not a compare
+    of every field with each request before it."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -115,11 +117,18 @@ class Request:
     # Token ids that end the sequence (EOS unless ignore_eos, and stop_token_ids), fixed at creation
     # so the stop check of each new token is one set lookup.
     stop_token_set: frozenset[int] = field(init=False, repr=False)
+    # ``params.max_tokens``, infinity without one, and the prompt's length: fixed at creation, so
+    # the per-step checks read them without touching the params or the prompt list.
+    max_output_tokens: float = field(init=False, repr=False)
+    num_prompt_tokens: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         eos = () if self.params.ignore_eos else self.eos_token_ids
         self.stop_token_set = frozenset(eos).union(self.params.stop_token_ids)
+        max_tokens = self.params.max_tokens
+        self.max_output_tokens = float("inf") if max_tokens is None else max_tokens
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def prefix_salt(self) -> list[int] | None:
@@ -146,10 +155,6 @@ class Request:
     @property
     def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -76,3 +76,29 @@ def test_a_slot_generation_moves_on_when_its_request_leaves():
     batch.remove("a")
     c = batch.add(new("c", [7]), None)
     assert c.slot == a.slot and int(batch.generation[c.slot]) != before
+
+
+def test_flag_counts_follow_the_live_requests_and_blocks_append_by_column():
+    """The counts that let a step skip the grammar / plain / attention flags track adds and
+    removes (a reused slot's old flags do not count), and new block ids land after each
+    request's columns, in the host table and in the flat device updates."""
+    batch = InputBatch(max_model_len=64, block_size=4, eos_token_ids=(0,))
+    grammar = SamplingParams(temperature=0, max_tokens=8, structured_output=StructuredOutput("regex", "a+"))
+    sampled = SamplingParams(temperature=0.7, max_tokens=8)
+    a = batch.add(new("a", [1, 2, 3]), None)
+    batch.add(new("g", [1, 2], params=grammar), None)
+    batch.add(new("s", [4], params=sampled), None)
+    assert (batch.num_grammar, batch.num_not_plain, batch.num_attention) == (1, 2, 0)
+    batch.remove("g")
+    batch.remove("s")
+    assert (batch.num_grammar, batch.num_not_plain) == (0, 0)
+    b = batch.add(new("b", [7, 8, 9, 10, 11]), None)  # takes a freed slot whose flags were set
+    assert (batch.num_grammar, batch.num_not_plain) == (0, 0) and not batch.grammar_waits(np.array([b.slot]))
+    main, groups = batch.append_blocks((ScheduledRequest("a", 0, 3, (5,), True),
+                                        ScheduledRequest("b", 0, 5, (6, 7), True)))
+    main2, _ = batch.append_blocks((ScheduledRequest("b", 5, 4, (9,), True), ScheduledRequest("a", 3, 2, (8,), True)))
+    assert batch.block_table[a.slot, :2].tolist() == [5, 8] and batch.block_table[b.slot, :3].tolist() == [6, 7, 9]
+    width = batch.max_blocks
+    assert main[0].tolist() == [a.slot * width, b.slot * width, b.slot * width + 1] and main[1].tolist() == [5, 6, 7]
+    assert main2[0].tolist() == [b.slot * width + 2, a.slot * width + 1] and main2[1].tolist() == [9, 8]
+    assert groups == () and (a.num_blocks, b.num_blocks) == (2, 3)

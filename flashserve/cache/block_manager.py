@@ -48,8 +48,16 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
+
+import numpy as np
 
 from flashserve.request import Request
+
+
+def consume(calls) -> None:
+    """Run a lazy map of calls for their effect (C-level: no Python frame per call)."""
+    deque(calls, maxlen=0)
 
 
 def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
@@ -352,6 +360,40 @@ class BlockManager:
         self.prefix_hits += len(reused) * self.block_size
         self.host_tier_hits += len(host) * self.block_size
         return table
+
+    def quiet_decodes(self, request_ids: list[str], starts: np.ndarray, known: np.ndarray,
+                      sent: np.ndarray) -> np.ndarray | None:
+        """For running requests about to compute one token each, at positions ``starts``, with
+        ``known`` token values, whose tables' first ``sent`` columns the Worker holds (-1: none),
+        what that step needs from this manager: 0 nothing (``allocate_slots``, ``trim``,
+        ``assert_writable``, ``commit`` with the step counted as computed, and ``table_tail``
+        would change and send nothing: the position falls in a block the table holds and only
+        the request references, the Worker holds the whole table, no block is full past those
+        committed); 1 only a fresh block for the position, which starts one (``append_blocks``);
+        2 those calls, one request at a time. None when the manager cannot tell in bulk (every
+        request then takes the calls)."""
+        bs = self.block_size
+        n = len(request_ids)
+        tables = list(map(self.tables.get, request_ids, repeat(())))
+        lens = np.fromiter(map(len, tables), np.int64, n)
+        cols = starts // bs
+        held = (cols < lens) & (lens == sent)
+        blocks = map(list.__getitem__, compress(tables, held), cols[held].tolist())
+        held[held] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(held.sum())) == 1
+        fresh = (cols == lens) & (lens == sent) & (starts % bs == 0)
+        if self.enable_prefix_caching:
+            full = np.minimum(starts + 1, known) // bs  # full blocks of known, computed tokens (as commit)
+            committed = full <= np.fromiter(map(self._committed.get, request_ids, repeat(0)), np.int64, n)
+            held &= committed
+            fresh &= committed
+        return np.where(held, 0, np.where(fresh, 1, 2)).astype(np.int8)
+
+    def append_blocks(self, request_ids: list[str]) -> list[int]:
+        """Append one fresh block to each request's table, in order: the blocks ``allocate_slots``
+        would give them one request after another. The pool must hold them (MemoryError)."""
+        blocks = self.pool.allocate(len(request_ids))
+        consume(map(list.append, map(self.tables.__getitem__, request_ids), blocks))
+        return blocks
 
     def trim(self, request_id: str, start: int) -> None:
         """Release blocks that a step starting at position ``start`` and every later one can no

@@ -183,6 +183,10 @@ class GroupedBlockManager(BlockManager):
         self.prefix_hits = self.groups[0].prefix_hits
         return self.groups[0].tables[request_id]
 
+    def quiet_decodes(self, request_ids, starts, known, sent) -> None:
+        """Not told in bulk over several tables: each request takes the per-request calls."""
+        return None
+
     def assert_writable(self, request_id: str, start: int, end: int) -> None:
         for g in self.groups:
             g.assert_writable(request_id, start, end)

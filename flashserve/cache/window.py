@@ -86,6 +86,10 @@ class WindowedBlockManager(BlockManager):
         self._trimmed[request_id] = end
         self.pool.free(released[::-1])  # newest first: the oldest are evicted last from the LRU
 
+    def quiet_decodes(self, request_ids, starts, known, sent) -> None:
+        """Trimming moves with every step: each request takes the per-request calls."""
+        return None
+
     def commit(self, request: Request) -> None:
         """As ``BlockManager.commit``, skipping holes (a request swapped back in commits anew)."""
         if not self.enable_prefix_caching:

@@ -48,11 +48,15 @@ class EngineCore:
         if self.speculation is not None:
             self.speculation.observe(plan, result)
         progressed = self.scheduler.update(plan, result)
-        check, finish = self.stop.check, self.scheduler.finish_request
+        check, finish, max_len = self.stop.check, self.scheduler.finish_request, self.stop.max_model_len
         for i, (request, n) in enumerate(progressed):
-            first = len(request.output_token_ids) - n
-            status = check(request, n)
-            if status is not None:
-                finish(request.request_id, status)
+            outputs = request.output_token_ids
+            first = len(outputs) - n
+            # StopChecker.check's common case inlined: one token that stops nothing
+            if n != 1 or outputs[-1] in request.stop_token_set or first + 1 >= request.max_output_tokens \
+                    or request.num_prompt_tokens + first + 1 >= max_len:
+                status = check(request, n)
+                if status is not None:
+                    finish(request.request_id, status)
             progressed[i] = (request, first)
         return progressed

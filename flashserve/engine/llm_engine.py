@@ -156,6 +156,9 @@ class LLMEngine:
         self._decode_states: dict[str, DecodeState] = {}
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
+        # child ids processed every step they get tokens: their parent streams, or they have stop
+        # strings to look for in their text as it grows (the others only when they finish)
+        self._followed: set[str] = set()
         self._inflight: deque[tuple[SchedulerOutput, Handle]] = deque()  # launched, tokens not read, oldest first
         from flashserve.spec.beam import BeamSearchDriver
 
@@ -259,6 +262,8 @@ class LLMEngine:
             self.core.add_request(req)
             self._child_parent[cid] = request_id
             self._decode_states[cid] = self.detokenizer.new_state(token_ids, params.skip_special_tokens, params.stop)
+            if stream or params.stop:
+                self._followed.add(cid)
             parent.completions[cid] = CompletionOutput(index=i, text="", token_ids=[], finish_reason=None,
                                                        logprobs=[] if params.logprobs is not None else None)
         self._parents[request_id] = parent
@@ -298,6 +303,7 @@ class LLMEngine:
             self.core.finish_request(cid, RequestStatus.FINISHED_ABORTED)
             self._decode_states.pop(cid, None)
             self._child_parent.pop(cid, None)
+            self._followed.discard(cid)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -350,20 +356,19 @@ class LLMEngine:
     def _outputs(self, plan: SchedulerOutput, result) -> list[RequestOutput]:
         touched: dict[str, None] = {}
         beams = self.beams
-        owns, parents, child_parent, decode_states = beams.owns, self._parents, self._child_parent, self._decode_states
+        beam_ids, followed = beams.live_ids, self._followed
         generated = 0
         for req, first in self.core.update(plan, result):
             rid = req.request_id
-            if owns(rid):  # a beam's candidates: the group decides below
+            if rid in beam_ids:  # a beam's candidates: the group decides below
                 beams.collect(req)
                 continue
             generated += len(req.output_token_ids) - first
-            parent = parents[child_parent[rid]]
-            state = decode_states[rid]
             # A request nobody streams is detokenized when it finishes, unless a stop string
             # must be looked for in its text as it grows.
-            if parent.stream or req.status.finished or state.stop:
-                self._process(req, state, parent)
+            if rid in followed or req.status.finished:
+                parent = self._parents[self._child_parent[rid]]
+                self._process(req, self._decode_states[rid], parent)
                 touched[parent.request_id] = None
         self.generation_tokens_total += generated
         outputs = [out for pid in touched if (out := self._parent_output(pid)) is not None]
@@ -419,6 +424,7 @@ class LLMEngine:
             for cid in parent.child_ids:
                 self._decode_states.pop(cid, None)
                 self._child_parent.pop(cid, None)
+                self._followed.discard(cid)
         return out
 
     def score(self, token_ids: list[int], chunk_size: int = 512) -> Iterator[torch.Tensor]:

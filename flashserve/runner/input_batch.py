@@ -2,12 +2,12 @@
 
 A request's state arrives once (``NewRequest``) and is updated in place by each plan: each
 request owns a row (slot) of a persistent host token table ``[slots, max_model_len]`` and of a
-persistent block table (host copy, and a device copy the Worker updates by a small scatter per
-step); sampled tokens are appended to its token row when they come back. Its counts (tokens
-known, tokens including those in flight, blocks held, ...) live in per-slot arrays. Building a
-step's inputs is vectorised numpy work over those tables and arrays: gathers by (slot,
-position); the plan entries' fields are read by C-level maps (no Python frame per request), and
-the only Python loop runs over the few entries that bring new blocks.
+persistent block table (host copy, and a device copy the Worker updates by one index_copy_ of
+the plan's new ids per step); sampled tokens are appended to its token row when they come back.
+Its counts (tokens known, tokens including those in flight, blocks held, ...) live in per-slot
+arrays. Building a step's inputs is vectorised numpy work over those tables and arrays: gathers
+by (slot, position), the new block ids' columns included; the plan entries' fields are read by
+C-level maps (no Python frame per request).
 
 Overlap: when a step is planned before the previous one's tokens came back, a request's last
 token is not on the host yet. Its input slot is filled on the device from the previous step's
@@ -17,7 +17,7 @@ sampled-token tensor (``StepInputs.prev_scatter``), so no host synchronisation i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import compress
+from itertools import chain, compress
 from operator import attrgetter
 
 import numpy as np
@@ -30,7 +30,9 @@ _new_block_ids, _request_id, _slot = attrgetter("new_block_ids"), attrgetter("re
 _start_pos, _num_new_tokens, _sample = attrgetter("start_pos"), attrgetter("num_new_tokens"), attrgetter("sample")
 _params, _attention = attrgetter("params"), attrgetter("attention")
 
-BlockUpdates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (slot, column, block id) writes into a device block table
+# Writes into a device block table [slots, max_blocks]: (flat index slot * max_blocks + column, int64;
+# block id, int32), so the device side is one index_copy_ of the flattened table.
+BlockUpdates = tuple[np.ndarray, np.ndarray]
 
 
 class RequestState:
@@ -99,6 +101,7 @@ class StepInputs:
     # per sequence, its request's attention option (flashserve.layers.request_attention); None: none asks
     seq_attention: tuple | None = None
     sample_slots: np.ndarray | None = None  # [S] int64: the batch slot of each sampling sequence
+    states: list | None = None  # [B] the RequestState of each sequence
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +141,9 @@ class InputBatch:
         self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
         self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
         self.generation = np.zeros(0, dtype=np.int64)  # bumped when the slot's request leaves
+        # Live requests with a grammar, with an attention option, whose rows are not plain greedy:
+        # while a count is 0 a step skips reading that flag for its slots.
+        self.num_grammar = self.num_attention = self.num_not_plain = 0
         self._free_slots: list[int] = []
 
     @property
@@ -170,17 +176,24 @@ class InputBatch:
         self.num_prompt[slot] = n
         self.num_blocks[slot] = 0
         self.min_tokens[slot] = new.params.min_tokens
-        self.grammar[slot] = new.params.structured_output is not None
-        self.plain[slot] = is_plain_greedy(new.params)
-        self.attention[slot] = new.params.attention is not None
+        self.grammar[slot] = grammar = new.params.structured_output is not None
+        self.plain[slot] = plain = is_plain_greedy(new.params)
+        self.attention[slot] = attention = new.params.attention is not None
+        self.num_grammar += grammar
+        self.num_not_plain += not plain
+        self.num_attention += attention
         self.states[new.request_id] = state
         return state
 
     def remove(self, request_id: str) -> RequestState | None:
         state = self.states.pop(request_id, None)
         if state is not None:
-            self._free_slots.append(state.slot)
-            self.generation[state.slot] += 1
+            slot = state.slot
+            self._free_slots.append(slot)
+            self.generation[slot] += 1
+            self.num_grammar -= bool(self.grammar[slot])
+            self.num_not_plain -= not self.plain[slot]
+            self.num_attention -= bool(self.attention[slot])
         return state
 
     def append_one(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
@@ -200,35 +213,38 @@ class InputBatch:
     def grammar_waits(self, slots: np.ndarray) -> bool:
         """True when a request in ``slots`` has a grammar and the token before its next sample is
         still in flight (its mask needs that token)."""
+        if not self.num_grammar:
+            return False
         g = slots[self.grammar[slots]]
         return bool(len(g)) and bool((self.num_known[g] < self.num_tokens[g] - 1).any())
 
     def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
         """Append the plan's new block ids to the host tables (group 0's and the other groups');
-        returns the (slot, column, block id) updates of the device tables, None where none changes."""
-        upd_slot, upd_col, upd_blk = [], [], []
-        group_upd: list[list[int]] = [[] for _ in self.group_tables]
-        num_blocks = self.num_blocks
-        for e in compress(entries, map(_new_block_ids, entries)):  # the few entries with new blocks
-            slot = self.states[e.request_id].slot
-            n = len(e.new_block_ids)
-            have = int(num_blocks[slot])
-            upd_slot += [slot] * n
-            upd_col += range(have, have + n)
-            upd_blk += e.new_block_ids
-            group_ids = e.group_block_ids or tuple((0,) * n for _ in self.group_tables)  # (warm-up plans)
-            for new_ids, upd in zip(group_ids, group_upd):
-                upd += new_ids
-            num_blocks[slot] = have + n
-        if not upd_slot:
+        returns the updates of the device tables, None where none changes. Array work over the
+        few entries that bring blocks (a request's entries bring as many ids in every group)."""
+        grown = list(compress(entries, map(_new_block_ids, entries)))
+        if not grown:
             return None, tuple(None for _ in self.group_tables)
-        # one write per table; a released block (-1, windowed) is never read: 0 stands in
-        slot, col = np.array(upd_slot, np.int64), np.array(upd_col, np.int64)
+        slots = np.fromiter(map(_slot, map(self.states.__getitem__, map(_request_id, grown))), np.int64, len(grown))
+        counts = np.fromiter(map(len, map(_new_block_ids, grown)), np.int64, len(grown))
+        have = self.num_blocks[slots]
+        self.num_blocks[slots] = have + counts
+        # each new id's column: the row's blocks so far plus its place among the entry's new ids
+        ends = np.cumsum(counts)
+        col = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(have - ends + counts, counts)
+        row = np.repeat(slots, counts)
+        flat = row * self.max_blocks + col
+        ids = [list(chain.from_iterable(map(_new_block_ids, grown)))]
+        for g in range(len(self.group_tables)):
+            # warm-up plans send no group ids: zeros stand in
+            ids.append(list(chain.from_iterable(e.group_block_ids[g] if e.group_block_ids else (0,) * len(e.new_block_ids)
+                                                for e in grown)))
+        # a released block (-1, windowed) is never read: 0 stands in
         updates = []
-        for table, ids in zip((self.block_table, *self.group_tables), (upd_blk, *group_upd)):
-            blk = np.maximum(np.array(ids, np.int64), 0)
-            table[slot, col] = blk
-            updates.append((slot, col, blk))
+        for table, blk in zip((self.block_table, *self.group_tables), ids):
+            blk = np.maximum(np.array(blk, np.int32), 0)
+            table[row, col] = blk
+            updates.append((flat, blk))
         return updates[0], tuple(updates[1:])
 
     def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: np.ndarray,
@@ -251,32 +267,30 @@ class InputBatch:
         qsl = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
         total = int(qsl[-1])
-        if total == count and not (lens - 1).any():  # one token per sequence (decodes)
-            seq_ids = np.arange(count)
-            positions = starts
+        if total == count and not (lens - 1).any():  # one token per sequence (decodes): token i is sequence i's
+            positions, token_slots, token_known = starts, slots, known
         else:
             seq_ids = np.repeat(np.arange(count), lens)  # [T] sequence of each token
             positions = np.arange(total, dtype=np.int64) - qsl[seq_ids] + starts[seq_ids]
-        token_slots = slots[seq_ids]
-        slot_mapping = self.block_table[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
-        group_slots = tuple(t[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
-                            for t in self.group_tables)
+            token_slots, token_known = slots[seq_ids], known[seq_ids]
+        cols, offsets = np.divmod(positions, bs)
+        slot_mapping = self.block_table[token_slots, cols].astype(np.int64) * bs + offsets
+        group_slots = tuple(t[token_slots, cols].astype(np.int64) * bs + offsets for t in self.group_tables)
         input_ids = self.tokens[token_slots, np.minimum(positions, self.max_model_len - 1)].astype(np.int64)
         # A token past the known ones was sampled by the step in flight: it comes from the device.
-        pending = np.flatnonzero(positions >= known[seq_ids])
+        pending = np.flatnonzero(positions >= token_known)
         prev_scatter = None
         if len(pending):
             input_ids[pending] = 0
-            pending_seqs = seq_ids[pending]
             rows = prev_rows[token_slots[pending]]
-            assert (positions[pending] == known[pending_seqs]).all(), "only the newest token may be in flight"
+            assert (positions[pending] == token_known[pending]).all(), "only the newest token may be in flight"
             assert (rows >= 0).all(), "a pending token's row in the step in flight is unknown"
-            prev_scatter = (pending.astype(np.int64), rows.astype(np.int64))
+            prev_scatter = (pending, rows)
         sample_rows = np.flatnonzero(np.fromiter(map(_sample, entries), bool, count))
         sample_slots = slots[sample_rows]
         self.num_tokens[sample_slots] += 1
         return StepInputs(
-            seq_attention=tuple(map(_attention, map(_params, states))) if self.attention[slots].any() else None,
+            seq_attention=tuple(map(_attention, map(_params, states))) if self.num_attention and self.attention[slots].any() else None,
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,
@@ -290,6 +304,7 @@ class InputBatch:
             block_updates=block_updates,
             group_slot_mapping=group_slots,
             group_block_updates=group_block_updates,
+            states=states,
         )
 
 

@@ -327,38 +327,55 @@ class Worker:
         main, groups = updates
         for table, upd in zip((self.block_table, *self.group_block_tables), (main, *groups)):
             if upd is not None:
-                s, c, blk = (self._to_device(a) for a in upd)
-                table[s, c] = blk.to(torch.int32)
+                flat, blk = upd
+                table.view(-1).index_copy_(0, self._to_device(flat), self._to_device(blk))
 
     def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int) -> None:
         """Write a step's inputs into the static buffers, padded to ``pad_tokens`` tokens and
-        ``pad_seqs`` sequences (padding owns nothing and stores nothing)."""
+        ``pad_seqs`` sequences (padding owns nothing and stores nothing). Everything but the
+        tables of layer groups 1, 2, ... travels in two host arrays (one upload each): int64
+        token inputs, sequence slots, the in-flight tokens' scatter and the block-table update's
+        indices; int32 sequence inputs and the update's block ids."""
         buf = self.buffers
         t, b = inp.num_tokens, inp.num_seqs
-        i64 = np.zeros(3 * pad_tokens + b, dtype=np.int64)
+        scatter = inp.prev_scatter if inp.prev_scatter is not None else ()
+        p = len(scatter[0]) if scatter else 0
+        flat, blk = inp.block_updates if inp.block_updates is not None else ((), ())
+        u = len(flat)
+        o = 3 * pad_tokens + b  # the int64 array: token inputs, slots, scatter (index, row), table indices
+        i64 = np.empty(o + 2 * p + u, dtype=np.int64)
         i64[:t] = inp.input_ids
+        i64[t:pad_tokens] = 0
         i64[pad_tokens : pad_tokens + t] = inp.positions
+        i64[pad_tokens + t : 2 * pad_tokens] = 0
         i64[2 * pad_tokens : 2 * pad_tokens + t] = inp.slot_mapping
         i64[2 * pad_tokens + t : 3 * pad_tokens] = -1
-        i64[3 * pad_tokens :] = inp.slots
-        i32 = np.empty(2 * pad_seqs + 2, dtype=np.int32)  # query starts, then context lengths (and one 0)
+        i64[3 * pad_tokens : o] = inp.slots
+        if p:
+            i64[o : o + p], i64[o + p : o + 2 * p] = scatter
+        i64[o + 2 * p :] = flat
+        s = 2 * pad_seqs + 2  # the int32 array: query starts, context lengths (and one 0), table ids
+        i32 = np.empty(s + u, dtype=np.int32)
         i32[: b + 1] = inp.query_start_loc
         i32[b + 1 : pad_seqs + 1] = t
         i32[pad_seqs + 1 : pad_seqs + 1 + b] = inp.seq_lens
-        i32[pad_seqs + 1 + b :] = 0
+        i32[pad_seqs + 1 + b : s] = 0
+        i32[s:] = blk
         d64, d32 = self._to_device(i64), self._to_device(i32)
         buf.token_inputs[:, :pad_tokens].copy_(d64[: 3 * pad_tokens].view(3, pad_tokens))
-        buf.seq_inputs[:, : pad_seqs + 1].copy_(d32.view(2, pad_seqs + 1))
-        self.apply_block_updates((inp.block_updates, inp.group_block_updates))
-        torch.index_select(self.block_table, 0, d64[3 * pad_tokens :], out=buf.block_tables[:b])
+        buf.seq_inputs[:, : pad_seqs + 1].copy_(d32[:s].view(2, pad_seqs + 1))
+        if u:
+            self.block_table.view(-1).index_copy_(0, d64[o + 2 * p :], d32[s:])
+        self.apply_block_updates((None, inp.group_block_updates))
+        seq_slots = d64[3 * pad_tokens : o]
+        torch.index_select(self.block_table, 0, seq_slots, out=buf.block_tables[:b])
         for g, (table, slots) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping)):
             group_slots = np.full(pad_tokens, -1, dtype=np.int64)
             group_slots[:t] = slots
             buf.group_slot_mapping[g][:pad_tokens].copy_(self._to_device(group_slots))
-            torch.index_select(table, 0, d64[3 * pad_tokens :], out=buf.group_block_tables[g][:b])
-        if inp.prev_scatter is not None:  # tokens the step in flight sampled, straight from the device
-            idx, rows = (self._to_device(a) for a in inp.prev_scatter)
-            buf.input_ids.index_copy_(0, idx, self._prev_tokens.index_select(0, rows))
+            torch.index_select(table, 0, seq_slots, out=buf.group_block_tables[g][:b])
+        if p:  # tokens the step in flight sampled, straight from the device
+            buf.input_ids.index_copy_(0, d64[o : o + p], self._prev_tokens.index_select(0, d64[o + p : o + 2 * p]))
 
     def _forward(self, inp: StepInputs, tree=None, verify_seqs: frozenset[int] = frozenset()) -> tuple[torch.Tensor, bool]:
         """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
@@ -412,10 +429,10 @@ class Worker:
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
-        # the sampling rows' ids and states, by C-level maps
-        handle = StepHandle(plan.step_id, list(map(_request_id, map(entries.__getitem__, inp.sample_rows))), None,
-                            worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
-        states = handle.states = list(map(self.batch.states.__getitem__, handle.request_ids))
+        # the sampling rows' states and ids, by C-level maps
+        states = list(map(inp.states.__getitem__, inp.sample_rows))
+        handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, worker=self,
+                            slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
@@ -441,7 +458,7 @@ class Worker:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
         # rows that are all plain greedy need no SamplingRow (Sampler.greedy)
-        plain = spec is None and bool(self.batch.plain[handle.slots].all())
+        plain = spec is None and (not self.batch.num_not_plain or bool(self.batch.plain[handle.slots].all()))
         rows = None if plain else self._sampling_rows(states)
         c0 = time.perf_counter()
         if spec is None:

@@ -60,6 +60,13 @@ class SchedulingPolicy:
     def on_scheduled(self, request: Request, num_tokens: int) -> None:
         """Hook for stateful policies (e.g. MLFQ quanta); called once per request per step."""
 
+    def on_scheduled_each(self, requests: list[Request], num_tokens: int) -> None:
+        """``on_scheduled`` for each of ``requests`` (``num_tokens`` each); nothing when the
+        policy does not override it (it keeps no per-request state)."""
+        if type(self).on_scheduled is not SchedulingPolicy.on_scheduled:
+            for request in requests:
+                self.on_scheduled(request, num_tokens)
+
     def on_finished(self, request: Request) -> None:
         """Hook called when a request leaves the scheduler (to drop per-request state)."""
 

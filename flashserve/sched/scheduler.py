@@ -8,7 +8,10 @@ plus outputs). One token budget (``max_num_batched_tokens``) is shared by everyt
    and cannot get a seat (``max_num_seqs``) or memory, ``RankPreemptionRule.select`` names the
    running requests to preempt for it (FastServe-style; under FCFS it never fires).
 1. *Decodes first*: running requests that need one token, in policy order. Piggybacking them
-   on the prefill chunks keeps inter-token latency flat while long prompts arrive.
+   on the prefill chunks keeps inter-token latency flat while long prompts arrive. When none of
+   them can run the pool, the budget or the seats short, they are claimed at once
+   (``_claim_decodes``: array work over their counts; the block manager is called only for the
+   few whose step adds a block or commits one).
 2. *Prefill work* in policy order: running requests still in (chunked) prefill, swapped
    requests (swapped back in) and waiting requests (admitted, reusing cached prefix blocks).
    With ``enable_chunked_prefill`` a prompt longer than the remaining budget gets a chunk.
@@ -35,18 +38,40 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import Protocol
 
-from flashserve.cache.block_manager import BlockManager
+import numpy as np
+
+from flashserve.cache.block_manager import BlockManager, consume
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
-_request_id = attrgetter("request_id")
+_request_id, _synchronous = attrgetter("request_id"), attrgetter("synchronous")
+_computed, _num_pending = attrgetter("num_computed_tokens"), attrgetter("num_pending_tokens")
+_num_prompt, _outputs = attrgetter("num_prompt_tokens"), attrgetter("output_token_ids")
+_awaiting, _max_outputs = attrgetter("awaiting_result"), attrgetter("max_output_tokens")
 _new_entry = tuple.__new__
+
+
+class _RunningColumns:
+    """The running requests' counts as arrays, read by C-level maps (one pass per field)."""
+
+    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "awaiting", "max_tokens")
+
+    def __init__(self, requests: list[Request]) -> None:
+        n = len(requests)
+        self.requests = requests
+        self.computed = np.fromiter(map(_computed, requests), np.int64, n)
+        self.num_pending = np.fromiter(map(_num_pending, requests), np.int64, n)
+        self.num_prompt = np.fromiter(map(_num_prompt, requests), np.int64, n)
+        self.num_tokens = self.num_prompt + np.fromiter(map(len, map(_outputs, requests)), np.int64, n) + self.num_pending
+        self.awaiting = np.fromiter(map(_awaiting, requests), bool, n)
+        self.max_tokens = np.fromiter(map(_max_outputs, requests), float, n)  # infinity: no limit
 
 
 class _Step:
@@ -72,6 +97,9 @@ class Speculation(Protocol):
 
 
 class Scheduler:
+    # running requests from which the decodes are claimed at once (``_decodes_first``)
+    bulk_claim_min = 64
+
     def __init__(
         self,
         config: SchedulerConfig,
@@ -190,13 +218,8 @@ class Scheduler:
 
         ranked = self.policy.order(self.running)
         pending = set(map(_request_id, ranked))  # running, not yet served or preempted this step
-        decodes, prefills = [], []
-        for r in ranked:
-            # r.num_tokens - r.num_computed_tokens, inlined: this runs for every running request
-            if len(r.prompt_token_ids) + len(r.output_token_ids) + r.num_pending_tokens - r.num_computed_tokens == 1:
-                decodes.append(r)
-            else:
-                prefills.append(r)
+        decodes, prefills, claimed = self._decodes_first(step, ranked, budget, max_seqs, pending)
+        budget -= claimed
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         entries, chunked, speculation = step.entries, self.config.enable_chunked_prefill, self.speculation
@@ -280,6 +303,86 @@ class Scheduler:
         new_ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, sent)
         # ScheduledRequest(...) made from C, without the named tuple's Python __new__
         step.entries.append(_new_entry(ScheduledRequest, (rid, start, num_new, new_ids, sample, group_ids, num_spec)))
+
+    def _decodes_first(self, step: _Step, ranked: list[Request], budget: int, max_seqs: int,
+                       pending: set[str]) -> tuple[list[Request], list[Request], int]:
+        """Split the ranked running requests into those that need one token (decodes) and the
+        others, and claim the decodes at once (``_claim_decodes``) when there are at least
+        ``bulk_claim_min`` running requests (below that the array work costs more than the
+        loop). Returns the decodes left for the loop, the others, and the tokens claimed."""
+        if len(ranked) < self.bulk_claim_min:
+            decodes, prefills = [], []
+            for r in ranked:
+                # r.num_tokens - r.num_computed_tokens, inlined
+                if len(r.prompt_token_ids) + len(r.output_token_ids) + r.num_pending_tokens - r.num_computed_tokens == 1:
+                    decodes.append(r)
+                else:
+                    prefills.append(r)
+            return decodes, prefills, 0
+        running = _RunningColumns(ranked)
+        is_decode = running.num_tokens - running.computed == 1
+        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs, pending)
+        return [] if claimed else list(compress(ranked, is_decode)), list(compress(ranked, ~is_decode)), claimed
+
+    def _claim_decodes(self, step: _Step, running: _RunningColumns, is_decode: np.ndarray, budget: int,
+                       max_seqs: int, pending: set[str]) -> int:
+        """Claim every running request that needs one token (in rank order) at once, as the
+        per-request loop would, when none of them can run the pool short (each needs at most one
+        new block) or the step's budget or seats out, and nothing is speculated (draft counts are
+        per request). The block manager is called only for the requests whose step changes their
+        tables or commits a block (``BlockManager.quiet_decodes``). Returns the tokens claimed
+        (one per request); 0 when the bulk claim does not apply (the loop then claims them)."""
+        if self.speculation is not None or not is_decode.any():
+            return 0
+        bm = self.block_manager
+        # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
+        max_tokens = running.max_tokens[is_decode]
+        num_tokens = running.num_tokens[is_decode]
+        at_limit = (running.num_pending[is_decode] > 0) & (
+            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt[is_decode] >= max_tokens))
+        take = ~(running.awaiting[is_decode] | at_limit)
+        count = int(take.sum())
+        if count > budget or count > max_seqs:
+            return 0
+        sel = np.flatnonzero(is_decode)[take]
+        requests = list(map(running.requests.__getitem__, sel.tolist()))
+        rids = list(map(_request_id, requests))
+        starts = running.computed[sel]
+        sent = np.fromiter(map(self._blocks_sent.get, rids, repeat(-1)), np.int64, count)
+        known = (running.num_tokens - running.num_pending)[sel]
+        needs = bm.quiet_decodes(rids, starts, known, sent)
+        if needs is None or count - int((needs == 0).sum()) > bm.num_free_blocks:
+            return 0
+        consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
+        consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
+        for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
+            request.awaiting_result = True
+        new_ids = [()] * count
+        if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
+            grow = np.flatnonzero(needs).tolist()
+            blocks = bm.append_blocks([rids[i] for i in grow])
+            for i, block in zip(grow, blocks):
+                new_ids[i] = (block,)
+                self._blocks_sent[rids[i]] = int(sent[i]) + 1
+        else:
+            for i in np.flatnonzero(needs).tolist():  # what _claim does with the block manager, in rank order
+                request, rid, start = requests[i], rids[i], int(starts[i])
+                allocated = bm.allocate_slots(rid, start + 1)
+                assert allocated is not None, "the pool had a block for every decode"
+                bm.trim(rid, start)
+                bm.assert_writable(rid, start, start + 1)
+                bm.commit(request)
+                if sent[i] < 0:  # the Worker does not hold it (a forked beam)
+                    step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
+                                                        tuple(request.output_token_ids), request.params))
+                new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
+                assert not group_ids, "one table per request"
+        self.policy.on_scheduled_each(requests, 1)
+        step.sampling.update(zip(rids, requests))
+        pending.difference_update(rids)
+        step.entries.extend(map(_new_entry, repeat(ScheduledRequest),
+                                zip(rids, starts.tolist(), repeat(1), new_ids, repeat(True), repeat(()), repeat(0))))
+        return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """Draft slots for a decode step (0: a plain one): only when the request's last token is
@@ -467,7 +570,7 @@ class Scheduler:
                 request.metrics.first_token_time = now
             # Still running, and this token completed a block of known tokens: the block may be
             # registered now (commit's other trigger, computed tokens, moves only in _claim).
-            if not (len(request.prompt_token_ids) + len(outputs)) % bs and request.request_id in running:
+            if not (request.num_prompt_tokens + len(outputs)) % bs and request.request_id in running:
                 commit(request)
             progressed.append((request, 1))
         return progressed

@@ -196,6 +196,11 @@ class BeamSearchDriver:
     def owns(self, request_id: str) -> bool:
         return request_id in self._group_of
 
+    @property
+    def live_ids(self):
+        """The live beam requests' ids, a set-like view (``rid in live_ids`` is ``owns(rid)``)."""
+        return self._group_of.keys()
+
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
