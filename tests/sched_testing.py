@@ -3,6 +3,8 @@
 Import from tests as ``from sched_testing import run_step, apply_tokens``.
 """
 
+from collections.abc import Callable
+
 from flashserve.sched.plan import SampledTokens, SchedulerOutput, WorkerOutput
 from flashserve.sched.scheduler import Scheduler
 from flashserve.sched.stop import StopChecker
@@ -17,6 +19,21 @@ def apply_tokens(s: Scheduler, plan: SchedulerOutput, token: int = 7) -> None:
     """Feed a plan's fake tokens back and retire requests that stop, as EngineCore does."""
     stop = StopChecker(s.max_model_len)
     for req, n in s.update(plan, fake_output(plan, token)):
+        status = stop.check(req, n)
+        if status is not None:
+            s.finish_request(req.request_id, status)
+
+
+def apply_sampled(s: Scheduler, plan: SchedulerOutput, tokens_for: Callable[[int], list[int]],
+                  plain: bool) -> None:
+    """Feed a plan's sampling rows the tokens ``tokens_for(rows)`` gives, as a plain step's token
+    list (``plain``) or keyed by request (``update``'s general path); retire those that stop."""
+    rows = [r.request_id for r in plan.requests if r.sample]
+    tokens = tokens_for(len(rows))
+    out = WorkerOutput(plan.step_id, {}, tokens=tokens) if plain else \
+        WorkerOutput(plan.step_id, {rid: SampledTokens((t,)) for rid, t in zip(rows, tokens)})
+    stop = StopChecker(s.max_model_len)
+    for req, n in s.update(plan, out):
         status = stop.check(req, n)
         if status is not None:
             s.finish_request(req.request_id, status)

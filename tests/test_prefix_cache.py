@@ -9,7 +9,7 @@ from flashserve.cache.block_manager import BlockManager, BlockPool, hash_block
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request
 from flashserve.sampling_params import SamplingParams
-from sched_testing import apply_tokens, run_step
+from sched_testing import apply_sampled, apply_tokens, run_step
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
 
@@ -174,11 +174,7 @@ def test_blocks_completed_by_generated_tokens_are_shared_under_overlap(plain):
     """With step N+1 planned before step N's tokens are back, a block that a generated token
     completes is registered when that token arrives (a plain token list or the sampled dict),
     so a later prompt extending the output shares it."""
-    from flashserve.sched.plan import SampledTokens, WorkerOutput
-    from flashserve.sched.stop import StopChecker
-
     s = make(num_blocks=32)
-    stop = StopChecker(s.max_model_len)
     s.add_request(req("a", range(10, 16), max_tokens=7))
     inflight, out_tokens = [], iter(range(100, 200))
     for _ in range(40):
@@ -187,15 +183,7 @@ def test_blocks_completed_by_generated_tokens_are_shared_under_overlap(plain):
         plan = s.schedule()
         inflight.append(plan)
         if len(inflight) == 2 or not plan.requests:
-            done = inflight.pop(0)
-            rows = [r.request_id for r in done.requests if r.sample]
-            toks = [next(out_tokens) for _ in rows]
-            out = WorkerOutput(done.step_id, {}, tokens=toks) if plain else \
-                WorkerOutput(done.step_id, {r: SampledTokens((t,)) for r, t in zip(rows, toks)})
-            for r, n in s.update(done, out):
-                status = stop.check(r, n)
-                if status is not None:
-                    s.finish_request(r.request_id, status)
+            apply_sampled(s, inflight.pop(0), lambda n: [next(out_tokens) for _ in range(n)], plain)
         s.block_manager.check_invariants()
     assert not s.has_unfinished()
     # a's tokens: 6 prompt + 7 generated (100 ... 106); its computed K/V covers the first 12

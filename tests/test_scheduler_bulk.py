@@ -10,10 +10,9 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import SampledTokens, WorkerOutput
 from flashserve.sched.policy import make_policy
 from flashserve.sched.scheduler import Scheduler
-from flashserve.sched.stop import StopChecker
+from sched_testing import apply_sampled
 
 
 def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute", policy: str = "fcfs"):
@@ -39,7 +38,6 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
                           preemption_mode=preemption_mode)
     bm = BlockManager(48, 4, enable_prefix_caching=True, num_host_blocks=16)
     s = Scheduler(cfg, bm, make_policy(policy), max_model_len=96)
-    stop = StopChecker(s.max_model_len)
     shared = [rng.randrange(1, 50) for _ in range(12)]
     requests = {}
     for i in range(24):
@@ -74,15 +72,8 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
         plans.append((plan.requests, plan.new_requests, plan.finished_ids, plan.preempted_ids, plan.block_copies))
         inflight.append(plan)
         if len(inflight) == 2 or not plan.requests:
-            done = inflight.pop(0)
-            rows = [r.request_id for r in done.requests if r.sample]
-            tokens = [rng.randrange(0, 5) if rng.random() < 0.1 else rng.randrange(5, 50) for _ in rows]
-            out = WorkerOutput(done.step_id, {}, tokens=tokens) if bulk else \
-                WorkerOutput(done.step_id, {rid: SampledTokens((t,)) for rid, t in zip(rows, tokens)})
-            for r, n in s.update(done, out):
-                status = stop.check(r, n)
-                if status is not None:
-                    s.finish_request(r.request_id, status)
+            apply_sampled(s, inflight.pop(0), lambda n: [rng.randrange(0, 5) if rng.random() < 0.1
+                                                         else rng.randrange(5, 50) for _ in range(n)], bulk)
         bm.pool.check_invariants()
     assert not s.has_unfinished() and not pending_adds
     ends = {rid: (r.status, list(r.output_token_ids), r.metrics.num_preemptions, r.metrics.first_token_time is None,
