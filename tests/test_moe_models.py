@@ -185,6 +185,26 @@ def test_quantized_experts_end_to_end(checkpoints, mode):
     assert report.kl_divergence < limit and report.top1_agreement > 0.75, report
 
 
+def test_pruned_moe_checkpoint_takes_quantized_experts(checkpoints, tmp_path):
+    """A 2:4-pruned MoE checkpoint (what ``flashserve compress prune --method 2:4`` writes)
+    loaded with ``quantization="int8"``: its experts are stored 8-bit (experts are never pruned,
+    so they take the quantization's expert format) and it stays close to its dense load."""
+    from flashserve.bench.quality import compare
+    from flashserve.compress.model_io import hf_state_dict, load_source, write_model_dir
+    from flashserve.compress.prune import prune_model
+
+    src = load_source(checkpoints["qwen2_moe"][0])
+    prune_model(src.model, "2:4", None, prompts(4, seed=1, lo=32, hi=32))
+    write_model_dir(tmp_path / "p", hf_state_dict(src.model), src.config_json, None, {"semi_structured": "2:4"})
+    folder = str(tmp_path / "p")
+    model, _ = load_model(folder, "auto", torch.float32, "cpu", TorchAttentionBackend(), quantization="int8")
+    w13, w2, _, _ = next(m.experts for m in model.modules() if isinstance(m, MoEMLP)).tensors()
+    assert w13.dtype == w2.dtype == torch.int8
+    ids = prompts(1, seed=8, lo=64, hi=64)[0]
+    report = compare(_log_probs(folder, ids, quantization="int8"), _log_probs(folder, ids), ids)
+    assert report.kl_divergence < 0.0005 and report.top1_agreement > 0.75, report
+
+
 def test_int4_experts_are_refused(checkpoints):
     folder, _ = checkpoints["qwen3_moe"]
     with pytest.raises(ValueError, match=r"int4 experts are not implemented \(quantization='int4-g32'\)"):

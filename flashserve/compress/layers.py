@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.quant.base import EmbeddingMethod, LinearMethod, QuantConfig
+from flashserve.quant.base import EmbeddingMethod, ExpertMethod, LinearMethod, QuantConfig
 
 logger = logging.getLogger("flashserve")
 
@@ -187,6 +187,10 @@ class CompressionConfig(QuantConfig):
 
     def embedding_method(self, layer: nn.Module) -> EmbeddingMethod:
         return self.inner.embedding_method(layer)
+
+    def expert_method(self, layer: nn.Module) -> ExpertMethod:
+        """MoE experts are never factorised or pruned: they take the inner config's storage."""
+        return self.inner.expert_method(layer)
 
     def keeps_packed(self, tensor_name: str) -> bool:
         return self.inner.keeps_packed(tensor_name)
