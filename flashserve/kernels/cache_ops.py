@@ -41,11 +41,19 @@ def quantize_rows(x, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
     if IS_INT8:
         r = _rint(y)
     else:
-        # e4m3: 3 mantissa bits, smallest normal exponent -6 (below it the spacing is 2^-9).
-        pow2 = (y.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|y|)
-        ulp = tl.maximum(pow2, 0.015625) * 0.125
-        r = _rint(tl.math.div_rn(y, ulp)) * ulp
+        r = round_e4m3(y)
     return r, scale
+
+
+@triton.jit
+def round_e4m3(y):
+    """fp32 |y| <= 448 rounded to the nearest fp8 e4m3 value (ties to even), still as fp32, so
+    that the cast to e4m3 is exact everywhere (the interpreter's own cast rounds wrongly when the
+    mantissa carries into the exponent). e4m3: 3 mantissa bits, smallest normal exponent -6
+    (below it the spacing is 2^-9)."""
+    pow2 = (y.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|y|)
+    ulp = tl.maximum(pow2, 0.015625) * 0.125
+    return _rint(tl.math.div_rn(y, ulp)) * ulp
 
 
 @triton.jit
