@@ -53,7 +53,8 @@ def round_e4m3(y):
     (below it the spacing is 2^-9)."""
     pow2 = (y.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|y|)
     ulp = tl.maximum(pow2, 0.015625) * 0.125
-    return _rint(tl.math.div_rn(y, ulp)) * ulp
+    r = _rint(tl.math.div_rn(y, ulp)) * ulp
+    return tl.where(r == 0.0, y * 0.0, r)  # a negative value that rounds to zero keeps its sign
 
 
 @triton.jit

@@ -9,9 +9,11 @@ from flashserve.kernels.quant_act import MAX_K, quantize_fp8_rows
 
 def test_quantize_fp8_rows_matches_the_reference(device, dtype):
     """Random rows at several magnitudes (values down in e4m3's subnormal range after scaling,
-    values on rounding ties), a strided view, widths that are and are not powers of two."""
+    negative ones that round to -0, values on rounding ties), a strided view, widths that are and
+    are not powers of two. Compared as bits: on the H200 the scales once differed in the last bit
+    (torch divided by 448 as a reciprocal product) and the zeros in their sign."""
     g = torch.Generator().manual_seed(3)
-    for K in (48, 100) if device.type == "cpu" else (4096, 14336, 100):
+    for K in (100, 4096) if device.type == "cpu" else (4096, 14336, 100):
         x = torch.randn(7, K, generator=g) * torch.tensor([1e-3, 0.1, 1.0, 7.0, 300.0, 2e4, 1.0])[:, None]
         x[6, 0] = 448.0  # scale 1: values land on e4m3 points and halfway between them
         x[6, 1:17] = torch.arange(8, 24) / 8 + 1 / 16
