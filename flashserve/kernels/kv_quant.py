@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.kernels.quant_reference import divide
+
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 _STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
@@ -106,7 +108,7 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     """x [..., D] -> (values [..., D] of ``dtype``, scales [...] fp16), one scale per row."""
     xf = x.float()
     qmax = QMAX[dtype]
-    scale = (xf.abs().amax(dim=-1) / qmax).clamp(MIN_SCALE, MAX_SCALE).to(SCALE_DTYPE)
+    scale = divide(xf.abs().amax(dim=-1), qmax).clamp(MIN_SCALE, MAX_SCALE).to(SCALE_DTYPE)
     y = xf / scale.float().unsqueeze(-1)
     if dtype == torch.int8:
         values = y.round().clamp(-qmax, qmax).to(torch.int8)  # round half to even

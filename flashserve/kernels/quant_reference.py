@@ -119,11 +119,17 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w
 
 
+def divide(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` as an IEEE division on every device, as the Triton kernels divide (``div_rn``):
+    torch's CUDA divide by a Python scalar multiplies by its reciprocal, which can differ in the
+    last bit."""
+    return x / x.new_full((), c)
+
+
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 e4m3 per row (weights per output channel, activations per token): ``scale = amax / 448``."""
     w = w.float()
-    amax = w.abs().amax(dim=-1).clamp_min(1e-12)
-    scale = amax / amax.new_full((), FP8_MAX)  # a true division (torch's CUDA divide by a Python scalar multiplies by its reciprocal)
+    scale = divide(w.abs().amax(dim=-1).clamp_min(1e-12), FP8_MAX)
     q = (w / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
