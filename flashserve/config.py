@@ -365,6 +365,7 @@ class EngineConfig:
     # layer by layer before use (flashserve.runner.offload). 0: every weight on the device.
     cpu_offload_gb: float = 0.0
     disaggregated: bool = False  # prefill and decode Workers in two processes, KV sent between them
+    batch_invariant: bool = False  # GPU: a token's logits independent of its step's other rows
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -394,6 +395,21 @@ class EngineConfig:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.cpu_offload_gb < 0:
             raise ValueError(f"cpu_offload_gb must be >= 0 GiB, got {self.cpu_offload_gb}")
+        if self.batch_invariant:
+            self._check_batch_invariant()
+
+    def _check_batch_invariant(self) -> None:
+        """What ``flashserve.layers.batch_invariant`` does not cover, refused before loading."""
+        if self.speculative is not None and self.speculative.tree_width > 1:
+            raise ValueError("batch_invariant=True covers speculative chains, not token trees (tree_width "
+                             f"{self.speculative.tree_width}): a tree verifies through the tree kernel")
+        if self.attention is not None and self.attention.kind not in ("full", "sliding"):
+            raise ValueError(f"batch_invariant=True covers full and sliding attention, not {self.attention.kind!r}")
+        if self.quantization == "fp8-w8a8":
+            raise ValueError("batch_invariant=True does not cover fp8-w8a8 (torch._scaled_mm picks its kernel by "
+                             "row count); use fp8 (weight-only)")
+        if self.attention_backend == "torch" and self.device.startswith("cuda"):
+            raise ValueError("batch_invariant=True on CUDA needs the triton attention backend")
 
     @property
     def world_size(self) -> int:
@@ -477,6 +493,10 @@ class EngineArgs:
     disaggregated: bool = _arg(False, "disaggregated prefill and decode: a prefill Worker and a decode Worker in "
                                       "their own processes, each prompt's KV blocks sent from one to the other "
                                       "(docs/distributed.md)", flag="--disaggregated")
+    batch_invariant: bool = _arg(False, "GPU: compute every token's logits independently of the other rows of its "
+                                        "step (fixed kernel configurations), so speculative decoding gives plain "
+                                        "decoding's tokens bit for bit; slower products (docs/decoding.md)",
+                                 flag="--batch-invariant")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -500,6 +520,7 @@ class EngineArgs:
             distributed_timeout_s=self.distributed_timeout_s,
             cpu_offload_gb=self.cpu_offload_gb,
             disaggregated=self.disaggregated,
+            batch_invariant=self.batch_invariant,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

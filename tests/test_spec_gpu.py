@@ -86,3 +86,29 @@ def test_smollm2_ngram_identical_on_gpu():
             llm.engine.shutdown()
     assert outs[False] == outs[True]
     assert stats.acceptance_length > 1.0
+
+
+def _dummy_qwen3(spec, batch_invariant, quantization="none"):
+    llm = LLM("qwen3-0.6b", load_format="dummy", device="cuda", max_model_len=512, max_num_seqs=16,
+              kv_cache_bytes=256 << 20, verbose=False, speculative_config=spec, batch_invariant=batch_invariant,
+              quantization=quantization, seed=5)
+    prompts, params = _workload(n=12, seed=9)
+    try:
+        return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.engine.stats().spec
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4-g128"])
+def test_batch_invariant_bf16_speculation_identical(quantization):
+    """Qwen3-0.6B shapes with random bf16 weights, whose logits are near-ties everywhere, so any
+    rounding difference between a verification row and a decode row flips a token. With
+    batch_invariant=True, n-gram chains (k = 4) and the first-layers draft (k = 3) give plain
+    decoding's tokens for 12 prompts of different lengths (prompt chunks beside decodes,
+    CUDA graphs for decode and small mixed steps)."""
+    plain, _ = _dummy_qwen3(None, True, quantization)
+    for spec in ({"method": "ngram", "num_speculative_tokens": 4, "disable_by_cost": False},
+                 {"method": "layers", "num_speculative_tokens": 3, "num_layers": 2, "disable_by_cost": False}):
+        got, stats = _dummy_qwen3(spec, True, quantization)
+        assert stats.num_steps > 0 and stats.num_draft_tokens > 0
+        assert got == plain, spec["method"]

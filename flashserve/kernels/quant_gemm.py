@@ -2,7 +2,8 @@
 
 Formats (``flashserve.kernels.quant_reference`` defines them and holds the torch references):
 int8 and fp8 e4m3 per output channel, int4 group-wise (``w = (u - 8) * scale + zero``, two
-columns per byte, column 2j in the low nibble of byte j).
+columns per byte, column 2j in the low nibble of byte j), and dense weights in the activations'
+dtype (``FMT_DENSE``: the batch-invariant mode's products, ``invariant_config``).
 
 One kernel serves every M. Each program computes a ``[BLOCK_M, BLOCK_N]`` tile of the output
 over a slice of K: it loads a weight tile in its stored width (1 byte or half a byte per
@@ -14,14 +15,18 @@ no interleaving shuffle is needed. int8 / fp8 scales are applied once to the acc
 * M = 1 goes to ``quant_gemv`` (no tensor cores) wherever its fixed tiles divide the shape.
 * Flat GEMM (M <= 16: batch-2 to batch-16 decode, speculative verification): M is padded to 16
   rows for the tensor cores (FlashDecoding++'s flat GEMM); K is split over ``SPLIT_K`` programs
-  when N alone would not fill the GPU, partial sums in fp32 are reduced by a torch sum; Triton's
+  when N alone would not fill the GPU, the fp32 partial sums are added in split order by
+  ``sum_splits`` (one launch, the same order for every M); Triton's
   software pipelining (``num_stages``) keeps several weight tiles in flight (multi-buffering).
 * Tiled GEMM (M > 16): 64 or 128-row tiles, no split.
 * ``dequantize`` writes the dense weight, for ``dequant + cuBLAS`` on large M (prefill) where
   that measures faster (``flashserve bench quant-kernels`` times both).
 
 Kernel configurations are fixed per shape class (``matmul_config``), never autotuned at run time:
-CUDA graphs capture whatever the first call launched.
+CUDA graphs capture whatever the first call launched. ``invariant_config`` is one configuration
+for every M (the batch-invariant mode, ``flashserve.layers.batch_invariant``): a row's result then
+does not depend on how many rows share the product, since the tile shapes, the K split and the
+order of every addition are the same whatever M is.
 """
 
 from __future__ import annotations
@@ -38,14 +43,15 @@ from flashserve.kernels.utils import cdiv, dot_ieee, next_power_of_2, num_sms
 FMT_INT8 = 0
 FMT_INT4 = 1
 FMT_FP8 = 2
-FORMAT_NAMES = {FMT_INT8: "int8", FMT_INT4: "int4", FMT_FP8: "fp8"}
+FMT_DENSE = 3
+FORMAT_NAMES = {FMT_INT8: "int8", FMT_INT4: "int4", FMT_FP8: "fp8", FMT_DENSE: "dense"}
 
 
 @triton.jit
 def _wq_matmul_kernel(
     x_ptr,  # [M, K] activations
-    w_ptr,  # int8 / fp8 [N, K], or uint8 [N, K / 2] (int4)
-    s_ptr,  # fp32 [N] (per channel) or [N, NUM_GROUPS] (int4)
+    w_ptr,  # int8 / fp8 [N, K], uint8 [N, K / 2] (int4), or [N, K] in x's dtype (dense)
+    s_ptr,  # fp32 [N] (per channel) or [N, NUM_GROUPS] (int4); unused (dense)
     z_ptr,  # fp32 [N, NUM_GROUPS] (int4 with zeros) or a dummy
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] in x's dtype when SPLIT_K == 1
     M, N, K, NUM_GROUPS, k_per_split,
@@ -102,7 +108,7 @@ def _wq_matmul_kernel(
             xo = tl.load(x_rows + cols[None, :] + 1, mask=x_mask, other=0.0)
             acc += tl.dot(xe, tl.trans(lo.to(xe.dtype)), input_precision=DOT_PREC)
             acc += tl.dot(xo, tl.trans(hi.to(xo.dtype)), input_precision=DOT_PREC)
-        else:  # int8 / fp8: one byte per weight, scale after the loop
+        else:  # int8 / fp8: one byte per weight, scale after the loop; dense: as stored
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w_ptrs = w_ptr + rows[:, None] * K + offs_k[None, :]
             if EVEN_K and EVEN_N:
@@ -112,8 +118,11 @@ def _wq_matmul_kernel(
             if FMT == 2:  # fp8 arrives as its bytes (masked fp8 loads do not run in the interpreter)
                 w = w.to(tl.float8e4nv, bitcast=True)
             x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=DOT_PREC)
-    if FMT != 1:
+            if FMT == 3:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
+            else:
+                acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=DOT_PREC)
+    if FMT == 0 or FMT == 2:
         acc = acc * tl.load(s_ptr + rows, mask=n_ok, other=0.0)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -155,6 +164,39 @@ class MatmulConfig(NamedTuple):
 
 
 FLAT_MAX_M = 16  # rows handled by the flat-GEMM configuration
+INVARIANT_BLOCK_M = 64  # rows per tile of the batch-invariant configuration (every M)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = ((part[0, i] + part[1, i]) + part[2, i]) + ... in fp32, then cast once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[S, M, N]`` fp32 split-K partial sums -> ``[M, N]`` in ``dtype``, added in split order
+    (the same order for every element and every M; one launch, no separate cast)."""
+    s, m, n = partials.shape
+    out = torch.empty(m, n, dtype=dtype, device=partials.device)
+    if m * n:
+        block = 1024
+        _sum_splits_kernel[(cdiv(m * n, block),)](partials, out, m * n, SPLIT=s, BLOCK=block, num_warps=4)
+    return out
+
+
+def flat_split(n: int, k: int, block_n: int, block_k: int, device: torch.device | None) -> int:
+    """K slices for a flat product: about two programs per SM, at least four K tiles each, <= 16."""
+    want = cdiv(2 * num_sms(device), cdiv(n, block_n))
+    most = max(1, k // (4 * block_k))
+    split = 1
+    while split * 2 <= min(want, most) and split < 16:
+        split *= 2
+    return split
 
 
 def matmul_config(m: int, n: int, k: int, fmt: int, group: int, device: torch.device | None = None) -> MatmulConfig:
@@ -167,15 +209,18 @@ def matmul_config(m: int, n: int, k: int, fmt: int, group: int, device: torch.de
     block_k = min(block_k, max(32, next_power_of_2(k)))
     if m <= FLAT_MAX_M:
         block_n = 128 if fmt == FMT_INT4 else 64  # 8 KiB weight tiles either way
-        tiles = cdiv(n, block_n)
-        want = cdiv(2 * num_sms(device), tiles)  # two programs per SM
-        most = max(1, k // (4 * block_k))  # at least four K tiles per program
-        split = 1
-        while split * 2 <= min(want, most) and split < 16:
-            split *= 2
-        return MatmulConfig(16, block_n, block_k, split, 4, 4)
+        return MatmulConfig(16, block_n, block_k, flat_split(n, k, block_n, block_k, device), 4, 4)
     block_m = 64 if m <= 64 else 128
     return MatmulConfig(block_m, 128, min(block_k, 64), 1, 4 if block_m == 64 else 8, 3)
+
+
+def invariant_config(n: int, k: int, fmt: int, group: int, device: torch.device | None = None) -> MatmulConfig:
+    """One configuration for every M (the batch-invariant mode): 64-row tiles, the flat
+    product's N tiles and K split, which depend on the weight's shape alone."""
+    flat = matmul_config(1, n, k, fmt, group, device)
+    block_n = 64 if fmt == FMT_INT4 else flat.block_n  # 64 x 64 accumulators for 64-row tiles
+    return MatmulConfig(INVARIANT_BLOCK_M, block_n, flat.block_k, flat_split(n, k, block_n, flat.block_k, device),
+                        4, 3)
 
 
 def wq_matmul(
@@ -221,7 +266,7 @@ def wq_matmul(
         DOT_PREC="ieee" if dot_ieee(x.dtype) else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.sum(0).to(x.dtype) if split > 1 else out[0]
+    return sum_splits(out, x.dtype) if split > 1 else out[0]
 
 
 def wq_dequantize(

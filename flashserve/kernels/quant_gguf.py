@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels.quant_gemm import FLAT_MAX_M, MatmulConfig
+from flashserve.kernels.quant_gemm import FLAT_MAX_M, INVARIANT_BLOCK_M, MatmulConfig, flat_split, sum_splits
 from flashserve.kernels.quant_reference import GGUF_BLOCKS
-from flashserve.kernels.utils import cdiv, dot_ieee, num_sms
+from flashserve.kernels.utils import cdiv, dot_ieee
 
 GGUF_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 
@@ -149,14 +149,13 @@ def _views(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, t
 def gguf_config(m: int, n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
     """Fixed launch configuration per shape class."""
     if m <= FLAT_MAX_M:
-        block_n, block_k = 32, 128
-        want = cdiv(2 * num_sms(device), cdiv(n, block_n))
-        most = max(1, k // (4 * block_k))
-        split = 1
-        while split * 2 <= min(want, most) and split < 16:
-            split *= 2
-        return MatmulConfig(16, block_n, block_k, split, 4, 3)
+        return MatmulConfig(16, 32, 128, flat_split(n, k, 32, 128, device), 4, 3)
     return MatmulConfig(64, 64, 64, 1, 4, 2)
+
+
+def gguf_invariant_config(n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
+    """One configuration for every M (the batch-invariant mode; ``quant_gemm.invariant_config``)."""
+    return MatmulConfig(INVARIANT_BLOCK_M, 32, 128, flat_split(n, k, 32, 128, device), 4, 3)
 
 
 def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: MatmulConfig | None = None) -> torch.Tensor:
@@ -182,7 +181,7 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: MatmulCo
         QTYPE=GGUF_CODES[qtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PREC="ieee" if dot_ieee(x.dtype) else "tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.sum(0).to(x.dtype) if split > 1 else out[0]
+    return sum_splits(out, x.dtype) if split > 1 else out[0]
 
 
 def gguf_dequantize(raw: torch.Tensor, qtype: str, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -19,13 +19,22 @@ length up to the cap (``num_splits=`` pins it outright). Each sequence's slice l
 its own ``seq_lens`` entry inside the kernel, so any split count is correct for any length;
 the cap only tunes parallelism. Padding sequences should have query length 0 (their programs
 exit at once) or a valid 1-token context.
+
+Batch-invariant mode (``batch_invariant=True``, ``flashserve.layers.batch_invariant``): the split
+count is fixed by ``max_seq_len_cap`` alone, and every new token of a sequence with at most
+``INVARIANT_MAX_QUERY`` new tokens (decode, speculative verification, a short prompt chunk) is
+attended as its own one-token decode row: the rows are built on the device from the step's
+metadata (so they work inside CUDA graphs), with the token's own context length and its
+sequence's block table. A token then gets the same bits as in a one-token decode step of any
+batch. Longer prompt chunks go through the prefill kernel; a step holding both runs both and
+keeps each token's row from its own path.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flashserve.config import AttentionSpec
+from flashserve.config import MAX_SPECULATIVE_TOKENS, AttentionSpec
 from flashserve.kernels.cache_ops import store_kv
 from flashserve.kernels.decode_attention import (
     MAX_DECODE_ROWS,
@@ -45,6 +54,9 @@ FULL = AttentionSpec()
 # Quest reads ~budget x context tokens scattered over its chosen pages: slices of one kernel tile
 # (not four, as for contiguous contexts): batch 1 at 32k, 64 slices 46 us/layer against 49 for 16.
 QUEST_MIN_BLOCKS_PER_SPLIT = 1
+# batch-invariant mode: sequences with at most this many new tokens attend token by token as decode
+# rows (a speculative chain's 1 + k tokens, k <= MAX_SPECULATIVE_TOKENS)
+INVARIANT_MAX_QUERY = MAX_SPECULATIVE_TOKENS + 1
 
 
 def _capturing() -> bool:
@@ -63,6 +75,7 @@ class TritonAttentionBackend(AttentionBackend):
         max_seq_len_cap: int | None = None,
         unified_max: float | None = None,
         num_splits: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         """
         decode_max_query_len: largest per-sequence new-token count sent to the decode kernel.
@@ -70,11 +83,15 @@ class TritonAttentionBackend(AttentionBackend):
             e.g. the model's max length (eager calls use meta.max_seq_len).
         unified_max: phi for FlashDecoding++'s asynchronised softmax (None: online softmax).
         num_splits: fixed decode split count (overrides the heuristic).
+        batch_invariant: decode rows token by token, splits from max_seq_len_cap (module docstring).
         """
+        if batch_invariant and max_seq_len_cap is None:
+            raise ValueError("the batch-invariant mode fixes its split count from max_seq_len_cap; give one")
         self.decode_max_query_len = decode_max_query_len
         self.max_seq_len_cap = max_seq_len_cap
         self.unified_max = unified_max
         self.num_splits = num_splits
+        self.batch_invariant = batch_invariant
         self.side_states = SideStates()  # quest: per-page key bounds of each layer
 
     def use_decode_kernel(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int) -> bool:
@@ -86,11 +103,13 @@ class TritonAttentionBackend(AttentionBackend):
         """Split count from host numbers only (see module docstring)."""
         if self.num_splits is not None:
             return self.num_splits
+        block_n = decode_block_n(q.shape[2], q.dtype, k_cache.dtype)
+        if self.batch_invariant:  # the batch-1 choice for the longest context, whatever the step
+            return choose_num_splits(1, k_cache.shape[2], self.max_seq_len_cap, num_sms(q.device), block_n)
         seq_bound = meta.max_seq_len
         if self.max_seq_len_cap is not None and _capturing():
             seq_bound = self.max_seq_len_cap
-        return choose_num_splits(meta.num_seqs, k_cache.shape[2], seq_bound, num_sms(q.device),
-                                 decode_block_n(q.shape[2], q.dtype, k_cache.dtype))
+        return choose_num_splits(meta.num_seqs, k_cache.shape[2], seq_bound, num_sms(q.device), block_n)
 
     def forward(
         self,
@@ -104,6 +123,8 @@ class TritonAttentionBackend(AttentionBackend):
         spec: AttentionSpec = FULL,
     ) -> torch.Tensor:  # [T, Hq, D]
         if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
+            if self.batch_invariant:
+                raise ValueError("the batch-invariant mode verifies chains, not token trees")
             return tree_attention(q, k, v, k_cache, v_cache, meta, scale, spec)
         out = torch.empty_like(q)
         if spec.kind == "quest":
@@ -123,6 +144,8 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q) if out is None else out
         window = dict(window=spec.sliding_window, dilation=spec.dilation, num_sinks=spec.num_sinks) \
             if spec.kind == "sliding" else {}
+        if self.batch_invariant:
+            return self._attend_rows(q, k_cache, v_cache, meta, scale, window, out)
         if self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
             paged_decode_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
@@ -135,6 +158,30 @@ class TritonAttentionBackend(AttentionBackend):
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                 max_query_len=meta.max_query_len, scale=scale, out=out, **window,
             )
+        return out
+
+    def _attend_rows(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, window: dict, out: torch.Tensor) -> torch.Tensor:
+        """Batch-invariant attention: short sequences' tokens as one-token decode rows, longer prompt
+        chunks through the prefill kernel (module docstring)."""
+        decode_out = out
+        if meta.max_query_len > INVARIANT_MAX_QUERY:  # some prompt chunk needs the prefill kernel
+            paged_prefill_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                max_query_len=meta.max_query_len, scale=scale, out=out, **window,
+            )
+            decode_out = torch.empty_like(q)
+        if meta.is_decode:  # one token per sequence: the sequences are the rows
+            qsl, lens, tables, short = meta.query_start_loc, meta.seq_lens, meta.block_tables, None
+        else:
+            qsl, lens, tables, short = token_rows(meta)
+        paged_decode_attention(
+            q, k_cache, v_cache, qsl, lens, tables, max_query_len=1, max_seq_len=self.max_seq_len_cap,
+            scale=scale, num_splits=self.decode_num_splits(meta, q, k_cache), unified_max=self.unified_max,
+            out=decode_out, **window,
+        )
+        if decode_out is not out:
+            torch.where(short[:, None, None], decode_out, out, out=out)
         return out
 
     def _quest(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -164,3 +211,22 @@ class TritonAttentionBackend(AttentionBackend):
             unified_max=self.unified_max, out=out,
         )
         return out
+
+
+def token_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every new token of the step as its own one-token sequence, built on the device once per step
+    (memoised in ``meta``): query starts ``[T + 1]`` (0, 1, ..., T), context lengths ``[T]`` (the
+    token's position + 1; 0 for tokens of sequences with more than ``INVARIANT_MAX_QUERY`` new
+    tokens and for padding, whose programs then do nothing), block tables ``[T, max_blocks]`` (its
+    sequence's), and which tokens are such rows ``[T]`` bool."""
+    if "token_rows" not in meta.memo:
+        qsl, device = meta.query_start_loc, meta.query_start_loc.device
+        num_tokens, num_seqs = meta.slot_mapping.shape[0], meta.seq_lens.shape[0]
+        tok = torch.arange(num_tokens, dtype=qsl.dtype, device=device)
+        seq = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=max(num_seqs - 1, 0))
+        end, start = qsl[1:].index_select(0, seq), qsl[:-1].index_select(0, seq)
+        short = (end - start <= INVARIANT_MAX_QUERY) & (tok < end)
+        lens = torch.where(short, meta.seq_lens.index_select(0, seq) - (end - 1 - tok), 0).to(torch.int32)
+        rows = torch.arange(num_tokens + 1, dtype=torch.int32, device=device)
+        meta.memo["token_rows"] = (rows, lens, meta.block_tables.index_select(0, seq), short)
+    return meta.memo["token_rows"]

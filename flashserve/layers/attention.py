@@ -335,13 +335,16 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend.name}"
 
 
-def get_attention_backend(name: str, max_seq_len_cap: int | None = None) -> AttentionBackend:
+def get_attention_backend(name: str, max_seq_len_cap: int | None = None,
+                          batch_invariant: bool = False) -> AttentionBackend:
     """``"torch"`` -> TorchAttentionBackend; ``"triton"`` -> TritonAttentionBackend (imported lazily),
-    whose decode split count under CUDA-graph capture is sized for ``max_seq_len_cap`` tokens."""
+    whose decode split count under CUDA-graph capture is sized for ``max_seq_len_cap`` tokens
+    (``batch_invariant``: see ``flashserve.layers.batch_invariant``; the torch backend's rows are
+    row-exact already)."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from flashserve.kernels.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend(max_seq_len_cap=max_seq_len_cap)
+        return TritonAttentionBackend(max_seq_len_cap=max_seq_len_cap, batch_invariant=batch_invariant)
     raise ValueError(f"unknown attention backend {name!r}; expected 'torch' or 'triton'")

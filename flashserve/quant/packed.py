@@ -14,6 +14,8 @@ built for:
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
+``invariant(x)`` is the batch-invariant mode's product on CUDA (``flashserve.layers.batch_invariant``):
+the fused kernel with one launch configuration for every M.
 CPU outputs are rounded to bf16 by torch's kernels and cast back to x's dtype.
 """
 
@@ -30,6 +32,14 @@ DEQUANT_MIN_M = 2048  # CUDA: rows from which dequantize + cuBLAS replaces the f
 
 def _on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
+
+
+def dense_invariant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w^T`` for a dense ``[N, K]`` weight in x's dtype with the batch-invariant configuration."""
+    from flashserve.kernels.quant_gemm import FMT_DENSE, invariant_config, wq_matmul
+
+    n, k = w.shape
+    return wq_matmul(x, w, w, None, FMT_DENSE, config=invariant_config(n, k, FMT_DENSE, 0, x.device))
 
 
 class PackedWeight(nn.Module):
@@ -50,6 +60,11 @@ class PackedWeight(nn.Module):
         """fp32 dequantized weight, fp32 products, rounded to x's dtype (the CUDA kernels)."""
         return (x.float() @ self.dequantize().t()).to(x.dtype)
 
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` on CUDA with one kernel configuration for every M: a row's result does not
+        depend on the other rows of the call."""
+        raise ValueError(f"{self.label} weights have no batch-invariant product on this device")
+
     def extra_repr(self) -> str:
         return f"{self.label}, in={self.in_features}, out={self.out_features}"
 
@@ -65,6 +80,9 @@ class DenseWeight(PackedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight)
+
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_invariant(x, self.weight.to(x.dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float()
@@ -92,6 +110,12 @@ class Int8Weight(PackedWeight):
                 return F.linear(x, wq_dequantize(self.q, self.scale, None, FMT_INT8, self.in_features, dtype=x.dtype))
             return wq_matmul(x, self.q, self.scale, None, FMT_INT8)
         return quant_cpu.cpu_int8_matmul(x, self.q, self.scale).to(x.dtype)
+
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        from flashserve.kernels.quant_gemm import FMT_INT8, invariant_config, wq_matmul
+
+        cfg = invariant_config(self.out_features, self.in_features, FMT_INT8, 0, x.device)
+        return wq_matmul(x, self.q, self.scale, None, FMT_INT8, config=cfg)
 
     def dequantize(self) -> torch.Tensor:
         return ref.dequantize_int8(self.q, self.scale)
@@ -171,6 +195,14 @@ class Int4Weight(PackedWeight):
             return wq_matmul(x, self.packed, self.scales, self.zeros, FMT_INT4, self.group)
         y = quant_cpu.cpu_int4_matmul(self.feed(x), self.packed, self.group, self.scale_zeros)
         return (y[:, : self.out_features] if self.padded else y).to(x.dtype)
+
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        from flashserve.kernels.quant_gemm import FMT_INT4, invariant_config, wq_matmul
+
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        cfg = invariant_config(self.out_features, self.in_features, FMT_INT4, self.group, x.device)
+        return wq_matmul(x, self.packed, self.scales, self.zeros, FMT_INT4, self.group, config=cfg)
 
     def dequantize(self) -> torch.Tensor:
         """fp32 ``[N, planes * K]`` in stored column order (``perm`` not undone)."""
@@ -253,6 +285,14 @@ class Fp8Weight(PackedWeight):
             return F.linear(x, wq_dequantize(self.q, self.scale, None, FMT_FP8, self.in_features, dtype=x.dtype))
         return wq_matmul(x, self.q, self.scale, None, FMT_FP8)
 
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w8a8:  # torch._scaled_mm picks its kernel by M
+            return super().invariant(x)
+        from flashserve.kernels.quant_gemm import FMT_FP8, invariant_config, wq_matmul
+
+        cfg = invariant_config(self.out_features, self.in_features, FMT_FP8, 0, x.device)
+        return wq_matmul(x, self.q, self.scale, None, FMT_FP8, config=cfg)
+
     def dequantize(self) -> torch.Tensor:
         if hasattr(self, "q"):
             return ref.dequantize_fp8(self.q, self.scale)
@@ -282,6 +322,11 @@ class GGUFWeight(PackedWeight):
         if x.shape[0] >= DEQUANT_MIN_M:
             return F.linear(x, gguf_dequantize(self.raw, self.qtype, self.in_features, x.dtype))
         return gguf_matmul(x, self.raw, self.qtype)
+
+    def invariant(self, x: torch.Tensor) -> torch.Tensor:
+        from flashserve.kernels.quant_gguf import gguf_invariant_config, gguf_matmul
+
+        return gguf_matmul(x, self.raw, self.qtype, gguf_invariant_config(self.out_features, self.in_features, x.device))
 
     def dequantize(self) -> torch.Tensor:
         return ref.gguf_dequantize(self.raw, self.qtype)

@@ -167,7 +167,8 @@ class Worker:
         backend_name = config.attention_backend
         if backend_name == "auto":
             backend_name = "triton" if self.device.type == "cuda" else "torch"
-        self.attn_backend = get_attention_backend(backend_name, max_seq_len_cap=max_model_len)
+        self.attn_backend = get_attention_backend(backend_name, max_seq_len_cap=max_model_len,
+                                                  batch_invariant=config.batch_invariant)
         t0 = time.perf_counter()
         source = config.model if config.model is not None else default_model_path()
         if config.cpu_offload_gb > 0:
@@ -235,6 +236,10 @@ class Worker:
         self.timings: list[StepTiming] | None = None  # set to [] to record per-step timings (benchmarks)
         self._compute_s = 0.0  # time in model, sampler and speculator calls since execute() began
         self.graphs: CudaGraphs | None = None
+        if config.batch_invariant:
+            from flashserve.layers.batch_invariant import use_batch_invariant
+
+            use_batch_invariant(self.model, kernels=self.device.type == "cuda")
         if backend_name == "triton":
             use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
             if config.cuda_graphs and self.device.type == "cuda":
