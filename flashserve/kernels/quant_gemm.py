@@ -214,13 +214,15 @@ def matmul_config(m: int, n: int, k: int, fmt: int, group: int, device: torch.de
     return MatmulConfig(block_m, 128, min(block_k, 64), 1, 4 if block_m == 64 else 8, 3)
 
 
-def invariant_config(n: int, k: int, fmt: int, group: int, device: torch.device | None = None) -> MatmulConfig:
+def invariant_config(n: int, k: int, fmt: int, group: int, device: torch.device | None = None,
+                     act_bytes: int = 2) -> MatmulConfig:
     """One configuration for every M (the batch-invariant mode): 64-row tiles, the flat
-    product's N tiles and K split, which depend on the weight's shape alone."""
+    product's N tiles and K split, which depend on the weight's shape alone. ``act_bytes``: the
+    activations' element size (fp32 tiles keep two stages in shared memory, not three)."""
     flat = matmul_config(1, n, k, fmt, group, device)
     block_n = 64 if fmt == FMT_INT4 else flat.block_n  # 64 x 64 accumulators for 64-row tiles
-    return MatmulConfig(INVARIANT_BLOCK_M, block_n, flat.block_k, flat_split(n, k, block_n, flat.block_k, device),
-                        4, 3)
+    split = flat_split(n, k, block_n, flat.block_k, device)
+    return MatmulConfig(INVARIANT_BLOCK_M, block_n, flat.block_k, split, 4, 3 if act_bytes <= 2 else 2)
 
 
 def wq_matmul(

@@ -39,7 +39,7 @@ def dense_invariant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from flashserve.kernels.quant_gemm import FMT_DENSE, invariant_config, wq_matmul
 
     n, k = w.shape
-    return wq_matmul(x, w, w, None, FMT_DENSE, config=invariant_config(n, k, FMT_DENSE, 0, x.device))
+    return wq_matmul(x, w, w, None, FMT_DENSE, config=invariant_config(n, k, FMT_DENSE, 0, x.device, x.element_size()))
 
 
 class PackedWeight(nn.Module):
@@ -114,7 +114,7 @@ class Int8Weight(PackedWeight):
     def invariant(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.kernels.quant_gemm import FMT_INT8, invariant_config, wq_matmul
 
-        cfg = invariant_config(self.out_features, self.in_features, FMT_INT8, 0, x.device)
+        cfg = invariant_config(self.out_features, self.in_features, FMT_INT8, 0, x.device, x.element_size())
         return wq_matmul(x, self.q, self.scale, None, FMT_INT8, config=cfg)
 
     def dequantize(self) -> torch.Tensor:
@@ -201,7 +201,7 @@ class Int4Weight(PackedWeight):
 
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        cfg = invariant_config(self.out_features, self.in_features, FMT_INT4, self.group, x.device)
+        cfg = invariant_config(self.out_features, self.in_features, FMT_INT4, self.group, x.device, x.element_size())
         return wq_matmul(x, self.packed, self.scales, self.zeros, FMT_INT4, self.group, config=cfg)
 
     def dequantize(self) -> torch.Tensor:
@@ -290,7 +290,7 @@ class Fp8Weight(PackedWeight):
             return super().invariant(x)
         from flashserve.kernels.quant_gemm import FMT_FP8, invariant_config, wq_matmul
 
-        cfg = invariant_config(self.out_features, self.in_features, FMT_FP8, 0, x.device)
+        cfg = invariant_config(self.out_features, self.in_features, FMT_FP8, 0, x.device, x.element_size())
         return wq_matmul(x, self.q, self.scale, None, FMT_FP8, config=cfg)
 
     def dequantize(self) -> torch.Tensor:

@@ -31,6 +31,7 @@ def test_sum_splits_adds_in_split_order(device):
 
 def test_invariant_config_does_not_depend_on_rows(device):
     cfg = invariant_config(4096, 4096, FMT_DENSE, 0, device)
+    assert invariant_config(4096, 4096, FMT_DENSE, 0, device, 4).num_stages == 2
     assert cfg.block_m == 64 and cfg.split_k >= 1
     assert invariant_config(4096, 4096, FMT_DENSE, 0, device) == cfg
 
