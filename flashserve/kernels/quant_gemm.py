@@ -118,10 +118,7 @@ def _wq_matmul_kernel(
             if FMT == 2:  # fp8 arrives as its bytes (masked fp8 loads do not run in the interpreter)
                 w = w.to(tl.float8e4nv, bitcast=True)
             x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-            if FMT == 3:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
-            else:
-                acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=DOT_PREC)
+            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=DOT_PREC)
     if FMT == 0 or FMT == 2:
         acc = acc * tl.load(s_ptr + rows, mask=n_ok, other=0.0)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]

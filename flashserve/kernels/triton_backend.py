@@ -216,8 +216,8 @@ class TritonAttentionBackend(AttentionBackend):
 def token_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every new token of the step as its own one-token sequence, built on the device once per step
     (memoised in ``meta``): query starts ``[T + 1]`` (0, 1, ..., T), context lengths ``[T]`` (the
-    token's position + 1; 0 for tokens of sequences with more than ``INVARIANT_MAX_QUERY`` new
-    tokens and for padding, whose programs then do nothing), block tables ``[T, max_blocks]`` (its
+    token's position + 1; 1 for tokens of sequences with more than ``INVARIANT_MAX_QUERY`` new
+    tokens and for padding, whose rows the caller discards), block tables ``[T, max_blocks]`` (its
     sequence's), and which tokens are such rows ``[T]`` bool."""
     if "token_rows" not in meta.memo:
         qsl, device = meta.query_start_loc, meta.query_start_loc.device
@@ -226,7 +226,9 @@ def token_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, tor
         seq = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=max(num_seqs - 1, 0))
         end, start = qsl[1:].index_select(0, seq), qsl[:-1].index_select(0, seq)
         short = (end - start <= INVARIANT_MAX_QUERY) & (tok < end)
-        lens = torch.where(short, meta.seq_lens.index_select(0, seq) - (end - 1 - tok), 0).to(torch.int32)
+        # other rows get a 1-token context (their sequence's first slot, or block 0's for padding): the
+        # decode kernel reads its last block at seq_len - 1, so 0 would address block -1
+        lens = torch.where(short, meta.seq_lens.index_select(0, seq) - (end - 1 - tok), 1).to(torch.int32)
         rows = torch.arange(num_tokens + 1, dtype=torch.int32, device=device)
         meta.memo["token_rows"] = (rows, lens, meta.block_tables.index_select(0, seq), short)
     return meta.memo["token_rows"]
