@@ -123,12 +123,13 @@ class CudaGraphs:
             buf.slot_mapping[:t].fill_(-1)
             for slots in buf.group_slot_mapping:
                 slots[:t].fill_(-1)
-            meta = self._meta(kind, size)
-            with forward_context(meta):
+            with forward_context(self._meta(kind, size)):
                 self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)  # warm-up compiles kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), forward_context(meta):
+            # fresh metadata: what a backend memoises per step (``meta.memo``) must be computed inside
+            # the graph, not reused from the warm-up, whose tensors are freed after capture
+            with torch.cuda.graph(graph, pool=pool), forward_context(self._meta(kind, size)):
                 out = self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)
             pool = graph.pool()
             self.graphs[(kind, size)] = (graph, out)
