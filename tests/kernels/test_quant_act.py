@@ -18,6 +18,8 @@ def test_quantize_fp8_rows_matches_the_reference(device, dtype):
         x[6, 0] = 448.0  # scale 1: values land on e4m3 points and halfway between them
         x[6, 1:17] = torch.arange(8, 24) / 8 + 1 / 16
         x[5, 3] = -x[5].abs().max() * 3  # the row's amax is negative
+        if dtype == torch.float16:  # finite in fp16 (row 5 reaches ~1e5): an infinite amax has no scale
+            x = x.clamp(-6e4, 6e4)
         x = x.to(dtype)
         wide = torch.cat([x, x], 1).to(device)[:, :K]  # row stride 2K
         for xin in (x.to(device), wide):
