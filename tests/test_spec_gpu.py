@@ -2,7 +2,8 @@
 verification and drafting steps through CUDA graphs): greedy outputs identical to plain decoding
 for every method, chains and trees, in the overlapped loop, on a tiny Llama and a tiny Gemma 3
 (windowed and full groups of layers); a draft equal to the target accepts everything; SmolLM2
-with n-gram drafts. Skipped without a CUDA device."""
+with n-gram drafts; bf16 / int8 / int4 Qwen3-0.6B shapes with random weights in the
+batch-invariant mode. Skipped without a CUDA device."""
 
 from __future__ import annotations
 
