@@ -408,8 +408,6 @@ class EngineConfig:
         if self.quantization == "fp8-w8a8":
             raise ValueError("batch_invariant=True does not cover fp8-w8a8 (torch._scaled_mm picks its kernel by "
                              "row count); use fp8 (weight-only)")
-        if self.attention_backend == "torch" and self.device.startswith("cuda"):
-            raise ValueError("batch_invariant=True on CUDA needs the triton attention backend")
 
     @property
     def world_size(self) -> int:

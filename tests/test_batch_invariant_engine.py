@@ -20,11 +20,20 @@ from flashserve.quant.base import LinearMethod
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 6, "tree_width": 2}), "not token trees"),
     (dict(attention="quest", kv_budget=0.5), "not 'quest'"),
     (dict(quantization="fp8-w8a8"), "fp8-w8a8"),
-    (dict(device="cuda", attention_backend="torch"), "triton attention backend"),
 ])
 def test_refused_combinations(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineArgs(batch_invariant=True, **kwargs).engine_config()
+
+
+def test_cuda_needs_the_triton_backend():
+    """Checked on the resolved device (the Worker calls it before loading), so device="auto" too."""
+    from flashserve.layers.batch_invariant import check_backend
+
+    with pytest.raises(ValueError, match="triton attention backend"):
+        check_backend(torch.device("cuda"), "torch")
+    check_backend(torch.device("cuda"), "triton")
+    check_backend(torch.device("cpu"), "torch")
 
 
 @pytest.fixture(scope="module")

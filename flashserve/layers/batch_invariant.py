@@ -52,6 +52,13 @@ class BatchInvariantMethod(LinearMethod):
         return y if bias is None else y + bias
 
 
+def check_backend(device: torch.device, backend: str) -> None:
+    """The mode's attention rows are the Triton backend's: on CUDA (also a device given as
+    ``auto``) the torch backend would leave them batch-dependent."""
+    if device.type == "cuda" and backend != "triton":
+        raise ValueError(f"batch_invariant=True on CUDA needs the triton attention backend, not {backend!r}")
+
+
 def use_batch_invariant(model: nn.Module, kernels: bool = True) -> int:
     """Switch every linear layer of a CUDA model (``kernels``) to its batch-invariant product;
     returns how many. Without ``kernels`` (a CPU model) only check that its products are

@@ -167,6 +167,10 @@ class Worker:
         backend_name = config.attention_backend
         if backend_name == "auto":
             backend_name = "triton" if self.device.type == "cuda" else "torch"
+        if config.batch_invariant:
+            from flashserve.layers.batch_invariant import check_backend
+
+            check_backend(self.device, backend_name)  # the device resolved: also for device="auto"
         self.attn_backend = get_attention_backend(backend_name, max_seq_len_cap=max_model_len,
                                                   batch_invariant=config.batch_invariant)
         t0 = time.perf_counter()
