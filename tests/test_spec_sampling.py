@@ -144,3 +144,44 @@ def test_greedy_walk_follows_argmax_through_a_tree():
     assert res.path[0].tolist() == [0, 2, 3]
     assert res.out.logprobs[0, 0].item() == pytest.approx(float(logits[0].log_softmax(-1)[6]))
     assert math.isfinite(res.out.top_logprobs.sum().item())
+
+
+@pytest.mark.parametrize("want_logprobs", [None, 3])
+def test_greedy_chains_shortcut_equals_the_walk(want_logprobs):
+    """Greedy chains skip the level-by-level walk (``_greedy_chains``): the same tokens, counts,
+    paths and logprobs as the walk, for chains of different lengths whose drafts match their
+    parent's argmax at random (a draft after a wrong one may be right again; some chains have no
+    drafts)."""
+    g = torch.Generator().manual_seed(3)
+    R, K, vocab = 64, 5, 11
+    lengths = torch.randint(0, K + 1, (R,), generator=g)
+    lengths[:3] = torch.tensor([0, K, 1])
+    logits = torch.randn(R * (K + 1), vocab, generator=g)
+    tstar = logits.argmax(dim=-1).view(R, K + 1)
+    node_rows = torch.arange(R * (K + 1)).view(R, K + 1)
+    tokens = torch.zeros(R, K + 1, dtype=torch.int64)
+    children = torch.full((R, K + 1, 1), -1, dtype=torch.int64)
+    right_draft = torch.rand(R, K + 1, generator=g) < 0.7
+    for r in range(R):
+        n = int(lengths[r])
+        node_rows[r, n + 1 :] = node_rows[r, 0]  # padding: the root's row
+        for j in range(1, n + 1):
+            right = int(tstar[r, j - 1])
+            tokens[r, j] = right if right_draft[r, j] else (right + 1 + int(torch.randint(0, vocab - 1, (1,), generator=g))) % vocab
+            children[r, j - 1, 0] = j
+    rows = _rows(SamplingParams(temperature=0.0), R)
+    node_params = _rows(SamplingParams(temperature=0.0), R * (K + 1))
+    sampler = Sampler(torch.device("cpu"), vocab, seed=0)
+    depth = int(lengths.max())
+    walk = verify(sampler, logits, node_params, rows, TreeBatch(node_rows, tokens, children, depth), logits,
+                  want_logprobs)
+    fast = verify(sampler, logits, node_params, rows, TreeBatch(node_rows, tokens, children, depth, chains=True),
+                  logits, want_logprobs)
+    assert torch.equal(fast.out.num_tokens, walk.out.num_tokens)
+    assert torch.equal(fast.out.token_ids, walk.out.token_ids)
+    assert torch.equal(fast.path, walk.path)
+    assert sorted(set(walk.out.num_tokens.tolist())) == list(range(1, K + 2))  # every count occurs
+    if want_logprobs is not None:
+        assert torch.equal(fast.out.logprobs, walk.out.logprobs)
+        assert torch.equal(fast.out.top_ids, walk.out.top_ids)
+        assert torch.equal(fast.out.top_logprobs, walk.out.top_logprobs)

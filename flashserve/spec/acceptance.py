@@ -39,6 +39,7 @@ class TreeBatch:
     max_depth: int  # host: deepest draft over the rows (the walk takes max_depth + 1 levels)
     draft_probs: torch.Tensor | None = None  # [R, N, V]: q each node's child was sampled from (sampled chains)
     sampled: torch.Tensor | None = None  # [R] bool: the row's drafts were sampled from draft_probs
+    chains: bool = False  # host: every tree is a chain (node i's parent is node i - 1)
 
     @property
     def num_rows(self) -> int:
@@ -78,8 +79,10 @@ def verify(sampler: Sampler, processed: torch.Tensor, node_params: list[Sampling
     R, N = trees.tokens.shape
     C = trees.children.shape[2]
     levels = trees.max_depth + 1
-    ar = torch.arange(R, device=dev)
     greedy_rows = [r.params.temperature == 0.0 for r in rows]
+    if trees.chains and all(greedy_rows):
+        return _greedy_chains(processed, trees, raw, want_logprobs)
+    ar = torch.arange(R, device=dev)
     greedy = torch.tensor(greedy_rows, device=dev)
     tstar = processed.argmax(dim=-1)  # [N_total] greedy choice at every node
     probs = None
@@ -117,15 +120,42 @@ def verify(sampler: Sampler, processed: torch.Tensor, node_params: list[Sampling
             path[:, level + 1] = torch.where(go, child, path[:, level + 1])
         cur = torch.where(go, child, cur)
         active = go
+    return _verified(out, num, path, trees.node_rows.gather(1, emit_node), raw, want_logprobs)
+
+
+def _verified(out: torch.Tensor, num: torch.Tensor, path: torch.Tensor, src: torch.Tensor, raw: torch.Tensor | None,
+              want_logprobs: int | None) -> Verified:
+    """The result, with logprobs of the emitted tokens (``src`` [R, levels]: the logits row each
+    came from) and the top ``want_logprobs`` when asked."""
     logprobs = top_ids = top_vals = None
     if want_logprobs is not None and raw is not None:
+        R, levels = out.shape
         lp = raw.float().log_softmax(dim=-1)  # [N_total, V]
-        src = trees.node_rows.gather(1, emit_node)  # [R, levels]
         logprobs = lp[src, out]  # [R, levels]
         top_vals, top_ids = lp[src.flatten()].topk(max(want_logprobs, 1), dim=-1)
         top_vals = top_vals.view(R, levels, -1)
         top_ids = top_ids.view(R, levels, -1)
     return Verified(SamplerOutput(out, logprobs, top_ids, top_vals, num), path)
+
+
+def _greedy_chains(processed: torch.Tensor, trees: TreeBatch, raw: torch.Tensor | None,
+                   want_logprobs: int | None) -> Verified:
+    """``verify`` for greedy chains without the level-by-level walk (a handful of launches, not a
+    dozen per level: a verification step waits for them). Chain node j's argmax is the token
+    emitted at level j; the walk stops at the first draft that differs from its parent's argmax."""
+    dev = processed.device
+    levels = trees.max_depth + 1
+    node_rows = trees.node_rows[:, :levels]
+    tstar = processed.argmax(dim=-1)[node_rows]  # [R, levels] argmax at each chain node
+    drafts = trees.tokens[:, 1:levels]
+    match = (trees.children[:, : levels - 1, 0] >= 0) & (drafts == tstar[:, :-1])
+    num = 1 + match.to(torch.int64).cumprod(dim=1).sum(dim=1)  # [R] accepted drafts + 1
+    depth = torch.arange(levels, device=dev)[None, :]
+    emitted = depth < num[:, None]
+    out = torch.where(emitted, tstar, 0)
+    path = torch.where(emitted, depth, 0)
+    src = node_rows.gather(1, torch.minimum(depth, num[:, None] - 1))  # past the last: its row, as the walk
+    return _verified(out, num, path, src, raw, want_logprobs)
 
 
 def _sample_level(sampler: Sampler, p: torch.Tensor, trees: TreeBatch, cur: torch.Tensor, kids: torch.Tensor,

@@ -207,7 +207,8 @@ class Speculator:
                     flags[r] = True
             sampled = torch.tensor(flags, device=dev)
         return TreeBatch(torch.from_numpy(node_rows).to(dev), torch.from_numpy(tokens).to(dev),
-                         torch.from_numpy(children).to(dev), max_depth, draft_probs, sampled)
+                         torch.from_numpy(children).to(dev), max_depth, draft_probs, sampled,
+                         chains=all(t.is_chain for t in trees))
 
     def _record_penalties(self, rows: list[SamplingRow], out: SamplerOutput) -> None:
         """Add every emitted token to the penalty counts (rows past a row's count add nothing:
