@@ -11,17 +11,28 @@ Types: Q8_0, Q4_0, Q4_1, Q5_0 (32-element blocks) and Q4_K, Q5_K, Q6_K (256-elem
 ``quant_gemm`` (flat GEMM with split-K for M <= 16, tiles beyond); ``gguf_dequantize`` writes a
 dense copy for dequant + cuBLAS on large M. These kernels favour exactness and coverage over
 speed (byte-granular loads); the tuned batch-1 targets are the int8 / int4 / fp8 kernels.
+
+Up to ``GEMV_MAX_M`` rows (batch-1 decode, a short speculative chain) go to ``gguf_gemv``
+instead: no tensor cores and no padding of x to 16 rows; each program decodes a few weight rows
+over a wide K tile and multiplies them with every row of x in fp32 registers, so a small matrix is
+spread over many programs. On the H200 the flat GEMM took 21.8 us per product of SmolLM2-135M
+(N = 192-1536 with 9-48 programs, each walking K in dependent steps: a latency chain, not a
+bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.quant_gemm import FLAT_MAX_M, INVARIANT_BLOCK_M, MatmulConfig, flat_split, sum_splits
 from flashserve.kernels.quant_reference import GGUF_BLOCKS
-from flashserve.kernels.utils import cdiv, dot_ieee
+from flashserve.kernels.utils import cdiv, dot_ieee, next_power_of_2, num_sms
 
 GGUF_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 
@@ -129,6 +140,30 @@ def _gguf_matmul_kernel(
 
 
 @triton.jit
+def _gguf_gemv_kernel(
+    x_ptr, u8_ptr, i8_ptr, f16_ptr, out_ptr,
+    M, N, K, row_bytes, stride_xm, stride_om,
+    QTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """``out[:M, tile] = x[:M] @ w[tile]^T`` for one ``BLOCK_N`` tile of weight rows (M <= ROWS)."""
+    wait_for_prior(PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, ROWS)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < K
+        w = _gguf_tile(u8_ptr, i8_ptr, f16_ptr, offs_n, cols, n_ok[:, None] & k_ok[None, :], row_bytes, QTYPE)
+        x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _gguf_dequant_kernel(u8_ptr, i8_ptr, f16_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,6 +179,57 @@ def _views(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, t
     if raw.dtype != torch.uint8 or raw.dim() != 2 or not raw.is_contiguous():
         raise ValueError("GGUF weights must be a contiguous uint8 [N, row_bytes] tensor")
     return raw, raw.view(torch.int8), raw.view(torch.float16)
+
+
+GEMV_MAX_M = 8  # rows from which the flat GEMM (tensor cores) takes over
+GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 8 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 289 us against 88)
+GEMV_TILE = 4096  # weights a one- or two-row GEMV program decodes per step
+
+
+class GemvTile(NamedTuple):
+    rows: int  # x rows per program (M padded to a power of two)
+    block_n: int
+    block_k: int
+
+
+def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> GemvTile:
+    """Weight rows per program: as many as keep about two programs per SM (at least one row),
+    then the widest K tile (up to K) within ``GEMV_TILE`` weights, fewer for more x rows (the
+    ``rows x block_n x block_k`` products sit in registers)."""
+    rows = next_power_of_2(m)
+    block_n = 16
+    while block_n > 1 and cdiv(n, block_n) < 2 * num_sms(device):
+        block_n //= 2
+    block_k = min(next_power_of_2(k), max(32, GEMV_TILE // max(1, rows // 2) // block_n))
+    return GemvTile(rows, block_n, block_k)
+
+
+def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, tile: GemvTile | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(raw)^T`` -> [M, N] for M <= ``GEMV_MAX_M`` (one launch, no split)."""
+    u8, i8, f16 = _views(raw, qtype)
+    m, k = x.shape
+    n, row_bytes = raw.shape
+    _check_rows(qtype, k, row_bytes)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    t = tile or gemv_tile(m, n, k, x.device)
+    if m > t.rows:
+        raise ValueError(f"gguf_gemv takes at most {t.rows} rows with this tile, got {m}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    _gguf_gemv_kernel[(cdiv(n, t.block_n),)](
+        x, u8, i8, f16, out, m, n, k, row_bytes, x.stride(0), out.stride(0),
+        QTYPE=GGUF_CODES[qtype], ROWS=t.rows, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=4,
+        **pdl.launch_args(x.device),
+    )
+    return out
+
+
+def _check_rows(qtype: str, k: int, row_bytes: int) -> None:
+    elems, nbytes = GGUF_BLOCKS[qtype]
+    if row_bytes * elems != k * nbytes:
+        raise ValueError(f"{qtype} rows of {row_bytes} bytes do not hold {k} columns")
 
 
 def gguf_config(m: int, n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
@@ -163,11 +249,11 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: MatmulCo
     u8, i8, f16 = _views(raw, qtype)
     m, k = x.shape
     n, row_bytes = raw.shape
-    elems, nbytes = GGUF_BLOCKS[qtype]
-    if row_bytes * elems != k * nbytes:
-        raise ValueError(f"{qtype} rows of {row_bytes} bytes do not hold {k} columns")
+    _check_rows(qtype, k, row_bytes)
     if x.stride(1) != 1:
         x = x.contiguous()
+    if config is None and (m <= 2 or (m <= GEMV_MAX_M and n * k <= GEMV_MAX_WEIGHTS)):
+        return gguf_gemv(x, raw, qtype)
     cfg = config or gguf_config(m, n, k, x.device)
     k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = cdiv(k, k_per_split)

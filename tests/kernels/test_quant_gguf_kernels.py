@@ -8,7 +8,7 @@ import torch
 
 from flashserve.kernels import quant_reference as ref
 from flashserve.kernels.quant_gemm import MatmulConfig
-from flashserve.kernels.quant_gguf import GGUF_CODES, gguf_dequantize, gguf_matmul
+from flashserve.kernels.quant_gguf import GGUF_CODES, GemvTile, gemv_tile, gguf_dequantize, gguf_gemv, gguf_matmul
 from flashserve.kernels.quant_reference import random_gguf_blocks
 
 
@@ -24,6 +24,35 @@ def test_gguf_matmul_matches_block_decoder(device, dtype, qtype, m, config):
     scale = expect.abs().max().item()
     err = (y.float() - expect).abs().max().item()
     assert err <= (1e-5 if dtype == torch.float32 else 1e-2) * max(scale, 1.0), (qtype, err, scale)
+
+
+@pytest.mark.parametrize("qtype", list(GGUF_CODES))
+@pytest.mark.parametrize("m,tile", [(1, None), (3, GemvTile(4, 8, 64)), (8, GemvTile(8, 16, 32)), (2, GemvTile(2, 1, 1024))])
+def test_gguf_gemv_matches_block_decoder(device, dtype, qtype, m, tile):
+    """The few-row GEMV: K walked in several tiles (ragged last one) or one, rows tiles that do
+    not divide N, x rows fewer than the tile's."""
+    k = 768 if qtype.endswith("_K") else 160
+    raw = random_gguf_blocks(qtype, 27, k, seed=m + 10).to(device)
+    w = ref.gguf_dequantize(raw.cpu(), qtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
+    y = gguf_gemv(x, raw, qtype, tile)
+    expect = x.float() @ w.to(device).t()
+    scale = expect.abs().max().item()
+    err = (y.float() - expect).abs().max().item()
+    assert y.shape == (m, 27) and y.dtype == dtype
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-2) * max(scale, 1.0), (qtype, err, scale)
+
+
+def test_gguf_gemv_tiles_and_dispatch(device):
+    """Small matrices spread over many programs; gguf_matmul sends up to 8 rows to the GEMV."""
+    assert gemv_tile(1, 576, 576) == GemvTile(1, 2, 1024)  # 288 programs, K in one tile
+    assert gemv_tile(1, 49152, 576) == GemvTile(1, 16, 256)
+    assert gemv_tile(5, 192, 576).rows == 8 and gemv_tile(5, 192, 576).block_n == 1
+    raw = random_gguf_blocks("Q4_1", 8, 64).to(device)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        gguf_gemv(torch.randn(5, 64, device=device), raw, "Q4_1", GemvTile(4, 8, 64))
+    x = torch.randn(8, 64, device=device)
+    assert torch.equal(gguf_matmul(x, raw, "Q4_1"), gguf_gemv(x, raw, "Q4_1"))
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_CODES))
