@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, _row_seed, race_argmax
+from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, _row_seed, race_argmax, to_device
 
 
 @dataclass
@@ -83,7 +83,7 @@ def verify(sampler: Sampler, processed: torch.Tensor, node_params: list[Sampling
     if trees.chains and all(greedy_rows):
         return _greedy_chains(processed, trees, raw, want_logprobs)
     ar = torch.arange(R, device=dev)
-    greedy = torch.tensor(greedy_rows, device=dev)
+    greedy = to_device(greedy_rows, dev, torch.bool)
     tstar = processed.argmax(dim=-1)  # [N_total] greedy choice at every node
     probs = None
     if not all(greedy_rows):

@@ -35,7 +35,7 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.kernels import kv_quant
 from flashserve.kernels.tree_mask import TreeMask
-from flashserve.layers.sampler import SamplerOutput, SamplingRow, logprobs_width
+from flashserve.layers.sampler import SamplerOutput, SamplingRow, logprobs_width, to_device
 from flashserve.sched.plan import ScheduledRequest, StepCost
 from flashserve.spec.acceptance import TreeBatch, verify
 from flashserve.spec.tree import TokenTree
@@ -169,8 +169,7 @@ class Speculator:
                     n_pen += 1
         extra = None
         if extra_rows:
-            extra = (torch.tensor(extra_rows, dtype=torch.int64, device=dev),
-                     torch.tensor(extra_toks, dtype=torch.int64, device=dev))
+            extra = (to_device(extra_rows, dev, torch.int64), to_device(extra_toks, dev, torch.int64))
         processed = w.sampler.process(raw, node_params, extra)
         batch = self._tree_batch(trees, offsets, spec, inp.sample_rows, raw.shape[1])
         res = verify(w.sampler, processed, node_params, rows, batch, raw, logprobs_width(rows))
@@ -205,9 +204,9 @@ class Speculator:
                 if q is not None:
                     draft_probs[r, : q.shape[0], : q.shape[1]] = q
                     flags[r] = True
-            sampled = torch.tensor(flags, device=dev)
-        return TreeBatch(torch.from_numpy(node_rows).to(dev), torch.from_numpy(tokens).to(dev),
-                         torch.from_numpy(children).to(dev), max_depth, draft_probs, sampled,
+            sampled = to_device(flags, dev, torch.bool)
+        up = self.worker._to_device  # pinned, asynchronous: a blocking copy would wait for the forward
+        return TreeBatch(up(node_rows), up(tokens), up(children), max_depth, draft_probs, sampled,
                          chains=all(t.is_chain for t in trees))
 
     def _record_penalties(self, rows: list[SamplingRow], out: SamplerOutput) -> None:
@@ -218,11 +217,11 @@ class Speculator:
             return
         dev = self.worker.device
         p = self.worker.sampler.penalties
-        idx = torch.tensor(pen, device=dev)
+        idx = to_device(pen, dev, torch.int64)
         toks = out.token_ids[idx]  # [M, L]
         valid = torch.arange(toks.shape[1], device=dev)[None, :] < out.num_tokens[idx][:, None]
         toks = torch.where(valid, toks, toks[:, :1])
-        slots = torch.tensor([rows[j].penalty_slot for j in pen], device=dev)[:, None].expand_as(toks)
+        slots = to_device([rows[j].penalty_slot for j in pen], dev, torch.int64)[:, None].expand_as(toks)
         p.counts.index_put_((slots.flatten(), toks.flatten()), valid.flatten().float(), accumulate=True)
         p.seen.index_put_((slots.flatten(), toks.flatten()), torch.ones_like(valid.flatten()))
 
@@ -236,14 +235,14 @@ class Speculator:
         dev = w.device
         bs = w.block_size
         D = path.shape[1]
-        ridx = torch.tensor(rows, device=dev)
-        starts = torch.tensor([spec.entries[inp.sample_rows[r]].start_pos for r in rows], device=dev)[:, None]
+        ridx = to_device(rows, dev, torch.int64)
+        starts = to_device([spec.entries[inp.sample_rows[r]].start_pos for r in rows], dev, torch.int64)[:, None]
         depth = torch.arange(D, device=dev)[None, :]
         keep = depth < num[ridx][:, None]  # accepted nodes (incl. the root at depth 0)
         src_pos = starts + torch.where(keep, path[ridx], depth)  # no-op copies where nothing moves
         dst_pos = starts + depth
-        slots = torch.tensor([w.batch.states[spec.entries[inp.sample_rows[r]].request_id].slot for r in rows],
-                             device=dev)[:, None].expand_as(src_pos)
+        slots = to_device([w.batch.states[spec.entries[inp.sample_rows[r]].request_id].slot for r in rows], dev,
+                          torch.int64)[:, None].expand_as(src_pos)
         so, do = (src_pos % bs).flatten(), (dst_pos % bs).flatten()
         moves = []  # per group: (source blocks, destination blocks) [R * D]
         for table in (w.block_table, *w.group_block_tables):
