@@ -14,10 +14,23 @@ the mean drafts per step k. Drafting request i lengthens the step by ``(b + d) *
 per request ``(a + b * B) / B`` of plain decoding at batch B. When the saving falls below the
 cost (with a 5 % margin), the request decodes plainly; it is tried again after 16, 32, 64 ...
 steps (its acceptance may have changed: a summary starts copying its source).
+
+The device times miss what speculation costs on the host: a speculating request's step is
+planned only after the previous step's tokens are back, so the host's turn (scheduling, drafting,
+launching, reading the tokens) adds to the device's time instead of overlapping it. The controller
+therefore also times the wall clock from one decode step's tokens to the next's, for steps with
+and without drafts (``_WallClock``), and takes the smaller of the two estimates: the device-time
+one, and ``L * plain period / speculative period``. Before any plain step was seen, the plain
+period is the fit's device time (a lower bound, so the estimate errs towards switching off). A
+new request starts plainly when that estimate at the mean acceptance so far says speculation
+does not pay (H200, SmolLM2 at batch 1: a speculative step took 3.4x a plain one, so n-gram drafts
+accepted at 1.4-1.7 tokens per step ran at 0.44-0.56x).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flashserve.config import SpeculativeConfig
@@ -28,6 +41,8 @@ EMA = 0.3  # weight of the newest step in a request's acceptance average
 MIN_STEPS = 3  # verification steps before a request can be switched off
 MARGIN = 1.05  # the estimated speedup must exceed this to keep speculating
 FORGET = 0.97  # per-step forgetting of the step-time fit
+WALL_EMA = 0.2  # weight of the newest period in the wall-clock averages
+MAX_GAP_S = 1.0  # a longer wait between two decode steps' tokens is idleness, not a step
 
 
 @dataclass
@@ -108,10 +123,32 @@ class _CostFit:
 
 
 @dataclass
+class _WallClock:
+    """Mean wall seconds from a decode step's tokens to the next decode step's, for steps that
+    verified drafts (``spec``) and steps that did not (``plain``); 0 until seen."""
+
+    plain: float = 0.0
+    spec: float = 0.0
+    last: float | None = None  # when the previous decode step's tokens arrived
+
+    def tick(self, now: float, decode: bool, drafted: bool) -> None:
+        last, self.last = self.last, (now if decode else None)
+        if last is None or not decode or now - last > MAX_GAP_S:
+            return
+        dt = now - last
+        if drafted:
+            self.spec = dt if self.spec == 0.0 else (1 - WALL_EMA) * self.spec + WALL_EMA * dt
+        else:
+            self.plain = dt if self.plain == 0.0 else (1 - WALL_EMA) * self.plain + WALL_EMA * dt
+
+
+@dataclass
 class SpeculationController:
     config: SpeculativeConfig
+    clock: Callable[[], float] = time.perf_counter
     stats: SpecStats = field(init=False)
     fit: _CostFit = field(default_factory=_CostFit)
+    wall: _WallClock = field(default_factory=_WallClock)
     _requests: dict[str, _RequestStats] = field(default_factory=dict)
     _step: int = 0
     _batch: int = 1
@@ -126,6 +163,9 @@ class SpeculationController:
         if request.params.num_speculative_tokens is not None:
             k = min(k, request.params.num_speculative_tokens)
         st = self._requests.get(request.request_id)
+        if st is None and self.config.disable_by_cost and self.stats.num_steps \
+                and self.estimated_speedup(self.stats.acceptance_length, k) <= MARGIN:
+            st = self._requests[request.request_id] = self._switch_off(_RequestStats())  # start plainly
         if st is not None and st.off_until > self._step:
             return 0
         return k
@@ -139,6 +179,7 @@ class SpeculationController:
         cost = result.cost
         drafts_total = 0
         planned = {e.request_id for e in plan.requests if e.num_spec_tokens}
+        spec_slots = sum(e.num_spec_tokens for e in plan.requests)
         for rid, sampled in result.sampled.items():
             n = sampled.num_draft_tokens
             drafts_total += n
@@ -156,6 +197,7 @@ class SpeculationController:
                 self.stats.num_steps += 1
                 self.stats.num_draft_tokens += n
                 self.stats.num_accepted_tokens += tokens - 1
+        self.wall.tick(self.clock(), plan.num_tokens == len(plan.requests) + spec_slots, drafts_total > 0)
         if cost is not None:
             self.fit.add(cost.num_tokens, cost.forward_s, cost.draft_s, drafts_total)
             self._batch = max(1, cost.num_seqs)
@@ -163,10 +205,15 @@ class SpeculationController:
             for rid in result.sampled:
                 st = self._requests.get(rid)
                 if st is not None and st.steps >= MIN_STEPS and st.off_until <= self._step and not self.worth_it(st):
-                    st.times_off += 1
-                    st.off_until = self._step + 16 * 2 ** min(st.times_off - 1, 6)
-                    st.steps = 0
-                    self.stats.num_switched_off += 1
+                    self._switch_off(st)
+
+    def _switch_off(self, st: _RequestStats) -> _RequestStats:
+        """Plain decoding for 16, 32, 64 ... steps (doubling each time, up to 1024)."""
+        st.times_off += 1
+        st.off_until = self._step + 16 * 2 ** min(st.times_off - 1, 6)
+        st.steps = 0
+        self.stats.num_switched_off += 1
+        return st
 
     def estimated_speedup(self, accept_len: float, drafts: float, batch: int | None = None) -> float:
         """Tokens per second of a request with this acceptance, relative to plain decoding."""
@@ -176,7 +223,11 @@ class SpeculationController:
         batch = batch or self._batch
         per_token = (a + b * batch) / batch  # the step's time per request, plain decoding
         cost = (b + self.fit.per_draft) * drafts
-        return accept_len * per_token / (per_token + cost)
+        device = accept_len * per_token / (per_token + cost)
+        if self.wall.spec == 0.0:
+            return device
+        plain = self.wall.plain or a + b * batch  # not seen yet: the device time alone (a lower bound)
+        return min(device, accept_len * plain / self.wall.spec)
 
     def worth_it(self, st: _RequestStats) -> bool:
         return self.estimated_speedup(st.accept_len, st.drafts) > MARGIN

@@ -1,0 +1,102 @@
+"""The speculation off-switch (``flashserve.spec.controller``) fed step by step: plans, results,
+device costs and a wall clock under the test's control.
+
+The device-time fit alone says a verification step of 5 tokens costs about one decode step (the
+fit's a + b T with a small b), so drafts accepted at 1.5 tokens per step look like a 1.5x gain.
+When the wall clock says a speculative step takes 3.4x a plain one (the host's turn no longer
+overlaps the device: the H200 SmolLM2 case), the request must go back to plain decoding, and new
+requests must start plainly; when both clocks agree that speculation pays, it must stay on.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from flashserve.config import SpeculativeConfig
+from flashserve.request import Request
+from flashserve.sampling_params import SamplingParams
+from flashserve.sched.plan import SampledTokens, ScheduledRequest, SchedulerOutput, StepCost, WorkerOutput
+from flashserve.spec.controller import MIN_STEPS, SpeculationController
+
+K = 4
+DEVICE_STEP = 1.0e-3  # device seconds of a one-token step; a verification step of 1 + K tokens costs 1.04x
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _request(rid: str) -> Request:
+    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=1000, ignore_eos=True), [0])
+
+
+def _step(ctl: SpeculationController, clock: Clock, step: int, req: Request, accept: int, period: float) -> int:
+    """One decode step of ``req`` (with the drafts the controller grants), ``period`` wall seconds
+    after the previous one; ``accept`` drafts accepted. Returns the drafts granted."""
+    k = ctl.num_spec_tokens(req)
+    entry = ScheduledRequest(req.request_id, 10 + step, 1 + k, (), True, (), k)
+    plan = SchedulerOutput(step, (entry,))
+    clock.now += period
+    cost = StepCost(1 + k, 1, DEVICE_STEP * (1 + 0.01 * k), 0.0)
+    if k:
+        result = WorkerOutput(step, {req.request_id: SampledTokens(tuple(range(1 + min(accept, k))), None, k)}, cost)
+    else:
+        result = WorkerOutput(step, {}, cost, tokens=[7])
+    ctl.observe(plan, result)
+    return k
+
+
+def _run(plain_period: float, spec_period: float, accept: int, steps: int = 120):
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    first, later = _request("first"), _request("later")
+    granted = [_step(ctl, clock, i, first, accept, 0.0) for i in range(1)]
+    for i in range(1, steps):
+        k = ctl.num_spec_tokens(first)
+        granted.append(_step(ctl, clock, i, first, accept, spec_period if k else plain_period))
+    return ctl, granted, ctl.num_spec_tokens(later)
+
+
+def test_device_time_alone_would_keep_speculating():
+    """Without a wall-clock difference (both periods equal to the device's), acceptance 1.5 pays."""
+    ctl, granted, later = _run(plain_period=DEVICE_STEP, spec_period=DEVICE_STEP * 1.04, accept=1)
+    assert all(k == K for k in granted) and ctl.stats.num_switched_off == 0 and later == K
+    assert ctl.estimated_speedup(2.0, K) == pytest.approx(2.0 / 1.04, rel=0.05)
+
+
+def test_slow_speculative_steps_switch_off_and_new_requests_start_plainly():
+    """Speculative steps at 3.4x the plain period with acceptance 2: off after MIN_STEPS, retried
+    rarely (16, 32, 64 ... steps), and a new request starts plainly."""
+    ctl, granted, later = _run(plain_period=DEVICE_STEP * 1.3, spec_period=DEVICE_STEP * 1.3 * 3.4, accept=1)
+    assert granted[:MIN_STEPS] == [K] * MIN_STEPS and granted[MIN_STEPS] == 0
+    assert sum(k > 0 for k in granted) <= 4 * MIN_STEPS  # a few retries over 120 steps
+    assert ctl.estimated_speedup(2.0, K) == pytest.approx(2.0 / 3.4, rel=0.05)
+    assert later == 0
+
+
+def test_fast_speculative_steps_with_good_acceptance_stay_on():
+    """Speculative steps at 1.2x the plain period, 3 drafts accepted of 4: speculation pays 3.3x."""
+    ctl, granted, later = _run(plain_period=DEVICE_STEP * 1.3, spec_period=DEVICE_STEP * 1.3 * 1.2, accept=3)
+    assert all(k == K for k in granted) and ctl.stats.num_switched_off == 0 and later == K
+
+
+def test_idle_gaps_and_prefill_steps_are_not_periods():
+    """A wait longer than a second between decode steps (no request running) and the period after
+    a prompt step do not enter the wall-clock means."""
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    req = _request("r")
+    _step(ctl, clock, 0, req, 1, 0.0)
+    _step(ctl, clock, 1, req, 1, 5.0)  # idle
+    assert ctl.wall.spec == 0.0
+    _step(ctl, clock, 2, req, 1, 0.002)
+    assert ctl.wall.spec == pytest.approx(0.002)
+    prompt = SchedulerOutput(3, (ScheduledRequest("p", 0, 40, (), True),))
+    clock.now += 0.05
+    ctl.observe(prompt, WorkerOutput(3, {}, StepCost(40, 1, 0.01, 0.0), tokens=[7]))
+    _step(ctl, clock, 4, req, 1, 0.002)
+    assert ctl.wall.plain == 0.0 and ctl.wall.spec == pytest.approx(0.002)
