@@ -320,6 +320,10 @@ def _route_kernel(
     else:
         p = tl.exp(logits - tl.max(logits, axis=0))
         scores = p / tl.sum(p, axis=0)
+    # NaN (a NaN logit, e.g. from a padding row) ranks below every real score but above the
+    # padding lanes: arg-max over NaNs would find no lane and return BLOCK_E, an expert that does
+    # not exist, and the expert kernels would read past the weights
+    scores = tl.where(scores == scores, scores, -0.5)
     scores = tl.where(ok, scores, -1.0)  # below every real score (softmax and sigmoid are >= 0)
     slots = tl.arange(0, K_BLOCK)
     sel_w = tl.zeros([K_BLOCK], dtype=tl.float32)

@@ -166,3 +166,22 @@ def test_fused_route_matches_torch_routing(device, scoring, renormalize, E, k):
     assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_ids)
     torch.testing.assert_close(w, ref_w)
     assert fused_route(logits[:0], k)[0].shape == (0, k)
+
+
+@pytest.mark.parametrize("E,k", [(8, 2), (60, 3)])
+def test_fused_route_never_names_a_missing_expert(device, E, k):
+    """A row of NaN logits (a padding row whose attention had no context) routes to real experts:
+    arg-max over NaN scores found no lane and returned E's power of two, an expert index past the
+    weights (an illegal address in the expert kernels on the GPU). Real rows are untouched."""
+    from flashserve.kernels.fused_moe import fused_route
+    from flashserve.layers.moe import route
+
+    logits = torch.randn(4, E, generator=torch.Generator().manual_seed(1))
+    logits[1] = float("nan")
+    logits[2, 3] = float("nan")
+    w, ids = fused_route(logits.to(device), k)
+    assert bool(((ids >= 0) & (ids < E)).all()), ids
+    assert len(set(ids[1].tolist())) == k
+    ref_w, ref_ids = route(logits[[0, 3]], k)
+    assert torch.equal(ids[[0, 3]].long().cpu(), ref_ids)
+    torch.testing.assert_close(w[[0, 3]].cpu(), ref_w)
