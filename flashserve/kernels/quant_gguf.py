@@ -206,12 +206,8 @@ def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> Gem
 
 def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, tile: GemvTile | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(raw)^T`` -> [M, N] for M <= ``GEMV_MAX_M`` (one launch, no split)."""
-    u8, i8, f16 = _views(raw, qtype)
-    m, k = x.shape
-    n, row_bytes = raw.shape
-    _check_rows(qtype, k, row_bytes)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, (u8, i8, f16), row_bytes = _operands(x, raw, qtype)
+    (m, k), n = x.shape, raw.shape[0]
     t = tile or gemv_tile(m, n, k, x.device)
     if m > t.rows:
         raise ValueError(f"gguf_gemv takes at most {t.rows} rows with this tile, got {m}")
@@ -226,10 +222,14 @@ def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, tile: GemvTile | N
     return out
 
 
-def _check_rows(qtype: str, k: int, row_bytes: int) -> None:
+def _operands(x: torch.Tensor, raw: torch.Tensor, qtype: str):
+    """x with unit column stride, the three views of ``raw``, its row bytes (checked against x's K)."""
+    views = _views(raw, qtype)
     elems, nbytes = GGUF_BLOCKS[qtype]
+    k, row_bytes = x.shape[1], raw.shape[1]
     if row_bytes * elems != k * nbytes:
         raise ValueError(f"{qtype} rows of {row_bytes} bytes do not hold {k} columns")
+    return (x if x.stride(1) == 1 else x.contiguous()), views, row_bytes
 
 
 def gguf_config(m: int, n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
@@ -246,12 +246,8 @@ def gguf_invariant_config(n: int, k: int, device: torch.device | None = None) ->
 
 def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: MatmulConfig | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(raw)^T`` -> [M, N] in x's dtype; ``raw`` uint8 [N, row_bytes]."""
-    u8, i8, f16 = _views(raw, qtype)
-    m, k = x.shape
-    n, row_bytes = raw.shape
-    _check_rows(qtype, k, row_bytes)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, (u8, i8, f16), row_bytes = _operands(x, raw, qtype)
+    (m, k), n = x.shape, raw.shape[0]
     if config is None and (m <= 2 or (m <= GEMV_MAX_M and n * k <= GEMV_MAX_WEIGHTS)):
         return gguf_gemv(x, raw, qtype)
     cfg = config or gguf_config(m, n, k, x.device)

@@ -16,13 +16,19 @@ from flashserve.kernels.quant_reference import random_gguf_blocks
 @pytest.mark.parametrize("m,config", [(3, None), (5, MatmulConfig(16, 16, 64, 2, 4, 1)), (18, None)])
 def test_gguf_matmul_matches_block_decoder(device, dtype, qtype, m, config):
     k = 512 if qtype.endswith("_K") else 96  # 96: ragged last K tile of the 32-element types
-    raw = random_gguf_blocks(qtype, 24, k, seed=m).to(device)
+    _check_product(lambda x, raw: gguf_matmul(x, raw, qtype, config), qtype, m, 24, k, m, device, dtype)
+
+
+def _check_product(product, qtype: str, m: int, n: int, k: int, seed: int, device, dtype) -> None:
+    """``product(x, raw)`` for random blocks against x @ the block decoder's weights."""
+    raw = random_gguf_blocks(qtype, n, k, seed=seed).to(device)
     w = ref.gguf_dequantize(raw.cpu(), qtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
-    y = gguf_matmul(x, raw, qtype, config)
+    y = product(x, raw)
     expect = x.float() @ w.to(device).t()
     scale = expect.abs().max().item()
     err = (y.float() - expect).abs().max().item()
+    assert y.shape == (m, n) and y.dtype == dtype
     assert err <= (1e-5 if dtype == torch.float32 else 1e-2) * max(scale, 1.0), (qtype, err, scale)
 
 
@@ -32,15 +38,7 @@ def test_gguf_gemv_matches_block_decoder(device, dtype, qtype, m, tile):
     """The few-row GEMV: K walked in several tiles (ragged last one) or one, rows tiles that do
     not divide N, x rows fewer than the tile's."""
     k = 768 if qtype.endswith("_K") else 160
-    raw = random_gguf_blocks(qtype, 27, k, seed=m + 10).to(device)
-    w = ref.gguf_dequantize(raw.cpu(), qtype)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
-    y = gguf_gemv(x, raw, qtype, tile)
-    expect = x.float() @ w.to(device).t()
-    scale = expect.abs().max().item()
-    err = (y.float() - expect).abs().max().item()
-    assert y.shape == (m, 27) and y.dtype == dtype
-    assert err <= (1e-5 if dtype == torch.float32 else 1e-2) * max(scale, 1.0), (qtype, err, scale)
+    _check_product(lambda x, raw: gguf_gemv(x, raw, qtype, tile), qtype, m, 27, k, m + 10, device, dtype)
 
 
 def test_gguf_gemv_tiles_and_dispatch(device):
