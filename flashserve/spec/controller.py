@@ -124,8 +124,8 @@ class _CostFit:
 
 @dataclass
 class _WallClock:
-    """Mean wall seconds from a decode step's tokens to the next decode step's, for steps that
-    verified drafts (``spec``) and steps that did not (``plain``); 0 until seen."""
+    """Mean wall seconds from a decode step's tokens to the next decode step's, for steps planned
+    with draft slots (``spec``) and steps without (``plain``); 0 until seen."""
 
     plain: float = 0.0
     spec: float = 0.0
@@ -197,7 +197,8 @@ class SpeculationController:
                 self.stats.num_steps += 1
                 self.stats.num_draft_tokens += n
                 self.stats.num_accepted_tokens += tokens - 1
-        self.wall.tick(self.clock(), plan.num_tokens == len(plan.requests) + spec_slots, drafts_total > 0)
+        # a step with draft slots waited for its predecessor's tokens, drafts found or not
+        self.wall.tick(self.clock(), plan.num_tokens == len(plan.requests) + spec_slots, spec_slots > 0)
         if cost is not None:
             self.fit.add(cost.num_tokens, cost.forward_s, cost.draft_s, drafts_total)
             self._batch = max(1, cost.num_seqs)
