@@ -520,44 +520,54 @@ class Scheduler:
         preempted.append(rid)
 
     # ----------------------------------------------------------------- results
-    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> list[tuple[Request, int]]:
+    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> StepTokens:
         """Fill in the tokens a planned step sampled.
 
-        Returns (request, number of new tokens) for each request that received tokens, in plan
-        order. Stop conditions are the caller's (``flashserve.engine.stop``): it retires requests
-        with ``finish_request``. Requests that left the engine while the step ran are skipped.
+        Returns the requests that received tokens, in plan order (``StepTokens``), with those whose
+        new tokens may stop them marked. Stop conditions are the caller's
+        (``flashserve.sched.stop``): it retires requests with ``finish_request``. Requests that
+        left the engine while the step ran are skipped.
         """
         sampling = self._inflight.pop(plan.step_id)
         if result.tokens is not None:
             return self._update_plain(sampling, result.tokens)
-        progressed: list[tuple[Request, int]] = []
-        now = time.monotonic()
+        requests: list[Request] = []
+        counts: list[int] = []
+        maybe_stopped: list[int] = []
+        now, max_len = time.monotonic(), self.max_model_len
         for rid, request in sampling.items():
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
                 continue
             sampled = result.sampled[rid]
-            if len(sampled.token_ids) > 1 and request.status != RequestStatus.WAITING:
+            n = len(sampled.token_ids)
+            if n > 1 and request.status != RequestStatus.WAITING:
                 # Accepted drafts: their K/V is in the cache now (a recomputed request starts over).
-                request.num_computed_tokens += len(sampled.token_ids) - 1
-            request.output_token_ids.extend(sampled.token_ids)
+                request.num_computed_tokens += n - 1
+            outputs = request.output_token_ids
+            outputs.extend(sampled.token_ids)
             if sampled.logprobs is not None:
                 request.output_logprobs.extend(sampled.logprobs)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
                 self.block_manager.commit(request)
-            progressed.append((request, len(sampled.token_ids)))
-        return progressed
+            if n != 1 or outputs[-1] in request.stop_token_set or len(outputs) >= request.max_output_tokens \
+                    or request.num_prompt_tokens + len(outputs) >= max_len:
+                maybe_stopped.append(len(requests))
+            requests.append(request)
+            counts.append(n)
+        return StepTokens(requests, counts, maybe_stopped)
 
-    def _update_plain(self, sampling: dict[str, Request], tokens: list[int]) -> list[tuple[Request, int]]:
+    def _update_plain(self, sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
         """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
         request the step samples for, in plan order (the order ``sampling`` was filled in)."""
         if len(tokens) != len(sampling):
             raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples {len(sampling)} requests")
-        progressed: list[tuple[Request, int]] = []
-        now = time.monotonic()
+        requests: list[Request] = []
+        maybe_stopped: list[int] = []
+        now, max_len = time.monotonic(), self.max_model_len
         running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
         for request, token in zip(sampling.values(), tokens):
             request.num_pending_tokens -= 1
@@ -568,9 +578,41 @@ class Scheduler:
             outputs.append(token)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
+            known = request.num_prompt_tokens + len(outputs)
             # Still running, and this token completed a block of known tokens: the block may be
             # registered now (commit's other trigger, computed tokens, moves only in _claim).
-            if not (request.num_prompt_tokens + len(outputs)) % bs and request.request_id in running:
+            if not known % bs and request.request_id in running:
                 commit(request)
-            progressed.append((request, 1))
-        return progressed
+            # StopChecker.check's shortcut: only these may stop
+            if token in request.stop_token_set or len(outputs) >= request.max_output_tokens or known >= max_len:
+                maybe_stopped.append(len(requests))
+            requests.append(request)
+        return StepTokens(requests, None, maybe_stopped)
+
+
+class StepTokens:
+    """Where one step's tokens went: ``requests``, those that got tokens, in plan order;
+    ``counts``, how many each got (None: one each, a plain step); ``maybe_stopped``, the indices
+    of those whose new tokens may end them (a stop token among them, or max_tokens or the context
+    reached; the stop checks decide), and ``finished``, those the stop checks retired
+    (``EngineCore.update`` fills it in). Iterates as (request, tokens it got) pairs."""
+
+    __slots__ = ("requests", "counts", "maybe_stopped", "finished")
+
+    def __init__(self, requests: list[Request], counts: list[int] | None, maybe_stopped: list[int],
+                 finished: list[Request] | None = None) -> None:
+        self.requests = requests
+        self.counts = counts
+        self.maybe_stopped = maybe_stopped
+        self.finished = [] if finished is None else finished
+
+    def __iter__(self):
+        return zip(self.requests, repeat(1) if self.counts is None else self.counts)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the requests got in all."""
+        return len(self.requests) if self.counts is None else sum(self.counts)
