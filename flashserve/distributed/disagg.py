@@ -88,7 +88,11 @@ class DisaggPlan:
 
     @property
     def requests(self) -> tuple:
-        return self.prefill.requests + self.decode.requests
+        return self.prefill.entries + self.decode.entries
+
+    @property
+    def num_seqs(self) -> int:
+        return self.prefill.num_seqs + self.decode.num_seqs
 
     @property
     def num_tokens(self) -> int:

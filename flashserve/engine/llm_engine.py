@@ -349,7 +349,7 @@ class LLMEngine:
         outputs = self._outputs(done[0], done[1].result()) if done is not None else []
         if self.timings is not None:
             wait = done[1].wait_s if done is not None else 0.0
-            self.timings.append(HostTiming(len(plan.requests), plan.num_tokens, t1 - t0, t2 - t1,
+            self.timings.append(HostTiming(plan.num_seqs, plan.num_tokens, t1 - t0, t2 - t1,
                                            time.perf_counter() - t2 - wait, wait))
         return outputs
 

@@ -424,14 +424,15 @@ class Worker:
         t0 = time.perf_counter()
         self._compute_s = 0.0
         self._apply_plan_state(plan)
-        if not plan.requests:
+        if not plan.num_seqs:
             return StepHandle(plan.step_id, [], None)
-        entries, spec = plan.requests, None
+        entries, decodes, spec = plan.requests, plan.decodes, None
         if self.speculator is not None:  # drafts into the token table, entries with the real draft counts
             c0 = time.perf_counter()
-            entries, spec = self.speculator.propose(entries)
+            entries, spec = self.speculator.propose(plan.entries)
+            decodes = None
             self._compute_s += time.perf_counter() - c0
-        inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None)
+        inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None, decodes)
         if spec is not None:
             spec.adjust_inputs(inp)
         timing = StepTiming(inp.num_tokens, inp.is_decode, False, 0.0)

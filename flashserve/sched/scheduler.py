@@ -38,7 +38,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter
 from typing import Protocol
 
@@ -47,7 +47,7 @@ import numpy as np
 from flashserve.cache.block_manager import BlockManager, consume
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
-from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
+from flashserve.sched.plan import BlockCopy, DecodeBatch, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
@@ -77,13 +77,15 @@ class _RunningColumns:
 class _Step:
     """The plan ``schedule`` builds, as it claims each request's work."""
 
-    __slots__ = ("entries", "new_requests", "preempted", "sampling")
+    __slots__ = ("decodes", "decode_requests", "entries", "new_requests", "preempted", "sampling")
 
     def __init__(self) -> None:
+        self.decodes: DecodeBatch | None = None  # the decodes claimed at once, ahead of the entries
+        self.decode_requests: list[Request] = []  # their requests, in the batch's order
         self.entries: list[ScheduledRequest] = []
         self.new_requests: list[NewRequest] = []
         self.preempted: list[str] = []  # request ids preempted this step
-        self.sampling: dict[str, Request] = {}  # requests this step samples for, by id
+        self.sampling: dict[str, Request] = {}  # requests the entries sample for, by id
 
 
 class Speculation(Protocol):
@@ -133,7 +135,8 @@ class Scheduler:
         self._admitted_at: dict[str, int] = {}  # step of each running request's last admission
         self._blocks_sent: dict[str, int] = {}  # block-table length the Worker holds per request
         self._dropped: list[str] = []  # left the running set since the last plan
-        self._inflight: dict[int, dict[str, Request]] = {}  # step id -> requests it samples for
+        # step id -> the requests it samples for: its decodes claimed at once, then the others by id
+        self._inflight: dict[int, tuple[list[Request], dict[str, Request]]] = {}
         self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
 
     # ----------------------------------------------------------------- queue operations
@@ -223,8 +226,9 @@ class Scheduler:
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         entries, chunked, speculation = step.entries, self.config.enable_chunked_prefill, self.speculation
+        max_entries = max_seqs - len(step.decode_requests)
         for request in work:
-            if budget == 0 or len(entries) == max_seqs:
+            if budget == 0 or len(entries) == max_entries:
                 break
             if request.awaiting_result:
                 continue  # its step in flight decides what it does next
@@ -266,10 +270,10 @@ class Scheduler:
             self._block_copies.clear()
         dropped = tuple(self._dropped)
         self._dropped.clear()
-        self._inflight[self.step_count] = step.sampling
+        self._inflight[self.step_count] = (step.decode_requests, step.sampling)
         return SchedulerOutput(step_id=self.step_count, requests=tuple(step.entries),
                                new_requests=tuple(step.new_requests), finished_ids=dropped,
-                               preempted_ids=tuple(step.preempted), block_copies=copies)
+                               preempted_ids=tuple(step.preempted), block_copies=copies, decodes=step.decodes)
 
     def _claim(self, step: _Step, request: Request, num_tokens: int, num_new: int, num_spec: int = 0) -> None:
         """Advance a request whose slots are allocated by this step's work, register the blocks
@@ -357,14 +361,16 @@ class Scheduler:
         consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
         for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
             request.awaiting_result = True
-        new_ids = [()] * count
         if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
-            grow = np.flatnonzero(needs).tolist()
-            blocks = bm.append_blocks([rids[i] for i in grow])
-            for i, block in zip(grow, blocks):
-                new_ids[i] = (block,)
-                self._blocks_sent[rids[i]] = int(sent[i]) + 1
+            rows = np.flatnonzero(needs)
+            grow = rows.tolist()
+            block_ids = np.array(bm.append_blocks([rids[i] for i in grow]), dtype=np.int64)
+            sent_now = (sent[rows] + 1).tolist()
+            for i, n in zip(grow, sent_now):
+                self._blocks_sent[rids[i]] = n
         else:
+            new_ids: list[tuple[int, ...]] = []
+            grow = []
             for i in np.flatnonzero(needs).tolist():  # what _claim does with the block manager, in rank order
                 request, rid, start = requests[i], rids[i], int(starts[i])
                 allocated = bm.allocate_slots(rid, start + 1)
@@ -375,13 +381,16 @@ class Scheduler:
                 if sent[i] < 0:  # the Worker does not hold it (a forked beam)
                     step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
                                                         tuple(request.output_token_ids), request.params))
-                new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
+                ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
                 assert not group_ids, "one table per request"
+                new_ids.append(ids)
+                grow.append(i)
+            rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
+            block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
         self.policy.on_scheduled_each(requests, 1)
-        step.sampling.update(zip(rids, requests))
         pending.difference_update(rids)
-        step.entries.extend(map(_new_entry, repeat(ScheduledRequest),
-                                zip(rids, starts.tolist(), repeat(1), new_ids, repeat(True), repeat(()), repeat(0))))
+        step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
+        step.decode_requests = requests
         return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
@@ -528,14 +537,14 @@ class Scheduler:
         (``flashserve.sched.stop``): it retires requests with ``finish_request``. Requests that
         left the engine while the step ran are skipped.
         """
-        sampling = self._inflight.pop(plan.step_id)
+        decodes, sampling = self._inflight.pop(plan.step_id)
         if result.tokens is not None:
-            return self._update_plain(sampling, result.tokens)
+            return self._update_plain(decodes, sampling, result.tokens)
         requests: list[Request] = []
         counts: list[int] = []
         maybe_stopped: list[int] = []
         now, max_len = time.monotonic(), self.max_model_len
-        for rid, request in sampling.items():
+        for rid, request in chain(zip(map(_request_id, decodes), decodes), sampling.items()):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
@@ -560,16 +569,18 @@ class Scheduler:
             counts.append(n)
         return StepTokens(requests, counts, maybe_stopped)
 
-    def _update_plain(self, sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
+    def _update_plain(self, decodes: list[Request], sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
         """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
-        request the step samples for, in plan order (the order ``sampling`` was filled in)."""
-        if len(tokens) != len(sampling):
-            raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples {len(sampling)} requests")
+        request the step samples for, in plan order (``decodes``, then ``sampling`` in the order
+        it was filled in)."""
+        if len(tokens) != len(decodes) + len(sampling):
+            raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples "
+                             f"{len(decodes) + len(sampling)} requests")
         requests: list[Request] = []
         maybe_stopped: list[int] = []
         now, max_len = time.monotonic(), self.max_model_len
         running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
-        for request, token in zip(sampling.values(), tokens):
+        for request, token in zip(chain(decodes, sampling.values()), tokens):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
