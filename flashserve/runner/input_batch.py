@@ -243,11 +243,16 @@ class InputBatch:
         the slots in ``row``, one per id, each request's ids together and in table order; returns
         the device tables' updates. Array work."""
         # each new id's column: the row's blocks so far plus its place among the request's new ids
-        first = np.flatnonzero(np.concatenate(([True], row[1:] != row[:-1])))
-        counts = np.diff(np.append(first, len(row)))
-        have = self.num_blocks[row[first]]
-        self.num_blocks[row[first]] = have + counts
-        col = np.arange(len(row), dtype=np.int64) - np.repeat(first - have, counts)
+        starts = row[1:] != row[:-1]
+        if starts.all():  # one id per request (decodes)
+            col = self.num_blocks[row]
+            self.num_blocks[row] = col + 1
+        else:
+            first = np.flatnonzero(np.concatenate(([True], starts)))
+            counts = np.diff(np.append(first, len(row)))
+            have = self.num_blocks[row[first]]
+            self.num_blocks[row[first]] = have + counts
+            col = np.arange(len(row), dtype=np.int64) - np.repeat(first - have, counts)
         flat = row * self.max_blocks + col
         # a released block (-1, windowed) is never read: 0 stands in
         updates = []

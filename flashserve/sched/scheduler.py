@@ -340,16 +340,16 @@ class Scheduler:
             return 0
         bm = self.block_manager
         # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
-        max_tokens = running.max_tokens[is_decode]
-        num_tokens = running.num_tokens[is_decode]
-        at_limit = (running.num_pending[is_decode] > 0) & (
-            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt[is_decode] >= max_tokens))
-        take = ~(running.awaiting[is_decode] | at_limit)
-        count = int(take.sum())
-        if count > budget or count > max_seqs:
+        num_tokens = running.num_tokens
+        at_limit = (running.num_pending > 0) & (
+            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt >= running.max_tokens))
+        sel = np.flatnonzero(is_decode & ~(running.awaiting | at_limit))
+        count = len(sel)
+        if count == 0 or count > budget or count > max_seqs:
             return 0
-        sel = np.flatnonzero(is_decode)[take]
-        requests = list(map(running.requests.__getitem__, sel.tolist()))
+        # every running request, in rank order, or those selected
+        requests = list(running.requests) if count == len(running.requests) else \
+            list(map(running.requests.__getitem__, sel.tolist()))
         rids = list(map(_request_id, requests))
         starts = running.computed[sel]
         sent = np.fromiter(map(self._blocks_sent.get, rids, repeat(-1)), np.int64, count)
@@ -388,7 +388,10 @@ class Scheduler:
             rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
             block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
         self.policy.on_scheduled_each(requests, 1)
-        pending.difference_update(rids)
+        if count == len(pending):
+            pending.clear()
+        else:
+            pending.difference_update(rids)
         step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
         step.decode_requests = requests
         return count
