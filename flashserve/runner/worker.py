@@ -474,7 +474,8 @@ class Worker:
         if spec is None:
             # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
             head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
-            logits = head(hidden[self._to_device(inp.logits_indices)])
+            last = inp.logits_indices  # ascending: the rows 0..S-1 when it ends at S-1 (a decode step)
+            logits = head(hidden[: len(last)] if last[-1] == len(last) - 1 else hidden[self._to_device(last)])
             handle.out = self.sampler.greedy(logits) if plain else self.sampler(logits, rows)
             self._prev_tokens = handle.out.token_ids
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
