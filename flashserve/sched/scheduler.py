@@ -135,6 +135,9 @@ class Scheduler:
         self._admitted_at: dict[str, int] = {}  # step of each running request's last admission
         self._blocks_sent: dict[str, int] = {}  # block-table length the Worker holds per request
         self._dropped: list[str] = []  # left the running set since the last plan
+        # Requests whose first token has not come back (``metrics.first_token_time`` is None), so
+        # ``update`` reads no request's metrics but theirs.
+        self._no_first_token: set[Request] = set()
         # step id -> the requests it samples for: its decodes claimed at once, then the others by id
         self._inflight: dict[int, tuple[list[Request], dict[str, Request]]] = {}
         self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
@@ -146,7 +149,13 @@ class Scheduler:
         self.requests[request.request_id] = request
         if self.micro_batches > 1:  # plans in flight hold disjoint requests
             request.synchronous = True
+        self._track_first_token(request)
         self.waiting.append(request)
+
+    def _track_first_token(self, request: Request) -> None:
+        """Note a request entering the scheduler that has no first-token time yet."""
+        if request.metrics.first_token_time is None:
+            self._no_first_token.add(request)
 
     def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
         """Add ``child`` (beam search: the parent's tokens plus one) as a running request that
@@ -157,6 +166,7 @@ class Scheduler:
         if child.request_id in self.requests:
             raise ValueError(f"request id {child.request_id!r} is already in use")
         self.requests[child.request_id] = child
+        self._track_first_token(child)
         copies = None
         if parent.status == RequestStatus.RUNNING and parent.request_id in self._blocks_sent:
             copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_computed_tokens,
@@ -188,6 +198,7 @@ class Scheduler:
         if self.speculation is not None:
             self.speculation.on_finished(request)
         request.status = status
+        self._no_first_token.discard(request)
         request.metrics.finished_time = time.monotonic()
         return request
 
@@ -546,7 +557,7 @@ class Scheduler:
         requests: list[Request] = []
         counts: list[int] = []
         maybe_stopped: list[int] = []
-        now, max_len = time.monotonic(), self.max_model_len
+        now, max_len, no_first = time.monotonic(), self.max_model_len, self._no_first_token
         for rid, request in chain(zip(map(_request_id, decodes), decodes), sampling.items()):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
@@ -561,7 +572,8 @@ class Scheduler:
             outputs.extend(sampled.token_ids)
             if sampled.logprobs is not None:
                 request.output_logprobs.extend(sampled.logprobs)
-            if request.metrics.first_token_time is None:
+            if request in no_first:
+                no_first.discard(request)
                 request.metrics.first_token_time = now
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
                 self.block_manager.commit(request)
@@ -583,6 +595,7 @@ class Scheduler:
         maybe_stopped: list[int] = []
         now, max_len = time.monotonic(), self.max_model_len
         running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
+        no_first = self._no_first_token
         for request, token in zip(chain(decodes, sampling.values()), tokens):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
@@ -590,7 +603,8 @@ class Scheduler:
                 continue
             outputs = request.output_token_ids
             outputs.append(token)
-            if request.metrics.first_token_time is None:
+            if request in no_first:
+                no_first.discard(request)
                 request.metrics.first_token_time = now
             known = request.num_prompt_tokens + len(outputs)
             # Still running, and this token completed a block of known tokens: the block may be
