@@ -243,12 +243,12 @@ class InputBatch:
         the slots in ``row``, one per id, each request's ids together and in table order; returns
         the device tables' updates. Array work."""
         # each new id's column: the row's blocks so far plus its place among the request's new ids
-        starts = row[1:] != row[:-1]
-        if starts.all():  # one id per request (decodes)
+        next_request = row[1:] != row[:-1]
+        if next_request.all():  # one id per request (decodes)
             col = self.num_blocks[row]
             self.num_blocks[row] = col + 1
         else:
-            first = np.flatnonzero(np.concatenate(([True], starts)))
+            first = np.flatnonzero(np.concatenate(([True], next_request)))
             counts = np.diff(np.append(first, len(row)))
             have = self.num_blocks[row[first]]
             self.num_blocks[row[first]] = have + counts
@@ -330,7 +330,6 @@ class InputBatch:
             group_block_updates=group_block_updates,
             states=states,
         )
-
 
     def _append_plan_ids(self, slots: np.ndarray, decodes: DecodeBatch | None, entries: tuple[ScheduledRequest, ...]
                          ) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
