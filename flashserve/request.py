@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,13 @@ class TokenView(Sequence):
         return self.prompt[index] if index < n else self.output[index - n]
 
 
+@functools.lru_cache(maxsize=64)
+def _eos_set(eos: tuple[int, ...]) -> frozenset[int]:
+    """One shared set per EOS tuple: a request without stop ids shares it with the others (the
+    per-token stop check then reads one warm object instead of one set per request)."""
+    return frozenset(eos)
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence being generated. Token ids are the truth; text is derived by the detokenizer.
@@ -124,8 +132,9 @@ class Request:
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
-        eos = () if self.params.ignore_eos else self.eos_token_ids
-        self.stop_token_set = frozenset(eos).union(self.params.stop_token_ids)
+        eos = () if self.params.ignore_eos else tuple(self.eos_token_ids)
+        stop_ids = self.params.stop_token_ids
+        self.stop_token_set = frozenset(eos).union(stop_ids) if stop_ids else _eos_set(eos)
         max_tokens = self.params.max_tokens
         self.max_output_tokens = float("inf") if max_tokens is None else max_tokens
         self.num_prompt_tokens = len(self.prompt_token_ids)

@@ -12,7 +12,7 @@ from flashserve.sched.stop import StopChecker
 
 def fake_output(plan: SchedulerOutput, token: int = 7) -> WorkerOutput:
     """Every sampling request of the plan gets ``token``."""
-    return WorkerOutput(plan.step_id, {r.request_id: SampledTokens((token,)) for r in plan.requests if r.sample})
+    return WorkerOutput(plan.step_id, {r.request_id: SampledTokens((token,)) for r in plan.entries if r.sample})
 
 
 def apply_tokens(s: Scheduler, plan: SchedulerOutput, token: int = 7) -> None:
@@ -28,7 +28,7 @@ def apply_sampled(s: Scheduler, plan: SchedulerOutput, tokens_for: Callable[[int
                   plain: bool) -> None:
     """Feed a plan's sampling rows the tokens ``tokens_for(rows)`` gives, as a plain step's token
     list (``plain``) or keyed by request (``update``'s general path); retire those that stop."""
-    rows = [r.request_id for r in plan.requests if r.sample]
+    rows = [r.request_id for r in plan.entries if r.sample]
     tokens = tokens_for(len(rows))
     out = WorkerOutput(plan.step_id, {}, tokens=tokens) if plain else \
         WorkerOutput(plan.step_id, {rid: SampledTokens((t,)) for rid, t in zip(rows, tokens)})

@@ -64,7 +64,13 @@ def test_beam_search_equals_transformers(tmp_path, arch):
     llm.engine.block_manager.check_invariants()
 
 
-def test_beams_batch_with_plain_requests_and_survive_preemption(tmp_path):
+@pytest.mark.parametrize("bulk_claim_min", [64, 1])  # 1: decodes claimed at once, beams' shared blocks included
+def test_beams_batch_with_plain_requests_and_survive_preemption(tmp_path, monkeypatch, bulk_claim_min):
+    from flashserve.sched.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "bulk_claim_min", bulk_claim_min)
+    claim, claimed = Scheduler._claim_decodes, []
+    monkeypatch.setattr(Scheduler, "_claim_decodes", lambda *a: claimed.append(claim(*a)) or claimed[-1])
     _checkpoint("llama3_gqa", tmp_path, seed=3)
     rng = random.Random(4)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 14))] for _ in range(4)]
@@ -87,6 +93,7 @@ def test_beams_batch_with_plain_requests_and_survive_preemption(tmp_path):
     assert [[c.token_ids for c in done[f"beam-{i}"].outputs] for i in range(4)] == ref
     assert all(len(done[f"plain-{i}"].outputs[0].token_ids) == 20 for i in range(4))
     assert engine.scheduler.num_preemptions > 0
+    assert any(claimed) == (bulk_claim_min == 1)
     assert engine.block_manager.num_used_blocks == 0
     engine.block_manager.check_invariants()
 

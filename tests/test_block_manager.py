@@ -59,3 +59,18 @@ def test_block_size_one_is_token_granular():
     assert bm.allocate_slots("a", 3) == [0, 1, 2]
     assert bm.allocate_slots("a", 4) == [0, 1, 2, 3]
     assert bm.can_allocate("b", 1) and not bm.can_allocate("b", 2)
+
+
+def test_quiet_decodes_sees_a_forked_partial_block_until_one_user_is_left():
+    import numpy as np
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate_slots("p", 7)  # blocks 0, 1: position 6 falls in the partially filled block 1
+    bm.allocate_slots("q", 3)
+    starts, known, sent = np.array([6, 2]), np.array([6, 2]), np.array([2, 1])
+    assert bm.quiet_decodes(["p", "q"], starts, known, sent).tolist() == [0, 0]
+    bm.fork("p", "c", 6, share_partial=True)  # block 1 has two users now
+    assert bm.quiet_decodes(["p", "q"], starts, known, sent).tolist() == [2, 0]
+    bm.free("p")  # the parent retired: the child owns the block alone
+    assert bm.quiet_decodes(["c", "q"], starts, known, sent).tolist() == [0, 0]
+    assert not bm._shared_partial

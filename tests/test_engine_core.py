@@ -91,7 +91,7 @@ def test_tokens_of_a_request_gone_while_its_step_ran_are_dropped():
     p1 = s.schedule()
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
     s.add_request(req("a", [4, 5]))  # the id is free again: a new request
-    assert s.update(p1, fake_output(p1, token=9)) == []  # the old request's token goes nowhere
+    assert list(s.update(p1, fake_output(p1, token=9))) == []  # the old request's token goes nowhere
     p2 = s.schedule()
     assert p2.finished_ids == ("a",) and p2.new_requests[0].prompt_token_ids == (4, 5)
     assert s.requests["a"].output_token_ids == []

@@ -161,3 +161,61 @@ def test_a_token_of_a_request_that_left_never_lands_in_its_reused_slot(tiny):
     engine.add_request("b", list(range(30, 41)), greedy)
     got = [o for _ in range(40) for o in engine.step() if o.finished]
     assert got[0].request_id == "b" and got[0].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("case", ["batching", "chunking", "recompute", "swap"])
+def test_decodes_claimed_at_once_give_the_per_request_paths_tokens(tiny, monkeypatch, case):
+    """Decodes claimed at once travel as a ``DecodeBatch`` (columns, no entry per request) and a
+    plain step's result is paired with them as a list; with every running request eligible
+    (``bulk_claim_min`` 1) the tokens, finish reasons and outputs equal those of the per-request
+    claim, under preemption, chunked prompts, shared prefixes, aborts while steps are in flight,
+    requests that stop on a token id, streamed and unstreamed requests (``LLMEngine._outputs``
+    visits only finished requests when nobody streams)."""
+    from flashserve.sched.scheduler import Scheduler
+
+    prompts, params = workload()
+
+    def run(bulk: bool, stream: bool):
+        plans, batches = [], []
+        with monkeypatch.context() as m:
+            m.setattr(Scheduler, "bulk_claim_min", 1)
+            if not bulk:
+                m.setattr(Scheduler, "_claim_decodes", lambda *a: 0)
+            engine = LLM(model=tiny, device="cpu", block_size=4, max_model_len=128, verbose=False,
+                         **CASES[case]).engine
+            schedule = engine.core.schedule
+
+            def recorded():
+                plan = schedule()
+                plans.append((plan.entries, plan.new_requests, plan.finished_ids, plan.preempted_ids))
+                batches.append(plan.decodes is not None)
+                return plan
+
+            engine.core.schedule = recorded
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                engine.add_request(str(i), prompt, p, stream=stream and i % 2 == 0)
+            done, streamed = {}, []
+            for step in range(400):
+                if step == 6:
+                    engine.abort_request("1")  # sampling, with a step in flight
+                if step == 9:
+                    engine.abort_request("4")  # greedy with stop ids
+                for out in engine.step():
+                    streamed.append((out.request_id, [c.token_ids for c in out.outputs], out.finished))
+                    if out.finished:
+                        done[out.request_id] = [(c.token_ids, c.finish_reason, c.text) for c in out.outputs]
+                if not engine.has_unfinished_requests():
+                    break
+            assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0
+            stats = engine.stats()
+        assert any(batches) == bulk
+        return done, streamed, plans, stats.num_preemptions, stats.generation_tokens_total
+
+    for stream in (False, True):
+        bulk, loop = run(True, stream), run(False, stream)
+        assert bulk[0] == loop[0] and len(bulk[0]) == len(prompts) - 2
+        assert bulk[1] == loop[1]  # every output, in order
+        assert bulk[2] == loop[2]  # every plan, the decodes' columns as entries
+        assert bulk[3:] == loop[3:]
+        if case in ("recompute", "swap"):
+            assert bulk[3] > 0

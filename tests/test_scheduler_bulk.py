@@ -69,9 +69,9 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
                 s.fork(parent, child, share_partial=False)
                 forked = True
         plan = s.schedule()
-        plans.append((plan.requests, plan.new_requests, plan.finished_ids, plan.preempted_ids, plan.block_copies))
+        plans.append((plan.entries, plan.new_requests, plan.finished_ids, plan.preempted_ids, plan.block_copies))
         inflight.append(plan)
-        if len(inflight) == 2 or not plan.requests:
+        if len(inflight) == 2 or not plan.num_seqs:
             apply_sampled(s, inflight.pop(0), lambda n: [rng.randrange(0, 5) if rng.random() < 0.1
                                                          else rng.randrange(5, 50) for _ in range(n)], bulk)
         bm.pool.check_invariants()

@@ -224,6 +224,10 @@ class BlockManager:
         self.prefix_hits = 0  # of which found cached
         self.host_tier = None  # flashserve.cache.host_tier.HostPrefixTier, or None
         self.host_tier_hits = 0  # of the hits, tokens brought back from the host tier
+        # Partially filled blocks that ``fork`` shared (share_partial): the only blocks a running
+        # request may write while another references them (full blocks are never written again);
+        # a block leaves the set once it is back to one reference (``quiet_decodes``).
+        self._shared_partial: set[int] = set()
 
     @property
     def num_blocks(self) -> int:
@@ -378,8 +382,9 @@ class BlockManager:
         lens = np.fromiter(map(len, tables), np.int64, n)
         cols = starts // bs
         held = (cols < lens) & (lens == sent)
-        blocks = map(list.__getitem__, compress(tables, held), cols[held].tolist())
-        held[held] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(held.sum())) == 1
+        if self._prune_shared_partial():  # a forked beam's partial block may have two users: a sole owner writes
+            blocks = map(list.__getitem__, compress(tables, held), cols[held].tolist())
+            held[held] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(held.sum())) == 1
         fresh = (cols == lens) & (lens == sent) & (starts % bs == 0)
         if self.enable_prefix_caching:
             full = np.minimum(starts + 1, known) // bs  # full blocks of known, computed tokens (as commit)
@@ -414,6 +419,8 @@ class BlockManager:
         if partial:
             if share_partial:
                 child.append(table[n_full])
+                self._prune_shared_partial()
+                self._shared_partial.add(table[n_full])
             else:
                 if self.pool.num_free < 1:
                     return None
@@ -424,6 +431,13 @@ class BlockManager:
             self.pool.incref(b)
         self.tables[child_id] = child
         return copies
+
+    def _prune_shared_partial(self) -> set[int]:
+        """The forked partial blocks that still have more than one reference."""
+        shared, refs = self._shared_partial, self.pool.ref_counts
+        if shared:
+            shared.difference_update([b for b in shared if refs[b] <= 1])
+        return shared
 
     def record_query(self, num_tokens: int) -> None:
         self.prefix_queries += num_tokens

@@ -59,7 +59,7 @@ from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import make_policy
 from flashserve.sched.preemption import PreemptionCostModel
-from flashserve.sched.scheduler import Scheduler
+from flashserve.sched.scheduler import Scheduler, StepTokens
 from flashserve.sched.stop import StopChecker
 
 PREFILL, DECODE = 1, 2  # ranks of the two Workers (the router is rank 0)
@@ -88,7 +88,11 @@ class DisaggPlan:
 
     @property
     def requests(self) -> tuple:
-        return self.prefill.requests + self.decode.requests
+        return self.prefill.entries + self.decode.entries
+
+    @property
+    def num_seqs(self) -> int:
+        return self.prefill.num_seqs + self.decode.num_seqs
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +120,7 @@ class DecodeScheduler(Scheduler):
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        self._track_first_token(request)
         request.num_computed_tokens = request.num_prompt_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)
@@ -257,10 +262,11 @@ class DisaggregatedCore:
         prefill = self.prefill.schedule()
         return DisaggPlan(self._steps, prefill, decode, tuple(transfers))
 
-    def update(self, plan: DisaggPlan, result: DisaggOutput) -> list[tuple[Request, int]]:
+    def update(self, plan: DisaggPlan, result: DisaggOutput) -> StepTokens:
         """Apply both sides' tokens; a request whose first token arrived is handed off next step
-        (unless that token stopped it). Returns (request, index of its first new token)."""
-        progressed = []
+        (unless that token stopped it). Returns the requests that got tokens, with the tokens
+        each kept and those the stop checks retired (as ``EngineCore.update``)."""
+        progressed = StepTokens([], [], [])
         for copy, n in self.prefill.update(plan.prefill, result.prefill):
             rid = copy.request_id
             src = tuple(self.prefill_blocks.block_table(rid))
@@ -279,6 +285,7 @@ class DisaggregatedCore:
             status = self.stop.check(request, n)
             if status is not None:
                 self.finish_request(rid, status)
+                progressed.finished.append(request)
             elif len(src) < self.prefill_blocks.blocks_needed(request.num_prompt_tokens):
                 # Preempted (recompute) while its last chunk ran: its KV is gone. The decode side
                 # recomputes it, as after a decode-side preemption.
@@ -287,13 +294,16 @@ class DisaggregatedCore:
                 self.decode.add_request(request)
             else:
                 self._ready.append((request, src))
-            progressed.append((request, len(request.output_token_ids) - n))
+            progressed.requests.append(request)
+            progressed.counts.append(n)
         for request, n in self.decode.update(plan.decode, result.decode):
-            first = len(request.output_token_ids) - n
+            before = len(request.output_token_ids)
             status = self.stop.check(request, n)
             if status is not None:
                 self.finish_request(request.request_id, status)
-            progressed.append((request, first))
+                progressed.finished.append(request)
+            progressed.requests.append(request)
+            progressed.counts.append(n - (before - len(request.output_token_ids)))  # kept ones
         return progressed
 
 

@@ -13,7 +13,7 @@ from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import make_policy
 from flashserve.sched.preemption import PreemptionCostModel
-from flashserve.sched.scheduler import Scheduler
+from flashserve.sched.scheduler import Scheduler, StepTokens
 from flashserve.sched.stop import StopChecker
 
 
@@ -42,21 +42,23 @@ class EngineCore:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
-    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> list[tuple[Request, int]]:
-        """Apply a step's tokens. Returns (request, index of its first new output token) for every
-        request that got tokens; those that hit a token-level stop are finished already."""
+    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> StepTokens:
+        """Apply a step's tokens and the token-level stop checks. Returns the requests that got
+        tokens (``StepTokens``: in plan order, with the tokens each kept); those the checks
+        stopped are finished already and listed in its ``finished``."""
         if self.speculation is not None:
             self.speculation.observe(plan, result)
-        progressed = self.scheduler.update(plan, result)
-        check, finish, max_len = self.stop.check, self.scheduler.finish_request, self.stop.max_model_len
-        for i, (request, n) in enumerate(progressed):
-            outputs = request.output_token_ids
-            first = len(outputs) - n
-            # StopChecker.check's common case inlined: one token that stops nothing
-            if n != 1 or outputs[-1] in request.stop_token_set or first + 1 >= request.max_output_tokens \
-                    or request.num_prompt_tokens + first + 1 >= max_len:
-                status = check(request, n)
-                if status is not None:
-                    finish(request.request_id, status)
-            progressed[i] = (request, first)
-        return progressed
+        tokens = self.scheduler.update(plan, result)
+        check, finish = self.stop.check, self.scheduler.finish_request
+        requests, counts = tokens.requests, tokens.counts
+        for i in tokens.maybe_stopped:  # the others stop nothing (StopChecker.check's shortcut)
+            request = requests[i]
+            n = 1 if counts is None else counts[i]
+            before = len(request.output_token_ids)
+            status = check(request, n)
+            if status is not None:
+                if counts is not None:  # tokens after the stopping one were dropped
+                    counts[i] = n - (before - len(request.output_token_ids))
+                finish(request.request_id, status)
+                tokens.finished.append(request)
+        return tokens

@@ -349,7 +349,7 @@ class LLMEngine:
         outputs = self._outputs(done[0], done[1].result()) if done is not None else []
         if self.timings is not None:
             wait = done[1].wait_s if done is not None else 0.0
-            self.timings.append(HostTiming(len(plan.requests), plan.num_tokens, t1 - t0, t2 - t1,
+            self.timings.append(HostTiming(plan.num_seqs, plan.num_tokens, t1 - t0, t2 - t1,
                                            time.perf_counter() - t2 - wait, wait))
         return outputs
 
@@ -357,24 +357,35 @@ class LLMEngine:
         touched: dict[str, None] = {}
         beams = self.beams
         beam_ids, followed = beams.live_ids, self._followed
-        generated = 0
-        for req, first in self.core.update(plan, result):
-            rid = req.request_id
-            if rid in beam_ids:  # a beam's candidates: the group decides below
-                beams.collect(req)
-                continue
-            generated += len(req.output_token_ids) - first
-            # A request nobody streams is detokenized when it finishes, unless a stop string
-            # must be looked for in its text as it grows.
-            if rid in followed or req.status.finished:
-                parent = self._parents[self._child_parent[rid]]
-                self._process(req, self._decode_states[rid], parent)
-                touched[parent.request_id] = None
+        progress = self.core.update(plan, result)
+        if beam_ids or followed:
+            generated = 0
+            for req, n in progress:
+                rid = req.request_id
+                if rid in beam_ids:  # a beam's candidates: the group decides below
+                    beams.collect(req)
+                    continue
+                generated += n
+                # A request nobody streams is detokenized when it finishes, unless a stop string
+                # must be looked for in its text as it grows.
+                if rid in followed or req.status.finished:
+                    self._visit(req, touched)
+        else:  # nobody streams or has stop strings: only the requests that finished are visited
+            generated = progress.num_tokens
+            for req in progress.finished:
+                self._visit(req, touched)
         self.generation_tokens_total += generated
         outputs = [out for pid in touched if (out := self._parent_output(pid)) is not None]
         if beams.has_unfinished():
             outputs += beams.advance()
         return outputs
+
+    def _visit(self, req: Request, touched: dict[str, None]) -> None:
+        """Process a request's new tokens (``_process``) and mark its parent for an output."""
+        rid = req.request_id
+        parent = self._parents[self._child_parent[rid]]
+        self._process(req, self._decode_states[rid], parent)
+        touched[parent.request_id] = None
 
     def _process(self, req: Request, state: DecodeState, parent: _Parent) -> None:
         """Detokenize the output tokens not read yet, apply stop strings, update the child's

@@ -24,7 +24,7 @@ import numpy as np
 
 from flashserve.layers.sampler import is_plain_greedy
 from flashserve.sampling_params import SamplingParams
-from flashserve.sched.plan import NewRequest, ScheduledRequest
+from flashserve.sched.plan import DecodeBatch, NewRequest, ScheduledRequest
 
 _new_block_ids, _request_id, _slot = attrgetter("new_block_ids"), attrgetter("request_id"), attrgetter("slot")
 _start_pos, _num_new_tokens, _sample = attrgetter("start_pos"), attrgetter("num_new_tokens"), attrgetter("sample")
@@ -219,48 +219,72 @@ class InputBatch:
         return bool(len(g)) and bool((self.num_known[g] < self.num_tokens[g] - 1).any())
 
     def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
-        """Append the plan's new block ids to the host tables (group 0's and the other groups');
-        returns the updates of the device tables, None where none changes. Array work over the
-        few entries that bring blocks (a request's entries bring as many ids in every group)."""
+        """Append the plan entries' new block ids to the host tables (group 0's and the other
+        groups'); returns the updates of the device tables, None where none changes."""
         grown = list(compress(entries, map(_new_block_ids, entries)))
         if not grown:
             return None, tuple(None for _ in self.group_tables)
         slots = np.fromiter(map(_slot, map(self.states.__getitem__, map(_request_id, grown))), np.int64, len(grown))
+        return self._append_ids(*self._entry_ids(grown, slots))
+
+    def _entry_ids(self, grown: list[ScheduledRequest], slots: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The new ids of entries that bring some (a request's entries bring as many ids in every
+        group), with the slot of each id, grouped by request: (slots, ids of each group)."""
         counts = np.fromiter(map(len, map(_new_block_ids, grown)), np.int64, len(grown))
-        have = self.num_blocks[slots]
-        self.num_blocks[slots] = have + counts
-        # each new id's column: the row's blocks so far plus its place among the entry's new ids
-        ends = np.cumsum(counts)
-        col = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(have - ends + counts, counts)
-        row = np.repeat(slots, counts)
-        flat = row * self.max_blocks + col
-        ids = [list(chain.from_iterable(map(_new_block_ids, grown)))]
+        ids = [np.fromiter(chain.from_iterable(map(_new_block_ids, grown)), np.int64, int(counts.sum()))]
         for g in range(len(self.group_tables)):
             # warm-up plans send no group ids: zeros stand in
-            ids.append(list(chain.from_iterable(e.group_block_ids[g] if e.group_block_ids else (0,) * len(e.new_block_ids)
-                                                for e in grown)))
+            ids.append(np.fromiter(chain.from_iterable(e.group_block_ids[g] if e.group_block_ids else (0,) * len(e.new_block_ids)
+                                                       for e in grown), np.int64, len(ids[0])))
+        return np.repeat(slots, counts), ids
+
+    def _append_ids(self, row: np.ndarray, ids: list[np.ndarray]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
+        """Append block ids to the host tables (``ids``: group 0's, then the other groups') of
+        the slots in ``row``, one per id, each request's ids together and in table order; returns
+        the device tables' updates. Array work."""
+        # each new id's column: the row's blocks so far plus its place among the request's new ids
+        next_request = row[1:] != row[:-1]
+        if next_request.all():  # one id per request (decodes)
+            col = self.num_blocks[row]
+            self.num_blocks[row] = col + 1
+        else:
+            first = np.flatnonzero(np.concatenate(([True], next_request)))
+            counts = np.diff(np.append(first, len(row)))
+            have = self.num_blocks[row[first]]
+            self.num_blocks[row[first]] = have + counts
+            col = np.arange(len(row), dtype=np.int64) - np.repeat(first - have, counts)
+        flat = row * self.max_blocks + col
         # a released block (-1, windowed) is never read: 0 stands in
         updates = []
         for table, blk in zip((self.block_table, *self.group_tables), ids):
-            blk = np.maximum(np.array(blk, np.int32), 0)
+            blk = np.maximum(blk, 0).astype(np.int32)
             table[row, col] = blk
             updates.append((flat, blk))
         return updates[0], tuple(updates[1:])
 
     def build(self, entries: tuple[ScheduledRequest, ...], prev_rows: np.ndarray,
-              num_drafts: np.ndarray | None = None) -> StepInputs:
-        """Inputs of one step. ``prev_rows``: per slot, the row of the step in flight's sampled
-        tokens (-1: none), for requests whose last token has not come back to the host.
-        ``num_drafts``: per entry, draft tokens a proposer wrote into the token table after the
-        known ones. Per-entry fields are gathered by C-level maps, everything else is array work."""
+              num_drafts: np.ndarray | None = None, decodes: DecodeBatch | None = None) -> StepInputs:
+        """Inputs of one step: its ``decodes`` (claimed at once, first in the batch), then its
+        ``entries``. ``prev_rows``: per slot, the row of the step in flight's sampled tokens (-1:
+        none), for requests whose last token has not come back to the host. ``num_drafts``: per
+        sequence, draft tokens a proposer wrote into the token table after the known ones.
+        Per-entry fields are gathered by C-level maps, everything else is array work."""
         bs = self.block_size
-        count = len(entries)
-        # Block ids the plan appends: host table now, device table through ``block_updates``.
-        block_updates, group_block_updates = self.append_blocks(entries)
-        starts = np.fromiter(map(_start_pos, entries), np.int64, count)
-        lens = np.fromiter(map(_num_new_tokens, entries), np.int64, count)
+        k = len(decodes) if decodes is not None else 0
+        count = k + len(entries)
         states = entries_states(self.states, entries)
+        if k:
+            states = list(map(self.states.__getitem__, decodes.request_ids)) + states
         slots = np.fromiter(map(_slot, states), np.int64, count)
+        # Block ids the plan appends: host table now, device table through ``block_updates``.
+        block_updates, group_block_updates = self._append_plan_ids(slots, decodes, entries)
+        starts = np.fromiter(map(_start_pos, entries), np.int64, len(entries))
+        lens = np.fromiter(map(_num_new_tokens, entries), np.int64, len(entries))
+        sample = np.fromiter(map(_sample, entries), bool, len(entries))
+        if k:
+            starts = np.concatenate((decodes.start_pos, starts))
+            lens = np.concatenate((np.ones(k, np.int64), lens))
+            sample = np.concatenate((np.ones(k, bool), sample))
         known = self.num_known[slots]
         if num_drafts is not None:
             known = known + num_drafts
@@ -286,7 +310,7 @@ class InputBatch:
             assert (positions[pending] == token_known[pending]).all(), "only the newest token may be in flight"
             assert (rows >= 0).all(), "a pending token's row in the step in flight is unknown"
             prev_scatter = (pending, rows)
-        sample_rows = np.flatnonzero(np.fromiter(map(_sample, entries), bool, count))
+        sample_rows = np.flatnonzero(sample)
         sample_slots = slots[sample_rows]
         self.num_tokens[sample_slots] += 1
         return StepInputs(
@@ -306,6 +330,24 @@ class InputBatch:
             group_block_updates=group_block_updates,
             states=states,
         )
+
+    def _append_plan_ids(self, slots: np.ndarray, decodes: DecodeBatch | None, entries: tuple[ScheduledRequest, ...]
+                         ) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
+        """``append_blocks`` for a step's decodes and entries (``slots``: of the step's sequences)."""
+        k = len(decodes) if decodes is not None else 0
+        parts = []
+        if k and len(decodes.block_rows):  # decodes claimed at once have one table (no other groups)
+            parts.append((slots[decodes.block_rows], [decodes.block_ids] + [np.zeros(len(decodes.block_ids), np.int64)
+                                                                          for _ in self.group_tables]))
+        grown = list(compress(range(len(entries)), map(_new_block_ids, entries)))
+        if grown:
+            parts.append(self._entry_ids(list(map(entries.__getitem__, grown)), slots[k + np.array(grown, np.int64)]))
+        if not parts:
+            return None, tuple(None for _ in self.group_tables)
+        if len(parts) == 1:
+            return self._append_ids(*parts[0])
+        return self._append_ids(np.concatenate([p[0] for p in parts]),
+                                [np.concatenate(ids) for ids in zip(*(p[1] for p in parts))])
 
 
 def entries_states(states: dict[str, RequestState], entries: tuple[ScheduledRequest, ...]) -> list[RequestState]:

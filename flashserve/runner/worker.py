@@ -424,14 +424,15 @@ class Worker:
         t0 = time.perf_counter()
         self._compute_s = 0.0
         self._apply_plan_state(plan)
-        if not plan.requests:
+        if not plan.num_seqs:
             return StepHandle(plan.step_id, [], None)
-        entries, spec = plan.requests, None
+        entries, decodes, spec = plan.requests, plan.decodes, None
         if self.speculator is not None:  # drafts into the token table, entries with the real draft counts
             c0 = time.perf_counter()
-            entries, spec = self.speculator.propose(entries)
+            entries, spec = self.speculator.propose(plan.entries)
+            decodes = None
             self._compute_s += time.perf_counter() - c0
-        inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None)
+        inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None, decodes)
         if spec is not None:
             spec.adjust_inputs(inp)
         timing = StepTiming(inp.num_tokens, inp.is_decode, False, 0.0)
@@ -473,7 +474,8 @@ class Worker:
         if spec is None:
             # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
             head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
-            logits = head(hidden[self._to_device(inp.logits_indices)])
+            last = inp.logits_indices  # ascending: the rows 0..S-1 when it ends at S-1 (a decode step)
+            logits = head(hidden[: len(last)] if last[-1] == len(last) - 1 else hidden[self._to_device(last)])
             handle.out = self.sampler.greedy(logits) if plain else self.sampler(logits, rows)
             self._prev_tokens = handle.out.token_ids
         else:  # verify every sampling row's drafts (a row without drafts samples as above)

@@ -12,20 +12,25 @@ penalty counts) from one step to the next, so a plan carries only what changed:
   new request), and whether to sample after them. The
   token ids themselves are never sent: the Worker knows the prompt and outputs, including the
   token it sampled in the step still in flight (overlapped scheduling).
+* ``DecodeBatch``: the running requests that each decode one token, when the scheduler claims
+  them at once: the same work as their ``ScheduledRequest``s, as columns (request ids, start
+  positions, appended block ids), ahead of the per-request entries in the batch.
 * ``finished_ids``: requests that left the engine (stopped, aborted) or were preempted since the
   previous plan: the Worker drops their state.
 
 Everything is immutable plain data (named tuples of ints, tuples, strings and SamplingParams;
-named tuples because hundreds are built per step), so a plan pickles in microseconds to a Worker
-in another process. The Worker answers with a ``WorkerOutput``: the
-tokens each sampling request got this step (a list, so speculation can accept several), or for
-a plain step one token per sampling row, in plan order.
+named tuples because hundreds are built per step; a ``DecodeBatch``'s read-only numpy columns),
+so a plan pickles in microseconds to a Worker in another process. The Worker answers with a
+``WorkerOutput``: the tokens each sampling request got this step (a list, so speculation can
+accept several), or for a plain step one token per sampling row, in plan order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import numpy as np
 
 from flashserve.sampling_params import SamplingParams
 
@@ -60,6 +65,35 @@ class ScheduledRequest(NamedTuple):
         return self.start_pos + self.num_new_tokens
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class DecodeBatch:
+    """Running requests that each compute one token, at ``start_pos``, and sample the next,
+    claimed at once (``Scheduler._claim_decodes``): their plan entries as columns, so neither side
+    makes or reads an entry per request. They lead the step's batch, in this order, ahead of
+    ``SchedulerOutput.requests``. ``block_rows`` (ascending) and ``block_ids``: the ids appended
+    to their block tables, each with its request's index in ``request_ids``, in table order."""
+
+    request_ids: tuple[str, ...]
+    start_pos: np.ndarray  # [n] int64
+    block_rows: np.ndarray  # [m] int64
+    block_ids: np.ndarray  # [m] int64
+
+    def __post_init__(self) -> None:
+        for column in (self.start_pos, self.block_rows, self.block_ids):
+            column.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def entries(self) -> tuple[ScheduledRequest, ...]:
+        """The same work as one ``ScheduledRequest`` per request."""
+        new_ids: list[list[int]] = [[] for _ in self.request_ids]
+        for row, block in zip(self.block_rows.tolist(), self.block_ids.tolist()):
+            new_ids[row].append(block)
+        return tuple(ScheduledRequest(rid, start, 1, tuple(ids), True)
+                     for rid, start, ids in zip(self.request_ids, self.start_pos.tolist(), new_ids))
+
+
 @dataclass(frozen=True, slots=True)
 class BlockCopy:
     """Block moves executed by the Worker before the step: saves of evicted prefix blocks to the
@@ -85,14 +119,24 @@ class SchedulerOutput:
     finished_ids: tuple[str, ...] = ()  # drop these requests' Worker state (before this step)
     preempted_ids: tuple[str, ...] = ()  # preempted this step (also listed in finished_ids)
     block_copies: BlockCopy = field(default_factory=BlockCopy)
+    decodes: DecodeBatch | None = None  # decodes claimed at once: they come before ``requests``
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.requests) + (len(self.decodes) if self.decodes is not None else 0)
 
     @property
     def num_tokens(self) -> int:
-        return sum(r.num_new_tokens for r in self.requests)
+        return sum(r.num_new_tokens for r in self.requests) + (len(self.decodes) if self.decodes is not None else 0)
+
+    @property
+    def entries(self) -> tuple[ScheduledRequest, ...]:
+        """Every sequence's work as a ``ScheduledRequest``, in batch order (``decodes`` first)."""
+        return self.requests if self.decodes is None else self.decodes.entries() + self.requests
 
     @property
     def is_empty(self) -> bool:
-        return not self.requests and not self.block_copies and not self.finished_ids
+        return not self.requests and self.decodes is None and not self.block_copies and not self.finished_ids
 
 
 class SampledTokens(NamedTuple):

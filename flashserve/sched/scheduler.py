@@ -38,7 +38,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter
 from typing import Protocol
 
@@ -47,7 +47,7 @@ import numpy as np
 from flashserve.cache.block_manager import BlockManager, consume
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
-from flashserve.sched.plan import BlockCopy, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
+from flashserve.sched.plan import BlockCopy, DecodeBatch, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
@@ -77,13 +77,15 @@ class _RunningColumns:
 class _Step:
     """The plan ``schedule`` builds, as it claims each request's work."""
 
-    __slots__ = ("entries", "new_requests", "preempted", "sampling")
+    __slots__ = ("decodes", "decode_requests", "entries", "new_requests", "preempted", "sampling")
 
     def __init__(self) -> None:
+        self.decodes: DecodeBatch | None = None  # the decodes claimed at once, ahead of the entries
+        self.decode_requests: list[Request] = []  # their requests, in the batch's order
         self.entries: list[ScheduledRequest] = []
         self.new_requests: list[NewRequest] = []
         self.preempted: list[str] = []  # request ids preempted this step
-        self.sampling: dict[str, Request] = {}  # requests this step samples for, by id
+        self.sampling: dict[str, Request] = {}  # requests the entries sample for, by id
 
 
 class Speculation(Protocol):
@@ -133,7 +135,11 @@ class Scheduler:
         self._admitted_at: dict[str, int] = {}  # step of each running request's last admission
         self._blocks_sent: dict[str, int] = {}  # block-table length the Worker holds per request
         self._dropped: list[str] = []  # left the running set since the last plan
-        self._inflight: dict[int, dict[str, Request]] = {}  # step id -> requests it samples for
+        # Requests whose first token has not come back (``metrics.first_token_time`` is None), so
+        # ``update`` reads no request's metrics but theirs.
+        self._no_first_token: set[Request] = set()
+        # step id -> the requests it samples for: its decodes claimed at once, then the others by id
+        self._inflight: dict[int, tuple[list[Request], dict[str, Request]]] = {}
         self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
 
     # ----------------------------------------------------------------- queue operations
@@ -143,7 +149,13 @@ class Scheduler:
         self.requests[request.request_id] = request
         if self.micro_batches > 1:  # plans in flight hold disjoint requests
             request.synchronous = True
+        self._track_first_token(request)
         self.waiting.append(request)
+
+    def _track_first_token(self, request: Request) -> None:
+        """Note a request entering the scheduler that has no first-token time yet."""
+        if request.metrics.first_token_time is None:
+            self._no_first_token.add(request)
 
     def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
         """Add ``child`` (beam search: the parent's tokens plus one) as a running request that
@@ -154,6 +166,7 @@ class Scheduler:
         if child.request_id in self.requests:
             raise ValueError(f"request id {child.request_id!r} is already in use")
         self.requests[child.request_id] = child
+        self._track_first_token(child)
         copies = None
         if parent.status == RequestStatus.RUNNING and parent.request_id in self._blocks_sent:
             copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_computed_tokens,
@@ -185,6 +198,7 @@ class Scheduler:
         if self.speculation is not None:
             self.speculation.on_finished(request)
         request.status = status
+        self._no_first_token.discard(request)
         request.metrics.finished_time = time.monotonic()
         return request
 
@@ -223,8 +237,9 @@ class Scheduler:
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
         entries, chunked, speculation = step.entries, self.config.enable_chunked_prefill, self.speculation
+        max_entries = max_seqs - len(step.decode_requests)
         for request in work:
-            if budget == 0 or len(entries) == max_seqs:
+            if budget == 0 or len(entries) == max_entries:
                 break
             if request.awaiting_result:
                 continue  # its step in flight decides what it does next
@@ -266,10 +281,10 @@ class Scheduler:
             self._block_copies.clear()
         dropped = tuple(self._dropped)
         self._dropped.clear()
-        self._inflight[self.step_count] = step.sampling
+        self._inflight[self.step_count] = (step.decode_requests, step.sampling)
         return SchedulerOutput(step_id=self.step_count, requests=tuple(step.entries),
                                new_requests=tuple(step.new_requests), finished_ids=dropped,
-                               preempted_ids=tuple(step.preempted), block_copies=copies)
+                               preempted_ids=tuple(step.preempted), block_copies=copies, decodes=step.decodes)
 
     def _claim(self, step: _Step, request: Request, num_tokens: int, num_new: int, num_spec: int = 0) -> None:
         """Advance a request whose slots are allocated by this step's work, register the blocks
@@ -336,16 +351,16 @@ class Scheduler:
             return 0
         bm = self.block_manager
         # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
-        max_tokens = running.max_tokens[is_decode]
-        num_tokens = running.num_tokens[is_decode]
-        at_limit = (running.num_pending[is_decode] > 0) & (
-            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt[is_decode] >= max_tokens))
-        take = ~(running.awaiting[is_decode] | at_limit)
-        count = int(take.sum())
-        if count > budget or count > max_seqs:
+        num_tokens = running.num_tokens
+        at_limit = (running.num_pending > 0) & (
+            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt >= running.max_tokens))
+        sel = np.flatnonzero(is_decode & ~(running.awaiting | at_limit))
+        count = len(sel)
+        if count == 0 or count > budget or count > max_seqs:
             return 0
-        sel = np.flatnonzero(is_decode)[take]
-        requests = list(map(running.requests.__getitem__, sel.tolist()))
+        # every running request, in rank order, or those selected
+        requests = list(running.requests) if count == len(running.requests) else \
+            list(map(running.requests.__getitem__, sel.tolist()))
         rids = list(map(_request_id, requests))
         starts = running.computed[sel]
         sent = np.fromiter(map(self._blocks_sent.get, rids, repeat(-1)), np.int64, count)
@@ -357,14 +372,16 @@ class Scheduler:
         consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
         for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
             request.awaiting_result = True
-        new_ids = [()] * count
         if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
-            grow = np.flatnonzero(needs).tolist()
-            blocks = bm.append_blocks([rids[i] for i in grow])
-            for i, block in zip(grow, blocks):
-                new_ids[i] = (block,)
-                self._blocks_sent[rids[i]] = int(sent[i]) + 1
+            rows = np.flatnonzero(needs)
+            grow = rows.tolist()
+            block_ids = np.array(bm.append_blocks([rids[i] for i in grow]), dtype=np.int64)
+            sent_now = (sent[rows] + 1).tolist()
+            for i, n in zip(grow, sent_now):
+                self._blocks_sent[rids[i]] = n
         else:
+            new_ids: list[tuple[int, ...]] = []
+            grow = []
             for i in np.flatnonzero(needs).tolist():  # what _claim does with the block manager, in rank order
                 request, rid, start = requests[i], rids[i], int(starts[i])
                 allocated = bm.allocate_slots(rid, start + 1)
@@ -375,13 +392,19 @@ class Scheduler:
                 if sent[i] < 0:  # the Worker does not hold it (a forked beam)
                     step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
                                                         tuple(request.output_token_ids), request.params))
-                new_ids[i], group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
+                ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
                 assert not group_ids, "one table per request"
+                new_ids.append(ids)
+                grow.append(i)
+            rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
+            block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
         self.policy.on_scheduled_each(requests, 1)
-        step.sampling.update(zip(rids, requests))
-        pending.difference_update(rids)
-        step.entries.extend(map(_new_entry, repeat(ScheduledRequest),
-                                zip(rids, starts.tolist(), repeat(1), new_ids, repeat(True), repeat(()), repeat(0))))
+        if count == len(pending):
+            pending.clear()
+        else:
+            pending.difference_update(rids)
+        step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
+        step.decode_requests = requests
         return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
@@ -520,57 +543,104 @@ class Scheduler:
         preempted.append(rid)
 
     # ----------------------------------------------------------------- results
-    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> list[tuple[Request, int]]:
+    def update(self, plan: SchedulerOutput, result: WorkerOutput) -> StepTokens:
         """Fill in the tokens a planned step sampled.
 
-        Returns (request, number of new tokens) for each request that received tokens, in plan
-        order. Stop conditions are the caller's (``flashserve.engine.stop``): it retires requests
-        with ``finish_request``. Requests that left the engine while the step ran are skipped.
+        Returns the requests that received tokens, in plan order (``StepTokens``), with those whose
+        new tokens may stop them marked. Stop conditions are the caller's
+        (``flashserve.sched.stop``): it retires requests with ``finish_request``. Requests that
+        left the engine while the step ran are skipped.
         """
-        sampling = self._inflight.pop(plan.step_id)
+        decodes, sampling = self._inflight.pop(plan.step_id)
         if result.tokens is not None:
-            return self._update_plain(sampling, result.tokens)
-        progressed: list[tuple[Request, int]] = []
-        now = time.monotonic()
-        for rid, request in sampling.items():
+            return self._update_plain(decodes, sampling, result.tokens)
+        requests: list[Request] = []
+        counts: list[int] = []
+        maybe_stopped: list[int] = []
+        now, max_len, no_first = time.monotonic(), self.max_model_len, self._no_first_token
+        for rid, request in chain(zip(map(_request_id, decodes), decodes), sampling.items()):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
                 continue
             sampled = result.sampled[rid]
-            if len(sampled.token_ids) > 1 and request.status != RequestStatus.WAITING:
+            n = len(sampled.token_ids)
+            if n > 1 and request.status != RequestStatus.WAITING:
                 # Accepted drafts: their K/V is in the cache now (a recomputed request starts over).
-                request.num_computed_tokens += len(sampled.token_ids) - 1
-            request.output_token_ids.extend(sampled.token_ids)
+                request.num_computed_tokens += n - 1
+            outputs = request.output_token_ids
+            outputs.extend(sampled.token_ids)
             if sampled.logprobs is not None:
                 request.output_logprobs.extend(sampled.logprobs)
-            if request.metrics.first_token_time is None:
+            if request in no_first:
+                no_first.discard(request)
                 request.metrics.first_token_time = now
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
                 self.block_manager.commit(request)
-            progressed.append((request, len(sampled.token_ids)))
-        return progressed
+            if n != 1 or outputs[-1] in request.stop_token_set or len(outputs) >= request.max_output_tokens \
+                    or request.num_prompt_tokens + len(outputs) >= max_len:
+                maybe_stopped.append(len(requests))
+            requests.append(request)
+            counts.append(n)
+        return StepTokens(requests, counts, maybe_stopped)
 
-    def _update_plain(self, sampling: dict[str, Request], tokens: list[int]) -> list[tuple[Request, int]]:
+    def _update_plain(self, decodes: list[Request], sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
         """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
-        request the step samples for, in plan order (the order ``sampling`` was filled in)."""
-        if len(tokens) != len(sampling):
-            raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples {len(sampling)} requests")
-        progressed: list[tuple[Request, int]] = []
-        now = time.monotonic()
+        request the step samples for, in plan order (``decodes``, then ``sampling`` in the order
+        it was filled in)."""
+        if len(tokens) != len(decodes) + len(sampling):
+            raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples "
+                             f"{len(decodes) + len(sampling)} requests")
+        requests: list[Request] = []
+        maybe_stopped: list[int] = []
+        now, max_len = time.monotonic(), self.max_model_len
         running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
-        for request, token in zip(sampling.values(), tokens):
+        no_first = self._no_first_token
+        for request, token in zip(chain(decodes, sampling.values()), tokens):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
                 continue
             outputs = request.output_token_ids
             outputs.append(token)
-            if request.metrics.first_token_time is None:
+            if request in no_first:
+                no_first.discard(request)
                 request.metrics.first_token_time = now
+            known = request.num_prompt_tokens + len(outputs)
             # Still running, and this token completed a block of known tokens: the block may be
             # registered now (commit's other trigger, computed tokens, moves only in _claim).
-            if not (request.num_prompt_tokens + len(outputs)) % bs and request.request_id in running:
+            if not known % bs and request.request_id in running:
                 commit(request)
-            progressed.append((request, 1))
-        return progressed
+            # StopChecker.check's shortcut: only these may stop
+            if token in request.stop_token_set or len(outputs) >= request.max_output_tokens or known >= max_len:
+                maybe_stopped.append(len(requests))
+            requests.append(request)
+        return StepTokens(requests, None, maybe_stopped)
+
+
+class StepTokens:
+    """Where one step's tokens went: ``requests``, those that got tokens, in plan order;
+    ``counts``, how many each got (None: one each, a plain step); ``maybe_stopped``, the indices
+    of those whose new tokens may end them (a stop token among them, or max_tokens or the context
+    reached; the stop checks decide), and ``finished``, those the stop checks retired
+    (``EngineCore.update`` fills it in). Iterates as (request, tokens it got) pairs."""
+
+    __slots__ = ("requests", "counts", "maybe_stopped", "finished")
+
+    def __init__(self, requests: list[Request], counts: list[int] | None, maybe_stopped: list[int],
+                 finished: list[Request] | None = None) -> None:
+        self.requests = requests
+        self.counts = counts
+        self.maybe_stopped = maybe_stopped
+        self.finished = [] if finished is None else finished
+
+    def __iter__(self):
+        return zip(self.requests, repeat(1) if self.counts is None else self.counts)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the requests got in all."""
+        return len(self.requests) if self.counts is None else sum(self.counts)
