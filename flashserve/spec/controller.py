@@ -198,7 +198,7 @@ class SpeculationController:
                 self.stats.num_draft_tokens += n
                 self.stats.num_accepted_tokens += tokens - 1
         # a step with draft slots waited for its predecessor's tokens, drafts found or not
-        self.wall.tick(self.clock(), plan.num_tokens == len(plan.requests) + spec_slots, spec_slots > 0)
+        self.wall.tick(self.clock(), plan.num_tokens == plan.num_seqs + spec_slots, spec_slots > 0)
         if cost is not None:
             self.fit.add(cost.num_tokens, cost.forward_s, cost.draft_s, drafts_total)
             self._batch = max(1, cost.num_seqs)
