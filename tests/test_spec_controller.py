@@ -100,3 +100,38 @@ def test_idle_gaps_and_prefill_steps_are_not_periods():
     ctl.observe(prompt, WorkerOutput(3, {}, StepCost(40, 1, 0.01, 0.0), tokens=[7]))
     _step(ctl, clock, 4, req, 1, 0.002)
     assert ctl.wall.plain == 0.0 and ctl.wall.spec == pytest.approx(0.002)
+
+
+def test_shadow_acceptance_replays_the_ngram_proposer():
+    """Outputs that copy the prompt would be accepted k + 1 at a time; outputs that never repeat
+    anything, one token per step."""
+    import numpy as np
+
+    from flashserve.spec.controller import shadow_acceptance
+
+    prompt = list(range(100, 160))
+    copying = np.array(prompt + prompt[:40], dtype=np.int64)
+    assert shadow_acceptance(copying, 40, K, 1, 4) == pytest.approx(K + 1, rel=0.25)
+    fresh = np.array(prompt + list(range(1000, 1040)), dtype=np.int64)
+    assert shadow_acceptance(fresh, 40, K, 1, 4) == 1.0
+    assert shadow_acceptance(fresh, 5, K, 1, 4) is None  # too few outputs to judge
+
+
+@pytest.mark.parametrize("copying", [False, True])
+def test_retries_are_screened_by_the_shadow_acceptance(copying):
+    """After the switch-off (speculative steps at 3.4x the plain period), an n-gram request whose
+    recent outputs the proposer would not have predicted is not retried at all; one whose outputs
+    copy its prompt (shadow acceptance ~5, 5 / 3.4 > 1.05) is."""
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    prompt = list(range(100, 160))
+    req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
+    plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4
+    granted = []
+    for i in range(100):
+        k = _step(ctl, clock, i, req, 1, spec if ctl.num_spec_tokens(req) else plain)
+        granted.append(k)
+        req.output_token_ids.append(prompt[i % len(prompt)] if copying else 5000 + i)
+    assert granted[:MIN_STEPS] == [K] * MIN_STEPS and granted[MIN_STEPS] == 0
+    retries = sum(k > 0 for k in granted[MIN_STEPS:])
+    assert retries > 0 if copying else retries == 0

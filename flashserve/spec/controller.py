@@ -25,6 +25,13 @@ period is the fit's device time (a lower bound, so the estimate errs towards swi
 new request starts plainly when that estimate at the mean acceptance so far says speculation
 does not pay (H200, SmolLM2 at batch 1: a speculative step took 3.4x a plain one, so n-gram drafts
 accepted at 1.4-1.7 tokens per step ran at 0.44-0.56x).
+
+A retry costs verification steps. For n-gram chains, which cost nothing to propose, the
+controller first replays the proposer over the request's last ``SHADOW_TOKENS`` outputs (the
+drafts it would have made, checked against the tokens that came) and retries only when that
+acceptance would pay; otherwise the request stays plain for twice as long as before. Only at
+small batches (the replay is host work: about 2-3 ms over a 1000-token context on a slow 2-core
+VM, so it is spread out by that doubling).
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from flashserve.config import SpeculativeConfig
 from flashserve.request import Request
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
+from flashserve.spec.ngram import find_continuations
 
 EMA = 0.3  # weight of the newest step in a request's acceptance average
 MIN_STEPS = 3  # verification steps before a request can be switched off
@@ -43,6 +53,8 @@ MARGIN = 1.05  # the estimated speedup must exceed this to keep speculating
 FORGET = 0.97  # per-step forgetting of the step-time fit
 WALL_EMA = 0.2  # weight of the newest period in the wall-clock averages
 MAX_GAP_S = 1.0  # a longer wait between two decode steps' tokens is idleness, not a step
+SHADOW_TOKENS = 16  # n-gram: recent outputs the proposer is replayed over before a retry
+SHADOW_MAX_BATCH = 4  # above, retries are not screened (the replay is host work per request)
 
 
 @dataclass
@@ -168,7 +180,20 @@ class SpeculationController:
             st = self._requests[request.request_id] = self._switch_off(_RequestStats())  # start plainly
         if st is not None and st.off_until > self._step:
             return 0
+        if st is not None and st.times_off and not st.steps and self._shadow_says_no(request, k):
+            self._switch_off(st, count=False)  # stays plain, screened again after twice the wait
+            return 0
         return k
+
+    def _shadow_says_no(self, request: Request, k: int) -> bool:
+        """n-gram chains only, at small batches: True when the drafts the proposer would have
+        made over the request's last outputs were accepted too rarely to pay."""
+        cfg = self.config
+        if cfg.method != "ngram" or cfg.tree_width > 1 or not cfg.disable_by_cost or self._batch > SHADOW_MAX_BATCH:
+            return False
+        accept = shadow_acceptance(np.asarray(request.all_token_ids, dtype=np.int64),
+                                   len(request.output_token_ids), k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        return accept is not None and self.estimated_speedup(accept, k) <= MARGIN
 
     def on_finished(self, request: Request) -> None:
         self._requests.pop(request.request_id, None)
@@ -208,12 +233,13 @@ class SpeculationController:
                 if st is not None and st.steps >= MIN_STEPS and st.off_until <= self._step and not self.worth_it(st):
                     self._switch_off(st)
 
-    def _switch_off(self, st: _RequestStats) -> _RequestStats:
-        """Plain decoding for 16, 32, 64 ... steps (doubling each time, up to 1024)."""
+    def _switch_off(self, st: _RequestStats, count: bool = True) -> _RequestStats:
+        """Plain decoding for 16, 32, 64 ... steps (doubling each time, up to 1024); ``count``:
+        a switch-off in the statistics (not when a screened retry is put off)."""
         st.times_off += 1
         st.off_until = self._step + 16 * 2 ** min(st.times_off - 1, 6)
         st.steps = 0
-        self.stats.num_switched_off += 1
+        self.stats.num_switched_off += count
         return st
 
     def estimated_speedup(self, accept_len: float, drafts: float, batch: int | None = None) -> float:
@@ -232,3 +258,22 @@ class SpeculationController:
 
     def worth_it(self, st: _RequestStats) -> bool:
         return self.estimated_speedup(st.accept_len, st.drafts) > MARGIN
+
+
+def shadow_acceptance(tokens: np.ndarray, num_outputs: int, k: int, min_n: int, max_n: int) -> float | None:
+    """Tokens per verification step that n-gram chains of ``k`` drafts would have given over the
+    last ``SHADOW_TOKENS`` of ``num_outputs`` outputs at the end of ``tokens`` (steps walk forward
+    by the accepted drafts + 1, as speculation would); None with too few outputs."""
+    span = min(SHADOW_TOKENS, num_outputs)
+    if span < 8:
+        return None
+    end = len(tokens)
+    pos, steps = end - span, 0
+    while pos < end:
+        chains = find_continuations(tokens[:pos], min_n, max_n, k, 1)
+        draft = chains[0] if chains else []
+        truth = tokens[pos : pos + len(draft)].tolist()
+        accepted = next((i for i, (a, b) in enumerate(zip(draft, truth)) if a != b), min(len(draft), len(truth)))
+        pos += accepted + 1
+        steps += 1
+    return span / steps
