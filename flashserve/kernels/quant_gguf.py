@@ -16,7 +16,7 @@ Up to ``GEMV_MAX_M`` rows (batch-1 decode, a short speculative chain) go to ``gg
 instead: no tensor cores and no padding of x to 16 rows; each program decodes a few weight rows
 over a wide K tile and multiplies them with every row of x in fp32 registers, so a small matrix is
 spread over many programs. On the H200 the flat GEMM took 21.8 us per product of SmolLM2-135M
-(N = 192-1536 with 9-48 programs, each walking K in dependent steps: a latency chain, not a
+(N = 192-1536 with 6-48 programs, each walking K in dependent steps: a latency chain, not a
 bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels.
 """
 
@@ -193,8 +193,8 @@ class GemvTile(NamedTuple):
 
 
 def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> GemvTile:
-    """Weight rows per program: as many as keep about two programs per SM (at least one row),
-    then the widest K tile (up to K) within ``GEMV_TILE`` weights, fewer for more x rows (the
+    """Weight rows per program: 16, halved while that leaves fewer than two programs per SM
+    (down to one row), then the widest K tile (up to K) within ``GEMV_TILE`` weights, fewer for more x rows (the
     ``rows x block_n x block_k`` products sit in registers)."""
     rows = next_power_of_2(m)
     block_n = 16
