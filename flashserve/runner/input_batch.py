@@ -221,11 +221,8 @@ class InputBatch:
     def append_blocks(self, entries: tuple[ScheduledRequest, ...]) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:
         """Append the plan entries' new block ids to the host tables (group 0's and the other
         groups'); returns the updates of the device tables, None where none changes."""
-        grown = list(compress(entries, map(_new_block_ids, entries)))
-        if not grown:
-            return None, tuple(None for _ in self.group_tables)
-        slots = np.fromiter(map(_slot, map(self.states.__getitem__, map(_request_id, grown))), np.int64, len(grown))
-        return self._append_ids(*self._entry_ids(grown, slots))
+        slots = np.fromiter(map(_slot, entries_states(self.states, entries)), np.int64, len(entries))
+        return self._append_plan_ids(slots, None, entries)
 
     def _entry_ids(self, grown: list[ScheduledRequest], slots: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The new ids of entries that bring some (a request's entries bring as many ids in every
