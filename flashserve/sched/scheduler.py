@@ -556,8 +556,7 @@ class Scheduler:
             return self._update_plain(decodes, sampling, result.tokens)
         requests: list[Request] = []
         counts: list[int] = []
-        maybe_stopped: list[int] = []
-        now, max_len, no_first = time.monotonic(), self.max_model_len, self._no_first_token
+        now, no_first = time.monotonic(), self._no_first_token
         for rid, request in chain(zip(map(_request_id, decodes), decodes), sampling.items()):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
@@ -568,8 +567,7 @@ class Scheduler:
             if n > 1 and request.status != RequestStatus.WAITING:
                 # Accepted drafts: their K/V is in the cache now (a recomputed request starts over).
                 request.num_computed_tokens += n - 1
-            outputs = request.output_token_ids
-            outputs.extend(sampled.token_ids)
+            request.output_token_ids.extend(sampled.token_ids)
             if sampled.logprobs is not None:
                 request.output_logprobs.extend(sampled.logprobs)
             if request in no_first:
@@ -577,12 +575,10 @@ class Scheduler:
                 request.metrics.first_token_time = now
             if request.request_id in self._blocks_sent:  # still running: its blocks may be full now
                 self.block_manager.commit(request)
-            if n != 1 or outputs[-1] in request.stop_token_set or len(outputs) >= request.max_output_tokens \
-                    or request.num_prompt_tokens + len(outputs) >= max_len:
-                maybe_stopped.append(len(requests))
             requests.append(request)
             counts.append(n)
-        return StepTokens(requests, counts, maybe_stopped)
+        # drafts or logprobs (not the hot plain step): every request goes to the stop checks
+        return StepTokens(requests, counts, list(range(len(requests))))
 
     def _update_plain(self, decodes: list[Request], sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
         """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
@@ -627,12 +623,11 @@ class StepTokens:
 
     __slots__ = ("requests", "counts", "maybe_stopped", "finished")
 
-    def __init__(self, requests: list[Request], counts: list[int] | None, maybe_stopped: list[int],
-                 finished: list[Request] | None = None) -> None:
+    def __init__(self, requests: list[Request], counts: list[int] | None, maybe_stopped: list[int]) -> None:
         self.requests = requests
         self.counts = counts
         self.maybe_stopped = maybe_stopped
-        self.finished = [] if finished is None else finished
+        self.finished: list[Request] = []
 
     def __iter__(self):
         return zip(self.requests, repeat(1) if self.counts is None else self.counts)
