@@ -81,6 +81,7 @@ def test_a_rank_holds_and_loads_only_its_experts():
     stacked = torch.randn(6, 8, 8)
     experts.weight_loader(experts.gate_up_proj, stacked)
     assert torch.equal(experts.gate_up_proj.data, stacked[3:])
+    experts.down_proj.data.copy_(torch.randn(experts.down_proj.shape))  # not the allocation's bits: NaN != NaN
     down = torch.randn(8, 4)
     experts.weight_loader(experts.down_proj, down, (4, None))
     assert torch.equal(experts.down_proj.data[1], down)
