@@ -7,7 +7,11 @@ token trees) and each batch size, greedy generation over the fixed prompt sets
 text for a base model without one, e.g. Gemma 3 270M). Per cell: acceptance length (tokens per
 verification step, from the engine's ``SpecStats``), decode tokens/s, the speedup over plain
 decoding in the same run, and the share of outputs identical to plain decoding's (speculation
-is lossless: expect 100 %, up to float ties under a different batch shape on GPU).
+is lossless: expect 100 %, up to float ties under a different batch shape on GPU). Before its
+timed cells, each method's engine generates from prompts outside the measured set
+(``training_prompts``) at every batch size: the kernels, CUDA graphs and draft paths a method
+hits compile there, and the off-switch starts from the measured history a serving engine has,
+not from nothing.
 
 ``--cost-curve``, on dummy weights (default: Llama-3.1-8B shapes): the time of one target pass
 over B sequences at context C where each sequence brings n = 1 + k tokens (a chain of k drafts,
@@ -120,9 +124,20 @@ def _run_cells(llm, prompts: dict[str, list[str]], batch_sizes: list[int], b1_pr
     return cells
 
 
+def _warm_up(llm, prompts: list[str], batch_sizes: list[int], new_tokens: int) -> None:
+    """Untimed generation at every batch size from prompts outside the measured set (three at
+    batch 1: one per kind, as ``training_prompts`` mixes them)."""
+    from flashserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for b in batch_sizes:
+        for i in range(0, 3 if b == 1 else b, b):
+            llm.generate(prompts[i : i + b], params, use_tqdm=False, add_special_tokens=False)
+
+
 def run_methods(args: argparse.Namespace) -> dict:
     from flashserve import LLM
-    from flashserve.spec.prompts import eval_prompts
+    from flashserve.spec.prompts import eval_prompts, training_prompts
 
     methods = [m for m in args.methods.split(",") if m]
     if "none" in methods:
@@ -141,10 +156,13 @@ def run_methods(args: argparse.Namespace) -> dict:
         engine = llm.engine
         if not results:  # chat-templated prompts (plain text for a base model), the same for every method
             chat = bool(getattr(engine.tokenizer, "chat_template", None))
-            prompts = {k: [engine.apply_chat_template([{"role": "user", "content": t}]) if chat else t
-                           for t in eval_prompts(k, args.num_prompts)] for k in kinds}
+            template = (lambda t: engine.apply_chat_template([{"role": "user", "content": t}])) if chat \
+                else (lambda t: t)
+            prompts = {k: [template(t) for t in eval_prompts(k, args.num_prompts)] for k in kinds}
+            warm = [template(t) for t in training_prompts(max(3, max(batch_sizes)))]
         device = str(engine.device)
         engine.warm_up()
+        _warm_up(llm, warm, batch_sizes, args.new_tokens)
         t0 = time.perf_counter()
         results[m] = _run_cells(llm, prompts, batch_sizes, args.batch1_prompts, args.new_tokens)
         print(f"# {m}: {time.perf_counter() - t0:.1f} s", flush=True)
