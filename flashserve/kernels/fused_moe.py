@@ -304,6 +304,40 @@ def _moe_gemv_down_kernel(
 
 
 @triton.jit
+def _route_rows(logits, rows, row_ok, weights_ptr, ids_ptr, E, ROWS: tl.constexpr, TOP_K: tl.constexpr,
+                K_BLOCK: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Route a tile of tokens and store the result: router logits [ROWS, BLOCK_E] fp32 (lanes from
+    E on -inf) of tokens ``rows`` [ROWS] (stored where ``row_ok``) -> weights [T, k] fp32 and
+    expert ids [T, k] int32 (softmax or sigmoid, ``k`` rounds of arg-max, renormalisation)."""
+    offs = tl.arange(0, BLOCK_E)[None, :]
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = p / tl.sum(p, axis=1)[:, None]
+    # NaN (a NaN logit, e.g. from a padding row) ranks below every real score but above the
+    # padding lanes: arg-max over NaNs would find no lane and return BLOCK_E, an expert that does
+    # not exist, and the expert kernels would read past the weights
+    scores = tl.where(scores == scores, scores, -0.5)
+    scores = tl.where(offs < E, scores, -1.0)  # below every real score (softmax and sigmoid are >= 0)
+    slots = tl.arange(0, K_BLOCK)[None, :]
+    sel_w = tl.zeros([ROWS, K_BLOCK], dtype=tl.float32)
+    sel_i = tl.zeros([ROWS, K_BLOCK], dtype=tl.int32)
+    for slot in range(TOP_K):  # k rounds of arg-max (k is small), kept in registers
+        best = tl.max(scores, axis=1)[:, None]
+        idx = tl.min(tl.where(scores == best, offs, BLOCK_E), axis=1)[:, None]  # lowest index among ties
+        sel_w = tl.where(slots == slot, best, sel_w)
+        sel_i = tl.where(slots == slot, idx, sel_i)
+        scores = tl.where(offs == idx, -1.0, scores)
+    if RENORMALIZE:
+        sel_w = sel_w / tl.sum(sel_w, axis=1)[:, None]
+    out = rows[:, None].to(tl.int64) * TOP_K + slots
+    mask = row_ok[:, None] & (slots < TOP_K)
+    tl.store(weights_ptr + out, sel_w, mask=mask)
+    tl.store(ids_ptr + out, sel_i, mask=mask)
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr,  # [T, E] router logits, any float dtype
     weights_ptr, ids_ptr,  # [T, k] fp32, [T, k] int32
@@ -313,32 +347,10 @@ def _route_kernel(
 ):
     tok = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
-    ok = offs < E
-    logits = tl.load(logits_ptr + tok.to(tl.int64) * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    if SIGMOID:
-        scores = 1.0 / (1.0 + tl.exp(-logits))
-    else:
-        p = tl.exp(logits - tl.max(logits, axis=0))
-        scores = p / tl.sum(p, axis=0)
-    # NaN (a NaN logit, e.g. from a padding row) ranks below every real score but above the
-    # padding lanes: arg-max over NaNs would find no lane and return BLOCK_E, an expert that does
-    # not exist, and the expert kernels would read past the weights
-    scores = tl.where(scores == scores, scores, -0.5)
-    scores = tl.where(ok, scores, -1.0)  # below every real score (softmax and sigmoid are >= 0)
-    slots = tl.arange(0, K_BLOCK)
-    sel_w = tl.zeros([K_BLOCK], dtype=tl.float32)
-    sel_i = tl.zeros([K_BLOCK], dtype=tl.int32)
-    for slot in range(TOP_K):  # k rounds of arg-max (k is small), kept in registers
-        best = tl.max(scores, axis=0)
-        idx = tl.min(tl.where(scores == best, offs, BLOCK_E), axis=0)  # lowest index among ties
-        sel_w = tl.where(slots == slot, best, sel_w)
-        sel_i = tl.where(slots == slot, idx, sel_i)
-        scores = tl.where(offs == idx, -1.0, scores)
-    if RENORMALIZE:
-        sel_w = sel_w / tl.sum(sel_w, axis=0)
-    out = tok * TOP_K + slots
-    tl.store(weights_ptr + out, sel_w, mask=slots < TOP_K)
-    tl.store(ids_ptr + out, sel_i, mask=slots < TOP_K)
+    logits = tl.load(logits_ptr + tok.to(tl.int64) * stride_lm + offs, mask=offs < E, other=float("-inf"))
+    rows = tok + tl.arange(0, 1)  # a tile of one token, always stored
+    _route_rows(logits.to(tl.float32)[None, :], rows, rows >= 0, weights_ptr, ids_ptr, E, 1, TOP_K, K_BLOCK,
+                SIGMOID, RENORMALIZE, BLOCK_E)
 
 
 def fused_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax",
