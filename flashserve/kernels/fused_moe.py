@@ -27,6 +27,11 @@ Two paths, same result:
   ``H``) that loops over the token's ``k`` experts and writes the weighted sum in x's dtype, so a
   batch-1 step is two launches that read exactly the ``k`` active experts' weights.
 
+Routing, the kernel form of ``flashserve.layers.moe.route``: ``fused_route`` scores the router
+logits, picks the top k and renormalises in one launch; up to ``ROUTER_MAX_TOKENS`` tokens
+``fused_router_route`` also computes the logits in that launch, from the router's dense weight
+(else the router's Linear is a launch of its own).
+
 ``moe_loop`` is the per-expert torch loop (dequantizing a quantized expert first): the CPU path,
 the reference of the tests and the baseline of ``flashserve bench moe``.
 """
@@ -40,9 +45,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flashserve.kernels.utils import cdiv, is_interpreter, next_power_of_2, num_sms
+from flashserve.kernels.utils import arrival_counters, cdiv, is_interpreter, next_power_of_2, num_sms
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens per step: the GEMV path (no sort, no padding)
+# Up to this many tokens the router's logits are computed inside the routing launch
+# (``fused_router_route``). Its last program routes every token from one [tokens, experts] register
+# tile (16 x 128 fp32 for Qwen3-MoE: 16 a thread), and every program re-reads all the token rows
+# and multiplies them on CUDA cores, work that grows with T while a cuBLAS GEMM's hardly does: the
+# fusion saves a launch at decode sizes, prefill keeps the Linear then ``fused_route``. (16 is a
+# choice on those grounds, not a measured crossover.)
+ROUTER_MAX_TOKENS = 16
+ROUTER_BLOCK_N = 2  # router rows (experts) per program: 64 programs of 8 KB for Qwen3-MoE's bf16 router
 
 # weight formats of the kernels (constexpr W_FMT)
 FMT_DENSE, FMT_INT8, FMT_FP8 = 0, 1, 2
@@ -367,6 +380,83 @@ def fused_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax",
         logits = logits.contiguous()
         _route_kernel[(T,)](logits, weights, ids, E, logits.stride(0), TOP_K=top_k, K_BLOCK=next_power_of_2(top_k), SIGMOID=scoring == "sigmoid",
                             RENORMALIZE=renormalize, BLOCK_E=next_power_of_2(E), **_launch_kw(4))
+    return weights, ids
+
+
+@triton.jit
+def _router_route_kernel(
+    x_ptr,  # [T, H] activations
+    w_ptr,  # [E, H] router weight, x's dtype
+    logits_ptr,  # [T, E] in x's dtype: the router's output as its Linear stores it
+    count_ptr,  # int32 [1] zero: programs arrived
+    weights_ptr, ids_ptr,  # [T, k] fp32, [T, k] int32
+    T, E, H, stride_xm, stride_wn,
+    TOP_K: tl.constexpr, K_BLOCK: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    toks = tl.arange(0, BLOCK_T)
+    t_ok = toks < T
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < E
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + toks[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BT, BK]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
+    # every token against this program's BLOCK_N router rows, products accumulated elementwise in
+    # fp32 and reduced once after the loop
+    acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = offs_k + k0 < H
+        x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    logit_ptrs = logits_ptr + toks[:, None] * E
+    tl.store(logit_ptrs + offs_n[None, :], tl.sum(acc, axis=2).to(logits_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & n_ok[None, :])
+    tl.debug_barrier()  # every thread's logits are written before the count is released
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:  # the last program routes every token
+        offs_e = tl.arange(0, BLOCK_E)
+        logits = tl.load(logit_ptrs + offs_e[None, :], mask=t_ok[:, None] & (offs_e < E)[None, :],
+                         other=float("-inf"), cache_modifier=".cg")
+        _route_rows(logits.to(tl.float32), toks, t_ok, weights_ptr, ids_ptr, E, BLOCK_T, TOP_K, K_BLOCK,
+                    SIGMOID, RENORMALIZE, BLOCK_E)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+
+def fused_router_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str = "softmax",
+                       renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused_route(F.linear(x, weight), ...)`` in one launch, for up to ``ROUTER_MAX_TOKENS``
+    tokens: x [T, H] and the router's dense, bias-free weight [E, H] of x's dtype -> (weights
+    [T, k] fp32, expert ids [T, k] int32).
+
+    Each program computes the logits of every token for ``ROUTER_BLOCK_N`` experts (so the weight
+    is read once whatever T; products summed in fp32) and stores them rounded to x's dtype, as
+    the Linear's output is; the last program to arrive (``utils.arrival_counters``, so not on
+    two streams at once) reads back the [T, E] logits and routes every token with
+    ``fused_route``'s code. The logits are the Linear's up to the rounding of the sums (fp32 here,
+    in another order than cuBLAS's)."""
+    T, H = x.shape
+    E = weight.shape[0]
+    if tuple(weight.shape) != (E, H) or weight.dtype != x.dtype:
+        raise ValueError(f"router weight {tuple(weight.shape)} {weight.dtype} does not match "
+                         f"x {tuple(x.shape)} {x.dtype}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top-k must be between 1 and the number of experts ({E}), got {top_k}")
+    if T > ROUTER_MAX_TOKENS:
+        raise ValueError(f"fused_router_route takes at most {ROUTER_MAX_TOKENS} tokens, got {T}")
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
+    if T:
+        x, weight = x.contiguous(), weight.contiguous()
+        logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
+        block_t = next_power_of_2(T)
+        # the product tile [BLOCK_T, BLOCK_N, BLOCK_K] at most 2048 fp32 (16 registers a thread);
+        # small K tiles in the interpreter so that the tests' hidden sizes take several steps
+        block_k = 16 if is_interpreter() else min(1024 // block_t, next_power_of_2(H))
+        _router_route_kernel[(cdiv(E, ROUTER_BLOCK_N),)](
+            x, weight, logits, arrival_counters(x.device, 1), weights, ids, T, E, H, x.stride(0), weight.stride(0),
+            TOP_K=top_k, K_BLOCK=next_power_of_2(top_k), SIGMOID=scoring == "sigmoid", RENORMALIZE=renormalize,
+            BLOCK_T=block_t, BLOCK_N=ROUTER_BLOCK_N, BLOCK_K=block_k, BLOCK_E=next_power_of_2(E), **_launch_kw(4))
     return weights, ids
 
 

@@ -16,7 +16,9 @@ Qwen3-MoE follow ``norm_topk_prob`` in their config.
 
 The experts run through ``flashserve.kernels.fused_moe``: the fused Triton kernel when the model
 is switched to Triton ops (``flashserve.layers.fused.use_triton_ops``, on CUDA), else the
-per-expert torch loop. Their storage comes from the quantization config's ``expert_method``
+per-expert torch loop. With Triton ops the routing is one launch after the router's Linear, and
+at decode sizes (``ROUTER_MAX_TOKENS`` tokens) one launch with the router's product inside.
+The experts' storage comes from the quantization config's ``expert_method``
 (``flashserve.quant``): dense, or int8 / fp8 per output channel (``flashserve.quant.experts``).
 Under tensor parallelism each rank holds ``E / N`` experts and the partial outputs are summed
 across ranks (``flashserve.distributed.expert_parallel``).
@@ -32,7 +34,7 @@ from flashserve.distributed.expert_parallel import expert_range, local_expert_id
 from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.activation import SiluAndMul
 from flashserve.layers.linear import GateUpLinear, Linear
-from flashserve.quant.base import QuantConfig, current_quant_config, quant_scope
+from flashserve.quant.base import LinearMethod, QuantConfig, current_quant_config, quant_scope
 
 # checkpoint projection name -> (stacked parameter, part): part 0 gate, 1 up, None down
 EXPERT_PROJECTIONS: dict[str, tuple[str, int | None]] = {
@@ -158,9 +160,14 @@ class MoEMLP(nn.Module):
         from flashserve.kernels.fused_moe import moe_loop
 
         if self.triton:  # one launch for softmax / top-k / renormalisation
-            from flashserve.kernels.fused_moe import fused_route
+            from flashserve.kernels.fused_moe import ROUTER_MAX_TOKENS, fused_route, fused_router_route
 
-            weights, ids = fused_route(self.gate(x), self.top_k, self.scoring, self.renormalize)  # [T, k] each
+            if x.shape[0] <= ROUTER_MAX_TOKENS and type(self.gate.quant_method) is LinearMethod:
+                # decode: the router's product in that launch too, from its dense weight (replicated
+                # under tensor parallelism, no bias); another method (low rank, ...) keeps its own
+                weights, ids = fused_router_route(x, self.gate.weight, self.top_k, self.scoring, self.renormalize)
+            else:
+                weights, ids = fused_route(self.gate(x), self.top_k, self.scoring, self.renormalize)  # [T, k] each
         else:
             weights, ids = route(self.gate(x), self.top_k, self.scoring, self.renormalize)
         experts = self.experts

@@ -7,7 +7,9 @@ import torch
 from kernel_test_utils import ON_GPU, tol
 
 from flashserve.config import ModelConfig
-from flashserve.kernels.fused_moe import fused_moe, moe_align, moe_loop
+from flashserve.kernels.fused_moe import (ROUTER_MAX_TOKENS, fused_moe, fused_route, fused_router_route, moe_align,
+                                          moe_loop)
+from flashserve.kernels.utils import arrival_counters, is_interpreter
 from flashserve.layers.moe import MoEMLP
 
 
@@ -72,10 +74,11 @@ def test_fused_moe_many_experts_top8(device, dtype):
 
 
 @pytest.mark.parametrize("experts", ["dense", "int8", "fp8"])
-@pytest.mark.parametrize("T", [2, 21])
+@pytest.mark.parametrize("T", [2, 16, 21])  # router inside the routing launch up to 16 tokens
 def test_moe_layer_triton_matches_torch_path(device, T, experts):
     """The whole MoE layer (router, top-k, shared expert with its gate; dense or quantized experts)
-    on the fused kernels equals its per-expert torch path."""
+    on the fused kernels equals its per-expert torch path; up to ``ROUTER_MAX_TOKENS`` tokens the
+    router's Linear does not run (its product is inside the routing launch)."""
     config = ModelConfig(architecture="qwen2_moe", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
                          num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64, num_experts=6,
                          num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
@@ -94,7 +97,34 @@ def test_moe_layer_triton_matches_torch_path(device, T, experts):
     x = torch.randn(T, 32, device=device)
     ref = layer(x)
     layer.triton = True
+    router_calls = []
+    layer.gate.register_forward_hook(lambda *_: router_calls.append(1))
     torch.testing.assert_close(layer(x), ref, **tol(torch.float32))
+    assert len(router_calls) == (T > ROUTER_MAX_TOKENS)
+
+
+def test_moe_layer_router_of_another_method_keeps_its_linear(device):
+    """A router whose Linear is not plain dense (here factorised to low rank: no ``weight`` left)
+    runs its own product then the routing launch, at decode sizes too."""
+    from flashserve.compress.layers import set_low_rank
+
+    config = ModelConfig(architecture="qwen3_moe", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64, num_experts=6,
+                         num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True)
+    torch.manual_seed(3)
+    layer = MoEMLP(config, prefix="model.layers.0.mlp")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    set_low_rank(layer.gate, torch.randn(4, 32), torch.randn(6, 4))
+    layer.to(device)
+    x = torch.randn(2, 32, device=device)
+    ref = layer(x)
+    layer.triton = True
+    router_calls = []
+    layer.gate.register_forward_hook(lambda *_: router_calls.append(1))
+    torch.testing.assert_close(layer(x), ref, **tol(torch.float32))
+    assert router_calls == [1]
 
 
 def _quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +187,6 @@ def test_quantized_experts_need_their_scales():
 @pytest.mark.parametrize("scoring,renormalize,E,k", [("softmax", True, 8, 2), ("softmax", False, 60, 3),
                                                        ("sigmoid", True, 16, 8), ("softmax", True, 4, 1)])
 def test_fused_route_matches_torch_routing(device, scoring, renormalize, E, k):
-    from flashserve.kernels.fused_moe import fused_route
     from flashserve.layers.moe import route
 
     logits = torch.randn(7, E, generator=torch.Generator().manual_seed(E)).to(device)
@@ -173,7 +202,6 @@ def test_fused_route_never_names_a_missing_expert(device, E, k):
     """A row of NaN logits (a padding row whose attention had no context) routes to real experts:
     arg-max over NaN scores found no lane and returned E's power of two, an expert index past the
     weights (an illegal address in the expert kernels on the GPU). Real rows are untouched."""
-    from flashserve.kernels.fused_moe import fused_route
     from flashserve.layers.moe import route
 
     logits = torch.randn(4, E, generator=torch.Generator().manual_seed(1))
@@ -185,3 +213,79 @@ def test_fused_route_never_names_a_missing_expert(device, E, k):
     ref_w, ref_ids = route(logits[[0, 3]], k)
     assert torch.equal(ids[[0, 3]].long().cpu(), ref_ids)
     torch.testing.assert_close(w[[0, 3]].cpu(), ref_w)
+
+
+def _router_case(T: int, E: int, H: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """x [T, H] and a router weight [E, H] of random non-zero integers in [-64, 64] over 32 and
+    over 512 (6 significant bits: exact in every dtype). Every product and partial sum is a
+    multiple of 2^-14 below H / 4 in size, exact in fp32, so the logits do not depend on the order
+    of the sums; with up to 18 significant bits most of them round in fp16 / bf16, alike in the
+    kernel and in the reference.
+
+    Triton's interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest even), so
+    there bf16 takes x in {1/2, 1} and W in {1/4, 1/2} (either sign): logits are multiples of 1/8
+    below H / 2, which bf16 holds exactly for H <= 64. fp16 (numpy's rounding), and bf16 on the
+    GPU, check the rounding of the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = dtype == torch.bfloat16 and is_interpreter()
+
+    def grid(rows: int, largest: int, denominator: int) -> torch.Tensor:
+        magnitude = torch.randint(1, largest + 1, (rows, H), generator=gen)
+        sign = torch.randint(0, 2, (rows, H), generator=gen) * 2 - 1
+        return (magnitude * sign / denominator).to(dtype).to(device)
+
+    return (grid(T, 2, 2), grid(E, 2, 4)) if coarse else (grid(T, 64, 32), grid(E, 64, 512))
+
+
+def _rounded_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The router Linear's output: x @ W^T summed in fp32, stored in x's dtype."""
+    return (x.float() @ w.float().T).to(x.dtype)
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("scoring,renormalize,E,k", [("softmax", True, 7, 2), ("softmax", False, 12, 8),
+                                                       ("sigmoid", True, 60, 8), ("sigmoid", False, 5, 1)])
+def test_fused_router_route_matches_linear_then_route(device, act_dtype, T, scoring, renormalize, E, k):
+    """The router's product inside the routing launch gives ``fused_route`` of the Linear's
+    logits exactly: the same ids and bit-equal weights (``_router_case``: the rounded logits are
+    equal, and both kernels score them with the same code). E not a power of two (nor a multiple
+    of the two experts per program), hidden 40 not a multiple of the interpreter's 16-column
+    steps. Leaves the arrival counter at zero for the next launch."""
+    x, w = _router_case(T, E, 40, act_dtype, device, seed=T * E)
+    ref_w, ref_ids = fused_route(_rounded_logits(x, w), k, scoring, renormalize)
+    got_w, got_ids = fused_router_route(x, w, k, scoring, renormalize)
+    assert got_ids.dtype == torch.int32 and got_w.dtype == torch.float32 and got_w.shape == (T, k)
+    assert torch.equal(got_ids, ref_ids), (got_ids, ref_ids)
+    assert torch.equal(got_w, ref_w), (got_w - ref_w).abs().max()
+    assert int(arrival_counters(x.device, 1)[0]) == 0
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_fused_router_route_never_names_a_missing_expert(device, scoring):
+    """A token row of NaN (a padding row) routes to k distinct real experts, and a router row with
+    a NaN (expert 3's logit NaN for every token) never outranks a real score: under sigmoid
+    expert 3 is never picked, under softmax the row's scores are all NaN (as in ``fused_route``).
+    Every row equals ``fused_route`` of the Linear's logits."""
+    E, k = 9, 3
+    x, w = _router_case(4, E, 40, torch.float32, device, seed=5)
+    x[1] = float("nan")
+    w[3, 7] = float("nan")
+    got_w, got_ids = fused_router_route(x, w, k, scoring)
+    ref_w, ref_ids = fused_route(_rounded_logits(x, w), k, scoring)
+    assert bool(((got_ids >= 0) & (got_ids < E)).all()), got_ids
+    assert all(len(set(row)) == k for row in got_ids.tolist())
+    assert torch.equal(got_ids, ref_ids)
+    torch.testing.assert_close(got_w, ref_w, rtol=0, atol=0)
+    if scoring == "sigmoid":
+        assert 3 not in got_ids[[0, 2, 3]].reshape(-1).tolist()
+
+
+def test_fused_router_route_limits(device):
+    x, w = _router_case(ROUTER_MAX_TOKENS + 1, 6, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="at most"):
+        fused_router_route(x, w, 2)
+    with pytest.raises(ValueError, match="does not match"):
+        fused_router_route(x[:2], w.half(), 2)
+    weights, ids = fused_router_route(x[:0], w, 2)
+    assert weights.shape == ids.shape == (0, 2)
