@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashserve.layers.norm import RMSNorm
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
@@ -149,12 +151,23 @@ class RotaryEmbedding(nn.Module):
             return RopeInputs(positions, cos, sin)
         return RopeInputs(positions, cos, sin, torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
 
-    def forward(self, rope: RopeInputs, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
+    def forward(self, rope: RopeInputs, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes.
+
+        ``q_norm`` / ``k_norm`` (RMSNorm over head_dim, both or neither): each head is normalised
+        first. With ``triton`` one kernel launch does both, in place, with the Triton norm's
+        formula; otherwise the norm modules run, then the rotation."""
         if rope.cos is None:  # fused GPU kernel, in place
             from flashserve.kernels.rotary import rotary_embedding
 
-            return rotary_embedding(rope.positions, q, k, self.cos_sin_cache, self.head_dim)  # type: ignore[return-value]
+            return rotary_embedding(  # type: ignore[return-value]
+                rope.positions, q, k, self.cos_sin_cache, self.head_dim,
+                q_norm=(q_norm.weight, q_norm.eps) if q_norm is not None else None,
+                k_norm=(k_norm.weight, k_norm.eps) if k_norm is not None else None,
+            )
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         if rope.cos_full is not None:
             return rotate_q_k(q, k, rope.cos_full, rope.sin_signed)
         return apply_rotary(q, rope.cos, rope.sin, self.rotary_dim), apply_rotary(k, rope.cos, rope.sin, self.rotary_dim)

@@ -78,10 +78,7 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary_emb(rope, q, k)  # [T, H, D], [T, Hkv, D]
+        q, k = self.rotary_emb(rope, q, k, self.q_norm, self.k_norm)  # (qk norm +) rope: [T, H, D], [T, Hkv, D]
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, k_cache, v_cache)  # [T, H D]
         return self.o_proj(out)

@@ -10,6 +10,8 @@ from kernel_test_utils import ON_GPU, tol
 from flashserve.kernels.norm import rms_norm
 from flashserve.kernels.reference import build_cos_sin_cache, rms_norm_ref, rotary_embedding_ref
 from flashserve.kernels.rotary import rotary_embedding
+from flashserve.layers.norm import RMSNorm
+from flashserve.layers.rotary import RotaryEmbedding
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (num_heads, num_kv_heads, head_dim, rotary_dim); odd head counts, partial rotary, head_dim not a power of 2
@@ -91,3 +93,26 @@ def test_fused_norm_q_only(device):
     rotary_embedding(pos, q, None, cache, d, q_norm=(w, EPS_Q))
     _assert_same(q, expected)
 
+
+@pytest.mark.parametrize("rot", [32, 16])
+def test_rotary_module_with_norms(device, rot):
+    """RotaryEmbedding.forward(..., q_norm, k_norm): the fused kernel (triton) matches the torch
+    path, which is the norms followed by the rotation as before."""
+    t, hq, hkv, d = 5, 3, 1, 32
+    emb = RotaryEmbedding(d, rot, 256, 10000.0).to(device)
+    q_norm, k_norm = RMSNorm(d, EPS_Q).to(device), RMSNorm(d, EPS_K).to(device)
+    with torch.no_grad():
+        q_norm.weight.copy_(_weights(d, torch.float32, device)[0])
+        k_norm.weight.copy_(_weights(d, torch.float32, device)[1])
+    pos = torch.tensor([0, 3, 17, 100, 255], device=device)
+    _, q, k = _inputs(t, hq, hkv, d, "3d", torch.float32, device)
+
+    rope = emb.lookup(pos)
+    expected = emb(rope, q_norm(q), k_norm(k))
+    q_t, k_t = emb(rope, q.clone(), k.clone(), q_norm, k_norm)
+    assert torch.equal(q_t, expected[0]) and torch.equal(k_t, expected[1])
+
+    emb.triton = True
+    q_f, k_f = emb(emb.lookup(pos), q.clone(), k.clone(), q_norm, k_norm)
+    torch.testing.assert_close(q_f, expected[0], **tol(torch.float32))
+    torch.testing.assert_close(k_f, expected[1], **tol(torch.float32))
