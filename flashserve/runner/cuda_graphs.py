@@ -5,9 +5,13 @@ the forward pass reads slices of them, so a captured graph can replay any step o
 
 * decode graphs, one per batch size of a ladder (1, 2, 4, 8, 16, 24, 32, 48, ... up to
   max_num_seqs): B sequences of one new token each, split-KV decode attention;
-* mixed graphs, one per token-count bucket (16, 32, ... up to ``max_mixed_tokens``): any mix of
+* mixed graphs, one per token-count bucket (8, 16, 32, ... up to ``max_mixed_tokens``): any mix of
   prompt chunks and decodes with at most that many tokens, prefill attention whose grid covers
-  ``min(bucket, max_num_seqs)`` sequences of up to ``bucket`` new tokens each.
+  ``min(bucket, max_num_seqs)`` sequences of up to ``bucket`` new tokens each. The 8-token
+  bucket serves a speculative step of one or two sequences with short chains (k <= 7 at batch
+  1): padded to 16 rows instead, its products left the few-row paths (GGUF GEMV, up to 8 rows)
+  for the tiled ones (H200, SmolLM2 Q4_1: a 5-token verification forward took 121 x 22 us of
+  flat GEMMs against ~6 us per product at 5 rows).
 
 A step is padded to its graph's size: padding tokens have slot -1 (nothing stored), position 0,
 and belong to no sequence; padding sequences own no token and have no context, so their
@@ -31,7 +35,7 @@ def decode_ladder(max_batch: int) -> list[int]:
 
 
 def mixed_ladder(max_tokens: int) -> list[int]:
-    sizes, s = [], 16
+    sizes, s = [], 8
     while s < max_tokens:
         sizes.append(s)
         s *= 2
