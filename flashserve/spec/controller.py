@@ -30,8 +30,8 @@ A retry costs verification steps. For n-gram chains, which cost nothing to propo
 controller first replays the proposer over the request's last ``SHADOW_TOKENS`` outputs (the
 drafts it would have made, checked against the tokens that came) and retries only when that
 acceptance would pay; otherwise the request stays plain for twice as long as before. Only at
-small batches (the replay is host work: about 2-3 ms over a 1000-token context on a slow 2-core
-VM, so it is spread out by that doubling).
+small batches (the replay is host work: 0.1-0.4 ms over a 1000-token context on the 2-core VM
+this project's CI runs on, spread out by that doubling).
 """
 
 from __future__ import annotations

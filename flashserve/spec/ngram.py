@@ -18,26 +18,37 @@ from flashserve.spec.tree import TokenTree
 
 def find_continuations(tokens: np.ndarray, min_n: int, max_n: int, k: int, width: int) -> list[list[int]]:
     """Up to ``width`` distinct continuations (of up to ``k`` tokens) of the context's suffix,
-    from its most recent earlier occurrences, longest matching suffix first."""
+    from its most recent earlier occurrences, longest matching suffix first.
+
+    One pass finds the earlier positions holding the context's last token; each one's match
+    length (how many tokens before it also equal the suffix's, up to ``max_n``) comes from one
+    gather over those positions only. An n-gram match ending at position c continues at c + 1
+    whatever n, so the answer is the candidates ordered by match length, then recency."""
     L = len(tokens)
+    top = min(max_n, L - 1)
+    if top < min_n or k < 1:
+        return []
+    ends = np.flatnonzero(tokens[: L - 1] == tokens[L - 1])  # match ends, oldest first
+    if ends.size == 0:
+        return []
+    back = np.arange(top)[:, None]
+    before = ends - back  # [top, C]: the token j places before each end, against the suffix's
+    equal = tokens.take(before, mode="clip") == tokens[L - 1 - back]
+    equal &= before >= 0
+    length = equal.cumprod(axis=0).sum(axis=0)  # [C] matching suffix length, <= top
+    keep = length >= min_n
+    ends, length = ends[keep], length[keep]
+    order = np.lexsort((-ends, -length))  # longest first, then most recent
     out: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
-    for n in range(min(max_n, L - 1), min_n - 1, -1):
-        suffix = tokens[L - n :]
-        # Windows starting at 0 .. L - n - 1 (the suffix itself excluded) that equal the suffix.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[: L - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        for start in hits[::-1]:  # most recent first
-            cont = tokens[start + n : start + n + k]
-            if len(cont) == 0:
-                continue
-            key = tuple(int(t) for t in cont)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(list(key))
-            if len(out) >= width:
-                return out
+    for c in ends[order]:
+        key = tuple(int(t) for t in tokens[c + 1 : c + 1 + k])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(list(key))
+        if len(out) >= width:
+            break
     return out
 
 

@@ -1,0 +1,53 @@
+"""Prompt lookup's search (``flashserve.spec.ngram.find_continuations``) against its definition:
+every n from max_n down to min_n, every earlier window equal to the last n tokens, most recent
+first, distinct continuations."""
+
+import numpy as np
+import pytest
+
+from flashserve.spec.controller import shadow_acceptance
+from flashserve.spec.ngram import find_continuations
+
+
+def _by_definition(tokens: np.ndarray, min_n: int, max_n: int, k: int, width: int) -> list[list[int]]:
+    L, out, seen = len(tokens), [], set()
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        suffix = tokens[L - n :].tolist()
+        for start in range(L - 1 - n, -1, -1):  # windows inside tokens[:L - 1], most recent first
+            if tokens[start : start + n].tolist() != suffix:
+                continue
+            cont = tuple(tokens[start + n : start + n + k].tolist())
+            if cont and cont not in seen:
+                seen.add(cont)
+                out.append(list(cont))
+                if len(out) >= width:
+                    return out
+    return out
+
+
+def test_equals_the_definition_on_random_contexts():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        L, vocab = int(rng.integers(1, 50)), int(rng.integers(1, 6))  # small vocabularies: many matches
+        tokens = rng.integers(0, vocab, size=L).astype(np.int64)
+        min_n = int(rng.integers(1, 4))
+        max_n, k, width = int(rng.integers(min_n, 6)), int(rng.integers(0, 6)), int(rng.integers(1, 4))
+        assert find_continuations(tokens, min_n, max_n, k, width) == _by_definition(tokens, min_n, max_n, k, width), \
+            (tokens.tolist(), min_n, max_n, k, width)
+
+
+def test_longest_match_wins_over_a_more_recent_shorter_one():
+    # suffix [1, 2, 3]: "1 2 3" at 0 (continues 7 7) beats the more recent "2 3" at 6 (continues 9)
+    tokens = np.array([1, 2, 3, 7, 7, 5, 2, 3, 9, 4, 1, 2, 3])
+    assert find_continuations(tokens, 1, 4, 2, 1) == [[7, 7]]
+    assert find_continuations(tokens, 1, 4, 2, 3) == [[7, 7], [9, 4]]
+    assert find_continuations(tokens, 4, 4, 2, 1) == []  # no earlier 4-gram "x 1 2 3"
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_shadow_acceptance_counts_accepted_drafts(k):
+    # a period-5 sequence: after the first period every draft of k tokens is right
+    tokens = np.array([10, 11, 12, 13, 14] * 8)
+    assert shadow_acceptance(tokens, 16, k, 1, 4) == pytest.approx(16 / -(-16 // (k + 1)))
+    rng = np.random.default_rng(1)  # no repeats: no drafts, one token per step
+    assert shadow_acceptance(rng.permutation(1000)[:64], 16, k, 1, 4) == 1.0
