@@ -102,9 +102,7 @@ class EarlyExitModel(nn.Module):
         T = state.shape[0]
         q = q.reshape(T, attn.num_heads, attn.head_dim)
         k = k.reshape(T, attn.num_kv_heads, attn.head_dim)
-        if attn.k_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        _, k = attn.rotary_emb(rope, q.contiguous(), k.contiguous())
+        _, k = attn.rotary_emb(rope, q.contiguous(), k.contiguous(), attn.q_norm, attn.k_norm)
         store_kv(k.reshape(T, attn.num_kv_heads, attn.head_dim), v.reshape(T, attn.num_kv_heads, attn.head_dim),
                  kv_cache[0], kv_cache[1], meta.for_group(attn.attn.kv_group).slot_mapping)
 
