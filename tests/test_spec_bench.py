@@ -37,6 +37,11 @@ def test_bad_methods_are_clear_errors():
         decoding.spec_config("draft", 4, None, None, True)
     assert decoding.spec_config("layers-tree", 3, None, None, False) == {
         "method": "layers", "tree_width": 2, "num_speculative_tokens": 6, "disable_by_cost": False}
+    assert decoding.spec_config("ngram", 4, None, None, True, '{"prompt_lookup_min": 2}')["prompt_lookup_min"] == 2
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        decoding.spec_config("ngram", 4, None, None, True, "[2]")
+    with pytest.raises(ValueError, match="prompt_lookup_min"):  # checked before any model loads
+        decoding.run_methods(_args("--methods", "ngram", "--spec-options", '{"prompt_lookup_min": 0}'))
 
 
 def test_method_table_on_smollm2(capsys):

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch1-prompts", type=int, default=4, help="prompts per kind at batch 1")
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--no-off-switch", action="store_true", help="speculate on every step (disable_by_cost off)")
+    p.add_argument("--spec-options", default=None,
+                   help='JSON merged into every method\'s speculative_config, e.g. \'{"prompt_lookup_min": 2}\'')
     p.add_argument("--cost-curve", action="store_true", help="verification-step cost vs tokens per step instead")
     p.add_argument("--context", type=int, default=1024, help="cost curve: context length per sequence")
     p.add_argument("--cost-batch-sizes", default="1,16", help="cost curve: sequences per step")
@@ -73,8 +75,10 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def spec_config(method: str, k: int, heads: str | None, draft: str | None, off_switch: bool) -> dict | None:
-    """The ``speculative_config`` of a bench method (trees get 2k nodes at width 2)."""
+def spec_config(method: str, k: int, heads: str | None, draft: str | None, off_switch: bool,
+                options: str | None = None) -> dict | None:
+    """The ``speculative_config`` of a bench method (trees get 2k nodes at width 2), with the
+    keys of ``options`` (a JSON object) on top."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     base = METHODS[method]
@@ -88,6 +92,11 @@ def spec_config(method: str, k: int, heads: str | None, draft: str | None, off_s
         if not draft:
             raise ValueError(f"method {method!r} needs --draft-model (a model with the target's vocabulary)")
         cfg["model"] = draft
+    if options:
+        extra = json.loads(options)
+        if not isinstance(extra, dict):
+            raise ValueError(f"--spec-options must be a JSON object, got {options!r}")
+        cfg.update(extra)
     return cfg
 
 
@@ -137,14 +146,18 @@ def _warm_up(llm, prompts: list[str], batch_sizes: list[int], new_tokens: int) -
 
 def run_methods(args: argparse.Namespace) -> dict:
     from flashserve import LLM
+    from flashserve.config import SpeculativeConfig
     from flashserve.spec.prompts import eval_prompts, training_prompts
 
     methods = [m for m in args.methods.split(",") if m]
     if "none" in methods:
         methods.remove("none")
     methods = ["none", *methods]
-    configs = {m: spec_config(m, args.num_spec_tokens, args.heads, args.draft_model, not args.no_off_switch)
-               for m in methods}  # bad input fails before any model loads
+    configs = {m: spec_config(m, args.num_spec_tokens, args.heads, args.draft_model, not args.no_off_switch,
+                              args.spec_options) for m in methods}  # bad input fails before any model loads
+    for cfg in configs.values():
+        if cfg is not None:
+            SpeculativeConfig.parse(cfg)
     batch_sizes = _ints(args.batch_sizes)
     kinds = [k for k in args.kinds.split(",") if k]
     base = llm_kwargs(args)
