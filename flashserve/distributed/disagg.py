@@ -297,13 +297,8 @@ class DisaggregatedCore:
             progressed.requests.append(request)
             progressed.counts.append(n)
         for request, n in self.decode.update(plan.decode, result.decode):
-            before = len(request.output_token_ids)
-            status = self.stop.check(request, n)
-            if status is not None:
-                self.finish_request(request.request_id, status)
-                progressed.finished.append(request)
             progressed.requests.append(request)
-            progressed.counts.append(n - (before - len(request.output_token_ids)))  # kept ones
+            progressed.counts.append(self.stop.retire(request, n, self.finish_request, progressed.finished))
         return progressed
 
 

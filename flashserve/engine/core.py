@@ -49,16 +49,11 @@ class EngineCore:
         if self.speculation is not None:
             self.speculation.observe(plan, result)
         tokens = self.scheduler.update(plan, result)
-        check, finish = self.stop.check, self.scheduler.finish_request
+        retire, finish = self.stop.retire, self.scheduler.finish_request
         requests, counts = tokens.requests, tokens.counts
         for i in tokens.maybe_stopped:  # the others stop nothing (StopChecker.check's shortcut)
-            request = requests[i]
-            n = 1 if counts is None else counts[i]
-            before = len(request.output_token_ids)
-            status = check(request, n)
-            if status is not None:
-                if counts is not None:  # tokens after the stopping one were dropped
-                    counts[i] = n - (before - len(request.output_token_ids))
-                finish(request.request_id, status)
-                tokens.finished.append(request)
+            if counts is None:  # one token each: a stop keeps it
+                retire(requests[i], 1, finish, tokens.finished)
+            else:
+                counts[i] = retire(requests[i], counts[i], finish, tokens.finished)
         return tokens

@@ -10,6 +10,8 @@ before it searches its text for stop strings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flashserve.request import Request, RequestStatus
 
 
@@ -45,3 +47,14 @@ class StopChecker:
             del request.output_logprobs[count:]
             return status
         return None
+
+    def retire(self, request: Request, num_new: int, finish: Callable[[str, RequestStatus], object],
+               finished: list[Request]) -> int:
+        """``check``, then a stopped request is finished (``finish(request_id, status)``) and
+        appended to ``finished``. Returns how many of the ``num_new`` tokens it kept."""
+        before = len(request.output_token_ids)
+        status = self.check(request, num_new)
+        if status is not None:
+            finish(request.request_id, status)
+            finished.append(request)
+        return num_new - (before - len(request.output_token_ids))
