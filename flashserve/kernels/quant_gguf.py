@@ -182,25 +182,32 @@ def _views(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 GEMV_MAX_M = 8  # rows from which the flat GEMM (tensor cores) takes over
-GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 8 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 289 us against 88)
-GEMV_TILE = 4096  # weights a one- or two-row GEMV program decodes per step
+GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 8 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 128 us against 88)
+GEMV_TILE = 16384  # x rows x weight rows x K columns one GEMV program multiplies per step
 
 
 class GemvTile(NamedTuple):
     rows: int  # x rows per program (M padded to a power of two)
     block_n: int
     block_k: int
+    num_warps: int = 4
 
 
 def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> GemvTile:
-    """Weight rows per program: 16, halved while that leaves fewer than two programs per SM
-    (down to one row), then the widest K tile (up to K) within ``GEMV_TILE`` weights, fewer for more x rows (the
-    ``rows x block_n x block_k`` products sit in registers)."""
+    """Weight rows per program: 8, halved while that leaves fewer than three programs per SM or
+    a step's products (``rows x block_n x block_k``) exceed ``GEMV_TILE``; then K in as few
+    steps as possible, up to 1024 columns for one or two weight rows, 256 for eight. These
+    products are latency-bound: many programs, each walking K in one or two steps, beat fewer,
+    longer ones. Fitted to an H200 sweep over SmolLM2-135M's and Gemma-3-270M-shaped products at
+    1, 2 and 5 rows (docs/quantization.md): within 5% of the best tile at most shapes."""
     rows = next_power_of_2(m)
-    block_n = 16
-    while block_n > 1 and cdiv(n, block_n) < 2 * num_sms(device):
+    block_k = min(next_power_of_2(k), 1024)
+    block_n = 8
+    while block_n > 1 and (cdiv(n, block_n) < 3 * num_sms(device) or rows * block_n * block_k > GEMV_TILE):
         block_n //= 2
-    block_k = min(next_power_of_2(k), max(32, GEMV_TILE // max(1, rows // 2) // block_n))
+    block_k = min(block_k, max(256, GEMV_TILE // (block_n * block_n)))
+    while rows * block_n * block_k > GEMV_TILE:
+        block_k //= 2
     return GemvTile(rows, block_n, block_k)
 
 
@@ -216,7 +223,7 @@ def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, tile: GemvTile | N
         return out
     _gguf_gemv_kernel[(cdiv(n, t.block_n),)](
         x, u8, i8, f16, out, m, n, k, row_bytes, x.stride(0), out.stride(0),
-        QTYPE=GGUF_CODES[qtype], ROWS=t.rows, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=4,
+        QTYPE=GGUF_CODES[qtype], ROWS=t.rows, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
         **pdl.launch_args(x.device),
     )
     return out

@@ -43,8 +43,10 @@ def test_gguf_gemv_matches_block_decoder(device, dtype, qtype, m, tile):
 
 def test_gguf_gemv_tiles_and_dispatch(device):
     """Small matrices spread over many programs; gguf_matmul sends up to 8 rows to the GEMV."""
-    assert gemv_tile(1, 576, 576) == GemvTile(1, 2, 1024)  # 288 programs, K in one tile
-    assert gemv_tile(1, 49152, 576) == GemvTile(1, 16, 256)
+    assert gemv_tile(1, 576, 576) == GemvTile(1, 1, 1024)  # 576 programs, K in one step
+    assert gemv_tile(1, 3072, 576) == GemvTile(1, 4, 1024)
+    assert gemv_tile(1, 49152, 576) == GemvTile(1, 8, 256)  # eight weight rows: shorter K steps
+    assert gemv_tile(5, 3072, 576) == GemvTile(8, 2, 1024)  # 8 x 2 x 1024 products a step at most
     assert gemv_tile(5, 192, 576).rows == 8 and gemv_tile(5, 192, 576).block_n == 1
     raw = random_gguf_blocks("Q4_1", 8, 64).to(device)
     with pytest.raises(ValueError, match="at most 4 rows"):
