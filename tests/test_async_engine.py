@@ -119,9 +119,7 @@ def test_unread_stream_holds_deltas_then_is_dropped(llm):
         stream = await eng.add_request("slow", "Once upon a time", SamplingParams(max_tokens=300, temperature=0,
                                                                                    ignore_eos=True))
         await asyncio.wait_for(stream.dropped.wait(), 120)  # nobody reads: the buffer fills, the request is aborted
-        buffered = []
-        while not stream.queue.empty():
-            buffered.append(stream.queue.get_nowait())
+        buffered = list(stream.items)
         assert len(buffered) == 5 and isinstance(buffered[-1], StreamOverflow)
         # The buffer holds each step's new tokens only, not growing copies of the whole output.
         assert [len(o.outputs[0].token_ids) for o in buffered[:-1]] == [1, 1, 1, 1]
