@@ -77,24 +77,25 @@ class _Stream:
     step's items in one callback (``AsyncLLMEngine._publish``), not one wake-up per request; the
     reader takes everything buffered at once (``take``)."""
 
-    __slots__ = ("loop", "limit", "items", "dropped", "pending", "lock", "waiter")
+    __slots__ = ("loop", "limit", "items", "dropped", "sent", "taken", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.loop = loop
         self.limit = limit
         self.items: collections.deque[RequestOutput | BaseException] = collections.deque()  # event loop only
         self.dropped = asyncio.Event()
-        self.pending = 0  # items sent and not yet taken by the reader
-        self.lock = threading.Lock()
+        # Each counter has one writer, so no lock: the engine thread may read ``taken`` late, which
+        # only makes the buffer look fuller than it is.
+        self.sent = 0  # items the engine thread sent (engine thread only)
+        self.taken = 0  # items the reader took (event loop only)
         self.waiter: asyncio.Future[None] | None = None  # the reader, waiting for an item
 
     def reserve(self, error: bool = False) -> bool:
         """Engine thread: count one more item in flight; False when the buffer is full (errors
         always fit)."""
-        with self.lock:
-            if not error and self.pending >= self.limit:
-                return False
-            self.pending += 1
+        if not error and self.sent - self.taken >= self.limit:
+            return False
+        self.sent += 1
         return True
 
     def deliver(self, item: RequestOutput | BaseException) -> None:
@@ -131,8 +132,7 @@ class _Stream:
             await self.waiter
         items = list(self.items)
         self.items.clear()
-        with self.lock:
-            self.pending -= len(items)
+        self.taken += len(items)
         return items
 
 
