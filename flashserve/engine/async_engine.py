@@ -180,35 +180,41 @@ class _Accumulator:
     ``token_ids`` / ``logprobs`` lists with later ones (they keep growing); copy to keep."""
 
     def __init__(self) -> None:
-        self.choices: dict[int, CompletionOutput] = {}
+        self.choices: dict[int, CompletionOutput] = {}  # index -> text, token ids, logprobs so far
+
+    def _fold(self, d: CompletionOutput) -> CompletionOutput:
+        """Add one choice's delta to what that choice has so far."""
+        acc = self.choices.get(d.index)
+        if acc is None:
+            acc = self.choices[d.index] = CompletionOutput(d.index, "", [], None,
+                                                           logprobs=None if d.logprobs is None else [])
+        if d.text_delta:
+            acc.text += d.text_delta
+        acc.token_ids.extend(d.token_ids)
+        if acc.logprobs is not None and d.logprobs:
+            acc.logprobs.extend(d.logprobs)
+        return acc
 
     def add(self, deltas: list[RequestOutput]) -> RequestOutput:
-        """One output for ``deltas`` (in order, at least one); reuses the last delta's object."""
+        """One cumulative output for ``deltas`` (in order, at least one), made from the last one
+        (the deltas are the reader's own: ``_trim``)."""
+        last = deltas[-1]
+        if len(deltas) == 1:  # the usual case: the reader keeps up
+            for d in last.outputs:
+                acc = self._fold(d)
+                d.text, d.token_ids, d.logprobs = acc.text, acc.token_ids, acc.logprobs
+            return last
         texts: dict[int, str] = {}
         counts: dict[int, int] = {}
         for delta in deltas:
             for d in delta.outputs:
-                acc = self.choices.get(d.index)
-                if acc is None:
-                    acc = self.choices[d.index] = CompletionOutput(d.index, "", [], None,
-                                                                   logprobs=None if d.logprobs is None else [])
-                if d.text_delta:
-                    acc.text += d.text_delta
-                    texts[d.index] = texts.get(d.index, "") + d.text_delta
-                acc.token_ids.extend(d.token_ids)
-                if acc.logprobs is not None and d.logprobs:
-                    acc.logprobs.extend(d.logprobs)
-                acc.finish_reason, acc.stop_reason = d.finish_reason, d.stop_reason
-                acc.cumulative_logprob = d.cumulative_logprob
+                self._fold(d)
+                texts[d.index] = texts.get(d.index, "") + d.text_delta
                 counts[d.index] = counts.get(d.index, 0) + d.num_new_tokens
-        last = deltas[-1]
-        outputs = []
         for d in last.outputs:
             acc = self.choices[d.index]
-            outputs.append(CompletionOutput(acc.index, acc.text, acc.token_ids, acc.finish_reason, acc.stop_reason,
-                                            acc.logprobs, texts.get(d.index, ""), counts[d.index],
-                                            acc.cumulative_logprob))
-        last.outputs = outputs
+            d.text, d.token_ids, d.logprobs = acc.text, acc.token_ids, acc.logprobs
+            d.text_delta, d.num_new_tokens = texts[d.index], counts[d.index]
         return last
 
 

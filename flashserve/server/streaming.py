@@ -100,7 +100,10 @@ class ChunkEncoder:
 
     def event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         tail = self._tail if usage is None else f", \"usage\": {json.dumps(usage)}}}\n\n"
-        return self._head + json.dumps(choices, ensure_ascii=False) + tail
+        return self._head + _encode(choices) + tail
+
+
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(x, ensure_ascii=False) without a new encoder per call
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
