@@ -74,8 +74,8 @@ class _Stream:
     """Where the engine thread sends one request's outputs (as deltas), bounded by ``limit``.
 
     The engine thread counts each item it sends (``reserve``) and hands the event loop a whole
-    step's items in one callback (``AsyncLLMEngine._publish``), not one wake-up per request; the
-    reader takes everything buffered at once (``take``)."""
+    step's items in one callback (``_deliver``, from ``AsyncLLMEngine._run``), not one wake-up per
+    request; the reader takes everything buffered at once (``take``)."""
 
     __slots__ = ("loop", "limit", "items", "dropped", "sent", "taken", "waiter")
 
@@ -164,7 +164,7 @@ def _trim(out: RequestOutput) -> RequestOutput:
     """The step's progress only: each choice's new token ids and logprobs, text_delta, and no
     cumulative text (the engine thread keeps nothing that grows with the stream's backlog).
     The engine builds a fresh ``RequestOutput`` and ``CompletionOutput`` copies for every output
-    (``LLMEngine._parent_output``, ``BeamSearch.advance``), so they are trimmed in place."""
+    (``LLMEngine._parent_output``, ``BeamSearchDriver.advance``), so they are trimmed in place."""
     for c in out.outputs:
         k = c.num_new_tokens
         c.text = ""
