@@ -119,9 +119,7 @@ def test_unread_stream_holds_deltas_then_is_dropped(llm):
         stream = await eng.add_request("slow", "Once upon a time", SamplingParams(max_tokens=300, temperature=0,
                                                                                    ignore_eos=True))
         await asyncio.wait_for(stream.dropped.wait(), 120)  # nobody reads: the buffer fills, the request is aborted
-        buffered = []
-        while not stream.queue.empty():
-            buffered.append(stream.queue.get_nowait())
+        buffered = list(stream.items)
         assert len(buffered) == 5 and isinstance(buffered[-1], StreamOverflow)
         # The buffer holds each step's new tokens only, not growing copies of the whole output.
         assert [len(o.outputs[0].token_ids) for o in buffered[:-1]] == [1, 1, 1, 1]
@@ -158,3 +156,25 @@ def test_iterate_rebuilds_cumulative_outputs_and_abort_all_ends_streams(llm):
         asyncio.run(main())
     finally:
         eng.shutdown()
+
+
+def test_deltas_that_piled_up_come_as_one_output(llm):
+    eng = AsyncLLMEngine(llm.engine, max_pending=1)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def main() -> list[tuple[int, int, str, str]]:
+        stream = await eng.add_request("late", "The capital of France is", params)
+        while len(stream.items) < 3:  # nobody reads yet: three steps' deltas wait in the buffer
+            await asyncio.sleep(0.01)
+        # (new tokens, tokens so far, text delta, text so far); the outputs share growing lists
+        return [(c.num_new_tokens, len(c.token_ids), c.text_delta, c.text)
+                async for out in eng.iterate("late", stream) for c in out.outputs]
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert seen[0][0] >= 3 and seen[0][1] == seen[0][0] and seen[0][2] == seen[0][3]
+    assert len(seen) < 8 and sum(s[0] for s in seen) == seen[-1][1] == 8
+    assert seen[-1][3] == "".join(s[2] for s in seen)
+    assert seen[-1][3] == llm.generate("The capital of France is", params, use_tqdm=False)[0].text

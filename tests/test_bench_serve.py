@@ -9,7 +9,16 @@ import sys
 
 import pytest
 
-from flashserve.bench.serve import RequestResult, add_arguments, build_bodies, format_table, plot_positions, summarize
+from flashserve.bench.serve import (
+    RequestResult,
+    StreamClient,
+    add_arguments,
+    build_bodies,
+    format_table,
+    plot_positions,
+    send_request,
+    summarize,
+)
 
 
 def test_summarize_percentiles_and_throughput():
@@ -34,6 +43,47 @@ def test_unbounded_rate_is_plotted_apart_from_the_sweep():
     assert xs[:3] == [1.0, x_inf, 4.0] and xs[3:] == xs[:3]
     assert x_inf > 4.0  # right of every offered rate, not at its achieved 2.5 req/s inside the sweep
     assert plot_positions([{"request_rate": 2.0}]) == ([2.0], None)
+
+
+def test_stream_client_reads_each_framing():
+    """The bench's own HTTP client: chunks split anywhere (CRLF event ends), a length-delimited
+    error, a close-delimited stream; against a scripted asyncio server."""
+    import asyncio
+
+    def chunked(body: bytes, cut: int) -> bytes:
+        parts = [body[i : i + cut] for i in range(0, len(body), cut)]
+        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+    events = b"".join(b'data: {"choices": [{"index": 0, "text": "%s"}]}\r\n\r\n' % t for t in (b"a", b"b", b"c"))
+    events += b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}\n\ndata: [DONE]\n\n'
+    error = b'{"error": {"message": "busy"}}'
+    replies = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked(events, 7),
+               b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: %d\r\n\r\n%s" % (len(error), error),
+               b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + events]
+    bodies: list[dict] = []
+
+    async def main() -> list[RequestResult]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            bodies.append(json.loads(await reader.readexactly(length)))
+            writer.write(replies[len(bodies) - 1])
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = StreamClient(f"http://127.0.0.1:{port}/v1/completions", {"Authorization": "Bearer k"})
+        async with server:
+            return [await send_request(client, {"prompt": "hi", "n": i}, False, 10.0) for i in range(3)]
+
+    ok, refused, closed = asyncio.run(main())
+    assert [b["n"] for b in bodies] == [0, 1, 2]
+    for r in (ok, closed):
+        assert r.ok and r.error is None and r.output_tokens == 3 and r.prompt_len == 4 and len(r.itl) == 2, r
+    assert not refused.ok and refused.error == f"HTTP 429: {error.decode()}"
+    with pytest.raises(ValueError, match="http"):
+        StreamClient("ftp://x/v1", {})
 
 
 def test_token_id_prompts_have_exact_lengths():

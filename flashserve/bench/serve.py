@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import random
+import ssl
 import sys
 import time
+import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,37 +130,107 @@ def random_token_prompts(n: int, tokens: int, vocab_size: int, rng: random.Rando
     return [[rng.randrange(FIRST_PROMPT_ID, vocab_size) for _ in range(max(1, tokens))] for _ in range(n)]
 
 
-def _iter_sse(buffer: str) -> tuple[list[str], str]:
-    """Split complete ``data:`` payloads off the front of an SSE buffer."""
-    events, rest = [], buffer
-    while "\n\n" in rest:
-        event, rest = rest.split("\n\n", 1)
-        for line in event.splitlines():
-            if line.startswith("data:"):
-                events.append(line[5:].strip())
-    return events, rest
+class StreamClient:
+    """POSTs streaming requests to one URL over plain asyncio connections, one per request.
+
+    It parses only what a streamed response needs (status line, headers, chunked or
+    length-delimited or close-delimited body), so the client's cost per streamed token stays far
+    below the server's: through httpx (httpcore, anyio, h11) this 2-core Xeon spent about 100 us
+    of client CPU per token, nearly a core at the 9,000 tok/s of 45 req/s x 200 tokens. Proxies
+    from the environment are not used."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--base-url must be an http:// or https:// URL, got {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        fields = {"Host": parts.netloc.rsplit("@", 1)[-1], "Content-Type": "application/json",
+                  "Accept": "text/event-stream", "Connection": "close", **headers}
+        self._head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+
+    async def post(self, body: dict[str, Any]) -> tuple[int, AsyncIterator[bytes], asyncio.StreamWriter]:
+        """Send ``body``; (status, the response body's pieces, the connection to close)."""
+        payload = json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+        try:
+            writer.write(f"{self._head}Content-Length: {len(payload)}\r\n\r\n".encode("latin-1") + payload)
+            status_line = await reader.readline()
+            parts = status_line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+                raise ConnectionError(f"not an HTTP response: {status_line[:80]!r}")
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        except BaseException:
+            writer.close()
+            raise
+        return int(parts[1]), _body(reader, headers), writer
 
 
-async def send_request(client: Any, url: str, body: dict[str, Any], chat: bool, timeout: float) -> RequestResult:
+async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """The pieces of a response body, as framed by ``headers``."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("the connection closed inside the response")
+            size = int(line.split(b";", 1)[0], 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return
+            yield (await reader.readexactly(size + 2))[:-2]
+    elif "content-length" in headers:
+        remaining = int(headers["content-length"])
+        while remaining > 0:
+            piece = await reader.read(min(remaining, 1 << 16))
+            if not piece:
+                raise ConnectionError("the connection closed inside the response")
+            remaining -= len(piece)
+            yield piece
+    else:
+        while piece := await reader.read(1 << 16):
+            yield piece
+
+
+def _split_sse(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Split the ``data:`` payloads of complete events off the front of an SSE buffer."""
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    *events, rest = buffer.split(b"\n\n")
+    payloads = []
+    for event in events:
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                payloads.append(line[5:].strip())
+    return payloads, rest
+
+
+async def send_request(client: StreamClient, body: dict[str, Any], chat: bool, timeout: float) -> RequestResult:
     """POST one streaming request; timestamp each content chunk."""
     start = time.perf_counter()
     result = RequestResult(ok=False)
     chunks = 0
     usage_tokens: int | None = None
     last = start
+    writer = None
     try:
         async with asyncio.timeout(timeout):
-            async with client.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    text = (await response.aread()).decode(errors="replace")
-                    result.error = f"HTTP {response.status_code}: {text[:200]}"
+            status, pieces, writer = await client.post(body)
+            async with contextlib.aclosing(pieces):
+                if status != 200:
+                    text = b"".join([piece async for piece in pieces]).decode(errors="replace")
+                    result.error = f"HTTP {status}: {text[:200]}"
                     return result
-                buffer = ""
-                async for piece in response.aiter_text():
-                    buffer += piece
-                    events, buffer = _iter_sse(buffer)
+                buffer = b""
+                async for piece in pieces:
+                    events, buffer = _split_sse(buffer + piece)
                     for data in events:
-                        if data == "[DONE]":
+                        if data == b"[DONE]":
                             continue
                         payload = json.loads(data)
                         if "error" in payload:
@@ -185,6 +259,9 @@ async def send_request(client: Any, url: str, body: dict[str, Any], chat: bool, 
         result.error = f"timed out after {timeout}s"
     except Exception as e:  # network errors and malformed streams are results, not crashes
         result.error = f"{type(e).__name__}: {e}"
+    finally:
+        if writer is not None:
+            writer.close()
     return result
 
 
@@ -219,16 +296,16 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     }
 
 
-async def run_load(client: Any, url: str, bodies: list[dict[str, Any]], chat: bool, rate: float,
+async def run_load(client: StreamClient, bodies: list[dict[str, Any]], chat: bool, rate: float,
                    concurrency: int | None, timeout: float, max_duration: float, rng: random.Random) -> dict[str, Any]:
     """Send ``bodies`` as a Poisson stream at ``rate`` (at most ``concurrency`` in flight)."""
     semaphore = asyncio.Semaphore(concurrency) if concurrency else None
 
     async def one(body: dict[str, Any]) -> RequestResult:
         if semaphore is None:
-            return await send_request(client, url, body, chat, timeout)
+            return await send_request(client, body, chat, timeout)
         async with semaphore:
-            return await send_request(client, url, body, chat, timeout)
+            return await send_request(client, body, chat, timeout)
 
     start = time.perf_counter()
     tasks: list[asyncio.Task[RequestResult]] = []
@@ -400,7 +477,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             response.raise_for_status()
             model = response.json()["data"][0]["id"]
         chat = args.endpoint == "chat"
-        url = f"{base}/chat/completions" if chat else f"{base}/completions"
+        streams = StreamClient(f"{base}/chat/completions" if chat else f"{base}/completions", headers)
         prompt_len = args.hostile_prompt_len
         vocab_size = args.vocab_size
         if args.hostile or (args.prompt_token_ids and vocab_size is None):
@@ -420,7 +497,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                     rng = random.Random(args.seed * 1000 + len(runs))
                     bodies = build_bodies(args, model, chat, fmt, rng, vocab_size)
                     label = fmt + ("+hostile" if hostile else "")
-                    load = run_load(client, url, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
+                    load = run_load(streams, bodies, chat, rate, args.concurrency, args.timeout, args.max_duration, rng)
                     if hostile:
                         attack = _hostile(client, base, model, headers, prompt_len, args)
                         summary, outcomes = await asyncio.gather(load, attack)

@@ -16,8 +16,10 @@ Admission control counts sequences (a request with ``n`` choices is n sequences)
 fit (ValueError) from one that must wait (``EngineOverloaded``, with a retry delay).
 
 Streams: the engine thread sends each request's progress as deltas (new text, new token ids, new
-logprobs) to a bounded per-request buffer; ``iterate`` rebuilds the cumulative ``RequestOutput``
-on the reading side, so an unread stream costs memory linear in its length, not quadratic. When a
+logprobs) to a bounded per-request buffer, a whole step's deltas in one event-loop callback (one
+wake-up per step, not per request); ``iterate`` rebuilds the cumulative ``RequestOutput`` on the
+reading side, so an unread stream costs memory linear in its length, not quadratic, and joins the
+deltas that piled up while its reader was busy into one output. When a
 reader falls ``max_stream_buffer`` outputs behind (a client that stopped reading), its request is
 aborted, its stream ends with ``StreamOverflow`` and ``dropped`` is set. Leaving a stream early
 (break, cancellation, a client that went away) aborts the request, which frees its KV blocks on
@@ -35,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flashserve.engine.llm_engine import EngineStats, LLMEngine
@@ -68,25 +70,49 @@ class StreamOverflow(RuntimeError):
     """The reader of a stream fell too far behind; its request was aborted."""
 
 
-@dataclass
 class _Stream:
-    """Where the engine thread sends one request's outputs (as deltas), bounded by ``limit``."""
+    """Where the engine thread sends one request's outputs (as deltas), bounded by ``limit``.
 
-    loop: asyncio.AbstractEventLoop
-    limit: int
-    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
-    dropped: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: int = 0  # items sent and not yet taken by the reader
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    The engine thread counts each item it sends (``reserve``) and hands the event loop a whole
+    step's items in one callback (``_deliver``, from ``AsyncLLMEngine._run``), not one wake-up per
+    request; the reader takes everything buffered at once (``take``)."""
+
+    __slots__ = ("loop", "limit", "items", "dropped", "sent", "taken", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.items: collections.deque[RequestOutput | BaseException] = collections.deque()  # event loop only
+        self.dropped = asyncio.Event()
+        # Each counter has one writer, so no lock: the engine thread may read ``taken`` late, which
+        # only makes the buffer look fuller than it is.
+        self.sent = 0  # items the engine thread sent (engine thread only)
+        self.taken = 0  # items the reader took (event loop only)
+        self.waiter: asyncio.Future[None] | None = None  # the reader, waiting for an item
+
+    def reserve(self, error: bool = False) -> bool:
+        """Engine thread: count one more item in flight; False when the buffer is full (errors
+        always fit)."""
+        if not error and self.sent - self.taken >= self.limit:
+            return False
+        self.sent += 1
+        return True
+
+    def deliver(self, item: RequestOutput | BaseException) -> None:
+        """Event loop: buffer an item that ``reserve`` counted and wake the reader."""
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def put(self, item: RequestOutput | BaseException) -> bool:
-        """Called from the engine thread; False (nothing queued) when the buffer is full."""
-        with self.lock:
-            if not isinstance(item, BaseException) and self.pending >= self.limit:
-                return False
-            self.pending += 1
+        """Called from the engine thread for a single item; False (nothing queued) when the buffer is full."""
+        if not self.reserve(isinstance(item, BaseException)):
+            return False
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.deliver, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
         return True
@@ -99,11 +125,15 @@ class _Stream:
         except RuntimeError:
             pass
 
-    async def get(self) -> RequestOutput | BaseException:
-        item = await self.queue.get()
-        with self.lock:
-            self.pending -= 1
-        return item
+    async def take(self) -> list[RequestOutput | BaseException]:
+        """Every buffered item, in order, once there is at least one."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        items = list(self.items)
+        self.items.clear()
+        self.taken += len(items)
+        return items
 
 
 @dataclass
@@ -130,39 +160,68 @@ class _Call:
             self.future.set_result(result)
 
 
-def _delta(out: RequestOutput) -> RequestOutput:
+def _trim(out: RequestOutput) -> RequestOutput:
     """The step's progress only: each choice's new token ids and logprobs, text_delta, and no
-    cumulative text (the engine thread keeps nothing that grows with the stream's backlog)."""
-    outputs = []
+    cumulative text (the engine thread keeps nothing that grows with the stream's backlog).
+    The engine builds a fresh ``RequestOutput`` and ``CompletionOutput`` copies for every output
+    (``LLMEngine._parent_output``, ``BeamSearchDriver.advance``), so they are trimmed in place."""
     for c in out.outputs:
         k = c.num_new_tokens
-        new_ids = c.token_ids[len(c.token_ids) - k :]
-        new_lp = None if c.logprobs is None else c.logprobs[len(c.logprobs) - k :]
-        outputs.append(replace(c, text="", token_ids=new_ids, logprobs=new_lp))
-    return replace(out, outputs=outputs)
+        c.text = ""
+        c.token_ids = c.token_ids[len(c.token_ids) - k :] if k else []
+        if c.logprobs is not None:
+            c.logprobs = c.logprobs[len(c.logprobs) - k :] if k else []
+    return out
 
 
 class _Accumulator:
-    """Rebuilds cumulative outputs from deltas on the reading side. The yielded outputs share
-    their ``token_ids`` / ``logprobs`` lists with later ones (they keep growing); copy to keep."""
+    """Rebuilds cumulative outputs from deltas on the reading side; several deltas that arrived
+    together become one output (their text and tokens joined). The yielded outputs share their
+    ``token_ids`` / ``logprobs`` lists with later ones (they keep growing); copy to keep."""
 
     def __init__(self) -> None:
-        self.choices: dict[int, CompletionOutput] = {}
+        self.choices: dict[int, CompletionOutput] = {}  # index -> text, token ids, logprobs so far
 
-    def add(self, delta: RequestOutput) -> RequestOutput:
-        outputs = []
-        for d in delta.outputs:
-            acc = self.choices.get(d.index)
-            if acc is None:
-                acc = self.choices[d.index] = CompletionOutput(d.index, "", [], None,
-                                                               logprobs=None if d.logprobs is None else [])
+    def _fold(self, d: CompletionOutput) -> CompletionOutput:
+        """Add one choice's delta to what that choice has so far."""
+        acc = self.choices.get(d.index)
+        if acc is None:
+            acc = self.choices[d.index] = CompletionOutput(d.index, "", [], None,
+                                                           logprobs=None if d.logprobs is None else [])
+        if d.text_delta:
             acc.text += d.text_delta
-            acc.token_ids.extend(d.token_ids)
-            if acc.logprobs is not None and d.logprobs:
-                acc.logprobs.extend(d.logprobs)
-            acc.finish_reason, acc.stop_reason = d.finish_reason, d.stop_reason
-            outputs.append(replace(acc, text_delta=d.text_delta, num_new_tokens=d.num_new_tokens))
-        return replace(delta, outputs=outputs)
+        acc.token_ids.extend(d.token_ids)
+        if acc.logprobs is not None and d.logprobs:
+            acc.logprobs.extend(d.logprobs)
+        return acc
+
+    def add(self, deltas: list[RequestOutput]) -> RequestOutput:
+        """One cumulative output for ``deltas`` (in order, at least one), made from the last one
+        (the deltas are the reader's own: ``_trim``)."""
+        last = deltas[-1]
+        if len(deltas) == 1:  # the usual case: the reader keeps up
+            for d in last.outputs:
+                acc = self._fold(d)
+                d.text, d.token_ids, d.logprobs = acc.text, acc.token_ids, acc.logprobs
+            return last
+        texts: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        for delta in deltas:
+            for d in delta.outputs:
+                self._fold(d)
+                texts[d.index] = texts.get(d.index, "") + d.text_delta
+                counts[d.index] = counts.get(d.index, 0) + d.num_new_tokens
+        for d in last.outputs:
+            acc = self.choices[d.index]
+            d.text, d.token_ids, d.logprobs = acc.text, acc.token_ids, acc.logprobs
+            d.text_delta, d.num_new_tokens = texts[d.index], counts[d.index]
+        return last
+
+
+def _deliver(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    """Event loop: hand a step's outputs to their streams."""
+    for stream, out in batch:
+        stream.deliver(out)
 
 
 class AsyncLLMEngine:
@@ -294,19 +353,25 @@ class AsyncLLMEngine:
         return stream
 
     async def iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        """The request's cumulative outputs; the deltas a slow reader let pile up come as one."""
         finished = False
         acc = _Accumulator()
         try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finished:
-                    finished = True
-                yield acc.add(item)
-                if finished:
-                    return
+            while not finished:
+                outputs: list[RequestOutput] = []
+                error: BaseException | None = None
+                for item in await stream.take():
+                    if isinstance(item, BaseException):
+                        error = item
+                        break
+                    outputs.append(item)
+                    if item.finished:
+                        break
+                finished = error is not None or outputs[-1].finished
+                if outputs:
+                    yield acc.add(outputs)
+                if error is not None:
+                    raise error
         finally:
             self._in_flight.pop(request_id, None)
             if not finished:
@@ -413,13 +478,23 @@ class AsyncLLMEngine:
                 self._fail_all(engine, EngineError(f"engine step failed: {e}"))
                 continue
             self._steps += 1
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-                if stream is not None and not stream.put(_delta(out)):
+                if stream is None:
+                    continue
+                if stream.reserve():
+                    batches.setdefault(stream.loop, []).append((stream, _trim(out)))
+                else:
                     self._drop(engine, out.request_id, stream)
             self._stats = engine.stats()
+            for loop, batch in batches.items():
+                try:  # one wake-up of the event loop per step, whatever the number of streams
+                    loop.call_soon_threadsafe(_deliver, batch)
+                except RuntimeError:  # the event loop is closed: nobody is listening any more
+                    pass
 
     def _drop(self, engine: LLMEngine, request_id: str, stream: _Stream) -> None:
         """A reader fell ``max_stream_buffer`` outputs behind: abort its request, end its stream."""

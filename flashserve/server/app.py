@@ -42,9 +42,9 @@ from flashserve.server.metrics import ServerMetrics
 from flashserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.server.streaming import (
     Admitted,
+    ChunkEncoder,
     SSEResponse,
     Usage,
-    chunk_maker,
     engine_error,
     final_outputs,
     stream_events,
@@ -277,7 +277,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                                  **extra})
         request_id, admitted = await admit("cmpl", request, encoded, params)
 
-        chunk = chunk_maker(request_id, "text_completion", created, state.model_name, body.include_usage)
+        chunks = ChunkEncoder(request_id, "text_completion", created, state.model_name, body.include_usage)
 
         if body.stream:
             text_pos: dict[int, int] = {}  # text offset of each choice's next chunk (for logprobs)
@@ -287,7 +287,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                 text_pos[idx] = len(c.text)
                 return {"index": idx, "text": c.text_delta, "logprobs": lp, "finish_reason": c.finish_reason}
 
-            events = stream_events(engine, admitted, metrics, n, want_lp, chunk, body.include_usage, choice)
+            events = stream_events(engine, admitted, metrics, n, want_lp, chunks, body.include_usage, choice)
             return stream_response(events, admitted)
 
         final = await final_outputs(engine, request, admitted, metrics)
@@ -329,7 +329,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                                  "usage": usage_of(outputs), **extra})
         request_id, admitted = await admit("chatcmpl", request, [(prompt, ids)], params)
 
-        chunk = chunk_maker(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage)
+        chunks = ChunkEncoder(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage)
 
         if body.stream:
             async def choice(idx: int, c: CompletionOutput, new_lp: list | None) -> dict[str, Any] | None:
@@ -347,7 +347,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
 
             roles = [{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for idx in range(params.n)]
-            events = stream_events(engine, admitted, metrics, params.n, want_lp, chunk, body.include_usage,
+            events = stream_events(engine, admitted, metrics, params.n, want_lp, chunks, body.include_usage,
                                     choice, prelude=roles)
             return stream_response(events, admitted)
 

@@ -88,18 +88,22 @@ class SSEResponse(StreamingResponse):
                 self.on_close()
 
 
-def chunk_maker(request_id: str, obj: str, created: int, model: str,
-                 include_usage: bool) -> Callable[..., dict[str, Any]]:
-    """Builds the response objects of one request: ``chunk(choices, usage=None)``."""
+class ChunkEncoder:
+    """The SSE events of one streamed response: ``event(choices, usage=None)``. The fields every
+    chunk repeats (id, object, created, model) are encoded once, not per token; the bytes are
+    those of ``json.dumps`` of the whole chunk."""
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": model,
-                               "choices": choices}
-        if usage is not None or include_usage:
-            out["usage"] = usage
-        return out
+    def __init__(self, request_id: str, obj: str, created: int, model: str, include_usage: bool) -> None:
+        head = json.dumps({"id": request_id, "object": obj, "created": created, "model": model}, ensure_ascii=False)
+        self._head = f"data: {head[:-1]}, \"choices\": "
+        self._tail = ", \"usage\": null}\n\n" if include_usage else "}\n\n"
 
-    return chunk
+    def event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        tail = self._tail if usage is None else f", \"usage\": {json.dumps(usage)}}}\n\n"
+        return self._head + _encode(choices) + tail
+
+
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(x, ensure_ascii=False) without a new encoder per call
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -125,9 +129,16 @@ async def _merge(engine: AsyncLLMEngine, admitted: Admitted, metrics: ServerMetr
     shutdown) as aborted."""
     done: set[int] = set()
     try:
-        rid, stream = admitted[0]
-        source = _single(engine.iterate(rid, stream)) if len(admitted) == 1 else _interleave(engine, admitted)
-        async with contextlib.aclosing(source) as outputs:  # closing us closes (and aborts) them at once
+        if len(admitted) == 1:
+            rid, stream = admitted[0]
+            async with contextlib.aclosing(engine.iterate(rid, stream)) as single:  # closing us aborts it at once
+                async for out in single:
+                    if out.finished:
+                        done.add(0)
+                        _observe(metrics, out)
+                    yield 0, out
+            return
+        async with contextlib.aclosing(_interleave(engine, admitted)) as outputs:  # closing us closes (and aborts) them
             async for i, out in outputs:
                 if out.finished:
                     done.add(i)
@@ -136,12 +147,6 @@ async def _merge(engine: AsyncLLMEngine, admitted: Admitted, metrics: ServerMetr
     finally:
         for _ in range(len(admitted) - len(done)):
             metrics.observe_finished("abort", None, None, None)
-
-
-async def _single(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Indexed]:
-    async with contextlib.aclosing(outputs):  # type: ignore[type-var]
-        async for out in outputs:
-            yield 0, out
 
 
 async def _interleave(engine: AsyncLLMEngine, admitted: Admitted) -> AsyncIterator[Indexed]:
@@ -233,7 +238,7 @@ async def stream_events(
     metrics: ServerMetrics,
     n: int,
     want_lp: bool,
-    chunk: Callable[..., dict[str, Any]],
+    chunks: ChunkEncoder,
     include_usage: bool,
     choice: ChoiceFn,
     prelude: Sequence[dict[str, Any]] = (),
@@ -247,7 +252,7 @@ async def stream_events(
     finished: set[int] = set()
     try:
         for first in prelude:
-            yield _sse(chunk([first]))
+            yield chunks.event([first])
         async with contextlib.aclosing(_merge(engine, admitted, metrics)) as merged:
             async for i, out in merged:
                 for c in out.outputs:
@@ -261,13 +266,13 @@ async def stream_events(
                             sent_lp[idx] = len(c.logprobs)
                         body = await choice(idx, c, new_lp)
                         if body is not None:
-                            yield _sse(chunk([body]))
+                            yield chunks.event([body])
                     if c.finish_reason is not None:
                         finished.add(idx)
                 if out.finished:
                     usage.add(out)
         if include_usage:
-            yield _sse(chunk([], usage.as_dict()))
+            yield chunks.event([], usage.as_dict())
     except _ENGINE_ERRORS as e:
         err = engine_error(e)
         yield _sse(error_body(err.status, err.message, code=err.code))
