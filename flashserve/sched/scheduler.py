@@ -38,7 +38,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from itertools import chain, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import attrgetter
 from typing import Protocol
 
@@ -55,6 +55,7 @@ _request_id, _synchronous = attrgetter("request_id"), attrgetter("synchronous")
 _computed, _num_pending = attrgetter("num_computed_tokens"), attrgetter("num_pending_tokens")
 _num_prompt, _outputs = attrgetter("num_prompt_tokens"), attrgetter("output_token_ids")
 _awaiting, _max_outputs = attrgetter("awaiting_result"), attrgetter("max_output_tokens")
+_stop_set = attrgetter("stop_token_set")
 _new_entry = tuple.__new__
 
 
@@ -74,14 +75,30 @@ class _RunningColumns:
         self.max_tokens = np.fromiter(map(_max_outputs, requests), float, n)  # infinity: no limit
 
 
+class _DecodeChecks:
+    """What ``update`` must do for the decodes claimed at once once their tokens are back, worked
+    out by array work when they are claimed. A decode at position ``start`` has ``start + 2``
+    known tokens once its step's token is back (every token before it comes back first), so
+    which tokens complete a block and which reach ``max_tokens`` or the context is known then;
+    only a stop token must wait for the token itself."""
+
+    __slots__ = ("commit_rows", "limit_rows", "stop_ids")
+
+    def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int]) -> None:
+        self.commit_rows = commit_rows  # decodes whose token completes a block of known tokens
+        self.limit_rows = limit_rows  # decodes whose token reaches max_tokens or the context
+        self.stop_ids = stop_ids  # every stop id of the decodes (the union of their stop_token_set)
+
+
 class _Step:
     """The plan ``schedule`` builds, as it claims each request's work."""
 
-    __slots__ = ("decodes", "decode_requests", "entries", "new_requests", "preempted", "sampling")
+    __slots__ = ("decodes", "decode_requests", "decode_checks", "entries", "new_requests", "preempted", "sampling")
 
     def __init__(self) -> None:
         self.decodes: DecodeBatch | None = None  # the decodes claimed at once, ahead of the entries
         self.decode_requests: list[Request] = []  # their requests, in the batch's order
+        self.decode_checks: _DecodeChecks | None = None  # what update does for them
         self.entries: list[ScheduledRequest] = []
         self.new_requests: list[NewRequest] = []
         self.preempted: list[str] = []  # request ids preempted this step
@@ -138,8 +155,9 @@ class Scheduler:
         # Requests whose first token has not come back (``metrics.first_token_time`` is None), so
         # ``update`` reads no request's metrics but theirs.
         self._no_first_token: set[Request] = set()
-        # step id -> the requests it samples for: its decodes claimed at once, then the others by id
-        self._inflight: dict[int, tuple[list[Request], dict[str, Request]]] = {}
+        # step id -> the requests it samples for: its decodes claimed at once (with their checks),
+        # then the others by id
+        self._inflight: dict[int, tuple[list[Request], _DecodeChecks | None, dict[str, Request]]] = {}
         self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
 
     # ----------------------------------------------------------------- queue operations
@@ -281,7 +299,7 @@ class Scheduler:
             self._block_copies.clear()
         dropped = tuple(self._dropped)
         self._dropped.clear()
-        self._inflight[self.step_count] = (step.decode_requests, step.sampling)
+        self._inflight[self.step_count] = (step.decode_requests, step.decode_checks, step.sampling)
         return SchedulerOutput(step_id=self.step_count, requests=tuple(step.entries),
                                new_requests=tuple(step.new_requests), finished_ids=dropped,
                                preempted_ids=tuple(step.preempted), block_copies=copies, decodes=step.decodes)
@@ -405,6 +423,13 @@ class Scheduler:
             pending.difference_update(rids)
         step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
         step.decode_requests = requests
+        after = starts + 2  # known tokens once the step's token is back
+        stop_sets = set(map(_stop_set, requests))  # usually one shared set (request._eos_set)
+        step.decode_checks = _DecodeChecks(
+            np.flatnonzero(after % bm.block_size == 0).tolist(),
+            np.flatnonzero((after >= self.max_model_len)
+                           | (after - running.num_prompt[sel] >= running.max_tokens[sel])).tolist(),
+            stop_sets.pop() if len(stop_sets) == 1 else frozenset().union(*stop_sets))
         return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
@@ -551,9 +576,9 @@ class Scheduler:
         (``flashserve.sched.stop``): it retires requests with ``finish_request``. Requests that
         left the engine while the step ran are skipped.
         """
-        decodes, sampling = self._inflight.pop(plan.step_id)
+        decodes, checks, sampling = self._inflight.pop(plan.step_id)
         if result.tokens is not None:
-            return self._update_plain(decodes, sampling, result.tokens)
+            return self._update_plain(decodes, checks, sampling, result.tokens)
         requests: list[Request] = []
         counts: list[int] = []
         now, no_first = time.monotonic(), self._no_first_token
@@ -580,19 +605,50 @@ class Scheduler:
         # drafts or logprobs (not the hot plain step): every request goes to the stop checks
         return StepTokens(requests, counts, list(range(len(requests))))
 
-    def _update_plain(self, decodes: list[Request], sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
+    def _update_plain(self, decodes: list[Request], checks: _DecodeChecks | None, sampling: dict[str, Request],
+                      tokens: list[int]) -> StepTokens:
         """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
         request the step samples for, in plan order (``decodes``, then ``sampling`` in the order
-        it was filled in)."""
-        if len(tokens) != len(decodes) + len(sampling):
+        it was filled in). The decodes' block commits and length stops were found when they were
+        claimed (``checks``), so their loop only records the tokens."""
+        k = len(decodes)
+        if len(tokens) != k + len(sampling):
             raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples "
-                             f"{len(decodes) + len(sampling)} requests")
-        requests: list[Request] = []
-        maybe_stopped: list[int] = []
+                             f"{k + len(sampling)} requests")
         now, max_len = time.monotonic(), self.max_model_len
         running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
         no_first = self._no_first_token
-        for request, token in zip(chain(decodes, sampling.values()), tokens):
+        gone = False
+        for request, token in zip(decodes, tokens):
+            request.num_pending_tokens -= 1
+            request.awaiting_result = False
+            if request.status.finished:
+                gone = True
+                continue
+            request.output_token_ids.append(token)
+            if request in no_first:
+                no_first.discard(request)
+                request.metrics.first_token_time = now
+        requests = list(decodes)
+        maybe_stopped: list[int] = []
+        if k:
+            # the decodes that may stop: a stop id among their tokens, or max_tokens or the context reached
+            stop_ids = checks.stop_ids
+            hits = [i for i in compress(range(k), map(stop_ids.__contains__, tokens))
+                    if tokens[i] in decodes[i].stop_token_set] if stop_ids else []
+            maybe_stopped = sorted(set(checks.limit_rows).union(hits)) if hits else checks.limit_rows
+            commit_rows = checks.commit_rows
+            if gone:  # requests that left while the step ran got nothing: drop them, renumber the rest
+                alive = [not r.status.finished for r in decodes]
+                index = list(accumulate(alive, initial=-1))[1:]  # alive request i's index among those kept
+                requests = list(compress(decodes, alive))
+                maybe_stopped = [index[i] for i in maybe_stopped if alive[i]]
+                commit_rows = [i for i in commit_rows if alive[i]]
+            for i in commit_rows:  # still running: the block its token completed may be registered now
+                request = decodes[i]
+                if request.request_id in running:
+                    commit(request)
+        for request, token in zip(sampling.values(), tokens[k:]):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
