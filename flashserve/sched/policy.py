@@ -32,6 +32,7 @@ Policies
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -54,8 +55,9 @@ class SchedulingPolicy:
         """True when ``a`` should be served strictly before ``b``."""
         return self.sort_key(a) < self.sort_key(b)
 
-    def begin_step(self, requests: list[Request]) -> None:
-        """Hook called once at the start of each step with every unfinished request."""
+    def begin_step(self, requests: Iterable[Request]) -> None:
+        """Hook called once at the start of each step with every unfinished request (a view of the
+        scheduler's requests: iterate it, keep no reference)."""
 
     def on_scheduled(self, request: Request, num_tokens: int) -> None:
         """Hook for stateful policies (e.g. MLFQ quanta); called once per request per step."""
@@ -159,7 +161,7 @@ class MLFQPolicy(SchedulingPolicy):
     def sort_key(self, request: Request) -> tuple:
         return (self.state(request).level, request.arrival_time, request.request_id)
 
-    def begin_step(self, requests: list[Request]) -> None:
+    def begin_step(self, requests: Iterable[Request]) -> None:
         self.step += 1
         for request in requests:
             st = self.state(request)

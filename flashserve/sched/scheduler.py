@@ -55,7 +55,6 @@ _request_id, _synchronous = attrgetter("request_id"), attrgetter("synchronous")
 _computed, _num_pending = attrgetter("num_computed_tokens"), attrgetter("num_pending_tokens")
 _num_prompt, _outputs = attrgetter("num_prompt_tokens"), attrgetter("output_token_ids")
 _awaiting, _max_outputs = attrgetter("awaiting_result"), attrgetter("max_output_tokens")
-_stop_set = attrgetter("stop_token_set")
 _new_entry = tuple.__new__
 
 
@@ -87,7 +86,7 @@ class _DecodeChecks:
     def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int]) -> None:
         self.commit_rows = commit_rows  # decodes whose token completes a block of known tokens
         self.limit_rows = limit_rows  # decodes whose token reaches max_tokens or the context
-        self.stop_ids = stop_ids  # every stop id of the decodes (the union of their stop_token_set)
+        self.stop_ids = stop_ids  # every stop id of the live requests (those of the decodes among them)
 
 
 class _Step:
@@ -155,6 +154,12 @@ class Scheduler:
         # Requests whose first token has not come back (``metrics.first_token_time`` is None), so
         # ``update`` reads no request's metrics but theirs.
         self._no_first_token: set[Request] = set()
+        # Of the requests in the scheduler: how many are synchronous, and how many have each stop
+        # set (``Request.stop_token_set``, usually one shared set), so a bulk claim reads neither
+        # per request; ``_stop_ids`` is the union of those sets (None: to be made again).
+        self._num_synchronous = 0
+        self._stop_sets: dict[frozenset[int], int] = {}
+        self._stop_ids: frozenset[int] | None = frozenset()
         # step id -> the requests it samples for: its decodes claimed at once (with their checks),
         # then the others by id
         self._inflight: dict[int, tuple[list[Request], _DecodeChecks | None, dict[str, Request]]] = {}
@@ -167,13 +172,37 @@ class Scheduler:
         self.requests[request.request_id] = request
         if self.micro_batches > 1:  # plans in flight hold disjoint requests
             request.synchronous = True
-        self._track_first_token(request)
+        self._enter(request)
         self.waiting.append(request)
 
-    def _track_first_token(self, request: Request) -> None:
-        """Note a request entering the scheduler that has no first-token time yet."""
+    def _enter(self, request: Request) -> None:
+        """Count a request entering the scheduler (``_num_synchronous``, ``_stop_sets``) and note
+        it if it has no first-token time yet."""
         if request.metrics.first_token_time is None:
             self._no_first_token.add(request)
+        self._num_synchronous += request.synchronous
+        stops = request.stop_token_set
+        n = self._stop_sets.get(stops, 0)
+        self._stop_sets[stops] = n + 1
+        if not n:
+            self._stop_ids = None
+
+    def _leave(self, request: Request) -> None:
+        """Undo ``_enter`` for a request leaving the scheduler."""
+        self._no_first_token.discard(request)
+        self._num_synchronous -= request.synchronous
+        stops = request.stop_token_set
+        n = self._stop_sets.pop(stops) - 1
+        if n:
+            self._stop_sets[stops] = n
+        else:
+            self._stop_ids = None
+
+    def _live_stop_ids(self) -> frozenset[int]:
+        """Every stop id of the requests in the scheduler."""
+        if self._stop_ids is None:
+            self._stop_ids = frozenset().union(*self._stop_sets)
+        return self._stop_ids
 
     def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
         """Add ``child`` (beam search: the parent's tokens plus one) as a running request that
@@ -184,7 +213,7 @@ class Scheduler:
         if child.request_id in self.requests:
             raise ValueError(f"request id {child.request_id!r} is already in use")
         self.requests[child.request_id] = child
-        self._track_first_token(child)
+        self._enter(child)
         copies = None
         if parent.status == RequestStatus.RUNNING and parent.request_id in self._blocks_sent:
             copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_computed_tokens,
@@ -216,7 +245,7 @@ class Scheduler:
         if self.speculation is not None:
             self.speculation.on_finished(request)
         request.status = status
-        self._no_first_token.discard(request)
+        self._leave(request)
         request.metrics.finished_time = time.monotonic()
         return request
 
@@ -235,7 +264,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
         self.block_manager.host.begin_step()
-        self.policy.begin_step(list(self.requests.values()))
+        self.policy.begin_step(self.requests.values())
         budget = self.config.max_num_batched_tokens
         # Sequences per plan: an even share of those that can run for each micro-batch (with one,
         # the bound is never reached: beam forks may run past max_num_seqs, nothing else can).
@@ -370,8 +399,8 @@ class Scheduler:
         bm = self.block_manager
         # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
         num_tokens = running.num_tokens
-        at_limit = (running.num_pending > 0) & (
-            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt >= running.max_tokens))
+        end = np.minimum(running.num_prompt + running.max_tokens, self.max_model_len)  # tokens it may reach
+        at_limit = (running.num_pending > 0) & (num_tokens >= end)
         sel = np.flatnonzero(is_decode & ~(running.awaiting | at_limit))
         count = len(sel)
         if count == 0 or count > budget or count > max_seqs:
@@ -388,8 +417,9 @@ class Scheduler:
             return 0
         consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
         consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
-        for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
-            request.awaiting_result = True
+        if self._num_synchronous:
+            for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
+                request.awaiting_result = True
         if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
             rows = np.flatnonzero(needs)
             grow = rows.tolist()
@@ -424,12 +454,8 @@ class Scheduler:
         step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
         step.decode_requests = requests
         after = starts + 2  # known tokens once the step's token is back
-        stop_sets = set(map(_stop_set, requests))  # usually one shared set (request._eos_set)
-        step.decode_checks = _DecodeChecks(
-            np.flatnonzero(after % bm.block_size == 0).tolist(),
-            np.flatnonzero((after >= self.max_model_len)
-                           | (after - running.num_prompt[sel] >= running.max_tokens[sel])).tolist(),
-            stop_sets.pop() if len(stop_sets) == 1 else frozenset().union(*stop_sets))
+        step.decode_checks = _DecodeChecks(np.flatnonzero(after % bm.block_size == 0).tolist(),
+                                           np.flatnonzero(after >= end[sel]).tolist(), self._live_stop_ids())
         return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
