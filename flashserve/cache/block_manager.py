@@ -322,11 +322,17 @@ class BlockManager:
         table = self.tables.get(request_id)
         if not table:
             return
-        token_ids = request.known_tokens
-        num_full = min(min(num_computed, len(token_ids)) // self.block_size, len(table))  # known tokens only
+        bs, num_prompt, outputs = self.block_size, request.num_prompt_tokens, request.output_token_ids
+        num_full = min(min(num_computed, num_prompt + len(outputs)) // bs, len(table))  # known tokens only
         if num_full <= done:
             return
-        hashes = self._chain(request_id, token_ids, num_full)
+        hashes = self._hashes.get(request_id)
+        start = done * bs - num_prompt
+        if num_full == done + 1 and start >= 0 and done and len(hashes) == done:
+            # a decode's common case: one more block, of output tokens, chained to the last hash
+            hashes.append(hash_block(hashes[-1], outputs[start : start + bs]))
+        else:
+            hashes = self._chain(request_id, request.known_tokens, num_full)
         for i in range(done, num_full):
             if table[i] not in self.pool.block_hash:
                 self.pool.register(table[i], hashes[i])
