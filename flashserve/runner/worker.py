@@ -439,8 +439,9 @@ class Worker:
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
-        # the sampling rows' states and ids, by C-level maps
-        states = list(map(inp.states.__getitem__, inp.sample_rows))
+        # the sampling rows' states (every row's when each samples: a decode step) and ids, by C-level maps
+        rows = inp.sample_rows
+        states = inp.states if len(rows) == len(inp.states) else list(map(inp.states.__getitem__, rows))
         handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, worker=self,
                             slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
