@@ -61,7 +61,7 @@ _new_entry = tuple.__new__
 class _RunningColumns:
     """The running requests' counts as arrays, read by C-level maps (one pass per field)."""
 
-    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "awaiting", "max_tokens")
+    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "awaiting", "max_tokens", "claimed")
 
     def __init__(self, requests: list[Request]) -> None:
         n = len(requests)
@@ -72,6 +72,7 @@ class _RunningColumns:
         self.num_tokens = self.num_prompt + np.fromiter(map(len, map(_outputs, requests)), np.int64, n) + self.num_pending
         self.awaiting = np.fromiter(map(_awaiting, requests), bool, n)
         self.max_tokens = np.fromiter(map(_max_outputs, requests), float, n)  # infinity: no limit
+        self.claimed: np.ndarray | None = None  # the rows ``Scheduler._claim_decodes`` claimed
 
 
 class _DecodeChecks:
@@ -278,8 +279,8 @@ class Scheduler:
         self._rank_preemption(step.preempted, swap_out)
 
         ranked = self.policy.order(self.running)
-        pending = set(map(_request_id, ranked))  # running, not yet served or preempted this step
-        decodes, prefills, claimed = self._decodes_first(step, ranked, budget, max_seqs, pending)
+        # pending: running, not yet served or preempted this step
+        decodes, prefills, claimed, pending = self._decodes_first(step, ranked, budget, max_seqs)
         budget -= claimed
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
@@ -366,12 +367,13 @@ class Scheduler:
         # ScheduledRequest(...) made from C, without the named tuple's Python __new__
         step.entries.append(_new_entry(ScheduledRequest, (rid, start, num_new, new_ids, sample, group_ids, num_spec)))
 
-    def _decodes_first(self, step: _Step, ranked: list[Request], budget: int, max_seqs: int,
-                       pending: set[str]) -> tuple[list[Request], list[Request], int]:
+    def _decodes_first(self, step: _Step, ranked: list[Request], budget: int,
+                       max_seqs: int) -> tuple[list[Request], list[Request], int, set[str]]:
         """Split the ranked running requests into those that need one token (decodes) and the
         others, and claim the decodes at once (``_claim_decodes``) when there are at least
         ``bulk_claim_min`` running requests (below that the array work costs more than the
-        loop). Returns the decodes left for the loop, the others, and the tokens claimed."""
+        loop). Returns the decodes left for the loop, the others, the tokens claimed, and the
+        ids of the running requests not claimed."""
         if len(ranked) < self.bulk_claim_min:
             decodes, prefills = [], []
             for r in ranked:
@@ -380,20 +382,26 @@ class Scheduler:
                     decodes.append(r)
                 else:
                     prefills.append(r)
-            return decodes, prefills, 0
+            return decodes, prefills, 0, set(map(_request_id, ranked))
         running = _RunningColumns(ranked)
         is_decode = running.num_tokens - running.computed == 1
-        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs, pending)
-        return [] if claimed else list(compress(ranked, is_decode)), list(compress(ranked, ~is_decode)), claimed
+        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs)
+        prefills = list(compress(ranked, ~is_decode))
+        if not claimed:
+            return list(compress(ranked, is_decode)), prefills, 0, set(map(_request_id, ranked))
+        left = np.ones(len(ranked), dtype=bool)
+        left[running.claimed] = False
+        return [], prefills, claimed, set(map(_request_id, compress(ranked, left)))
 
     def _claim_decodes(self, step: _Step, running: _RunningColumns, is_decode: np.ndarray, budget: int,
-                       max_seqs: int, pending: set[str]) -> int:
+                       max_seqs: int) -> int:
         """Claim every running request that needs one token (in rank order) at once, as the
         per-request loop would, when none of them can run the pool short (each needs at most one
         new block) or the step's budget or seats out, and nothing is speculated (draft counts are
         per request). The block manager is called only for the requests whose step changes their
         tables or commits a block (``BlockManager.quiet_decodes``). Returns the tokens claimed
-        (one per request); 0 when the bulk claim does not apply (the loop then claims them)."""
+        (one per request), and their rows in ``running.claimed``; 0 when the bulk claim does not
+        apply (the loop then claims them)."""
         if self.speculation is not None or not is_decode.any():
             return 0
         bm = self.block_manager
@@ -447,10 +455,7 @@ class Scheduler:
             rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
             block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
         self.policy.on_scheduled_each(requests, 1)
-        if count == len(pending):
-            pending.clear()
-        else:
-            pending.difference_update(rids)
+        running.claimed = sel
         step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
         step.decode_requests = requests
         after = starts + 2  # known tokens once the step's token is back
