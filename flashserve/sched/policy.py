@@ -78,9 +78,9 @@ class FCFSPolicy(SchedulingPolicy):
 
     name = "fcfs"
 
-    # (arrival_time, request_id): an attribute getter, so sorting the running set each step
-    # calls no Python function per request
-    sort_key = staticmethod(attrgetter("arrival_time", "request_id"))
+    # (arrival_time, request_id), the tuple each request keeps (``Request.arrival_key``): sorting
+    # the running set each step calls no Python function and makes no tuple per request
+    sort_key = staticmethod(attrgetter("arrival_key"))
 
 
 class PriorityPolicy(SchedulingPolicy):
