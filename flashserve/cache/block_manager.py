@@ -384,14 +384,15 @@ class BlockManager:
         request then takes the calls)."""
         bs = self.block_size
         n = len(request_ids)
-        tables = list(map(self.tables.get, request_ids, repeat(())))
-        lens = np.fromiter(map(len, tables), np.int64, n)
+        lens = np.fromiter(map(len, map(self.tables.get, request_ids, repeat(()))), np.int64, n)
         cols = starts // bs
-        held = (cols < lens) & (lens == sent)
+        whole = lens == sent  # the Worker holds the whole table
+        held = (cols < lens) & whole
         if self._prune_shared_partial():  # a forked beam's partial block may have two users: a sole owner writes
+            tables = list(map(self.tables.get, request_ids, repeat(())))
             blocks = map(list.__getitem__, compress(tables, held), cols[held].tolist())
             held[held] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(held.sum())) == 1
-        fresh = (cols == lens) & (lens == sent) & (starts % bs == 0)
+        fresh = (cols == lens) & whole & (starts % bs == 0)
         if self.enable_prefix_caching:
             full = np.minimum(starts + 1, known) // bs  # full blocks of known, computed tokens (as commit)
             committed = full <= np.fromiter(map(self._committed.get, request_ids, repeat(0)), np.int64, n)
