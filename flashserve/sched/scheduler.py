@@ -61,7 +61,7 @@ _new_entry = tuple.__new__
 class _RunningColumns:
     """The running requests' counts as arrays, read by C-level maps (one pass per field)."""
 
-    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "awaiting", "max_tokens", "claimed")
+    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "max_tokens", "claimed")
 
     def __init__(self, requests: list[Request]) -> None:
         n = len(requests)
@@ -70,7 +70,6 @@ class _RunningColumns:
         self.num_pending = np.fromiter(map(_num_pending, requests), np.int64, n)
         self.num_prompt = np.fromiter(map(_num_prompt, requests), np.int64, n)
         self.num_tokens = self.num_prompt + np.fromiter(map(len, map(_outputs, requests)), np.int64, n) + self.num_pending
-        self.awaiting = np.fromiter(map(_awaiting, requests), bool, n)
         self.max_tokens = np.fromiter(map(_max_outputs, requests), float, n)  # infinity: no limit
         self.claimed: np.ndarray | None = None  # the rows ``Scheduler._claim_decodes`` claimed
 
@@ -408,8 +407,10 @@ class Scheduler:
         # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
         num_tokens = running.num_tokens
         end = np.minimum(running.num_prompt + running.max_tokens, self.max_model_len)  # tokens it may reach
-        at_limit = (running.num_pending > 0) & (num_tokens >= end)
-        sel = np.flatnonzero(is_decode & ~(running.awaiting | at_limit))
+        skip = (running.num_pending > 0) & (num_tokens >= end)
+        if self._num_synchronous:  # without speculation only a synchronous request awaits its step's result
+            skip |= np.fromiter(map(_awaiting, running.requests), bool, len(running.requests))
+        sel = np.flatnonzero(is_decode & ~skip)
         count = len(sel)
         if count == 0 or count > budget or count > max_seqs:
             return 0
