@@ -385,12 +385,13 @@ class Scheduler:
         running = _RunningColumns(ranked)
         is_decode = running.num_tokens - running.computed == 1
         claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs)
-        prefills = list(compress(ranked, ~is_decode))
+        # (the rows by index: iterating a numpy mask boxes each element)
+        prefills = list(map(ranked.__getitem__, np.flatnonzero(~is_decode).tolist()))
         if not claimed:
-            return list(compress(ranked, is_decode)), prefills, 0, set(map(_request_id, ranked))
+            return list(compress(ranked, is_decode.tolist())), prefills, 0, set(map(_request_id, ranked))
         left = np.ones(len(ranked), dtype=bool)
         left[running.claimed] = False
-        return [], prefills, claimed, set(map(_request_id, compress(ranked, left)))
+        return [], prefills, claimed, set(map(_request_id, map(ranked.__getitem__, np.flatnonzero(left).tolist())))
 
     def _claim_decodes(self, step: _Step, running: _RunningColumns, is_decode: np.ndarray, budget: int,
                        max_seqs: int) -> int:
