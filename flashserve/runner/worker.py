@@ -485,8 +485,11 @@ class Worker:
         if self.speculator is not None:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0
-        self._prev_rows = np.full(self.batch.num_slots, -1, dtype=np.int64)
-        self._prev_rows[handle.slots] = np.arange(len(handle.slots))
+        prev = self._prev_rows  # rewritten in place (build() has read it): a new array only when the batch grew
+        if len(prev) != self.batch.num_slots:
+            prev = self._prev_rows = np.empty(self.batch.num_slots, dtype=np.int64)
+        prev.fill(-1)
+        prev[handle.slots] = np.arange(len(handle.slots))
         handle.host.update({name: self._to_host(getattr(handle.out, name))
                             for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
                             if getattr(handle.out, name) is not None})
