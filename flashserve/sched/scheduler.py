@@ -75,7 +75,7 @@ class _RunningColumns:
 
 
 class _DecodeChecks:
-    """What ``update`` must do for the decodes claimed at once once their tokens are back, worked
+    """What ``update`` must do for the decodes claimed at once when their tokens are back, worked
     out by array work when they are claimed. A decode at position ``start`` has ``start + 2``
     known tokens once its step's token is back (every token before it comes back first), so
     which tokens complete a block and which reach ``max_tokens`` or the context is known then;
