@@ -129,6 +129,9 @@ class Request:
     # the per-step checks read them without touching the params or the prompt list.
     max_output_tokens: float = field(init=False, repr=False)
     num_prompt_tokens: int = field(init=False, repr=False)
+    # (arrival_time, request_id), made once: first-come-first-served order sorts by it without
+    # building a tuple per request per step
+    arrival_key: tuple[float, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
@@ -138,6 +141,7 @@ class Request:
         max_tokens = self.params.max_tokens
         self.max_output_tokens = float("inf") if max_tokens is None else max_tokens
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.arrival_key = (self.arrival_time, self.request_id)
 
     @property
     def prefix_salt(self) -> list[int] | None:

@@ -322,11 +322,17 @@ class BlockManager:
         table = self.tables.get(request_id)
         if not table:
             return
-        token_ids = request.known_tokens
-        num_full = min(min(num_computed, len(token_ids)) // self.block_size, len(table))  # known tokens only
+        bs, num_prompt, outputs = self.block_size, request.num_prompt_tokens, request.output_token_ids
+        num_full = min(min(num_computed, num_prompt + len(outputs)) // bs, len(table))  # known tokens only
         if num_full <= done:
             return
-        hashes = self._chain(request_id, token_ids, num_full)
+        hashes = self._hashes.get(request_id)
+        start = done * bs - num_prompt
+        if num_full == done + 1 and start >= 0 and done and len(hashes) == done:
+            # a decode's common case: one more block, of output tokens, chained to the last hash
+            hashes.append(hash_block(hashes[-1], outputs[start : start + bs]))
+        else:
+            hashes = self._chain(request_id, request.known_tokens, num_full)
         for i in range(done, num_full):
             if table[i] not in self.pool.block_hash:
                 self.pool.register(table[i], hashes[i])
@@ -378,14 +384,15 @@ class BlockManager:
         request then takes the calls)."""
         bs = self.block_size
         n = len(request_ids)
-        tables = list(map(self.tables.get, request_ids, repeat(())))
-        lens = np.fromiter(map(len, tables), np.int64, n)
+        lens = np.fromiter(map(len, map(self.tables.get, request_ids, repeat(()))), np.int64, n)
         cols = starts // bs
-        held = (cols < lens) & (lens == sent)
+        whole = lens == sent  # the Worker holds the whole table
+        held = (cols < lens) & whole
         if self._prune_shared_partial():  # a forked beam's partial block may have two users: a sole owner writes
+            tables = list(map(self.tables.get, request_ids, repeat(())))
             blocks = map(list.__getitem__, compress(tables, held), cols[held].tolist())
             held[held] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(held.sum())) == 1
-        fresh = (cols == lens) & (lens == sent) & (starts % bs == 0)
+        fresh = (cols == lens) & whole & (starts % bs == 0)
         if self.enable_prefix_caching:
             full = np.minimum(starts + 1, known) // bs  # full blocks of known, computed tokens (as commit)
             committed = full <= np.fromiter(map(self._committed.get, request_ids, repeat(0)), np.int64, n)

@@ -120,7 +120,7 @@ class DecodeScheduler(Scheduler):
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self._track_first_token(request)
+        self._enter(request)
         request.num_computed_tokens = request.num_prompt_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)

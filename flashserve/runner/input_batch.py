@@ -275,13 +275,16 @@ class InputBatch:
         slots = np.fromiter(map(_slot, states), np.int64, count)
         # Block ids the plan appends: host table now, device table through ``block_updates``.
         block_updates, group_block_updates = self._append_plan_ids(slots, decodes, entries)
-        starts = np.fromiter(map(_start_pos, entries), np.int64, len(entries))
-        lens = np.fromiter(map(_num_new_tokens, entries), np.int64, len(entries))
-        sample = np.fromiter(map(_sample, entries), bool, len(entries))
-        if k:
-            starts = np.concatenate((decodes.start_pos, starts))
-            lens = np.concatenate((np.ones(k, np.int64), lens))
-            sample = np.concatenate((np.ones(k, bool), sample))
+        if entries or not k:
+            starts = np.fromiter(map(_start_pos, entries), np.int64, len(entries))
+            lens = np.fromiter(map(_num_new_tokens, entries), np.int64, len(entries))
+            sample = np.fromiter(map(_sample, entries), bool, len(entries))
+            if k:
+                starts = np.concatenate((decodes.start_pos, starts))
+                lens = np.concatenate((np.ones(k, np.int64), lens))
+                sample = np.concatenate((np.ones(k, bool), sample))
+        else:  # only decodes: one token each, each sampled
+            starts, lens, sample = decodes.start_pos, np.ones(k, np.int64), np.ones(k, bool)
         known = self.num_known[slots]
         if num_drafts is not None:
             known = known + num_drafts

@@ -439,8 +439,9 @@ class Worker:
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
-        # the sampling rows' states and ids, by C-level maps
-        states = list(map(inp.states.__getitem__, inp.sample_rows))
+        # the sampling rows' states (every row's when each samples: a decode step) and ids, by C-level maps
+        rows = inp.sample_rows
+        states = inp.states if len(rows) == len(inp.states) else list(map(inp.states.__getitem__, rows))
         handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, worker=self,
                             slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
@@ -484,8 +485,11 @@ class Worker:
         if self.speculator is not None:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0
-        self._prev_rows = np.full(self.batch.num_slots, -1, dtype=np.int64)
-        self._prev_rows[handle.slots] = np.arange(len(handle.slots))
+        prev = self._prev_rows  # rewritten in place (build() has read it): a new array only when the batch grew
+        if len(prev) != self.batch.num_slots:
+            prev = self._prev_rows = np.empty(self.batch.num_slots, dtype=np.int64)
+        prev.fill(-1)
+        prev[handle.slots] = np.arange(len(handle.slots))
         handle.host.update({name: self._to_host(getattr(handle.out, name))
                             for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens")
                             if getattr(handle.out, name) is not None})

@@ -32,6 +32,7 @@ Policies
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -54,8 +55,9 @@ class SchedulingPolicy:
         """True when ``a`` should be served strictly before ``b``."""
         return self.sort_key(a) < self.sort_key(b)
 
-    def begin_step(self, requests: list[Request]) -> None:
-        """Hook called once at the start of each step with every unfinished request."""
+    def begin_step(self, requests: Iterable[Request]) -> None:
+        """Hook called once at the start of each step with every unfinished request (a view of the
+        scheduler's requests: iterate it, keep no reference)."""
 
     def on_scheduled(self, request: Request, num_tokens: int) -> None:
         """Hook for stateful policies (e.g. MLFQ quanta); called once per request per step."""
@@ -76,9 +78,9 @@ class FCFSPolicy(SchedulingPolicy):
 
     name = "fcfs"
 
-    # (arrival_time, request_id): an attribute getter, so sorting the running set each step
-    # calls no Python function per request
-    sort_key = staticmethod(attrgetter("arrival_time", "request_id"))
+    # (arrival_time, request_id), the tuple each request keeps (``Request.arrival_key``): sorting
+    # the running set each step calls no Python function and makes no tuple per request
+    sort_key = staticmethod(attrgetter("arrival_key"))
 
 
 class PriorityPolicy(SchedulingPolicy):
@@ -159,7 +161,7 @@ class MLFQPolicy(SchedulingPolicy):
     def sort_key(self, request: Request) -> tuple:
         return (self.state(request).level, request.arrival_time, request.request_id)
 
-    def begin_step(self, requests: list[Request]) -> None:
+    def begin_step(self, requests: Iterable[Request]) -> None:
         self.step += 1
         for request in requests:
             st = self.state(request)

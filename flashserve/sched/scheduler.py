@@ -38,7 +38,7 @@ known tokens, so requests admitted in the same step (and ``n > 1`` siblings) sha
 from __future__ import annotations
 
 import time
-from itertools import chain, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import attrgetter
 from typing import Protocol
 
@@ -61,7 +61,7 @@ _new_entry = tuple.__new__
 class _RunningColumns:
     """The running requests' counts as arrays, read by C-level maps (one pass per field)."""
 
-    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "awaiting", "max_tokens")
+    __slots__ = ("requests", "computed", "num_pending", "num_prompt", "num_tokens", "max_tokens", "claimed")
 
     def __init__(self, requests: list[Request]) -> None:
         n = len(requests)
@@ -70,18 +70,34 @@ class _RunningColumns:
         self.num_pending = np.fromiter(map(_num_pending, requests), np.int64, n)
         self.num_prompt = np.fromiter(map(_num_prompt, requests), np.int64, n)
         self.num_tokens = self.num_prompt + np.fromiter(map(len, map(_outputs, requests)), np.int64, n) + self.num_pending
-        self.awaiting = np.fromiter(map(_awaiting, requests), bool, n)
         self.max_tokens = np.fromiter(map(_max_outputs, requests), float, n)  # infinity: no limit
+        self.claimed: np.ndarray | None = None  # the rows ``Scheduler._claim_decodes`` claimed
+
+
+class _DecodeChecks:
+    """What ``update`` must do for the decodes claimed at once when their tokens are back, worked
+    out by array work when they are claimed. A decode at position ``start`` has ``start + 2``
+    known tokens once its step's token is back (every token before it comes back first), so
+    which tokens complete a block and which reach ``max_tokens`` or the context is known then;
+    only a stop token must wait for the token itself."""
+
+    __slots__ = ("commit_rows", "limit_rows", "stop_ids")
+
+    def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int]) -> None:
+        self.commit_rows = commit_rows  # decodes whose token completes a block of known tokens
+        self.limit_rows = limit_rows  # decodes whose token reaches max_tokens or the context
+        self.stop_ids = stop_ids  # every stop id of the live requests (those of the decodes among them)
 
 
 class _Step:
     """The plan ``schedule`` builds, as it claims each request's work."""
 
-    __slots__ = ("decodes", "decode_requests", "entries", "new_requests", "preempted", "sampling")
+    __slots__ = ("decodes", "decode_requests", "decode_checks", "entries", "new_requests", "preempted", "sampling")
 
     def __init__(self) -> None:
         self.decodes: DecodeBatch | None = None  # the decodes claimed at once, ahead of the entries
         self.decode_requests: list[Request] = []  # their requests, in the batch's order
+        self.decode_checks: _DecodeChecks | None = None  # what update does for them
         self.entries: list[ScheduledRequest] = []
         self.new_requests: list[NewRequest] = []
         self.preempted: list[str] = []  # request ids preempted this step
@@ -138,8 +154,15 @@ class Scheduler:
         # Requests whose first token has not come back (``metrics.first_token_time`` is None), so
         # ``update`` reads no request's metrics but theirs.
         self._no_first_token: set[Request] = set()
-        # step id -> the requests it samples for: its decodes claimed at once, then the others by id
-        self._inflight: dict[int, tuple[list[Request], dict[str, Request]]] = {}
+        # Of the requests in the scheduler: how many are synchronous, and how many have each stop
+        # set (``Request.stop_token_set``, usually one shared set), so a bulk claim reads neither
+        # per request; ``_stop_ids`` is the union of those sets (None: to be made again).
+        self._num_synchronous = 0
+        self._stop_sets: dict[frozenset[int], int] = {}
+        self._stop_ids: frozenset[int] | None = frozenset()
+        # step id -> the requests it samples for: its decodes claimed at once (with their checks),
+        # then the others by id
+        self._inflight: dict[int, tuple[list[Request], _DecodeChecks | None, dict[str, Request]]] = {}
         self._block_copies: list[tuple[int, int]] = []  # device copies for forks, sent with the next plan
 
     # ----------------------------------------------------------------- queue operations
@@ -149,13 +172,37 @@ class Scheduler:
         self.requests[request.request_id] = request
         if self.micro_batches > 1:  # plans in flight hold disjoint requests
             request.synchronous = True
-        self._track_first_token(request)
+        self._enter(request)
         self.waiting.append(request)
 
-    def _track_first_token(self, request: Request) -> None:
-        """Note a request entering the scheduler that has no first-token time yet."""
+    def _enter(self, request: Request) -> None:
+        """Count a request entering the scheduler (``_num_synchronous``, ``_stop_sets``) and note
+        it if it has no first-token time yet."""
         if request.metrics.first_token_time is None:
             self._no_first_token.add(request)
+        self._num_synchronous += request.synchronous
+        stops = request.stop_token_set
+        n = self._stop_sets.get(stops, 0)
+        self._stop_sets[stops] = n + 1
+        if not n:
+            self._stop_ids = None
+
+    def _leave(self, request: Request) -> None:
+        """Undo ``_enter`` for a request leaving the scheduler."""
+        self._no_first_token.discard(request)
+        self._num_synchronous -= request.synchronous
+        stops = request.stop_token_set
+        n = self._stop_sets.pop(stops) - 1
+        if n:
+            self._stop_sets[stops] = n
+        else:
+            self._stop_ids = None
+
+    def _live_stop_ids(self) -> frozenset[int]:
+        """Every stop id of the requests in the scheduler."""
+        if self._stop_ids is None:
+            self._stop_ids = frozenset().union(*self._stop_sets)
+        return self._stop_ids
 
     def fork(self, parent: Request, child: Request, share_partial: bool) -> None:
         """Add ``child`` (beam search: the parent's tokens plus one) as a running request that
@@ -166,7 +213,7 @@ class Scheduler:
         if child.request_id in self.requests:
             raise ValueError(f"request id {child.request_id!r} is already in use")
         self.requests[child.request_id] = child
-        self._track_first_token(child)
+        self._enter(child)
         copies = None
         if parent.status == RequestStatus.RUNNING and parent.request_id in self._blocks_sent:
             copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_computed_tokens,
@@ -198,7 +245,7 @@ class Scheduler:
         if self.speculation is not None:
             self.speculation.on_finished(request)
         request.status = status
-        self._no_first_token.discard(request)
+        self._leave(request)
         request.metrics.finished_time = time.monotonic()
         return request
 
@@ -217,7 +264,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
         self.block_manager.host.begin_step()
-        self.policy.begin_step(list(self.requests.values()))
+        self.policy.begin_step(self.requests.values())
         budget = self.config.max_num_batched_tokens
         # Sequences per plan: an even share of those that can run for each micro-batch (with one,
         # the bound is never reached: beam forks may run past max_num_seqs, nothing else can).
@@ -231,8 +278,8 @@ class Scheduler:
         self._rank_preemption(step.preempted, swap_out)
 
         ranked = self.policy.order(self.running)
-        pending = set(map(_request_id, ranked))  # running, not yet served or preempted this step
-        decodes, prefills, claimed = self._decodes_first(step, ranked, budget, max_seqs, pending)
+        # pending: running, not yet served or preempted this step
+        decodes, prefills, claimed, pending = self._decodes_first(step, ranked, budget, max_seqs)
         budget -= claimed
         work = decodes + self.policy.order(prefills + self.swapped + self.waiting)
         memory_short = False
@@ -281,7 +328,7 @@ class Scheduler:
             self._block_copies.clear()
         dropped = tuple(self._dropped)
         self._dropped.clear()
-        self._inflight[self.step_count] = (step.decode_requests, step.sampling)
+        self._inflight[self.step_count] = (step.decode_requests, step.decode_checks, step.sampling)
         return SchedulerOutput(step_id=self.step_count, requests=tuple(step.entries),
                                new_requests=tuple(step.new_requests), finished_ids=dropped,
                                preempted_ids=tuple(step.preempted), block_copies=copies, decodes=step.decodes)
@@ -319,12 +366,13 @@ class Scheduler:
         # ScheduledRequest(...) made from C, without the named tuple's Python __new__
         step.entries.append(_new_entry(ScheduledRequest, (rid, start, num_new, new_ids, sample, group_ids, num_spec)))
 
-    def _decodes_first(self, step: _Step, ranked: list[Request], budget: int, max_seqs: int,
-                       pending: set[str]) -> tuple[list[Request], list[Request], int]:
+    def _decodes_first(self, step: _Step, ranked: list[Request], budget: int,
+                       max_seqs: int) -> tuple[list[Request], list[Request], int, set[str]]:
         """Split the ranked running requests into those that need one token (decodes) and the
         others, and claim the decodes at once (``_claim_decodes``) when there are at least
         ``bulk_claim_min`` running requests (below that the array work costs more than the
-        loop). Returns the decodes left for the loop, the others, and the tokens claimed."""
+        loop). Returns the decodes left for the loop, the others, the tokens claimed, and the
+        ids of the running requests not claimed."""
         if len(ranked) < self.bulk_claim_min:
             decodes, prefills = [], []
             for r in ranked:
@@ -333,28 +381,37 @@ class Scheduler:
                     decodes.append(r)
                 else:
                     prefills.append(r)
-            return decodes, prefills, 0
+            return decodes, prefills, 0, set(map(_request_id, ranked))
         running = _RunningColumns(ranked)
         is_decode = running.num_tokens - running.computed == 1
-        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs, pending)
-        return [] if claimed else list(compress(ranked, is_decode)), list(compress(ranked, ~is_decode)), claimed
+        claimed = self._claim_decodes(step, running, is_decode, budget, max_seqs)
+        # (the rows by index: iterating a numpy mask boxes each element)
+        prefills = list(map(ranked.__getitem__, np.flatnonzero(~is_decode).tolist()))
+        if not claimed:
+            return list(compress(ranked, is_decode.tolist())), prefills, 0, set(map(_request_id, ranked))
+        left = np.ones(len(ranked), dtype=bool)
+        left[running.claimed] = False
+        return [], prefills, claimed, set(map(_request_id, map(ranked.__getitem__, np.flatnonzero(left).tolist())))
 
     def _claim_decodes(self, step: _Step, running: _RunningColumns, is_decode: np.ndarray, budget: int,
-                       max_seqs: int, pending: set[str]) -> int:
+                       max_seqs: int) -> int:
         """Claim every running request that needs one token (in rank order) at once, as the
         per-request loop would, when none of them can run the pool short (each needs at most one
         new block) or the step's budget or seats out, and nothing is speculated (draft counts are
         per request). The block manager is called only for the requests whose step changes their
         tables or commits a block (``BlockManager.quiet_decodes``). Returns the tokens claimed
-        (one per request); 0 when the bulk claim does not apply (the loop then claims them)."""
+        (one per request), and their rows in ``running.claimed``; 0 when the bulk claim does not
+        apply (the loop then claims them)."""
         if self.speculation is not None or not is_decode.any():
             return 0
         bm = self.block_manager
         # skipped as in the loop: awaiting their step in flight, or done once their pending tokens arrive
         num_tokens = running.num_tokens
-        at_limit = (running.num_pending > 0) & (
-            (num_tokens >= self.max_model_len) | (num_tokens - running.num_prompt >= running.max_tokens))
-        sel = np.flatnonzero(is_decode & ~(running.awaiting | at_limit))
+        end = np.minimum(running.num_prompt + running.max_tokens, self.max_model_len)  # tokens it may reach
+        skip = (running.num_pending > 0) & (num_tokens >= end)
+        if self._num_synchronous:  # without speculation only a synchronous request awaits its step's result
+            skip |= np.fromiter(map(_awaiting, running.requests), bool, len(running.requests))
+        sel = np.flatnonzero(is_decode & ~skip)
         count = len(sel)
         if count == 0 or count > budget or count > max_seqs:
             return 0
@@ -370,8 +427,9 @@ class Scheduler:
             return 0
         consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
         consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
-        for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
-            request.awaiting_result = True
+        if self._num_synchronous:
+            for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
+                request.awaiting_result = True
         if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
             rows = np.flatnonzero(needs)
             grow = rows.tolist()
@@ -399,12 +457,12 @@ class Scheduler:
             rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
             block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
         self.policy.on_scheduled_each(requests, 1)
-        if count == len(pending):
-            pending.clear()
-        else:
-            pending.difference_update(rids)
+        running.claimed = sel
         step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
         step.decode_requests = requests
+        after = starts + 2  # known tokens once the step's token is back
+        step.decode_checks = _DecodeChecks(np.flatnonzero(after % bm.block_size == 0).tolist(),
+                                           np.flatnonzero(after >= end[sel]).tolist(), self._live_stop_ids())
         return count
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
@@ -551,9 +609,9 @@ class Scheduler:
         (``flashserve.sched.stop``): it retires requests with ``finish_request``. Requests that
         left the engine while the step ran are skipped.
         """
-        decodes, sampling = self._inflight.pop(plan.step_id)
+        decodes, checks, sampling = self._inflight.pop(plan.step_id)
         if result.tokens is not None:
-            return self._update_plain(decodes, sampling, result.tokens)
+            return self._update_plain(decodes, checks, sampling, result.tokens)
         requests: list[Request] = []
         counts: list[int] = []
         now, no_first = time.monotonic(), self._no_first_token
@@ -580,19 +638,50 @@ class Scheduler:
         # drafts or logprobs (not the hot plain step): every request goes to the stop checks
         return StepTokens(requests, counts, list(range(len(requests))))
 
-    def _update_plain(self, decodes: list[Request], sampling: dict[str, Request], tokens: list[int]) -> StepTokens:
+    def _update_plain(self, decodes: list[Request], checks: _DecodeChecks | None, sampling: dict[str, Request],
+                      tokens: list[int]) -> StepTokens:
         """``update`` for a plain step (``WorkerOutput.tokens``): token i belongs to the i-th
         request the step samples for, in plan order (``decodes``, then ``sampling`` in the order
-        it was filled in)."""
-        if len(tokens) != len(decodes) + len(sampling):
+        it was filled in). The decodes' block commits and length stops were found when they were
+        claimed (``checks``), so their loop only records the tokens."""
+        k = len(decodes)
+        if len(tokens) != k + len(sampling):
             raise ValueError(f"the Worker sent {len(tokens)} tokens for a step that samples "
-                             f"{len(decodes) + len(sampling)} requests")
-        requests: list[Request] = []
-        maybe_stopped: list[int] = []
+                             f"{k + len(sampling)} requests")
         now, max_len = time.monotonic(), self.max_model_len
         running, commit, bs = self._blocks_sent, self.block_manager.commit, self.block_manager.block_size
         no_first = self._no_first_token
-        for request, token in zip(chain(decodes, sampling.values()), tokens):
+        gone = False
+        for request, token in zip(decodes, tokens):
+            request.num_pending_tokens -= 1
+            request.awaiting_result = False
+            if request.status.finished:
+                gone = True
+                continue
+            request.output_token_ids.append(token)
+            if request in no_first:
+                no_first.discard(request)
+                request.metrics.first_token_time = now
+        requests = list(decodes)
+        maybe_stopped: list[int] = []
+        if k:
+            # the decodes that may stop: a stop id among their tokens, or max_tokens or the context reached
+            stop_ids = checks.stop_ids
+            hits = [i for i in compress(range(k), map(stop_ids.__contains__, tokens))
+                    if tokens[i] in decodes[i].stop_token_set] if stop_ids else []
+            maybe_stopped = sorted(set(checks.limit_rows).union(hits)) if hits else checks.limit_rows
+            commit_rows = checks.commit_rows
+            if gone:  # requests that left while the step ran got nothing: drop them, renumber the rest
+                alive = [not r.status.finished for r in decodes]
+                index = list(accumulate(alive, initial=-1))[1:]  # alive request i's index among those kept
+                requests = list(compress(decodes, alive))
+                maybe_stopped = [index[i] for i in maybe_stopped if alive[i]]
+                commit_rows = [i for i in commit_rows if alive[i]]
+            for i in commit_rows:  # still running: the block its token completed may be registered now
+                request = decodes[i]
+                if request.request_id in running:
+                    commit(request)
+        for request, token in zip(sampling.values(), tokens[k:]):
             request.num_pending_tokens -= 1
             request.awaiting_result = False
             if request.status.finished:
