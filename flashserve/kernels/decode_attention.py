@@ -7,13 +7,9 @@ base-2 log-sum-exp ``lse_s``. The GROUP query heads of a KV group (times the seq
 tokens) form the M dimension of ``tl.dot`` (padded to >= 16), so each K/V tile is loaded once
 for the whole group.
 
-Stage 2: ``o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``. With
-the online softmax it runs inside stage 1's launch: each split program counts itself in per
-(sequence, KV head) with an atomic, and the last one to arrive reduces that group's rows and
-resets the counter (``utils.arrival_counters``, as the split-K GEMV does), which saves a launch
-per layer. The unified-max path keeps it as its own kernel (``_decode_reduce_kernel``, grid
-``(T, Hq)``), after the fallback launch. With a single split (large batches already fill the
-machine) stage 1 writes the final output directly.
+Stage 2 (``_decode_reduce_kernel``), grid ``(T, Hq)``: ``o = sum_s 2^(lse_s - M) o_s /
+sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``. With a single split (large batches already fill
+the machine) stage 1 writes the final output directly and stage 2 is not launched.
 
 Within a slice, whole key tiles that every query row sees run without masks (plain vector
 loads, no causal ``where``); only the slice's ragged end and, for several query tokens, the
@@ -52,7 +48,7 @@ from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels._paged_common import (
     LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, window_tiles,
 )
-from flashserve.kernels.utils import arrival_counters, cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
+from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
 MODE_ONLINE = 0  # synchronous online softmax
 MODE_UNIFIED = 1  # asynchronised softmax with unified max phi, flags risky programs
@@ -71,8 +67,6 @@ def _decode_split_kernel(
     mid_o_ptr,  # [T, Hq, num_splits, D] fp32 partial outputs; or o [T, Hq, D] (DIRECT_OUT)
     mid_lse_ptr,  # [T, Hq, num_splits] fp32 partial base-2 LSEs (unused with DIRECT_OUT)
     flag_ptr,  # [B, Hkv, num_splits] int32 fallback flags (unified-max modes only)
-    o_ptr,  # [T, Hq, D] (REDUCE: the last split of a (sequence, KV head) to finish writes it)
-    count_ptr,  # int32 [B * Hkv] zeroed arrival counters (REDUCE)
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale,  # scale * log2(e)
     phi,  # unified max in log2 units (MODE_UNIFIED)
@@ -83,15 +77,12 @@ def _decode_split_kernel(
     stride_bt, stride_bth,  # block table: sequence, KV head (0: one table per sequence)
     stride_mot, stride_moh, stride_mos,  # with DIRECT_OUT: o's token / head / feature strides
     stride_mlt, stride_mlh,
-    stride_ot, stride_oh, stride_od,
     head_dim, num_kv_heads, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,  # >= BLOCK_Q * GROUP_PAD, >= 16
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DIRECT_OUT: tl.constexpr,  # num_splits == 1: write the final output, no reduction pass
-    REDUCE: tl.constexpr,  # reduce the splits in this launch (online mode; BLOCK_S >= num_splits)
-    BLOCK_S: tl.constexpr,
     DOT_PREC: tl.constexpr,
     QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
     MODE: tl.constexpr,
@@ -196,42 +187,6 @@ def _decode_split_kernel(
                    + split * stride_mos + offs_d[None, :])
         tl.store(mo_ptrs, out, mask=row_valid[:, None] & d_mask[None, :])
         tl.store(mid_lse_ptr + tok * stride_mlt + head * stride_mlh + split, lse, mask=row_valid)
-        if REDUCE:
-            _reduce_rows(mid_o_ptr, mid_lse_ptr, o_ptr, count_ptr + b * num_kv_heads + kvh, tok, head, row_valid,
-                         offs_d, d_mask, stride_mot, stride_moh, stride_mos, stride_mlt, stride_mlh,
-                         stride_ot, stride_oh, stride_od, num_splits, BLOCK_M, BLOCK_D, BLOCK_S)
-
-
-@triton.jit
-def _reduce_rows(mid_o_ptr, mid_lse_ptr, o_ptr, count_ptr, tok, head, row_valid, offs_d, d_mask,
-                 stride_mot, stride_moh, stride_mos, stride_mlt, stride_mlh, stride_ot, stride_oh, stride_od,
-                 num_splits, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The reduction of ``_decode_reduce_kernel`` for one program's rows, run by the last split
-    of its (sequence, KV head) to arrive; that program then resets the counter for the next launch."""
-    tl.debug_barrier()  # every thread's partials are written before the count is released
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        offs_s = tl.arange(0, BLOCK_S)
-        s_ok = offs_s < num_splits
-        lse = tl.load(mid_lse_ptr + tok[:, None] * stride_mlt + head[:, None] * stride_mlh + offs_s[None, :],
-                      mask=row_valid[:, None] & s_ok[None, :], other=float("-inf"),
-                      cache_modifier=".cg")  # [BLOCK_M, BLOCK_S]
-        m = tl.max(lse, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        base = mid_o_ptr + tok[:, None] * stride_mot + head[:, None] * stride_moh + offs_d[None, :]
-        for s in range(num_splits):
-            lse_s = tl.load(mid_lse_ptr + tok * stride_mlt + head * stride_mlh + s, mask=row_valid,
-                            other=float("-inf"), cache_modifier=".cg")
-            w = tl.exp2(lse_s - m)  # 0 for empty slices: their partials are never read
-            part = tl.load(base + s * stride_mos, mask=(row_valid & (w > 0.0))[:, None] & d_mask[None, :],
-                           other=0.0, cache_modifier=".cg")
-            acc += part * w[:, None]
-        out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-        tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
-        tl.atomic_xchg(count_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -389,14 +344,10 @@ def paged_decode_attention(
     hi, lo = _margins(q.dtype)
     qa = quant_args(q, k_cache, v_cache)
     grid = (num_seqs, num_kv_heads, num_splits)
-    # Online softmax: the splits reduce themselves (one launch). The unified-max path's fallback
-    # launch rewrites flagged partials after the first launch, so it keeps the reduction kernel.
-    fused = not direct and not use_unified
-    count = arrival_counters(q.device, num_seqs * num_kv_heads) if fused else flags
 
     def launch(mode: int) -> None:
         _decode_split_kernel[grid](
-            q, k_cache, v_cache, qa.k_scales, qa.v_scales, mid_o, mid_lse, flags, out, count,
+            q, k_cache, v_cache, qa.k_scales, qa.v_scales, mid_o, mid_lse, flags,
             query_start_loc, seq_lens, block_tables,
             scale * LOG2E, float(unified_max or 0.0) * LOG2E,
             window or 1, dilation, num_sinks,
@@ -406,12 +357,11 @@ def paged_decode_attention(
             block_tables.stride(0), stride_bth,
             *mo_strides,
             mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
             head_dim, num_kv_heads, num_splits,
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m,
             BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
             PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
-            DIRECT_OUT=direct, REDUCE=fused, BLOCK_S=next_power_of_2(num_splits),
+            DIRECT_OUT=direct,
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
             QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo, WINDOW=window is not None,
@@ -424,7 +374,7 @@ def paged_decode_attention(
     else:
         launch(MODE_ONLINE)
 
-    if not direct and not fused:
+    if not direct:
         _decode_reduce_kernel[(num_tokens, num_heads)](
             mid_o, mid_lse, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),

