@@ -129,17 +129,12 @@ async def _merge(engine: AsyncLLMEngine, admitted: Admitted, metrics: ServerMetr
     shutdown) as aborted."""
     done: set[int] = set()
     try:
-        if len(admitted) == 1:
-            rid, stream = admitted[0]
-            async with contextlib.aclosing(engine.iterate(rid, stream)) as single:  # closing us aborts it at once
-                async for out in single:
-                    if out.finished:
-                        done.add(0)
-                        _observe(metrics, out)
-                    yield 0, out
-            return
-        async with contextlib.aclosing(_interleave(engine, admitted)) as outputs:  # closing us closes (and aborts) them
-            async for i, out in outputs:
+        # one request: its stream itself, without a generator layer per event to add the index
+        single = len(admitted) == 1
+        source = engine.iterate(*admitted[0]) if single else _interleave(engine, admitted)
+        async with contextlib.aclosing(source) as outputs:  # closing us closes (and aborts) them at once
+            async for item in outputs:
+                i, out = (0, item) if single else item
                 if out.finished:
                     done.add(i)
                     _observe(metrics, out)
