@@ -43,7 +43,6 @@ import datetime
 import multiprocessing as mp
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,7 +51,7 @@ import torch.distributed as dist
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig, ModelConfig, SchedulerConfig
-from flashserve.distributed.executor import RANK_ENV, _store_timeout, process_state
+from flashserve.distributed.executor import RANK_ENV, _store_timeout, exit_failed, process_state
 from flashserve.distributed.process_executor import _Channel, _Score
 from flashserve.engine.executor import PendingResult
 from flashserve.request import Request, RequestStatus
@@ -433,8 +432,7 @@ def _side_main(port: int, rank: int, timeout_s: float, threads: int, config: Eng
                         chan.send(prev.result())
                     prev = handle
     except Exception:
-        store.set(f"failure/{rank}", traceback.format_exc())
-        raise
+        exit_failed(store, rank)
 
 
 class _Side:

@@ -28,6 +28,7 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import traceback
 from typing import Any
@@ -159,6 +160,20 @@ def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.tim
                                     p2p_through_host=shared)
 
 
+def exit_failed(store: dist.Store, rank: int) -> None:
+    """End a rank's process after an exception: record its traceback under ``failure/<rank>`` for
+    the engine's message, print it, and leave with ``os._exit(1)``. A normal interpreter exit
+    tears the gloo groups down with work still posted to a dead peer and can hang there, keeping
+    open the connections whose closing tells the engine this rank is gone."""
+    text = traceback.format_exc()
+    try:
+        store.set(f"failure/{rank}", text)
+    finally:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def _build_worker(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
                   eos_token_ids: tuple[int, ...], ctx: ParallelContext):
     from flashserve.runner.worker import Worker
@@ -183,8 +198,7 @@ def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config:
     try:
         worker = _build_worker(config, model_config, max_model_len, eos_token_ids, ctx)
     except Exception:
-        store.set(f"failure/{rank}", traceback.format_exc())
-        raise
+        exit_failed(store, rank)
     handles: dict[int, Any] = {}
     while True:
         try:
@@ -202,8 +216,7 @@ def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config:
             elif kind == "score":
                 worker.score_chunk(*arg)
         except Exception:
-            store.set(f"failure/{rank}", traceback.format_exc())
-            raise
+            exit_failed(store, rank)
 
 
 def _spawned_rank(port: int, rank: int, world: int, timeout_s: float, threads: int, config: EngineConfig,
