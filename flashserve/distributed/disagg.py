@@ -33,7 +33,8 @@ Failures: a Worker that exits or fails makes the router's next send or receive f
 other Worker's, in a hand-off: it then fails too); the router names the side and its state
 (exit code or signal, the traceback it recorded, stopped, or silent past
 ``distributed_timeout_s``), stops both Workers and refuses further work; ``dead_reason`` is what
-the server's /health reports.
+the server's /health reports. A Worker whose process ends while the router is blocked on the
+other is followed by the other a few seconds later (``DeathWatch``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import torch.distributed as dist
 
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig, ModelConfig, SchedulerConfig
-from flashserve.distributed.executor import RANK_ENV, _store_timeout, exit_failed, process_state
+from flashserve.distributed.executor import RANK_ENV, DeathWatch, _store_timeout, exit_failed, process_state
 from flashserve.distributed.process_executor import _Channel, _Score
 from flashserve.engine.executor import PendingResult
 from flashserve.request import Request, RequestStatus
@@ -494,6 +495,7 @@ class DisaggregatedExecutor:
         check_disaggregated(config, model_config)
         self.timeout_s = timeout_s = config.distributed_timeout_s
         self.dead_reason: str | None = None
+        self._watch: DeathWatch | None = None
         self._closed = False
         self.processes: dict[int, mp.Process] = {}
         self.sides: dict[int, _Side] = {}
@@ -518,6 +520,7 @@ class DisaggregatedExecutor:
         except BaseException:
             self.shutdown()
             raise
+        self._watch = DeathWatch(self.processes, lambda: self.dead_reason is not None or self._closed)
 
     def make_core(self, config: SchedulerConfig, model_config: ModelConfig, max_model_len: int,
                   enable_prefix_caching: bool, cost_model: PreemptionCostModel | None) -> DisaggregatedCore:
@@ -544,10 +547,12 @@ class DisaggregatedExecutor:
     # ----------------------------------------------------------------- failures
     def _fail(self, cause: BaseException) -> RuntimeError:
         states = {r: process_state(self._store, r, p, self.timeout_s) for r, p in self.processes.items()}
-        # The side that died first: a signal beats an exit (the other side may exit on its broken
-        # connection), which beats a traceback (a failed hand-off), which beats silence.
-        order = sorted(states, key=lambda r: ("killed by" not in states[r], not states[r].startswith("(pid"),
-                                              "did not answer" in states[r]))
+        # The side whose process ended first leads (the death watch saw it); then a signal beats an
+        # exit (the other side may exit on its broken connection), which beats a traceback (a
+        # failed hand-off), which beats silence.
+        first = self._watch.first if self._watch else None
+        order = sorted(states, key=lambda r: (r != first, "killed by" not in states[r],
+                                              not states[r].startswith("(pid"), "did not answer" in states[r]))
         shown = [r for r in order if "did not answer" not in states[r]] or order
         what = "; ".join(f"the {SIDE_NAMES[r]} {states[r]}" for r in shown)
         self.dead_reason = f"{what}; the disaggregated engine has shut down both workers"
@@ -606,7 +611,7 @@ class DisaggregatedExecutor:
                     side.chan.send(_SHUTDOWN)
                 except RuntimeError:
                     pass
-        deadline = time.monotonic() + (10 if self.dead_reason is None else 2)
+        deadline = time.monotonic() + (10 if self.dead_reason is None else 0)  # after a failure: kill at once
         for p in self.processes.values():
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():

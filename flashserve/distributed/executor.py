@@ -18,7 +18,9 @@ starts them under torchrun instead (several hosts), where rank 0 runs the engine
 Failures: a rank that exits (crash, kill) makes the next collective or send fail; a rank that
 hangs makes it time out after ``distributed_timeout_s``. Either way the executor names the rank
 and its state (exit code / signal, stopped, or not answering), stops the other ranks and refuses
-further work; ``dead_reason`` keeps the message for the server's /health.
+further work; ``dead_reason`` keeps the message for the server's /health. A rank that fails ends
+its process at once (``exit_failed``), and a ``DeathWatch`` kills the survivors of a rank that
+ended if the engine is still blocked on them a few seconds later.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -174,6 +178,33 @@ def exit_failed(store: dist.Store, rank: int) -> None:
         os._exit(1)
 
 
+class DeathWatch:
+    """When one of the engine's Worker processes ends on its own, the others are of no further use;
+    if the engine has not failed ``grace_s`` later (it may be blocked on a survivor that is
+    waiting on the dead one), the survivors are killed, so the engine's pending receive ends at
+    once instead of after ``distributed_timeout_s``. ``first`` is the rank that ended first."""
+
+    def __init__(self, processes: dict[int, mp.Process], failed: Callable[[], bool], grace_s: float = 5.0) -> None:
+        self.processes = processes
+        self.failed = failed
+        self.grace_s = grace_s
+        self.first: int | None = None
+        if len(processes) > 1:
+            threading.Thread(target=self._run, name="flashserve-death-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        by_sentinel = {p.sentinel: r for r, p in self.processes.items()}
+        self.first = by_sentinel[mp.connection.wait(list(by_sentinel))[0]]
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline:
+            if self.failed():
+                return
+            time.sleep(0.05)
+        for p in self.processes.values():
+            if p.is_alive():
+                p.kill()
+
+
 def _build_worker(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
                   eos_token_ids: tuple[int, ...], ctx: ParallelContext):
     from flashserve.runner.worker import Worker
@@ -254,6 +285,7 @@ class DistributedExecutor:
         self.tp = config.tensor_parallel_size
         self.timeout_s = timeout_s = config.distributed_timeout_s
         self.dead_reason: str | None = None
+        self._watch: DeathWatch | None = None
         self.processes: list[mp.Process] = []
         self._closed = False
         os.environ.update(RANK_ENV)
@@ -291,6 +323,8 @@ class DistributedExecutor:
             self.shutdown()
             raise
         self.info = self.worker.info
+        self._watch = DeathWatch(dict(enumerate(self.processes, start=1)),
+                                 lambda: self.dead_reason is not None or self._closed)
 
     def _wait_for_ranks(self, store: dist.Store) -> None:
         """Wait until every spawned rank has reached the store, failing at once if one exits."""
@@ -313,7 +347,8 @@ class DistributedExecutor:
         return process_state(self._store, rank, process, self.timeout_s)
 
     def _fail(self, cause: BaseException) -> RuntimeError:
-        states = {r: self._rank_state(r) for r in range(1, self.world)}
+        first = self._watch.first if self._watch else None  # the rank that ended first leads
+        states = {r: self._rank_state(r) for r in sorted(range(1, self.world), key=lambda r: r != first)}
         shown = {r: s for r, s in states.items() if "did not answer" not in s} or states
         what = "; ".join(f"{self._rank_name(r)} {s}" for r, s in shown.items())
         self.dead_reason = f"{what}; the engine has shut down its {self.world} ranks"
@@ -365,7 +400,7 @@ class DistributedExecutor:
                     chan.send(_SHUTDOWN)
                 except RuntimeError:
                     pass
-        deadline = time.monotonic() + (10 if self.dead_reason is None else 2)
+        deadline = time.monotonic() + (10 if self.dead_reason is None else 0)  # after a failure: kill at once
         for p in self.processes:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
