@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from flashserve.engine.async_engine import AsyncLLMEngine, EngineError, EngineOverloaded, EngineShutdown, StreamOverflow
 from flashserve.request import CompletionOutput, RequestOutput
 from flashserve.server.errors import APIError, bad_request, error_body
-from flashserve.server.limits import ABORT_EXTENSION, request_id_of
+from flashserve.server.limits import ABORT_EXTENSION, BODY_EXTENSION, request_id_of
 from flashserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger("flashserve")
@@ -41,7 +41,9 @@ class SSEResponse(StreamingResponse):
     ``on_close`` runs last, even if the iterator never started (a client gone before the first
     chunk), so admitted requests are always released. If one of ``dropped`` is set (the client
     stopped reading and its request was aborted) the response is abandoned unfinished and the
-    connection is reset (``ABORT_EXTENSION``, when the server offers it)."""
+    connection is reset (``ABORT_EXTENSION``, when the server offers it). Body pieces go through
+    the server's ``BODY_EXTENSION`` writer when it offers one (one call per token instead of the
+    middlewares' send chain and h11's events)."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None,
                  dropped: Sequence[asyncio.Event] = (), **kwargs: Any) -> None:
@@ -59,9 +61,12 @@ class SSEResponse(StreamingResponse):
 
         async def body() -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            write = (scope.get("extensions") or {}).get(BODY_EXTENSION)
+            if write is None:  # another server: each piece through the ASGI send
+                async def write(data: bytes) -> None:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             async for chunk in self.body_iterator:
-                data = chunk if isinstance(chunk, bytes) else chunk.encode("utf-8")
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await write(chunk if isinstance(chunk, bytes) else chunk.encode("utf-8"))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         body_task = asyncio.ensure_future(body())
