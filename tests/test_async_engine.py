@@ -178,3 +178,34 @@ def test_deltas_that_piled_up_come_as_one_output(llm):
     assert len(seen) < 8 and sum(s[0] for s in seen) == seen[-1][1] == 8
     assert seen[-1][3] == "".join(s[2] for s in seen)
     assert seen[-1][3] == llm.generate("The capital of France is", params, use_tqdm=False)[0].text
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
+    """``LLMEngine.add_request(delta=True)`` (what AsyncLLMEngine asks for): each step's output
+    holds only its new tokens, logprobs and text, and they add up to the outputs of the same
+    request without ``delta``, step by step (n = 2 seeded samples, logprobs, a stop string)."""
+    engine = llm.engine
+    params = SamplingParams(n=2, temperature=0.9, seed=11, max_tokens=14, logprobs=2, stop=[" soc"])
+
+    def run(delta: bool) -> list[list[tuple]]:
+        engine.add_request("d", "Once upon a time there", params, delta=delta)
+        steps = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                steps.append([(c.index, c.text, list(c.token_ids), c.logprobs and list(c.logprobs), c.text_delta,
+                               c.num_new_tokens, c.finish_reason) for c in out.outputs])
+        return steps
+
+    cumulative, deltas = run(False), run(True)
+    assert len(cumulative) == len(deltas) > 2
+    totals: dict[int, list] = {}
+    for cum, dlt in zip(cumulative, deltas):
+        for c, d in zip(cum, dlt):
+            index, text, ids, lps, text_delta, num_new, reason = d
+            assert text == "" and len(ids) == num_new and (lps is None or len(lps) == num_new)
+            t = totals.setdefault(index, ["", [], []])
+            t[0] += text_delta
+            t[1] += ids
+            t[2] += lps
+            assert (c[0], c[1], c[2], c[3], c[4], c[5], c[6]) == (index, t[0], t[1], t[2], text_delta, num_new, reason)
+    assert any(c[6] == "stop" for c in cumulative[-1])

@@ -1,5 +1,5 @@
 """Server options of this feature, in process on a tiny model: beam search through
-/v1/completions (``use_beam_search``, ``n`` beams, the same hypotheses as ``LLM.beam_search``),
+/v1/completions (``use_beam_search``, ``n`` beams, the same hypotheses and text as ``LLM.beam_search``),
 per-request ``num_speculative_tokens``, and the speculative-decoding counters in /metrics."""
 
 import asyncio
@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from conftest_models import make_tiny_checkpoint  # noqa: E402
+from conftest_models import copy_smollm2_tokenizer, make_tiny_checkpoint  # noqa: E402
 from flashserve import LLM, BeamSearchParams  # noqa: E402
 
 
@@ -17,7 +17,8 @@ def test_beam_search_and_spec_metrics_over_http(tmp_path):
     from flashserve.engine.async_engine import AsyncLLMEngine
     from flashserve.server.app import build_app
 
-    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=3)
+    make_tiny_checkpoint("llama3_gqa", tmp_path, seed=3, vocab_size=49152)
+    copy_smollm2_tokenizer(tmp_path)  # so the hypotheses have text
     kw = dict(device="cpu", block_size=4, max_model_len=96, kv_cache_bytes=1 << 22, verbose=False)
     prompt = [7, 8, 9, 10, 7, 8, 9, 10, 7, 8]
     ref = LLM(model=str(tmp_path), **kw).beam_search([prompt], BeamSearchParams(3, 10), use_tqdm=False)[0]
@@ -47,6 +48,8 @@ def test_beam_search_and_spec_metrics_over_http(tmp_path):
     assert len(body["choices"]) == 3
     assert body["usage"]["completion_tokens"] == sum(len(c.token_ids) for c in ref.outputs)
     assert [c["finish_reason"] for c in body["choices"]] == [c.finish_reason for c in ref.outputs]
+    assert [c["text"] for c in body["choices"]] == [c.text for c in ref.outputs]
+    assert all(c.text for c in ref.outputs)
     assert plain.status_code == 200 and off.status_code == 200
     assert streamed.status_code == 400 and "does not stream" in streamed.text
     text = metrics.text

@@ -160,20 +160,6 @@ class _Call:
             self.future.set_result(result)
 
 
-def _trim(out: RequestOutput) -> RequestOutput:
-    """The step's progress only: each choice's new token ids and logprobs, text_delta, and no
-    cumulative text (the engine thread keeps nothing that grows with the stream's backlog).
-    The engine builds a fresh ``RequestOutput`` and ``CompletionOutput`` copies for every output
-    (``LLMEngine._parent_output``, ``BeamSearchDriver.advance``), so they are trimmed in place."""
-    for c in out.outputs:
-        k = c.num_new_tokens
-        c.text = ""
-        c.token_ids = c.token_ids[len(c.token_ids) - k :] if k else []
-        if c.logprobs is not None:
-            c.logprobs = c.logprobs[len(c.logprobs) - k :] if k else []
-    return out
-
-
 class _Accumulator:
     """Rebuilds cumulative outputs from deltas on the reading side; several deltas that arrived
     together become one output (their text and tokens joined). The yielded outputs share their
@@ -197,7 +183,7 @@ class _Accumulator:
 
     def add(self, deltas: list[RequestOutput]) -> RequestOutput:
         """One cumulative output for ``deltas`` (in order, at least one), made from the last one
-        (the deltas are the reader's own: ``_trim``)."""
+        (the deltas are the reader's own: the engine hands each output over, ``delta=True``)."""
         last = deltas[-1]
         if len(deltas) == 1:  # the usual case: the reader keeps up
             for d in last.outputs:
@@ -433,7 +419,8 @@ class AsyncLLMEngine:
         if isinstance(params, BeamSearchParams):
             engine.add_beam_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids)
         else:
-            engine.add_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids)
+            engine.add_request(request_id, prompt, params, add_special_tokens, prompt_token_ids=prompt_token_ids,
+                               delta=True)
         self._streams[request_id] = stream
         self._stats = engine.stats()
 
@@ -486,7 +473,7 @@ class AsyncLLMEngine:
                 if stream is None:
                     continue
                 if stream.reserve():
-                    batches.setdefault(stream.loop, []).append((stream, _trim(out)))
+                    batches.setdefault(stream.loop, []).append((stream, out))
                 else:
                     self._drop(engine, out.request_id, stream)
             self._stats = engine.stats()

@@ -89,8 +89,25 @@ class _Parent:
     prompt_token_ids: list[int]
     child_ids: list[str]
     stream: bool = True  # an output every step it progresses (False: only when it finishes)
+    delta: bool = False  # outputs carry the step's progress only (LLMEngine.add_request)
     completions: dict[str, CompletionOutput] = field(default_factory=dict)
     metrics: RequestMetrics | None = None  # of the child that progressed last
+
+
+def _snapshot(c: CompletionOutput, delta: bool) -> CompletionOutput:
+    """The output of one choice now; ``c`` starts its next delta. The lists that keep growing
+    are copied, or (``delta``) handed over and started afresh."""
+    logprobs = c.logprobs
+    out = CompletionOutput(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, logprobs, c.text_delta,
+                           c.num_new_tokens, c.cumulative_logprob)
+    if delta:
+        c.token_ids = []
+        if logprobs is not None:
+            c.logprobs = []
+    elif logprobs is not None:
+        out.logprobs = list(logprobs)
+    c.text_delta, c.num_new_tokens = "", 0
+    return out
 
 
 class LLMEngine:
@@ -230,11 +247,16 @@ class LLMEngine:
         add_special_tokens: bool = True,
         prompt_token_ids: list[int] | None = None,
         stream: bool = True,
+        delta: bool = False,
     ) -> None:
         """Queue a request. Raises ValueError for any invalid input; nothing is queued then.
 
         ``stream=False``: ``step`` reports the request only once, when it finishes (batch
         generation needs no per-step outputs, which cost host time at large batches).
+        ``delta=True`` (a stream): each output carries only what was added since the previous
+        one: ``token_ids`` and ``logprobs`` of the new tokens, ``text_delta``, and an empty
+        ``text``; the reader keeps the totals (``AsyncLLMEngine`` does), and the engine copies
+        nothing that grows with the output.
 
         ``prompt_token_ids``, when given with a text prompt, is its already-encoded form."""
         params = params or SamplingParams()
@@ -253,7 +275,7 @@ class LLMEngine:
                 raise ValueError("prompt token ids must be integers")
         self.validate_prompt(token_ids, params)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        parent = _Parent(request_id, text, token_ids, child_ids, stream)
+        parent = _Parent(request_id, text, token_ids, child_ids, stream, delta and stream)
         for i, cid in enumerate(child_ids):
             child_params = params if params.n == 1 else replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i
@@ -391,7 +413,8 @@ class LLMEngine:
         """Detokenize the output tokens not read yet, apply stop strings, update the child's
         CompletionOutput."""
         comp = parent.completions[req.request_id]
-        new_tokens = req.output_token_ids[state.num_read:]
+        start = state.num_read
+        new_tokens = req.output_token_ids[start:]
         state.num_read += len(new_tokens)
         state.stop_armed = self.core.stop.stop_strings_armed(req)
         self.detokenizer.append(state, new_tokens)
@@ -401,12 +424,15 @@ class LLMEngine:
         if req.is_finished:
             self.detokenizer.flush(state)
         comp.text_delta = self.detokenizer.take_delta(state, req.is_finished)
-        comp.text = state.text[: state.emitted]
         comp.num_new_tokens += len(new_tokens)
-        if parent.stream or req.is_finished:
-            comp.token_ids = list(req.output_token_ids)
+        if parent.delta:
+            comp.token_ids += new_tokens
+        else:
+            comp.text = state.text[: state.emitted]
+            if parent.stream or req.is_finished:
+                comp.token_ids = list(req.output_token_ids)
         if comp.logprobs is not None:
-            for token, (lp, top) in zip(req.output_token_ids[len(comp.logprobs):], req.output_logprobs[len(comp.logprobs):]):
+            for token, (lp, top) in zip(new_tokens, req.output_logprobs[start:]):
                 comp.logprobs.append((token, lp, list(top)))
         if req.is_finished:
             comp.finish_reason = req.status.value
@@ -418,9 +444,7 @@ class LLMEngine:
         finished = all(c.finish_reason is not None for c in parent.completions.values())
         if not parent.stream and not finished:
             return None
-        outputs = [replace(c, logprobs=None if c.logprobs is None else list(c.logprobs)) for c in parent.completions.values()]
-        for c in parent.completions.values():
-            c.text_delta, c.num_new_tokens = "", 0
+        outputs = [_snapshot(c, parent.delta) for c in parent.completions.values()]
         out = RequestOutput(
             request_id=parent_id,
             prompt=parent.prompt,

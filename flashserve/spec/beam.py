@@ -268,10 +268,13 @@ class BeamSearchDriver:
             self._retire(parents)
             if group.done:
                 del self.groups[gid]
-                comps = [CompletionOutput(index=i, text=self.decode(list(h.tokens)), token_ids=list(h.tokens),
-                                          finish_reason=h.finish_reason, cumulative_logprob=h.cumulative_logprob,
-                                          num_new_tokens=len(h.tokens))
-                         for i, h in enumerate(group.results())]
+                comps = []
+                for i, h in enumerate(group.results()):  # the group's only output: all of it is new
+                    text = self.decode(list(h.tokens))
+                    comps.append(CompletionOutput(index=i, text=text, token_ids=list(h.tokens),
+                                                  finish_reason=h.finish_reason, text_delta=text,
+                                                  num_new_tokens=len(h.tokens),
+                                                  cumulative_logprob=h.cumulative_logprob))
                 outputs.append(RequestOutput(gid, self._prompts.pop(gid, None), group.prompt_token_ids, comps,
                                              True, metrics))
         return outputs
