@@ -13,6 +13,8 @@ detokenization), and the launch phase split into the Worker's own host work (pla
 inputs, sampling rows) and the time inside the model, sampler and speculator calls (on CUDA their
 kernel launches, on CPU the computation itself; ``StepTiming.compute_s``). The engine is
 warmed up first (``LLMEngine.warm_up``) and the Triton cache's state at start is printed.
+``--stream`` streams every request with delta outputs, as the server's engine thread does, so the
+outputs phase includes detokenizing and building an output for every request at every step.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--stream", action="store_true",
+                   help="stream every request as the server does (an output each step, delta outputs) instead of "
+                        "reporting it once at the end, so the outputs phase shows the per-token cost of serving")
     p.add_argument("--output-json", default=None)
 
 
@@ -63,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    if args.stream:
+        gen = _streamed(engine, prompts, params)
+    else:
+        gen = sum(len(o.token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
     elapsed = time.perf_counter() - start
-    gen = sum(len(o.token_ids) for o in outs)
     assert gen == sum(out_lens), "every request must produce exactly its max_tokens"
     crowded = [t for t in engine.timings if t.num_seqs >= 200]
     busy = [t.host_s for t in crowded]
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "triton_cache_at_start": cache,
         "warm_up_s": warm_s,
         "async_scheduling": engine.config.async_scheduling,
+        "streamed": args.stream,
         "num_requests": args.num_requests,
         "prompt_tokens": sum(len(p) for p in prompts),
         "output_tokens": gen,
@@ -109,6 +117,18 @@ def run(args: argparse.Namespace) -> int:
           f"({res['total_tok_s']:.0f} tok/s with prompts), {res['preemptions']} preemptions; device idle "
           f"{'n/a' if idle is None else f'{idle:.1%}'}; Triton cache {cache} at start")
     return 0
+
+
+def _streamed(engine, prompts: list[list[int]], params: list) -> int:
+    """Run every request streamed with delta outputs (as ``AsyncLLMEngine`` does for the server,
+    without the HTTP side); the number of tokens the outputs carried."""
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"bench-{i}", prompt, sp, delta=True)
+    gen = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            gen += sum(c.num_new_tokens for c in out.outputs)
+    return gen
 
 
 def launch_split(host: list, steps: list, min_seqs: int = 200) -> dict[str, float] | None:
