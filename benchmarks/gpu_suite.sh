@@ -184,7 +184,7 @@ case "${1:-}" in
       --output-json "$out/disagg.json"
     ;;
   serve)  # issue 8's serving targets: flashserve serve on dummy weights, then bench serve 200/200 at 10, 45 and
-           # unbounded req/s. $2: a folder with config.json and tokenizer files whose vocabulary matches the
+           # unbounded req/s, then bench throughput --stream of the same shapes (the engine thread alone). $2: a folder with config.json and tokenizer files whose vocabulary matches the
            # config (e.g. Llama-3.1-8B's config with vocab_size 49152 beside SmolLM2's tokenizer). The GPU machine
            # needs the server wheels (fastapi, starlette, uvicorn, pydantic, pydantic-core, opentelemetry-api, ...) on PYTHONPATH.
     dir=${2:?"usage: $0 serve MODEL_DIR (config.json + tokenizer files; the weights are drawn at random)"}
@@ -196,6 +196,9 @@ case "${1:-}" in
       --output-json "$out/serve.json" --plot "$out/serve.png"
     kill "$server"
     wait "$server" 2> /dev/null
+    # the engine thread's side without HTTP: every request streamed with delta outputs, host time by phase
+    stage throughput-stream 150 $fs bench throughput --model "$dir" --load-format dummy --num-requests 200 \
+      --min-len 200 --max-len 200 --stream --output-json "$out/throughput-stream.json"
     ;;
   offload)  # docs/distributed.md "Offloading": GPU tests (graphs and eager), then the 8B table (~2 min)
     stage offload-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py
