@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout + 5,  # type: ignore[arg-type]
                             access_log=args.log_level == "debug")
     server = _make_server(config, app.state.flashserve)
+    freeze_startup_heap()
     try:
         server.run()
     finally:
@@ -155,6 +157,19 @@ def run(args: argparse.Namespace) -> int:
         if cascade is not None:
             cascade.small.shutdown()
     return 0 if server.started or server.should_exit else 1
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then put every object alive now (models, tokenizers, compiled kernels, the
+    app) out of the cyclic garbage collector's reach (``gc.freeze``). A full collection walks the
+    whole heap while it holds the interpreter lock: ~0.1 s on the CPU proxy, a stall of the engine
+    thread and of every stream at once, every time one comes due. Done once, by the server only: a
+    frozen object that later becomes cyclic garbage is never collected, which a process that
+    keeps its engine for its lifetime does not mind (tests and scripts that build many do)."""
+    gc.collect()
+    gc.freeze()
+    logging.getLogger("flashserve").info("flashserve: %d objects of the startup heap frozen out of the cyclic GC",
+                                         gc.get_freeze_count())
 
 
 def warm_up(engine: Any) -> None:
