@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -164,7 +164,7 @@ def _make_groups(store: dist.Store, rank: int, world: int, timeout: datetime.tim
                                     p2p_through_host=shared)
 
 
-def exit_failed(store: dist.Store, rank: int) -> None:
+def exit_failed(store: dist.Store, rank: int) -> NoReturn:
     """End a rank's process after an exception: record its traceback under ``failure/<rank>`` for
     the engine's message, print it, and leave with ``os._exit(1)``. A normal interpreter exit
     tears the gloo groups down with work still posted to a dead peer and can hang there, keeping
