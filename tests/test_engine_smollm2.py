@@ -63,6 +63,24 @@ def test_multibyte_characters_detokenize_incrementally(llm):
     assert "".join(pieces) == text
 
 
+def test_long_text_folds_and_still_stops(llm):
+    """Past ``_FOLD`` characters the detokenizer folds its text into a head: the deltas, the text
+    handed out so far and a stop string spanning tokens far into the text are as without it."""
+    text = " ".join(f"item{i} = {i * i} ✓" for i in range(400)) + " and then the END marker, never shown"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    detok = Detokenizer(llm.tokenizer)
+    state = detok.new_state([], skip_special_tokens=True, stop=["the END", "zzz-not-there"])
+    pieces = []
+    for t in ids:
+        detok.append(state, [t])
+        pieces.append(detok.take_delta(state, finished=state.stopped_on is not None))
+        assert detok.emitted_text(state) == "".join(pieces)
+        if state.stopped_on is not None:
+            break
+    assert state.stopped_on == "the END" and state.head  # it folded
+    assert "".join(pieces) == text[: text.index("the END")]
+
+
 @pytest.mark.parametrize(
     "prompt, params, message",
     [

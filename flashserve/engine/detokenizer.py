@@ -10,6 +10,12 @@ and waits for more tokens. With a fast tokenizer that rule runs inside the token
 3.4 to 2.4 ms);
 other tokenizers run it here. Stop strings are searched in the newly emitted text plus just enough
 of the old text to catch a string spanning tokens; the stop string itself is not returned.
+
+The text is kept as a folded head and a short tail (``DecodeState.text``): once more than
+``_FOLD`` characters were handed out, they move into the head (the held-back characters stay, and
+with them every place a later stop string could start), so appending a token copies the tail
+only, not the whole text so far (a 4,000-token stream paid ~5 us more per token at its end than at
+its start for that copy).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _WINDOW = 5  # tokens of left context for each incremental decode
+_FOLD = 1024  # characters handed out before the tail is folded into the head
 
 
 @dataclass
@@ -26,8 +33,9 @@ class DecodeState:
 
     skip_special_tokens: bool
     stop: list[str] = field(default_factory=list)
-    text: str = ""  # all text decoded so far (cut before the stop string once one is hit)
+    text: str = ""  # the text decoded after ``head`` (cut before the stop string once one is hit)
     emitted: int = 0  # characters of ``text`` already handed to the caller
+    head: str = ""  # text handed out before ``text`` (moved here by take_delta)
     tokens: list[int] = field(default_factory=list)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -137,4 +145,13 @@ class Detokenizer:
             end = max(state.emitted, end - (max(len(s) for s in state.stop) - 1))
         delta = state.text[state.emitted : end]
         state.emitted = end
+        if end > _FOLD:  # what is held back covers where a stop string found later could start
+            state.head += state.text[:end]
+            state.text = state.text[end:]
+            state.emitted = 0
         return delta
+
+    @staticmethod
+    def emitted_text(state: DecodeState) -> str:
+        """All the text handed out so far."""
+        return state.head + state.text[: state.emitted]

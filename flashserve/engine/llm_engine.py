@@ -428,7 +428,7 @@ class LLMEngine:
         if parent.delta:
             comp.token_ids += new_tokens
         else:
-            comp.text = state.text[: state.emitted]
+            comp.text = self.detokenizer.emitted_text(state)
             if parent.stream or req.is_finished:
                 comp.token_ids = list(req.output_token_ids)
         if comp.logprobs is not None:
