@@ -427,10 +427,9 @@ class LLMEngine:
         comp.num_new_tokens += len(new_tokens)
         if parent.delta:
             comp.token_ids += new_tokens
-        else:
+        elif parent.stream or req.is_finished:  # an unstreamed request's output is read when it finishes
             comp.text = self.detokenizer.emitted_text(state)
-            if parent.stream or req.is_finished:
-                comp.token_ids = list(req.output_token_ids)
+            comp.token_ids = list(req.output_token_ids)
         if comp.logprobs is not None:
             for token, (lp, top) in zip(new_tokens, req.output_logprobs[start:]):
                 comp.logprobs.append((token, lp, list(top)))
