@@ -82,6 +82,7 @@ class Speculator:
         self.proposer = build_proposer(self.config, worker, target_source)
         self._step_t0 = 0.0
         self._events: tuple | None = None
+        self._slabs: dict[int, torch.Tensor] = {}  # layer group -> its pool rows (``_group_slabs``)
 
     def kv_bytes_per_block(self) -> int:
         return getattr(self.proposer, "kv_bytes_per_block", lambda: 0)()
@@ -248,13 +249,26 @@ class Speculator:
         for table in (w.block_table, *w.group_block_tables):
             table = table.long()
             moves.append((table[slots, src_pos // bs].flatten(), table[slots, dst_pos // bs].flatten()))
+        if not kv_quant.is_quantized(w.kv_pool):  # K and V of every layer of a group: one gather, one scatter
+            for group, (sb, db) in enumerate(moves):
+                slabs = self._group_slabs(group)  # [layers, 1]
+                w.kv_pool[slabs, :, db, do] = w.kv_pool[slabs, :, sb, so]
+            return
         for (k_cache, v_cache), group in zip(w.kv_caches, w.layout.layer_group):
             sb, db = moves[group]
             for cache in (k_cache, v_cache):
                 cache[db, do] = cache[sb, so]
-                if kv_quant.is_quantized(cache):
-                    scales = kv_quant.kv_scales(cache)  # [num_blocks, Hkv, block_size]
-                    scales[db, :, do] = scales[sb, :, so]
+                scales = kv_quant.kv_scales(cache)  # [num_blocks, Hkv, block_size]
+                scales[db, :, do] = scales[sb, :, so]
+
+    def _group_slabs(self, group: int) -> torch.Tensor:
+        """The pool rows (``KVLayout.layer_slab``) of a layer group's layers, [n, 1] on the device."""
+        slabs = self._slabs.get(group)
+        if slabs is None:
+            layout = self.worker.layout
+            rows = sorted({s for s, g in zip(layout.layer_slab, layout.layer_group) if g == group})
+            slabs = self._slabs[group] = torch.tensor(rows, device=self.worker.device)[:, None]
+        return slabs
 
     # ----------------------------------------------------------------- after sampling
     def after_sampling(self, hidden: torch.Tensor, inp, states: list, handle, spec: SpecStep | None) -> None:
