@@ -47,7 +47,7 @@ FMT_DENSE = 3
 FORMAT_NAMES = {FMT_INT8: "int8", FMT_INT4: "int4", FMT_FP8: "fp8", FMT_DENSE: "dense"}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_os"])  # row count unspecialised: engine/warm_up.py
 def _wq_matmul_kernel(
     x_ptr,  # [M, K] activations
     w_ptr,  # int8 / fp8 [N, K], uint8 [N, K / 2] (int4), or [N, K] in x's dtype (dense)

@@ -109,7 +109,7 @@ def _gguf_tile(u8_ptr, i8_ptr, f16_ptr, rows, cols, mask, row_bytes, QTYPE: tl.c
     return tl.where(mask, w, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_os"])  # row count unspecialised: engine/warm_up.py
 def _gguf_matmul_kernel(
     x_ptr, u8_ptr, i8_ptr, f16_ptr, out_ptr,
     M, N, K, row_bytes, k_per_split,
@@ -139,7 +139,7 @@ def _gguf_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # row count unspecialised: engine/warm_up.py
 def _gguf_gemv_kernel(
     x_ptr, u8_ptr, i8_ptr, f16_ptr, out_ptr,
     M, N, K, row_bytes, stride_xm, stride_om,

@@ -70,3 +70,30 @@ def test_gguf_matmul_rejects_unknown_type_and_bad_rows(device):
         gguf_matmul(x, raw, "Q2_K")
     with pytest.raises(ValueError, match="do not hold 96 columns"):
         gguf_matmul(torch.randn(1, 96, device=device), raw, "Q4_0")
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels (the interpreter compiles none)")
+def test_row_count_needs_no_new_compile():
+    """A 9-15-token verification step reuses the flat GEMM the 16-token graph compiled, and a
+    3-row GEMV the 4-row one (engine/warm_up.py): the row count is not specialised on."""
+    from flashserve.kernels.quant_gemm import FMT_INT8, _wq_matmul_kernel, wq_matmul
+    from flashserve.kernels.quant_gguf import _gguf_gemv_kernel, _gguf_matmul_kernel
+
+    dev = torch.device("cuda")
+    raw = random_gguf_blocks("Q5_0", 256, 640, seed=1).to(dev)
+    q, s = ref.quantize_int8(torch.randn(256, 640))
+    q, s = q.to(dev), s.to(dev)
+
+    def compiled(kernel) -> int:
+        return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+    for kernel, product, rows in ((_gguf_matmul_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (16, 11, 9, 13)),
+                                  (_gguf_gemv_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (4, 3)),
+                                  (_wq_matmul_kernel, lambda x: wq_matmul(x, q, s, None, FMT_INT8), (16, 11, 9))):
+        counts = []
+        for m in rows:
+            product(torch.randn(m, 640, device=dev, dtype=torch.bfloat16))
+            torch.cuda.synchronize()
+            counts.append(compiled(kernel))
+        assert counts == [counts[0]] * len(rows), (kernel, rows, counts)
