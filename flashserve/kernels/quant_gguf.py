@@ -17,7 +17,10 @@ instead: no tensor cores and no padding of x to 16 rows; each program decodes a 
 over a wide K tile and multiplies them with every row of x in fp32 registers, so a small matrix is
 spread over many programs. On the H200 the flat GEMM took 21.8 us per product of SmolLM2-135M
 (N = 192-1536 with 6-48 programs, each walking K in dependent steps: a latency chain, not a
-bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels.
+bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels. One row of Q8_0 / Q5_0 takes a
+block-wise variant whose tile is [rows, blocks, 32]: a block's scale and high bits are loaded once,
+not once per weight (H200, Gemma 3 270M's products at one row, weights past L2: gate/up 11.6 ->
+6.8 us, q/k/v 5.4 -> 3.7 us, the 262144-row Q8_0 head 266 -> 178 us).
 """
 
 from __future__ import annotations
@@ -164,6 +167,44 @@ def _gguf_gemv_kernel(
 
 
 @triton.jit
+def _gguf_gemv_blocks_kernel(
+    x_ptr, u8_ptr, i8_ptr, f16_ptr, out_ptr, N, K, row_bytes,
+    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr,
+):
+    """``out[0, tile] = x[0] @ w[tile]^T`` for Q8_0 / Q5_0, one row of x: the tile is ``[BLOCK_N,
+    NB, 32]`` (rows, blocks, a block's weights), so a block's scale and high bits are loaded once
+    for its 32 weights instead of once per weight."""
+    wait_for_prior(PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col = tl.arange(0, 32)
+    j = col[None, None, :]
+    row_base = offs_n.to(tl.int64)[:, None, None] * row_bytes
+    n_ok = (offs_n < N)[:, None, None]
+    num_blocks = K // 32
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for b0 in range(0, num_blocks, NB):
+        blk = b0 + tl.arange(0, NB)
+        ok = n_ok & (blk < num_blocks)[None, :, None]
+        if QTYPE == 0:  # Q8_0: fp16 scale, 32 int8
+            base = row_base + (blk * 34)[None, :, None]
+            d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+            w = d * tl.load(i8_ptr + base + 2 + j, mask=ok, other=0).to(tl.float32)
+        else:  # Q5_0: fp16 scale, 32 high bits, 16 bytes of low nibbles
+            base = row_base + (blk * 22)[None, :, None]
+            d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+            qh = tl.load(u8_ptr + base + 2, mask=ok, other=0).to(tl.int32)
+            qh |= tl.load(u8_ptr + base + 3, mask=ok, other=0).to(tl.int32) << 8
+            qh |= tl.load(u8_ptr + base + 4, mask=ok, other=0).to(tl.int32) << 16
+            qh |= tl.load(u8_ptr + base + 5, mask=ok, other=0).to(tl.int32) << 24
+            b = tl.load(u8_ptr + base + 6 + j % 16, mask=ok, other=0).to(tl.int32)
+            u = ((b >> (j // 16 * 4)) & 15) | (((qh >> j) & 1) << 4)
+            w = d * (u.to(tl.float32) - 16.0)
+        x = tl.load(x_ptr + (blk * 32)[:, None] + col[None, :], mask=(blk < num_blocks)[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
 def _gguf_dequant_kernel(u8_ptr, i8_ptr, f16_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,10 +252,32 @@ def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> Gem
     return GemvTile(rows, block_n, block_k)
 
 
+BLOCKS_GEMV_TYPES = ("Q8_0", "Q5_0")
+BLOCKS_GEMV_MIN_N = 1024  # below, too few programs: the weight-wise GEMV is as fast (H200: 256 x 640 Q8_0, 1.8 us)
+
+
+def blocks_gemv_tile(n: int, k: int) -> tuple[int, int, int]:
+    """(weight rows, 32-weight blocks, warps) per program of the block-wise GEMV: 16 rows of 4
+    blocks for heads of 16k+ rows, else 4 rows over K in one step (up to 32 blocks). From an H200
+    sweep of Gemma-3-270M's and SmolLM2's Q8_0 / Q5_0 products (docs/quantization.md)."""
+    if n >= 16384:
+        return 16, 4, 2
+    return 4, min(next_power_of_2(cdiv(k, 32)), 32), 4
+
+
 def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, tile: GemvTile | None = None) -> torch.Tensor:
-    """``x [M, K] @ dequant(raw)^T`` -> [M, N] for M <= ``GEMV_MAX_M`` (one launch, no split)."""
+    """``x [M, K] @ dequant(raw)^T`` -> [M, N] for M <= ``GEMV_MAX_M`` (one launch, no split). One
+    row of Q8_0 / Q5_0 (N >= ``BLOCKS_GEMV_MIN_N``, no tile given) takes the block-wise kernel."""
     x, (u8, i8, f16), row_bytes = _operands(x, raw, qtype)
     (m, k), n = x.shape, raw.shape[0]
+    if m == 1 and tile is None and qtype in BLOCKS_GEMV_TYPES and n >= BLOCKS_GEMV_MIN_N:
+        block_n, nb, warps = blocks_gemv_tile(n, k)
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        _gguf_gemv_blocks_kernel[(cdiv(n, block_n),)](
+            x, u8, i8, f16, out, n, k, row_bytes, QTYPE=GGUF_CODES[qtype], BLOCK_N=block_n, NB=nb,
+            num_warps=warps, **pdl.launch_args(x.device),
+        )
+        return out
     t = tile or gemv_tile(m, n, k, x.device)
     if m > t.rows:
         raise ValueError(f"gguf_gemv takes at most {t.rows} rows with this tile, got {m}")

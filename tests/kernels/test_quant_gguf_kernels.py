@@ -97,3 +97,15 @@ def test_row_count_needs_no_new_compile():
             torch.cuda.synchronize()
             counts.append(compiled(kernel))
         assert counts == [counts[0]] * len(rows), (kernel, rows, counts)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0"])
+@pytest.mark.parametrize("n,k", [(1024, 96), (1040, 640), (16384, 64)])
+def test_gguf_blocks_gemv_matches_block_decoder(device, dtype, qtype, n, k):
+    """One row of Q8_0 / Q5_0 with N >= 1024 takes the block-wise GEMV (ragged N, a K of 20 blocks
+    in one 32-block step, the heads' 16-row tiles)."""
+    from flashserve.kernels.quant_gguf import BLOCKS_GEMV_MIN_N, blocks_gemv_tile
+
+    assert n >= BLOCKS_GEMV_MIN_N
+    assert blocks_gemv_tile(n, k) == {(1024, 96): (4, 4, 4), (1040, 640): (4, 32, 4), (16384, 64): (16, 4, 2)}[n, k]
+    _check_product(lambda x, raw: gguf_gemv(x, raw, qtype), qtype, 1, n, k, n + k, device, dtype)
