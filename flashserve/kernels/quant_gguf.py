@@ -112,6 +112,45 @@ def _gguf_tile(u8_ptr, i8_ptr, f16_ptr, rows, cols, mask, row_bytes, QTYPE: tl.c
     return tl.where(mask, w, 0.0)
 
 
+@triton.jit
+def _gguf_tile_blocks(u8_ptr, i8_ptr, f16_ptr, rows, row_ok, k0, k_hi, row_bytes, QTYPE: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """fp32 weights ``[len(rows), BLOCK_K]`` of columns ``k0 ..`` for the 32-element types, decoded
+    as ``[rows, blocks, 32]`` (a block's scale, min and high bits loaded once for its 32 weights)
+    and flattened; columns from ``k_hi`` on are 0. ``k0`` and ``k_hi`` are multiples of 32."""
+    NB: tl.constexpr = BLOCK_K // 32
+    blk = k0 // 32 + tl.arange(0, NB)
+    j = tl.arange(0, 32)[None, None, :]
+    ok = row_ok[:, None, None] & (blk * 32 < k_hi)[None, :, None]
+    row_base = rows.to(tl.int64)[:, None, None] * row_bytes
+    if QTYPE == 0:
+        base = row_base + (blk * 34)[None, :, None]
+        d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+        w = d * tl.load(i8_ptr + base + 2 + j, mask=ok, other=0).to(tl.float32)
+    elif QTYPE == 1:
+        base = row_base + (blk * 18)[None, :, None]
+        d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(u8_ptr + base + 2 + j % 16, mask=ok, other=0).to(tl.int32)
+        w = d * (((b >> (j // 16 * 4)) & 15).to(tl.float32) - 8.0)
+    elif QTYPE == 2:
+        base = row_base + (blk * 20)[None, :, None]
+        d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(f16_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(u8_ptr + base + 4 + j % 16, mask=ok, other=0).to(tl.int32)
+        w = d * ((b >> (j // 16 * 4)) & 15).to(tl.float32) + m
+    else:
+        base = row_base + (blk * 22)[None, :, None]
+        d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+        qh = tl.load(u8_ptr + base + 2, mask=ok, other=0).to(tl.int32)
+        qh |= tl.load(u8_ptr + base + 3, mask=ok, other=0).to(tl.int32) << 8
+        qh |= tl.load(u8_ptr + base + 4, mask=ok, other=0).to(tl.int32) << 16
+        qh |= tl.load(u8_ptr + base + 5, mask=ok, other=0).to(tl.int32) << 24
+        b = tl.load(u8_ptr + base + 6 + j % 16, mask=ok, other=0).to(tl.int32)
+        u = ((b >> (j // 16 * 4)) & 15) | (((qh >> j) & 1) << 4)
+        w = d * (u.to(tl.float32) - 16.0)
+    return tl.reshape(tl.where(ok, w, 0.0), [rows.shape[0], BLOCK_K])
+
+
 @triton.jit(do_not_specialize=["M", "stride_os"])  # row count unspecialised: engine/warm_up.py
 def _gguf_matmul_kernel(
     x_ptr, u8_ptr, i8_ptr, f16_ptr, out_ptr,
@@ -135,7 +174,10 @@ def _gguf_matmul_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < k_hi
-        w = _gguf_tile(u8_ptr, i8_ptr, f16_ptr, offs_n, cols, n_ok[:, None] & k_ok[None, :], row_bytes, QTYPE)
+        if QTYPE <= 3:
+            w = _gguf_tile_blocks(u8_ptr, i8_ptr, f16_ptr, offs_n, n_ok, k0, k_hi, row_bytes, QTYPE, BLOCK_K)
+        else:
+            w = _gguf_tile(u8_ptr, i8_ptr, f16_ptr, offs_n, cols, n_ok[:, None] & k_ok[None, :], row_bytes, QTYPE)
         x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
     out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
