@@ -17,10 +17,14 @@ instead: no tensor cores and no padding of x to 16 rows; each program decodes a 
 over a wide K tile and multiplies them with every row of x in fp32 registers, so a small matrix is
 spread over many programs. On the H200 the flat GEMM took 21.8 us per product of SmolLM2-135M
 (N = 192-1536 with 6-48 programs, each walking K in dependent steps: a latency chain, not a
-bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels. One row of Q8_0 / Q5_0 takes a
-block-wise variant whose tile is [rows, blocks, 32]: a block's scale and high bits are loaded once,
-not once per weight (H200, Gemma 3 270M's products at one row, weights past L2: gate/up 11.6 ->
-6.8 us, q/k/v 5.4 -> 3.7 us, the 262144-row Q8_0 head 266 -> 178 us).
+bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels.
+
+The 32-element types are decoded block-wise, as ``[rows, blocks, 32]``: a block's scale, min and
+high bits are loaded once, not once per weight. The flat GEMM does so for all four, the GEMV for one
+row of Q8_0 / Q5_0 (``_gguf_gemv_blocks_kernel``). H200, weights rotated past L2, against the
+weight-wise decoding (docs/quantization.md): Gemma 3 270M's Q8_0 head (262144 x 640) 267 -> 171 us
+at one row and 528 -> 238 us at 5-16 rows, gate/up (Q5_0) 11.8 -> 7.1 us at one row, SmolLM2's
+Q4_1 down projection 29 -> 7 us at 12-16 rows.
 """
 
 from __future__ import annotations
@@ -265,7 +269,7 @@ def _views(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 GEMV_MAX_M = 8  # rows from which the flat GEMM (tensor cores) takes over
-GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 8 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 128 us against 88)
+GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 8 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 128 us against 49)
 GEMV_TILE = 16384  # x rows x weight rows x K columns one GEMV program multiplies per step
 
 
