@@ -135,3 +135,24 @@ def test_retries_are_screened_by_the_shadow_acceptance(copying):
     assert granted[:MIN_STEPS] == [K] * MIN_STEPS and granted[MIN_STEPS] == 0
     retries = sum(k > 0 for k in granted[MIN_STEPS:])
     assert retries > 0 if copying else retries == 0
+
+
+def test_a_switched_off_request_that_starts_copying_is_retried_soon():
+    """Screened-out retries do not double the wait: a request whose outputs start copying its prompt
+    after 50 plain steps is retried within SHADOW_TOKENS + SHADOW_EVERY steps (doubling waits of
+    16, 32, 64 would put the first retry past step 110)."""
+    from flashserve.spec.controller import SHADOW_EVERY, SHADOW_TOKENS
+
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    prompt = list(range(100, 160))
+    req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
+    plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4
+    granted = []
+    for i in range(120):
+        k = _step(ctl, clock, i, req, 1, spec if ctl.num_spec_tokens(req) else plain)
+        granted.append(k)
+        req.output_token_ids.append(prompt[i % len(prompt)] if i >= 50 else 5000 + i)
+    assert granted[:MIN_STEPS] == [K] * MIN_STEPS and not any(granted[MIN_STEPS:50])
+    first = next(i for i in range(50, 120) if granted[i])
+    assert first <= 50 + SHADOW_TOKENS + SHADOW_EVERY, first
