@@ -117,21 +117,27 @@ def test_shadow_acceptance_replays_the_ngram_proposer():
     assert shadow_acceptance(fresh, 5, K, 1, 4) is None  # too few outputs to judge
 
 
-@pytest.mark.parametrize("copying", [False, True])
-def test_retries_are_screened_by_the_shadow_acceptance(copying):
-    """After the switch-off (speculative steps at 3.4x the plain period), an n-gram request whose
-    recent outputs the proposer would not have predicted is not retried at all; one whose outputs
-    copy its prompt (shadow acceptance ~5, 5 / 3.4 > 1.05) is."""
+def _screened_run(steps: int, copies) -> list[int]:
+    """Drafts granted per step to an n-gram request whose speculative steps take 3.4x the plain
+    period (acceptance 2); its output at step i copies its prompt when ``copies(i)``, else is new."""
     clock = Clock()
     ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
     prompt = list(range(100, 160))
     req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
     plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4
     granted = []
-    for i in range(100):
-        k = _step(ctl, clock, i, req, 1, spec if ctl.num_spec_tokens(req) else plain)
-        granted.append(k)
-        req.output_token_ids.append(prompt[i % len(prompt)] if copying else 5000 + i)
+    for i in range(steps):
+        granted.append(_step(ctl, clock, i, req, 1, spec if ctl.num_spec_tokens(req) else plain))
+        req.output_token_ids.append(prompt[i % len(prompt)] if copies(i) else 5000 + i)
+    return granted
+
+
+@pytest.mark.parametrize("copying", [False, True])
+def test_retries_are_screened_by_the_shadow_acceptance(copying):
+    """After the switch-off (speculative steps at 3.4x the plain period), an n-gram request whose
+    recent outputs the proposer would not have predicted is not retried at all; one whose outputs
+    copy its prompt (shadow acceptance ~5, 5 / 3.4 > 1.05) is."""
+    granted = _screened_run(100, lambda i: copying)
     assert granted[:MIN_STEPS] == [K] * MIN_STEPS and granted[MIN_STEPS] == 0
     retries = sum(k > 0 for k in granted[MIN_STEPS:])
     assert retries > 0 if copying else retries == 0
@@ -143,16 +149,7 @@ def test_a_switched_off_request_that_starts_copying_is_retried_soon():
     16, 32, 64 would put the first retry past step 110)."""
     from flashserve.spec.controller import SHADOW_EVERY, SHADOW_TOKENS
 
-    clock = Clock()
-    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
-    prompt = list(range(100, 160))
-    req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
-    plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4
-    granted = []
-    for i in range(120):
-        k = _step(ctl, clock, i, req, 1, spec if ctl.num_spec_tokens(req) else plain)
-        granted.append(k)
-        req.output_token_ids.append(prompt[i % len(prompt)] if i >= 50 else 5000 + i)
+    granted = _screened_run(120, lambda i: i >= 50)
     assert granted[:MIN_STEPS] == [K] * MIN_STEPS and not any(granted[MIN_STEPS:50])
     first = next(i for i in range(50, 120) if granted[i])
     assert first <= 50 + SHADOW_TOKENS + SHADOW_EVERY, first

@@ -117,32 +117,27 @@ def _gguf_tile(u8_ptr, i8_ptr, f16_ptr, rows, cols, mask, row_bytes, QTYPE: tl.c
 
 
 @triton.jit
-def _gguf_tile_blocks(u8_ptr, i8_ptr, f16_ptr, rows, row_ok, k0, k_hi, row_bytes, QTYPE: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """fp32 weights ``[len(rows), BLOCK_K]`` of columns ``k0 ..`` for the 32-element types, decoded
-    as ``[rows, blocks, 32]`` (a block's scale, min and high bits loaded once for its 32 weights)
-    and flattened; columns from ``k_hi`` on are 0. ``k0`` and ``k_hi`` are multiples of 32."""
-    NB: tl.constexpr = BLOCK_K // 32
-    blk = k0 // 32 + tl.arange(0, NB)
+def _block_weights(u8_ptr, i8_ptr, f16_ptr, row_base, blk, ok, QTYPE: tl.constexpr):
+    """fp32 weights ``[rows, blocks, 32]`` of a 32-element type: ``row_base`` [rows, 1, 1] byte
+    offsets of the rows, ``blk`` the block indices, ``ok`` [rows, blocks, 1] the blocks to read (0
+    elsewhere). A block's scale, min and high bits are loaded once for its 32 weights."""
     j = tl.arange(0, 32)[None, None, :]
-    ok = row_ok[:, None, None] & (blk * 32 < k_hi)[None, :, None]
-    row_base = rows.to(tl.int64)[:, None, None] * row_bytes
-    if QTYPE == 0:
+    if QTYPE == 0:  # Q8_0: fp16 scale, 32 int8
         base = row_base + (blk * 34)[None, :, None]
         d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
         w = d * tl.load(i8_ptr + base + 2 + j, mask=ok, other=0).to(tl.float32)
-    elif QTYPE == 1:
+    elif QTYPE == 1:  # Q4_0: fp16 scale, 16 bytes of nibbles
         base = row_base + (blk * 18)[None, :, None]
         d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
         b = tl.load(u8_ptr + base + 2 + j % 16, mask=ok, other=0).to(tl.int32)
         w = d * (((b >> (j // 16 * 4)) & 15).to(tl.float32) - 8.0)
-    elif QTYPE == 2:
+    elif QTYPE == 2:  # Q4_1: fp16 scale and min, 16 bytes of nibbles
         base = row_base + (blk * 20)[None, :, None]
         d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
         m = tl.load(f16_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
         b = tl.load(u8_ptr + base + 4 + j % 16, mask=ok, other=0).to(tl.int32)
         w = d * ((b >> (j // 16 * 4)) & 15).to(tl.float32) + m
-    else:
+    else:  # Q5_0: fp16 scale, 32 high bits, 16 bytes of low nibbles
         base = row_base + (blk * 22)[None, :, None]
         d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
         qh = tl.load(u8_ptr + base + 2, mask=ok, other=0).to(tl.int32)
@@ -152,6 +147,19 @@ def _gguf_tile_blocks(u8_ptr, i8_ptr, f16_ptr, rows, row_ok, k0, k_hi, row_bytes
         b = tl.load(u8_ptr + base + 6 + j % 16, mask=ok, other=0).to(tl.int32)
         u = ((b >> (j // 16 * 4)) & 15) | (((qh >> j) & 1) << 4)
         w = d * (u.to(tl.float32) - 16.0)
+    return w
+
+
+@triton.jit
+def _gguf_tile_blocks(u8_ptr, i8_ptr, f16_ptr, rows, row_ok, k0, k_hi, row_bytes, QTYPE: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """fp32 weights ``[len(rows), BLOCK_K]`` of columns ``k0 ..`` for the 32-element types, decoded
+    as ``[rows, blocks, 32]`` (``_block_weights``) and flattened; columns from ``k_hi`` on are 0.
+    ``k0`` and ``k_hi`` are multiples of 32."""
+    NB: tl.constexpr = BLOCK_K // 32
+    blk = k0 // 32 + tl.arange(0, NB)
+    ok = row_ok[:, None, None] & (blk * 32 < k_hi)[None, :, None]
+    w = _block_weights(u8_ptr, i8_ptr, f16_ptr, rows.to(tl.int64)[:, None, None] * row_bytes, blk, ok, QTYPE)
     return tl.reshape(tl.where(ok, w, 0.0), [rows.shape[0], BLOCK_K])
 
 
@@ -223,7 +231,6 @@ def _gguf_gemv_blocks_kernel(
     wait_for_prior(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col = tl.arange(0, 32)
-    j = col[None, None, :]
     row_base = offs_n.to(tl.int64)[:, None, None] * row_bytes
     n_ok = (offs_n < N)[:, None, None]
     num_blocks = K // 32
@@ -231,20 +238,7 @@ def _gguf_gemv_blocks_kernel(
     for b0 in range(0, num_blocks, NB):
         blk = b0 + tl.arange(0, NB)
         ok = n_ok & (blk < num_blocks)[None, :, None]
-        if QTYPE == 0:  # Q8_0: fp16 scale, 32 int8
-            base = row_base + (blk * 34)[None, :, None]
-            d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
-            w = d * tl.load(i8_ptr + base + 2 + j, mask=ok, other=0).to(tl.float32)
-        else:  # Q5_0: fp16 scale, 32 high bits, 16 bytes of low nibbles
-            base = row_base + (blk * 22)[None, :, None]
-            d = tl.load(f16_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
-            qh = tl.load(u8_ptr + base + 2, mask=ok, other=0).to(tl.int32)
-            qh |= tl.load(u8_ptr + base + 3, mask=ok, other=0).to(tl.int32) << 8
-            qh |= tl.load(u8_ptr + base + 4, mask=ok, other=0).to(tl.int32) << 16
-            qh |= tl.load(u8_ptr + base + 5, mask=ok, other=0).to(tl.int32) << 24
-            b = tl.load(u8_ptr + base + 6 + j % 16, mask=ok, other=0).to(tl.int32)
-            u = ((b >> (j // 16 * 4)) & 15) | (((qh >> j) & 1) << 4)
-            w = d * (u.to(tl.float32) - 16.0)
+        w = _block_weights(u8_ptr, i8_ptr, f16_ptr, row_base, blk, ok, QTYPE)
         x = tl.load(x_ptr + (blk * 32)[:, None] + col[None, :], mask=(blk < num_blocks)[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
     tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
