@@ -31,8 +31,9 @@ controller first replays the proposer over the request's last ``SHADOW_TOKENS`` 
 drafts it would have made, checked against the tokens that came) and retries only when that
 acceptance would pay; otherwise the request is screened again ``SHADOW_EVERY`` steps later (a
 retry that fails after verification still doubles the wait). Screening often catches an answer
-that starts copying its source: on the H200, Gemma 3 270M's summaries (n-gram chains pay 1.3-1.6x
-there) saw no retry within 96 tokens while screened-out waits doubled (16, 32, 64 steps). Only at small batches (the replay is host work: 0.1-0.4 ms over a 1000-token context on
+that starts copying its source: on the H200, Gemma 3 270M's summaries (n-gram chains pay
+1.3-1.6x there) saw no retry within 96 tokens while screened-out waits doubled (16, 32, 64
+steps). Only at small batches (the replay is host work: 0.1-0.4 ms over a 1000-token context on
 the 2-core VM this project's CI runs on, every ``SHADOW_EVERY`` steps at most).
 """
 
