@@ -105,7 +105,7 @@ case "${1:-}" in
     ;;
   compress)  # docs/compression.md: `compress` = 2:4 / low-rank GPU tests and speed at Llama-3.1-8B shapes (~2.5 min);
              # `compress distill` = SmolLM2 quality table, students of 15 and 7 of 30 layers, white and black box (~20 min)
-             # `compress gemma GGUF` = Gemma 3 270M students; needs transformers >= 5.24 (5.17 converts its tokenizer wrongly)
+             # `compress gemma GGUF` = Gemma 3 270M students; needs transformers 5.24 (5.17 converts its tokenizer wrongly; 5.25 wants huggingface-hub >= 2.4, the machine has 1.33)
     if [ "${2:-speed}" = distill ]; then
       d="$out/distill"
       mkdir -p "$d"
@@ -160,7 +160,7 @@ case "${1:-}" in
     stage attn-bench 150 $fs bench attention --output-json "$out/attention.json"
     ;;
   spec)  # speculative decoding (docs/decoding.md): tests, cost curve, heads trained here, per-method table;
-         # `spec gemma GGUF`: the method table on the Gemma 3 270M GGUF (needs transformers >= 5.24 for its tokenizer)
+         # `spec gemma GGUF`: the method table on the Gemma 3 270M GGUF (needs transformers 5.24 for its tokenizer, as above)
     if [ "${2:-}" = gemma ]; then
       g=${3:?"usage: $0 spec gemma GGUF"}
       stage spec-gemma3 300 $fs bench decoding --model "$g" --methods ngram,ngram-tree,layers --batch-sizes 1,16 \
