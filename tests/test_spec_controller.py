@@ -153,3 +153,31 @@ def test_a_switched_off_request_that_starts_copying_is_retried_soon():
     assert granted[:MIN_STEPS] == [K] * MIN_STEPS and not any(granted[MIN_STEPS:50])
     first = next(i for i in range(50, 120) if granted[i])
     assert first <= 50 + SHADOW_TOKENS + SHADOW_EVERY, first
+
+
+def test_a_request_that_turns_speculative_waits_for_its_step_in_flight():
+    """In the overlapped loop a plain request is planned while its previous step is in flight.
+    When the controller grants drafts again (its off-switch wait is over), the request must wait
+    for the step in flight (drafts continue its token) and then get them; its await used to end
+    with the older step's result, so it stayed plain and asked the controller every step."""
+    from sched_testing import fake_output
+
+    from flashserve.cache.block_manager import BlockManager
+    from flashserve.config import SchedulerConfig
+    from flashserve.engine.core import EngineCore
+    from flashserve.spec.controller import _RequestStats
+
+    ctl = SpeculationController(SpeculativeConfig("ngram", K, disable_by_cost=False))
+    core = EngineCore(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), BlockManager(64, 4),
+                      max_model_len=256, speculation=ctl)
+    core.add_request(_request("r"))
+    ctl._requests["r"] = _RequestStats(off_until=6, times_off=1)  # switched off until controller step 6
+    granted, inflight = [], None
+    for _ in range(16):
+        plan = core.schedule()  # planned before the previous step's tokens are back, as LLMEngine.step
+        if inflight is not None:
+            core.update(inflight, fake_output(inflight))
+        inflight = None if plan.is_empty else plan
+        granted += [e.num_spec_tokens for e in plan.requests]
+    assert granted[:6] == [0] * 6  # the prompt step and plain, overlapped steps while switched off
+    assert K in granted[6:9], granted  # then drafts, once the step in flight is back

@@ -617,7 +617,8 @@ class Scheduler:
         now, no_first = time.monotonic(), self._no_first_token
         for rid, request in chain(zip(map(_request_id, decodes), decodes), sampling.items()):
             request.num_pending_tokens -= 1
-            request.awaiting_result = False
+            if not request.num_pending_tokens:  # the step it waits for is the last in flight
+                request.awaiting_result = False
             if request.status.finished:
                 continue
             sampled = result.sampled[rid]
@@ -654,7 +655,8 @@ class Scheduler:
         gone = False
         for request, token in zip(decodes, tokens):
             request.num_pending_tokens -= 1
-            request.awaiting_result = False
+            if not request.num_pending_tokens:
+                request.awaiting_result = False
             if request.status.finished:
                 gone = True
                 continue
@@ -683,7 +685,8 @@ class Scheduler:
                     commit(request)
         for request, token in zip(sampling.values(), tokens[k:]):
             request.num_pending_tokens -= 1
-            request.awaiting_result = False
+            if not request.num_pending_tokens:
+                request.awaiting_result = False
             if request.status.finished:
                 continue
             outputs = request.output_token_ids
