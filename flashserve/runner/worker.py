@@ -468,8 +468,8 @@ class Worker:
     def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
-        # rows that are all plain greedy need no SamplingRow (Sampler.greedy)
-        plain = spec is None and (not self.batch.num_not_plain or bool(self.batch.plain[handle.slots].all()))
+        # rows that are all plain greedy need no SamplingRow (Sampler.greedy, Speculator._verify_greedy)
+        plain = not self.batch.num_not_plain or bool(self.batch.plain[handle.slots].all())
         rows = None if plain else self._sampling_rows(states)
         c0 = time.perf_counter()
         if spec is None:
@@ -481,7 +481,7 @@ class Worker:
             self._prev_tokens = handle.out.token_ids
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
             handle.out = self.speculator.verify(hidden, inp, rows, spec)
-            self._prev_tokens = handle.out.token_ids.gather(1, handle.out.num_tokens[:, None] - 1)[:, 0]
+            self._prev_tokens = spec.last
         if self.speculator is not None:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0

@@ -34,6 +34,7 @@ import torch
 
 from flashserve.config import EngineConfig
 from flashserve.kernels import kv_quant
+from flashserve.kernels.tree_accept import greedy_accept
 from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.sampler import SamplerOutput, SamplingRow, logprobs_width, to_device
 from flashserve.sched.plan import ScheduledRequest, StepCost
@@ -52,6 +53,7 @@ class SpecStep:
     tree_meta: TreeMask | None = None
     path: torch.Tensor | None = None  # [S, D + 1] accepted nodes per sampling row (after verify)
     num_tokens: torch.Tensor | None = None  # [S]
+    last: torch.Tensor | None = None  # [S] the last token each sampling row emitted (after verify)
 
     def adjust_inputs(self, inp) -> None:
         """Tree nodes rotate at their depth position; build the attention masks of branching trees."""
@@ -143,7 +145,11 @@ class Speculator:
         return step.entries, step
 
     # ----------------------------------------------------------------- verification
-    def verify(self, hidden: torch.Tensor, inp, rows: list[SamplingRow], spec: SpecStep) -> SamplerOutput:
+    def verify(self, hidden: torch.Tensor, inp, rows: list[SamplingRow] | None, spec: SpecStep) -> SamplerOutput:
+        """The tokens of every sampling row; ``rows`` None: every row is plain greedy
+        (``_verify_greedy``)."""
+        if rows is None:
+            return self._verify_greedy(hidden, inp, spec)
         w = self.worker
         dev = w.device
         qsl = inp.query_start_loc
@@ -177,8 +183,37 @@ class Speculator:
         out = res.out
         self._record_penalties(rows, out)
         spec.path, spec.num_tokens = res.path, out.num_tokens
+        spec.last = out.token_ids.gather(1, out.num_tokens[:, None] - 1)[:, 0]
         self._compact(inp, spec, res.path, out.num_tokens, trees)
         return out
+
+    def _verify_greedy(self, hidden: torch.Tensor, inp, spec: SpecStep) -> SamplerOutput:
+        """``verify`` for plain greedy rows (``is_plain_greedy``): the argmax at every node
+        (``Sampler.greedy``, as plain decoding), then each row's walk down its tree in one launch
+        (``flashserve.kernels.tree_accept``). One upload (the trees), and none for the nodes when
+        every token of the step is one (no prompt chunk in it)."""
+        w = self.worker
+        sample_rows = np.asarray(inp.sample_rows, dtype=np.int64)
+        trees = [spec.trees.get(i) or TokenTree.chain(0, ()) for i in inp.sample_rows]
+        sizes = np.fromiter((t.size for t in trees), np.int64, len(trees))
+        M = int(sizes.max())
+        table = np.zeros((len(trees), 2 + 2 * M), dtype=np.int64)
+        table[1:, 0] = np.cumsum(sizes)[:-1]
+        table[:, 1] = sizes
+        for r, t in enumerate(trees):
+            table[r, 2 : 2 + t.size] = t.parents
+            table[r, 2 + M : 2 + M + t.size] = t.tokens
+        if int(sizes.sum()) == inp.num_tokens:  # every token is a node, in order
+            nodes = hidden[: inp.num_tokens]
+        else:  # a row's nodes end its query
+            ends = inp.query_start_loc[sample_rows + 1].astype(np.int64)
+            nodes = hidden[w._to_device(np.concatenate([np.arange(e - n, e) for e, n in zip(ends, sizes)]))]
+        argmax = w.sampler.greedy(w.model.compute_logits(nodes)).token_ids
+        width = 1 + max(max(t.depths) for t in trees)
+        tokens, path, count, last = greedy_accept(argmax, w._to_device(table), width)
+        spec.path, spec.num_tokens, spec.last = path, count, last
+        self._compact(inp, spec, path, count, trees)
+        return SamplerOutput(tokens, num_tokens=count)
 
     def _tree_batch(self, trees: list[TokenTree], offsets: np.ndarray, spec: SpecStep, sample_rows: list[int],
                     vocab: int) -> TreeBatch:
