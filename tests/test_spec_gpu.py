@@ -1,4 +1,4 @@
-"""Speculative decoding on the GPU (Triton attention, the tree kernel compiled, chain
+"""Speculative decoding on the GPU (Triton attention, the tree kernel compiled, chain and tree
 verification and drafting steps through CUDA graphs): greedy outputs identical to plain decoding
 for every method, chains and trees, in the overlapped loop, on a tiny Llama and a tiny Gemma 3
 (windowed and full groups of layers); a draft equal to the target accepts everything; SmolLM2
@@ -68,6 +68,24 @@ def test_greedy_identical_on_gpu(tiny, reference, method, width):
     assert stats.num_steps > 0 and stats.num_draft_tokens > 0
     if method == "draft" and width == 1:  # the draft is the target: every draft is accepted
         assert stats.num_accepted_tokens == stats.num_draft_tokens
+
+
+def test_tree_steps_replay_tree_graphs(tiny, reference):
+    """Branching token trees verify through the tree graphs (tree masks in the step buffers), not
+    an eager forward, and keep plain decoding's tokens."""
+    spec = {"method": "ngram", "num_speculative_tokens": 8, "tree_width": 3, "disable_by_cost": False}
+    llm = LLM(tiny, device="cuda", dtype="float32", block_size=16, max_model_len=256, max_num_seqs=16,
+              kv_cache_bytes=64 << 20, verbose=False, speculative_config=spec)
+    graphs = llm.engine.executor.worker.graphs
+    kinds, replay = [], graphs.replay
+    graphs.replay = lambda key, n: (kinds.append(key[0]), replay(key, n))[1]
+    prompts, params = _workload()
+    try:
+        got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == reference
+    assert graphs.tree_sizes and kinds.count("tree") > 5
 
 
 def test_smollm2_ngram_identical_on_gpu():

@@ -13,6 +13,11 @@ the forward pass reads slices of them, so a captured graph can replay any step o
   for the tiled ones (H200, SmolLM2 Q4_1: a 5-token verification forward took 121 x 22 us of
   flat GEMMs against ~6 us per product at 5 rows).
 
+* tree graphs (with speculative token trees), one per mixed bucket up to ``MAX_TREE_GRAPH_TOKENS``:
+  the same steps with tree-masked attention (``flashserve.kernels.tree_attention``), whose masks
+  (ancestor bits, depths, tree sizes) live in two more rows of the token and sequence buffers. A
+  sequence without a tree has size 0 there and attends causally.
+
 A step is padded to its graph's size: padding tokens have slot -1 (nothing stored), position 0,
 and belong to no sequence; padding sequences own no token and have no context, so their
 attention programs exit at once. Their hidden rows are ignored. All graphs share one memory
@@ -26,7 +31,10 @@ import time
 
 import torch
 
+from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.attention_metadata import AttentionMetadata, forward_context
+
+MAX_TREE_GRAPH_TOKENS = 256  # tree steps with more tokens run eagerly
 
 
 def decode_ladder(max_batch: int) -> list[int]:
@@ -46,15 +54,17 @@ class StepBuffers:
     """The static device tensors one step's model inputs live in."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device,
-                 num_groups: int = 1) -> None:
+                 num_groups: int = 1, trees: bool = False) -> None:
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         # rows of one tensor each, so a step writes them with one copy: token ids, positions and
-        # cache slots [3, max_tokens]; query starts and context lengths [2, max_seqs + 1]
-        self.token_inputs = torch.zeros(3, max_tokens, **i64)
-        self.input_ids, self.positions, self.slot_mapping = self.token_inputs.unbind(0)
+        # cache slots [3, max_tokens]; query starts and context lengths [2, max_seqs + 1]. With
+        # ``trees``, a token tree's ancestor bits and depths, and its size per sequence, follow.
+        self.trees = trees
+        self.token_inputs = torch.zeros(5 if trees else 3, max_tokens, **i64)
+        self.input_ids, self.positions, self.slot_mapping = self.token_inputs[:3].unbind(0)
         self.slot_mapping.fill_(-1)
-        self.seq_inputs = torch.zeros(2, max_seqs + 1, **i32)
+        self.seq_inputs = torch.zeros(3 if trees else 2, max_seqs + 1, **i32)
         self.query_start_loc = self.seq_inputs[0]
         self.seq_lens = self.seq_inputs[1, :max_seqs]
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **i32)
@@ -63,6 +73,12 @@ class StepBuffers:
         self.group_block_tables = [torch.zeros(max_seqs, max_blocks_per_seq, **i32) for _ in range(num_groups - 1)]
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
+
+    def tree_mask(self, num_tokens: int, num_seqs: int) -> TreeMask:
+        """The token-tree masks in the buffers (``trees``), for a graph's capture. The host copy of
+        the tree sizes is empty: the Triton kernel reads the device's."""
+        return TreeMask(self.token_inputs[3, :num_tokens], self.seq_inputs[2, :num_seqs], [],
+                        self.token_inputs[4, :num_tokens])
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, max_seq_len: int, block_size: int,
                  query_lens: list[int], seq_lens: list[int], is_decode: bool) -> AttentionMetadata:
@@ -97,6 +113,7 @@ class CudaGraphs:
         self.max_seq_len = max_seq_len
         self.decode_sizes = decode_ladder(min(max_decode_batch, buffers.max_seqs, buffers.max_tokens))
         self.mixed_sizes = mixed_ladder(min(max_mixed_tokens, buffers.max_tokens))
+        self.tree_sizes = [s for s in self.mixed_sizes if s <= MAX_TREE_GRAPH_TOKENS] if buffers.trees else []
         self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
@@ -108,8 +125,13 @@ class CudaGraphs:
 
     def _meta(self, kind: str, size: int) -> AttentionMetadata:
         t, b, q = self._shape(kind, size)
-        return self.buf.metadata(t, b, q, self.max_seq_len, self.block_size, [q] * b, [self.max_seq_len] * b,
+        meta = self.buf.metadata(t, b, q, self.max_seq_len, self.block_size, [q] * b, [self.max_seq_len] * b,
                                  kind == "decode")
+        if kind == "tree":
+            tree = self.buf.tree_mask(t, b)
+            for m in (meta, *meta.groups):
+                m.tree = tree
+        return meta
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -117,7 +139,8 @@ class CudaGraphs:
         start = time.perf_counter()
         buf = self.buf
         pool = None
-        work = [("mixed", s) for s in reversed(self.mixed_sizes)] + [("decode", s) for s in reversed(self.decode_sizes)]
+        work = [("mixed", s) for s in self.mixed_sizes] + [("tree", s) for s in self.tree_sizes] + \
+            [("decode", s) for s in self.decode_sizes]
         work.sort(key=lambda ks: -self._shape(*ks)[0])  # largest first: later graphs reuse the pool
         for kind, size in work:
             t, b, _ = self._shape(kind, size)
@@ -141,8 +164,11 @@ class CudaGraphs:
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
 
-    def pick(self, num_tokens: int, num_seqs: int, is_decode: bool) -> tuple[str, int] | None:
-        """The graph that serves a step, or None (run eager)."""
+    def pick(self, num_tokens: int, num_seqs: int, is_decode: bool, tree: bool = False) -> tuple[str, int] | None:
+        """The graph that serves a step (``tree``: one with token trees), or None (run eager)."""
+        if tree:
+            return next((("tree", s) for s in self.tree_sizes
+                         if s >= num_tokens and min(s, self.buf.max_seqs) >= num_seqs), None)
         if is_decode:
             for s in self.decode_sizes:
                 if s >= num_seqs:

@@ -7,7 +7,8 @@ launches step N+1 before it asks for step N's result, so the device never waits 
 step N+1's inputs take the tokens step N sampled straight from the device.
 
 Inputs go into static device buffers (``flashserve.runner.cuda_graphs.StepBuffers``): pure
-decode steps and small mixed steps replay a captured CUDA graph, larger steps run eager. The
+decode steps, small mixed steps and small token-tree verifications replay a captured CUDA graph,
+larger steps run eager. The
 only host synchronisation in a step is ``result()``; the copies of sampled tokens (and logprobs)
 to pinned host memory are queued right after sampling, so ``result()`` waits for its own step
 only.
@@ -31,6 +32,7 @@ import torch
 
 from flashserve.cache.kv_groups import kv_layout
 from flashserve.config import EngineConfig, ModelConfig
+from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.attention import Attention
 from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.attention_metadata import forward_context
@@ -228,8 +230,11 @@ class Worker:
         self.batch = InputBatch(max_model_len, self.block_size, tuple(eos_token_ids), layout.num_groups)
         self.block_table = torch.zeros(0, self.max_blocks, dtype=torch.int32, device=self.device)
         self.group_block_tables = [self.block_table.clone() for _ in range(layout.num_groups - 1)]
+        # token trees replay graphs of their own (tree-masked attention: the Triton backend's kernel)
+        trees = (config.speculative is not None and config.speculative.tree_width > 1 and backend_name == "triton"
+                 and config.cuda_graphs and self.device.type == "cuda" and not config.batch_invariant)
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device,
-                                   layout.num_groups)
+                                   layout.num_groups, trees)
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
         self._prev_rows = np.full(0, -1, dtype=np.int64)  # per batch slot: its row in _prev_tokens (-1: none)
@@ -339,44 +344,50 @@ class Worker:
                 flat, blk = upd
                 table.view(-1).index_copy_(0, self._to_device(flat), self._to_device(blk))
 
-    def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int) -> None:
+    def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int, tree: TreeMask | None = None) -> None:
         """Write a step's inputs into the static buffers, padded to ``pad_tokens`` tokens and
         ``pad_seqs`` sequences (padding owns nothing and stores nothing). Everything but the
         tables of layer groups 1, 2, ... travels in two host arrays (one upload each): int64
         token inputs, sequence slots, the in-flight tokens' scatter and the block-table update's
-        indices; int32 sequence inputs and the update's block ids."""
+        indices; int32 sequence inputs and the update's block ids. ``tree``: a tree graph's step,
+        whose token-tree masks (on the host) go into the buffers' tree rows too."""
         buf = self.buffers
         t, b = inp.num_tokens, inp.num_seqs
         scatter = inp.prev_scatter if inp.prev_scatter is not None else ()
         p = len(scatter[0]) if scatter else 0
         flat, blk = inp.block_updates if inp.block_updates is not None else ((), ())
         u = len(flat)
-        o = 3 * pad_tokens + b  # the int64 array: token inputs, slots, scatter (index, row), table indices
+        rows, seq_rows = (3, 2) if tree is None else (5, 3)
+        o = rows * pad_tokens + b  # the int64 array: token inputs, slots, scatter (index, row), table indices
         i64 = np.empty(o + 2 * p + u, dtype=np.int64)
-        i64[:t] = inp.input_ids
-        i64[t:pad_tokens] = 0
-        i64[pad_tokens : pad_tokens + t] = inp.positions
-        i64[pad_tokens + t : 2 * pad_tokens] = 0
-        i64[2 * pad_tokens : 2 * pad_tokens + t] = inp.slot_mapping
-        i64[2 * pad_tokens + t : 3 * pad_tokens] = -1
-        i64[3 * pad_tokens : o] = inp.slots
+        tokens = i64[: rows * pad_tokens].reshape(rows, pad_tokens)
+        tokens[:, t:] = 0
+        tokens[0, :t] = inp.input_ids
+        tokens[1, :t] = inp.positions
+        tokens[2, :t] = inp.slot_mapping
+        tokens[2, t:] = -1
+        i64[rows * pad_tokens : o] = inp.slots
         if p:
             i64[o : o + p], i64[o + p : o + 2 * p] = scatter
         i64[o + 2 * p :] = flat
-        s = 2 * pad_seqs + 2  # the int32 array: query starts, context lengths (and one 0), table ids
+        s = seq_rows * (pad_seqs + 1)  # the int32 array: query starts, context lengths (and one 0), table ids
         i32 = np.empty(s + u, dtype=np.int32)
-        i32[: b + 1] = inp.query_start_loc
-        i32[b + 1 : pad_seqs + 1] = t
-        i32[pad_seqs + 1 : pad_seqs + 1 + b] = inp.seq_lens
-        i32[pad_seqs + 1 + b : s] = 0
+        seqs = i32[:s].reshape(seq_rows, pad_seqs + 1)
+        seqs[0, : b + 1] = inp.query_start_loc
+        seqs[0, b + 1 :] = t
+        seqs[1:, b:] = 0
+        seqs[1, :b] = inp.seq_lens
+        if tree is not None:
+            tokens[3, :t], tokens[4, :t] = tree.bits.numpy(), tree.depths.numpy()
+            seqs[2, :b] = tree.tree_lens.numpy()
         i32[s:] = blk
         d64, d32 = self._to_device(i64), self._to_device(i32)
-        buf.token_inputs[:, :pad_tokens].copy_(d64[: 3 * pad_tokens].view(3, pad_tokens))
-        buf.seq_inputs[:, : pad_seqs + 1].copy_(d32[:s].view(2, pad_seqs + 1))
+        buf.token_inputs[:rows, :pad_tokens].copy_(d64[: rows * pad_tokens].view(rows, pad_tokens))
+        buf.seq_inputs[:seq_rows, : pad_seqs + 1].copy_(d32[:s].view(seq_rows, pad_seqs + 1))
         if u:
             self.block_table.view(-1).index_copy_(0, d64[o + 2 * p :], d32[s:])
         self.apply_block_updates((None, inp.group_block_updates))
-        seq_slots = d64[3 * pad_tokens : o]
+        seq_slots = d64[rows * pad_tokens : o]
         torch.index_select(self.block_table, 0, seq_slots, out=buf.block_tables[:b])
         for g, (table, slots) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping)):
             group_slots = np.full(pad_tokens, -1, dtype=np.int64)
@@ -388,15 +399,16 @@ class Worker:
 
     def _forward(self, inp: StepInputs, tree=None, verify_seqs: frozenset[int] = frozenset()) -> tuple[torch.Tensor, bool]:
         """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
-        the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), eager;
+        the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), on the
+        host: a tree graph's buffers get them, an eager step moves them to the device once;
         ``verify_seqs``: the sequences verifying drafts (``AttentionMetadata.verify_seqs``)."""
         t, b = inp.num_tokens, inp.num_seqs
-        eager = (tree is not None or (self.early_exit is not None and inp.is_decode)  # data-dependent passes
-                 or inp.seq_attention is not None)  # per-request attention: launches per option
-        key = self.graphs.pick(t, b, inp.is_decode) if self.graphs is not None and not eager else None
+        eager = ((tree is not None and not self.buffers.trees) or (self.early_exit is not None and inp.is_decode)
+                 or inp.seq_attention is not None)  # data-dependent passes; per-request attention: launches per option
+        key = self.graphs.pick(t, b, inp.is_decode, tree is not None) if self.graphs is not None and not eager else None
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
-            self._upload(inp, pt, pb)
+            self._upload(inp, pt, pb, tree)
             c0 = time.perf_counter()
             hidden = self.graphs.replay(key, t)
             self._compute_s += time.perf_counter() - c0
@@ -406,6 +418,8 @@ class Worker:
         seq_lens = inp.seq_lens.tolist()
         meta = self.buffers.metadata(t, b, max(query_lens), max(seq_lens), self.block_size, query_lens, seq_lens,
                                      inp.is_decode)
+        if tree is not None:
+            tree = tree.to(self.device)  # once: every layer's attention reads it
         for m in (meta, *meta.groups):  # every group of layers verifies the same drafts
             m.seq_attention, m.tree, m.verify_seqs = inp.seq_attention, tree, verify_seqs
         model = self.early_exit if self.early_exit is not None and inp.is_decode else self.model
