@@ -57,28 +57,30 @@ class StepBuffers:
                  num_groups: int = 1, trees: bool = False) -> None:
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
-        # rows of one tensor each, so a step writes them with one copy: token ids, positions and
-        # cache slots [3, max_tokens]; query starts and context lengths [2, max_seqs + 1]. With
-        # ``trees``, a token tree's ancestor bits and depths, and its size per sequence, follow.
+        # rows of one tensor each, so a step writes them with one copy: token ids, positions, cache
+        # slots and those of layer groups 1, 2, ... (flashserve.cache.kv_groups) [3 + G, max_tokens];
+        # query starts and context lengths [2, max_seqs + 1]. With ``trees``, a token tree's
+        # ancestor bits and depths (two more token rows) and its size per sequence (a third row).
         self.trees = trees
-        self.token_inputs = torch.zeros(5 if trees else 3, max_tokens, **i64)
+        groups = num_groups - 1
+        self.tree_row = 3 + groups
+        self.token_inputs = torch.zeros(self.tree_row + (2 if trees else 0), max_tokens, **i64)
         self.input_ids, self.positions, self.slot_mapping = self.token_inputs[:3].unbind(0)
-        self.slot_mapping.fill_(-1)
+        self.group_slot_mapping = list(self.token_inputs[3 : 3 + groups].unbind(0))
+        self.token_inputs[2 : 3 + groups].fill_(-1)
         self.seq_inputs = torch.zeros(3 if trees else 2, max_seqs + 1, **i32)
         self.query_start_loc = self.seq_inputs[0]
         self.seq_lens = self.seq_inputs[1, :max_seqs]
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **i32)
-        # layer groups 1, 2, ... (flashserve.cache.kv_groups): their own slots and tables
-        self.group_slot_mapping = [torch.full((max_tokens,), -1, **i64) for _ in range(num_groups - 1)]
-        self.group_block_tables = [torch.zeros(max_seqs, max_blocks_per_seq, **i32) for _ in range(num_groups - 1)]
+        self.group_block_tables = [torch.zeros(max_seqs, max_blocks_per_seq, **i32) for _ in range(groups)]
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
 
     def tree_mask(self, num_tokens: int, num_seqs: int) -> TreeMask:
         """The token-tree masks in the buffers (``trees``), for a graph's capture. The host copy of
         the tree sizes is empty: the Triton kernel reads the device's."""
-        return TreeMask(self.token_inputs[3, :num_tokens], self.seq_inputs[2, :num_seqs], [],
-                        self.token_inputs[4, :num_tokens])
+        return TreeMask(self.token_inputs[self.tree_row, :num_tokens], self.seq_inputs[2, :num_seqs], [],
+                        self.token_inputs[self.tree_row + 1, :num_tokens])
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, max_seq_len: int, block_size: int,
                  query_lens: list[int], seq_lens: list[int], is_decode: bool) -> AttentionMetadata:

@@ -347,9 +347,10 @@ class Worker:
     def _upload(self, inp: StepInputs, pad_tokens: int, pad_seqs: int, tree: TreeMask | None = None) -> None:
         """Write a step's inputs into the static buffers, padded to ``pad_tokens`` tokens and
         ``pad_seqs`` sequences (padding owns nothing and stores nothing). Everything but the
-        tables of layer groups 1, 2, ... travels in two host arrays (one upload each): int64
-        token inputs, sequence slots, the in-flight tokens' scatter and the block-table update's
-        indices; int32 sequence inputs and the update's block ids. ``tree``: a tree graph's step,
+        table updates of layer groups 1, 2, ... travels in two host arrays (one upload each):
+        int64 token inputs (the groups' cache slots too), sequence slots, the in-flight tokens'
+        scatter and the block-table update's indices; int32 sequence inputs and the update's
+        block ids. ``tree``: a tree graph's step,
         whose token-tree masks (on the host) go into the buffers' tree rows too."""
         buf = self.buffers
         t, b = inp.num_tokens, inp.num_seqs
@@ -357,15 +358,18 @@ class Worker:
         p = len(scatter[0]) if scatter else 0
         flat, blk = inp.block_updates if inp.block_updates is not None else ((), ())
         u = len(flat)
-        rows, seq_rows = (3, 2) if tree is None else (5, 3)
+        tr = buf.tree_row  # token rows: ids, positions, slots of each group of layers [, tree bits, depths]
+        rows, seq_rows = (tr, 2) if tree is None else (tr + 2, 3)
         o = rows * pad_tokens + b  # the int64 array: token inputs, slots, scatter (index, row), table indices
         i64 = np.empty(o + 2 * p + u, dtype=np.int64)
         tokens = i64[: rows * pad_tokens].reshape(rows, pad_tokens)
         tokens[:, t:] = 0
+        tokens[2:tr, t:] = -1
         tokens[0, :t] = inp.input_ids
         tokens[1, :t] = inp.positions
         tokens[2, :t] = inp.slot_mapping
-        tokens[2, t:] = -1
+        for g, slots in enumerate(inp.group_slot_mapping):
+            tokens[3 + g, :t] = slots
         i64[rows * pad_tokens : o] = inp.slots
         if p:
             i64[o : o + p], i64[o + p : o + 2 * p] = scatter
@@ -378,7 +382,7 @@ class Worker:
         seqs[1:, b:] = 0
         seqs[1, :b] = inp.seq_lens
         if tree is not None:
-            tokens[3, :t], tokens[4, :t] = tree.bits.numpy(), tree.depths.numpy()
+            tokens[tr, :t], tokens[tr + 1, :t] = tree.bits.numpy(), tree.depths.numpy()
             seqs[2, :b] = tree.tree_lens.numpy()
         i32[s:] = blk
         d64, d32 = self._to_device(i64), self._to_device(i32)
@@ -389,11 +393,8 @@ class Worker:
         self.apply_block_updates((None, inp.group_block_updates))
         seq_slots = d64[rows * pad_tokens : o]
         torch.index_select(self.block_table, 0, seq_slots, out=buf.block_tables[:b])
-        for g, (table, slots) in enumerate(zip(self.group_block_tables, inp.group_slot_mapping)):
-            group_slots = np.full(pad_tokens, -1, dtype=np.int64)
-            group_slots[:t] = slots
-            buf.group_slot_mapping[g][:pad_tokens].copy_(self._to_device(group_slots))
-            torch.index_select(table, 0, seq_slots, out=buf.group_block_tables[g][:b])
+        for table, out in zip(self.group_block_tables, buf.group_block_tables):
+            torch.index_select(table, 0, seq_slots, out=out[:b])
         if p:  # tokens the step in flight sampled, straight from the device
             buf.input_ids.index_copy_(0, d64[o : o + p], self._prev_tokens.index_select(0, d64[o + p : o + 2 * p]))
 

@@ -178,6 +178,8 @@ class DraftOutput:
 class DraftProposer:
     """See the module docstring. ``shares_kv``: the draft is the target's first layers."""
 
+    writes_kv = True  # drafting writes K/V into the step's new blocks: their ids go to the device first
+
     def __init__(self, name: str, model: nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
                  shares_kv: bool, tree_width: int, worker) -> None:
         self.name = name

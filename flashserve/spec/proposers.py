@@ -7,7 +7,9 @@ RequestState) per request: one ``TokenTree`` each (rooted at the request's last 
 most ``entry.num_spec_tokens`` drafts) and, for requests whose chain was sampled from a draft
 distribution, q [num_drafts, V] (else None). Optional hooks: ``kv_bytes_per_block()``,
 ``start(num_blocks)``, ``after_sampling(hidden, inp, states, handle, spec)``,
-``on_result(state, tokens, handle, row)``.
+``on_result(state, tokens, handle, row)``; and ``writes_kv = True`` for a proposer that writes
+K/V into the step's new blocks while drafting (their ids reach the device before ``propose``;
+otherwise they travel with the step's other inputs).
 """
 
 from __future__ import annotations

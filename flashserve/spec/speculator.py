@@ -116,9 +116,9 @@ class Speculator:
         spec_idx = [i for i, e in enumerate(entries) if e.num_spec_tokens > 0]
         if not spec_idx:
             return entries, None
-        # Block ids first: a draft model writes its K/V into this step's new blocks.
-        w.apply_block_updates(w.batch.append_blocks(entries))
-        entries = tuple(e._replace(new_block_ids=()) if e.new_block_ids else e for e in entries)
+        if getattr(self.proposer, "writes_kv", False):  # a draft model writes its K/V into this step's new blocks
+            w.apply_block_updates(w.batch.append_blocks(entries))
+            entries = tuple(e._replace(new_block_ids=()) if e.new_block_ids else e for e in entries)
         items = [(entries[i], w.batch.states[entries[i].request_id]) for i in spec_idx]
         trees, probs = self.proposer.propose(items)
         num_drafts = np.zeros(len(entries), dtype=np.int64)
