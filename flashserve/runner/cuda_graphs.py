@@ -15,8 +15,8 @@ the forward pass reads slices of them, so a captured graph can replay any step o
 
 * tree graphs (with speculative token trees), one per mixed bucket up to ``MAX_TREE_GRAPH_TOKENS``:
   the same steps with tree-masked attention (``flashserve.kernels.tree_attention``), whose masks
-  (ancestor bits, depths, tree sizes) live in two more rows of the token and sequence buffers. A
-  sequence without a tree has size 0 there and attends causally.
+  (ancestor bits and depths per token, tree size per sequence) live in more rows of the token and
+  sequence buffers. A sequence without a tree has size 0 there and attends causally.
 
 A step is padded to its graph's size: padding tokens have slot -1 (nothing stored), position 0,
 and belong to no sequence; padding sequences own no token and have no context, so their

@@ -8,10 +8,9 @@ step N+1's inputs take the tokens step N sampled straight from the device.
 
 Inputs go into static device buffers (``flashserve.runner.cuda_graphs.StepBuffers``): pure
 decode steps, small mixed steps and small token-tree verifications replay a captured CUDA graph,
-larger steps run eager. The
-only host synchronisation in a step is ``result()``; the copies of sampled tokens (and logprobs)
-to pinned host memory are queued right after sampling, so ``result()`` waits for its own step
-only.
+larger steps run eager. The only host synchronisation in a step is ``result()``; the copies of
+sampled tokens (and logprobs) to pinned host memory are queued right after sampling, so
+``result()`` waits for its own step only.
 
 The same Worker serves in-process engines and worker processes (``flashserve.distributed``).
 On a pipeline stage before the last, ``execute`` returns once the stage's activations are posted
@@ -350,8 +349,8 @@ class Worker:
         table updates of layer groups 1, 2, ... travels in two host arrays (one upload each):
         int64 token inputs (the groups' cache slots too), sequence slots, the in-flight tokens'
         scatter and the block-table update's indices; int32 sequence inputs and the update's
-        block ids. ``tree``: a tree graph's step,
-        whose token-tree masks (on the host) go into the buffers' tree rows too."""
+        block ids. ``tree``: a tree graph's step, whose token-tree masks (on the host) go into the
+        buffers' tree rows too."""
         buf = self.buffers
         t, b = inp.num_tokens, inp.num_seqs
         scatter = inp.prev_scatter if inp.prev_scatter is not None else ()

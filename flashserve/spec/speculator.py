@@ -11,8 +11,10 @@ The Worker calls, per step:
   (``flashserve.kernels.tree_attention``). Chains need no mask: causal attention is right.
 * ``verify(hidden, ...)`` instead of the sampler: the target's logits of every node, processed
   as plain decoding processes them at that position (``Sampler.process`` with the drafts on the
-  path counted as generated), then ``flashserve.spec.acceptance.verify``. Rows without drafts
-  are roots without children: sampled exactly like plain decoding. Penalty counts get every
+  path counted as generated), then ``flashserve.spec.acceptance.verify``; when every row is plain
+  greedy, the argmax at every node and one launch that walks each tree
+  (``flashserve.kernels.tree_accept``). Rows without drafts are roots without children: sampled
+  exactly like plain decoding. Penalty counts get every
   emitted token; a tree's accepted path is copied from index to depth positions in the cache
   (all layers, each through its group's block table; values and 8-bit scales), so the cache
   holds exactly the accepted tokens.
