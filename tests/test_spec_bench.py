@@ -40,6 +40,8 @@ def test_bad_methods_are_clear_errors():
     assert decoding.spec_config("ngram", 4, None, None, True, '{"prompt_lookup_min": 2}')["prompt_lookup_min"] == 2
     with pytest.raises(ValueError, match="must be a JSON object"):
         decoding.spec_config("ngram", 4, None, None, True, "[2]")
+    with pytest.raises(ValueError, match="--cell-runs must be >= 1"):
+        decoding.run_methods(_args("--methods", "ngram", "--cell-runs", "0"))
     with pytest.raises(ValueError, match="prompt_lookup_min"):  # checked before any model loads
         decoding.run_methods(_args("--methods", "ngram", "--spec-options", '{"prompt_lookup_min": 0}'))
 
@@ -47,12 +49,14 @@ def test_bad_methods_are_clear_errors():
 def test_method_table_on_smollm2(capsys):
     args = _args("--device", "cpu", "--methods", "ngram,layers-tree", "--batch-sizes", "1,3", "--kinds", "code",
                  "--num-prompts", "3", "--batch1-prompts", "1", "--new-tokens", "10", "--no-off-switch",
-                 "--max-model-len", "512")
+                 "--max-model-len", "512", "--cell-runs", "2")
     res = decoding.run_methods(args)
     rows = {(r["method"], r["batch"]): r for r in res["rows"]}
     assert set(rows) == {(m, b) for m in ("none", "ngram", "layers-tree") for b in (1, 3)}
     for (m, _), r in rows.items():
         assert r["identical"] == 1.0, r  # lossless: token for token what plain decoding gives
+        runs = r["runs_tokens_per_s"]
+        assert len(runs) == 2 and abs(r["tokens_per_s"] - sum(runs) / 2) < 0.02, r  # the median of two runs
         assert r["acceptance_length"] >= 1.0
         assert (r["verify_steps"] > 0) == (m == "layers-tree") or m == "ngram", r  # layers always drafts
     decoding.print_methods(res)

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=16, help="prompts per kind (batch 1 runs the first few)")
     p.add_argument("--batch1-prompts", type=int, default=4, help="prompts per kind at batch 1")
     p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--cell-runs", type=int, default=1,
+                   help="generations of each cell's prompts: tok/s is their median (batch-1 cells are short and "
+                        "noisy); acceptance and off-switch counts cover every run")
     p.add_argument("--no-off-switch", action="store_true", help="speculate on every step (disable_by_cost off)")
     p.add_argument("--spec-options", default=None,
                    help='JSON merged into every method\'s speculative_config, e.g. \'{"prompt_lookup_min": 2}\'')
@@ -101,8 +104,10 @@ def spec_config(method: str, k: int, heads: str | None, draft: str | None, off_s
 
 
 # ---------------------------------------------------------------------------- acceptance / speedup
-def _run_cells(llm, prompts: dict[str, list[str]], batch_sizes: list[int], b1_prompts: int, new_tokens: int) -> dict:
-    """Per (kind, batch): decode tokens/s, acceptance length and the generated token ids."""
+def _run_cells(llm, prompts: dict[str, list[str]], batch_sizes: list[int], b1_prompts: int, new_tokens: int,
+               runs: int = 1) -> dict:
+    """Per (kind, batch): decode tokens/s (the median of ``runs`` generations of the cell's prompts,
+    every run's kept), acceptance length (over all runs) and the first run's token ids."""
     from flashserve import SamplingParams
 
     engine = llm.engine
@@ -112,16 +117,21 @@ def _run_cells(llm, prompts: dict[str, list[str]], batch_sizes: list[int], b1_pr
         for b in batch_sizes:
             use = texts[:b1_prompts] if b == 1 else texts
             before = engine.stats().spec
-            seconds, tokens, ids = 0.0, 0, []
-            for i in range(0, len(use), b):
-                t0 = time.perf_counter()
-                outs = llm.generate(use[i : i + b], params, use_tqdm=False, add_special_tokens=False)
-                seconds += time.perf_counter() - t0
-                for o in outs:
-                    ids.append(list(o.outputs[0].token_ids))
-                    tokens += len(o.outputs[0].token_ids)
+            rates, ids = [], []
+            for run in range(runs):
+                seconds, tokens = 0.0, 0
+                for i in range(0, len(use), b):
+                    t0 = time.perf_counter()
+                    outs = llm.generate(use[i : i + b], params, use_tqdm=False, add_special_tokens=False)
+                    seconds += time.perf_counter() - t0
+                    for o in outs:
+                        if run == 0:
+                            ids.append(list(o.outputs[0].token_ids))
+                        tokens += len(o.outputs[0].token_ids)
+                rates.append(tokens / seconds)
             after = engine.stats().spec
-            cell = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "ids": ids}
+            cell = {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "tokens": tokens,
+                    "ids": ids}
             if after is not None:
                 steps = after.num_steps - (before.num_steps if before else 0)
                 acc = after.num_accepted_tokens - (before.num_accepted_tokens if before else 0)
@@ -153,6 +163,8 @@ def run_methods(args: argparse.Namespace) -> dict:
     if "none" in methods:
         methods.remove("none")
     methods = ["none", *methods]
+    if args.cell_runs < 1:
+        raise ValueError(f"--cell-runs must be >= 1, got {args.cell_runs}")
     configs = {m: spec_config(m, args.num_spec_tokens, args.heads, args.draft_model, not args.no_off_switch,
                               args.spec_options) for m in methods}  # bad input fails before any model loads
     for cfg in configs.values():
@@ -177,7 +189,7 @@ def run_methods(args: argparse.Namespace) -> dict:
         engine.warm_up()
         _warm_up(llm, warm, batch_sizes, args.new_tokens)
         t0 = time.perf_counter()
-        results[m] = _run_cells(llm, prompts, batch_sizes, args.batch1_prompts, args.new_tokens)
+        results[m] = _run_cells(llm, prompts, batch_sizes, args.batch1_prompts, args.new_tokens, args.cell_runs)
         print(f"# {m}: {time.perf_counter() - t0:.1f} s", flush=True)
         engine.shutdown()
         del llm, engine
@@ -189,6 +201,7 @@ def run_methods(args: argparse.Namespace) -> dict:
             ref = results["none"][(kind, b)]
             same = sum(x == y for x, y in zip(cell["ids"], ref["ids"])) / max(1, len(ref["ids"]))
             rows.append({"method": m, "kind": kind, "batch": b, "tokens_per_s": round(cell["tokens_per_s"], 2),
+                         "runs_tokens_per_s": [round(x, 2) for x in cell["runs_tokens_per_s"]],
                          "speedup": round(cell["tokens_per_s"] / ref["tokens_per_s"], 3),
                          "acceptance_length": round(cell.get("acceptance_length", 1.0), 3),
                          "verify_steps": cell.get("verify_steps", 0), "switched_off": cell.get("switched_off", 0),
