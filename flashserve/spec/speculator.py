@@ -154,13 +154,8 @@ class Speculator:
             return self._verify_greedy(hidden, inp, spec)
         w = self.worker
         dev = w.device
-        qsl = inp.query_start_loc
-        trees = [spec.trees.get(i) or TokenTree.chain(0, ()) for i in inp.sample_rows]
-        sizes = [t.size for t in trees]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        node_idx = np.concatenate([np.arange(qsl[i], qsl[i] + t.size) if t.size > 1 else [qsl[i + 1] - 1]
-                                   for i, t in zip(inp.sample_rows, trees)]).astype(np.int64)
-        raw = w.model.compute_logits(hidden[w._to_device(node_idx)])  # [N_total, V]
+        trees, offsets, nodes = self._nodes(hidden, inp, spec)
+        raw = w.model.compute_logits(nodes)  # [N_total, V]
         # Each node's SamplingRow at its output position; penalties count the drafts on its path.
         node_params: list[SamplingRow] = []
         extra_rows, extra_toks = [], []
@@ -192,30 +187,36 @@ class Speculator:
     def _verify_greedy(self, hidden: torch.Tensor, inp, spec: SpecStep) -> SamplerOutput:
         """``verify`` for plain greedy rows (``is_plain_greedy``): the argmax at every node
         (``Sampler.greedy``, as plain decoding), then each row's walk down its tree in one launch
-        (``flashserve.kernels.tree_accept``). One upload (the trees), and none for the nodes when
-        every token of the step is one (no prompt chunk in it)."""
+        (``flashserve.kernels.tree_accept``): one upload (the trees)."""
         w = self.worker
-        sample_rows = np.asarray(inp.sample_rows, dtype=np.int64)
-        trees = [spec.trees.get(i) or TokenTree.chain(0, ()) for i in inp.sample_rows]
-        sizes = np.fromiter((t.size for t in trees), np.int64, len(trees))
-        M = int(sizes.max())
+        trees, offsets, nodes = self._nodes(hidden, inp, spec)
+        M = max(t.size for t in trees)
         table = np.zeros((len(trees), 2 + 2 * M), dtype=np.int64)
-        table[1:, 0] = np.cumsum(sizes)[:-1]
-        table[:, 1] = sizes
+        table[:, 0] = offsets
         for r, t in enumerate(trees):
+            table[r, 1] = t.size
             table[r, 2 : 2 + t.size] = t.parents
             table[r, 2 + M : 2 + M + t.size] = t.tokens
-        if int(sizes.sum()) == inp.num_tokens:  # every token is a node, in order
-            nodes = hidden[: inp.num_tokens]
-        else:  # a row's nodes end its query
-            ends = inp.query_start_loc[sample_rows + 1].astype(np.int64)
-            nodes = hidden[w._to_device(np.concatenate([np.arange(e - n, e) for e, n in zip(ends, sizes)]))]
         argmax = w.sampler.greedy(w.model.compute_logits(nodes)).token_ids
         width = 1 + max(max(t.depths) for t in trees)
         tokens, path, count, last = greedy_accept(argmax, w._to_device(table), width)
         spec.path, spec.num_tokens, spec.last = path, count, last
         self._compact(inp, spec, path, count, trees)
         return SamplerOutput(tokens, num_tokens=count)
+
+    def _nodes(self, hidden: torch.Tensor, inp, spec: SpecStep) -> tuple[list[TokenTree], np.ndarray, torch.Tensor]:
+        """Each sampling row's tree (a lone root without drafts), the index of its first node among
+        the step's nodes, and the nodes' hidden rows: the last ``tree.size`` tokens of each row's
+        query, a slice when every token of the step is a node (no prompt chunk in it)."""
+        trees = [spec.trees.get(i) or TokenTree.chain(0, ()) for i in inp.sample_rows]
+        sizes = np.fromiter((t.size for t in trees), np.int64, len(trees))
+        offsets = np.zeros(len(trees), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        if int(sizes.sum()) == inp.num_tokens:
+            return trees, offsets, hidden[: inp.num_tokens]
+        ends = inp.query_start_loc[np.asarray(inp.sample_rows, dtype=np.int64) + 1].astype(np.int64)
+        rows = np.concatenate([np.arange(e - n, e) for e, n in zip(ends, sizes)])
+        return trees, offsets, hidden[self.worker._to_device(rows)]
 
     def _tree_batch(self, trees: list[TokenTree], offsets: np.ndarray, spec: SpecStep, sample_rows: list[int],
                     vocab: int) -> TreeBatch:
