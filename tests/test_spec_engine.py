@@ -22,7 +22,8 @@ def tiny(tmp_path_factory):
     return str(folder)
 
 
-def train_small_heads(model: str, folder, num_prompts: int, max_tokens: int, epochs: int, min_top1: float) -> str:
+def train_small_heads(model: str, folder, num_prompts: int, max_tokens: int, epochs: int, min_top1: float,
+                      **engine) -> str:
     """Three heads trained for a few seconds on ``model``'s own generations, saved in ``folder``;
     their first head's top-1 accuracy must pass ``min_top1`` (they learned the model's habits)."""
     from flashserve.spec.heads import save_heads
@@ -30,7 +31,7 @@ def train_small_heads(model: str, folder, num_prompts: int, max_tokens: int, epo
 
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(4, 12))] for _ in range(num_prompts)]
-    llm = LLM(model=model, **BASE)
+    llm = LLM(model=model, **BASE, **engine)
     heads, meta, rep = train_heads(llm.engine, prompts, num_heads=3, max_tokens=max_tokens, epochs=epochs,
                                    batch_size=64, lr=3e-3, log=lambda *a: None)
     assert rep.accuracy[0][7] >= rep.accuracy[0][0] > min_top1
@@ -130,6 +131,30 @@ def test_greedy_outputs_identical(tiny, heads_file, references, method, width, m
         assert stats.num_preemptions > 0
     if mode == "swap":
         assert llm.engine.scheduler.num_swap_outs > 0
+
+
+def test_heads_train_and_speculate_on_a_quantized_lm_head(tiny, tmp_path):
+    """A packed LM head (int8 here; GGUF heads are packed by default) has no dense weight: the
+    heads train against the values its kernel multiplies by (``LMHead.dense_weight``, checked
+    against the head's own products), load with a matching fingerprint, and speculate with the
+    same greedy tokens as plain decoding on that engine."""
+    import torch
+
+    probe = LLM(model=tiny, **BASE, quantization="int8")
+    head = probe.engine.worker.model.lm_head
+    assert not isinstance(getattr(head, "weight", None), torch.Tensor)
+    # bf16-exact inputs: the CPU int8 kernel takes bf16 activations and rounds its outputs (so the
+    # identity's products too) to bf16, hence a tolerance of two bf16 steps of the largest logit
+    x = torch.randn(5, head.in_features, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    y = head(x)
+    torch.testing.assert_close(x @ head.dense_weight().t(), y, atol=2**-7 * float(y.abs().max()), rtol=0)
+    probe.engine.shutdown()
+    heads = train_small_heads(tiny, tmp_path, num_prompts=12, max_tokens=32, epochs=6, min_top1=0.3,
+                              quantization="int8")
+    plain, _, _, _ = run(tiny, quantization="int8", **MODES["overlapped"])
+    got, _, stats, _ = run(tiny, spec_config("heads", tiny, heads), quantization="int8", **MODES["overlapped"])
+    assert got == plain
+    assert stats.spec.num_accepted_tokens > 0
 
 
 def test_draft_equal_to_target_accepts_everything(tiny, heads_file):

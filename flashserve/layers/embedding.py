@@ -12,6 +12,8 @@ all-gathers its logit columns (so every rank samples from the same full logits).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -77,3 +79,17 @@ class LMHead(Linear):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().forward(hidden).float()  # [N, V / tp]
         return self.tp.all_gather_last(logits) if self.parallel else logits
+
+    @torch.no_grad()
+    def dense_weight(self, rows_per_call: int = 128) -> torch.Tensor:
+        """The fp32 ``[V, hidden]`` matrix the head multiplies by, whatever its storage: a dense
+        head's weight; a packed one's products with the identity (the values its kernels use, as
+        rounded by their output dtype: bf16 on the CPU)."""
+        weight = getattr(self, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            w = weight.detach().float()  # [V / tp, hidden]
+            return self.tp.all_gather_last(w.t()).t() if self.parallel else w
+        device = next(itertools.chain(self.buffers(), self.parameters())).device
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=device)
+        cols = [self(eye[i : i + rows_per_call]) for i in range(0, self.in_features, rows_per_call)]
+        return torch.cat(cols).t().contiguous()

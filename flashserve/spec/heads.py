@@ -69,8 +69,8 @@ def default_heads_path(model_source: str) -> Path:
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short digest of the target's shapes and a few rows of its LM head (rounded to bf16, so
-    the same weights loaded in fp32 or bf16 agree)."""
-    weight = model.lm_head.weight
+    the same weights loaded in fp32 or bf16 agree; a packed head's values as its kernels use them)."""
+    weight = model.lm_head.dense_weight()
     rows = sorted({0, 1, weight.shape[0] // 2, weight.shape[0] - 1})
     sample = weight[rows].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
     h = hashlib.sha256(sample.tobytes())

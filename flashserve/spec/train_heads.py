@@ -109,7 +109,7 @@ def train_heads(engine, prompts: list[str] | list[list[int]], num_heads: int = 4
 
     torch.manual_seed(seed)
     heads = MedusaHeads(num_heads, h_train.shape[1]).to(dev).float().train()
-    lm_head = model.lm_head.weight.detach().float()  # [V, H], frozen
+    lm_head = model.lm_head.dense_weight()  # [V, H], frozen
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     weights = torch.tensor([0.8**i for i in range(num_heads)], device=dev)
     steps = max(1, epochs * math.ceil(len(h_train) / batch_size))
