@@ -221,6 +221,22 @@ def _decode_reduce_kernel(
              out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
+def reduce_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """``out [T, Hq, D]`` from the slices' normalised partial outputs ``mid_o [T, Hq, S, D]``
+    (fp32) and base-2 log-sum-exps ``mid_lse [T, Hq, S]`` (-inf for a slice that saw no key)."""
+    num_tokens, num_heads, num_splits, head_dim = mid_o.shape
+    block_d = max(16, next_power_of_2(head_dim))
+    _decode_reduce_kernel[(num_tokens, num_heads)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        head_dim, num_splits,
+        BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
+        num_warps=4 if block_d >= 128 else 1, **pdl.launch_args(out.device),
+    )
+
+
 class DecodeConfig(NamedTuple):
     """Launch parameters of the split kernel."""
 
@@ -375,15 +391,7 @@ def paged_decode_attention(
         launch(MODE_ONLINE)
 
     if not direct:
-        _decode_reduce_kernel[(num_tokens, num_heads)](
-            mid_o, mid_lse, out,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-            mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            head_dim, num_splits,
-            BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4 if block_d >= 128 else 1, **pdl.launch_args(q.device),
-        )
+        reduce_splits(mid_o, mid_lse, out)
     if return_fallback_flags:
         return out, (flags if use_unified else None)
     return out

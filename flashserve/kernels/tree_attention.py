@@ -2,11 +2,14 @@
 
 The masks are described in ``flashserve.kernels.tree_mask`` (``TreeMask``), whose
 ``tree_attention_reference`` is this kernel's oracle. The kernel is FlashAttention-2 style:
-one program per (KV head, sequence, query tile), the GQA group's heads folded into the rows, an
-online softmax over the paged keys, and the tree test (bit j of the query's ancestor mask for
-the key at ``ctx + j``) in place of the causal test for a tree's nodes. On a sliding-window
-layer only the sink tiles and the tiles from the root's window on are read, and the window test
-compares depth positions (``TreeMask.depths``). It stores the step's K/V first (``store_kv``).
+one program per (KV head, context slice, sequence, query tile), the GQA group's heads folded
+into the rows, an online softmax over the paged keys, and the tree test (bit j of the query's
+ancestor mask for the key at ``ctx + j``) in place of the causal test for a tree's nodes. On a
+sliding-window layer only the sink tiles and the tiles from the root's window on are read, and
+the window test compares depth positions (``TreeMask.depths``). It stores the step's K/V first
+(``store_kv``). As in decode steps, the context is cut into slices (FlashDecoding: a tree of a
+few nodes at batch 1 would otherwise leave all but a handful of SMs idle at long contexts),
+whose partial outputs the decode path's reduction combines (``decode_attention.reduce_splits``).
 Backends route a step here when ``AttentionMetadata.tree`` is set.
 """
 
@@ -16,9 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
 from flashserve.kernels._paged_common import window_tiles
+from flashserve.kernels.decode_attention import choose_num_splits, reduce_splits
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.tree_mask import TreeMask, tree_attention_reference
-from flashserve.kernels.utils import dot_ieee, next_power_of_2
+from flashserve.kernels.utils import dot_ieee, next_power_of_2, num_sms
+
+BLOCK_N = 32  # keys per tile
 
 
 @triton.jit
@@ -62,18 +70,23 @@ def _tree_tile(
 
 @triton.jit
 def _tree_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr,  # q/o [T, Hq, D]; caches [num_blocks, BLOCK_SIZE, Hkv, D]
+    q_ptr, k_cache_ptr, v_cache_ptr,  # q [T, Hq, D]; caches [num_blocks, BLOCK_SIZE, Hkv, D]
+    o_ptr,  # o [T, Hq, D]; with SPLIT the slices' partial outputs [T, Hq, num_splits, D] (fp32)
+    lse_ptr,  # SPLIT: the slices' base-2 log-sum-exps [T, Hq, num_splits] (fp32)
     qsl_ptr, seq_lens_ptr, block_tables_ptr, bits_ptr, tree_lens_ptr, depths_ptr,
     qk_scale,  # scale * log2(e)
     win, dil, n_sink,  # WINDOW: tokens seen, dilation, sink tokens (flashserve.config.AttentionSpec)
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
     stride_cb, stride_co, stride_ch,
-    stride_bt, head_dim,
+    stride_bt, head_dim, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
-    kvh = tl.program_id(0)
+    wait_for_prior(PDL)
+    kvh = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     b = tl.program_id(1)
     q_tile = tl.program_id(2) * BLOCK_Q
     tok_start = tl.load(qsl_ptr + b)
@@ -105,30 +118,48 @@ def _tree_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     hi = tl.minimum(seq_len, seq_len - q_len + q_tile + BLOCK_Q)
     lo_key = 0
+    sink_end = 0
     win_start = 0
     if WINDOW:  # the sink tiles, then the window of the sequence's oldest query (a tree's root) on
         sink_end, win_start, _, _ = window_tiles(seq_len - q_len, seq_len - 1, win, dil, n_sink, BLOCK_N)
         lo_key = tl.maximum(seq_len - q_len - (win - 1) * dil, 0)
-        for n0 in range(0, sink_end, BLOCK_N):
+    # the keys in a virtual order, sink tiles [0, sink_end) then tiles [win_start, hi), cut into
+    # num_splits equal tile-aligned slices; this program takes slice `split`
+    n_virtual = sink_end + tl.maximum(hi - win_start, 0)
+    chunk = tl.cdiv(tl.cdiv(n_virtual, num_splits), BLOCK_N) * BLOCK_N
+    v0 = split * chunk
+    v1 = tl.minimum(v0 + chunk, n_virtual)
+    if WINDOW:
+        for n0 in range(v0, tl.minimum(v1, sink_end), BLOCK_N):
             m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
                                        seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
                                        win * dil, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
                                        stride_cb, stride_co, stride_ch, BLOCK_N, BLOCK_SIZE, WINDOW, DOT_PREC)
-    for n0 in range(win_start, hi, BLOCK_N):
-        m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
-                                   seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
+    for v in range(tl.maximum(v0, sink_end), v1, BLOCK_N):
+        m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, v - sink_end + win_start, k_cache_ptr, v_cache_ptr, bt_row,
+                                   depths_ptr, seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
                                    win * dil, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
                                    stride_cb, stride_co, stride_ch, BLOCK_N, BLOCK_SIZE, WINDOW, DOT_PREC)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if SPLIT:  # the slice's normalised output and base-2 log-sum-exp (-inf: it saw no key)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(o_ptrs + split * stride_os, out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
+    else:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta, scale: float, spec=None) -> torch.Tensor:
-    """The Triton path: store the step's K/V, then one program per (KV head, sequence, query tile).
+                   meta, scale: float, spec=None, max_seq_len: int | None = None,
+                   num_splits: int | None = None) -> torch.Tensor:
+    """The Triton path: store the step's K/V, then one program per (KV head, context slice,
+    sequence, query tile), and with several slices a reduction of their partial outputs.
     ``spec``: the layer's ``AttentionSpec`` (a sliding window is measured at the nodes' depth
-    positions, ``flashserve.kernels.tree_mask``); None: full attention."""
+    positions, ``flashserve.kernels.tree_mask``); None: full attention. ``max_seq_len``: the host
+    bound on the context that sizes the slice count (``meta.max_seq_len`` when None; a fixed
+    bound under CUDA graphs), as for decode steps (``decode_attention.choose_num_splits``);
+    ``num_splits`` pins it."""
     from flashserve.kernels import kv_quant
     from flashserve.kernels.cache_ops import store_kv
 
@@ -142,19 +173,30 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     group_pad = next_power_of_2(group)
     block_q = max(1, 64 // group_pad)
     block_d = max(16, next_power_of_2(D))
+    q_tiles = triton.cdiv(meta.max_query_len, block_q)
+    if num_splits is None:
+        bound = meta.max_seq_len if max_seq_len is None else max_seq_len
+        num_splits = choose_num_splits(meta.num_seqs * q_tiles, Hkv, bound, num_sms(q.device), BLOCK_N)
     out = torch.empty_like(q)
-    grid = (Hkv, meta.num_seqs, triton.cdiv(meta.max_query_len, block_q))
+    if num_splits > 1:
+        mid_o = torch.empty(T, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(T, Hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        mid_o, mid_lse = out.unsqueeze(2), out  # the output itself; no log-sum-exps
     window = spec is not None and spec.kind == "sliding"
-    _tree_kernel[grid](
-        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, tree.bits, tree.tree_lens,
-        tree.depths, scale * 1.4426950408889634,
+    _tree_kernel[(Hkv * num_splits, meta.num_seqs, q_tiles)](
+        q, k_cache, v_cache, mid_o, mid_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables, tree.bits,
+        tree.tree_lens, tree.depths, scale * 1.4426950408889634,
         spec.sliding_window if window else 0, spec.dilation if window else 1, spec.num_sinks if window else 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        meta.block_tables.stride(0), D,
+        meta.block_tables.stride(0), D, num_splits,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_q * group_pad,
-        BLOCK_N=32, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
         DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",  # fp32 inputs: exact products, as the other kernels
-        WINDOW=window,
+        WINDOW=window, SPLIT=num_splits > 1, **pdl.launch_args(q.device),
     )
+    if num_splits > 1:
+        reduce_splits(mid_o, mid_lse, out)
     return out

@@ -82,7 +82,7 @@ class TritonAttentionBackend(AttentionBackend):
         max_seq_len_cap: context bound used to size num_splits under CUDA-graph capture,
             e.g. the model's max length (eager calls use meta.max_seq_len).
         unified_max: phi for FlashDecoding++'s asynchronised softmax (None: online softmax).
-        num_splits: fixed decode split count (overrides the heuristic).
+        num_splits: fixed split count of decode and tree steps (overrides the heuristic).
         batch_invariant: decode rows token by token, splits from max_seq_len_cap (module docstring).
         """
         if batch_invariant and max_seq_len_cap is None:
@@ -106,10 +106,12 @@ class TritonAttentionBackend(AttentionBackend):
         block_n = decode_block_n(q.shape[2], q.dtype, k_cache.dtype)
         if self.batch_invariant:  # the batch-1 choice for the longest context, whatever the step
             return choose_num_splits(1, k_cache.shape[2], self.max_seq_len_cap, num_sms(q.device), block_n)
-        seq_bound = meta.max_seq_len
-        if self.max_seq_len_cap is not None and _capturing():
-            seq_bound = self.max_seq_len_cap
-        return choose_num_splits(meta.num_seqs, k_cache.shape[2], seq_bound, num_sms(q.device), block_n)
+        return choose_num_splits(meta.num_seqs, k_cache.shape[2], self.seq_bound(meta), num_sms(q.device), block_n)
+
+    def seq_bound(self, meta: AttentionMetadata) -> int:
+        """The context bound that sizes split counts: ``max_seq_len_cap`` while a CUDA graph is
+        captured (the graph replays for any length up to it), else the step's longest context."""
+        return self.max_seq_len_cap if self.max_seq_len_cap is not None and _capturing() else meta.max_seq_len
 
     def forward(
         self,
@@ -125,7 +127,8 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
             if self.batch_invariant:
                 raise ValueError("the batch-invariant mode verifies chains, not token trees")
-            return tree_attention(q, k, v, k_cache, v_cache, meta, scale, spec)
+            return tree_attention(q, k, v, k_cache, v_cache, meta, scale, spec, max_seq_len=self.seq_bound(meta),
+                                  num_splits=self.num_splits)
         out = torch.empty_like(q)
         if spec.kind == "quest":
             return self._quest(q, k, v, k_cache, v_cache, meta, scale, spec, out)
@@ -198,8 +201,7 @@ class TritonAttentionBackend(AttentionBackend):
         if not self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
             return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
         bs = k_cache.shape[1]
-        seq_bound = self.max_seq_len_cap if self.max_seq_len_cap is not None and _capturing() else meta.max_seq_len
-        max_pages = quest_num_pages(spec, -(-seq_bound // bs), bs)
+        max_pages = quest_num_pages(spec, -(-self.seq_bound(meta) // bs), bs)
         tables, virtual_lens = quest_block_tables(spec, q, meta.block_tables, meta.seq_lens, state, max_pages)
         paged_decode_attention(
             q, k_cache, v_cache, meta.query_start_loc, virtual_lens, tables,

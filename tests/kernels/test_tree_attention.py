@@ -39,6 +39,23 @@ def test_tree_kernel_matches_reference(device, dtype, hq, hkv, d):
     torch.testing.assert_close(batch.k_cache, args[3])  # both stored the same K/V
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("window", [None, (40, 1, 5), (24, 2, 0)])
+def test_tree_kernel_context_slices(device, num_splits, window):
+    """Long contexts cut into slices (several 32-key tiles each, some slices empty, the sinks
+    their own tiles under a window), reduced as in decode steps: the reference's outputs."""
+    from flashserve.config import AttentionSpec
+
+    spec = None if window is None else AttentionSpec("sliding", window[0], dilation=window[1], num_sinks=window[2])
+    batch = PagedBatch([157, 12, 200, 71], [7, 5, 1, 4], 4, 2, 16, 4, torch.float32, device, seed=5)
+    _with_trees(batch, {0: TREE, 3: TokenTree.chain(0, (1, 2, 3))})
+    args = (batch.q, batch.k_new, batch.v_new, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta, 0.25)
+    ref = tree_attention_reference(*args, spec)
+    out = tree_attention(batch.q, batch.k_new, batch.v_new, batch.k_cache, batch.v_cache, batch.meta, 0.25, spec,
+                         num_splits=num_splits)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_reference_is_ancestor_attention():
     """Node i of the tree attends exactly to the context and its ancestors: the same output as
     causal attention over the context followed by the root-to-i path alone."""
