@@ -9,11 +9,11 @@ top-k/top-p/min-p, penalties, logprobs). They use pool blocks while the pool is 
 drop every synthetic request at the end. ``triton_cache_state`` tells a benchmark whether the
 compiles it pays come from a cold cache.
 
-Token-tree verification runs eagerly at any token count; the captured graphs compile the
-classes 1, 2, 4, 8 (the GEMV's rows) and 16, 24, 32 ..., but no 9-15-token step with the
-quantized products' flat configuration. Those kernels (``quant_gguf``, ``quant_gemm``) therefore
-do not specialise on the row count (``do_not_specialize``): the 16-token graph's compile serves
-them (H200: after 16 rows, 11 and 9 rows compiled no new variant; one each before).
+Token-tree verification runs eagerly past the tree graphs' sizes; the captured graphs compile
+the classes 1, 2, 4, 8, 16 (the GGUF GEMV's rows) and 16, 24, 32 ..., but no 9-15-token step.
+The quantized products' kernels (``quant_gguf``, ``quant_gemm``) therefore do not specialise on
+the row count (``do_not_specialize``): the 16-token graph's compile serves them (H200: after 16
+rows, 11 and 9 rows compiled no new variant; one each before).
 """
 
 from __future__ import annotations

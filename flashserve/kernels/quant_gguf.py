@@ -262,8 +262,11 @@ def _views(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, t
     return raw, raw.view(torch.int8), raw.view(torch.float16)
 
 
-GEMV_MAX_M = 8  # rows from which the flat GEMM (tensor cores) takes over
-GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 8 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 128 us against 49)
+# rows up to which the GEMV runs (beyond, the flat GEMM on tensor cores). 16 covers a token tree of
+# 8 drafts: on the H200, Gemma 3 270M's n-gram trees on summarization went from 1.19x to 1.76x plain
+# decoding with this (from 8) and the decode kernel's 16 query tokens (docs/decoding.md)
+GEMV_MAX_M = 16
+GEMV_MAX_WEIGHTS = 1 << 22  # beyond, 3 to 16 rows take the flat GEMM too (H200: a 49152 x 576 Q8_0 head, 5 rows: 128 us against 49)
 GEMV_TILE = 16384  # x rows x weight rows x K columns one GEMV program multiplies per step
 
 
@@ -280,7 +283,8 @@ def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> Gem
     steps as possible, up to 1024 columns for one or two weight rows, 256 for eight. These
     products are latency-bound: many programs, each walking K in one or two steps, beat fewer,
     longer ones. Fitted to an H200 sweep over SmolLM2-135M's and Gemma-3-270M-shaped products at
-    1, 2 and 5 rows (docs/quantization.md): within 5% of the best tile at most shapes."""
+    1, 2 and 5 rows (docs/quantization.md): within 5% of the best tile at most shapes; 9-16 rows
+    (one weight row per program) were timed end to end only."""
     rows = next_power_of_2(m)
     block_k = min(next_power_of_2(k), 1024)
     block_n = 8

@@ -71,14 +71,16 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(
         self,
-        decode_max_query_len: int = 8,
+        decode_max_query_len: int = 16,
         max_seq_len_cap: int | None = None,
         unified_max: float | None = None,
         num_splits: int | None = None,
         batch_invariant: bool = False,
     ) -> None:
         """
-        decode_max_query_len: largest per-sequence new-token count sent to the decode kernel.
+        decode_max_query_len: largest per-sequence new-token count sent to the decode kernel
+            (16: verification of up to 15 drafts; the prefill kernel does not split the context,
+            so a short step at a long context would leave most SMs idle there).
         max_seq_len_cap: context bound used to size num_splits under CUDA-graph capture,
             e.g. the model's max length (eager calls use meta.max_seq_len).
         unified_max: phi for FlashDecoding++'s asynchronised softmax (None: online softmax).

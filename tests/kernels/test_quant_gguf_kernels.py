@@ -33,7 +33,8 @@ def _check_product(product, qtype: str, m: int, n: int, k: int, seed: int, devic
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_CODES))
-@pytest.mark.parametrize("m,tile", [(1, None), (3, GemvTile(4, 8, 64)), (8, GemvTile(8, 16, 32)), (2, GemvTile(2, 1, 1024))])
+@pytest.mark.parametrize("m,tile", [(1, None), (3, GemvTile(4, 8, 64)), (8, GemvTile(8, 16, 32)), (2, GemvTile(2, 1, 1024)),
+                                    (13, None)])
 def test_gguf_gemv_matches_block_decoder(device, dtype, qtype, m, tile):
     """The few-row GEMV: K walked in several tiles (ragged last one) or one, rows tiles that do
     not divide N, x rows fewer than the tile's."""
@@ -42,7 +43,7 @@ def test_gguf_gemv_matches_block_decoder(device, dtype, qtype, m, tile):
 
 
 def test_gguf_gemv_tiles_and_dispatch(device):
-    """Small matrices spread over many programs; gguf_matmul sends up to 8 rows to the GEMV."""
+    """Small matrices spread over many programs; gguf_matmul sends up to 16 rows to the GEMV."""
     assert gemv_tile(1, 576, 576) == GemvTile(1, 1, 1024)  # 576 programs, K in one step
     assert gemv_tile(1, 3072, 576) == GemvTile(1, 4, 1024)
     assert gemv_tile(1, 49152, 576) == GemvTile(1, 8, 256)  # eight weight rows: shorter K steps
@@ -51,8 +52,10 @@ def test_gguf_gemv_tiles_and_dispatch(device):
     raw = random_gguf_blocks("Q4_1", 8, 64).to(device)
     with pytest.raises(ValueError, match="at most 4 rows"):
         gguf_gemv(torch.randn(5, 64, device=device), raw, "Q4_1", GemvTile(4, 8, 64))
-    x = torch.randn(8, 64, device=device)
-    assert torch.equal(gguf_matmul(x, raw, "Q4_1"), gguf_gemv(x, raw, "Q4_1"))
+    for m in (8, 13):
+        x = torch.randn(m, 64, device=device)
+        assert torch.equal(gguf_matmul(x, raw, "Q4_1"), gguf_gemv(x, raw, "Q4_1"))
+    assert gemv_tile(13, 2048, 640) == GemvTile(16, 1, 1024)  # 9-16 rows: one weight row a program
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_CODES))
@@ -75,20 +78,24 @@ def test_gguf_matmul_rejects_unknown_type_and_bad_rows(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels (the interpreter compiles none)")
 def test_row_count_needs_no_new_compile():
-    """A 9-15-token verification step reuses the flat GEMM the 16-token graph compiled, and a
-    3-row GEMV the 4-row one (engine/warm_up.py): the row count is not specialised on."""
+    """A 9-15-token verification step reuses the GEMV (and, for a weight past
+    ``GEMV_MAX_WEIGHTS``, the flat GEMM) the 16-token graph compiled, and a 3-row GEMV the 4-row
+    one (engine/warm_up.py): the row count is not specialised on."""
     from flashserve.kernels.quant_gemm import FMT_INT8, _wq_matmul_kernel, wq_matmul
-    from flashserve.kernels.quant_gguf import _gguf_gemv_kernel, _gguf_matmul_kernel
+    from flashserve.kernels.quant_gguf import GEMV_MAX_WEIGHTS, _gguf_gemv_kernel, _gguf_matmul_kernel
 
     dev = torch.device("cuda")
     raw = random_gguf_blocks("Q5_0", 256, 640, seed=1).to(dev)
+    big = random_gguf_blocks("Q5_0", 8192, 640, seed=2).to(dev)  # an LM head's size
+    assert 8192 * 640 > GEMV_MAX_WEIGHTS
     q, s = ref.quantize_int8(torch.randn(256, 640))
     q, s = q.to(dev), s.to(dev)
 
     def compiled(kernel) -> int:
         return sum(len(caches[0]) for caches in kernel.device_caches.values())
 
-    for kernel, product, rows in ((_gguf_matmul_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (16, 11, 9, 13)),
+    for kernel, product, rows in ((_gguf_matmul_kernel, lambda x: gguf_matmul(x, big, "Q5_0"), (16, 11, 9, 13)),
+                                  (_gguf_gemv_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (16, 11, 9, 13)),
                                   (_gguf_gemv_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (4, 3)),
                                   (_wq_matmul_kernel, lambda x: wq_matmul(x, q, s, None, FMT_INT8), (16, 11, 9))):
         counts = []
