@@ -247,6 +247,15 @@ def window_tiles(
     return sink_tiles_end, win_start, full_lo, full_hi
 
 
+@triton.jit
+def split_range(n_virtual, split, num_splits, BLOCK_N: tl.constexpr):
+    """Slice ``split`` of ``[0, n_virtual)`` cut into ``num_splits`` equal tile-aligned slices
+    (split-KV decode and tree kernels): its (start, end); empty past the last key."""
+    chunk = tl.cdiv(tl.cdiv(n_virtual, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return start, tl.minimum(start + chunk, n_virtual)
+
+
 class QuantArgs(NamedTuple):
     """Kernel arguments describing the cache's element format (see ``quant_args``)."""
 

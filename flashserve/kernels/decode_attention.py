@@ -46,7 +46,7 @@ import triton.language as tl
 from flashserve.kernels import pdl
 from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels._paged_common import (
-    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, window_tiles,
+    LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, split_range, window_tiles,
 )
 from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
@@ -113,9 +113,7 @@ def _decode_split_kernel(
     if WINDOW:
         sink_end, win_start, full_lo, full_hi = window_tiles(ctx_len, seq_len - 1, win, dil, n_sink, BLOCK_N)
     n_virtual = sink_end + tl.maximum(seq_len - win_start, 0)
-    chunk = tl.cdiv(tl.cdiv(n_virtual, num_splits), BLOCK_N) * BLOCK_N
-    n_start = split * chunk
-    n_end = tl.minimum(n_start + chunk, n_virtual)
+    n_start, n_end = split_range(n_virtual, split, num_splits, BLOCK_N)
 
     offs_m = tl.arange(0, BLOCK_M)
     qi = offs_m // GROUP_PAD  # [BLOCK_M] query token within the sequence's new tokens

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels import pdl
-from flashserve.kernels._paged_common import window_tiles
+from flashserve.kernels._paged_common import split_range, window_tiles
 from flashserve.kernels.decode_attention import choose_num_splits, reduce_splits
 from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.tree_mask import TreeMask, tree_attention_reference
@@ -125,19 +125,11 @@ def _tree_kernel(
         lo_key = tl.maximum(seq_len - q_len - (win - 1) * dil, 0)
     # the keys in a virtual order, sink tiles [0, sink_end) then tiles [win_start, hi), cut into
     # num_splits equal tile-aligned slices; this program takes slice `split`
-    n_virtual = sink_end + tl.maximum(hi - win_start, 0)
-    chunk = tl.cdiv(tl.cdiv(n_virtual, num_splits), BLOCK_N) * BLOCK_N
-    v0 = split * chunk
-    v1 = tl.minimum(v0 + chunk, n_virtual)
-    if WINDOW:
-        for n0 in range(v0, tl.minimum(v1, sink_end), BLOCK_N):
-            m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
-                                       seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
-                                       win * dil, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
-                                       stride_cb, stride_co, stride_ch, BLOCK_N, BLOCK_SIZE, WINDOW, DOT_PREC)
-    for v in range(tl.maximum(v0, sink_end), v1, BLOCK_N):
-        m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, v - sink_end + win_start, k_cache_ptr, v_cache_ptr, bt_row,
-                                   depths_ptr, seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
+    v0, v1 = split_range(sink_end + tl.maximum(hi - win_start, 0), split, num_splits, BLOCK_N)
+    for v in range(v0, v1, BLOCK_N):
+        n0 = tl.where(v < sink_end, v, win_start + (v - sink_end))
+        m_i, l_i, acc = _tree_tile(m_i, l_i, acc, q, n0, k_cache_ptr, v_cache_ptr, bt_row, depths_ptr,
+                                   seq_len, ctx, tree_len, tok_start, q_pos, q_rot, bits, lo_key,
                                    win * dil, dil, n_sink, qk_scale, kvh, offs_d, d_ok,
                                    stride_cb, stride_co, stride_ch, BLOCK_N, BLOCK_SIZE, WINDOW, DOT_PREC)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
