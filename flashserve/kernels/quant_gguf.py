@@ -17,7 +17,9 @@ instead: no tensor cores and no padding of x to 16 rows; each program decodes a 
 over a wide K tile and multiplies them with every row of x in fp32 registers, so a small matrix is
 spread over many programs. On the H200 the flat GEMM took 21.8 us per product of SmolLM2-135M
 (N = 192-1536 with 6-48 programs, each walking K in dependent steps: a latency chain, not a
-bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels.
+bandwidth limit), 2.75 of the 3.19 ms of a decode step's kernels. Except: 9-16 rows of a wide
+32-element-type weight (a token tree's verification) take the flat GEMM, with K cut into slices
+(``tree_rows_flat``).
 
 The 32-element types are decoded block-wise, as ``[rows, blocks, 32]``: a block's scale, min and
 high bits are loaded once, not once per weight. The flat GEMM does so for all four, the GEMV for one
@@ -297,6 +299,8 @@ def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> Gem
 
 
 BLOCKS_GEMV_TYPES = ("Q8_0", "Q5_0")
+BLOCKS_32 = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")  # the 32-element types: decoded block-wise by the flat GEMM
+FLAT_TREE_MIN_N = 1024  # tree_rows_flat: narrower products keep the GEMV
 BLOCKS_GEMV_MIN_N = 1024  # below, too few programs: the weight-wise GEMV is as fast (H200: 256 x 640 Q8_0, 1.8 us)
 
 
@@ -358,10 +362,30 @@ def gguf_invariant_config(n: int, k: int, device: torch.device | None = None) ->
     return MatmulConfig(INVARIANT_BLOCK_M, 32, 128, flat_split(n, k, 32, 128, device), 4, 3)
 
 
+def tree_rows_flat(m: int, n: int, qtype: str) -> bool:
+    """Whether 9-16 rows (a token tree's verification) of a 32-element type take the flat GEMM
+    although the GEMV could: its tiles give such rows one weight row per program, each re-reading
+    all 16 rows of x, while the flat GEMM decodes the weights block-wise onto tensor cores. H200,
+    Gemma 3 270M at 9 rows, weights past L2: gate/up (Q5_0, 4096 x 640) 26.7 -> 8.9 us, q/k (Q5_0,
+    1280 x 640) 9.6 -> 6.5 us; below ``FLAT_TREE_MIN_N`` rows of weights (v, 256 x 640) the GEMV
+    stays faster (3.0 against 4.5 us), and so do the K-quants at every size (weight-wise decoding
+    on both paths: Q4_K 640 x 2048 12.2 us against 59.7)."""
+    return m > GEMV_MAX_M // 2 and n >= FLAT_TREE_MIN_N and qtype in BLOCKS_32
+
+
+def tree_rows_config(n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
+    """The flat GEMM's tiles for ``tree_rows_flat``: 16 x 32 outputs, K in 128-column tiles cut into
+    up to four slices, so the few programs of a narrow product still fill the GPU."""
+    split = min(4, max(1, k // 128), max(1, cdiv(4 * num_sms(device), cdiv(n, 32))))
+    return MatmulConfig(16, 32, 128, split, 4, 2)
+
+
 def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: MatmulConfig | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(raw)^T`` -> [M, N] in x's dtype; ``raw`` uint8 [N, row_bytes]."""
     x, (u8, i8, f16), row_bytes = _operands(x, raw, qtype)
     (m, k), n = x.shape, raw.shape[0]
+    if config is None and tree_rows_flat(m, n, qtype) and n * k <= GEMV_MAX_WEIGHTS:
+        config = tree_rows_config(n, k, x.device)
     if config is None and (m <= 2 or (m <= GEMV_MAX_M and n * k <= GEMV_MAX_WEIGHTS)):
         return gguf_gemv(x, raw, qtype)
     cfg = config or gguf_config(m, n, k, x.device)

@@ -58,6 +58,23 @@ def test_gguf_gemv_tiles_and_dispatch(device):
     assert gemv_tile(13, 2048, 640) == GemvTile(16, 1, 1024)  # 9-16 rows: one weight row a program
 
 
+def test_tree_rows_of_wide_32_element_weights_take_the_flat_gemm(device):
+    """9-16 rows of a Q8_0 / Q4_x / Q5_0 weight of 1024+ rows go to the flat GEMM with K in
+    slices; 8 rows, narrower weights and the K-quants keep the GEMV."""
+    from flashserve.kernels.quant_gguf import tree_rows_config, tree_rows_flat
+
+    assert tree_rows_flat(9, 1024, "Q5_0") and tree_rows_flat(16, 4096, "Q8_0") and tree_rows_flat(13, 3072, "Q4_1")
+    assert not tree_rows_flat(8, 4096, "Q5_0") and not tree_rows_flat(16, 1023, "Q5_0")
+    assert not tree_rows_flat(16, 4096, "Q4_K") and not tree_rows_flat(16, 4096, "Q6_K")
+    assert tree_rows_config(4096, 640) == MatmulConfig(16, 32, 128, 4, 4, 2)  # Gemma 3 270M's gate/up
+    assert tree_rows_config(1280, 640).split_k == 4 and tree_rows_config(1040, 256).split_k == 2
+    raw = random_gguf_blocks("Q5_0", 1040, 256, seed=4).to(device)
+    x = torch.randn(13, 256, device=device)
+    assert torch.equal(gguf_matmul(x, raw, "Q5_0"), gguf_matmul(x, raw, "Q5_0", tree_rows_config(1040, 256, device)))
+    for qtype in ("Q8_0", "Q4_0", "Q4_1", "Q5_0"):  # ragged N, K in two slices, against the block decoder
+        _check_product(lambda x, raw: gguf_matmul(x, raw, qtype), qtype, 13, 1040, 256, 5, device, torch.float32)
+
+
 @pytest.mark.parametrize("qtype", list(GGUF_CODES))
 def test_gguf_dequantize_kernel_is_exact(device, qtype):
     k = 256 if qtype.endswith("_K") else 64
@@ -79,8 +96,8 @@ def test_gguf_matmul_rejects_unknown_type_and_bad_rows(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels (the interpreter compiles none)")
 def test_row_count_needs_no_new_compile():
     """A 9-15-token verification step reuses the GEMV (and, for a weight past
-    ``GEMV_MAX_WEIGHTS``, the flat GEMM) the 16-token graph compiled, and a 3-row GEMV the 4-row
-    one (engine/warm_up.py): the row count is not specialised on."""
+    ``GEMV_MAX_WEIGHTS`` or a wide 32-element one, the flat GEMM) the 16-token graph compiled, and
+    a 3-row GEMV the 4-row one (engine/warm_up.py): the row count is not specialised on."""
     from flashserve.kernels.quant_gemm import FMT_INT8, _wq_matmul_kernel, wq_matmul
     from flashserve.kernels.quant_gguf import GEMV_MAX_WEIGHTS, _gguf_gemv_kernel, _gguf_matmul_kernel
 
@@ -94,7 +111,9 @@ def test_row_count_needs_no_new_compile():
     def compiled(kernel) -> int:
         return sum(len(caches[0]) for caches in kernel.device_caches.values())
 
+    wide = random_gguf_blocks("Q5_0", 4096, 640, seed=3).to(dev)  # tree_rows_flat: flat GEMM at 9-16 rows
     for kernel, product, rows in ((_gguf_matmul_kernel, lambda x: gguf_matmul(x, big, "Q5_0"), (16, 11, 9, 13)),
+                                  (_gguf_matmul_kernel, lambda x: gguf_matmul(x, wide, "Q5_0"), (16, 11, 9, 13)),
                                   (_gguf_gemv_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (16, 11, 9, 13)),
                                   (_gguf_gemv_kernel, lambda x: gguf_matmul(x, raw, "Q5_0"), (4, 3)),
                                   (_wq_matmul_kernel, lambda x: wq_matmul(x, q, s, None, FMT_INT8), (16, 11, 9))):
