@@ -46,6 +46,14 @@ def test_bad_methods_are_clear_errors():
         decoding.run_methods(_args("--methods", "ngram", "--spec-options", '{"prompt_lookup_min": 0}'))
 
 
+def test_loop_share_counts_repeated_ngrams():
+    assert decoding.loop_share([list(range(40))]) == 0.0  # never repeats
+    loop = [7, 8, 9] * 12  # a period-3 loop: every 8-gram after the first three repeats
+    assert decoding.loop_share([loop]) == pytest.approx((len(loop) - 7 - 3) / (len(loop) - 7))
+    assert decoding.loop_share([list(range(40)), loop]) == pytest.approx(26 / 62)
+    assert decoding.loop_share([[1, 2, 3]]) == 0.0  # shorter than an 8-gram: nothing counted
+
+
 def test_method_table_on_smollm2(capsys):
     args = _args("--device", "cpu", "--methods", "ngram,layers-tree", "--batch-sizes", "1,3", "--kinds", "code",
                  "--num-prompts", "3", "--batch1-prompts", "1", "--new-tokens", "10", "--no-off-switch",
@@ -58,6 +66,7 @@ def test_method_table_on_smollm2(capsys):
         runs = r["runs_tokens_per_s"]
         assert len(runs) == 2 and abs(r["tokens_per_s"] - sum(runs) / 2) < 0.02, r  # the median of two runs
         assert r["acceptance_length"] >= 1.0
+        assert 0.0 <= r["loops"] <= 1.0 and r["loops"] == rows["none", r["batch"]]["loops"], r
         assert (r["verify_steps"] > 0) == (m == "layers-tree") or m == "ngram", r  # layers always drafts
     decoding.print_methods(res)
     assert "speedup" in capsys.readouterr().out

@@ -6,8 +6,10 @@ token trees) and each batch size, greedy generation over the fixed prompt sets
 (``flashserve.spec.prompts``: chat, summarize, code; through the model's chat template, or as plain
 text for a base model without one, e.g. Gemma 3 270M). Per cell: acceptance length (tokens per
 verification step, from the engine's ``SpecStats``), decode tokens/s, the speedup over plain
-decoding in the same run, and the share of outputs identical to plain decoding's (speculation
-is lossless: expect 100 %, up to float ties under a different batch shape on GPU). Before its
+decoding in the same run, the share of outputs identical to plain decoding's (speculation
+is lossless: expect 100 %, up to float ties under a different batch shape on GPU), and how much
+of plain decoding's output repeats itself (``loop_share``: prompt lookup copies a model's loops,
+so a cell whose outputs loop measures loop copying, not the prompt kind's text). Before its
 timed cells, each method's engine generates from prompts outside the measured set
 (``training_prompts``) at every batch size: the kernels, CUDA graphs and draft paths a method
 hits compile there, and the off-switch starts from the measured history a serving engine has,
@@ -104,6 +106,24 @@ def spec_config(method: str, k: int, heads: str | None, draft: str | None, off_s
 
 
 # ---------------------------------------------------------------------------- acceptance / speedup
+LOOP_NGRAM = 8
+
+
+def loop_share(outputs: list[list[int]], n: int = LOOP_NGRAM) -> float:
+    """Share of the outputs' tokens (from each output's n-th on) that end an n-gram already seen
+    earlier in the same output: 0 for text that never repeats itself, near 1 for a degenerate
+    loop, which n-gram drafts copy at high acceptance whatever the prompt asked."""
+    repeated = total = 0
+    for ids in outputs:
+        seen: set[tuple[int, ...]] = set()
+        for i in range(n, len(ids) + 1):
+            gram = tuple(ids[i - n : i])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total if total else 0.0
+
+
 def _run_cells(llm, prompts: dict[str, list[str]], batch_sizes: list[int], b1_prompts: int, new_tokens: int,
                runs: int = 1) -> dict:
     """Per (kind, batch): decode tokens/s (the median of ``runs`` generations of the cell's prompts,
@@ -205,7 +225,7 @@ def run_methods(args: argparse.Namespace) -> dict:
                          "speedup": round(cell["tokens_per_s"] / ref["tokens_per_s"], 3),
                          "acceptance_length": round(cell.get("acceptance_length", 1.0), 3),
                          "verify_steps": cell.get("verify_steps", 0), "switched_off": cell.get("switched_off", 0),
-                         "identical": round(same, 3)})
+                         "identical": round(same, 3), "loops": round(loop_share(ref["ids"]), 3)})
     return {"device": device, "cpu": cpu, "k": args.num_spec_tokens, "new_tokens": args.new_tokens,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
@@ -214,10 +234,11 @@ def print_methods(res: dict) -> None:
     print(f"device {res['device']}{' (' + res['cpu'] + ')' if res['cpu'] else ''}, k = {res['k']}, "
           f"{res['new_tokens']} new tokens, greedy, {res['date']}")
     print(f"{'method':<12} {'kind':<10} {'batch':>5} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'off':>4} {'same':>5}"
-          f"  speedup (| = 1x)")
+          f" {'loops':>5}  speedup (| = 1x)")
     for r in res["rows"]:
         print(f"{r['method']:<12} {r['kind']:<10} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
-              f"{r['acceptance_length']:>7.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}%  {_bar(r['speedup'])}")
+              f"{r['acceptance_length']:>7.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}% "
+              f"{r['loops'] * 100:>4.0f}%  {_bar(r['speedup'])}")
 
 
 def _bar(x: float, per_unit: int = 20, width: int = 80) -> str:
