@@ -300,7 +300,7 @@ def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> Gem
 
 BLOCKS_GEMV_TYPES = ("Q8_0", "Q5_0")
 BLOCKS_32 = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")  # the 32-element types: decoded block-wise by the flat GEMM
-FLAT_TREE_MIN_N = 1024  # tree_rows_flat: narrower products keep the GEMV
+FLAT_TREE_MIN_N = 768  # tree_rows_flat: narrower products keep the GEMV
 BLOCKS_GEMV_MIN_N = 1024  # below, too few programs: the weight-wise GEMV is as fast (H200: 256 x 640 Q8_0, 1.8 us)
 
 
@@ -366,10 +366,13 @@ def tree_rows_flat(m: int, n: int, qtype: str) -> bool:
     """Whether 9-16 rows (a token tree's verification) of a 32-element type take the flat GEMM
     although the GEMV could: its tiles give such rows one weight row per program, each re-reading
     all 16 rows of x, while the flat GEMM decodes the weights block-wise onto tensor cores. H200,
-    Gemma 3 270M at 9 rows, weights past L2: gate/up (Q5_0, 4096 x 640) 26.7 -> 8.9 us, q/k (Q5_0,
-    1280 x 640) 9.6 -> 6.5 us; below ``FLAT_TREE_MIN_N`` rows of weights (v, 256 x 640) the GEMV
-    stays faster (3.0 against 4.5 us), and so do the K-quants at every size (weight-wise decoding
-    on both paths: Q4_K 640 x 2048 12.2 us against 59.7)."""
+    at 9 rows, weights past L2: Gemma 3 270M's gate/up (Q5_0, 4096 x 640) 26.7 -> 8.9 us, q/k
+    (Q5_0, 1280 x 640) 9.6 -> 6.5, SmolLM2's qkv (Q4_1, 960 x 576) 7.7 -> 5.4; below
+    ``FLAT_TREE_MIN_N`` rows of weights the GEMV is as fast or faster (SmolLM2's o, 576 x 576: 5.3
+    both; Gemma's v, 256 x 640: 3.2 against 5.2), and so are the K-quants at every size
+    (weight-wise decoding on both paths: Q4_K 640 x 2048 12.2 against 59.7). Not below 9 rows:
+    there the flat GEMM won in isolation (Gemma gate/up at 5 rows 15.8 -> 8.7 us) but lost end
+    to end (n-gram chains on Gemma 1.63x -> 1.42x plain decoding on summaries, docs/quantization.md)."""
     return m > GEMV_MAX_M // 2 and n >= FLAT_TREE_MIN_N and qtype in BLOCKS_32
 
 

@@ -59,12 +59,12 @@ def test_gguf_gemv_tiles_and_dispatch(device):
 
 
 def test_tree_rows_of_wide_32_element_weights_take_the_flat_gemm(device):
-    """9-16 rows of a Q8_0 / Q4_x / Q5_0 weight of 1024+ rows go to the flat GEMM with K in
+    """9-16 rows of a Q8_0 / Q4_x / Q5_0 weight of 768+ rows go to the flat GEMM with K in
     slices; 8 rows, narrower weights and the K-quants keep the GEMV."""
     from flashserve.kernels.quant_gguf import tree_rows_config, tree_rows_flat
 
-    assert tree_rows_flat(9, 1024, "Q5_0") and tree_rows_flat(16, 4096, "Q8_0") and tree_rows_flat(13, 3072, "Q4_1")
-    assert not tree_rows_flat(8, 4096, "Q5_0") and not tree_rows_flat(16, 1023, "Q5_0")
+    assert tree_rows_flat(9, 768, "Q5_0") and tree_rows_flat(16, 4096, "Q8_0") and tree_rows_flat(13, 960, "Q4_1")
+    assert not tree_rows_flat(8, 4096, "Q5_0") and not tree_rows_flat(16, 767, "Q5_0")
     assert not tree_rows_flat(16, 4096, "Q4_K") and not tree_rows_flat(16, 4096, "Q6_K")
     assert tree_rows_config(4096, 640) == MatmulConfig(16, 32, 128, 4, 4, 2)  # Gemma 3 270M's gate/up
     assert tree_rows_config(1280, 640).split_k == 4 and tree_rows_config(1040, 256).split_k == 2
