@@ -115,13 +115,41 @@ def test_shadow_acceptance_replays_the_ngram_proposer():
     fresh = np.array(prompt + list(range(1000, 1040)), dtype=np.int64)
     assert shadow_acceptance(fresh, 40, K, 1, 4) == 1.0
     assert shadow_acceptance(fresh, 5, K, 1, 4) is None  # too few outputs to judge
+    for width in (2, 4):  # trees of K nodes: the copying branch is among them
+        assert shadow_acceptance(copying, 40, K, 1, 4, width) == pytest.approx(K + 1, rel=0.25)
+        assert shadow_acceptance(fresh, 40, K, 1, 4, width) == 1.0
 
 
-def _screened_run(steps: int, copies) -> list[int]:
-    """Drafts granted per step to an n-gram request whose speculative steps take 3.4x the plain
-    period (acceptance 2); its output at step i copies its prompt when ``copies(i)``, else is new."""
+def test_tree_accepted_walks_the_matching_branch():
+    from flashserve.spec.tree import TokenTree
+
+    tree = TokenTree.from_chains(0, [[1, 2, 3], [1, 5, 6], [7]], 6)  # 1 -> {2 -> 3, 5 -> 6}, 7
+    assert tree.accepted([1, 5, 6, 9]) == 3 and tree.accepted([1, 2, 9]) == 2 and tree.accepted([7, 7]) == 1
+    assert tree.accepted([8]) == 0 and tree.accepted([]) == 0
+    assert TokenTree.chain(0, [4, 4]).accepted([4, 4, 4]) == 2
+
+
+def test_shadow_acceptance_of_trees_finds_an_older_branch():
+    """The replayed outputs follow a key token (7) the way an older occurrence did, not the most
+    recent one, whose continuation is short ([400, 7]: it reaches the context's end): chains
+    (width 1) miss the first step, a tree of width 2 and 6 nodes holds both continuations."""
+    import numpy as np
+
+    from flashserve.spec.controller import shadow_acceptance
+
+    a = list(range(300, 316))
+    tokens = np.array(list(range(10, 50)) + [7] + a + [60, 61, 7, 400, 7] + a, dtype=np.int64)
+    # 16 outputs: chains 1 + 7 + 7 + 1 tokens in 4 steps; the tree 5 (4 drafts of a) + 7 + 4 in 3
+    assert shadow_acceptance(tokens, 16, 6, 1, 1, 1) == pytest.approx(16 / 4)
+    assert shadow_acceptance(tokens, 16, 6, 1, 1, 2) == pytest.approx(16 / 3)
+
+
+def _screened_run(steps: int, copies, width: int = 1) -> list[int]:
+    """Drafts granted per step to an n-gram request (chains, or trees of ``width``) whose
+    speculative steps take 3.4x the plain period (acceptance 2); its output at step i copies its
+    prompt when ``copies(i)``, else is new."""
     clock = Clock()
-    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    ctl = SpeculationController(SpeculativeConfig("ngram", K, tree_width=width), clock=clock)
     prompt = list(range(100, 160))
     req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
     plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4
@@ -132,12 +160,13 @@ def _screened_run(steps: int, copies) -> list[int]:
     return granted
 
 
+@pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("copying", [False, True])
-def test_retries_are_screened_by_the_shadow_acceptance(copying):
-    """After the switch-off (speculative steps at 3.4x the plain period), an n-gram request whose
-    recent outputs the proposer would not have predicted is not retried at all; one whose outputs
-    copy its prompt (shadow acceptance ~5, 5 / 3.4 > 1.05) is."""
-    granted = _screened_run(100, lambda i: copying)
+def test_retries_are_screened_by_the_shadow_acceptance(copying, width):
+    """After the switch-off (speculative steps at 3.4x the plain period), an n-gram request (chains
+    or trees) whose recent outputs the proposer would not have predicted is not retried at all; one
+    whose outputs copy its prompt (shadow acceptance ~5, 5 / 3.4 > 1.05) is."""
+    granted = _screened_run(100, lambda i: copying, width)
     assert granted[:MIN_STEPS] == [K] * MIN_STEPS and granted[MIN_STEPS] == 0
     retries = sum(k > 0 for k in granted[MIN_STEPS:])
     assert retries > 0 if copying else retries == 0

@@ -26,8 +26,8 @@ new request starts plainly when that estimate at the mean acceptance so far says
 does not pay (H200, SmolLM2 at batch 1: a speculative step took 3.4x a plain one, so n-gram drafts
 accepted at 1.4-1.7 tokens per step ran at 0.44-0.56x).
 
-A retry costs verification steps. For n-gram chains, which cost nothing to propose, the
-controller first replays the proposer over the request's last ``SHADOW_TOKENS`` outputs (the
+A retry costs verification steps. For n-gram drafts (chains and trees), which cost nothing to
+propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS`` outputs (the
 drafts it would have made, checked against the tokens that came) and retries only when that
 acceptance would pay; otherwise the request is screened again ``SHADOW_EVERY`` steps later (a
 retry that fails after verification still doubles the wait). Screening often catches an answer
@@ -48,7 +48,7 @@ import numpy as np
 from flashserve.config import SpeculativeConfig
 from flashserve.request import Request
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
-from flashserve.spec.ngram import find_continuations
+from flashserve.spec.ngram import NgramProposer
 
 EMA = 0.3  # weight of the newest step in a request's acceptance average
 MIN_STEPS = 3  # verification steps before a request can be switched off
@@ -190,13 +190,14 @@ class SpeculationController:
         return k
 
     def _shadow_says_no(self, request: Request, k: int) -> bool:
-        """n-gram chains only, at small batches: True when the drafts the proposer would have
-        made over the request's last outputs were accepted too rarely to pay."""
+        """n-gram only (chains and trees), at small batches: True when the drafts the proposer
+        would have made over the request's last outputs were accepted too rarely to pay."""
         cfg = self.config
-        if cfg.method != "ngram" or cfg.tree_width > 1 or not cfg.disable_by_cost or self._batch > SHADOW_MAX_BATCH:
+        if cfg.method != "ngram" or not cfg.disable_by_cost or self._batch > SHADOW_MAX_BATCH:
             return False
         accept = shadow_acceptance(np.asarray(request.all_token_ids, dtype=np.int64),
-                                   len(request.output_token_ids), k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                                   len(request.output_token_ids), k, cfg.prompt_lookup_min, cfg.prompt_lookup_max,
+                                   cfg.tree_width)
         return accept is not None and self.estimated_speedup(accept, k) <= MARGIN
 
     def on_finished(self, request: Request) -> None:
@@ -263,20 +264,20 @@ class SpeculationController:
         return self.estimated_speedup(st.accept_len, st.drafts) > MARGIN
 
 
-def shadow_acceptance(tokens: np.ndarray, num_outputs: int, k: int, min_n: int, max_n: int) -> float | None:
-    """Tokens per verification step that n-gram chains of ``k`` drafts would have given over the
-    last ``SHADOW_TOKENS`` of ``num_outputs`` outputs at the end of ``tokens`` (steps walk forward
-    by the accepted drafts + 1, as speculation would); None with too few outputs."""
+def shadow_acceptance(tokens: np.ndarray, num_outputs: int, k: int, min_n: int, max_n: int,
+                      width: int = 1) -> float | None:
+    """Tokens per verification step that n-gram drafts (chains of ``k``, or with ``width`` > 1
+    trees of ``k`` nodes, as ``NgramProposer`` makes them) would have given over the last
+    ``SHADOW_TOKENS`` of ``num_outputs`` outputs at the end of ``tokens`` (steps walk forward by
+    the accepted drafts + 1, as speculation would); None with too few outputs."""
     span = min(SHADOW_TOKENS, num_outputs)
     if span < 8:
         return None
+    proposer = NgramProposer(min_n, max_n, width)
     end = len(tokens)
     pos, steps = end - span, 0
     while pos < end:
-        chains = find_continuations(tokens[:pos], min_n, max_n, k, 1)
-        draft = chains[0] if chains else []
-        truth = tokens[pos : pos + len(draft)].tolist()
-        accepted = next((i for i, (a, b) in enumerate(zip(draft, truth)) if a != b), min(len(draft), len(truth)))
-        pos += accepted + 1
+        tree = proposer.propose_one(tokens[:pos], k)
+        pos += tree.accepted(tokens[pos : pos + tree.num_drafts].tolist()) + 1
         steps += 1
     return span / steps

@@ -68,6 +68,18 @@ class TokenTree:
             node = self.parents[node]
         return out[::-1]
 
+    def accepted(self, truth: Sequence[int]) -> int:
+        """Drafts greedy verification keeps when the target's tokens after the root are ``truth``:
+        the deepest path from the root whose tokens are truth's first ones."""
+        kids = self.children()
+        node = depth = 0
+        while depth < len(truth):
+            node = next((c for c in kids[node] if self.tokens[c] == truth[depth]), -1)
+            if node < 0:
+                break
+            depth += 1
+        return depth
+
     @staticmethod
     def chain(root: int, drafts: Sequence[int]) -> TokenTree:
         return TokenTree((root, *drafts), tuple(range(-1, len(drafts))))
