@@ -24,8 +24,10 @@ demo: setup
 	$(VENV)/bin/flashserve generate --chat-template --max-tokens 128 \
 		"In two sentences, why is the sky blue?"
 
+# Two pytest workers (pytest-xdist) with one torch/OpenMP thread each: on the 2-core CI machine
+# 13.6 min against 20.7 serially; two workers at torch's default threads oversubscribe the cores.
 test: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider -n 2
 
 # Debian's chromium for the chat page test (tests/test_server.py drives it headless over the
 # DevTools pipe); needs root and apt, and gives up after 15 minutes.
