@@ -56,6 +56,16 @@ def test_config_from_gguf_metadata(ours):
     assert mc.tie_word_embeddings and mc.layer_spec(0).mlp == "gated_gelu_tanh"
 
 
+def test_bench_prompts_of_a_base_model_are_plain_text_with_bos(ours):
+    """The 270M base model has no chat template: ``flashserve bench decoding`` sends its prompts
+    as plain text and lets the tokenizer add BOS (id 2), as for every plain-text prompt."""
+    from flashserve.bench.decoding import bench_prompts
+
+    prompts, special = bench_prompts(ours.engine, ["Why is the sky blue?"])
+    assert prompts == ["Why is the sky blue?"] and special
+    assert ours.engine.encode(prompts[0], add_special_tokens=special)[0] == 2
+
+
 def test_greedy_tokens_match_transformers(ours, hf_model):
     tok = ours.engine.tokenizer
     long_prompt = tok.decode(license_corpus(700, lambda text: tok.encode(text, add_special_tokens=False)))

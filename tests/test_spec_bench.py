@@ -54,6 +54,17 @@ def test_loop_share_counts_repeated_ngrams():
     assert decoding.loop_share([[1, 2, 3]]) == 0.0  # shorter than an 8-gram: nothing counted
 
 
+def test_bench_prompts_of_a_chat_model_go_through_its_template():
+    """SmolLM2-Instruct has a chat template, which writes the special tokens itself."""
+    from flashserve import LLM
+
+    engine = LLM(device="cpu", verbose=False, max_model_len=256).engine
+    prompts, special = decoding.bench_prompts(engine, ["Why is the sky blue?"])
+    assert not special and prompts == [engine.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}])]
+    assert "Why is the sky blue?" in prompts[0] and prompts[0] != "Why is the sky blue?"
+    engine.shutdown()
+
+
 def test_method_table_on_smollm2(capsys):
     args = _args("--device", "cpu", "--methods", "ngram,layers-tree", "--batch-sizes", "1,3", "--kinds", "code",
                  "--num-prompts", "3", "--batch1-prompts", "1", "--new-tokens", "10", "--no-off-switch",
