@@ -4,10 +4,11 @@ Default mode, on real weights (default: the embedded SmolLM2-135M-Instruct): for
 (plain decoding, then n-gram, the target's first layers, trained heads, a draft model; chains and
 token trees) and each batch size, greedy generation over the fixed prompt sets
 (``flashserve.spec.prompts``: chat, summarize, code; through the model's chat template, or as plain
-text with the tokenizer's BOS for a base model without one, e.g. Gemma 3 270M: ``bench_prompts``). Per cell: acceptance length (tokens per
-verification step, from the engine's ``SpecStats``), decode tokens/s, the speedup over plain
-decoding in the same run, the share of outputs identical to plain decoding's (speculation
-is lossless: expect 100 %, up to float ties under a different batch shape on GPU), and how much
+text with the tokenizer's BOS for a base model without one, e.g. Gemma 3 270M: ``bench_prompts``).
+Per cell: acceptance length (tokens per verification step, from the engine's ``SpecStats``),
+decode tokens/s, the speedup over plain decoding in the same run, the share of outputs identical
+to plain decoding's (speculation is lossless: expect 100 %, up to float ties under a different
+batch shape on GPU), and how much
 of plain decoding's output repeats itself (``loop_share``: prompt lookup copies a model's loops,
 so a cell whose outputs loop measures loop copying, not the prompt kind's text). Before its
 timed cells, each method's engine generates from prompts outside the measured set

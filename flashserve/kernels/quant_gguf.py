@@ -299,7 +299,7 @@ def gemv_tile(m: int, n: int, k: int, device: torch.device | None = None) -> Gem
 
 
 BLOCKS_GEMV_TYPES = ("Q8_0", "Q5_0")
-BLOCKS_32 = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")  # the 32-element types: decoded block-wise by the flat GEMM
+BLOCKS_32 = tuple(t for t in GGUF_CODES if GGUF_BLOCKS[t][0] == 32)  # decoded block-wise by the flat GEMM
 FLAT_TREE_MIN_N = 768  # tree_rows_flat: narrower products keep the GEMV
 BLOCKS_GEMV_MIN_N = 1024  # below, too few programs: the weight-wise GEMV is as fast (H200: 256 x 640 Q8_0, 1.8 us)
 
