@@ -41,11 +41,11 @@ def _step(ctl: SpeculationController, clock: Clock, step: int, req: Request, acc
     entry = ScheduledRequest(req.request_id, 10 + step, 1 + k, (), True, (), k)
     plan = SchedulerOutput(step, (entry,))
     clock.now += period
-    cost = StepCost(1 + k, 1, DEVICE_STEP * (1 + 0.01 * k), 0.0)
-    if k:
+    if k:  # the Worker measures the cost of steps with draft slots only
+        cost = StepCost(1 + k, 1, DEVICE_STEP * (1 + 0.01 * k), 0.0)
         result = WorkerOutput(step, {req.request_id: SampledTokens(tuple(range(1 + min(accept, k))), None, k)}, cost)
     else:
-        result = WorkerOutput(step, {}, cost, tokens=[7])
+        result = WorkerOutput(step, {}, None, tokens=[7])
     ctl.observe(plan, result)
     return k
 
@@ -97,7 +97,7 @@ def test_idle_gaps_and_prefill_steps_are_not_periods():
     assert ctl.wall.spec == pytest.approx(0.002)
     prompt = SchedulerOutput(3, (ScheduledRequest("p", 0, 40, (), True),))
     clock.now += 0.05
-    ctl.observe(prompt, WorkerOutput(3, {}, StepCost(40, 1, 0.01, 0.0), tokens=[7]))
+    ctl.observe(prompt, WorkerOutput(3, {}, None, tokens=[7]))
     _step(ctl, clock, 4, req, 1, 0.002)
     assert ctl.wall.plain == 0.0 and ctl.wall.spec == pytest.approx(0.002)
 

@@ -188,9 +188,16 @@ def test_off_switch_and_per_request_setting(tiny, heads_file, references):
     assert llm.engine.stats().spec.num_switched_off > 0
     off = [SamplingParams(**{**vars(p), "num_speculative_tokens": 0}) for p in params]
     llm2 = LLM(model=tiny, **BASE, speculative_config=spec, kv_cache_bytes=1 << 21)
+    results = []  # steps without draft slots run as in a plain engine: no cost measured, a token list
+    update = llm2.engine.core.update
+    llm2.engine.core.update = lambda plan, result: results.append(result) or update(plan, result)
     outs = llm2.generate(prompts, off, use_tqdm=False)
     assert [(o.token_ids, o.finish_reason) for o in outs] == references["overlapped"][0]
     assert llm2.engine.stats().spec.num_steps == 0
+    assert results and all(r.cost is None for r in results)
+    # per-request results only where a request asked for logprobs
+    assert all(r.tokens is not None or any(t.logprobs for t in r.sampled.values()) for r in results if r.sampled)
+    assert sum(r.tokens is not None for r in results) > 5
 
 
 def test_sampling_with_speculation_runs_and_is_seeded(tiny, heads_file):

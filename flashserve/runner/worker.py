@@ -122,6 +122,7 @@ class StepHandle:
     out: SamplerOutput | None
     states: list = field(default_factory=list)  # the RequestState of each row at launch
     num_drafts: dict[str, int] | None = None  # drafts verified per request (speculative steps)
+    speculative: bool = False  # the speculator took part (``Speculator.takes_part``)
     cost: Callable[[], StepCost] | None = None  # the step's measured cost, read after the event
     wait_s: float = 0.0  # time result() waited for the device
     host: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -441,7 +442,9 @@ class Worker:
         if not plan.num_seqs:
             return StepHandle(plan.step_id, [], None)
         entries, decodes, spec = plan.requests, plan.decodes, None
-        if self.speculator is not None:  # drafts into the token table, entries with the real draft counts
+        # A step without draft slots runs as in a plain engine (unless the proposer sees every step).
+        speculative = self.speculator is not None and self.speculator.takes_part(plan.entries)
+        if speculative:  # drafts into the token table, entries with the real draft counts
             c0 = time.perf_counter()
             entries, spec = self.speculator.propose(plan.entries)
             decodes = None
@@ -456,8 +459,8 @@ class Worker:
         # the sampling rows' states (every row's when each samples: a decode step) and ids, by C-level maps
         rows = inp.sample_rows
         states = inp.states if len(rows) == len(inp.states) else list(map(inp.states.__getitem__, rows))
-        handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, worker=self,
-                            slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
+        handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, speculative=speculative,
+                            worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
@@ -496,7 +499,7 @@ class Worker:
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
             handle.out = self.speculator.verify(hidden, inp, rows, spec)
             self._prev_tokens = spec.last
-        if self.speculator is not None:
+        if handle.speculative:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0
         prev = self._prev_rows  # rewritten in place (build() has read it): a new array only when the batch grew
@@ -569,7 +572,7 @@ class Worker:
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
-        plain = counts is None and lp is None and self.speculator is None
+        plain = counts is None and lp is None and not handle.speculative
         if plain:
             self._record_plain(handle)
             sampled = {}
@@ -610,7 +613,7 @@ class Worker:
                 lps = None if lp is None else tuple(zip(lp[j], top_ids[j], top_vals[j]))[: counts[j]]
             if self.batch.states.get(rid) is state:  # not if it left (or its id was reused) while the step ran
                 self.batch.append(state, toks)
-                if self.speculator is not None:
+                if handle.speculative:
                     self.speculator.on_result(state, toks, handle, j)
             k = state.params.logprobs
             entry = None

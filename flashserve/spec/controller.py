@@ -5,8 +5,9 @@ The scheduler asks ``num_spec_tokens(request)`` before a decode step; a request 
 has its steps planned only after the previous step's tokens are back (``Request.awaiting_result``),
 since drafts continue the last accepted token. Requests with 0 stay in the overlapped loop.
 
-Off-switch. Each step the Worker reports its measured cost (``StepCost``: target forward +
-verification seconds for T tokens, drafting seconds). The controller fits the forward time as
+Off-switch. Each step with draft slots the Worker reports its measured cost (``StepCost``:
+target forward + verification seconds for T tokens, drafting seconds; steps without draft slots
+run as in a plain engine and report none). The controller fits the forward time as
 ``a + b * T`` (least squares with exponential forgetting, a weak prior on b) and keeps per
 request the mean tokens per verification step L (acceptance length; exponential average) and
 the mean drafts per step k. Drafting request i lengthens the step by ``(b + d) * k_i``
@@ -229,9 +230,9 @@ class SpeculationController:
                 self.stats.num_accepted_tokens += tokens - 1
         # a step with draft slots waited for its predecessor's tokens, drafts found or not
         self.wall.tick(self.clock(), plan.num_tokens == plan.num_seqs + spec_slots, spec_slots > 0)
+        self._batch = max(1, plan.num_seqs)
         if cost is not None:
             self.fit.add(cost.num_tokens, cost.forward_s, cost.draft_s, drafts_total)
-            self._batch = max(1, cost.num_seqs)
         if self.config.disable_by_cost and cost is not None:
             for rid in result.sampled:
                 st = self._requests.get(rid)

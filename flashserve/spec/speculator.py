@@ -23,6 +23,10 @@ The Worker calls, per step:
 * ``on_result``: proposers that keep per-request state (a draft model's cache length) learn
   what was accepted.
 
+A step without draft slots (every request switched off, or prompt chunks only) takes none of
+these calls unless the proposer drafts from every step's state (``takes_part``): the Worker runs
+it as a plain engine would, with no cost measured.
+
 Nothing here waits for the device except reading the drafts a draft model made.
 """
 
@@ -87,6 +91,8 @@ class Speculator:
         self._step_t0 = 0.0
         self._events: tuple | None = None
         self._slabs: dict[int, torch.Tensor] = {}  # layer group -> its pool rows (``_group_slabs``)
+        # heads draft from the last hidden state of every step, plain ones included
+        self._every_step = hasattr(self.proposer, "after_sampling")
 
     def kv_bytes_per_block(self) -> int:
         return getattr(self.proposer, "kv_bytes_per_block", lambda: 0)()
@@ -94,6 +100,11 @@ class Speculator:
     def start(self, num_blocks: int) -> None:
         if hasattr(self.proposer, "start"):
             self.proposer.start(num_blocks)
+
+    def takes_part(self, entries: tuple[ScheduledRequest, ...]) -> bool:
+        """Whether a step with these plan entries goes through the speculator: it has draft slots,
+        or the proposer drafts from every step."""
+        return self._every_step or any(e.num_spec_tokens for e in entries)
 
     # ----------------------------------------------------------------- timing (StepCost)
     def _mark(self):
