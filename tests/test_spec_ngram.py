@@ -51,3 +51,30 @@ def test_shadow_acceptance_counts_accepted_drafts(k):
     assert shadow_acceptance(tokens, 16, k, 1, 4) == pytest.approx(16 / -(-16 // (k + 1)))
     rng = np.random.default_rng(1)  # no repeats: no drafts, one token per step
     assert shadow_acceptance(rng.permutation(1000)[:64], 16, k, 1, 4) == 1.0
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_shadow_acceptance_stops_early_only_below_need(width):
+    """With ``need`` the replay may stop early; the answer is then below ``need`` exactly when
+    the full replay's is, and equal to it otherwise."""
+    rng = np.random.default_rng(7)
+    stopped = 0
+    for trial in range(40):
+        # partly copying text: random tokens with stretches copied from earlier
+        tokens = list(rng.integers(0, 50, 40))
+        while len(tokens) < 120:
+            if rng.random() < 0.5:
+                start = int(rng.integers(0, len(tokens) - 8))
+                tokens += tokens[start : start + int(rng.integers(2, 9))]
+            else:
+                tokens += list(rng.integers(0, 50, int(rng.integers(1, 6))))
+        tokens = np.array(tokens)
+        k = int(rng.integers(2, 9))
+        full = shadow_acceptance(tokens, 40, k, 1, 3, width)
+        for need in (1.0, 1.5, 2.0, 2.5, 3.5):
+            fast = shadow_acceptance(tokens, 40, k, 1, 3, width, need)
+            assert (fast < need) == (full < need)
+            if full >= need:
+                assert fast == full
+            stopped += fast != full
+    assert stopped > 20  # the early stop happened

@@ -28,14 +28,15 @@ does not pay (H200, SmolLM2 at batch 1: a speculative step took 3.4x a plain one
 accepted at 1.4-1.7 tokens per step ran at 0.44-0.56x).
 
 A retry costs verification steps. For n-gram drafts (chains and trees), which cost nothing to
-propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS`` outputs (the
-drafts it would have made, checked against the tokens that came) and retries only when that
-acceptance would pay; otherwise the request is screened again ``SHADOW_EVERY`` steps later (a
-retry that fails after verification still doubles the wait). Screening often catches an answer
-that starts copying its source: on the H200, Gemma 3 270M's summaries (n-gram chains pay
-1.3-1.6x there) saw no retry within 96 tokens while screened-out waits doubled (16, 32, 64
-steps). Only at small batches (the replay is host work: 0.1-0.4 ms over a 1000-token context on
-the 2-core VM this project's CI runs on, every ``SHADOW_EVERY`` steps at most).
+propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS``
+outputs (the drafts it would have made, checked against the tokens that came) and retries only
+when that acceptance would pay; otherwise the request is screened again ``SHADOW_EVERY`` steps
+later (a retry that fails after verification still doubles the wait). Screening often catches an
+answer that starts copying its source: on the H200, Gemma 3 270M's summaries (n-gram chains pay
+1.1-1.7x there) saw no retry within 96 tokens while screened-out waits doubled (16, 32, 64
+steps). Only at small batches: the replay is host work (0.1-0.4 ms over a 1000-token context on
+the 2-core VM this project's CI runs on, every ``SHADOW_EVERY`` steps at most), and it stops as
+soon as the answer is known to be too low to pay.
 """
 
 from __future__ import annotations
@@ -196,9 +197,11 @@ class SpeculationController:
         cfg = self.config
         if cfg.method != "ngram" or not cfg.disable_by_cost or self._batch > SHADOW_MAX_BATCH:
             return False
+        # the speedup estimate is proportional to the acceptance: below ``need`` it does not pay
+        need = MARGIN / self.estimated_speedup(1.0, k)
         accept = shadow_acceptance(np.asarray(request.all_token_ids, dtype=np.int64),
                                    len(request.output_token_ids), k, cfg.prompt_lookup_min, cfg.prompt_lookup_max,
-                                   cfg.tree_width)
+                                   cfg.tree_width, need)
         return accept is not None and self.estimated_speedup(accept, k) <= MARGIN
 
     def on_finished(self, request: Request) -> None:
@@ -266,11 +269,13 @@ class SpeculationController:
 
 
 def shadow_acceptance(tokens: np.ndarray, num_outputs: int, k: int, min_n: int, max_n: int,
-                      width: int = 1) -> float | None:
+                      width: int = 1, need: float = 0.0) -> float | None:
     """Tokens per verification step that n-gram drafts (chains of ``k``, or with ``width`` > 1
     trees of ``k`` nodes, as ``NgramProposer`` makes them) would have given over the last
     ``SHADOW_TOKENS`` of ``num_outputs`` outputs at the end of ``tokens`` (steps walk forward by
-    the accepted drafts + 1, as speculation would); None with too few outputs."""
+    the accepted drafts + 1, as speculation would); None with too few outputs. With ``need``, the
+    replay stops once the answer cannot exceed it (no step walks more than k + 1 tokens) and
+    returns that bound, below ``need`` like the answer."""
     span = min(SHADOW_TOKENS, num_outputs)
     if span < 8:
         return None
@@ -278,6 +283,9 @@ def shadow_acceptance(tokens: np.ndarray, num_outputs: int, k: int, min_n: int, 
     end = len(tokens)
     pos, steps = end - span, 0
     while pos < end:
+        bound = span / (steps + -(-(end - pos) // (k + 1)))
+        if bound < need:
+            return bound
         tree = proposer.propose_one(tokens[:pos], k)
         pos += tree.accepted(tokens[pos : pos + tree.num_drafts].tolist()) + 1
         steps += 1
