@@ -65,11 +65,19 @@ def test_bench_prompts_of_a_chat_model_go_through_its_template():
     engine.shutdown()
 
 
-def test_method_table_on_smollm2(capsys):
+def test_method_table_on_smollm2(capsys, monkeypatch):
+    from flashserve import LLM
+
     args = _args("--device", "cpu", "--methods", "ngram,layers-tree", "--batch-sizes", "1,3", "--kinds", "code",
                  "--num-prompts", "3", "--batch1-prompts", "1", "--new-tokens", "10", "--no-off-switch",
                  "--max-model-len", "512", "--cell-runs", "2")
+    calls = []  # the engine of every generate call
+    generate = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, *a, **kw: calls.append(self) or generate(self, *a, **kw))
     res = decoding.run_methods(args)
+    # the methods take turns: each run of a cell goes through the three engines in order
+    timed = calls[-(2 * 3 + 2 * 3):]  # the batch-3 cell: two runs, one call per engine; before it batch 1's
+    assert len(set(map(id, timed[:3]))) == 3 and [id(c) for c in timed[3:6]] == [id(c) for c in timed[:3]]
     rows = {(r["method"], r["batch"]): r for r in res["rows"]}
     assert set(rows) == {(m, b) for m in ("none", "ngram", "layers-tree") for b in (1, 3)}
     for (m, _), r in rows.items():

@@ -35,6 +35,8 @@ import torch
 
 from flashserve.bench import cpu_model
 from flashserve.cli import add_engine_arguments, llm_kwargs
+from flashserve.runner.kv_cache import DEFAULT_CPU_FRACTION, DEFAULT_GPU_FRACTION
+from flashserve.runner.worker import resolve_device
 
 METHODS = {  # name -> speculative_config without k (None: plain decoding)
     "none": None,
@@ -136,44 +138,50 @@ def bench_prompts(engine, texts: list[str]) -> tuple[list[str], bool]:
     return list(texts), True
 
 
-def _run_cells(llm, prompts: dict[str, list[str]], batch_sizes: list[int], b1_prompts: int, new_tokens: int,
-               runs: int = 1, special: bool = False) -> dict:
-    """Per (kind, batch): decode tokens/s (the median of ``runs`` generations of the cell's prompts,
-    every run's kept), acceptance length (over all runs) and the first run's token ids.
-    ``special``: the tokenizer adds its special tokens (``bench_prompts``)."""
+def _run_cells(llms: dict, prompts: dict[str, list[str]], batch_sizes: list[int], b1_prompts: int, new_tokens: int,
+               runs: int = 1, special: bool = False) -> tuple[dict, dict]:
+    """Per method and (kind, batch): decode tokens/s (the median of ``runs`` generations of the
+    cell's prompts, every run's kept), acceptance length (over all runs) and the first run's token
+    ids; and the seconds each method spent. The methods take turns within each run of a cell, so
+    a machine that slows down or speeds up over the minutes a table takes (a shared host, clocks)
+    moves every method's figures alike, not only the later methods'. ``special``: the tokenizer
+    adds its special tokens (``bench_prompts``)."""
     from flashserve import SamplingParams
 
-    engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    cells = {}
+    cells: dict[str, dict] = {m: {} for m in llms}
+    spent = dict.fromkeys(llms, 0.0)
     for kind, texts in prompts.items():
         for b in batch_sizes:
             use = texts[:b1_prompts] if b == 1 else texts
-            before = engine.stats().spec
-            rates, ids = [], []
+            before = {m: llm.engine.stats().spec for m, llm in llms.items()}
+            rates: dict[str, list[float]] = {m: [] for m in llms}
+            ids: dict[str, list] = {m: [] for m in llms}
             for run in range(runs):
-                seconds, tokens = 0.0, 0
-                for i in range(0, len(use), b):
-                    t0 = time.perf_counter()
-                    outs = llm.generate(use[i : i + b], params, use_tqdm=False, add_special_tokens=special)
-                    seconds += time.perf_counter() - t0
-                    for o in outs:
-                        if run == 0:
-                            ids.append(list(o.outputs[0].token_ids))
-                        tokens += len(o.outputs[0].token_ids)
-                rates.append(tokens / seconds)
-            after = engine.stats().spec
-            cell = {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "tokens": tokens,
-                    "ids": ids}
-            if after is not None:
-                steps = after.num_steps - (before.num_steps if before else 0)
-                acc = after.num_accepted_tokens - (before.num_accepted_tokens if before else 0)
-                drafts = after.num_draft_tokens - (before.num_draft_tokens if before else 0)
-                cell.update(acceptance_length=(acc + steps) / steps if steps else 0.0, verify_steps=steps,
-                            drafts=drafts, accepted=acc,
-                            switched_off=after.num_switched_off - (before.num_switched_off if before else 0))
-            cells[(kind, b)] = cell
-    return cells
+                for m, llm in llms.items():
+                    seconds, tokens = 0.0, 0
+                    for i in range(0, len(use), b):
+                        t0 = time.perf_counter()
+                        outs = llm.generate(use[i : i + b], params, use_tqdm=False, add_special_tokens=special)
+                        seconds += time.perf_counter() - t0
+                        for o in outs:
+                            if run == 0:
+                                ids[m].append(list(o.outputs[0].token_ids))
+                            tokens += len(o.outputs[0].token_ids)
+                    rates[m].append(tokens / seconds)
+                    spent[m] += seconds
+            for m, llm in llms.items():
+                cell = {"tokens_per_s": statistics.median(rates[m]), "runs_tokens_per_s": rates[m], "ids": ids[m]}
+                after, was = llm.engine.stats().spec, before[m]
+                if after is not None:
+                    steps = after.num_steps - (was.num_steps if was else 0)
+                    acc = after.num_accepted_tokens - (was.num_accepted_tokens if was else 0)
+                    drafts = after.num_draft_tokens - (was.num_draft_tokens if was else 0)
+                    cell.update(acceptance_length=(acc + steps) / steps if steps else 0.0, verify_steps=steps,
+                                drafts=drafts, accepted=acc,
+                                switched_off=after.num_switched_off - (was.num_switched_off if was else 0))
+                cells[m][(kind, b)] = cell
+    return cells, spent
 
 
 def _warm_up(llm, prompts: list[str], batch_sizes: list[int], new_tokens: int, special: bool = False) -> None:
@@ -207,25 +215,30 @@ def run_methods(args: argparse.Namespace) -> dict:
     kinds = [k for k in args.kinds.split(",") if k]
     base = llm_kwargs(args)
     base["verbose"] = False
-    results: dict[str, dict] = {}
-    device = cpu = None
+    llms = {}
+    try:
+        for i, m in enumerate(methods):  # every method's engine at once, so that they take turns
+            kw = {**base, "speculative_config": configs[m]}
+            if kw.get("kv_cache_bytes") is None and kw.get("kv_cache_memory_fraction") is None:
+                # about an equal share of the memory the first engine found free
+                cuda = resolve_device(kw.get("device") or "auto").type == "cuda"
+                default = DEFAULT_GPU_FRACTION if cuda else DEFAULT_CPU_FRACTION
+                kw["kv_cache_memory_fraction"] = default / (len(methods) - i)
+            llm = llms[m] = LLM(**kw)
+            if i == 0:  # the same prompts for every method
+                prompts = {k: bench_prompts(llm.engine, eval_prompts(k, args.num_prompts))[0] for k in kinds}
+                warm, special = bench_prompts(llm.engine, training_prompts(max(3, max(batch_sizes))))
+            llm.engine.warm_up()
+            _warm_up(llm, warm, batch_sizes, args.new_tokens, special)
+        results, spent = _run_cells(llms, prompts, batch_sizes, args.batch1_prompts, args.new_tokens,
+                                    args.cell_runs, special)
+        device = str(llms["none"].engine.device)
+    finally:
+        for llm in llms.values():
+            llm.engine.shutdown()
     for m in methods:
-        llm = LLM(**{**base, "speculative_config": configs[m]})
-        engine = llm.engine
-        if not results:  # the same prompts for every method
-            prompts = {k: bench_prompts(engine, eval_prompts(k, args.num_prompts))[0] for k in kinds}
-            warm, special = bench_prompts(engine, training_prompts(max(3, max(batch_sizes))))
-        device = str(engine.device)
-        engine.warm_up()
-        _warm_up(llm, warm, batch_sizes, args.new_tokens, special)
-        t0 = time.perf_counter()
-        results[m] = _run_cells(llm, prompts, batch_sizes, args.batch1_prompts, args.new_tokens, args.cell_runs,
-                                special)
-        print(f"# {m}: {time.perf_counter() - t0:.1f} s", flush=True)
-        engine.shutdown()
-        del llm, engine
-    if device == "cpu":
-        cpu = cpu_model()
+        print(f"# {m}: {spent[m]:.1f} s", flush=True)
+    cpu = cpu_model() if device == "cpu" else None
     rows = []
     for m in methods:
         for (kind, b), cell in results[m].items():
