@@ -98,11 +98,18 @@ def smollm2():
     llm.engine.shutdown()
 
 
-def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2):
+def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch):
     """The packed Q4_1 SmolLM2 (the model whose greedy outputs diverged): the same prompt with
     n-gram drafts and with speculation off for the request (``num_speculative_tokens=0``): same
-    tokens and the same log-probability of every token."""
+    tokens and the same log-probability of every token. Its verification steps go through the
+    CPU decode layer (``flashserve.models.cpu_decode``), as its decode steps do."""
     from flashserve import SamplingParams
+    from flashserve.models.cpu_decode import CpuDecodeLayer
+
+    rows = []  # tokens of each step the CPU decode layer computed
+    fast = CpuDecodeLayer._decode
+    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, *a: rows.append(hidden.shape[0])
+                        or fast(self, rope, hidden, *a))
 
     prompt = ("Repeat the list exactly: alpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa, "
               "lambda, mu. Again: alpha, beta, gamma, delta, epsilon, zeta,")
@@ -114,6 +121,7 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2):
     assert spec.token_ids == plain.token_ids
     assert smollm2.engine.stats().spec.num_accepted_tokens > 0  # drafts were verified and accepted
     assert spec.logprobs == plain.logprobs  # (token, logprob, top-1) per token, floats compared exactly
+    assert max(rows) == 5  # chains of 4 drafts verified in the CPU decode layer
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])

@@ -14,7 +14,9 @@ so a cell whose outputs loop measures loop copying, not the prompt kind's text).
 timed cells, each method's engine generates from prompts outside the measured set
 (``training_prompts``) at every batch size: the kernels, CUDA graphs and draft paths a method
 hits compile there, and the off-switch starts from the measured history a serving engine has,
-not from nothing.
+not from nothing. The methods' engines live side by side (each with an equal share of the KV
+memory unless a size is given) and take turns within each run of a cell, so that a machine whose
+speed drifts during the table slows every method alike.
 
 ``--cost-curve``, on dummy weights (default: Llama-3.1-8B shapes): the time of one target pass
 over B sequences at context C where each sequence brings n = 1 + k tokens (a chain of k drafts,
@@ -55,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     p.set_defaults(max_model_len=2048, max_num_seqs=16)
     p.add_argument("--methods", default="none,ngram,layers,layers-tree",
-                   help=f"comma-separated, from {', '.join(METHODS)} (none = plain decoding, always run first)")
+                   help=f"comma-separated, from {', '.join(METHODS)} (none = plain decoding, always included)")
     p.add_argument("--num-spec-tokens", type=int, default=4, help="k: drafts per step (trees: 2k nodes, width 2)")
     p.add_argument("--heads", default=None, help="heads file of `flashserve train-heads` (methods heads*)")
     p.add_argument("--draft-model", default=None, help="draft model folder or .gguf (methods draft*)")

@@ -15,10 +15,12 @@ that computes a decode step with the same arithmetic in 25 computing ops (plus ~
 * each sequence's attention is the very SDPA call ``grouped_attention`` makes for one query.
 
 Every value equals the general forward's bit for bit (tests/test_cpu_decode.py), so greedy
-tokens, the exact speculative verification (``flashserve.layers.attention_rows``) and the
-agreement with the fp32 path are untouched. Other steps (prompts, chunks, speculative
-verification, token trees, per-request attention options), activations other than fp32 and 8-bit
-or empty KV caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every
+tokens, the exact speculative verification and the agreement with the fp32 path are untouched.
+A verification step of draft chains is decode rows too: each of a chain's tokens attends with the
+very call its decode step would make, over the keys up to its position (what
+``flashserve.layers.attention_rows`` does in the general forward). Other steps (prompts, chunks,
+token trees, per-request attention options), activations other than fp32 and 8-bit or empty KV
+caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every
 layer that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
 """
 
@@ -74,6 +76,18 @@ def decode_contexts(meta: AttentionMetadata, block_size: int) -> list[int | torc
     return meta.memo[_MEMO_KEY]
 
 
+def _rows_as_decodes(meta: AttentionMetadata) -> bool:
+    """Whether every new token of the step attends as a one-token decode step would: a decode
+    step, or one whose longer queries are all verified drafts (``verify_seqs``: each row attends
+    as ``flashserve.layers.attention_rows`` does). Derived once per step (``meta.memo``)."""
+    if meta.is_decode:
+        return True
+    key = "cpu_decode_rows"
+    if key not in meta.memo:
+        meta.memo[key] = all(n == 1 or i in meta.verify_seqs for i, n in enumerate(meta.query_lens_cpu))
+    return meta.memo[key]
+
+
 class CpuDecodeLayer:
     """The forward of one ``LlamaDecoderLayer`` (installed as its ``forward``): decode steps in
     few ops, every other step through the layer's general forward."""
@@ -118,7 +132,7 @@ class CpuDecodeLayer:
         kv_cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         meta = get_forward_context().for_group(self.attn.kv_group)
-        if (not meta.is_decode or meta.tree is not None or meta.seq_attention is not None or meta.verify_seqs
+        if (not _rows_as_decodes(meta) or meta.tree is not None or meta.seq_attention is not None
                 or kv_cache is None or rope.cos_full is None or hidden.dtype != torch.float32
                 or kv_cache[0].dtype != torch.float32 or kv_cache[0].numel() == 0
                 or any(w.forward is not f for w, f in self.part_forwards)):
@@ -130,7 +144,7 @@ class CpuDecodeLayer:
 
     def _decode(self, rope: RopeInputs, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache,
                 meta: AttentionMetadata, contexts: list[int | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = hidden.shape[0]  # one new token per sequence
+        T = hidden.shape[0]  # one new token per sequence, or a verified chain's tokens (each a decode row)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         residual = hidden if residual is None else hidden + residual  # [T, hidden] fp32
         h = torch.rms_norm(residual, self.hidden_shape, *self.norm1)
@@ -142,15 +156,18 @@ class CpuDecodeLayer:
         k_flat.index_copy_(0, meta.slot_mapping, x[:, H:])
         v_flat.index_copy_(0, meta.slot_mapping, qkv[:, self.qk_size :].view(T, Hkv, D).float())
         outs = []
-        for i, (ctx, seq_len) in enumerate(zip(contexts, meta.seq_lens_cpu)):
+        row = 0
+        for ctx, seq_len, n in zip(contexts, meta.seq_lens_cpu, meta.query_lens_cpu):
             if isinstance(ctx, int):  # consecutive blocks: the cache rows themselves
                 keys, values = k_flat[ctx : ctx + seq_len], v_flat[ctx : ctx + seq_len]
             else:
                 keys, values = k_flat.index_select(0, ctx), v_flat.index_select(0, ctx)
-            q = x[i : i + 1, :H].view(1, Hkv, H // Hkv, D)  # the query heads sharing a kv head as rows
-            out = F.scaled_dot_product_attention(q, keys.transpose(0, 1).unsqueeze(0),
-                                                 values.transpose(0, 1).unsqueeze(0), scale=self.scale)
-            outs.append(out.view(1, H * D))
+            for seen in range(seq_len - n + 1, seq_len + 1):  # each row over the keys its decode step sees
+                q = x[row : row + 1, :H].view(1, Hkv, H // Hkv, D)  # the query heads sharing a kv head as rows
+                out = F.scaled_dot_product_attention(q, keys[:seen].transpose(0, 1).unsqueeze(0),
+                                                     values[:seen].transpose(0, 1).unsqueeze(0), scale=self.scale)
+                outs.append(out.view(1, H * D))
+                row += 1
         attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
         residual = _INT4_MM(attn_out.to(_BF16), *self.o) + residual  # bf16 + fp32: the exact fp32 sum
         h = torch.rms_norm(residual, self.hidden_shape, *self.norm2)
