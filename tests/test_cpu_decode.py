@@ -1,18 +1,24 @@
 """The CPU decode layer (``flashserve.models.cpu_decode``) computes what the general decoder layer
 computes, bit for bit: the logits and the KV cache of decode steps of one and of several
-sequences, over consecutive blocks (attended as a view of the cache) and scattered ones
-(gathered), on a tiny random int4 model; other steps and layers keep the general forward."""
+sequences, and every node of a verification step (a chain of drafts, a token tree), over
+consecutive blocks (attended as a view of the cache) and scattered ones (gathered), on a tiny
+random int4 model; other steps and layers keep the general forward."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
 from conftest_models import PagedKVCache, make_tiny_checkpoint
+from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.loader import load_model
 from flashserve.models.cpu_decode import CpuDecodeLayer, use_cpu_decode_layers
 from flashserve.quant.packed import Int4Weight
+from flashserve.spec.tree import TokenTree
 
 
 def _load(folder, arch: str, quantization: str = "int4-g32"):
@@ -81,3 +87,52 @@ def test_a_swapped_product_sends_the_layer_to_its_general_forward(tmp_path):
 def test_other_layers_keep_the_general_forward(tmp_path, arch, quantization):
     model, _ = _load(tmp_path, arch, quantization)
     assert use_cpu_decode_layers(model) == 0
+
+
+def _verify(model, config, tree: TokenTree, consecutive: bool) -> tuple[torch.Tensor, list]:
+    """A prompt, then one verification step of ``tree``'s nodes (stored at index positions,
+    rotated at their depth positions; a chain needs no mask); every node's hidden state and the
+    caches."""
+    from conftest_models import build_metadata
+    from flashserve.layers.attention_metadata import forward_context
+
+    cache = PagedKVCache(config, num_blocks=32, block_size=4)
+    if consecutive:
+        cache._free = list(range(31, -1, -1))
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, config.vocab_size, (10,), generator=g).tolist()
+    cache.step(model, [(0, prompt)])
+    ctx, n = len(prompt), tree.size
+    table = cache._reserve(0, ctx + n)
+    meta = build_metadata([n], [ctx + n], [table], 4)
+    mask = None
+    if not tree.is_chain:
+        mask = TreeMask.build(np.asarray(tree.ancestor_bits, dtype=np.int64), np.array([n], dtype=np.int32),
+                              np.array([0, n]))
+    meta = replace(meta, tree=mask, verify_seqs=frozenset({0}))
+    positions = torch.tensor([ctx + d for d in tree.depths])
+    with torch.no_grad(), forward_context(meta):
+        hidden = model(torch.tensor(tree.tokens), positions, cache.kv_caches)
+    return hidden, cache.kv_caches
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_verification_rows_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, shape, consecutive):
+    """A verification step (a chain of drafts, or a token tree whose second branch's nodes see
+    their own ancestors, not the nodes before them) computes every node's state and K/V exactly
+    as the general layer's per-row attention does."""
+    model, config = _load(tmp_path, "llama3_gqa")
+    tree = (TokenTree.chain(11, [12, 13, 14, 15]) if shape == "chain"
+            else TokenTree.from_chains(11, [[12, 13, 14], [21, 22]], 5))
+    assert tree.is_chain == (shape == "chain")
+    want, want_kv = _verify(model, config, tree, consecutive)
+    use_cpu_decode_layers(model)
+    rows = []
+    fast = CpuDecodeLayer._decode
+    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, *a: rows.append(hidden.shape[0])
+                        or fast(self, rope, hidden, *a))
+    got, got_kv = _verify(model, config, tree, consecutive)
+    assert rows == [tree.size] * config.num_layers  # the verification step took the CPU decode layer
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for pair, ref in zip(got_kv, want_kv) for a, b in zip(pair, ref))

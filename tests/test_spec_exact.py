@@ -88,12 +88,14 @@ def test_tree_nodes_equal_decoding_their_path_bitwise():
         assert torch.equal(out[node], row[0]), f"tree node {node} differs from decoding its path"
 
 
-@pytest.fixture(scope="module")
-def smollm2():
+@pytest.fixture(scope="module", params=[1, 2], ids=["chains", "trees"])
+def smollm2(request):
+    """SmolLM2 speculating with n-gram chains of 4 drafts, or trees of 4 nodes of width 2."""
     from flashserve import LLM
 
     llm = LLM(device="cpu", max_model_len=512, verbose=False, enable_prefix_caching=False,  # both runs prefill alike
-              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "disable_by_cost": False})
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "disable_by_cost": False,
+                                  "tree_width": request.param})
     yield llm
     llm.engine.shutdown()
 
@@ -101,18 +103,22 @@ def smollm2():
 def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch):
     """The packed Q4_1 SmolLM2 (the model whose greedy outputs diverged): the same prompt with
     n-gram drafts and with speculation off for the request (``num_speculative_tokens=0``): same
-    tokens and the same log-probability of every token. Its verification steps go through the
-    CPU decode layer (``flashserve.models.cpu_decode``), as its decode steps do."""
+    tokens and the same log-probability of every token, with chains and with token trees. Its
+    verification steps go through the CPU decode layer (``flashserve.models.cpu_decode``), as its
+    decode steps do."""
     from flashserve import SamplingParams
     from flashserve.models.cpu_decode import CpuDecodeLayer
 
-    rows = []  # tokens of each step the CPU decode layer computed
+    steps = []  # (tokens, token tree or not) of each step the CPU decode layer computed
     fast = CpuDecodeLayer._decode
-    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, *a: rows.append(hidden.shape[0])
-                        or fast(self, rope, hidden, *a))
+    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, residual, kv, meta, *a:
+                        steps.append((hidden.shape[0], meta.tree is not None))
+                        or fast(self, rope, hidden, residual, kv, meta, *a))
 
-    prompt = ("Repeat the list exactly: alpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa, "
-              "lambda, mu. Again: alpha, beta, gamma, delta, epsilon, zeta,")
+    trees = smollm2.engine.config.speculative.tree_width > 1
+    prompt = ("Write the sequence again: one two, one three, one two, one three, one two, one three, one" if trees
+              else "Repeat the list exactly: alpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa, "
+                   "lambda, mu. Again: alpha, beta, gamma, delta, epsilon, zeta,")  # trees: branching drafts
     outs = {}
     for k in (None, 0):
         params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1, num_speculative_tokens=k)
@@ -121,7 +127,8 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch)
     assert spec.token_ids == plain.token_ids
     assert smollm2.engine.stats().spec.num_accepted_tokens > 0  # drafts were verified and accepted
     assert spec.logprobs == plain.logprobs  # (token, logprob, top-1) per token, floats compared exactly
-    assert max(rows) == 5  # chains of 4 drafts verified in the CPU decode layer
+    # 4 drafts (a chain, or a branching tree's nodes) verified in the CPU decode layer
+    assert max(n for n, _ in steps) == 5 and any(tree for _, tree in steps) == trees
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])

@@ -16,11 +16,11 @@ that computes a decode step with the same arithmetic in 25 computing ops (plus ~
 
 Every value equals the general forward's bit for bit (tests/test_cpu_decode.py), so greedy
 tokens, the exact speculative verification and the agreement with the fp32 path are untouched.
-A verification step of draft chains is decode rows too: each of a chain's tokens attends with the
-very call its decode step would make, over the keys up to its position (what
+A verification step is decode rows too: each drafted token (of a chain, or a token tree's node)
+attends with the very call its decode step would make, over the keys that step would see (what
 ``flashserve.layers.attention_rows`` does in the general forward). Other steps (prompts, chunks,
-token trees, per-request attention options), activations other than fp32 and 8-bit or empty KV
-caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every
+per-request attention options), activations other than fp32 and 8-bit or empty KV caches take
+the layer's general forward. ``use_cpu_decode_layers`` installs it on every
 layer that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
 """
 
@@ -132,7 +132,7 @@ class CpuDecodeLayer:
         kv_cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         meta = get_forward_context().for_group(self.attn.kv_group)
-        if (not _rows_as_decodes(meta) or meta.tree is not None or meta.seq_attention is not None
+        if (not _rows_as_decodes(meta) or meta.seq_attention is not None
                 or kv_cache is None or rope.cos_full is None or hidden.dtype != torch.float32
                 or kv_cache[0].dtype != torch.float32 or kv_cache[0].numel() == 0
                 or any(w.forward is not f for w, f in self.part_forwards)):
@@ -157,15 +157,24 @@ class CpuDecodeLayer:
         v_flat.index_copy_(0, meta.slot_mapping, qkv[:, self.qk_size :].view(T, Hkv, D).float())
         outs = []
         row = 0
-        for ctx, seq_len, n in zip(contexts, meta.seq_lens_cpu, meta.query_lens_cpu):
+        tree = meta.tree
+        for i, (ctx, seq_len, n) in enumerate(zip(contexts, meta.seq_lens_cpu, meta.query_lens_cpu)):
             if isinstance(ctx, int):  # consecutive blocks: the cache rows themselves
                 keys, values = k_flat[ctx : ctx + seq_len], v_flat[ctx : ctx + seq_len]
             else:
                 keys, values = k_flat.index_select(0, ctx), v_flat.index_select(0, ctx)
-            for seen in range(seq_len - n + 1, seq_len + 1):  # each row over the keys its decode step sees
+            bits = tree.bits[row : row + n].tolist() if tree is not None and tree.tree_lens_cpu[i] else None
+            cached = seq_len - n
+            for j in range(n):  # each row over the keys its decode step sees (attention_rows.decode_rows)
+                if bits is None:  # a chain: the positions up to its own
+                    k_j, v_j = keys[: cached + j + 1], values[: cached + j + 1]
+                else:  # a tree node: the cached context, then its ancestors (itself included)
+                    anc = [b for b in range(n) if bits[j] >> b & 1]
+                    idx = torch.cat([torch.arange(cached), torch.tensor(anc) + cached])
+                    k_j, v_j = keys.index_select(0, idx), values.index_select(0, idx)
                 q = x[row : row + 1, :H].view(1, Hkv, H // Hkv, D)  # the query heads sharing a kv head as rows
-                out = F.scaled_dot_product_attention(q, keys[:seen].transpose(0, 1).unsqueeze(0),
-                                                     values[:seen].transpose(0, 1).unsqueeze(0), scale=self.scale)
+                out = F.scaled_dot_product_attention(q, k_j.transpose(0, 1).unsqueeze(0),
+                                                     v_j.transpose(0, 1).unsqueeze(0), scale=self.scale)
                 outs.append(out.view(1, H * D))
                 row += 1
         attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
