@@ -20,8 +20,8 @@ A verification step is decode rows too: each drafted token (of a chain, or a tok
 attends with the very call its decode step would make, over the keys that step would see (what
 ``flashserve.layers.attention_rows`` does in the general forward). Other steps (prompts, chunks,
 per-request attention options), activations other than fp32 and 8-bit or empty KV caches take
-the layer's general forward. ``use_cpu_decode_layers`` installs it on every
-layer that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
+the layer's general forward. ``use_cpu_decode_layers`` installs it on every layer that
+qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def _rows_as_decodes(meta: AttentionMetadata) -> bool:
 
 
 class CpuDecodeLayer:
-    """The forward of one ``LlamaDecoderLayer`` (installed as its ``forward``): decode steps in
-    few ops, every other step through the layer's general forward."""
+    """The forward of one ``LlamaDecoderLayer`` (installed as its ``forward``): decode and
+    verification steps in few ops, every other step through the layer's general forward."""
 
     def __init__(self, layer: LlamaDecoderLayer) -> None:
         attn = layer.self_attn
@@ -144,7 +144,7 @@ class CpuDecodeLayer:
 
     def _decode(self, rope: RopeInputs, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache,
                 meta: AttentionMetadata, contexts: list[int | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = hidden.shape[0]  # one new token per sequence, or a verified chain's tokens (each a decode row)
+        T = hidden.shape[0]  # one new token per sequence, or a verification's drafted tokens too
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         residual = hidden if residual is None else hidden + residual  # [T, hidden] fp32
         h = torch.rms_norm(residual, self.hidden_shape, *self.norm1)
