@@ -16,12 +16,18 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def test_cost_curve_on_a_tiny_model(tmp_path, capsys):
+def test_cost_curve_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    from flashserve.layers import attention
+
     make_tiny_checkpoint("llama3_gqa", tmp_path, seed=2)
     args = _args("--cost-curve", "--model", str(tmp_path), "--device", "cpu", "--block-size", "4",
                  "--context", "24", "--cost-batch-sizes", "1,3", "--chain-ks", "1,3", "--tree-sizes", "4,9",
                  "--repeats", "2")
+    verified = []  # rows attended as the engine verifies drafts (attention_rows), not as a prompt chunk
+    rows = attention.decode_rows
+    monkeypatch.setattr(attention, "decode_rows", lambda q, *a, **kw: verified.append(q.shape[0]) or rows(q, *a, **kw))
     res = decoding.run_cost_curve(args)
+    assert set(verified) == {2, 4, 9}  # chains of 1 and 3 drafts, trees of 4 and 9 nodes
     shapes = [(r["batch"], r["shape"], r["tokens"]) for r in res["rows"]]
     assert shapes == [(b, s, n) for b in (1, 3) for s, n in
                       (("decode", 1), ("chain", 2), ("chain", 4), ("tree", 4), ("tree", 9))]

@@ -311,9 +311,12 @@ def _time_step(worker, runner, vocab: int, batch: int, n: int, context: int, tre
                               np.full(batch, n, dtype=np.int32), qsl, dev)
     slots = np.arange(batch, dtype=np.int64)
 
+    verify = frozenset(range(batch)) if n > 1 else frozenset()  # rows attended as the engine verifies them
+
     def step() -> None:
         groups = len(runner.buffers.group_slot_mapping) + 1  # every group of layers reads the same table
-        hidden = runner.run(ids, pos, [slot_map] * groups, qlens, seq_lens, slots, [block_table] * groups, tree=mask)
+        hidden = runner.run(ids, pos, [slot_map] * groups, qlens, seq_lens, slots, [block_table] * groups, tree=mask,
+                            verify_seqs=verify)
         worker.model.compute_logits(hidden)
 
     for _ in range(3):

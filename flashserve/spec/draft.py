@@ -116,11 +116,12 @@ class StepRunner:
 
     def run(self, input_ids: torch.Tensor, positions: np.ndarray, slot_mappings: list[np.ndarray],
             query_lens: np.ndarray, seq_lens: np.ndarray, request_slots: np.ndarray,
-            block_tables: list[torch.Tensor], tree=None) -> torch.Tensor:
+            block_tables: list[torch.Tensor], tree=None, verify_seqs: frozenset[int] = frozenset()) -> torch.Tensor:
         """Hidden states [T, hidden]. input_ids: [T] on the device; the rest host arrays: positions
         [T], query_lens / seq_lens / request_slots (rows of the block tables) [B]; per group of
         tables, the new tokens' slots [T] and the device block table ``[slots, max_blocks]``.
-        ``tree``: token-tree masks (``flashserve.kernels.tree_mask.TreeMask``), run eagerly."""
+        ``tree``: token-tree masks (``flashserve.kernels.tree_mask.TreeMask``), run eagerly;
+        ``verify_seqs``: the sequences verifying drafts (``AttentionMetadata.verify_seqs``)."""
         t, b = len(positions), len(query_lens)
         is_decode = t == b
         key = self.graphs.pick(t, b, is_decode) if self.graphs is not None and tree is None else None
@@ -152,7 +153,7 @@ class StepRunner:
         meta = buf.metadata(t, b, int(query_lens.max()), int(seq_lens.max()), self.block_size,
                             query_lens.tolist(), seq_lens.tolist(), is_decode)
         for m in (meta, *meta.groups):
-            m.tree = tree
+            m.tree, m.verify_seqs = tree, verify_seqs
         with forward_context(meta):
             return self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)
 
