@@ -22,6 +22,18 @@ from flashserve.config import AttentionSpec
 from flashserve.kernels.reference import window_mask
 
 
+def ancestors(bits: int, num_nodes: int) -> list[int]:
+    """A token-tree node's ancestors among the step's ``num_nodes`` nodes, itself included, from
+    its ancestor bits: index order, which is depth order."""
+    return [b for b in range(num_nodes) if bits >> b & 1]
+
+
+def node_key_rows(ctx: int, anc: list[int], device: torch.device) -> torch.Tensor:
+    """Rows of a sequence's keys (``ctx`` cached ones, then the step's nodes) that a full-attention
+    decode step of a node with ancestors ``anc`` would see, in its order: the context, then them."""
+    return torch.cat([torch.arange(ctx, device=device), torch.tensor(anc, device=device) + ctx])
+
+
 def decode_rows(
     q: torch.Tensor,  # [L, H, D] one sequence's new tokens (the last L of its context)
     keys: torch.Tensor,  # [S, Hkv, D] the keys at positions ``k_pos``, in position order
@@ -48,10 +60,10 @@ def decode_rows(
     outs = []
     for j in range(L):
         if tree_bits is not None:
-            anc = [b for b in range(L) if tree_bits[j] >> b & 1]  # index order = depth order
+            anc = ancestors(tree_bits[j], L)
             p = ctx + len(anc) - 1  # the node's depth position
             if spec.kind == "full":
-                idx = torch.cat([torch.arange(ctx, device=dev), torch.tensor(anc, device=dev) + ctx])
+                idx = node_key_rows(ctx, anc, dev)
                 outs.append(grouped_attention(q[j : j + 1], keys.index_select(0, idx), values.index_select(0, idx),
                                               scale))
                 continue

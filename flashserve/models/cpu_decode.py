@@ -32,6 +32,7 @@ from torch import nn
 
 from flashserve.layers.attention import TorchAttentionBackend, context_slots
 from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
+from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
 from flashserve.layers.rotary import RopeInputs
 from flashserve.models.blocks import GatedSiluMLP
@@ -169,8 +170,7 @@ class CpuDecodeLayer:
                 if bits is None:  # a chain: the positions up to its own
                     k_j, v_j = keys[: cached + j + 1], values[: cached + j + 1]
                 else:  # a tree node: the cached context, then its ancestors (itself included)
-                    anc = [b for b in range(n) if bits[j] >> b & 1]
-                    idx = torch.cat([torch.arange(cached), torch.tensor(anc) + cached])
+                    idx = node_key_rows(cached, ancestors(bits[j], n), keys.device)
                     k_j, v_j = keys.index_select(0, idx), values.index_select(0, idx)
                 q = x[row : row + 1, :H].view(1, Hkv, H // Hkv, D)  # the query heads sharing a kv head as rows
                 out = F.scaled_dot_product_attention(q, k_j.transpose(0, 1).unsqueeze(0),
