@@ -91,6 +91,7 @@ def test_method_table_on_smollm2(capsys, monkeypatch):
         runs = r["runs_tokens_per_s"]
         assert len(runs) == 2 and abs(r["tokens_per_s"] - sum(runs) / 2) < 0.02, r  # the median of two runs
         assert r["acceptance_length"] >= 1.0
+        assert 0 < r["drafts_per_step"] <= (8 if m == "layers-tree" else 4) if r["verify_steps"] else True, r
         assert 0.0 <= r["loops"] <= 1.0 and r["loops"] == rows["none", r["batch"]]["loops"], r
         assert (r["verify_steps"] > 0) == (m == "layers-tree") or m == "ngram", r  # layers always drafts
     decoding.print_methods(res)

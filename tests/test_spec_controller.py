@@ -50,9 +50,9 @@ def _step(ctl: SpeculationController, clock: Clock, step: int, req: Request, acc
     return k
 
 
-def _run(plain_period: float, spec_period: float, accept: int, steps: int = 120):
+def _run(plain_period: float, spec_period: float, accept: int, steps: int = 120, adapt_length: bool = False):
     clock = Clock()
-    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    ctl = SpeculationController(SpeculativeConfig("ngram", K, adapt_length=adapt_length), clock=clock)
     first, later = _request("first"), _request("later")
     granted = [_step(ctl, clock, i, first, accept, 0.0) for i in range(1)]
     for i in range(1, steps):
@@ -78,6 +78,14 @@ def test_slow_speculative_steps_switch_off_and_new_requests_start_plainly():
     assert later == 0
 
 
+def test_slow_speculative_steps_of_any_length_switch_off_after_each_length_was_tried():
+    """The same with the draft length chosen: a shorter length, not measured yet, is taken to cost
+    about a plain step, so each is tried once (the host's turn makes every one 3.4x), then off."""
+    ctl, granted, later = _run(DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4, accept=1, adapt_length=True)
+    assert granted[: K + 2] == [K, K, *range(K - 1, 0, -1), 0] and sum(k > 0 for k in granted) <= 4 * MIN_STEPS
+    assert later == 0
+
+
 def test_fast_speculative_steps_with_good_acceptance_stay_on():
     """Speculative steps at 1.2x the plain period, 3 drafts accepted of 4: speculation pays 3.3x."""
     ctl, granted, later = _run(plain_period=DEVICE_STEP * 1.3, spec_period=DEVICE_STEP * 1.3 * 1.2, accept=3)
@@ -100,6 +108,77 @@ def test_idle_gaps_and_prefill_steps_are_not_periods():
     ctl.observe(prompt, WorkerOutput(3, {}, None, tokens=[7]))
     _step(ctl, clock, 4, req, 1, 0.002)
     assert ctl.wall.plain == 0.0 and ctl.wall.spec == pytest.approx(0.002)
+
+
+def _length_run(period_of_rows, acceptance: float, steps: int = 200, k: int = 8, **config) -> list[int]:
+    """Drafts granted per step to one request whose drafts are each accepted with probability
+    ``acceptance`` (given the ones before), a step of T verified rows taking ``period_of_rows(T)``
+    wall seconds; one plain step first (the plain period)."""
+    import random
+
+    rng = random.Random(0)
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", k, **config), clock=clock)
+    req = _request("r")
+    granted = []
+    for i in range(steps):
+        j = ctl.num_spec_tokens(req) if i else 0
+        plan = SchedulerOutput(i, (ScheduledRequest(req.request_id, 10 + i, 1 + j, (), True, (), j),))
+        clock.now += period_of_rows(1 + j)
+        if j:
+            accepted = next((a for a in range(j) if rng.random() >= acceptance), j)
+            sampled = {req.request_id: SampledTokens(tuple(range(1 + accepted)), None, j)}
+            result = WorkerOutput(i, sampled, StepCost(1 + j, 1, DEVICE_STEP * (1 + 0.01 * j), 0.0))
+        else:
+            result = WorkerOutput(i, {}, None, tokens=[7])
+        ctl.observe(plan, result)
+        granted.append(j)
+    return granted
+
+
+def test_draft_length_moves_below_a_step_in_the_cost():
+    """Rows cost in blocks of 4 (the CPU int4 product): 5-8 rows take twice 1-4. With 80 % of
+    the drafts accepted, 3 drafts (2.95 tokens a period) beat 4 (3.36 tokens in two periods), and
+    the request settles there; with a flat cost (a memory-bound device) it keeps all k."""
+    blocks = _length_run(lambda t: DEVICE_STEP * -(-t // 4), 0.8, k=4)
+    assert blocks[1] == 4 and blocks[-100:].count(3) >= 95, blocks
+    flat = _length_run(lambda t: DEVICE_STEP, 0.8, k=4)
+    assert flat[-100:].count(4) >= 95, flat
+    pinned = _length_run(lambda t: DEVICE_STEP * -(-t // 4), 0.8, k=4, adapt_length=False, disable_by_cost=False)
+    assert pinned[1:].count(4) == len(pinned) - 1
+
+
+def test_draft_length_follows_the_acceptance_when_rows_cost():
+    """Each row adds a quarter of a step: at 70 % acceptance two or three drafts pay most (2.19
+    tokens in 1.5 periods, 2.53 in 1.75; eight: 3.2 in 3), at 95 % all eight (6.7 in 3). Trees
+    keep their k nodes."""
+    linear = lambda t: DEVICE_STEP * (1 + 0.25 * (t - 1))  # noqa: E731
+    low = _length_run(linear, 0.7)[-100:]
+    assert all(low) and 2 <= sum(low) / len(low) <= 3.5, low
+    high = _length_run(linear, 0.95)[-100:]
+    assert sum(high) / len(high) >= 7, high
+    tree = _length_run(linear, 0.7, tree_width=2)
+    assert set(tree[1:]) <= {0, 8}, tree
+    fixed = _length_run(linear, 0.7, disable_by_cost=False)  # every step k drafts, whatever the clock says
+    assert fixed[1:].count(8) == len(fixed) - 1
+
+
+def test_unmeasured_row_counts_are_taken_at_the_nearest_smaller_measured_cost():
+    """Optimistic: an unmeasured row count costs what the nearest smaller measured one does (the
+    plain period below the smallest) plus the device fit's seconds per row, at most the nearest
+    larger measured one."""
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=Clock())
+    ctl.wall.by_rows.update({3: 3.0, 7: 5.0})
+    assert ctl.period(2) == 3.0  # neither a plain period nor a device fit: the smallest measured one
+    ctl.wall.plain, ctl._batch = 1.0, 1
+    assert ctl.period(3) == 3.0 and ctl.period(5) == 3.0 and ctl.period(2) == 1.0 and ctl.period(9) == 5.0
+    for t in range(1, 11):  # device: 1 ms + 0.1 ms per row
+        ctl.fit.add(t, 1e-3 + 1e-4 * t, 0.0, 0)
+    assert ctl.period(5) == pytest.approx(3.0 + 2e-4, rel=1e-3) and ctl.period(9) == pytest.approx(5.0 + 2e-4, rel=1e-3)
+    ctl.wall.by_rows[4] = 4.5
+    assert ctl.period(6) == pytest.approx(4.5 + 2e-4, rel=1e-3)
+    ctl.wall.plain = 0.0  # no plain period yet: the device fit's plain step (1.1 ms) in its place
+    assert ctl.period(2) == pytest.approx(1.1e-3 + 1e-4, rel=1e-2)
 
 
 def test_shadow_acceptance_replays_the_ngram_proposer():
@@ -149,7 +228,7 @@ def _screened_run(steps: int, copies, width: int = 1) -> list[int]:
     speculative steps take 3.4x the plain period (acceptance 2); its output at step i copies its
     prompt when ``copies(i)``, else is new."""
     clock = Clock()
-    ctl = SpeculationController(SpeculativeConfig("ngram", K, tree_width=width), clock=clock)
+    ctl = SpeculationController(SpeculativeConfig("ngram", K, tree_width=width, adapt_length=False), clock=clock)
     prompt = list(range(100, 160))
     req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
     plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4

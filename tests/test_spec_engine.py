@@ -4,6 +4,7 @@ and token trees), under batching, the serial and the overlapped loop, chunked pr
 caching, preemption by recompute and by swap, and a Worker in another process; a draft equal to
 the target accepts every draft; bad configurations are clear errors."""
 
+import itertools
 import random
 
 import pytest
@@ -198,6 +199,26 @@ def test_off_switch_and_per_request_setting(tiny, heads_file, references):
     # per-request results only where a request asked for logprobs
     assert all(r.tokens is not None or any(t.logprobs for t in r.sampled.values()) for r in results if r.sampled)
     assert sum(r.tokens is not None for r in results) > 5
+
+
+def test_draft_lengths_chosen_per_step_keep_the_tokens(tiny, heads_file, references, monkeypatch):
+    """``adapt_length`` hands a request a different number of drafts from step to step; the
+    draft model proposes exactly that many, and the tokens stay plain decoding's."""
+    from flashserve.spec.controller import SpeculationController
+
+    lengths = itertools.cycle([3, 1, 4, 2])
+    monkeypatch.setattr(SpeculationController, "_adapts", lambda self, st: True)
+    monkeypatch.setattr(SpeculationController, "_best_length", lambda self, st: (min(next(lengths), st.limit), 9.0))
+    prompts, params = workload()
+    llm = LLM(model=tiny, **BASE, speculative_config=spec_config("draft", tiny, heads_file, disable_by_cost=True),
+              kv_cache_bytes=1 << 21)
+    planned = []
+    execute = llm.engine.executor.execute
+    llm.engine.executor.execute = lambda plan: planned.extend(e.num_spec_tokens for e in plan.requests) or execute(plan)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [(o.token_ids, o.finish_reason) for o in outs] == references["overlapped"][0]
+    assert {1, 2, 3, 4} <= set(planned)
+    assert llm.engine.stats().spec.num_draft_tokens > 0
 
 
 def test_sampling_with_speculation_runs_and_is_seeded(tiny, heads_file):

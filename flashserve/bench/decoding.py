@@ -6,7 +6,8 @@ token trees) and each batch size, greedy generation over the fixed prompt sets
 (``flashserve.spec.prompts``: chat, summarize, code; through the model's chat template, or as plain
 text with the tokenizer's BOS for a base model without one, e.g. Gemma 3 270M: ``bench_prompts``).
 Per cell: acceptance length (tokens per verification step, from the engine's ``SpecStats``),
-decode tokens/s, the speedup over plain decoding in the same run, the share of outputs identical
+drafts per verification step (below k where the proposer found fewer or ``adapt_length`` chose a
+shorter chain), decode tokens/s, the speedup over plain decoding in the same run, the share of outputs identical
 to plain decoding's (speculation is lossless: expect 100 %, up to float ties under a different
 batch shape on GPU), and how much
 of plain decoding's output repeats itself (``loop_share``: prompt lookup copies a model's loops,
@@ -43,6 +44,7 @@ from flashserve.runner.worker import resolve_device
 METHODS = {  # name -> speculative_config without k (None: plain decoding)
     "none": None,
     "ngram": {"method": "ngram"},
+    "ngram-fixed": {"method": "ngram", "adapt_length": False},  # k drafts whenever it speculates
     "ngram-tree": {"method": "ngram", "tree_width": 2},
     "layers": {"method": "layers"},
     "layers-tree": {"method": "layers", "tree_width": 2},
@@ -250,6 +252,7 @@ def run_methods(args: argparse.Namespace) -> dict:
                          "runs_tokens_per_s": [round(x, 2) for x in cell["runs_tokens_per_s"]],
                          "speedup": round(cell["tokens_per_s"] / ref["tokens_per_s"], 3),
                          "acceptance_length": round(cell.get("acceptance_length", 1.0), 3),
+                         "drafts_per_step": round(cell.get("drafts", 0) / max(1, cell.get("verify_steps", 0)), 2),
                          "verify_steps": cell.get("verify_steps", 0), "switched_off": cell.get("switched_off", 0),
                          "identical": round(same, 3), "loops": round(loop_share(ref["ids"]), 3)})
     return {"device": device, "cpu": cpu, "k": args.num_spec_tokens, "new_tokens": args.new_tokens,
@@ -259,11 +262,12 @@ def run_methods(args: argparse.Namespace) -> dict:
 def print_methods(res: dict) -> None:
     print(f"device {res['device']}{' (' + res['cpu'] + ')' if res['cpu'] else ''}, k = {res['k']}, "
           f"{res['new_tokens']} new tokens, greedy, {res['date']}")
-    print(f"{'method':<12} {'kind':<10} {'batch':>5} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'off':>4} {'same':>5}"
+    print(f"{'method':<12} {'kind':<10} {'batch':>5} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'drafts':>6} {'off':>4}"
+          f" {'same':>5}"
           f" {'loops':>5}  speedup (| = 1x)")
     for r in res["rows"]:
         print(f"{r['method']:<12} {r['kind']:<10} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
-              f"{r['acceptance_length']:>7.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}% "
+              f"{r['acceptance_length']:>7.2f} {r['drafts_per_step']:>6.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}% "
               f"{r['loops'] * 100:>4.0f}%  {_bar(r['speedup'])}")
 
 

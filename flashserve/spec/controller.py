@@ -27,6 +27,17 @@ new request starts plainly when that estimate at the mean acceptance so far says
 does not pay (H200, SmolLM2 at batch 1: a speculative step took 3.4x a plain one, so n-gram drafts
 accepted at 1.4-1.7 tokens per step ran at 0.44-0.56x).
 
+Draft length (``adapt_length``, chain methods). The wall-clock periods of speculative steps are
+also kept per verified row count T (the step's sequences + the drafts it verified), and each
+request's per-draft acceptance rate a as the proposer's drafts fare against the target (drafts
+accepted, and one rejection unless all were; exponential averages). A step with j drafts then
+yields ``(1 - a^(j+1)) / (1 - a)`` tokens, and the request gets the j in 1..k whose tokens per
+second (with the other requests' rows and tokens of the last step beside it) are highest. A T not
+measured yet is taken to cost what the nearest smaller measured one does (the plain period at the
+batch size below the smallest) plus the device fit's seconds per row: optimistic, so it is tried
+once and then its measure decides. On a CPU whose int4 product works in blocks of 4 rows, 5 rows
+cost about twice 4, and a request given k = 4 moves to 3.
+
 A retry costs verification steps. For n-gram drafts (chains and trees), which cost nothing to
 propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS``
 outputs (the drafts it would have made, checked against the tokens that came) and retries only
@@ -53,6 +64,7 @@ from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 from flashserve.spec.ngram import NgramProposer
 
 EMA = 0.3  # weight of the newest step in a request's acceptance average
+DRAFT_EMA = 0.1  # the same for its per-draft acceptance rate (which sets its draft length)
 MIN_STEPS = 3  # verification steps before a request can be switched off
 MARGIN = 1.05  # the estimated speedup must exceed this to keep speculating
 FORGET = 0.97  # per-step forgetting of the step-time fit
@@ -70,6 +82,17 @@ class _RequestStats:
     steps: int = 0  # verification steps since the last (re)start
     off_until: int = -1  # controller step until which the request decodes plainly
     times_off: int = 0
+    hits: float = 0.0  # mean drafts accepted per verification step
+    misses: float = 0.0  # mean rejections per verification step (0 or 1)
+    last_drafts: int = 0  # drafts and tokens of its last step
+    last_tokens: int = 0
+    limit: int = 0  # the most drafts it may get (the config's k, or its own lower setting)
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """Per-draft acceptance rate (None before a draft was verified)."""
+        seen = self.hits + self.misses
+        return self.hits / seen if seen else None
 
 
 @dataclass
@@ -147,17 +170,24 @@ class _WallClock:
 
     plain: float = 0.0
     spec: float = 0.0
+    by_rows: dict[int, float] = field(default_factory=dict)  # speculative steps' mean by verified rows
     last: float | None = None  # when the previous decode step's tokens arrived
 
-    def tick(self, now: float, decode: bool, drafted: bool) -> None:
+    def tick(self, now: float, decode: bool, drafted: bool, rows: int = 0) -> None:
         last, self.last = self.last, (now if decode else None)
         if last is None or not decode or now - last > MAX_GAP_S:
             return
         dt = now - last
         if drafted:
-            self.spec = dt if self.spec == 0.0 else (1 - WALL_EMA) * self.spec + WALL_EMA * dt
+            self.spec = _ema(self.spec, dt)
+            self.by_rows[rows] = _ema(self.by_rows.get(rows, 0.0), dt)
         else:
-            self.plain = dt if self.plain == 0.0 else (1 - WALL_EMA) * self.plain + WALL_EMA * dt
+            self.plain = _ema(self.plain, dt)
+
+
+def _ema(mean: float, value: float) -> float:
+    """The wall-clock average with a new period (0: none yet)."""
+    return value if mean == 0.0 else (1 - WALL_EMA) * mean + WALL_EMA * value
 
 
 @dataclass
@@ -170,6 +200,10 @@ class SpeculationController:
     _requests: dict[str, _RequestStats] = field(default_factory=dict)
     _step: int = 0
     _batch: int = 1
+    _rows: int = 1  # verified rows and tokens out of the last step with draft slots
+    _tokens: int = 1
+    _periods: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # this step's, by (rows, k)
+    _overall: _RequestStats = field(default_factory=_RequestStats)  # every request's drafts together
 
     def __post_init__(self) -> None:
         self.stats = SpecStats(self.config.method)
@@ -181,15 +215,80 @@ class SpeculationController:
         if request.params.num_speculative_tokens is not None:
             k = min(k, request.params.num_speculative_tokens)
         st = self._requests.get(request.request_id)
-        if st is None and self.config.disable_by_cost and self.stats.num_steps \
-                and self.estimated_speedup(self.stats.acceptance_length, k) <= MARGIN:
-            st = self._requests[request.request_id] = self._switch_off(_RequestStats())  # start plainly
-        if st is not None and st.off_until > self._step:
+        if st is None:  # a new request: the engine's acceptance so far is its prior
+            st = self._requests[request.request_id] = _RequestStats(hits=self._overall.hits,
+                                                                    misses=self._overall.misses, limit=k)
+            if self.config.disable_by_cost and self.stats.num_steps and not self._starts(st):
+                self._switch_off(st)  # starts plainly
+        st.limit = k
+        if st.off_until > self._step:
             return 0
-        if st is not None and st.times_off and not st.steps and self._shadow_says_no(request, k):
+        if st.times_off and not st.steps and self._shadow_says_no(request, k):
             st.off_until = self._step + SHADOW_EVERY  # stays plain, screened again soon
             return 0
-        return k
+        return self._best_length(st)[0] if self._adapts(st) else k
+
+    def _starts(self, st: _RequestStats) -> bool:
+        """Whether a new request speculates: at its best length with the engine's acceptance, or
+        at k with the engine's acceptance length, the estimate exceeds the margin."""
+        if self._adapts(st):
+            return self._best_length(st)[1] > MARGIN
+        return self.estimated_speedup(self.stats.acceptance_length, st.limit) > MARGIN
+
+    def _adapts(self, st: _RequestStats) -> bool:
+        """Whether the request's draft length is chosen (``adapt_length`` with the off-switch on,
+        chains, data to do it). Both follow the wall clock, so with either off a step's drafts,
+        and with them a seeded request's random draws, do not depend on timing."""
+        cfg = self.config
+        return (cfg.adapt_length and cfg.disable_by_cost and cfg.tree_width == 1 and st.limit > 1
+                and st.draft_acceptance is not None and bool(self.wall.by_rows))
+
+    def _best_length(self, st: _RequestStats) -> tuple[int, float]:
+        """The drafts in 1..``st.limit`` that give the most tokens per second of step (module
+        docstring), and the request's estimated speedup at that length against plain decoding."""
+        acceptance = st.draft_acceptance
+        other_rows = max(self._rows - 1 - st.last_drafts, 0)
+        other_tokens = max(self._tokens - st.last_tokens, 0)
+        periods = self._periods.get((other_rows, st.limit))
+        if periods is None:
+            periods = self._periods[other_rows, st.limit] = [self.period(other_rows + 1 + j)
+                                                             for j in range(1, st.limit + 1)]
+        best, best_rate, best_tokens = 0, -1.0, 1.0
+        tokens = power = 1.0
+        for j in range(st.limit):  # tokens: (1 - a^(j+2)) / (1 - a), summed as it goes
+            power *= acceptance
+            tokens += power
+            rate = (other_tokens + tokens) / periods[j]
+            if rate >= best_rate:  # a tie goes to the longer
+                best, best_rate, best_tokens = j, rate, tokens
+        return best + 1, best_tokens * self._plain_period() / periods[best]
+
+    def _plain_period(self) -> float:
+        """Wall seconds of a plain step at the last batch size; before one was seen, the device
+        fit's time (a lower bound, so estimates err towards plain decoding)."""
+        if self.wall.plain:
+            return self.wall.plain
+        a, b = self.fit.coefficients()
+        return a + b * self._batch
+
+    def period(self, rows: int) -> float:
+        """Wall seconds of a speculative step verifying ``rows`` rows: measured, or else
+        optimistically the nearest measured smaller count's (below the smallest, the plain
+        period at the last batch size, ``_plain_period``) plus the device fit's seconds per row,
+        at most the nearest larger count's. Optimism makes an unmeasured length be tried once,
+        then its measure decides."""
+        table = self.wall.by_rows
+        if rows in table:
+            return table[rows]
+        below = max((r for r in table if r < rows), default=None)
+        above = min((r for r in table if r > rows), default=None)
+        low = (below, table[below]) if below is not None else \
+            (self._batch, self._plain_period()) if self._batch < rows and self._plain_period() > 0 else None
+        if low is None:
+            return table[above]
+        _, b = self.fit.coefficients()
+        estimate = low[1] + (b + self.fit.per_draft) * (rows - low[0])
+        return estimate if above is None else min(estimate, table[above])
 
     def _shadow_says_no(self, request: Request, k: int) -> bool:
         """n-gram only (chains and trees), at small batches: True when the drafts the proposer
@@ -210,30 +309,39 @@ class SpeculationController:
     def observe(self, plan: SchedulerOutput, result: WorkerOutput) -> None:
         """Learn from a finished step: acceptance per request, the step's cost, the off-switch."""
         self._step += 1
+        self._periods.clear()
         cost = result.cost
-        drafts_total = 0
+        drafts_total = tokens_total = 0
         planned = {e.request_id for e in plan.requests if e.num_spec_tokens}
         spec_slots = sum(e.num_spec_tokens for e in plan.requests)
         for rid, sampled in result.sampled.items():
             n = sampled.num_draft_tokens
+            tokens = len(sampled.token_ids)
             drafts_total += n
+            tokens_total += tokens
             if rid not in planned:
                 continue
             st = self._requests.get(rid)
             if st is None:
                 st = self._requests[rid] = _RequestStats()
-            tokens = len(sampled.token_ids)
             first = st.steps == 0
             st.accept_len = tokens if first else (1 - EMA) * st.accept_len + EMA * tokens
             st.drafts = n if first else (1 - EMA) * st.drafts + EMA * n
             st.steps += 1
+            st.last_drafts, st.last_tokens = n, tokens
             if n:
+                for acc in (st, self._overall):
+                    acc.hits = (1 - DRAFT_EMA) * acc.hits + DRAFT_EMA * (tokens - 1)
+                    acc.misses = (1 - DRAFT_EMA) * acc.misses + DRAFT_EMA * (tokens - 1 < n)
                 self.stats.num_steps += 1
                 self.stats.num_draft_tokens += n
                 self.stats.num_accepted_tokens += tokens - 1
         # a step with draft slots waited for its predecessor's tokens, drafts found or not
-        self.wall.tick(self.clock(), plan.num_tokens == plan.num_seqs + spec_slots, spec_slots > 0)
+        rows = plan.num_seqs + drafts_total
+        self.wall.tick(self.clock(), plan.num_tokens == plan.num_seqs + spec_slots, spec_slots > 0, rows)
         self._batch = max(1, plan.num_seqs)
+        if spec_slots:
+            self._rows, self._tokens = rows, tokens_total
         if cost is not None:
             self.fit.add(cost.num_tokens, cost.forward_s, cost.draft_s, drafts_total)
         if self.config.disable_by_cost and cost is not None:
@@ -265,6 +373,8 @@ class SpeculationController:
         return min(device, accept_len * plain / self.wall.spec)
 
     def worth_it(self, st: _RequestStats) -> bool:
+        if self._adapts(st):
+            return self._best_length(st)[1] > MARGIN
         return self.estimated_speedup(st.accept_len, st.drafts) > MARGIN
 
 
