@@ -181,6 +181,19 @@ def test_unmeasured_row_counts_are_taken_at_the_nearest_smaller_measured_cost():
     assert ctl.period(2) == pytest.approx(1.1e-3 + 1e-4, rel=1e-2)
 
 
+def test_row_counts_not_measured_for_a_while_are_forgotten():
+    """A length measured once at a slow moment is not avoided for ever: after STALE_PERIODS
+    speculative steps at other row counts, its period is dropped (and tried again)."""
+    from flashserve.spec.controller import STALE_PERIODS, _WallClock
+
+    wall = _WallClock()
+    now = 0.0
+    for rows in [5] * 3 + [4] * (STALE_PERIODS + STALE_PERIODS // 4):
+        now += 0.01
+        wall.tick(now, True, True, rows)
+    assert set(wall.by_rows) == {4} and set(wall.seen) == {4}
+
+
 def test_shadow_acceptance_replays_the_ngram_proposer():
     """Outputs that copy the prompt would be accepted k + 1 at a time; outputs that never repeat
     anything, one token per step."""

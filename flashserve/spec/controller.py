@@ -35,8 +35,10 @@ yields ``(1 - a^(j+1)) / (1 - a)`` tokens, and the request gets the j in 1..k wh
 second (with the other requests' rows and tokens of the last step beside it) are highest. A T not
 measured yet is taken to cost what the nearest smaller measured one does (the plain period at the
 batch size below the smallest) plus the device fit's seconds per row: optimistic, so it is tried
-once and then its measure decides. On a CPU whose int4 product works in blocks of 4 rows, 5 rows
-cost about twice 4, and a request given k = 4 moves to 3.
+once and then its measure decides; a row count not measured again within ``STALE_PERIODS``
+speculative steps is forgotten, so a length measured at a slow moment is tried again. On a CPU
+whose int4 product works in blocks of 4 rows, 5 rows cost about twice 4, and a request given
+k = 4 moves to 3.
 
 A retry costs verification steps. For n-gram drafts (chains and trees), which cost nothing to
 propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS``
@@ -70,6 +72,7 @@ MARGIN = 1.05  # the estimated speedup must exceed this to keep speculating
 FORGET = 0.97  # per-step forgetting of the step-time fit
 WALL_EMA = 0.2  # weight of the newest period in the wall-clock averages
 MAX_GAP_S = 1.0  # a longer wait between two decode steps' tokens is idleness, not a step
+STALE_PERIODS = 256  # a row count's period not measured again within this many speculative steps is forgotten
 SHADOW_TOKENS = 16  # n-gram: recent outputs the proposer is replayed over before a retry
 SHADOW_MAX_BATCH = 4  # above, retries are not screened (the replay is host work per request)
 SHADOW_EVERY = 8  # steps between two screenings of a switched-off n-gram request
@@ -171,6 +174,8 @@ class _WallClock:
     plain: float = 0.0
     spec: float = 0.0
     by_rows: dict[int, float] = field(default_factory=dict)  # speculative steps' mean by verified rows
+    seen: dict[int, int] = field(default_factory=dict)  # the speculative period count when each was last seen
+    count: int = 0  # speculative periods measured
     last: float | None = None  # when the previous decode step's tokens arrived
 
     def tick(self, now: float, decode: bool, drafted: bool, rows: int = 0) -> None:
@@ -181,6 +186,11 @@ class _WallClock:
         if drafted:
             self.spec = _ema(self.spec, dt)
             self.by_rows[rows] = _ema(self.by_rows.get(rows, 0.0), dt)
+            self.count += 1
+            self.seen[rows] = self.count
+            if self.count % (STALE_PERIODS // 4) == 0:  # forget row counts not seen for a while: tried again
+                for r in [r for r, c in self.seen.items() if self.count - c >= STALE_PERIODS]:
+                    del self.by_rows[r], self.seen[r]
         else:
             self.plain = _ema(self.plain, dt)
 
