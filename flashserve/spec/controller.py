@@ -275,7 +275,8 @@ class SpeculationController:
 
     def _plain_period(self) -> float:
         """Wall seconds of a plain step at the last batch size; before one was seen, the device
-        fit's time (a lower bound, so estimates err towards plain decoding)."""
+        fit's time (a lower bound: a speedup estimate errs towards plain decoding with it, and an
+        unmeasured period that starts from it towards trying the length)."""
         if self.wall.plain:
             return self.wall.plain
         a, b = self.fit.coefficients()
