@@ -163,6 +163,23 @@ def test_draft_length_follows_the_acceptance_when_rows_cost():
     assert fixed[1:].count(8) == len(fixed) - 1
 
 
+def test_draft_length_counts_the_other_requests_rows():
+    """In a batch the step's rows are every request's: with 4 other rows in the last step, a
+    request at 80 % acceptance gets 3 drafts when 9 rows cost twice 8, and 4 when every length
+    is past the step already (rows cost twice from 5 on: 4 + 1 + 1 are 6)."""
+    from flashserve.spec.controller import _RequestStats
+
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=Clock())
+    ctl.wall.plain, ctl._batch = 1.0, 2
+    ctl._rows, ctl._tokens = 4 + 1 + 4, 3 + 5  # the last step: others 4 rows / 3 tokens, this one 1 + 4 / 5
+    st = _RequestStats(hits=0.8, misses=0.2, last_drafts=4, last_tokens=5, limit=K)
+    ctl.wall.by_rows.update({r: 1.0 if r <= 8 else 2.0 for r in range(2, 10)})
+    assert ctl._best_length(st)[0] == 3
+    ctl.wall.by_rows.update({r: 1.0 if r <= 4 else 2.0 for r in range(2, 10)})
+    ctl._periods.clear()  # periods are kept for the step
+    assert ctl._best_length(st)[0] == 4
+
+
 def test_unmeasured_row_counts_are_taken_at_the_nearest_smaller_measured_cost():
     """Optimistic: an unmeasured row count costs what the nearest smaller measured one does (the
     plain period below the smallest) plus the device fit's seconds per row, at most the nearest
