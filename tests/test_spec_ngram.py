@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flashserve.spec.controller import shadow_acceptance
-from flashserve.spec.ngram import find_continuations
+from flashserve.spec.ngram import consensus_chain, find_continuations
 
 
 def _by_definition(tokens: np.ndarray, min_n: int, max_n: int, k: int, width: int) -> list[list[int]]:
@@ -42,6 +42,48 @@ def test_longest_match_wins_over_a_more_recent_shorter_one():
     assert find_continuations(tokens, 1, 4, 2, 1) == [[7, 7]]
     assert find_continuations(tokens, 1, 4, 2, 3) == [[7, 7], [9, 4]]
     assert find_continuations(tokens, 4, 4, 2, 1) == []  # no earlier 4-gram "x 1 2 3"
+
+
+def _consensus_by_definition(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    L = len(tokens)
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        suffix = tokens[L - n :].tolist()
+        starts = [s for s in range(L - 1 - n, -1, -1) if tokens[s : s + n].tolist() == suffix]  # most recent first
+        if not starts:
+            continue
+        conts = [tokens[s + n : s + n + k].tolist() for s in starts]
+        draft = []
+        while len(draft) < k:
+            agree = [c for c in conts if c[: len(draft)] == draft and len(c) > len(draft)]
+            if not agree:
+                break
+            votes = [c[len(draft)] for c in agree]
+            draft.append(max(votes, key=lambda t: (votes.count(t), -votes.index(t))))
+        return draft
+    return []
+
+
+def test_consensus_chain_equals_its_definition_on_random_contexts():
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        L, vocab = int(rng.integers(1, 60)), int(rng.integers(1, 6))
+        tokens = rng.integers(0, vocab, size=L).astype(np.int64)
+        min_n = int(rng.integers(1, 4))
+        max_n, k = int(rng.integers(min_n, 6)), int(rng.integers(0, 9))
+        assert consensus_chain(tokens, min_n, max_n, k) == _consensus_by_definition(tokens, min_n, max_n, k), \
+            (tokens.tolist(), min_n, max_n, k)
+
+
+def test_consensus_chain_copies_a_phrase_the_way_it_usually_goes():
+    # "5 6" continues "7 8" twice and "9 9" once (the most recent): the chain follows the two;
+    # at a tie the most recent occurrence decides, and a longer match outranks any count.
+    tokens = np.array([5, 6, 7, 8, 1, 5, 6, 7, 8, 2, 5, 6, 9, 9, 3, 5, 6])
+    assert consensus_chain(tokens, 1, 2, 3) == [7, 8, 2]  # the last 7 8's continuation wins the third place
+    assert find_continuations(tokens, 1, 2, 3, 1) == [[9, 9, 3]]  # the most recent occurrence alone
+    tie = np.array([5, 6, 7, 1, 5, 6, 9, 2, 5, 6])
+    assert consensus_chain(tie, 1, 2, 2) == [9, 2]
+    longer = np.array([4, 5, 6, 1, 5, 6, 7, 5, 6, 7, 4, 5, 6])  # "4 5 6" once beats "5 6" twice
+    assert consensus_chain(longer, 1, 3, 1) == [1]
 
 
 @pytest.mark.parametrize("k", [2, 4])
