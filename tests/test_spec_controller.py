@@ -6,6 +6,8 @@ fit's a + b T with a small b), so drafts accepted at 1.5 tokens per step look li
 When the wall clock says a speculative step takes 3.4x a plain one (the host's turn no longer
 overlaps the device: the H200 SmolLM2 case), the request must go back to plain decoding, and new
 requests must start plainly; when both clocks agree that speculation pays, it must stay on.
+The draft length per request (``adapt_length``) follows step periods that depend on the rows
+(blocks of 4, linear) and the per-draft acceptance; trees and a switched-off clock keep k.
 """
 
 from __future__ import annotations

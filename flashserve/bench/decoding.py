@@ -7,8 +7,8 @@ token trees) and each batch size, greedy generation over the fixed prompt sets
 text with the tokenizer's BOS for a base model without one, e.g. Gemma 3 270M: ``bench_prompts``).
 Per cell: acceptance length (tokens per verification step, from the engine's ``SpecStats``),
 drafts per verification step (below k where the proposer found fewer or ``adapt_length`` chose a
-shorter chain), decode tokens/s, the speedup over plain decoding in the same run, the share of outputs identical
-to plain decoding's (speculation is lossless: expect 100 %, up to float ties under a different
+shorter chain), decode tokens/s, the speedup over plain decoding in the same run, the share of
+outputs identical to plain decoding's (speculation is lossless: expect 100 %, up to float ties under a different
 batch shape on GPU), and how much
 of plain decoding's output repeats itself (``loop_share``: prompt lookup copies a model's loops,
 so a cell whose outputs loop measures loop copying, not the prompt kind's text). Before its
@@ -267,7 +267,8 @@ def print_methods(res: dict) -> None:
           f" {'loops':>5}  speedup (| = 1x)")
     for r in res["rows"]:
         print(f"{r['method']:<12} {r['kind']:<10} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
-              f"{r['acceptance_length']:>7.2f} {r['drafts_per_step']:>6.2f} {r['switched_off']:>4} {r['identical'] * 100:>4.0f}% "
+              f"{r['acceptance_length']:>7.2f} {r['drafts_per_step']:>6.2f} {r['switched_off']:>4} "
+              f"{r['identical'] * 100:>4.0f}% "
               f"{r['loops'] * 100:>4.0f}%  {_bar(r['speedup'])}")
 
 

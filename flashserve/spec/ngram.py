@@ -2,7 +2,7 @@
 
 The last n tokens of the context (n from ``prompt_lookup_max`` down to ``prompt_lookup_min``)
 are searched for earlier in the same context (prompt and output); the tokens that followed the
-most recent earlier match are the draft. Summaries, edits, code and retrieval answers copy long
+earlier matches are the draft. Summaries, edits, code and retrieval answers copy long
 stretches of their prompt, so the drafts are often right; they cost no model pass at all.
 
 A chain (``tree_width`` 1) follows the consensus of the longest matches: the draft grows a token
@@ -11,6 +11,7 @@ most recent match's), so a phrase the context repeats several times is copied th
 usually goes, not the way its last occurrence went. Replayed over greedy outputs of the bench's
 prompts (CPU, 96 tokens, k = 8), it takes Gemma 3 270M's summaries from 2.94 to 3.09 tokens per
 step (k = 12: 3.09 -> 3.33) and SmolLM2's from 1.64 to 1.67; chat and code move by 0-0.02.
+
 With ``tree_width`` W > 1 the continuations of the W most recent distinct matches (longest n
 first) are merged into a token tree. Host-side numpy over the Worker's token table.
 """
