@@ -266,8 +266,9 @@ class SpeculativeConfig:
     heads from ``flashserve train-heads``, ``heads``). ``num_speculative_tokens`` (k): drafts per
     step, or with ``tree_width`` > 1 the draft nodes of a token tree (SpecInfer). ``disable_by_cost``:
     switch a request back to plain decoding while its measured acceptance makes it slower.
-    ``adapt_length`` (with the off-switch on): give each request of a chain method the number of
-    drafts (1..k) that its measured acceptance and the measured step periods say pays most.
+    ``adapt_length`` (opt-in, with the off-switch on): give each request of a chain method the
+    number of drafts (1..k) that its measured acceptance and the measured step periods say pays
+    most (pays on the CPU; lost on the H200, whose step cost is flat in the rows: docs/decoding.md).
     """
 
     method: str
@@ -280,7 +281,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: shortest
     tree_width: int = 1  # > 1: branches per draft position merged into a token tree
     disable_by_cost: bool = True  # the automatic off-switch
-    adapt_length: bool = True  # drafts per request chosen by measured acceptance and step periods (chains)
+    adapt_length: bool = False  # drafts per request chosen by measured acceptance and step periods (chains)
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:

@@ -120,7 +120,7 @@ def _length_run(period_of_rows, acceptance: float, steps: int = 200, k: int = 8,
 
     rng = random.Random(0)
     clock = Clock()
-    ctl = SpeculationController(SpeculativeConfig("ngram", k, **config), clock=clock)
+    ctl = SpeculationController(SpeculativeConfig("ngram", k, **{"adapt_length": True, **config}), clock=clock)
     req = _request("r")
     granted = []
     for i in range(steps):

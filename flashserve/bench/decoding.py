@@ -44,7 +44,7 @@ from flashserve.runner.worker import resolve_device
 METHODS = {  # name -> speculative_config without k (None: plain decoding)
     "none": None,
     "ngram": {"method": "ngram"},
-    "ngram-fixed": {"method": "ngram", "adapt_length": False},  # k drafts whenever it speculates
+    "ngram-adapt": {"method": "ngram", "adapt_length": True},  # each request's chain length chosen
     "ngram-tree": {"method": "ngram", "tree_width": 2},
     "layers": {"method": "layers"},
     "layers-tree": {"method": "layers", "tree_width": 2},

@@ -27,7 +27,7 @@ new request starts plainly when that estimate at the mean acceptance so far says
 does not pay (H200, SmolLM2 at batch 1: a speculative step took 3.4x a plain one, so n-gram drafts
 accepted at 1.4-1.7 tokens per step ran at 0.44-0.56x).
 
-Draft length (``adapt_length``, chain methods). The wall-clock periods of speculative steps are
+Draft length (``adapt_length``, opt-in, chain methods). The wall-clock periods of speculative steps are
 also kept per verified row count T (the step's sequences + the drafts it verified), and each
 request's per-draft acceptance rate a as the proposer's drafts fare against the target (drafts
 accepted, and one rejection unless all were; exponential averages). A step with j drafts then
