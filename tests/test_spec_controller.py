@@ -112,6 +112,49 @@ def test_idle_gaps_and_prefill_steps_are_not_periods():
     assert ctl.wall.plain == 0.0 and ctl.wall.spec == pytest.approx(0.002)
 
 
+@pytest.mark.parametrize("flagged", [True, False])
+def test_steps_that_loaded_kernels_do_not_teach_the_cost(flagged):
+    """With an empty Triton cache the first verification steps compile kernels: 0.4 s each on the
+    device and the wall clock. Flagged (``StepCost.loaded_kernels``), they are left out, and the
+    request, whose drafts give 3 tokens per step at 1.2x a plain step's time, keeps speculating,
+    as does a new request; unflagged (the control case), those seconds switch the request off and
+    keep every new one plain."""
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    req, later = _request("r"), _request("later")
+    granted = []
+    for i in range(60):
+        k = ctl.num_spec_tokens(req) if i >= 3 else 0  # three plain steps first: the plain period
+        compiling = 3 <= i <= 6
+        period = 0.4 if compiling else DEVICE_STEP * (1.2 if k else 1.0)
+        clock.now += period
+        plan = SchedulerOutput(i, (ScheduledRequest(req.request_id, 10 + i, 1 + k, (), True, (), k),))
+        if k:
+            cost = StepCost(1 + k, 1, period if compiling else DEVICE_STEP * 1.04, 0.0, compiling and flagged)
+            result = WorkerOutput(i, {req.request_id: SampledTokens((5, 6, 7), None, k)}, cost)
+        else:
+            result = WorkerOutput(i, {}, None, tokens=[7])
+        ctl.observe(plan, result)
+        granted.append(k)
+    if flagged:
+        assert all(k == K for k in granted[3:]) and ctl.stats.num_switched_off == 0
+        assert ctl.num_spec_tokens(later) == K
+        assert ctl.wall.spec == pytest.approx(DEVICE_STEP * 1.2) and ctl.fit.coefficients()[0] < 2 * DEVICE_STEP
+    else:
+        assert ctl.stats.num_switched_off >= 1 and ctl.num_spec_tokens(later) == 0
+
+
+def test_kernel_loads_are_counted_through_tritons_hook():
+    """``flashserve.kernels.loads`` counts what Triton's load hook reports (one per kernel loaded)."""
+    import triton
+
+    from flashserve.kernels import loads
+
+    before = loads.count()
+    triton.knobs.runtime.kernel_load_end_hook(None, None, "kernel", {}, "hash")
+    assert loads.count() == before + 1
+
+
 def _length_run(period_of_rows, acceptance: float, steps: int = 200, k: int = 8, **config) -> list[int]:
     """Drafts granted per step to one request whose drafts are each accepted with probability
     ``acceptance`` (given the ones before), a step of T verified rows taking ``period_of_rows(T)``

@@ -201,6 +201,33 @@ def test_off_switch_and_per_request_setting(tiny, heads_file, references):
     assert sum(r.tokens is not None for r in results) > 5
 
 
+def test_a_step_that_loads_a_kernel_reports_it(tiny, heads_file):
+    """A kernel compiled or loaded between a speculative step's drafting and its sampling (here:
+    Triton's load hook fired from inside the proposer, as a first launch would) marks that step's
+    cost ``loaded_kernels``, and only that step's."""
+    import triton
+
+    prompts, params = workload()
+    llm = LLM(model=tiny, **BASE, speculative_config=spec_config("ngram", tiny, heads_file),
+              kv_cache_bytes=1 << 21)
+    proposer = llm.engine.executor.worker.speculator.proposer
+    calls, propose = [], proposer.propose
+
+    def propose_and_maybe_load(items):
+        calls.append(len(calls) % 3 == 1)
+        if calls[-1]:
+            triton.knobs.runtime.kernel_load_end_hook(None, None, "kernel", {}, "hash")
+        return propose(items)
+
+    proposer.propose = propose_and_maybe_load
+    costs = []
+    update = llm.engine.core.update
+    llm.engine.core.update = lambda plan, result: costs.append(result.cost) or update(plan, result)
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    measured = [c.loaded_kernels for c in costs if c is not None]
+    assert len(measured) == len(calls) > 4 and measured == calls
+
+
 def test_draft_lengths_chosen_per_step_keep_the_tokens(tiny, heads_file, references, monkeypatch):
     """``adapt_length`` hands a request a different number of drafts from step to step; the
     draft model proposes exactly that many, and the tokens stay plain decoding's."""

@@ -155,6 +155,7 @@ class StepCost(NamedTuple):
     num_seqs: int
     forward_s: float  # target forward, sampling and verification
     draft_s: float  # proposing drafts
+    loaded_kernels: bool = False  # a kernel was compiled or loaded during the step: its times do not recur
 
 
 @dataclass(frozen=True, slots=True)

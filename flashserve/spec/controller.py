@@ -14,7 +14,9 @@ the mean drafts per step k. Drafting request i lengthens the step by ``(b + d) *
 (d: drafting seconds per draft token) and saves ``L_i - 1`` tokens, each worth the step's time
 per request ``(a + b * B) / B`` of plain decoding at batch B. When the saving falls below the
 cost (with a 5 % margin), the request decodes plainly; it is tried again after 16, 32, 64 ...
-steps (its acceptance may have changed: a summary starts copying its source).
+steps (its acceptance may have changed: a summary starts copying its source). A step during
+which a kernel was compiled or loaded (``StepCost.loaded_kernels``) teaches neither the fit nor
+the wall clock: with an empty Triton cache the first verification steps cost up to a second each.
 
 The device times miss what speculation costs on the host: a speculating request's step is
 planned only after the previous step's tokens are back, so the host's turn (scheduling, drafting,
@@ -31,8 +33,9 @@ Draft length (``adapt_length``, opt-in, chain methods). The wall-clock periods o
 also kept per verified row count T (the step's sequences + the drafts it verified), and each
 request's per-draft acceptance rate a as the proposer's drafts fare against the target (drafts
 accepted, and one rejection unless all were; exponential averages). A step with j drafts then
-yields ``(1 - a^(j+1)) / (1 - a)`` tokens, and the request gets the j in 1..k whose tokens per
-second (with the other requests' rows and tokens of the last step beside it) are highest. A T not
+yields ``(1 - a^(j+1)) / (1 - a)`` tokens, and the request gets the longest j in 1..k whose tokens
+per second (with the other requests' rows and tokens of the last step beside it) are within 5 %
+of the highest (on the H200 the periods' noise made shorter lengths win by chance). A T not
 measured yet is taken to cost what the nearest smaller measured one does (the plain period at the
 batch size below the smallest) plus the device fit's seconds per row: optimistic, so it is tried
 once and then its measure decides; a row count not measured again within ``STALE_PERIODS``
@@ -69,6 +72,7 @@ EMA = 0.3  # weight of the newest step in a request's acceptance average
 DRAFT_EMA = 0.1  # the same for its per-draft acceptance rate (which sets its draft length)
 MIN_STEPS = 3  # verification steps before a request can be switched off
 MARGIN = 1.05  # the estimated speedup must exceed this to keep speculating
+LENGTH_MARGIN = 1.05  # a shorter draft length must be this much faster per second to be chosen
 FORGET = 0.97  # per-step forgetting of the step-time fit
 WALL_EMA = 0.2  # weight of the newest period in the wall-clock averages
 MAX_GAP_S = 1.0  # a longer wait between two decode steps' tokens is idleness, not a step
@@ -178,9 +182,10 @@ class _WallClock:
     count: int = 0  # speculative periods measured
     last: float | None = None  # when the previous decode step's tokens arrived
 
-    def tick(self, now: float, decode: bool, drafted: bool, rows: int = 0) -> None:
+    def tick(self, now: float, decode: bool, drafted: bool, rows: int = 0, skip: bool = False) -> None:
+        """A decode step's tokens arrived at ``now``; ``skip``: the period is not representative."""
         last, self.last = self.last, (now if decode else None)
-        if last is None or not decode or now - last > MAX_GAP_S:
+        if last is None or not decode or skip or now - last > MAX_GAP_S:
             return
         dt = now - last
         if drafted:
@@ -254,7 +259,7 @@ class SpeculationController:
                 and st.draft_acceptance is not None and bool(self.wall.by_rows))
 
     def _best_length(self, st: _RequestStats) -> tuple[int, float]:
-        """The drafts in 1..``st.limit`` that give the most tokens per second of step (module
+        """The drafts in 1..``st.limit`` that give about the most tokens per second of step (module
         docstring), and the request's estimated speedup at that length against plain decoding."""
         acceptance = st.draft_acceptance
         other_rows = max(self._rows - 1 - st.last_drafts, 0)
@@ -263,15 +268,15 @@ class SpeculationController:
         if periods is None:
             periods = self._periods[other_rows, st.limit] = [self.period(other_rows + 1 + j)
                                                              for j in range(1, st.limit + 1)]
-        best, best_rate, best_tokens = 0, -1.0, 1.0
-        tokens = power = 1.0
-        for j in range(st.limit):  # tokens: (1 - a^(j+2)) / (1 - a), summed as it goes
+        yields, tokens, power = [], 1.0, 1.0
+        for _ in range(st.limit):  # tokens: (1 - a^(j+2)) / (1 - a), summed as it goes
             power *= acceptance
             tokens += power
-            rate = (other_tokens + tokens) / periods[j]
-            if rate >= best_rate:  # a tie goes to the longer
-                best, best_rate, best_tokens = j, rate, tokens
-        return best + 1, best_tokens * self._plain_period() / periods[best]
+            yields.append(tokens)
+        rates = [(other_tokens + t) / p for t, p in zip(yields, periods)]
+        top = max(rates)  # the longest length within LENGTH_MARGIN of the best: periods are noisy
+        best = max(j for j, rate in enumerate(rates) if rate * LENGTH_MARGIN >= top)
+        return best + 1, yields[best] * self._plain_period() / periods[best]
 
     def _plain_period(self) -> float:
         """Wall seconds of a plain step at the last batch size; before one was seen, the device
@@ -349,11 +354,12 @@ class SpeculationController:
                 self.stats.num_accepted_tokens += tokens - 1
         # a step with draft slots waited for its predecessor's tokens, drafts found or not
         rows = plan.num_seqs + drafts_total
-        self.wall.tick(self.clock(), plan.num_tokens == plan.num_seqs + spec_slots, spec_slots > 0, rows)
+        loaded = cost is not None and cost.loaded_kernels  # paid for a compile: its times do not recur
+        self.wall.tick(self.clock(), plan.num_tokens == plan.num_seqs + spec_slots, spec_slots > 0, rows, loaded)
         self._batch = max(1, plan.num_seqs)
         if spec_slots:
             self._rows, self._tokens = rows, tokens_total
-        if cost is not None:
+        if cost is not None and not loaded:
             self.fit.add(cost.num_tokens, cost.forward_s, cost.draft_s, drafts_total)
         if self.config.disable_by_cost and cost is not None:
             for rid in result.sampled:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from flashserve.config import EngineConfig
-from flashserve.kernels import kv_quant
+from flashserve.kernels import kv_quant, loads
 from flashserve.kernels.tree_accept import greedy_accept
 from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.sampler import SamplerOutput, SamplingRow, logprobs_width, to_device
@@ -88,8 +88,8 @@ class Speculator:
         self.config = config.speculative
         self.worker = worker
         self.proposer = build_proposer(self.config, worker, target_source)
-        self._step_t0 = 0.0
         self._events: tuple | None = None
+        self._loads = 0  # kernels loaded before the step (``flashserve.kernels.loads``)
         self._slabs: dict[int, torch.Tensor] = {}  # layer group -> its pool rows (``_group_slabs``)
         # heads draft from the last hidden state of every step, plain ones included
         self._every_step = hasattr(self.proposer, "after_sampling")
@@ -126,6 +126,7 @@ class Speculator:
         w = self.worker
         t0 = self._mark()
         self._events = (t0, t0)
+        self._loads = loads.count()
         spec_idx = [i for i, e in enumerate(entries) if e.num_spec_tokens > 0]
         if not spec_idx:
             return entries, None
@@ -326,10 +327,12 @@ class Speculator:
         hook = getattr(self.proposer, "after_sampling", None)
         if hook is not None:
             hook(hidden, inp, states, handle, spec)
-        t0, t1 = self._events if self._events is not None else (self._mark(),) * 2
+        if self._events is None:
+            self._events, self._loads = (self._mark(),) * 2, loads.count()
+        t0, t1 = self._events
         t2 = self._mark()
-        num_tokens, num_seqs = inp.num_tokens, inp.num_seqs
-        handle.cost = lambda: StepCost(num_tokens, num_seqs, self._elapsed(t1, t2), self._elapsed(t0, t1))
+        num_tokens, num_seqs, loaded = inp.num_tokens, inp.num_seqs, loads.count() != self._loads
+        handle.cost = lambda: StepCost(num_tokens, num_seqs, self._elapsed(t1, t2), self._elapsed(t0, t1), loaded)
 
     def on_result(self, state, tokens: tuple[int, ...], handle=None, row: int = 0) -> None:
         hook = getattr(self.proposer, "on_result", None)
