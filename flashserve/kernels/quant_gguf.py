@@ -8,7 +8,7 @@ field(s) of the block or sub-block, the low nibble / high bits of its quant, the
 Types: Q8_0, Q4_0, Q4_1, Q5_0 (32-element blocks) and Q4_K, Q5_K, Q6_K (256-element blocks).
 
 ``gguf_matmul`` uses one program per ``[BLOCK_M, BLOCK_N]`` output tile and K slice, like
-``quant_gemm`` (flat GEMM with split-K for M <= 16, tiles beyond); ``gguf_dequantize`` writes a
+``quant_gemm`` (flat GEMM with split-K for M <= 64, tiles beyond); ``gguf_dequantize`` writes a
 dense copy for dequant + cuBLAS on large M. These kernels favour exactness and coverage over
 speed (byte-granular loads); the tuned batch-1 targets are the int8 / int4 / fp8 kernels.
 
@@ -350,10 +350,28 @@ def _operands(x: torch.Tensor, raw: torch.Tensor, qtype: str):
     return (x if x.stride(1) == 1 else x.contiguous()), views, row_bytes
 
 
+SLICED_MAX_M = 64  # up to here the rows fit one narrow tile and K is cut into slices (gguf_config)
+
+
+def sliced_split(n: int, k: int, device: torch.device | None = None) -> int:
+    """K slices for ``SLICED_MAX_M`` rows over 32-row weight tiles: the largest power of two up to 8
+    within two programs per SM, one 128-column tile per slice at least. H200, Gemma 3 270M's
+    products at 17-64 rows (weights past L2): the best of 1, 2, 4, 8 slices in each case."""
+    want = min(cdiv(2 * num_sms(device), cdiv(n, 32)), k // 128, 8)
+    split = 1
+    while split * 2 <= want:
+        split *= 2
+    return split
+
+
 def gguf_config(m: int, n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
-    """Fixed launch configuration per shape class."""
+    """Fixed launch configuration per shape class. Up to ``SLICED_MAX_M`` rows (a decode batch, a
+    token tree of more than 16 nodes: CUDA graphs pad 17 tokens to 32) one tile holds every row
+    and K is cut into slices, so a narrow weight still spreads over the GPU; beyond, 64 x 64 tiles."""
     if m <= FLAT_MAX_M:
         return MatmulConfig(16, 32, 128, flat_split(n, k, 32, 128, device), 4, 3)
+    if m <= SLICED_MAX_M:
+        return MatmulConfig(32 if m <= 32 else 64, 32, 128, sliced_split(n, k, device), 4, 2)
     return MatmulConfig(64, 64, 64, 1, 4, 2)
 
 

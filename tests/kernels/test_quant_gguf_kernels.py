@@ -75,6 +75,21 @@ def test_tree_rows_of_wide_32_element_weights_take_the_flat_gemm(device):
         _check_product(lambda x, raw: gguf_matmul(x, raw, qtype), qtype, 13, 1040, 256, 5, device, torch.float32)
 
 
+def test_17_to_64_rows_take_one_tile_with_k_in_slices(device):
+    """17-64 rows (a decode batch, a tree of 17+ nodes padded to a 32-token graph) get one tile of
+    32 or 64 rows and K cut into slices like the flat GEMM, against the block decoder."""
+    from flashserve.kernels.quant_gguf import SLICED_MAX_M, gguf_config, sliced_split
+
+    assert gguf_config(17, 4096, 640).block_m == 32 and gguf_config(33, 4096, 640).block_m == 64
+    assert gguf_config(SLICED_MAX_M + 1, 4096, 640) == MatmulConfig(64, 64, 64, 1, 4, 2)
+    # the H200 sweep's best slices (132 SMs) at Gemma 3 270M's q/k, gate/up, o, down and LM head
+    assert [sliced_split(n, k) for n, k in [(1280, 640), (4096, 640), (640, 1024), (640, 2048), (262144, 640)]] \
+        == [4, 2, 8, 8, 1]
+    assert gguf_config(20, 64, 1024, device).split_k == 8  # two weight tiles: K in 8 slices (the most)
+    for qtype in ("Q4_1", "Q4_K"):
+        _check_product(lambda x, raw: gguf_matmul(x, raw, qtype), qtype, 40, 64, 1024, 7, device, torch.float32)
+
+
 @pytest.mark.parametrize("qtype", list(GGUF_CODES))
 def test_gguf_dequantize_kernel_is_exact(device, qtype):
     k = 256 if qtype.endswith("_K") else 64
