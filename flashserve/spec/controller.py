@@ -235,7 +235,8 @@ class SpeculationController:
                                                                     misses=self._overall.misses, limit=k)
             if self.config.disable_by_cost and self.stats.num_steps and not self._starts(st):
                 self._switch_off(st)  # starts plainly
-        st.limit = k
+        else:
+            st.limit = k
         if st.off_until > self._step:
             return 0
         if st.times_off and not st.steps and self._shadow_says_no(request, k):
@@ -298,8 +299,9 @@ class SpeculationController:
             return table[rows]
         below = max((r for r in table if r < rows), default=None)
         above = min((r for r in table if r > rows), default=None)
+        plain = self._plain_period()
         low = (below, table[below]) if below is not None else \
-            (self._batch, self._plain_period()) if self._batch < rows and self._plain_period() > 0 else None
+            (self._batch, plain) if self._batch < rows and plain > 0 else None
         if low is None:
             return table[above]
         _, b = self.fit.coefficients()
