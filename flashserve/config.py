@@ -8,7 +8,7 @@ This module imports only the standard library.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 # Architectures one decoder implementation covers, keyed by the Hugging Face class name.
@@ -254,6 +254,10 @@ def _config_from(cls: type, value: Any, what: str) -> Any:
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"unknown {what} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in value]
+    if missing:
+        raise ValueError(f"{what} needs the key(s) {', '.join(missing)}")
     return cls(**value)
 
 

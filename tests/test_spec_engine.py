@@ -263,6 +263,8 @@ def test_sampling_with_speculation_runs_and_is_seeded(tiny, heads_file):
 
 
 def test_bad_configurations_are_clear_errors(tiny, heads_file, tmp_path):
+    with pytest.raises(ValueError, match="speculative_config needs the key.s. num_speculative_tokens"):
+        LLM(model=tiny, **BASE, speculative_config='{"method": "ngram"}')
     with pytest.raises(ValueError, match=r"num_speculative_tokens must be an integer in \[1, 16\]"):
         LLM(model=tiny, **BASE, speculative_config={"method": "ngram", "num_speculative_tokens": 0})
     with pytest.raises(ValueError, match=r"in \[1, 16\]"):
