@@ -33,7 +33,8 @@ class Clock:
 
 
 def _request(rid: str) -> Request:
-    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=1000, ignore_eos=True), [0])
+    """A request whose prompt ends in a repeat (prompt lookup finds drafts for it)."""
+    return Request(rid, [1, 2, 3, 1, 2], SamplingParams(max_tokens=1000, ignore_eos=True), [0])
 
 
 def _step(ctl: SpeculationController, clock: Clock, step: int, req: Request, accept: int, period: float) -> int:
@@ -301,16 +302,16 @@ def test_shadow_acceptance_of_trees_finds_an_older_branch():
 def _screened_run(steps: int, copies, width: int = 1) -> list[int]:
     """Drafts granted per step to an n-gram request (chains, or trees of ``width``) whose
     speculative steps take 3.4x the plain period (acceptance 2); its output at step i copies its
-    prompt when ``copies(i)``, else is new."""
+    prompt when ``copies(i)`` or in its first MIN_STEPS steps, else is new."""
     clock = Clock()
     ctl = SpeculationController(SpeculativeConfig("ngram", K, tree_width=width, adapt_length=False), clock=clock)
-    prompt = list(range(100, 160))
+    prompt = list(range(100, 160)) + [100]
     req = Request("r", prompt, SamplingParams(max_tokens=1000, ignore_eos=True), [0])
     plain, spec = DEVICE_STEP * 1.3, DEVICE_STEP * 1.3 * 3.4
     granted = []
     for i in range(steps):
         granted.append(_step(ctl, clock, i, req, 1, spec if ctl.num_spec_tokens(req) else plain))
-        req.output_token_ids.append(prompt[i % len(prompt)] if copies(i) else 5000 + i)
+        req.output_token_ids.append(prompt[1 + i % 59] if copies(i) or i < MIN_STEPS else 5000 + i)
     return granted
 
 
@@ -364,3 +365,52 @@ def test_a_request_that_turns_speculative_waits_for_its_step_in_flight():
         granted += [e.num_spec_tokens for e in plan.requests]
     assert granted[:6] == [0] * 6  # the prompt step and plain, overlapped steps while switched off
     assert K in granted[6:9], granted  # then drafts, once the step in flight is back
+
+
+def test_nothing_to_copy_decodes_plainly_in_the_overlapped_loop():
+    """An n-gram request whose tokens do not end in a repeat gets no draft slots and is planned
+    while its step is in flight, as in a plain engine (no wait for a step that would verify
+    nothing); once its tokens copy the prompt, its next step waits and drafts."""
+    from flashserve.cache.block_manager import BlockManager
+    from flashserve.config import SchedulerConfig
+    from flashserve.engine.core import EngineCore
+
+    ctl = SpeculationController(SpeculativeConfig("ngram", K, disable_by_cost=False))
+    core = EngineCore(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), BlockManager(64, 4),
+                      max_model_len=256, speculation=ctl)
+    core.add_request(Request("r", list(range(1, 9)), SamplingParams(max_tokens=1000, ignore_eos=True), [0]))
+    sampled = iter([100, 101, 102, 103, 104, 105] + list(range(3, 9)) * 20)  # then copies the prompt
+    granted, overlapped, inflight = [], [], None
+    for _ in range(14):
+        plan = core.schedule()
+        overlapped.append(inflight is not None and bool(plan.requests))
+        if inflight is not None:
+            out = {e.request_id: SampledTokens((next(sampled),)) for e in inflight.entries if e.sample}
+            core.update(inflight, WorkerOutput(inflight.step_id, out))
+        inflight = None if plan.is_empty else plan
+        granted.append(sum(e.num_spec_tokens for e in plan.requests) if plan.requests else None)
+    first = granted.index(K)
+    assert granted[:6] == [0] * 6 and all(overlapped[1:6]), (granted, overlapped)  # plain, overlapped
+    assert granted[first - 1] is None and not overlapped[first]  # waited for the repeat, then drafted
+    # the copy's first token comes from plan 6 and is known when plan 8 is made (plain, overlapped,
+    # now awaiting); plan 9's turn waits for plan 8's token, and plan 10 drafts
+    assert first == 10, granted
+
+
+@pytest.mark.parametrize("min_n", [1, 2, 3])
+def test_lookup_check_agrees_with_the_proposer(min_n):
+    """The controller's incremental n-gram index says "drafts" exactly when the proposer's match
+    search finds an earlier occurrence, on random token streams read as they grow."""
+    import numpy as np
+
+    from flashserve.spec.ngram import _matches
+
+    rng = np.random.default_rng(min_n)
+    ctl = SpeculationController(SpeculativeConfig("ngram", K, prompt_lookup_min=min_n, prompt_lookup_max=4))
+    for trial in range(20):
+        tokens = rng.integers(0, 6, size=300).tolist()
+        req = Request(f"r{trial}", tokens[:5], SamplingParams(max_tokens=1000, ignore_eos=True), [0])
+        for end in range(5, 300, 1 + trial % 3):  # tokens arrive one or several at a time
+            req.output_token_ids[:] = tokens[5:end]
+            want = len(_matches(np.asarray(tokens[:end]), min_n, 4)[0]) > 0
+            assert (ctl.num_spec_tokens(req) > 0) == want, (trial, end)

@@ -31,8 +31,8 @@ def test_beam_search_and_spec_metrics_over_http(tmp_path):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
             beams = await c.post("/v1/completions", json={"prompt": prompt, "n": 3, "use_beam_search": True,
                                                           "max_tokens": 10})
-            plain = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
-            off = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+            plain = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 32, "temperature": 0})
+            off = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 32, "temperature": 0,
                                                         "num_speculative_tokens": 0})
             streamed = await c.post("/v1/completions", json={"prompt": prompt, "n": 2, "use_beam_search": True,
                                                              "stream": True})
