@@ -108,11 +108,7 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch)
     decode steps do."""
     from flashserve import SamplingParams
     from flashserve.models.cpu_decode import CpuDecodeLayer
-    from flashserve.spec.controller import SpeculationController
 
-    # every step drafts (the prompt's branching trees come right after a new token, where the
-    # controller would otherwise decode plainly: "Nothing to copy")
-    monkeypatch.setattr(SpeculationController, "_lookup_finds", lambda self, request, st: True)
     steps = []  # (tokens, token tree or not) of each step the CPU decode layer computed
     fast = CpuDecodeLayer._decode
     monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, residual, kv, meta, *a:

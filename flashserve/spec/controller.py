@@ -45,14 +45,14 @@ k = 4 moves to 3.
 
 Nothing to copy. A speculating request's step waits for its predecessor's tokens, drafts or
 not, so a step on which prompt lookup finds nothing costs a plain step plus the host's turn. For
-n-gram drafts the controller therefore grants drafts only when the request's known tokens end
+n-gram chains the controller therefore grants drafts only when the request's known tokens end
 with ``prompt_lookup_min`` tokens seen earlier in them (then the proposer drafts something);
 otherwise the request decodes plainly in the overlapped loop, and the first step at which its
 tokens (one behind, its step in flight) end in a repeat makes its next step wait and draft.
-Replayed over Gemma 3 270M's greedy outputs of the bench's prompts with a step cost model (a
-speculative step 2.1x a plain one, a waiting step without drafts 1.5x), this moves prompt lookup
-on summaries at k = 12 from 1.19x to 1.23x with ``prompt_lookup_min`` 1 and from 1.16x to 1.36x
-with 2 (chat 2.02x -> 2.44x, code 1.15x -> 1.29x with 2).
+H200, Gemma 3 270M, chains of 12, two calls: summarize / chat / code 1.40x / 1.84x / 1.23x ->
+1.59x / 1.94x / 1.36x, and 1.38x / 1.74x / 1.22x -> 1.40x / 1.95x / 1.36x. Trees keep drafting
+every step: with the same rule, 16-node trees went from 1.16x / 1.65x / 1.20x to no verification
+step at all (every request switched off from its start; not explained yet).
 
 A retry costs verification steps. For n-gram drafts (chains and trees), which cost nothing to
 propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS``
@@ -255,7 +255,7 @@ class SpeculationController:
         if st.times_off and not st.steps and self._shadow_says_no(request, k):
             st.off_until = self._step + SHADOW_EVERY  # stays plain, screened again soon
             return 0
-        if self.config.method == "ngram" and not self._lookup_finds(request, st):
+        if self.config.method == "ngram" and self.config.tree_width == 1 and not self._lookup_finds(request, st):
             return 0  # nothing to copy: a plain step, which need not wait for the one in flight
         return self._best_length(st)[0] if self._adapts(st) else k
 
