@@ -414,3 +414,32 @@ def test_lookup_check_agrees_with_the_proposer(min_n):
             req.output_token_ids[:] = tokens[5:end]
             want = len(_matches(np.asarray(tokens[:end]), min_n, 4)[0]) > 0
             assert (ctl.num_spec_tokens(req) > 0) == want, (trial, end)
+
+
+def test_a_stale_estimate_is_renewed_by_a_try():
+    """Verification steps that took 20x a plain one (a one-time cost) switch the request off, and
+    new requests start plainly; nothing would ever measure a speculative step again. After
+    STALE_STEPS steps without one, a new request speculates, and its steps (now 1.2x a plain one,
+    4 drafts accepted of 4) bring speculation back for good."""
+    from flashserve.spec.controller import STALE_STEPS
+
+    clock = Clock()
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=clock)
+    first = _request("first")
+    for i in range(8):
+        k = ctl.num_spec_tokens(first) if i >= 2 else 0
+        _step(ctl, clock, i, first, K, DEVICE_STEP * (20 if k else 1))
+    assert ctl.stats.num_switched_off >= 1
+    assert ctl.num_spec_tokens(_request("early")) == 0  # starts plainly on the old estimate
+    step = 8
+    for _ in range(STALE_STEPS):  # plain decoding of other requests: no verification step
+        clock.now += DEVICE_STEP
+        ctl.observe(SchedulerOutput(step, (ScheduledRequest("p", 10 + step, 1, (), True),)),
+                    WorkerOutput(step, {}, None, tokens=[7]))
+        step += 1
+    late = _request("late")
+    granted = []
+    for i in range(40):
+        k = ctl.num_spec_tokens(late)
+        granted.append(_step(ctl, clock, step + i, late, K, DEVICE_STEP * (1.2 if k else 1)))
+    assert granted[0] == K and all(k == K for k in granted[MIN_STEPS:])

@@ -54,6 +54,12 @@ H200, Gemma 3 270M, chains of 12, two calls: summarize / chat / code 1.40x / 1.8
 every step: with the same rule, 16-node trees went from 1.16x / 1.65x / 1.20x to no verification
 step at all (every request switched off from its start; not explained yet).
 
+Stale estimates. With every request decoding plainly, nothing measures a speculative step, and
+new requests and screened retries would both keep reading the estimate the last verification
+steps left, however unlucky those were (one-time costs, a noisy moment). After ``STALE_STEPS``
+controller steps without a verification step, a new request starts speculating and a
+switched-off one is retried unscreened (once its wait is over), so their steps renew the estimate.
+
 A retry costs verification steps. For n-gram drafts (chains and trees), which cost nothing to
 propose, the controller first replays the proposer over the request's last ``SHADOW_TOKENS``
 outputs (the drafts it would have made, checked against the tokens that came) and retries only
@@ -88,6 +94,7 @@ FORGET = 0.97  # per-step forgetting of the step-time fit
 WALL_EMA = 0.2  # weight of the newest period in the wall-clock averages
 MAX_GAP_S = 1.0  # a longer wait between two decode steps' tokens is idleness, not a step
 STALE_PERIODS = 256  # a row count's period not measured again within this many speculative steps is forgotten
+STALE_STEPS = 1024  # steps without any verification step after which the estimates are renewed by a try
 SHADOW_TOKENS = 16  # n-gram: recent outputs the proposer is replayed over before a retry
 SHADOW_MAX_BATCH = 4  # above, retries are not screened (the replay is host work per request)
 SHADOW_EVERY = 8  # steps between two screenings of a switched-off n-gram request
@@ -232,6 +239,7 @@ class SpeculationController:
     _tokens: int = 1
     _periods: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # this step's, by (rows, k)
     _overall: _RequestStats = field(default_factory=_RequestStats)  # every request's drafts together
+    _last_verified: int = 0  # the controller step of the last verification step
 
     def __post_init__(self) -> None:
         self.stats = SpecStats(self.config.method)
@@ -252,7 +260,7 @@ class SpeculationController:
             st.limit = k
         if st.off_until > self._step:
             return 0
-        if st.times_off and not st.steps and self._shadow_says_no(request, k):
+        if st.times_off and not st.steps and not self._stale() and self._shadow_says_no(request, k):
             st.off_until = self._step + SHADOW_EVERY  # stays plain, screened again soon
             return 0
         if self.config.method == "ngram" and self.config.tree_width == 1 and not self._lookup_finds(request, st):
@@ -275,9 +283,16 @@ class SpeculationController:
             st.grams_upto = end - 1
         return tuple(tokens[end - n : end]) in st.grams
 
+    def _stale(self) -> bool:
+        """No verification step for ``STALE_STEPS`` steps: the estimates are as old as that."""
+        return self._step - self._last_verified >= STALE_STEPS
+
     def _starts(self, st: _RequestStats) -> bool:
         """Whether a new request speculates: at its best length with the engine's acceptance, or
-        at k with the engine's acceptance length, the estimate exceeds the margin."""
+        at k with the engine's acceptance length, the estimate exceeds the margin; or the
+        estimate is stale (``_stale``: one more try refreshes it)."""
+        if self._stale():
+            return True
         if self._adapts(st):
             return self._best_length(st)[1] > MARGIN
         return self.estimated_speedup(self.stats.acceptance_length, st.limit) > MARGIN
@@ -370,6 +385,8 @@ class SpeculationController:
             tokens_total += tokens
             if rid not in planned:
                 continue
+            if n:
+                self._last_verified = self._step
             st = self._requests.get(rid)
             if st is None:
                 st = self._requests[rid] = _RequestStats()
