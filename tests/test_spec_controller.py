@@ -443,3 +443,11 @@ def test_a_stale_estimate_is_renewed_by_a_try():
         k = ctl.num_spec_tokens(late)
         granted.append(_step(ctl, clock, step + i, late, K, DEVICE_STEP * (1.2 if k else 1)))
     assert granted[0] == K and all(k == K for k in granted[MIN_STEPS:])
+
+
+def test_without_overlap_nothing_to_copy_still_drafts():
+    """Where a step computes inside its launch (the CPU), plain steps hide nothing, so the
+    nothing-to-copy rule is off: a request without a repeat still gets its draft slots."""
+    req = Request("r", list(range(1, 9)), SamplingParams(max_tokens=1000, ignore_eos=True), [0])
+    assert SpeculationController(SpeculativeConfig("ngram", K)).num_spec_tokens(req) == 0
+    assert SpeculationController(SpeculativeConfig("ngram", K), host_overlaps=False).num_spec_tokens(req) == K

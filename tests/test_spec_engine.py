@@ -187,6 +187,7 @@ def test_off_switch_and_per_request_setting(tiny, heads_file, references):
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [(o.token_ids, o.finish_reason) for o in outs] == references["overlapped"][0]
     assert llm.engine.stats().spec.num_switched_off > 0
+    assert not llm.engine.speculation.host_overlaps  # a CPU engine: the nothing-to-copy rule is off
     off = [SamplingParams(**{**vars(p), "num_speculative_tokens": 0}) for p in params]
     llm2 = LLM(model=tiny, **BASE, speculative_config=spec, kv_cache_bytes=1 << 21)
     results = []  # steps without draft slots run as in a plain engine: no cost measured, a token list

@@ -138,16 +138,19 @@ class LLMEngine:
         config = self.config = replace(config, scheduler=sched_cfg)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)  # dummy weights may have no tokenizer
         self.eos_token_ids = sorted(set(mc.eos_token_ids) | ({tok_eos} - {None}))
-        self.speculation = None
         if config.speculative is not None:  # refuse an incompatible draft before any weights load
-            from flashserve.spec.controller import SpeculationController
             from flashserve.spec.proposers import check_speculative
 
             check_speculative(config.speculative, mc, self.tokenizer, self.max_model_len)
-            self.speculation = SpeculationController(config.speculative)
         self.executor = make_executor(config, mc, self.max_model_len, tuple(self.eos_token_ids))
         info = self.info = self.executor.info
         self.device = torch.device(info.device)
+        self.speculation = None
+        if config.speculative is not None:
+            from flashserve.spec.controller import SpeculationController
+
+            # a CUDA Worker launches and returns: the host's next turn runs beside the device
+            self.speculation = SpeculationController(config.speculative, host_overlaps=self.device.type == "cuda")
         self.dtype = getattr(torch, info.dtype)
         # Plans in flight while a step launches: one per pipeline stage that overlaps (1 without
         # stages), plus one with async scheduling where launching does not wait for the device.

@@ -52,7 +52,13 @@ tokens (one behind, its step in flight) end in a repeat makes its next step wait
 H200, Gemma 3 270M, chains of 12, two calls: summarize / chat / code 1.40x / 1.84x / 1.23x ->
 1.59x / 1.94x / 1.36x, and 1.38x / 1.74x / 1.22x -> 1.40x / 1.95x / 1.36x. Trees keep drafting
 every step: with the same rule, 16-node trees went from 1.16x / 1.65x / 1.20x to no verification
-step at all (every request switched off from its start; not explained yet).
+step at all (every request switched off from its start). On the CPU nothing overlaps (a step
+computes inside its launch), so there is nothing to win, and the rule is off: with it, Gemma's
+chains at k = 4 (2-core AMD EPYC) fell from 1.21x / 1.04x / 1.06x to 1.01x / 1.00x / 1.00x, every
+request switched off from its start. Seen there: without the drafting steps that found nothing
+(one row each), the device fit ``a + b T`` saw rows 2-5 only, whose costs rise steeply (the int4
+product's 4-row blocks), and fitted a = 0, b = 31 ms, so a draft looked as dear as a plain step.
+The same starving of the fit is the likely cause for trees (rows 17 nearly always).
 
 Stale estimates. With every request decoding plainly, nothing measures a speculative step, and
 new requests and screened retries would both keep reading the estimate the last verification
@@ -229,6 +235,7 @@ def _ema(mean: float, value: float) -> float:
 class SpeculationController:
     config: SpeculativeConfig
     clock: Callable[[], float] = time.perf_counter
+    host_overlaps: bool = True  # plain steps hide the host's turn (CUDA); on the CPU a step computes in its launch
     stats: SpecStats = field(init=False)
     fit: _CostFit = field(default_factory=_CostFit)
     wall: _WallClock = field(default_factory=_WallClock)
@@ -263,9 +270,15 @@ class SpeculationController:
         if st.times_off and not st.steps and not self._stale() and self._shadow_says_no(request, k):
             st.off_until = self._step + SHADOW_EVERY  # stays plain, screened again soon
             return 0
-        if self.config.method == "ngram" and self.config.tree_width == 1 and not self._lookup_finds(request, st):
+        if self._gated() and not self._lookup_finds(request, st):
             return 0  # nothing to copy: a plain step, which need not wait for the one in flight
         return self._best_length(st)[0] if self._adapts(st) else k
+
+    def _gated(self) -> bool:
+        """Whether the nothing-to-copy rule applies (module docstring): n-gram chains, where plain
+        steps overlap the host's turn."""
+        cfg = self.config
+        return cfg.method == "ngram" and cfg.tree_width == 1 and self.host_overlaps
 
     def _lookup_finds(self, request: Request, st: _RequestStats) -> bool:
         """n-gram drafts: whether the request's known tokens end with ``prompt_lookup_min`` tokens
