@@ -8,9 +8,9 @@ text with the tokenizer's BOS for a base model without one, e.g. Gemma 3 270M: `
 Per cell: acceptance length (tokens per verification step, from the engine's ``SpecStats``),
 drafts per verification step (below k where the proposer found fewer or ``adapt_length`` chose a
 shorter chain), decode tokens/s, the speedup over plain decoding in the same run, the share of
-outputs identical to plain decoding's (speculation is lossless: expect 100 %, up to float ties under a different
-batch shape on GPU), and how much
-of plain decoding's output repeats itself (``loop_share``: prompt lookup copies a model's loops,
+outputs identical to plain decoding's (speculation is lossless: expect 100 %, up to float ties
+under a different batch shape on GPU), and how much of plain decoding's output repeats itself
+(``loop_share``: prompt lookup copies a model's loops,
 so a cell whose outputs loop measures loop copying, not the prompt kind's text). Before its
 timed cells, each method's engine generates from prompts outside the measured set
 (``training_prompts``) at every batch size: the kernels, CUDA graphs and draft paths a method
