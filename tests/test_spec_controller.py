@@ -451,3 +451,31 @@ def test_without_overlap_nothing_to_copy_still_drafts():
     req = Request("r", list(range(1, 9)), SamplingParams(max_tokens=1000, ignore_eos=True), [0])
     assert SpeculationController(SpeculativeConfig("ngram", K)).num_spec_tokens(req) == 0
     assert SpeculationController(SpeculativeConfig("ngram", K), host_overlaps=False).num_spec_tokens(req) == K
+
+
+@pytest.mark.parametrize("timed_plain", [True, False])
+def test_timed_plain_steps_anchor_the_cost_fit(timed_plain):
+    """A product that works in blocks of 4 rows (the CPU's int4 kernel): 1-4 rows cost one block,
+    5 rows two. When only steps with drafts (2-5 rows) teach the fit, it reads the block step as a
+    steep line through zero, so one draft looks dear and 2 tokens per step of 2 drafts do not pay;
+    the timed plain steps (one row) put the fit's a near the block's cost, and they pay."""
+    import math
+
+    ctl = SpeculationController(SpeculativeConfig("ngram", K), clock=Clock())  # stands still: device times only
+
+    def cost(rows: int) -> float:
+        return 0.03 * math.ceil(rows / 4)
+
+    for i in range(40):
+        rows = 2 + i % 4
+        entry = ScheduledRequest("r", 10 + i, rows, (), True, (), rows - 1)
+        ctl.observe(SchedulerOutput(2 * i, (entry,)),
+                    WorkerOutput(2 * i, {"r": SampledTokens((5, 6), None, rows - 1)}, StepCost(rows, 1, cost(rows), 0.0)))
+        plain = ScheduledRequest("r", 10 + i, 1, (), True)
+        ctl.observe(SchedulerOutput(2 * i + 1, (plain,)),
+                    WorkerOutput(2 * i + 1, {}, StepCost(1, 1, cost(1), 0.0) if timed_plain else None, tokens=[7]))
+    a, b = ctl.fit.coefficients()
+    if timed_plain:
+        assert a > 0.6 * cost(1) and ctl.estimated_speedup(2.0, 2) > 1.3
+    else:
+        assert a < 0.3 * cost(1) and ctl.estimated_speedup(2.0, 2) < 1.0

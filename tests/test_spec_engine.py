@@ -190,13 +190,13 @@ def test_off_switch_and_per_request_setting(tiny, heads_file, references):
     assert not llm.engine.speculation.host_overlaps  # a CPU engine: the nothing-to-copy rule is off
     off = [SamplingParams(**{**vars(p), "num_speculative_tokens": 0}) for p in params]
     llm2 = LLM(model=tiny, **BASE, speculative_config=spec, kv_cache_bytes=1 << 21)
-    results = []  # steps without draft slots run as in a plain engine: no cost measured, a token list
+    results = []  # steps without draft slots run as in a plain engine (a few timed), a token list
     update = llm2.engine.core.update
     llm2.engine.core.update = lambda plan, result: results.append(result) or update(plan, result)
     outs = llm2.generate(prompts, off, use_tqdm=False)
     assert [(o.token_ids, o.finish_reason) for o in outs] == references["overlapped"][0]
     assert llm2.engine.stats().spec.num_steps == 0
-    assert results and all(r.cost is None for r in results)
+    assert results and all(r.cost is None or r.cost.num_tokens == r.cost.num_seqs for r in results)
     # per-request results only where a request asked for logprobs
     assert all(r.tokens is not None or any(t.logprobs for t in r.sampled.values()) for r in results if r.sampled)
     assert sum(r.tokens is not None for r in results) > 5
@@ -227,6 +227,33 @@ def test_a_step_that_loads_a_kernel_reports_it(tiny, heads_file):
     llm.generate(prompts[:2], params[:2], use_tqdm=False)
     measured = [c.loaded_kernels for c in costs if c is not None]
     assert len(measured) == len(calls) > 4 and measured == calls
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_plain_decode_steps_are_timed_for_the_off_switch(tiny, heads_file, switch):
+    """With the off-switch on, one plain decode step in ``PLAIN_TIMING_EVERY`` reports its cost
+    (one row per sequence, nothing drafted); prompt steps and, with the switch off, every plain
+    step report none."""
+    from flashserve.spec.controller import SpeculationController
+    from flashserve.spec.speculator import PLAIN_TIMING_EVERY
+
+    prompts, params = workload()
+    llm = LLM(model=tiny, **BASE, speculative_config=spec_config("ngram", tiny, heads_file, disable_by_cost=switch),
+              kv_cache_bytes=1 << 21)
+    llm.engine.core.scheduler.speculation.num_spec_tokens = lambda request: 0  # every step plain
+    assert isinstance(llm.engine.core.scheduler.speculation, SpeculationController)
+    steps = []
+    update = llm.engine.core.update
+    llm.engine.core.update = lambda plan, result: steps.append((plan, result.cost)) or update(plan, result)
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    decodes = [cost for plan, cost in steps if plan.num_seqs and plan.num_tokens == plan.num_seqs]
+    timed = [cost for cost in decodes if cost is not None]
+    assert all(cost is None for plan, cost in steps if plan.num_tokens > plan.num_seqs)
+    if not switch:
+        assert not timed
+        return
+    assert len(decodes) > 2 * PLAIN_TIMING_EVERY and len(timed) == len(decodes) // PLAIN_TIMING_EVERY
+    assert all(c.draft_s == 0 and c.forward_s > 0 and c.num_tokens == c.num_seqs for c in timed)
 
 
 def test_draft_lengths_chosen_per_step_keep_the_tokens(tiny, heads_file, references, monkeypatch):

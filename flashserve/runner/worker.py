@@ -123,6 +123,7 @@ class StepHandle:
     states: list = field(default_factory=list)  # the RequestState of each row at launch
     num_drafts: dict[str, int] | None = None  # drafts verified per request (speculative steps)
     speculative: bool = False  # the speculator took part (``Speculator.takes_part``)
+    timed: bool = False  # a plain step the speculator times (``Speculator.times_plain``)
     cost: Callable[[], StepCost] | None = None  # the step's measured cost, read after the event
     wait_s: float = 0.0  # time result() waited for the device
     host: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -444,11 +445,16 @@ class Worker:
         entries, decodes, spec = plan.requests, plan.decodes, None
         # A step without draft slots runs as in a plain engine (unless the proposer sees every step).
         speculative = self.speculator is not None and self.speculator.takes_part(plan.entries)
+        # some plain decode steps are timed all the same (the off-switch's cost fit)
+        timed = (not speculative and self.speculator is not None and plan.num_tokens == plan.num_seqs
+                 and self.speculator.times_plain())
         if speculative:  # drafts into the token table, entries with the real draft counts
             c0 = time.perf_counter()
             entries, spec = self.speculator.propose(plan.entries)
             decodes = None
             self._compute_s += time.perf_counter() - c0
+        elif timed:
+            self.speculator.start_timing()
         inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None, decodes)
         if spec is not None:
             spec.adjust_inputs(inp)
@@ -460,7 +466,7 @@ class Worker:
         rows = inp.sample_rows
         states = inp.states if len(rows) == len(inp.states) else list(map(inp.states.__getitem__, rows))
         handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, speculative=speculative,
-                            worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
+                            timed=timed, worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
@@ -499,7 +505,7 @@ class Worker:
         else:  # verify every sampling row's drafts (a row without drafts samples as above)
             handle.out = self.speculator.verify(hidden, inp, rows, spec)
             self._prev_tokens = spec.last
-        if handle.speculative:
+        if handle.speculative or handle.timed:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0
         prev = self._prev_rows  # rewritten in place (build() has read it): a new array only when the batch grew

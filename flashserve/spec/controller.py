@@ -6,8 +6,9 @@ has its steps planned only after the previous step's tokens are back (``Request.
 since drafts continue the last accepted token. Requests with 0 stay in the overlapped loop.
 
 Off-switch. Each step with draft slots the Worker reports its measured cost (``StepCost``:
-target forward + verification seconds for T tokens, drafting seconds; steps without draft slots
-run as in a plain engine and report none). The controller fits the forward time as
+target forward + verification seconds for T tokens, drafting seconds); steps without draft slots
+run as in a plain engine, and one plain decode step in 8 reports its cost too (T = its sequences:
+without them the fit would see only steps that found drafts). The controller fits the forward time as
 ``a + b * T`` (least squares with exponential forgetting, a weak prior on b) and keeps per
 request the mean tokens per verification step L (acceptance length; exponential average) and
 the mean drafts per step k. Drafting request i lengthens the step by ``(b + d) * k_i``

@@ -25,7 +25,10 @@ The Worker calls, per step:
 
 A step without draft slots (every request switched off, or prompt chunks only) takes none of
 these calls unless the proposer drafts from every step's state (``takes_part``): the Worker runs
-it as a plain engine would, with no cost measured.
+it as a plain engine would. With the off-switch on, one plain decode step in
+``PLAIN_TIMING_EVERY`` is timed all the same (``times_plain``, ``start_timing``, then
+``after_sampling``): the off-switch's cost fit needs the one-token rows too, which steps with
+drafts lack once a request drafts only when prompt lookup finds something.
 
 Nothing here waits for the device except reading the drafts a draft model made.
 """
@@ -46,6 +49,8 @@ from flashserve.layers.sampler import SamplerOutput, SamplingRow, logprobs_width
 from flashserve.sched.plan import ScheduledRequest, StepCost
 from flashserve.spec.acceptance import TreeBatch, verify
 from flashserve.spec.tree import TokenTree
+
+PLAIN_TIMING_EVERY = 8  # one plain decode step in this many is timed for the off-switch
 
 
 @dataclass
@@ -88,7 +93,8 @@ class Speculator:
         self.config = config.speculative
         self.worker = worker
         self.proposer = build_proposer(self.config, worker, target_source)
-        self._events: tuple | None = None
+        self._events: tuple | None = None  # the step's start and its forward's start (timing marks)
+        self._plain_steps = 0  # plain decode steps seen (``times_plain``)
         self._loads = 0  # kernels loaded before the step (``flashserve.kernels.loads``)
         self._slabs: dict[int, torch.Tensor] = {}  # layer group -> its pool rows (``_group_slabs``)
         # heads draft from the last hidden state of every step, plain ones included
@@ -106,7 +112,20 @@ class Speculator:
         or the proposer drafts from every step."""
         return self._every_step or any(e.num_spec_tokens for e in entries)
 
+    def times_plain(self) -> bool:
+        """Whether this plain decode step is timed (one in ``PLAIN_TIMING_EVERY``, off-switch on)."""
+        if not self.config.disable_by_cost:
+            return False
+        self._plain_steps += 1
+        return self._plain_steps % PLAIN_TIMING_EVERY == 0
+
     # ----------------------------------------------------------------- timing (StepCost)
+    def start_timing(self) -> None:
+        """Mark the start of a step (before its drafting, if any, and its forward)."""
+        t0 = self._mark()
+        self._events = (t0, t0)
+        self._loads = loads.count()
+
     def _mark(self):
         if self.worker.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
@@ -124,9 +143,7 @@ class Speculator:
     # ----------------------------------------------------------------- before the forward
     def propose(self, entries: tuple[ScheduledRequest, ...]) -> tuple[tuple[ScheduledRequest, ...], SpecStep | None]:
         w = self.worker
-        t0 = self._mark()
-        self._events = (t0, t0)
-        self._loads = loads.count()
+        self.start_timing()
         spec_idx = [i for i, e in enumerate(entries) if e.num_spec_tokens > 0]
         if not spec_idx:
             return entries, None
@@ -153,7 +170,7 @@ class Speculator:
             if probs is not None and probs[j] is not None:
                 step.draft_probs[i] = probs[j]
         step.entries = tuple(new_entries)
-        self._events = (t0, self._mark())
+        self._events = (self._events[0], self._mark())
         if not step.trees:
             return step.entries, None
         return step.entries, step
@@ -327,8 +344,6 @@ class Speculator:
         hook = getattr(self.proposer, "after_sampling", None)
         if hook is not None:
             hook(hidden, inp, states, handle, spec)
-        if self._events is None:
-            self._events, self._loads = (self._mark(),) * 2, loads.count()
         t0, t1 = self._events
         t2 = self._mark()
         num_tokens, num_seqs, loaded = inp.num_tokens, inp.num_seqs, loads.count() != self._loads
