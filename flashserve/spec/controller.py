@@ -54,12 +54,15 @@ H200, Gemma 3 270M, chains of 12, two calls: summarize / chat / code 1.40x / 1.8
 1.59x / 1.94x / 1.36x, and 1.38x / 1.74x / 1.22x -> 1.40x / 1.95x / 1.36x. Trees keep drafting
 every step: with the same rule, 16-node trees went from 1.16x / 1.65x / 1.20x to no verification
 step at all (every request switched off from its start). On the CPU nothing overlaps (a step
-computes inside its launch), so there is nothing to win, and the rule is off: with it, Gemma's
-chains at k = 4 (2-core AMD EPYC) fell from 1.21x / 1.04x / 1.06x to 1.01x / 1.00x / 1.00x, every
-request switched off from its start. Seen there: without the drafting steps that found nothing
-(one row each), the device fit ``a + b T`` saw rows 2-5 only, whose costs rise steeply (the int4
-product's 4-row blocks), and fitted a = 0, b = 31 ms, so a draft looked as dear as a plain step.
-The same starving of the fit is the likely cause for trees (rows 17 nearly always).
+computes inside its launch), so there is nothing to win, and the rule is off. Forced on there
+(Gemma, k = 4, 2-core AMD EPYC), it showed the likely reason trees stalled on the H200: without the drafting steps
+that found nothing (one row each), the device fit ``a + b T`` saw rows 2-5 only, whose costs rise
+steeply (the int4 product's 4-row blocks), fitted a = 0, b = 31 ms, priced a draft like a plain
+step, and every request switched off from its start (chains and trees alike). The Worker now
+times one plain decode step in 8 (the fit's one-row samples): forced on, chains went from
+0.99x / 1.03x / 0.97x (chat / summarize / code, 0 / 3 / 12 verification steps) to 1.17x / 1.05x /
+1.03x (90 / 54 / 51), trees from no verification on chat to 58 steps. Trees still draft every
+step until a device run says the rule pays for them.
 
 Stale estimates. With every request decoding plainly, nothing measures a speculative step, and
 new requests and screened retries would both keep reading the estimate the last verification
