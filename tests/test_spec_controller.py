@@ -469,8 +469,8 @@ def test_timed_plain_steps_anchor_the_cost_fit(timed_plain):
     for i in range(40):
         rows = 2 + i % 4
         entry = ScheduledRequest("r", 10 + i, rows, (), True, (), rows - 1)
-        ctl.observe(SchedulerOutput(2 * i, (entry,)),
-                    WorkerOutput(2 * i, {"r": SampledTokens((5, 6), None, rows - 1)}, StepCost(rows, 1, cost(rows), 0.0)))
+        sampled = {"r": SampledTokens((5, 6), None, rows - 1)}
+        ctl.observe(SchedulerOutput(2 * i, (entry,)), WorkerOutput(2 * i, sampled, StepCost(rows, 1, cost(rows), 0.0)))
         plain = ScheduledRequest("r", 10 + i, 1, (), True)
         ctl.observe(SchedulerOutput(2 * i + 1, (plain,)),
                     WorkerOutput(2 * i + 1, {}, StepCost(1, 1, cost(1), 0.0) if timed_plain else None, tokens=[7]))

@@ -466,7 +466,8 @@ class Worker:
         rows = inp.sample_rows
         states = inp.states if len(rows) == len(inp.states) else list(map(inp.states.__getitem__, rows))
         handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, speculative=speculative,
-                            timed=timed, worker=self, slots=inp.sample_slots, generations=self.batch.generation[inp.sample_slots])
+                            timed=timed, worker=self, slots=inp.sample_slots,
+                            generations=self.batch.generation[inp.sample_slots])
         hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:

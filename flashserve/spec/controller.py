@@ -7,9 +7,9 @@ since drafts continue the last accepted token. Requests with 0 stay in the overl
 
 Off-switch. Each step with draft slots the Worker reports its measured cost (``StepCost``:
 target forward + verification seconds for T tokens, drafting seconds); steps without draft slots
-run as in a plain engine, and one plain decode step in 8 reports its cost too (T = its sequences:
-without them the fit would see only steps that found drafts). The controller fits the forward time as
-``a + b * T`` (least squares with exponential forgetting, a weak prior on b) and keeps per
+run as in a plain engine, and one plain decode step in 8 reports its cost too (T = its
+sequences: without them the fit would see only steps that found drafts). The controller fits the
+forward time as ``a + b * T`` (least squares with exponential forgetting, a weak prior on b) and keeps per
 request the mean tokens per verification step L (acceptance length; exponential average) and
 the mean drafts per step k. Drafting request i lengthens the step by ``(b + d) * k_i``
 (d: drafting seconds per draft token) and saves ``L_i - 1`` tokens, each worth the step's time
@@ -55,14 +55,14 @@ H200, Gemma 3 270M, chains of 12, two calls: summarize / chat / code 1.40x / 1.8
 every step: with the same rule, 16-node trees went from 1.16x / 1.65x / 1.20x to no verification
 step at all (every request switched off from its start). On the CPU nothing overlaps (a step
 computes inside its launch), so there is nothing to win, and the rule is off. Forced on there
-(Gemma, k = 4, 2-core AMD EPYC), it showed the likely reason trees stalled on the H200: without the drafting steps
-that found nothing (one row each), the device fit ``a + b T`` saw rows 2-5 only, whose costs rise
-steeply (the int4 product's 4-row blocks), fitted a = 0, b = 31 ms, priced a draft like a plain
-step, and every request switched off from its start (chains and trees alike). The Worker now
-times one plain decode step in 8 (the fit's one-row samples): forced on, chains went from
-0.99x / 1.03x / 0.97x (chat / summarize / code, 0 / 3 / 12 verification steps) to 1.17x / 1.05x /
-1.03x (90 / 54 / 51), trees from no verification on chat to 58 steps. Trees still draft every
-step until a device run says the rule pays for them.
+(Gemma, k = 4, 2-core AMD EPYC), it showed the likely reason trees stalled on the H200: without
+the drafting steps that found nothing (one row each), the device fit ``a + b T`` saw rows 2-5
+only, whose costs rise steeply (the int4 product's 4-row blocks), fitted a = 0, b = 31 ms,
+priced a draft like a plain step, and every request switched off from its start (chains and
+trees alike). With one plain decode step in 8 timed for the fit (its one-row samples), forced
+on, chains went from 0.99x / 1.03x / 0.97x (chat / summarize / code, 0 / 3 / 12 verification
+steps) to 1.17x / 1.05x / 1.03x (90 / 54 / 51), trees from no verification on chat to 58 steps.
+Trees still draft every step until a device run says the rule pays for them.
 
 Stale estimates. With every request decoding plainly, nothing measures a speculative step, and
 new requests and screened retries would both keep reading the estimate the last verification
