@@ -229,11 +229,12 @@ def test_a_step_that_loads_a_kernel_reports_it(tiny, heads_file):
     assert len(measured) == len(calls) > 4 and measured == calls
 
 
-@pytest.mark.parametrize("switch", [True, False])
-def test_plain_decode_steps_are_timed_for_the_off_switch(tiny, heads_file, switch):
+@pytest.mark.parametrize("switch,deferred", [(True, False), (False, False), (True, True)])
+def test_plain_decode_steps_are_timed_for_the_off_switch(tiny, heads_file, references, switch, deferred):
     """With the off-switch on, one plain decode step in ``PLAIN_TIMING_EVERY`` reports its cost
     (one row per sequence, nothing drafted); prompt steps and, with the switch off, every plain
-    step report none."""
+    step report none; nor does a step whose sampling waits for the next step (as a grammar's
+    does: its span is not its cost)."""
     from flashserve.spec.controller import SpeculationController
     from flashserve.spec.speculator import PLAIN_TIMING_EVERY
 
@@ -242,14 +243,17 @@ def test_plain_decode_steps_are_timed_for_the_off_switch(tiny, heads_file, switc
               kv_cache_bytes=1 << 21)
     llm.engine.core.scheduler.speculation.num_spec_tokens = lambda request: 0  # every step plain
     assert isinstance(llm.engine.core.scheduler.speculation, SpeculationController)
+    if deferred:
+        llm.engine.executor.worker.batch.grammar_waits = lambda slots: True
     steps = []
     update = llm.engine.core.update
     llm.engine.core.update = lambda plan, result: steps.append((plan, result.cost)) or update(plan, result)
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    outs = llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    assert [(o.token_ids, o.finish_reason) for o in outs] == references["overlapped"][0][:2]
     decodes = [cost for plan, cost in steps if plan.num_seqs and plan.num_tokens == plan.num_seqs]
     timed = [cost for cost in decodes if cost is not None]
     assert all(cost is None for plan, cost in steps if plan.num_tokens > plan.num_seqs)
-    if not switch:
+    if not switch or deferred:
         assert not timed
         return
     assert len(decodes) > 2 * PLAIN_TIMING_EVERY and len(timed) == len(decodes) // PLAIN_TIMING_EVERY

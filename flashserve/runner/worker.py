@@ -478,6 +478,7 @@ class Worker:
                 # the device wait for the host's whole turn (outputs, scheduling, inputs) after
                 # it; deferred to the next execute(), the host does that turn while this forward runs.
                 self._deferred = _DeferredStep(handle, hidden, inp, spec, self._last_handle)
+                handle.timed = False  # sampled during the next step: its span is not this step's cost
             else:
                 self._sample(handle, hidden, inp, spec)
         if timing.end is not None:
