@@ -291,7 +291,7 @@ class SpeculationController:
         are indexed as the tokens arrive: ~1 us per request and call."""
         n = self.config.prompt_lookup_min
         out = request.output_token_ids
-        end = len(request.prompt_token_ids) + len(out)
+        end = request.num_known_tokens
         if end <= n:
             return False
         if n == 1 and st.grams_upto == end - 2 and len(out) >= 2:  # one new token, the usual step
