@@ -2,7 +2,8 @@
 computes, bit for bit: the logits and the KV cache of decode steps of one and of several
 sequences, and every node of a verification step (a chain of drafts, a token tree), over
 consecutive blocks (attended as a view of the cache) and scattered ones (gathered), on a tiny
-random int4 model; other steps and layers keep the general forward."""
+random int4 model (and a Q4_1 GGUF one through the native kernel); other steps and layers keep
+the general forward."""
 
 from __future__ import annotations
 
@@ -12,18 +13,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_models import PagedKVCache, make_tiny_checkpoint
+from conftest_models import PagedKVCache, make_tiny_checkpoint, write_tiny_gguf
+from flashserve.kernels import cpu_native
 from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.loader import load_model
 from flashserve.models.cpu_decode import CpuDecodeLayer, use_cpu_decode_layers
-from flashserve.quant.packed import Int4Weight
+from flashserve.quant.packed import CpuGGUFWeight, Int4Weight
 from flashserve.spec.tree import TokenTree
 
 
 def _load(folder, arch: str, quantization: str = "int4-g32"):
-    make_tiny_checkpoint(arch, folder, seed=3)
-    return load_model(str(folder), "auto", torch.float32, torch.device("cpu"), TorchAttentionBackend(),
+    """A tiny random model: quantized at load, or, for ``gguf-<type>``, written as a GGUF of that type."""
+    hf = make_tiny_checkpoint(arch, folder, seed=3)
+    path = folder
+    if quantization.startswith("gguf-"):
+        path = folder / "model.gguf"
+        write_tiny_gguf(hf, path, quantization.removeprefix("gguf-"))
+        quantization = "auto"
+    return load_model(str(path), "auto", torch.float32, torch.device("cpu"), TorchAttentionBackend(),
                       quantization=quantization)
 
 
@@ -45,10 +53,17 @@ def _run(model, config, consecutive: bool) -> tuple[list[torch.Tensor], list[tup
     return steps, cache.kv_caches
 
 
+NATIVE = pytest.param("llama3_gqa", "gguf-Q4_1", marks=pytest.mark.skipif(not cpu_native.available(),
+                                                                           reason="no native CPU kernel"))
+
+
 @pytest.mark.parametrize("consecutive", [True, False])
-@pytest.mark.parametrize("arch", ["llama3_gqa", "llama_mha_tied"])
-def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, arch, consecutive):
-    model, config = _load(tmp_path, arch)
+@pytest.mark.parametrize("arch,weights", [("llama3_gqa", "int4-g32"), ("llama_mha_tied", "int4-g32"),
+                                          NATIVE])
+def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, arch, weights, consecutive):
+    model, config = _load(tmp_path, arch, weights)
+    want_type = CpuGGUFWeight if weights.startswith("gguf") else Int4Weight
+    assert type(model.model.layers[0].mlp.down_proj.packed_parts[0]) is want_type
     want_logits, want_kv = _run(model, config, consecutive)
     assert use_cpu_decode_layers(model) == config.num_layers
     assert use_cpu_decode_layers(model) == 0  # installed once

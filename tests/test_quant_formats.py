@@ -118,10 +118,12 @@ def test_int8_weight_forward_is_its_reference():
 
 
 @pytest.mark.parametrize("qtype", list(ref.GGUF_BLOCKS))
-def test_gguf_blocks_on_cpu(qtype):
-    """One plane (4-bit types), two planes (5 and 8-bit types, and Q6_K's 16-column groups with
-    the high bits fed 8x): the product is the reference product of the exact GGUF values up to the
-    kernel's bf16 rounding."""
+def test_gguf_blocks_on_cpu(qtype, monkeypatch):
+    """torch's int4 kernel (the native one switched off, as on CPUs without AVX2; tests/test_cpu_native.py
+    covers that one). One plane (4-bit types), two planes (5 and 8-bit types, and Q6_K's 16-column
+    groups with the high bits fed 8x): the product is the reference product of the exact GGUF
+    values up to the kernel's bf16 rounding."""
+    monkeypatch.setenv("FLASHSERVE_NATIVE_CPU", "0")
     k, n = 256, 160  # 128 rows packed straight from the file's bytes (whole vector blocks), 160 not
     raw = _gguf_raw(qtype, n, k, seed=4)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(4))

@@ -6,9 +6,10 @@ rope, casts around each product, the attention backend's per-sequence bookkeepin
 gathers) as on the layer's four int4 products. ``CpuDecodeLayer`` is a forward for such a layer
 that computes a decode step with the same arithmetic in 25 computing ops (plus ~20 views):
 
-* the int4 products are called directly on bf16 activations (the op's only fast input), and their
-  bf16 outputs are widened only where fp32 math follows (rope, the SiLU gate, the returned block
-  output); a residual add takes the bf16 output as is (type promotion widens it exactly);
+* the products are called directly: torch's int4 op on bf16 activations (its only fast input),
+  its bf16 outputs widened only where fp32 math follows (rope, the SiLU gate, the returned block
+  output; a residual add takes the bf16 output as is, type promotion widens it exactly), or the
+  native GGUF kernel (``CpuGGUFWeight``) on the fp32 activations, fp32 out;
 * q and k are rotated without concatenating them (they are adjacent in the qkv output);
 * a sequence whose KV blocks are consecutive (the usual case; checked once per step) is attended
   over a view of the cache instead of gathered copies of its keys and values;
@@ -38,25 +39,33 @@ from flashserve.layers.rotary import RopeInputs
 from flashserve.models.blocks import GatedSiluMLP
 from flashserve.models.llama import KVCache, LlamaDecoderLayer
 from flashserve.quant.base import PackedLinearMethod
-from flashserve.quant.packed import Int4Weight
+from flashserve.quant.packed import CpuGGUFWeight, Int4Weight, PackedWeight
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 _BF16 = torch.bfloat16
 _MEMO_KEY = "cpu_decode_context"
 
 
-def _int4_part(linear: Linear) -> Int4Weight | None:
-    """The weight of a linear layer that is one plain int4 CPU product (its forward the one chosen
-    at build, ``Int4Weight._cpu_forward``), else None."""
+def _cpu_part(linear: Linear) -> PackedWeight | None:
+    """The weight of a linear layer that is one plain CPU product (its forward the one chosen at
+    build: ``Int4Weight._cpu_forward`` or ``CpuGGUFWeight``'s), else None."""
     if linear.bias is not None or linear.parallel is not None or not isinstance(linear.quant_method, PackedLinearMethod):
         return None
     parts = linear.packed_parts
-    if len(parts) != 1 or type(parts[0]) is not Int4Weight:  # subclasses feed x differently (Q6_K)
+    if len(parts) != 1 or "forward" not in parts[0].__dict__:  # no CPU build-time forward: permuted, padded or CUDA
         return None
     w = parts[0]
-    if w.planes != 1 or "forward" not in w.__dict__:  # no CPU build-time forward: permuted, padded or CUDA
-        return None
-    return w
+    if type(w) is CpuGGUFWeight or (type(w) is Int4Weight and w.planes == 1):  # subclasses feed x differently (Q6_K)
+        return w
+    return None
+
+
+def _product(w: PackedWeight):
+    """fp32 ``x [T, K]`` -> ``x @ W^T`` as the weight's forward computes it, without its casts."""
+    if type(w) is CpuGGUFWeight:
+        return w.forward
+    packed, group, scale_zeros = w.packed, w.group, w.scale_zeros
+    return lambda x: _INT4_MM(x.to(_BF16), packed, group, scale_zeros)  # bf16 out
 
 
 def decode_contexts(meta: AttentionMetadata, block_size: int) -> list[int | torch.Tensor] | None:
@@ -97,8 +106,8 @@ class CpuDecodeLayer:
         attn = layer.self_attn
         self.general = layer.forward
         self.attn = attn.attn  # its kv_group is set by the Worker after loading, read per step
-        parts = [_int4_part(lin) for lin in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        self.qkv, self.o, self.gate_up, self.down = ((w.packed, w.group, w.scale_zeros) for w in parts)
+        parts = [_cpu_part(lin) for lin in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        self.qkv, self.o, self.gate_up, self.down = (_product(w) for w in parts)
         # A part whose forward is replaced later (tests swap in ``reference``) sends steps to the
         # general forward, which calls it.
         self.part_forwards = [(w, w.forward) for w in parts]
@@ -113,7 +122,7 @@ class CpuDecodeLayer:
     @staticmethod
     def supports(layer: nn.Module) -> bool:
         """A plain Llama-family layer (full attention on the torch backend, whole-head rope, no
-        q/k norms, SwiGLU MLP, PyTorch elementwise ops) whose four products are int4 CPU ones."""
+        q/k norms, SwiGLU MLP, PyTorch elementwise ops) whose four products are plain CPU ones."""
         if not isinstance(layer, LlamaDecoderLayer) or type(layer.mlp) is not GatedSiluMLP:
             return False
         attn = layer.self_attn
@@ -123,7 +132,7 @@ class CpuDecodeLayer:
                  and not any(m.triton for m in (attn.rotary_emb, layer.input_layernorm,
                                                 layer.post_attention_layernorm, layer.mlp.act_fn)))
         linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-        return plain and all(_int4_part(lin) is not None for lin in linears)
+        return plain and all(_cpu_part(lin) is not None for lin in linears)
 
     def __call__(
         self,
@@ -149,7 +158,7 @@ class CpuDecodeLayer:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         residual = hidden if residual is None else hidden + residual  # [T, hidden] fp32
         h = torch.rms_norm(residual, self.hidden_shape, *self.norm1)
-        qkv = _INT4_MM(h.to(_BF16), *self.qkv)  # [T, (H + 2 Hkv) D] bf16
+        qkv = self.qkv(h)  # [T, (H + 2 Hkv) D] bf16 or fp32
         # rope on q and k together: x * [cos, cos] + swap_halves(x) * [-sin, sin] (``rotate_q_k``)
         x = qkv[:, : self.qk_size].float().view(T, H + Hkv, D)
         x = x * rope.cos_full + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * rope.sin_signed
@@ -178,11 +187,11 @@ class CpuDecodeLayer:
                 outs.append(out.view(1, H * D))
                 row += 1
         attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
-        residual = _INT4_MM(attn_out.to(_BF16), *self.o) + residual  # bf16 + fp32: the exact fp32 sum
+        residual = self.o(attn_out) + residual  # bf16 + fp32: the exact fp32 sum
         h = torch.rms_norm(residual, self.hidden_shape, *self.norm2)
-        gate_up = _INT4_MM(h.to(_BF16), *self.gate_up).float()  # [T, 2 I]
+        gate_up = self.gate_up(h).float()  # [T, 2 I]
         act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
-        return _INT4_MM(act.to(_BF16), *self.down).float(), residual
+        return self.down(act).float(), residual
 
 
 def use_cpu_decode_layers(model: nn.Module) -> int:

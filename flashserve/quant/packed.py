@@ -10,13 +10,14 @@ built for:
 | int4 group-wise | Triton ``wq_matmul`` | ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 | fp8 e4m3, weight only | Triton ``wq_matmul`` | emulated: fp8-rounded weights, dense matmul |
 | fp8 e4m3, W8A8 | per-token fp8 activations + ``torch._scaled_mm`` | emulated likewise |
-| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | int4 CPU kernel (exact re-expression) |
+| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q8_0: the file's bytes, ``cpu_native`` (int16 activations); others: int4 CPU kernel (exact re-expression) |
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
 ``invariant(x)`` is the batch-invariant mode's product on CUDA (``flashserve.layers.batch_invariant``):
 the fused kernel with one launch configuration for every M.
-CPU outputs are rounded to bf16 by torch's kernels and cast back to x's dtype.
+CPU outputs are rounded to bf16 by torch's kernels and cast back to x's dtype; the native GGUF
+kernel (``flashserve.kernels.cpu_native``, where it builds) returns fp32.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.kernels import quant_cpu, quant_reference as ref
+from flashserve.kernels import cpu_native, quant_cpu, quant_reference as ref
 
 DEQUANT_MIN_M = 2048  # CUDA: rows from which dequantize + cuBLAS replaces the fused kernel
 
@@ -332,13 +333,40 @@ class GGUFWeight(PackedWeight):
         return ref.gguf_dequantize(self.raw, self.qtype)
 
 
+class CpuGGUFWeight(PackedWeight):
+    """A Q4_0, Q4_1 or Q8_0 GGUF matrix on the CPU, kept in the file's blocks and multiplied by
+    ``cpu_native``'s kernel: each row of x quantized to int16 per 32 columns, integer dot
+    products, fp32 out. A row's result does not depend on the call's other rows."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = raw.shape[0], in_features
+        self.qtype = qtype
+        self.label = f"gguf-{qtype}"
+        self.register_buffer("raw", raw.contiguous(), persistent=False)
+        self.forward = self._forward  # chosen once, like ``Int4Weight._cpu_forward``
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_native.matmul(x, self.raw, self.qtype)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return ref.gguf_dequantize(self.raw, self.qtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_native.matmul_reference(x, self.raw, self.qtype).to(x.dtype)
+
+
 def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device) -> PackedWeight:
-    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU torch's int4 kernel with
-    the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit ``u`` in
-    one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column groups as
-    ``Q6KWeight`` describes."""
+    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q8_0 blocks
+    as they are for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
+    with the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit
+    ``u`` in one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column
+    groups as ``Q6KWeight`` describes."""
     if device.type == "cuda":
         return GGUFWeight(raw.to(device), qtype, in_features)
+    if qtype in cpu_native.QTYPES and cpu_native.available():
+        return CpuGGUFWeight(raw, qtype, in_features)
     if qtype == "Q6_K":
         return Q6KWeight(raw)
     a, c = ref.gguf_group_scales(raw, qtype)

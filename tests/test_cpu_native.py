@@ -1,0 +1,83 @@
+"""The native GGUF CPU kernel (``flashserve.kernels.cpu_native``) against its torch reference and
+the exact product: int16 activation blocks bit for bit, products to fp32 summation order, a row's
+result independent of the call's other rows and of the thread count, bad shapes refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashserve.kernels import cpu_native as cn
+from flashserve.kernels import quant_reference as ref
+from flashserve.quant.packed import CpuGGUFWeight, Int4Weight, gguf_weight
+
+pytestmark = pytest.mark.skipif(not cn.available(), reason="no AVX2/FMA/F16C CPU or no C compiler")
+QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def _x(m: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, k // 32, 1, generator=g).repeat_interleave(32, 1).view(m, k) * 4
+    x[0, :32] = 0.0  # an all-zero block: scale 0
+    return x
+
+
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_activation_blocks_equal_reference_bit_for_bit(k):
+    x = _x(5, k, seed=k)
+    q, d, s = cn.unpack_blocks(cn.quantize_rows(x))
+    rq, rd, rs = cn.quantize_rows_reference(x)
+    assert torch.equal(q, rq) and torch.equal(d, rd) and torch.equal(s, rs)
+    assert int(q.abs().max()) == 32767 and float(d[0, 0]) == 0.0
+    blocks = (q.float().view(5, -1, 32) * d[..., None]).view(5, k)
+    assert ((blocks - x).abs() <= d.repeat_interleave(32, 1) * 0.51).all()  # rounded to nearest, up to x * (1 / d)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n,k,m", [(37, 96, 1), (48, 576, 3), (16, 64, 17)])
+def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
+    raw = ref.random_gguf_blocks(qtype, n, k, seed=n + k)
+    x = _x(m, k, seed=m)
+    y = cn.matmul(x, raw, qtype)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    want = cn.matmul_reference(x, raw, qtype)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    exact = x.double() @ ref.gguf_dequantize(raw, qtype).double().t()
+    assert float((y.double() - exact).abs().max() / exact.abs().max()) < 2e-4  # int16 activations
+    bf16 = x.bfloat16().double() @ ref.gguf_dequantize(raw, qtype).double().t()
+    assert (y.double() - exact).norm() < (bf16 - exact).norm() / 10  # far closer than bf16 activations
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_row_results_do_not_depend_on_other_rows_or_threads(qtype):
+    raw = ref.random_gguf_blocks(qtype, 80, 192, seed=5)
+    x = _x(6, 192, seed=9)
+    y = cn.matmul(x, raw, qtype)
+    for i in range(6):
+        assert torch.equal(cn.matmul(x[i : i + 1], raw, qtype), y[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(cn.matmul(x, raw, qtype), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_shapes_are_refused():
+    raw = ref.random_gguf_blocks("Q4_1", 16, 64, seed=0)
+    with pytest.raises(ValueError, match="x has 96 columns, the Q4_1 matrix 64"):
+        cn.matmul(torch.randn(2, 96), raw, "Q4_1")
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gguf_weight_uses_the_native_kernel_unless_switched_off(qtype, monkeypatch):
+    raw = ref.random_gguf_blocks(qtype, 64, 96, seed=2)
+    w = gguf_weight(raw, qtype, 96, torch.device("cpu"))
+    assert type(w) is CpuGGUFWeight and w.raw.data_ptr() == raw.data_ptr()  # the file's bytes, no copy
+    x = _x(3, 96, seed=4)
+    assert torch.equal(w(x), cn.matmul(x, raw, qtype))
+    assert torch.equal(w(x.bfloat16()), cn.matmul(x.bfloat16(), raw, qtype).bfloat16())
+    torch.testing.assert_close(w.reference(x), w(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.dequantize(), ref.gguf_dequantize(raw, qtype))
+    monkeypatch.setenv("FLASHSERVE_NATIVE_CPU", "0")
+    assert type(gguf_weight(raw, qtype, 96, torch.device("cpu"))) is Int4Weight
