@@ -1,6 +1,8 @@
 """The native GGUF CPU kernel (``flashserve.kernels.cpu_native``) against its torch reference and
-the exact product: int16 activation blocks bit for bit, products to fp32 summation order, a row's
-result independent of the call's other rows and of the thread count, bad shapes refused."""
+the exact product: the split planes hold the file's values exactly, int16 activation blocks bit
+for bit, products to fp32 summation order (row lengths of whole groups of eight blocks and of a
+tail), a row's result independent of the call's other rows and of the thread count, bad shapes
+refused; and its RMSNorm against torch's."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _x(m: int, k: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("k", [32, 96, 576])
 def test_activation_blocks_equal_reference_bit_for_bit(k):
     x = _x(5, k, seed=k)
-    q, d, s = cn.unpack_blocks(cn.quantize_rows(x))
+    q, d, s = cn.quantize_rows(x)
     rq, rd, rs = cn.quantize_rows_reference(x)
     assert torch.equal(q, rq) and torch.equal(d, rd) and torch.equal(s, rs)
     assert int(q.abs().max()) == 32767 and float(d[0, 0]) == 0.0
@@ -34,13 +36,15 @@ def test_activation_blocks_equal_reference_bit_for_bit(k):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("n,k,m", [(37, 96, 1), (48, 576, 3), (16, 64, 17)])
+@pytest.mark.parametrize("n,k,m", [(37, 96, 1), (48, 576, 3), (16, 64, 17), (20, 512, 2)])
 def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
     raw = ref.random_gguf_blocks(qtype, n, k, seed=n + k)
+    w = cn.split_blocks(raw, qtype)
+    torch.testing.assert_close(cn.dequantize(w, qtype), ref.gguf_dequantize(raw, qtype), rtol=0, atol=0)
     x = _x(m, k, seed=m)
-    y = cn.matmul(x, raw, qtype)
+    y = cn.matmul(x, w, qtype)
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    want = cn.matmul_reference(x, raw, qtype)
+    want = cn.matmul_reference(x, w, qtype)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     exact = x.double() @ ref.gguf_dequantize(raw, qtype).double().t()
     assert float((y.double() - exact).abs().max() / exact.abs().max()) < 2e-4  # int16 activations
@@ -50,34 +54,52 @@ def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_row_results_do_not_depend_on_other_rows_or_threads(qtype):
-    raw = ref.random_gguf_blocks(qtype, 80, 192, seed=5)
-    x = _x(6, 192, seed=9)
-    y = cn.matmul(x, raw, qtype)
+    w = cn.split_blocks(ref.random_gguf_blocks(qtype, 80, 320, seed=5), qtype)  # 10 blocks: 8 + a tail
+    x = _x(6, 320, seed=9)
+    y = cn.matmul(x, w, qtype)
     for i in range(6):
-        assert torch.equal(cn.matmul(x[i : i + 1], raw, qtype), y[i : i + 1])
+        assert torch.equal(cn.matmul(x[i : i + 1], w, qtype), y[i : i + 1])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch.equal(cn.matmul(x, raw, qtype), y)
+        assert torch.equal(cn.matmul(x, w, qtype), y)
     finally:
         torch.set_num_threads(threads)
 
 
 def test_bad_shapes_are_refused():
-    raw = ref.random_gguf_blocks("Q4_1", 16, 64, seed=0)
+    w = cn.split_blocks(ref.random_gguf_blocks("Q4_1", 16, 64, seed=0), "Q4_1")
     with pytest.raises(ValueError, match="x has 96 columns, the Q4_1 matrix 64"):
-        cn.matmul(torch.randn(2, 96), raw, "Q4_1")
+        cn.matmul(torch.randn(2, 96), w, "Q4_1")
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gguf_weight_uses_the_native_kernel_unless_switched_off(qtype, monkeypatch):
     raw = ref.random_gguf_blocks(qtype, 64, 96, seed=2)
     w = gguf_weight(raw, qtype, 96, torch.device("cpu"))
-    assert type(w) is CpuGGUFWeight and w.raw.data_ptr() == raw.data_ptr()  # the file's bytes, no copy
+    assert type(w) is CpuGGUFWeight
+    assert sum(b.numel() * b.element_size() for b in w.buffers()) == raw.numel()  # the same bytes
     x = _x(3, 96, seed=4)
-    assert torch.equal(w(x), cn.matmul(x, raw, qtype))
-    assert torch.equal(w(x.bfloat16()), cn.matmul(x.bfloat16(), raw, qtype).bfloat16())
+    assert torch.equal(w(x), cn.matmul(x, cn.split_blocks(raw, qtype), qtype))
+    assert torch.equal(w(x.bfloat16()), w(x.bfloat16().float()).bfloat16())
     torch.testing.assert_close(w.reference(x), w(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.dequantize(), ref.gguf_dequantize(raw, qtype))
     monkeypatch.setenv("FLASHSERVE_NATIVE_CPU", "0")
     assert type(gguf_weight(raw, qtype, 96, torch.device("cpu"))) is Int4Weight
+
+
+@pytest.mark.parametrize("dim", [7, 100, 576])
+def test_rms_norm_equals_torch_and_autograd_keeps_torch(dim):
+    from flashserve.layers.norm import rms_norm
+
+    g = torch.Generator().manual_seed(dim)
+    x, w = torch.randn(2, 3, dim, generator=g) * 3, torch.randn(dim, generator=g)
+    want = torch.rms_norm(x, (dim,), w, 1e-6)
+    with torch.no_grad():
+        got = rms_norm(x, w, 1e-6)
+        torch.testing.assert_close(got, cn.rms_norm(x, w, 1e-6), rtol=0, atol=0)
+        torch.testing.assert_close(rms_norm(x[:, 1], w, 1e-6), got[:, 1], rtol=0, atol=0)  # a strided view
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    wg = w.clone().requires_grad_()
+    y = rms_norm(x, wg, 1e-6)  # autograd on: torch's op, differentiable
+    assert y.requires_grad and torch.equal(y.detach(), want)

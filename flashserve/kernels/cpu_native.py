@@ -4,11 +4,16 @@ On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
 blocks as they are, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1
 and Q8_0 with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
-(llama.cpp uses int8: 300x the error, and no faster here, where a step's time goes to reading
-the weights). This module compiles it once per source version with the system's C compiler
+(llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
+load (quants, fp16 scales, fp16 offsets: ``split_blocks``, the same bytes) so that eight blocks'
+scales convert in one instruction. This module compiles it once per source version with the system's C compiler
 (``cc``; OpenMP for threads, resolved to torch's own runtime, already loaded) into the user's
 cache folder and calls it through ctypes. ``available()`` is False, and the callers keep torch's
 kernels, where the CPU lacks those instructions, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
+
+The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
+``flashserve.layers.norm``): torch's composite one costs ~16 us a row at SmolLM2's width, 61
+calls a decode step.
 
 ``quantize_rows_reference`` and ``matmul_reference`` compute the same arithmetic in torch: the
 int16 activations and their scales bit for bit, the products up to fp32 summation order.
@@ -24,13 +29,13 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
 QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-XBLOCK_BYTES = 72  # fp32 d, fp32 d * sum(q), 32 int16
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 ENV = "FLASHSERVE_NATIVE_CPU"
 
@@ -74,10 +79,12 @@ def _library() -> ctypes.CDLL | None:
                       "using torch's int4 CPU kernel instead", RuntimeWarning, stacklevel=2)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.fs_quantize_rows.argtypes = [p, i64, i64, p]
+    lib.fs_quantize_rows.argtypes = [p, i64, i64, p, p, p]
     lib.fs_quantize_rows.restype = None
-    lib.fs_matmul.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.fs_matmul.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, p, ctypes.c_int]
     lib.fs_matmul.restype = ctypes.c_int
+    lib.fs_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
+    lib.fs_rms_norm.restype = None
     return lib
 
 
@@ -87,33 +94,62 @@ def available() -> bool:
     return os.environ.get(ENV, "1") != "0" and _library() is not None
 
 
-def quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x [M, K]`` -> the kernel's activation blocks, uint8 ``[M, K / 32, 72]``."""
+class Planes(NamedTuple):
+    """A GGUF matrix as the kernel reads it: ``qs`` uint8 ``[N, K / 2]`` (4-bit types) or
+    ``[N, K]`` (Q8_0, int8 values), ``d`` fp16 scales and ``m`` fp16 offsets (Q4_1, else None)
+    ``[N, K / 32]``."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+
+def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
+    """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes (a byte copy)."""
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, BLOCK_BYTES[qtype])
+    quants = 4 if qtype == "Q4_1" else 2  # where the quants start: after d (and m)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, -1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, -1) if qtype == "Q4_1" else None
+    return Planes(blocks[..., quants:].reshape(n, -1).contiguous(), d, m)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``x [M, K]`` -> what the kernel multiplies: int16 ``q [M, K]``, fp32 scales ``dx`` and
+    ``sx = dx * sum(q)`` ``[M, K / 32]``."""
     x = x.float().contiguous()
     m, k = x.shape
-    out = torch.empty(m, k // 32, XBLOCK_BYTES, dtype=torch.uint8)
-    _library().fs_quantize_rows(x.data_ptr(), m, k, out.data_ptr())
-    return out
+    q, dx, sx = torch.empty(m, k, dtype=torch.int16), torch.empty(m, k // 32), torch.empty(m, k // 32)
+    _library().fs_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), dx.data_ptr(), sx.data_ptr())
+    return q, dx, sx
 
 
-def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str) -> torch.Tensor:
-    """``x [M, K]`` (any float dtype) times the GGUF matrix ``raw`` (uint8 ``[N, row_bytes]``,
-    contiguous) transposed -> fp32 ``[M, N]``."""
+def matmul(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
+    """``x [M, K]`` (any float dtype) times the GGUF matrix ``w`` transposed -> fp32 ``[M, N]``."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     m, k = x.shape
-    if k * BLOCK_BYTES[qtype] != raw.shape[1] * 32:  # the kernel would read past the rows
-        raise ValueError(f"cpu_native: x has {k} columns, the {qtype} matrix {raw.shape[1] // BLOCK_BYTES[qtype] * 32}")
-    y = torch.empty(m, raw.shape[0])
-    if _library().fs_matmul(QTYPES[qtype], raw.data_ptr(), raw.shape[0], k, x.data_ptr(), m, y.data_ptr(),
-                            torch.get_num_threads()):
+    n = w.qs.shape[0]
+    if k != w.d.shape[1] * 32:  # the kernel would read past the rows
+        raise ValueError(f"cpu_native: x has {k} columns, the {qtype} matrix {w.d.shape[1] * 32}")
+    y = torch.empty(m, n)
+    if _library().fs_matmul(QTYPES[qtype], w.qs.data_ptr(), w.d.data_ptr(), 0 if w.m is None else w.m.data_ptr(),
+                            n, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"cpu_native: no memory for the int16 blocks of a [{m}, {k}] activation")
     return y
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 ``x [..., D]`` normalised over D and scaled by fp32 ``weight [D]`` (no autograd)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    _library().fs_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), x.numel() // dim, dim, eps, out.data_ptr())
+    return out
+
+
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What ``fs_quantize_rows`` computes: int16 ``q [M, K]``, fp32 scales ``d`` and ``d * sum(q)``
-    ``[M, K / 32]``."""
+    """``quantize_rows`` in torch, bit for bit."""
     m, k = x.shape
     b = x.float().reshape(m, k // 32, 32)
     d = b.abs().amax(dim=-1) / 32767.0
@@ -123,20 +159,29 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.reshape(m, k), d, s
 
 
-def unpack_blocks(x_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's activation blocks (``quantize_rows``) as ``quantize_rows_reference`` returns them."""
-    m, nb, _ = x_blocks.shape
-    head = x_blocks[..., :8].contiguous().view(torch.float32)  # [M, NB, 2]
-    return x_blocks[..., 8:].contiguous().view(torch.int16).reshape(m, nb * 32), head[..., 0], head[..., 1]
+def affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w = a * u + c`` per 32 columns: integer ``u [N, K]`` (int16), fp32 ``a`` and ``c`` ``[N, K / 32]``."""
+    a = w.d.float()
+    if qtype == "Q8_0":
+        return w.qs.view(torch.int8).to(torch.int16), a, torch.zeros_like(a)
+    n = w.qs.shape[0]
+    b = w.qs.reshape(n, -1, 1, 16)
+    u = torch.cat([b & 15, b >> 4], dim=2).reshape(n, -1).to(torch.int16)  # columns i, then i + 16
+    return u, a, w.m.float() if qtype == "Q4_1" else -8.0 * a
 
 
-def matmul_reference(x: torch.Tensor, raw: torch.Tensor, qtype: str) -> torch.Tensor:
-    """``matmul`` in torch: per block ``a * dx * dot(u, xq) + c * s`` with the file's ``w = a u + c``."""
-    from flashserve.kernels import quant_reference as ref
+def dequantize(w: Planes, qtype: str) -> torch.Tensor:
+    """fp32 ``[N, K]``."""
+    u, a, c = affine(w, qtype)
+    n = u.shape[0]
+    return (u.float().reshape(n, -1, 32) * a[..., None] + c[..., None]).reshape(n, -1)
 
-    q, d, s = quantize_rows_reference(x)
-    u, a, c = ref.gguf_affine(raw, qtype)  # u [N, K] unsigned, a / c [N, K / 32]
+
+def matmul_reference(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
+    """``matmul`` in torch: per block ``a * dx * dot(u, xq) + c * sx``, in fp64, rounded to fp32."""
+    q, dx, sx = quantize_rows_reference(x)
+    u, a, c = affine(w, qtype)
     m, k = q.shape
     dots = torch.einsum("mbi,nbi->mnb", q.double().reshape(m, k // 32, 32), u.double().reshape(-1, k // 32, 32))
-    y = (a.double()[None] * d.double()[:, None] * dots).sum(-1) + (c.double()[None] * s.double()[:, None]).sum(-1)
+    y = (a.double()[None] * dx.double()[:, None] * dots).sum(-1) + (c.double()[None] * sx.double()[:, None]).sum(-1)
     return y.float()

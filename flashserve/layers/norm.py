@@ -5,14 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flashserve.kernels import cpu_native
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise the last dim in fp32, then scale by ``weight`` in the input dtype (as HF Llama).
+    fp32 on the CPU without autograd: the native kernel where it runs (``cpu_native.rms_norm``).
 
     x: [..., d], weight: [d] -> [..., d]
     """
     dtype = x.dtype
-    if dtype == torch.float32:  # the same formula in one fused op (fewer dispatches at batch-1 decode)
+    if dtype == torch.float32:  # the same formula in one call (fewer dispatches at batch-1 decode)
+        if (x.device.type == "cpu" and weight.dtype == dtype and not torch.is_grad_enabled()
+                and cpu_native.available()):
+            return cpu_native.rms_norm(x, weight, eps)
         return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     var = xf.pow(2).mean(dim=-1, keepdim=True)

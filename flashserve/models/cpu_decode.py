@@ -35,6 +35,7 @@ from flashserve.layers.attention import TorchAttentionBackend, context_slots
 from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
 from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
+from flashserve.layers.norm import rms_norm
 from flashserve.layers.rotary import RopeInputs
 from flashserve.models.blocks import GatedSiluMLP
 from flashserve.models.llama import KVCache, LlamaDecoderLayer
@@ -113,7 +114,6 @@ class CpuDecodeLayer:
         self.part_forwards = [(w, w.forward) for w in parts]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.norm1, self.norm2 = (n1.weight, n1.eps), (n2.weight, n2.eps)
-        self.hidden_shape = (n1.hidden_size,)
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.qk_size = attn.q_size + attn.kv_size  # q then k in the qkv output, v after
         self.scale = attn.attn.scale
@@ -157,7 +157,7 @@ class CpuDecodeLayer:
         T = hidden.shape[0]  # one new token per sequence, or a verification's drafted tokens too
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         residual = hidden if residual is None else hidden + residual  # [T, hidden] fp32
-        h = torch.rms_norm(residual, self.hidden_shape, *self.norm1)
+        h = rms_norm(residual, *self.norm1)
         qkv = self.qkv(h)  # [T, (H + 2 Hkv) D] bf16 or fp32
         # rope on q and k together: x * [cos, cos] + swap_halves(x) * [-sin, sin] (``rotate_q_k``)
         x = qkv[:, : self.qk_size].float().view(T, H + Hkv, D)
@@ -188,7 +188,7 @@ class CpuDecodeLayer:
                 row += 1
         attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
         residual = self.o(attn_out) + residual  # bf16 + fp32: the exact fp32 sum
-        h = torch.rms_norm(residual, self.hidden_shape, *self.norm2)
+        h = rms_norm(residual, *self.norm2)
         gate_up = self.gate_up(h).float()  # [T, 2 I]
         act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
         return self.down(act).float(), residual

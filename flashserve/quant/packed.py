@@ -10,7 +10,7 @@ built for:
 | int4 group-wise | Triton ``wq_matmul`` | ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 | fp8 e4m3, weight only | Triton ``wq_matmul`` | emulated: fp8-rounded weights, dense matmul |
 | fp8 e4m3, W8A8 | per-token fp8 activations + ``torch._scaled_mm`` | emulated likewise |
-| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q8_0: the file's bytes, ``cpu_native`` (int16 activations); others: int4 CPU kernel (exact re-expression) |
+| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q8_0: ``cpu_native`` on the block fields (int16 activations); others: int4 CPU kernel (exact re-expression) |
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
@@ -334,32 +334,40 @@ class GGUFWeight(PackedWeight):
 
 
 class CpuGGUFWeight(PackedWeight):
-    """A Q4_0, Q4_1 or Q8_0 GGUF matrix on the CPU, kept in the file's blocks and multiplied by
-    ``cpu_native``'s kernel: each row of x quantized to int16 per 32 columns, integer dot
-    products, fp32 out. A row's result does not depend on the call's other rows."""
+    """A Q4_0, Q4_1 or Q8_0 GGUF matrix on the CPU for ``cpu_native``'s kernel: the file's block
+    fields in planes (``cpu_native.split_blocks``); each row of x quantized to int16 per 32
+    columns, integer dot products, fp32 out. A row's result does not depend on the call's other
+    rows."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, in_features: int) -> None:
         super().__init__()
         self.out_features, self.in_features = raw.shape[0], in_features
         self.qtype = qtype
         self.label = f"gguf-{qtype}"
-        self.register_buffer("raw", raw.contiguous(), persistent=False)
+        qs, d, m = cpu_native.split_blocks(raw, qtype)
+        self.register_buffer("qs", qs, persistent=False)
+        self.register_buffer("d", d, persistent=False)
+        self.register_buffer("m", m, persistent=False)
         self.forward = self._forward  # chosen once, like ``Int4Weight._cpu_forward``
 
+    @property
+    def planes(self) -> cpu_native.Planes:
+        return cpu_native.Planes(self.qs, self.d, self.m)  # read per call: moving the buffers is allowed
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_native.matmul(x, self.raw, self.qtype)
+        y = cpu_native.matmul(x, self.planes, self.qtype)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return ref.gguf_dequantize(self.raw, self.qtype)
+        return cpu_native.dequantize(self.planes, self.qtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_native.matmul_reference(x, self.raw, self.qtype).to(x.dtype)
+        return cpu_native.matmul_reference(x, self.planes, self.qtype).to(x.dtype)
 
 
 def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device) -> PackedWeight:
     """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q8_0 blocks
-    as they are for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
+    for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
     with the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit
     ``u`` in one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column
     groups as ``Q6KWeight`` describes."""
