@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -124,19 +124,33 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, dx, sx
 
 
-def matmul(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
-    """``x [M, K]`` (any float dtype) times the GGUF matrix ``w`` transposed -> fp32 ``[M, N]``."""
+def _product(lib: ctypes.CDLL, code: int, pointers: tuple[int, int, int], n: int, k: int, qtype: str,
+             x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
-    m, k = x.shape
-    n = w.qs.shape[0]
-    if k != w.d.shape[1] * 32:  # the kernel would read past the rows
-        raise ValueError(f"cpu_native: x has {k} columns, the {qtype} matrix {w.d.shape[1] * 32}")
+    m = x.shape[0]
+    if x.shape[1] != k:  # the kernel would read past the rows
+        raise ValueError(f"cpu_native: x has {x.shape[1]} columns, the {qtype} matrix {k}")
     y = torch.empty(m, n)
-    if _library().fs_matmul(QTYPES[qtype], w.qs.data_ptr(), w.d.data_ptr(), 0 if w.m is None else w.m.data_ptr(),
-                            n, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads()):
+    if lib.fs_matmul(code, *pointers, n, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"cpu_native: no memory for the int16 blocks of a [{m}, {k}] activation")
     return y
+
+
+def _pointers(w: Planes) -> tuple[int, int, int]:
+    return w.qs.data_ptr(), w.d.data_ptr(), 0 if w.m is None else w.m.data_ptr()
+
+
+def matmul(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
+    """``x [M, K]`` (any float dtype) times the GGUF matrix ``w`` transposed -> fp32 ``[M, N]``."""
+    return _product(_library(), QTYPES[qtype], _pointers(w), w.qs.shape[0], w.d.shape[1] * 32, qtype, x)
+
+
+def bind(w: Planes, qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``matmul`` with ``w``'s addresses read once (the CPU decode layer's products, ~5 us a call
+    less): only for weights that no longer move (``.to()``, the huge-page packing)."""
+    return functools.partial(_product, _library(), QTYPES[qtype], _pointers(w), w.qs.shape[0], w.d.shape[1] * 32,
+                             qtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.kernels import cpu_native
 from flashserve.layers.attention import TorchAttentionBackend, context_slots
 from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
 from flashserve.layers.attention_rows import ancestors, node_key_rows
@@ -64,7 +65,7 @@ def _cpu_part(linear: Linear) -> PackedWeight | None:
 def _product(w: PackedWeight):
     """fp32 ``x [T, K]`` -> ``x @ W^T`` as the weight's forward computes it, without its casts."""
     if type(w) is CpuGGUFWeight:
-        return w.forward
+        return cpu_native.bind(w.planes, w.qtype)  # fp32 out
     packed, group, scale_zeros = w.packed, w.group, w.scale_zeros
     return lambda x: _INT4_MM(x.to(_BF16), packed, group, scale_zeros)  # bf16 out
 

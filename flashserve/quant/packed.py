@@ -352,7 +352,8 @@ class CpuGGUFWeight(PackedWeight):
 
     @property
     def planes(self) -> cpu_native.Planes:
-        return cpu_native.Planes(self.qs, self.d, self.m)  # read per call: moving the buffers is allowed
+        b = self._buffers  # read per call (the buffers may move), without nn.Module's slow lookup
+        return cpu_native.Planes(b["qs"], b["d"], b["m"])
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_native.matmul(x, self.planes, self.qtype)
