@@ -84,7 +84,7 @@ def test_gguf_weight_uses_the_native_kernel_unless_switched_off(qtype, monkeypat
     assert torch.equal(w(x.bfloat16()), w(x.bfloat16().float()).bfloat16())
     torch.testing.assert_close(w.reference(x), w(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.dequantize(), ref.gguf_dequantize(raw, qtype))
-    monkeypatch.setenv("FLASHSERVE_NATIVE_CPU", "0")
+    monkeypatch.setattr(cn, "available", lambda: False)
     assert type(gguf_weight(raw, qtype, 96, torch.device("cpu"))) is Int4Weight
 
 

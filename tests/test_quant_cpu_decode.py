@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashserve.kernels import quant_reference as ref
+from flashserve.kernels import cpu_native, quant_reference as ref
 from flashserve.layers.norm import rms_norm
 from flashserve.layers.rotary import RotaryEmbedding, apply_rotary, rotate_q_k
 from flashserve.quant.packed import Int4Weight, gguf_weight
@@ -40,7 +40,7 @@ def test_fp32_rms_norm_equals_its_formula():
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 def test_int4_cpu_forward_chosen_at_build_equals_general_and_reference(qtype, monkeypatch):
-    monkeypatch.setenv("FLASHSERVE_NATIVE_CPU", "0")  # torch's int4 kernel, as on CPUs without AVX2
+    monkeypatch.setattr(cpu_native, "available", lambda: False)  # torch's int4 kernel, as without AVX2
     raw = ref.random_gguf_blocks(qtype, 128, 96, seed=3)
     part = gguf_weight(raw, qtype, 96, torch.device("cpu"))
     assert isinstance(part, Int4Weight) and part.forward == part._cpu_forward

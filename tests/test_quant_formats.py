@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashserve.kernels import quant_reference as ref
+from flashserve.kernels import cpu_native, quant_reference as ref
 from flashserve.kernels.quant_cpu import (
     cpu_int4_matmul,
     cpu_int4_reference,
@@ -123,7 +123,7 @@ def test_gguf_blocks_on_cpu(qtype, monkeypatch):
     covers that one). One plane (4-bit types), two planes (5 and 8-bit types, and Q6_K's 16-column
     groups with the high bits fed 8x): the product is the reference product of the exact GGUF
     values up to the kernel's bf16 rounding."""
-    monkeypatch.setenv("FLASHSERVE_NATIVE_CPU", "0")
+    monkeypatch.setattr(cpu_native, "available", lambda: False)
     k, n = 256, 160  # 128 rows packed straight from the file's bytes (whole vector blocks), 160 not
     raw = _gguf_raw(qtype, n, k, seed=4)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(4))

@@ -88,9 +88,10 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether weights built now use the native kernel: not switched off (``FLASHSERVE_NATIVE_CPU=0``,
-    read on each call) and it runs on this machine (built and loaded on the first call)."""
+    """Whether CPU models use the native kernels: not switched off (``FLASHSERVE_NATIVE_CPU=0``) and
+    they run on this machine (built and loaded on the first call). Decided once per process."""
     return os.environ.get(ENV, "1") != "0" and _library() is not None
 
 
