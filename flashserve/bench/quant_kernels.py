@@ -16,8 +16,9 @@ configurations (block N, block K, split-K, pipeline stages) for M <= 16 and prin
 
 CPU (``--device cpu``; default shapes: SmolLM2-135M's layers and LM head, and the layers of a
 1B model): torch's CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with
-bf16 activations (and with fp32 ones, the scalar fallback) against dense fp32 / bf16
-``F.linear``, best of several repeats (the machine may be shared). Run it again with
+bf16 activations (and with fp32 ones, the scalar fallback) and flashserve's native GGUF kernel
+(``cpu_native``, Q4_1 and Q8_0 blocks, where it runs) against dense fp32 / bf16 ``F.linear``,
+best of several repeats (the machine may be shared). Run it again with
 ``ATEN_CPU_CAPABILITY=avx2`` to see the AVX2 kernels on an AVX-512 machine.
 """
 
@@ -205,6 +206,7 @@ def _best_us(fn: Callable[[], object], repeats: int) -> float:
 
 
 def run_cpu(args: argparse.Namespace) -> dict:
+    from flashserve.kernels import cpu_native
     from flashserve.kernels.quant_cpu import cpu_int4_matmul, cpu_int8_matmul, pack_int4_for_cpu, scale_zeros_for_cpu
 
     if args.threads:
@@ -218,6 +220,9 @@ def run_cpu(args: argparse.Namespace) -> dict:
         wb = w.bfloat16()
         q8, s8 = ref.quantize_int8(w)
         s8b = s8.bfloat16()
+        natives = {}  # the GGUF types of SmolLM2's file through flashserve's own CPU kernel
+        if k % 32 == 0 and cpu_native.available():
+            natives = {q: cpu_native.split_blocks(ref.random_gguf_blocks(q, n, k, seed=1), q) for q in ("Q4_1", "Q8_0")}
         packs = {}
         for group in (32, 64, 128):
             if k % group == 0:
@@ -239,6 +244,9 @@ def run_cpu(args: argparse.Namespace) -> dict:
                 p, sz = packs[32]
                 cands["int4-g32 (fp32 act)"] = (
                     lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 32, sz.float()), n * k // 2 + 8 * n * k // 32)
+            for qtype, planes in natives.items():
+                cands[f"native {qtype} (int16 act)"] = (lambda w=planes, q=qtype: cpu_native.matmul(x, w, q),
+                                                        n * k // 32 * cpu_native.BLOCK_BYTES[qtype])
             base = None
             for label, (fn, nbytes) in cands.items():
                 us = _best_us(fn, args.repeats)
@@ -273,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
                   f"-> at most {s['tok_s_bound']:6.0f} tok/s")
     else:
         print(f"{res['device']}, torch CPU capability {res['cpu_capability']}, {res['threads']} threads, {res['date']}")
-        print(f"{'shape':>12} {'M':>3} {'format':>22} {'us':>9} {'GB/s':>7} {'vs fp32':>8}")
+        print(f"{'shape':>12} {'M':>3} {'format':>25} {'us':>9} {'GB/s':>7} {'vs fp32':>8}")
         for r in res["rows"]:
-            print(f"{r['shape']:>12} {r['m']:>3} {r['format']:>22} {r['us']:9.1f} {r['gb_s']:7.1f} {r['speedup_vs_fp32']:7.2f}x")
+            print(f"{r['shape']:>12} {r['m']:>3} {r['format']:>25} {r['us']:9.1f} {r['gb_s']:7.1f} {r['speedup_vs_fp32']:7.2f}x")
     return 0
