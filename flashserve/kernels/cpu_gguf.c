@@ -80,10 +80,13 @@ INLINE float row_dot(const int qtype, const uint8_t *qs, const uint16_t *d, cons
         __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b)));
         __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + b));
         __m256 sxb = _mm256_loadu_ps(sx + b);
-        if (qtype == FS_Q4_1) off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), sxb, off);
+        if (qtype == FS_Q4_1)
+            off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), sxb, off);
         if (qtype == FS_Q4_0) off = _mm256_fmadd_ps(dw, sxb, off);
-        for (int j = 0; j < 8; j++)
-            acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(j)), block_dot(qtype, qs, x, b + j), acc);
+        for (int j = 0; j < 8; j++) {
+            __m256 scale_j = _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(j));  /* lane j everywhere */
+            acc = _mm256_fmadd_ps(scale_j, block_dot(qtype, qs, x, b + j), acc);
+        }
     }
     float tail = 0.0f;
     for (; b < nb; b++) {  /* the last nb % 8 blocks, one at a time */
@@ -156,7 +159,8 @@ void fs_rms_norm(const float *x, const float *w, int64_t m_rows, int64_t dim, fl
         for (; i < dim; i++) ss += xr[i] * xr[i];
         __m256 rstd = _mm256_set1_ps(1.0f / sqrtf(ss / (float)dim + eps));
         for (i = 0; i + 8 <= dim; i += 8)
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), rstd), _mm256_loadu_ps(w + i)));
+            _mm256_storeu_ps(o + i,
+                             _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), rstd), _mm256_loadu_ps(w + i)));
         float rs = _mm256_cvtss_f32(rstd);
         for (; i < dim; i++) o[i] = xr[i] * rs * w[i];
     }

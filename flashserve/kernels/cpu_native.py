@@ -2,13 +2,15 @@
 
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
-blocks as they are, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1
-and Q8_0 with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
-(llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
-load (quants, fp16 scales, fp16 offsets: ``split_blocks``, the same bytes) so that eight blocks'
-scales convert in one instruction. This module compiles it once per source version with the system's C compiler
-(``cc``; OpenMP for threads, resolved to torch's own runtime, already loaded) into the user's
-cache folder and calls it through ctypes. ``available()`` is False, and the callers keep torch's
+blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1 and Q8_0
+with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns (llama.cpp
+uses int8: 300x the error, and no faster here). The blocks are split into planes at load
+(quants, fp16 scales, fp16 offsets: ``split_blocks``, the same bytes) so that eight blocks'
+scales convert in one instruction.
+
+This module compiles the kernel once per source version with the system's C compiler (``cc``;
+OpenMP for threads, resolved to torch's own runtime, already loaded) into the user's cache
+folder and calls it through ctypes. ``available()`` is False, and the callers keep torch's
 kernels, where the CPU lacks those instructions, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
 
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through

@@ -27,6 +27,8 @@ qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,7 +64,7 @@ def _cpu_part(linear: Linear) -> PackedWeight | None:
     return None
 
 
-def _product(w: PackedWeight):
+def _product(w: PackedWeight) -> Callable[[torch.Tensor], torch.Tensor]:
     """fp32 ``x [T, K]`` -> ``x @ W^T`` as the weight's forward computes it, without its casts."""
     if type(w) is CpuGGUFWeight:
         return cpu_native.bind(w.planes, w.qtype)  # fp32 out
@@ -188,7 +190,7 @@ class CpuDecodeLayer:
                 outs.append(out.view(1, H * D))
                 row += 1
         attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
-        residual = self.o(attn_out) + residual  # bf16 + fp32: the exact fp32 sum
+        residual = self.o(attn_out) + residual  # bf16 (int4 op) or fp32 + fp32: the exact fp32 sum
         h = rms_norm(residual, *self.norm2)
         gate_up = self.gate_up(h).float()  # [T, 2 I]
         act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
