@@ -103,3 +103,20 @@ def test_rms_norm_equals_torch_and_autograd_keeps_torch(dim):
     wg = w.clone().requires_grad_()
     y = rms_norm(x, wg, 1e-6)  # autograd on: torch's op, differentiable
     assert y.requires_grad and torch.equal(y.detach(), want)
+
+
+def test_bound_product_equals_matmul_and_checks_shapes():
+    w = cn.split_blocks(ref.random_gguf_blocks("Q4_1", 24, 96, seed=6), "Q4_1")
+    x = _x(2, 96, seed=6)
+    product = cn.bind(w, "Q4_1")
+    assert torch.equal(product(x), cn.matmul(x, w, "Q4_1"))
+    with pytest.raises(ValueError, match="x has 64 columns, the Q4_1 matrix 96"):
+        product(torch.randn(1, 64))
+
+
+def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="could not be built or loaded"):
+        assert cn._library.__wrapped__() is None
+    assert not list((tmp_path / "flashserve").glob("*.so"))
