@@ -120,3 +120,23 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be built or loaded"):
         assert cn._library.__wrapped__() is None
     assert not list((tmp_path / "flashserve").glob("*.so"))
+
+
+def test_rope_store_equals_rotate_q_k_and_index_copy_bit_for_bit():
+    from flashserve.layers.rotary import RotaryEmbedding, rotate_q_k
+
+    T, H, Hkv, D = 3, 6, 2, 64
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g) * 3
+    rope = RotaryEmbedding(D, D, 512, 10000.0).lookup(torch.tensor([5, 300, 511]))
+    slots = torch.tensor([9, 2, 30])
+    k_cache, v_cache = torch.randn(40, Hkv, D, generator=g), torch.randn(40, Hkv, D, generator=g)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    q_ref, k_ref = rotate_q_k(qkv[:, : H * D].view(T, H, D), qkv[:, H * D : (H + Hkv) * D].view(T, Hkv, D),
+                              rope.cos_full, rope.sin_signed)
+    want_k.index_copy_(0, slots, k_ref)
+    want_v.index_copy_(0, slots, qkv[:, (H + Hkv) * D :].view(T, Hkv, D))
+    q = cn.rope_store(qkv, H, rope.cos_full, rope.sin_signed, k_cache, v_cache, slots)
+    assert torch.equal(q, q_ref) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="contiguous fp32 tensors"):
+        cn.rope_store(qkv.bfloat16(), H, rope.cos_full, rope.sin_signed, k_cache, v_cache, slots)

@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, PREFETCH_ROWS = 4 };
 
@@ -142,6 +143,30 @@ int fs_matmul(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m
         else columns(FS_Q8_0, qs, d, m, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
     }
     return 0;
+}
+
+/* Rope on the q and k heads of qkv [T, (H + 2 Hkv) D] (rotate-half over whole heads), q into q_out
+ * [T, H, D], k and v into the caches' rows [slot, Hkv, D]: y = x * cos_full + swap_halves(x) *
+ * sin_signed with cos_full, sin_signed [T, D]. Two roundings and an add per value, as the torch
+ * formula (flashserve.layers.rotary.rotate_q_k) computes them: the library is built without
+ * contracting them into FMAs, so the values are the same bit for bit. */
+void fs_rope_store(const float *qkv, int64_t t_rows, int64_t heads, int64_t kv_heads, int64_t dim,
+                   const float *cos_full, const float *sin_signed, float *q_out, float *k_cache, float *v_cache,
+                   const int64_t *slots) {
+    int64_t stride = (heads + 2 * kv_heads) * dim, half = dim / 2;
+    for (int64_t t = 0; t < t_rows; t++) {
+        const float *c = cos_full + t * dim, *s = sin_signed + t * dim, *row = qkv + t * stride;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            const float *x = row + h * dim;
+            float *y = h < heads ? q_out + (t * heads + h) * dim : k_cache + (slots[t] * kv_heads + h - heads) * dim;
+            for (int64_t i = 0; i < half; i++) {
+                y[i] = x[i] * c[i] + x[i + half] * s[i];
+                y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+            }
+        }
+        memcpy(v_cache + slots[t] * kv_heads * dim, row + (heads + kv_heads) * dim,
+               (size_t)(kv_heads * dim) * sizeof(float));
+    }
 }
 
 /* out [M, D] = x / sqrt(mean(x^2) + eps) * w, row by row (8-lane fp32 sums of squares). */

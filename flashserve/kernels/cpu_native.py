@@ -14,8 +14,9 @@ folder and calls it through ctypes. ``available()`` is False, and the callers ke
 kernels, where the CPU lacks those instructions, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
 
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
-``flashserve.layers.norm``): torch's composite one costs ~16 us a row at SmolLM2's width, 61
-calls a decode step.
+``flashserve.layers.norm``: torch's composite one costs ~16 us a row at SmolLM2's width, 61
+calls a decode step) and the CPU decode layer's rope and K/V writes (``rope_store``: the values
+of its ten torch ops, bit for bit, in one call).
 
 ``quantize_rows_reference`` and ``matmul_reference`` compute the same arithmetic in torch: the
 int16 activations and their scales bit for bit, the products up to fp32 summation order.
@@ -38,7 +39,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
 QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV = "FLASHSERVE_NATIVE_CPU"
 
 
@@ -87,6 +88,8 @@ def _library() -> ctypes.CDLL | None:
     lib.fs_matmul.restype = ctypes.c_int
     lib.fs_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.fs_rms_norm.restype = None
+    lib.fs_rope_store.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p]
+    lib.fs_rope_store.restype = None
     return lib
 
 
@@ -163,6 +166,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dim = x.shape[-1]
     _library().fs_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), x.numel() // dim, dim, eps, out.data_ptr())
     return out
+
+
+def rope_store(qkv: torch.Tensor, heads: int, cos_full: torch.Tensor, sin_signed: torch.Tensor,
+               k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """fp32 ``qkv [T, (H + 2 Hkv) D]`` -> rotated q ``[T, H, D]``; the rotated k and v written to
+    rows ``slots`` (int64, each valid) of the caches ``[S, Hkv, D]``; ``cos_full`` and
+    ``sin_signed`` ``[T, 1, D]``. The values of ``rotate_q_k`` and ``index_copy_``, bit for bit."""
+    t, kv_heads, dim = qkv.shape[0], k_flat.shape[1], k_flat.shape[2]
+    tensors = (qkv, cos_full, sin_signed, k_flat, v_flat, slots)
+    if (not all(x.is_contiguous() for x in tensors) or qkv.shape[1] != (heads + 2 * kv_heads) * dim
+            or slots.dtype != torch.int64 or any(x.dtype != torch.float32 for x in tensors[:5])):
+        raise ValueError("cpu_native.rope_store: contiguous fp32 tensors (int64 slots) of matching shapes expected")
+    q = torch.empty(t, heads, dim)
+    _library().fs_rope_store(qkv.data_ptr(), t, heads, kv_heads, dim, cos_full.data_ptr(), sin_signed.data_ptr(),
+                             q.data_ptr(), k_flat.data_ptr(), v_flat.data_ptr(), slots.data_ptr())
+    return q
 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,9 @@ that computes a decode step with the same arithmetic in 25 computing ops (plus ~
   its bf16 outputs widened only where fp32 math follows (rope, the SiLU gate, the returned block
   output; a residual add takes the bf16 output as is, type promotion widens it exactly), or the
   native GGUF kernel (``CpuGGUFWeight``) on the fp32 activations, fp32 out;
-* q and k are rotated without concatenating them (they are adjacent in the qkv output);
+* q and k are rotated without concatenating them (they are adjacent in the qkv output), and
+  with the native GGUF kernel rotated and written to the cache in one native call
+  (``cpu_native.rope_store``, the same values);
 * a sequence whose KV blocks are consecutive (the usual case; checked once per step) is attended
   over a view of the cache instead of gathered copies of its keys and values;
 * each sequence's attention is the very SDPA call ``grouped_attention`` makes for one query.
@@ -121,6 +123,8 @@ class CpuDecodeLayer:
         self.qk_size = attn.q_size + attn.kv_size  # q then k in the qkv output, v after
         self.scale = attn.attn.scale
         self.intermediate = layer.mlp.down_proj.in_features
+        native = type(parts[0]) is CpuGGUFWeight  # its qkv product is fp32, as the native rope takes it
+        self.rope_store = self._native_rope_store if native else self._rope_store
 
     @staticmethod
     def supports(layer: nn.Module) -> bool:
@@ -155,6 +159,22 @@ class CpuDecodeLayer:
             return self.general(rope, hidden, residual, kv_cache)
         return self._decode(rope, hidden, residual, kv_cache, meta, contexts)
 
+    def _rope_store(self, qkv: torch.Tensor, rope: RopeInputs, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                    slots: torch.Tensor) -> torch.Tensor:
+        """Rope on q and k together, ``x * [cos, cos] + swap_halves(x) * [-sin, sin]`` (``rotate_q_k``),
+        k and v written to the cache rows ``slots``; returns q (and k) ``[T, H (+ Hkv), D]``."""
+        T, H, Hkv, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        x = qkv[:, : self.qk_size].float().view(T, H + Hkv, D)
+        x = x * rope.cos_full + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * rope.sin_signed
+        k_flat.index_copy_(0, slots, x[:, H:])
+        v_flat.index_copy_(0, slots, qkv[:, self.qk_size :].view(T, Hkv, D).float())
+        return x
+
+    def _native_rope_store(self, qkv: torch.Tensor, rope: RopeInputs, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                           slots: torch.Tensor) -> torch.Tensor:
+        """``_rope_store``'s values in one native call, for an fp32 qkv product; returns q ``[T, H, D]``."""
+        return cpu_native.rope_store(qkv, self.heads, rope.cos_full, rope.sin_signed, k_flat, v_flat, slots)
+
     def _decode(self, rope: RopeInputs, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache,
                 meta: AttentionMetadata, contexts: list[int | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         T = hidden.shape[0]  # one new token per sequence, or a verification's drafted tokens too
@@ -162,12 +182,8 @@ class CpuDecodeLayer:
         residual = hidden if residual is None else hidden + residual  # [T, hidden] fp32
         h = rms_norm(residual, *self.norm1)
         qkv = self.qkv(h)  # [T, (H + 2 Hkv) D] bf16 or fp32
-        # rope on q and k together: x * [cos, cos] + swap_halves(x) * [-sin, sin] (``rotate_q_k``)
-        x = qkv[:, : self.qk_size].float().view(T, H + Hkv, D)
-        x = x * rope.cos_full + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * rope.sin_signed
         k_flat, v_flat = kv_cache[0].view(-1, Hkv, D), kv_cache[1].view(-1, Hkv, D)
-        k_flat.index_copy_(0, meta.slot_mapping, x[:, H:])
-        v_flat.index_copy_(0, meta.slot_mapping, qkv[:, self.qk_size :].view(T, Hkv, D).float())
+        x = self.rope_store(qkv, rope, k_flat, v_flat, meta.slot_mapping)  # [T, H (+ Hkv), D], q first
         outs = []
         row = 0
         tree = meta.tree
