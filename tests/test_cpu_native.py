@@ -14,7 +14,7 @@ from flashserve.kernels import quant_reference as ref
 from flashserve.quant.packed import CpuGGUFWeight, Int4Weight, gguf_weight
 
 pytestmark = pytest.mark.skipif(not cn.available(), reason="no AVX2/FMA/F16C CPU or no C compiler")
-QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0"]
 
 
 def _x(m: int, k: int, seed: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 /* GGUF block products on x86 CPUs with AVX2, FMA and F16C: y [M, N] = x [M, K] @ W^T.
  *
  * W holds the file's blocks of 32 columns split in planes (flashserve.kernels.cpu_native.split_blocks):
- *   qs [N, K / 2] (Q4_0, Q4_1: byte i of a block holds column i in its low half, i + 16 in its
- *      high half) or [N, K] (Q8_0: int8), d [N, K / 32] fp16 scales, m [N, K / 32] fp16 offsets
- *      (Q4_1); w = d * u + m (Q4_1), d * (u - 8) (Q4_0), d * q (Q8_0).
+ *   qs [N, K / 2] (Q4_0, Q4_1, Q5_0: byte i of a block holds column i in its low half, i + 16 in
+ *      its high half) or [N, K] (Q8_0: int8), d [N, K / 32] fp16 scales, m [N, K / 32] fp16
+ *      offsets (Q4_1), qh [N, K / 32] uint32 fifth bits (Q5_0: bit j for column j);
+ *   w = d * u + m (Q4_1), d * (u - 8) (Q4_0), d * (u + 16 * bit - 16) (Q5_0), d * q (Q8_0).
  * Eight blocks' scales then convert and multiply in one vector operation each.
  *
  * Each row of x is first quantized in blocks of 32 to int16 with its own scale (dx = amax /
@@ -21,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, PREFETCH_ROWS = 4 };
+enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, PREFETCH_ROWS = 4 };
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -55,8 +56,16 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* 16 fifth bits (bit i for word i) as 16-bit words of 16 or 0. */
+INLINE __m256i fifth_bits(uint16_t bits) {
+    const __m256i lane = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                           (short)32768);
+    __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)bits), lane), lane);
+    return _mm256_and_si256(set, _mm256_set1_epi16(16));
+}
+
 /* Block b of a weight row times block b of an activation row: 8 lanes of exact int32 sums, as fp32. */
-INLINE __m256 block_dot(const int qtype, const uint8_t *qs, const int16_t *x, int64_t b) {
+INLINE __m256 block_dot(const int qtype, const uint8_t *qs, const uint32_t *qh, const int16_t *x, int64_t b) {
     __m256i lo, hi;  /* 16-bit weights of columns 0..15 and 16..31 */
     if (qtype == FS_Q8_0) {
         lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32)));
@@ -65,6 +74,10 @@ INLINE __m256 block_dot(const int qtype, const uint8_t *qs, const int16_t *x, in
         __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 16)));
         lo = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
         hi = _mm256_srli_epi16(bytes, 4);
+        if (qtype == FS_Q5_0) {
+            lo = _mm256_or_si256(lo, fifth_bits((uint16_t)qh[b]));
+            hi = _mm256_or_si256(hi, fifth_bits((uint16_t)(qh[b] >> 16)));
+        }
     }
     x += b * QK;
     __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
@@ -73,8 +86,8 @@ INLINE __m256 block_dot(const int qtype, const uint8_t *qs, const int16_t *x, in
 }
 
 /* One weight row (qs, d, m) times one quantized activation row (x, dx, sx). */
-INLINE float row_dot(const int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const int16_t *x,
-                     const float *dx, const float *sx, int64_t nb) {
+INLINE float row_dot(const int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint32_t *qh,
+                     const int16_t *x, const float *dx, const float *sx, int64_t nb) {
     __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -83,45 +96,45 @@ INLINE float row_dot(const int qtype, const uint8_t *qs, const uint16_t *d, cons
         __m256 sxb = _mm256_loadu_ps(sx + b);
         if (qtype == FS_Q4_1)
             off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), sxb, off);
-        if (qtype == FS_Q4_0) off = _mm256_fmadd_ps(dw, sxb, off);
+        if (qtype == FS_Q4_0 || qtype == FS_Q5_0) off = _mm256_fmadd_ps(dw, sxb, off);
         for (int j = 0; j < 8; j++) {
             __m256 scale_j = _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(j));  /* lane j everywhere */
-            acc = _mm256_fmadd_ps(scale_j, block_dot(qtype, qs, x, b + j), acc);
+            acc = _mm256_fmadd_ps(scale_j, block_dot(qtype, qs, qh, x, b + j), acc);
         }
     }
     float tail = 0.0f;
     for (; b < nb; b++) {  /* the last nb % 8 blocks, one at a time */
         float dw = _cvtsh_ss(d[b]);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[b]), block_dot(qtype, qs, x, b), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[b]), block_dot(qtype, qs, qh, x, b), acc);
         if (qtype == FS_Q4_1) tail += _cvtsh_ss(m[b]) * sx[b];
-        if (qtype == FS_Q4_0) tail += dw * sx[b];
+        if (qtype == FS_Q4_0 || qtype == FS_Q5_0) tail += dw * sx[b];
     }
     float offset = hsum(off) + tail;
-    return hsum(acc) + (qtype == FS_Q4_0 ? -8.0f * offset : offset);
+    return hsum(acc) + (qtype == FS_Q4_0 ? -8.0f * offset : qtype == FS_Q5_0 ? -16.0f * offset : offset);
 }
 
 /* Output columns [n0, n1) of every row of y, qtype a constant after inlining. */
-INLINE void columns(const int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t n_cols,
-                    int64_t k, const int16_t *xq, const float *dx, const float *sx, int64_t m_rows, float *y,
-                    int64_t n0, int64_t n1) {
+INLINE void columns(const int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint32_t *qh,
+                    int64_t n_cols, int64_t k, const int16_t *xq, const float *dx, const float *sx, int64_t m_rows,
+                    float *y, int64_t n0, int64_t n1) {
     const int64_t nb = k / QK, row_bytes = qtype == FS_Q8_0 ? k : k / 2;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *q = qs + n * row_bytes;
         for (int64_t off = 0; off < row_bytes; off += 64)  /* a few rows ahead: measured ~7% faster */
             _mm_prefetch((const char *)(q + PREFETCH_ROWS * row_bytes + off), _MM_HINT_T0);
         for (int64_t r = 0; r < m_rows; r++)
-            y[r * n_cols + n] = row_dot(qtype, q, d + n * nb, qtype == FS_Q4_1 ? m + n * nb : 0, xq + r * k,
-                                        dx + r * nb, sx + r * nb, nb);
+            y[r * n_cols + n] = row_dot(qtype, q, d + n * nb, qtype == FS_Q4_1 ? m + n * nb : 0,
+                                        qtype == FS_Q5_0 ? qh + n * nb : 0, xq + r * k, dx + r * nb, sx + r * nb, nb);
     }
 }
 
 static __thread void *scratch;  /* each calling thread's quantized activations, grown as needed */
 static __thread size_t scratch_bytes;
 
-/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1) transposed.
- * Returns 0, or -1 when the quantized activations cannot be allocated. */
-int fs_matmul(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t n_cols, int64_t k,
-              const float *x, int64_t m_rows, float *y, int threads) {
+/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, qh NULL
+ * but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
+int fs_matmul(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint32_t *qh, int64_t n_cols,
+              int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
     int64_t nb = k / QK;
     size_t need = (size_t)(m_rows * k) * sizeof(int16_t) + 2 * (size_t)(m_rows * nb) * sizeof(float);
     if (need > scratch_bytes) {
@@ -138,9 +151,10 @@ int fs_matmul(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t c = 0; c < chunks; c++) {
         int64_t n0 = c * 16, n1 = n0 + 16 < n_cols ? n0 + 16 : n_cols;
-        if (qtype == FS_Q4_0) columns(FS_Q4_0, qs, d, m, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else columns(FS_Q8_0, qs, d, m, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        if (qtype == FS_Q4_0) columns(FS_Q4_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q5_0) columns(FS_Q5_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        else columns(FS_Q8_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
     }
     return 0;
 }

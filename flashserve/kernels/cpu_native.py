@@ -2,10 +2,10 @@
 
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
-blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1 and Q8_0
-with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns (llama.cpp
+blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0 and
+Q8_0 with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns (llama.cpp
 uses int8: 300x the error, and no faster here). The blocks are split into planes at load
-(quants, fp16 scales, fp16 offsets: ``split_blocks``, the same bytes) so that eight blocks'
+(quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes) so that eight blocks'
 scales convert in one instruction.
 
 This module compiles the kernel once per source version with the system's C compiler (``cc``;
@@ -37,8 +37,8 @@ from typing import Callable, NamedTuple
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
-QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV = "FLASHSERVE_NATIVE_CPU"
 
@@ -84,7 +84,7 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.fs_quantize_rows.argtypes = [p, i64, i64, p, p, p]
     lib.fs_quantize_rows.restype = None
-    lib.fs_matmul.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.fs_matmul.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, p, i64, p, ctypes.c_int]
     lib.fs_matmul.restype = ctypes.c_int
     lib.fs_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.fs_rms_norm.restype = None
@@ -101,23 +101,29 @@ def available() -> bool:
 
 
 class Planes(NamedTuple):
-    """A GGUF matrix as the kernel reads it: ``qs`` uint8 ``[N, K / 2]`` (4-bit types) or
-    ``[N, K]`` (Q8_0, int8 values), ``d`` fp16 scales and ``m`` fp16 offsets (Q4_1, else None)
-    ``[N, K / 32]``."""
+    """A GGUF matrix as the kernel reads it: ``qs`` uint8 ``[N, K / 2]`` (4 and 5-bit types) or
+    ``[N, K]`` (Q8_0, int8 values), ``d`` fp16 scales, ``m`` fp16 offsets (Q4_1, else None) and
+    ``qh`` int32 fifth bits, bit j for column j (Q5_0, else None), ``[N, K / 32]``."""
 
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
+    qh: torch.Tensor | None = None
 
 
 def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
     """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes (a byte copy)."""
     n = raw.shape[0]
     blocks = raw.reshape(n, -1, BLOCK_BYTES[qtype])
-    quants = 4 if qtype == "Q4_1" else 2  # where the quants start: after d (and m)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, -1)
-    m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, -1) if qtype == "Q4_1" else None
-    return Planes(blocks[..., quants:].reshape(n, -1).contiguous(), d, m)
+    quants = {"Q4_1": 4, "Q5_0": 6}.get(qtype, 2)  # where the quants start: after d (and m, or qh)
+
+    def field(start: int, dtype: torch.dtype) -> torch.Tensor:
+        width = torch.tensor([], dtype=dtype).element_size()
+        return blocks[..., start : start + width].contiguous().view(dtype).reshape(n, -1)
+
+    return Planes(blocks[..., quants:].reshape(n, -1).contiguous(), field(0, torch.float16),
+                  field(2, torch.float16) if qtype == "Q4_1" else None,
+                  field(2, torch.int32) if qtype == "Q5_0" else None)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +136,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, dx, sx
 
 
-def _product(lib: ctypes.CDLL, code: int, pointers: tuple[int, int, int], n: int, k: int, qtype: str,
+def _product(lib: ctypes.CDLL, code: int, pointers: tuple[int, int, int, int], n: int, k: int, qtype: str,
              x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -143,8 +149,9 @@ def _product(lib: ctypes.CDLL, code: int, pointers: tuple[int, int, int], n: int
     return y
 
 
-def _pointers(w: Planes) -> tuple[int, int, int]:
-    return w.qs.data_ptr(), w.d.data_ptr(), 0 if w.m is None else w.m.data_ptr()
+def _pointers(w: Planes) -> tuple[int, int, int, int]:
+    return (w.qs.data_ptr(), w.d.data_ptr(), 0 if w.m is None else w.m.data_ptr(),
+            0 if w.qh is None else w.qh.data_ptr())
 
 
 def matmul(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
@@ -202,8 +209,11 @@ def affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         return w.qs.view(torch.int8).to(torch.int16), a, torch.zeros_like(a)
     n = w.qs.shape[0]
     b = w.qs.reshape(n, -1, 1, 16)
-    u = torch.cat([b & 15, b >> 4], dim=2).reshape(n, -1).to(torch.int16)  # columns i, then i + 16
-    return u, a, w.m.float() if qtype == "Q4_1" else -8.0 * a
+    u = torch.cat([b & 15, b >> 4], dim=2).reshape(n, -1, 32).to(torch.int16)  # columns i, then i + 16
+    if qtype == "Q5_0":
+        u = u | (((w.qh[..., None] >> torch.arange(32)) & 1) << 4).to(torch.int16)
+    c = w.m.float() if qtype == "Q4_1" else (-8.0 if qtype == "Q4_0" else -16.0) * a
+    return u.reshape(n, -1), a, c
 
 
 def dequantize(w: Planes, qtype: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ built for:
 | int4 group-wise | Triton ``wq_matmul`` | ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 | fp8 e4m3, weight only | Triton ``wq_matmul`` | emulated: fp8-rounded weights, dense matmul |
 | fp8 e4m3, W8A8 | per-token fp8 activations + ``torch._scaled_mm`` | emulated likewise |
-| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q8_0: ``cpu_native`` on the block fields (int16 activations); others: int4 CPU kernel (exact re-expression) |
+| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q5_0 / Q8_0: ``cpu_native`` on the block fields (int16 activations); others: int4 CPU kernel (exact re-expression) |
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
@@ -334,7 +334,7 @@ class GGUFWeight(PackedWeight):
 
 
 class CpuGGUFWeight(PackedWeight):
-    """A Q4_0, Q4_1 or Q8_0 GGUF matrix on the CPU for ``cpu_native``'s kernel: the file's block
+    """A Q4_0, Q4_1, Q5_0 or Q8_0 GGUF matrix on the CPU for ``cpu_native``'s kernel: the file's block
     fields in planes (``cpu_native.split_blocks``); each row of x quantized to int16 per 32
     columns, integer dot products, fp32 out. A row's result does not depend on the call's other
     rows."""
@@ -344,16 +344,14 @@ class CpuGGUFWeight(PackedWeight):
         self.out_features, self.in_features = raw.shape[0], in_features
         self.qtype = qtype
         self.label = f"gguf-{qtype}"
-        qs, d, m = cpu_native.split_blocks(raw, qtype)
-        self.register_buffer("qs", qs, persistent=False)
-        self.register_buffer("d", d, persistent=False)
-        self.register_buffer("m", m, persistent=False)
+        for name, plane in cpu_native.split_blocks(raw, qtype)._asdict().items():
+            self.register_buffer(name, plane, persistent=False)
         self.forward = self._forward  # chosen once, like ``Int4Weight._cpu_forward``
 
     @property
     def planes(self) -> cpu_native.Planes:
         b = self._buffers  # read per call (the buffers may move), without nn.Module's slow lookup
-        return cpu_native.Planes(b["qs"], b["d"], b["m"])
+        return cpu_native.Planes(b["qs"], b["d"], b["m"], b["qh"])
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_native.matmul(x, self.planes, self.qtype)
@@ -367,7 +365,7 @@ class CpuGGUFWeight(PackedWeight):
 
 
 def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device) -> PackedWeight:
-    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q8_0 blocks
+    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks
     for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
     with the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit
     ``u`` in one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column
