@@ -85,7 +85,7 @@ INLINE __m256 block_dot(const int qtype, const uint8_t *qs, const uint32_t *qh, 
     return _mm256_cvtepi32_ps(p);
 }
 
-/* One weight row (qs, d, m) times one quantized activation row (x, dx, sx). */
+/* One weight row (qs, d, m, qh) times one quantized activation row (x, dx, sx). */
 INLINE float row_dot(const int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint32_t *qh,
                      const int16_t *x, const float *dx, const float *sx, int64_t nb) {
     __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();

@@ -3,10 +3,10 @@
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
 blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0 and
-Q8_0 with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns (llama.cpp
-uses int8: 300x the error, and no faster here). The blocks are split into planes at load
-(quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes) so that eight blocks'
-scales convert in one instruction.
+Q8_0 with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
+(llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
+load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes) so that
+eight blocks' scales convert in one instruction.
 
 This module compiles the kernel once per source version with the system's C compiler (``cc``;
 OpenMP for threads, resolved to torch's own runtime, already loaded) into the user's cache
@@ -108,7 +108,7 @@ class Planes(NamedTuple):
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
-    qh: torch.Tensor | None = None
+    qh: torch.Tensor | None
 
 
 def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
