@@ -1,5 +1,5 @@
 """The native GGUF CPU kernel (``flashserve.kernels.cpu_native``) against its torch reference and
-the exact product: the split planes hold the file's values exactly, int16 activation blocks bit
+the exact product: the split planes hold the file's bytes exactly, int16 activation blocks bit
 for bit, products to fp32 summation order (row lengths of whole groups of eight blocks and of a
 tail), a row's result independent of the call's other rows and of the thread count, bad shapes
 refused; and its RMSNorm against torch's."""
@@ -40,6 +40,7 @@ def test_activation_blocks_equal_reference_bit_for_bit(k):
 def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
     raw = ref.random_gguf_blocks(qtype, n, k, seed=n + k)
     w = cn.split_blocks(raw, qtype)
+    assert torch.equal(cn.join_blocks(w), raw)  # the planes hold the file's bytes, nothing else
     torch.testing.assert_close(cn.dequantize(w, qtype), ref.gguf_dequantize(raw, qtype), rtol=0, atol=0)
     x = _x(m, k, seed=m)
     y = cn.matmul(x, w, qtype)
@@ -115,11 +116,11 @@ def test_bound_product_equals_matmul_and_checks_shapes():
 
 
 def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("FLASHSERVE_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="could not be built or loaded"):
         assert cn._library.__wrapped__() is None
-    assert not list((tmp_path / "flashserve").glob("*.so"))
+    assert not list(tmp_path.glob("*.so"))
 
 
 def test_rope_store_equals_rotate_q_k_and_index_copy_bit_for_bit():

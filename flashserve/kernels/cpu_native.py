@@ -36,6 +36,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from flashserve.kernels import quant_reference as ref
+
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
 QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3}
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
@@ -52,11 +54,6 @@ def _cpu_has_instructions() -> bool:
     return {"avx2", "fma", "f16c"} <= have
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "flashserve"
-
-
 def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -70,8 +67,10 @@ def _build(target: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     if not _cpu_has_instructions():
         return None
+    from flashserve.loader.tokenizer import cache_root  # flashserve's user cache ($FLASHSERVE_CACHE)
+
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_gguf-{key}.so"
+    target = cache_root() / f"cpu_gguf-{key}.so"
     try:
         if not target.exists():
             _build(target)
@@ -118,8 +117,7 @@ def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
     quants = {"Q4_1": 4, "Q5_0": 6}.get(qtype, 2)  # where the quants start: after d (and m, or qh)
 
     def field(start: int, dtype: torch.dtype) -> torch.Tensor:
-        width = torch.tensor([], dtype=dtype).element_size()
-        return blocks[..., start : start + width].contiguous().view(dtype).reshape(n, -1)
+        return blocks[..., start : start + dtype.itemsize].contiguous().view(dtype).reshape(n, -1)
 
     return Planes(blocks[..., quants:].reshape(n, -1).contiguous(), field(0, torch.float16),
                   field(2, torch.float16) if qtype == "Q4_1" else None,
@@ -202,31 +200,24 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.reshape(m, k), d, s
 
 
-def affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w = a * u + c`` per 32 columns: integer ``u [N, K]`` (int16), fp32 ``a`` and ``c`` ``[N, K / 32]``."""
-    a = w.d.float()
-    if qtype == "Q8_0":
-        return w.qs.view(torch.int8).to(torch.int16), a, torch.zeros_like(a)
-    n = w.qs.shape[0]
-    b = w.qs.reshape(n, -1, 1, 16)
-    u = torch.cat([b & 15, b >> 4], dim=2).reshape(n, -1, 32).to(torch.int16)  # columns i, then i + 16
-    if qtype == "Q5_0":
-        u = u | (((w.qh[..., None] >> torch.arange(32)) & 1) << 4).to(torch.int16)
-    c = w.m.float() if qtype == "Q4_1" else (-8.0 if qtype == "Q4_0" else -16.0) * a
-    return u.reshape(n, -1), a, c
+def join_blocks(w: Planes) -> torch.Tensor:
+    """``split_blocks``' inverse: the GGUF blocks, uint8 ``[N, row_bytes]``."""
+    n, nb = w.d.shape
+    fields = [f for f in (w.d, w.m, w.qh) if f is not None]  # the block's order: d, then m or qh
+    parts = [f.contiguous().view(torch.uint8).reshape(n, nb, -1) for f in fields] + [w.qs.reshape(n, nb, -1)]
+    return torch.cat(parts, dim=-1).reshape(n, -1)
 
 
 def dequantize(w: Planes, qtype: str) -> torch.Tensor:
-    """fp32 ``[N, K]``."""
-    u, a, c = affine(w, qtype)
-    n = u.shape[0]
-    return (u.float().reshape(n, -1, 32) * a[..., None] + c[..., None]).reshape(n, -1)
+    """fp32 ``[N, K]``, decoded from the blocks by ``quant_reference``."""
+    return ref.gguf_dequantize(join_blocks(w), qtype)
 
 
 def matmul_reference(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
-    """``matmul`` in torch: per block ``a * dx * dot(u, xq) + c * sx``, in fp64, rounded to fp32."""
+    """``matmul`` in torch: per block ``a * dx * dot(u, xq) + c * sx`` with the blocks' ``w = a u + c``
+    (``quant_reference.gguf_affine``), in fp64, rounded to fp32."""
     q, dx, sx = quantize_rows_reference(x)
-    u, a, c = affine(w, qtype)
+    u, a, c = ref.gguf_affine(join_blocks(w), qtype)
     m, k = q.shape
     dots = torch.einsum("mbi,nbi->mnb", q.double().reshape(m, k // 32, 32), u.double().reshape(-1, k // 32, 32))
     y = (a.double()[None] * dx.double()[:, None] * dots).sum(-1) + (c.double()[None] * sx.double()[:, None]).sum(-1)
