@@ -53,6 +53,21 @@ def _run(model, config, consecutive: bool) -> tuple[list[torch.Tensor], list[tup
     return steps, cache.kv_caches
 
 
+def _count_decodes(monkeypatch) -> dict[str, int]:
+    """Counts of the CPU decode layer's steps in its torch form and in one native call."""
+    counts = {"torch": 0, "native": 0}
+
+    def counted(kind, fn):
+        def call(*a):
+            counts[kind] += 1
+            return fn(*a)
+        return call
+
+    monkeypatch.setattr(CpuDecodeLayer, "_decode", counted("torch", CpuDecodeLayer._decode))
+    monkeypatch.setattr(cpu_native.DecodeLayer, "__call__", counted("native", cpu_native.DecodeLayer.__call__))
+    return counts
+
+
 NATIVE = pytest.param("llama3_gqa", "gguf-Q4_1", marks=pytest.mark.skipif(not cpu_native.available(),
                                                                            reason="no native CPU kernel"))
 
@@ -67,11 +82,11 @@ def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch,
     want_logits, want_kv = _run(model, config, consecutive)
     assert use_cpu_decode_layers(model) == config.num_layers
     assert use_cpu_decode_layers(model) == 0  # installed once
-    decoded = []
-    fast = CpuDecodeLayer._decode
-    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, *a: decoded.append(1) or fast(self, *a))
+    decoded = _count_decodes(monkeypatch)
     got_logits, got_kv = _run(model, config, consecutive)
-    assert len(decoded) == config.num_layers * (4 if consecutive else 8)  # prompts: the general forward
+    # prompts: the general forward; with native products, each decode step in one native call
+    steps = config.num_layers * (4 if consecutive else 8)
+    assert decoded == ({"torch": 0, "native": steps} if want_type is CpuGGUFWeight else {"torch": steps, "native": 0})
     assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
     assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
     assert not torch.equal(want_logits[1], want_logits[2])  # real, changing outputs
@@ -133,21 +148,20 @@ def _verify(model, config, tree: TokenTree, consecutive: bool) -> tuple[torch.Te
 
 @pytest.mark.parametrize("consecutive", [True, False])
 @pytest.mark.parametrize("shape", ["chain", "tree"])
-def test_verification_rows_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, shape, consecutive):
+@pytest.mark.parametrize("weights", ["int4-g32", pytest.param("gguf-Q4_1", marks=NATIVE.marks)])
+def test_verification_rows_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, shape, consecutive, weights):
     """A verification step (a chain of drafts, or a token tree whose second branch's nodes see
     their own ancestors, not the nodes before them) computes every node's state and K/V exactly
-    as the general layer's per-row attention does."""
-    model, config = _load(tmp_path, "llama3_gqa")
+    as the general layer's per-row attention does; with native products a chain in one native call."""
+    model, config = _load(tmp_path, "llama3_gqa", weights)
     tree = (TokenTree.chain(11, [12, 13, 14, 15]) if shape == "chain"
             else TokenTree.from_chains(11, [[12, 13, 14], [21, 22]], 5))
     assert tree.is_chain == (shape == "chain")
     want, want_kv = _verify(model, config, tree, consecutive)
     use_cpu_decode_layers(model)
-    rows = []
-    fast = CpuDecodeLayer._decode
-    monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, *a: rows.append(hidden.shape[0])
-                        or fast(self, rope, hidden, *a))
+    decoded = _count_decodes(monkeypatch)
     got, got_kv = _verify(model, config, tree, consecutive)
-    assert rows == [tree.size] * config.num_layers  # the verification step took the CPU decode layer
+    native = config.num_layers if weights.startswith("gguf") and shape == "chain" else 0
+    assert decoded == {"torch": config.num_layers - native, "native": native}  # the CPU decode layer
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for pair, ref in zip(got_kv, want_kv) for a, b in zip(pair, ref))

@@ -141,3 +141,56 @@ def test_rope_store_equals_rotate_q_k_and_index_copy_bit_for_bit():
     assert torch.equal(q, q_ref) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     with pytest.raises(ValueError, match="contiguous fp32 tensors"):
         cn.rope_store(qkv.bfloat16(), H, rope.cos_full, rope.sin_signed, k_cache, v_cache, slots)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,s_len", [(9, 3, 64, 1), (9, 3, 64, 37), (4, 4, 128, 8), (8, 1, 256, 700)])
+def test_attention_equals_exact_softmax_and_is_what_decode_rows_take(heads, kv_heads, dim, s_len):
+    """One query over S keys (GQA, whole and partial groups of 8 scores) against fp64 attention;
+    the CPU's one-query ``grouped_attention`` (a decode row) returns the native values, as the
+    CPU decode layer's rows do, and a head's result does not depend on the thread count."""
+    from flashserve.layers.attention import grouped_attention
+
+    g = torch.Generator().manual_seed(s_len)
+    q = torch.randn(heads, dim, generator=g) * 2
+    k, v = torch.randn(s_len, kv_heads, dim, generator=g) * 2, torch.randn(s_len, kv_heads, dim, generator=g)
+    scale = dim ** -0.5
+    got = cn.attention(q, k, v, scale)
+    kx = k.double().repeat_interleave(heads // kv_heads, dim=1)  # [S, H, D]
+    p = torch.softmax(torch.einsum("hd,shd->hs", q.double(), kx) * scale, dim=-1)
+    want = torch.einsum("hs,shd->hd", p, v.double().repeat_interleave(heads // kv_heads, dim=1))
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
+    with torch.no_grad():
+        assert torch.equal(grouped_attention(q[None], k, v, scale)[0], got)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # 8 heads x 700 keys: split over threads
+        assert torch.equal(cn.attention(q, k, v, scale), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_attention_refuses_what_it_does_not_take():
+    q, k = torch.randn(4, 12), torch.randn(5, 2, 12)  # a head size that is not a multiple of 8
+    with pytest.raises(ValueError, match=r"D % 8 == 0, D <= 512, Hkv dividing H expected; got \(4, 12\), \(5, 2, 12\)"):
+        cn.attention(q, k, k, 0.3)
+    with pytest.raises(ValueError, match="Hkv dividing H"):
+        cn.attention(torch.randn(3, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), 0.3)
+    assert not cn.attention_applies(q.bfloat16(), k.bfloat16(), k.bfloat16())
+
+
+@pytest.mark.parametrize("inter", [5, 64, 1536])
+def test_silu_mul_is_close_to_torch_and_serves_the_cpu_mlp(inter):
+    from flashserve.layers.activation import silu_and_mul
+
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(3, 2 * inter, generator=g) * 6
+    x[0, :4] = torch.tensor([-120.0, -87.5, 90.0, 0.0])  # past the clamped exponent range, and zero
+    got = cn.silu_mul(x)
+    want = torch.nn.functional.silu(x[:, :inter].double()) * x[:, inter:].double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-30)
+    with torch.no_grad():
+        assert torch.equal(silu_and_mul(x), got)
+    xg = x.clone().requires_grad_()
+    y = silu_and_mul(xg)  # autograd on: torch's ops, differentiable
+    assert y.requires_grad
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-6, atol=1e-30)

@@ -107,13 +107,16 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch)
     verification steps go through the CPU decode layer (``flashserve.models.cpu_decode``), as its
     decode steps do."""
     from flashserve import SamplingParams
+    from flashserve.kernels import cpu_native
     from flashserve.models.cpu_decode import CpuDecodeLayer
 
     steps = []  # (tokens, token tree or not) of each step the CPU decode layer computed
-    fast = CpuDecodeLayer._decode
+    fast, native = CpuDecodeLayer._decode, cpu_native.DecodeLayer.__call__  # its torch form, its native call
     monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, residual, kv, meta, *a:
                         steps.append((hidden.shape[0], meta.tree is not None))
                         or fast(self, rope, hidden, residual, kv, meta, *a))
+    monkeypatch.setattr(cpu_native.DecodeLayer, "__call__", lambda self, step, hidden, *a:
+                        steps.append((hidden.shape[0], False)) or native(self, step, hidden, *a))
 
     trees = smollm2.engine.config.speculative.tree_width > 1
     prompt = ("Write the sequence again: one two, one three, one two, one three, one two, one three, one" if trees

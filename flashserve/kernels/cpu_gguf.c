@@ -204,3 +204,199 @@ void fs_rms_norm(const float *x, const float *w, int64_t m_rows, int64_t dim, fl
         for (; i < dim; i++) o[i] = xr[i] * rs * w[i];
     }
 }
+
+/* e^x in 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7
+ * (truncation below 6e-9 relative), times 2^n built in the exponent bits; x is clamped to
+ * [-87, 88], so the result is a normal float. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* Lanes [0, count) of 8 loaded from p, the others 0 (tails go through the same vector code). */
+INLINE __m256 load_tail(const float *p, int64_t count) {
+    float lanes[8] = {0};
+    memcpy(lanes, p, (size_t)count * sizeof(float));
+    return _mm256_loadu_ps(lanes);
+}
+
+INLINE void store_tail(float *p, __m256 v, int64_t count) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    memcpy(p, lanes, (size_t)count * sizeof(float));
+}
+
+/* silu(g) * u = g / (1 + e^-g) * u, in 8 lanes. */
+INLINE __m256 silu_mul8(__m256 g, __m256 u) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+/* out [T, I] = silu(x[:, :I]) * x[:, I:] for x [T, 2 I]. */
+void fs_silu_mul(const float *x, int64_t t_rows, int64_t inter, float *out) {
+    for (int64_t t = 0; t < t_rows; t++) {
+        const float *g = x + t * 2 * inter, *u = g + inter;
+        float *o = out + t * inter;
+        int64_t i = 0;
+        for (; i + 8 <= inter; i += 8)
+            _mm256_storeu_ps(o + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+        if (i < inter)
+            store_tail(o + i, silu_mul8(load_tail(g + i, inter - i), load_tail(u + i, inter - i)), inter - i);
+    }
+}
+
+enum { MAX_DIM = 512 };
+static __thread float *scores;  /* each thread's softmax row, grown as needed */
+static __thread int64_t scores_len;
+
+/* One head: out [D] = softmax(scale * K q) V over s_len rows of k and v: row r at rows[r] * stride
+ * (rows NULL: at r * stride); D a multiple of 8, at most MAX_DIM. Scores, then e^(score - max) and
+ * their sum in 8 lanes, then the weighted rows of v summed in order, divided by the sum: the same
+ * values wherever the rows lie. Returns -1 without scratch memory. */
+static int attend_head(const float *q, const float *k, const float *v, const int64_t *rows, int64_t s_len,
+                       int64_t stride, int64_t dim, float scale, float *out) {
+    if (s_len > scores_len) {
+        float *grown = realloc(scores, (size_t)s_len * sizeof(float));
+        if (!grown) return -1;
+        scores = grown;
+        scores_len = s_len;
+    }
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < s_len; s++) {
+        const float *kr = k + (rows ? rows[s] : s) * stride;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kr + i), acc);
+        scores[s] = hsum(acc) * scale;
+        mx = fmaxf(mx, scores[s]);
+    }
+    __m256 top = _mm256_set1_ps(mx), total = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= s_len; s += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), top));
+        _mm256_storeu_ps(scores + s, e);
+        total = _mm256_add_ps(total, e);
+    }
+    if (s < s_len) {
+        int64_t rest = s_len - s;
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)rest),
+                                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(load_tail(scores + s, rest), top)), keep);
+        store_tail(scores + s, e, rest);
+        total = _mm256_add_ps(total, e);
+    }
+    __m256 acc[MAX_DIM / 8];
+    for (int64_t i = 0; i < dim / 8; i++) acc[i] = _mm256_setzero_ps();
+    for (s = 0; s < s_len; s++) {
+        const float *vr = v + (rows ? rows[s] : s) * stride;
+        __m256 p = _mm256_set1_ps(scores[s]);
+        for (int64_t i = 0; i < dim / 8; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * i), acc[i]);
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / hsum(total));
+    for (int64_t i = 0; i < dim / 8; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
+    return 0;
+}
+
+/* One query row per call: q [H, D] over s_len keys of k, v [rows, Hkv, D] (rows kv_heads * dim
+ * apart): rows[0..s_len) of them, or the first s_len where rows is NULL; the H / Hkv query heads of
+ * a group share one kv head. out [H, D]. Heads are split over threads once the work is large; each
+ * head's result does not depend on that. Returns 0, or -1 (no memory). */
+int fs_attention(const float *q, const float *k, const float *v, const int64_t *rows, int64_t s_len, int64_t heads,
+                 int64_t kv_heads, int64_t dim, float scale, float *out, int threads) {
+    int64_t group = heads / kv_heads, stride = kv_heads * dim;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && s_len * heads >= 4096) \
+    reduction(| : failed)
+    for (int64_t h = 0; h < heads; h++)
+        failed |= attend_head(q + h * dim, k + (h / group) * dim, v + (h / group) * dim, rows, s_len, stride, dim,
+                              scale, out + h * dim);
+    return failed ? -1 : 0;
+}
+
+/* A decoder layer's decode step in one call (flashserve.models.cpu_decode): the same functions
+ * in the same order as its torch form, so the values are the same bit for bit. */
+typedef struct {
+    const uint8_t *qs;
+    const uint16_t *d, *m;
+    const uint32_t *qh;
+    int64_t n, k, qtype;
+} fs_weight;
+
+typedef struct {
+    fs_weight qkv, o, gate_up, down;
+    const float *norm1, *norm2;
+    double eps1, eps2, scale;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+} fs_layer;
+
+typedef struct {
+    int64_t t_rows, n_seqs;
+    const int64_t *seqs;  /* [n_seqs, 4]: its first context row in the cache (-1: scattered), its length, its
+                           * new rows, where its context rows start in rows (when scattered) */
+    const int64_t *rows;  /* the context rows of the scattered sequences, one after the other */
+    const int64_t *slots;  /* [T]: the cache row each new token's k and v go to */
+    const float *cos_full, *sin_signed;  /* [T, D] */
+    int64_t threads;
+} fs_step;
+
+static __thread float *layer_scratch;
+static __thread size_t layer_scratch_bytes;
+
+INLINE int product(const fs_weight *w, const float *x, int64_t m_rows, float *y, int threads) {
+    return fs_matmul((int)w->qtype, w->qs, w->d, w->m, w->qh, w->n, w->k, x, m_rows, y, threads);
+}
+
+/* hidden, residual (NULL: the first layer, whose residual stream is hidden) [T, hidden] -> out (the
+ * MLP's output) and res_out (the residual stream after attention) [T, hidden], with the layer's
+ * caches k_cache, v_cache [rows, Hkv, D]:
+ *   res = hidden + residual; a = attention(rope(qkv(rms_norm(res, norm1)))); res = o(a) + res;
+ *   out = down(silu_mul(gate_up(rms_norm(res, norm2)))).
+ * Row j of a sequence with n new rows attends over its first seq_len - n + j + 1 context rows
+ * (a decode step, or a chain of drafts each seeing the keys of its own decode step), read in place.
+ * Returns 0, or -1 when scratch memory cannot be allocated. */
+int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, const float *residual, float *out,
+                    float *res_out, float *k_cache, float *v_cache) {
+    const int64_t t = st->t_rows, hid = L->hidden, h = L->heads, hkv = L->kv_heads, dim = L->head_dim;
+    const int64_t qkv_cols = (h + 2 * hkv) * dim, inter = L->intermediate;
+    const int threads = (int)st->threads;
+    size_t need = (size_t)(t * (hid + qkv_cols + 2 * h * dim + 3 * inter)) * sizeof(float);
+    if (need > layer_scratch_bytes) {
+        float *grown = realloc(layer_scratch, need);
+        if (!grown) return -1;
+        layer_scratch = grown;
+        layer_scratch_bytes = need;
+    }
+    float *x = layer_scratch, *qkv = x + t * hid, *q = qkv + t * qkv_cols, *att = q + t * h * dim;
+    float *gate_up = att + t * h * dim, *act = gate_up + 2 * t * inter;
+    for (int64_t i = 0; i < t * hid; i++) res_out[i] = residual ? hidden[i] + residual[i] : hidden[i];
+    fs_rms_norm(res_out, L->norm1, t, hid, (float)L->eps1, x);
+    if (product(&L->qkv, x, t, qkv, threads)) return -1;
+    fs_rope_store(qkv, t, h, hkv, dim, st->cos_full, st->sin_signed, q, k_cache, v_cache, st->slots);
+    int64_t row = 0;
+    for (int64_t i = 0; i < st->n_seqs; i++) {
+        const int64_t *seq = st->seqs + 4 * i, first = seq[0], seq_len = seq[1], n = seq[2];
+        const int64_t *rows = first < 0 ? st->rows + seq[3] : NULL;
+        const float *k = k_cache + (rows ? 0 : first) * hkv * dim, *v = v_cache + (rows ? 0 : first) * hkv * dim;
+        for (int64_t j = 0; j < n; j++, row++)
+            if (fs_attention(q + row * h * dim, k, v, rows, seq_len - n + j + 1, h, hkv, dim, (float)L->scale,
+                             att + row * h * dim, threads))
+                return -1;
+    }
+    if (product(&L->o, att, t, out, threads)) return -1;
+    for (int64_t i = 0; i < t * hid; i++) res_out[i] = out[i] + res_out[i];
+    fs_rms_norm(res_out, L->norm2, t, hid, (float)L->eps2, x);
+    if (product(&L->gate_up, x, t, gate_up, threads)) return -1;
+    fs_silu_mul(gate_up, t, inter, act);
+    return product(&L->down, act, t, out, threads);
+}

@@ -45,6 +45,25 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-
 ENV = "FLASHSERVE_NATIVE_CPU"
 
 
+class _Weight(ctypes.Structure):  # fs_weight
+    _fields_ = [("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("qh", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("qtype", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):  # fs_layer
+    _fields_ = [("qkv", _Weight), ("o", _Weight), ("gate_up", _Weight), ("down", _Weight),
+                ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_double),
+                ("eps2", ctypes.c_double), ("scale", ctypes.c_double), ("hidden", ctypes.c_int64),
+                ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("intermediate", ctypes.c_int64)]
+
+
+class _Step(ctypes.Structure):  # fs_step
+    _fields_ = [("t_rows", ctypes.c_int64), ("n_seqs", ctypes.c_int64), ("seqs", ctypes.c_void_p),
+                ("rows", ctypes.c_void_p), ("slots", ctypes.c_void_p), ("cos_full", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
+                ("threads", ctypes.c_int64)]
+
+
 def _cpu_has_instructions() -> bool:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -89,6 +108,12 @@ def _library() -> ctypes.CDLL | None:
     lib.fs_rms_norm.restype = None
     lib.fs_rope_store.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p]
     lib.fs_rope_store.restype = None
+    lib.fs_silu_mul.argtypes = [p, i64, i64, p]
+    lib.fs_silu_mul.restype = None
+    lib.fs_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
+    lib.fs_attention.restype = ctypes.c_int
+    lib.fs_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), p, p, p, p, p, p]
+    lib.fs_decode_layer.restype = ctypes.c_int
     return lib
 
 
@@ -187,6 +212,103 @@ def rope_store(qkv: torch.Tensor, heads: int, cos_full: torch.Tensor, sin_signed
     _library().fs_rope_store(qkv.data_ptr(), t, heads, kv_heads, dim, cos_full.data_ptr(), sin_signed.data_ptr(),
                              q.data_ptr(), k_flat.data_ptr(), v_flat.data_ptr(), slots.data_ptr())
     return q
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x [..., 2 I]`` -> ``silu(x[..., :I]) * x[..., I:]`` ``[..., I]`` (``e^x`` by an 8-lane
+    polynomial: within a few ulp of torch's ``F.silu(g) * u``, not bit for bit)."""
+    x = x.contiguous()
+    inter = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], inter)
+    _library().fs_silu_mul(x.data_ptr(), x.numel() // (2 * inter), inter, out.data_ptr())
+    return out
+
+
+MAX_HEAD_DIM = 512
+
+
+def _attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    dim = q.shape[-1]
+    return (q.device.type == k.device.type == v.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype == torch.float32 and dim % 8 == 0 and dim <= MAX_HEAD_DIM
+            and k.dim() == 3 and k.shape == v.shape and k.shape[2] == dim and q.shape[-2] % k.shape[1] == 0)
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the torch paths hand one query to ``attention``: fp32 CPU tensors of shapes it takes
+    (a head size that is a multiple of 8 up to ``MAX_HEAD_DIM``), no autograd, and the library
+    runs here."""
+    return _attention_takes(q, k, v) and not torch.is_grad_enabled() and available()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row ``q [H, D]`` (or ``[1, H, D]``) over every row of ``k``, ``v`` ``[S, Hkv, D]``
+    (GQA: query head h reads kv head ``h // (H / Hkv)``) -> ``[H, D]``. Each head's softmax is
+    computed in full in fp32 (scores, ``e^(s - max)`` summed in 8 lanes, the weighted values summed
+    in key order), so a head's result does not depend on the thread count."""
+    heads, dim = q.shape[-2], q.shape[-1]
+    s_len, kv_heads = k.shape[0], k.shape[1]
+    if not _attention_takes(q, k, v):
+        raise ValueError(f"cpu_native.attention: fp32 q [H, D] and k, v [S, Hkv, D] with D % 8 == 0, "
+                         f"D <= {MAX_HEAD_DIM}, Hkv dividing H expected; got {tuple(q.shape)}, {tuple(k.shape)}")
+    q = q.contiguous()
+    k, v = (x if x.stride() == (kv_heads * dim, dim, 1) else x.contiguous() for x in (k, v))
+    out = q.new_empty(heads, dim)
+    if _library().fs_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), None, s_len, heads, kv_heads, dim, scale,
+                               out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"cpu_native: no memory for the scores of {s_len} keys")
+    return out
+
+
+def _weight(w: Planes, qtype: str) -> _Weight:
+    return _Weight(*_pointers(w), w.qs.shape[0], w.d.shape[1] * 32, QTYPES[qtype])
+
+
+class DecodeLayer:
+    """A Llama-family decoder layer's decode step in one native call (``fs_decode_layer``): residual
+    add, RMSNorm, the qkv product, rope and the K/V writes, each new row's attention over its
+    sequence's cache rows (read in place), the o product and residual add, RMSNorm, the gate/up product,
+    ``silu_mul`` and the down product: the functions of this module, in the order
+    ``flashserve.models.cpu_decode`` calls them, so the values are the same bit for bit. The weights
+    must not move afterwards (their addresses are read once, as in ``bind``)."""
+
+    def __init__(self, products: list[tuple[Planes, str]], norms: list[tuple[torch.Tensor, float]], heads: int,
+                 kv_heads: int, head_dim: int, scale: float) -> None:
+        (qkv, o, gate_up, down), (n1, n2) = products, [w.contiguous() for w, _ in norms]
+        self._keep = (n1, n2)
+        self.layer = _Layer(_weight(*qkv), _weight(*o), _weight(*gate_up), _weight(*down), n1.data_ptr(),
+                            n2.data_ptr(), norms[0][1], norms[1][1], scale, n1.shape[0], heads, kv_heads, head_dim,
+                            down[0].d.shape[1] * 32)
+        self.lib = _library()
+
+    @staticmethod
+    def step(contexts: list[int | torch.Tensor], seq_lens: list[int], query_lens: list[int], slots: torch.Tensor,
+             cos_full: torch.Tensor, sin_signed: torch.Tensor) -> tuple:
+        """What every layer of one step shares: each sequence's context in the cache (the row of its
+        first token when its rows are consecutive, else its rows, int64 ``[S]``), its length and its
+        new rows; the new tokens' cache rows; rope's ``[T, 1, D]`` tables. The tensors are kept
+        alive with the struct."""
+        scattered = [c for c in contexts if not isinstance(c, int)]
+        rows = torch.cat(scattered).to(torch.int64) if scattered else torch.zeros(1, dtype=torch.int64)
+        seqs, start = [], 0
+        for c, s, n in zip(contexts, seq_lens, query_lens):
+            seqs.append((c, s, n, 0) if isinstance(c, int) else (-1, s, n, start))
+            start += 0 if isinstance(c, int) else c.shape[0]
+        tensors = (torch.tensor(seqs, dtype=torch.int64), rows, slots.to(torch.int64).contiguous(),
+                   cos_full.contiguous(), sin_signed.contiguous())
+        st = _Step(slots.shape[0], len(seqs), *(x.data_ptr() for x in tensors), torch.get_num_threads())
+        return st, tensors
+
+    def __call__(self, step: tuple, hidden: torch.Tensor, residual: torch.Tensor | None, k_flat: torch.Tensor,
+                 v_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 contiguous ``hidden``, ``residual`` ``[T, hidden]`` -> (the MLP's output, the residual
+        stream), the new rows' k and v written to the caches ``[rows, Hkv, D]``."""
+        out, res = torch.empty_like(hidden), torch.empty_like(hidden)
+        if self.lib.fs_decode_layer(ctypes.byref(self.layer), ctypes.byref(step[0]), hidden.data_ptr(),
+                                    None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                    res.data_ptr(), k_flat.data_ptr(), v_flat.data_ptr()):
+            raise MemoryError(f"cpu_native: no memory for a decode step of {hidden.shape[0]} rows")
+        return out, res
 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

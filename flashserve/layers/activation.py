@@ -6,12 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.kernels import cpu_native
+
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` where ``x = cat([gate, up], -1)``.
+    """``silu(gate) * up`` where ``x = cat([gate, up], -1)``. fp32 on the CPU without autograd: the
+    native kernel where it runs (``cpu_native.silu_mul``, the CPU decode layer's, one call).
 
     x: [..., 2 * d] -> [..., d]
     """
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and cpu_native.available()):
+        return cpu_native.silu_mul(x)
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashserve.config import AttentionSpec
-from flashserve.kernels import kv_quant
+from flashserve.kernels import cpu_native, kv_quant
 from flashserve.kernels.reference import window_mask
 from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
@@ -81,7 +81,8 @@ def grouped_attention(
 
     The G = H / Hkv query heads sharing a kv head are folded into the query axis, so SDPA runs
     with batch = Hkv, queries = G * L, keys = S. Softmax accumulates in fp32 (SDPA on GPU; on
-    CPU half inputs are upcast).
+    CPU half inputs are upcast). One query without a mask (a decode row) in fp32 on the CPU takes
+    the native kernel (``cpu_native.attention``), as the CPU decode layer does: the same values.
     """
     L, H, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -89,6 +90,8 @@ def grouped_attention(
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
+    if L == 1 and mask is None and cpu_native.attention_applies(q, k, v):  # decode: every context token is visible
+        return cpu_native.attention(q, k, v, scale).view(1, H, D).to(out_dtype)
     # 4-D [1, Hkv, rows, D]: SDPA's fused CPU kernel takes 4-D inputs (3-D falls back to the
     # much slower math path).
     qg = q.view(L, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * L, D)  # rows g * L + l
@@ -96,7 +99,7 @@ def grouped_attention(
     vg = v.transpose(0, 1).unsqueeze(0)
     if mask is not None:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask.repeat(G, 1), scale=scale)
-    elif L == 1:  # decode: every context token is visible
+    elif L == 1:  # decode: every context token is visible (fp32 on the CPU: the native kernel, above)
         out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
     elif L == S and G == 1:  # whole prompt in one step: plain causal
         out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)

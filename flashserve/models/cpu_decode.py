@@ -1,30 +1,32 @@
-"""Decode steps of a Llama-family decoder layer on the CPU in few torch ops, same bits.
+"""Decode steps of a Llama-family decoder layer on the CPU in few calls, same bits.
 
-At batch-1 decode on the CPU a step of SmolLM2-135M (GGUF kept packed, torch's int4 kernel)
-spent about as long on ~90 small ops and their Python frames per layer (module calls, norms,
-rope, casts around each product, the attention backend's per-sequence bookkeeping, K/V
-gathers) as on the layer's four int4 products. ``CpuDecodeLayer`` is a forward for such a layer
-that computes a decode step with the same arithmetic in 25 computing ops (plus ~20 views):
+At batch-1 decode on the CPU a step of SmolLM2-135M (GGUF kept packed) spent about as long on
+~90 small ops and their Python frames per layer (module calls, norms, rope, casts around each
+product, the attention backend's per-sequence bookkeeping, K/V gathers) as on the layer's four
+products. ``CpuDecodeLayer`` is a forward for such a layer that computes a decode step with the
+same arithmetic:
 
-* the products are called directly: torch's int4 op on bf16 activations (its only fast input),
-  its bf16 outputs widened only where fp32 math follows (rope, the SiLU gate, the returned block
-  output; a residual add takes the bf16 output as is, type promotion widens it exactly), or the
-  native GGUF kernel (``CpuGGUFWeight``) on the fp32 activations, fp32 out;
-* q and k are rotated without concatenating them (they are adjacent in the qkv output), and
-  with the native GGUF kernel rotated and written to the cache in one native call
-  (``cpu_native.rope_store``, the same values);
-* a sequence whose KV blocks are consecutive (the usual case; checked once per step) is attended
-  over a view of the cache instead of gathered copies of its keys and values;
-* each sequence's attention is the very SDPA call ``grouped_attention`` makes for one query.
+* where the four products are flashserve's native GGUF kernel (``CpuGGUFWeight``), the whole
+  step is one native call (``cpu_native.DecodeLayer``): norms, products, rope and the K/V writes,
+  each row's attention over its sequence's cache rows read in place (consecutive blocks or not),
+  the residual adds and SiLU-and-mul, each the very function the general forward calls on fp32
+  CPU tensors (``cpu_native.rms_norm``, ``attention``, ``silu_mul``, the products);
+* otherwise (torch's int4 op) about 25 torch ops: the products called directly on bf16
+  activations (the op's only fast input), widened only where fp32 math follows; q and k rotated
+  without concatenating them (adjacent in the qkv output), or rotated and stored in one native
+  call for an fp32 qkv product (``cpu_native.rope_store``); a sequence whose KV blocks are
+  consecutive (checked once per step) attended over a view of the cache instead of gathered
+  copies; each row's attention the call ``grouped_attention`` makes for one query.
 
 Every value equals the general forward's bit for bit (tests/test_cpu_decode.py), so greedy
 tokens, the exact speculative verification and the agreement with the fp32 path are untouched.
 A verification step is decode rows too: each drafted token (of a chain, or a token tree's node)
-attends with the very call its decode step would make, over the keys that step would see (what
-``flashserve.layers.attention_rows`` does in the general forward). Other steps (prompts, chunks,
-per-request attention options), activations other than fp32 and 8-bit or empty KV caches take
-the layer's general forward. ``use_cpu_decode_layers`` installs it on every layer that
-qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
+attends as its decode step would, over the keys that step would see (what
+``flashserve.layers.attention_rows`` does in the general forward); chains take the native call,
+trees the torch form. Other steps (prompts, chunks, per-request attention options), activations
+other than fp32 and 8-bit or empty KV caches take the layer's general forward.
+``use_cpu_decode_layers`` installs it on every layer that qualifies (``CpuDecodeLayer.supports``);
+the Worker calls it for the torch backend.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flashserve.kernels import cpu_native
-from flashserve.layers.attention import TorchAttentionBackend, context_slots
+from flashserve.layers.activation import silu_and_mul
+from flashserve.layers.attention import TorchAttentionBackend, context_slots, grouped_attention
 from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
 from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
@@ -92,6 +94,15 @@ def decode_contexts(meta: AttentionMetadata, block_size: int) -> list[int | torc
     return meta.memo[_MEMO_KEY]
 
 
+def native_step(meta: AttentionMetadata, contexts: list[int | torch.Tensor], rope: RopeInputs) -> tuple:
+    """What ``cpu_native.DecodeLayer`` reads in every layer of this step (``meta.memo``)."""
+    key = "cpu_native_step"
+    if key not in meta.memo:
+        meta.memo[key] = cpu_native.DecodeLayer.step(contexts, meta.seq_lens_cpu, meta.query_lens_cpu,
+                                                     meta.slot_mapping, rope.cos_full, rope.sin_signed)
+    return meta.memo[key]
+
+
 def _rows_as_decodes(meta: AttentionMetadata) -> bool:
     """Whether every new token of the step attends as a one-token decode step would: a decode
     step, or one whose longer queries are all verified drafts (``verify_seqs``: each row attends
@@ -125,6 +136,12 @@ class CpuDecodeLayer:
         self.intermediate = layer.mlp.down_proj.in_features
         native = type(parts[0]) is CpuGGUFWeight  # its qkv product is fp32, as the native rope takes it
         self.rope_store = self._native_rope_store if native else self._rope_store
+        # The whole step in one native call where every product is native and attention is too.
+        self.native = None
+        if all(type(w) is CpuGGUFWeight for w in parts) and self.head_dim % 8 == 0 \
+                and self.head_dim <= cpu_native.MAX_HEAD_DIM:
+            self.native = cpu_native.DecodeLayer([(w.planes, w.qtype) for w in parts], [self.norm1, self.norm2],
+                                                 self.heads, self.kv_heads, self.head_dim, self.scale)
 
     @staticmethod
     def supports(layer: nn.Module) -> bool:
@@ -157,6 +174,10 @@ class CpuDecodeLayer:
         contexts = decode_contexts(meta, kv_cache[0].shape[1])
         if contexts is None:
             return self.general(rope, hidden, residual, kv_cache)
+        if self.native is not None and meta.tree is None and hidden.is_contiguous() \
+                and (residual is None or residual.is_contiguous()):
+            k_flat, v_flat = (c.view(-1, self.kv_heads, self.head_dim) for c in kv_cache)
+            return self.native(native_step(meta, contexts, rope), hidden, residual, k_flat, v_flat)
         return self._decode(rope, hidden, residual, kv_cache, meta, contexts)
 
     def _rope_store(self, qkv: torch.Tensor, rope: RopeInputs, k_flat: torch.Tensor, v_flat: torch.Tensor,
@@ -200,16 +221,12 @@ class CpuDecodeLayer:
                 else:  # a tree node: the cached context, then its ancestors (itself included)
                     idx = node_key_rows(cached, ancestors(bits[j], n), keys.device)
                     k_j, v_j = keys.index_select(0, idx), values.index_select(0, idx)
-                q = x[row : row + 1, :H].view(1, Hkv, H // Hkv, D)  # the query heads sharing a kv head as rows
-                out = F.scaled_dot_product_attention(q, k_j.transpose(0, 1).unsqueeze(0),
-                                                     v_j.transpose(0, 1).unsqueeze(0), scale=self.scale)
-                outs.append(out.view(1, H * D))
+                outs.append(grouped_attention(x[row : row + 1, :H], k_j, v_j, self.scale).view(1, H * D))
                 row += 1
         attn_out = outs[0] if T == 1 else torch.cat(outs)  # [T, H D] fp32
         residual = self.o(attn_out) + residual  # bf16 (int4 op) or fp32 + fp32: the exact fp32 sum
         h = rms_norm(residual, *self.norm2)
-        gate_up = self.gate_up(h).float()  # [T, 2 I]
-        act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
+        act = silu_and_mul(self.gate_up(h).float())  # [T, 2 I] -> [T, I]
         return self.down(act).float(), residual
 
 
