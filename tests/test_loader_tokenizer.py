@@ -71,6 +71,22 @@ def test_tokenizer_load_does_not_import_transformers():
     assert out == ["FastTokenizer", "False"]
 
 
+def test_engine_start_and_generate_do_not_import_transformers():
+    """``LLM()`` on the embedded model and a streamed-text generation (the detokenizer's
+    ``DecodeStream`` takes the tokenizers library's object) leave transformers unimported: its
+    import costs about a second of a start that the issue bounds at 1.5 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flashserve import LLM, SamplingParams; "
+            "llm = LLM(max_model_len=256, kv_cache_bytes=1 << 24, verbose=False); "
+            "out = llm.generate(['Hello'], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]; "
+            "print(len(out.outputs[0].text) > 0, llm.engine.detokenizer._backend is not None, "
+            "'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False"]
+
+
 def test_cache_is_per_transformers_version(monkeypatch):
     """Conversions differ between transformers versions (5.17 and 5.24 convert the same GGUF
     differently), so a cache written by one version is not read by another."""

@@ -154,6 +154,12 @@ class FastTokenizer:
         return compiled
 
     @property
+    def _tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` itself, under transformers' name for it (the detokenizer
+        streams with it), so asking for it does not load transformers."""
+        return self._tok
+
+    @property
     def hf(self) -> Any:
         """The transformers tokenizer of the same folder (loaded on first use)."""
         if self._hf is None:
