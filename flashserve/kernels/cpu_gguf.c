@@ -15,6 +15,9 @@
  * order, so a row's result does not depend on M, on the other rows, or on the thread count
  * (threads split the output columns). flashserve.kernels.cpu_native's references compute the
  * same quantities in torch.
+ *
+ * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention and
+ * SiLU-and-mul in fp32, and fs_decode_layer, a Llama-family layer's decode step made of them.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -210,7 +213,8 @@ void fs_rms_norm(const float *x, const float *w, int64_t m_rows, int64_t dim, fl
  * [-87, 88], so the result is a normal float. */
 INLINE __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  /* ln2 in two parts */
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
     __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
@@ -277,7 +281,8 @@ static int attend_head(const float *q, const float *k, const float *v, const int
     for (int64_t s = 0; s < s_len; s++) {
         const float *kr = k + (rows ? rows[s] : s) * stride;
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kr + i), acc);
+        for (int64_t i = 0; i < dim; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kr + i), acc);
         scores[s] = hsum(acc) * scale;
         mx = fmaxf(mx, scores[s]);
     }

@@ -15,8 +15,10 @@ kernels, where the CPU lacks those instructions, no compiler works, or ``FLASHSE
 
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
 ``flashserve.layers.norm``: torch's composite one costs ~16 us a row at SmolLM2's width, 61
-calls a decode step) and the CPU decode layer's rope and K/V writes (``rope_store``: the values
-of its ten torch ops, bit for bit, in one call).
+calls a decode step), the CPU decode layer's rope and K/V writes (``rope_store``: the values
+of its ten torch ops, bit for bit, in one call), one-query attention (``attention``) and
+SiLU-and-mul (``silu_mul``), which the torch paths' fp32 CPU decode rows and MLPs call too, and
+a whole decoder layer's decode step in one call (``DecodeLayer``), built from those functions.
 
 ``quantize_rows_reference`` and ``matmul_reference`` compute the same arithmetic in torch: the
 int16 activations and their scales bit for bit, the products up to fp32 summation order.
@@ -60,8 +62,8 @@ class _Layer(ctypes.Structure):  # fs_layer
 
 class _Step(ctypes.Structure):  # fs_step
     _fields_ = [("t_rows", ctypes.c_int64), ("n_seqs", ctypes.c_int64), ("seqs", ctypes.c_void_p),
-                ("rows", ctypes.c_void_p), ("slots", ctypes.c_void_p), ("cos_full", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
-                ("threads", ctypes.c_int64)]
+                ("rows", ctypes.c_void_p), ("slots", ctypes.c_void_p), ("cos_full", ctypes.c_void_p),
+                ("sin_signed", ctypes.c_void_p), ("threads", ctypes.c_int64)]
 
 
 def _cpu_has_instructions() -> bool:
