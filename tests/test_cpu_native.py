@@ -55,11 +55,15 @@ def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_row_results_do_not_depend_on_other_rows_or_threads(qtype):
+    """Rows go in tiles of 4 (and one of the rest), one at a time alone: a row's bits are the same
+    in every position of every tile size."""
     w = cn.split_blocks(ref.random_gguf_blocks(qtype, 80, 320, seed=5), qtype)  # 10 blocks: 8 + a tail
-    x = _x(6, 320, seed=9)
-    y = cn.matmul(x, w, qtype)
-    for i in range(6):
+    x = _x(11, 320, seed=9)
+    y = cn.matmul(x, w, qtype)  # tiles of 4, 4, 3
+    for i in range(11):
         assert torch.equal(cn.matmul(x[i : i + 1], w, qtype), y[i : i + 1])
+    for rows in (2, 5, 6):  # a tile of 2; 4 + 1; 4 + 2, starting at other rows
+        assert torch.equal(cn.matmul(x[3 : 3 + rows], w, qtype), y[3 : 3 + rows])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
