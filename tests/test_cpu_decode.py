@@ -1,9 +1,10 @@
 """The CPU decode layer (``flashserve.models.cpu_decode``) computes what the general decoder layer
 computes, bit for bit: the logits and the KV cache of decode steps of one and of several
 sequences, and every node of a verification step (a chain of drafts, a token tree), over
-consecutive blocks (attended as a view of the cache) and scattered ones (gathered), on a tiny
-random int4 model (and a Q4_1 GGUF one through the native kernel); other steps and layers keep
-the general forward."""
+consecutive blocks and scattered ones, on a tiny random int4 model (its torch form: a view of
+the cache, or gathered rows) and a Q4_1 GGUF one (decode steps and chains in one native call that
+reads the cache rows in place; trees in the torch form); other steps and layers keep the general
+forward."""
 
 from __future__ import annotations
 
