@@ -14,7 +14,12 @@ from flashserve.kernels import quant_reference as ref
 from flashserve.quant.packed import CpuGGUFWeight, Int4Weight, gguf_weight
 
 pytestmark = pytest.mark.skipif(not cn.available(), reason="no AVX2/FMA/F16C CPU or no C compiler")
-QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"]
+
+
+def _k(qtype: str, k: int) -> int:
+    """A row length of ``qtype``: Q4_K's super-blocks hold 256 columns."""
+    return -(-k // 256) * 256 if qtype == "Q4_K" else k
 
 
 def _x(m: int, k: int, seed: int) -> torch.Tensor:
@@ -38,9 +43,11 @@ def test_activation_blocks_equal_reference_bit_for_bit(k):
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("n,k,m", [(37, 96, 1), (48, 576, 3), (16, 64, 17), (20, 512, 2)])
 def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
+    k = _k(qtype, k)
     raw = ref.random_gguf_blocks(qtype, n, k, seed=n + k)
     w = cn.split_blocks(raw, qtype)
-    assert torch.equal(cn.join_blocks(w), raw)  # the planes hold the file's bytes, nothing else
+    if qtype != "Q4_K":  # Q4_K's planes hold its groups' exact scales instead of its super-blocks
+        assert torch.equal(cn.join_blocks(w), raw)  # the planes hold the file's bytes, nothing else
     torch.testing.assert_close(cn.dequantize(w, qtype), ref.gguf_dequantize(raw, qtype), rtol=0, atol=0)
     x = _x(m, k, seed=m)
     y = cn.matmul(x, w, qtype)
@@ -57,8 +64,9 @@ def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
 def test_row_results_do_not_depend_on_other_rows_or_threads(qtype):
     """Rows go in tiles of 4 (and one of the rest), one at a time alone: a row's bits are the same
     in every position of every tile size."""
-    w = cn.split_blocks(ref.random_gguf_blocks(qtype, 80, 320, seed=5), qtype)  # 10 blocks: 8 + a tail
-    x = _x(11, 320, seed=9)
+    k = 512 if qtype == "Q4_K" else 320  # 10 blocks: 8 + a tail (Q4_K: groups of 8 only)
+    w = cn.split_blocks(ref.random_gguf_blocks(qtype, 80, k, seed=5), qtype)
+    x = _x(11, k, seed=9)
     y = cn.matmul(x, w, qtype)  # tiles of 4, 4, 3
     for i in range(11):
         assert torch.equal(cn.matmul(x[i : i + 1], w, qtype), y[i : i + 1])
@@ -80,17 +88,20 @@ def test_bad_shapes_are_refused():
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gguf_weight_uses_the_native_kernel_unless_switched_off(qtype, monkeypatch):
-    raw = ref.random_gguf_blocks(qtype, 64, 96, seed=2)
-    w = gguf_weight(raw, qtype, 96, torch.device("cpu"))
+    k = _k(qtype, 96)
+    raw = ref.random_gguf_blocks(qtype, 64, k, seed=2)
+    w = gguf_weight(raw, qtype, k, torch.device("cpu"))
     assert type(w) is CpuGGUFWeight
-    assert sum(b.numel() * b.element_size() for b in w.buffers()) == raw.numel()  # the same bytes
-    x = _x(3, 96, seed=4)
+    size = sum(b.numel() * b.element_size() for b in w.buffers())
+    # the same bytes; Q4_K: the nibbles and two fp32 numbers a group (0.75 against 0.5625 bytes a weight)
+    assert size == (64 * k // 2 + 64 * k // 32 * 8 if qtype == "Q4_K" else raw.numel())
+    x = _x(3, k, seed=4)
     assert torch.equal(w(x), cn.matmul(x, cn.split_blocks(raw, qtype), qtype))
     assert torch.equal(w(x.bfloat16()), w(x.bfloat16().float()).bfloat16())
     torch.testing.assert_close(w.reference(x), w(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.dequantize(), ref.gguf_dequantize(raw, qtype))
     monkeypatch.setattr(cn, "available", lambda: False)
-    assert type(gguf_weight(raw, qtype, 96, torch.device("cpu"))) is Int4Weight
+    assert type(gguf_weight(raw, qtype, k, torch.device("cpu"))) is Int4Weight
 
 
 @pytest.mark.parametrize("dim", [7, 100, 576])

@@ -5,6 +5,8 @@
  *      its high half) or [N, K] (Q8_0: int8), d [N, K / 32] fp16 scales, m [N, K / 32] fp16
  *      offsets (Q4_1), qh [N, K / 32] uint32 fifth bits (Q5_0: bit j for column j);
  *   w = d * u + m (Q4_1), d * (u - 8) (Q4_0), d * (u + 16 * bit - 16) (Q5_0), d * q (Q8_0).
+ * Q4_K's super-blocks come as Q4_1-like planes whose d and m are fp32 (its 6-bit sub-block scales
+ * and minima times the super-block's fp16 ones: exact in fp32, not in fp16).
  * Eight blocks' scales then convert and multiply in one vector operation each.
  *
  * Each row of x is first quantized in blocks of 32 to int16 with its own scale (dx = amax /
@@ -25,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, PREFETCH_ROWS = 4 };
+enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, FS_Q4_K = 4, PREFETCH_ROWS = 4 };
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -97,15 +99,18 @@ enum { MAX_TILE = 4 };
  * R <= MAX_TILE a constant after inlining: each block is widened once for the R rows, and each
  * row's sums take the same operations in the same order whatever R is, so a row's result does not
  * depend on the rows beside it. */
-INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void *d, const void *m,
                      const uint32_t *qh, const int16_t *x, const float *dx, const float *sx, int64_t k, int64_t nb,
                      float *out, int64_t out_stride) {
+    const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (Q4_K) */
+    const float *df = d, *mf = m;
     __m256 acc[MAX_TILE], off[MAX_TILE], scale[MAX_TILE];
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b)));
-        __m256 mw = qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))) : dw;
+        __m256 dw = qtype == FS_Q4_K ? _mm256_loadu_ps(df + b) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
+        __m256 mw = qtype == FS_Q4_K ? _mm256_loadu_ps(mf + b)
+                    : qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + b))) : dw;
         for (int r = 0; r < R; r++) {
             scale[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
             if (qtype != FS_Q8_0) off[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx + r * nb + b), off[r]);
@@ -121,7 +126,8 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const uint
     }
     float tail[MAX_TILE] = {0};
     for (; b < nb; b++) {  /* the last nb % 8 blocks, one at a time */
-        float dw = _cvtsh_ss(d[b]), mw = qtype == FS_Q4_1 ? _cvtsh_ss(m[b]) : dw;
+        float dw = qtype == FS_Q4_K ? df[b] : _cvtsh_ss(dh[b]);
+        float mw = qtype == FS_Q4_K ? mf[b] : qtype == FS_Q4_1 ? _cvtsh_ss(mh[b]) : dw;
         __m256i lo, hi;
         block_words(qtype, qs, qh, b, &lo, &hi);
         for (int r = 0; r < R; r++) {
@@ -138,7 +144,7 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const uint
 
 /* Output columns [n0, n1) of every row of y, qtype a constant after inlining: one activation row
  * at a time for a single row (batch-1 decode), tiles of MAX_TILE rows and one of the rest else. */
-INLINE void columns(const int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint32_t *qh,
+INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh,
                     int64_t n_cols, int64_t k, const int16_t *xq, const float *dx, const float *sx, int64_t m_rows,
                     float *y, int64_t n0, int64_t n1) {
     const int64_t nb = k / QK, row_bytes = qtype == FS_Q8_0 ? k : k / 2;
@@ -146,7 +152,9 @@ INLINE void columns(const int qtype, const uint8_t *qs, const uint16_t *d, const
         const uint8_t *q = qs + n * row_bytes;
         for (int64_t off = 0; off < row_bytes; off += 64)  /* a few rows ahead: measured ~7% faster */
             _mm_prefetch((const char *)(q + PREFETCH_ROWS * row_bytes + off), _MM_HINT_T0);
-        const uint16_t *dn = d + n * nb, *mn = qtype == FS_Q4_1 ? m + n * nb : 0;
+        const int64_t sb = qtype == FS_Q4_K ? 4 : 2;  /* bytes of a scale */
+        const void *dn = (const char *)d + n * nb * sb;
+        const void *mn = qtype == FS_Q4_1 || qtype == FS_Q4_K ? (const char *)m + n * nb * sb : 0;
         const uint32_t *qhn = qtype == FS_Q5_0 ? qh + n * nb : 0;
         int64_t r = 0;
         for (; r + MAX_TILE <= m_rows; r += MAX_TILE)
@@ -165,7 +173,7 @@ static __thread size_t scratch_bytes;
 
 /* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, qh NULL
  * but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
-int fs_matmul(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint32_t *qh, int64_t n_cols,
+int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh, int64_t n_cols,
               int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
     int64_t nb = k / QK;
     size_t need = (size_t)(m_rows * k) * sizeof(int16_t) + 2 * (size_t)(m_rows * nb) * sizeof(float);
@@ -185,6 +193,7 @@ int fs_matmul(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m
         int64_t n0 = c * 16, n1 = n0 + 16 < n_cols ? n0 + 16 : n_cols;
         if (qtype == FS_Q4_0) columns(FS_Q4_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q4_K) columns(FS_Q4_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q5_0) columns(FS_Q5_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else columns(FS_Q8_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
     }
@@ -362,7 +371,7 @@ int fs_attention(const float *q, const float *k, const float *v, const int64_t *
  * in the same order as its torch form, so the values are the same bit for bit. */
 typedef struct {
     const uint8_t *qs;
-    const uint16_t *d, *m;
+    const void *d, *m;
     const uint32_t *qh;
     int64_t n, k, qtype;
 } fs_weight;

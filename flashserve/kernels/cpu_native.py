@@ -2,11 +2,12 @@
 
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
-blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0 and
-Q8_0 with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
+blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0, Q8_0
+and Q4_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
 (llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
-load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes) so that
-eight blocks' scales convert in one instruction.
+load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes; Q4_K's
+super-blocks as 32-column groups with exact fp32 scales and offsets) so that eight blocks'
+scales convert in one instruction.
 
 This module compiles the kernel once per source version with the system's C compiler (``cc``;
 OpenMP for threads, resolved to torch's own runtime, already loaded) into the user's cache
@@ -41,7 +42,7 @@ import torch
 from flashserve.kernels import quant_reference as ref
 
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
-QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3}
+QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q4_K": 4}
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV = "FLASHSERVE_NATIVE_CPU"
@@ -129,7 +130,8 @@ def available() -> bool:
 class Planes(NamedTuple):
     """A GGUF matrix as the kernel reads it: ``qs`` uint8 ``[N, K / 2]`` (4 and 5-bit types) or
     ``[N, K]`` (Q8_0, int8 values), ``d`` fp16 scales, ``m`` fp16 offsets (Q4_1, else None) and
-    ``qh`` int32 fifth bits, bit j for column j (Q5_0, else None), ``[N, K / 32]``."""
+    ``qh`` int32 fifth bits, bit j for column j (Q5_0, else None), ``[N, K / 32]``. Q4_K: its
+    32-column groups' ``w = a * u + c`` with ``d = a`` and ``m = c`` in fp32."""
 
     qs: torch.Tensor
     d: torch.Tensor
@@ -138,8 +140,14 @@ class Planes(NamedTuple):
 
 
 def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
-    """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes (a byte copy)."""
+    """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes (a byte copy; for
+    Q4_K its nibbles regrouped per 32 columns and the groups' exact fp32 scales and offsets)."""
     n = raw.shape[0]
+    if qtype == "Q4_K":
+        u, a, c = ref.gguf_affine(raw, qtype)  # [N, K] in 0..15, [N, K / 32] fp32
+        halves = u.reshape(n, -1, 2, 16)  # columns i and i + 16 of each group into byte i
+        return Planes((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1).contiguous(), a.contiguous(),
+                      c.contiguous(), None)
     blocks = raw.reshape(n, -1, BLOCK_BYTES[qtype])
     quants = {"Q4_1": 4, "Q5_0": 6}.get(qtype, 2)  # where the quants start: after d (and m, or qh)
 
@@ -325,23 +333,37 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def join_blocks(w: Planes) -> torch.Tensor:
-    """``split_blocks``' inverse: the GGUF blocks, uint8 ``[N, row_bytes]``."""
+    """``split_blocks``' inverse for the types kept as their blocks' fields (not Q4_K): the GGUF
+    blocks, uint8 ``[N, row_bytes]``."""
     n, nb = w.d.shape
     fields = [f for f in (w.d, w.m, w.qh) if f is not None]  # the block's order: d, then m or qh
     parts = [f.contiguous().view(torch.uint8).reshape(n, nb, -1) for f in fields] + [w.qs.reshape(n, nb, -1)]
     return torch.cat(parts, dim=-1).reshape(n, -1)
 
 
+def _affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w = a * u + c`` per 32 columns: ``u`` uint8 ``[N, K]``, ``a``, ``c`` fp32 ``[N, K / 32]``
+    (``quant_reference.gguf_affine`` of the joined blocks; Q4_K from its planes)."""
+    if qtype != "Q4_K":
+        return ref.gguf_affine(join_blocks(w), qtype)
+    n = w.qs.shape[0]
+    q = w.qs.reshape(n, -1, 1, 16)
+    return torch.cat([q & 15, q >> 4], dim=2).reshape(n, -1), w.d, w.m
+
+
 def dequantize(w: Planes, qtype: str) -> torch.Tensor:
-    """fp32 ``[N, K]``, decoded from the blocks by ``quant_reference``."""
-    return ref.gguf_dequantize(join_blocks(w), qtype)
+    """fp32 ``[N, K]``, decoded from the blocks by ``quant_reference`` (Q4_K: from its planes)."""
+    if qtype != "Q4_K":
+        return ref.gguf_dequantize(join_blocks(w), qtype)
+    u, a, c = _affine(w, qtype)
+    return (u.float().reshape(a.shape[0], -1, 32) * a[..., None] + c[..., None]).reshape(a.shape[0], -1)
 
 
 def matmul_reference(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
     """``matmul`` in torch: per block ``a * dx * dot(u, xq) + c * sx`` with the blocks' ``w = a u + c``
     (``quant_reference.gguf_affine``), in fp64, rounded to fp32."""
     q, dx, sx = quantize_rows_reference(x)
-    u, a, c = ref.gguf_affine(join_blocks(w), qtype)
+    u, a, c = _affine(w, qtype)
     m, k = q.shape
     dots = torch.einsum("mbi,nbi->mnb", q.double().reshape(m, k // 32, 32), u.double().reshape(-1, k // 32, 32))
     y = (a.double()[None] * dx.double()[:, None] * dots).sum(-1) + (c.double()[None] * sx.double()[:, None]).sum(-1)
