@@ -108,7 +108,8 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        __m256 dw = qtype == FS_Q4_K ? _mm256_loadu_ps(df + b) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
+        __m256 dw = qtype == FS_Q4_K ? _mm256_loadu_ps(df + b)
+                                     : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
         __m256 mw = qtype == FS_Q4_K ? _mm256_loadu_ps(mf + b)
                     : qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + b))) : dw;
         for (int r = 0; r < R; r++) {
@@ -160,10 +161,13 @@ INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const voi
         for (; r + MAX_TILE <= m_rows; r += MAX_TILE)
             tile_dot(qtype, MAX_TILE, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * n_cols + n,
                      n_cols);
+        const int16_t *xr = xq + r * k;
+        const float *dxr = dx + r * nb, *sxr = sx + r * nb;
+        float *yr = y + r * n_cols + n;
         switch (m_rows - r) {  /* the rest, as one tile of its own size */
-        case 3: tile_dot(qtype, 3, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * n_cols + n, n_cols); break;
-        case 2: tile_dot(qtype, 2, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * n_cols + n, n_cols); break;
-        case 1: tile_dot(qtype, 1, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * n_cols + n, n_cols); break;
+        case 3: tile_dot(qtype, 3, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, n_cols); break;
+        case 2: tile_dot(qtype, 2, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, n_cols); break;
+        case 1: tile_dot(qtype, 1, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, n_cols); break;
         }
     }
 }
@@ -171,8 +175,8 @@ INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const voi
 static __thread void *scratch;  /* each calling thread's quantized activations, grown as needed */
 static __thread size_t scratch_bytes;
 
-/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, qh NULL
- * but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
+/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1 and Q4_K,
+ * qh NULL but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
 int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh, int64_t n_cols,
               int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
     int64_t nb = k / QK;
