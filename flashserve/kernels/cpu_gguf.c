@@ -172,8 +172,25 @@ INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const voi
     }
 }
 
-static __thread void *scratch;  /* each calling thread's quantized activations, grown as needed */
-static __thread size_t scratch_bytes;
+/* A buffer of the calling thread, grown as needed: each thread (a caller, or an OpenMP worker in
+ * attention) keeps its own. */
+typedef struct {
+    void *data;
+    size_t bytes;
+} scratch;
+
+/* s's memory, at least `need` bytes of it; NULL when it cannot grow. */
+static void *scratch_at_least(scratch *s, size_t need) {
+    if (need > s->bytes) {
+        void *grown = realloc(s->data, need);
+        if (!grown) return NULL;
+        s->data = grown;
+        s->bytes = need;
+    }
+    return s->data;
+}
+
+static __thread scratch activations;  /* the quantized activations of a product */
 
 /* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1 and Q4_K,
  * qh NULL but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
@@ -181,13 +198,9 @@ int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const 
               int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
     int64_t nb = k / QK;
     size_t need = (size_t)(m_rows * k) * sizeof(int16_t) + 2 * (size_t)(m_rows * nb) * sizeof(float);
-    if (need > scratch_bytes) {
-        void *grown = realloc(scratch, need);
-        if (!grown) return -1;
-        scratch = grown;
-        scratch_bytes = need;
-    }
-    float *dx = scratch, *sx = dx + m_rows * nb;
+    float *dx = scratch_at_least(&activations, need);
+    if (!dx) return -1;
+    float *sx = dx + m_rows * nb;
     int16_t *xq = (int16_t *)(sx + m_rows * nb);
     fs_quantize_rows(x, m_rows, k, xq, dx, sx);
     /* Columns in chunks of 16 so that threads write whole cache lines of y. */
@@ -304,8 +317,7 @@ void fs_silu_mul(const float *x, int64_t t_rows, int64_t inter, float *out) {
 }
 
 enum { MAX_DIM = 512 };
-static __thread float *scores;  /* each thread's softmax row, grown as needed */
-static __thread int64_t scores_len;
+static __thread scratch softmax_row;  /* a head's scores, then their exponentials */
 
 /* One head: out [D] = softmax(scale * K q) V over s_len rows of k and v: row r at rows[r] * stride
  * (rows NULL: at r * stride); D a multiple of 8, at most MAX_DIM. Scores, then e^(score - max) and
@@ -313,12 +325,8 @@ static __thread int64_t scores_len;
  * values wherever the rows lie. Returns -1 without scratch memory. */
 static int attend_head(const float *q, const float *k, const float *v, const int64_t *rows, int64_t s_len,
                        int64_t stride, int64_t dim, float scale, float *out) {
-    if (s_len > scores_len) {
-        float *grown = realloc(scores, (size_t)s_len * sizeof(float));
-        if (!grown) return -1;
-        scores = grown;
-        scores_len = s_len;
-    }
+    float *scores = scratch_at_least(&softmax_row, (size_t)s_len * sizeof(float));
+    if (!scores) return -1;
     float mx = -INFINITY;
     for (int64_t s = 0; s < s_len; s++) {
         const float *kr = k + (rows ? rows[s] : s) * stride;
@@ -397,8 +405,7 @@ typedef struct {
     int64_t threads;
 } fs_step;
 
-static __thread float *layer_scratch;
-static __thread size_t layer_scratch_bytes;
+static __thread scratch layer_rows;  /* a decode step's intermediate rows */
 
 INLINE int product(const fs_weight *w, const float *x, int64_t m_rows, float *y, int threads) {
     return fs_matmul((int)w->qtype, w->qs, w->d, w->m, w->qh, w->n, w->k, x, m_rows, y, threads);
@@ -418,13 +425,9 @@ int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, c
     const int64_t qkv_cols = (h + 2 * hkv) * dim, inter = L->intermediate;
     const int threads = (int)st->threads;
     size_t need = (size_t)(t * (hid + qkv_cols + 2 * h * dim + 3 * inter)) * sizeof(float);
-    if (need > layer_scratch_bytes) {
-        float *grown = realloc(layer_scratch, need);
-        if (!grown) return -1;
-        layer_scratch = grown;
-        layer_scratch_bytes = need;
-    }
-    float *x = layer_scratch, *qkv = x + t * hid, *q = qkv + t * qkv_cols, *att = q + t * h * dim;
+    float *x = scratch_at_least(&layer_rows, need);
+    if (!x) return -1;
+    float *qkv = x + t * hid, *q = qkv + t * qkv_cols, *att = q + t * h * dim;
     float *gate_up = att + t * h * dim, *act = gate_up + 2 * t * inter;
     for (int64_t i = 0; i < t * hid; i++) res_out[i] = residual ? hidden[i] + residual[i] : hidden[i];
     fs_rms_norm(res_out, L->norm1, t, hid, (float)L->eps1, x);

@@ -352,9 +352,8 @@ def _affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def dequantize(w: Planes, qtype: str) -> torch.Tensor:
-    """fp32 ``[N, K]``, decoded from the blocks by ``quant_reference`` (Q4_K: from its planes)."""
-    if qtype != "Q4_K":
-        return ref.gguf_dequantize(join_blocks(w), qtype)
+    """fp32 ``[N, K]``: ``a * u + c`` per 32 columns (``_affine``), as ``quant_reference.gguf_dequantize``
+    computes it."""
     u, a, c = _affine(w, qtype)
     return (u.float().reshape(a.shape[0], -1, 32) * a[..., None] + c[..., None]).reshape(a.shape[0], -1)
 
