@@ -1,4 +1,5 @@
-/* GGUF block products on x86 CPUs with AVX2, FMA and F16C: y [M, N] = x [M, K] @ W^T.
+/* GGUF block products on x86 CPUs with AVX2, FMA and F16C (AVX-VNNI or AVX-512 VNNI where the
+ * build has them): y [M, N] = x [M, K] @ W^T.
  *
  * W holds the file's blocks of 32 columns split in planes (flashserve.kernels.cpu_native.split_blocks):
  *   qs [N, K / 2] (Q4_0, Q4_1, Q5_0: byte i of a block holds column i in its low half, i + 16 in
@@ -7,7 +8,6 @@
  *   w = d * u + m (Q4_1), d * (u - 8) (Q4_0), d * (u + 16 * bit - 16) (Q5_0), d * q (Q8_0).
  * Q4_K's super-blocks come as Q4_1-like planes whose d and m are fp32 (its 6-bit sub-block scales
  * and minima times the super-block's fp16 ones: exact in fp32, not in fp16).
- * Eight blocks' scales then convert and multiply in one vector operation each.
  *
  * Each row of x is first quantized in blocks of 32 to int16 with its own scale (dx = amax /
  * 32767, round to nearest even): a relative error near 1e-5, against 2e-3 for bf16 activations
@@ -17,6 +17,15 @@
  * order, so a row's result does not depend on M, on the other rows, or on the thread count
  * (threads split the output columns). flashserve.kernels.cpu_native's references compute the
  * same quantities in torch.
+ *
+ * Group layout: each run of 8 blocks (all but a row's last nb % 8) is stored transposed, so that
+ * one vector holds two columns of each of the 8 blocks and its pairwise products sum block i in
+ * lane i. Chunk c (c < 16) of a group holds columns 2c, 2c + 1 of block 0, then of block 1 ... 7:
+ * 16 int16 activations, or 16 Q8_0 bytes; a 4-bit chunk c < 8 holds the bytes of columns 2c, 2c + 1
+ * (and 2c + 16, 2c + 17 in their high halves). Q5_0's 8 words per group: word 2p the fifth bits
+ * of the low halves of chunks 2p (bits 0..15) and 2p + 1 (16..31), word 2p + 1 those of the high
+ * halves. A group's 8 dot products are then exact int32 lanes, converted and scaled with the 8
+ * blocks' scales in one operation each; the tail blocks keep the file's order.
  *
  * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention and
  * SiLU-and-mul in fp32, and fs_decode_layer, a Llama-family layer's decode step made of them.
@@ -52,6 +61,21 @@ void fs_quantize_rows(const float *x, int64_t m_rows, int64_t k, int16_t *xq, fl
             sx[r * nb + b] = d * (float)sum;
         }
     }
+}
+
+/* Rows of int16 blocks [M, K] into the group layout (top of the file), in place. */
+void fs_group_layout(int16_t *xq, int64_t m_rows, int64_t k) {
+    const int64_t groups = k / QK / 8;
+    for (int64_t r = 0; r < m_rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            int16_t *p = xq + r * k + g * 8 * QK, t[8 * QK];
+            memcpy(t, p, sizeof(t));
+            for (int i = 0; i < 8; i++)
+                for (int c = 0; c < 16; c++) {
+                    p[16 * c + 2 * i] = t[QK * i + 2 * c];
+                    p[16 * c + 2 * i + 1] = t[QK * i + 2 * c + 1];
+                }
+        }
 }
 
 INLINE float hsum(__m256 v) {
@@ -95,16 +119,94 @@ INLINE __m256 words_dot(__m256i lo, __m256i hi, const int16_t *x, int64_t b) {
 
 enum { MAX_TILE = 4 };
 
+/* acc + the pairwise products of 16-bit words w and 16 words at x, summed in 32-bit lanes. */
+INLINE __m256i dot_add(__m256i acc, __m256i w, const int16_t *x) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, w, xv);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, w, xv);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, xv));
+#endif
+}
+
+/* A group of 8 blocks of a weight row (g: its bytes, qhg: its fifth-bit words) times R activation
+ * rows (x: the group's 256 values of row 0, rows k apart), both in the group layout (top of the
+ * file): lane i of dots[r] is block i's exact integer dot product with row r. Integer sums, so
+ * the AVX2, AVX-VNNI and AVX-512 forms give the same lanes. */
+INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uint32_t *qhg, const int16_t *x,
+                       int64_t k, __m256i *dots) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    __m512i s0[MAX_TILE], s1[MAX_TILE];
+    for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm512_setzero_si512();
+    if (qtype == FS_Q8_0) {
+        for (int p = 0; p < 8; p++) {  /* chunks 2p and 2p + 1 */
+            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(g + 32 * p)));
+            for (int r = 0; r < R; r++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(x + r * k + 32 * p));
+                if (p & 1) s1[r] = _mm512_dpwssd_epi32(s1[r], w, xv);
+                else s0[r] = _mm512_dpwssd_epi32(s0[r], w, xv);
+            }
+        }
+    } else {
+        for (int p = 0; p < 4; p++) {  /* chunks 2p and 2p + 1: low nibbles columns 4p .. 4p + 3, high 16 more */
+            __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(g + 32 * p)));
+            __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(bytes, 4);
+            if (qtype == FS_Q5_0) {
+                lo = _mm512_mask_add_epi16(lo, (__mmask32)qhg[2 * p], lo, _mm512_set1_epi16(16));
+                hi = _mm512_mask_add_epi16(hi, (__mmask32)qhg[2 * p + 1], hi, _mm512_set1_epi16(16));
+            }
+            for (int r = 0; r < R; r++) {
+                s0[r] = _mm512_dpwssd_epi32(s0[r], lo, _mm512_loadu_si512((const void *)(x + r * k + 32 * p)));
+                s1[r] = _mm512_dpwssd_epi32(s1[r], hi, _mm512_loadu_si512((const void *)(x + r * k + 128 + 32 * p)));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512i sum = _mm512_add_epi32(s0[r], s1[r]);  /* lanes 8..15: the odd chunks' */
+        dots[r] = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+    }
+#else
+    __m256i s0[MAX_TILE], s1[MAX_TILE];
+    for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm256_setzero_si256();
+    if (qtype == FS_Q8_0) {
+        for (int c = 0; c < 16; c += 2) {
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c + 16)));
+            for (int r = 0; r < R; r++) {
+                s0[r] = dot_add(s0[r], w0, x + r * k + 16 * c);
+                s1[r] = dot_add(s1[r], w1, x + r * k + 16 * c + 16);
+            }
+        }
+    } else {
+        for (int c = 0; c < 8; c++) {  /* low nibbles columns 2c, 2c + 1 of each block, high ones 16 more */
+            __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c)));
+            __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(bytes, 4);
+            if (qtype == FS_Q5_0) {
+                lo = _mm256_or_si256(lo, fifth_bits((uint16_t)(qhg[c & ~1] >> (16 * (c & 1)))));
+                hi = _mm256_or_si256(hi, fifth_bits((uint16_t)(qhg[c | 1] >> (16 * (c & 1)))));
+            }
+            for (int r = 0; r < R; r++) {
+                s0[r] = dot_add(s0[r], lo, x + r * k + 16 * c);
+                s1[r] = dot_add(s1[r], hi, x + r * k + 128 + 16 * c);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) dots[r] = _mm256_add_epi32(s0[r], s1[r]);
+#endif
+}
+
 /* One weight row (qs, d, m, qh) times R quantized activation rows (x, dx, sx; rows k, nb apart),
- * R <= MAX_TILE a constant after inlining: each block is widened once for the R rows, and each
- * row's sums take the same operations in the same order whatever R is, so a row's result does not
- * depend on the rows beside it. */
+ * R <= MAX_TILE a constant after inlining: each group (and tail block) is widened once for the R
+ * rows, and each row's sums take the same operations in the same order whatever R is, so a row's
+ * result does not depend on the rows beside it. */
 INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void *d, const void *m,
                      const uint32_t *qh, const int16_t *x, const float *dx, const float *sx, int64_t k, int64_t nb,
                      float *out, int64_t out_stride) {
     const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (Q4_K) */
     const float *df = d, *mf = m;
-    __m256 acc[MAX_TILE], off[MAX_TILE], scale[MAX_TILE];
+    __m256 acc[MAX_TILE], off[MAX_TILE];
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -112,17 +214,13 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
         __m256 mw = qtype == FS_Q4_K ? _mm256_loadu_ps(mf + b)
                     : qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + b))) : dw;
+        __m256i dots[MAX_TILE];
+        group_dots(qtype, R, qs + b * (qtype == FS_Q8_0 ? QK : QK / 2), qtype == FS_Q5_0 ? qh + b : 0, x + b * QK,
+                   k, dots);
         for (int r = 0; r < R; r++) {
-            scale[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
+            __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
             if (qtype != FS_Q8_0) off[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx + r * nb + b), off[r]);
-        }
-        for (int j = 0; j < 8; j++) {
-            __m256i lo, hi;
-            block_words(qtype, qs, qh, b + j, &lo, &hi);
-            for (int r = 0; r < R; r++) {
-                __m256 scale_j = _mm256_permutevar8x32_ps(scale[r], _mm256_set1_epi32(j));  /* lane j everywhere */
-                acc[r] = _mm256_fmadd_ps(scale_j, words_dot(lo, hi, x + r * k, b + j), acc[r]);
-            }
+            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dots[r]), acc[r]);
         }
     }
     float tail[MAX_TILE] = {0};
@@ -203,6 +301,7 @@ int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const 
     float *sx = dx + m_rows * nb;
     int16_t *xq = (int16_t *)(sx + m_rows * nb);
     fs_quantize_rows(x, m_rows, k, xq, dx, sx);
+    fs_group_layout(xq, m_rows, k);
     /* Columns in chunks of 16 so that threads write whole cache lines of y. */
     int64_t chunks = (n_cols + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)

@@ -6,13 +6,17 @@ blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q
 and Q4_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
 (llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
 load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes; Q4_K's
-super-blocks as 32-column groups with exact fp32 scales and offsets) so that eight blocks'
-scales convert in one instruction.
+super-blocks as 32-column groups with exact fp32 scales and offsets), each run of eight blocks
+transposed (``group_layout``: a vector holds two columns of each of the eight, so their exact
+integer dot products come out one per lane), so that eight blocks convert and scale in one
+instruction each.
 
-This module compiles the kernel once per source version with the system's C compiler (``cc``;
-OpenMP for threads, resolved to torch's own runtime, already loaded) into the user's cache
-folder and calls it through ctypes. ``available()`` is False, and the callers keep torch's
-kernels, where the CPU lacks those instructions, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
+This module compiles the kernel once per source version and instruction set with the system's C
+compiler (``cc``; OpenMP for threads, resolved to torch's own runtime, already loaded) into the
+user's cache folder and calls it through ctypes: AVX2, plus AVX-512 VNNI or AVX-VNNI where the
+CPU has them (``isa_flags``; the same integer sums, so the same results; ``FLASHSERVE_NATIVE_CPU=avx2``
+keeps plain AVX2). ``available()`` is False, and the callers keep torch's kernels, where the CPU
+lacks AVX2, FMA or F16C, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
 
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
 ``flashserve.layers.norm``: torch's composite one costs ~16 us a row at SmolLM2's width, 61
@@ -67,35 +71,49 @@ class _Step(ctypes.Structure):  # fs_step
                 ("sin_signed", ctypes.c_void_p), ("threads", ctypes.c_int64)]
 
 
-def _cpu_has_instructions() -> bool:
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    have = set(flags.split(":", 1)[1].split())
-    return {"avx2", "fma", "f16c"} <= have
+        return frozenset()
+    return frozenset(flags.split(":", 1)[1].split())
 
 
-def _build(target: Path) -> None:
+def isa_flags() -> tuple[str, ...]:
+    """What this CPU adds to AVX2 for the products' integer dot products: AVX-512 with VNNI (two
+    groups' chunks per instruction), else AVX-VNNI, else nothing (``FLASHSERVE_NATIVE_CPU=avx2``:
+    nothing). The same integers, so the same results, whichever the build."""
+    have = _cpu_flags()
+    if os.environ.get(ENV) == "avx2":
+        return ()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= have:
+        return ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+    return ("-mavxvnni",) if "avx_vnni" in have else ()
+
+
+def _build(target: Path, flags: list[str]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(out)], check=True,
+        subprocess.run([os.environ.get("CC", "cc"), *flags, str(SOURCE), "-o", str(out)], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(out, target)  # atomic: concurrent builders each install a whole file
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-    if not _cpu_has_instructions():
+def _library(isa: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
+    """The library built for this CPU (``isa`` None: ``isa_flags()``), or for AVX2 plus ``isa``."""
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
         return None
     from flashserve.loader.tokenizer import cache_root  # flashserve's user cache ($FLASHSERVE_CACHE)
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    flags = [*FLAGS, *(isa_flags() if isa is None else isa)]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_root() / f"cpu_gguf-{key}.so"
     try:
         if not target.exists():
-            _build(target)
+            _build(target, flags)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
@@ -140,23 +158,71 @@ class Planes(NamedTuple):
 
 
 def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
-    """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes (a byte copy; for
-    Q4_K its nibbles regrouped per 32 columns and the groups' exact fp32 scales and offsets)."""
+    """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes, quants and fifth
+    bits in the kernel's group layout (a byte permutation; for Q4_K its nibbles regrouped per 32
+    columns and the groups' exact fp32 scales and offsets)."""
     n = raw.shape[0]
     if qtype == "Q4_K":
         u, a, c = ref.gguf_affine(raw, qtype)  # [N, K] in 0..15, [N, K / 32] fp32
         halves = u.reshape(n, -1, 2, 16)  # columns i and i + 16 of each group into byte i
-        return Planes((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1).contiguous(), a.contiguous(),
-                      c.contiguous(), None)
+        return group_layout(Planes((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1), a.contiguous(),
+                                   c.contiguous(), None))
     blocks = raw.reshape(n, -1, BLOCK_BYTES[qtype])
     quants = {"Q4_1": 4, "Q5_0": 6}.get(qtype, 2)  # where the quants start: after d (and m, or qh)
 
     def field(start: int, dtype: torch.dtype) -> torch.Tensor:
         return blocks[..., start : start + dtype.itemsize].contiguous().view(dtype).reshape(n, -1)
 
-    return Planes(blocks[..., quants:].reshape(n, -1).contiguous(), field(0, torch.float16),
+    return Planes(_regroup(blocks[..., quants:], inverse=False), field(0, torch.float16),
                   field(2, torch.float16) if qtype == "Q4_1" else None,
-                  field(2, torch.int32) if qtype == "Q5_0" else None)
+                  _regroup_bits(field(2, torch.int32), inverse=False) if qtype == "Q5_0" else None)
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 ``[..., 32]`` -> int32 ``[...]`` with bit j from ``bits[..., j]``."""
+    words = (bits.long() << _BITS.long()).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _regroup(qs: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Quants ``[N, nb, bytes a block]`` (any strides, the last 1) -> ``[N, nb * bytes]`` with the
+    runs of 8 blocks in the group layout (or back), in one copy of 16-bit column pairs."""
+    n, nb, per = qs.shape
+    whole, pairs = nb // 8 * 8, per // 2
+    words = qs.view(torch.int16)  # [N, nb, pairs]: the bytes of two columns each
+    head = words[:, :whole].unflatten(1, (whole // 8, 8))  # [N, G, 8 blocks, pairs]
+    if inverse:  # a group is [pairs, 8 blocks]
+        head = head.flatten(2, 3).unflatten(2, (pairs, 8))
+    out = torch.empty(n, nb, pairs, dtype=torch.int16)
+    moved = head.transpose(2, 3)
+    out[:, :whole].view(moved.shape).copy_(moved)
+    out[:, whole:] = words[:, whole:]
+    return out.view(torch.uint8).reshape(n, -1)
+
+
+def _regroup_bits(qh: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Q5_0's fifth bits ``[N, nb]`` (bit j: column j of a block) into the group layout, or back."""
+    n, nb = qh.shape
+    whole = nb // 8 * 8
+    bits = (qh[:, :whole, None] >> _BITS) & 1  # [N, whole, 32]
+    if inverse:  # word (p, half), bit (h, block, e) -> block, column half * 16 + 4p + 2h + e
+        bits = bits.reshape(n, -1, 4, 2, 2, 8, 2).permute(0, 1, 5, 3, 2, 4, 6)
+    else:
+        bits = bits.reshape(n, -1, 8, 2, 4, 2, 2).permute(0, 1, 4, 3, 5, 2, 6)
+    return torch.cat([_pack_bits(bits.reshape(n, whole, 32)), qh[:, whole:]], dim=1).contiguous()
+
+
+def group_layout(w: Planes, inverse: bool = False) -> Planes:
+    """``w`` with each row's runs of 8 blocks (all but its last ``nb % 8``) in the kernel's group
+    layout (cpu_gguf.c): chunk c holds columns 2c, 2c + 1 of blocks 0..7 (4-bit types: the bytes
+    of those columns, c < 8); Q5_0's words 2p, 2p + 1 the fifth bits of the low and high halves of
+    chunks 2p, 2p + 1. ``inverse``: back to the file's order."""
+    n, nb = w.d.shape
+    qh = None if w.qh is None else _regroup_bits(w.qh, inverse)
+    return Planes(_regroup(w.qs.view(n, nb, -1), inverse), w.d, w.m, qh)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,6 +401,7 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def join_blocks(w: Planes) -> torch.Tensor:
     """``split_blocks``' inverse for the types kept as their blocks' fields (not Q4_K): the GGUF
     blocks, uint8 ``[N, row_bytes]``."""
+    w = group_layout(w, inverse=True)
     n, nb = w.d.shape
     fields = [f for f in (w.d, w.m, w.qh) if f is not None]  # the block's order: d, then m or qh
     parts = [f.contiguous().view(torch.uint8).reshape(n, nb, -1) for f in fields] + [w.qs.reshape(n, nb, -1)]
@@ -347,7 +414,7 @@ def _affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if qtype != "Q4_K":
         return ref.gguf_affine(join_blocks(w), qtype)
     n = w.qs.shape[0]
-    q = w.qs.reshape(n, -1, 1, 16)
+    q = group_layout(w, inverse=True).qs.reshape(n, -1, 1, 16)
     return torch.cat([q & 15, q >> 4], dim=2).reshape(n, -1), w.d, w.m
 
 
