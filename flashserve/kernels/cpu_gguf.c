@@ -7,7 +7,9 @@
  *      offsets (Q4_1), qh [N, K / 32] uint32 fifth bits (Q5_0: bit j for column j);
  *   w = d * u + m (Q4_1), d * (u - 8) (Q4_0), d * (u + 16 * bit - 16) (Q5_0), d * q (Q8_0).
  * Q4_K's super-blocks come as Q4_1-like planes whose d and m are fp32 (its 6-bit sub-block scales
- * and minima times the super-block's fp16 ones: exact in fp32, not in fp16).
+ * and minima times the super-block's fp16 ones: exact in fp32, not in fp16). Q6_K's come as
+ * Q8_0-like planes of q - 32 whose d and m are the fp32 scales of each block's two 16-column
+ * halves (w = d * q for columns 0..15, m * q for 16..31).
  *
  * Each row of x is first quantized in blocks of 32 to int16 with its own scale (dx = amax /
  * 32767, round to nearest even): a relative error near 1e-5, against 2e-3 for bf16 activations
@@ -21,7 +23,7 @@
  * Group layout: each run of 8 blocks (all but a row's last nb % 8) is stored transposed, so that
  * one vector holds two columns of each of the 8 blocks and its pairwise products sum block i in
  * lane i. Chunk c (c < 16) of a group holds columns 2c, 2c + 1 of block 0, then of block 1 ... 7:
- * 16 int16 activations, or 16 Q8_0 bytes; a 4-bit chunk c < 8 holds the bytes of columns 2c, 2c + 1
+ * 16 int16 activations, or 16 Q8_0 / Q6_K bytes; a 4-bit chunk c < 8 holds the bytes of columns 2c, 2c + 1
  * (and 2c + 16, 2c + 17 in their high halves). Q5_0's 8 words per group: word 2p the fifth bits
  * of the low halves of chunks 2p (bits 0..15) and 2p + 1 (16..31), word 2p + 1 those of the high
  * halves. A group's 8 dot products are then exact int32 lanes, converted and scaled with the 8
@@ -36,7 +38,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, FS_Q4_K = 4, PREFETCH_ROWS = 4 };
+enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, FS_Q4_K = 4, FS_Q6_K = 5, PREFETCH_ROWS = 4 };
+
+#define BYTE_QUANTS(qtype) ((qtype) == FS_Q8_0 || (qtype) == FS_Q6_K) /* one int8 a column */
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -95,7 +99,7 @@ INLINE __m256i fifth_bits(uint16_t bits) {
 
 /* Block b of a weight row as 16-bit words: columns 0..15 in lo, 16..31 in hi. */
 INLINE void block_words(const int qtype, const uint8_t *qs, const uint32_t *qh, int64_t b, __m256i *lo, __m256i *hi) {
-    if (qtype == FS_Q8_0) {
+    if (BYTE_QUANTS(qtype)) {
         *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32)));
         *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32 + 16)));
     } else {  /* nibble byte i widened to word i: column i in its low 4 bits, i + 16 in the next 4 */
@@ -133,20 +137,21 @@ INLINE __m256i dot_add(__m256i acc, __m256i w, const int16_t *x) {
 
 /* A group of 8 blocks of a weight row (g: its bytes, qhg: its fifth-bit words) times R activation
  * rows (x: the group's 256 values of row 0, rows k apart), both in the group layout (top of the
- * file): lane i of dots[r] is block i's exact integer dot product with row r. Integer sums, so
- * the AVX2, AVX-VNNI and AVX-512 forms give the same lanes. */
+ * file): lane i of dots[r] is block i's exact integer dot product with row r (Q6_K: of its columns
+ * 0..15, and those of 16..31 in highs[r]). Integer sums, so the AVX2, AVX-VNNI and AVX-512 forms
+ * give the same lanes. */
 INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uint32_t *qhg, const int16_t *x,
-                       int64_t k, __m256i *dots) {
+                       int64_t k, __m256i *dots, __m256i *highs) {
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
     __m512i s0[MAX_TILE], s1[MAX_TILE];
     for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm512_setzero_si512();
-    if (qtype == FS_Q8_0) {
-        for (int p = 0; p < 8; p++) {  /* chunks 2p and 2p + 1 */
+    if (BYTE_QUANTS(qtype)) {
+        for (int p = 0; p < 8; p++) {  /* chunks 2p and 2p + 1: columns 0..15 of the blocks for p < 4 */
             __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(g + 32 * p)));
             for (int r = 0; r < R; r++) {
                 __m512i xv = _mm512_loadu_si512((const void *)(x + r * k + 32 * p));
-                if (p & 1) s1[r] = _mm512_dpwssd_epi32(s1[r], w, xv);
-                else s0[r] = _mm512_dpwssd_epi32(s0[r], w, xv);
+                if (p < 4) s0[r] = _mm512_dpwssd_epi32(s0[r], w, xv);
+                else s1[r] = _mm512_dpwssd_epi32(s1[r], w, xv);
             }
         }
     } else {
@@ -163,20 +168,25 @@ INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uin
             }
         }
     }
-    for (int r = 0; r < R; r++) {
-        __m512i sum = _mm512_add_epi32(s0[r], s1[r]);  /* lanes 8..15: the odd chunks' */
-        dots[r] = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+    for (int r = 0; r < R; r++) {  /* lanes 8..15: the odd chunks' */
+        if (qtype == FS_Q6_K) {
+            dots[r] = _mm256_add_epi32(_mm512_castsi512_si256(s0[r]), _mm512_extracti64x4_epi64(s0[r], 1));
+            highs[r] = _mm256_add_epi32(_mm512_castsi512_si256(s1[r]), _mm512_extracti64x4_epi64(s1[r], 1));
+        } else {
+            __m512i sum = _mm512_add_epi32(s0[r], s1[r]);
+            dots[r] = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+        }
     }
 #else
     __m256i s0[MAX_TILE], s1[MAX_TILE];
     for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm256_setzero_si256();
-    if (qtype == FS_Q8_0) {
-        for (int c = 0; c < 16; c += 2) {
+    if (BYTE_QUANTS(qtype)) {
+        for (int c = 0; c < 8; c++) {  /* columns 2c, 2c + 1 of each block, and 16 more */
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c)));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c + 16)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c + 128)));
             for (int r = 0; r < R; r++) {
                 s0[r] = dot_add(s0[r], w0, x + r * k + 16 * c);
-                s1[r] = dot_add(s1[r], w1, x + r * k + 16 * c + 16);
+                s1[r] = dot_add(s1[r], w1, x + r * k + 16 * c + 128);
             }
         }
     } else {
@@ -193,7 +203,10 @@ INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uin
             }
         }
     }
-    for (int r = 0; r < R; r++) dots[r] = _mm256_add_epi32(s0[r], s1[r]);
+    for (int r = 0; r < R; r++) {
+        if (qtype == FS_Q6_K) dots[r] = s0[r], highs[r] = s1[r];
+        else dots[r] = _mm256_add_epi32(s0[r], s1[r]);
+    }
 #endif
 }
 
@@ -204,32 +217,42 @@ INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uin
 INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void *d, const void *m,
                      const uint32_t *qh, const int16_t *x, const float *dx, const float *sx, int64_t k, int64_t nb,
                      float *out, int64_t out_stride) {
-    const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (Q4_K) */
+    const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (Q4_K, Q6_K) */
     const float *df = d, *mf = m;
     __m256 acc[MAX_TILE], off[MAX_TILE];
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        __m256 dw = qtype == FS_Q4_K ? _mm256_loadu_ps(df + b)
-                                     : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
-        __m256 mw = qtype == FS_Q4_K ? _mm256_loadu_ps(mf + b)
+        const int fp32 = qtype == FS_Q4_K || qtype == FS_Q6_K;
+        __m256 dw = fp32 ? _mm256_loadu_ps(df + b) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
+        __m256 mw = fp32 ? _mm256_loadu_ps(mf + b)
                     : qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + b))) : dw;
-        __m256i dots[MAX_TILE];
-        group_dots(qtype, R, qs + b * (qtype == FS_Q8_0 ? QK : QK / 2), qtype == FS_Q5_0 ? qh + b : 0, x + b * QK,
-                   k, dots);
+        __m256i dots[MAX_TILE], highs[MAX_TILE];
+        group_dots(qtype, R, qs + b * (BYTE_QUANTS(qtype) ? QK : QK / 2), qtype == FS_Q5_0 ? qh + b : 0,
+                   x + b * QK, k, dots, highs);
         for (int r = 0; r < R; r++) {
-            __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
-            if (qtype != FS_Q8_0) off[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx + r * nb + b), off[r]);
-            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dots[r]), acc[r]);
+            __m256 dxr = _mm256_loadu_ps(dx + r * nb + b);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dxr), _mm256_cvtepi32_ps(dots[r]), acc[r]);
+            if (qtype == FS_Q6_K) acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dxr), _mm256_cvtepi32_ps(highs[r]), acc[r]);
+            else if (qtype != FS_Q8_0) off[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx + r * nb + b), off[r]);
         }
     }
     float tail[MAX_TILE] = {0};
     for (; b < nb; b++) {  /* the last nb % 8 blocks, one at a time */
-        float dw = qtype == FS_Q4_K ? df[b] : _cvtsh_ss(dh[b]);
-        float mw = qtype == FS_Q4_K ? mf[b] : qtype == FS_Q4_1 ? _cvtsh_ss(mh[b]) : dw;
+        const int fp32 = qtype == FS_Q4_K || qtype == FS_Q6_K;
+        float dw = fp32 ? df[b] : _cvtsh_ss(dh[b]);
+        float mw = fp32 ? mf[b] : qtype == FS_Q4_1 ? _cvtsh_ss(mh[b]) : dw;
         __m256i lo, hi;
         block_words(qtype, qs, qh, b, &lo, &hi);
         for (int r = 0; r < R; r++) {
+            if (qtype == FS_Q6_K) {  /* the two halves' sums apart, each with its scale */
+                const int16_t *xb = x + r * k + b * QK;
+                __m256 lo_dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xb)));
+                __m256 hi_dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xb + 16))));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r * nb + b]), lo_dot, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(mw * dx[r * nb + b]), hi_dot, acc[r]);
+                continue;
+            }
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r * nb + b]), words_dot(lo, hi, x + r * k, b), acc[r]);
             if (qtype != FS_Q8_0) tail[r] += mw * sx[r * nb + b];
         }
@@ -237,7 +260,7 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     for (int r = 0; r < R; r++) {
         float offset = hsum(off[r]) + tail[r];
         out[r * out_stride] = hsum(acc[r]) + (qtype == FS_Q4_0 ? -8.0f * offset : qtype == FS_Q5_0 ? -16.0f * offset
-                                                                                                    : offset);
+                                                                                                    : offset);  /* 0: Q8_0, Q6_K */
     }
 }
 
@@ -246,14 +269,14 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
 INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh,
                     int64_t n_cols, int64_t k, const int16_t *xq, const float *dx, const float *sx, int64_t m_rows,
                     float *y, int64_t n0, int64_t n1) {
-    const int64_t nb = k / QK, row_bytes = qtype == FS_Q8_0 ? k : k / 2;
+    const int64_t nb = k / QK, row_bytes = BYTE_QUANTS(qtype) ? k : k / 2;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *q = qs + n * row_bytes;
         for (int64_t off = 0; off < row_bytes; off += 64)  /* a few rows ahead: measured ~7% faster */
             _mm_prefetch((const char *)(q + PREFETCH_ROWS * row_bytes + off), _MM_HINT_T0);
-        const int64_t sb = qtype == FS_Q4_K ? 4 : 2;  /* bytes of a scale */
+        const int64_t sb = qtype == FS_Q4_K || qtype == FS_Q6_K ? 4 : 2;  /* bytes of a scale */
         const void *dn = (const char *)d + n * nb * sb;
-        const void *mn = qtype == FS_Q4_1 || qtype == FS_Q4_K ? (const char *)m + n * nb * sb : 0;
+        const void *mn = qtype == FS_Q4_1 || qtype == FS_Q4_K || qtype == FS_Q6_K ? (const char *)m + n * nb * sb : 0;
         const uint32_t *qhn = qtype == FS_Q5_0 ? qh + n * nb : 0;
         int64_t r = 0;
         for (; r + MAX_TILE <= m_rows; r += MAX_TILE)
@@ -290,7 +313,7 @@ static void *scratch_at_least(scratch *s, size_t need) {
 
 static __thread scratch activations;  /* the quantized activations of a product */
 
-/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1 and Q4_K,
+/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, Q4_K and Q6_K,
  * qh NULL but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
 int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh, int64_t n_cols,
               int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
@@ -310,6 +333,7 @@ int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const 
         if (qtype == FS_Q4_0) columns(FS_Q4_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q4_K) columns(FS_Q4_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q6_K) columns(FS_Q6_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q5_0) columns(FS_Q5_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else columns(FS_Q8_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
     }

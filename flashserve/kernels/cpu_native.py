@@ -2,11 +2,12 @@
 
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
-blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0, Q8_0
-and Q4_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
+blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0, Q8_0,
+Q4_K and Q6_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
 (llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
 load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes; Q4_K's
-super-blocks as 32-column groups with exact fp32 scales and offsets), each run of eight blocks
+super-blocks as 32-column groups with exact fp32 scales and offsets, Q6_K's as int8 ``q - 32``
+with the exact fp32 scales of 16-column halves), each run of eight blocks
 transposed (``group_layout``: a vector holds two columns of each of the eight, so their exact
 integer dot products come out one per lane), so that eight blocks convert and scale in one
 instruction each.
@@ -46,7 +47,7 @@ import torch
 from flashserve.kernels import quant_reference as ref
 
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
-QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q4_K": 4}
+QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q4_K": 4, "Q6_K": 5}
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV = "FLASHSERVE_NATIVE_CPU"
@@ -146,10 +147,12 @@ def available() -> bool:
 
 
 class Planes(NamedTuple):
-    """A GGUF matrix as the kernel reads it: ``qs`` uint8 ``[N, K / 2]`` (4 and 5-bit types) or
-    ``[N, K]`` (Q8_0, int8 values), ``d`` fp16 scales, ``m`` fp16 offsets (Q4_1, else None) and
-    ``qh`` int32 fifth bits, bit j for column j (Q5_0, else None), ``[N, K / 32]``. Q4_K: its
-    32-column groups' ``w = a * u + c`` with ``d = a`` and ``m = c`` in fp32."""
+    """A GGUF matrix as the kernel reads it (runs of 8 blocks in the group layout): ``qs`` uint8
+    ``[N, K / 2]`` (4 and 5-bit types) or ``[N, K]`` (Q8_0, Q6_K: int8 values), ``d`` fp16 scales,
+    ``m`` fp16 offsets (Q4_1, else None) and ``qh`` int32 fifth bits, bit j for column j (Q5_0, else
+    None), ``[N, K / 32]``. Q4_K: its 32-column groups' ``w = a * u + c`` with ``d = a`` and
+    ``m = c`` in fp32. Q6_K: ``q - 32`` with the fp32 scales of each block's columns 0..15 in ``d``,
+    16..31 in ``m``."""
 
     qs: torch.Tensor
     d: torch.Tensor
@@ -167,6 +170,11 @@ def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
         halves = u.reshape(n, -1, 2, 16)  # columns i and i + 16 of each group into byte i
         return group_layout(Planes((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1), a.contiguous(),
                                    c.contiguous(), None))
+    if qtype == "Q6_K":  # q - 32 as int8, each 32 columns' two 16-column scales as d and m
+        q, a = ref.gguf_q6_k(raw)  # [N, K] in 0..63, [N, K / 16] fp32
+        signed = (q.to(torch.int16) - 32).to(torch.int8).view(torch.uint8)
+        halves = a.reshape(n, -1, 2)
+        return group_layout(Planes(signed, halves[..., 0].contiguous(), halves[..., 1].contiguous(), None))
     blocks = raw.reshape(n, -1, BLOCK_BYTES[qtype])
     quants = {"Q4_1": 4, "Q5_0": 6}.get(qtype, 2)  # where the quants start: after d (and m, or qh)
 
@@ -409,28 +417,38 @@ def join_blocks(w: Planes) -> torch.Tensor:
 
 
 def _affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w = a * u + c`` per 32 columns: ``u`` uint8 ``[N, K]``, ``a``, ``c`` fp32 ``[N, K / 32]``
-    (``quant_reference.gguf_affine`` of the joined blocks; Q4_K from its planes)."""
-    if qtype != "Q4_K":
+    """``w = a * u + c`` per group of columns (32; Q6_K's 16): ``u`` ``[N, K]`` (uint8; Q6_K int8
+    ``q - 32``), ``a``, ``c`` fp32 ``[N, K / group]`` (``quant_reference.gguf_affine`` of the joined
+    blocks; Q4_K and Q6_K from their planes)."""
+    if qtype not in ("Q4_K", "Q6_K"):
         return ref.gguf_affine(join_blocks(w), qtype)
     n = w.qs.shape[0]
-    q = group_layout(w, inverse=True).qs.reshape(n, -1, 1, 16)
+    qs = group_layout(w, inverse=True).qs
+    if qtype == "Q6_K":
+        a = torch.stack([w.d, w.m], dim=-1).reshape(n, -1)
+        return qs.view(torch.int8), a, torch.zeros_like(a)
+    q = qs.reshape(n, -1, 1, 16)
     return torch.cat([q & 15, q >> 4], dim=2).reshape(n, -1), w.d, w.m
 
 
 def dequantize(w: Planes, qtype: str) -> torch.Tensor:
-    """fp32 ``[N, K]``: ``a * u + c`` per 32 columns (``_affine``), as ``quant_reference.gguf_dequantize``
+    """fp32 ``[N, K]``: ``a * u + c`` per group (``_affine``), as ``quant_reference.gguf_dequantize``
     computes it."""
     u, a, c = _affine(w, qtype)
-    return (u.float().reshape(a.shape[0], -1, 32) * a[..., None] + c[..., None]).reshape(a.shape[0], -1)
+    n, groups = a.shape
+    return (u.float().reshape(n, groups, -1) * a[..., None] + c[..., None]).reshape(n, -1)
 
 
 def matmul_reference(x: torch.Tensor, w: Planes, qtype: str) -> torch.Tensor:
-    """``matmul`` in torch: per block ``a * dx * dot(u, xq) + c * sx`` with the blocks' ``w = a u + c``
-    (``quant_reference.gguf_affine``), in fp64, rounded to fp32."""
+    """``matmul`` in torch: per group ``a * dx * dot(u, xq) + c * sx`` with the groups' ``w = a u + c``
+    (``_affine``; ``c`` is 0 where groups are 16 columns), in fp64, rounded to fp32."""
     q, dx, sx = quantize_rows_reference(x)
     u, a, c = _affine(w, qtype)
     m, k = q.shape
-    dots = torch.einsum("mbi,nbi->mnb", q.double().reshape(m, k // 32, 32), u.double().reshape(-1, k // 32, 32))
-    y = (a.double()[None] * dx.double()[:, None] * dots).sum(-1) + (c.double()[None] * sx.double()[:, None]).sum(-1)
+    groups = a.shape[1]
+    per_block = groups // (k // 32)  # groups in a 32-column block of x
+    dots = torch.einsum("mbi,nbi->mnb", q.double().reshape(m, groups, -1), u.double().reshape(-1, groups, k // groups))
+    y = (a.double()[None] * dx.double().repeat_interleave(per_block, 1)[:, None] * dots).sum(-1)
+    if per_block == 1:
+        y = y + (c.double()[None] * sx.double()[:, None]).sum(-1)
     return y.float()

@@ -10,7 +10,7 @@ built for:
 | int4 group-wise | Triton ``wq_matmul`` | ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 | fp8 e4m3, weight only | Triton ``wq_matmul`` | emulated: fp8-rounded weights, dense matmul |
 | fp8 e4m3, W8A8 | per-token fp8 activations + ``torch._scaled_mm`` | emulated likewise |
-| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K: ``cpu_native`` on the block fields (int16 activations) where it runs; others: int4 CPU kernel (exact re-expression) |
+| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K: ``cpu_native`` on the block fields (int16 activations) where it runs; others: int4 CPU kernel (exact re-expression) |
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
@@ -230,7 +230,8 @@ class Int4Weight(PackedWeight):
 
 
 class Q6KWeight(Int4Weight):
-    """GGUF Q6_K on the CPU through torch's int4 kernel, exactly up to its bf16 scales.
+    """GGUF Q6_K on the CPU through torch's int4 kernel, exactly up to its bf16 scales (where
+    ``cpu_native`` does not run).
 
     Q6_K is ``w = a * (q - 32)`` per 16 columns, ``q = 16 * hi + lo`` (2 + 4 bits); the kernel's
     groups are 32 columns with one scale and zero. Each kernel group holds one 16-column group
@@ -334,10 +335,10 @@ class GGUFWeight(PackedWeight):
 
 
 class CpuGGUFWeight(PackedWeight):
-    """A Q4_0, Q4_1, Q5_0, Q8_0 or Q4_K GGUF matrix on the CPU for ``cpu_native``'s kernel: the
-    file's block fields in planes (``cpu_native.split_blocks``; Q4_K's groups with exact fp32
-    scales); each row of x quantized to int16 per 32 columns, integer dot products, fp32 out. A
-    row's result does not depend on the call's other rows."""
+    """A Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K GGUF matrix on the CPU for ``cpu_native``'s kernel:
+    the file's block fields in planes (``cpu_native.split_blocks``; Q4_K's and Q6_K's groups with
+    exact fp32 scales); each row of x quantized to int16 per 32 columns, integer dot products, fp32
+    out. A row's result does not depend on the call's other rows."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, in_features: int) -> None:
         super().__init__()
@@ -365,8 +366,8 @@ class CpuGGUFWeight(PackedWeight):
 
 
 def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device) -> PackedWeight:
-    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K
-    blocks for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
+    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q5_0 / Q8_0 /
+    Q4_K / Q6_K blocks for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
     with the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit
     ``u`` in one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column
     groups as ``Q6KWeight`` describes."""
