@@ -15,12 +15,12 @@ from flashserve.kernels import quant_reference as ref
 from flashserve.quant.packed import CpuGGUFWeight, Int4Weight, gguf_weight
 
 pytestmark = pytest.mark.skipif(not cn.available(), reason="no AVX2/FMA/F16C CPU or no C compiler")
-QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def _k(qtype: str, k: int) -> int:
-    """A row length of ``qtype``: Q4_K's and Q6_K's super-blocks hold 256 columns."""
-    return -(-k // 256) * 256 if qtype in ("Q4_K", "Q6_K") else k
+    """A row length of ``qtype``: the K-quants' super-blocks hold 256 columns."""
+    return -(-k // 256) * 256 if qtype.endswith("_K") else k
 
 
 def _x(m: int, k: int, seed: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
     k = _k(qtype, k)
     raw = ref.random_gguf_blocks(qtype, n, k, seed=n + k)
     w = cn.split_blocks(raw, qtype)
-    if qtype not in ("Q4_K", "Q6_K"):  # their planes hold exact fp32 scales instead of super-blocks
+    if not qtype.endswith("_K"):  # the K-quants' planes hold exact fp32 scales instead of super-blocks
         assert torch.equal(cn.join_blocks(w), raw)  # the planes hold the file's bytes, nothing else
     torch.testing.assert_close(cn.dequantize(w, qtype), ref.gguf_dequantize(raw, qtype), rtol=0, atol=0)
     x = _x(m, k, seed=m)
@@ -65,7 +65,7 @@ def test_matmul_equals_reference_and_exact_product(qtype, n, k, m):
 def test_row_results_do_not_depend_on_other_rows_or_threads(qtype):
     """Rows go in tiles of 4 (and one of the rest), one at a time alone: a row's bits are the same
     in every position of every tile size."""
-    k = _k(qtype, 320)  # 10 blocks: 8 + a tail (Q4_K, Q6_K: 16, groups of 8 only)
+    k = _k(qtype, 320)  # 10 blocks: 8 + a tail (K-quants: 16, groups of 8 only)
     w = cn.split_blocks(ref.random_gguf_blocks(qtype, 80, k, seed=5), qtype)
     x = _x(11, k, seed=9)
     y = cn.matmul(x, w, qtype)  # tiles of 4, 4, 3
@@ -122,8 +122,10 @@ def test_gguf_weight_uses_the_native_kernel_unless_switched_off(qtype, monkeypat
     assert type(w) is CpuGGUFWeight
     size = sum(b.numel() * b.element_size() for b in w.buffers())
     # the same bytes; Q4_K: the nibbles and two fp32 numbers a group (0.75 against 0.5625 bytes a
-    # weight); Q6_K: a byte a weight and two fp32 scales a block (1.25 against 0.82)
-    want = {"Q4_K": 64 * k // 2 + 64 * k // 32 * 8, "Q6_K": 64 * k + 64 * k // 32 * 8}.get(qtype, raw.numel())
+    # weight); Q5_K: and a fifth-bit word a block (0.875 against 0.6875); Q6_K: a byte a weight and
+    # two fp32 scales a block (1.25 against 0.82)
+    want = {"Q4_K": 64 * k // 2 + 64 * k // 32 * 8, "Q5_K": 64 * k // 2 + 64 * k // 32 * 12,
+            "Q6_K": 64 * k + 64 * k // 32 * 8}.get(qtype, raw.numel())
     assert size == want
     x = _x(3, k, seed=4)
     assert torch.equal(w(x), cn.matmul(x, cn.split_blocks(raw, qtype), qtype))

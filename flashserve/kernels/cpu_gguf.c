@@ -7,7 +7,8 @@
  *      offsets (Q4_1), qh [N, K / 32] uint32 fifth bits (Q5_0: bit j for column j);
  *   w = d * u + m (Q4_1), d * (u - 8) (Q4_0), d * (u + 16 * bit - 16) (Q5_0), d * q (Q8_0).
  * Q4_K's super-blocks come as Q4_1-like planes whose d and m are fp32 (its 6-bit sub-block scales
- * and minima times the super-block's fp16 ones: exact in fp32, not in fp16). Q6_K's come as
+ * and minima times the super-block's fp16 ones: exact in fp32, not in fp16); Q5_K's likewise,
+ * with Q5_0's fifth bits (w = d * (u + 16 * bit) + m). Q6_K's come as
  * Q8_0-like planes of q - 32 whose d and m are the fp32 scales of each block's two 16-column
  * halves (w = d * q for columns 0..15, m * q for 16..31).
  *
@@ -23,11 +24,12 @@
  * Group layout: each run of 8 blocks (all but a row's last nb % 8) is stored transposed, so that
  * one vector holds two columns of each of the 8 blocks and its pairwise products sum block i in
  * lane i. Chunk c (c < 16) of a group holds columns 2c, 2c + 1 of block 0, then of block 1 ... 7:
- * 16 int16 activations, or 16 Q8_0 / Q6_K bytes; a 4-bit chunk c < 8 holds the bytes of columns 2c, 2c + 1
- * (and 2c + 16, 2c + 17 in their high halves). Q5_0's 8 words per group: word 2p the fifth bits
- * of the low halves of chunks 2p (bits 0..15) and 2p + 1 (16..31), word 2p + 1 those of the high
- * halves. A group's 8 dot products are then exact int32 lanes, converted and scaled with the 8
- * blocks' scales in one operation each; the tail blocks keep the file's order.
+ * 16 int16 activations, or 16 Q8_0 / Q6_K bytes; a 4-bit chunk c < 8 holds the bytes of columns
+ * 2c, 2c + 1 (and 2c + 16, 2c + 17 in their high halves). The 8 fifth-bit words of a Q5_0 or Q5_K
+ * group: word 2p the fifth bits of the low halves of chunks 2p (bits 0..15) and 2p + 1 (16..31),
+ * word 2p + 1 those of the high halves. A group's 8 dot products are then exact int32 lanes,
+ * converted and scaled with the 8 blocks' scales in one operation each; the tail blocks keep the
+ * file's order.
  *
  * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention and
  * SiLU-and-mul in fp32, and fs_decode_layer, a Llama-family layer's decode step made of them.
@@ -38,9 +40,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, FS_Q4_K = 4, FS_Q6_K = 5, PREFETCH_ROWS = 4 };
+enum { QK = 32, FS_Q4_0 = 0, FS_Q4_1 = 1, FS_Q8_0 = 2, FS_Q5_0 = 3, FS_Q4_K = 4, FS_Q6_K = 5, FS_Q5_K = 6,
+       PREFETCH_ROWS = 4 };
 
 #define BYTE_QUANTS(qtype) ((qtype) == FS_Q8_0 || (qtype) == FS_Q6_K) /* one int8 a column */
+#define FIFTH_BITS(qtype) ((qtype) == FS_Q5_0 || (qtype) == FS_Q5_K)  /* nibbles and a qh plane */
+#define FP32_SCALES(qtype) ((qtype) == FS_Q4_K || (qtype) == FS_Q5_K || (qtype) == FS_Q6_K)
+#define OFFSETS(qtype) ((qtype) == FS_Q4_1 || (qtype) == FS_Q4_K || (qtype) == FS_Q5_K)  /* an m plane of offsets */
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -106,7 +112,7 @@ INLINE void block_words(const int qtype, const uint8_t *qs, const uint32_t *qh, 
         __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 16)));
         *lo = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
         *hi = _mm256_srli_epi16(bytes, 4);
-        if (qtype == FS_Q5_0) {
+        if (FIFTH_BITS(qtype)) {
             *lo = _mm256_or_si256(*lo, fifth_bits((uint16_t)qh[b]));
             *hi = _mm256_or_si256(*hi, fifth_bits((uint16_t)(qh[b] >> 16)));
         }
@@ -158,7 +164,7 @@ INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uin
         for (int p = 0; p < 4; p++) {  /* chunks 2p and 2p + 1: low nibbles columns 4p .. 4p + 3, high 16 more */
             __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(g + 32 * p)));
             __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(bytes, 4);
-            if (qtype == FS_Q5_0) {
+            if (FIFTH_BITS(qtype)) {
                 lo = _mm512_mask_add_epi16(lo, (__mmask32)qhg[2 * p], lo, _mm512_set1_epi16(16));
                 hi = _mm512_mask_add_epi16(hi, (__mmask32)qhg[2 * p + 1], hi, _mm512_set1_epi16(16));
             }
@@ -193,7 +199,7 @@ INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uin
         for (int c = 0; c < 8; c++) {  /* low nibbles columns 2c, 2c + 1 of each block, high ones 16 more */
             __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(g + 16 * c)));
             __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(bytes, 4);
-            if (qtype == FS_Q5_0) {
+            if (FIFTH_BITS(qtype)) {
                 lo = _mm256_or_si256(lo, fifth_bits((uint16_t)(qhg[c & ~1] >> (16 * (c & 1)))));
                 hi = _mm256_or_si256(hi, fifth_bits((uint16_t)(qhg[c | 1] >> (16 * (c & 1)))));
             }
@@ -223,12 +229,12 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        const int fp32 = qtype == FS_Q4_K || qtype == FS_Q6_K;
+        const int fp32 = FP32_SCALES(qtype);
         __m256 dw = fp32 ? _mm256_loadu_ps(df + b) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
         __m256 mw = fp32 ? _mm256_loadu_ps(mf + b)
                     : qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + b))) : dw;
         __m256i dots[MAX_TILE], highs[MAX_TILE];
-        group_dots(qtype, R, qs + b * (BYTE_QUANTS(qtype) ? QK : QK / 2), qtype == FS_Q5_0 ? qh + b : 0,
+        group_dots(qtype, R, qs + b * (BYTE_QUANTS(qtype) ? QK : QK / 2), FIFTH_BITS(qtype) ? qh + b : 0,
                    x + b * QK, k, dots, highs);
         for (int r = 0; r < R; r++) {
             __m256 dxr = _mm256_loadu_ps(dx + r * nb + b);
@@ -239,7 +245,7 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     }
     float tail[MAX_TILE] = {0};
     for (; b < nb; b++) {  /* the last nb % 8 blocks, one at a time */
-        const int fp32 = qtype == FS_Q4_K || qtype == FS_Q6_K;
+        const int fp32 = FP32_SCALES(qtype);
         float dw = fp32 ? df[b] : _cvtsh_ss(dh[b]);
         float mw = fp32 ? mf[b] : qtype == FS_Q4_1 ? _cvtsh_ss(mh[b]) : dw;
         __m256i lo, hi;
@@ -274,10 +280,10 @@ INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const voi
         const uint8_t *q = qs + n * row_bytes;
         for (int64_t off = 0; off < row_bytes; off += 64)  /* a few rows ahead: measured ~7% faster */
             _mm_prefetch((const char *)(q + PREFETCH_ROWS * row_bytes + off), _MM_HINT_T0);
-        const int64_t sb = qtype == FS_Q4_K || qtype == FS_Q6_K ? 4 : 2;  /* bytes of a scale */
+        const int64_t sb = FP32_SCALES(qtype) ? 4 : 2;  /* bytes of a scale */
         const void *dn = (const char *)d + n * nb * sb;
-        const void *mn = qtype == FS_Q4_1 || qtype == FS_Q4_K || qtype == FS_Q6_K ? (const char *)m + n * nb * sb : 0;
-        const uint32_t *qhn = qtype == FS_Q5_0 ? qh + n * nb : 0;
+        const void *mn = OFFSETS(qtype) || qtype == FS_Q6_K ? (const char *)m + n * nb * sb : 0;
+        const uint32_t *qhn = FIFTH_BITS(qtype) ? qh + n * nb : 0;
         int64_t r = 0;
         for (; r + MAX_TILE <= m_rows; r += MAX_TILE)
             tile_dot(qtype, MAX_TILE, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * n_cols + n,
@@ -313,8 +319,9 @@ static void *scratch_at_least(scratch *s, size_t need) {
 
 static __thread scratch activations;  /* the quantized activations of a product */
 
-/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, Q4_K and Q6_K,
- * qh NULL but for Q5_0) transposed. Returns 0, or -1 when the quantized activations cannot be allocated. */
+/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, Q4_K, Q5_K
+ * and Q6_K, qh NULL but for Q5_0 and Q5_K) transposed. Returns 0, or -1 when the quantized
+ * activations cannot be allocated. */
 int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh, int64_t n_cols,
               int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
     int64_t nb = k / QK;
@@ -334,6 +341,7 @@ int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const 
         else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q4_K) columns(FS_Q4_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q6_K) columns(FS_Q6_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q5_K) columns(FS_Q5_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else if (qtype == FS_Q5_0) columns(FS_Q5_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
         else columns(FS_Q8_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
     }

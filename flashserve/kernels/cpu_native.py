@@ -3,10 +3,10 @@
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
 blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0, Q8_0,
-Q4_K and Q6_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
+Q4_K, Q5_K and Q6_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
 (llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
 load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes; Q4_K's
-super-blocks as 32-column groups with exact fp32 scales and offsets, Q6_K's as int8 ``q - 32``
+and Q5_K's super-blocks as 32-column groups with exact fp32 scales and offsets, Q6_K's as int8 ``q - 32``
 with the exact fp32 scales of 16-column halves), each run of eight blocks
 transposed (``group_layout``: a vector holds two columns of each of the eight, so their exact
 integer dot products come out one per lane), so that eight blocks convert and scale in one
@@ -47,7 +47,7 @@ import torch
 from flashserve.kernels import quant_reference as ref
 
 SOURCE = Path(__file__).with_name("cpu_gguf.c")
-QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q4_K": 4, "Q6_K": 5}
+QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q4_K": 4, "Q6_K": 5, "Q5_K": 6}
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV = "FLASHSERVE_NATIVE_CPU"
@@ -149,9 +149,9 @@ def available() -> bool:
 class Planes(NamedTuple):
     """A GGUF matrix as the kernel reads it (runs of 8 blocks in the group layout): ``qs`` uint8
     ``[N, K / 2]`` (4 and 5-bit types) or ``[N, K]`` (Q8_0, Q6_K: int8 values), ``d`` fp16 scales,
-    ``m`` fp16 offsets (Q4_1, else None) and ``qh`` int32 fifth bits, bit j for column j (Q5_0, else
-    None), ``[N, K / 32]``. Q4_K: its 32-column groups' ``w = a * u + c`` with ``d = a`` and
-    ``m = c`` in fp32. Q6_K: ``q - 32`` with the fp32 scales of each block's columns 0..15 in ``d``,
+    ``m`` fp16 offsets (Q4_1, else None) and ``qh`` int32 fifth bits, bit j for column j (Q5_0,
+    Q5_K, else None), ``[N, K / 32]``. Q4_K and Q5_K: their 32-column groups' ``w = a * u + c``
+    with ``d = a`` and ``m = c`` in fp32. Q6_K: ``q - 32`` with the fp32 scales of each block's columns 0..15 in ``d``,
     16..31 in ``m``."""
 
     qs: torch.Tensor
@@ -160,16 +160,26 @@ class Planes(NamedTuple):
     qh: torch.Tensor | None
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 ``[..., 32]`` -> int32 ``[...]`` with bit j from ``bits[..., j]``."""
+    words = (bits.long() << _BITS.long()).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
     """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes, quants and fifth
     bits in the kernel's group layout (a byte permutation; for Q4_K its nibbles regrouped per 32
     columns and the groups' exact fp32 scales and offsets)."""
     n = raw.shape[0]
-    if qtype == "Q4_K":
-        u, a, c = ref.gguf_affine(raw, qtype)  # [N, K] in 0..15, [N, K / 32] fp32
-        halves = u.reshape(n, -1, 2, 16)  # columns i and i + 16 of each group into byte i
+    if qtype in ("Q4_K", "Q5_K"):
+        u, a, c = ref.gguf_affine(raw, qtype)  # [N, K] in 0..15 (0..31), [N, K / 32] fp32
+        halves = (u & 15).reshape(n, -1, 2, 16)  # columns i and i + 16 of each group into byte i
+        qh = _pack_bits((u >> 4).reshape(n, -1, 32)) if qtype == "Q5_K" else None  # bit j: column j's fifth
         return group_layout(Planes((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1), a.contiguous(),
-                                   c.contiguous(), None))
+                                   c.contiguous(), qh))
     if qtype == "Q6_K":  # q - 32 as int8, each 32 columns' two 16-column scales as d and m
         q, a = ref.gguf_q6_k(raw)  # [N, K] in 0..63, [N, K / 16] fp32
         signed = (q.to(torch.int16) - 32).to(torch.int8).view(torch.uint8)
@@ -184,15 +194,6 @@ def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
     return Planes(_regroup(blocks[..., quants:], inverse=False), field(0, torch.float16),
                   field(2, torch.float16) if qtype == "Q4_1" else None,
                   _regroup_bits(field(2, torch.int32), inverse=False) if qtype == "Q5_0" else None)
-
-
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """0/1 ``[..., 32]`` -> int32 ``[...]`` with bit j from ``bits[..., j]``."""
-    words = (bits.long() << _BITS.long()).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _regroup(qs: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -419,16 +420,19 @@ def join_blocks(w: Planes) -> torch.Tensor:
 def _affine(w: Planes, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w = a * u + c`` per group of columns (32; Q6_K's 16): ``u`` ``[N, K]`` (uint8; Q6_K int8
     ``q - 32``), ``a``, ``c`` fp32 ``[N, K / group]`` (``quant_reference.gguf_affine`` of the joined
-    blocks; Q4_K and Q6_K from their planes)."""
-    if qtype not in ("Q4_K", "Q6_K"):
+    blocks; the K-quants from their planes)."""
+    if qtype not in ("Q4_K", "Q5_K", "Q6_K"):
         return ref.gguf_affine(join_blocks(w), qtype)
     n = w.qs.shape[0]
-    qs = group_layout(w, inverse=True).qs
+    file_order = group_layout(w, inverse=True)
     if qtype == "Q6_K":
         a = torch.stack([w.d, w.m], dim=-1).reshape(n, -1)
-        return qs.view(torch.int8), a, torch.zeros_like(a)
-    q = qs.reshape(n, -1, 1, 16)
-    return torch.cat([q & 15, q >> 4], dim=2).reshape(n, -1), w.d, w.m
+        return file_order.qs.view(torch.int8), a, torch.zeros_like(a)
+    q = file_order.qs.reshape(n, -1, 1, 16)
+    u = torch.cat([q & 15, q >> 4], dim=2).reshape(n, -1)
+    if qtype == "Q5_K":
+        u = u | ((((file_order.qh[..., None] >> _BITS) & 1).to(torch.uint8) << 4).reshape(n, -1))
+    return u, w.d, w.m
 
 
 def dequantize(w: Planes, qtype: str) -> torch.Tensor:
