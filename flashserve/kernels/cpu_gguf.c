@@ -223,7 +223,7 @@ INLINE void group_dots(const int qtype, const int R, const uint8_t *g, const uin
 INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void *d, const void *m,
                      const uint32_t *qh, const int16_t *x, const float *dx, const float *sx, int64_t k, int64_t nb,
                      float *out, int64_t out_stride) {
-    const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (Q4_K, Q6_K) */
+    const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (the K-quants) */
     const float *df = d, *mf = m;
     __m256 acc[MAX_TILE], off[MAX_TILE];
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
@@ -239,7 +239,8 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
         for (int r = 0; r < R; r++) {
             __m256 dxr = _mm256_loadu_ps(dx + r * nb + b);
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dxr), _mm256_cvtepi32_ps(dots[r]), acc[r]);
-            if (qtype == FS_Q6_K) acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dxr), _mm256_cvtepi32_ps(highs[r]), acc[r]);
+            if (qtype == FS_Q6_K)
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dxr), _mm256_cvtepi32_ps(highs[r]), acc[r]);
             else if (qtype != FS_Q8_0) off[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx + r * nb + b), off[r]);
         }
     }
@@ -254,7 +255,8 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
             if (qtype == FS_Q6_K) {  /* the two halves' sums apart, each with its scale */
                 const int16_t *xb = x + r * k + b * QK;
                 __m256 lo_dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xb)));
-                __m256 hi_dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xb + 16))));
+                __m256 hi_dot =
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xb + 16))));
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r * nb + b]), lo_dot, acc[r]);
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(mw * dx[r * nb + b]), hi_dot, acc[r]);
                 continue;
@@ -265,8 +267,9 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     }
     for (int r = 0; r < R; r++) {
         float offset = hsum(off[r]) + tail[r];
+        /* offset: 0 for Q8_0 and Q6_K */
         out[r * out_stride] = hsum(acc[r]) + (qtype == FS_Q4_0 ? -8.0f * offset : qtype == FS_Q5_0 ? -16.0f * offset
-                                                                                                    : offset);  /* 0: Q8_0, Q6_K */
+                                                                                                    : offset);
     }
 }
 

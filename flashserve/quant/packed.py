@@ -10,7 +10,7 @@ built for:
 | int4 group-wise | Triton ``wq_matmul`` | ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 | fp8 e4m3, weight only | Triton ``wq_matmul`` | emulated: fp8-rounded weights, dense matmul |
 | fp8 e4m3, W8A8 | per-token fp8 activations + ``torch._scaled_mm`` | emulated likewise |
-| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K: ``cpu_native`` on the block fields (int16 activations) where it runs; others: int4 CPU kernel (exact re-expression) |
+| GGUF blocks | Triton ``gguf_matmul`` on the file's bytes | ``cpu_native`` on the block fields (int16 activations) where it runs, else the int4 CPU kernel (exact re-expression) |
 
 On CUDA, M (rows of x) above ``DEQUANT_MIN_M`` goes through a dense bf16 copy and cuBLAS
 (prefill chunks, where the copy is paid once for many rows); below it the fused kernels run.
