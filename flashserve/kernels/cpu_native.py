@@ -2,21 +2,21 @@
 
 On CPUs with AVX2 but no AVX-512, torch's int4 CPU kernel is slower than a dense fp32 product at
 SmolLM2's layer shapes (docs/quantization.md, "AVX2 only"). Integer dot products with the file's
-blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for Q4_0, Q4_1, Q5_0, Q8_0,
-Q4_K, Q5_K and Q6_K with AVX2 + FMA + F16C intrinsics, on activations quantized to int16 per 32 columns
-(llama.cpp uses int8: 300x the error, and no faster here). The blocks are split into planes at
-load (quants, fp16 scales, fp16 offsets or fifth bits: ``split_blocks``, the same bytes; Q4_K's
-and Q5_K's super-blocks as 32-column groups with exact fp32 scales and offsets, Q6_K's as int8 ``q - 32``
-with the exact fp32 scales of 16-column halves), each run of eight blocks
-transposed (``group_layout``: a vector holds two columns of each of the eight, so their exact
-integer dot products come out one per lane), so that eight blocks convert and scale in one
-instruction each.
+blocks, llama.cpp's way, are faster there. ``cpu_gguf.c`` takes them for every GGUF type (Q4_0,
+Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) with AVX2 + FMA + F16C intrinsics, on activations quantized
+to int16 per 32 columns (llama.cpp uses int8: 300x the error, and no faster here). The blocks
+are split into planes at load (quants, fp16 scales, fp16 offsets or fifth bits:
+``split_blocks``, the same bytes; Q4_K's and Q5_K's super-blocks as 32-column groups with exact
+fp32 scales and offsets, Q6_K's as int8 ``q - 32`` with the exact fp32 scales of 16-column
+halves), each run of eight blocks transposed (``group_layout``: a vector holds two columns of
+each of the eight, so their exact integer dot products come out one per lane), so that eight
+blocks convert and scale in one instruction each.
 
 This module compiles the kernel once per source version and instruction set with the system's C
 compiler (``cc``; OpenMP for threads, resolved to torch's own runtime, already loaded) into the
 user's cache folder and calls it through ctypes: AVX2, plus AVX-512 VNNI or AVX-VNNI where the
-CPU has them (``isa_flags``; the same integer sums, so the same results; ``FLASHSERVE_NATIVE_CPU=avx2``
-keeps plain AVX2). ``available()`` is False, and the callers keep torch's kernels, where the CPU
+CPU has them (``isa_flags``; the same integer sums, so the same results;
+``FLASHSERVE_NATIVE_CPU=avx2`` keeps plain AVX2). ``available()`` is False, and the callers keep torch's kernels, where the CPU
 lacks AVX2, FMA or F16C, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
 
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
@@ -151,8 +151,8 @@ class Planes(NamedTuple):
     ``[N, K / 2]`` (4 and 5-bit types) or ``[N, K]`` (Q8_0, Q6_K: int8 values), ``d`` fp16 scales,
     ``m`` fp16 offsets (Q4_1, else None) and ``qh`` int32 fifth bits, bit j for column j (Q5_0,
     Q5_K, else None), ``[N, K / 32]``. Q4_K and Q5_K: their 32-column groups' ``w = a * u + c``
-    with ``d = a`` and ``m = c`` in fp32. Q6_K: ``q - 32`` with the fp32 scales of each block's columns 0..15 in ``d``,
-    16..31 in ``m``."""
+    with ``d = a`` and ``m = c`` in fp32. Q6_K: ``q - 32`` with the fp32 scales of each block's
+    columns 0..15 in ``d``, 16..31 in ``m``."""
 
     qs: torch.Tensor
     d: torch.Tensor
@@ -171,8 +171,8 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def split_blocks(raw: torch.Tensor, qtype: str) -> Planes:
     """uint8 ``[N, row_bytes]`` GGUF blocks -> their fields as contiguous planes, quants and fifth
-    bits in the kernel's group layout (a byte permutation; for Q4_K its nibbles regrouped per 32
-    columns and the groups' exact fp32 scales and offsets)."""
+    bits in the kernel's group layout (a byte permutation; the K-quants' values regrouped per 32
+    columns with the groups' exact fp32 scales, and offsets)."""
     n = raw.shape[0]
     if qtype in ("Q4_K", "Q5_K"):
         u, a, c = ref.gguf_affine(raw, qtype)  # [N, K] in 0..15 (0..31), [N, K / 32] fp32
@@ -213,7 +213,7 @@ def _regroup(qs: torch.Tensor, inverse: bool) -> torch.Tensor:
 
 
 def _regroup_bits(qh: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Q5_0's fifth bits ``[N, nb]`` (bit j: column j of a block) into the group layout, or back."""
+    """Fifth bits ``[N, nb]`` (Q5_0, Q5_K; bit j: column j of a block) into the group layout, or back."""
     n, nb = qh.shape
     whole = nb // 8 * 8
     bits = (qh[:, :whole, None] >> _BITS) & 1  # [N, whole, 32]
@@ -227,8 +227,8 @@ def _regroup_bits(qh: torch.Tensor, inverse: bool) -> torch.Tensor:
 def group_layout(w: Planes, inverse: bool = False) -> Planes:
     """``w`` with each row's runs of 8 blocks (all but its last ``nb % 8``) in the kernel's group
     layout (cpu_gguf.c): chunk c holds columns 2c, 2c + 1 of blocks 0..7 (4-bit types: the bytes
-    of those columns, c < 8); Q5_0's words 2p, 2p + 1 the fifth bits of the low and high halves of
-    chunks 2p, 2p + 1. ``inverse``: back to the file's order."""
+    of those columns, c < 8); Q5_0's and Q5_K's words 2p, 2p + 1 the fifth bits of the low and high
+    halves of chunks 2p, 2p + 1. ``inverse``: back to the file's order."""
     n, nb = w.d.shape
     qh = None if w.qh is None else _regroup_bits(w.qh, inverse)
     return Planes(_regroup(w.qs.view(n, nb, -1), inverse), w.d, w.m, qh)
@@ -408,8 +408,8 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def join_blocks(w: Planes) -> torch.Tensor:
-    """``split_blocks``' inverse for the types kept as their blocks' fields (not Q4_K): the GGUF
-    blocks, uint8 ``[N, row_bytes]``."""
+    """``split_blocks``' inverse for the types kept as their blocks' fields (not the K-quants): the
+    GGUF blocks, uint8 ``[N, row_bytes]``."""
     w = group_layout(w, inverse=True)
     n, nb = w.d.shape
     fields = [f for f in (w.d, w.m, w.qh) if f is not None]  # the block's order: d, then m or qh
