@@ -16,8 +16,9 @@ This module compiles the kernel once per source version and instruction set with
 compiler (``cc``; OpenMP for threads, resolved to torch's own runtime, already loaded) into the
 user's cache folder and calls it through ctypes: AVX2, plus AVX-512 VNNI or AVX-VNNI where the
 CPU has them (``isa_flags``; the same integer sums, so the same results;
-``FLASHSERVE_NATIVE_CPU=avx2`` keeps plain AVX2). ``available()`` is False, and the callers keep torch's kernels, where the CPU
-lacks AVX2, FMA or F16C, no compiler works, or ``FLASHSERVE_NATIVE_CPU=0``.
+``FLASHSERVE_NATIVE_CPU=avx2`` keeps plain AVX2). ``available()`` is False, and the callers keep
+torch's kernels, where the CPU lacks AVX2, FMA or F16C, no compiler works, or
+``FLASHSERVE_NATIVE_CPU=0``.
 
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
 ``flashserve.layers.norm``: torch's composite one costs ~16 us a row at SmolLM2's width, 61
