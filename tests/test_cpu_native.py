@@ -81,20 +81,11 @@ def test_row_results_do_not_depend_on_other_rows_or_threads(qtype):
         torch.set_num_threads(threads)
 
 
-def _builds() -> list[tuple[str, ...]]:
-    """The instruction sets this CPU can run beside plain AVX2."""
-    have = cn._cpu_flags()
-    sets = [("-mavxvnni",)] if "avx_vnni" in have else []
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= have:
-        sets.append(("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))
-    return sets
-
-
-@pytest.mark.skipif(not _builds(), reason="this CPU has neither AVX-VNNI nor AVX-512 VNNI")
+@pytest.mark.skipif(not cn.runnable_isas(), reason="this CPU has neither AVX-VNNI nor AVX-512 VNNI")
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_every_build_gives_the_same_bits(qtype):
     """The AVX-VNNI and AVX-512 builds sum the same integers as the AVX2 one: equal products."""
-    k = _k(qtype, 576)  # two groups of 8 blocks and a tail of 2 (Q4_K: groups only)
+    k = _k(qtype, 576)  # two groups of 8 blocks and a tail of 2 (K-quants: groups only)
     w = cn.split_blocks(ref.random_gguf_blocks(qtype, 70, k, seed=3), qtype)
     x = _x(6, k, seed=4)
 
@@ -103,7 +94,7 @@ def test_every_build_gives_the_same_bits(qtype):
 
     plain = product(())
     torch.testing.assert_close(plain, cn.matmul_reference(x, w, qtype), rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
-    for isa in _builds():
+    for isa in cn.runnable_isas():
         assert torch.equal(product(isa), plain), isa
     assert torch.equal(cn.matmul(x, w, qtype), plain)  # the build this CPU uses
 

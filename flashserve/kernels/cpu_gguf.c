@@ -225,11 +225,11 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
                      float *out, int64_t out_stride) {
     const uint16_t *dh = d, *mh = m;  /* fp16 scales and offsets, or fp32 ones (the K-quants) */
     const float *df = d, *mf = m;
+    const int fp32 = FP32_SCALES(qtype);
     __m256 acc[MAX_TILE], off[MAX_TILE];
     for (int r = 0; r < R; r++) acc[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        const int fp32 = FP32_SCALES(qtype);
         __m256 dw = fp32 ? _mm256_loadu_ps(df + b) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + b)));
         __m256 mw = fp32 ? _mm256_loadu_ps(mf + b)
                     : qtype == FS_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + b))) : dw;
@@ -246,7 +246,6 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     }
     float tail[MAX_TILE] = {0};
     for (; b < nb; b++) {  /* the last nb % 8 blocks, one at a time */
-        const int fp32 = FP32_SCALES(qtype);
         float dw = fp32 ? df[b] : _cvtsh_ss(dh[b]);
         float mw = fp32 ? mf[b] : qtype == FS_Q4_1 ? _cvtsh_ss(mh[b]) : dw;
         __m256i lo, hi;

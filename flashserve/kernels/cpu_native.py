@@ -82,16 +82,23 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(flags.split(":", 1)[1].split())
 
 
+# Instruction sets the products use beside AVX2, slower first: (the /proc/cpuinfo flags, cc's).
+_ISAS = [({"avx_vnni"}, ("-mavxvnni",)),
+         ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))]
+
+
+def runnable_isas() -> list[tuple[str, ...]]:
+    """The compiler flags of every build beside plain AVX2 that this CPU runs, slower first."""
+    return [flags for need, flags in _ISAS if need <= _cpu_flags()]
+
+
 def isa_flags() -> tuple[str, ...]:
     """What this CPU adds to AVX2 for the products' integer dot products: AVX-512 with VNNI (two
     groups' chunks per instruction), else AVX-VNNI, else nothing (``FLASHSERVE_NATIVE_CPU=avx2``:
     nothing). The same integers, so the same results, whichever the build."""
-    have = _cpu_flags()
-    if os.environ.get(ENV) == "avx2":
-        return ()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= have:
-        return ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
-    return ("-mavxvnni",) if "avx_vnni" in have else ()
+    runnable = runnable_isas()
+    return () if os.environ.get(ENV) == "avx2" or not runnable else runnable[-1]
 
 
 def _build(target: Path, flags: list[str]) -> None:

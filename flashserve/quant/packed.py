@@ -335,10 +335,10 @@ class GGUFWeight(PackedWeight):
 
 
 class CpuGGUFWeight(PackedWeight):
-    """A Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K GGUF matrix on the CPU for ``cpu_native``'s kernel:
-    the file's block fields in planes (``cpu_native.split_blocks``; Q4_K's and Q6_K's groups with
-    exact fp32 scales); each row of x quantized to int16 per 32 columns, integer dot products, fp32
-    out. A row's result does not depend on the call's other rows."""
+    """A GGUF matrix of any type on the CPU for ``cpu_native``'s kernel: the file's block fields in
+    planes (``cpu_native.split_blocks``; the K-quants' groups with exact fp32 scales); each row of x
+    quantized to int16 per 32 columns, integer dot products, fp32 out. A row's result does not
+    depend on the call's other rows."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, in_features: int) -> None:
         super().__init__()
@@ -366,8 +366,8 @@ class CpuGGUFWeight(PackedWeight):
 
 
 def gguf_weight(raw: torch.Tensor, qtype: str, in_features: int, device: torch.device) -> PackedWeight:
-    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, Q4_0 / Q4_1 / Q5_0 / Q8_0 /
-    Q4_K / Q6_K blocks for the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
+    """A GGUF matrix for ``device``: the raw blocks on CUDA; on the CPU, the blocks (every type) for
+    the native kernel where it runs (``CpuGGUFWeight``), else torch's int4 kernel
     with the block's affine map re-expressed exactly (``w = a * u + c`` per 32 columns: 4-bit
     ``u`` in one plane, 5 to 8-bit ``u`` in two planes ``u = 16 * hi + lo``), Q6_K's 16-column
     groups as ``Q6KWeight`` describes."""
