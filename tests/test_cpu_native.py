@@ -232,3 +232,34 @@ def test_silu_mul_is_close_to_torch_and_serves_the_cpu_mlp(inter):
     y = silu_and_mul(xg)  # autograd on: torch's ops, differentiable
     assert y.requires_grad
     torch.testing.assert_close(y.detach().double(), want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("inter", [5, 64, 2048])
+def test_gelu_tanh_mul_is_close_to_the_exact_function_and_serves_the_cpu_mlp(inter):
+    """GELU's tanh approximation times the up half, against fp64 (``g * sigmoid(2y)``, equal to
+    ``0.5 g (1 + tanh y)``); torch's fp32 formula loses digits where ``tanh y`` nears -1, so it is
+    compared where the gate is above -3. The Gemma MLP's gate (``blocks.GeluTanhAndMul``) is this
+    function on fp32 CPU rows without autograd."""
+    import math
+
+    from flashserve.layers.activation import gelu_tanh_and_mul
+    from flashserve.models.blocks import GeluTanhAndMul
+
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(3, 2 * inter, generator=g) * 4
+    x[0, : min(inter, 5)] = torch.tensor([-120.0, -10.5, 90.0, 0.0, -4.0])[:inter]  # clamped exponents, zero
+    got = cn.gelu_tanh_mul(x)
+    gate, up = x[:, :inter].double(), x[:, inter:].double()
+    want = gate * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)) * up
+    torch.testing.assert_close(got.double(), want, rtol=3e-5, atol=1e-35)
+    near = gate > -3
+    torch.testing.assert_close(got.double()[near], want[near], rtol=2e-6, atol=0)
+    torch_gelu = torch.nn.functional.gelu(x[:, :inter], approximate="tanh") * x[:, inter:]
+    torch.testing.assert_close(got[near], torch_gelu[near], rtol=2e-5, atol=0)
+    with torch.no_grad():
+        assert torch.equal(gelu_tanh_and_mul(x), got)
+        assert torch.equal(GeluTanhAndMul()(x), got)
+    xg = x.clone().requires_grad_()
+    y = gelu_tanh_and_mul(xg)  # autograd on: torch's ops, differentiable
+    assert y.requires_grad
+    assert torch.equal(y.detach(), torch_gelu)

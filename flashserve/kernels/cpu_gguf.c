@@ -31,8 +31,9 @@
  * converted and scaled with the 8 blocks' scales in one operation each; the tail blocks keep the
  * file's order.
  *
- * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention and
- * SiLU-and-mul in fp32, and fs_decode_layer, a Llama-family layer's decode step made of them.
+ * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention, SiLU-and-mul
+ * and GELU(tanh)-and-mul in fp32, and fs_decode_layer, a Llama-family layer's decode step made of
+ * them.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -436,17 +437,42 @@ INLINE __m256 silu_mul8(__m256 g, __m256 u) {
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
-/* out [T, I] = silu(x[:, :I]) * x[:, I:] for x [T, 2 I]. */
-void fs_silu_mul(const float *x, int64_t t_rows, int64_t inter, float *out) {
+/* gelu_tanh(g) * u in 8 lanes: 0.5 g (1 + tanh y) with y = sqrt(2 / pi) (g + 0.044715 g^3) is
+ * g / (1 + e^(-2 y)), computed so (1 + tanh y loses most of its digits where tanh y nears -1). */
+INLINE __m256 gelu_tanh_mul8(__m256 g, __m256 u) {
+    __m256 cube = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+    __m256 inner = _mm256_add_ps(g, _mm256_mul_ps(_mm256_set1_ps(0.044715f), cube));
+    __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-1.5957691216057308f), inner));  /* -2 sqrt(2 / pi) */
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+enum { FS_SILU = 0, FS_GELU_TANH = 1 };  /* the gate's activation */
+
+/* out [T, I] = act(x[:, :I]) * x[:, I:] for x [T, 2 I], act a constant after inlining. */
+INLINE void gate_mul(const int act, const float *x, int64_t t_rows, int64_t inter, float *out) {
     for (int64_t t = 0; t < t_rows; t++) {
         const float *g = x + t * 2 * inter, *u = g + inter;
         float *o = out + t * inter;
         int64_t i = 0;
-        for (; i + 8 <= inter; i += 8)
-            _mm256_storeu_ps(o + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
-        if (i < inter)
-            store_tail(o + i, silu_mul8(load_tail(g + i, inter - i), load_tail(u + i, inter - i)), inter - i);
+        for (; i + 8 <= inter; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i);
+            _mm256_storeu_ps(o + i, act == FS_GELU_TANH ? gelu_tanh_mul8(gv, uv) : silu_mul8(gv, uv));
+        }
+        if (i < inter) {
+            __m256 gv = load_tail(g + i, inter - i), uv = load_tail(u + i, inter - i);
+            store_tail(o + i, act == FS_GELU_TANH ? gelu_tanh_mul8(gv, uv) : silu_mul8(gv, uv), inter - i);
+        }
     }
+}
+
+/* out [T, I] = silu(x[:, :I]) * x[:, I:] for x [T, 2 I]. */
+void fs_silu_mul(const float *x, int64_t t_rows, int64_t inter, float *out) {
+    gate_mul(FS_SILU, x, t_rows, inter, out);
+}
+
+/* out [T, I] = gelu_tanh(x[:, :I]) * x[:, I:] for x [T, 2 I]. */
+void fs_gelu_tanh_mul(const float *x, int64_t t_rows, int64_t inter, float *out) {
+    gate_mul(FS_GELU_TANH, x, t_rows, inter, out);
 }
 
 enum { MAX_DIM = 512 };

@@ -23,9 +23,10 @@ torch's kernels, where the CPU lacks AVX2, FMA or F16C, no compiler works, or
 The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
 ``flashserve.layers.norm``: torch's composite one costs ~16 us a row at SmolLM2's width, 61
 calls a decode step), the CPU decode layer's rope and K/V writes (``rope_store``: the values
-of its ten torch ops, bit for bit, in one call), one-query attention (``attention``) and
-SiLU-and-mul (``silu_mul``), which the torch paths' fp32 CPU decode rows and MLPs call too, and
-a whole decoder layer's decode step in one call (``DecodeLayer``), built from those functions.
+of its ten torch ops, bit for bit, in one call), one-query attention (``attention``),
+SiLU-and-mul (``silu_mul``) and GELU(tanh)-and-mul (``gelu_tanh_mul``, Gemma's gate), which the
+torch paths' fp32 CPU decode rows and MLPs call too, and a whole decoder layer's decode step in
+one call (``DecodeLayer``), built from those functions.
 
 ``quantize_rows_reference`` and ``matmul_reference`` compute the same arithmetic in torch: the
 int16 activations and their scales bit for bit, the products up to fp32 summation order.
@@ -138,8 +139,9 @@ def _library(isa: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
     lib.fs_rms_norm.restype = None
     lib.fs_rope_store.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p]
     lib.fs_rope_store.restype = None
-    lib.fs_silu_mul.argtypes = [p, i64, i64, p]
-    lib.fs_silu_mul.restype = None
+    for gate in (lib.fs_silu_mul, lib.fs_gelu_tanh_mul):
+        gate.argtypes = [p, i64, i64, p]
+        gate.restype = None
     lib.fs_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
     lib.fs_attention.restype = ctypes.c_int
     lib.fs_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), p, p, p, p, p, p]
@@ -307,14 +309,26 @@ def rope_store(qkv: torch.Tensor, heads: int, cos_full: torch.Tensor, sin_signed
     return q
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x [..., 2 I]`` -> ``silu(x[..., :I]) * x[..., I:]`` ``[..., I]`` (``e^x`` by an 8-lane
-    polynomial: within a few ulp of torch's ``F.silu(g) * u``, not bit for bit)."""
+def _gate_mul(gate: Callable, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     inter = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], inter)
-    _library().fs_silu_mul(x.data_ptr(), x.numel() // (2 * inter), inter, out.data_ptr())
+    gate(x.data_ptr(), x.numel() // (2 * inter), inter, out.data_ptr())
     return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x [..., 2 I]`` -> ``silu(x[..., :I]) * x[..., I:]`` ``[..., I]`` (``e^x`` by an 8-lane
+    polynomial: within a few ulp of torch's ``F.silu(g) * u``, not bit for bit)."""
+    return _gate_mul(_library().fs_silu_mul, x)
+
+
+def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x [..., 2 I]`` -> ``gelu_tanh(x[..., :I]) * x[..., I:]`` ``[..., I]``, GELU's tanh
+    approximation computed as ``g / (1 + e^(-2y))`` (``y = sqrt(2 / pi) (g + 0.044715 g^3)``, the
+    same polynomial ``e^x``): within a few ulp of the exact function of ``g``; torch's
+    ``0.5 g (1 + tanh y)`` loses digits where ``tanh y`` nears -1, so the two differ there."""
+    return _gate_mul(_library().fs_gelu_tanh_mul, x)
 
 
 MAX_HEAD_DIM = 512

@@ -22,6 +22,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` (GELU's tanh approximation) where ``x = cat([gate, up], -1)``. fp32
+    on the CPU without autograd: the native kernel where it runs (``cpu_native.gelu_tanh_mul``, the
+    CPU decode layer's, within a few ulp of torch's; computed as ``g / (1 + e^(-2y))``).
+
+    x: [..., 2 * d] -> [..., d]
+    """
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and cpu_native.available()):
+        return cpu_native.gelu_tanh_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class SiluAndMul(nn.Module):
     """SwiGLU gating applied to the fused gate_up projection output."""
 

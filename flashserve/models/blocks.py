@@ -16,11 +16,10 @@ import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flashserve.config import ModelConfig
-from flashserve.layers.activation import SiluAndMul
+from flashserve.layers.activation import SiluAndMul, gelu_tanh_and_mul
 from flashserve.layers.linear import GateUpLinear, Linear
 from flashserve.layers.moe import MoEMLP
 
@@ -51,8 +50,7 @@ class GeluTanhAndMul(nn.Module):
     """``gelu_tanh(gate) * up`` where ``x = cat([gate, up], -1)``: [..., 2 * I] -> [..., I]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+        return gelu_tanh_and_mul(x)
 
 
 _PLACEMENT: contextvars.ContextVar[Callable[[int], torch.device] | None] = contextvars.ContextVar(
