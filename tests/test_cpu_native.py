@@ -184,8 +184,9 @@ def test_rope_store_equals_rotate_q_k_and_index_copy_bit_for_bit():
 @pytest.mark.parametrize("heads,kv_heads,dim,s_len", [(9, 3, 64, 1), (9, 3, 64, 37), (4, 4, 128, 8), (8, 1, 256, 700)])
 def test_attention_equals_exact_softmax_and_is_what_decode_rows_take(heads, kv_heads, dim, s_len):
     """One query over S keys (GQA, whole and partial groups of 8 scores) against fp64 attention;
-    the CPU's one-query ``grouped_attention`` (a decode row) returns the native values, as the
-    CPU decode layer's rows do, and a head's result does not depend on the thread count."""
+    the CPU's one-query ``grouped_attention`` (a decode row, without a mask or with a window's mask
+    that hides none of the keys gathered for it) returns the native values, as the CPU decode
+    layer's rows do, and a head's result does not depend on the thread count."""
     from flashserve.layers.attention import grouped_attention
 
     g = torch.Generator().manual_seed(s_len)
@@ -199,6 +200,13 @@ def test_attention_equals_exact_softmax_and_is_what_decode_rows_take(heads, kv_h
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
     with torch.no_grad():
         assert torch.equal(grouped_attention(q[None], k, v, scale)[0], got)
+        # a mask that hides no key (a sliding window's decode row over the keys gathered for it)
+        assert torch.equal(grouped_attention(q[None], k, v, scale, torch.ones(1, s_len, dtype=torch.bool))[0], got)
+        if s_len > 1:  # one that hides a key: SDPA over the others
+            hide = torch.ones(1, s_len, dtype=torch.bool)
+            hide[0, 0] = False
+            torch.testing.assert_close(grouped_attention(q[None], k, v, scale, hide)[0],
+                                       cn.attention(q, k[1:], v[1:], scale), rtol=2e-5, atol=2e-6)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # 8 heads x 700 keys: split over threads

@@ -81,8 +81,9 @@ def grouped_attention(
 
     The G = H / Hkv query heads sharing a kv head are folded into the query axis, so SDPA runs
     with batch = Hkv, queries = G * L, keys = S. Softmax accumulates in fp32 (SDPA on GPU; on
-    CPU half inputs are upcast). One query without a mask (a decode row) in fp32 on the CPU takes
-    the native kernel (``cpu_native.attention``), as the CPU decode layer does: the same values.
+    CPU half inputs are upcast). One query that sees every key (a decode row: no mask, or a
+    sliding window's mask over the keys gathered for it) in fp32 on the CPU takes the native kernel
+    (``cpu_native.attention``), as the CPU decode layer does: the same values.
     """
     L, H, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -90,7 +91,7 @@ def grouped_attention(
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
-    if L == 1 and mask is None and cpu_native.attention_applies(q, k, v):  # decode: every context token is visible
+    if L == 1 and cpu_native.attention_applies(q, k, v) and (mask is None or bool(mask.all())):  # decode
         return cpu_native.attention(q, k, v, scale).view(1, H, D).to(out_dtype)
     # 4-D [1, Hkv, rows, D]: SDPA's fused CPU kernel takes 4-D inputs (3-D falls back to the
     # much slower math path).
