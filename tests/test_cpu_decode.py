@@ -2,9 +2,9 @@
 computes, bit for bit: the logits and the KV cache of decode steps of one and of several
 sequences, and every node of a verification step (a chain of drafts, a token tree), over
 consecutive blocks and scattered ones, on a tiny random int4 model (its torch form: a view of
-the cache, or gathered rows) and a Q4_1 GGUF one (decode steps and chains in one native call that
-reads the cache rows in place; trees in the torch form); other steps and layers keep the general
-forward."""
+the cache, or gathered rows) and Q4_1 GGUF ones (Llama, and Qwen3's q/k norms: decode steps and
+chains in one native call that reads the cache rows in place; trees in the torch form); other
+steps and layers keep the general forward."""
 
 from __future__ import annotations
 
@@ -69,13 +69,13 @@ def _count_decodes(monkeypatch) -> dict[str, int]:
     return counts
 
 
-NATIVE = pytest.param("llama3_gqa", "gguf-Q4_1", marks=pytest.mark.skipif(not cpu_native.available(),
-                                                                           reason="no native CPU kernel"))
+NEEDS_NATIVE = pytest.mark.skipif(not cpu_native.available(), reason="no native CPU kernel")
+NATIVE = pytest.param("llama3_gqa", "gguf-Q4_1", marks=NEEDS_NATIVE)
 
 
 @pytest.mark.parametrize("consecutive", [True, False])
 @pytest.mark.parametrize("arch,weights", [("llama3_gqa", "int4-g32"), ("llama_mha_tied", "int4-g32"),
-                                          NATIVE])
+                                          NATIVE, pytest.param("qwen3_qknorm", "gguf-Q4_1", marks=NEEDS_NATIVE)])
 def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, arch, weights, consecutive):
     model, config = _load(tmp_path, arch, weights)
     want_type = CpuGGUFWeight if weights.startswith("gguf") else Int4Weight

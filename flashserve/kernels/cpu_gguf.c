@@ -32,8 +32,9 @@
  * file's order.
  *
  * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention, SiLU-and-mul
- * and GELU(tanh)-and-mul in fp32, and fs_decode_layer, a Llama-family layer's decode step made of
- * them.
+ * and GELU(tanh)-and-mul in fp32, and fs_decode_layer, a decoder layer's decode step made of them
+ * (the Llama family's, and layers with q/k norms, norms after the blocks, GELU and sliding windows
+ * such as Gemma 3's).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -273,10 +274,11 @@ INLINE void tile_dot(const int qtype, const int R, const uint8_t *qs, const void
     }
 }
 
-/* Output columns [n0, n1) of every row of y, qtype a constant after inlining: one activation row
- * at a time for a single row (batch-1 decode), tiles of MAX_TILE rows and one of the rest else. */
+/* Output columns [n0, n1) of every row of y (rows ldy apart), qtype a constant after inlining: one
+ * activation row at a time for a single row (batch-1 decode), tiles of MAX_TILE rows and one of the
+ * rest else. */
 INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh,
-                    int64_t n_cols, int64_t k, const int16_t *xq, const float *dx, const float *sx, int64_t m_rows,
+                    int64_t ldy, int64_t k, const int16_t *xq, const float *dx, const float *sx, int64_t m_rows,
                     float *y, int64_t n0, int64_t n1) {
     const int64_t nb = k / QK, row_bytes = BYTE_QUANTS(qtype) ? k : k / 2;
     for (int64_t n = n0; n < n1; n++) {
@@ -289,15 +291,15 @@ INLINE void columns(const int qtype, const uint8_t *qs, const void *d, const voi
         const uint32_t *qhn = FIFTH_BITS(qtype) ? qh + n * nb : 0;
         int64_t r = 0;
         for (; r + MAX_TILE <= m_rows; r += MAX_TILE)
-            tile_dot(qtype, MAX_TILE, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * n_cols + n,
-                     n_cols);
+            tile_dot(qtype, MAX_TILE, q, dn, mn, qhn, xq + r * k, dx + r * nb, sx + r * nb, k, nb, y + r * ldy + n,
+                     ldy);
         const int16_t *xr = xq + r * k;
         const float *dxr = dx + r * nb, *sxr = sx + r * nb;
-        float *yr = y + r * n_cols + n;
+        float *yr = y + r * ldy + n;
         switch (m_rows - r) {  /* the rest, as one tile of its own size */
-        case 3: tile_dot(qtype, 3, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, n_cols); break;
-        case 2: tile_dot(qtype, 2, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, n_cols); break;
-        case 1: tile_dot(qtype, 1, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, n_cols); break;
+        case 3: tile_dot(qtype, 3, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, ldy); break;
+        case 2: tile_dot(qtype, 2, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, ldy); break;
+        case 1: tile_dot(qtype, 1, q, dn, mn, qhn, xr, dxr, sxr, k, nb, yr, ldy); break;
         }
     }
 }
@@ -322,11 +324,11 @@ static void *scratch_at_least(scratch *s, size_t need) {
 
 static __thread scratch activations;  /* the quantized activations of a product */
 
-/* y [M, N] fp32 = x [M, K] fp32 times W (N rows, planes as above; m NULL but for Q4_1, Q4_K, Q5_K
- * and Q6_K, qh NULL but for Q5_0 and Q5_K) transposed. Returns 0, or -1 when the quantized
- * activations cannot be allocated. */
-int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh, int64_t n_cols,
-              int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
+/* y [M, N] fp32 (rows ldy apart) = x [M, K] fp32 times W (N rows, planes as above; m NULL but for
+ * Q4_1, Q4_K, Q5_K and Q6_K, qh NULL but for Q5_0 and Q5_K) transposed. Returns 0, or -1 when the
+ * quantized activations cannot be allocated. */
+static int matmul_into(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh,
+                       int64_t n_cols, int64_t k, const float *x, int64_t m_rows, float *y, int64_t ldy, int threads) {
     int64_t nb = k / QK;
     size_t need = (size_t)(m_rows * k) * sizeof(int16_t) + 2 * (size_t)(m_rows * nb) * sizeof(float);
     float *dx = scratch_at_least(&activations, need);
@@ -340,15 +342,21 @@ int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const 
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t c = 0; c < chunks; c++) {
         int64_t n0 = c * 16, n1 = n0 + 16 < n_cols ? n0 + 16 : n_cols;
-        if (qtype == FS_Q4_0) columns(FS_Q4_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else if (qtype == FS_Q4_K) columns(FS_Q4_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else if (qtype == FS_Q6_K) columns(FS_Q6_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else if (qtype == FS_Q5_K) columns(FS_Q5_K, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else if (qtype == FS_Q5_0) columns(FS_Q5_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
-        else columns(FS_Q8_0, qs, d, m, qh, n_cols, k, xq, dx, sx, m_rows, y, n0, n1);
+        if (qtype == FS_Q4_0) columns(FS_Q4_0, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q4_1) columns(FS_Q4_1, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q4_K) columns(FS_Q4_K, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q6_K) columns(FS_Q6_K, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q5_K) columns(FS_Q5_K, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
+        else if (qtype == FS_Q5_0) columns(FS_Q5_0, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
+        else columns(FS_Q8_0, qs, d, m, qh, ldy, k, xq, dx, sx, m_rows, y, n0, n1);
     }
     return 0;
+}
+
+/* y [M, N] fp32 = x [M, K] fp32 times W transposed (matmul_into with y's rows packed). */
+int fs_matmul(int qtype, const uint8_t *qs, const void *d, const void *m, const uint32_t *qh, int64_t n_cols,
+              int64_t k, const float *x, int64_t m_rows, float *y, int threads) {
+    return matmul_into(qtype, qs, d, m, qh, n_cols, k, x, m_rows, y, n_cols, threads);
 }
 
 /* Rope on the q and k heads of qkv [T, (H + 2 Hkv) D] (rotate-half over whole heads), q into q_out
@@ -539,7 +547,10 @@ int fs_attention(const float *q, const float *k, const float *v, const int64_t *
 }
 
 /* A decoder layer's decode step in one call (flashserve.models.cpu_decode): the same functions
- * in the same order as its torch form, so the values are the same bit for bit. */
+ * in the same order as its general forward, so the values are the same bit for bit. The layer is
+ * described as data: its four products (each one matrix, or several whose outputs are
+ * concatenated, as q, k and v of different types), which norms it has and where, the gate's
+ * activation and the attention window. */
 typedef struct {
     const uint8_t *qs;
     const void *d, *m;
@@ -547,11 +558,27 @@ typedef struct {
     int64_t n, k, qtype;
 } fs_weight;
 
+enum { MAX_PARTS = 3 };
+
+typedef struct {  /* one product: the parts' output columns side by side, n in all */
+    fs_weight parts[MAX_PARTS];
+    int64_t n_parts, n;
+} fs_linear;
+
+typedef struct {  /* an RMSNorm: its fp32 weight (NULL: the layer has none there) and eps */
+    const float *w;
+    double eps;
+} fs_norm;
+
 typedef struct {
-    fs_weight qkv, o, gate_up, down;
-    const float *norm1, *norm2;
-    double eps1, eps2, scale;
+    fs_linear qkv, o, gate_up, down;
+    /* before attention; q's and k's heads before rope (Qwen3, Gemma 3); attention's output before
+     * the residual add (Gemma 3); before the MLP; the MLP's output (Gemma 3) */
+    fs_norm attn_in, q, k, attn_out, mlp_in, mlp_out;
+    double scale;  /* of the scores */
     int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    int64_t activation;  /* the gate's: FS_SILU or FS_GELU_TANH */
+    int64_t window;  /* keys a query sees, itself included (a sliding window); 0: every key before it */
 } fs_layer;
 
 typedef struct {
@@ -566,22 +593,42 @@ typedef struct {
 
 static __thread scratch layer_rows;  /* a decode step's intermediate rows */
 
-INLINE int product(const fs_weight *w, const float *x, int64_t m_rows, float *y, int threads) {
-    return fs_matmul((int)w->qtype, w->qs, w->d, w->m, w->qh, w->n, w->k, x, m_rows, y, threads);
+/* y [M, l->n] = x [M, K] times each part of l, the parts' columns side by side (the values of
+ * concatenating the parts' products: each column is its own weight row's). */
+static int linear(const fs_linear *l, const float *x, int64_t m_rows, float *y, int threads) {
+    int64_t col = 0;
+    for (int64_t i = 0; i < l->n_parts; i++) {
+        const fs_weight *w = &l->parts[i];
+        if (matmul_into((int)w->qtype, w->qs, w->d, w->m, w->qh, w->n, w->k, x, m_rows, y + col, l->n, threads))
+            return -1;
+        col += w->n;
+    }
+    return 0;
+}
+
+/* Rows x [M, D] normalised in place by norm, where the layer has that norm. */
+static void norm_in_place(const fs_norm *norm, float *x, int64_t m_rows, int64_t dim) {
+    if (norm->w) fs_rms_norm(x, norm->w, m_rows, dim, (float)norm->eps, x);
+}
+
+/* The first key position a query at position p sees: p + 1 - window in a sliding window, else 0. */
+INLINE int64_t first_key(const fs_layer *L, int64_t p) {
+    return L->window > 0 && p + 1 > L->window ? p + 1 - L->window : 0;
 }
 
 /* hidden, residual (NULL: the first layer, whose residual stream is hidden) [T, hidden] -> out (the
  * MLP's output) and res_out (the residual stream after attention) [T, hidden], with the layer's
- * caches k_cache, v_cache [rows, Hkv, D]:
- *   res = hidden + residual; a = attention(rope(qkv(rms_norm(res, norm1)))); res = o(a) + res;
- *   out = down(silu_mul(gate_up(rms_norm(res, norm2)))).
- * Row j of a sequence with n new rows attends over its first seq_len - n + j + 1 context rows
- * (a decode step, or a chain of drafts each seeing the keys of its own decode step), read in place.
- * Returns 0, or -1 when scratch memory cannot be allocated. */
+ * caches k_cache, v_cache [rows, Hkv, D] (norms the layer lacks are skipped):
+ *   res = hidden + residual; qkv = qkv(rms_norm(res, attn_in)); q, k = rms_norm per head (q, k);
+ *   a = attention(rope(q, k)); res = rms_norm(o(a), attn_out) + res;
+ *   out = rms_norm(down(act_mul(gate_up(rms_norm(res, mlp_in)))), mlp_out).
+ * Row j of a sequence with n new rows sits at position p = seq_len - n + j and attends over its
+ * context rows first_key(p) .. p (a decode step, or a chain of drafts each seeing the keys of its
+ * own decode step), read in place. Returns 0, or -1 when scratch memory cannot be allocated. */
 int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, const float *residual, float *out,
                     float *res_out, float *k_cache, float *v_cache) {
     const int64_t t = st->t_rows, hid = L->hidden, h = L->heads, hkv = L->kv_heads, dim = L->head_dim;
-    const int64_t qkv_cols = (h + 2 * hkv) * dim, inter = L->intermediate;
+    const int64_t qkv_cols = (h + 2 * hkv) * dim, inter = L->intermediate, stride = hkv * dim;
     const int threads = (int)st->threads;
     size_t need = (size_t)(t * (hid + qkv_cols + 2 * h * dim + 3 * inter)) * sizeof(float);
     float *x = scratch_at_least(&layer_rows, need);
@@ -589,23 +636,33 @@ int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, c
     float *qkv = x + t * hid, *q = qkv + t * qkv_cols, *att = q + t * h * dim;
     float *gate_up = att + t * h * dim, *act = gate_up + 2 * t * inter;
     for (int64_t i = 0; i < t * hid; i++) res_out[i] = residual ? hidden[i] + residual[i] : hidden[i];
-    fs_rms_norm(res_out, L->norm1, t, hid, (float)L->eps1, x);
-    if (product(&L->qkv, x, t, qkv, threads)) return -1;
+    fs_rms_norm(res_out, L->attn_in.w, t, hid, (float)L->attn_in.eps, x);
+    if (linear(&L->qkv, x, t, qkv, threads)) return -1;
+    for (int64_t r = 0; r < t; r++) {
+        norm_in_place(&L->q, qkv + r * qkv_cols, h, dim);
+        norm_in_place(&L->k, qkv + r * qkv_cols + h * dim, hkv, dim);
+    }
     fs_rope_store(qkv, t, h, hkv, dim, st->cos_full, st->sin_signed, q, k_cache, v_cache, st->slots);
     int64_t row = 0;
     for (int64_t i = 0; i < st->n_seqs; i++) {
         const int64_t *seq = st->seqs + 4 * i, first = seq[0], seq_len = seq[1], n = seq[2];
         const int64_t *rows = first < 0 ? st->rows + seq[3] : NULL;
-        const float *k = k_cache + (rows ? 0 : first) * hkv * dim, *v = v_cache + (rows ? 0 : first) * hkv * dim;
-        for (int64_t j = 0; j < n; j++, row++)
-            if (fs_attention(q + row * h * dim, k, v, rows, seq_len - n + j + 1, h, hkv, dim, (float)L->scale,
-                             att + row * h * dim, threads))
+        for (int64_t j = 0; j < n; j++, row++) {
+            const int64_t p = seq_len - n + j, lo = first_key(L, p);
+            const int64_t at = rows ? 0 : (first + lo) * stride;  /* consecutive rows: from the first key */
+            if (fs_attention(q + row * h * dim, k_cache + at, v_cache + at, rows ? rows + lo : NULL, p + 1 - lo, h,
+                             hkv, dim, (float)L->scale, att + row * h * dim, threads))
                 return -1;
+        }
     }
-    if (product(&L->o, att, t, out, threads)) return -1;
+    if (linear(&L->o, att, t, out, threads)) return -1;
+    norm_in_place(&L->attn_out, out, t, hid);
     for (int64_t i = 0; i < t * hid; i++) res_out[i] = out[i] + res_out[i];
-    fs_rms_norm(res_out, L->norm2, t, hid, (float)L->eps2, x);
-    if (product(&L->gate_up, x, t, gate_up, threads)) return -1;
-    fs_silu_mul(gate_up, t, inter, act);
-    return product(&L->down, act, t, out, threads);
+    fs_rms_norm(res_out, L->mlp_in.w, t, hid, (float)L->mlp_in.eps, x);
+    if (linear(&L->gate_up, x, t, gate_up, threads)) return -1;
+    if (L->activation == FS_GELU_TANH) fs_gelu_tanh_mul(gate_up, t, inter, act);
+    else fs_silu_mul(gate_up, t, inter, act);
+    if (linear(&L->down, act, t, out, threads)) return -1;
+    norm_in_place(&L->mlp_out, out, t, hid);
+    return 0;
 }

@@ -60,12 +60,26 @@ class _Weight(ctypes.Structure):  # fs_weight
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("qtype", ctypes.c_int64)]
 
 
+MAX_PARTS = 3  # matrices of one product (q, k and v of different types), outputs side by side
+
+
+class _Linear(ctypes.Structure):  # fs_linear
+    _fields_ = [("parts", _Weight * MAX_PARTS), ("n_parts", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+class _Norm(ctypes.Structure):  # fs_norm
+    _fields_ = [("w", ctypes.c_void_p), ("eps", ctypes.c_double)]
+
+
+NORMS = ("attn_in", "q", "k", "attn_out", "mlp_in", "mlp_out")  # fs_layer's norms, in its order
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # FS_SILU, FS_GELU_TANH
+
+
 class _Layer(ctypes.Structure):  # fs_layer
-    _fields_ = [("qkv", _Weight), ("o", _Weight), ("gate_up", _Weight), ("down", _Weight),
-                ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_double),
-                ("eps2", ctypes.c_double), ("scale", ctypes.c_double), ("hidden", ctypes.c_int64),
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                *((name, _Norm) for name in NORMS), ("scale", ctypes.c_double), ("hidden", ctypes.c_int64),
                 ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
-                ("intermediate", ctypes.c_int64)]
+                ("intermediate", ctypes.c_int64), ("activation", ctypes.c_int64), ("window", ctypes.c_int64)]
 
 
 class _Step(ctypes.Structure):  # fs_step
@@ -371,21 +385,40 @@ def _weight(w: Planes, qtype: str) -> _Weight:
     return _Weight(*_pointers(w), w.qs.shape[0], w.d.shape[1] * 32, QTYPES[qtype])
 
 
-class DecodeLayer:
-    """A Llama-family decoder layer's decode step in one native call (``fs_decode_layer``): residual
-    add, RMSNorm, the qkv product, rope and the K/V writes, each new row's attention over its
-    sequence's cache rows (read in place), the o product and residual add, RMSNorm, the gate/up product,
-    ``silu_mul`` and the down product: the functions of this module, in the order
-    ``flashserve.models.cpu_decode`` calls them, so the values are the same bit for bit. The weights
-    must not move afterwards (their addresses are read once, as in ``bind``)."""
+def _linear(parts: list[tuple[Planes, str]]) -> _Linear:
+    if not 1 <= len(parts) <= MAX_PARTS or len({w.d.shape[1] for w, _ in parts}) != 1:
+        raise ValueError(f"cpu_native.DecodeLayer: a product of 1 to {MAX_PARTS} matrices of one input width expected")
+    weights = [_weight(*part) for part in parts]
+    return _Linear((_Weight * MAX_PARTS)(*weights), len(weights), sum(w.n for w in weights))
 
-    def __init__(self, products: list[tuple[Planes, str]], norms: list[tuple[torch.Tensor, float]], heads: int,
-                 kv_heads: int, head_dim: int, scale: float) -> None:
-        (qkv, o, gate_up, down), (n1, n2) = products, [w.contiguous() for w, _ in norms]
-        self._keep = (n1, n2)
-        self.layer = _Layer(_weight(*qkv), _weight(*o), _weight(*gate_up), _weight(*down), n1.data_ptr(),
-                            n2.data_ptr(), norms[0][1], norms[1][1], scale, n1.shape[0], heads, kv_heads, head_dim,
-                            down[0].d.shape[1] * 32)
+
+class DecodeLayer:
+    """A decoder layer's decode step in one native call (``fs_decode_layer``): residual add, RMSNorm,
+    the qkv product (per-head q and k RMSNorms where the layer has them), rope and the K/V writes,
+    each new row's attention over its sequence's cache rows (read in place; the last ``window``
+    positions of a sliding-window layer), the o product (and its RMSNorm) and residual add,
+    RMSNorm, the gate/up product, ``silu_mul`` or ``gelu_tanh_mul``, the down product (and its
+    RMSNorm): the functions of this module, in the order the general forwards call them
+    (``flashserve.models.cpu_decode``), so the values are the same bit for bit. The weights must
+    not move afterwards (their addresses are read once, as in ``bind``).
+
+    ``products``: qkv, o, gate_up and down, each a list of matrices whose outputs are concatenated;
+    ``norms``: ``(weight, eps)`` by role (``NORMS``; ``attn_in`` and ``mlp_in`` required, the
+    others where the layer has them); ``activation``: a key of ``ACTIVATIONS``; ``window``: the
+    keys a query sees, itself included (0: all before it)."""
+
+    def __init__(self, products: list[list[tuple[Planes, str]]], norms: dict[str, tuple[torch.Tensor, float]],
+                 heads: int, kv_heads: int, head_dim: int, scale: float, activation: str = "silu",
+                 window: int = 0) -> None:
+        qkv, o, gate_up, down = (_linear(p) for p in products)
+        if (qkv.n != (heads + 2 * kv_heads) * head_dim or o.n != down.n or gate_up.n != 2 * down.parts[0].k
+                or not {"attn_in", "mlp_in"} <= norms.keys() <= set(NORMS)):
+            raise ValueError("cpu_native.DecodeLayer: products or norms that do not fit one decoder layer")
+        weights = {name: w.contiguous() for name, (w, _) in norms.items()}
+        self._keep = tuple(weights.values())
+        given = {name: _Norm(weights[name].data_ptr(), eps) for name, (_, eps) in norms.items()}
+        self.layer = _Layer(qkv, o, gate_up, down, *(given.get(name, _Norm(None, 0.0)) for name in NORMS), scale,
+                            down.n, heads, kv_heads, head_dim, down.parts[0].k, ACTIVATIONS[activation], window)
         self.lib = _library()
 
     @staticmethod

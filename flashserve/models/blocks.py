@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,18 @@ from flashserve.config import ModelConfig
 from flashserve.layers.activation import SiluAndMul, gelu_tanh_and_mul
 from flashserve.layers.linear import GateUpLinear, Linear
 from flashserve.layers.moe import MoEMLP
+
+
+class BlockNorms(NamedTuple):
+    """Where a decoder layer's RMSNorms sit, by attribute name (None: no norm there). ``attn_in`` and
+    ``mlp_in`` take the residual add before their block (``norm(x + residual)``), ``attn_out`` and
+    ``mlp_out`` normalise their block's output (Gemma 3). Data for the code that computes a layer's
+    step without its forward (``flashserve.models.cpu_decode``)."""
+
+    attn_in: str
+    attn_out: str | None
+    mlp_in: str
+    mlp_out: str | None
 
 
 class GatedSiluMLP(nn.Module):

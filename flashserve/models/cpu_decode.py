@@ -1,4 +1,4 @@
-"""Decode steps of a Llama-family decoder layer on the CPU in few calls, same bits.
+"""Decode steps of a decoder layer on the CPU in few calls, same bits.
 
 At batch-1 decode on the CPU a step of SmolLM2-135M (GGUF kept packed) spent about as long on
 ~90 small ops and their Python frames per layer (module calls, norms, rope, casts around each
@@ -6,27 +6,33 @@ product, the attention backend's per-sequence bookkeeping, K/V gathers) as on th
 products. ``CpuDecodeLayer`` is a forward for such a layer that computes a decode step with the
 same arithmetic:
 
-* where the four products are flashserve's native GGUF kernel (``CpuGGUFWeight``), the whole
-  step is one native call (``cpu_native.DecodeLayer``): norms, products, rope and the K/V writes,
-  each row's attention over its sequence's cache rows read in place (consecutive blocks or not),
-  the residual adds and SiLU-and-mul, each the very function the general forward calls on fp32
-  CPU tensors (``cpu_native.rms_norm``, ``attention``, ``silu_mul``, the products);
-* otherwise (torch's int4 op) about 25 torch ops: the products called directly on bf16
-  activations (the op's only fast input), widened only where fp32 math follows; q and k rotated
-  without concatenating them (adjacent in the qkv output), or rotated and stored in one native
-  call for an fp32 qkv product (``cpu_native.rope_store``); a sequence whose KV blocks are
-  consecutive (checked once per step) attended over a view of the cache instead of gathered
-  copies; each row's attention the call ``grouped_attention`` makes for one query.
+* where the four products are flashserve's native GGUF kernel (``CpuGGUFWeight``; a product may
+  be several matrices, e.g. q and k of one type and v of another), the whole step is one native
+  call (``cpu_native.DecodeLayer``): norms, products, rope and the K/V writes, each row's
+  attention over its sequence's cache rows read in place (consecutive blocks or not), the
+  residual adds and the gate, each the very function the general forward calls on fp32 CPU
+  tensors (``cpu_native.rms_norm``, ``attention``, ``silu_mul`` or ``gelu_tanh_mul``, the
+  products). The layer is described to it as data: its norms by role (before and after each
+  block, the per-head q and k norms; ``blocks.BlockNorms``), the gate's activation and the
+  attention window, so Qwen3's and Gemma 3's layers (q/k norms; Gemma's norms after the blocks,
+  GELU and sliding-window layers, each group of layers with its own rope base and KV-cache group)
+  take it as Llama's do;
+* otherwise (torch's int4 op; plain Llama-family layers only) about 25 torch ops: the products
+  called directly on bf16 activations (the op's only fast input), widened only where fp32 math
+  follows; q and k rotated without concatenating them (adjacent in the qkv output), or rotated and
+  stored in one native call for an fp32 qkv product (``cpu_native.rope_store``); a sequence whose
+  KV blocks are consecutive (checked once per step) attended over a view of the cache instead of
+  gathered copies; each row's attention the call ``grouped_attention`` makes for one query.
 
 Every value equals the general forward's bit for bit (tests/test_cpu_decode.py), so greedy
 tokens, the exact speculative verification and the agreement with the fp32 path are untouched.
 A verification step is decode rows too: each drafted token (of a chain, or a token tree's node)
 attends as its decode step would, over the keys that step would see (what
 ``flashserve.layers.attention_rows`` does in the general forward); chains take the native call,
-trees the torch form. Other steps (prompts, chunks, per-request attention options), activations
-other than fp32 and 8-bit or empty KV caches take the layer's general forward.
-``use_cpu_decode_layers`` installs it on every layer that qualifies (``CpuDecodeLayer.supports``);
-the Worker calls it for the torch backend.
+trees the torch form (or, for layers it does not cover, the general forward). Other steps
+(prompts, chunks, per-request attention options), activations other than fp32 and 8-bit or empty
+KV caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every layer
+that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
 """
 
 from __future__ import annotations
@@ -37,15 +43,15 @@ import torch
 from torch import nn
 
 from flashserve.kernels import cpu_native
-from flashserve.layers.activation import silu_and_mul
+from flashserve.layers.activation import SiluAndMul, silu_and_mul
 from flashserve.layers.attention import TorchAttentionBackend, context_slots, grouped_attention
 from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
 from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
-from flashserve.layers.norm import rms_norm
+from flashserve.layers.norm import RMSNorm, rms_norm
 from flashserve.layers.rotary import RopeInputs
-from flashserve.models.blocks import GatedSiluMLP
-from flashserve.models.llama import KVCache, LlamaDecoderLayer
+from flashserve.models.blocks import GatedGeluTanhMLP, GatedSiluMLP, GeluTanhAndMul
+from flashserve.models.llama import KVCache
 from flashserve.quant.base import PackedLinearMethod
 from flashserve.quant.packed import CpuGGUFWeight, Int4Weight, PackedWeight
 
@@ -54,18 +60,19 @@ _BF16 = torch.bfloat16
 _MEMO_KEY = "cpu_decode_context"
 
 
-def _cpu_part(linear: Linear) -> PackedWeight | None:
-    """The weight of a linear layer that is one plain CPU product (its forward the one chosen at
-    build: ``Int4Weight._cpu_forward`` or ``CpuGGUFWeight``'s), else None."""
+def _cpu_parts(linear: Linear) -> list[PackedWeight] | None:
+    """The weights of a linear layer whose parts (outputs concatenated) are each one plain CPU
+    product (its forward the one chosen at build: ``Int4Weight._cpu_forward`` or
+    ``CpuGGUFWeight``'s), else None."""
     if linear.bias is not None or linear.parallel is not None or not isinstance(linear.quant_method, PackedLinearMethod):
         return None
-    parts = linear.packed_parts
-    if len(parts) != 1 or "forward" not in parts[0].__dict__:  # no CPU build-time forward: permuted, padded or CUDA
-        return None
-    w = parts[0]
-    if type(w) is CpuGGUFWeight or (type(w) is Int4Weight and w.planes == 1):  # subclasses feed x differently (Q6_K)
-        return w
-    return None
+    parts = list(linear.packed_parts)
+    for w in parts:
+        if "forward" not in w.__dict__:  # no CPU build-time forward: permuted, padded or CUDA
+            return None
+        if not (type(w) is CpuGGUFWeight or (type(w) is Int4Weight and w.planes == 1)):  # subclasses feed x
+            return None  # differently (Q6_K)
+    return parts
 
 
 def _product(w: PackedWeight) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -95,12 +102,13 @@ def decode_contexts(meta: AttentionMetadata, block_size: int) -> list[int | torc
 
 
 def native_step(meta: AttentionMetadata, contexts: list[int | torch.Tensor], rope: RopeInputs) -> tuple:
-    """What ``cpu_native.DecodeLayer`` reads in every layer of this step (``meta.memo``)."""
-    key = "cpu_native_step"
+    """What ``cpu_native.DecodeLayer`` reads in every layer of this step with these rope tables
+    (``meta.memo``; one entry per rope base, which holds ``rope``, so its id stays its own)."""
+    key = ("cpu_native_step", id(rope))
     if key not in meta.memo:
-        meta.memo[key] = cpu_native.DecodeLayer.step(contexts, meta.seq_lens_cpu, meta.query_lens_cpu,
-                                                     meta.slot_mapping, rope.cos_full, rope.sin_signed)
-    return meta.memo[key]
+        meta.memo[key] = rope, cpu_native.DecodeLayer.step(contexts, meta.seq_lens_cpu, meta.query_lens_cpu,
+                                                           meta.slot_mapping, rope.cos_full, rope.sin_signed)
+    return meta.memo[key][1]
 
 
 def _rows_as_decodes(meta: AttentionMetadata) -> bool:
@@ -115,48 +123,99 @@ def _rows_as_decodes(meta: AttentionMetadata) -> bool:
     return meta.memo[key]
 
 
-class CpuDecodeLayer:
-    """The forward of one ``LlamaDecoderLayer`` (installed as its ``forward``): decode and
-    verification steps in few ops, every other step through the layer's general forward."""
+# The MLPs whose forward is ``down(act_fn(gate_up(x)))``, and their gates as cpu_native names them.
+_GATED_MLPS = (GatedSiluMLP, GatedGeluTanhMLP)
+_ACTIVATIONS = {SiluAndMul: "silu", GeluTanhAndMul: "gelu_tanh"}
 
-    def __init__(self, layer: LlamaDecoderLayer) -> None:
+
+def _norms(layer: nn.Module) -> dict[str, RMSNorm]:
+    """The layer's RMSNorms by ``cpu_native.NORMS`` role: where its ``block_norms`` put them, and
+    the per-head q and k norms of its attention where it has them."""
+    norms = {role: getattr(layer, name) for role, name in layer.block_norms._asdict().items() if name is not None}
+    if layer.self_attn.q_norm is not None:
+        norms["q"], norms["k"] = layer.self_attn.q_norm, layer.self_attn.k_norm
+    return norms
+
+
+def _linears(layer: nn.Module) -> tuple[Linear, Linear, Linear, Linear]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
+class CpuDecodeLayer:
+    """The forward of one decoder layer (installed as its ``forward``): decode and verification
+    steps in few ops, every other step through the layer's general forward.
+
+    The layer is read as data: its norms by role (the layer's ``block_norms``, its attention's q/k
+    norms), its MLP's activation, its attention window. A plain Llama-family layer (full attention,
+    no q/k norms, no norms after the blocks, SwiGLU, one matrix a product) takes the one native call
+    where its products are native, else the torch form; any other (Qwen3's q/k norms, Gemma 3's
+    post-norms, GELU and sliding windows, a qkv product of several matrices) takes the native call
+    only, and its steps that the call does not take (token trees) the general forward."""
+
+    def __init__(self, layer: nn.Module) -> None:
         attn = layer.self_attn
         self.general = layer.forward
         self.attn = attn.attn  # its kv_group is set by the Worker after loading, read per step
-        parts = [_cpu_part(lin) for lin in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        self.qkv, self.o, self.gate_up, self.down = (_product(w) for w in parts)
+        parts = [_cpu_parts(lin) for lin in _linears(layer)]
         # A part whose forward is replaced later (tests swap in ``reference``) sends steps to the
         # general forward, which calls it.
-        self.part_forwards = [(w, w.forward) for w in parts]
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.norm1, self.norm2 = (n1.weight, n1.eps), (n2.weight, n2.eps)
+        self.part_forwards = [(w, w.forward) for ws in parts for w in ws]
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.qk_size = attn.q_size + attn.kv_size  # q then k in the qkv output, v after
         self.scale = attn.attn.scale
-        self.intermediate = layer.mlp.down_proj.in_features
-        native = type(parts[0]) is CpuGGUFWeight  # its qkv product is fp32, as the native rope takes it
-        self.rope_store = self._native_rope_store if native else self._rope_store
+        norms = _norms(layer)
         # The whole step in one native call where every product is native and attention is too.
         self.native = None
-        if all(type(w) is CpuGGUFWeight for w in parts) and self.head_dim % 8 == 0 \
-                and self.head_dim <= cpu_native.MAX_HEAD_DIM:
-            self.native = cpu_native.DecodeLayer([(w.planes, w.qtype) for w in parts], [self.norm1, self.norm2],
-                                                 self.heads, self.kv_heads, self.head_dim, self.scale)
+        if self._native_parts(parts, self.head_dim) and all(n.weight.dtype == torch.float32 for n in norms.values()):
+            spec = attn.attn.spec
+            self.native = cpu_native.DecodeLayer(
+                [[(w.planes, w.qtype) for w in ws] for ws in parts], {r: (n.weight, n.eps) for r, n in norms.items()},
+                self.heads, self.kv_heads, self.head_dim, self.scale, _ACTIVATIONS[type(layer.mlp.act_fn)],
+                spec.span if spec.kind == "sliding" else 0)
+        self.torch_form = self._plain(layer) and all(len(ws) == 1 for ws in parts)
+        if self.torch_form:  # the products called directly, the rest in torch ops (``_decode``)
+            self.qkv, self.o, self.gate_up, self.down = (_product(ws[0]) for ws in parts)
+            self.norm1, self.norm2 = ((norms[r].weight, norms[r].eps) for r in ("attn_in", "mlp_in"))
+            self.qk_size = attn.q_size + attn.kv_size  # q then k in the qkv output, v after
+            native = type(parts[0][0]) is CpuGGUFWeight  # its qkv product is fp32, as the native rope takes it
+            self.rope_store = self._native_rope_store if native else self._rope_store
+
+    @staticmethod
+    def _plain(layer: nn.Module) -> bool:
+        """A Llama-family layer as ``_decode`` computes it: full attention, no q/k norms, norms only
+        before the blocks, SwiGLU."""
+        names = layer.block_norms
+        return (layer.self_attn.attn.spec.kind == "full" and layer.self_attn.q_norm is None
+                and names.attn_out is None and names.mlp_out is None and type(layer.mlp.act_fn) is SiluAndMul)
+
+    @staticmethod
+    def _native_parts(parts: list[list[PackedWeight] | None], head_dim: int) -> bool:
+        """Whether ``cpu_native.DecodeLayer`` takes these products and heads."""
+        return (all(ws is not None and len(ws) <= cpu_native.MAX_PARTS and all(type(w) is CpuGGUFWeight for w in ws)
+                    for ws in parts)
+                and head_dim % 8 == 0 and head_dim <= cpu_native.MAX_HEAD_DIM)
 
     @staticmethod
     def supports(layer: nn.Module) -> bool:
-        """A plain Llama-family layer (full attention on the torch backend, whole-head rope, no
-        q/k norms, SwiGLU MLP, PyTorch elementwise ops) whose four products are plain CPU ones."""
-        if not isinstance(layer, LlamaDecoderLayer) or type(layer.mlp) is not GatedSiluMLP:
+        """A decoder layer that describes its norms (``block_norms``) with a gated MLP of a known
+        activation, full or sliding-window attention (no dilation, no sinks) on the torch backend,
+        whole-head rope, PyTorch elementwise ops and plain CPU products: native ones for the one
+        call, or a plain Llama-family layer with one matrix a product for the torch form."""
+        if getattr(layer, "block_norms", None) is None or type(getattr(layer, "mlp", None)) not in _GATED_MLPS \
+                or type(layer.mlp.act_fn) not in _ACTIVATIONS:
             return False
         attn = layer.self_attn
-        plain = (attn.q_norm is None and attn.attn.spec.kind == "full"
-                 and isinstance(attn.attn.backend, TorchAttentionBackend)
-                 and attn.rotary_emb.rotary_dim == attn.head_dim
-                 and not any(m.triton for m in (attn.rotary_emb, layer.input_layernorm,
-                                                layer.post_attention_layernorm, layer.mlp.act_fn)))
-        linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-        return plain and all(_cpu_part(lin) is not None for lin in linears)
+        spec = attn.attn.spec
+        fused = (attn.rotary_emb, layer.mlp.act_fn, *_norms(layer).values())
+        if (spec.kind not in ("full", "sliding") or spec.dilation != 1 or spec.num_sinks
+                or not isinstance(attn.attn.backend, TorchAttentionBackend)
+                or attn.rotary_emb.rotary_dim != attn.head_dim or any(getattr(m, "triton", False) for m in fused)):
+            return False
+        parts = [_cpu_parts(lin) for lin in _linears(layer)]
+        if any(ws is None for ws in parts):
+            return False
+        plain = CpuDecodeLayer._plain(layer) and all(len(ws) == 1 for ws in parts)
+        return plain or CpuDecodeLayer._native_parts(parts, attn.head_dim)
 
     def __call__(
         self,
@@ -178,6 +237,8 @@ class CpuDecodeLayer:
                 and (residual is None or residual.is_contiguous()):
             k_flat, v_flat = (c.view(-1, self.kv_heads, self.head_dim) for c in kv_cache)
             return self.native(native_step(meta, contexts, rope), hidden, residual, k_flat, v_flat)
+        if not self.torch_form:
+            return self.general(rope, hidden, residual, kv_cache)
         return self._decode(rope, hidden, residual, kv_cache, meta, contexts)
 
     def _rope_store(self, qkv: torch.Tensor, rope: RopeInputs, k_flat: torch.Tensor, v_flat: torch.Tensor,

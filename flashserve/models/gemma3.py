@@ -28,7 +28,7 @@ from flashserve.layers.attention_metadata import AttentionBackend
 from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
-from flashserve.models.blocks import MLP_TYPES, build_layers
+from flashserve.models.blocks import MLP_TYPES, BlockNorms, build_layers
 from flashserve.models.llama import KVCache, LlamaAttention, LlamaForCausalLM, make_rotary
 from flashserve.models.registry import register_model
 
@@ -49,6 +49,9 @@ def gemma_norm(size: int, eps: float) -> RMSNorm:
 class Gemma3DecoderLayer(nn.Module):
     """Attention and MLP blocks, each between a pre-norm and a post-norm; the residual adds are
     fused into the pre-norms."""
+
+    block_norms = BlockNorms("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                             "post_feedforward_layernorm")
 
     def __init__(self, config: ModelConfig, spec: LayerSpec, attn_backend: AttentionBackend,
                  rotary_emb: RotaryEmbedding, prefix: str = "") -> None:

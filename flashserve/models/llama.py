@@ -25,7 +25,7 @@ from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.linear import Linear, QKVLinear, default_weight_loader
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
-from flashserve.models.blocks import MLP_TYPES, build_layers
+from flashserve.models.blocks import MLP_TYPES, BlockNorms, build_layers
 from flashserve.models.registry import register_model
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
@@ -86,6 +86,8 @@ class LlamaAttention(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual add is fused into the next norm call."""
+
+    block_norms = BlockNorms("input_layernorm", None, "post_attention_layernorm", None)
 
     def __init__(self, config: ModelConfig, spec: LayerSpec, attn_backend: AttentionBackend,
                  rotary_emb: RotaryEmbedding, prefix: str = "") -> None:
