@@ -70,8 +70,8 @@ def _cpu_parts(linear: Linear) -> list[PackedWeight] | None:
     for w in parts:
         if "forward" not in w.__dict__:  # no CPU build-time forward: permuted, padded or CUDA
             return None
-        if not (type(w) is CpuGGUFWeight or (type(w) is Int4Weight and w.planes == 1)):  # subclasses feed x
-            return None  # differently (Q6_K)
+        if type(w) is not CpuGGUFWeight and not (type(w) is Int4Weight and w.planes == 1):
+            return None  # subclasses feed x differently (Q6_K)
     return parts
 
 
