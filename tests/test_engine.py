@@ -6,6 +6,7 @@ KV pool too small for the load.
 """
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def engine(folder, **kw) -> LLM:
 def test_greedy_matches_transformers_one_and_eight_prompts(checkpoints, arch):
     folder, hf = checkpoints[arch]
     llm = engine(folder)
-    batch = prompts(8, seed=hash(arch) % 1000)
+    batch = prompts(8, seed=zlib.crc32(arch.encode()) % 1000)  # fixed per architecture (hash() is salted per process)
     outs = llm.generate(batch, GREEDY, use_tqdm=False)
     for p, o in zip(batch, outs):
         assert o.token_ids == hf_greedy(hf, p, 32)
