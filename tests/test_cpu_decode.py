@@ -22,7 +22,7 @@ from flashserve.kernels import cpu_native
 from flashserve.kernels.tree_mask import TreeMask
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.loader import load_model
-from flashserve.models.cpu_decode import CpuDecodeLayer, use_cpu_decode_layers
+from flashserve.models.cpu_decode import CpuDecodeLayer, CpuDecodeStack, use_cpu_decode_layers
 from flashserve.quant.packed import CpuGGUFWeight, Int4Weight
 from flashserve.spec.tree import TokenTree
 
@@ -58,17 +58,20 @@ def _run(model, config, consecutive: bool) -> tuple[list[torch.Tensor], list[tup
 
 
 def _count_decodes(monkeypatch) -> dict[str, int]:
-    """Counts of the CPU decode layer's steps in its torch form and in one native call."""
-    counts = {"torch": 0, "native": 0}
+    """Counts of the CPU decode layer's steps in its torch form and in the one native call (a call
+    of the layer's own, or its part of a whole stack's call), and of the stack's calls."""
+    counts = {"torch": 0, "native": 0, "stack": 0}
 
-    def counted(kind, fn):
-        def call(*a):
-            counts[kind] += 1
-            return fn(*a)
+    def counted(kind, fn, layers=lambda self: 1):
+        def call(self, *a):
+            counts[kind] += layers(self)
+            return fn(self, *a)
         return call
 
     monkeypatch.setattr(CpuDecodeLayer, "_decode", counted("torch", CpuDecodeLayer._decode))
     monkeypatch.setattr(cpu_native.DecodeLayer, "__call__", counted("native", cpu_native.DecodeLayer.__call__))
+    stack_layers = counted("native", cpu_native.DecodeStack.__call__, lambda self: self.n_layers)
+    monkeypatch.setattr(cpu_native.DecodeStack, "__call__", counted("stack", stack_layers))
     return counts
 
 
@@ -76,21 +79,28 @@ NEEDS_NATIVE = pytest.mark.skipif(not cpu_native.available(), reason="no native 
 NATIVE = pytest.param("llama3_gqa", "gguf-Q4_1", marks=NEEDS_NATIVE)
 
 
+@pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("consecutive", [True, False])
 @pytest.mark.parametrize("arch,weights", [("llama3_gqa", "int4-g32"), ("llama_mha_tied", "int4-g32"),
                                           NATIVE, pytest.param("qwen3_qknorm", "gguf-Q4_1", marks=NEEDS_NATIVE)])
-def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, arch, weights, consecutive):
+def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, arch, weights, consecutive, stack):
     model, config = _load(tmp_path, arch, weights)
     want_type = CpuGGUFWeight if weights.startswith("gguf") else Int4Weight
     assert type(model.model.layers[0].mlp.down_proj.packed_parts[0]) is want_type
     want_logits, want_kv = _run(model, config, consecutive)
-    assert use_cpu_decode_layers(model) == config.num_layers
-    assert use_cpu_decode_layers(model) == 0  # installed once
+    assert use_cpu_decode_layers(model, stack=stack) == config.num_layers
+    assert use_cpu_decode_layers(model, stack=stack) == 0  # installed once
+    native = want_type is CpuGGUFWeight
+    # the whole stack in one call where every layer takes the native call (and it is asked for)
+    assert isinstance(model.model.__dict__.get("run_layers"), CpuDecodeStack) == (native and stack)
     decoded = _count_decodes(monkeypatch)
     got_logits, got_kv = _run(model, config, consecutive)
-    # prompts: the general forward; with native products, each decode step in one native call
-    steps = config.num_layers * (4 if consecutive else 8)
-    assert decoded == ({"torch": 0, "native": steps} if want_type is CpuGGUFWeight else {"torch": steps, "native": 0})
+    # prompts: the general forward; with native products, each decode step in one native call a
+    # layer, or one for the whole stack
+    decode_steps = 4 if consecutive else 8
+    steps = config.num_layers * decode_steps
+    assert decoded == ({"torch": 0, "native": steps, "stack": decode_steps if stack else 0} if native
+                       else {"torch": steps, "native": 0, "stack": 0})
     assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
     assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
     assert not torch.equal(want_logits[1], want_logits[2])  # real, changing outputs
@@ -166,7 +176,8 @@ def test_verification_rows_equal_the_general_layer_bit_for_bit(tmp_path, monkeyp
     decoded = _count_decodes(monkeypatch)
     got, got_kv = _verify(model, config, tree, consecutive)
     native = config.num_layers if weights.startswith("gguf") and shape == "chain" else 0
-    assert decoded == {"torch": config.num_layers - native, "native": native}  # the CPU decode layer
+    # the CPU decode layer; a chain of native layers in one call for the stack
+    assert decoded == {"torch": config.num_layers - native, "native": native, "stack": int(native > 0)}
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for pair, ref in zip(got_kv, want_kv) for a, b in zip(pair, ref))
 
@@ -178,6 +189,7 @@ def test_verification_rows_equal_the_general_layer_bit_for_bit(tmp_path, monkeyp
 def _general_layers(model) -> None:
     for layer in model.model.layers:
         layer.__dict__.pop("forward", None)  # the general layer again
+    model.model.__dict__.pop("run_layers", None)  # and the general stack
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +214,17 @@ def gemma3(gemma3_path):
     _general_layers(model)
 
 
+@pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("consecutive", [True, False])
-def test_gemma3_decode_steps_equal_the_general_layer_bit_for_bit(gemma3, monkeypatch, consecutive):
+def test_gemma3_decode_steps_equal_the_general_layer_bit_for_bit(gemma3, monkeypatch, consecutive, stack):
     """Every layer kind of Gemma 3 (5 sliding-window layers, rope base 10,000, to 1 global, 1e6;
     q/k norms, norms after both blocks, GELU; a qkv product of one Q5_0 matrix or of Q5_0 q, k and
-    a Q8_0 v) decodes in one native call, with the general forward's logits and K/V bit for bit."""
+    a Q8_0 v) decodes in one native call, with the general forward's logits and K/V bit for bit;
+    so does the whole stack in one call (a step for each rope base)."""
     model, config = gemma3
     want_logits, want_kv = _run(model, config, consecutive)
     try:
-        assert use_cpu_decode_layers(model) == config.num_layers
+        assert use_cpu_decode_layers(model, stack=stack) == config.num_layers
         described = [layer.forward.native.layer for layer in model.model.layers]
         assert {(d.window, d.activation) for d in described} == {(6, 1), (0, 1)}  # windowed and global, GELU
         assert {d.qkv.n_parts for d in described} == {1, 2}
@@ -219,7 +233,8 @@ def test_gemma3_decode_steps_equal_the_general_layer_bit_for_bit(gemma3, monkeyp
         got_logits, got_kv = _run(model, config, consecutive)
     finally:
         _general_layers(model)
-    assert decoded == {"torch": 0, "native": config.num_layers * (4 if consecutive else 8)}
+    decode_steps = 4 if consecutive else 8
+    assert decoded == {"torch": 0, "native": config.num_layers * decode_steps, "stack": decode_steps if stack else 0}
     assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
     assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
     assert not torch.equal(want_logits[1], want_logits[2])
@@ -239,7 +254,8 @@ def test_gemma3_verification_rows_equal_the_general_layer_bit_for_bit(gemma3, mo
         got, got_kv = _verify(model, config, tree, consecutive=False)
     finally:
         _general_layers(model)
-    assert decoded == {"torch": 0, "native": config.num_layers if shape == "chain" else 0}
+    chain = shape == "chain"
+    assert decoded == {"torch": 0, "native": config.num_layers if chain else 0, "stack": int(chain)}
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for pair, ref in zip(got_kv, want_kv) for a, b in zip(pair, ref))
 
@@ -248,8 +264,8 @@ def test_gemma3_verification_rows_equal_the_general_layer_bit_for_bit(gemma3, mo
 def test_gemma3_engine_decodes_in_native_layers_with_the_general_tokens(gemma3_path, monkeypatch):
     """The engine (its real 512-token windows; the sliding and global layers in separate KV-cache
     groups; a 530-token prompt, whose first block the windowed groups release) installs the native
-    layers, which greedy-decode with the general forward's tokens and log-probabilities. Both
-    runs compared read the long prompt's blocks from the prefix cache (a run that computes them
+    layers and the whole stack in one call, which greedy-decode with the general forward's tokens
+    and log-probabilities, as the native layers called one by one do. The runs compared read the long prompt's blocks from the prefix cache (a run that computes them
     all in one prompt step has other bits from the start: the prompt's last rows, a chunk after
     cached blocks or not, come out of SDPA differently)."""
     from flashserve import LLM, SamplingParams
@@ -260,6 +276,7 @@ def test_gemma3_engine_decodes_in_native_layers_with_the_general_tokens(gemma3_p
     layers = worker.model.model.layers
     assert worker.layout.num_groups > 1 and len({layer.self_attn.attn.kv_group for layer in layers}) > 1
     assert all(isinstance(layer.__dict__.get("forward"), CpuDecodeLayer) for layer in layers)
+    assert isinstance(worker.model.model.__dict__.get("run_layers"), CpuDecodeStack)
     tok = llm.engine.tokenizer
     prompts = [license_corpus(530, lambda text: tok.encode(text, add_special_tokens=False)), tok.encode("Water boils at")]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
@@ -271,7 +288,11 @@ def test_gemma3_engine_decodes_in_native_layers_with_the_general_tokens(gemma3_p
     _general_layers(worker.model)
     generate()  # the prompts' blocks into the prefix cache
     want = generate()
-    assert use_cpu_decode_layers(worker.model) == len(layers)
+    assert use_cpu_decode_layers(worker.model, stack=False) == len(layers)  # the layers one by one
     decoded = _count_decodes(monkeypatch)
     assert generate() == want
-    assert decoded["native"] >= len(layers) * 7 and decoded["torch"] == 0  # 7 decode steps or more
+    assert decoded["native"] >= len(layers) * 7 and decoded["torch"] == decoded["stack"] == 0  # 7 decode steps or more
+    assert use_cpu_decode_layers(worker.model) == 0  # the layers kept, the stack in one call added
+    decoded.update(torch=0, native=0, stack=0)
+    assert generate() == want
+    assert decoded["stack"] >= 7 and decoded["native"] == decoded["stack"] * len(layers) and decoded["torch"] == 0
