@@ -33,6 +33,14 @@ trees the torch form (or, for layers it does not cover, the general forward). Ot
 (prompts, chunks, per-request attention options), activations other than fp32 and 8-bit or empty
 KV caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every layer
 that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
+
+Where every layer of a model takes the one native call, the per-layer Python around those calls
+(module calls, each layer's checks and metadata, argument packing: ~1 ms of a SmolLM2 token) goes
+too: ``CpuDecodeStack`` stands in for the model's layer loop (``blocks.LayerStack.run_layers``) and
+computes a step that each layer would compute in its native call in one native call for the
+whole stack (``cpu_native.DecodeStack``: each layer's description, its step and its caches as
+data; the residual stream carried from layer to layer as the calls one by one carry it, so the
+same bits). Any other step, or a stack whose layers changed since, runs the layers one by one.
 """
 
 from __future__ import annotations
@@ -294,6 +302,7 @@ class CpuDecodeLayer:
 
 
 _FORWARD, _KV_GROUP = attrgetter("forward"), attrgetter("kv_group")
+_HOOKS = attrgetter("_forward_hooks", "_forward_pre_hooks")  # a module's, as nn.Module keeps them
 
 
 class CpuDecodeStack:
@@ -310,7 +319,8 @@ class CpuDecodeStack:
 
     def __init__(self, stack: blocks.LayerStack, layers: list[CpuDecodeLayer]) -> None:
         self.general = stack.run_layers
-        self.modules = list(stack.layers)  # their forwards must stay ``layers``
+        self.stack = stack
+        self.modules = list(stack.layers)  # the stack must hold them still, their forwards ``layers``
         self.layers = layers
         self.rope_index = list(stack._rope_index)
         self.attns = [layer.attn for layer in layers]
@@ -329,13 +339,15 @@ class CpuDecodeStack:
 
     def _unchanged(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether the first layer's call would take these rows (fp32, contiguous) and every layer
-        is still what the stack describes: the same stack, its forward, its products' forwards (tests
-        swap in others), no forward hooks on it (the one call would skip them)."""
+        is still what the stack describes: the stack's layers the same, each with its forward, its
+        products' forwards (tests swap in others), no forward hooks (the one call would skip them)."""
+        layers = self.stack.layers
         return (hidden.dtype == torch.float32 and hidden.is_contiguous()
                 and (residual is None or residual.is_contiguous())
+                and len(layers) == len(self.modules) and all(map(is_, layers, self.modules))
                 and all(map(is_, map(_FORWARD, self.modules), self.layers))
                 and all(map(is_, map(_FORWARD, self.weights), self.forwards))
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+                and not any(map(any, map(_HOOKS, self.modules)))
                 and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
     def _cache_pointers(self, kv_caches: list[KVCache] | None) -> tuple | None:
