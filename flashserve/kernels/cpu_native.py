@@ -385,6 +385,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return out
 
 
+_NO_ROWS = torch.zeros(1, dtype=torch.int64)  # the scattered rows of a step that has none
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a contiguous tensor of ``dtype``: itself where it is one already (no torch op)."""
+    return x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
+
+
 def _weight(w: Planes, qtype: str) -> _Weight:
     return _Weight(*_pointers(w), w.qs.shape[0], w.d.shape[1] * 32, QTYPES[qtype])
 
@@ -433,15 +441,16 @@ class DecodeLayer:
         new rows; the new tokens' cache rows; rope's ``[T, 1, D]`` tables. The tensors are kept
         alive with the struct."""
         scattered = [c for c in contexts if not isinstance(c, int)]
-        rows = torch.cat(scattered).to(torch.int64) if scattered else torch.zeros(1, dtype=torch.int64)
+        rows = torch.cat(scattered).to(torch.int64) if scattered else _NO_ROWS
         seqs, start = [], 0
         for c, s, n in zip(contexts, seq_lens, query_lens):
-            seqs.append((c, s, n, 0) if isinstance(c, int) else (-1, s, n, start))
+            seqs += (c, s, n, 0) if isinstance(c, int) else (-1, s, n, start)
             start += 0 if isinstance(c, int) else c.shape[0]
-        tensors = (torch.tensor(seqs, dtype=torch.int64), rows, slots.to(torch.int64).contiguous(),
-                   cos_full.contiguous(), sin_signed.contiguous())
-        st = _Step(slots.shape[0], len(seqs), *(x.data_ptr() for x in tensors), torch.get_num_threads())
-        return st, tensors
+        seqs = (ctypes.c_int64 * len(seqs))(*seqs)  # a ctypes array: no torch op (a step's Python runs cache-cold)
+        tensors = (rows, _dense(slots, torch.int64), _dense(cos_full, torch.float32), _dense(sin_signed, torch.float32))
+        st = _Step(slots.shape[0], len(contexts), ctypes.addressof(seqs), *(x.data_ptr() for x in tensors),
+                   torch.get_num_threads())
+        return st, (seqs, *tensors)
 
     def __call__(self, step: tuple, hidden: torch.Tensor, residual: torch.Tensor | None, k_flat: torch.Tensor,
                  v_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
