@@ -104,19 +104,22 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch)
     """The packed Q4_1 SmolLM2 (the model whose greedy outputs diverged): the same prompt with
     n-gram drafts and with speculation off for the request (``num_speculative_tokens=0``): same
     tokens and the same log-probability of every token, with chains and with token trees. Its
-    verification steps go through the CPU decode layer (``flashserve.models.cpu_decode``), as its
-    decode steps do."""
+    verification steps go through the CPU decode layer (``flashserve.models.cpu_decode``; chains
+    in the whole stack's one native call), as its decode steps do."""
     from flashserve import SamplingParams
     from flashserve.kernels import cpu_native
     from flashserve.models.cpu_decode import CpuDecodeLayer
 
     steps = []  # (tokens, token tree or not) of each step the CPU decode layer computed
-    fast, native = CpuDecodeLayer._decode, cpu_native.DecodeLayer.__call__  # its torch form, its native call
+    # its torch form, its native call, and the whole stack's native call
+    fast, native, stack = CpuDecodeLayer._decode, cpu_native.DecodeLayer.__call__, cpu_native.DecodeStack.__call__
     monkeypatch.setattr(CpuDecodeLayer, "_decode", lambda self, rope, hidden, residual, kv, meta, *a:
                         steps.append((hidden.shape[0], meta.tree is not None))
                         or fast(self, rope, hidden, residual, kv, meta, *a))
     monkeypatch.setattr(cpu_native.DecodeLayer, "__call__", lambda self, step, hidden, *a:
                         steps.append((hidden.shape[0], False)) or native(self, step, hidden, *a))
+    monkeypatch.setattr(cpu_native.DecodeStack, "__call__", lambda self, st, step_of, caches, hidden, *a:
+                        steps.append((hidden.shape[0], False)) or stack(self, st, step_of, caches, hidden, *a))
 
     trees = smollm2.engine.config.speculative.tree_width > 1
     prompt = ("Write the sequence again: one two, one three, one two, one three, one two, one three, one" if trees

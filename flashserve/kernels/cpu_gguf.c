@@ -34,7 +34,7 @@
  * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention, SiLU-and-mul
  * and GELU(tanh)-and-mul in fp32, and fs_decode_layer, a decoder layer's decode step made of them
  * (the Llama family's, and layers with q/k norms, norms after the blocks, GELU and sliding windows
- * such as Gemma 3's).
+ * such as Gemma 3's); fs_decode_stack runs it for every layer of a model in one call.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -624,7 +624,9 @@ INLINE int64_t first_key(const fs_layer *L, int64_t p) {
  *   out = rms_norm(down(act_mul(gate_up(rms_norm(res, mlp_in)))), mlp_out).
  * Row j of a sequence with n new rows sits at position p = seq_len - n + j and attends over its
  * context rows first_key(p) .. p (a decode step, or a chain of drafts each seeing the keys of its
- * own decode step), read in place. Returns 0, or -1 when scratch memory cannot be allocated. */
+ * own decode step), read in place. out and res_out may be hidden and residual themselves (read only
+ * in the first sum, before anything is written: fs_decode_stack). Returns 0, or -1 when scratch
+ * memory cannot be allocated. */
 int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, const float *residual, float *out,
                     float *res_out, float *k_cache, float *v_cache) {
     const int64_t t = st->t_rows, hid = L->hidden, h = L->heads, hkv = L->kv_heads, dim = L->head_dim;
@@ -666,3 +668,22 @@ int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, c
     norm_in_place(&L->mlp_out, out, t, hid);
     return 0;
 }
+
+/* A decode step through a stack of n_layers layers in one call: layer i is fs_decode_layer of
+ * layers[i] with the step steps[step_of[i]] (the step of its rope base and KV-cache group) and its
+ * caches k_caches[i], v_caches[i]. The residual stream is carried as the per-layer calls carry it:
+ * layer 0 reads hidden and residual (NULL: the first layer of the model), each later layer the out
+ * and res_out of the one before, updated in place (fs_decode_layer reads its hidden and residual
+ * rows only in its first sum, before it writes out or res_out, so the values are those of separate
+ * calls). out, res_out [T, hidden]: the last layer's. Returns 0, or -1 (no scratch memory). */
+int fs_decode_stack(const fs_layer *layers, int64_t n_layers, const fs_step *steps, const int64_t *step_of,
+                    float *const *k_caches, float *const *v_caches, const float *hidden, const float *residual,
+                    float *out, float *res_out) {
+    for (int64_t i = 0; i < n_layers; i++) {
+        if (fs_decode_layer(&layers[i], &steps[step_of[i]], i ? out : hidden, i ? res_out : residual, out, res_out,
+                            k_caches[i], v_caches[i]))
+            return -1;
+    }
+    return 0;
+}
+

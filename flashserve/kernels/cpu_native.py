@@ -25,8 +25,9 @@ The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
 calls a decode step), the CPU decode layer's rope and K/V writes (``rope_store``: the values
 of its ten torch ops, bit for bit, in one call), one-query attention (``attention``),
 SiLU-and-mul (``silu_mul``) and GELU(tanh)-and-mul (``gelu_tanh_mul``, Gemma's gate), which the
-torch paths' fp32 CPU decode rows and MLPs call too, and a whole decoder layer's decode step in
-one call (``DecodeLayer``), built from those functions.
+torch paths' fp32 CPU decode rows and MLPs call too, a whole decoder layer's decode step in
+one call (``DecodeLayer``), built from those functions, and a model's whole stack of such layers
+in one call (``DecodeStack``).
 
 ``quantize_rows_reference`` and ``matmul_reference`` compute the same arithmetic in torch: the
 int16 activations and their scales bit for bit, the products up to fp32 summation order.
@@ -160,6 +161,9 @@ def _library(isa: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
     lib.fs_attention.restype = ctypes.c_int
     lib.fs_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), p, p, p, p, p, p]
     lib.fs_decode_layer.restype = ctypes.c_int
+    lib.fs_decode_stack.argtypes = [ctypes.POINTER(_Layer), i64, ctypes.POINTER(_Step), ctypes.POINTER(i64),
+                                    ctypes.POINTER(p), ctypes.POINTER(p), p, p, p, p]
+    lib.fs_decode_stack.restype = ctypes.c_int
     return lib
 
 
@@ -381,6 +385,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return out
 
 
+_NO_ROWS = torch.zeros(1, dtype=torch.int64)  # the scattered rows of a step that has none
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a contiguous tensor of ``dtype``: itself where it is one already (no torch op)."""
+    return x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
+
+
 def _weight(w: Planes, qtype: str) -> _Weight:
     return _Weight(*_pointers(w), w.qs.shape[0], w.d.shape[1] * 32, QTYPES[qtype])
 
@@ -429,15 +441,16 @@ class DecodeLayer:
         new rows; the new tokens' cache rows; rope's ``[T, 1, D]`` tables. The tensors are kept
         alive with the struct."""
         scattered = [c for c in contexts if not isinstance(c, int)]
-        rows = torch.cat(scattered).to(torch.int64) if scattered else torch.zeros(1, dtype=torch.int64)
+        rows = torch.cat(scattered).to(torch.int64) if scattered else _NO_ROWS
         seqs, start = [], 0
         for c, s, n in zip(contexts, seq_lens, query_lens):
-            seqs.append((c, s, n, 0) if isinstance(c, int) else (-1, s, n, start))
+            seqs += (c, s, n, 0) if isinstance(c, int) else (-1, s, n, start)
             start += 0 if isinstance(c, int) else c.shape[0]
-        tensors = (torch.tensor(seqs, dtype=torch.int64), rows, slots.to(torch.int64).contiguous(),
-                   cos_full.contiguous(), sin_signed.contiguous())
-        st = _Step(slots.shape[0], len(seqs), *(x.data_ptr() for x in tensors), torch.get_num_threads())
-        return st, tensors
+        seqs = (ctypes.c_int64 * len(seqs))(*seqs)  # a ctypes array: no torch op (a step's Python runs cache-cold)
+        tensors = (rows, _dense(slots, torch.int64), _dense(cos_full, torch.float32), _dense(sin_signed, torch.float32))
+        st = _Step(slots.shape[0], len(contexts), ctypes.addressof(seqs), *(x.data_ptr() for x in tensors),
+                   torch.get_num_threads())
+        return st, (seqs, *tensors)
 
     def __call__(self, step: tuple, hidden: torch.Tensor, residual: torch.Tensor | None, k_flat: torch.Tensor,
                  v_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,6 +460,53 @@ class DecodeLayer:
         if self.lib.fs_decode_layer(ctypes.byref(self.layer), ctypes.byref(step[0]), hidden.data_ptr(),
                                     None if residual is None else residual.data_ptr(), out.data_ptr(),
                                     res.data_ptr(), k_flat.data_ptr(), v_flat.data_ptr()):
+            raise MemoryError(f"cpu_native: no memory for a decode step of {hidden.shape[0]} rows")
+        return out, res
+
+
+class DecodeStack:
+    """The decode step of a stack of ``DecodeLayer``s in one native call (``fs_decode_stack``): each
+    layer's ``fs_decode_layer`` in order, with the step of its rope base and KV-cache group and its
+    own caches, the residual stream carried from layer to layer as separate calls carry it, so the
+    values are the per-layer calls' bit for bit. The layers' descriptions are copied once; the
+    weights must not move afterwards (as for ``DecodeLayer``)."""
+
+    def __init__(self, layers: list[DecodeLayer]) -> None:
+        self._keep = tuple(layers)  # their norm weights, which the descriptions point to
+        self.n_layers = len(layers)
+        self.layers = (_Layer * self.n_layers)(*(layer.layer for layer in layers))
+        self.lib = _library()
+
+    def caches(self, k_flat: list[torch.Tensor], v_flat: list[torch.Tensor]) -> tuple:
+        """Each layer's k and v caches, contiguous fp32 ``[rows, Hkv, D]`` (any shape of those rows),
+        as the call reads them: two arrays of their addresses, kept with the tensors."""
+        for (k, v), layer in zip(zip(k_flat, v_flat, strict=True), self.layers, strict=True):
+            row = layer.kv_heads * layer.head_dim
+            if not all(x.dtype == torch.float32 and x.is_contiguous() and x.numel() % row == 0 for x in (k, v)):
+                raise ValueError("cpu_native.DecodeStack: contiguous fp32 caches of whole [Hkv, D] rows expected")
+        pointers = (ctypes.c_void_p * self.n_layers)
+        return pointers(*(k.data_ptr() for k in k_flat)), pointers(*(v.data_ptr() for v in v_flat)), (k_flat, v_flat)
+
+    def step_of(self, index: list[int]) -> ctypes.Array:
+        """Which of a call's steps each layer reads (``index[i]`` for layer i), as the call reads it."""
+        if len(index) != self.n_layers:
+            raise ValueError(f"cpu_native.DecodeStack: a step for each of the {self.n_layers} layers expected")
+        return (ctypes.c_int64 * self.n_layers)(*index)
+
+    def __call__(self, steps: list[tuple], step_of: ctypes.Array, caches: tuple, hidden: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 contiguous ``hidden``, ``residual`` (None: the model's first layer) ``[T, hidden]`` ->
+        the last layer's (MLP output, residual stream); ``steps``: ``DecodeLayer.step``'s, those
+        ``step_of`` (``step_of()``) gives the layers; ``caches``: ``caches()``'s, each layer's new
+        rows' k and v written there."""
+        if (hidden.dtype != torch.float32 or not hidden.is_contiguous() or hidden.shape[-1] != self.layers[0].hidden
+                or max(step_of) >= len(steps) or any(st[0].t_rows != hidden.shape[0] for st in steps)):
+            raise ValueError("cpu_native.DecodeStack: contiguous fp32 [T, hidden] rows and steps of T rows expected")
+        out, res = torch.empty_like(hidden), torch.empty_like(hidden)
+        if self.lib.fs_decode_stack(self.layers, self.n_layers, (_Step * len(steps))(*(st[0] for st in steps)),
+                                    step_of, caches[0], caches[1], hidden.data_ptr(),
+                                    None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                    res.data_ptr()):
             raise MemoryError(f"cpu_native: no memory for a decode step of {hidden.shape[0]} rows")
         return out, res
 

@@ -37,6 +37,25 @@ class BlockNorms(NamedTuple):
     mlp_out: str | None
 
 
+class LayerStack:
+    """A model's decoder layers, run in order by ``run_layers`` (mixed into the model classes that
+    hold ``layers`` and ``_rope_index``: layer i reads the rope tables ``ropes[_rope_index[i]]``).
+    The step of the whole stack is one method, so that code which computes it without the layers'
+    forwards (``flashserve.models.cpu_decode.CpuDecodeStack``) can stand in for it per instance."""
+
+    layers: nn.ModuleList
+    _rope_index: list[int]
+
+    def run_layers(self, ropes: list, hidden: torch.Tensor, residual: torch.Tensor | None,
+                   kv_caches: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's ``(hidden, residual) = layer(rope, hidden, residual, kv_cache)`` in order
+        (``kv_caches`` empty or None: no cache); returns the last layer's."""
+        for i, layer in enumerate(self.layers):
+            kv_cache = kv_caches[i] if kv_caches else None
+            hidden, residual = layer(ropes[self._rope_index[i]], hidden, residual, kv_cache)
+        return hidden, residual
+
+
 class GatedSiluMLP(nn.Module):
     """SwiGLU MLP: fused gate_up projection, silu(gate) * up, down projection."""
 

@@ -33,11 +33,20 @@ trees the torch form (or, for layers it does not cover, the general forward). Ot
 (prompts, chunks, per-request attention options), activations other than fp32 and 8-bit or empty
 KV caches take the layer's general forward. ``use_cpu_decode_layers`` installs it on every layer
 that qualifies (``CpuDecodeLayer.supports``); the Worker calls it for the torch backend.
+
+Where every layer of a model takes the one native call, the per-layer Python around those calls
+(module calls, each layer's checks and metadata, argument packing: ~1 ms of a SmolLM2 token) goes
+too: ``CpuDecodeStack`` stands in for the model's layer loop (``blocks.LayerStack.run_layers``) and
+computes a step that each layer would compute in its native call in one native call for the
+whole stack (``cpu_native.DecodeStack``: each layer's description, its step and its caches as
+data; the residual stream carried from layer to layer as the calls one by one carry it, so the
+same bits). Any other step, or a stack whose layers changed since, runs the layers one by one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter, is_
 
 import torch
 from torch import nn
@@ -50,6 +59,7 @@ from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
 from flashserve.layers.norm import RMSNorm, rms_norm
 from flashserve.layers.rotary import RopeInputs
+from flashserve.models import blocks
 from flashserve.models.blocks import GatedGeluTanhMLP, GatedSiluMLP, GeluTanhAndMul
 from flashserve.models.llama import KVCache
 from flashserve.quant.base import PackedLinearMethod
@@ -291,12 +301,114 @@ class CpuDecodeLayer:
         return self.down(act).float(), residual
 
 
-def use_cpu_decode_layers(model: nn.Module) -> int:
-    """Give every decoder layer of ``model`` that ``CpuDecodeLayer.supports`` that forward;
-    returns how many were switched. Call it once the weights are final (loaded and packed)."""
+_FORWARD, _KV_GROUP = attrgetter("forward"), attrgetter("kv_group")
+_HOOKS = attrgetter("_forward_hooks", "_forward_pre_hooks")  # a module's, as nn.Module keeps them
+
+
+class CpuDecodeStack:
+    """The step of a model's whole layer stack (installed as its ``run_layers``, ``blocks.LayerStack``)
+    where every layer is a ``CpuDecodeLayer`` with the one native call: a step that each layer would
+    compute in that call (decode rows, no token tree, no per-request attention options, fp32 caches
+    and activations, no product or layer forward swapped since, no module hooks) runs all layers in
+    one native call (``cpu_native.DecodeStack``), the same bits as the calls one by one; any other
+    step runs the layers one by one, as before.
+
+    The stack is described as data once: the layers' descriptions, and which step each layer reads
+    (one per KV-cache group and rope base: ``native_step``, shared with the per-layer calls), derived
+    again only when the layers' KV-cache groups change."""
+
+    def __init__(self, stack: blocks.LayerStack, layers: list[CpuDecodeLayer]) -> None:
+        self.general = stack.run_layers
+        self.stack = stack
+        self.modules = list(stack.layers)  # the stack must hold them still, their forwards ``layers``
+        self.layers = layers
+        self.rope_index = list(stack._rope_index)
+        self.attns = [layer.attn for layer in layers]
+        self.weights, self.forwards = zip(*(pair for layer in layers for pair in layer.part_forwards))
+        self.native = cpu_native.DecodeStack([layer.native for layer in layers])
+        self._plans: dict[tuple[int, ...], tuple[list[tuple[int, int, int]], object]] = {}
+        self._caches: tuple = (None, (), None)  # the kv_caches list seen last, its entries, their addresses
+
+    def __call__(self, ropes: list[RopeInputs], hidden: torch.Tensor, residual: torch.Tensor | None,
+                 kv_caches: list[KVCache] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        caches = self._cache_pointers(kv_caches) if self._unchanged(hidden, residual) else None
+        steps = None if caches is None else self._steps(ropes, kv_caches)
+        if steps is None:
+            return self.general(ropes, hidden, residual, kv_caches)
+        return self.native(steps[1], steps[0], caches, hidden, residual)
+
+    def _unchanged(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the first layer's call would take these rows (fp32, contiguous) and every layer
+        is still what the stack describes: the stack's layers the same, each with its forward, its
+        products' forwards (tests swap in others), no forward hooks (the one call would skip them)."""
+        layers = self.stack.layers
+        return (hidden.dtype == torch.float32 and hidden.is_contiguous()
+                and (residual is None or residual.is_contiguous())
+                and len(layers) == len(self.modules) and all(map(is_, layers, self.modules))
+                and all(map(is_, map(_FORWARD, self.modules), self.layers))
+                and all(map(is_, map(_FORWARD, self.weights), self.forwards))
+                and not any(map(any, map(_HOOKS, self.modules)))
+                and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+
+    def _cache_pointers(self, kv_caches: list[KVCache] | None) -> tuple | None:
+        """The layers' caches as ``cpu_native.DecodeStack`` reads them, or None where a layer's call
+        would not take its cache (none, empty, not fp32); derived again only for other caches."""
+        if not kv_caches:
+            return None
+        seen, entries, pointers = self._caches
+        if kv_caches is seen and len(kv_caches) == len(entries) and all(map(is_, kv_caches, entries)):
+            return pointers
+        pointers = None
+        if len(kv_caches) == len(self.layers) and all(
+                c is not None and all(x.dtype == torch.float32 and x.numel() and x.is_contiguous() for x in c)
+                for c in kv_caches):
+            pointers = self.native.caches([k.view(-1) for k, _ in kv_caches], [v.view(-1) for _, v in kv_caches])
+        self._caches = (kv_caches, tuple(kv_caches), pointers)
+        return pointers
+
+    def _plan(self) -> tuple[list[tuple[int, int, int]], object]:
+        """The steps of the stack, (KV-cache group, rope base, a layer of theirs) each, and the step
+        each layer reads (``cpu_native.DecodeStack.step_of``), for the layers' current groups."""
+        groups = tuple(map(_KV_GROUP, self.attns))
+        if groups not in self._plans:
+            keys = list(dict.fromkeys(zip(groups, self.rope_index)))
+            firsts = [list(zip(groups, self.rope_index)).index(key) for key in keys]
+            step_of = [keys.index(key) for key in zip(groups, self.rope_index)]
+            self._plans[groups] = ([(*key, first) for key, first in zip(keys, firsts)], self.native.step_of(step_of))
+        return self._plans[groups]
+
+    def _steps(self, ropes: list[RopeInputs], kv_caches: list[KVCache]) -> tuple[object, list[tuple]] | None:
+        """(which step each layer reads, the steps) for this forward pass, or None where a layer's
+        call would not take it (``CpuDecodeLayer.__call__``'s conditions on its group's metadata)."""
+        pairs, step_of = self._plan()
+        context = get_forward_context()
+        steps = []
+        for group, rope_i, first in pairs:
+            meta, rope = context.for_group(group), ropes[rope_i]
+            if (not _rows_as_decodes(meta) or meta.seq_attention is not None or meta.tree is not None
+                    or rope.cos_full is None):
+                return None
+            contexts = decode_contexts(meta, kv_caches[first][0].shape[1])
+            if contexts is None:
+                return None
+            steps.append(native_step(meta, contexts, rope))
+        return step_of, steps
+
+
+def use_cpu_decode_layers(model: nn.Module, stack: bool = True) -> int:
+    """Give every decoder layer of ``model`` that ``CpuDecodeLayer.supports`` that forward, and
+    (``stack``) every layer stack (``blocks.LayerStack``) whose layers all take the one native call
+    a ``CpuDecodeStack``; returns how many layers were switched. Call it once the weights are final
+    (loaded and packed)."""
     n = 0
     for module in model.modules():
         if CpuDecodeLayer.supports(module) and not isinstance(module.__dict__.get("forward"), CpuDecodeLayer):
             module.forward = CpuDecodeLayer(module)
             n += 1
+    for module in model.modules():
+        if stack and isinstance(module, blocks.LayerStack) and not isinstance(module.__dict__.get("run_layers"),
+                                                                              CpuDecodeStack):
+            layers = [layer.__dict__.get("forward") for layer in module.layers]
+            if layers and all(isinstance(f, CpuDecodeLayer) and f.native is not None for f in layers):
+                module.run_layers = CpuDecodeStack(module, layers)
     return n

@@ -28,7 +28,7 @@ from flashserve.layers.attention_metadata import AttentionBackend
 from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
-from flashserve.models.blocks import MLP_TYPES, BlockNorms, build_layers
+from flashserve.models.blocks import MLP_TYPES, BlockNorms, LayerStack, build_layers
 from flashserve.models.llama import KVCache, LlamaAttention, LlamaForCausalLM, make_rotary
 from flashserve.models.registry import register_model
 
@@ -79,7 +79,7 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class Gemma3Model(nn.Module):
+class Gemma3Model(nn.Module, LayerStack):
     """Scaled embedding, decoder layers (one rope table per base), final norm."""
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
@@ -107,9 +107,7 @@ class Gemma3Model(nn.Module):
         hidden = self.embed(input_ids)  # [T, hidden]
         ropes = [emb.lookup(positions) for emb in self.rotary]
         residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
-            kv_cache = kv_caches[i] if kv_caches else None
-            hidden, residual = layer(ropes[self._rope_index[i]], hidden, residual, kv_cache)
+        hidden, residual = self.run_layers(ropes, hidden, residual, kv_caches)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -25,7 +25,7 @@ from flashserve.layers.embedding import LMHead, VocabEmbedding
 from flashserve.layers.linear import Linear, QKVLinear, default_weight_loader
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RopeInputs, RotaryEmbedding
-from flashserve.models.blocks import MLP_TYPES, BlockNorms, build_layers
+from flashserve.models.blocks import MLP_TYPES, BlockNorms, LayerStack, build_layers
 from flashserve.models.registry import register_model
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
@@ -115,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(nn.Module, LayerStack):
     """Embedding, decoder layers, final norm."""
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
@@ -155,9 +155,7 @@ class LlamaModel(nn.Module):
                                device=input_ids.device)
             hidden, residual = self.pp.recv_prev_stage([like, like])
         ropes = [emb.lookup(positions) for emb in self.rotary]  # once per forward pass
-        for i, layer in enumerate(self.layers):
-            kv_cache = kv_caches[i] if kv_caches else None
-            hidden, residual = layer(ropes[self._rope_index[i]], hidden, residual, kv_cache)
+        hidden, residual = self.run_layers(ropes, hidden, residual, kv_caches)
         if not self.pp.is_last_stage:
             self.pp.send_next_stage([hidden, residual])
             return torch.zeros_like(hidden)
