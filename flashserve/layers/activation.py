@@ -9,14 +9,19 @@ from torch import nn
 from flashserve.kernels import cpu_native
 
 
+def _native_gate(x: torch.Tensor) -> bool:
+    """fp32 rows on the CPU without autograd where the native kernel runs: the gates' native path."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and cpu_native.available())
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``x = cat([gate, up], -1)``. fp32 on the CPU without autograd: the
     native kernel where it runs (``cpu_native.silu_mul``, the CPU decode layer's, one call).
 
     x: [..., 2 * d] -> [..., d]
     """
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and cpu_native.available()):
+    if _native_gate(x):
         return cpu_native.silu_mul(x)
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
@@ -29,8 +34,7 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
     x: [..., 2 * d] -> [..., d]
     """
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and cpu_native.available()):
+    if _native_gate(x):
         return cpu_native.gelu_tanh_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up

@@ -133,6 +133,16 @@ def _rows_as_decodes(meta: AttentionMetadata) -> bool:
     return meta.memo[key]
 
 
+def _decode_step_contexts(meta: AttentionMetadata, rope: RopeInputs,
+                          block_size: int) -> list[int | torch.Tensor] | None:
+    """Each sequence's context rows (``decode_contexts``) where a step's rows of this KV-cache group
+    are decode rows the CPU decode layer computes with these rope tables (no per-request attention
+    options, rope's full tables), else None: the conditions a layer's call and the stack's share."""
+    if not _rows_as_decodes(meta) or meta.seq_attention is not None or rope.cos_full is None:
+        return None
+    return decode_contexts(meta, block_size)
+
+
 # The MLPs whose forward is ``down(act_fn(gate_up(x)))``, and their gates as cpu_native names them.
 _GATED_MLPS = (GatedSiluMLP, GatedGeluTanhMLP)
 _ACTIVATIONS = {SiluAndMul: "silu", GeluTanhAndMul: "gelu_tanh"}
@@ -235,12 +245,10 @@ class CpuDecodeLayer:
         kv_cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         meta = get_forward_context().for_group(self.attn.kv_group)
-        if (not _rows_as_decodes(meta) or meta.seq_attention is not None
-                or kv_cache is None or rope.cos_full is None or hidden.dtype != torch.float32
-                or kv_cache[0].dtype != torch.float32 or kv_cache[0].numel() == 0
-                or any(w.forward is not f for w, f in self.part_forwards)):
+        if (kv_cache is None or hidden.dtype != torch.float32 or kv_cache[0].dtype != torch.float32
+                or kv_cache[0].numel() == 0 or any(w.forward is not f for w, f in self.part_forwards)):
             return self.general(rope, hidden, residual, kv_cache)
-        contexts = decode_contexts(meta, kv_cache[0].shape[1])
+        contexts = _decode_step_contexts(meta, rope, kv_cache[0].shape[1])
         if contexts is None:
             return self.general(rope, hidden, residual, kv_cache)
         if self.native is not None and meta.tree is None and hidden.is_contiguous() \
@@ -379,16 +387,14 @@ class CpuDecodeStack:
 
     def _steps(self, ropes: list[RopeInputs], kv_caches: list[KVCache]) -> tuple[object, list[tuple]] | None:
         """(which step each layer reads, the steps) for this forward pass, or None where a layer's
-        call would not take it (``CpuDecodeLayer.__call__``'s conditions on its group's metadata)."""
+        native call would not take it (a token tree, or ``_decode_step_contexts`` says no)."""
         pairs, step_of = self._plan()
         context = get_forward_context()
         steps = []
         for group, rope_i, first in pairs:
             meta, rope = context.for_group(group), ropes[rope_i]
-            if (not _rows_as_decodes(meta) or meta.seq_attention is not None or meta.tree is not None
-                    or rope.cos_full is None):
-                return None
-            contexts = decode_contexts(meta, kv_caches[first][0].shape[1])
+            block_size = kv_caches[first][0].shape[1]
+            contexts = None if meta.tree is not None else _decode_step_contexts(meta, rope, block_size)
             if contexts is None:
                 return None
             steps.append(native_step(meta, contexts, rope))
