@@ -5,7 +5,10 @@ Decoding one sequence reads every weight once per token, plus the sequence's K/V
 in the same run (a large reduction). The embedding table is not counted as read (one row is), the
 LM head is. Defaults: Llama-3.1-8B shapes with dummy bf16 weights, prompt 128, 256 new tokens.
 Also reported: host time per decode step (building inputs and launching) next to its device
-time, and the CUDA-graph capture time.
+time, and the CUDA-graph capture time. ``--profile N`` (CUDA) then traces N more decode steps with
+``torch.profiler`` and tabulates their kernels by name (calls and microseconds per step, share of
+the step's kernel time) and the device time between kernels: where a step goes besides the
+products.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--read-gib", type=float, default=4.0, help="size of the bandwidth-probe tensor")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="trace this many more decode steps (CUDA) and print their kernels by name")
     p.add_argument("--output-json", default=None)
 
 
@@ -44,6 +49,55 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def kv_bytes_per_token(cfg, context: float, elem: int) -> float:
     """K and V of every layer over ``context`` tokens."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem * context
+
+
+def _kernels(llm, prompt: list[int], tokens: int) -> tuple[dict[str, list[float]], float]:
+    """Kernel durations (us) by name while generating ``tokens`` tokens, and the first-to-last span."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flashserve import SamplingParams
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events) if events else 0.0
+    return by_name, span
+
+
+def profile_steps(llm, prompt: list[int], steps: int) -> dict:
+    """Kernels of ``steps`` decode steps by name (calls and us per step) and the device time between
+    kernels: a run of ``steps + 1`` tokens less a run of one token (the prompt's step alone)."""
+    prompt_only, prompt_span = _kernels(llm, prompt, 1)
+    both, span = _kernels(llm, prompt, steps + 1)
+    rows = []
+    for name, times in both.items():
+        before = prompt_only.get(name, [])
+        calls, us = len(times) - len(before), sum(times) - sum(before)
+        if calls > 0:
+            rows.append({"kernel": name, "calls_per_step": calls / steps, "us_per_call": us / calls,
+                         "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    busy = sum(r["us_per_step"] for r in rows)
+    per_step_span = (span - prompt_span) / steps
+    return {"steps": steps, "kernels_per_step": sum(r["calls_per_step"] for r in rows), "kernel_us_per_step": busy,
+            "span_us_per_step": per_step_span, "idle_us_per_step": per_step_span - busy, "kernels": rows}
+
+
+def format_profile(prof: dict) -> str:
+    """The profile as a short table: the 25 kernels that take most time per step, then the totals."""
+    if not prof["kernels"]:
+        return "the profiler recorded no kernels"
+    total = prof["kernel_us_per_step"]
+    lines = [f"{'kernel':<70} {'calls':>6} {'us/call':>8} {'us/step':>8} {'share':>6}"]
+    for r in prof["kernels"][:25]:
+        lines.append(f"{r['kernel'][:70]:<70} {r['calls_per_step']:>6.1f} {r['us_per_call']:>8.2f} "
+                     f"{r['us_per_step']:>8.1f} {r['us_per_step'] / total:>6.1%}")
+    lines.append(f"per step: {prof['kernels_per_step']:.0f} kernels, {total:.0f} us in kernels, "
+                 f"{prof['idle_us_per_step']:.0f} us between them ({prof['span_us_per_step']:.0f} us first to last)")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,13 +166,17 @@ def run(args: argparse.Namespace) -> int:
         "graph_capture_s": engine.graph_capture_seconds,
         "speculative": spec.as_dict() if (spec := engine.stats().spec) is not None else None,  # acceptance length
     }
+    if args.profile and device.type == "cuda":
+        res["profile"] = profile_steps(llm, prompt, args.profile)
     if read is not None:
         res["read_tb_s"] = read["tb_s"]
         res["bandwidth_utilisation"] = res["achieved_tb_s"] / read["tb_s"]
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)
-    print(json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k != "profile"}, indent=2))
+    if "profile" in res:
+        print(format_profile(res["profile"]))
     util = f", {res['bandwidth_utilisation']:.1%} of {res['read_tb_s']:.2f} TB/s read bandwidth" if read else ""
     print(f"batch-1 decode {res['decode_tok_s']:.1f} tok/s ({res['achieved_tb_s']:.2f} TB/s{util}); per step: "
           f"host {res['host_ms_per_decode_step']:.2f} ms, device {res['gpu_ms_per_decode_step'] or float('nan'):.2f} ms; "
