@@ -72,6 +72,12 @@ def profile_steps(llm, prompt: list[int], steps: int) -> dict:
     kernels: a run of ``steps + 1`` tokens less a run of one token (the prompt's step alone)."""
     prompt_only, prompt_span = _kernels(llm, prompt, 1)
     both, span = _kernels(llm, prompt, steps + 1)
+    return step_kernels(both, span, prompt_only, prompt_span, steps)
+
+
+def step_kernels(both: dict[str, list[float]], span: float, prompt_only: dict[str, list[float]],
+                 prompt_span: float, steps: int) -> dict:
+    """The per-step table of ``profile_steps`` from the two runs' kernel times by name and spans."""
     rows = []
     for name, times in both.items():
         before = prompt_only.get(name, [])
