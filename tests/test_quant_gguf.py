@@ -93,8 +93,6 @@ def write_mixed_gguf(hf, path: Path, types: dict[str, str]) -> torch.nn.Module:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
-    writer.add_token_scores([0.0] * cfg.vocab_size)  # transformers 5.17 (the GPU machine) needs scores without merges
-    writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama 3 rope scaling as divisors

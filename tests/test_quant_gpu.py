@@ -71,8 +71,11 @@ def test_gguf_mixed_types_on_gpu(tmp_path):
 
     path = tmp_path / "m.gguf"
     oracle = write_mixed_gguf(tiny_hf("llama3_gqa", seed=2), path, MIXED)
-    llm = LLM(model=str(path), device="cuda", dtype="float32", attention_backend="triton", cuda_graphs=True,
-              max_model_len=256, max_num_seqs=4, kv_cache_bytes=64 << 20, verbose=False)
+    (tmp_path / "no_tokenizer").mkdir()  # prompts as token ids
+    # (quantization="gguf": an explicit dtype alone would load the file dequantized)
+    llm = LLM(model=str(path), tokenizer=str(tmp_path / "no_tokenizer"), device="cuda", dtype="float32",
+              quantization="gguf", attention_backend="triton", cuda_graphs=True, max_model_len=256, max_num_seqs=4,
+              kv_cache_bytes=64 << 20, verbose=False)
     labels = [p.label for p in llm.engine.worker.model.model.layers[0].self_attn.qkv_proj.packed_parts]
     assert labels == ["gguf-Q4_K", "gguf-Q6_K"]  # the file's blocks on the GPU, both types
     prompt = _prompts()[1]
