@@ -184,16 +184,21 @@ case "${1:-}" in
       --output-json "$out/disagg.json"
     ;;
   serve)  # issue 8's serving targets: flashserve serve on dummy weights, then bench serve 200/200 at 10, 45 and
-           # unbounded req/s, then bench throughput --stream of the same shapes (the engine thread alone). $2: a folder with config.json and tokenizer files whose vocabulary matches the
-           # config (e.g. Llama-3.1-8B's config with vocab_size 49152 beside SmolLM2's tokenizer). The GPU machine
+           # unbounded req/s, 900 requests at 45 and 55 req/s, then bench throughput --stream of the same shapes (the
+           # engine thread alone). $2: a folder with config.json and tokenizer files whose vocabulary matches the config (e.g. Llama-3.1-8B's config with vocab_size 49152 beside SmolLM2's tokenizer). The GPU machine
            # needs the server wheels (fastapi, starlette, uvicorn, pydantic, pydantic-core, opentelemetry-api, ...) on PYTHONPATH.
     dir=${2:?"usage: $0 serve MODEL_DIR (config.json + tokenizer files; the weights are drawn at random)"}
     python3 -m flashserve serve --model "$dir" --load-format dummy --port 8011 > "$out/server.log" 2>&1 &
     server=$!
-    for _ in $(seq 1 240); do curl -sf http://127.0.0.1:8011/health > /dev/null && break; sleep 1; done
+    for _ in $(seq 1 240); do  # until healthy, or the server has exited (its log says why)
+      curl -sf http://127.0.0.1:8011/health > /dev/null && break; kill -0 "$server" 2> /dev/null || break; sleep 1
+    done
     stage bench-serve 240 $fs bench serve --base-url http://127.0.0.1:8011/v1 --prompt-token-ids \
       --input-len 200 --output-len 200 --num-prompts 200 --request-rate 10 45 inf \
       --output-json "$out/serve.json" --plot "$out/serve.png"
+    # held for 20 s: does the queue stay flat at 45 req/s (TTFT bounded), and where does it start to grow
+    stage bench-serve-sustained 120 $fs bench serve --base-url http://127.0.0.1:8011/v1 --prompt-token-ids \
+      --input-len 200 --output-len 200 --num-prompts 900 --request-rate 45 55 --output-json "$out/serve-sustained.json"
     kill "$server"
     wait "$server" 2> /dev/null
     # the engine thread's side without HTTP: every request streamed with delta outputs, host time by phase
