@@ -185,8 +185,9 @@ case "${1:-}" in
     ;;
   serve)  # issue 8's serving targets: flashserve serve on dummy weights, then bench serve 200/200 at 10, 45 and
            # unbounded req/s, 900 requests at 45 and 55 req/s, then bench throughput --stream of the same shapes (the
-           # engine thread alone). $2: a folder with config.json and tokenizer files whose vocabulary matches the config (e.g. Llama-3.1-8B's config with vocab_size 49152 beside SmolLM2's tokenizer). The GPU machine
-           # needs the server wheels (fastapi, starlette, uvicorn, pydantic, pydantic-core, opentelemetry-api, ...) on PYTHONPATH.
+           # engine thread alone). $2: a folder with config.json and tokenizer files whose vocabulary matches the config
+           # (e.g. Llama-3.1-8B's config with vocab_size 49152 beside SmolLM2's tokenizer). The GPU machine needs
+           # the server wheels (fastapi, starlette, uvicorn, pydantic, pydantic-core, opentelemetry-api, ...) on PYTHONPATH.
     dir=${2:?"usage: $0 serve MODEL_DIR (config.json + tokenizer files; the weights are drawn at random)"}
     python3 -m flashserve serve --model "$dir" --load-format dummy --port 8011 > "$out/server.log" 2>&1 &
     server=$!
