@@ -1,16 +1,18 @@
-"""``flashserve bench cpu-decode``: decode speed of the embedded model on this CPU, flashserve
-against transformers and llama.cpp in the same process.
+"""``flashserve bench cpu-decode``: decode speed of a GGUF model on this CPU, flashserve against
+transformers and llama.cpp in the same process.
 
-All run the embedded SmolLM2-135M-Instruct Q4_1 GGUF, the same chat prompt, the same number of
-greedy tokens and the same thread count:
+All run the same GGUF file (the embedded SmolLM2-135M-Instruct Q4_1 unless ``--model`` names
+another, e.g. Gemma 3 270M's Q4_K_M), the same chat prompt (as plain text for a model without a
+chat template), the same number of greedy tokens and
+the same thread count:
 
-* flashserve as configured by default: the GGUF tensors kept packed, products in torch's int4
-  CPU kernel (``--quantization``/``--dtype`` change it; ``--with-fp32`` adds a run of today's
-  exact fp32 path, ``--dtype float32``);
+* flashserve as configured by default: the GGUF tensors kept packed, products in its native CPU
+  kernels (``--quantization``/``--dtype`` change it; ``--with-fp32`` adds a run of the exact fp32
+  path, ``--dtype float32``);
 * transformers' ``generate`` on the GGUF dequantized to fp32 (its only way to read a GGUF);
 * llama.cpp through llama-cpp-python (``pip install llama-cpp-python``, built natively on the
   machine: ``CMAKE_ARGS="-DGGML_NATIVE=ON"``; skipped with a note when not installed), which
-  computes on the Q4_1 blocks with Q8 activations.
+  computes on the file's blocks with Q8 activations.
 
 Runs alternate (flashserve, transformers, llama.cpp, ...) and the median of each is reported,
 so drift in the machine's speed hits all alike. Decode time excludes the prompt: flashserve's
@@ -34,6 +36,7 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="threads for all three (default: torch's choice)")
@@ -95,16 +98,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     n = args.new_tokens
-    path = default_model_path()
-    common = dict(device="cpu", max_model_len=1024, kv_cache_bytes=256 << 20, verbose=False)
+    path = args.model or default_model_path()
+    common = dict(model=path, device="cpu", max_model_len=1024, kv_cache_bytes=256 << 20, verbose=False)
     t0 = time.perf_counter()
     llm = LLM(**common, quantization=args.quantization, dtype=args.dtype)
     load = {"flashserve": time.perf_counter() - t0}
     engines = {"flashserve": llm}
     if args.with_fp32:
         engines["flashserve fp32"] = LLM(**common, dtype="float32")
-    text = llm.engine.apply_chat_template(PROMPT)
-    prompt_ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if getattr(llm.tokenizer, "chat_template", None):
+        prompt_ids = llm.tokenizer(llm.engine.apply_chat_template(PROMPT), add_special_tokens=False)["input_ids"]
+    else:  # a base model (Gemma 3 270M's GGUF has no chat template): the request as plain text, after BOS
+        prompt_ids = llm.tokenizer(PROMPT[0]["content"])["input_ids"]
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     check = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     exact = engines.get("flashserve fp32") or LLM(**common, dtype="float32")
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             tpot["llama.cpp"].append(lcpp.greedy(prompt_ids, n)[1] / (n - 1))
     tok_s = {name: 1.0 / statistics.median(v) for name, v in tpot.items() if v}
     res = {
-        "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
+        "model": os.path.basename(path), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
         "new_tokens": n, "prompt_tokens": len(prompt_ids), "repeats": args.repeats,
         "flashserve_options": {"quantization": args.quantization, "dtype": args.dtype},
         "decode_tok_s": tok_s, "load_s": load, "greedy_16_equal_fp32_exact": agree,
@@ -158,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)
-    print(f"SmolLM2-135M Q4_1 GGUF on {res['cpu']} ({res['cpu_capability']}), {threads} threads, prompt "
+    print(f"{os.path.basename(path)} on {res['cpu']} ({res['cpu_capability']}), {threads} threads, prompt "
           f"{len(prompt_ids)} tokens, {n} new tokens, median of {args.repeats}")
     if lcpp_note:
         print(f"llama.cpp skipped: {lcpp_note}")
