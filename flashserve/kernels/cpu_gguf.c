@@ -115,8 +115,13 @@ INLINE void block_words(const int qtype, const uint8_t *qs, const uint32_t *qh, 
         *lo = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
         *hi = _mm256_srli_epi16(bytes, 4);
         if (FIFTH_BITS(qtype)) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)  /* 16 added where the bit is set, as group_dots does */
+            *lo = _mm256_mask_add_epi16(*lo, (__mmask16)qh[b], *lo, _mm256_set1_epi16(16));
+            *hi = _mm256_mask_add_epi16(*hi, (__mmask16)(qh[b] >> 16), *hi, _mm256_set1_epi16(16));
+#else
             *lo = _mm256_or_si256(*lo, fifth_bits((uint16_t)qh[b]));
             *hi = _mm256_or_si256(*hi, fifth_bits((uint16_t)(qh[b] >> 16)));
+#endif
         }
     }
 }
