@@ -3,8 +3,7 @@ transformers and llama.cpp in the same process.
 
 All run the same GGUF file (the embedded SmolLM2-135M-Instruct Q4_1 unless ``--model`` names
 another, e.g. Gemma 3 270M's Q4_K_M), the same chat prompt (as plain text for a model without a
-chat template), the same number of greedy tokens and
-the same thread count:
+chat template), the same number of greedy tokens and the same thread count:
 
 * flashserve as configured by default: the GGUF tensors kept packed, products in its native CPU
   kernels (``--quantization``/``--dtype`` change it; ``--with-fp32`` adds a run of the exact fp32
@@ -149,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
             tpot["llama.cpp"].append(lcpp.greedy(prompt_ids, n)[1] / (n - 1))
     tok_s = {name: 1.0 / statistics.median(v) for name, v in tpot.items() if v}
     res = {
-        "model": os.path.basename(path), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
+        "model": os.path.basename(path), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
         "new_tokens": n, "prompt_tokens": len(prompt_ids), "repeats": args.repeats,
         "flashserve_options": {"quantization": args.quantization, "dtype": args.dtype},
         "decode_tok_s": tok_s, "load_s": load, "greedy_16_equal_fp32_exact": agree,
