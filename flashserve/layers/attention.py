@@ -9,6 +9,7 @@ the query's dtype on read.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,9 +54,15 @@ def store_kv(
     v_flat.index_copy_(0, idx, v[valid].to(v_flat.dtype))
 
 
-def context_slots(block_table: list[int] | torch.Tensor, seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """Flat cache slot of each of the first ``seq_len`` context tokens of one sequence. -> [S] int64"""
+def context_slots(block_table: list[int] | np.ndarray | torch.Tensor, seq_len: int, block_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """Flat cache slot of each of the first ``seq_len`` context tokens of one sequence. -> [S] int64
+    (on the CPU by numpy arithmetic: a torch op costs ~10 us in a decode step's cache-cold Python,
+    and a step asks once per sequence and KV-cache group)"""
     num_blocks = (seq_len + block_size - 1) // block_size
+    if device.type == "cpu":
+        blocks = np.asarray(block_table[:num_blocks], dtype=np.int64)
+        return torch.from_numpy((blocks[:, None] * block_size + np.arange(block_size)).ravel()[:seq_len])
     blocks = torch.as_tensor(block_table[:num_blocks], device=device).long()
     offsets = torch.arange(block_size, device=device)
     return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:seq_len]
@@ -262,10 +269,15 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _valid_slots(meta: AttentionMetadata) -> torch.Tensor | None:
-        """Mask of storable slots, or None when all are (checked once per step, not per layer)."""
+        """Mask of storable slots, or None when all are (checked once per step, not per layer; on
+        the CPU the common all-storable case by numpy, without torch ops)."""
         if "valid_slots" not in meta.memo:
-            valid = meta.slot_mapping >= 0
-            meta.memo["valid_slots"] = None if bool(valid.all()) else valid
+            slots = meta.slot_mapping
+            if slots.device.type == "cpu" and (slots.numpy() >= 0).all():
+                meta.memo["valid_slots"] = None
+            else:
+                valid = slots >= 0
+                meta.memo["valid_slots"] = None if bool(valid.all()) else valid
         return meta.memo["valid_slots"]
 
     @staticmethod

@@ -54,7 +54,7 @@ from torch import nn
 
 from flashserve.kernels import cpu_native
 from flashserve.layers.activation import SiluAndMul, silu_and_mul
-from flashserve.layers.attention import TorchAttentionBackend, grouped_attention
+from flashserve.layers.attention import TorchAttentionBackend, context_slots, grouped_attention
 from flashserve.layers.attention_metadata import AttentionMetadata, get_forward_context
 from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
@@ -98,19 +98,19 @@ def decode_contexts(meta: AttentionMetadata, block_size: int) -> list[int | torc
     """Where each sequence's context lies in the flattened cache: the first slot of its tokens
     when its blocks are consecutive, else the flat slots [S] to gather; None when a new token has
     no slot (it must not be stored: the general path). Derived once per step (``meta.memo``) and
-    KV-cache group, on numpy views of the step's CPU tensors: a torch op costs ~10 us in a step's
-    cache-cold Python, and Gemma 3 has six groups."""
+    KV-cache group; the block tables read as numpy (a torch op costs ~10 us in a step's cache-cold
+    Python, and Gemma 3 has six groups)."""
     if _MEMO_KEY not in meta.memo:
         contexts: list[int | torch.Tensor] | None = None
-        if (meta.slot_mapping.numpy() >= 0).all():
+        if TorchAttentionBackend._valid_slots(meta) is None:
             contexts = []
-            tables, offsets = meta.block_tables.numpy(), np.arange(block_size)
+            tables = meta.block_tables.numpy()
             for i, seq_len in enumerate(meta.seq_lens_cpu):
-                blocks = tables[i, : -(-seq_len // block_size)].astype(np.int64)
+                blocks = tables[i, : -(-seq_len // block_size)]
                 if (blocks == blocks[0] + np.arange(len(blocks))).all():
                     contexts.append(int(blocks[0]) * block_size)
-                else:  # (layers.attention.context_slots' values)
-                    contexts.append(torch.from_numpy((blocks[:, None] * block_size + offsets).ravel()[:seq_len]))
+                else:
+                    contexts.append(context_slots(blocks, seq_len, block_size, meta.block_tables.device))
         meta.memo[_MEMO_KEY] = contexts
     return meta.memo[_MEMO_KEY]
 
