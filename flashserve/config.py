@@ -198,6 +198,9 @@ class CacheConfig:
                              "drop --no-prefix-caching or set kv_host_cache_gb=0")
 
 
+MAX_SCHEDULER_STEPS = 16  # model steps per plan (never more than block_size: one new block per request)
+
+
 @dataclass
 class SchedulerConfig:
     """Limits of one engine step."""
@@ -209,8 +212,13 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True  # split long prompts to fit the per-step token budget
     policy: str = "fcfs"  # see flashserve.sched.policy.POLICIES
     preemption_mode: str = "auto"  # recompute | swap | auto (swap when cheaper; flashserve.sched.preemption)
+    # Model steps one plan runs when every running request only decodes plain greedy tokens and
+    # nothing waits (multi-step decoding: the host's turn is paid once per that many tokens).
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got {self.num_scheduler_steps}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -405,6 +413,21 @@ class EngineConfig:
             raise ValueError(f"cpu_offload_gb must be >= 0 GiB, got {self.cpu_offload_gb}")
         if self.batch_invariant:
             self._check_batch_invariant()
+        if self.scheduler.num_scheduler_steps > 1:
+            self._check_multi_step()
+
+    def _check_multi_step(self) -> None:
+        """What multi-step decoding (``num_scheduler_steps`` > 1) does not combine with, refused before loading."""
+        others = [name for name, on in (("speculative decoding", self.speculative is not None),
+                                        ("early exit", self.early_exit is not None),
+                                        ("an attention option", self.attention is not None),
+                                        ("tensor or pipeline parallelism", self.world_size > 1),
+                                        ("disaggregated prefill", self.disaggregated)) if on]
+        if others:
+            raise ValueError(f"num_scheduler_steps > 1 does not combine with {' or '.join(others)}")
+        if self.scheduler.num_scheduler_steps > self.cache.block_size:
+            raise ValueError(f"num_scheduler_steps ({self.scheduler.num_scheduler_steps}) must not exceed "
+                             f"block_size ({self.cache.block_size}): a plan adds at most one block per request")
 
     def _check_batch_invariant(self) -> None:
         """What ``flashserve.layers.batch_invariant`` does not cover, refused before loading."""
@@ -461,6 +484,9 @@ class EngineArgs:
     policy: str = _arg("fcfs", "scheduling policy", choices=("fcfs", "priority", "sjf", "mlfq"))
     preemption_mode: str = _arg("auto", "how to free KV for a preempted request",
                                 choices=("auto", "recompute", "swap"))
+    num_scheduler_steps: int = _arg(1, "model steps one plan runs while every running request decodes plain "
+                                       "greedy tokens and nothing waits (multi-step decoding: the host's "
+                                       f"scheduling and output work once per that many tokens; 1-{MAX_SCHEDULER_STEPS})")
     attention_backend: str = _arg("auto", "attention kernels (auto: triton on CUDA, torch on CPU)",
                                   choices=("auto", "torch", "triton"))
     cuda_graphs: bool = _arg(True, "replay decode and small mixed steps as CUDA graphs", flag="--no-cuda-graphs")
@@ -543,6 +569,7 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.policy,
                 preemption_mode=self.preemption_mode,
+                num_scheduler_steps=self.num_scheduler_steps,
             ),
         )
 

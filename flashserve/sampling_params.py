@@ -161,6 +161,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Sampled by the argmax alone: greedy, without penalties, min_tokens, logit bias, grammar
+        or logprobs (``Sampler.greedy`` gives such a row the token ``Sampler.__call__`` would)."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and self.min_tokens == 0 and not self.logit_bias
+                and self.structured_output is None and self.logprobs is None)
+
 
 def validate_for_model(params: SamplingParams, num_prompt_tokens: int, vocab_size: int, max_model_len: int) -> None:
     """What only the engine can check: token ids inside the vocabulary, and the prompt plus

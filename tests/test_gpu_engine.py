@@ -73,3 +73,33 @@ def test_launching_a_step_never_synchronises(tiny, overlap):
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(c.token_ids) == p.max_tokens for o, p in zip(outs, params) for c in o.outputs)
     assert llm.engine.scheduler.num_swap_outs > 0
+
+
+def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(tiny):
+    """Multi-step plans (``num_scheduler_steps`` 4) replay the decode graphs once per model step,
+    each step's input tokens the previous step's on the device: the same tokens as one-step plans,
+    and launching a plan never waits for the device."""
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(12)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 60), ignore_eos=i % 2 == 0,
+                             stop_token_ids=[] if i % 2 == 0 else [rng.randrange(3, 512) for _ in range(30)])
+              for i in range(12)]
+    ref = [[c.token_ids for c in o.outputs] for o in _engine(tiny).generate(prompts, params, use_tqdm=False)]
+    llm = _engine(tiny, num_scheduler_steps=4)
+    llm.engine.warm_up()
+    worker, steps = llm.engine.worker, []
+    launch = worker.execute
+
+    def checked(plan):
+        steps.append(plan.decodes.num_steps if plan.decodes is not None else 1)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    worker.execute = checked
+    worker.timings = []
+    got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == ref
+    assert steps.count(4) >= 5 and all(t.graph for t in worker.timings if t.is_decode)

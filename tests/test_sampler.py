@@ -144,15 +144,14 @@ def test_invalid_sampling_params_are_named(kwargs, message):
 def test_plain_greedy_rows_sample_the_argmax_without_rows():
     """``Sampler.greedy`` gives plain greedy rows what ``__call__`` gives them; a request with any
     of penalties, min_tokens, logit bias, a grammar, logprobs or a temperature is not plain."""
-    from flashserve.layers.sampler import is_plain_greedy
     from flashserve.sampling_params import StructuredOutput
 
     logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(3))
     rows = [row(temperature=0, max_tokens=5) for _ in range(6)]
-    assert all(is_plain_greedy(r.params) for r in rows)
+    assert all(r.params.plain_greedy for r in rows)
     full, fast = sampler()(logits, rows), sampler().greedy(logits)
     assert ids(fast) == ids(full) == logits.argmax(dim=-1).tolist() and fast.logprobs is None
     for kw in (dict(temperature=0.7), dict(repetition_penalty=1.2), dict(presence_penalty=0.5),
                dict(frequency_penalty=0.5), dict(min_tokens=2), dict(logit_bias={3: 1.0}), dict(logprobs=0),
                dict(structured_output=StructuredOutput("regex", "[0-9]+"))):
-        assert not is_plain_greedy(SamplingParams(**{"temperature": 0, **kw})), kw
+        assert not SamplingParams(**{"temperature": 0, **kw}).plain_greedy, kw

@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         "total_tok_s": (gen + sum(len(p) for p in prompts)) / elapsed,
         "steps": len(engine.timings),
         "host_ms_per_step_200plus_seqs": statistics.median(busy) * 1e3 if busy else None,
+        # a multi-step plan (--num-scheduler-steps) pays one host turn for several model steps
+        "model_steps_per_plan_200plus_seqs": statistics.median(t.model_steps for t in crowded) if crowded else None,
+        "host_ms_per_model_step_200plus_seqs": statistics.median(t.host_s / t.model_steps for t in crowded) * 1e3
+        if crowded else None,
         "host_ms_by_phase_200plus_seqs": {  # medians: scheduling, plan to launch, outputs (update, detokenize)
             phase: statistics.median(getattr(t, f"{phase}_s") for t in crowded) * 1e3
             for phase in ("schedule", "launch", "finish")} if crowded else None,

@@ -372,8 +372,9 @@ class BlockManager:
         return table
 
     def quiet_decodes(self, request_ids: list[str], starts: np.ndarray, known: np.ndarray,
-                      sent: np.ndarray) -> np.ndarray | None:
-        """For running requests about to compute one token each, at positions ``starts``, with
+                      sent: np.ndarray, lens: np.ndarray | None = None) -> np.ndarray | None:
+        """For running requests about to compute one token each, at positions ``starts`` (or
+        ``lens`` tokens each from there, at most a block's worth: a multi-step plan), with
         ``known`` token values, whose tables' first ``sent`` columns the Worker holds (-1: none),
         what that step needs from this manager: 0 nothing (``allocate_slots``, ``trim``,
         ``assert_writable``, ``commit`` with the step counted as computed, and ``table_tail``
@@ -384,17 +385,20 @@ class BlockManager:
         request then takes the calls)."""
         bs = self.block_size
         n = len(request_ids)
-        lens = np.fromiter(map(len, map(self.tables.get, request_ids, repeat(()))), np.int64, n)
-        cols = starts // bs
-        whole = lens == sent  # the Worker holds the whole table
-        held = (cols < lens) & whole
+        have = np.fromiter(map(len, map(self.tables.get, request_ids, repeat(()))), np.int64, n)
+        ends = starts + (1 if lens is None else lens)  # computed tokens after the step
+        cols = (ends - 1) // bs  # the column of the last position
+        whole = have == sent  # the Worker holds the whole table
+        held = (cols < have) & whole
         if self._prune_shared_partial():  # a forked beam's partial block may have two users: a sole owner writes
+            if lens is not None:
+                return None
             tables = list(map(self.tables.get, request_ids, repeat(())))
             blocks = map(list.__getitem__, compress(tables, held), cols[held].tolist())
             held[held] = np.fromiter(map(self.pool.ref_counts.__getitem__, blocks), np.int64, int(held.sum())) == 1
-        fresh = (cols == lens) & whole & (starts % bs == 0)
+        fresh = (cols == have) & whole & (starts <= cols * bs)  # the positions before the new block are held
         if self.enable_prefix_caching:
-            full = np.minimum(starts + 1, known) // bs  # full blocks of known, computed tokens (as commit)
+            full = np.minimum(ends, known) // bs  # full blocks of known, computed tokens (as commit)
             committed = full <= np.fromiter(map(self._committed.get, request_ids, repeat(0)), np.int64, n)
             held &= committed
             fresh &= committed

@@ -74,6 +74,7 @@ class HostTiming:
     launch_s: float  # the Worker applying the plan, building inputs, launching (or sending the plan)
     finish_s: float  # update, stop checks, detokenization, outputs
     wait_s: float  # waiting for the device's tokens (not host work)
+    model_steps: int = 1  # model steps the plan ran (a multi-step plan's num_steps)
 
     @property
     def host_s(self) -> float:
@@ -375,7 +376,8 @@ class LLMEngine:
         if self.timings is not None:
             wait = done[1].wait_s if done is not None else 0.0
             self.timings.append(HostTiming(plan.num_seqs, plan.num_tokens, t1 - t0, t2 - t1,
-                                           time.perf_counter() - t2 - wait, wait))
+                                           time.perf_counter() - t2 - wait, wait,
+                                           plan.decodes.num_steps if plan.decodes is not None else 1))
         return outputs
 
     def _outputs(self, plan: SchedulerOutput, result) -> list[RequestOutput]:

@@ -68,13 +68,6 @@ def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def is_plain_greedy(p: SamplingParams) -> bool:
-    """A row the argmax alone samples: greedy, without penalties, min_tokens, logit bias, grammar
-    or logprobs (``Sampler.greedy`` gives it the token ``Sampler.__call__`` would)."""
-    return (p.greedy and not has_penalty(p) and p.min_tokens == 0 and not p.logit_bias
-            and p.structured_output is None and p.logprobs is None)
-
-
 class PenaltyState:
     """Per-request token statistics on the device, for requests with penalties.
 
@@ -217,7 +210,7 @@ class Sampler:
         return SamplerOutput(tokens, chosen, top_ids, top_vals)
 
     def greedy(self, logits: torch.Tensor) -> SamplerOutput:
-        """``__call__`` for rows that are all ``is_plain_greedy``: their argmax, with no per-row
+        """``__call__`` for rows that are all ``SamplingParams.plain_greedy``: their argmax, with no per-row
         work on the host (the logits processors still count the call, for their evictions)."""
         logits = self.logits_processors(logits.float(), ())
         return SamplerOutput(logits.argmax(dim=-1))

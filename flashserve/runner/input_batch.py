@@ -16,13 +16,12 @@ sampled-token tensor (``StepInputs.prev_scatter``), so no host synchronisation i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, compress
 from operator import attrgetter
 
 import numpy as np
 
-from flashserve.layers.sampler import is_plain_greedy
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import DecodeBatch, NewRequest, ScheduledRequest
 
@@ -138,7 +137,7 @@ class InputBatch:
         self.num_blocks = np.zeros(0, dtype=np.int64)
         self.min_tokens = np.zeros(0, dtype=np.int64)
         self.grammar = np.zeros(0, dtype=bool)
-        self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (is_plain_greedy)
+        self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (SamplingParams.plain_greedy)
         self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
         self.generation = np.zeros(0, dtype=np.int64)  # bumped when the slot's request leaves
         # Live requests with a grammar, with an attention option, whose rows are not plain greedy:
@@ -177,7 +176,7 @@ class InputBatch:
         self.num_blocks[slot] = 0
         self.min_tokens[slot] = new.params.min_tokens
         self.grammar[slot] = grammar = new.params.structured_output is not None
-        self.plain[slot] = plain = is_plain_greedy(new.params)
+        self.plain[slot] = plain = new.params.plain_greedy
         self.attention[slot] = attention = new.params.attention is not None
         self.num_grammar += grammar
         self.num_not_plain += not plain
@@ -201,6 +200,15 @@ class InputBatch:
         known = self.num_known[slots]
         self.tokens[slots, known] = token_ids
         self.num_known[slots] = known + 1
+
+    def append_steps(self, slots: np.ndarray, token_ids: np.ndarray, lens: np.ndarray) -> None:
+        """Record a multi-step batch's tokens: row i of ``token_ids`` [S, steps] holds slot i's
+        tokens, of which the first ``lens[i]`` are its own."""
+        known = self.num_known[slots]
+        mine = np.arange(token_ids.shape[1]) < lens[:, None]
+        rows = np.repeat(slots, lens)
+        self.tokens[rows, (known[:, None] + np.arange(token_ids.shape[1]))[mine]] = token_ids[mine]
+        self.num_known[slots] = known + lens
 
     def append(self, state: RequestState, token_ids: tuple[int, ...]) -> None:
         """Record tokens a step sampled for the request (several when drafts were accepted)."""
@@ -301,14 +309,16 @@ class InputBatch:
         slot_mapping = self.block_table[token_slots, cols].astype(np.int64) * bs + offsets
         group_slots = tuple(t[token_slots, cols].astype(np.int64) * bs + offsets for t in self.group_tables)
         input_ids = self.tokens[token_slots, np.minimum(positions, self.max_model_len - 1)].astype(np.int64)
-        # A token past the known ones was sampled by the step in flight: it comes from the device.
+        # A token past the known ones was sampled by the step in flight (its last model step's):
+        # it comes from the device.
         pending = np.flatnonzero(positions >= token_known)
         prev_scatter = None
         if len(pending):
             input_ids[pending] = 0
             rows = prev_rows[token_slots[pending]]
-            assert (positions[pending] == token_known[pending]).all(), "only the newest token may be in flight"
             assert (rows >= 0).all(), "a pending token's row in the step in flight is unknown"
+            newest = self.num_tokens[token_slots[pending]] - 1  # the newest token, counting those in flight
+            assert (positions[pending] == newest).all(), "only the newest token may be in flight"
             prev_scatter = (pending, rows)
         sample_rows = np.flatnonzero(sample)
         sample_slots = slots[sample_rows]
@@ -330,6 +340,27 @@ class InputBatch:
             group_block_updates=group_block_updates,
             states=states,
         )
+
+    def next_step(self, first: StepInputs, j: int, lens: np.ndarray) -> StepInputs:
+        """Model step ``j`` of a multi-step decode batch whose step 0 is ``first``: every row
+        decodes the position after its previous one, its input the token step j - 1 sampled (on
+        the device: ``prev_scatter``, every row). A row whose ``lens`` tokens are done repeats
+        its last position without storing anything (slot -1); its tokens are not read."""
+        bs, b = self.block_size, first.num_seqs
+        done = j >= lens
+        positions = first.positions + np.where(done, lens - 1, j)
+        cols, offsets = np.divmod(positions, bs)
+        slots = first.slots
+
+        def cache_slots(table: np.ndarray) -> np.ndarray:
+            return np.where(done, -1, table[slots, cols].astype(np.int64) * bs + offsets)
+
+        rows = np.arange(b, dtype=np.int64)
+        return replace(first, input_ids=np.zeros(b, np.int64), positions=positions,
+                       slot_mapping=cache_slots(self.block_table),
+                       group_slot_mapping=tuple(map(cache_slots, self.group_tables)),
+                       seq_lens=(positions + 1).astype(np.int32), prev_scatter=(rows, rows), block_updates=None,
+                       group_block_updates=tuple(None for _ in self.group_tables))
 
     def _append_plan_ids(self, slots: np.ndarray, decodes: DecodeBatch | None, entries: tuple[ScheduledRequest, ...]
                          ) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:

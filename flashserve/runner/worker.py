@@ -41,7 +41,7 @@ from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
 from flashserve.runner.input_batch import BlockUpdates, InputBatch, StepInputs
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
 from flashserve.runner.swap import HostSwapSpace, apply_block_copies
-from flashserve.sched.plan import SampledTokens, SchedulerOutput, StepCost, WorkerOutput
+from flashserve.sched.plan import DecodeBatch, SampledTokens, SchedulerOutput, StepCost, WorkerOutput
 
 _request_id, _slot = operator.attrgetter("request_id"), operator.attrgetter("slot")
 _params, _penalty_slot = operator.attrgetter("params"), operator.attrgetter("penalty_slot")
@@ -133,6 +133,7 @@ class StepHandle:
     worker: Worker | None = None
     slots: np.ndarray | None = None  # [S] the batch slot of each row at launch
     generations: np.ndarray | None = None  # [S] those slots' InputBatch.generation at launch
+    lens: np.ndarray | None = None  # [S] tokens of each row (a multi-step batch; None: one model step)
     _result: WorkerOutput | None = None
 
     def result(self) -> WorkerOutput:
@@ -443,6 +444,8 @@ class Worker:
         if not plan.num_seqs:
             return StepHandle(plan.step_id, [], None)
         entries, decodes, spec = plan.requests, plan.decodes, None
+        if decodes is not None and decodes.num_steps > 1:
+            return self._execute_steps(plan, decodes, t0)
         # A step without draft slots runs as in a plain engine (unless the proposer sees every step).
         speculative = self.speculator is not None and self.speculator.takes_part(plan.entries)
         # some plain decode steps are timed all the same (the off-switch's cost fit)
@@ -490,6 +493,38 @@ class Worker:
         self._last_handle = handle
         return handle
 
+    def _execute_steps(self, plan: SchedulerOutput, decodes: DecodeBatch, t0: float) -> StepHandle:
+        """Launch a multi-step decode batch: ``decodes.num_steps`` forwards and argmaxes in a row
+        (its rows are plain greedy), each step's input tokens the ones the step before sampled,
+        on the device (``InputBatch.next_step``); its handle answers with every step's tokens."""
+        batch = self.batch
+        inp = batch.build((), self._prev_rows, None, decodes)
+        lens = decodes.row_lens()
+        batch.num_tokens[inp.slots] += lens - 1  # build() counted one token per row
+        timing = StepTiming(decodes.num_tokens, True, False, 0.0)
+        if self.timings is not None and self._pin:
+            timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            timing.start.record()
+        handle = StepHandle(plan.step_id, list(map(_request_id, inp.states)), None, inp.states, worker=self,
+                            slots=inp.sample_slots, generations=batch.generation[inp.sample_slots], lens=lens)
+        sampled = []
+        for j in range(decodes.num_steps):
+            hidden, timing.graph = self._forward(inp if j == 0 else batch.next_step(inp, j, lens))
+            c0 = time.perf_counter()
+            self._prev_tokens = self.sampler.greedy(self.model.compute_logits(hidden[: inp.num_seqs])).token_ids
+            self._compute_s += time.perf_counter() - c0
+            sampled.append(self._prev_tokens)
+        handle.out = SamplerOutput(torch.stack(sampled, dim=1))  # [S, steps]
+        self._queue_results(handle)
+        if timing.end is not None:
+            timing.end.record()
+        timing.host_s = time.perf_counter() - t0
+        timing.compute_s = self._compute_s
+        if self.timings is not None:
+            self.timings.append(timing)
+        self._last_handle = handle
+        return handle
+
     def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
@@ -510,6 +545,12 @@ class Worker:
         if handle.speculative or handle.timed:
             self.speculator.after_sampling(hidden, inp, states, handle, spec)
         self._compute_s += time.perf_counter() - c0
+        self._queue_results(handle)
+
+    def _queue_results(self, handle: StepHandle) -> None:
+        """After a step's sampling is launched: note which row of ``_prev_tokens`` holds each
+        slot's newest token (the next step's inputs read it on the device), and queue the copies
+        of the sampled tokens to the host (``result()`` waits for them)."""
         prev = self._prev_rows  # rewritten in place (build() has read it): a new array only when the batch grew
         if len(prev) != self.batch.num_slots:
             prev = self._prev_rows = np.empty(self.batch.num_slots, dtype=np.int64)
@@ -574,14 +615,17 @@ class Worker:
             t0 = time.perf_counter()
             handle.event.synchronize()
             handle.wait_s = time.perf_counter() - t0
-        tokens = handle.host["token_ids"].tolist()
+        tokens = handle.host["token_ids"].tolist() if handle.lens is None else None
         logprobs = handle.host.get("logprobs")
         lp = logprobs.tolist() if logprobs is not None else None
         top_ids = handle.host["top_ids"].tolist() if lp is not None else None
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
         plain = counts is None and lp is None and not handle.speculative
-        if plain:
+        if handle.lens is not None:  # a multi-step batch: every row's tokens, row after row
+            tokens = self._record_steps(handle)
+            sampled = {}
+        elif plain:
             self._record_plain(handle)
             sampled = {}
         else:
@@ -605,6 +649,19 @@ class Worker:
             self.batch.append_one(handle.slots, ids)
         else:
             self.batch.append_one(handle.slots[alive], ids[alive])
+
+    def _record_steps(self, handle: StepHandle) -> list[int]:
+        """``_record_plain`` for a multi-step batch: each row's first ``lens`` tokens of its
+        [S, steps] ids go into the token table; returns them row after row."""
+        ids = handle.host["token_ids"].numpy()
+        lens = handle.lens
+        mine = np.arange(ids.shape[1]) < lens[:, None]  # [S, steps]: the tokens each row decoded
+        alive = self.batch.generation[handle.slots] == handle.generations
+        if alive.all():
+            self.batch.append_steps(handle.slots, ids, lens)
+        else:
+            self.batch.append_steps(handle.slots[alive], ids[alive], lens[alive])
+        return ids[mine].tolist()
 
     def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
                 counts: list[int] | None) -> dict[str, SampledTokens]:

@@ -14,7 +14,9 @@ penalty counts) from one step to the next, so a plan carries only what changed:
   token it sampled in the step still in flight (overlapped scheduling).
 * ``DecodeBatch``: the running requests that each decode one token, when the scheduler claims
   them at once: the same work as their ``ScheduledRequest``s, as columns (request ids, start
-  positions, appended block ids), ahead of the per-request entries in the batch.
+  positions, appended block ids), ahead of the per-request entries in the batch. A multi-step
+  batch (``num_steps`` > 1) asks for that many model steps in a row, each decoding one token per
+  row from the token the step before sampled, with no host turn in between.
 * ``finished_ids``: requests that left the engine (stopped, aborted) or were preempted since the
   previous plan: the Worker drops their state.
 
@@ -22,7 +24,8 @@ Everything is immutable plain data (named tuples of ints, tuples, strings and Sa
 named tuples because hundreds are built per step; a ``DecodeBatch``'s read-only numpy columns),
 so a plan pickles in microseconds to a Worker in another process. The Worker answers with a
 ``WorkerOutput``: the tokens each sampling request got this step (a list, so speculation can
-accept several), or for a plain step one token per sampling row, in plan order.
+accept several), or for a plain step one token per sampling row, in plan order (for a multi-step
+batch, each row's tokens in turn).
 """
 
 from __future__ import annotations
@@ -71,22 +74,41 @@ class DecodeBatch:
     claimed at once (``Scheduler._claim_decodes``): their plan entries as columns, so neither side
     makes or reads an entry per request. They lead the step's batch, in this order, ahead of
     ``SchedulerOutput.requests``. ``block_rows`` (ascending) and ``block_ids``: the ids appended
-    to their block tables, each with its request's index in ``request_ids``, in table order."""
+    to their block tables, each with its request's index in ``request_ids``, in table order.
+
+    Multi-step (``num_steps`` > 1, the plan's only work): model step j decodes position
+    ``start_pos + j`` of every row from the token step j - 1 sampled, for the first ``lens[i]``
+    steps of row i (a row's tokens stop short at its ``max_tokens`` or the context); the Worker
+    answers with each row's ``lens[i]`` tokens."""
 
     request_ids: tuple[str, ...]
     start_pos: np.ndarray  # [n] int64
     block_rows: np.ndarray  # [m] int64
     block_ids: np.ndarray  # [m] int64
+    num_steps: int = 1
+    lens: np.ndarray | None = None  # [n] int64 in [1, num_steps]: tokens each row decodes (None: num_steps)
 
     def __post_init__(self) -> None:
-        for column in (self.start_pos, self.block_rows, self.block_ids):
-            column.flags.writeable = False
+        for column in (self.start_pos, self.block_rows, self.block_ids, self.lens):
+            if column is not None:
+                column.flags.writeable = False
 
     def __len__(self) -> int:
         return len(self.request_ids)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the batch computes over all its model steps."""
+        return int(self.row_lens().sum()) if self.num_steps > 1 else len(self.request_ids)
+
+    def row_lens(self) -> np.ndarray:
+        """[n] tokens each row decodes."""
+        return self.lens if self.lens is not None else np.full(len(self.request_ids), self.num_steps, np.int64)
+
     def entries(self) -> tuple[ScheduledRequest, ...]:
-        """The same work as one ``ScheduledRequest`` per request."""
+        """The same work as one ``ScheduledRequest`` per request (a one-step batch's)."""
+        if self.num_steps > 1:
+            raise ValueError("a multi-step decode batch has no per-request entries")
         new_ids: list[list[int]] = [[] for _ in self.request_ids]
         for row, block in zip(self.block_rows.tolist(), self.block_ids.tolist()):
             new_ids[row].append(block)
@@ -127,7 +149,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(r.num_new_tokens for r in self.requests) + (len(self.decodes) if self.decodes is not None else 0)
+        return sum(r.num_new_tokens for r in self.requests) + (self.decodes.num_tokens if self.decodes is not None else 0)
 
     @property
     def entries(self) -> tuple[ScheduledRequest, ...]:
@@ -162,7 +184,8 @@ class StepCost(NamedTuple):
 class WorkerOutput:
     """The Worker's answer to one plan: sampled tokens keyed by request id, or, for a plain step
     (every sampling row took one token, without logprobs or drafts), ``tokens``: one token per
-    sampling row in plan order (``sampled`` is empty then), so nothing is built per row."""
+    sampling row in plan order (``sampled`` is empty then), so nothing is built per row; for a
+    multi-step decode batch, row i's ``lens[i]`` tokens, row after row."""
 
     step_id: int
     sampled: dict[str, SampledTokens]

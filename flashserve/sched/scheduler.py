@@ -26,6 +26,12 @@ Overlap: ``schedule`` advances each request's ``num_computed_tokens`` at once an
 token a sampling step will produce as *pending*, so the next step can be planned before this
 one's tokens come back (``update`` then fills them in).
 
+Multi-step decoding (``num_scheduler_steps`` = n > 1): while nothing waits and every running
+request decodes plain greedy tokens (no stop strings, no per-request attention option), the bulk
+claim gives each decode n tokens at once (fewer where ``max_tokens`` or the context comes first):
+one plan, one host turn of scheduling and outputs, n model steps on the Worker. Anything queued
+brings single steps back at once, so a new request waits at most for the plans in flight.
+
 Micro-batches (``micro_batches`` > 1, pipeline stages): that many plans are in flight at once, on
 disjoint requests: every request is ``synchronous`` (planned again only once its sampled token is
 back; the chunks of a prompt that sample nothing still follow each other through the stages) and
@@ -58,6 +64,13 @@ _awaiting, _max_outputs = attrgetter("awaiting_result"), attrgetter("max_output_
 _new_entry = tuple.__new__
 
 
+def _stepwise(request: Request) -> bool:
+    """A request multi-step plans leave out: its tokens need the host between model steps (a
+    sampler row, a stop string to look for, a beam's group, a per-request attention option)."""
+    p = request.params
+    return request.synchronous or not p.plain_greedy or bool(p.stop) or p.attention is not None
+
+
 class _RunningColumns:
     """The running requests' counts as arrays, read by C-level maps (one pass per field)."""
 
@@ -81,12 +94,14 @@ class _DecodeChecks:
     which tokens complete a block and which reach ``max_tokens`` or the context is known then;
     only a stop token must wait for the token itself."""
 
-    __slots__ = ("commit_rows", "limit_rows", "stop_ids")
+    __slots__ = ("commit_rows", "limit_rows", "stop_ids", "lens")
 
-    def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int]) -> None:
-        self.commit_rows = commit_rows  # decodes whose token completes a block of known tokens
-        self.limit_rows = limit_rows  # decodes whose token reaches max_tokens or the context
+    def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int],
+                 lens: list[int] | None = None) -> None:
+        self.commit_rows = commit_rows  # decodes whose tokens complete a block of known tokens
+        self.limit_rows = limit_rows  # decodes whose tokens reach max_tokens or the context
         self.stop_ids = stop_ids  # every stop id of the live requests (those of the decodes among them)
+        self.lens = lens  # a multi-step batch's tokens per decode (None: one each)
 
 
 class _Step:
@@ -158,6 +173,8 @@ class Scheduler:
         # set (``Request.stop_token_set``, usually one shared set), so a bulk claim reads neither
         # per request; ``_stop_ids`` is the union of those sets (None: to be made again).
         self._num_synchronous = 0
+        # Of the requests in the scheduler: how many must decode one step per plan (``_stepwise``).
+        self._num_stepwise = 0
         self._stop_sets: dict[frozenset[int], int] = {}
         self._stop_ids: frozenset[int] | None = frozenset()
         # step id -> the requests it samples for: its decodes claimed at once (with their checks),
@@ -181,6 +198,7 @@ class Scheduler:
         if request.metrics.first_token_time is None:
             self._no_first_token.add(request)
         self._num_synchronous += request.synchronous
+        self._num_stepwise += _stepwise(request)
         stops = request.stop_token_set
         n = self._stop_sets.get(stops, 0)
         self._stop_sets[stops] = n + 1
@@ -191,6 +209,7 @@ class Scheduler:
         """Undo ``_enter`` for a request leaving the scheduler."""
         self._no_first_token.discard(request)
         self._num_synchronous -= request.synchronous
+        self._num_stepwise -= _stepwise(request)
         stops = request.stop_token_set
         n = self._stop_sets.pop(stops) - 1
         if n:
@@ -371,9 +390,9 @@ class Scheduler:
         """Split the ranked running requests into those that need one token (decodes) and the
         others, and claim the decodes at once (``_claim_decodes``) when there are at least
         ``bulk_claim_min`` running requests (below that the array work costs more than the
-        loop). Returns the decodes left for the loop, the others, the tokens claimed, and the
+        loop), or any number with multi-step plans (which only the bulk claim makes). Returns the decodes left for the loop, the others, the tokens claimed, and the
         ids of the running requests not claimed."""
-        if len(ranked) < self.bulk_claim_min:
+        if len(ranked) < self.bulk_claim_min and self.config.num_scheduler_steps == 1:
             decodes, prefills = [], []
             for r in ranked:
                 # r.num_tokens - r.num_computed_tokens, inlined
@@ -399,9 +418,10 @@ class Scheduler:
         per-request loop would, when none of them can run the pool short (each needs at most one
         new block) or the step's budget or seats out, and nothing is speculated (draft counts are
         per request). The block manager is called only for the requests whose step changes their
-        tables or commits a block (``BlockManager.quiet_decodes``). Returns the tokens claimed
-        (one per request), and their rows in ``running.claimed``; 0 when the bulk claim does not
-        apply (the loop then claims them)."""
+        tables or commits a block (``BlockManager.quiet_decodes``). A multi-step plan
+        (``_num_steps``) gives each decode several tokens. Returns the tokens claimed (one per
+        request and model step), and their rows in ``running.claimed``; 0 when the bulk claim does
+        not apply (the loop then claims them)."""
         if self.speculation is not None or not is_decode.any():
             return 0
         bm = self.block_manager
@@ -415,6 +435,8 @@ class Scheduler:
         count = len(sel)
         if count == 0 or count > budget or count > max_seqs:
             return 0
+        steps = self._num_steps(is_decode)
+        lens = np.minimum(end[sel] - num_tokens[sel], steps).astype(np.int64) if steps > 1 else None
         # every running request, in rank order, or those selected
         requests = list(running.requests) if count == len(running.requests) else \
             list(map(running.requests.__getitem__, sel.tolist()))
@@ -422,11 +444,12 @@ class Scheduler:
         starts = running.computed[sel]
         sent = np.fromiter(map(self._blocks_sent.get, rids, repeat(-1)), np.int64, count)
         known = (running.num_tokens - running.num_pending)[sel]
-        needs = bm.quiet_decodes(rids, starts, known, sent)
+        needs = bm.quiet_decodes(rids, starts, known, sent, lens)
         if needs is None or count - int((needs == 0).sum()) > bm.num_free_blocks:
             return 0
-        consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + 1).tolist()))
-        consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + 1).tolist()))
+        n = 1 if lens is None else lens  # tokens each claimed decode computes
+        consume(map(setattr, requests, repeat("num_computed_tokens"), (starts + n).tolist()))
+        consume(map(setattr, requests, repeat("num_pending_tokens"), (running.num_pending[sel] + n).tolist()))
         if self._num_synchronous:
             for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
                 request.awaiting_result = True
@@ -435,17 +458,18 @@ class Scheduler:
             grow = rows.tolist()
             block_ids = np.array(bm.append_blocks([rids[i] for i in grow]), dtype=np.int64)
             sent_now = (sent[rows] + 1).tolist()
-            for i, n in zip(grow, sent_now):
-                self._blocks_sent[rids[i]] = n
+            for i, held in zip(grow, sent_now):
+                self._blocks_sent[rids[i]] = held
         else:
             new_ids: list[tuple[int, ...]] = []
             grow = []
             for i in np.flatnonzero(needs).tolist():  # what _claim does with the block manager, in rank order
                 request, rid, start = requests[i], rids[i], int(starts[i])
-                allocated = bm.allocate_slots(rid, start + 1)
+                end_i = start + (1 if lens is None else int(lens[i]))
+                allocated = bm.allocate_slots(rid, end_i)
                 assert allocated is not None, "the pool had a block for every decode"
                 bm.trim(rid, start)
-                bm.assert_writable(rid, start, start + 1)
+                bm.assert_writable(rid, start, end_i)
                 bm.commit(request)
                 if sent[i] < 0:  # the Worker does not hold it (a forked beam)
                     step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
@@ -456,14 +480,25 @@ class Scheduler:
                 grow.append(i)
             rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
             block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
-        self.policy.on_scheduled_each(requests, 1)
+        self.policy.on_scheduled_each(requests, steps)
         running.claimed = sel
-        step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids)
+        step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids, steps, lens)
         step.decode_requests = requests
-        after = starts + 2  # known tokens once the step's token is back
-        step.decode_checks = _DecodeChecks(np.flatnonzero(after % bm.block_size == 0).tolist(),
-                                           np.flatnonzero(after >= end[sel]).tolist(), self._live_stop_ids())
-        return count
+        after = starts + 1 + n  # known tokens once the step's tokens are back
+        bs = bm.block_size
+        step.decode_checks = _DecodeChecks(np.flatnonzero(after // bs > (after - n) // bs).tolist(),
+                                           np.flatnonzero(after >= end[sel]).tolist(), self._live_stop_ids(),
+                                           None if lens is None else lens.tolist())
+        return count  # the step budget counts one model step's tokens
+
+    def _num_steps(self, is_decode: np.ndarray) -> int:
+        """Model steps for this plan's decodes: ``num_scheduler_steps`` when every running request
+        decodes, may take them (``_stepwise``) and nothing waits, else 1."""
+        steps = self.config.num_scheduler_steps
+        if steps == 1 or self.waiting or self.swapped or self._num_stepwise or self._block_copies \
+                or not is_decode.all():
+            return 1
+        return steps
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """Draft slots for a decode step (0: a plain one): only when the request's last token is
@@ -610,6 +645,8 @@ class Scheduler:
         left the engine while the step ran are skipped.
         """
         decodes, checks, sampling = self._inflight.pop(plan.step_id)
+        if checks is not None and checks.lens is not None:
+            return self._update_steps(decodes, checks, result.tokens)
         if result.tokens is not None:
             return self._update_plain(decodes, checks, sampling, result.tokens)
         requests: list[Request] = []
@@ -704,6 +741,42 @@ class Scheduler:
                 maybe_stopped.append(len(requests))
             requests.append(request)
         return StepTokens(requests, None, maybe_stopped)
+
+
+    def _update_steps(self, decodes: list[Request], checks: _DecodeChecks, tokens: list[int] | None) -> StepTokens:
+        """``update`` for a multi-step plan (its decodes are its only work): decode i got
+        ``checks.lens[i]`` tokens, which follow those of the decodes before it in ``tokens``."""
+        lens = checks.lens
+        if tokens is None or len(tokens) != sum(lens):
+            raise ValueError(f"the Worker sent {'no token list' if tokens is None else f'{len(tokens)} tokens'} "
+                             f"for a multi-step plan of {sum(lens)} tokens")
+        now, no_first, stop_ids = time.monotonic(), self._no_first_token, checks.stop_ids
+        limit_rows = set(checks.limit_rows)
+        requests: list[Request] = []
+        counts: list[int] = []
+        maybe_stopped: list[int] = []
+        end = 0
+        for i, (request, n) in enumerate(zip(decodes, lens)):
+            new, end = tokens[end : end + n], end + n
+            request.num_pending_tokens -= n
+            if not request.num_pending_tokens:
+                request.awaiting_result = False
+            if request.status.finished:
+                continue
+            request.output_token_ids.extend(new)
+            if request in no_first:
+                no_first.discard(request)
+                request.metrics.first_token_time = now
+            if i in limit_rows or (stop_ids and not request.stop_token_set.isdisjoint(new)):
+                maybe_stopped.append(len(requests))
+            requests.append(request)
+            counts.append(n)
+        running, commit = self._blocks_sent, self.block_manager.commit
+        for i in checks.commit_rows:  # still running: the blocks its tokens completed may be registered now
+            request = decodes[i]
+            if not request.status.finished and request.request_id in running:
+                commit(request)
+        return StepTokens(requests, counts, maybe_stopped)
 
 
 class StepTokens:

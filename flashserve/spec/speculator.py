@@ -214,7 +214,7 @@ class Speculator:
         return out
 
     def _verify_greedy(self, hidden: torch.Tensor, inp, spec: SpecStep) -> SamplerOutput:
-        """``verify`` for plain greedy rows (``is_plain_greedy``): the argmax at every node
+        """``verify`` for plain greedy rows (``SamplingParams.plain_greedy``): the argmax at every node
         (``Sampler.greedy``, as plain decoding), then each row's walk down its tree in one launch
         (``flashserve.kernels.tree_accept``): one upload (the trees)."""
         w = self.worker

@@ -1,0 +1,188 @@
+"""Multi-step decoding (``num_scheduler_steps`` > 1): one plan runs several model steps while every
+running request decodes plain greedy tokens and nothing waits. The tokens and finish reasons equal
+one-step plans' under batching, chunked prompts, preemption (recompute and swap), prefix caching,
+stop ids met in the middle of a plan, ``max_tokens`` and the context cutting a plan short, aborts,
+and a Worker in another process; anything queued or a request that needs the host between tokens
+brings one-step plans back."""
+
+import random
+
+import pytest
+
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+from flashserve.config import EngineArgs
+from flashserve.sched.scheduler import Scheduler
+
+BLOCK = 2 * 2 * 8 * 2 * 16 * 4  # bytes of one fp32 block of the tiny model: layers x K/V x 8 tokens x 2 heads x 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3_gqa_steps")
+    make_tiny_checkpoint("llama3_gqa", folder, seed=8)
+    return str(folder)
+
+
+def workload(n: int = 10, seed: int = 5):
+    """Plain greedy requests sharing prefixes: lengths that are not multiples of the step count,
+    some stopping on token ids, some running into the 96-token context."""
+    rng = random.Random(seed)
+    stem = [rng.randrange(3, 500) for _ in range(24)]
+    prompts = [stem[: rng.randrange(0, 24)] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 30))]
+               for _ in range(n)]
+    params = []
+    for i in range(n):
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0, max_tokens=rng.randint(5, 40),
+                                         stop_token_ids=[rng.randrange(3, 500) for _ in range(60)]))
+        elif i % 3 == 1:
+            params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 45), ignore_eos=True))
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))  # the context ends it
+    return prompts, params
+
+
+CASES = {
+    "batching": dict(kv_cache_bytes=1 << 21),
+    "chunking": dict(kv_cache_bytes=1 << 21, max_num_batched_tokens=24),
+    "recompute": dict(kv_cache_bytes=24 * BLOCK, preemption_mode="recompute", max_num_batched_tokens=40),
+    "swap": dict(kv_cache_bytes=24 * BLOCK, preemption_mode="swap", swap_space_bytes=64 * BLOCK,
+                 max_num_batched_tokens=40),
+    "no-prefix-cache": dict(kv_cache_bytes=1 << 21, enable_prefix_caching=False),
+}
+
+
+def run(folder, monkeypatch, steps: int, prompts, params, aborts=(), late=(), **kw):
+    """Every request's (tokens, finish reason), the plans' model-step counts, and the engine.
+    ``aborts``: (step, request id) pairs; ``late``: requests added at a given step."""
+    monkeypatch.setattr(Scheduler, "bulk_claim_min", 1)  # a dozen requests take the bulk claim
+    engine = LLM(model=folder, device="cpu", block_size=8, max_model_len=96, verbose=False,
+                 num_scheduler_steps=steps, **kw).engine
+    schedule, plans = engine.core.schedule, []
+
+    def recorded():
+        plan = schedule()
+        plans.append((plan.decodes.num_steps if plan.decodes is not None else 1, engine.scheduler.num_waiting))
+        return plan
+
+    engine.core.schedule = recorded
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    done = {}
+    for step in range(1000):
+        for at, rid in aborts:
+            if step == at:
+                engine.abort_request(rid)
+        for at, rid, prompt, p in late:
+            if step == at:
+                engine.add_request(rid, prompt, p)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [(c.token_ids, c.finish_reason) for c in out.outputs]
+        if not engine.has_unfinished_requests() and step > max((at for at, *_ in late), default=0):
+            break
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0
+    engine.block_manager.check_invariants()
+    return done, plans, engine
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_multi_step_plans_give_one_step_plans_tokens(tiny, monkeypatch, case):
+    prompts, params = workload()
+    want, one, _ = run(tiny, monkeypatch, 1, prompts, params, **CASES[case])
+    got, plans, engine = run(tiny, monkeypatch, 4, prompts, params, **CASES[case])
+    assert got == want and len(got) == len(prompts)
+    reasons = {c[1] for v in got.values() for c in v}
+    assert reasons == {"stop", "length"}
+    assert all(n == 1 for n, _ in one)
+    assert sum(n == 4 for n, _ in plans) >= 3, plans  # the plans did run four model steps
+    assert all(n == 1 for n, waiting in plans if waiting)  # never while anything waits
+    assert len(plans) < len(one)
+    if case in ("recompute", "swap"):
+        assert engine.scheduler.num_preemptions > 0
+    if case == "batching":
+        assert engine.block_manager.prefix_hits > 0
+
+
+@pytest.mark.parametrize("steps", [2, 3, 8])
+def test_any_step_count_up_to_the_block_size(tiny, monkeypatch, steps):
+    prompts, params = workload(8, seed=steps)
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
+    got, plans, _ = run(tiny, monkeypatch, steps, prompts, params, kv_cache_bytes=1 << 21)
+    assert got == want and any(n == steps for n, _ in plans)
+
+
+def test_a_plan_runs_its_model_steps_and_answers_every_token(tiny, monkeypatch):
+    """One multi-step plan: ``num_steps`` forwards on the Worker, ``lens`` tokens per row (cut at
+    max_tokens), and each request's output as long as its plan said."""
+    monkeypatch.setattr(Scheduler, "bulk_claim_min", 1)
+    engine = LLM(model=tiny, device="cpu", block_size=8, max_model_len=96, kv_cache_bytes=1 << 21, verbose=False,
+                 num_scheduler_steps=5, async_scheduling=False).engine
+    worker = engine.executor.worker
+    forwards = []
+    forward = worker._forward
+    monkeypatch.setattr(worker, "_forward", lambda inp, *a: forwards.append(inp.num_tokens) or forward(inp, *a))
+    engine.add_request("a", list(range(3, 20)), SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    engine.add_request("b", list(range(40, 47)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.step()  # both prompts, one model step: the first tokens
+    assert forwards == [24]
+    plan = engine.core.schedule()
+    assert plan.decodes.num_steps == 5 and plan.decodes.lens.tolist() == [5, 2] and plan.num_tokens == 7
+    assert plan.decodes.start_pos.tolist() == [17, 7]
+    out = engine.executor.execute(plan).result()
+    assert forwards == [24, 2, 2, 2, 2, 2] and len(out.tokens) == 7
+    progress = engine.core.update(plan, out)
+    assert [(r.request_id, len(r.output_token_ids)) for r in progress.requests] == [("a", 6), ("b", 3)]
+    assert [r.request_id for r in progress.finished] == ["b"]
+    a = engine.scheduler.requests["a"]
+    assert a.num_computed_tokens == 17 + 5 and a.num_pending_tokens == 0
+    assert engine.core.schedule().decodes.lens.tolist() == [3]  # a's max_tokens cuts the next plan
+
+
+def test_requests_that_need_the_host_between_tokens_take_one_step_plans(tiny, monkeypatch):
+    """Sampling, penalties, logprobs or stop strings need the host after every token: while such a
+    request runs every plan is one step, and the greedy requests beside it get the same tokens."""
+    prompts, params = workload(6)
+    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True)
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
+    got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, kv_cache_bytes=1 << 21)
+    assert got == want
+    # multi-step plans only once the sampled request is gone
+    first_multi = next(i for i, (n, _) in enumerate(plans) if n > 1)
+    assert len(got["1"][0][0]) == 30 and first_multi > 30
+
+
+def test_arrivals_and_aborts_between_multi_step_plans(tiny, monkeypatch):
+    prompts, params = workload(8, seed=9)
+    late = [(6, "late", list(range(5, 30)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
+    aborts = [(4, "2")]  # its plan in flight has four steps
+    kw = dict(kv_cache_bytes=1 << 21, max_num_batched_tokens=512)
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, aborts=aborts, late=late, **kw)
+    got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, aborts=aborts, late=late, **kw)
+    assert "2" not in got and got == want and len(got["late"][0][0]) == 12
+    # multi-step before the arrival; the arrival's own plan (its prompt) is one step; multi-step after it
+    assert [n for n, _ in plans[1:6]] == [4] * 5 and plans[6][0] == 1 and 4 in [n for n, _ in plans[7:]], plans
+
+
+def test_a_worker_in_another_process_runs_multi_step_plans(tiny, monkeypatch):
+    prompts, params = workload(6)
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
+    got, plans, engine = run(tiny, monkeypatch, 4, prompts, params, kv_cache_bytes=1 << 21, executor="process")
+    try:
+        assert got == want and any(n == 4 for n, _ in plans)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_scheduler_steps=0), r"num_scheduler_steps must be in \[1, 16\], got 0"),
+    (dict(num_scheduler_steps=17), r"num_scheduler_steps must be in \[1, 16\], got 17"),
+    (dict(num_scheduler_steps=8, block_size=4), r"num_scheduler_steps \(8\) must not exceed block_size \(4\)"),
+    (dict(num_scheduler_steps=4, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
+     "does not combine with speculative decoding"),
+    (dict(num_scheduler_steps=4, tensor_parallel_size=2), "does not combine with tensor or pipeline parallelism"),
+])
+def test_bad_step_counts_and_combinations_are_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(**kw).engine_config()
