@@ -341,26 +341,29 @@ class InputBatch:
             states=states,
         )
 
-    def next_step(self, first: StepInputs, j: int, lens: np.ndarray) -> StepInputs:
-        """Model step ``j`` of a multi-step decode batch whose step 0 is ``first``: every row
-        decodes the position after its previous one, its input the token step j - 1 sampled (on
-        the device: ``prev_scatter``, every row). A row whose ``lens`` tokens are done repeats
-        its last position without storing anything (slot -1); its tokens are not read."""
-        bs, b = self.block_size, first.num_seqs
+    def later_steps(self, first: StepInputs, lens: np.ndarray, num_steps: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Model steps 1 .. num_steps - 1 of a multi-step decode batch whose step 0 is ``first``:
+        each row decodes the position after its previous one. A row whose ``lens`` tokens are
+        done repeats its last position and stores nothing (slot -1); its tokens are not read.
+        Per step and row: positions [S-1, B] int64, cache slots in each group's table
+        [S-1, groups, B] int64, context lengths [S-1, B] int32."""
+        bs = self.block_size
+        j = np.arange(1, num_steps, dtype=np.int64)[:, None]
         done = j >= lens
         positions = first.positions + np.where(done, lens - 1, j)
         cols, offsets = np.divmod(positions, bs)
-        slots = first.slots
+        cache = np.stack([np.where(done, -1, table[first.slots, cols].astype(np.int64) * bs + offsets)
+                          for table in (self.block_table, *self.group_tables)], axis=1)
+        return positions, cache, (positions + 1).astype(np.int32)
 
-        def cache_slots(table: np.ndarray) -> np.ndarray:
-            return np.where(done, -1, table[slots, cols].astype(np.int64) * bs + offsets)
-
-        rows = np.arange(b, dtype=np.int64)
-        return replace(first, input_ids=np.zeros(b, np.int64), positions=positions,
-                       slot_mapping=cache_slots(self.block_table),
-                       group_slot_mapping=tuple(map(cache_slots, self.group_tables)),
-                       seq_lens=(positions + 1).astype(np.int32), prev_scatter=(rows, rows), block_updates=None,
-                       group_block_updates=tuple(None for _ in self.group_tables))
+    def step_inputs(self, first: StepInputs, positions: np.ndarray, cache: np.ndarray, seq_lens: np.ndarray) -> StepInputs:
+        """``first`` moved on to one of its ``later_steps``: every row's input token is the one
+        the step before sampled, on the device (``prev_scatter``, every row)."""
+        rows = np.arange(first.num_seqs, dtype=np.int64)
+        return replace(first, input_ids=np.zeros(len(rows), np.int64), positions=positions, slot_mapping=cache[0],
+                       group_slot_mapping=tuple(cache[1:]), seq_lens=seq_lens, prev_scatter=(rows, rows),
+                       block_updates=None, group_block_updates=tuple(None for _ in self.group_tables))
 
     def _append_plan_ids(self, slots: np.ndarray, decodes: DecodeBatch | None, entries: tuple[ScheduledRequest, ...]
                          ) -> tuple[BlockUpdates | None, tuple[BlockUpdates | None, ...]]:

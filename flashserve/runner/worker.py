@@ -496,7 +496,7 @@ class Worker:
     def _execute_steps(self, plan: SchedulerOutput, decodes: DecodeBatch, t0: float) -> StepHandle:
         """Launch a multi-step decode batch: ``decodes.num_steps`` forwards and argmaxes in a row
         (its rows are plain greedy), each step's input tokens the ones the step before sampled,
-        on the device (``InputBatch.next_step``); its handle answers with every step's tokens."""
+        on the device (``InputBatch.later_steps``); its handle answers with every step's tokens."""
         batch = self.batch
         inp = batch.build((), self._prev_rows, None, decodes)
         lens = decodes.row_lens()
@@ -507,11 +507,22 @@ class Worker:
             timing.start.record()
         handle = StepHandle(plan.step_id, list(map(_request_id, inp.states)), None, inp.states, worker=self,
                             slots=inp.sample_slots, generations=batch.generation[inp.sample_slots], lens=lens)
-        sampled = []
-        for j in range(decodes.num_steps):
-            hidden, timing.graph = self._forward(inp if j == 0 else batch.next_step(inp, j, lens))
+        b, steps = inp.num_seqs, decodes.num_steps
+        later = batch.later_steps(inp, lens, steps)
+        sampled, key, staged = [], None, None
+        for j in range(steps):
+            if j == 0:
+                hidden, timing.graph = self._forward(inp)
+                if timing.graph:  # the later steps replay the same graph: their inputs travel now, at once
+                    key = self.graphs.pick(b, b, True)
+                    staged = (self._to_device(np.concatenate((later[0][:, None], later[1]), axis=1)),
+                              self._to_device(later[2]))
+            elif key is not None:
+                hidden = self._replay_later(key, staged, j - 1, b)
+            else:
+                hidden, _ = self._forward(batch.step_inputs(inp, *(a[j - 1] for a in later)))
             c0 = time.perf_counter()
-            self._prev_tokens = self.sampler.greedy(self.model.compute_logits(hidden[: inp.num_seqs])).token_ids
+            self._prev_tokens = self.sampler.greedy(self.model.compute_logits(hidden[:b])).token_ids
             self._compute_s += time.perf_counter() - c0
             sampled.append(self._prev_tokens)
         handle.out = SamplerOutput(torch.stack(sampled, dim=1))  # [S, steps]
@@ -524,6 +535,21 @@ class Worker:
             self.timings.append(timing)
         self._last_handle = handle
         return handle
+
+    def _replay_later(self, key: tuple[str, int], staged: tuple[torch.Tensor, torch.Tensor], i: int,
+                      num_seqs: int) -> torch.Tensor:
+        """Replay a multi-step batch's decode graph for its later step ``i`` (of ``InputBatch.later_steps``,
+        staged on the device): only the positions, cache slots, context lengths and input tokens
+        (the step before's, on the device) change in the buffers step 0 filled."""
+        buf = self.buffers
+        rows, seq_lens = staged
+        buf.token_inputs[1 : buf.tree_row, :num_seqs].copy_(rows[i])
+        buf.seq_lens[:num_seqs].copy_(seq_lens[i])
+        buf.input_ids[:num_seqs].copy_(self._prev_tokens)
+        c0 = time.perf_counter()
+        hidden = self.graphs.replay(key, num_seqs)
+        self._compute_s += time.perf_counter() - c0
+        return hidden
 
     def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
