@@ -17,3 +17,18 @@ def test_step_kernels_subtract_the_prompt_run():
     assert table["span_us_per_step"] == 20.0 and table["idle_us_per_step"] == 9.75
     text = format_profile(table)
     assert text.splitlines()[1].startswith("gemv") and "3 kernels" not in text and "4 kernels" in text
+
+
+def test_latency_bench_reports_per_model_step_with_multi_step_plans(tmp_path):
+    """With ``--num-scheduler-steps`` a plan runs several model steps: the host time is reported per
+    model step, over the decode plans."""
+    import json
+
+    from flashserve.cli import main
+
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--device", "cpu", "--model", "tiny-llama", "--load-format", "dummy",
+                 "--new-tokens", "17", "--repeats", "1", "--max-model-len", "128", "--prompt-len", "8",
+                 "--num-scheduler-steps", "4", "--output-json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["host_ms_per_decode_step"] > 0 and res["new_tokens"] == 17

@@ -135,10 +135,12 @@ def run(args: argparse.Namespace) -> int:
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         e2es.append(time.perf_counter() - start)
         tpots.append(out.metrics.time_per_output_token(args.new_tokens))
-        host_ms.append(statistics.median(t.host_s for t in engine.timings if t.num_tokens == 1) * 1e3)
+        # per model step (a multi-step plan, --num-scheduler-steps, runs several)
+        host_ms.append(statistics.median(t.host_s / t.model_steps for t in engine.timings
+                                         if t.num_tokens <= t.model_steps) * 1e3)
         decode = [t for t in worker.timings if t.is_decode] if worker is not None else []
         if decode and decode[0].start is not None:
-            gpu_ms.append(statistics.median(t.gpu_ms for t in decode))
+            gpu_ms.append(statistics.median(t.gpu_ms / t.model_steps for t in decode))
     engine.timings = None
     if worker is not None:
         worker.timings = None

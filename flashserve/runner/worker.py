@@ -98,6 +98,7 @@ class StepTiming:
     # verification calls: launching their kernels on CUDA (nothing waits for the device), running
     # them on CPU. The rest (``prep_s``) is the Worker's own host work.
     compute_s: float = 0.0
+    model_steps: int = 1  # forwards the step ran (a multi-step decode batch's num_steps)
 
     @property
     def prep_s(self) -> float:
@@ -501,7 +502,7 @@ class Worker:
         inp = batch.build((), self._prev_rows, None, decodes)
         lens = decodes.row_lens()
         batch.num_tokens[inp.slots] += lens - 1  # build() counted one token per row
-        timing = StepTiming(decodes.num_tokens, True, False, 0.0)
+        timing = StepTiming(decodes.num_tokens, True, False, 0.0, model_steps=decodes.num_steps)
         if self.timings is not None and self._pin:
             timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timing.start.record()
