@@ -390,8 +390,9 @@ class Scheduler:
         """Split the ranked running requests into those that need one token (decodes) and the
         others, and claim the decodes at once (``_claim_decodes``) when there are at least
         ``bulk_claim_min`` running requests (below that the array work costs more than the
-        loop), or any number with multi-step plans (which only the bulk claim makes). Returns the decodes left for the loop, the others, the tokens claimed, and the
-        ids of the running requests not claimed."""
+        loop), or any number with multi-step plans (which only the bulk claim makes). Returns
+        the decodes left for the loop, the others, the tokens claimed, and the ids of the
+        running requests not claimed."""
         if len(ranked) < self.bulk_claim_min and self.config.num_scheduler_steps == 1:
             decodes, prefills = [], []
             for r in ranked:
@@ -420,8 +421,8 @@ class Scheduler:
         per request). The block manager is called only for the requests whose step changes their
         tables or commits a block (``BlockManager.quiet_decodes``). A multi-step plan
         (``_num_steps``) gives each decode several tokens. Returns the tokens claimed (one per
-        request and model step), and their rows in ``running.claimed``; 0 when the bulk claim does
-        not apply (the loop then claims them)."""
+        request: the step budget counts one model step's), and their rows in
+        ``running.claimed``; 0 when the bulk claim does not apply (the loop then claims them)."""
         if self.speculation is not None or not is_decode.any():
             return 0
         bm = self.block_manager
