@@ -40,6 +40,18 @@ def _engine(folder, **kw):
                max_num_batched_tokens=64, verbose=False, **kw)
 
 
+def _never_synchronising(launch):
+    """``launch`` run under CUDA's sync-debug mode: any synchronising call in it raises."""
+    def checked(plan):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return checked
+
+
 def test_mixed_step_graphs_equal_eager(tiny):
     prompts, params = _workload()
     eager = _engine(tiny, cuda_graphs=False)
@@ -60,16 +72,7 @@ def test_launching_a_step_never_synchronises(tiny, overlap):
                   kv_cache_bytes=40 * block, swap_space_bytes=200 * block)  # preemptions swap: async copies too
     llm.engine.warm_up()
     worker = llm.engine.worker
-    launch = worker.execute
-
-    def checked(plan):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(plan)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    worker.execute = checked
+    worker.execute = _never_synchronising(worker.execute)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(c.token_ids) == p.max_tokens for o, p in zip(outs, params) for c in o.outputs)
     assert llm.engine.scheduler.num_swap_outs > 0
@@ -88,17 +91,13 @@ def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(t
     llm = _engine(tiny, num_scheduler_steps=4)
     llm.engine.warm_up()
     worker, steps = llm.engine.worker, []
-    launch = worker.execute
+    launch = _never_synchronising(worker.execute)
 
-    def checked(plan):
+    def counted(plan):
         steps.append(plan.decodes.num_steps if plan.decodes is not None else 1)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(plan)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        return launch(plan)
 
-    worker.execute = checked
+    worker.execute = counted
     worker.timings = []
     got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == ref

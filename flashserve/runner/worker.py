@@ -462,10 +462,7 @@ class Worker:
         inp = self.batch.build(entries, self._prev_rows, spec.num_drafts if spec is not None else None, decodes)
         if spec is not None:
             spec.adjust_inputs(inp)
-        timing = StepTiming(inp.num_tokens, inp.is_decode, False, 0.0)
-        if self.timings is not None and self._pin:
-            timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            timing.start.record()
+        timing = self._start_timing(StepTiming(inp.num_tokens, inp.is_decode, False, 0.0))
         # the sampling rows' states (every row's when each samples: a decode step) and ids, by C-level maps
         rows = inp.sample_rows
         states = inp.states if len(rows) == len(inp.states) else list(map(inp.states.__getitem__, rows))
@@ -485,6 +482,17 @@ class Worker:
                 handle.timed = False  # sampled during the next step: its span is not this step's cost
             else:
                 self._sample(handle, hidden, inp, spec)
+        return self._launched(handle, timing, t0)
+
+    def _start_timing(self, timing: StepTiming) -> StepTiming:
+        """A step's timing record, with device events around it when timings are kept on CUDA."""
+        if self.timings is not None and self._pin:
+            timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            timing.start.record()
+        return timing
+
+    def _launched(self, handle: StepHandle, timing: StepTiming, t0: float) -> StepHandle:
+        """Close a launched step's timing (host time since ``t0``) and make it the last step."""
         if timing.end is not None:
             timing.end.record()
         timing.host_s = time.perf_counter() - t0
@@ -502,10 +510,7 @@ class Worker:
         inp = batch.build((), self._prev_rows, None, decodes)
         lens = decodes.row_lens()
         batch.num_tokens[inp.slots] += lens - 1  # build() counted one token per row
-        timing = StepTiming(decodes.num_tokens, True, False, 0.0, model_steps=decodes.num_steps)
-        if self.timings is not None and self._pin:
-            timing.start, timing.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            timing.start.record()
+        timing = self._start_timing(StepTiming(decodes.num_tokens, True, False, 0.0, model_steps=decodes.num_steps))
         handle = StepHandle(plan.step_id, list(map(_request_id, inp.states)), None, inp.states, worker=self,
                             slots=inp.sample_slots, generations=batch.generation[inp.sample_slots], lens=lens)
         b, steps = inp.num_seqs, decodes.num_steps
@@ -528,14 +533,7 @@ class Worker:
             sampled.append(self._prev_tokens)
         handle.out = SamplerOutput(torch.stack(sampled, dim=1))  # [S, steps]
         self._queue_results(handle)
-        if timing.end is not None:
-            timing.end.record()
-        timing.host_s = time.perf_counter() - t0
-        timing.compute_s = self._compute_s
-        if self.timings is not None:
-            self.timings.append(timing)
-        self._last_handle = handle
-        return handle
+        return self._launched(handle, timing, t0)
 
     def _replay_later(self, key: tuple[str, int], staged: tuple[torch.Tensor, torch.Tensor], i: int,
                       num_seqs: int) -> torch.Tensor:
