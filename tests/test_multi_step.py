@@ -1,8 +1,9 @@
 """Multi-step decoding (``num_scheduler_steps`` > 1): one plan runs several model steps while every
-running request decodes plain greedy tokens and nothing waits. The tokens and finish reasons equal
-one-step plans' under batching, chunked prompts, preemption (recompute and swap), prefix caching,
-stop ids met in the middle of a plan, ``max_tokens`` and the context cutting a plan short, aborts,
-and a Worker in another process; anything queued or a request that needs the host between tokens
+running request decodes, none needs the host between its tokens and nothing waits. The tokens and
+finish reasons equal one-step plans' under batching, chunked prompts, preemption (recompute and
+swap), prefix caching, stop ids met in the middle of a plan, ``max_tokens`` and the context cutting
+a plan short, seeded sampling with penalties and min_tokens, aborts, and a Worker in another
+process; anything queued or a request that needs the host between tokens (logprobs, stop strings)
 brings one-step plans back."""
 
 import random
@@ -25,15 +26,20 @@ def tiny(tmp_path_factory):
 
 
 def workload(n: int = 10, seed: int = 5):
-    """Plain greedy requests sharing prefixes: lengths that are not multiples of the step count,
-    some stopping on token ids, some running into the 96-token context."""
+    """Requests sharing prefixes: lengths that are not multiples of the step count, some stopping on
+    token ids (greedy), some running into the 96-token context, some seeded sampling with penalties
+    and min_tokens."""
     rng = random.Random(seed)
     stem = [rng.randrange(3, 500) for _ in range(24)]
     prompts = [stem[: rng.randrange(0, 24)] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 30))]
                for _ in range(n)]
     params = []
     for i in range(n):
-        if i % 3 == 0:
+        if i % 4 == 3:
+            params.append(SamplingParams(temperature=0.9, top_p=0.95, seed=i, max_tokens=rng.randint(3, 30),
+                                         repetition_penalty=1.2, frequency_penalty=0.3, min_tokens=2,
+                                         stop_token_ids=[rng.randrange(3, 500) for _ in range(60)]))
+        elif i % 3 == 0:
             params.append(SamplingParams(temperature=0, max_tokens=rng.randint(5, 40),
                                          stop_token_ids=[rng.randrange(3, 500) for _ in range(60)]))
         elif i % 3 == 1:
@@ -140,11 +146,24 @@ def test_a_plan_runs_its_model_steps_and_answers_every_token(tiny, monkeypatch):
     assert engine.core.schedule().decodes.lens.tolist() == [3]  # a's max_tokens cuts the next plan
 
 
+def test_seeded_sampling_with_penalties_in_multi_step_plans(tiny, monkeypatch):
+    """Sampled rows move one output position per model step (a seeded row's draw, min_tokens bans)
+    and their penalty counts grow on the device as each step samples: every request here samples,
+    the plans run four steps, and the tokens equal one-step plans'."""
+    prompts, _ = workload(6, seed=2)
+    params = [SamplingParams(temperature=0.7 + 0.1 * i, top_k=50, seed=40 + i, max_tokens=20 + i,
+                             presence_penalty=0.4, repetition_penalty=1.3, min_tokens=6, ignore_eos=i % 2 == 0)
+              for i in range(6)]
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
+    got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, kv_cache_bytes=1 << 21)
+    assert got == want and sum(n == 4 for n, _ in plans) >= 3
+
+
 def test_requests_that_need_the_host_between_tokens_take_one_step_plans(tiny, monkeypatch):
-    """Sampling, penalties, logprobs or stop strings need the host after every token: while such a
-    request runs every plan is one step, and the greedy requests beside it get the same tokens."""
+    """Logprobs (or stop strings, a grammar) need the host after every token: while such a request
+    runs every plan is one step, and the requests beside it get the same tokens."""
     prompts, params = workload(6)
-    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True)
+    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, logprobs=2)
     want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
     got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, kv_cache_bytes=1 << 21)
     assert got == want

@@ -47,6 +47,17 @@ _request_id, _slot = operator.attrgetter("request_id"), operator.attrgetter("slo
 _params, _penalty_slot = operator.attrgetter("params"), operator.attrgetter("penalty_slot")
 
 
+def later_rows(rows: list[SamplingRow], states: list, j: int) -> list[SamplingRow]:
+    """The sampling rows of model step ``j`` of a multi-step batch whose step 0 samples ``rows``:
+    each row ``j`` outputs further on (its seed position), its EOS / stop ids banned while that is
+    below its min_tokens."""
+    if j == 0:
+        return rows
+    return [r._replace(num_output_tokens=r.num_output_tokens + j,
+                       banned_token_ids=st.banned if r.num_output_tokens + j < r.params.min_tokens else ())
+            for r, st in zip(rows, states)]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -503,11 +514,15 @@ class Worker:
         return handle
 
     def _execute_steps(self, plan: SchedulerOutput, decodes: DecodeBatch, t0: float) -> StepHandle:
-        """Launch a multi-step decode batch: ``decodes.num_steps`` forwards and argmaxes in a row
-        (its rows are plain greedy), each step's input tokens the ones the step before sampled,
-        on the device (``InputBatch.later_steps``); its handle answers with every step's tokens."""
+        """Launch a multi-step decode batch: ``decodes.num_steps`` forwards and samples in a row
+        (no row has a grammar or logprobs), each step's input tokens the ones the step before
+        sampled, on the device (``InputBatch.later_steps``); its handle answers with every step's
+        tokens. Penalty counts are kept on the device as each step samples, and a seeded row
+        draws by its output position, so its tokens are those one-step plans give."""
         batch = self.batch
         inp = batch.build((), self._prev_rows, None, decodes)
+        # rows that are all plain greedy take the argmax alone; the others sample from their rows
+        rows = None if not batch.num_not_plain or batch.plain[inp.slots].all() else self._sampling_rows(inp.states)
         lens = decodes.row_lens()
         batch.num_tokens[inp.slots] += lens - 1  # build() counted one token per row
         timing = self._start_timing(StepTiming(decodes.num_tokens, True, False, 0.0, model_steps=decodes.num_steps))
@@ -528,7 +543,9 @@ class Worker:
             else:
                 hidden, _ = self._forward(batch.step_inputs(inp, *(a[j - 1] for a in later)))
             c0 = time.perf_counter()
-            self._prev_tokens = self.sampler.greedy(self.model.compute_logits(hidden[:b])).token_ids
+            logits = self.model.compute_logits(hidden[:b])
+            out = self.sampler.greedy(logits) if rows is None else self.sampler(logits, later_rows(rows, inp.states, j))
+            self._prev_tokens = out.token_ids
             self._compute_s += time.perf_counter() - c0
             sampled.append(self._prev_tokens)
         handle.out = SamplerOutput(torch.stack(sampled, dim=1))  # [S, steps]
