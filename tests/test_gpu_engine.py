@@ -80,12 +80,15 @@ def test_launching_a_step_never_synchronises(tiny, overlap):
 
 def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(tiny):
     """Multi-step plans (``num_scheduler_steps`` 4) replay the decode graphs once per model step,
-    each step's input tokens the previous step's on the device: the same tokens as one-step plans,
-    and launching a plan never waits for the device."""
+    each step's input tokens the previous step's on the device: the same tokens as one-step plans
+    (greedy, and seeded sampling with a penalty and min_tokens), and launching a plan never waits
+    for the device."""
     rng = random.Random(6)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(12)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 60), ignore_eos=i % 2 == 0,
                              stop_token_ids=[] if i % 2 == 0 else [rng.randrange(3, 512) for _ in range(30)])
+              if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, repetition_penalty=1.2, min_tokens=3,
+                                           max_tokens=rng.randint(10, 60))
               for i in range(12)]
     ref = [[c.token_ids for c in o.outputs] for o in _engine(tiny).generate(prompts, params, use_tqdm=False)]
     llm = _engine(tiny, num_scheduler_steps=4)
