@@ -204,3 +204,35 @@ def test_a_request_nobody_streams_is_detokenized_when_it_finishes(llm):
     for a, b in zip(final["streamed"].outputs, final["batch"].outputs):
         assert [lp for _, lp, _ in a.logprobs] == pytest.approx([lp for _, lp, _ in b.logprobs], abs=0.2)
     assert final["batch-stop"].finish_reason == "stop" and "6, 7" not in final["batch-stop"].text
+
+
+def test_multi_step_plans_cut_at_stop_strings_as_one_step_plans_do(llm):
+    """A multi-step plan brings several tokens at once: the engine drops those after the one that
+    completes a stop string (and a length end that came later turns into the stop), so text, tokens
+    and finish reasons equal one-step plans', streamed or not."""
+    prompts = ["1, 2, 3, 4,", "The capital of France is", "Once upon a time", "a, b, c, d,", "1, 2, 3, 4,"]
+    params = [SamplingParams(temperature=0, max_tokens=20, stop=["6, 7"]),
+              SamplingParams(temperature=0, max_tokens=24, stop=[" Paris", "zzz"]),
+              SamplingParams(temperature=0, max_tokens=9, stop=["zzz-not-there"]),
+              SamplingParams(temperature=0, max_tokens=7, stop=[" g"]),
+              SamplingParams(temperature=0, max_tokens=7, stop=["6,"])]  # "6," inside the plan that reaches max_tokens
+    multi = LLM(device="cpu", max_model_len=512, kv_cache_bytes=64 << 20, verbose=False, num_scheduler_steps=4)
+    steps = []
+    schedule = multi.engine.core.schedule
+
+    def recorded():
+        plan = schedule()
+        steps.append(plan.decodes.num_steps if plan.decodes is not None else 1)
+        return plan
+
+    multi.engine.core.schedule = recorded
+
+    def summary(outs):
+        return [(o.text, o.token_ids, o.finish_reason, o.outputs[0].stop_reason) for o in outs]
+
+    want = summary(llm.generate(prompts, params, use_tqdm=False))
+    got = summary(multi.generate(prompts, params, use_tqdm=False))
+    assert got == want and 4 in steps
+    assert [w[2] for w in want] == ["stop", "stop", "length", "stop", "stop"]
+    for prompt, p, w in zip(prompts, params, want):
+        assert "".join(multi.stream(prompt, p)) == w[0]

@@ -84,13 +84,15 @@ class Detokenizer:
     def _decode(self, ids: list[int], skip: bool) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
 
-    def append(self, state: DecodeState, new_tokens: list[int]) -> None:
-        """Add tokens to ``state.text``; cut it at a stop string and set ``state.stopped_on``."""
+    def append(self, state: DecodeState, new_tokens: list[int]) -> int:
+        """Add tokens to ``state.text``; cut it at a stop string and set ``state.stopped_on``.
+        Returns how many of ``new_tokens`` it took: all, or those up to the one that completed a
+        stop string (the later ones, from a step that brought several, plain decoding never makes)."""
         if self.tokenizer is None:  # token-id-only models (dummy weights without a tokenizer)
-            return
-        for token in new_tokens:
+            return len(new_tokens)
+        for i, token in enumerate(new_tokens):
             if state.stopped_on is not None:
-                return
+                return i
             state.tokens.append(token)
             if state.stream is not None:
                 delta = state.stream.step(self._backend, token)
@@ -112,6 +114,7 @@ class Detokenizer:
                 state.tokens = state.tokens[drop:]
                 state.prefix_offset -= drop
                 state.read_offset -= drop
+        return len(new_tokens)
 
     def _add_text(self, state: DecodeState, delta: str) -> None:
         old_len = len(state.text)

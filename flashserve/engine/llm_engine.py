@@ -422,10 +422,19 @@ class LLMEngine:
         new_tokens = req.output_token_ids[start:]
         state.num_read += len(new_tokens)
         state.stop_armed = self.core.stop.stop_strings_armed(req)
-        self.detokenizer.append(state, new_tokens)
-        if state.stopped_on is not None and not req.is_finished:
+        kept = self.detokenizer.append(state, new_tokens)
+        cut = kept < len(new_tokens)
+        if cut:  # a stop string ended before the step's last token: plain decoding never makes the rest
+            del req.output_token_ids[start + kept :]
+            del req.output_logprobs[start + kept :]
+            new_tokens = new_tokens[:kept]
+            state.num_read = start + kept
+        if state.stopped_on is not None and (cut or not req.is_finished):
             req.stop_reason = state.stopped_on
-            self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            if req.is_finished:  # its length or stop id came after the stop string
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             self.detokenizer.flush(state)
         comp.text_delta = self.detokenizer.take_delta(state, req.is_finished)

@@ -27,7 +27,7 @@ token a sampling step will produce as *pending*, so the next step can be planned
 one's tokens come back (``update`` then fills them in).
 
 Multi-step decoding (``num_scheduler_steps`` = n > 1): while nothing waits and no running request
-needs the host between its tokens (``_stepwise``: a grammar, logprobs, stop strings), the bulk
+needs the host between its tokens (``_stepwise``: a grammar, logprobs), the bulk
 claim gives each decode n tokens at once (fewer where ``max_tokens`` or the context comes first):
 one plan, one host turn of scheduling and outputs, n model steps on the Worker. Anything queued
 brings single steps back at once, so a new request waits at most for the plans in flight.
@@ -66,11 +66,12 @@ _new_entry = tuple.__new__
 
 def _stepwise(request: Request) -> bool:
     """A request multi-step plans leave out: its tokens need the host between model steps (a
-    grammar's mask, logprobs, a stop string to look for, a beam's group, a per-request attention
-    option)."""
+    grammar's mask, logprobs, stop strings held back by min_tokens token by token, a beam's
+    group, a per-request attention option). Stop strings alone do not: the engine drops the
+    tokens after the one that completes a stop string."""
     p = request.params
-    return (request.synchronous or p.structured_output is not None or p.logprobs is not None or bool(p.stop)
-            or p.attention is not None)
+    return (request.synchronous or p.structured_output is not None or p.logprobs is not None
+            or (bool(p.stop) and p.min_tokens > 0) or p.attention is not None)
 
 
 class _RunningColumns:
