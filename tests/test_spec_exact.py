@@ -135,6 +135,12 @@ def test_smollm2_speculation_equals_plain_decoding_bitwise(smollm2, monkeypatch)
     assert spec.logprobs == plain.logprobs  # (token, logprob, top-1) per token, floats compared exactly
     # 4 drafts (a chain, or a branching tree's nodes) verified in the CPU decode layer
     assert max(n for n, _ in steps) == 5 and any(tree for _, tree in steps) == trees
+    # a stop string inside a run of accepted drafts: the tokens after it are dropped, as plain decoding never makes them
+    stop = plain.text[len(plain.text) // 2 :][:6]
+    cut = {k: smollm2.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, stop=[stop],
+                                                        num_speculative_tokens=k))[0].outputs[0] for k in (None, 0)}
+    assert [(c.token_ids, c.text, c.finish_reason) for c in cut.values()] == [(cut[0].token_ids, cut[0].text, "stop")] * 2
+    assert len(cut[0].token_ids) < len(plain.token_ids)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
