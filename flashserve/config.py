@@ -422,7 +422,7 @@ class EngineConfig:
         others = [name for name, on in (("speculative decoding", self.speculative is not None),
                                         ("early exit", self.early_exit is not None),
                                         ("an attention option", self.attention is not None),
-                                        ("tensor or pipeline parallelism", self.world_size > 1),
+                                        ("pipeline parallelism", self.pipeline_parallel_size > 1),
                                         ("disaggregated prefill", self.disaggregated)) if on]
         if others:
             raise ValueError(f"num_scheduler_steps > 1 does not combine with {' or '.join(others)}")

@@ -168,3 +168,20 @@ def test_pipeline_stages_give_the_same_tokens(ckpts, tp, pp):
                         pipeline_parallel_size=pp)
     assert n_ref > 0 and n_got > 0  # micro-batches schedule differently: preempted, but not as often
     assert got == ref
+
+
+def test_tp2_runs_multi_step_plans(ckpts):
+    """Every rank runs a multi-step plan's model steps alike (greedy rows, and seeded sampling rows
+    drawing by their output position): the tokens of one process's one-step plans."""
+    want, _ = tokens(ckpts["llama3_gqa"], kv_cache_bytes=1 << 20)
+    llm = LLM(model=ckpts["llama3_gqa"], device="cpu", block_size=4, max_model_len=128, verbose=False,
+              kv_cache_bytes=1 << 20, tensor_parallel_size=2, num_scheduler_steps=4)
+    steps, schedule = [], llm.engine.core.schedule
+    llm.engine.core.schedule = lambda: steps.append(plan := schedule()) or plan
+    try:
+        prompts, params = workload()
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == want
+    assert any(p.decodes is not None and p.decodes.num_steps == 4 for p in steps)

@@ -200,7 +200,7 @@ def test_a_worker_in_another_process_runs_multi_step_plans(tiny, monkeypatch):
     (dict(num_scheduler_steps=8, block_size=4), r"num_scheduler_steps \(8\) must not exceed block_size \(4\)"),
     (dict(num_scheduler_steps=4, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
      "does not combine with speculative decoding"),
-    (dict(num_scheduler_steps=4, tensor_parallel_size=2), "does not combine with tensor or pipeline parallelism"),
+    (dict(num_scheduler_steps=4, pipeline_parallel_size=2), "does not combine with pipeline parallelism"),
 ])
 def test_bad_step_counts_and_combinations_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
