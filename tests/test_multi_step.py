@@ -3,7 +3,7 @@ running request decodes, none needs the host between its tokens and nothing wait
 finish reasons equal one-step plans' under batching, chunked prompts, preemption (recompute and
 swap), prefix caching, stop ids met in the middle of a plan, ``max_tokens`` and the context cutting
 a plan short, seeded sampling with penalties and min_tokens, aborts, and a Worker in another
-process; anything queued or a request that needs the host between tokens (logprobs, stop strings)
+process; a request waiting for a free seat, or one that needs the host between tokens (logprobs),
 brings one-step plans back."""
 
 import random
@@ -103,7 +103,7 @@ def test_multi_step_plans_give_one_step_plans_tokens(tiny, monkeypatch, case):
     assert reasons == {"stop", "length"}
     assert all(n == 1 for n, _ in one)
     assert sum(n == 4 for n, _ in plans) >= 3, plans  # the plans did run four model steps
-    assert all(n == 1 for n, waiting in plans if waiting)  # never while anything waits
+    assert all(n == 1 for n, waiting in plans if waiting)  # never while a request waits for a free seat
     assert len(plans) < len(one)
     if case in ("recompute", "swap"):
         assert engine.scheduler.num_preemptions > 0
@@ -160,8 +160,8 @@ def test_seeded_sampling_with_penalties_in_multi_step_plans(tiny, monkeypatch):
 
 
 def test_requests_that_need_the_host_between_tokens_take_one_step_plans(tiny, monkeypatch):
-    """Logprobs (or stop strings, a grammar) need the host after every token: while such a request
-    runs every plan is one step, and the requests beside it get the same tokens."""
+    """Logprobs (or a grammar) need the host after every token: while such a request runs every plan
+    is one step, and the requests beside it get the same tokens."""
     prompts, params = workload(6)
     params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, logprobs=2)
     want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
@@ -182,6 +182,17 @@ def test_arrivals_and_aborts_between_multi_step_plans(tiny, monkeypatch):
     assert "2" not in got and got == want and len(got["late"][0][0]) == 12
     # multi-step before the arrival; the arrival's own plan (its prompt) is one step; multi-step after it
     assert [n for n, _ in plans[1:6]] == [4] * 5 and plans[6][0] == 1 and 4 in [n for n, _ in plans[7:]], plans
+
+
+def test_a_queue_without_a_free_seat_keeps_multi_step_plans(tiny, monkeypatch):
+    """With every seat taken, waiting requests cannot start anyway: plans stay multi-step while they
+    wait, one-step once a seat frees (the next request's prompt), and the tokens are unchanged."""
+    prompts, params = workload(10, seed=4)
+    kw = dict(kv_cache_bytes=1 << 21, max_num_seqs=4, max_num_batched_tokens=512)
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, **kw)
+    got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, **kw)
+    assert got == want
+    assert any(n == 4 and waiting for n, waiting in plans) and any(n == 1 and waiting for n, waiting in plans)
 
 
 def test_a_worker_in_another_process_runs_multi_step_plans(tiny, monkeypatch):

@@ -26,11 +26,12 @@ Overlap: ``schedule`` advances each request's ``num_computed_tokens`` at once an
 token a sampling step will produce as *pending*, so the next step can be planned before this
 one's tokens come back (``update`` then fills them in).
 
-Multi-step decoding (``num_scheduler_steps`` = n > 1): while nothing waits and no running request
-needs the host between its tokens (``_stepwise``: a grammar, logprobs), the bulk
+Multi-step decoding (``num_scheduler_steps`` = n > 1): while nothing waits for a free seat and no
+running request needs the host between its tokens (``_stepwise``: a grammar, logprobs), the bulk
 claim gives each decode n tokens at once (fewer where ``max_tokens`` or the context comes first):
-one plan, one host turn of scheduling and outputs, n model steps on the Worker. Anything queued
-brings single steps back at once, so a new request waits at most for the plans in flight.
+one plan, one host turn of scheduling and outputs, n model steps on the Worker. A queued request
+with a free seat (or a swapped one) brings single steps back at once, so it waits at most for the
+plans in flight; while every seat is taken, a queue does not stop multi-step plans.
 
 Micro-batches (``micro_batches`` > 1, pipeline stages): that many plans are in flight at once, on
 disjoint requests: every request is ``synchronous`` (planned again only once its sampled token is
@@ -497,10 +498,10 @@ class Scheduler:
 
     def _num_steps(self, is_decode: np.ndarray) -> int:
         """Model steps for this plan's decodes: ``num_scheduler_steps`` when every running request
-        decodes, may take them (``_stepwise``) and nothing waits, else 1."""
+        decodes, may take them (``_stepwise``) and nothing waits for a free seat, else 1."""
         steps = self.config.num_scheduler_steps
-        if steps == 1 or self.waiting or self.swapped or self._num_stepwise or self._block_copies \
-                or not is_decode.all():
+        if steps == 1 or self.swapped or self._num_stepwise or self._block_copies or not is_decode.all() \
+                or (self.waiting and len(self.running) < self.config.max_num_seqs):
             return 1
         return steps
 
