@@ -218,6 +218,10 @@ class InputBatch:
         self.num_known[slot] = known + n
         self.num_tokens[slot] += n - 1  # build() counted one token for the step
 
+    def all_plain(self, slots: np.ndarray) -> bool:
+        """Whether the requests in ``slots`` are all plain greedy (the argmax alone samples them)."""
+        return not self.num_not_plain or bool(self.plain[slots].all())
+
     def grammar_waits(self, slots: np.ndarray) -> bool:
         """True when a request in ``slots`` has a grammar and the token before its next sample is
         still in flight (its mask needs that token)."""

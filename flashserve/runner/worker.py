@@ -522,8 +522,8 @@ class Worker:
         batch = self.batch
         inp = batch.build((), self._prev_rows, None, decodes)
         # rows that are all plain greedy take the argmax alone; the others sample from their rows
-        rows = None if not batch.num_not_plain or batch.plain[inp.slots].all() else self._sampling_rows(inp.states)
-        lens = decodes.row_lens()
+        rows = None if batch.all_plain(inp.slots) else self._sampling_rows(inp.states)
+        lens = decodes.lens
         batch.num_tokens[inp.slots] += lens - 1  # build() counted one token per row
         timing = self._start_timing(StepTiming(decodes.num_tokens, True, False, 0.0, model_steps=decodes.num_steps))
         handle = StepHandle(plan.step_id, list(map(_request_id, inp.states)), None, inp.states, worker=self,
@@ -571,7 +571,7 @@ class Worker:
         """Launch the sampling (or draft verification) of a step whose forward is launched."""
         states = handle.states
         # rows that are all plain greedy need no SamplingRow (Sampler.greedy, Speculator._verify_greedy)
-        plain = not self.batch.num_not_plain or bool(self.batch.plain[handle.slots].all())
+        plain = self.batch.all_plain(handle.slots)
         rows = None if plain else self._sampling_rows(states)
         c0 = time.perf_counter()
         if spec is None:
@@ -664,11 +664,8 @@ class Worker:
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
         plain = counts is None and lp is None and not handle.speculative
-        if handle.lens is not None:  # a multi-step batch: every row's tokens, row after row
-            tokens = self._record_steps(handle)
-            sampled = {}
-        elif plain:
-            self._record_plain(handle)
+        if plain:  # (a multi-step batch has no logprobs or drafts)
+            tokens = self._record_plain(handle, tokens)
             sampled = {}
         else:
             sampled = self._record(handle, tokens, lp, top_ids, top_vals, counts)
@@ -680,30 +677,20 @@ class Worker:
         return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None,
                             tokens if plain else None)
 
-    def _record_plain(self, handle: StepHandle) -> None:
-        """``_record`` for the common step: one token per row, no logprobs, no drafts. The token
-        table and the rows' counts are written at once, and the answer is the token list itself
-        (``WorkerOutput.tokens``): nothing is made per row."""
+    def _record_plain(self, handle: StepHandle, tokens: list[int] | None) -> list[int]:
+        """``_record`` for the common step: one token per row (``tokens``), no logprobs, no drafts,
+        or a multi-step batch's [S, steps] ids, of which each row's first ``lens`` are its own. The
+        token table and the rows' counts are written at once, and the answer is the token list
+        itself (``WorkerOutput.tokens``; a multi-step batch's row after row): nothing is made per row."""
         ids = handle.host["token_ids"].numpy()
         # not the rows whose request left (its slot's generation moved on) while the step ran
         alive = self.batch.generation[handle.slots] == handle.generations
-        if alive.all():
-            self.batch.append_one(handle.slots, ids)
-        else:
-            self.batch.append_one(handle.slots[alive], ids[alive])
-
-    def _record_steps(self, handle: StepHandle) -> list[int]:
-        """``_record_plain`` for a multi-step batch: each row's first ``lens`` tokens of its
-        [S, steps] ids go into the token table; returns them row after row."""
-        ids = handle.host["token_ids"].numpy()
-        lens = handle.lens
-        mine = np.arange(ids.shape[1]) < lens[:, None]  # [S, steps]: the tokens each row decoded
-        alive = self.batch.generation[handle.slots] == handle.generations
-        if alive.all():
-            self.batch.append_steps(handle.slots, ids, lens)
-        else:
-            self.batch.append_steps(handle.slots[alive], ids[alive], lens[alive])
-        return ids[mine].tolist()
+        rows = slice(None) if alive.all() else alive
+        if handle.lens is None:
+            self.batch.append_one(handle.slots[rows], ids[rows])
+            return tokens
+        self.batch.append_steps(handle.slots[rows], ids[rows], handle.lens[rows])
+        return ids[np.arange(ids.shape[1]) < handle.lens[:, None]].tolist()
 
     def _record(self, handle: StepHandle, tokens: list, lp: list | None, top_ids: list | None, top_vals: list | None,
                 counts: list[int] | None) -> dict[str, SampledTokens]:

@@ -86,9 +86,11 @@ class DecodeBatch:
     block_rows: np.ndarray  # [m] int64
     block_ids: np.ndarray  # [m] int64
     num_steps: int = 1
-    lens: np.ndarray | None = None  # [n] int64 in [1, num_steps]: tokens each row decodes (None: num_steps)
+    lens: np.ndarray | None = None  # [n] int64 in [1, num_steps]: tokens each row decodes (multi-step only)
 
     def __post_init__(self) -> None:
+        if (self.lens is None) != (self.num_steps == 1):
+            raise ValueError("a decode batch has lens exactly when it has several model steps")
         for column in (self.start_pos, self.block_rows, self.block_ids, self.lens):
             if column is not None:
                 column.flags.writeable = False
@@ -99,11 +101,7 @@ class DecodeBatch:
     @property
     def num_tokens(self) -> int:
         """Tokens the batch computes over all its model steps."""
-        return int(self.row_lens().sum()) if self.num_steps > 1 else len(self.request_ids)
-
-    def row_lens(self) -> np.ndarray:
-        """[n] tokens each row decodes."""
-        return self.lens if self.lens is not None else np.full(len(self.request_ids), self.num_steps, np.int64)
+        return len(self.request_ids) if self.lens is None else int(self.lens.sum())
 
     def entries(self) -> tuple[ScheduledRequest, ...]:
         """The same work as one ``ScheduledRequest`` per request (a one-step batch's)."""

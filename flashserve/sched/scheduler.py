@@ -98,14 +98,12 @@ class _DecodeChecks:
     which tokens complete a block and which reach ``max_tokens`` or the context is known then;
     only a stop token must wait for the token itself."""
 
-    __slots__ = ("commit_rows", "limit_rows", "stop_ids", "lens")
+    __slots__ = ("commit_rows", "limit_rows", "stop_ids")
 
-    def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int],
-                 lens: list[int] | None = None) -> None:
+    def __init__(self, commit_rows: list[int], limit_rows: list[int], stop_ids: frozenset[int]) -> None:
         self.commit_rows = commit_rows  # decodes whose tokens complete a block of known tokens
         self.limit_rows = limit_rows  # decodes whose tokens reach max_tokens or the context
         self.stop_ids = stop_ids  # every stop id of the live requests (those of the decodes among them)
-        self.lens = lens  # a multi-step batch's tokens per decode (None: one each)
 
 
 class _Step:
@@ -492,8 +490,7 @@ class Scheduler:
         after = starts + 1 + n  # known tokens once the step's tokens are back
         bs = bm.block_size
         step.decode_checks = _DecodeChecks(np.flatnonzero(after // bs > (after - n) // bs).tolist(),
-                                           np.flatnonzero(after >= end[sel]).tolist(), self._live_stop_ids(),
-                                           None if lens is None else lens.tolist())
+                                           np.flatnonzero(after >= end[sel]).tolist(), self._live_stop_ids())
         return count  # the step budget counts one model step's tokens
 
     def _num_steps(self, is_decode: np.ndarray) -> int:
@@ -650,8 +647,8 @@ class Scheduler:
         left the engine while the step ran are skipped.
         """
         decodes, checks, sampling = self._inflight.pop(plan.step_id)
-        if checks is not None and checks.lens is not None:
-            return self._update_steps(decodes, checks, result.tokens)
+        if plan.decodes is not None and plan.decodes.lens is not None:
+            return self._update_steps(decodes, checks, plan.decodes.lens.tolist(), result.tokens)
         if result.tokens is not None:
             return self._update_plain(decodes, checks, sampling, result.tokens)
         requests: list[Request] = []
@@ -748,10 +745,11 @@ class Scheduler:
         return StepTokens(requests, None, maybe_stopped)
 
 
-    def _update_steps(self, decodes: list[Request], checks: _DecodeChecks, tokens: list[int] | None) -> StepTokens:
+    def _update_steps(self, decodes: list[Request], checks: _DecodeChecks, lens: list[int],
+                      tokens: list[int] | None) -> StepTokens:
         """``update`` for a multi-step plan (its decodes are its only work): decode i got
-        ``checks.lens[i]`` tokens, which follow those of the decodes before it in ``tokens``."""
-        lens = checks.lens
+        ``lens[i]`` tokens (``DecodeBatch.lens``), which follow those of the decodes before it in
+        ``tokens``."""
         if tokens is None or len(tokens) != sum(lens):
             raise ValueError(f"the Worker sent {'no token list' if tokens is None else f'{len(tokens)} tokens'} "
                              f"for a multi-step plan of {sum(lens)} tokens")
