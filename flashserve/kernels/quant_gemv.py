@@ -17,23 +17,30 @@ rate). int8: an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` i
 subtraction (batch-1 Llama-3.1-8B on an H200: int8 278.4 -> 318.1 tok/s, docs/quantization.md).
 fp8 keeps Triton's conversion: a bit-level decoding measured slower.
 
-int4 is bound by this per-weight work, not by its bytes (a kernel that only loads and adds the
-bytes ran 2.3x faster on the H200), so it does the least per nibble: weights are read as int32
-words of 8 nibbles, and nibble i is shifted to mantissa bits 19-22 and OR-ed into the bits of 1.0,
-which makes the float ``1 + u / 16`` exactly (a shift and a bitwise operation). Its product with a
-bf16 x is exact in fp32 and no subtraction is needed: ``sum(u * x) = 16 * (sum((1 + u / 16) * x) -
-sum(x))``, once per group. One group per step, the next group's words loaded before this one's
-work. Llama-3.1-8B batch-1 int4 g128: 271.3 -> 298.0 tok/s against the byte-wise kernel (two
-nibbles per byte, each as ``2^23 + u`` less ``2^23``) in the same job.
+int4 group-wise is x-stationary. Program (p, s) of a ``(P, K / KS)`` grid loads slice s of x (KS
+columns, 1024 where K allows) once, as eight register vectors (one per nibble position), and walks
+row blocks p, p + P, ...: per block one ``[BLOCK_N, KS / 8]`` load of int32 words, 16 bytes per
+thread, the next block's words in flight during this block's work. Its partial row sums go to
+the workspace; the last slice to arrive per row block adds them in slice order (below). Nibbles
+become floats in place: for 16-bit activations, the nibble at bits 16-19 OR-ed into the bits of
+1.0 is the float ``1 + u / 128`` and the one at bits 12-15 is ``1 + u / 2048``, so four shifts
+serve a word of eight and each nibble costs one LOP3 and one FMA; x is pre-scaled by 8 or 128,
+which makes every product ``x' + u x / 16`` exactly, and ``sum(u x) = 16 (sum(f x') - sum(x'))``
+per group. fp32 activations, whose products with ``1 + u / 2048`` would round away bits of
+``u x``, shift every nibble to bits 19-22 instead (``1 + u / 16``). Against the previous int4
+kernel (128 rows and one group per step, x reloaded every step, about seven instructions per
+weight), on an H100 in a CUDA graph of eight Llama-3.1-8B layers' products: 0.643 -> 0.482 ms
+(docs/quantization.md). Launching its dependents
+(PDL) at its start, after its first weight load, gave 11% of that: the next kernel's programs
+take the SM slots this one's leave and read their weights before they wait.
 
-Long rows (K >= 8192, e.g. the down projection) and, for int4, rows too few to give every SM
-several programs split K over programs. Each writes its fp32 partial sums to a workspace and counts
-itself in, per row block, with an atomic; the last one to arrive adds the partials in split order,
-stores the output rows and resets the counter for the next call. So a split product is one launch
-(no zero fill before it nor cast after it, which cost two more small kernels per product) and its
-sums are deterministic (``utils.arrival_counters``: one buffer per device, so split products must
-not run on two streams at once). Shapes the fixed tiles do not
-divide return ``None`` and the caller uses the flat GEMM.
+Long byte rows (K >= 8192, e.g. the down projection) split K over programs. Each split writes its
+fp32 partial sums to a workspace and counts itself in, per row block, with an atomic; the last one
+to arrive adds the partials in split order, stores the output rows and resets the counter for the
+next call. So a split product is one launch (no zero fill before it nor cast after it, which cost
+two more small kernels per product) and its sums are deterministic (``utils.arrival_counters``: one
+buffer per device, so split products must not run on two streams at once). Shapes the fixed tiles
+do not divide return ``None`` and the caller uses the flat GEMM.
 """
 
 from __future__ import annotations
@@ -43,29 +50,31 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from flashserve.kernels import pdl
 from flashserve.kernels.pdl import wait_for_prior
-from flashserve.kernels.utils import arrival_counters, num_sms
+from flashserve.kernels.utils import arrival_counters, is_interpreter, num_sms
 
 TWO_23 = tl.constexpr(8388608.0)  # the float whose low mantissa bits an OR-ed integer becomes
 
 
 @triton.jit
-def _store_rows(acc, rows, out_ptr, ws_ptr, count_ptr, N, SPLIT: tl.constexpr):
-    """Store the rows' sums; with a split K, the last program of the row block adds the partials."""
+def _store_rows(acc, rows, block, split, out_ptr, ws_ptr, count_ptr, N, SPLIT: tl.constexpr):
+    """Store the sums of row block ``block`` over K-split ``split``; with a split K, the last split to
+    arrive adds the partials."""
     if SPLIT == 1:
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
     else:
-        tl.store(ws_ptr + tl.program_id(1) * N + rows, acc)
+        tl.store(ws_ptr + split * N + rows, acc)
         tl.debug_barrier()  # every thread's partials are written before the count is released
-        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
             total = tl.zeros_like(acc)
             for i in tl.static_range(SPLIT):
                 total += tl.load(ws_ptr + i * N + rows, cache_modifier=".cg")
             tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
-            tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed")
+            tl.atomic_xchg(count_ptr + block, 0, sem="relaxed")
 
 
 @triton.jit
@@ -92,7 +101,40 @@ def _gemv_byte_kernel(
             w = (w.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - (TWO_23 + 128.0)
         x = tl.load(x_ptr + k0 + cols).to(tl.float32)  # [BLOCK_K]
         acc += tl.sum(w * x[None, :], axis=1)
-    _store_rows(acc * tl.load(s_ptr + rows), rows, out_ptr, ws_ptr, count_ptr, N, SPLIT)
+    _store_rows(acc * tl.load(s_ptr + rows), rows, tl.program_id(0), tl.program_id(1), out_ptr, ws_ptr, count_ptr, N, SPLIT)
+
+
+@triton.jit
+def _x_columns(x_ptr, k0, KS: tl.constexpr):
+    """Columns ``k0 .. k0 + KS`` of x in fp32 as eight ``[KS / 8]`` vectors: ``x_i[m] = x[k0 + 8 m + i]``."""
+    x = tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, KS)).to(tl.float32), [KS // 8, 2, 2, 2])
+    even, odd = tl.split(x)  # bit 0 of i
+    e0, e1 = tl.split(even)  # bit 1
+    o0, o1 = tl.split(odd)
+    x0, x4 = tl.split(e0)  # bit 2
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _as_float(t, MASK: tl.constexpr, ASM: tl.constexpr):
+    """``(t & MASK) | bits(1.0)`` as a float; one LOP3 with ``ASM`` (ptxas would split it in two)."""
+    if ASM:
+        if MASK == 0x000F0000:
+            b = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983040, 1065353216, 0xEA;", "=r,r", [t],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        elif MASK == 0x0000F000:
+            b = tl.inline_asm_elementwise("lop3.b32 $0, $1, 61440, 1065353216, 0xEA;", "=r,r", [t],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            tl.static_assert(MASK == 0x00780000)
+            b = tl.inline_asm_elementwise("lop3.b32 $0, $1, 7864320, 1065353216, 0xEA;", "=r,r", [t],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        b = (t & MASK) | 0x3F800000
+    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -103,73 +145,99 @@ def _gemv_int4_kernel(
     z_ptr,  # fp32 [N, NUM_GROUPS] zeros, or a dummy
     out_ptr,  # [N] in x's dtype
     ws_ptr,  # fp32 [SPLIT, N] partial sums (when SPLIT > 1)
-    count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
-    N, K, NUM_GROUPS, k_per_split,
-    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    count_ptr,  # int32 [NUM_BLOCKS] zeros: slices arrived per row block (when SPLIT > 1)
+    N, stride_w, NUM_GROUPS, NUM_BLOCKS,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+    IN_PLACE: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):
+    G: tl.constexpr = KS // GROUP  # groups per slice
+    split = tl.program_id(1)
+    k_lo = split * KS
+    r = tl.arange(0, BLOCK_N)
+    slice_words = w_ptr + k_lo // 8 + tl.arange(0, KS // 8)[None, :]
+    w = tl.load(slice_words + (tl.program_id(0) * BLOCK_N + r).to(tl.int64)[:, None] * stride_w)
+    if PDL:  # weights do not depend on earlier kernels: let the next one start loading its own
+        gdc_launch_dependents()
     wait_for_prior(PDL)
-    WORDS: tl.constexpr = GROUP // 8  # one group per step
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m = tl.arange(0, WORDS)
-    k_lo = tl.program_id(1) * k_per_split
-    k_last = k_lo + k_per_split - GROUP
-    words = w_ptr + rows[:, None] * (K // 8) + m[None, :]
-    w = tl.load(words + k_lo // 8)  # [BLOCK_N, WORDS]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_per_split, GROUP):
-        w_next = tl.load(words + tl.minimum(k0 + GROUP, k_last) // 8)  # in flight during this group's work
-        fx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        xs = tl.zeros([WORDS], dtype=tl.float32)
-        for i in tl.static_range(8):  # nibble i to mantissa bits 19-22 of 1.0: the float 1 + u / 16
-            if 4 * i >= 19:
-                t = w >> (4 * i - 19)
-            else:
-                t = w << (19 - 4 * i)
-            f = ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            x = tl.load(x_ptr + k0 + 8 * m + i).to(tl.float32)
-            fx += f * x[None, :]
-            xs += x
-        x_sum = tl.sum(xs, axis=0)
-        ux = 16.0 * (tl.sum(fx, axis=1) - x_sum)  # sum(u * x) over the group
-        g_off = rows * NUM_GROUPS + k0 // GROUP
-        s = tl.load(s_ptr + g_off)
-        off = -8.0 * s
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(x_ptr, k_lo, KS)
+    x_sum = tl.sum(tl.reshape(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), [G, GROUP // 8]), axis=1)
+    if IN_PLACE:  # the floats 1 + u / 128 (bits 16-19) and 1 + u / 2048 (bits 12-15)
+        x0, x2, x4, x6, x7 = x0 * 8.0, x2 * 8.0, x4 * 8.0, x6 * 8.0, x7 * 8.0
+        x1, x3, x5 = x1 * 128.0, x3 * 128.0, x5 * 128.0
+        x_scaled = tl.sum(tl.reshape(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), [G, GROUP // 8]), axis=1)
+    else:
+        x_scaled = x_sum
+    # per group: sum((u - 8) s x) = s (16 sum(f x') - 16 sum(x') - 8 sum(x))
+    offset = 16.0 * x_scaled + 8.0 * x_sum
+    groups = k_lo // GROUP + tl.arange(0, G)
+    num_progs = tl.num_programs(0)
+    for block in range(tl.program_id(0), NUM_BLOCKS, num_progs):
+        rows = (block * BLOCK_N + r).to(tl.int64)
+        ahead = tl.minimum(block + num_progs, NUM_BLOCKS - 1)
+        w_next = tl.load(slice_words + (ahead * BLOCK_N + r).to(tl.int64)[:, None] * stride_w)
+        if IN_PLACE:
+            w_l8 = w << 8
+            w_r8 = w >> 8  # arithmetic shifts: the sign fills bits 24-31 only
+            fx = _as_float(w, 0x000F0000, ASM) * x4[None, :]
+            fx += _as_float(w, 0x0000F000, ASM) * x3[None, :]
+            fx += _as_float(w_l8, 0x000F0000, ASM) * x2[None, :]
+            fx += _as_float(w_l8, 0x0000F000, ASM) * x1[None, :]
+            fx += _as_float(w << 16, 0x000F0000, ASM) * x0[None, :]
+            fx += _as_float(w_r8, 0x000F0000, ASM) * x6[None, :]
+            fx += _as_float(w_r8, 0x0000F000, ASM) * x5[None, :]
+            fx += _as_float(w >> 12, 0x000F0000, ASM) * x7[None, :]
+        else:  # nibble i to bits 19-22
+            fx = _as_float(w << 19, 0x00780000, ASM) * x0[None, :]
+            fx += _as_float(w << 15, 0x00780000, ASM) * x1[None, :]
+            fx += _as_float(w << 11, 0x00780000, ASM) * x2[None, :]
+            fx += _as_float(w << 7, 0x00780000, ASM) * x3[None, :]
+            fx += _as_float(w << 3, 0x00780000, ASM) * x4[None, :]
+            fx += _as_float(w >> 1, 0x00780000, ASM) * x5[None, :]
+            fx += _as_float(w >> 5, 0x00780000, ASM) * x6[None, :]
+            fx += _as_float(w >> 9, 0x00780000, ASM) * x7[None, :]
+        fx_groups = tl.sum(tl.reshape(fx, [BLOCK_N, G, GROUP // 8]), axis=2)
+        g_off = rows[:, None] * NUM_GROUPS + groups[None, :]
+        part = tl.load(s_ptr + g_off) * (16.0 * fx_groups - offset[None, :])
         if HAS_ZERO:
-            off += tl.load(z_ptr + g_off)
-        acc += s * ux + off * x_sum
+            part += tl.load(z_ptr + g_off) * x_sum[None, :]
+        _store_rows(tl.sum(part, axis=1), rows, block, split, out_ptr, ws_ptr, count_ptr, N, SPLIT)
         w = w_next
-    _store_rows(acc, rows, out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
 class GemvConfig(NamedTuple):
     block_n: int
-    block_k: int
-    split_k: int
+    block_k: int  # columns per step (byte formats) or per K slice (int4)
+    split_k: int  # K slices: K / block_k for int4
     num_warps: int
     num_stages: int
+    programs: int = 0  # int4: programs per K slice, each walking every programs-th row block (0: one per block)
 
 
 LONG_ROW = 8192  # K from which byte rows are split over several programs
-INT4_ROWS, INT4_WARPS = 128, 8  # int4 programs: rows (and one group of columns per step), warps
+INT4_SLICE, INT4_ROWS = 1024, 32  # int4: the widest K slice, rows per block
+INT4_MAX_SPLIT = 64  # int4: K slices at most (the last to arrive adds them all)
 
 
 def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | None = None) -> GemvConfig | None:
     """The fixed tile for one shape, or None when the tiles do not divide it. Chosen on an H200 by
     batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8 / fp8 stream 16 rows x 512 columns
     per step and split long rows (64 x 256 tiles) until there are two programs per SM, which
-    took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only; int4 takes 128
-    rows x one group per step (8 warps) and splits K (up to 8 ways) until there are four programs
-    per SM (see the int4 kernel for its measurements); rows that 128 does not divide take 64, 32 or
-    16 per program."""
-    split = 1
+    took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only. int4 (chosen on
+    an H100 the same way, docs/quantization.md) slices K by 1024 columns (or the widest power of two
+    that divides K and holds whole groups), takes 32-row blocks (16 or 8 where 32 does not divide
+    N) with 32 words per thread, and runs four programs per SM over all slices."""
     if int4:
         if group < 8 or group & (group - 1):
             return None
-        block_n = next((r for r in (INT4_ROWS, 64, 32, 16) if n % r == 0), INT4_ROWS)
-        block_k, warps = group, INT4_WARPS if block_n == INT4_ROWS else 4
-        while split < 8 and n // block_n * split < 4 * num_sms(device) and k % (2 * split * block_k) == 0:
-            split *= 2
-    elif k >= LONG_ROW:
+        ks = next((c for c in (1024, 512, 256, 128, 64, 32, 16, 8) if group <= c <= INT4_SLICE and k % c == 0), 0)
+        block_n = next((r for r in (INT4_ROWS, 16, 8) if n % r == 0), 0)
+        if not ks or not block_n or k // ks > INT4_MAX_SPLIT:
+            return None
+        split = k // ks
+        programs = max(1, min(n // block_n, 4 * num_sms(device) // split))
+        return GemvConfig(block_n, ks, split, min(4, max(1, block_n * ks // 8192)), 1, programs)
+    split = 1
+    if k >= LONG_ROW:
         block_n, block_k, warps = 64, 256, 8
         while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
@@ -200,20 +268,21 @@ def wq_gemv(
         x = x.contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     split = cfg.split_k
+    blocks = n // cfg.block_n
     ws = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    count = arrival_counters(x.device, n // cfg.block_n) if split > 1 else out
-    grid = (n // cfg.block_n, split)
-    k_per_split = k // split
+    count = arrival_counters(x.device, blocks) if split > 1 else out
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device))
     if fmt == 1:
-        _gemv_int4_kernel[grid](
-            x, w.view(torch.int32), scales, zeros if zeros is not None else scales, out, ws, count, n, k, k // group,
-            k_per_split, GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n, SPLIT=split,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device),
+        if split * cfg.block_k != k:
+            raise ValueError(f"int4 GEMV: {split} slices of {cfg.block_k} columns do not cover K = {k}")
+        _gemv_int4_kernel[(cfg.programs or blocks, split)](
+            x, w.view(torch.int32), scales, zeros if zeros is not None else scales, out, ws, count,
+            n, k // 8, k // group, blocks, GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n,
+            KS=cfg.block_k, SPLIT=split, IN_PLACE=x.element_size() == 2, ASM=not is_interpreter(), **launch,
         )
     else:
-        _gemv_byte_kernel[grid](
-            x, w.view(torch.uint8), scales, out, ws, count, n, k, k_per_split,
-            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device),
+        _gemv_byte_kernel[(blocks, split)](
+            x, w.view(torch.uint8), scales, out, ws, count, n, k, k // split,
+            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, **launch,
         )
     return out.view(1, n)

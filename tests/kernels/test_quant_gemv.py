@@ -1,6 +1,8 @@
 """The batch-1 quantized GEMV (int8, fp8, int4 group-wise with and without zero points) against
-dequantize-then-matmul on random inputs: explicit small tiles, split K with atomics, the fixed
-per-shape configuration, and shapes it declines (the caller then uses the flat GEMM)."""
+dequantize-then-matmul on random inputs: explicit small tiles, split K with atomics, int4's row
+blocks walked by fewer programs than blocks, both of int4's nibble decodings (16-bit and fp32
+activations), the fixed per-shape configuration, and shapes it declines (the caller then uses the
+flat GEMM)."""
 
 from __future__ import annotations
 
@@ -16,19 +18,20 @@ CASES = [  # (fmt, N, K, group, zero_point, config)
     (FMT_INT8, 64, 256, 0, False, GemvConfig(16, 64, 1, 4, 1)),
     (FMT_INT8, 32, 512, 0, False, GemvConfig(16, 128, 2, 4, 1)),  # split K, atomics
     (FMT_FP8, 48, 256, 0, False, GemvConfig(16, 128, 1, 4, 1)),
-    (FMT_INT4, 32, 256, 32, False, GemvConfig(16, 32, 1, 4, 1)),
-    (FMT_INT4, 32, 512, 64, True, GemvConfig(16, 64, 2, 4, 1)),  # zero points, split K
-    (FMT_INT4, 16, 512, 128, True, GemvConfig(16, 128, 1, 4, 1)),
-    (FMT_INT4, 32, 64, 8, False, GemvConfig(32, 8, 1, 4, 1)),  # one word per group
+    (FMT_INT4, 32, 256, 32, False, GemvConfig(16, 256, 1, 4, 1)),  # one slice, a program per row block
+    (FMT_INT4, 32, 512, 64, True, GemvConfig(16, 256, 2, 4, 1, 1)),  # zero points, split K, one program walks both blocks
+    (FMT_INT4, 48, 512, 128, True, GemvConfig(8, 128, 4, 1, 1, 4)),  # 6 blocks over 4 programs
+    (FMT_INT4, 32, 64, 8, False, GemvConfig(32, 64, 1, 4, 1)),  # one word per group
 ]
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fmt,n,k,group,zp,cfg", CASES)
-def test_gemv_matches_dequantized_matmul(device, fmt, n, k, group, zp, cfg):
+def test_gemv_matches_dequantized_matmul(device, fmt, n, k, group, zp, cfg, x_dtype):
+    dtype = x_dtype
     torch.manual_seed(n + k + group)
     w = torch.randn(n, k) * 0.05
     q, s, z, dense = _weights(fmt, w, group, zp, device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     x = torch.randn(1, k, device=device, dtype=dtype)
     out = wq_gemv(x, q, s, z, fmt, group, cfg)
     expect = x.float() @ dense.to(device).t()
@@ -59,10 +62,10 @@ def test_every_byte_code_converts_exactly(device, fmt):
 
 
 def test_fixed_config_and_flat_gemm_agree(device):
-    """The chosen tiles equal the flat GEMM: int4 with few rows (split K for more programs), int8
-    and fp8 with a long row (split K), fp8 with a short one (not split)."""
+    """The chosen tiles equal the flat GEMM: int4 with K beyond one slice (split) and within one,
+    int8 and fp8 with a long row (split K), fp8 with a short one (not split)."""
     torch.manual_seed(0)
-    for fmt, n, k, group, split in ((FMT_INT4, 64, 512, 128, True), (FMT_INT8, 128, 8192, 0, True),
+    for fmt, n, k, group, split in ((FMT_INT4, 64, 2048, 128, True), (FMT_INT4, 48, 1024, 128, False), (FMT_INT8, 128, 8192, 0, True),
                                     (FMT_FP8, 128, 8192, 0, True), (FMT_FP8, 32, 2048, 0, False)):
         q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, False, device)
         x = torch.randn(1, k, device=device)
@@ -78,7 +81,7 @@ def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
     torch.manual_seed(1)
     n, k, group = 64, 512, 64
     q, s, z, dense = _weights(FMT_INT4, torch.randn(n, k) * 0.05, group, True, device)
-    cfg = GemvConfig(16, group, 4, 4, 1)
+    cfg = GemvConfig(16, group, 8, 4, 1, 2)
     for _ in range(3):
         x = torch.randn(1, k, device=device)
         out = wq_gemv(x, q, s, z, FMT_INT4, group, cfg)
@@ -92,3 +95,19 @@ def test_declines_shapes_the_tiles_do_not_divide():
     assert gemv_config(64, 300, False, 0) is None  # ragged K
     assert gemv_config(64, 768, True, 96) is None  # a group size that is not a power of two
     assert gemv_config(4096, 4096, True, 128) is not None
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_every_int4_nibble_decodes_exactly(device, x_dtype):
+    """int4 with unit scales and x in {-1, 0, 1}: every sum is an integer below 2^11, so both nibble
+    decodings (16-bit activations read nibbles in place, fp32 shifts each to bits 19-22) must give
+    the exact products, for every nibble position and value."""
+    torch.manual_seed(3)
+    n, k, group = 32, 256, 32
+    u = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = ref.pack_int4(u).to(device)
+    scales = torch.ones(n, k // group, device=device)
+    x = torch.randint(-1, 2, (1, k)).to(device=device, dtype=x_dtype)
+    out = wq_gemv(x, packed, scales, None, FMT_INT4, group, GemvConfig(16, 128, 2, 4, 1, 1))
+    expect = x.double().cpu() @ (u.double() - 8).t()
+    assert torch.equal(out.double().cpu(), expect)
