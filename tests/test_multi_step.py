@@ -3,8 +3,8 @@ running request decodes, none needs the host between its tokens and nothing wait
 finish reasons equal one-step plans' under batching, chunked prompts, preemption (recompute and
 swap), prefix caching, stop ids met in the middle of a plan, ``max_tokens`` and the context cutting
 a plan short, seeded sampling with penalties and min_tokens, aborts, and a Worker in another
-process; a request waiting for a free seat, or one that needs the host between tokens (logprobs),
-brings one-step plans back."""
+process; logprobs computed at every model step; a request waiting for a free seat, or one that
+needs the host between tokens (a per-request attention option), brings one-step plans back."""
 
 import random
 
@@ -160,16 +160,50 @@ def test_seeded_sampling_with_penalties_in_multi_step_plans(tiny, monkeypatch):
 
 
 def test_requests_that_need_the_host_between_tokens_take_one_step_plans(tiny, monkeypatch):
-    """Logprobs (or a grammar) need the host after every token: while such a request runs every plan
-    is one step, and the requests beside it get the same tokens."""
+    """A per-request attention option (or a grammar) needs the host after every token: while such
+    a request runs every plan is one step, and the requests beside it get the same tokens."""
     prompts, params = workload(6)
-    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, logprobs=2)
+    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True,
+                               attention={"kind": "sinks", "window": 32, "sinks": 4})
     want, _, _ = run(tiny, monkeypatch, 1, prompts, params, kv_cache_bytes=1 << 21)
     got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, kv_cache_bytes=1 << 21)
     assert got == want
-    # multi-step plans only once the sampled request is gone
+    # multi-step plans only once that request is gone
     first_multi = next(i for i, (n, _) in enumerate(plans) if n > 1)
     assert len(got["1"][0][0]) == 30 and first_multi > 30
+
+
+def test_logprobs_in_multi_step_plans(tiny, monkeypatch):
+    """Every model step of a plan computes the logprobs of the rows that ask for them (sampled and
+    greedy, different widths, a stop id met inside a plan): tokens, finish reasons and logprobs
+    equal one-step plans', and the plans did run four steps."""
+    prompts, params = workload(6, seed=7)
+    params[0] = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, logprobs=2)
+    params[2] = SamplingParams(temperature=0, max_tokens=25, logprobs=0, stop_token_ids=list(range(3, 500, 7)))
+    params[4] = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, logprobs=5)
+    kw = dict(kv_cache_bytes=1 << 21)
+    got, plans, engine = run(tiny, monkeypatch, 4, prompts, params, **kw)
+    want, _, _ = run(tiny, monkeypatch, 1, prompts, params, **kw)
+    assert got == want and sum(n == 4 for n, _ in plans) >= 3, plans
+    lps = {}
+    for steps in (1, 4):
+        steps_run = []
+        llm = LLM(model=tiny, device="cpu", block_size=8, max_model_len=96, verbose=False, num_scheduler_steps=steps,
+                  **kw)
+        core, schedule = llm.engine.core, llm.engine.core.schedule
+        core.schedule = lambda: (lambda plan: steps_run.append(plan.decodes.num_steps if plan.decodes else 1) or plan)(schedule())
+        lps[steps] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert 4 in steps_run[:8], steps_run  # while the 30-token request with logprobs runs
+    for one, many, p in zip(lps[1], lps[4], params):
+        assert one.token_ids == many.token_ids
+        if p.logprobs is None:
+            assert many.logprobs is None
+            continue
+        assert len(many.logprobs) == len(one.logprobs) == len(many.token_ids)
+        for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in zip(one.logprobs, many.logprobs):
+            assert tok_a == tok_b and abs(lp_a - lp_b) < 1e-5 and lp_b < 0
+            assert [t for t, _ in top_a] == [t for t, _ in top_b] and len(top_b) == p.logprobs
+            assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(top_a, top_b))
 
 
 def test_arrivals_and_aborts_between_multi_step_plans(tiny, monkeypatch):

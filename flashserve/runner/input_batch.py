@@ -210,13 +210,15 @@ class InputBatch:
         self.tokens[rows, (known[:, None] + np.arange(token_ids.shape[1]))[mine]] = token_ids[mine]
         self.num_known[slots] = known + lens
 
-    def append(self, state: RequestState, token_ids: tuple[int, ...]) -> None:
-        """Record tokens a step sampled for the request (several when drafts were accepted)."""
+    def append(self, state: RequestState, token_ids: tuple[int, ...], counted: bool = False) -> None:
+        """Record tokens a step sampled for the request (several when drafts were accepted, or in a
+        multi-step batch, whose tokens were ``counted`` when it was launched)."""
         n, slot = len(token_ids), state.slot
         known = int(self.num_known[slot])
         self.tokens[slot, known : known + n] = token_ids
         self.num_known[slot] = known + n
-        self.num_tokens[slot] += n - 1  # build() counted one token for the step
+        if not counted:
+            self.num_tokens[slot] += n - 1  # build() counted one token for the step
 
     def all_plain(self, slots: np.ndarray) -> bool:
         """Whether the requests in ``slots`` are all plain greedy (the argmax alone samples them)."""

@@ -515,9 +515,9 @@ class Worker:
 
     def _execute_steps(self, plan: SchedulerOutput, decodes: DecodeBatch, t0: float) -> StepHandle:
         """Launch a multi-step decode batch: ``decodes.num_steps`` forwards and samples in a row
-        (no row has a grammar or logprobs), each step's input tokens the ones the step before
-        sampled, on the device (``InputBatch.later_steps``); its handle answers with every step's
-        tokens. Penalty counts are kept on the device as each step samples, and a seeded row
+        (no row has a grammar), each step's input tokens the ones the step before sampled, on the
+        device (``InputBatch.later_steps``); its handle answers with every step's tokens (and
+        logprobs). Penalty counts are kept on the device as each step samples, and a seeded row
         draws by its output position, so its tokens are those one-step plans give."""
         batch = self.batch
         inp = batch.build((), self._prev_rows, None, decodes)
@@ -530,7 +530,7 @@ class Worker:
                             slots=inp.sample_slots, generations=batch.generation[inp.sample_slots], lens=lens)
         b, steps = inp.num_seqs, decodes.num_steps
         later = batch.later_steps(inp, lens, steps)
-        sampled, key, staged = [], None, None
+        outs, key, staged = [], None, None
         for j in range(steps):
             if j == 0:
                 hidden, timing.graph = self._forward(inp)
@@ -547,8 +547,10 @@ class Worker:
             out = self.sampler.greedy(logits) if rows is None else self.sampler(logits, later_rows(rows, inp.states, j))
             self._prev_tokens = out.token_ids
             self._compute_s += time.perf_counter() - c0
-            sampled.append(self._prev_tokens)
-        handle.out = SamplerOutput(torch.stack(sampled, dim=1))  # [S, steps]
+            outs.append(out)
+        # [S, steps] ids (and logprobs), [S, steps, n] top-n, as speculative verification gives them
+        handle.out = SamplerOutput(*(None if getattr(outs[0], f) is None else torch.stack([getattr(o, f) for o in outs], 1)
+                                     for f in ("token_ids", "logprobs", "top_ids", "top_logprobs")))
         self._queue_results(handle)
         return self._launched(handle, timing, t0)
 
@@ -664,9 +666,13 @@ class Worker:
         top_vals = handle.host["top_logprobs"].tolist() if lp is not None else None
         counts = handle.host["num_tokens"].tolist() if "num_tokens" in handle.host else None
         plain = counts is None and lp is None and not handle.speculative
-        if plain:  # (a multi-step batch has no logprobs or drafts)
+        if plain:  # (a multi-step batch has no drafts)
             tokens = self._record_plain(handle, tokens)
             sampled = {}
+        elif handle.lens is not None:  # a multi-step batch with logprobs: row j's first lens[j] tokens
+            rows, counts = handle.host["token_ids"].tolist(), handle.lens.tolist()
+            sampled = self._record(handle, rows, lp, top_ids, top_vals, counts)
+            tokens = [t for row, n in zip(rows, counts) for t in row[:n]]
         else:
             sampled = self._record(handle, tokens, lp, top_ids, top_vals, counts)
         if self._deferred is not None and self._deferred.previous is handle:
@@ -675,7 +681,7 @@ class Worker:
             self.sampler.logits_processors.prefetch(self._sampling_rows(self._deferred.handle.states),
                                                     self.sampler.penalties.vocab_size)
         return WorkerOutput(handle.step_id, sampled, handle.cost() if handle.cost is not None else None,
-                            tokens if plain else None)
+                            tokens if plain or handle.lens is not None else None)
 
     def _record_plain(self, handle: StepHandle, tokens: list[int] | None) -> list[int]:
         """``_record`` for the common step: one token per row (``tokens``), no logprobs, no drafts,
@@ -702,11 +708,11 @@ class Worker:
             if counts is None:  # one token per row: [S] ids, [S] logprobs, [S, n] top
                 toks = (tokens[j],)
                 lps = None if lp is None else ((lp[j], top_ids[j], top_vals[j]),)
-            else:  # verified drafts: [S, M] ids, [S, M] logprobs, [S, M, n] top; counts[j] of them
+            else:  # verified drafts or a multi-step batch: [S, M] ids, [S, M] logprobs, [S, M, n] top; counts[j] of them
                 toks = tuple(tokens[j][: counts[j]])
                 lps = None if lp is None else tuple(zip(lp[j], top_ids[j], top_vals[j]))[: counts[j]]
             if self.batch.states.get(rid) is state:  # not if it left (or its id was reused) while the step ran
-                self.batch.append(state, toks)
+                self.batch.append(state, toks, counted=handle.lens is not None)
                 if handle.speculative:
                     self.speculator.on_result(state, toks, handle, j)
             k = state.params.logprobs

@@ -183,7 +183,8 @@ class WorkerOutput:
     """The Worker's answer to one plan: sampled tokens keyed by request id, or, for a plain step
     (every sampling row took one token, without logprobs or drafts), ``tokens``: one token per
     sampling row in plan order (``sampled`` is empty then), so nothing is built per row; for a
-    multi-step decode batch, row i's ``lens[i]`` tokens, row after row."""
+    multi-step decode batch, row i's ``lens[i]`` tokens, row after row (and, when a row asked for
+    logprobs, ``sampled`` too, for them)."""
 
     step_id: int
     sampled: dict[str, SampledTokens]

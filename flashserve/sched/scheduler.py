@@ -27,7 +27,7 @@ token a sampling step will produce as *pending*, so the next step can be planned
 one's tokens come back (``update`` then fills them in).
 
 Multi-step decoding (``num_scheduler_steps`` = n > 1): while nothing waits for a free seat and no
-running request needs the host between its tokens (``_stepwise``: a grammar, logprobs), the bulk
+running request needs the host between its tokens (``_stepwise``: a grammar, say), the bulk
 claim gives each decode n tokens at once (fewer where ``max_tokens`` or the context comes first):
 one plan, one host turn of scheduling and outputs, n model steps on the Worker. A queued request
 with a free seat (or a swapped one) brings single steps back at once, so it waits at most for the
@@ -54,7 +54,8 @@ import numpy as np
 from flashserve.cache.block_manager import BlockManager, consume
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
-from flashserve.sched.plan import BlockCopy, DecodeBatch, NewRequest, ScheduledRequest, SchedulerOutput, WorkerOutput
+from flashserve.sched.plan import (BlockCopy, DecodeBatch, NewRequest, SampledTokens, ScheduledRequest, SchedulerOutput,
+                                   WorkerOutput)
 from flashserve.sched.policy import SchedulingPolicy
 from flashserve.sched.preemption import PreemptionCostModel, RankPreemptionRule
 
@@ -67,11 +68,11 @@ _new_entry = tuple.__new__
 
 def _stepwise(request: Request) -> bool:
     """A request multi-step plans leave out: its tokens need the host between model steps (a
-    grammar's mask, logprobs, stop strings held back by min_tokens token by token, a beam's
-    group, a per-request attention option). Stop strings alone do not: the engine drops the
-    tokens after the one that completes a stop string."""
+    grammar's mask, stop strings held back by min_tokens token by token, a beam's group, a
+    per-request attention option). Stop strings alone do not: the engine drops the tokens after
+    the one that completes a stop string; nor do logprobs, which every model step computes."""
     p = request.params
-    return (request.synchronous or p.structured_output is not None or p.logprobs is not None
+    return (request.synchronous or p.structured_output is not None
             or (bool(p.stop) and p.min_tokens > 0) or p.attention is not None)
 
 
@@ -648,7 +649,7 @@ class Scheduler:
         """
         decodes, checks, sampling = self._inflight.pop(plan.step_id)
         if plan.decodes is not None and plan.decodes.lens is not None:
-            return self._update_steps(decodes, checks, plan.decodes.lens.tolist(), result.tokens)
+            return self._update_steps(decodes, checks, plan.decodes.lens.tolist(), result.tokens, result.sampled)
         if result.tokens is not None:
             return self._update_plain(decodes, checks, sampling, result.tokens)
         requests: list[Request] = []
@@ -746,10 +747,10 @@ class Scheduler:
 
 
     def _update_steps(self, decodes: list[Request], checks: _DecodeChecks, lens: list[int],
-                      tokens: list[int] | None) -> StepTokens:
+                      tokens: list[int] | None, sampled: dict[str, SampledTokens]) -> StepTokens:
         """``update`` for a multi-step plan (its decodes are its only work): decode i got
         ``lens[i]`` tokens (``DecodeBatch.lens``), which follow those of the decodes before it in
-        ``tokens``."""
+        ``tokens``; ``sampled`` holds the logprobs of the requests that asked for them."""
         if tokens is None or len(tokens) != sum(lens):
             raise ValueError(f"the Worker sent {'no token list' if tokens is None else f'{len(tokens)} tokens'} "
                              f"for a multi-step plan of {sum(lens)} tokens")
@@ -767,6 +768,8 @@ class Scheduler:
             if request.status.finished:
                 continue
             request.output_token_ids.extend(new)
+            if sampled and request.params.logprobs is not None:
+                request.output_logprobs.extend(sampled[request.request_id].logprobs)
             if request in no_first:
                 no_first.discard(request)
                 request.metrics.first_token_time = now
