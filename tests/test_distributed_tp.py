@@ -172,16 +172,28 @@ def test_pipeline_stages_give_the_same_tokens(ckpts, tp, pp):
 
 def test_tp2_runs_multi_step_plans(ckpts):
     """Every rank runs a multi-step plan's model steps alike (greedy rows, and seeded sampling rows
-    drawing by their output position): the tokens of one process's one-step plans."""
+    drawing by their output position): the tokens of one process's one-step plans; and the
+    logprobs of rows that ask for them, within fp32 tolerance of one process's."""
     want, _ = tokens(ckpts["llama3_gqa"], kv_cache_bytes=1 << 20)
+    prompts, params = workload()
+    with_logprobs = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)] * 3
+    one = LLM(model=ckpts["llama3_gqa"], device="cpu", block_size=4, max_model_len=128, verbose=False,
+              kv_cache_bytes=1 << 20).generate(prompts[:3], with_logprobs, use_tqdm=False)
     llm = LLM(model=ckpts["llama3_gqa"], device="cpu", block_size=4, max_model_len=128, verbose=False,
               kv_cache_bytes=1 << 20, tensor_parallel_size=2, num_scheduler_steps=4)
     steps, schedule = [], llm.engine.core.schedule
     llm.engine.core.schedule = lambda: steps.append(plan := schedule()) or plan
     try:
-        prompts, params = workload()
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        first = len(steps)
+        many = llm.generate(prompts[:3], with_logprobs, use_tqdm=False)
     finally:
         llm.engine.shutdown()
     assert got == want
-    assert any(p.decodes is not None and p.decodes.num_steps == 4 for p in steps)
+    four = [p.decodes is not None and p.decodes.num_steps == 4 for p in steps]
+    assert any(four[:first]) and any(four[first:])
+    for a, b in zip(one, many):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert tok_a == tok_b and abs(lp_a - lp_b) < 1e-4 and len(top_b) == 3
+            assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(top_a, top_b))
