@@ -31,9 +31,9 @@ per group. fp32 activations, whose products with ``1 + u / 2048`` would round aw
 ``u x``, shift every nibble to bits 19-22 instead (``1 + u / 16``). Against the previous int4
 kernel (128 rows and one group per step, x reloaded every step, about seven instructions per
 weight), on an H100 in a CUDA graph of eight Llama-3.1-8B layers' products: 0.643 -> 0.482 ms
-(docs/quantization.md). Launching its dependents
-(PDL) at its start, after its first weight load, gave 11% of that: the next kernel's programs
-take the SM slots this one's leave and read their weights before they wait.
+(docs/quantization.md). Launching its dependents (PDL) at its start, after its first weight
+load, gave 11% of that: the next kernel's programs take the SM slots this one's leave and read
+their weights before they wait.
 
 Long byte rows (K >= 8192, e.g. the down projection) split K over programs. Each split writes its
 fp32 partial sums to a workspace and counts itself in, per row block, with an atomic; the last one
@@ -226,7 +226,7 @@ def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | N
     batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8 / fp8 stream 16 rows x 512 columns
     per step and split long rows (64 x 256 tiles) until there are two programs per SM, which
     took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only. int4 (chosen on
-    an H100 the same way, docs/quantization.md) slices K by 1024 columns (or the widest power of two
+    an H100 by a sweep over Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the widest power of two
     that divides K and holds whole groups), takes 32-row blocks (16 or 8 where 32 does not divide
     N) with 32 words per thread, and runs four programs per SM over all slices."""
     if int4:
@@ -276,8 +276,9 @@ def wq_gemv(
     count = arrival_counters(x.device, blocks) if split > 1 else out
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device))
     if fmt == 1:
-        if split * cfg.block_k != k:
-            raise ValueError(f"int4 GEMV: {split} slices of {cfg.block_k} columns do not cover K = {k}")
+        if split * cfg.block_k != k or cfg.programs > blocks:
+            raise ValueError(f"int4 GEMV config {cfg} does not fit N = {n}, K = {k}: split_k * block_k must be K "
+                             f"and programs at most N / block_n = {blocks}")
         _gemv_int4_kernel[(cfg.programs or blocks, split)](
             x, w.view(torch.int32), scales, zeros if zeros is not None else scales, out, ws, count,
             n, k // 8, k // group, blocks, GROUP=group, HAS_ZERO=zeros is not None, BLOCK_N=cfg.block_n,

@@ -111,3 +111,12 @@ def test_every_int4_nibble_decodes_exactly(device, x_dtype):
     out = wq_gemv(x, packed, scales, None, FMT_INT4, group, GemvConfig(16, 128, 2, 4, 1, 1))
     expect = x.double().cpu() @ (u.double() - 8).t()
     assert torch.equal(out.double().cpu(), expect)
+
+
+def test_an_int4_config_that_does_not_fit_is_refused(device):
+    q, s, z, _ = _weights(FMT_INT4, torch.randn(32, 256) * 0.05, 32, False, device)
+    x = torch.randn(1, 256, device=device)
+    with pytest.raises(ValueError, match="split_k \\* block_k must be K"):
+        wq_gemv(x, q, s, z, FMT_INT4, 32, GemvConfig(16, 128, 1, 4, 1))  # one slice of 128 of 256 columns
+    with pytest.raises(ValueError, match="at most N / block_n = 2"):
+        wq_gemv(x, q, s, z, FMT_INT4, 32, GemvConfig(16, 256, 1, 4, 1, 3))
