@@ -81,8 +81,8 @@ def test_launching_a_step_never_synchronises(tiny, overlap):
 def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(tiny):
     """Multi-step plans (``num_scheduler_steps`` 4) replay the decode graphs once per model step,
     each step's input tokens the previous step's on the device: the same tokens as one-step plans
-    (greedy, and seeded sampling with a penalty and min_tokens), and launching a plan never waits
-    for the device."""
+    (greedy, and seeded sampling with a penalty and min_tokens; a greedy and a sampled row with
+    logprobs, whose logprobs match too), and launching a plan never waits for the device."""
     rng = random.Random(6)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(12)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 60), ignore_eos=i % 2 == 0,
@@ -90,7 +90,10 @@ def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(t
               if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, repetition_penalty=1.2, min_tokens=3,
                                            max_tokens=rng.randint(10, 60))
               for i in range(12)]
-    ref = [[c.token_ids for c in o.outputs] for o in _engine(tiny).generate(prompts, params, use_tqdm=False)]
+    params[4] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=3)
+    params[6] = SamplingParams(temperature=0.7, seed=6, max_tokens=40, ignore_eos=True, logprobs=1)
+    ref_outs = _engine(tiny).generate(prompts, params, use_tqdm=False)
+    ref = [[c.token_ids for c in o.outputs] for o in ref_outs]
     llm = _engine(tiny, num_scheduler_steps=4)
     llm.engine.warm_up()
     worker, steps = llm.engine.worker, []
@@ -102,6 +105,12 @@ def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(t
 
     worker.execute = counted
     worker.timings = []
-    got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    got = [[c.token_ids for c in o.outputs] for o in outs]
     assert got == ref
     assert steps.count(4) >= 5 and all(t.graph for t in worker.timings if t.is_decode)
+    for i in (4, 6):
+        for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in zip(ref_outs[i].outputs[0].logprobs,
+                                                              outs[i].outputs[0].logprobs, strict=True):
+            assert tok_a == tok_b and abs(lp_a - lp_b) < 1e-4
+            assert [t for t, _ in top_a] == [t for t, _ in top_b] and len(top_b) == params[i].logprobs
