@@ -182,16 +182,23 @@ def test_logprobs_in_multi_step_plans(tiny, monkeypatch):
     params[2] = SamplingParams(temperature=0, max_tokens=25, logprobs=0, stop_token_ids=list(range(3, 500, 7)))
     params[4] = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, logprobs=5)
     kw = dict(kv_cache_bytes=1 << 21)
-    got, plans, engine = run(tiny, monkeypatch, 4, prompts, params, **kw)
+    got, plans, _ = run(tiny, monkeypatch, 4, prompts, params, **kw)
     want, _, _ = run(tiny, monkeypatch, 1, prompts, params, **kw)
     assert got == want and sum(n == 4 for n, _ in plans) >= 3, plans
-    lps = {}
+    assert got["2"][0][1] == "stop" and len(got["2"][0][0]) < 25  # a stop id ended it
+    lps, steps_run = {}, []
     for steps in (1, 4):
-        steps_run = []
         llm = LLM(model=tiny, device="cpu", block_size=8, max_model_len=96, verbose=False, num_scheduler_steps=steps,
                   **kw)
-        core, schedule = llm.engine.core, llm.engine.core.schedule
-        core.schedule = lambda: (lambda plan: steps_run.append(plan.decodes.num_steps if plan.decodes else 1) or plan)(schedule())
+        schedule = llm.engine.core.schedule
+
+        def recorded(schedule=schedule, steps=steps):
+            plan = schedule()
+            if steps == 4:
+                steps_run.append(plan.decodes.num_steps if plan.decodes is not None else 1)
+            return plan
+
+        llm.engine.core.schedule = recorded
         lps[steps] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert 4 in steps_run[:8], steps_run  # while the 30-token request with logprobs runs
     for one, many, p in zip(lps[1], lps[4], params):

@@ -28,16 +28,15 @@ CASES = [  # (fmt, N, K, group, zero_point, config)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fmt,n,k,group,zp,cfg", CASES)
 def test_gemv_matches_dequantized_matmul(device, fmt, n, k, group, zp, cfg, x_dtype):
-    dtype = x_dtype
     torch.manual_seed(n + k + group)
     w = torch.randn(n, k) * 0.05
     q, s, z, dense = _weights(fmt, w, group, zp, device)
-    x = torch.randn(1, k, device=device, dtype=dtype)
+    x = torch.randn(1, k, device=device, dtype=x_dtype)
     out = wq_gemv(x, q, s, z, fmt, group, cfg)
     expect = x.float() @ dense.to(device).t()
-    assert out.shape == (1, n) and out.dtype == dtype
-    torch.testing.assert_close(out.float(), expect, rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                               atol=1e-4 if dtype == torch.float32 else 2e-2)
+    assert out.shape == (1, n) and out.dtype == x_dtype
+    tol = 1e-4 if x_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expect, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("fmt", [FMT_INT8, FMT_FP8])
@@ -65,8 +64,9 @@ def test_fixed_config_and_flat_gemm_agree(device):
     """The chosen tiles equal the flat GEMM: int4 with K beyond one slice (split) and within one,
     int8 and fp8 with a long row (split K), fp8 with a short one (not split)."""
     torch.manual_seed(0)
-    for fmt, n, k, group, split in ((FMT_INT4, 64, 2048, 128, True), (FMT_INT4, 48, 1024, 128, False), (FMT_INT8, 128, 8192, 0, True),
-                                    (FMT_FP8, 128, 8192, 0, True), (FMT_FP8, 32, 2048, 0, False)):
+    for fmt, n, k, group, split in ((FMT_INT4, 64, 2048, 128, True), (FMT_INT4, 48, 1024, 128, False),
+                                    (FMT_INT8, 128, 8192, 0, True), (FMT_FP8, 128, 8192, 0, True),
+                                    (FMT_FP8, 32, 2048, 0, False)):
         q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, False, device)
         x = torch.randn(1, k, device=device)
         cfg = gemv_config(n, k, fmt == FMT_INT4, group, device)
