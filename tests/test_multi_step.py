@@ -257,3 +257,35 @@ def test_a_worker_in_another_process_runs_multi_step_plans(tiny, monkeypatch):
 def test_bad_step_counts_and_combinations_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
         EngineArgs(**kw).engine_config()
+
+
+@pytest.mark.parametrize("arch,kw,steps", [
+    ("llama3_gqa", dict(attention="sliding", attention_window=16), 1),  # every layer windowed: WindowedBlockManager
+    ("llama3_gqa", dict(attention="h2o", kv_budget=0.5, attention_sinks=2), 1),  # an EvictingBlockManager
+    ("mistral_swa", {}, 1),  # the model's own window
+    ("mistral_swa", {}, 4),
+    ("gemma3", {}, 1),  # windowed and full layers: one table per group
+    ("gemma3", {}, 4),
+])
+def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch, arch, kw, steps):
+    """Block managers that trim per request (sliding windows, H2O, one table per layer group) take
+    the bulk path's call and decline it: a dozen running requests past ``bulk_claim_min`` run (they
+    once raised a TypeError there), plans stay one model step even where multi-step plans were
+    asked for (engine attention options refuse them outright), and the tokens equal the loop's."""
+    make_tiny_checkpoint(arch, tmp_path, seed=3)
+    prompts, params = workload(12, seed=11)
+
+    def tokens(bulk_min):
+        monkeypatch.setattr(Scheduler, "bulk_claim_min", bulk_min)
+        llm = LLM(model=str(tmp_path), device="cpu", block_size=8, max_model_len=96, kv_cache_bytes=1 << 21,
+                  verbose=False, num_scheduler_steps=steps if bulk_min == 1 else 1, **kw)
+        plans, schedule = [], llm.engine.core.schedule
+        llm.engine.core.schedule = lambda: plans.append(plan := schedule()) or plan
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs], plans
+
+    want, _ = tokens(10**9)  # the per-request loop claims every decode
+    got, plans = tokens(1)
+    assert got == want
+    assert all(p.decodes is None or p.decodes.num_steps == 1 for p in plans)
+    assert max(len(p.requests) for p in plans) >= 8  # the bulk path was asked with many running

@@ -183,8 +183,9 @@ class GroupedBlockManager(BlockManager):
         self.prefix_hits = self.groups[0].prefix_hits
         return self.groups[0].tables[request_id]
 
-    def quiet_decodes(self, request_ids, starts, known, sent) -> None:
-        """Not told in bulk over several tables: each request takes the per-request calls."""
+    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> None:
+        """Not told in bulk over several tables: each request takes the per-request calls (and
+        plans stay one model step: only the bulk claim makes multi-step plans)."""
         return None
 
     def assert_writable(self, request_id: str, start: int, end: int) -> None:

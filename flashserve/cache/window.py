@@ -86,8 +86,9 @@ class WindowedBlockManager(BlockManager):
         self._trimmed[request_id] = end
         self.pool.free(released[::-1])  # newest first: the oldest are evicted last from the LRU
 
-    def quiet_decodes(self, request_ids, starts, known, sent) -> None:
-        """Trimming moves with every step: each request takes the per-request calls."""
+    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> None:
+        """Trimming moves with every step: each request takes the per-request calls (and plans
+        stay one model step: only the bulk claim makes multi-step plans)."""
         return None
 
     def commit(self, request: Request) -> None:
