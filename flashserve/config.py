@@ -213,7 +213,7 @@ class SchedulerConfig:
     policy: str = "fcfs"  # see flashserve.sched.policy.POLICIES
     preemption_mode: str = "auto"  # recompute | swap | auto (swap when cheaper; flashserve.sched.preemption)
     # Model steps one plan runs while every running request decodes, none needs the host between
-    # its tokens (a grammar, logprobs) and nothing waits for a free seat (multi-step decoding: the
+    # its tokens (a grammar, say) and nothing waits for a free seat (multi-step decoding: the
     # host's turn is paid once per that many tokens).
     num_scheduler_steps: int = 1
 
@@ -486,7 +486,7 @@ class EngineArgs:
     preemption_mode: str = _arg("auto", "how to free KV for a preempted request",
                                 choices=("auto", "recompute", "swap"))
     num_scheduler_steps: int = _arg(1, "model steps one plan runs while every running request decodes without "
-                                       "a grammar or logprobs and nothing waits for a free seat (multi-step "
+                                       "a grammar and nothing waits for a free seat (multi-step "
                                        "decoding: the host's scheduling and output work once per that many "
                                        f"tokens; 1-{MAX_SCHEDULER_STEPS})")
     attention_backend: str = _arg("auto", "attention kernels (auto: triton on CUDA, torch on CPU)",

@@ -162,11 +162,15 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def has_penalty(self) -> bool:
+        """A repetition, presence or frequency penalty applies (the sampler keeps token counts)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def plain_greedy(self) -> bool:
         """Sampled by the argmax alone: greedy, without penalties, min_tokens, logit bias, grammar
         or logprobs (``Sampler.greedy`` gives such a row the token ``Sampler.__call__`` would)."""
-        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
-                and self.frequency_penalty == 0.0 and self.min_tokens == 0 and not self.logit_bias
+        return (self.greedy and not self.has_penalty and self.min_tokens == 0 and not self.logit_bias
                 and self.structured_output is None and self.logprobs is None)
 
 

@@ -64,10 +64,6 @@ def to_device(data: list | tuple, device: torch.device, dtype: torch.dtype | Non
     return t
 
 
-def has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 class PenaltyState:
     """Per-request token statistics on the device, for requests with penalties.
 

@@ -36,7 +36,7 @@ from flashserve.layers.attention import Attention
 from flashserve.distributed.parallel_state import current_parallel
 from flashserve.layers.attention_metadata import forward_context
 from flashserve.layers.logits_processors import LogitsProcessors
-from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
+from flashserve.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from flashserve.runner.cuda_graphs import CudaGraphs, StepBuffers
 from flashserve.runner.input_batch import BlockUpdates, InputBatch, StepInputs
 from flashserve.runner.kv_cache import allocate_kv_pool, plan_kv_pool
@@ -330,7 +330,7 @@ class Worker:
                 self.sampler.penalties.release(state.penalty_slot)
         for new in plan.new_requests:
             pslot = self.sampler.penalties.add(new.prompt_token_ids, new.output_token_ids) \
-                if has_penalty(new.params) else None
+                if new.params.has_penalty else None
             self.batch.add(new, pslot)
         if self.batch.num_slots > self.block_table.shape[0]:  # more request slots: grow the device tables
             def grow(table: torch.Tensor) -> torch.Tensor:

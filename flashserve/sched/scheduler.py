@@ -745,7 +745,6 @@ class Scheduler:
             requests.append(request)
         return StepTokens(requests, None, maybe_stopped)
 
-
     def _update_steps(self, decodes: list[Request], checks: _DecodeChecks, lens: list[int],
                       tokens: list[int] | None, sampled: dict[str, SampledTokens]) -> StepTokens:
         """``update`` for a multi-step plan (its decodes are its only work): decode i got
