@@ -44,6 +44,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(n, triton.cdiv(inter, block))](
         x2, out2, x2.stride(0), out2.stride(0), inter,
-        BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl.launch_args(x2.device),
+        BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl.launch_args(x2.device, early=True),
     )
     return out

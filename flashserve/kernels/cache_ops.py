@@ -150,5 +150,5 @@ def store_kv(
         BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
         QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
         BOUNDS=has_bounds,
-        num_warps=4 if num_heads * head_dim >= 2048 else 1, **pdl.launch_args(k.device),
+        num_warps=4 if num_heads * head_dim >= 2048 else 1, **pdl.launch_args(k.device, early=True),
     )

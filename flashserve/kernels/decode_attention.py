@@ -231,7 +231,7 @@ def reduce_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor)
         out.stride(0), out.stride(1), out.stride(2),
         head_dim, num_splits,
         BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
-        num_warps=4 if block_d >= 128 else 1, **pdl.launch_args(out.device),
+        num_warps=4 if block_d >= 128 else 1, **pdl.launch_args(out.device, early=True),
     )
 
 
@@ -379,7 +379,7 @@ def paged_decode_attention(
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
             QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo, WINDOW=window is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(q.device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(q.device, early=True),
         )
 
     if use_unified:

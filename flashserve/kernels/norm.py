@@ -48,7 +48,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, out2: torch.Tensor,
-            eps: float) -> None:
+            eps: float, early: bool) -> None:
     n, hidden = x2.shape
     if n == 0:
         return
@@ -58,12 +58,13 @@ def _launch(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, o
         x2.stride(0), (res2 if res2 is not None else x2).stride(0), out2.stride(0),
         hidden, eps,
         HAS_RESIDUAL=res2 is not None, BLOCK_H=block,
-        num_warps=min(16, max(1, block // 512)), **pdl.launch_args(x2.device),
+        num_warps=min(16, max(1, block // 512)), **pdl.launch_args(x2.device, early),
     )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x * rsqrt(mean(x^2, -1) + eps) * weight``; x [..., H], weight [H]; new tensor."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, early: bool = False) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2, -1) + eps) * weight``; x [..., H], weight [H]; new tensor. ``early``:
+    launch the next kernel at this one's start (``pdl.launch_args``)."""
     assert x.shape[-1] == weight.shape[0] and weight.is_contiguous()
     xc = x if x.stride(-1) == 1 else x.contiguous()
     try:
@@ -71,7 +72,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     except RuntimeError:
         x2 = _rows(xc.contiguous())
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, None, weight, out, eps)
+    _launch(x2, None, weight, out, eps, early)
     return out.view(x.shape)
 
 
@@ -80,8 +81,10 @@ def fused_add_rms_norm(
     residual: torch.Tensor,  # [..., H]
     weight: torch.Tensor,  # [H]
     eps: float,
+    early: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``residual += x; x = rms_norm(residual) * weight``, both IN PLACE; returns (x, residual)."""
+    """``residual += x; x = rms_norm(residual) * weight``, both IN PLACE; returns (x, residual).
+    ``early`` as in ``rms_norm``."""
     assert x.shape == residual.shape and x.shape[-1] == weight.shape[0] and weight.is_contiguous()
     try:
         x2, r2 = _rows(x), _rows(residual)
@@ -90,9 +93,9 @@ def fused_add_rms_norm(
     except RuntimeError:
         # Awkward layouts: work on contiguous copies and write back.
         xc, rc = x.contiguous(), residual.contiguous()
-        _launch(_rows(xc), _rows(rc), weight, _rows(xc), eps)
+        _launch(_rows(xc), _rows(rc), weight, _rows(xc), eps, early)
         x.copy_(xc)
         residual.copy_(rc)
         return x, residual
-    _launch(x2, r2, weight, x2, eps)
+    _launch(x2, r2, weight, x2, eps, early)
     return x, residual

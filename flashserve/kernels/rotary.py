@@ -124,6 +124,6 @@ def rotary_embedding(
         HAS_K=k is not None, HAS_NORM=has_norm,
         BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), BLOCK_R=next_power_of_2(half),
         BLOCK_D=next_power_of_2(head_dim),
-        num_warps=4 if hq * half >= 1024 else 1, **pdl.launch_args(q.device),
+        num_warps=4 if hq * half >= 1024 else 1, **pdl.launch_args(q.device, early=True),
     )
     return q, k

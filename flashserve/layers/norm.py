@@ -39,6 +39,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.triton = False  # set by flashserve.layers.fused.use_triton_ops: fused GPU kernels
+        self.early_dependents = False  # set there too: the kernel launches the next one at its start
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -47,8 +48,8 @@ class RMSNorm(nn.Module):
             from flashserve.kernels import norm as triton_norm
 
             if residual is None:
-                return triton_norm.rms_norm(x, self.weight, self.eps)
-            return triton_norm.fused_add_rms_norm(x, residual, self.weight, self.eps)  # in place
+                return triton_norm.rms_norm(x, self.weight, self.eps, self.early_dependents)
+            return triton_norm.fused_add_rms_norm(x, residual, self.weight, self.eps, self.early_dependents)  # in place
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         residual = x + residual  # [T, d], in the activation dtype as in HF
