@@ -53,3 +53,12 @@ class SiluAndMul(nn.Module):
 
             return triton_silu_and_mul(x)
         return silu_and_mul(x)
+
+    def into(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``linear(self(x))``; with the Triton kernels, one launch where the linear layer's
+        weights have a gated product for x (the batch-1 quantized GEMV)."""
+        if self.triton:
+            y = linear.forward_silu_gated(x)
+            if y is not None:
+                return y
+        return linear(self(x))

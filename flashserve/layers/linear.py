@@ -122,6 +122,18 @@ class Linear(nn.Module):
             return y if self.bias is None else y + self.bias
         return self.quant_method.apply(self, x, self.bias)
 
+    def forward_silu_gated(self, h: torch.Tensor) -> torch.Tensor | None:
+        """``forward(silu_and_mul(h))`` in one kernel where the weight's method has one for ``h``
+        (the batch-1 GEMV), else None; never where hooks watch this layer's input."""
+        if self._forward_pre_hooks or self._forward_hooks:
+            return None
+        row = self.parallel == "row"
+        y = self.quant_method.apply_silu_gated(self, h, None if row else self.bias)
+        if y is None or not row:
+            return y
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.quant_method.label}"
 

@@ -125,7 +125,7 @@ class SharedExpert(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, prefix=f"{prefix}.down_proj", parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.act_fn.into(self.down_proj, self.gate_up_proj(x))
 
 
 class MoEMLP(nn.Module):

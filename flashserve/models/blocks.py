@@ -67,7 +67,7 @@ class GatedSiluMLP(nn.Module):
                                 parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.act_fn.into(self.down_proj, self.gate_up_proj(x))
 
 
 class GatedGeluTanhMLP(GatedSiluMLP):
@@ -83,6 +83,10 @@ class GeluTanhAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gelu_tanh_and_mul(x)
+
+    def into(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``linear(self(x))`` (no gated GEMV for this gate)."""
+        return linear(self(x))
 
 
 _PLACEMENT: contextvars.ContextVar[Callable[[int], torch.device] | None] = contextvars.ContextVar(

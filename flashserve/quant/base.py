@@ -55,6 +55,10 @@ class LinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
 
+    def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``apply(silu_and_mul(h))`` in one kernel where this method has one for ``h``, else None."""
+        return None
+
 
 class PackedLinearMethod(LinearMethod):
     """Base of the quantized methods: after ``finalize`` the layer holds ``packed_parts``, one
@@ -66,6 +70,11 @@ class PackedLinearMethod(LinearMethod):
         parts = layer.packed_parts
         y = parts[0](x) if len(parts) == 1 else torch.cat([p(x) for p in parts], dim=-1)
         return y if bias is None else y + bias
+
+    def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        parts = layer.packed_parts
+        y = parts[0].silu_gated(h) if len(parts) == 1 else None
+        return y if y is None or bias is None else y + bias
 
     @staticmethod
     def install(layer: nn.Module, parts: list[nn.Module]) -> None:

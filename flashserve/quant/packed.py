@@ -69,6 +69,22 @@ class PackedWeight(nn.Module):
         depend on the other rows of the call."""
         raise ValueError(f"{self.label} weights have no batch-invariant product on this device")
 
+    def gemv_operands(self) -> tuple | None:
+        """``(w, scales, zeros, fmt, group)`` for ``quant_gemv.wq_gemv``, or None where that kernel
+        does not take this weight."""
+        return None
+
+    def silu_gated(self, h: torch.Tensor) -> torch.Tensor | None:
+        """``forward(silu_and_mul(h))`` for ``h = [gate | up]`` in one launch, the gating done as the
+        batch-1 GEMV reads its input; None where that kernel does not run (the caller then makes
+        the two calls, whose result this equals exactly)."""
+        operands = self.gemv_operands() if _on_cuda(h) and h.shape[0] == 1 else None
+        if operands is None:
+            return None
+        from flashserve.kernels.quant_gemv import wq_gemv
+
+        return wq_gemv(h, *operands, gated=True)
+
     def extra_repr(self) -> str:
         return f"{self.label}, in={self.in_features}, out={self.out_features}"
 
@@ -114,6 +130,11 @@ class Int8Weight(PackedWeight):
                 return F.linear(x, wq_dequantize(self.q, self.scale, None, FMT_INT8, self.in_features, dtype=x.dtype))
             return wq_matmul(x, self.q, self.scale, None, FMT_INT8)
         return quant_cpu.cpu_int8_matmul(x, self.q, self.scale).to(x.dtype)
+
+    def gemv_operands(self) -> tuple | None:
+        from flashserve.kernels.quant_gemm import FMT_INT8
+
+        return (self.q, self.scale, None, FMT_INT8, 0) if _on_cuda(self.q) else None
 
     def invariant(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.kernels.quant_gemm import FMT_INT8, invariant_config, wq_matmul
@@ -201,6 +222,13 @@ class Int4Weight(PackedWeight):
             return wq_matmul(x, self.packed, self.scales, self.zeros, FMT_INT4, self.group)
         y = quant_cpu.cpu_int4_matmul(self.feed(x), self.packed, self.group, self.scale_zeros)
         return (y[:, : self.out_features] if self.padded else y).to(x.dtype)
+
+    def gemv_operands(self) -> tuple | None:
+        from flashserve.kernels.quant_gemm import FMT_INT4
+
+        if self.perm is not None or not _on_cuda(self.packed):
+            return None
+        return self.packed, self.scales, self.zeros, FMT_INT4, self.group
 
     def invariant(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.kernels.quant_gemm import FMT_INT4, invariant_config, wq_matmul
@@ -291,6 +319,11 @@ class Fp8Weight(PackedWeight):
         if x.shape[0] >= DEQUANT_MIN_M:
             return F.linear(x, wq_dequantize(self.q, self.scale, None, FMT_FP8, self.in_features, dtype=x.dtype))
         return wq_matmul(x, self.q, self.scale, None, FMT_FP8)
+
+    def gemv_operands(self) -> tuple | None:
+        from flashserve.kernels.quant_gemm import FMT_FP8
+
+        return (self.q, self.scale, None, FMT_FP8, 0) if not self.w8a8 and "q" in self._buffers else None
 
     def invariant(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # torch._scaled_mm picks its kernel by M

@@ -1,8 +1,8 @@
 """The batch-1 quantized GEMV (int8, fp8, int4 group-wise with and without zero points) against
 dequantize-then-matmul on random inputs: explicit small tiles, split K with atomics, int4's row
 blocks walked by fewer programs than blocks, both of int4's nibble decodings (16-bit and fp32
-activations), the fixed per-shape configuration, and shapes it declines (the caller then uses the
-flat GEMM)."""
+activations), the fixed per-shape configuration, shapes it declines (the caller then uses the
+flat GEMM), and the gated input (SiLU-and-mul done as x is read) equal to the two launches."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flashserve.kernels import quant_reference as ref
+from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.quant_gemm import FMT_FP8, FMT_INT4, FMT_INT8, wq_matmul
 from flashserve.kernels.quant_gemv import GemvConfig, gemv_config, wq_gemv
 from test_quant_gemm import _weights
@@ -120,3 +121,25 @@ def test_an_int4_config_that_does_not_fit_is_refused(device):
         wq_gemv(x, q, s, z, FMT_INT4, 32, GemvConfig(16, 128, 1, 4, 1))  # one slice of 128 of 256 columns
     with pytest.raises(ValueError, match="at most N / block_n = 2"):
         wq_gemv(x, q, s, z, FMT_INT4, 32, GemvConfig(16, 256, 1, 4, 1, 3))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fmt,n,k,group,zp,cfg", CASES)
+def test_gated_input_equals_silu_and_mul_then_gemv(device, fmt, n, k, group, zp, cfg, x_dtype):
+    """``gated=True`` on ``[gate | up]`` gives the bits of the activation kernel followed by the
+    GEMV (the same rounding of silu(gate) * up to x's dtype), for every tile shape above."""
+    torch.manual_seed(n + k + group + 1)
+    q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, zp, device)
+    h = torch.randn(1, 2 * k, device=device, dtype=x_dtype) * 2
+    out = wq_gemv(h, q, s, z, fmt, group, cfg, gated=True)
+    assert torch.equal(out, wq_gemv(silu_and_mul(h), q, s, z, fmt, group, cfg))
+
+
+def test_gated_input_with_the_fixed_config_and_odd_widths(device):
+    torch.manual_seed(4)
+    for fmt, n, k, group in ((FMT_INT4, 64, 2048, 128), (FMT_INT8, 128, 8192, 0), (FMT_FP8, 32, 2048, 0)):
+        q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, False, device)
+        h = torch.randn(1, 2 * k, device=device, dtype=torch.bfloat16)
+        assert torch.equal(wq_gemv(h, q, s, z, fmt, group, gated=True), wq_gemv(silu_and_mul(h), q, s, z, fmt, group))
+    with pytest.raises(ValueError, match="gate and up halves"):
+        wq_gemv(torch.randn(1, 2 * k + 1, device=device), q, s, z, fmt, group, gated=True)
