@@ -6,9 +6,11 @@ a plan short, seeded sampling with penalties and min_tokens, aborts, and a Worke
 process; logprobs computed at every model step; a request waiting for a free seat, or one that
 needs the host between tokens (a per-request attention option), brings one-step plans back."""
 
+import os
 import random
 
 import pytest
+import torch
 
 from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
@@ -268,10 +270,12 @@ def test_bad_step_counts_and_combinations_are_named(kw, message):
     ("gemma3", {}, 4),
 ])
 def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch, arch, kw, steps):
-    """Block managers that trim per request (sliding windows, H2O, one table per layer group) take
-    the bulk path's call and decline it: a dozen running requests past ``bulk_claim_min`` run (they
-    once raised a TypeError there), plans stay one model step even where multi-step plans were
-    asked for (engine attention options refuse them outright), and the tokens equal the loop's."""
+    """Block managers that trim per request (sliding windows, H2O, one table per layer group) under
+    the bulk path: a dozen running requests past ``bulk_claim_min`` run (they once raised a
+    TypeError there) and the tokens equal the loop's. A model's own window (Mistral) takes the
+    bulk claim with per-request calls and so multi-step plans, trimmed at each plan's first
+    position; H2O and per-group tables decline it and stay one model step (engine attention
+    options refuse multi-step plans outright)."""
     make_tiny_checkpoint(arch, tmp_path, seed=3)
     prompts, params = workload(12, seed=11)
 
@@ -287,5 +291,30 @@ def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch,
     want, _ = tokens(10**9)  # the per-request loop claims every decode
     got, plans = tokens(1)
     assert got == want
-    assert all(p.decodes is None or p.decodes.num_steps == 1 for p in plans)
-    assert max(len(p.requests) for p in plans) >= 8  # the bulk path was asked with many running
+    multi = max((p.decodes.num_steps for p in plans if p.decodes is not None), default=1)
+    assert multi == (steps if arch == "mistral_swa" else 1)
+    # the bulk path was asked with many running (the windowed manager's claims them in bulk)
+    assert max(len(p.requests) + (len(p.decodes.request_ids) if p.decodes else 0) for p in plans) >= 8
+    assert any(p.decodes is not None for p in plans) == (arch == "mistral_swa" or "attention_window" in kw)
+
+
+def test_mistral_window_in_multi_step_plans_with_the_triton_kernels(tmp_path):
+    """Mistral's sliding window (8 tokens in 8-token blocks: blocks are released as requests grow)
+    with the Triton backend (its kernels in the interpreter on the CPU, CUDA graphs on a GPU):
+    plans of four model steps give the tokens of one-step plans."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run in the interpreter only with TRITON_INTERPRET=1 (tests/kernels)")
+    make_tiny_checkpoint("mistral_swa", tmp_path, seed=3)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 30))] for _ in range(2)]
+    params = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, steps_seen = [], []
+    for steps in (1, 4):
+        llm = LLM(model=str(tmp_path), device=device, dtype="float32", block_size=8, max_model_len=96,
+                  kv_cache_bytes=1 << 21, verbose=False, attention_backend="triton", num_scheduler_steps=steps)
+        schedule = llm.engine.core.schedule
+        llm.engine.core.schedule = lambda: steps_seen.append((plan := schedule()).decodes and plan.decodes.num_steps) or plan
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert tokens[0] == tokens[1]
+    assert 4 in steps_seen

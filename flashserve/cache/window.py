@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from flashserve.cache.block_manager import BlockManager, PrefixHit
 from flashserve.request import Request
 
@@ -86,10 +88,11 @@ class WindowedBlockManager(BlockManager):
         self._trimmed[request_id] = end
         self.pool.free(released[::-1])  # newest first: the oldest are evicted last from the LRU
 
-    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> None:
-        """Trimming moves with every step: each request takes the per-request calls (and plans
-        stay one model step: only the bulk claim makes multi-step plans)."""
-        return None
+    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> np.ndarray:
+        """Trimming moves with every step: each request takes the per-request calls (2). A
+        multi-step plan trims at its first position, so its later steps find every block their
+        windows read (a window's oldest position only moves forward)."""
+        return np.full(len(request_ids), 2, dtype=np.int8)
 
     def commit(self, request: Request) -> None:
         """As ``BlockManager.commit``, skipping holes (a request swapped back in commits anew)."""
@@ -166,6 +169,10 @@ class EvictingBlockManager(WindowedBlockManager):
 
     def oldest_read(self, start: int) -> int:
         return start - h2o_kept(self.kv_budget, self.h2o_sinks, start)
+
+    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> None:
+        """Not in bulk: the per-request loop claims H2O decodes (and plans stay one model step)."""
+        return None
 
     def can_swap_out(self, request_id: str) -> bool:
         return False  # the accumulated scores stay on the device: recompute instead
