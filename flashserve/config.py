@@ -421,7 +421,8 @@ class EngineConfig:
         """What multi-step decoding (``num_scheduler_steps`` > 1) does not combine with, refused before loading."""
         others = [name for name, on in (("speculative decoding", self.speculative is not None),
                                         ("early exit", self.early_exit is not None),
-                                        ("an attention option", self.attention is not None),
+                                        ("an attention option other than a sliding window",
+                                         self.attention is not None and self.attention.kind != "sliding"),
                                         ("pipeline parallelism", self.pipeline_parallel_size > 1),
                                         ("disaggregated prefill", self.disaggregated)) if on]
         if others:

@@ -255,6 +255,7 @@ def test_a_worker_in_another_process_runs_multi_step_plans(tiny, monkeypatch):
     (dict(num_scheduler_steps=4, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
      "does not combine with speculative decoding"),
     (dict(num_scheduler_steps=4, pipeline_parallel_size=2), "does not combine with pipeline parallelism"),
+    (dict(num_scheduler_steps=4, attention="quest", kv_budget=0.2), "an attention option other than a sliding window"),
 ])
 def test_bad_step_counts_and_combinations_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -263,6 +264,7 @@ def test_bad_step_counts_and_combinations_are_named(kw, message):
 
 @pytest.mark.parametrize("arch,kw,steps", [
     ("llama3_gqa", dict(attention="sliding", attention_window=16), 1),  # every layer windowed: WindowedBlockManager
+    ("llama3_gqa", dict(attention="sinks", attention_window=12, attention_sinks=2), 4),  # the engine's window option
     ("llama3_gqa", dict(attention="h2o", kv_budget=0.5, attention_sinks=2), 1),  # an EvictingBlockManager
     ("mistral_swa", {}, 1),  # the model's own window
     ("mistral_swa", {}, 4),
@@ -272,10 +274,10 @@ def test_bad_step_counts_and_combinations_are_named(kw, message):
 def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch, arch, kw, steps):
     """Block managers that trim per request (sliding windows, H2O, one table per layer group) under
     the bulk path: a dozen running requests past ``bulk_claim_min`` run (they once raised a
-    TypeError there) and the tokens equal the loop's. A model's own window (Mistral) takes the
-    bulk claim with per-request calls and so multi-step plans, trimmed at each plan's first
-    position; H2O and per-group tables decline it and stay one model step (engine attention
-    options refuse multi-step plans outright)."""
+    TypeError there) and the tokens equal the loop's. A model's own window (Mistral) and one table
+    per group of layers (Gemma 3) take the bulk claim with per-request calls and so multi-step
+    plans, trimmed at each plan's first position, as does the engine's window option; H2O's
+    manager declines it (and its engine option refuses multi-step plans outright)."""
     make_tiny_checkpoint(arch, tmp_path, seed=3)
     prompts, params = workload(12, seed=11)
 
@@ -292,19 +294,21 @@ def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch,
     got, plans = tokens(1)
     assert got == want
     multi = max((p.decodes.num_steps for p in plans if p.decodes is not None), default=1)
-    assert multi == (steps if arch == "mistral_swa" else 1)
+    assert multi == (1 if "kv_budget" in kw else steps)
     # the bulk path was asked with many running (the windowed manager's claims them in bulk)
     assert max(len(p.requests) + (len(p.decodes.request_ids) if p.decodes else 0) for p in plans) >= 8
-    assert any(p.decodes is not None for p in plans) == (arch == "mistral_swa" or "attention_window" in kw)
+    assert any(p.decodes is not None for p in plans) == ("kv_budget" not in kw)
 
 
-def test_mistral_window_in_multi_step_plans_with_the_triton_kernels(tmp_path):
-    """Mistral's sliding window (8 tokens in 8-token blocks: blocks are released as requests grow)
-    with the Triton backend (its kernels in the interpreter on the CPU, CUDA graphs on a GPU):
-    plans of four model steps give the tokens of one-step plans."""
+@pytest.mark.parametrize("arch", ["mistral_swa", "gemma3"])
+def test_windows_in_multi_step_plans_with_the_triton_kernels(tmp_path, arch):
+    """Sliding windows of 8 tokens in 8-token blocks (blocks are released as requests grow) on
+    every layer (Mistral) or in one table per group of layers (Gemma 3), with the Triton backend
+    (its kernels in the interpreter on the CPU, CUDA graphs on a GPU): plans of four model steps
+    give the tokens of one-step plans."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run in the interpreter only with TRITON_INTERPRET=1 (tests/kernels)")
-    make_tiny_checkpoint("mistral_swa", tmp_path, seed=3)
+    make_tiny_checkpoint(arch, tmp_path, seed=3)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 30))] for _ in range(2)]
     params = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)

@@ -7,6 +7,8 @@ import random
 import pytest
 
 from flashserve.cache.block_manager import BlockManager
+from flashserve.cache.kv_groups import GroupedBlockManager, KVGroup, KVLayout
+from flashserve.cache.window import WindowedBlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
@@ -15,7 +17,19 @@ from flashserve.sched.scheduler import Scheduler
 from sched_testing import apply_sampled
 
 
-def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute", policy: str = "fcfs"):
+def _manager(kind: str) -> BlockManager:
+    """48 blocks of 4 tokens: one table, a 6-token window on every layer, or a windowed and a
+    full group of layers (a table each, one pool)."""
+    if kind == "windowed":
+        return WindowedBlockManager(48, 4, enable_prefix_caching=True, num_host_blocks=16, sinks=0, span=6)
+    if kind == "grouped":
+        layout = KVLayout((KVGroup((0,), span=6), KVGroup((1,))), 1, (0, 1), (0, 0))
+        return GroupedBlockManager(48, 4, True, 16, layout)
+    return BlockManager(48, 4, enable_prefix_caching=True, num_host_blocks=16)
+
+
+def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute", policy: str = "fcfs",
+           manager: str = "plain"):
     """A random workload: prompts sharing prefixes, EOS or not, a pool small enough to preempt,
     chunked prompts, two plans in flight, synchronous requests, aborts, a forked request. Returns every plan and
     every request's end state; with ``bulk`` False the per-request loops do all the work and the
@@ -36,7 +50,7 @@ def _drive(bulk: bool, monkeypatch, seed: int, preemption_mode: str = "recompute
     rng = random.Random(seed)
     cfg = SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=40, enable_chunked_prefill=True,
                           preemption_mode=preemption_mode)
-    bm = BlockManager(48, 4, enable_prefix_caching=True, num_host_blocks=16)
+    bm = _manager(manager)
     s = Scheduler(cfg, bm, make_policy(policy), max_model_len=96)
     shared = [rng.randrange(1, 50) for _ in range(12)]
     requests = {}
@@ -93,6 +107,22 @@ def test_bulk_decode_claims_plan_as_the_loop_does(monkeypatch, seed, mode, polic
     assert bulk[0] == loop[0]  # every plan: entries, new requests, dropped, preempted, block moves
     assert bulk[1] == loop[1]  # tokens, finish reasons, preemptions per request
     assert bulk[2] > 0  # the bulk path ran
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("manager", ["windowed", "grouped"])
+def test_windowed_and_grouped_bulk_claims_plan_as_the_loop_does(monkeypatch, seed, manager):
+    """Managers that trim per request take the bulk claim with per-request calls: the same plans
+    (every group's new block ids included) as the loop's."""
+    with monkeypatch.context() as m:
+        loop = _drive(False, m, seed, "swap", manager=manager)
+    with monkeypatch.context() as m:
+        bulk = _drive(True, m, seed, "swap", manager=manager)
+    assert bulk[0] == loop[0]
+    assert bulk[1] == loop[1]
+    assert bulk[2] > 0
+    if manager == "grouped":
+        assert any(e.group_block_ids and e.new_block_ids for entries, *_ in bulk[0] for e in entries)
 
 
 def test_workload_preempts_and_stops_on_eos(monkeypatch):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from flashserve.cache.block_manager import BlockManager, BlockPool, HostBlockAllocator, PrefixHit, hash_block
 from flashserve.cache.window import HOLE, EvictingBlockManager, WindowedBlockManager, h2o_kept
 from flashserve.config import ModelConfig
@@ -183,10 +185,16 @@ class GroupedBlockManager(BlockManager):
         self.prefix_hits = self.groups[0].prefix_hits
         return self.groups[0].tables[request_id]
 
-    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> None:
-        """Not told in bulk over several tables: each request takes the per-request calls (and
-        plans stay one model step: only the bulk claim makes multi-step plans)."""
-        return None
+    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> np.ndarray | None:
+        """Each request takes the per-request calls (2), which give every group's new ids (a
+        multi-step plan trims each windowed group at the plan's first position, as
+        ``WindowedBlockManager.quiet_decodes``). None (the per-request loop claims them, preempting
+        if it must) when the pool may not hold a new block in every group for every request, or
+        with an H2O group (its managers claim one step at a time)."""
+        if len(request_ids) * len(self.groups) > self.pool.num_free or \
+                any(g.group.kv_budget is not None for g in self.groups):
+            return None
+        return np.full(len(request_ids), 2, dtype=np.int8)
 
     def assert_writable(self, request_id: str, start: int, end: int) -> None:
         for g in self.groups:

@@ -376,9 +376,9 @@ class InputBatch:
         """``append_blocks`` for a step's decodes and entries (``slots``: of the step's sequences)."""
         k = len(decodes) if decodes is not None else 0
         parts = []
-        if k and len(decodes.block_rows):  # decodes claimed at once have one table (no other groups)
-            parts.append((slots[decodes.block_rows], [decodes.block_ids] + [np.zeros(len(decodes.block_ids), np.int64)
-                                                                          for _ in self.group_tables]))
+        if k and len(decodes.block_rows):
+            assert len(decodes.group_block_ids) == len(self.group_tables), "decodes bring every group's new ids"
+            parts.append((slots[decodes.block_rows], [decodes.block_ids, *decodes.group_block_ids]))
         grown = list(compress(range(len(entries)), map(_new_block_ids, entries)))
         if grown:
             parts.append(self._entry_ids(list(map(entries.__getitem__, grown)), slots[k + np.array(grown, np.int64)]))

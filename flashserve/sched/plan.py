@@ -74,7 +74,9 @@ class DecodeBatch:
     claimed at once (``Scheduler._claim_decodes``): their plan entries as columns, so neither side
     makes or reads an entry per request. They lead the step's batch, in this order, ahead of
     ``SchedulerOutput.requests``. ``block_rows`` (ascending) and ``block_ids``: the ids appended
-    to their block tables, each with its request's index in ``request_ids``, in table order.
+    to their block tables, each with its request's index in ``request_ids``, in table order;
+    ``group_block_ids``: the ids appended at the same columns of each other group's table
+    (``flashserve.cache.kv_groups``; empty with one table).
 
     Multi-step (``num_steps`` > 1, the plan's only work): model step j decodes position
     ``start_pos + j`` of every row from the token step j - 1 sampled, for the first ``lens[i]``
@@ -87,11 +89,14 @@ class DecodeBatch:
     block_ids: np.ndarray  # [m] int64
     num_steps: int = 1
     lens: np.ndarray | None = None  # [n] int64 in [1, num_steps]: tokens each row decodes (multi-step only)
+    group_block_ids: tuple[np.ndarray, ...] = ()  # per other group: [m] int64
 
     def __post_init__(self) -> None:
         if (self.lens is None) != (self.num_steps == 1):
             raise ValueError("a decode batch has lens exactly when it has several model steps")
-        for column in (self.start_pos, self.block_rows, self.block_ids, self.lens):
+        if any(len(ids) != len(self.block_ids) for ids in self.group_block_ids):
+            raise ValueError("every group's new block ids pair with block_ids")
+        for column in (self.start_pos, self.block_rows, self.block_ids, self.lens, *self.group_block_ids):
             if column is not None:
                 column.flags.writeable = False
 
@@ -107,11 +112,18 @@ class DecodeBatch:
         """The same work as one ``ScheduledRequest`` per request (a one-step batch's)."""
         if self.num_steps > 1:
             raise ValueError("a multi-step decode batch has no per-request entries")
-        new_ids: list[list[int]] = [[] for _ in self.request_ids]
-        for row, block in zip(self.block_rows.tolist(), self.block_ids.tolist()):
-            new_ids[row].append(block)
-        return tuple(ScheduledRequest(rid, start, 1, tuple(ids), True)
-                     for rid, start, ids in zip(self.request_ids, self.start_pos.tolist(), new_ids))
+        rows = self.block_rows.tolist()
+
+        def per_request(ids: np.ndarray) -> list[tuple[int, ...]]:
+            out: list[list[int]] = [[] for _ in self.request_ids]
+            for row, block in zip(rows, ids.tolist()):
+                out[row].append(block)
+            return list(map(tuple, out))
+
+        new_ids = per_request(self.block_ids)
+        groups = list(zip(*map(per_request, self.group_block_ids))) if self.group_block_ids else [()] * len(new_ids)
+        return tuple(ScheduledRequest(rid, start, 1, ids, True, group_block_ids=g)
+                     for rid, start, ids, g in zip(self.request_ids, self.start_pos.tolist(), new_ids, groups))
 
 
 @dataclass(frozen=True, slots=True)

@@ -457,6 +457,7 @@ class Scheduler:
         if self._num_synchronous:
             for request in compress(requests, map(_synchronous, requests)):  # claimed ones were not awaiting
                 request.awaiting_result = True
+        group_ids: tuple[np.ndarray, ...] = ()
         if not (needs == 2).any():  # at most a fresh block each: allocated at once, in rank order
             rows = np.flatnonzero(needs)
             grow = rows.tolist()
@@ -466,6 +467,7 @@ class Scheduler:
                 self._blocks_sent[rids[i]] = held
         else:
             new_ids: list[tuple[int, ...]] = []
+            new_group_ids: list[tuple[tuple[int, ...], ...]] = []  # per request: each other group's ids
             grow = []
             for i in np.flatnonzero(needs).tolist():  # what _claim does with the block manager, in rank order
                 request, rid, start = requests[i], rids[i], int(starts[i])
@@ -478,15 +480,17 @@ class Scheduler:
                 if sent[i] < 0:  # the Worker does not hold it (a forked beam)
                     step.new_requests.append(NewRequest(rid, tuple(request.prompt_token_ids),
                                                         tuple(request.output_token_ids), request.params))
-                ids, group_ids, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
-                assert not group_ids, "one table per request"
+                ids, others, self._blocks_sent[rid] = bm.table_tail(rid, max(int(sent[i]), 0))
                 new_ids.append(ids)
+                new_group_ids.append(others)
                 grow.append(i)
             rows = np.repeat(np.array(grow, dtype=np.int64), list(map(len, new_ids)))
             block_ids = np.fromiter(chain.from_iterable(new_ids), np.int64, len(rows))
+            if new_group_ids and new_group_ids[0]:  # one table per group of layers (kv_groups)
+                group_ids = tuple(np.fromiter(chain.from_iterable(g), np.int64, len(rows)) for g in zip(*new_group_ids))
         self.policy.on_scheduled_each(requests, steps)
         running.claimed = sel
-        step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids, steps, lens)
+        step.decodes = DecodeBatch(tuple(rids), starts, rows, block_ids, steps, lens, group_ids)
         step.decode_requests = requests
         after = starts + 1 + n  # known tokens once the step's tokens are back
         bs = bm.block_size
