@@ -37,6 +37,11 @@ weight), on an H100 in a CUDA graph of eight Llama-3.1-8B layers' products: 0.64
 load, gave 11% of that: the next kernel's programs take the SM slots this one's leave and read
 their weights before they wait.
 
+Both kernels can take an MLP's ``[gate | up]`` halves instead of x (``gated``) and compute
+``silu(gate) * up`` as they read it, rounded to the activations' dtype as the activation kernel
+stores it: the down projection then needs no activation launch, and its result is the same bits
+(batch-1 Llama-3.1-8B int4 on an H100: 373.0 -> 378.0 tok/s; int8 unchanged).
+
 Long byte rows (K >= 8192, e.g. the down projection) split K over programs. Each split writes its
 fp32 partial sums to a workspace and counts itself in, per row block, with an atomic; the last one
 to arrive adds the partials in split order, stores the output rows and resets the counter for the
