@@ -236,3 +236,26 @@ def test_multi_step_plans_cut_at_stop_strings_as_one_step_plans_do(llm):
     assert [w[2] for w in want] == ["stop", "stop", "length", "stop", "stop"]
     for prompt, p, w in zip(prompts, params, want):
         assert "".join(multi.stream(prompt, p)) == w[0]
+
+
+def test_stop_strings_under_min_tokens_when_a_step_brings_several_tokens(llm):
+    """min_tokens holds stop strings back token by token: a stop string completed before the
+    min_tokens-th output token does not count, even when that token came in the same step as later
+    ones (n-gram drafts accepted several at once, or a multi-step plan); text, tokens and finish
+    reasons equal one token per step's."""
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3,"
+    params = [SamplingParams(temperature=0, max_tokens=24, stop=[","], min_tokens=m) for m in (0, 3, 6, 9, 13)]
+    params.append(SamplingParams(temperature=0, max_tokens=24, stop=[" 9"], min_tokens=14))  # " 9" once before, then after
+
+    def summary(engine):
+        return [(o.text, o.token_ids, o.finish_reason, o.outputs[0].stop_reason)
+                for o in engine.generate([prompt] * len(params), params, use_tqdm=False)]
+
+    want = summary(llm)
+    assert [w[2] for w in want] == ["stop"] * 5 + ["stop"] and len({w[0] for w in want}) >= 4
+    spec = LLM(device="cpu", max_model_len=512, kv_cache_bytes=64 << 20, verbose=False,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 6})
+    assert summary(spec) == want
+    assert spec.engine.stats().spec.acceptance_length > 1.5  # several tokens per step
+    multi = LLM(device="cpu", max_model_len=512, kv_cache_bytes=64 << 20, verbose=False, num_scheduler_steps=4)
+    assert summary(multi) == want

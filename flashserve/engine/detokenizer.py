@@ -40,7 +40,6 @@ class DecodeState:
     prefix_offset: int = 0
     read_offset: int = 0
     stopped_on: str | None = None  # the stop string that ended the sequence, if any
-    stop_armed: bool = True  # False while min_tokens holds stop strings back (StopChecker decides)
     stream: Any = None  # the tokenizers library's DecodeStream, when the tokenizer has one
     num_read: int = 0  # output tokens of the sequence appended so far (the caller's count)
 
@@ -84,10 +83,12 @@ class Detokenizer:
     def _decode(self, ids: list[int], skip: bool) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
 
-    def append(self, state: DecodeState, new_tokens: list[int]) -> int:
+    def append(self, state: DecodeState, new_tokens: list[int], armed_from: int = 0) -> int:
         """Add tokens to ``state.text``; cut it at a stop string and set ``state.stopped_on``.
-        Returns how many of ``new_tokens`` it took: all, or those up to the one that completed a
-        stop string (the later ones, from a step that brought several, plain decoding never makes)."""
+        Stop strings are searched in the text the tokens from index ``armed_from`` on add (before
+        it ``min_tokens`` holds them back: ``StopChecker.stop_strings_armed_from``). Returns how
+        many of ``new_tokens`` it took: all, or those up to the one that completed a stop string
+        (the later ones, from a step that brought several, plain decoding never makes)."""
         if self.tokenizer is None:  # token-id-only models (dummy weights without a tokenizer)
             return len(new_tokens)
         for i, token in enumerate(new_tokens):
@@ -104,7 +105,7 @@ class Detokenizer:
                 if len(full) <= len(prefix) or full.endswith("\ufffd"):
                     continue
                 delta = full[len(prefix) :]
-            self._add_text(state, delta)
+            self._add_text(state, delta, i >= armed_from)
             # the window flush() decodes from: the tokens of the text emitted last
             state.prefix_offset = state.read_offset
             state.read_offset = len(state.tokens)
@@ -116,10 +117,10 @@ class Detokenizer:
                 state.read_offset -= drop
         return len(new_tokens)
 
-    def _add_text(self, state: DecodeState, delta: str) -> None:
+    def _add_text(self, state: DecodeState, delta: str, armed: bool) -> None:
         old_len = len(state.text)
         state.text += delta
-        if not state.stop or not state.stop_armed:
+        if not state.stop or not armed:
             return
         # A stop string may start inside the old text: search from just far enough back.
         search_from = max(0, old_len - max(len(s) for s in state.stop) + 1)
@@ -129,15 +130,16 @@ class Detokenizer:
             state.stopped_on = s
             state.text = state.text[:idx]
 
-    def flush(self, state: DecodeState) -> None:
-        """At the end of a sequence, add what was held back (e.g. a trailing incomplete character)."""
+    def flush(self, state: DecodeState, armed: bool = True) -> None:
+        """At the end of a sequence, add what was held back (e.g. a trailing incomplete character);
+        ``armed``: whether stop strings count in it (the last token reached ``min_tokens``)."""
         if self.tokenizer is None or state.stopped_on is not None or state.read_offset >= len(state.tokens):
             return
         prefix = self._decode(state.tokens[state.prefix_offset : state.read_offset], state.skip_special_tokens)
         full = self._decode(state.tokens[state.prefix_offset :], state.skip_special_tokens)
         state.read_offset = len(state.tokens)
         if len(full) > len(prefix):
-            self._add_text(state, full[len(prefix) :])
+            self._add_text(state, full[len(prefix) :], armed)
 
     @staticmethod
     def take_delta(state: DecodeState, finished: bool) -> str:

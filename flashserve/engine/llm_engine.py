@@ -421,8 +421,7 @@ class LLMEngine:
         start = state.num_read
         new_tokens = req.output_token_ids[start:]
         state.num_read += len(new_tokens)
-        state.stop_armed = self.core.stop.stop_strings_armed(req)
-        kept = self.detokenizer.append(state, new_tokens)
+        kept = self.detokenizer.append(state, new_tokens, self.core.stop.stop_strings_armed_from(req, start))
         cut = kept < len(new_tokens)
         if cut:  # a stop string ended before the step's last token: plain decoding never makes the rest
             del req.output_token_ids[start + kept :]
@@ -436,7 +435,7 @@ class LLMEngine:
             else:
                 self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
-            self.detokenizer.flush(state)
+            self.detokenizer.flush(state, len(req.output_token_ids) >= req.params.min_tokens)
         comp.text_delta = self.detokenizer.take_delta(state, req.is_finished)
         comp.num_new_tokens += len(new_tokens)
         if parent.delta:

@@ -68,12 +68,12 @@ _new_entry = tuple.__new__
 
 def _stepwise(request: Request) -> bool:
     """A request multi-step plans leave out: its tokens need the host between model steps (a
-    grammar's mask, stop strings held back by min_tokens token by token, a beam's group, a
-    per-request attention option). Stop strings alone do not: the engine drops the tokens after
-    the one that completes a stop string; nor do logprobs, which every model step computes."""
+    grammar's mask, a beam's group, a per-request attention option). Stop strings do not: the
+    engine drops the tokens after the one that completes a stop string (min_tokens holding them
+    back token by token, ``StopChecker.stop_strings_armed_from``); nor do logprobs, which every
+    model step computes."""
     p = request.params
-    return (request.synchronous or p.structured_output is not None
-            or (bool(p.stop) and p.min_tokens > 0) or p.attention is not None)
+    return request.synchronous or p.structured_output is not None or p.attention is not None
 
 
 class _RunningColumns:

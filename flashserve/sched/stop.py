@@ -4,8 +4,9 @@ Token conditions are checked on each new token in order (a step may bring severa
 speculative decoding): EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the sequence with
 finish reason "stop", keeping the stopping token; ``max_tokens`` and the model's context end it
 with "length". Tokens after the first stop are dropped. ``min_tokens`` holds back EOS, stop ids
-*and* stop strings until that many tokens exist; the detokenizer asks ``stop_strings_armed``
-before it searches its text for stop strings.
+*and* stop strings until that many tokens exist: the detokenizer searches the text a token adds
+for stop strings only from the token ``stop_strings_armed_from`` names on, so a step that brings
+several tokens (speculative decoding, multi-step plans) stops where one token at a time would.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ class StopChecker:
         self.max_model_len = max_model_len
 
     @staticmethod
-    def stop_strings_armed(request: Request) -> bool:
-        return len(request.output_token_ids) >= request.params.min_tokens
+    def stop_strings_armed_from(request: Request, start: int) -> int:
+        """Of the output tokens from index ``start`` on, the first whose text stop strings are
+        searched in: the ``min_tokens``-th output token and every later one."""
+        return max(0, request.params.min_tokens - start - 1)
 
     def check(self, request: Request, num_new: int) -> RequestStatus | None:
         """Status for a request whose last ``num_new`` output tokens just arrived, or None to
