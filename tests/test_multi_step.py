@@ -270,6 +270,9 @@ def test_bad_step_counts_and_combinations_are_named(kw, message):
     ("mistral_swa", {}, 4),
     ("gemma3", {}, 1),  # windowed and full layers: one table per group
     ("gemma3", {}, 4),
+    # pools small enough to preempt, swapping or recomputing
+    ("mistral_swa", dict(kv_cache_bytes=90000, preemption_mode="swap", swap_space_bytes=1 << 22), 4),
+    ("gemma3", dict(kv_cache_bytes=90000, preemption_mode="recompute"), 4),
 ])
 def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch, arch, kw, steps):
     """Block managers that trim per request (sliding windows, H2O, one table per layer group) under
@@ -283,16 +286,19 @@ def test_windowed_and_grouped_caches_under_the_bulk_claim(tmp_path, monkeypatch,
 
     def tokens(bulk_min):
         monkeypatch.setattr(Scheduler, "bulk_claim_min", bulk_min)
-        llm = LLM(model=str(tmp_path), device="cpu", block_size=8, max_model_len=96, kv_cache_bytes=1 << 21,
-                  verbose=False, num_scheduler_steps=steps if bulk_min == 1 else 1, **kw)
+        llm = LLM(**{**dict(model=str(tmp_path), device="cpu", block_size=8, max_model_len=96, kv_cache_bytes=1 << 21,
+                            verbose=False, num_scheduler_steps=steps if bulk_min == 1 else 1), **kw})
         plans, schedule = [], llm.engine.core.schedule
         llm.engine.core.schedule = lambda: plans.append(plan := schedule()) or plan
         outs = llm.generate(prompts, params, use_tqdm=False)
+        preempted.append(llm.engine.scheduler.num_preemptions)
         return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs], plans
 
+    preempted = []
     want, _ = tokens(10**9)  # the per-request loop claims every decode
     got, plans = tokens(1)
     assert got == want
+    assert all(preempted) == ("kv_cache_bytes" in kw)
     multi = max((p.decodes.num_steps for p in plans if p.decodes is not None), default=1)
     assert multi == (1 if "kv_budget" in kw else steps)
     # the bulk path was asked with many running (the windowed manager's claims them in bulk)
