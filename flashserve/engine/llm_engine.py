@@ -435,7 +435,8 @@ class LLMEngine:
             else:
                 self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
-            self.detokenizer.flush(state, len(req.output_token_ids) >= req.params.min_tokens)
+            # what flush adds belongs to the last token: armed when that one is
+            self.detokenizer.flush(state, self.core.stop.stop_strings_armed_from(req, len(req.output_token_ids) - 1) == 0)
         comp.text_delta = self.detokenizer.take_delta(state, req.is_finished)
         comp.num_new_tokens += len(new_tokens)
         if parent.delta:

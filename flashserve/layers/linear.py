@@ -19,6 +19,8 @@ the method is the dense ``F.linear`` on an ``[out, in]`` parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -117,20 +119,23 @@ class Linear(nn.Module):
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        if self.parallel == "row":  # partial sums of this rank's input columns; bias once, after the sum
-            y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
-            return y if self.bias is None else y + self.bias
-        return self.quant_method.apply(self, x, self.bias)
+        return self._summed(self.quant_method.apply, x)
 
     def forward_silu_gated(self, h: torch.Tensor) -> torch.Tensor | None:
         """``forward(silu_and_mul(h))`` in one kernel where the weight's method has one for ``h``
         (the batch-1 GEMV), else None; never where hooks watch this layer's input."""
         if self._forward_pre_hooks or self._forward_hooks:
             return None
-        row = self.parallel == "row"
-        y = self.quant_method.apply_silu_gated(self, h, None if row else self.bias)
-        if y is None or not row:
-            return y
+        return self._summed(self.quant_method.apply_silu_gated, h)
+
+    def _summed(self, apply: Callable[..., torch.Tensor | None], x: torch.Tensor) -> torch.Tensor | None:
+        """``apply(self, x, bias)``; a row-parallel layer's partial sums (of this rank's input
+        columns) are all-reduced and the bias added once, after the sum. None passes through."""
+        if self.parallel != "row":
+            return apply(self, x, self.bias)
+        y = apply(self, x, None)
+        if y is None:
+            return None
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
