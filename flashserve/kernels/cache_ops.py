@@ -3,13 +3,10 @@
 Cache layout (per layer): ``[num_blocks, block_size, num_kv_heads, head_dim]``; flat slot
 ``s`` is block ``s // block_size``, offset ``s % block_size``. An 8-bit cache (int8 / fp8
 e4m3, see ``flashserve.kernels.kv_quant``) is quantized here, on store: one fp16 scale per
-(token, head) row, written to the block's scale region. ``rotary_store_kv`` also rotates the
-step's q and k (``flashserve.kernels.rotary``) in the same launch, one kernel less per layer.
+(token, head) row, written to the block's scale region.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -18,7 +15,6 @@ import triton.language as tl
 from flashserve.kernels import kv_quant, pdl
 from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.kv_quant import QMAX, is_quantized, kv_scales
-from flashserve.kernels.rotary import rotary_launch, rotate_token
 from flashserve.kernels.utils import next_power_of_2
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to an integer, ties to even
@@ -62,8 +58,7 @@ def round_e4m3(y):
 
 
 @triton.jit
-def store_token(
-    t,  # int64 token index
+def _store_kv_kernel(
     k_ptr, v_ptr,  # [T, H, D] (any strides)
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, H, D]
     ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, H, block_size]
@@ -76,11 +71,13 @@ def store_token(
     stride_xb, stride_xm, stride_xh,  # bounds strides (block, min/max, head; D stride 1)
     num_heads, head_dim, block_size,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, BOUNDS: tl.constexpr,
+    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Copy (or quantize) token t's [H, D] key and value tile into its slot; with BOUNDS fold the
-    key into its page's bounds (the page's first key resets them; exact, as min / max pick one of
-    their inputs). Each token must own its page within the launch."""
+    # One program per new token: copies (or quantizes) its [H, D] key and value tile, and with
+    # BOUNDS folds the key into its page's bounds (the page's first key resets them; exact, as
+    # min / max pick one of their inputs). Each token must own its page within the launch.
+    wait_for_prior(PDL)
+    t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -111,67 +108,25 @@ def store_token(
     tl.store(v_cache_ptr + dst, vv.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, slot_ptr, bounds_ptr,
-    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh, stride_xb, stride_xm, stride_xh,
-    num_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr,
-):
-    # one program per new token (``store_token``)
-    wait_for_prior(PDL)
-    store_token(tl.program_id(0).to(tl.int64), k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, slot_ptr,
-                bounds_ptr, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh, stride_xb, stride_xm, stride_xh,
-                num_heads, head_dim, block_size, BLOCK_H, BLOCK_D, QUANT, QMAX, IS_INT8, BOUNDS)
-
-
-@triton.jit
-def _rotary_store_kv_kernel(
-    pos_ptr, q_ptr, rk_ptr, cs_ptr, qw_ptr, kw_ptr,
-    stride_qt, stride_qh, stride_rkt, stride_rkh, stride_cs,
-    num_q_heads, num_k_heads, half, rot_head_dim, q_eps, k_eps,
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, slot_ptr, bounds_ptr,
-    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh, stride_xb, stride_xm, stride_xh,
-    num_heads, head_dim, block_size,
-    HAS_K: tl.constexpr, HAS_NORM: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RD: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr,
-):
-    # one program per new token: rotate its q and k in place, then store its k and v
-    wait_for_prior(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    rotate_token(t, pos_ptr, q_ptr, rk_ptr, cs_ptr, qw_ptr, kw_ptr, stride_qt, stride_qh, stride_rkt, stride_rkh,
-                 stride_cs, num_q_heads, num_k_heads, half, rot_head_dim, q_eps, k_eps,
-                 HAS_K, HAS_NORM, BLOCK_HQ, BLOCK_HK, BLOCK_R, BLOCK_RD)
-    tl.debug_barrier()  # the rotated keys, stored by all threads, are read back below
-    store_token(t, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, slot_ptr,
-                bounds_ptr, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh, stride_xb, stride_xm, stride_xh,
-                num_heads, head_dim, block_size, BLOCK_H, BLOCK_D, QUANT, QMAX, IS_INT8, BOUNDS)
-
-
-class StoreLaunch(NamedTuple):
-    """The store kernel's arguments for one call (``store_token``'s, in order), its compile-time
-    flags and its warp count; shared by the fused rotary + KV-store launch."""
-
-    args: tuple
-    flags: dict
-    num_warps: int
-
-
-def store_launch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, quest_bounds: torch.Tensor | None) -> StoreLaunch:
-    """Check the inputs of ``store_kv`` and lay out its kernel's arguments."""
+def store_kv(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # same shape and strides as k_cache
+    slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
+    quest_bounds: torch.Tensor | None = None,  # [num_blocks + 1, 2, Hkv, D] (SideState.bounds)
+) -> None:
+    """Scatter the new tokens' keys and values into the paged cache, in place (quantizing
+    them when the cache is 8-bit). ``quest_bounds``: also fold each key into its page's Quest
+    bounds, in the same launch; only for steps whose tokens each write a page of their own (a
+    decode step; prompts write several keys of one page: ``SideState.update``)."""
     num_tokens, num_heads, head_dim = k.shape
     assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.dtype == v_cache.dtype
     assert k_cache.shape[2] == num_heads and k_cache.shape[3] == head_dim
     assert slot_mapping.shape[0] >= num_tokens
+    if num_tokens == 0:
+        return
     quant = is_quantized(k_cache)
     if quant:
         ks, vs = kv_scales(k_cache), kv_scales(v_cache)
@@ -185,57 +140,15 @@ def store_launch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
         bound_strides = quest_bounds.stride()[:3]
     else:
         quest_bounds, bound_strides = k, (0, 0, 0)  # dummies
-    args = (k, v, k_cache, v_cache, ks, vs, slot_mapping, quest_bounds,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-            *scale_strides, *bound_strides, num_heads, head_dim, k_cache.shape[1])
-    flags = dict(BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
-                 QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
-                 BOUNDS=has_bounds)
-    return StoreLaunch(args, flags, 4 if num_heads * head_dim >= 2048 else 1)
-
-
-def store_kv(
-    k: torch.Tensor,  # [T, Hkv, D]
-    v: torch.Tensor,  # [T, Hkv, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # same shape and strides as k_cache
-    slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
-    quest_bounds: torch.Tensor | None = None,  # [num_blocks + 1, 2, Hkv, D] (SideState.bounds)
-) -> None:
-    """Scatter the new tokens' keys and values into the paged cache, in place (quantizing
-    them when the cache is 8-bit). ``quest_bounds``: also fold each key into its page's Quest
-    bounds, in the same launch; only for steps whose tokens each write a page of their own (a
-    decode step; prompts write several keys of one page: ``SideState.update``)."""
-    launch = store_launch(k, v, k_cache, v_cache, slot_mapping, quest_bounds)
-    if k.shape[0] == 0:
-        return
-    _store_kv_kernel[(k.shape[0],)](*launch.args, **launch.flags, num_warps=launch.num_warps,
-                                    **pdl.launch_args(k.device, early=True))
-
-
-def rotary_store_kv(
-    positions: torch.Tensor,  # [T] int
-    q: torch.Tensor,  # [T, Hq, D]
-    k: torch.Tensor,  # [T, Hkv, D]
-    v: torch.Tensor,  # [T, Hkv, D]
-    cos_sin_cache: torch.Tensor,  # [max_pos, rotary_dim] (flashserve.layers.rotary)
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [T], -1 = skip
-    q_norm: tuple[torch.Tensor, float] | None = None,  # (weight [D], eps): per-head norms first
-    k_norm: tuple[torch.Tensor, float] | None = None,
-) -> None:
-    """``rotary_embedding`` of q and k (in place) then ``store_kv`` of the rotated k and v, in one
-    launch: the same values as the two launches."""
-    rot = rotary_launch(positions, q, k, cos_sin_cache, k.shape[2], q_norm, k_norm)
-    store = store_launch(k, v, k_cache, v_cache, slot_mapping, None)
-    if q.shape[0] == 0:
-        return
-    f = rot.flags
-    _rotary_store_kv_kernel[(q.shape[0],)](
-        *rot.args, *store.args,
-        HAS_K=f["HAS_K"], HAS_NORM=f["HAS_NORM"], BLOCK_HQ=f["BLOCK_HQ"], BLOCK_HK=f["BLOCK_HK"],
-        BLOCK_R=f["BLOCK_R"], BLOCK_RD=f["BLOCK_D"], **store.flags,
-        num_warps=max(rot.num_warps, store.num_warps), **pdl.launch_args(q.device, early=True),
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, ks, vs, slot_mapping, quest_bounds,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        *scale_strides, *bound_strides,
+        num_heads, head_dim, k_cache.shape[1],
+        BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
+        QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
+        BOUNDS=has_bounds,
+        num_warps=4 if num_heads * head_dim >= 2048 else 1, **pdl.launch_args(k.device, early=True),
     )

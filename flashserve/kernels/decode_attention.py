@@ -7,11 +7,9 @@ base-2 log-sum-exp ``lse_s``. The GROUP query heads of a KV group (times the seq
 tokens) form the M dimension of ``tl.dot`` (padded to >= 16), so each K/V tile is loaded once
 for the whole group.
 
-Stage 2, ``o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``: by the
-split program of a (sequence, KV group) that finishes last (an arrival counter per pair, as the
-split-K GEMV's), or with the asynchronised softmax below or past ``FUSED_REDUCE_MAX_SPLITS``
-slices a second launch (``_decode_reduce_kernel``, grid ``(T, Hq)``). With a single split (large
-batches already fill the machine) stage 1 writes the final output directly.
+Stage 2 (``_decode_reduce_kernel``), grid ``(T, Hq)``: ``o = sum_s 2^(lse_s - M) o_s /
+sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``. With a single split (large batches already fill
+the machine) stage 1 writes the final output directly and stage 2 is not launched.
 
 Within a slice, whole key tiles that every query row sees run without masks (plain vector
 loads, no causal ``where``); only the slice's ragged end and, for several query tokens, the
@@ -50,7 +48,7 @@ from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels._paged_common import (
     LOG2E, NEG_BIG, attend_tile, load_q_rows, paged_loads_ok, quant_args, quant_query, split_range, window_tiles,
 )
-from flashserve.kernels.utils import arrival_counters, cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
+from flashserve.kernels.utils import cdiv, dot_ieee, is_interpreter, next_power_of_2, num_sms
 
 MODE_ONLINE = 0  # synchronous online softmax
 MODE_UNIFIED = 1  # asynchronised softmax with unified max phi, flags risky programs
@@ -59,11 +57,6 @@ MODE_FALLBACK = 2  # online softmax, only for programs flagged by MODE_UNIFIED
 # Largest M (= BLOCK_Q * GROUP_PAD) the decode kernel accepts; beyond it use the prefill kernel.
 MAX_DECODE_ROWS = 128
 MAX_SPLITS = 64
-# Up to this many slices, the last slice of a (sequence, KV head) to finish reduces them in the split
-# kernel instead of a second launch. One program reads them all, so many slices are better spread
-# over the reduction kernel's program per head: with 64 slices (batch 1, 32k) the fused form took a
-# layer's attention from 41 to 59 us on an H200 (docs/attention.md).
-FUSED_REDUCE_MAX_SPLITS = 8
 
 
 @triton.jit
@@ -74,8 +67,6 @@ def _decode_split_kernel(
     mid_o_ptr,  # [T, Hq, num_splits, D] fp32 partial outputs; or o [T, Hq, D] (DIRECT_OUT)
     mid_lse_ptr,  # [T, Hq, num_splits] fp32 partial base-2 LSEs (unused with DIRECT_OUT)
     flag_ptr,  # [B, Hkv, num_splits] int32 fallback flags (unified-max modes only)
-    o_ptr,  # FUSED_REDUCE: [T, Hq, D], the output the last slice of a (sequence, KV head) to arrive writes
-    count_ptr,  # FUSED_REDUCE: int32 arrival counters, one per (sequence, KV head), zero between launches
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale,  # scale * log2(e)
     phi,  # unified max in log2 units (MODE_UNIFIED)
@@ -86,14 +77,12 @@ def _decode_split_kernel(
     stride_bt, stride_bth,  # block table: sequence, KV head (0: one table per sequence)
     stride_mot, stride_moh, stride_mos,  # with DIRECT_OUT: o's token / head / feature strides
     stride_mlt, stride_mlh,
-    stride_ot, stride_oh, stride_od,
     head_dim, num_kv_heads, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,  # >= BLOCK_Q * GROUP_PAD, >= 16
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DIRECT_OUT: tl.constexpr,  # num_splits == 1: write the final output, no reduction pass
-    FUSED_REDUCE: tl.constexpr,  # the last slice to arrive reduces the slices (no reduction launch)
     DOT_PREC: tl.constexpr,
     QUANT: tl.constexpr, KV_FP16: tl.constexpr, ALIGN: tl.constexpr,
     MODE: tl.constexpr,
@@ -196,41 +185,6 @@ def _decode_split_kernel(
                    + split * stride_mos + offs_d[None, :])
         tl.store(mo_ptrs, out, mask=row_valid[:, None] & d_mask[None, :])
         tl.store(mid_lse_ptr + tok * stride_mlt + head * stride_mlh + split, lse, mask=row_valid)
-        if FUSED_REDUCE:
-            tl.debug_barrier()  # every thread's partials are written before the count is released
-            counter = count_ptr + b * num_kv_heads + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                _reduce_rows(mid_o_ptr, mid_lse_ptr, o_ptr, tok, head, row_valid, offs_d, d_mask, num_splits,
-                             stride_mot, stride_moh, stride_mos, stride_mlt, stride_mlh,
-                             stride_ot, stride_oh, stride_od, BLOCK_M, BLOCK_D)
-                tl.atomic_xchg(counter, 0, sem="relaxed")
-
-
-@triton.jit
-def _reduce_rows(
-    mid_o_ptr, mid_lse_ptr, o_ptr, tok, head, row_valid, offs_d, d_mask, num_splits,
-    stride_mot, stride_moh, stride_mos, stride_mlt, stride_mlh, stride_ot, stride_oh, stride_od,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The reduction of ``_decode_reduce_kernel`` for the rows (token ``tok``, head ``head``) of one
-    program, slice after slice (a sequential sum, so not its bits)."""
-    lse_row = mid_lse_ptr + tok * stride_mlt + head * stride_mlh  # [BLOCK_M]
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(lse_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg"))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    denom = tl.zeros([BLOCK_M], tl.float32)
-    o_row = mid_o_ptr + tok[:, None] * stride_mot + head[:, None] * stride_moh + offs_d[None, :]
-    for s in range(num_splits):
-        w = tl.exp2(tl.load(lse_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg") - m)
-        part = tl.load(o_row + s * stride_mos, mask=(row_valid & (w > 0.0))[:, None] & d_mask[None, :], other=0.0,
-                       cache_modifier=".cg")
-        acc += part * w[:, None]
-        denom += w
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -361,7 +315,6 @@ def paged_decode_attention(
     window: int | None = None,  # sliding window (tokens seen, itself included); None: full attention
     dilation: int = 1,
     num_sinks: int = 0,
-    fused_reduce: bool | None = None,  # None: up to FUSED_REDUCE_MAX_SPLITS slices (online softmax only)
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Split-KV attention for sequences with few new tokens each (decode / spec verify).
     The cache may be 8-bit (``flashserve.kernels.kv_quant``): dequantized in registers. With a
@@ -402,17 +355,13 @@ def paged_decode_attention(
     use_unified = unified_max is not None
     flags = (torch.empty(num_seqs, num_kv_heads, num_splits, dtype=torch.int32, device=q.device)
              if use_unified else q)  # dummy pointer when unused
-    if fused_reduce is None:
-        fused_reduce = num_splits <= FUSED_REDUCE_MAX_SPLITS
-    fused_reduce = fused_reduce and not direct and not use_unified
-    counters = arrival_counters(q.device, num_seqs * num_kv_heads) if fused_reduce else flags
     hi, lo = _margins(q.dtype)
     qa = quant_args(q, k_cache, v_cache)
     grid = (num_seqs, num_kv_heads, num_splits)
 
     def launch(mode: int) -> None:
         _decode_split_kernel[grid](
-            q, k_cache, v_cache, qa.k_scales, qa.v_scales, mid_o, mid_lse, flags, out, counters,
+            q, k_cache, v_cache, qa.k_scales, qa.v_scales, mid_o, mid_lse, flags,
             query_start_loc, seq_lens, block_tables,
             scale * LOG2E, float(unified_max or 0.0) * LOG2E,
             window or 1, dilation, num_sinks,
@@ -422,12 +371,11 @@ def paged_decode_attention(
             block_tables.stride(0), stride_bth,
             *mo_strides,
             mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
             head_dim, num_kv_heads, num_splits,
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m,
             BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_SIZE=block_size,
             PAGED=cfg.paged and paged_loads_ok(cfg.block_n, block_size, k_cache), EVEN_D=block_d == head_dim,
-            DIRECT_OUT=direct, FUSED_REDUCE=fused_reduce,
+            DIRECT_OUT=direct,
             DOT_PREC="ieee" if dot_ieee(q.dtype) else "tf32",
             QUANT=qa.quant, KV_FP16=qa.kv_fp16, ALIGN=qa.align,
             MODE=mode, HI_MARGIN=hi, LO_MARGIN=lo, WINDOW=window is not None,
@@ -440,7 +388,7 @@ def paged_decode_attention(
     else:
         launch(MODE_ONLINE)
 
-    if not direct and not fused_reduce:
+    if not direct:
         reduce_splits(mid_o, mid_lse, out)
     if return_fallback_flags:
         return out, (flags if use_unified else None)

@@ -13,8 +13,6 @@ launch computes the same values as the norm kernel followed by the rotary kernel
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -59,28 +57,6 @@ def _norm_rotate_heads(
 
 
 @triton.jit
-def rotate_token(
-    t,  # int64 token index
-    pos_ptr, q_ptr, k_ptr, cs_ptr, qw_ptr, kw_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-    num_q_heads, num_k_heads, half, head_dim, q_eps, k_eps,
-    HAS_K: tl.constexpr, HAS_NORM: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Token t's q (and k) heads, in place: (per-head norm and) rotation at its position."""
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < half
-    cos = tl.load(cs_ptr + pos * stride_cs + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * stride_cs + half + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    _norm_rotate_heads(q_ptr, qw_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, half, head_dim, q_eps,
-                       HAS_NORM, BLOCK_HQ, BLOCK_R, BLOCK_D)
-    if HAS_K:
-        _norm_rotate_heads(k_ptr, kw_ptr, t, stride_kt, stride_kh, num_k_heads, cos, sin, half, head_dim, k_eps,
-                           HAS_NORM, BLOCK_HK, BLOCK_R, BLOCK_D)
-
-
-@triton.jit
 def _rotary_kernel(
     pos_ptr,  # [T] int
     q_ptr, k_ptr,  # [T, Hq, D], [T, Hkv, D] (unit stride on D)
@@ -93,10 +69,17 @@ def _rotary_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_prior(PDL)
-    rotate_token(tl.program_id(0).to(tl.int64), pos_ptr, q_ptr, k_ptr, cs_ptr, qw_ptr, kw_ptr,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-                 num_q_heads, num_k_heads, half, head_dim, q_eps, k_eps,
-                 HAS_K, HAS_NORM, BLOCK_HQ, BLOCK_HK, BLOCK_R, BLOCK_D)
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < half
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_cs + half + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    _norm_rotate_heads(q_ptr, qw_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, half, head_dim, q_eps,
+                       HAS_NORM, BLOCK_HQ, BLOCK_R, BLOCK_D)
+    if HAS_K:
+        _norm_rotate_heads(k_ptr, kw_ptr, t, stride_kt, stride_kh, num_k_heads, cos, sin, half, head_dim, k_eps,
+                           HAS_NORM, BLOCK_HK, BLOCK_R, BLOCK_D)
 
 
 def _head_strides(x: torch.Tensor, head_dim: int) -> tuple[int, int, int]:
@@ -106,37 +89,6 @@ def _head_strides(x: torch.Tensor, head_dim: int) -> tuple[int, int, int]:
         return x.stride(0), head_dim, x.shape[1] // head_dim
     assert x.dim() == 3 and x.shape[2] == head_dim and x.stride(2) == 1
     return x.stride(0), x.stride(1), x.shape[1]
-
-
-class RotaryLaunch(NamedTuple):
-    """The rotary kernel's arguments for one call (``rotate_token``'s, in order), its
-    compile-time flags and its warp count; shared by the fused rotary + KV-store launch."""
-
-    args: tuple
-    flags: dict
-    num_warps: int
-
-
-def rotary_launch(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, cos_sin_cache: torch.Tensor, head_dim: int,
-    q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None,
-) -> RotaryLaunch:
-    """Check the inputs of ``rotary_embedding`` and lay out its kernel's arguments."""
-    rotary_dim = cos_sin_cache.shape[1]
-    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim and cos_sin_cache.stride(1) == 1
-    has_norm = q_norm is not None
-    assert not has_norm or k is None or k_norm is not None, "q_norm without k_norm"
-    sqt, sqh, hq = _head_strides(q, head_dim)
-    skt, skh, hk = _head_strides(k, head_dim) if k is not None else (0, 0, 1)
-    q_w, q_eps = q_norm or (cos_sin_cache, 0.0)  # without a norm the weight pointers go unread
-    k_w, k_eps = k_norm or (q_w, q_eps)
-    assert not has_norm or (q_w.shape == k_w.shape == (head_dim,) and q_w.is_contiguous() and k_w.is_contiguous())
-    half = rotary_dim // 2
-    args = (positions, q, k if k is not None else q, cos_sin_cache, q_w, k_w,
-            sqt, sqh, skt, skh, cos_sin_cache.stride(0), hq, hk, half, head_dim, q_eps, k_eps)
-    flags = dict(HAS_K=k is not None, HAS_NORM=has_norm, BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk),
-                 BLOCK_R=next_power_of_2(half), BLOCK_D=next_power_of_2(head_dim))
-    return RotaryLaunch(args, flags, 4 if hq * half >= 1024 else 1)
 
 
 def rotary_embedding(
@@ -152,9 +104,26 @@ def rotary_embedding(
 
     With ``q_norm`` (and ``k_norm`` when there is a k) every head is first RMS-normalised over
     all head_dim dims with that (weight, eps), in the same launch."""
-    launch = rotary_launch(positions, q, k, cos_sin_cache, head_dim, q_norm, k_norm)
-    if q.shape[0] == 0:
+    num_tokens = q.shape[0]
+    rotary_dim = cos_sin_cache.shape[1]
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim and cos_sin_cache.stride(1) == 1
+    has_norm = q_norm is not None
+    assert not has_norm or k is None or k_norm is not None, "q_norm without k_norm"
+    if num_tokens == 0:
         return q, k
-    _rotary_kernel[(q.shape[0],)](*launch.args, **launch.flags, num_warps=launch.num_warps,
-                                  **pdl.launch_args(q.device, early=True))
+    sqt, sqh, hq = _head_strides(q, head_dim)
+    skt, skh, hk = _head_strides(k, head_dim) if k is not None else (0, 0, 1)
+    q_w, q_eps = q_norm or (cos_sin_cache, 0.0)  # without a norm the weight pointers go unread
+    k_w, k_eps = k_norm or (q_w, q_eps)
+    assert not has_norm or (q_w.shape == k_w.shape == (head_dim,) and q_w.is_contiguous() and k_w.is_contiguous())
+    half = rotary_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        positions, q, k if k is not None else q, cos_sin_cache, q_w, k_w,
+        sqt, sqh, skt, skh, cos_sin_cache.stride(0),
+        hq, hk, half, head_dim, q_eps, k_eps,
+        HAS_K=k is not None, HAS_NORM=has_norm,
+        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), BLOCK_R=next_power_of_2(half),
+        BLOCK_D=next_power_of_2(head_dim),
+        num_warps=4 if hq * half >= 1024 else 1, **pdl.launch_args(q.device, early=True),
+    )
     return q, k

@@ -1,7 +1,6 @@
 """``TritonAttentionBackend``: the GPU attention backend built on the paged Triton kernels.
 
-Per layer call: ``store_kv`` writes the step's new K/V into the paged cache (``rotary_store_kv``
-when the layer hands over its rope: q and k rotated in the same launch), then
+Per layer call: ``store_kv`` writes the step's new K/V into the paged cache, then
 
 * the split-KV decode kernel when every sequence has few new tokens
   (``meta.is_decode`` or ``meta.max_query_len <= decode_max_query_len``, and the rows
@@ -36,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.config import MAX_SPECULATIVE_TOKENS, AttentionSpec
-from flashserve.kernels.cache_ops import rotary_store_kv, store_kv
+from flashserve.kernels.cache_ops import store_kv
 from flashserve.kernels.decode_attention import (
     MAX_DECODE_ROWS,
     choose_num_splits,
@@ -48,7 +47,6 @@ from flashserve.kernels.tree_attention import tree_attention
 from flashserve.kernels.utils import next_power_of_2, num_sms
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata
 from flashserve.layers.request_attention import option_batches
-from flashserve.layers.rotary import Rotation
 from flashserve.layers.sparse_attention import SideStates, quest_block_tables, quest_num_pages
 
 
@@ -127,11 +125,7 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         spec: AttentionSpec = FULL,
-        rotation: Rotation | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
-        fuse_rotation = rotation is not None and rotation.fused and meta.tree is None and spec.kind != "quest"
-        if rotation is not None and not fuse_rotation:
-            q, k = rotation.apply(q, k)
         if meta.tree is not None:  # a speculative token tree (flashserve.kernels.tree_attention)
             if self.batch_invariant:
                 raise ValueError("the batch-invariant mode verifies chains, not token trees")
@@ -140,11 +134,7 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if spec.kind == "quest":
             return self._quest(q, k, v, k_cache, v_cache, meta, scale, spec, out)
-        if fuse_rotation:  # rope and the cache write in one launch
-            rotary_store_kv(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=meta.slot_mapping,
-                            **rotation.kernel_args())
-        else:
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.seq_attention is not None and spec.kind == "full":
             # requests with their own attention options (flashserve.layers.request_attention):
             # one launch per option over that option's sequences

@@ -21,7 +21,6 @@ from flashserve.kernels.tree_mask import tree_attention_reference
 from flashserve.layers.attention_metadata import AttentionBackend, AttentionMetadata, get_forward_context
 from flashserve.layers.attention_rows import decode_rows
 from flashserve.layers.request_attention import layer_spec_for
-from flashserve.layers.rotary import Rotation
 from flashserve.layers.sparse_attention import SideStates, h2o_evict_and_compact, h2o_region_start, visible_keys
 
 
@@ -210,10 +209,7 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         spec: AttentionSpec = FULL,
-        rotation: Rotation | None = None,
     ) -> torch.Tensor:  # [T, H, D]
-        if rotation is not None:
-            q, k = rotation.apply(q, k)
         # a token tree: nodes see their ancestors only (full and sliding layers of a verification step:
         # below, by row)
         if meta.tree is not None and not (meta.verify_seqs and spec.kind in ("full", "sliding")):
@@ -306,8 +302,7 @@ class TorchAttentionBackend(AttentionBackend):
 class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query attention over the paged KV cache.
 
-    q: [T, H * D], k, v: [T, Hkv * D] -> [T, H * D]; q and k rotated already, or by the backend
-    when a ``Rotation`` comes with them (the Triton backend rotates and writes the cache in one launch).
+    q: [T, H * D], k, v: [T, Hkv * D] (already rotated) -> [T, H * D].
     """
 
     def __init__(
@@ -337,7 +332,6 @@ class Attention(nn.Module):
         v: torch.Tensor,
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
-        rotation: Rotation | None = None,
     ) -> torch.Tensor:
         meta = get_forward_context().for_group(self.kv_group)
         T = q.shape[0]
@@ -350,7 +344,6 @@ class Attention(nn.Module):
             meta,
             self.scale,
             self.spec,
-            rotation,
         )
         return out.reshape(T, self.num_heads * self.head_dim)
 

@@ -108,10 +108,8 @@ class AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         spec: Any = None,
-        rotation: Any = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Rotate q and k by ``rotation`` (a ``flashserve.layers.rotary.Rotation``; None: they
-        are rotated already), store the new k/v at ``meta.slot_mapping``, then attend causally over
-        each sequence's context (cached tokens followed by the new ones) as the layer's
-        ``AttentionSpec`` says (None: full attention)."""
+        """Store the new k/v at ``meta.slot_mapping``, then attend causally over each sequence's
+        context (cached tokens followed by the new ones) as the layer's ``AttentionSpec`` says
+        (None: full attention)."""
         raise NotImplementedError

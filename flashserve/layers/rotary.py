@@ -171,37 +171,3 @@ class RotaryEmbedding(nn.Module):
         if rope.cos_full is not None:
             return rotate_q_k(q, k, rope.cos_full, rope.sin_signed)
         return apply_rotary(q, rope.cos, rope.sin, self.rotary_dim), apply_rotary(k, rope.cos, rope.sin, self.rotary_dim)
-
-    def rotation(self, rope: RopeInputs, q_norm: RMSNorm | None = None,
-                 k_norm: RMSNorm | None = None) -> Rotation:
-        """This forward pass's rotation of a layer's q and k, handed to its attention layer, whose
-        backend applies it (``Rotation.apply``) or fuses it with its KV-cache write."""
-        return Rotation(self, rope, q_norm, k_norm)
-
-
-@dataclass(frozen=True)
-class Rotation:
-    """A layer's pending rope (with the per-head q / k norms before it): what ``RotaryEmbedding``
-    would do to the step's q and k. An attention backend either applies it first or, where the
-    Triton rotary kernel is in use (``fused``), passes ``kernel_args`` to a launch that also writes
-    the rotated keys into the KV cache (``flashserve.kernels.cache_ops.rotary_store_kv``)."""
-
-    embedding: RotaryEmbedding
-    rope: RopeInputs
-    q_norm: RMSNorm | None = None
-    k_norm: RMSNorm | None = None
-
-    @property
-    def fused(self) -> bool:
-        """Whether the rotation runs as the Triton kernel (positions only, the cache read in it)."""
-        return self.rope.cos is None
-
-    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D] -> rotated (q, k) (in place on the Triton path)."""
-        return self.embedding(self.rope, q, k, self.q_norm, self.k_norm)
-
-    def kernel_args(self) -> dict:
-        """The keywords of ``rotary_store_kv`` that describe the rotation."""
-        norm = lambda m: (m.weight, m.eps) if m is not None else None  # noqa: E731
-        return dict(positions=self.rope.positions, cos_sin_cache=self.embedding.cos_sin_cache,
-                    q_norm=norm(self.q_norm), k_norm=norm(self.k_norm))

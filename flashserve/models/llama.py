@@ -78,9 +78,9 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        rotation = self.rotary_emb.rotation(rope, self.q_norm, self.k_norm)  # (qk norm +) rope, by the backend
+        q, k = self.rotary_emb(rope, q, k, self.q_norm, self.k_norm)  # (qk norm +) rope: [T, H, D], [T, Hkv, D]
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, k_cache, v_cache, rotation)  # [T, H D]
+        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, k_cache, v_cache)  # [T, H D]
         return self.o_proj(out)
 
 
