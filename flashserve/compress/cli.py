@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,22 +121,25 @@ def compress(args: argparse.Namespace) -> dict[str, Any]:
           f"({100 * linear_after / linear_before:.1f}%), {params_after / 1e6:.1f}M parameters in all, "
           f"{summary['compress_seconds']:.1f}s", flush=True)
     if args.eval_tokens > 0:
-        from flashserve.compress.evaluate import ReferenceScores, format_report
+        from flashserve.compress.evaluate import quality_summary
 
-        ref = ReferenceScores(args.model, args.eval_tokens, device=str(device))
-        report = ref.evaluate(str(out))
-        summary["quality"] = {**report.__dict__, "perplexity_change": report.perplexity_change}
-        print(format_report(report))
+        summary["quality"] = quality_summary(args.model, str(out), args.eval_tokens, str(device))
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
+def run_tool(tool: Callable[[argparse.Namespace], dict], args: argparse.Namespace, name: str) -> int:
+    """Run a compression command: its summary to ``--output-json``; a user mistake (ValueError,
+    FileNotFoundError) is one error line and exit code 2."""
     try:
-        summary = compress(args)
+        summary = tool(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"flashserve compress {args.tool}: error: {e}", file=sys.stderr)
+        print(f"flashserve {name}: error: {e}", file=sys.stderr)
         return 2
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_tool(compress, args, f"compress {args.tool}")

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -429,22 +428,14 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
           f"{acceptance['baseline']:.2f} for the {baseline_name}", flush=True)
     del student, baseline, teacher
     if args.eval_tokens > 0:
-        from flashserve.compress.evaluate import ReferenceScores, format_report
+        from flashserve.compress.evaluate import quality_summary
 
-        report = ReferenceScores(args.model, args.eval_tokens, device=str(device)).evaluate(str(out))
-        summary["quality"] = {**dataclasses.asdict(report), "perplexity_change": report.perplexity_change}
-        print(format_report(report))
+        summary["quality"] = quality_summary(args.model, str(out), args.eval_tokens, str(device))
     summary["seconds"] = time.perf_counter() - t_start
     return summary
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = distill(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"flashserve distill: error: {e}", file=sys.stderr)
-        return 2
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
+    from flashserve.compress.cli import run_tool
+
+    return run_tool(distill, args, "distill")

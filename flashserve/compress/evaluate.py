@@ -89,6 +89,14 @@ def decode_weights(model: str | None) -> int:
     return c.num_layers * per_layer + c.vocab_size * c.hidden_size
 
 
+def quality_summary(model: str | None, candidate: str, max_tokens: int, device: str) -> dict:
+    """A written model's quality against its source (``max_tokens`` of text), printed and returned
+    as a summary entry (the report's fields and the relative perplexity change)."""
+    report = ReferenceScores(model, max_tokens, device=device).evaluate(candidate)
+    print(format_report(report))
+    return {**report.__dict__, "perplexity_change": report.perplexity_change}
+
+
 def format_report(report: QualityReport) -> str:
     return (f"{report.num_tokens} tokens: perplexity {report.perplexity:.3f} vs source {report.reference_perplexity:.3f} "
             f"({100 * report.perplexity_change:+.1f}%), KL {report.kl_divergence:.4f} nats, "
