@@ -112,7 +112,8 @@ def sweep(layer: Layer, tokens: list[int], fmt: str = "bf16") -> dict:
         if us < best_us:
             gu_best, best_us = gu, us
     dn_best = dn
-    for cand in GEMV_CANDIDATES:
+    tile = fm.next_power_of_2(layer.k)  # the down launch holds the token's k experts' tiles at once
+    for cand in [c for c in DOWN_CANDIDATES if tile * c.block_n * c.block_k <= 2 * fm.DOWN_TILE * c.num_warps // 4]:
         us = decode_us((gu_best, cand))
         if us < best_us:
             dn_best, best_us = cand, us
@@ -160,10 +161,13 @@ def _candidates() -> tuple[list, list]:
     gemv = [GemvConfig(*c) for c in [
         (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 4),
         (32, 256, 8), (64, 128, 8)]]
-    return gemm, gemv
+    down = [GemvConfig(*c) for c in [
+        (4, 128, 4), (4, 256, 4), (8, 64, 4), (8, 128, 4), (8, 256, 4), (8, 512, 4), (16, 64, 4), (16, 128, 4),
+        (16, 128, 8), (16, 256, 8), (32, 64, 8), (8, 1024, 8)]]
+    return gemm, gemv, down
 
 
-GEMM_CANDIDATES, GEMV_CANDIDATES = _candidates()
+GEMM_CANDIDATES, GEMV_CANDIDATES, DOWN_CANDIDATES = _candidates()
 
 
 def run(args: argparse.Namespace) -> int:

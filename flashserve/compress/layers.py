@@ -72,6 +72,9 @@ class LowRankMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(F.linear(x, layer.weight_a), layer.weight_b, bias)  # [T, in] -> [T, r] -> [T, out]
 
+    def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> None:
+        return None  # two factors: no one-launch gated product
+
 
 def check_rank(rank: int, out_features: int, in_features: int, name: str = "layer") -> None:
     if not 1 <= rank <= min(in_features, out_features):

@@ -24,8 +24,12 @@ Two paths, same result:
 * **decode** (``T <= DECODE_MAX_TOKENS``): no sort. The gate/up launch has one program per
   (pair, tile of ``I``) reading the active expert's rows (a GEMV, products accumulated in a 2-D
   register tile and reduced once at the end); the down launch has one program per (token, tile of
-  ``H``) that loops over the token's ``k`` experts and writes the weighted sum in x's dtype, so a
-  batch-1 step is two launches that read exactly the ``k`` active experts' weights.
+  ``H``) that streams the token's ``k`` experts' rows side by side (a ``[k, BLOCK_N, BLOCK_K]``
+  tile per step) and writes the weighted sum in x's dtype, so a batch-1 step is two launches that
+  read exactly the ``k`` active experts' weights. With programmatic dependent launch (``pdl``) the
+  gate/up launch waits for the routing, then releases the down launch, whose programs read the
+  expert ids and their first weight tiles while gate/up still runs, and wait only before reading
+  its activations; the routing launch reads its first router weights before it waits.
 
 Routing, the kernel form of ``flashserve.layers.moe.route``: ``fused_route`` scores the router
 logits, picks the top k and renormalises in one launch; up to ``ROUTER_MAX_TOKENS`` tokens
@@ -44,10 +48,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.utils import arrival_counters, cdiv, is_interpreter, next_power_of_2, num_sms
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens per step: the GEMV path (no sort, no padding)
+DOWN_TILE = 8192  # decode down launch: weights per step of a program (its k experts' tiles together)
 # Up to this many tokens the router's logits are computed inside the routing launch
 # (``fused_router_route``). Its last program routes every token from one [tokens, experts] register
 # tile (16 x 128 fp32 for Qwen3-MoE: 16 a thread), and every program re-reads all the token rows
@@ -95,7 +103,7 @@ TUNED_GEMM: dict[tuple[int, int, int, int], GemmConfig] = {
 # (experts, hidden, expert intermediate) -> decode launch (gate/up, down); same sweep.
 TUNED_GEMV: dict[tuple[int, int, int], tuple[GemvConfig, GemvConfig]] = {
     # qwen3-30b-a3b T=1: 31.5 us, heuristic 35.6 us
-    (128, 2048, 768): (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=16, block_k=512, num_warps=8)),
+    (128, 2048, 768): (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=8, block_k=128, num_warps=4)),
     # mixtral-8x7b T=1: 177 us, heuristic 202 us
     (8, 4096, 14336): (GemvConfig(block_n=64, block_k=128, num_warps=8), GemvConfig(block_n=8, block_k=512, num_warps=4)),
 }
@@ -249,9 +257,13 @@ def _moe_gemv_gate_up_kernel(
     N, K,
     stride_xm, stride_we, stride_wn, stride_se, stride_om,
     TOP_K: tl.constexpr, W_FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if PDL:  # the expert ids come from the routing launch: wait for it, then release the down launch
+        gdc_wait()
+        gdc_launch_dependents()
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     if expert < 0:  # not held here: the down launch skips this pair
         return
@@ -289,32 +301,41 @@ def _moe_gemv_down_kernel(
     ids_ptr, weights_ptr,  # [T * k], [T * k] fp32
     N, K,
     stride_am, stride_we, stride_wn, stride_se, stride_om,
-    TOP_K: tl.constexpr, W_FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, K_BLOCK: tl.constexpr, W_FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     tok = tl.program_id(0)
     pid_n = tl.program_id(1)
+    slots = tl.arange(0, K_BLOCK)
+    pairs = tok * TOP_K + slots
+    slot_ok = slots < TOP_K
+    # the routing launch finished before the gate/up one released this one (it waits, then launches
+    # its dependents), so the expert ids can be read before the wait, and the first weight tiles too
+    expert = tl.load(ids_ptr + pairs, mask=slot_ok, other=-1).to(tl.int64)
+    here = expert >= 0  # an expert held elsewhere (or a padding slot): every load masked, nothing read
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
-    # one accumulator for the token's k experts: routing weight folded into the activation and the
-    # row scale into the weight tile, so the k tiles of a step are independent loads in flight
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # [K_BLOCK, BLOCK_N, BLOCK_K]: the token's k experts' rows side by side, all loads of a step in flight
+    w_ptrs = (w_ptr + tl.maximum(expert, 0)[:, None, None] * stride_we
+              + offs_n[None, :, None].to(tl.int64) * stride_wn + offs_k[None, None, :])
+    a_ptrs = act_ptr + pairs[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [K_BLOCK, BLOCK_K]
+    rows_ok = here[:, None, None] & n_ok[None, :, None]
+    w = _load_weight(w_ptrs, rows_ok & (offs_k < K)[None, None, :], W_FMT, tl.float32)
+    wait_for_prior(PDL)
+    acc = tl.zeros([K_BLOCK, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
-        for slot in tl.static_range(TOP_K):
-            pair = tok * TOP_K + slot
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            here = expert >= 0  # an expert held elsewhere: every load masked, nothing read
-            expert = tl.maximum(expert, 0)
-            mask = k_ok & here
-            a = tl.load(act_ptr + pair.to(tl.int64) * stride_am + k0 + offs_k, mask=mask, other=0.0).to(tl.float32)
-            a = a * tl.load(weights_ptr + pair)
-            w = _load_weight(w_ptr + expert * stride_we + k0 + rows, n_ok[:, None] & mask[None, :], W_FMT, tl.float32)
-            if W_FMT != 0:
-                w = w * tl.load(s_ptr + expert * stride_se + offs_n, mask=n_ok & here, other=0.0)[:, None]
-            acc += w * a[None, :]
-    total = tl.sum(acc, axis=1)
+        a = tl.load(a_ptrs + k0, mask=here[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+        k_next = offs_k + k0 + BLOCK_K < K
+        w = _load_weight(w_ptrs + k0 + BLOCK_K, rows_ok & k_next[None, None, :], W_FMT, tl.float32)
+    sums = tl.sum(acc, axis=2)  # [K_BLOCK, BLOCK_N] per expert and row
+    if W_FMT != 0:  # per-output-channel scales, once on the sums
+        sums = sums * tl.load(s_ptr + tl.maximum(expert, 0)[:, None] * stride_se + offs_n[None, :],
+                              mask=here[:, None] & n_ok[None, :], other=0.0)
+    gate = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
+    total = tl.sum(sums * gate[:, None], axis=0)
     tl.store(out_ptr + tok.to(tl.int64) * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -395,6 +416,7 @@ def _router_route_kernel(
     T, E, H, stride_xm, stride_wn,
     TOP_K: tl.constexpr, K_BLOCK: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     toks = tl.arange(0, BLOCK_T)
     t_ok = toks < T
@@ -404,13 +426,16 @@ def _router_route_kernel(
     x_ptrs = x_ptr + toks[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BT, BK]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
     # every token against this program's BLOCK_N router rows, products accumulated elementwise in
-    # fp32 and reduced once after the loop
+    # fp32 and reduced once after the loop; the first weight tile read before the wait
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < H)[None, :], other=0.0).to(tl.float32)
+    wait_for_prior(PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k_ok = offs_k + k0 < H
         x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         acc += x[:, None, :] * w[None, :, :]
+        w = tl.load(w_ptrs + k0 + BLOCK_K, mask=n_ok[:, None] & (offs_k + k0 + BLOCK_K < H)[None, :],
+                    other=0.0).to(tl.float32)
     logit_ptrs = logits_ptr + toks[:, None] * E
     tl.store(logit_ptrs + offs_n[None, :], tl.sum(acc, axis=2).to(logits_ptr.dtype.element_ty),
              mask=t_ok[:, None] & n_ok[None, :])
@@ -458,7 +483,8 @@ def fused_router_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, scorin
         _router_route_kernel[(cdiv(E, ROUTER_BLOCK_N),)](
             x, weight, logits, arrival_counters(x.device, 1), weights, ids, T, E, H, x.stride(0), weight.stride(0),
             TOP_K=top_k, K_BLOCK=next_power_of_2(top_k), SIGMOID=scoring == "sigmoid", RENORMALIZE=renormalize,
-            BLOCK_T=block_t, BLOCK_N=ROUTER_BLOCK_N, BLOCK_K=block_k, BLOCK_E=next_power_of_2(E), **_launch_kw(4))
+            BLOCK_T=block_t, BLOCK_N=ROUTER_BLOCK_N, BLOCK_K=block_k, BLOCK_E=next_power_of_2(E), **_launch_kw(4),
+            **pdl.launch_args(x.device, early=True))
     return weights, ids
 
 
@@ -496,7 +522,9 @@ def gemv_configs(tokens: int, top_k: int, num_experts: int, hidden: int, inter: 
     pairs = tokens * top_k
     gu_n = 32 if pairs * cdiv(inter, 32) >= 4 * sms else 16 if pairs * cdiv(inter, 16) >= 2 * sms else 8
     dn_n = 32 if tokens * cdiv(hidden, 32) >= 4 * sms else 16 if tokens * cdiv(hidden, 16) >= 2 * sms else 8
-    return GemvConfig(gu_n, 256, 4), GemvConfig(dn_n, 256, 4)
+    # the down tile holds the token's k experts' rows: at most DOWN_TILE weights (64 a thread at 4 warps)
+    dn_k = max(32, min(256, DOWN_TILE // (next_power_of_2(top_k) * dn_n)))
+    return GemvConfig(gu_n, 256, 4), GemvConfig(dn_n, dn_k, 4)
 
 
 def _grouped(a: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, fmt: int, out: torch.Tensor,
@@ -547,12 +575,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             x, w13 if f13 != FMT_FP8 else w13.view(torch.uint8), s13 if s13 is not None else weights, act, ids,
             inter, H, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0) if s13 is not None else 0,
             act.stride(0), TOP_K=top_k, W_FMT=f13, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
-            **_launch_kw(gu.num_warps))
+            **_launch_kw(gu.num_warps), **pdl.launch_args(x.device))
         _moe_gemv_down_kernel[(T, cdiv(H, dn.block_n))](
             act, w2 if f2 != FMT_FP8 else w2.view(torch.uint8), s2 if s2 is not None else weights, out, ids,
             weights, H, inter, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if s2 is not None else 0,
-            out.stride(0), TOP_K=top_k, W_FMT=f2, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k,
-            **_launch_kw(dn.num_warps))
+            out.stride(0), TOP_K=top_k, K_BLOCK=next_power_of_2(top_k), W_FMT=f2, BLOCK_N=dn.block_n,
+            BLOCK_K=dn.block_k, **_launch_kw(dn.num_warps), **pdl.launch_args(x.device, early=True))
         return out
     cfg = gemm or gemm_config(num_pairs, E, H, inter)
     # [T*k, H] weighted rows; zeroed when some pairs' experts are elsewhere (their rows are not written)

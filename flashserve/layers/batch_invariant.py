@@ -51,6 +51,9 @@ class BatchInvariantMethod(LinearMethod):
             y = dense_invariant(x, layer.weight)
         return y if bias is None else y + bias
 
+    def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> None:
+        return None  # the gated batch-1 GEMV is a row-count-specific kernel
+
 
 def check_backend(device: torch.device, backend: str) -> None:
     """The mode's attention rows are the Triton backend's: on CUDA (also a device given as

@@ -53,11 +53,22 @@ class LinearMethod:
         """Nothing to do for a dense weight (a tied one is already shared)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        y = _dense_gemv(layer.weight, x, bias, gated=False)
+        return y if y is not None else F.linear(x, layer.weight, bias)
 
     def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``apply(silu_and_mul(h))`` in one kernel where this method has one for ``h``, else None."""
+        return _dense_gemv(layer.weight, h, bias, gated=True)
+
+
+def _dense_gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor | None:
+    """A dense weight's batch-1 product on CUDA through ``kernels.dense_gemv`` (launched with the
+    decode kernels' PDL protocol), or None where that kernel does not take it."""
+    if x.device.type != "cuda" or x.dim() != 2 or x.shape[0] != 1:
         return None
+    from flashserve.kernels.dense_gemv import dense_gemv
+
+    return dense_gemv(x, w, bias, gated=gated)
 
 
 class PackedLinearMethod(LinearMethod):

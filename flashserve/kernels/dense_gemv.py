@@ -1,0 +1,93 @@
+"""Batch-1 GEMV over a 16-bit dense weight: ``y[1, N] = x[1, K] @ W^T (+ bias)``, W bf16 / fp16.
+
+The products of a batch-1 decode step read every weight once and do two flops per weight, so the
+kernel only has to stream ``W``. Each program owns ``BLOCK_N`` rows and walks K in ``BLOCK_K``
+columns, multiplying in fp32 registers and reducing the ``[BLOCK_N, BLOCK_K]`` products once at the
+end (no shuffles per step). What it adds over cuBLAS's GEMV is the launch protocol of the other
+decode kernels (``pdl``): it reads its first weight tile, lets the next kernel launch, and only
+then waits for the kernels before it, so its start overlaps the previous kernel's tail. ``gated``
+takes an MLP's ``[gate | up]`` halves as x and applies ``silu(gate) * up`` as it reads them,
+rounded as ``activation.silu_and_mul`` rounds, so the down projection needs no activation launch.
+
+One tile for every shape, 16 rows x 512 columns over 8 warps, chosen on an H100 in CUDA graphs of
+distinct weights (docs/benchmarks.md): 1.06-1.44x cuBLAS on Llama-3.1-8B's and Qwen3-30B-A3B's
+products and LM head; splitting long rows (K = 14336) over programs was slower than not.
+
+Shapes the tiles do not divide return ``None``; callers fall back to ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
+
+from flashserve.kernels import pdl
+from flashserve.kernels.pdl import wait_for_prior
+from flashserve.kernels.quant_gemv import GemvConfig, _x_floats
+from flashserve.kernels.utils import is_interpreter
+
+
+@triton.jit
+def _gemv_dense_kernel(
+    x_ptr,  # [K] activations, or [2K] gate and up halves (GATED)
+    w_ptr,  # [N, K] bf16 / fp16
+    b_ptr,  # [N] bias (HAS_BIAS)
+    out_ptr,  # [N] in x's dtype
+    K,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    tiles = w_ptr + rows[:, None] * K + cols[None, :]
+    w = tl.load(tiles)  # the first tile before the wait: weights do not depend on earlier kernels
+    if PDL:
+        gdc_launch_dependents()
+    wait_for_prior(PDL)
+    acc = w.to(tl.float32) * _x_floats(x_ptr, cols, K, GATED)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
+        acc += w.to(tl.float32) * _x_floats(x_ptr, k0 + cols, K, GATED)[None, :]
+    total = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        total += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
+
+
+def dense_gemv_config(n: int, k: int) -> GemvConfig | None:
+    """The tile for one shape (``split_k`` always 1), or None when it does not divide the shape."""
+    cfg = GemvConfig(16, 512, 1, 8, 3)
+    return None if n % cfg.block_n or k % cfg.block_k else cfg
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+               config: GemvConfig | None = None) -> torch.Tensor | None:
+    """``x [1, K] @ w[N, K]^T (+ bias)`` -> [1, N] in x's dtype, or None when this shape, dtype or
+    layout needs ``F.linear``. ``gated``: x is ``[1, 2K]``, the gate and up halves, and the product is
+    ``silu_and_mul(x) @ w^T`` (bit for bit the two calls' result)."""
+    k = x.shape[1] // 2 if gated else x.shape[1]
+    n = w.shape[0]
+    if gated and x.shape[1] != 2 * k:
+        raise ValueError(f"a gated GEMV takes [1, 2K] gate and up halves, got {x.shape[1]} columns")
+    if (x.shape[0] != 1 or w.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)
+            or w.shape[1] != k or not w.is_contiguous()):
+        return None
+    cfg = config or dense_gemv_config(n, k)
+    if cfg is None:
+        return None
+    if cfg.split_k != 1 or n % cfg.block_n or k % cfg.block_k:
+        raise ValueError(f"dense GEMV config {cfg} does not fit N = {n}, K = {k}: block_n must divide N, "
+                         "block_k K, and split_k must be 1")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    launch = pdl.launch_args(x.device)
+    if not is_interpreter():
+        launch.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gemv_dense_kernel[(n // cfg.block_n,)](
+        x, w, bias if bias is not None else out, out, k,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, HAS_BIAS=bias is not None, **launch,
+    )
+    return out.view(1, n)
