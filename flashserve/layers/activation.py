@@ -56,7 +56,7 @@ class SiluAndMul(nn.Module):
 
     def into(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``linear(self(x))``; with the Triton kernels, one launch where the linear layer's
-        weights have a gated product for x (the batch-1 quantized GEMV)."""
+        weights have a gated product for x (the batch-1 GEMVs, dense or quantized)."""
         if self.triton:
             y = linear.forward_silu_gated(x)
             if y is not None:
