@@ -402,7 +402,17 @@ class BlockManager:
             committed = full <= np.fromiter(map(self._committed.get, request_ids, repeat(0)), np.int64, n)
             held &= committed
             fresh &= committed
-        return np.where(held, 0, np.where(fresh, 1, 2)).astype(np.int8)
+        needs = np.where(held, 0, np.where(fresh, 1, 2)).astype(np.int8)
+        trims = self._trims(request_ids, starts, have)
+        if trims is not None:
+            needs[trims] = 2
+        return needs
+
+    def _trims(self, request_ids: list[str], starts: np.ndarray, have: np.ndarray) -> np.ndarray | None:
+        """For ``quiet_decodes``: which requests' ``trim`` at ``starts`` releases a block (they take
+        the per-request calls), given their table lengths ``have``; None: no request's (full
+        attention never trims)."""
+        return None
 
     def append_blocks(self, request_ids: list[str]) -> list[int]:
         """Append one fresh block to each request's table, in order: the blocks ``allocate_slots``

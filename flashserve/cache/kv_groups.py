@@ -188,7 +188,7 @@ class GroupedBlockManager(BlockManager):
     def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> np.ndarray | None:
         """Each request takes the per-request calls (2), which give every group's new ids (a
         multi-step plan trims each windowed group at the plan's first position, as
-        ``WindowedBlockManager.quiet_decodes``). None (the per-request loop claims them, preempting
+        ``WindowedBlockManager._trims``). None (the per-request loop claims them, preempting
         if it must) when the pool may not hold a new block in every group for every request, or
         with an H2O group (its managers claim one step at a time)."""
         if len(request_ids) * len(self.groups) > self.pool.num_free or \

@@ -89,20 +89,15 @@ class WindowedBlockManager(BlockManager):
         self._trimmed[request_id] = end
         self.pool.free(released[::-1])  # newest first: the oldest are evicted last from the LRU
 
-    def quiet_decodes(self, request_ids, starts, known, sent, lens=None) -> np.ndarray | None:
-        """As ``BlockManager.quiet_decodes``, and the per-request calls (2) for every request whose
-        ``trim`` at ``starts`` releases a block (its window left one behind: once per block of
-        tokens). A multi-step plan trims at its first position, so its later steps find every
-        block their windows read (a window's oldest position only moves forward)."""
-        needs = super().quiet_decodes(request_ids, starts, known, sent, lens)
-        if needs is None:
-            return None
+    def _trims(self, request_ids: list[str], starts: np.ndarray, have: np.ndarray) -> np.ndarray:
+        """``quiet_decodes`` sends a request through the per-request calls when its ``trim`` at
+        ``starts`` releases a block (its window left one behind: once per block of tokens). A
+        multi-step plan trims at its first position, so its later steps find every block their
+        windows read (a window's oldest position only moves forward)."""
         n = len(request_ids)
-        have = np.fromiter(map(len, map(self.tables.get, request_ids, repeat(()))), np.int64, n)
         below = np.minimum(np.fromiter(map(self.oldest_read, starts.tolist()), np.int64, n) // self.block_size, have)
         first = np.maximum(np.fromiter(map(self._trimmed.get, request_ids, repeat(0)), np.int64, n), self._sink_blocks)
-        needs[below > first] = 2
-        return needs
+        return below > first
 
     def commit(self, request: Request) -> None:
         """As ``BlockManager.commit``, skipping holes (a request swapped back in commits anew)."""
