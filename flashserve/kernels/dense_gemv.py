@@ -67,11 +67,13 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     """``x [1, K] @ w[N, K]^T (+ bias)`` -> [1, N] in x's dtype, or None when this shape, dtype or
     layout needs ``F.linear``. ``gated``: x is ``[1, 2K]``, the gate and up halves, and the product is
     ``silu_and_mul(x) @ w^T`` (bit for bit the two calls' result)."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        return None
     k = x.shape[1] // 2 if gated else x.shape[1]
     n = w.shape[0]
     if gated and x.shape[1] != 2 * k:
         raise ValueError(f"a gated GEMV takes [1, 2K] gate and up halves, got {x.shape[1]} columns")
-    if (x.shape[0] != 1 or w.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)
+    if (w.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)
             or w.shape[1] != k or not w.is_contiguous()):
         return None
     cfg = config or dense_gemv_config(n, k)

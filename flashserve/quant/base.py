@@ -64,7 +64,7 @@ class LinearMethod:
 def _dense_gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor | None:
     """A dense weight's batch-1 product on CUDA through ``kernels.dense_gemv`` (launched with the
     decode kernels' PDL protocol), or None where that kernel does not take it."""
-    if x.device.type != "cuda" or x.dim() != 2 or x.shape[0] != 1:
+    if x.device.type != "cuda":
         return None
     from flashserve.kernels.dense_gemv import dense_gemv
 

@@ -50,6 +50,7 @@ def test_fixed_tiles_and_what_is_declined(device):
     assert dense_gemv(x.float(), w.float()) is None  # fp32: F.linear
     assert dense_gemv(x, w.half()) is None  # dtypes differ
     assert dense_gemv(torch.cat([x, x]), w) is None  # two rows
+    assert dense_gemv(x[None], w) is None  # not [1, K]
     assert dense_gemv(x[:, :128], w.t().contiguous().t()[:, :128]) is None  # a strided weight
     with pytest.raises(ValueError, match="gate and up halves"):
         dense_gemv(torch.randn(1, 255, device=device).bfloat16(), w, gated=True)
