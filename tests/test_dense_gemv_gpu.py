@@ -61,15 +61,22 @@ def test_decode_layers_take_the_dense_gemv(tmp_path, monkeypatch):
 
 
 def test_one_request_decodes_like_the_cublas_engine(tmp_path, monkeypatch):
+    """Greedy tokens equal those of the engine without the GEMV until a near-tie: where the two
+    first differ, the reference ranked the GEMV engine's token within 0.1 nats of its own (bf16
+    products summed in another order move the logits of a random tiny model by about that)."""
     make_tiny_checkpoint("llama3_gqa", tmp_path, seed=8, **SHAPES)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(4, 40))] for _ in range(3)]
-    got = [_engine(str(tmp_path)).generate([p], params, use_tqdm=False)[0].token_ids for p in prompts]
+    got = [_engine(str(tmp_path)).generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
     monkeypatch.setattr("flashserve.quant.base._dense_gemv", lambda *args, **kwargs: None)
     reference = _engine(str(tmp_path))
-    want = [reference.generate([p], params, use_tqdm=False)[0].token_ids for p in prompts]
-    # bf16 products in another summation order: a near-tie may flip late in a sequence, not early
+    want = [reference.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
     for g, w in zip(got, want):
-        assert g[:8] == w[:8]
-    assert sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) >= 0.9 * sum(map(len, want))
+        assert len(g.token_ids) == len(w.token_ids) == 24
+        first = next((i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b), None)
+        if first is None:
+            continue
+        top = dict(w.logprobs[first][2])  # the reference's five best at the first difference
+        assert g.token_ids[first] in top, (first, g.token_ids[first], top)
+        assert top[w.token_ids[first]] - top[g.token_ids[first]] < 0.1, (first, top)

@@ -9,9 +9,11 @@ then waits for the kernels before it, so its start overlaps the previous kernel'
 takes an MLP's ``[gate | up]`` halves as x and applies ``silu(gate) * up`` as it reads them,
 rounded as ``activation.silu_and_mul`` rounds, so the down projection needs no activation launch.
 
-One tile for every shape, 16 rows x 512 columns over 8 warps, chosen on an H100 in CUDA graphs of
-distinct weights (docs/benchmarks.md): 1.06-1.44x cuBLAS on Llama-3.1-8B's and Qwen3-30B-A3B's
-products and LM head; splitting long rows (K = 14336) over programs was slower than not.
+Tiles chosen on an H100 in CUDA graphs of distinct weights (docs/benchmarks.md): 16 rows x 512
+columns over 8 warps, 1.06-1.44x cuBLAS on Llama-3.1-8B's and Qwen3-30B-A3B's products and LM head
+(splitting long rows, K = 14336, over programs was slower than not); products of at most
+16 x SMs rows take 4-row blocks of 1024 columns instead: Qwen3-0.6B's o and down (1024 rows)
+1.27-1.40x that tile, Qwen3-30B-A3B's o (2048 rows) 1.17x.
 
 Shapes the tiles do not divide return ``None``; callers fall back to ``F.linear``.
 """
@@ -26,7 +28,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from flashserve.kernels import pdl
 from flashserve.kernels.pdl import wait_for_prior
 from flashserve.kernels.quant_gemv import GemvConfig, _x_floats
-from flashserve.kernels.utils import is_interpreter
+from flashserve.kernels.utils import is_interpreter, num_sms
 
 
 @triton.jit
@@ -56,9 +58,13 @@ def _gemv_dense_kernel(
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
 
 
-def dense_gemv_config(n: int, k: int) -> GemvConfig | None:
-    """The tile for one shape (``split_k`` always 1), or None when it does not divide the shape."""
+def dense_gemv_config(n: int, k: int, device: torch.device | None = None) -> GemvConfig | None:
+    """The tile for one shape (``split_k`` always 1), or None when it does not divide the shape:
+    16 rows x 512 columns, or 4 rows x 1024 (512) columns where 16-row blocks would not give every
+    SM one."""
     cfg = GemvConfig(16, 512, 1, 8, 3)
+    if n // 16 <= num_sms(device):
+        cfg = GemvConfig(4, 1024, 1, 8, 3) if k % 1024 == 0 else GemvConfig(4, 512, 1, 4, 3)
     return None if n % cfg.block_n or k % cfg.block_k else cfg
 
 
@@ -76,7 +82,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     if (w.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)
             or w.shape[1] != k or not w.is_contiguous()):
         return None
-    cfg = config or dense_gemv_config(n, k)
+    cfg = config or dense_gemv_config(n, k, x.device)
     if cfg is None:
         return None
     if cfg.split_k != 1 or n % cfg.block_n or k % cfg.block_k:

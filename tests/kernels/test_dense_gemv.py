@@ -42,9 +42,11 @@ def test_gated_input_equals_silu_and_mul_then_gemv(device, n, k, cfg):
 
 
 def test_fixed_tiles_and_what_is_declined(device):
-    assert dense_gemv_config(4096, 14336) is not None
-    assert dense_gemv_config(40, 4096) is None  # N not a multiple of the row tile
-    assert dense_gemv_config(64, 300) is None  # ragged K
+    assert dense_gemv_config(4096, 14336, device).block_n == 16
+    assert tuple(dense_gemv_config(1024, 3072, device))[:2] == (4, 1024)  # few row blocks: narrow tiles
+    assert tuple(dense_gemv_config(1024, 1536, device))[:2] == (4, 512)
+    assert dense_gemv_config(4098, 4096) is None  # N not a multiple of the row tile
+    assert dense_gemv_config(4096, 300) is None  # ragged K
     w = torch.randn(32, 256, device=device).bfloat16()
     x = torch.randn(1, 256, device=device).bfloat16()
     assert dense_gemv(x.float(), w.float()) is None  # fp32: F.linear

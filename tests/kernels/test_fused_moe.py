@@ -215,6 +215,17 @@ def test_fused_route_never_names_a_missing_expert(device, E, k):
     torch.testing.assert_close(w[[0, 3]].cpu(), ref_w)
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_fused_route_breaks_ties_by_the_lowest_expert(device, scoring):
+    """Equal scores rank by expert index (the arg-max keys keep the lane below the score), and the
+    weights are the scores themselves: a row of three equal best logits and a row of all-equal ones."""
+    logits = torch.tensor([[0.0, 2.0, 2.0, -1.0, 2.0, 1.0], [0.5] * 6], device=device)
+    w, ids = fused_route(logits, 3, scoring, renormalize=False)
+    assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    torch.testing.assert_close(w, scores.gather(1, ids.long()))
+
+
 def _router_case(T: int, E: int, H: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """x [T, H] and a router weight [E, H] of random non-zero integers in [-64, 64] over 32 and
     over 512 (6 significant bits: exact in every dtype). Every product and partial sum is a
