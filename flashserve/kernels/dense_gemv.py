@@ -13,7 +13,7 @@ Tiles chosen on an H100 in CUDA graphs of distinct weights (docs/benchmarks.md):
 columns over 8 warps, 1.06-1.44x cuBLAS on Llama-3.1-8B's and Qwen3-30B-A3B's products and LM head
 (splitting long rows, K = 14336, over programs was slower than not); products of at most
 16 x SMs rows take 4-row blocks of 1024 columns instead: Qwen3-0.6B's o and down (1024 rows)
-1.27-1.40x that tile, Qwen3-30B-A3B's o (2048 rows) 1.17x.
+1.28-1.40x that tile, Qwen3-30B-A3B's o (2048 rows) 1.17x.
 
 Shapes the tiles do not divide return ``None``; callers fall back to ``F.linear``.
 """
