@@ -9,7 +9,7 @@ from flashserve.cache.block_manager import BlockManager
 from flashserve.config import SchedulerConfig
 from flashserve.request import Request
 from flashserve.sampling_params import SamplingParams
-from sched_testing import apply_tokens, run_step
+from sched_testing import apply_tokens
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.scheduler import Scheduler
 

@@ -12,7 +12,7 @@ from flashserve.config import SchedulerConfig
 from flashserve.request import Request, RequestStatus
 from flashserve.sampling_params import SamplingParams
 from flashserve.sched.plan import BlockCopy
-from sched_testing import apply_tokens, run_step
+from sched_testing import apply_tokens
 from flashserve.sched.policy import FCFSPolicy
 from flashserve.sched.preemption import PreemptionCostModel
 from flashserve.sched.scheduler import Scheduler

@@ -258,10 +258,6 @@ class BlockManager:
         table = self.tables.get(request_id, ())
         return (tuple(table[start:]) if len(table) > start else ()), (), len(table)
 
-    def can_allocate(self, request_id: str, total_tokens: int) -> bool:
-        have = len(self.tables.get(request_id, ()))
-        return self.blocks_needed(total_tokens) - have <= self.pool.num_free
-
     # ----------------------------------------------------------------- prefix cache
     def _chain(self, request_id: str, token_ids: Sequence[int], num_full: int) -> list[bytes]:
         """Chain hashes of the first ``num_full`` blocks of ``token_ids`` (memoised per request)."""

@@ -150,10 +150,6 @@ class GroupedBlockManager(BlockManager):
     def blocks_needed(self, num_tokens: int) -> int:
         return len(self.groups) * -(-num_tokens // self.block_size)
 
-    def can_allocate(self, request_id: str, total_tokens: int) -> bool:
-        need = sum(max(0, -(-total_tokens // self.block_size) - len(g.tables.get(request_id, ()))) for g in self.groups)
-        return need <= self.pool.num_free
-
     def lookup_prefix(self, request_id: str, token_ids: list[int], salt: list[int] | None = None) -> PrefixHit:
         hits = [g.lookup_prefix(request_id, token_ids, salt) for g in self.groups]
         n = min(len(h.blocks) for h in hits)

@@ -38,7 +38,7 @@ from itertools import repeat
 
 import numpy as np
 
-from flashserve.cache.block_manager import BlockManager, PrefixHit
+from flashserve.cache.block_manager import BlockManager
 from flashserve.request import Request
 
 HOLE = -1  # a table entry whose block was released (its positions are out of every window)

@@ -277,10 +277,3 @@ def iterate_gguf(
                 yield f"{stacked[1]}.{expert}.{stacked[2]}.weight", part
             continue
         yield name, tensor
-
-
-def load_gguf(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """(ModelConfig, iterator of HF-named fp32 tensors) for a GGUF file."""
-    reader = open_gguf(path)
-    config = gguf_model_config(reader, path)
-    return config, iterate_gguf(reader, config, str(_field(reader, "general.architecture")))

@@ -21,8 +21,6 @@ import json
 import time
 from dataclasses import asdict, replace
 
-import torch
-
 from flashserve.config import EarlyExitConfig
 
 
