@@ -9,11 +9,15 @@ then waits for the kernels before it, so its start overlaps the previous kernel'
 takes an MLP's ``[gate | up]`` halves as x and applies ``silu(gate) * up`` as it reads them,
 rounded as ``activation.silu_and_mul`` rounds, so the down projection needs no activation launch.
 
-Tiles chosen on an H100 in CUDA graphs of distinct weights (docs/benchmarks.md): 16 rows x 512
-columns over 8 warps, 1.06-1.44x cuBLAS on Llama-3.1-8B's and Qwen3-30B-A3B's products and LM head
-(splitting long rows, K = 14336, over programs was slower than not); products of at most
-16 x SMs rows take 4-row blocks of 1024 columns instead: Qwen3-0.6B's o and down (1024 rows)
-1.28-1.40x that tile, Qwen3-30B-A3B's o (2048 rows) 1.17x.
+Tiles chosen on an H100 in CUDA graphs of distinct weights (docs/benchmarks.md). 4 rows x 2048
+columns over 8 warps where K is a multiple of 2048 and at least 4096, or the product has at most
+16 x SMs rows: 1.11-1.38x cuBLAS on Llama-3.1-8B's products and LM head, 1.02-1.08x the
+16 x 512 tile there; 1.34x the 4 x 1024 tile on Qwen3-0.6B's o (1024 rows), 1.06x on
+Qwen3-30B-A3B's o (2048 rows). It is the one tile whose loop reads x in the weight tile's layout,
+with no barrier per step.
+Other narrow products take 4 x 1024 (512) columns; the rest 16 x 512 (Qwen3-30B-A3B's qkv,
+K = 2048: 7.7 us against 8.3 for 4 x 2048). Splitting long rows (K = 14336) over programs was
+slower than not.
 
 Shapes the tiles do not divide return ``None``; callers fall back to ``F.linear``.
 """
@@ -60,11 +64,16 @@ def _gemv_dense_kernel(
 
 def dense_gemv_config(n: int, k: int, device: torch.device | None = None) -> GemvConfig | None:
     """The tile for one shape (``split_k`` always 1), or None when it does not divide the shape:
-    16 rows x 512 columns, or 4 rows x 1024 (512) columns where 16-row blocks would not give every
-    SM one."""
-    cfg = GemvConfig(16, 512, 1, 8, 3)
-    if n // 16 <= num_sms(device):
+    4 rows x 2048 columns where K is a multiple of 2048 and either K is at least 4096 or 16-row
+    blocks would not give every SM one; otherwise 4 rows x 1024 (512) columns in that narrow case
+    and 16 rows x 512 columns in the rest (H100 timings: docs/benchmarks.md)."""
+    narrow = n // 16 <= num_sms(device)
+    if k % 2048 == 0 and (narrow or k >= 4096):
+        cfg = GemvConfig(4, 2048, 1, 8, 3)
+    elif narrow:
         cfg = GemvConfig(4, 1024, 1, 8, 3) if k % 1024 == 0 else GemvConfig(4, 512, 1, 4, 3)
+    else:
+        cfg = GemvConfig(16, 512, 1, 8, 3)
     return None if n % cfg.block_n or k % cfg.block_k else cfg
 
 

@@ -14,7 +14,8 @@ from flashserve.kernels.quant_gemv import GemvConfig
 CASES = [  # (N, K, config)
     (32, 256, GemvConfig(16, 64, 1, 4, 1)),
     (48, 512, GemvConfig(16, 128, 1, 4, 1)),
-    (64, 1024, None),  # the fixed tile: two steps of 512 columns
+    (64, 1024, None),  # the chosen tile: 4 rows x 1024 columns, one step
+    (64, 4096, None),  # 4 rows x 2048 columns, two steps
 ]
 
 
@@ -42,8 +43,10 @@ def test_gated_input_equals_silu_and_mul_then_gemv(device, n, k, cfg):
 
 
 def test_fixed_tiles_and_what_is_declined(device):
-    assert dense_gemv_config(4096, 14336, device).block_n == 16
-    assert tuple(dense_gemv_config(1024, 3072, device))[:2] == (4, 1024)  # few row blocks: narrow tiles
+    assert tuple(dense_gemv_config(5120, 2048, device))[:2] == (16, 512)  # many row blocks, short K
+    assert tuple(dense_gemv_config(4096, 14336, device))[:2] == (4, 2048)  # K of 4096 and more: long rows
+    assert tuple(dense_gemv_config(1024, 2048, device))[:2] == (4, 2048)  # few row blocks: narrow tiles
+    assert tuple(dense_gemv_config(1024, 3072, device))[:2] == (4, 1024)
     assert tuple(dense_gemv_config(1024, 1536, device))[:2] == (4, 512)
     assert dense_gemv_config(4098, 4096) is None  # N not a multiple of the row tile
     assert dense_gemv_config(4096, 300) is None  # ragged K
