@@ -97,15 +97,16 @@ def _x_floats(x_ptr, offs, K, GATED: tl.constexpr):
 
 
 @triton.jit
-def _tile_x(x_ptr, cols, x_cols, K, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A step's x in fp32 over a [BLOCK_N, BLOCK_K] tile: read at ``x_cols`` (``cols`` spelled
-    over the tile's rows), so each thread reads its own columns (again per row, from L1) in the
-    tile's layout and no step passes x through shared memory behind a barrier; the gated form
-    computes ``silu(gate) * up`` once per column and broadcasts it (through shared memory)."""
+def _tile_x(x_ptr, cols, rows, K, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A step's x in fp32 over the ``[BLOCK_N, BLOCK_K]`` tile of ``rows`` x ``cols``: the column
+    offsets spelled over the rows (``rows * 0``, which the compiler cannot fold into a broadcast),
+    so each thread reads its own columns (again per row, from L1) in the tile's layout and no step
+    passes x through shared memory behind a barrier; the gated form computes ``silu(gate) * up``
+    once per column and broadcasts it (through shared memory)."""
     if GATED:
         x = tl.broadcast_to(_x_floats(x_ptr, cols, K, GATED)[None, :], (BLOCK_N, BLOCK_K))
     else:
-        x = _x_floats(x_ptr, x_cols, K, GATED)
+        x = _x_floats(x_ptr, cols[None, :] + (rows[:, None] * 0).to(tl.int32), K, GATED)
     return x
 
 
@@ -133,15 +134,14 @@ def _gemv_byte_kernel(
     cols = tl.arange(0, BLOCK_K)
     k_lo = tl.program_id(1) * k_per_split
     tiles = w_ptr + rows[:, None] * K + cols[None, :]
-    x_cols = cols[None, :] + (rows[:, None] * 0).to(tl.int32)  # [BLOCK_N, BLOCK_K]: see _tile_x
     w = tl.load(tiles + k_lo)  # the first tile before the wait: weights do not depend on earlier kernels
     if PDL:  # the next kernel's programs may take the SM slots this one's leave (docs/quantization.md)
         gdc_launch_dependents()
     wait_for_prior(PDL)
-    acc = tl.sum(_byte_floats(w, FP8) * _tile_x(x_ptr, k_lo + cols, k_lo + x_cols, K, GATED, BLOCK_N, BLOCK_K), axis=1)
+    acc = tl.sum(_byte_floats(w, FP8) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
     for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
         w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
-        acc += tl.sum(_byte_floats(w, FP8) * _tile_x(x_ptr, k0 + cols, k0 + x_cols, K, GATED, BLOCK_N, BLOCK_K), axis=1)
+        acc += tl.sum(_byte_floats(w, FP8) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
     _store_rows(acc * tl.load(s_ptr + rows), rows, tl.program_id(0), tl.program_id(1), out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
