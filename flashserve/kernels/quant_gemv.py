@@ -104,10 +104,8 @@ def _tile_x(x_ptr, cols, rows, K, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BL
     passes x through shared memory behind a barrier; the gated form computes ``silu(gate) * up``
     once per column and broadcasts it (through shared memory)."""
     if GATED:
-        x = tl.broadcast_to(_x_floats(x_ptr, cols, K, GATED)[None, :], (BLOCK_N, BLOCK_K))
-    else:
-        x = _x_floats(x_ptr, cols[None, :] + (rows[:, None] * 0).to(tl.int32), K, GATED)
-    return x
+        return tl.broadcast_to(_x_floats(x_ptr, cols, K, GATED)[None, :], (BLOCK_N, BLOCK_K))
+    return _x_floats(x_ptr, cols[None, :] + (rows[:, None] * 0).to(tl.int32), K, GATED)
 
 
 @triton.jit
