@@ -13,8 +13,9 @@ Tiles chosen on an H100 in CUDA graphs of distinct weights (docs/benchmarks.md).
 columns over 8 warps where K is a multiple of 2048 and at least 4096, or the product has at most
 16 x SMs rows: 1.11-1.38x cuBLAS on Llama-3.1-8B's products and LM head, 1.02-1.08x the
 16 x 512 tile there; 1.34x the 4 x 1024 tile on Qwen3-0.6B's o (1024 rows), 1.06x on
-Qwen3-30B-A3B's o (2048 rows). It is the one tile whose loop reads x in the weight tile's layout,
-with no barrier per step.
+Qwen3-30B-A3B's o (2048 rows). At 4 x 2048 over 8 warps the columns of x a thread loads are the
+ones it multiplies, so its loop shares nothing through shared memory (sm_90 SASS: no barrier per
+step, where 16 x 512 has two).
 Other narrow products take 4 x 1024 (512) columns; the rest 16 x 512 (Qwen3-30B-A3B's qkv,
 K = 2048: 7.7 us against 8.3 for 4 x 2048). Splitting long rows (K = 14336) over programs was
 slower than not.
