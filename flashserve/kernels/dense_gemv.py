@@ -63,13 +63,19 @@ def _gemv_dense_kernel(
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
 
 
-def dense_gemv_config(n: int, k: int, device: torch.device | None = None) -> GemvConfig | None:
-    """The tile for one shape (``split_k`` always 1), or None when it does not divide the shape:
-    4 rows x 2048 columns where K is a multiple of 2048 and either K is at least 4096 or 16-row
-    blocks would not give every SM one; otherwise 4 rows x 1024 (512) columns in that narrow case
-    and 16 rows x 512 columns in the rest (H100 timings: docs/benchmarks.md)."""
+def dense_gemv_config(n: int, k: int, device: torch.device | None = None, gated: bool = False) -> GemvConfig | None:
+    """The tile for one shape (``split_k`` always 1), or None when it does not divide the shape.
+    Where K is a multiple of 2048: 8 rows x 2048 columns from K = 8192; 2 rows x 2048 in 4 warps
+    for N <= 4096 at K >= 4096 (not ``gated``: its two x halves want more rows); otherwise 4 rows x
+    2048 where K is at least 4096 or 16-row blocks would not give every SM one. Else 4 rows x
+    1024 (512) columns in that narrow case and 16 rows x 512 columns in the rest (H100 timings:
+    docs/benchmarks.md)."""
     narrow = n // 16 <= num_sms(device)
-    if k % 2048 == 0 and (narrow or k >= 4096):
+    if k % 2048 == 0 and k >= 8192 and n % 8 == 0:
+        cfg = GemvConfig(8, 2048, 1, 8, 3)
+    elif k % 2048 == 0 and k >= 4096 and n <= 4096 and not gated:
+        cfg = GemvConfig(2, 2048, 1, 4, 3)
+    elif k % 2048 == 0 and (narrow or k >= 4096):
         cfg = GemvConfig(4, 2048, 1, 8, 3)
     elif narrow:
         cfg = GemvConfig(4, 1024, 1, 8, 3) if k % 1024 == 0 else GemvConfig(4, 512, 1, 4, 3)
@@ -82,7 +88,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
                config: GemvConfig | None = None) -> torch.Tensor | None:
     """``x [1, K] @ w[N, K]^T (+ bias)`` -> [1, N] in x's dtype, or None when this shape, dtype or
     layout needs ``F.linear``. ``gated``: x is ``[1, 2K]``, the gate and up halves, and the product is
-    ``silu_and_mul(x) @ w^T`` (bit for bit the two calls' result)."""
+    ``silu_and_mul(x) @ w^T`` (bit for bit the two calls' result on the same tile)."""
     if x.dim() != 2 or x.shape[0] != 1:
         return None
     k = x.shape[1] // 2 if gated else x.shape[1]
@@ -92,7 +98,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     if (w.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)
             or w.shape[1] != k or not w.is_contiguous()):
         return None
-    cfg = config or dense_gemv_config(n, k, x.device)
+    cfg = config or dense_gemv_config(n, k, x.device, gated)
     if cfg is None:
         return None
     if cfg.split_k != 1 or n % cfg.block_n or k % cfg.block_k:

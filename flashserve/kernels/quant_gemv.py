@@ -15,6 +15,12 @@ Integers become floats without conversion instructions (which run at a fraction 
 rate). int8: an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` is the float
 ``2^23 + u``, so ``byte ^ 0x80 = q + 128`` becomes ``q`` with one bitwise operation and one
 subtraction (batch-1 Llama-3.1-8B on an H200: int8 278.4 -> 318.1 tok/s, docs/quantization.md).
+On products with N <= 8192 and unsplit rows (qkv, o) int8 bytes take one PRMT each instead (four
+a word, after one xor flips their signs) and each thread keeps a 2-D tile of sums, one FMA a
+weight, reduced across threads once after the loop; on the long products (gate/up, the LM head,
+split rows) that tile's registers cost more than the saved reductions. Batch-1 Llama-3.1-8B on an
+H100: int8 292.9 -> 299.2 tok/s (with int8's 16 x 1024 tiles where N <= 4096), fp8 303.2 -> 304.9
+(docs/benchmarks.md).
 fp8 keeps Triton's conversion: a bit-level decoding measured slower. This kernel launches its
 dependents (PDL) at its start (batch-1 int8 Llama-3.1-8B on an H100: 280.0 -> 285.4 tok/s) and
 reads its first weight tile before it waits, Triton pipelining the rest (with the small kernels
@@ -109,10 +115,16 @@ def _tile_x(x_ptr, cols, rows, K, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
-def _byte_floats(w, FP8: tl.constexpr):
+def _byte_floats(w, FP8: tl.constexpr, ASM: tl.constexpr):
     """int8 or fp8 e4m3 bytes as fp32."""
     if FP8:
         return w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if ASM:  # four bytes a word: one xor flips their signs, one PRMT a byte places it under 2^23's bits
+        b = tl.inline_asm_elementwise(
+            "{.reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7540; "
+            "prmt.b32 $1, t, 0x4B000000, 0x7541; prmt.b32 $2, t, 0x4B000000, 0x7542; "
+            "prmt.b32 $3, t, 0x4B000000, 0x7543;}", "=r,=r,=r,=r,r", [w], dtype=tl.int32, is_pure=True, pack=4)
+        return b.to(tl.float32, bitcast=True) - (TWO_23 + 128.0)
     return (w.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - (TWO_23 + 128.0)  # 2^23 + (q + 128), less
 
 
@@ -126,7 +138,7 @@ def _gemv_byte_kernel(
     count_ptr,  # int32 [N / BLOCK_N] zeros: programs arrived per row block (when SPLIT > 1)
     N, K, k_per_split,
     FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ASM: tl.constexpr, ACC2D: tl.constexpr,  # PRMT bytes (int8), a 2-D tile of sums
 ):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
@@ -136,10 +148,17 @@ def _gemv_byte_kernel(
     if PDL:  # the next kernel's programs may take the SM slots this one's leave (docs/quantization.md)
         gdc_launch_dependents()
     wait_for_prior(PDL)
-    acc = tl.sum(_byte_floats(w, FP8) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
-    for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
-        w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
-        acc += tl.sum(_byte_floats(w, FP8) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
+    if ACC2D:  # one FMA a weight into a tile of sums, reduced across the threads once at the end
+        acc2 = _byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K)
+        for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
+            w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
+            acc2 += _byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K)
+        acc = tl.sum(acc2, axis=1)
+    else:
+        acc = tl.sum(_byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
+        for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
+            w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
+            acc += tl.sum(_byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
     _store_rows(acc * tl.load(s_ptr + rows), rows, tl.program_id(0), tl.program_id(1), out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
@@ -253,19 +272,21 @@ class GemvConfig(NamedTuple):
 
 
 LONG_ROW = 8192  # K from which byte rows are split over several programs
+BYTE_TILE_SUMS_MAX_N = 8192  # byte products up to this N (unsplit) keep a 2-D tile of sums (docs/benchmarks.md)
 INT4_SLICE, INT4_ROWS = 1024, 32  # int4: the widest K slice, rows per block
 INT4_MAX_SPLIT = 64  # int4: K slices at most (the last to arrive adds them all)
 
 
-def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | None = None) -> GemvConfig | None:
-    """The fixed tile for one shape, or None when the tiles do not divide it. Chosen on an H200 by
-    batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8 / fp8 stream 16 rows x 512 columns
-    per step and split long rows (64 x 256 tiles) until there are two programs per SM, which
+def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | None = None) -> GemvConfig | None:
+    """The fixed tile for one shape and format (0 int8, 1 int4, 2 fp8), or None when the tiles do
+    not divide it. Chosen on an H200 by batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8
+    / fp8 stream 16 rows x 512 columns per step (int8: 1024 where N <= 4096, on an H100,
+    docs/benchmarks.md) and split long rows (64 x 256 tiles) until there are two programs per SM, which
     took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only. int4 (chosen on
     an H100 by a sweep over Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the widest power of two
     that divides K and holds whole groups), takes 32-row blocks (16 or 8 where 32 does not divide
     N) with 32 words per thread, and runs four programs per SM over all slices."""
-    if int4:
+    if fmt == 1:  # int4
         if group < 8 or group & (group - 1):
             return None
         ks = next((c for c in (1024, 512, 256, 128, 64, 32, 16, 8) if group <= c <= INT4_SLICE and k % c == 0), 0)
@@ -281,7 +302,7 @@ def gemv_config(n: int, k: int, int4: bool, group: int, device: torch.device | N
         while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
     else:
-        block_n, block_k, warps = 16, 512, 8
+        block_n, block_k, warps = 16, 1024 if fmt == 0 and n <= 4096 and k % 1024 == 0 else 512, 8
     if n % block_n or k % (split * block_k):
         return None
     return GemvConfig(block_n, block_k, split, warps, 3)
@@ -305,7 +326,7 @@ def wq_gemv(
     n = w.shape[0]
     if gated and x.shape[1] != 2 * k:
         raise ValueError(f"a gated GEMV takes [1, 2K] gate and up halves, got {x.shape[1]} columns")
-    cfg = config or gemv_config(n, k, fmt == 1, group, x.device)
+    cfg = config or gemv_config(n, k, fmt, group, x.device)
     if cfg is None:
         return None
     if x.stride(1) != 1:
@@ -327,8 +348,10 @@ def wq_gemv(
             **launch,
         )
     else:
+        tile_sums = n <= BYTE_TILE_SUMS_MAX_N and split == 1
         _gemv_byte_kernel[(blocks, split)](
             x, w.view(torch.uint8), scales, out, ws, count, n, k, k // split,
-            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, GATED=gated, **launch,
+            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, GATED=gated,
+            ASM=tile_sums and not is_interpreter(), ACC2D=tile_sums, **launch,
         )
     return out.view(1, n)

@@ -15,7 +15,8 @@ CASES = [  # (N, K, config)
     (32, 256, GemvConfig(16, 64, 1, 4, 1)),
     (48, 512, GemvConfig(16, 128, 1, 4, 1)),
     (64, 1024, None),  # the chosen tile: 4 rows x 1024 columns, one step
-    (64, 4096, None),  # 4 rows x 2048 columns, two steps
+    (64, 4096, None),  # 2 rows x 2048 columns, two steps (4 rows gated)
+    (64, 8192, None),  # 8 rows x 2048 columns, four steps
 ]
 
 
@@ -38,13 +39,17 @@ def test_gated_input_equals_silu_and_mul_then_gemv(device, n, k, cfg):
     torch.manual_seed(n + k + 1)
     w = (torch.randn(n, k, device=device) * 0.05).bfloat16()
     h = torch.randn(1, 2 * k, device=device, dtype=torch.bfloat16) * 2
+    cfg = cfg or dense_gemv_config(n, k, device, gated=True)  # the same tile both ways
     out = dense_gemv(h, w, gated=True, config=cfg)
     assert torch.equal(out, dense_gemv(silu_and_mul(h), w, config=cfg))
 
 
 def test_fixed_tiles_and_what_is_declined(device):
     assert tuple(dense_gemv_config(5120, 2048, device))[:2] == (16, 512)  # many row blocks, short K
-    assert tuple(dense_gemv_config(4096, 14336, device))[:2] == (4, 2048)  # K of 4096 and more: long rows
+    assert tuple(dense_gemv_config(4096, 14336, device))[:2] == (8, 2048)  # K of 8192 and more
+    assert tuple(dense_gemv_config(4096, 4096, device))[:3] == (2, 2048, 1)  # few rows at K >= 4096
+    assert tuple(dense_gemv_config(4096, 4096, device, gated=True))[:2] == (4, 2048)
+    assert tuple(dense_gemv_config(6144, 4096, device))[:2] == (4, 2048)  # K of 4096 and more: long rows
     assert tuple(dense_gemv_config(1024, 2048, device))[:2] == (4, 2048)  # few row blocks: narrow tiles
     assert tuple(dense_gemv_config(1024, 3072, device))[:2] == (4, 1024)
     assert tuple(dense_gemv_config(1024, 1536, device))[:2] == (4, 512)

@@ -63,14 +63,15 @@ def test_every_byte_code_converts_exactly(device, fmt):
 
 def test_fixed_config_and_flat_gemm_agree(device):
     """The chosen tiles equal the flat GEMM: int4 with K beyond one slice (split) and within one,
-    int8 and fp8 with a long row (split K), fp8 with a short one (not split)."""
+    int8 and fp8 with a long row (split K), fp8 and int8 (1024-column tiles) with a short one (not split)."""
     torch.manual_seed(0)
+    assert gemv_config(32, 2048, FMT_INT8, 0).block_k == 1024 and gemv_config(32, 2048, FMT_FP8, 0).block_k == 512
     for fmt, n, k, group, split in ((FMT_INT4, 64, 2048, 128, True), (FMT_INT4, 48, 1024, 128, False),
                                     (FMT_INT8, 128, 8192, 0, True), (FMT_FP8, 128, 8192, 0, True),
-                                    (FMT_FP8, 32, 2048, 0, False)):
+                                    (FMT_FP8, 32, 2048, 0, False), (FMT_INT8, 32, 2048, 0, False)):
         q, s, z, _ = _weights(fmt, torch.randn(n, k) * 0.05, group, False, device)
         x = torch.randn(1, k, device=device)
-        cfg = gemv_config(n, k, fmt == FMT_INT4, group, device)
+        cfg = gemv_config(n, k, fmt, group, device)
         assert cfg is not None and (cfg.split_k > 1) == split
         torch.testing.assert_close(wq_gemv(x, q, s, z, fmt, group), wq_matmul(x, q, s, z, fmt, group), rtol=1e-4, atol=1e-4)
 
@@ -92,10 +93,10 @@ def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
 
 
 def test_declines_shapes_the_tiles_do_not_divide():
-    assert gemv_config(40, 512, False, 0) is None  # N not a multiple of 32
-    assert gemv_config(64, 300, False, 0) is None  # ragged K
-    assert gemv_config(64, 768, True, 96) is None  # a group size that is not a power of two
-    assert gemv_config(4096, 4096, True, 128) is not None
+    assert gemv_config(40, 512, 0, 0) is None  # N not a multiple of 32
+    assert gemv_config(64, 300, 0, 0) is None  # ragged K
+    assert gemv_config(64, 768, 1, 96) is None  # a group size that is not a power of two
+    assert gemv_config(4096, 4096, 1, 128) is not None
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
