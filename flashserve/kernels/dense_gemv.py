@@ -15,7 +15,10 @@ columns over 8 warps where K is a multiple of 2048 and at least 4096, or the pro
 16 x 512 tile there; 1.34x the 4 x 1024 tile on Qwen3-0.6B's o (1024 rows), 1.06x on
 Qwen3-30B-A3B's o (2048 rows). At 4 x 2048 over 8 warps the columns of x a thread loads are the
 ones it multiplies, so its loop shares nothing through shared memory (sm_90 SASS: no barrier per
-step, where 16 x 512 has two).
+step, where 16 x 512 has two). Two refinements measured end to end on an H100 (docs/benchmarks.md,
+thirty-sixth session): 8 rows x 2048 from K = 8192 (Llama-3.1-8B's down) and 2 rows x 2048 over 4
+warps for at most 4096 rows at K >= 4096 (the o products; a gated product keeps 4 rows), batch-1
+Llama-3.1-8B bf16 183.5 -> 185.3 tok/s, Qwen3-30B-A3B 300.8 -> 301.7.
 Other narrow products take 4 x 1024 (512) columns; the rest 16 x 512 (Qwen3-30B-A3B's qkv,
 K = 2048: 7.7 us against 8.3 for 4 x 2048). Splitting long rows (K = 14336) over programs was
 slower than not.
