@@ -93,10 +93,10 @@ def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
 
 
 def test_declines_shapes_the_tiles_do_not_divide():
-    assert gemv_config(40, 512, 0, 0) is None  # N not a multiple of 32
-    assert gemv_config(64, 300, 0, 0) is None  # ragged K
-    assert gemv_config(64, 768, 1, 96) is None  # a group size that is not a power of two
-    assert gemv_config(4096, 4096, 1, 128) is not None
+    assert gemv_config(40, 512, FMT_INT8, 0) is None  # N not a multiple of the 16-row tile
+    assert gemv_config(64, 300, FMT_INT8, 0) is None  # ragged K
+    assert gemv_config(64, 768, FMT_INT4, 96) is None  # a group size that is not a power of two
+    assert gemv_config(4096, 4096, FMT_INT4, 128) is not None
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
