@@ -74,12 +74,13 @@ def dense_gemv_config(n: int, k: int, device: torch.device | None = None, gated:
     1024 (512) columns in that narrow case and 16 rows x 512 columns in the rest (H100 timings:
     docs/benchmarks.md)."""
     narrow = n // 16 <= num_sms(device)
-    if k % 2048 == 0 and k >= 8192 and n % 8 == 0:
-        cfg = GemvConfig(8, 2048, 1, 8, 3)
-    elif k % 2048 == 0 and k >= 4096 and n <= 4096 and not gated:
-        cfg = GemvConfig(2, 2048, 1, 4, 3)
-    elif k % 2048 == 0 and (narrow or k >= 4096):
-        cfg = GemvConfig(4, 2048, 1, 8, 3)
+    if k % 2048 == 0 and (narrow or k >= 4096):
+        if k >= 8192 and n % 8 == 0:
+            cfg = GemvConfig(8, 2048, 1, 8, 3)
+        elif k >= 4096 and n <= 4096 and not gated:
+            cfg = GemvConfig(2, 2048, 1, 4, 3)
+        else:
+            cfg = GemvConfig(4, 2048, 1, 8, 3)
     elif narrow:
         cfg = GemvConfig(4, 1024, 1, 8, 3) if k % 1024 == 0 else GemvConfig(4, 512, 1, 4, 3)
     else:

@@ -129,6 +129,18 @@ def _byte_floats(w, FP8: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _step_sums(products, ACC2D: tl.constexpr):
+    """One K step's ``[BLOCK_N, BLOCK_K]`` products as the accumulator takes them: the tile itself
+    (``ACC2D``: one FMA a weight into a tile of sums, reduced across the threads once after the
+    loop) or its row sums."""
+    if ACC2D:
+        sums = products
+    else:
+        sums = tl.sum(products, axis=1)
+    return sums
+
+
+@triton.jit
 def _gemv_byte_kernel(
     x_ptr,  # [K] activations, or [2K] gate and up halves (GATED)
     w_ptr,  # uint8 view of int8 or fp8 e4m3 [N, K]
@@ -148,17 +160,12 @@ def _gemv_byte_kernel(
     if PDL:  # the next kernel's programs may take the SM slots this one's leave (docs/quantization.md)
         gdc_launch_dependents()
     wait_for_prior(PDL)
-    if ACC2D:  # one FMA a weight into a tile of sums, reduced across the threads once at the end
-        acc2 = _byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K)
-        for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
-            w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
-            acc2 += _byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K)
-        acc = tl.sum(acc2, axis=1)
-    else:
-        acc = tl.sum(_byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
-        for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
-            w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
-            acc += tl.sum(_byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K), axis=1)
+    acc = _step_sums(_byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k_lo + cols, rows, K, GATED, BLOCK_N, BLOCK_K), ACC2D)
+    for k0 in range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K):
+        w = tl.load(tiles + k0)  # [BLOCK_N, BLOCK_K]
+        acc += _step_sums(_byte_floats(w, FP8, ASM) * _tile_x(x_ptr, k0 + cols, rows, K, GATED, BLOCK_N, BLOCK_K), ACC2D)
+    if ACC2D:
+        acc = tl.sum(acc, axis=1)
     _store_rows(acc * tl.load(s_ptr + rows), rows, tl.program_id(0), tl.program_id(1), out_ptr, ws_ptr, count_ptr, N, SPLIT)
 
 
