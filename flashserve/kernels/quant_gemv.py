@@ -17,8 +17,8 @@ rate). int8: an integer ``u < 2^23`` OR-ed into the bits of the float ``2^23`` i
 subtraction (batch-1 Llama-3.1-8B on an H200: int8 278.4 -> 318.1 tok/s, docs/quantization.md).
 On products with N <= 8192 and unsplit rows (qkv, o) int8 bytes take one PRMT each instead (four
 a word, after one xor flips their signs) and each thread keeps a 2-D tile of sums, one FMA a
-weight, reduced across threads once after the loop; on the long products (gate/up, the LM head,
-split rows) that tile's registers cost more than the saved reductions. Batch-1 Llama-3.1-8B on an
+weight, reduced across threads once after the loop; on every product, the long ones (gate/up,
+the LM head, split rows) included, the pair was slower end to end. Batch-1 Llama-3.1-8B on an
 H100: int8 292.9 -> 299.2 tok/s (with int8's 16 x 1024 tiles where N <= 4096), fp8 303.2 -> 304.9
 (docs/benchmarks.md).
 fp8 keeps Triton's conversion: a bit-level decoding measured slower. This kernel launches its
