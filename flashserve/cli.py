@@ -30,6 +30,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "decoding": ("flashserve.bench.decoding", "speculative decoding per method: acceptance length, speedup; verification cost"),
     "early-exit": ("flashserve.spec.early_exit_eval", "early exit per threshold on real text: quality against the full model, exits, work"),
     "quant-kernels": ("flashserve.bench.quant_kernels", "quantized matmuls vs dense (bf16 cuBLAS / CPU) and the read bandwidth"),
+    "gemv": ("flashserve.bench.gemv", "batch-1 GEMV tiles of a model's products: the fixed rules' tile against every candidate"),
     "compress": ("flashserve.compress.speed", "2:4 and low-rank linears against dense: prefill and decode at real shapes"),
     "compress-quality": ("flashserve.compress.sweep", "quality of pruning and low rank at several ratios on real text"),
     "cascade": ("flashserve.compress.cascade_eval", "small-then-large cascade: share, agreement and compute saved per threshold"),

@@ -1,0 +1,220 @@
+"""``flashserve bench gemv``: the batch-1 GEMV tiles of one model's products, swept on this device.
+
+For each product of a decode step of ``--model`` (a bundled config: qkv, o, gate/up, the down
+projection with SiLU-and-mul folded in, the LM head; mixtures of experts only the attention
+products and the LM head, their experts run the fused MoE kernel) and each format in
+``--formats`` (bf16: ``dense_gemv``; int8 / fp8 per channel and int4 with groups of 128:
+``quant_gemv.wq_gemv``), it times the tile the fixed rules pick (``dense_gemv_config``,
+``gemv_config``) and every candidate tile that divides the shape. Calls are timed in a CUDA graph
+over distinct copies of the weight (at least 256 MiB in all, five times the H100's and H200's 50 MB L2, so each call
+reads device memory and the launch boundaries of a decode step are in the time), and reported as
+us per call, GB/s and a share of the read bandwidth measured in the same run (``x.sum()``).
+Each candidate's output is checked against the dequantized reference before it is timed. The
+table gives, per (format, product), the rule's tile and the fastest one; ``--output-json`` keeps
+every timing, for revising the rules on a new device. The random weights are codes drawn
+uniformly, so the timings do not depend on a quantizer.
+
+On CPU (Triton's interpreter, ``TRITON_INTERPRET=1``; ``--shapes`` with small products) the same
+checks run and the times are wall clock: useful only to test the sweep itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flashserve.kernels import quant_reference as ref
+from flashserve.kernels.dense_gemv import dense_gemv, dense_gemv_config
+from flashserve.kernels.quant_gemv import GemvConfig, gemv_config, wq_gemv
+from flashserve.kernels.utils import is_interpreter, num_sms
+
+FORMATS = {"bf16": -1, "int8": 0, "int4": 1, "fp8": 2}
+INT4_GROUP = 128
+CHAIN_BYTES = 256 << 20  # weights per timed graph, at least (CUDA)
+TILE_ELEMS = (2048, 32768)  # candidate tiles hold this many weights per step, at least / at most
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu needs TRITON_INTERPRET=1)")
+    p.add_argument("--model", default="llama-3.1-8b", help="a bundled config whose products are swept")
+    p.add_argument("--shapes", default=None, help="name=NxK[:gated],... instead of the model's products")
+    p.add_argument("--formats", default="bf16,int8,fp8,int4", help=f"comma-separated, of {', '.join(FORMATS)}")
+    p.add_argument("--replays", type=int, default=5, help="CUDA: graph replays timed per candidate")
+    p.add_argument("--output-json", default=None)
+
+
+def model_products(name: str) -> dict[str, tuple[int, int, bool]]:
+    """``{product: (N, K, gated)}`` of one decode step of a bundled config."""
+    from flashserve.loader import MODEL_CONFIGS_DIR, bundled_config_names
+
+    path = MODEL_CONFIGS_DIR / name / "config.json"
+    if not path.is_file():
+        raise ValueError(f"no bundled config {name!r}; known: {', '.join(bundled_config_names())}")
+    c = json.loads(path.read_text())
+    hidden, heads, kv = c["hidden_size"], c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    head_dim = c.get("head_dim") or hidden // heads
+    out = {"qkv": ((heads + 2 * kv) * head_dim, hidden, False), "o": (hidden, heads * head_dim, False)}
+    if not (c.get("num_experts") or c.get("num_local_experts")):
+        inter = c["intermediate_size"]
+        out |= {"gate_up": (2 * inter, hidden, False), "down": (hidden, inter, True)}
+    out["lm_head"] = (c["vocab_size"], hidden, False)
+    return out
+
+
+def parse_shapes(text: str) -> dict[str, tuple[int, int, bool]]:
+    out = {}
+    for part in text.split(","):
+        try:
+            name, spec = part.split("=")
+            nk, _, flag = spec.lower().partition(":")
+            n, k = (int(v) for v in nk.split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes takes name=NxK[:gated],..., got {part!r}") from None
+        if flag not in ("", "gated"):
+            raise ValueError(f"--shapes: the only flag is ':gated', got {part!r}")
+        out[name] = (n, k, flag == "gated")
+    return out
+
+
+def candidates(fmt: int, n: int, k: int, device: torch.device) -> list[GemvConfig]:
+    """Every tile of the searched family that divides ``N x K`` (int4: K in 2^a slices of whole groups)."""
+    lo, hi = TILE_ELEMS
+    out = []
+    if fmt == FORMATS["int4"]:
+        for bn in (8, 16, 32, 64):
+            for ks in (128, 256, 512, 1024, 2048):
+                split = k // ks
+                if n % bn or k % ks or ks % INT4_GROUP or split > 64 or not lo <= bn * ks <= 4 * hi:
+                    continue
+                warps = min(4, max(1, bn * ks // 8192))
+                for per_sm in (2, 4, 8):
+                    out.append(GemvConfig(bn, ks, split, warps, 1, max(1, min(n // bn, per_sm * num_sms(device) // split))))
+        return sorted(set(out))
+    for bn in (2, 4, 8, 16, 32, 64):
+        for bk in (256, 512, 1024, 2048, 4096):
+            splits = (1,) if fmt == FORMATS["bf16"] or k < 8192 else (1, 2, 4, 8)
+            for split in splits:
+                if n % bn or k % (split * bk) or not lo <= bn * bk <= hi:
+                    continue
+                for warps in (4, 8):
+                    out.append(GemvConfig(bn, bk, split, warps, 3))
+    return out
+
+
+def weights(fmt: int, n: int, k: int, device: torch.device, gen: torch.Generator) -> tuple[tuple, torch.Tensor]:
+    """(the kernel's operands, the dequantized fp32 weight) of random codes."""
+    if fmt == FORMATS["bf16"]:
+        w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+        return (w,), w.float()
+    scales = torch.rand(n, generator=gen, device=device) * 0.002 + 0.001
+    if fmt == FORMATS["int8"]:
+        q = torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
+        return (q, scales, None), ref.dequantize_int8(q, scales)
+    if fmt == FORMATS["fp8"]:
+        q = (torch.randn(n, k, generator=gen, device=device) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return (q, scales, None), ref.dequantize_fp8(q, scales)
+    u = torch.randint(0, 16, (n, k), generator=gen, device=device, dtype=torch.uint8)
+    packed = ref.pack_int4(u)
+    group_scales = torch.rand(n, k // INT4_GROUP, generator=gen, device=device) * 0.004 + 0.001
+    return (packed, group_scales, None), ref.dequantize_int4(packed, group_scales, None, INT4_GROUP)
+
+
+def tile_name(cfg: GemvConfig) -> str:
+    """``rows x columns [/ K slices] w warps [s stages] [p programs]``."""
+    text = f"{cfg.block_n}x{cfg.block_k}" + (f"/{cfg.split_k}" if cfg.split_k > 1 else "") + f" w{cfg.num_warps}"
+    return text + (f" p{cfg.programs}" if cfg.programs else f" s{cfg.num_stages}")
+
+
+def _call(fmt: int, x: torch.Tensor, ops: tuple, gated: bool, cfg: GemvConfig | None) -> torch.Tensor | None:
+    if fmt == FORMATS["bf16"]:
+        return dense_gemv(x, ops[0], gated=gated, config=cfg)
+    return wq_gemv(x, *ops, fmt, INT4_GROUP if fmt == FORMATS["int4"] else 0, cfg, gated=gated)
+
+
+def _time_us(calls: list[Callable[[], object]], device: torch.device, replays: int) -> float:
+    if device.type == "cuda":
+        from flashserve.kernels.timing import graph_ms
+
+        return 1e3 * graph_ms(calls, replays)
+    from flashserve.kernels.timing import time_fn
+
+    return 1e3 * time_fn(calls[0], warmup=1, iters=3, device=device)
+
+
+def sweep_product(fmt_name: str, n: int, k: int, gated: bool, device: torch.device, replays: int) -> dict | None:
+    """The rule's tile and every candidate for one product, or None where the GEMV declines it."""
+    fmt = FORMATS[fmt_name]
+    gen = torch.Generator(device=device).manual_seed(n * 31 + k)
+    ops, dense = weights(fmt, n, k, device, gen)
+    x = torch.randn(1, 2 * k if gated else k, generator=gen, device=device).to(torch.bfloat16)
+    xf = F.silu(x[:, :k].float()).to(x.dtype).float() * x[:, k:].float() if gated else x.float()
+    expect = xf @ dense.t()
+    del dense
+    rule = (dense_gemv_config(n, k, device, gated) if fmt == FORMATS["bf16"]
+            else gemv_config(n, k, fmt, INT4_GROUP if fmt == FORMATS["int4"] else 0, device))
+    if rule is None:
+        return None
+    nbytes = sum(t.numel() * t.element_size() for t in ops if t is not None)
+    copies = max(2, min(64, math.ceil(CHAIN_BYTES / nbytes))) if device.type == "cuda" else 1
+    chain = [ops] + [tuple(t.clone() if t is not None else None for t in ops) for _ in range(copies - 1)]
+    timings = []
+    for cfg in [rule] + [c for c in candidates(fmt, n, k, device) if c != rule]:
+        out = _call(fmt, x, ops, gated, cfg)
+        err = float((out.float() - expect).norm() / expect.norm())
+        if not err < 2e-2:
+            raise RuntimeError(f"{fmt_name} {n}x{k} tile {tuple(cfg)}: relative error {err:.3g} against the "
+                               "dequantized reference")
+        us = _time_us([lambda o=o: _call(fmt, x, o, gated, cfg) for o in chain], device, replays)
+        timings.append({"tile": list(cfg), "name": tile_name(cfg), "us": us, "rel_err": err})
+    best = min(timings, key=lambda t: t["us"])
+    return {"format": fmt_name, "n": n, "k": k, "gated": gated, "bytes": nbytes, "rule": timings[0],
+            "best": best, "speedup": timings[0]["us"] / best["us"], "timings": timings}
+
+
+def run(args: argparse.Namespace) -> int:
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev)
+    if device.type == "cpu" and not is_interpreter():
+        raise SystemExit("bench gemv on CPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+    fmts = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad:
+        raise SystemExit(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+    try:
+        products = parse_shapes(args.shapes) if args.shapes else model_products(args.model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    read_tb_s = None
+    if device.type == "cuda":
+        from flashserve.bench.kernels import read_bandwidth
+
+        read_tb_s = read_bandwidth(4.0, 25.0, 100.0, device)["tb_s"]
+    rows = []
+    for fmt in fmts:
+        for name, (n, k, gated) in products.items():
+            row = sweep_product(fmt, n, k, gated, device, args.replays)
+            if row is None:
+                print(f"{fmt:5s} {name:8s} {n}x{k}: no batch-1 GEMV tile divides it (F.linear / the flat GEMM runs)")
+                continue
+            row["product"] = name
+            rows.append(row)
+            share = lambda us: "" if read_tb_s is None else f" {row['bytes'] / us / 1e6 / read_tb_s:6.1%}"  # noqa: E731
+            print(f"{fmt:5s} {name:8s} {n:>6}x{k:<6} rule {row['rule']['name']:16s} "
+                  f"{row['rule']['us']:9.2f} us{share(row['rule']['us'])} | best {row['best']['name']:16s} "
+                  f"{row['best']['us']:9.2f} us{share(row['best']['us'])} ({row['speedup']:.3f}x, "
+                  f"{len(row['timings'])} tiles)", flush=True)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+           "read_tb_s": read_tb_s, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "model": None if args.shapes else args.model, "rows": rows}
+    print(f"{res['device']}" + (f", read bandwidth {read_tb_s:.2f} TB/s" if read_tb_s else "")
+          + f", {res['date']}, torch {res['torch']}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
