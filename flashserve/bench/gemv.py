@@ -6,9 +6,10 @@ products and the LM head, their experts run the fused MoE kernel) and each forma
 ``--formats`` (bf16: ``dense_gemv``; int8 / fp8 per channel and int4 with groups of 128:
 ``quant_gemv.wq_gemv``), it times the tile the fixed rules pick (``dense_gemv_config``,
 ``gemv_config``) and every candidate tile that divides the shape. Calls are timed in a CUDA graph
-over distinct copies of the weight (at least 256 MiB in all, five times the H100's and H200's 50 MB L2, so each call
-reads device memory and the launch boundaries of a decode step are in the time), and reported as
-us per call, GB/s and a share of the read bandwidth measured in the same run (``x.sum()``).
+over distinct copies of the weight (at least 256 MiB in all, five times the H100's and H200's
+50 MB L2, so each call reads device memory and the launch boundaries of a decode step are in the
+time), and reported as us per call and as a share of the read bandwidth measured in the same run
+(``x.sum()``).
 Each candidate's output is checked against the dequantized reference before it is timed. The
 table gives, per (format, product), the rule's tile and the fastest one; ``--output-json`` keeps
 every timing, for revising the rules on a new device. The random weights are codes drawn
