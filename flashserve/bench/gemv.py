@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from flashserve.kernels import quant_reference as ref
 from flashserve.kernels.dense_gemv import dense_gemv, dense_gemv_config
+from flashserve.kernels.quant_gemm import FMT_DENSE, FMT_FP8, FMT_INT4, FMT_INT8
 from flashserve.kernels.quant_gemv import GemvConfig, gemv_config, wq_gemv
 from flashserve.kernels.utils import is_interpreter, num_sms
 
-FORMATS = {"bf16": -1, "int8": 0, "int4": 1, "fp8": 2}
+FORMATS = {"bf16": FMT_DENSE, "int8": FMT_INT8, "int4": FMT_INT4, "fp8": FMT_FP8}
 INT4_GROUP = 128
 CHAIN_BYTES = 256 << 20  # weights per timed graph, at least (CUDA)
 TILE_ELEMS = (2048, 32768)  # candidate tiles hold this many weights per step, at least / at most
@@ -87,7 +88,7 @@ def candidates(fmt: int, n: int, k: int, device: torch.device) -> list[GemvConfi
     """Every tile of the searched family that divides ``N x K`` (int4: K in 2^a slices of whole groups)."""
     lo, hi = TILE_ELEMS
     out = []
-    if fmt == FORMATS["int4"]:
+    if fmt == FMT_INT4:
         for bn in (8, 16, 32, 64):
             for ks in (128, 256, 512, 1024, 2048):
                 split = k // ks
@@ -99,7 +100,7 @@ def candidates(fmt: int, n: int, k: int, device: torch.device) -> list[GemvConfi
         return sorted(set(out))
     for bn in (2, 4, 8, 16, 32, 64):
         for bk in (256, 512, 1024, 2048, 4096):
-            splits = (1,) if fmt == FORMATS["bf16"] or k < 8192 else (1, 2, 4, 8)
+            splits = (1,) if fmt == FMT_DENSE or k < 8192 else (1, 2, 4, 8)
             for split in splits:
                 if n % bn or k % (split * bk) or not lo <= bn * bk <= hi:
                     continue
@@ -110,14 +111,14 @@ def candidates(fmt: int, n: int, k: int, device: torch.device) -> list[GemvConfi
 
 def weights(fmt: int, n: int, k: int, device: torch.device, gen: torch.Generator) -> tuple[tuple, torch.Tensor]:
     """(the kernel's operands, the dequantized fp32 weight) of random codes."""
-    if fmt == FORMATS["bf16"]:
+    if fmt == FMT_DENSE:
         w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
         return (w,), w.float()
     scales = torch.rand(n, generator=gen, device=device) * 0.002 + 0.001
-    if fmt == FORMATS["int8"]:
+    if fmt == FMT_INT8:
         q = torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
         return (q, scales, None), ref.dequantize_int8(q, scales)
-    if fmt == FORMATS["fp8"]:
+    if fmt == FMT_FP8:
         q = (torch.randn(n, k, generator=gen, device=device) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
         return (q, scales, None), ref.dequantize_fp8(q, scales)
     u = torch.randint(0, 16, (n, k), generator=gen, device=device, dtype=torch.uint8)
@@ -132,10 +133,19 @@ def tile_name(cfg: GemvConfig) -> str:
     return text + (f" p{cfg.programs}" if cfg.programs else f" s{cfg.num_stages}")
 
 
+def _group(fmt: int) -> int:
+    return INT4_GROUP if fmt == FMT_INT4 else 0
+
+
+def rule_tile(fmt: int, n: int, k: int, gated: bool, device: torch.device) -> GemvConfig | None:
+    """The tile the fixed rules pick for this product, or None where the GEMV declines it."""
+    return dense_gemv_config(n, k, device, gated) if fmt == FMT_DENSE else gemv_config(n, k, fmt, _group(fmt), device)
+
+
 def _call(fmt: int, x: torch.Tensor, ops: tuple, gated: bool, cfg: GemvConfig | None) -> torch.Tensor | None:
-    if fmt == FORMATS["bf16"]:
+    if fmt == FMT_DENSE:
         return dense_gemv(x, ops[0], gated=gated, config=cfg)
-    return wq_gemv(x, *ops, fmt, INT4_GROUP if fmt == FORMATS["int4"] else 0, cfg, gated=gated)
+    return wq_gemv(x, *ops, fmt, _group(fmt), cfg, gated=gated)
 
 
 def _time_us(calls: list[Callable[[], object]], device: torch.device, replays: int) -> float:
@@ -151,16 +161,15 @@ def _time_us(calls: list[Callable[[], object]], device: torch.device, replays: i
 def sweep_product(fmt_name: str, n: int, k: int, gated: bool, device: torch.device, replays: int) -> dict | None:
     """The rule's tile and every candidate for one product, or None where the GEMV declines it."""
     fmt = FORMATS[fmt_name]
+    rule = rule_tile(fmt, n, k, gated, device)
+    if rule is None:
+        return None
     gen = torch.Generator(device=device).manual_seed(n * 31 + k)
     ops, dense = weights(fmt, n, k, device, gen)
     x = torch.randn(1, 2 * k if gated else k, generator=gen, device=device).to(torch.bfloat16)
     xf = F.silu(x[:, :k].float()).to(x.dtype).float() * x[:, k:].float() if gated else x.float()
     expect = xf @ dense.t()
     del dense
-    rule = (dense_gemv_config(n, k, device, gated) if fmt == FORMATS["bf16"]
-            else gemv_config(n, k, fmt, INT4_GROUP if fmt == FORMATS["int4"] else 0, device))
-    if rule is None:
-        return None
     nbytes = sum(t.numel() * t.element_size() for t in ops if t is not None)
     copies = max(2, min(64, math.ceil(CHAIN_BYTES / nbytes))) if device.type == "cuda" else 1
     chain = [ops] + [tuple(t.clone() if t is not None else None for t in ops) for _ in range(copies - 1)]

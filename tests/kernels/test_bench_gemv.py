@@ -11,8 +11,7 @@ import torch
 
 from flashserve.bench import gemv
 from flashserve.cli import main
-from flashserve.kernels.dense_gemv import dense_gemv_config
-from flashserve.kernels.quant_gemv import gemv_config
+from flashserve.kernels.quant_gemm import FMT_INT4
 
 
 def test_products_of_bundled_configs():
@@ -34,9 +33,9 @@ def test_candidates_divide_and_include_the_rule(model, fmt):
         assert cands and len(set(cands)) == len(cands)
         for c in cands:
             assert n % c.block_n == 0 and k % (c.split_k * c.block_k) == 0
-            if code == gemv.FORMATS["int4"]:
+            if code == FMT_INT4:
                 assert c.split_k * c.block_k == k and c.block_k % gemv.INT4_GROUP == 0 and 1 <= c.programs <= n // c.block_n
-        rule = dense_gemv_config(n, k, dev, gated) if code < 0 else gemv_config(n, k, code, gemv.INT4_GROUP, dev)
+        rule = gemv.rule_tile(code, n, k, gated, dev)
         assert rule in cands, (model, fmt, n, k, rule)
 
 
