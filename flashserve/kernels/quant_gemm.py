@@ -37,12 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels.quant_gemv import wq_gemv
+from flashserve.kernels.quant_gemv import FMT_FP8, FMT_INT4, FMT_INT8, wq_gemv
 from flashserve.kernels.utils import cdiv, dot_ieee, next_power_of_2, num_sms
 
-FMT_INT8 = 0
-FMT_INT4 = 1
-FMT_FP8 = 2
 FMT_DENSE = 3
 FORMAT_NAMES = {FMT_INT8: "int8", FMT_INT4: "int4", FMT_FP8: "fp8", FMT_DENSE: "dense"}
 

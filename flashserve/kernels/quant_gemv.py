@@ -278,6 +278,7 @@ class GemvConfig(NamedTuple):
     programs: int = 0  # int4: programs per K slice, each walking every programs-th row block (0: one per block)
 
 
+FMT_INT8, FMT_INT4, FMT_FP8 = 0, 1, 2  # weight formats (``quant_gemm`` adds its dense one)
 LONG_ROW = 8192  # K from which byte rows are split over several programs
 BYTE_TILE_SUMS_MAX_N = 8192  # byte products up to this N (unsplit) keep a 2-D tile of sums (docs/benchmarks.md)
 INT4_SLICE, INT4_ROWS = 1024, 32  # int4: the widest K slice, rows per block
@@ -293,7 +294,7 @@ def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | Non
     an H100 by a sweep over Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the widest power of two
     that divides K and holds whole groups), takes 32-row blocks (16 or 8 where 32 does not divide
     N) with 32 words per thread, and runs four programs per SM over all slices."""
-    if fmt == 1:  # int4
+    if fmt == FMT_INT4:
         if group < 8 or group & (group - 1):
             return None
         ks = next((c for c in (1024, 512, 256, 128, 64, 32, 16, 8) if group <= c <= INT4_SLICE and k % c == 0), 0)
@@ -309,7 +310,7 @@ def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | Non
         while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
     else:
-        block_n, block_k, warps = 16, 1024 if fmt == 0 and n <= 4096 and k % 1024 == 0 else 512, 8
+        block_n, block_k, warps = 16, 1024 if fmt == FMT_INT8 and n <= 4096 and k % 1024 == 0 else 512, 8
     if n % block_n or k % (split * block_k):
         return None
     return GemvConfig(block_n, block_k, split, warps, 3)
@@ -344,7 +345,7 @@ def wq_gemv(
     ws = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
     count = arrival_counters(x.device, blocks) if split > 1 else out
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(x.device))
-    if fmt == 1:
+    if fmt == FMT_INT4:
         if split * cfg.block_k != k or cfg.programs > blocks:
             raise ValueError(f"int4 GEMV config {cfg} does not fit N = {n}, K = {k}: split_k * block_k must be K "
                              f"and programs at most N / block_n = {blocks}")
@@ -358,7 +359,7 @@ def wq_gemv(
         tile_sums = n <= BYTE_TILE_SUMS_MAX_N and split == 1
         _gemv_byte_kernel[(blocks, split)](
             x, w.view(torch.uint8), scales, out, ws, count, n, k, k // split,
-            FP8=fmt == 2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, GATED=gated,
+            FP8=fmt == FMT_FP8, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, GATED=gated,
             ASM=tile_sums and not is_interpreter(), ACC2D=tile_sums, **launch,
         )
     return out.view(1, n)
