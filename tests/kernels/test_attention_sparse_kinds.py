@@ -212,7 +212,7 @@ def test_quest_page_score_kernel_matches_torch(device):
 
 @pytest.mark.parametrize("budget,sinks", [(0.2, 0), (0.25, 2), (0.5, 9), (1.0, 0), (0.1, 4)])
 def test_quest_select_kernel_matches_torch_selection(device, budget, sinks):
-    """The one-launch top-page selection (bisection on the scores' bits, prefix-sum compaction)
+    """The one-launch top-page selection (radix search on the scores' bits, prefix-sum compaction)
     gives the torch path's per-head tables and virtual lengths, sinks longer than a sequence too."""
     from flashserve.kernels.quest import quest_select
     from flashserve.layers.sparse_attention import SideState, page_bounds, quest_block_tables, quest_num_pages
@@ -253,6 +253,53 @@ def test_quest_select_kernel_matches_torch_selection(device, budget, sinks):
                         device=device), bs, 0.25, 0, 10)
     pages = sorted(set(close[0, 0, :-1].topk(9).indices.tolist()) | {P - 1})
     assert t[0, :, :10].cpu().tolist() == [tables[0, pages].tolist()] * Hkv and int(n[0]) == 10 * bs
+
+
+def _select_written_out(scores, table, seq_len, bs, budget, sink_pages, max_pages):
+    """One (sequence, KV head)'s chosen blocks: the own page and the sinks' pages, then the best
+    other pages by score (ties: the earliest), all in position order."""
+    pages = -(-seq_len // bs)
+    want = min(max(math.ceil(budget * pages), 1 + sink_pages), pages, max_pages)
+    forced = [p for p in range(pages) if p == pages - 1 or p < sink_pages]
+    others = sorted((p for p in range(pages) if p not in forced), key=lambda p: (-scores[p], p))
+    chosen = sorted(forced + others[:max(want - len(forced), 0)])[:max_pages]
+    return [table[p] for p in chosen], want
+
+
+@pytest.mark.parametrize("kind", ["narrow", "ties", "mixed", "few"])
+def test_quest_select_kernel_matches_written_out_selection(device, kind):
+    """The selection's radix search, which starts below the bits every candidate shares and stops
+    once the matching keys are exactly the wanted ones, picks what sorting would: scores in a
+    narrow positive range (most bits shared), heavy ties, mixed signs with infinities, and rows
+    with fewer pages than the sinks and the own page."""
+    from flashserve.kernels.quest import quest_select
+
+    g = torch.Generator().manual_seed(len(kind))
+    B, Hkv, bs, P = 5, 3, 4, 300
+    if kind == "narrow":  # one binade: only the mantissa differs
+        scores = 1.0 + torch.rand(B, Hkv, P, generator=g)
+    elif kind == "ties":  # a few distinct values: the threshold falls inside a tie
+        scores = torch.randint(0, 4, (B, Hkv, P), generator=g).float() * 0.5
+    elif kind == "mixed":
+        scores = torch.randn(B, Hkv, P, generator=g) * 10.0 ** torch.randint(-3, 4, (B, Hkv, P), generator=g)
+        scores.view(-1)[torch.randperm(B * Hkv * P, generator=g)[:20]] = float("inf")
+        scores.view(-1)[torch.randperm(B * Hkv * P, generator=g)[:20]] = float("-inf")
+    else:
+        scores = torch.randn(B, Hkv, P, generator=g)
+    tables = torch.randperm(B * P, generator=g).view(B, P).to(torch.int32)
+    seq_lens = [P * bs, 1 + (P - 1) * bs, 5, 2 * bs, 777] if kind != "few" else [1, 4, 9, 12, 13]
+    for budget, sinks in ((0.2, 0), (0.33, 6), (0.05, 2)):
+        sink_pages = -(-sinks // bs)
+        max_pages = P
+        out, vlens = quest_select(scores.to(device), tables.to(device), torch.tensor(seq_lens, dtype=torch.int32).to(device),
+                                  bs, budget, sinks, max_pages)
+        for b, seq_len in enumerate(seq_lens):
+            pages = -(-seq_len // bs)
+            for h in range(Hkv):
+                ref, want = _select_written_out(scores[b, h].tolist(), tables[b].tolist(), seq_len, bs, budget,
+                                                sink_pages, max_pages)
+                assert out[b, h, :want].cpu().tolist() == ref, (kind, budget, b, h)
+            assert int(vlens[b]) == (want - 1) * bs + seq_len - (pages - 1) * bs
 
 
 def test_store_kv_with_quest_bounds_matches_torch_update(device, dtype):
