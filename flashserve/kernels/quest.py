@@ -91,9 +91,9 @@ def quest_page_scores(
 
 
 # The selection's radix search: bits of the scores' keys resolved per pass (a histogram of
-# 2**SELECT_DIGIT_BITS bins; 4 or 8, dividing 32), and the program's warps. On the H200 at 2048
-# pages: 4-bit digits 11.2 / 11.4 / 17.0 us in 16 / 8 / 4 warps, 8-bit 15.6 / 14.9 / 26.2, the
-# 8-way threshold search it replaced 21.7 (docs/attention.md).
+# 2**SELECT_DIGIT_BITS bins), and the program's warps. On the H200 at 2048 pages, when every
+# search ran all 32 bits: 4-bit digits 11.2 / 11.4 / 17.0 us in 16 / 8 / 4 warps, 8-bit 15.6 /
+# 14.9 / 26.2, the 8-way threshold search before it 21.7 (docs/attention.md).
 SELECT_DIGIT_BITS = 4
 SELECT_WARPS = 16
 
