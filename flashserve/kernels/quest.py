@@ -91,9 +91,9 @@ def quest_page_scores(
 
 
 # The selection's radix search: bits of the scores' keys resolved per pass (a histogram of
-# 2**SELECT_DIGIT_BITS bins), and the program's warps. On the H200 at 2048 pages, when every
-# search ran all 32 bits: 4-bit digits 11.2 / 11.4 / 17.0 us in 16 / 8 / 4 warps, 8-bit 15.6 /
-# 14.9 / 26.2, the 8-way threshold search before it 21.7 (docs/attention.md).
+# 2**SELECT_DIGIT_BITS bins; 4 or 8, dividing 32), and the program's warps. On the H200 at 2048
+# pages: 4-bit digits 11.2 / 11.4 / 17.0 us in 16 / 8 / 4 warps, 8-bit 15.6 / 14.9 / 26.2, the
+# 8-way threshold search it replaced 21.7 (docs/attention.md).
 SELECT_DIGIT_BITS = 4
 SELECT_WARPS = 16
 
@@ -124,43 +124,31 @@ def _quest_select_kernel(
     s = tl.load(scores_ptr + b.to(tl.int64) * stride_sb + kvh * stride_sh + offs, mask=offs < num_pages_max,
                 other=float("-inf"))
     s = tl.where(valid, s, float("-inf"))
-    # the own page and the sinks' pages are always read; the rest compete for what is left
-    forced = valid & ((offs == num_pages - 1) | (offs < sink_pages))
-    cand = valid & ~forced
-    rem = tl.maximum(want - tl.sum(forced.to(tl.int32), 0), 0)  # candidates still wanted
-    # the rem-th largest candidate score, exactly: its order-preserving key (an unsigned 32-bit
-    # value, held in an int64 so that shifts by 32 are defined) found DIGIT_BITS at a time from
-    # the top. The bits every candidate shares (above the highest bit where the largest and the
-    # smallest key differ) are known at once, and the search stops as soon as the keys matching
-    # the prefix found so far are exactly the ones still wanted: a few passes, not 32 / DIGIT_BITS
+    s = tl.where(valid & ((offs == num_pages - 1) | (offs < sink_pages)), float("inf"), s)
+    # the want-th largest score, exactly: its order-preserving uint32 key found DIGIT_BITS at a
+    # time from the top, each pass a histogram of the next digit over the keys that match the
+    # digits found so far; `rem` counts what is still wanted at or below the found prefix
     bits = s.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000).to(tl.int64)  # order = float order
-    kmax = tl.max(tl.where(cand, key, 0), 0)
-    kmin = tl.min(tl.where(cand, key, 0xFFFFFFFF), 0)
-    spread = tl.where(kmax >= kmin, kmax ^ kmin, 0)
-    top = tl.zeros([], tl.int32)  # the bit length of spread
-    for i in tl.static_range(32):
-        top += ((spread >> i) != 0).to(tl.int32)
-    shift = (top + DIGIT_BITS - 1) // DIGIT_BITS * DIGIT_BITS  # bits still unresolved
-    prefix = kmax >> shift
+    key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # unsigned order = float order
     NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
     bins = tl.arange(0, NUM_BINS)
-    done = rem == 0
-    while (shift > 0) & ~done:
-        shift -= DIGIT_BITS
-        digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
-        hist = tl.histogram(digit, NUM_BINS, mask=cand & ((key >> (shift + DIGIT_BITS)) == prefix))
+    rem = want
+    prefix = tl.zeros([], tl.uint32)
+    for j in tl.static_range(32 // DIGIT_BITS):
+        digit = ((key >> (32 - DIGIT_BITS * (j + 1))) & (NUM_BINS - 1)).to(tl.int32)
+        if j == 0:
+            match = valid
+        else:
+            match = valid & ((key >> (32 - DIGIT_BITS * j)) == prefix)
+        hist = tl.histogram(digit, NUM_BINS, mask=match)
         higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # matching keys in the bins above each bin
         d = tl.sum((higher + hist >= rem).to(tl.int32), 0) - 1  # the highest bin reaching rem
-        picked = tl.sum(tl.where(bins == d, (higher << 16) | hist, 0), 0)  # both counts < 2**15
-        rem -= picked >> 16
-        prefix = (prefix << DIGIT_BITS) | d.to(tl.int64)
-        done = (picked & 0xFFFF) == rem  # all of that bin is wanted
-    # take the forced pages, the candidates above the threshold and its first `rem` ties (the
-    # earliest pages); one scan counts both (ties in the high half), and gives each chosen page
-    # its position-ordered slot
-    above = forced | (cand & ((key >> shift) > prefix))
-    ties = cand & ((key >> shift) == prefix)
+        rem -= tl.sum(tl.where(bins == d, higher, 0), 0)
+        prefix = (prefix << DIGIT_BITS) | d.to(tl.uint32)
+    # take the keys above the threshold and its first `rem` ties (the earliest pages); one scan
+    # counts both (ties in the high half), and gives each chosen page its position-ordered slot
+    above = valid & (key > prefix)
+    ties = valid & (key == prefix)
     c = tl.cumsum(above.to(tl.int32) + (ties.to(tl.int32) << 16), 0)
     take = above | (ties & ((c >> 16) <= rem))
     dest = (c & 0xFFFF) + tl.minimum(c >> 16, rem) - 1
