@@ -268,10 +268,9 @@ def _select_written_out(scores, table, seq_len, bs, budget, sink_pages, max_page
 
 @pytest.mark.parametrize("kind", ["narrow", "ties", "mixed", "few"])
 def test_quest_select_kernel_matches_written_out_selection(device, kind):
-    """The selection's radix search, which starts below the bits every candidate shares and stops
-    once the matching keys are exactly the wanted ones, picks what sorting would: scores in a
-    narrow positive range (most bits shared), heavy ties, mixed signs with infinities, and rows
-    with fewer pages than the sinks and the own page."""
+    """The selection's radix search picks what sorting would: scores in a narrow positive range
+    (most of the keys' bits shared), heavy ties (the threshold inside a tie), mixed signs and
+    magnitudes with infinities, and rows with fewer pages than the sinks and the own page."""
     from flashserve.kernels.quest import quest_select
 
     g = torch.Generator().manual_seed(len(kind))
