@@ -53,19 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_products(name: str) -> dict[str, tuple[int, int, bool]]:
     """``{product: (N, K, gated)}`` of one decode step of a bundled config."""
-    from flashserve.loader import MODEL_CONFIGS_DIR, bundled_config_names
+    from flashserve.loader import bundled_config_names, load_model_config
 
-    path = MODEL_CONFIGS_DIR / name / "config.json"
-    if not path.is_file():
+    if name not in bundled_config_names():
         raise ValueError(f"no bundled config {name!r}; known: {', '.join(bundled_config_names())}")
-    c = json.loads(path.read_text())
-    hidden, heads, kv = c["hidden_size"], c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
-    head_dim = c.get("head_dim") or hidden // heads
-    out = {"qkv": ((heads + 2 * kv) * head_dim, hidden, False), "o": (hidden, heads * head_dim, False)}
-    if not (c.get("num_experts") or c.get("num_local_experts")):
-        inter = c["intermediate_size"]
-        out |= {"gate_up": (2 * inter, hidden, False), "down": (hidden, inter, True)}
-    out["lm_head"] = (c["vocab_size"], hidden, False)
+    c = load_model_config(name, "dummy")
+    hidden, q_width = c.hidden_size, c.num_heads * c.head_dim
+    out = {"qkv": (q_width + 2 * c.num_kv_heads * c.head_dim, hidden, False), "o": (hidden, q_width, False)}
+    if not c.num_experts:
+        out |= {"gate_up": (2 * c.intermediate_size, hidden, False), "down": (hidden, c.intermediate_size, True)}
+    out["lm_head"] = (c.vocab_size, hidden, False)
     return out
 
 
