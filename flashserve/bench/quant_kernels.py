@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from flashserve.bench import cpu_model
+from flashserve.bench.gemv import parse_shapes
 from flashserve.kernels import quant_reference as ref
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -58,14 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _shapes(text: str | None, default: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """``--shapes`` as ``bench gemv`` reads it, without its ``:gated`` products."""
     if not text:
         return dict(default)
-    out = {}
-    for part in text.split(","):
-        name, nk = part.split("=")
-        n, k = nk.lower().split("x")
-        out[name] = (int(n), int(k))
-    return out
+    try:
+        shapes = parse_shapes(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    gated = [name for name, (_, _, g) in shapes.items() if g]
+    if gated:
+        raise SystemExit(f"--shapes: this bench times plain products only; drop ':gated' from {', '.join(gated)}")
+    return {name: (n, k) for name, (n, k, _) in shapes.items()}
 
 
 def _rel_err(out: torch.Tensor, expect: torch.Tensor) -> float:

@@ -78,3 +78,9 @@ def test_cli_sweeps_shapes_and_writes_json(tmp_path, capsys):
 def test_bad_arguments_name_the_problem(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "gemv", "--device", "cpu", *argv])
+
+
+@pytest.mark.parametrize("shapes,message", [("a=16", "name=NxK"), ("a=16x512:gated", "drop ':gated' from a")])
+def test_quant_kernels_reads_shapes_as_bench_gemv_does(shapes, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "quant-kernels", "--device", "cpu", "--shapes", shapes])
