@@ -156,11 +156,6 @@ class MoEMLP(nn.Module):
         self.parallel = current_parallel()  # experts split over its tensor-parallel ranks
         self.triton = False  # set by flashserve.layers.fused.use_triton_ops: the fused kernel
 
-    @property
-    def l2_prefetch_modules(self) -> tuple[nn.Module, ...]:
-        """What the layer reads first, small enough to prefetch into L2 during attention: the router."""
-        return (self.gate,)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         from flashserve.kernels.fused_moe import moe_loop
 

@@ -71,15 +71,10 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         scale = config.attention_scale if config.attention_scale is not None else config.head_dim**-0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, config.head_dim, scale, attn_backend, spec)
-        # issued after the qkv product: o_proj's weights (and the MLP's first small read) into L2
-        # while attention runs (flashserve.kernels.l2_prefetch; set by the decoder layer's plan)
-        self.prefetch = None
 
     def forward(self, rope: RopeInputs, hidden: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         T = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
-        if self.prefetch is not None:
-            self.prefetch(T)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
@@ -101,16 +96,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = MLP_TYPES[spec.mlp](config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def plan_l2_prefetch(self, device: torch.device, limit: int) -> int:
-        """Prefetch the output projection during attention, and what the MLP reads first when it
-        names something (``l2_prefetch_modules``: an MoE router); returns the bytes chosen."""
-        from flashserve.kernels import l2_prefetch
-
-        attn = self.self_attn
-        modules = (attn.o_proj, *getattr(self.mlp, "l2_prefetch_modules", ()))
-        attn.prefetch = l2_prefetch.plan(modules, device, limit)
-        return attn.prefetch.nbytes if attn.prefetch is not None else 0
 
     def forward(
         self,

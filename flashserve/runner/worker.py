@@ -201,10 +201,6 @@ class Worker:
         self.offload = getattr(self.model, "_host_weights", None)  # offloaded layers (cpu_offload_gb)
         if self.device.type == "cpu":  # fewer TLB misses when streaming the weights (not the staging views)
             pack_weights_in_huge_pages(self.model, skip=self.offload.streamed() if self.offload is not None else ())
-        elif self.offload is None:  # weights in their final place: layers choose what to prefetch into L2
-            from flashserve.kernels.l2_prefetch import plan_model
-
-            plan_model(self.model, self.device)
         load_s = time.perf_counter() - t0
 
         sched, cache = config.scheduler, config.cache
