@@ -283,19 +283,19 @@ LONG_ROW = 8192  # K from which byte rows are split over several programs
 BYTE_TILE_SUMS_MAX_N = 8192  # byte products up to this N (unsplit) keep a 2-D tile of sums (docs/benchmarks.md)
 INT4_SLICE, INT4_ROWS = 1024, 32  # int4: the widest K slice, rows per block
 INT4_MAX_SPLIT = 64  # int4: K slices at most (the last to arrive adds them all)
-WIDE_INT8 = 16384  # int8 products at least this wide (gate/up, LM heads) stream in 4 warps
+WIDE = 16384  # int8 / fp8 products at least this wide (gate/up, LM heads) stream in 4 warps, fp8 in 32-row tiles
 
 
 def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | None = None) -> GemvConfig | None:
     """The fixed tile for one shape and format (0 int8, 1 int4, 2 fp8), or None when the tiles do
     not divide it. Chosen on an H200 by batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8
     / fp8 stream 16 rows x 512 columns per step (int8: 1024 where N <= 4096, on an H100,
-    docs/benchmarks.md; 4 warps from N = 16384, on an H100 by ``bench gemv``) and split long rows
-    (64 x 256 tiles) until there are two programs per SM, which
-    took fp8 from 317 to 335 tok/s against no split and moved int8 by 1-2% only. int4 (chosen on
-    an H100 by a sweep over Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the widest power of two
-    that divides K and holds whole groups), takes 32-row blocks (16 or 8 where 32 does not divide
-    N) with 32 words per thread, and runs four programs per SM over all slices."""
+    docs/benchmarks.md; from N = 16384 in 4 warps, fp8 in 32 rows, on an H100 by ``bench gemv``)
+    and split long rows (64 x 256 tiles) until there are two programs per SM, which took fp8 from
+    317 to 335 tok/s against no split and moved int8 by 1-2% only. int4 (chosen on an H100 by a
+    sweep over Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the
+    widest power of two that divides K and holds whole groups), takes 32-row blocks (16 or 8 where
+    32 does not divide N) with 32 words per thread, and runs four programs per SM over all slices."""
     if fmt == FMT_INT4:
         if group < 8 or group & (group - 1):
             return None
@@ -312,8 +312,10 @@ def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | Non
         while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
     else:
-        block_n, block_k = 16, 1024 if fmt == FMT_INT8 and n <= 4096 and k % 1024 == 0 else 512
-        warps = 4 if fmt == FMT_INT8 and n >= WIDE_INT8 else 8
+        wide = n >= WIDE
+        block_n = 32 if wide and fmt == FMT_FP8 and n % 32 == 0 else 16
+        block_k = 1024 if fmt == FMT_INT8 and n <= 4096 and k % 1024 == 0 else 512
+        warps = 4 if wide else 8
     if n % block_n or k % (split * block_k):
         return None
     return GemvConfig(block_n, block_k, split, warps, 3)

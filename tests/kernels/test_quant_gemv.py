@@ -12,13 +12,14 @@ import torch
 from flashserve.kernels import quant_reference as ref
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.quant_gemm import FMT_FP8, FMT_INT4, FMT_INT8, wq_matmul
-from flashserve.kernels.quant_gemv import GemvConfig, gemv_config, wq_gemv
+from flashserve.kernels.quant_gemv import WIDE, GemvConfig, gemv_config, wq_gemv
 from test_quant_gemm import _weights
 
 CASES = [  # (fmt, N, K, group, zero_point, config)
     (FMT_INT8, 64, 256, 0, False, GemvConfig(16, 64, 1, 4, 1)),
     (FMT_INT8, 32, 512, 0, False, GemvConfig(16, 128, 2, 4, 1)),  # split K, atomics
     (FMT_FP8, 48, 256, 0, False, GemvConfig(16, 128, 1, 4, 1)),
+    (FMT_FP8, 64, 1024, 0, False, GemvConfig(32, 512, 1, 4, 3)),  # the wide fp8 tile
     (FMT_INT4, 32, 256, 32, False, GemvConfig(16, 256, 1, 4, 1)),  # one slice, a program per row block
     (FMT_INT4, 32, 512, 64, True, GemvConfig(16, 256, 2, 4, 1, 1)),  # zero points, split K, one program walks both blocks
     (FMT_INT4, 48, 512, 128, True, GemvConfig(8, 128, 4, 1, 1, 4)),  # 6 blocks over 4 programs
@@ -90,6 +91,15 @@ def test_split_k_resets_its_counters_and_sums_in_a_fixed_order(device):
         torch.testing.assert_close(out, x @ dense.to(device).t(), rtol=1e-4, atol=1e-4)
         assert torch.equal(wq_gemv(x, q, s, z, FMT_INT4, group, cfg), out)
         assert int(_COUNTERS[x.device].abs().sum()) == 0
+
+
+def test_wide_products_take_four_warps_and_fp8_thirty_two_rows():
+    """From N = WIDE (gate/up, LM heads) int8 and fp8 stream in 4 warps, fp8 in 32-row tiles (16
+    where 32 does not divide N); narrower products keep 16 rows in 8 warps."""
+    assert tuple(gemv_config(WIDE, 4096, FMT_FP8, 0)) == (32, 512, 1, 4, 3, 0)
+    assert tuple(gemv_config(WIDE + 16, 4096, FMT_FP8, 0)) == (16, 512, 1, 4, 3, 0)
+    assert tuple(gemv_config(WIDE, 4096, FMT_INT8, 0)) == (16, 512, 1, 4, 3, 0)
+    assert tuple(gemv_config(WIDE - 16, 4096, FMT_FP8, 0)) == (16, 512, 1, 8, 3, 0)
 
 
 def test_declines_shapes_the_tiles_do_not_divide():
