@@ -290,12 +290,14 @@ def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | Non
     """The fixed tile for one shape and format (0 int8, 1 int4, 2 fp8), or None when the tiles do
     not divide it. Chosen on an H200 by batch-1 decode of Llama-3.1-8B (docs/quantization.md): int8
     / fp8 stream 16 rows x 512 columns per step (int8: 1024 where N <= 4096, on an H100,
-    docs/benchmarks.md; from N = 16384 in 4 warps, fp8 in 32 rows, on an H100 by ``bench gemv``)
-    and split long rows (64 x 256 tiles) until there are two programs per SM, which took fp8 from
-    317 to 335 tok/s against no split and moved int8 by 1-2% only. int4 (chosen on an H100 by a
-    sweep over Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the
-    widest power of two that divides K and holds whole groups), takes 32-row blocks (16 or 8 where
-    32 does not divide N) with 32 words per thread, and runs four programs per SM over all slices."""
+    docs/benchmarks.md; from N = 16384 in 4 warps, fp8 in 32 rows, on an H100 by ``bench gemv``).
+    Long rows (K >= LONG_ROW) take 32 x 256 tiles in 4 warps and are split until there are four
+    programs per SM (8 slices at most): splitting took fp8 from 317 to 335 tok/s against no split
+    on an H200 (with 64-row tiles then, two programs per SM), and the narrower tiles gave int8 / fp8
+    another 0.8% / 0.4% on an H100 (docs/benchmarks.md). int4 (chosen on an H100 by a sweep over
+    Llama-3.1-8B's products, docs/quantization.md) slices K by 1024 columns (or the widest power of
+    two that divides K and holds whole groups), takes 32-row blocks (16 or 8 where 32 does not
+    divide N) with 32 words per thread, and runs four programs per SM over all slices."""
     if fmt == FMT_INT4:
         if group < 8 or group & (group - 1):
             return None
@@ -308,8 +310,8 @@ def gemv_config(n: int, k: int, fmt: int, group: int, device: torch.device | Non
         return GemvConfig(block_n, ks, split, min(4, max(1, block_n * ks // 8192)), 1, programs)
     split = 1
     if k >= LONG_ROW:
-        block_n, block_k, warps = 64, 256, 8
-        while split < 8 and n // block_n * split < 2 * num_sms(device) and k % (2 * split * block_k) == 0:
+        block_n, block_k, warps = 32, 256, 4
+        while split < 8 and n // block_n * split < 4 * num_sms(device) and k % (2 * split * block_k) == 0:
             split *= 2
     else:
         wide = n >= WIDE

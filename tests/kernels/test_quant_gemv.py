@@ -102,6 +102,15 @@ def test_wide_products_take_four_warps_and_fp8_thirty_two_rows():
     assert tuple(gemv_config(WIDE - 16, 4096, FMT_FP8, 0)) == (16, 512, 1, 8, 3, 0)
 
 
+def test_long_rows_split_in_thirty_two_row_tiles_to_four_programs_per_sm():
+    """K >= LONG_ROW: 32 x 256 tiles in 4 warps, split until there are four programs per SM (132
+    off-GPU) or 8 slices: Llama-3.1-8B's down projection (4096 x 14336) takes 8 slices of 1792."""
+    assert tuple(gemv_config(4096, 14336, FMT_INT8, 0)) == (32, 256, 8, 4, 3, 0)
+    assert tuple(gemv_config(8192, 28672, FMT_FP8, 0)) == (32, 256, 4, 4, 3, 0)  # 256 blocks x 4 >= 528
+    assert tuple(gemv_config(32768, 8192, FMT_FP8, 0)) == (32, 256, 1, 4, 3, 0)  # enough blocks unsplit
+    assert gemv_config(4096, 8192 + 128, FMT_INT8, 0) is None  # a long row the 256-column tiles do not divide
+
+
 def test_declines_shapes_the_tiles_do_not_divide():
     assert gemv_config(40, 512, FMT_INT8, 0) is None  # N not a multiple of the 16-row tile
     assert gemv_config(64, 300, FMT_INT8, 0) is None  # ragged K
