@@ -17,6 +17,11 @@ uniformly, so the timings do not depend on a quantizer.
 
 On CPU (Triton's interpreter, ``TRITON_INTERPRET=1``; ``--shapes`` with small products) the same
 checks run and the times are wall clock: useful only to test the sweep itself.
+
+``--sass`` needs no GPU and no interpreter: it compiles the rule's tile of every product for sm_90
+(``kernels.sass``) and reports the kernel's hottest loop: instructions per thread and iteration,
+warp instructions per 1,000 weights, barriers and shared-memory stores in it, and registers per
+thread (which bound the programs an SM holds).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default="bf16,int8,fp8,int4", help=f"comma-separated, of {', '.join(FORMATS)}")
     p.add_argument("--replays", type=int, default=5, help="CUDA: graph replays timed per candidate")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--sass", action="store_true",
+                   help="compile each rule tile for sm_90 and profile its loop (no GPU; TRITON_INTERPRET unset)")
 
 
 def model_products(name: str) -> dict[str, tuple[int, int, bool]]:
@@ -184,11 +191,67 @@ def sweep_product(fmt_name: str, n: int, k: int, gated: bool, device: torch.devi
             "best": best, "speedup": timings[0]["us"] / best["us"], "timings": timings}
 
 
+def empty_operands(fmt: int, n: int, k: int) -> tuple:
+    """The kernel's operands for an ``N x K`` product, allocated and not filled (CPU)."""
+    if fmt == FMT_DENSE:
+        return (torch.empty(n, k, dtype=torch.bfloat16),)
+    if fmt == FMT_INT4:
+        return (torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // INT4_GROUP), None)
+    return (torch.empty(n, k, dtype=torch.int8 if fmt == FMT_INT8 else torch.float8_e4m3fn), torch.empty(n), None)
+
+
+def sass_product(fmt_name: str, n: int, k: int, gated: bool, arch: int = 90) -> dict | None:
+    """The loop profile (``kernels.sass``) of the rule's tile for one product compiled for ``arch``,
+    or None where the GEMV declines it."""
+    from flashserve.kernels import dense_gemv as dense_module, quant_gemv as quant_module, sass
+
+    fmt = FORMATS[fmt_name]
+    cpu = torch.device("cpu")
+    rule = rule_tile(fmt, n, k, gated, cpu)
+    if rule is None:
+        return None
+    module, name = ((dense_module, "_gemv_dense_kernel") if fmt == FMT_DENSE else
+                    (quant_module, "_gemv_int4_kernel" if fmt == FMT_INT4 else "_gemv_byte_kernel"))
+    x = torch.empty(1, 2 * k if gated else k, dtype=torch.bfloat16)
+    with sass.captured_launches(module, name) as launches:
+        _call(fmt, x, empty_operands(fmt, n, k), gated, rule)
+    prof = sass.profile_launch(launches[0], arch)
+    if prof is None:
+        return {"format": fmt_name, "n": n, "k": k, "gated": gated, "tile": tile_name(rule), "loop": None}
+    per_kilo = prof.instructions * rule.num_warps * 1000 / (rule.block_n * rule.block_k)
+    return {"format": fmt_name, "n": n, "k": k, "gated": gated, "tile": tile_name(rule),
+            "loop": {"instructions": prof.instructions, "warp_instructions_per_1k_weights": per_kilo,
+                     "barriers": prof.barriers, "shared_stores": prof.shared_stores,
+                     "registers": prof.registers, "opcodes": dict(prof.opcodes.most_common())}}
+
+
+def _run_sass(fmts: list[str], products: dict, output_json: str | None) -> int:
+    if is_interpreter():
+        raise SystemExit("bench gemv --sass compiles the kernels for sm_90: unset TRITON_INTERPRET")
+    rows = []
+    for fmt in fmts:
+        for name, (n, k, gated) in products.items():
+            row = sass_product(fmt, n, k, gated)
+            if row is None:
+                print(f"{fmt:5s} {name:8s} {n}x{k}: no batch-1 GEMV tile divides it")
+                continue
+            row["product"] = name
+            rows.append(row)
+            loop = row["loop"]
+            if loop is None:
+                print(f"{fmt:5s} {name:8s} {n:>6}x{k:<6} {row['tile']:16s} no loop in the kernel")
+                continue
+            print(f"{fmt:5s} {name:8s} {n:>6}x{k:<6} {row['tile']:16s} loop {loop['instructions']:5d} instructions, "
+                  f"{loop['warp_instructions_per_1k_weights']:6.1f} warp instr / 1k weights, "
+                  f"{loop['barriers']} barriers, {loop['shared_stores']} shared stores, {loop['registers']} registers",
+                  flush=True)
+    if output_json:
+        with open(output_json, "w") as f:
+            json.dump({"target": "sm_90", "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev)
-    if device.type == "cpu" and not is_interpreter():
-        raise SystemExit("bench gemv on CPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     fmts = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]
     if bad:
@@ -197,6 +260,12 @@ def run(args: argparse.Namespace) -> int:
         products = parse_shapes(args.shapes) if args.shapes else model_products(args.model)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if args.sass:
+        return _run_sass(fmts, products, args.output_json)
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev)
+    if device.type == "cpu" and not is_interpreter():
+        raise SystemExit("bench gemv on CPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     read_tb_s = None
     if device.type == "cuda":
         from flashserve.bench.kernels import read_bandwidth
