@@ -123,21 +123,19 @@ def compile_launch(launch: Launch, arch: int = 90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _tool(name: str) -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
 def disassemble(kernel) -> tuple[str, int]:
-    """(the SASS of a compiled kernel, its registers per thread), from Triton's bundled tools."""
+    """(the SASS of a compiled kernel, its registers per thread), from the tools Triton finds
+    (its bundled ones, or those its ``TRITON_*_PATH`` variables name)."""
+    from triton import knobs
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
-                               check=True).stdout
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     return sass, int(regs.group(1)) if regs else 0
 
@@ -146,9 +144,12 @@ def disassemble(kernel) -> tuple[str, int]:
 class LoopProfile:
     """The hottest loop of a kernel's SASS (the longest span a backward branch closes)."""
 
-    instructions: int
     opcodes: Counter = field(default_factory=Counter)  # base opcode (``LOP3``, ``FFMA``, ...) -> count
     registers: int = 0
+
+    @property
+    def instructions(self) -> int:
+        return sum(self.opcodes.values())
 
     @property
     def barriers(self) -> int:
@@ -178,7 +179,7 @@ def loop_profile(sass: str, registers: int = 0) -> LoopProfile | None:
     if best is None:
         return None
     ops = Counter(m.group(1) for line in lines[best[0] : best[1] + 1] if (m := _INSTR.match(line)))
-    return LoopProfile(sum(ops.values()), ops, registers)
+    return LoopProfile(ops, registers)
 
 
 def profile_launch(launch: Launch, arch: int = 90) -> LoopProfile | None:
