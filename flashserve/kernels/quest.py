@@ -99,6 +99,67 @@ SELECT_WARPS = 16
 
 
 @triton.jit
+def _above(key, shift, DIGIT_BITS: tl.constexpr):
+    """``key >> shift`` for uint32 keys and a multiple of DIGIT_BITS in [0, 32] (a shift by 32 is
+    undefined, so two shifts)."""
+    return tl.where(shift == 0, key, (key >> tl.maximum(shift - DIGIT_BITS, 0).to(tl.uint32)) >> DIGIT_BITS)
+
+
+@triton.jit
+def _select_row(s_row_ptr, bt_row_ptr, out_ptr, num_pages, num_pages_max, want, max_pages, sink_pages,
+                ROW: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """One (sequence, KV head)'s chosen pages, its row held as ROW (>= num_pages) registers."""
+    offs = tl.arange(0, ROW)
+    valid = offs < num_pages
+    s = tl.load(s_row_ptr + offs, mask=offs < num_pages_max, other=float("-inf"))
+    s = tl.where(valid, s, float("-inf"))
+    # the own page and the sinks' pages are always read; the rest of `want` goes to the best others
+    forced = valid & ((offs == num_pages - 1) | (offs < sink_pages))
+    cand = valid & ~forced
+    num_forced = tl.minimum(sink_pages, num_pages) + (num_pages - 1 >= sink_pages).to(tl.int32)
+    # the rem-th largest candidate, exactly: its order-preserving uint32 key found DIGIT_BITS at a
+    # time from the top, each pass a histogram of the next digit over the keys that share the
+    # digits found so far. The search starts below the bits every candidate shares and stops as
+    # soon as the keys sharing the found digits are exactly the ones still wanted (rem), so at 2048
+    # pages it takes a few passes, not 32 / DIGIT_BITS.
+    bits = s.to(tl.uint32, bitcast=True)
+    key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # unsigned order = float order
+    k_max = tl.max(tl.where(cand, key, 0), 0)
+    k_min = tl.min(tl.where(cand, key, 0xFFFFFFFF), 0)
+    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+    bins = tl.arange(0, NUM_BINS)
+    rem = tl.maximum(want - num_forced, 0)
+    # `shift`: the bits below the found prefix; a candidate matches when its key >> shift equals it
+    shift = tl.full([], 32, tl.int32)
+    while (shift > 0) & (_above(k_max, shift - DIGIT_BITS, DIGIT_BITS) == _above(k_min, shift - DIGIT_BITS,
+                                                                                  DIGIT_BITS)):
+        shift -= DIGIT_BITS
+    prefix = _above(k_max, shift, DIGIT_BITS)
+    count = tl.sum(cand.to(tl.int32), 0)  # candidates matching the prefix
+    while (shift > 0) & (count > rem):
+        shift -= DIGIT_BITS
+        digit = ((key >> shift.to(tl.uint32)) & (NUM_BINS - 1)).to(tl.int32)
+        match = cand & (_above(key, shift + DIGIT_BITS, DIGIT_BITS) == prefix)
+        hist = tl.histogram(digit, NUM_BINS, mask=match)
+        higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # matching keys in the bins above each bin
+        d = tl.sum((higher + hist >= rem).to(tl.int32), 0) - 1  # the highest bin reaching rem
+        rem -= tl.sum(tl.where(bins == d, higher, 0), 0)
+        count = tl.sum(tl.where(bins == d, hist, 0), 0)
+        prefix = (prefix << DIGIT_BITS) | d.to(tl.uint32)
+    # take the forced pages, the candidates above the prefix and its first `rem` ties (the earliest
+    # pages); one scan counts both (ties in the high half), and gives each chosen page its
+    # position-ordered slot
+    top = _above(key, shift, DIGIT_BITS)
+    above = forced | (cand & (top > prefix))
+    ties = cand & (top == prefix)
+    c = tl.cumsum(above.to(tl.int32) + (ties.to(tl.int32) << 16), 0)
+    take = above | (ties & ((c >> 16) <= rem))
+    dest = (c & 0xFFFF) + tl.minimum(c >> 16, rem) - 1
+    blk = tl.load(bt_row_ptr + offs, mask=valid, other=0)
+    tl.store(out_ptr + dest, blk, mask=take & (dest < max_pages))
+
+
+@triton.jit
 def _quest_select_kernel(
     scores_ptr,  # [B, Hkv, P] fp32 (quest_page_scores; -inf past a sequence's end)
     bt_ptr,  # [B, P] int32
@@ -119,42 +180,18 @@ def _quest_select_kernel(
     budget = budget_bits.to(tl.float64, bitcast=True)
     want = tl.minimum(tl.maximum(tl.ceil(budget * num_pages.to(tl.float64)).to(tl.int32), 1 + sink_pages), num_pages)
     want = tl.minimum(want, max_pages)
-    offs = tl.arange(0, P_PAD)
-    valid = offs < num_pages
-    s = tl.load(scores_ptr + b.to(tl.int64) * stride_sb + kvh * stride_sh + offs, mask=offs < num_pages_max,
-                other=float("-inf"))
-    s = tl.where(valid, s, float("-inf"))
-    s = tl.where(valid & ((offs == num_pages - 1) | (offs < sink_pages)), float("inf"), s)
-    # the want-th largest score, exactly: its order-preserving uint32 key found DIGIT_BITS at a
-    # time from the top, each pass a histogram of the next digit over the keys that match the
-    # digits found so far; `rem` counts what is still wanted at or below the found prefix
-    bits = s.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # unsigned order = float order
-    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
-    bins = tl.arange(0, NUM_BINS)
-    rem = want
-    prefix = tl.zeros([], tl.uint32)
-    for j in tl.static_range(32 // DIGIT_BITS):
-        digit = ((key >> (32 - DIGIT_BITS * (j + 1))) & (NUM_BINS - 1)).to(tl.int32)
-        if j == 0:
-            match = valid
-        else:
-            match = valid & ((key >> (32 - DIGIT_BITS * j)) == prefix)
-        hist = tl.histogram(digit, NUM_BINS, mask=match)
-        higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # matching keys in the bins above each bin
-        d = tl.sum((higher + hist >= rem).to(tl.int32), 0) - 1  # the highest bin reaching rem
-        rem -= tl.sum(tl.where(bins == d, higher, 0), 0)
-        prefix = (prefix << DIGIT_BITS) | d.to(tl.uint32)
-    # take the keys above the threshold and its first `rem` ties (the earliest pages); one scan
-    # counts both (ties in the high half), and gives each chosen page its position-ordered slot
-    above = valid & (key > prefix)
-    ties = valid & (key == prefix)
-    c = tl.cumsum(above.to(tl.int32) + (ties.to(tl.int32) << 16), 0)
-    take = above | (ties & ((c >> 16) <= rem))
-    dest = (c & 0xFFFF) + tl.minimum(c >> 16, rem) - 1
-    blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + offs, mask=valid, other=0)
+    s_row = scores_ptr + b.to(tl.int64) * stride_sb + kvh * stride_sh
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     out = tables_ptr + b.to(tl.int64) * stride_tb + kvh * stride_th
-    tl.store(out + dest, blk, mask=take & (dest < max_pages))
+    # the row in the narrowest of three register widths that holds the sequence's pages: the
+    # search's passes cost per register, and a block table a little wider than a power of two
+    # (32k tokens and a few more) would double them for every sequence
+    if num_pages <= P_PAD // 4:
+        _select_row(s_row, bt_row, out, num_pages, num_pages_max, want, max_pages, sink_pages, P_PAD // 4, DIGIT_BITS)
+    elif num_pages <= P_PAD // 2:
+        _select_row(s_row, bt_row, out, num_pages, num_pages_max, want, max_pages, sink_pages, P_PAD // 2, DIGIT_BITS)
+    else:
+        _select_row(s_row, bt_row, out, num_pages, num_pages_max, want, max_pages, sink_pages, P_PAD, DIGIT_BITS)
     pad = tl.arange(0, K_PAD)
     tl.store(out + pad, tl.zeros([K_PAD], tl.int32), mask=(pad >= want) & (pad < max_pages))
     if kvh == 0:

@@ -227,13 +227,13 @@ def quest_block_tables(
     Hkv, bs = state.num_kv_heads, state.block_size
     G = Hq // Hkv
     P = block_tables.shape[1]
-    num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
     if q.is_cuda:  # two launches: page scores, then the exact top pages (flashserve.kernels.quest)
         from flashserve.kernels.quest import quest_page_scores, quest_select
 
         bound = quest_page_scores(q, state.bounds, block_tables, seq_lens, bs)  # [B, Hkv, P]
         return quest_select(bound, block_tables, seq_lens, bs, spec.kv_budget, spec.num_sinks, min(max_pages, P))
     # the torch reference of those two kernels (ties: topk's order instead of the earliest pages)
+    num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
     bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]
     lo, hi = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [B, Hkv, P, D]
     bound = page_bounds(q.float().view(B, Hkv, 1, G, D), lo, hi).amax(-2)[:, :, 0]
