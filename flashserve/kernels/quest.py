@@ -1,4 +1,4 @@
-"""Quest's page scores in one pass over the per-page key bounds (Triton).
+"""Quest's page scores in one pass over the per-page key bounds, and the top pages in one more (Triton).
 
 For each (sequence, KV head, page) of a decode step: ``max_g sum_d max(q_gd lo_d, q_gd hi_d)``
 over the GROUP query heads g of the KV head, where lo / hi are the elementwise minimum / maximum
@@ -91,9 +91,9 @@ def quest_page_scores(
 
 
 # The selection's radix search: bits of the scores' keys resolved per pass (a histogram of
-# 2**SELECT_DIGIT_BITS bins; 4 or 8, dividing 32), and the program's warps. On the H200 at 2048
-# pages: 4-bit digits 11.2 / 11.4 / 17.0 us in 16 / 8 / 4 warps, 8-bit 15.6 / 14.9 / 26.2, the
-# 8-way threshold search it replaced 21.7 (docs/attention.md).
+# 2**SELECT_DIGIT_BITS bins; 2, 4 or 8, dividing 32), and the program's warps. On an H100 at 2048
+# pages (batch 1, 20%, a CUDA graph of 20 calls): 4-bit digits 7.0 / 7.1 / 7.8 us in 16 / 8 / 32
+# warps; 8-bit 10.2 / 9.4 in 16 / 8; 2-bit 7.2 / 7.7 in 16 / 8 (docs/attention.md).
 SELECT_DIGIT_BITS = 4
 SELECT_WARPS = 16
 
