@@ -136,15 +136,19 @@ def _select_row(s_row_ptr, bt_row_ptr, out_ptr, num_pages, num_pages_max, want, 
         shift -= DIGIT_BITS
     prefix = _above(k_max, shift, DIGIT_BITS)
     count = tl.sum(cand.to(tl.int32), 0)  # candidates matching the prefix
-    while (shift > 0) & (count > rem):
+    while (shift > 0) & (count > rem) & (rem > 0):
         shift -= DIGIT_BITS
         digit = ((key >> shift.to(tl.uint32)) & (NUM_BINS - 1)).to(tl.int32)
         match = cand & (_above(key, shift + DIGIT_BITS, DIGIT_BITS) == prefix)
         hist = tl.histogram(digit, NUM_BINS, mask=match)
-        higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # matching keys in the bins above each bin
-        d = tl.sum((higher + hist >= rem).to(tl.int32), 0) - 1  # the highest bin reaching rem
-        rem -= tl.sum(tl.where(bins == d, higher, 0), 0)
-        count = tl.sum(tl.where(bins == d, hist, 0), 0)
+        higher = count - tl.cumsum(hist, 0)  # matching keys in the bins above each bin
+        # d, the highest bin reaching rem, with its `higher` and count in one reduction: the bins
+        # reaching rem are a prefix, and d's higher is their least (hist[d] >= rem - higher[d] > 0)
+        packed = (higher.to(tl.int64) << 40) | (hist.to(tl.int64) << 8) | (NUM_BINS - 1 - bins)
+        best = tl.min(tl.where(higher + hist >= rem, packed, 1 << 62), 0)
+        d = NUM_BINS - 1 - (best & 0xFF).to(tl.int32)
+        rem -= (best >> 40).to(tl.int32)
+        count = ((best >> 8) & 0xFFFFFFFF).to(tl.int32)
         prefix = (prefix << DIGIT_BITS) | d.to(tl.uint32)
     # take the forced pages, the candidates above the prefix and its first `rem` ties (the earliest
     # pages); one scan counts both (ties in the high half), and gives each chosen page its
