@@ -93,7 +93,8 @@ def quest_page_scores(
 # The selection's radix search: bits of the scores' keys resolved per pass (a histogram of
 # 2**SELECT_DIGIT_BITS bins; 2, 4 or 8, dividing 32), and the program's warps. On an H100 at 2048
 # pages (batch 1, 20%, a CUDA graph of 20 calls): 4-bit digits 7.0 / 7.1 / 7.8 us in 16 / 8 / 32
-# warps; 8-bit 10.2 / 9.4 in 16 / 8; 2-bit 7.2 / 7.7 in 16 / 8 (docs/attention.md).
+# warps; 8-bit 10.2 / 9.4 in 16 / 8; 2-bit 7.2 / 7.7 in 16 / 8, before one packed reduction per
+# pass replaced three sums (16 warps, 4-bit: 7.30 -> 7.04 us on another H100; docs/attention.md).
 SELECT_DIGIT_BITS = 4
 SELECT_WARPS = 16
 
