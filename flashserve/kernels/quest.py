@@ -130,14 +130,15 @@ def _select_row(s_row_ptr, bt_row_ptr, out_ptr, num_pages, num_pages_max, want, 
     NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
     bins = tl.arange(0, NUM_BINS)
     rem = tl.maximum(want - num_forced, 0)
-    # `shift`: the bits below the found prefix; a candidate matches when its key >> shift equals it
+    # `shift`: the bits below the found prefix; a candidate matches when its key >> shift equals it.
+    # First skip the digits that the largest and smallest candidate keys (so all of them) share.
     shift = tl.full([], 32, tl.int32)
     while (shift > 0) & (_above(k_max, shift - DIGIT_BITS, DIGIT_BITS) == _above(k_min, shift - DIGIT_BITS,
                                                                                   DIGIT_BITS)):
         shift -= DIGIT_BITS
     prefix = _above(k_max, shift, DIGIT_BITS)
     count = tl.sum(cand.to(tl.int32), 0)  # candidates matching the prefix
-    while (shift > 0) & (count > rem) & (rem > 0):
+    while (shift > 0) & (count > rem) & (rem > 0):  # rem == 0: the forced pages fill `want`
         shift -= DIGIT_BITS
         digit = ((key >> shift.to(tl.uint32)) & (NUM_BINS - 1)).to(tl.int32)
         match = cand & (_above(key, shift + DIGIT_BITS, DIGIT_BITS) == prefix)
