@@ -109,7 +109,7 @@ def _above(key, shift, DIGIT_BITS: tl.constexpr):
 @triton.jit
 def _select_row(s_row_ptr, bt_row_ptr, out_ptr, num_pages, num_pages_max, want, max_pages, sink_pages,
                 ROW: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """One (sequence, KV head)'s chosen pages, its row held as ROW (>= num_pages) registers."""
+    """One (sequence, KV head)'s chosen pages, its row of scores held in ROW (>= num_pages) lanes."""
     offs = tl.arange(0, ROW)
     valid = offs < num_pages
     s = tl.load(s_row_ptr + offs, mask=offs < num_pages_max, other=float("-inf"))
