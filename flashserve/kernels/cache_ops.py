@@ -8,6 +8,8 @@ e4m3, see ``flashserve.kernels.kv_quant``) is quantized here, on store: one fp16
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -58,26 +60,21 @@ def round_e4m3(y):
 
 
 @triton.jit
-def _store_kv_kernel(
-    k_ptr, v_ptr,  # [T, H, D] (any strides)
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, H, D]
-    ks_ptr, vs_ptr,  # QUANT: fp16 scales [num_blocks, H, block_size]
-    slot_ptr,  # [T] int64
-    bounds_ptr,  # BOUNDS: Quest's per-page key bounds [num_blocks + 1, 2, H, D] (min, max)
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_cb, stride_co, stride_ch, stride_cd,  # shared by k_cache and v_cache
-    stride_sb, stride_sh,  # scale strides (block, head; offset stride 1), shared by K and V
-    stride_xb, stride_xm, stride_xh,  # bounds strides (block, min/max, head; D stride 1)
-    num_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr,
-):
-    # One program per new token: copies (or quantizes) its [H, D] key and value tile, and with
-    # BOUNDS folds the key into its page's bounds (the page's first key resets them; exact, as
-    # min / max pick one of their inputs). Each token must own its page within the launch.
-    wait_for_prior(PDL)
-    t = tl.program_id(0).to(tl.int64)
+def store_token(args, t, CONSTS: tl.constexpr):
+    """Store token t's [H, D] key and value tile (quantized for an 8-bit cache) and, with BOUNDS,
+    fold its key into its page's bounds (the page's first key resets them; exact, as min / max
+    pick one of their inputs). ``args`` / ``CONSTS`` as ``StoreArgs`` holds them; the token must
+    own its page within the launch."""
+    (k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, slot_ptr, bounds_ptr,
+     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+     stride_cb, stride_co, stride_ch, stride_cd, stride_sb, stride_sh, stride_xb, stride_xm, stride_xh,
+     num_heads, head_dim, block_size) = args
+    BLOCK_H: tl.constexpr = CONSTS[0]
+    BLOCK_D: tl.constexpr = CONSTS[1]
+    QUANT: tl.constexpr = CONSTS[2]
+    QMAX: tl.constexpr = CONSTS[3]
+    IS_INT8: tl.constexpr = CONSTS[4]
+    BOUNDS: tl.constexpr = CONSTS[5]
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -108,25 +105,36 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + dst, vv.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(
+@triton.jit
+def _store_kv_kernel(args, CONSTS: tl.constexpr, PDL: tl.constexpr):
+    # one program per new token (``store_token``)
+    wait_for_prior(PDL)
+    store_token(args, tl.program_id(0).to(tl.int64), CONSTS)
+
+
+class StoreArgs(NamedTuple):
+    """A store's kernel arguments (``store_kv_args``): ``store_token``'s ``args`` and ``CONSTS``
+    (BLOCK_H, BLOCK_D, QUANT, QMAX, IS_INT8, BOUNDS), and the warps a program of it wants."""
+
+    args: tuple
+    consts: tuple
+    num_warps: int
+
+
+def store_kv_args(
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # same shape and strides as k_cache
     slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
     quest_bounds: torch.Tensor | None = None,  # [num_blocks + 1, 2, Hkv, D] (SideState.bounds)
-) -> None:
-    """Scatter the new tokens' keys and values into the paged cache, in place (quantizing
-    them when the cache is 8-bit). ``quest_bounds``: also fold each key into its page's Quest
-    bounds, in the same launch; only for steps whose tokens each write a page of their own (a
-    decode step; prompts write several keys of one page: ``SideState.update``)."""
+) -> StoreArgs:
+    """The arguments of ``store_token`` for these tensors (``store_kv``'s contract)."""
     num_tokens, num_heads, head_dim = k.shape
     assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.dtype == v_cache.dtype
     assert k_cache.shape[2] == num_heads and k_cache.shape[3] == head_dim
     assert slot_mapping.shape[0] >= num_tokens
-    if num_tokens == 0:
-        return
     quant = is_quantized(k_cache)
     if quant:
         ks, vs = kv_scales(k_cache), kv_scales(v_cache)
@@ -140,15 +148,29 @@ def store_kv(
         bound_strides = quest_bounds.stride()[:3]
     else:
         quest_bounds, bound_strides = k, (0, 0, 0)  # dummies
-    _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, ks, vs, slot_mapping, quest_bounds,
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        *scale_strides, *bound_strides,
-        num_heads, head_dim, k_cache.shape[1],
-        BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
-        QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 0.0), IS_INT8=k_cache.dtype == torch.int8,
-        BOUNDS=has_bounds,
-        num_warps=4 if num_heads * head_dim >= 2048 else 1, **pdl.launch_args(k.device, early=True),
-    )
+    args = (k, v, k_cache, v_cache, ks, vs, slot_mapping, quest_bounds,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+            *scale_strides, *bound_strides, num_heads, head_dim, k_cache.shape[1])
+    consts = (next_power_of_2(num_heads), next_power_of_2(head_dim), quant, QMAX.get(k_cache.dtype, 0.0),
+              k_cache.dtype == torch.int8, has_bounds)
+    return StoreArgs(args, consts, 4 if num_heads * head_dim >= 2048 else 1)
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # same shape and strides as k_cache
+    slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
+    quest_bounds: torch.Tensor | None = None,  # [num_blocks + 1, 2, Hkv, D] (SideState.bounds)
+) -> None:
+    """Scatter the new tokens' keys and values into the paged cache, in place (quantizing
+    them when the cache is 8-bit). ``quest_bounds``: also fold each key into its page's Quest
+    bounds, in the same launch; only for steps whose tokens each write a page of their own (a
+    decode step; prompts write several keys of one page: ``SideState.update``)."""
+    if k.shape[0] == 0:
+        return
+    store = store_kv_args(k, v, k_cache, v_cache, slot_mapping, quest_bounds)
+    _store_kv_kernel[(k.shape[0],)](store.args, CONSTS=store.consts, num_warps=store.num_warps,
+                                    **pdl.launch_args(k.device, early=True))

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels.cache_ops import StoreArgs, store_token
 from flashserve.kernels.utils import dot_ieee, is_interpreter, next_power_of_2
 
 
@@ -176,10 +177,28 @@ def _quest_select_kernel(
     num_pages_max, max_pages,
     budget_bits,  # the KV budget's float64 bits (an int64), so that ceil(budget * pages) is the host's
     sink_pages,
+    store,  # STORE: ``cache_ops.StoreArgs.args`` of the step's K/V store (token b of sequence b); else ()
     BLOCK_SIZE: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr, DIGIT_BITS: tl.constexpr,
+    STORE: tl.constexpr, STORE_CONSTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1) - STORE
+    if STORE:  # the last program of each sequence stores its token, beside the selection
+        if kvh == num_kv_heads:
+            store_token(store, b.to(tl.int64), STORE_CONSTS)
+    if kvh < num_kv_heads:
+        _select_pages(scores_ptr, bt_ptr, seq_lens_ptr, tables_ptr, vlens_ptr, b, kvh,
+                      stride_sb, stride_sh, stride_bt, stride_tb, stride_th, num_pages_max, max_pages,
+                      budget_bits, sink_pages, BLOCK_SIZE, P_PAD, K_PAD, DIGIT_BITS)
+
+
+@triton.jit
+def _select_pages(scores_ptr, bt_ptr, seq_lens_ptr, tables_ptr, vlens_ptr, b, kvh,
+                  stride_sb, stride_sh, stride_bt, stride_tb, stride_th, num_pages_max, max_pages,
+                  budget_bits, sink_pages,
+                  BLOCK_SIZE: tl.constexpr, P_PAD: tl.constexpr, K_PAD: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """Sequence b's, KV head kvh's chosen blocks and (for head 0) its virtual length."""
     seq_len = tl.load(seq_lens_ptr + b)
     num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
     # pages read: ceil(budget * pages), at least the own page and the sinks' pages, at most all
@@ -212,12 +231,15 @@ def quest_select(
     kv_budget: float,
     num_sinks: int,
     max_pages: int,  # host bound on the pages any query reads (sizes the output)
+    store: StoreArgs | None = None,  # the step's K/V store (one token per sequence), done in the same launch
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, Hkv, max_pages] int32, [B] int32
     """Quest's top pages per (sequence, KV head) in one launch: the exact want-th largest page
     score (a row held in registers, found by a radix search over the scores' bits), then the
     chosen pages' blocks written in position order by a prefix sum, the own page last (ties at the
-    threshold: the earliest pages). Replaces topk + sort + gather on the device.
-    Same contract as ``flashserve.layers.sparse_attention.quest_block_tables``."""
+    threshold: the earliest pages). Replaces topk + sort + gather on the device. ``store``: one more
+    program per sequence writes its new token's K/V (and key bounds) meanwhile, instead of a launch
+    of its own before the scores; the own page is always chosen, so its score, read before the
+    store, is never used. Same contract as ``flashserve.layers.sparse_attention.quest_block_tables``."""
     B, Hkv, P = scores.shape
     tables = torch.empty(B, Hkv, max_pages, dtype=torch.int32, device=scores.device)
     vlens = torch.empty(B, dtype=torch.int32, device=scores.device)
@@ -226,11 +248,15 @@ def quest_select(
     assert scores.stride(2) == 1 and block_tables.stride(1) == 1
     assert P < 1 << 15, f"Quest selects over at most 32767 pages per sequence, got a block table of {P}"
     p_pad = max(16, next_power_of_2(P))  # the scan packs two counts < 2**15 in an int32
-    _quest_select_kernel[(B, Hkv)](
+    if store is not None:
+        assert store.args[0].shape[0] == B, "the store's tokens must be the sequences' (one each)"
+    _quest_select_kernel[(B, Hkv + (store is not None))](
         scores, block_tables, seq_lens, tables, vlens,
         scores.stride(0), scores.stride(1), block_tables.stride(0), tables.stride(0), tables.stride(1),
         P, max_pages, struct.unpack("<q", struct.pack("<d", float(kv_budget)))[0], -(-num_sinks // block_size),
+        store.args if store is not None else (),
         BLOCK_SIZE=block_size, P_PAD=p_pad, K_PAD=max(16, next_power_of_2(max_pages)),
-        DIGIT_BITS=SELECT_DIGIT_BITS, num_warps=SELECT_WARPS,
+        DIGIT_BITS=SELECT_DIGIT_BITS, STORE=int(store is not None), STORE_CONSTS=store.consts if store is not None else (),
+        num_warps=SELECT_WARPS,
     )
     return tables, vlens

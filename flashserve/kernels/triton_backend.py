@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.config import MAX_SPECULATIVE_TOKENS, AttentionSpec
-from flashserve.kernels.cache_ops import store_kv
+from flashserve.kernels.cache_ops import store_kv, store_kv_args
 from flashserve.kernels.decode_attention import (
     MAX_DECODE_ROWS,
     choose_num_splits,
@@ -198,13 +198,18 @@ class TritonAttentionBackend(AttentionBackend):
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             state.update(spec, k, meta.slot_mapping)
             return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
-        # each decode token owns its page, so the bounds update rides on the store's launch
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, quest_bounds=state.quest_bounds(k.dtype))
+        # each decode token owns its page, so the bounds update rides on the store; on CUDA the store
+        # runs inside the selection's launch (its own page is always read, so its score is unused)
+        bounds = state.quest_bounds(k.dtype)
         if not self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, quest_bounds=bounds)
             return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
+        store = store_kv_args(k, v, k_cache, v_cache, meta.slot_mapping, bounds) if q.is_cuda else None
+        if store is None:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, quest_bounds=bounds)
         bs = k_cache.shape[1]
         max_pages = quest_num_pages(spec, -(-self.seq_bound(meta) // bs), bs)
-        tables, virtual_lens = quest_block_tables(spec, q, meta.block_tables, meta.seq_lens, state, max_pages)
+        tables, virtual_lens = quest_block_tables(spec, q, meta.block_tables, meta.seq_lens, state, max_pages, store)
         paged_decode_attention(
             q, k_cache, v_cache, meta.query_start_loc, virtual_lens, tables,
             max_query_len=1, max_seq_len=max_pages * bs, scale=scale,

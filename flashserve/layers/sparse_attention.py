@@ -219,6 +219,7 @@ def quest_block_tables(
     seq_lens: torch.Tensor,  # [B] int32
     state: SideState,
     max_pages: int,  # host bound on the pages any query reads (sizes the output)
+    store=None,  # CUDA: the step's K/V store (``cache_ops.StoreArgs``), run inside the selection's launch
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, Hkv, max_pages] int32, [B] int32
     """A decode step's Quest selection as block tables per (sequence, KV head): the chosen
     pages' blocks in position order, the query's own page last, so that the kernels run plain
@@ -231,7 +232,9 @@ def quest_block_tables(
         from flashserve.kernels.quest import quest_page_scores, quest_select
 
         bound = quest_page_scores(q, state.bounds, block_tables, seq_lens, bs)  # [B, Hkv, P]
-        return quest_select(bound, block_tables, seq_lens, bs, spec.kv_budget, spec.num_sinks, min(max_pages, P))
+        return quest_select(bound, block_tables, seq_lens, bs, spec.kv_budget, spec.num_sinks, min(max_pages, P),
+                            store)
+    assert store is None, "the torch path stores the step's K/V before it selects"
     # the torch reference of those two kernels (ties: topk's order instead of the earliest pages)
     num_pages = (seq_lens.long() + bs - 1) // bs  # [B]
     bounds = state.bounds[block_tables.long()].float()  # [B, P, 2, Hkv, D]

@@ -328,3 +328,48 @@ def test_store_kv_with_quest_bounds_matches_torch_update(device, dtype):
     assert torch.equal(bounds[:num_blocks].cpu(), state.bounds[:num_blocks])
     assert torch.equal(bounds[5, 0].cpu(), k[0]) and torch.equal(bounds[5, 1].cpu(), k[0])
     assert not torch.equal(bounds[2].cpu(), before[2]) and torch.equal(bounds[3].cpu(), before[3])  # widened, untouched
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+def test_quest_select_with_the_store_equals_store_then_select(device, cache_dtype):
+    """The selection launch that also stores the step's K/V (one more program per sequence)
+    writes the cache, its scales and the key bounds as ``store_kv`` does, and selects what the
+    selection alone selects: the own page's score, read before the store, never matters."""
+    from flashserve.kernels.cache_ops import store_kv, store_kv_args
+    from flashserve.kernels.kv_quant import allocate_cache, kv_scales
+    from flashserve.kernels.quest import quest_select
+
+    g = torch.Generator().manual_seed(11)
+    B, Hkv, D, bs, P = 3, 2, 16, 4, 24
+    seq_lens = torch.tensor([93, 5, 16], dtype=torch.int32)  # row 0's token opens its page, row 2's widens its bounds
+    pages = (seq_lens + bs - 1) // bs
+    tables = torch.randperm(B * P, generator=g).view(B, P).to(torch.int32)
+    slots = torch.tensor([int(tables[b, pages[b] - 1]) * bs + (int(seq_lens[b]) - 1) % bs for b in range(B)])
+    slots[1] = -1  # a padded row stores nothing
+    scores = torch.randn(B, Hkv, P, generator=g)
+    k = torch.randn(B, Hkv, D, generator=g)
+    v = torch.randn(B, Hkv, D, generator=g)
+
+    def fresh():
+        gen = torch.Generator().manual_seed(5)
+        if cache_dtype == torch.int8:
+            caches = list(allocate_cache(B * P, bs, Hkv, D, torch.int8, device))
+            for c in caches:
+                c.copy_(torch.randint(-127, 128, c.shape, generator=gen, dtype=torch.int8).to(device))
+                kv_scales(c).copy_(torch.rand(kv_scales(c).shape, generator=gen).to(device))
+        else:
+            caches = [torch.randn(B * P, bs, Hkv, D, generator=gen).to(device) for _ in range(2)]
+        bounds = torch.randn(B * P + 1, 2, Hkv, D, generator=gen).to(device)
+        return caches, bounds
+
+    args = (scores.to(device), tables.to(device), seq_lens.to(device), bs, 0.3, 4, P)
+    (kc, vc), bounds = fresh()
+    store_kv(k.to(device), v.to(device), kc, vc, slots.to(device), quest_bounds=bounds)
+    ref_tables, ref_lens = quest_select(*args)
+    (kc2, vc2), bounds2 = fresh()
+    store = store_kv_args(k.to(device), v.to(device), kc2, vc2, slots.to(device), bounds2)
+    out_tables, out_lens = quest_select(*args, store=store)
+    assert torch.equal(out_lens, ref_lens) and torch.equal(out_tables, ref_tables)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc) and torch.equal(bounds2, bounds)
+    if cache_dtype == torch.int8:
+        assert torch.equal(kv_scales(kc2), kv_scales(kc)) and torch.equal(kv_scales(vc2), kv_scales(vc))
