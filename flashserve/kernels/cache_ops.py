@@ -121,15 +121,9 @@ class StoreArgs(NamedTuple):
     num_warps: int
 
 
-def store_kv_args(
-    k: torch.Tensor,  # [T, Hkv, D]
-    v: torch.Tensor,  # [T, Hkv, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # same shape and strides as k_cache
-    slot_mapping: torch.Tensor,  # [T] int64 (int32 accepted), -1 = skip
-    quest_bounds: torch.Tensor | None = None,  # [num_blocks + 1, 2, Hkv, D] (SideState.bounds)
-) -> StoreArgs:
-    """The arguments of ``store_token`` for these tensors (``store_kv``'s contract)."""
+def store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, quest_bounds: torch.Tensor | None = None) -> StoreArgs:
+    """The arguments of ``store_token`` for ``store_kv``'s tensors (shapes as it documents)."""
     num_tokens, num_heads, head_dim = k.shape
     assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.dtype == v_cache.dtype
