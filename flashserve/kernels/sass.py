@@ -75,8 +75,18 @@ def captured_launches(module: ModuleType, name: str) -> Iterator[list[Launch]]:
         setattr(module, name, kernel)
 
 
-def _arg_type(value: Any) -> tuple[str, bool]:
-    """(Triton signature type, divisible by 16) of a runtime argument."""
+def _arg_type(value: Any) -> tuple[str | tuple, list[tuple[int, ...]]]:
+    """(Triton signature type, the paths within it of the values divisible by 16) of a runtime
+    argument; a tuple's type is the tuple of its elements' types."""
+    if isinstance(value, tuple):
+        types = [_arg_type(v) for v in value]
+        return tuple(t for t, _ in types), [(j, *path) for j, (_, paths) in enumerate(types) for path in paths]
+    ty, divisible = _scalar_type(value)
+    return ty, [()] if divisible else []
+
+
+def _scalar_type(value: Any) -> tuple[str, bool]:
+    """(Triton signature type, divisible by 16) of a tensor or number argument."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in _POINTER:
             raise ValueError(f"no Triton pointer type for a {value.dtype} tensor")
@@ -117,8 +127,8 @@ def compile_launch(launch: Launch, arch: int = 90):
             signature[name], constexprs[name] = "constexpr", value
             continue
         signature[name], divisible = _arg_type(value)
-        if divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        for path in divisible:
+            attrs[(i, *path)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

@@ -64,3 +64,29 @@ def test_bench_gemv_sass_compiles_every_format_for_sm90(tmp_path):
     assert int4["LOP3"] >= 8 and int4["FFMA"] > 0  # a LOP3 per nibble into the float, then its FMA
     assert "/" in rows["int8", "d"]["tile"]  # K = 8192: a long row, split
     assert rows["int8", "d"]["gated"]
+
+
+QUEST_COMPILE = """
+import torch
+from flashserve.kernels import quest, sass
+from flashserve.kernels.cache_ops import store_kv_args
+B, Hkv, D, bs, P = 2, 8, 128, 16, 600
+bounds = torch.randn(B * P + 1, 2, Hkv, D, dtype=torch.bfloat16)
+tables = torch.arange(B * P, dtype=torch.int32).view(B, P)
+lens = torch.tensor([P * bs, 100], dtype=torch.int32)
+cache = torch.randn(B * P, bs, Hkv, D, dtype=torch.bfloat16)
+k = torch.randn(B, Hkv, D, dtype=torch.bfloat16)
+store = store_kv_args(k, k, cache, cache, torch.tensor([5, 17]), bounds)
+with sass.captured_launches(quest, "_quest_select_kernel") as launches:
+    quest.quest_select(torch.randn(B, Hkv, P), tables, lens, bs, 0.2, 4, 120, store=store)
+print(sass.disassemble(sass.compile_launch(launches[0]))[1])
+"""
+
+
+def test_a_launch_with_tuple_arguments_compiles_for_sm90():
+    """Quest's selection launch with the K/V store: ``store_token``'s arguments are a tuple
+    (tensors and integers), which the compile types element by element."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", QUEST_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 0 < int(res.stdout.split()[-1]) <= 128  # registers per thread: 16 warps fit an SM
