@@ -10,10 +10,10 @@ default, the H100 / H200), and profiles the hottest loop of the result (``loop_p
 ``flashserve bench gemv --sass`` uses it for the GEMV tiles the fixed rules pick.
 
 The compile mirrors what Triton's launcher does on a device: tensors become typed pointers,
-integers ``i32`` (``i64`` when they do not fit), pointers and integers divisible by 16 carry that
-hint, and ``num_warps`` / ``num_stages`` / ``launch_pdl`` become options. Launches recorded on
-the CPU take the CPU's choices where a wrapper makes any (PDL off, so no ``griddepcontrol``
-instructions). It needs a Triton that is not in interpreter mode (``TRITON_INTERPRET`` unset),
+integers ``i32`` (``i64`` when they do not fit), tuples element by element, pointers and
+integers divisible by 16 carry that hint, and ``num_warps`` / ``num_stages`` / ``launch_pdl``
+become options. Launches recorded on the CPU take the CPU's choices where a wrapper makes any
+(PDL off, so no ``griddepcontrol`` instructions). It needs a Triton that is not in interpreter mode (``TRITON_INTERPRET`` unset),
 since the interpreter keeps no kernels to compile.
 """
 
