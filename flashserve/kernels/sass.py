@@ -13,8 +13,8 @@ The compile mirrors what Triton's launcher does on a device: tensors become type
 integers ``i32`` (``i64`` when they do not fit), tuples element by element, pointers and
 integers divisible by 16 carry that hint, and ``num_warps`` / ``num_stages`` / ``launch_pdl``
 become options. Launches recorded on the CPU take the CPU's choices where a wrapper makes any
-(PDL off, so no ``griddepcontrol`` instructions). It needs a Triton that is not in interpreter mode (``TRITON_INTERPRET`` unset),
-since the interpreter keeps no kernels to compile.
+(PDL off, so no ``griddepcontrol`` instructions). It needs a Triton that is not in interpreter
+mode (``TRITON_INTERPRET`` unset), since the interpreter keeps no kernels to compile.
 """
 
 from __future__ import annotations
