@@ -201,12 +201,12 @@ class TritonAttentionBackend(AttentionBackend):
         # each decode token owns its page, so the bounds update rides on the store; on CUDA the store
         # runs inside the selection's launch (its own page is always read, so its score is unused)
         bounds = state.quest_bounds(k.dtype)
-        if not self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2]):
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, quest_bounds=bounds)
-            return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
-        store = store_kv_args(k, v, k_cache, v_cache, meta.slot_mapping, bounds) if q.is_cuda else None
+        selects = self.use_decode_kernel(meta, q.shape[1], k_cache.shape[2])
+        store = store_kv_args(k, v, k_cache, v_cache, meta.slot_mapping, bounds) if selects and q.is_cuda else None
         if store is None:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, quest_bounds=bounds)
+        if not selects:
+            return self._attend(q, k_cache, v_cache, meta, scale, spec, out)
         bs = k_cache.shape[1]
         max_pages = quest_num_pages(spec, -(-self.seq_bound(meta) // bs), bs)
         tables, virtual_lens = quest_block_tables(spec, q, meta.block_tables, meta.seq_lens, state, max_pages, store)
