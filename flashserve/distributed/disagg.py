@@ -53,7 +53,7 @@ import torch.distributed as dist
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from flashserve.distributed.executor import RANK_ENV, DeathWatch, _store_timeout, exit_failed, process_state
-from flashserve.distributed.process_executor import _Channel, _Score
+from flashserve.distributed.process_executor import _FLUSH, _SHUTDOWN, PlanServer, _Channel, _Score
 from flashserve.engine.executor import PendingResult
 from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
@@ -64,8 +64,6 @@ from flashserve.sched.stop import StopChecker
 
 PREFILL, DECODE = 1, 2  # ranks of the two Workers (the router is rank 0)
 SIDE_NAMES = {PREFILL: "prefill worker", DECODE: "decode worker"}
-_FLUSH = "flush"
-_SHUTDOWN = "shutdown"
 
 
 # --------------------------------------------------------------------------- plans
@@ -407,31 +405,20 @@ def _side_main(port: int, rank: int, timeout_s: float, threads: int, config: Eng
         worker = Worker(cfg, model_config, max_model_len, eos_token_ids)
         link = make_kv_link(store, rank, devices, timeout)
         chan.send(worker.info)
-        prev = None
+        server = PlanServer(worker, chan)
         with torch.inference_mode():
             while True:
                 try:
                     msg = chan.recv()
                 except RuntimeError:  # the router exited without saying shutdown
                     return
-                if msg == _SHUTDOWN:
-                    return
-                if msg == _FLUSH:
-                    if prev is not None:
-                        chan.send(prev.result())
-                    prev = None
-                elif isinstance(msg, _Score):
-                    chan.send(worker.score_chunk(msg.token_ids, msg.start_pos, msg.block_ids).cpu())
-                elif isinstance(msg, KVTransfer):
+                if isinstance(msg, KVTransfer):
                     if rank == PREFILL:
                         link.send(worker.kv_pool, msg.src_blocks)
                     else:
                         link.recv(worker.kv_pool, msg.dst_blocks)
-                else:
-                    handle = worker.execute(msg)
-                    if prev is not None:
-                        chan.send(prev.result())
-                    prev = handle
+                elif not server.handle(msg):
+                    return
     except Exception:
         exit_failed(store, rank)
 

@@ -73,6 +73,35 @@ class _Channel:
         return pickle.loads(data.numpy().tobytes())
 
 
+class PlanServer:
+    """The Worker's end of the engine's channel: it executes each plan and answers step N only
+    once step N+1 is launched (or when ``_FLUSH`` asks), and scores chunks (``_Score``). Serves the
+    Worker process here and each side of a disaggregated engine (``flashserve.distributed.disagg``)."""
+
+    def __init__(self, worker, chan: _Channel) -> None:
+        self.worker = worker
+        self.chan = chan
+        self._prev = None  # the launched step whose result is not sent yet
+
+    def handle(self, msg: object) -> bool:
+        """Act on one message from the engine; False when it says to shut down."""
+        if msg == _SHUTDOWN:
+            return False
+        if msg == _FLUSH:
+            self._answer(None)
+        elif isinstance(msg, _Score):
+            self.chan.send(self.worker.score_chunk(msg.token_ids, msg.start_pos, msg.block_ids).cpu())
+        else:
+            self._answer(self.worker.execute(msg))
+        return True
+
+    def _answer(self, launched) -> None:
+        """Send the result of the step in flight, if any; ``launched`` is in flight now."""
+        if self._prev is not None:
+            self.chan.send(self._prev.result())
+        self._prev = launched
+
+
 def _worker_main(port: int, timeout_s: float, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
                  eos_token_ids: tuple[int, ...]) -> None:
     """Entry point of the Worker process."""
@@ -87,23 +116,12 @@ def _worker_main(port: int, timeout_s: float, config: EngineConfig, model_config
         chan.send(_Failure(traceback.format_exc()))
         return
     chan.send(worker.info)
-    prev = None
+    server = PlanServer(worker, chan)
     while True:
         msg = chan.recv()
         try:
-            if msg == _SHUTDOWN:
+            if not server.handle(msg):
                 return
-            if msg == _FLUSH:
-                if prev is not None:
-                    chan.send(prev.result())
-                prev = None
-            elif isinstance(msg, _Score):
-                chan.send(worker.score_chunk(msg.token_ids, msg.start_pos, msg.block_ids).cpu())
-            else:
-                handle = worker.execute(msg)
-                if prev is not None:
-                    chan.send(prev.result())
-                prev = handle
         except Exception:
             chan.send(_Failure(traceback.format_exc()))
             return
