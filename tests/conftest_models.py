@@ -258,6 +258,18 @@ _GGUF_LAYER = {
 }
 
 
+def gguf_tensor_name(name: str) -> str:
+    """llama.cpp's name of an HF parameter of a dense decoder."""
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    parts = name.split(".")  # model.layers.N.<module...>.<weight|bias>
+    return f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
 def _llamacpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's conversion of q/k rows (rotate-half halves -> interleaved pairs)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
@@ -309,16 +321,6 @@ def write_tiny_gguf(hf: torch.nn.Module, path: str | Path, qtype_name: str = "F3
         factors = (base / llama3_inv_freq(base, rope)).numpy().astype(np.float32)
         writer.add_tensor("rope_freqs.weight", factors)
 
-    def gguf_name(name: str) -> str:
-        if name == "model.embed_tokens.weight":
-            return "token_embd.weight"
-        if name == "model.norm.weight":
-            return "output_norm.weight"
-        if name == "lm_head.weight":
-            return "output.weight"
-        parts = name.split(".")  # model.layers.N.<module...>.<weight|bias>
-        return f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
-
     for name, param in hf.named_parameters():  # tied lm_head is deduplicated away
         w = param.detach().float()
         if w.ndim == 2 and qtype_name != "F32":
@@ -332,9 +334,9 @@ def write_tiny_gguf(hf: torch.nn.Module, path: str | Path, qtype_name: str = "F3
             permuted = _llamacpp_permute(torch.from_numpy(np.asarray(raw).copy()), n).numpy()
             raw = permuted
         if raw.dtype == np.uint8:
-            writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+            writer.add_tensor(gguf_tensor_name(name), raw, raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name(name), np.ascontiguousarray(raw))
+            writer.add_tensor(gguf_tensor_name(name), np.ascontiguousarray(raw))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -12,17 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_models import PagedKVCache
+from conftest_models import PagedKVCache, _llamacpp_permute, gguf_tensor_name
 from flashserve.kernels import quant_reference as ref
 from flashserve.layers.attention import TorchAttentionBackend
 from flashserve.quant.packed import PackedWeight
 
-GGUF_LAYER = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
 MIXED = {  # HF module suffix -> GGUF type
     "q_proj": "Q4_K", "k_proj": "Q4_K", "v_proj": "Q6_K", "o_proj": "Q5_K",
     "gate_proj": "Q8_0", "up_proj": "Q5_0", "down_proj": "Q4_1", "embed_tokens": "Q8_0", "lm_head": "Q4_0",
@@ -51,22 +45,6 @@ def tiny_hf(arch: str, seed: int) -> torch.nn.Module:
     model = model.float().eval()
     model.config._attn_implementation = "eager"
     return model
-
-
-def _gguf_name(name: str) -> str:
-    if name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
-    if name == "lm_head.weight":
-        return "output.weight"
-    parts = name.split(".")
-    return f"blk.{parts[2]}.{GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
-
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's row order of q/k (whole rows move, so it applies to packed bytes too)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 @torch.no_grad()
@@ -119,12 +97,12 @@ def write_mixed_gguf(hf, path: Path, types: dict[str, str]) -> torch.nn.Module:
             value = ref.gguf_dequantize(raw, qtype)
         params[name].copy_(value)
         if cfg.model_type == "llama" and suffix in ("q_proj", "k_proj"):
-            raw = _permute(raw, heads if suffix == "q_proj" else kv_heads)
+            raw = _llamacpp_permute(raw, heads if suffix == "q_proj" else kv_heads)  # whole rows: packed bytes too
         arr = np.ascontiguousarray(raw.numpy())
         if qtype == "F32":
-            writer.add_tensor(_gguf_name(name), arr)
+            writer.add_tensor(gguf_tensor_name(name), arr)
         else:
-            writer.add_tensor(_gguf_name(name), arr, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+            writer.add_tensor(gguf_tensor_name(name), arr, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
