@@ -383,6 +383,8 @@ class EngineConfig:
     cpu_offload_gb: float = 0.0
     disaggregated: bool = False  # prefill and decode Workers in two processes, KV sent between them
     batch_invariant: bool = False  # GPU: a token's logits independent of its step's other rows
+    # LoRA adapters served beside the base model, (name, PEFT folder) each (flashserve.lora)
+    lora_modules: tuple[tuple[str, str], ...] = ()
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -414,8 +416,18 @@ class EngineConfig:
             raise ValueError(f"cpu_offload_gb must be >= 0 GiB, got {self.cpu_offload_gb}")
         if self.batch_invariant:
             self._check_batch_invariant()
+        if self.lora_modules:
+            self._check_lora()
         if self.scheduler.num_scheduler_steps > 1:
             self._check_multi_step()
+
+    def _check_lora(self) -> None:
+        """What serving LoRA adapters does not combine with, refused before loading."""
+        others = [name for name, on in (("speculative decoding", self.speculative is not None),
+                                        ("batch_invariant=True", self.batch_invariant),
+                                        ("disaggregated prefill", self.disaggregated)) if on]
+        if others:
+            raise ValueError(f"LoRA adapters (lora_modules) do not combine with {' or '.join(others)}")
 
     def _check_multi_step(self) -> None:
         """What multi-step decoding (``num_scheduler_steps`` > 1) does not combine with, refused before loading."""
@@ -446,6 +458,27 @@ class EngineConfig:
     def world_size(self) -> int:
         """Ranks in all: tensor-parallel ranks times pipeline stages."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def parse_lora_modules(spec: list[str] | dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """``lora_modules`` as (name, path) pairs: from ``["name=path", ...]`` (the CLI's form) or a
+    mapping; ValueError naming a malformed entry or a repeated name."""
+    if not spec:
+        return ()
+    if isinstance(spec, str):
+        spec = [spec]
+    pairs = list(spec.items()) if isinstance(spec, dict) else [
+        tuple(s.split("=", 1)) if isinstance(s, str) and "=" in s else (s, None) for s in spec]
+    for name, path in pairs:
+        if not isinstance(name, str) or not name or name != name.strip() or any(c.isspace() for c in name) \
+                or not isinstance(path, str) or not path:
+            raise ValueError(f"lora_modules entry {name!r}: give NAME=PATH (a name without spaces and the "
+                             "adapter's PEFT folder)")
+    names = [n for n, _ in pairs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"lora_modules names the adapter {repeated[0]!r} twice; names must be unique")
+    return tuple(pairs)
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -532,6 +565,10 @@ class EngineArgs:
                                         "step (fixed kernel configurations), so speculative decoding gives plain "
                                         "decoding's tokens bit for bit; slower products (docs/decoding.md)",
                                  flag="--batch-invariant")
+    lora_modules: list[str] | dict[str, str] | None = _arg(
+        None, "LoRA adapters to serve beside the base model, as NAME=PATH (a PEFT adapter folder), one or more; a "
+              "request picks one by name (SamplingParams.lora, or the server's model field; docs/lora.md)",
+        nargs="+")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -556,6 +593,7 @@ class EngineArgs:
             cpu_offload_gb=self.cpu_offload_gb,
             disaggregated=self.disaggregated,
             batch_invariant=self.batch_invariant,
+            lora_modules=parse_lora_modules(self.lora_modules),
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

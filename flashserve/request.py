@@ -145,10 +145,14 @@ class Request:
 
     @property
     def prefix_salt(self) -> list[int] | None:
-        """Tokens that start this request's prefix-cache hash chain (its attention option's), or None."""
+        """Tokens that start this request's prefix-cache hash chain (its attention option's and its
+        LoRA adapter's: both change its K/V), or None."""
         from flashserve.layers.request_attention import prefix_salt
 
-        return prefix_salt(self.params.attention)
+        salt = prefix_salt(self.params.attention)
+        if self.params.lora is not None:
+            salt = (salt or []) + [-2000, *self.params.lora.encode()]
+        return salt
 
     @property
     def all_token_ids(self) -> list[int]:

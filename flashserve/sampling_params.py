@@ -88,6 +88,9 @@ class SamplingParams:
     # engine's), or {"kind": "window", "window": W[, "dilation": D]} / {"kind": "sinks", "window": W,
     # "sinks": N} / {"kind": "full"}; parsed into an AttentionSpec (flashserve.layers.request_attention).
     attention: Any = None
+    # LoRA adapter for this request: the name of one the engine serves (EngineArgs.lora_modules), or
+    # None for the base model.
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -126,6 +129,8 @@ class SamplingParams:
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _int("priority", self.priority, -MAX_INT, MAX_INT)
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise ValueError(f"lora must be the name of a served LoRA adapter or None, got {self.lora!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
         for s in self.stop:

@@ -127,6 +127,7 @@ class LLMEngine:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{mc.vocab_size}; give a tokenizer made for this model")
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.lora_names = tuple(name for name, _ in config.lora_modules)  # the adapters requests may name
         sched_cfg = config.scheduler
         if sched_cfg.max_num_batched_tokens is None:  # the user left it: a budget that suits the device
             from flashserve.runner.worker import resolve_device
@@ -242,6 +243,9 @@ class LLMEngine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if params is not None:
             validate_for_model(params, n, vocab, self.max_model_len)
+            if params.lora is not None and params.lora not in self.lora_names:
+                raise ValueError(f"unknown LoRA adapter {params.lora!r}; this engine serves "
+                                 f"{', '.join(map(repr, self.lora_names)) or 'none'} (lora_modules)")
 
     def add_request(
         self,

@@ -54,20 +54,23 @@ class StepBuffers:
     """The static device tensors one step's model inputs live in."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device,
-                 num_groups: int = 1, trees: bool = False) -> None:
+                 num_groups: int = 1, trees: bool = False, lora: bool = False) -> None:
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         # rows of one tensor each, so a step writes them with one copy: token ids, positions, cache
         # slots and those of layer groups 1, 2, ... (flashserve.cache.kv_groups) [3 + G, max_tokens];
-        # query starts and context lengths [2, max_seqs + 1]. With ``trees``, a token tree's
+        # query starts and context lengths [2, max_seqs + 1]. With ``lora``, each token's adapter
+        # (flashserve.lora, -1: none) in one more token row. With ``trees``, a token tree's
         # ancestor bits and depths (two more token rows) and its size per sequence (a third row).
         self.trees = trees
         groups = num_groups - 1
-        self.tree_row = 3 + groups
+        self.slot_rows_end = 3 + groups
+        self.tree_row = self.slot_rows_end + lora
         self.token_inputs = torch.zeros(self.tree_row + (2 if trees else 0), max_tokens, **i64)
         self.input_ids, self.positions, self.slot_mapping = self.token_inputs[:3].unbind(0)
         self.group_slot_mapping = list(self.token_inputs[3 : 3 + groups].unbind(0))
-        self.token_inputs[2 : 3 + groups].fill_(-1)
+        self.lora_ids = self.token_inputs[self.slot_rows_end] if lora else None
+        self.token_inputs[2 : self.tree_row].fill_(-1)
         self.seq_inputs = torch.zeros(3 if trees else 2, max_seqs + 1, **i32)
         self.query_start_loc = self.seq_inputs[0]
         self.seq_lens = self.seq_inputs[1, :max_seqs]

@@ -99,6 +99,7 @@ class StepInputs:
     group_block_updates: tuple[BlockUpdates | None, ...] = ()
     # per sequence, its request's attention option (flashserve.layers.request_attention); None: none asks
     seq_attention: tuple | None = None
+    token_lora: np.ndarray | None = None  # [T] int64: each token's LoRA adapter (-1: none); None: no token has one
     sample_slots: np.ndarray | None = None  # [S] int64: the batch slot of each sampling sequence
     states: list | None = None  # [B] the RequestState of each sequence
 
@@ -139,10 +140,12 @@ class InputBatch:
         self.grammar = np.zeros(0, dtype=bool)
         self.plain = np.zeros(0, dtype=bool)  # the request's rows are plain greedy (SamplingParams.plain_greedy)
         self.attention = np.zeros(0, dtype=bool)  # the request has an attention option
+        self.lora = np.zeros(0, dtype=np.int64)  # index of the request's LoRA adapter (-1: none)
+        self.lora_index: dict[str, int] = {}  # the served adapters' indices by name (flashserve.lora)
         self.generation = np.zeros(0, dtype=np.int64)  # bumped when the slot's request leaves
-        # Live requests with a grammar, with an attention option, whose rows are not plain greedy:
-        # while a count is 0 a step skips reading that flag for its slots.
-        self.num_grammar = self.num_attention = self.num_not_plain = 0
+        # Live requests with a grammar, with an attention option, whose rows are not plain greedy,
+        # with an adapter: while a count is 0 a step skips reading that column for its slots.
+        self.num_grammar = self.num_attention = self.num_not_plain = self.num_lora = 0
         self._free_slots: list[int] = []
 
     @property
@@ -157,7 +160,7 @@ class InputBatch:
         self.group_tables = [np.concatenate([t, np.zeros((grow, self.max_blocks), np.int32)])
                              for t in self.group_tables]
         for name in ("num_known", "num_tokens", "num_prompt", "num_blocks", "min_tokens", "grammar", "plain",
-                     "attention", "generation"):
+                     "attention", "lora", "generation"):
             column = getattr(self, name)
             setattr(self, name, np.concatenate([column, np.zeros(grow, column.dtype)]))
         self._free_slots.extend(range(old + grow - 1, old - 1, -1))
@@ -178,7 +181,9 @@ class InputBatch:
         self.grammar[slot] = grammar = new.params.structured_output is not None
         self.plain[slot] = plain = new.params.plain_greedy
         self.attention[slot] = attention = new.params.attention is not None
+        self.lora[slot] = -1 if new.params.lora is None else self.lora_index[new.params.lora]
         self.num_grammar += grammar
+        self.num_lora += new.params.lora is not None
         self.num_not_plain += not plain
         self.num_attention += attention
         self.states[new.request_id] = state
@@ -193,6 +198,7 @@ class InputBatch:
             self.num_grammar -= bool(self.grammar[slot])
             self.num_not_plain -= not self.plain[slot]
             self.num_attention -= bool(self.attention[slot])
+            self.num_lora -= bool(self.lora[slot] >= 0)
         return state
 
     def append_one(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
@@ -331,6 +337,7 @@ class InputBatch:
         self.num_tokens[sample_slots] += 1
         return StepInputs(
             seq_attention=tuple(map(_attention, map(_params, states))) if self.num_attention and self.attention[slots].any() else None,
+            token_lora=self.lora[token_slots] if self.num_lora else None,
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,

@@ -201,6 +201,13 @@ class Worker:
         self.offload = getattr(self.model, "_host_weights", None)  # offloaded layers (cpu_offload_gb)
         if self.device.type == "cpu":  # fewer TLB misses when streaming the weights (not the staging views)
             pack_weights_in_huge_pages(self.model, skip=self.offload.streamed() if self.offload is not None else ())
+        self.lora = None  # the served LoRA adapters' LoRABatch (flashserve.lora), before the KV pool is sized
+        if config.lora_modules:
+            from flashserve.lora.adapter import load_adapter
+            from flashserve.lora.layers import install_adapters
+
+            adapters = [load_adapter(name, path) for name, path in config.lora_modules]
+            self.lora = install_adapters(self.model, adapters, self.dtype, self.device)
         load_s = time.perf_counter() - t0
 
         sched, cache = config.scheduler, config.cache
@@ -248,7 +255,10 @@ class Worker:
         trees = (config.speculative is not None and config.speculative.tree_width > 1 and backend_name == "triton"
                  and config.cuda_graphs and self.device.type == "cuda" and not config.batch_invariant)
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device,
-                                   layout.num_groups, trees)
+                                   layout.num_groups, trees, lora=self.lora is not None)
+        if self.lora is not None:
+            self.lora.ids = self.buffers.lora_ids
+            self.batch.lora_index = {name: i for i, (name, _) in enumerate(config.lora_modules)}
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
         self._prev_rows = np.full(0, -1, dtype=np.int64)  # per batch slot: its row in _prev_tokens (-1: none)
@@ -372,7 +382,7 @@ class Worker:
         p = len(scatter[0]) if scatter else 0
         flat, blk = inp.block_updates if inp.block_updates is not None else ((), ())
         u = len(flat)
-        tr = buf.tree_row  # token rows: ids, positions, slots of each group of layers [, tree bits, depths]
+        tr = buf.tree_row  # token rows: ids, positions, slots of each group of layers [, adapters] [, tree bits, depths]
         rows, seq_rows = (tr, 2) if tree is None else (tr + 2, 3)
         o = rows * pad_tokens + b  # the int64 array: token inputs, slots, scatter (index, row), table indices
         i64 = np.empty(o + 2 * p + u, dtype=np.int64)
@@ -384,6 +394,8 @@ class Worker:
         tokens[2, :t] = inp.slot_mapping
         for g, slots in enumerate(inp.group_slot_mapping):
             tokens[3 + g, :t] = slots
+        if buf.lora_ids is not None:  # each token's LoRA adapter
+            tokens[buf.slot_rows_end, :t] = inp.token_lora if inp.token_lora is not None else -1
         i64[rows * pad_tokens : o] = inp.slots
         if p:
             i64[o : o + p], i64[o + p : o + 2 * p] = scatter
@@ -561,7 +573,7 @@ class Worker:
         (the step before's, on the device) change in the buffers step 0 filled."""
         buf = self.buffers
         rows, seq_lens = staged
-        buf.token_inputs[1 : buf.tree_row, :num_seqs].copy_(rows[i])
+        buf.token_inputs[1 : buf.slot_rows_end, :num_seqs].copy_(rows[i])
         buf.seq_lens[:num_seqs].copy_(seq_lens[i])
         buf.input_ids[:num_seqs].copy_(self._prev_tokens)
         c0 = time.perf_counter()

@@ -142,10 +142,17 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         app.add_middleware(APIKeyMiddleware, api_key=options.api_key, protected=protected)
     app.add_middleware(RequestGuard, max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout)
 
-    def check_model(model: str | None) -> None:
-        if model is not None and model != state.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                           param="model", code="model_not_found")
+    adapters = engine.engine.lora_names  # LoRA adapters, served as models of their own name
+
+    def check_model(model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for another name."""
+        if model is None or model == state.model_name:
+            return None
+        if model in adapters:
+            return model
+        served = ", ".join(map(repr, (state.model_name, *adapters)))
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
     def check_capacity(num_seqs: int) -> None:
         try:
@@ -236,27 +243,30 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    def model_card() -> dict[str, Any]:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "flashserve",
+    def model_card(adapter: str | None = None) -> dict[str, Any]:
+        """The base model's card, or an adapter's (``parent``: the base model)."""
+        card = {"id": adapter or state.model_name, "object": "model", "created": state.created, "owned_by": "flashserve",
                 "max_model_len": engine.max_model_len, "vocab_size": engine.engine.model_config.vocab_size}
+        return card if adapter is None else {**card, "parent": state.model_name}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *map(model_card, adapters)]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        check_model(model)
-        return model_card()
+        return model_card(check_model(model))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        check_model(body.model)
+        adapter = check_model(body.model)
         try:
             params = body.sampling_params()
+            params.lora = adapter
             prompts = body.prompts()
         except ValueError as e:
             raise bad_request(e) from None
+        model_name = adapter or state.model_name
         if cascade is not None:
             cascade.check(body.stream, len(prompts), params.n)
         check_capacity(len(prompts) * params.n)
@@ -277,7 +287,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                                  **extra})
         request_id, admitted = await admit("cmpl", request, encoded, params)
 
-        chunks = ChunkEncoder(request_id, "text_completion", created, state.model_name, body.include_usage)
+        chunks = ChunkEncoder(request_id, "text_completion", created, model_name, body.include_usage)
 
         if body.stream:
             text_pos: dict[int, int] = {}  # text offset of each choice's next chunk (for logprobs)
@@ -291,7 +301,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             return stream_response(events, admitted)
 
         final = await final_outputs(engine, request, admitted, metrics)
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
                              "choices": await completion_choices(final, n, want_lp), "usage": usage_of(final)})
 
     async def completion_choices(final: dict[int, RequestOutput], n: int, want_lp: bool) -> list[dict[str, Any]]:
@@ -304,10 +314,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        check_model(body.model)
+        adapter = check_model(body.model)
         try:
             tool_plan = body.tool_plan()
             params = body.sampling_params(tool_plan)
+            params.lora = adapter
             messages = body.template_messages()
         except ValueError as e:
             raise bad_request(e) from None
@@ -329,7 +340,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                                  "usage": usage_of(outputs), **extra})
         request_id, admitted = await admit("chatcmpl", request, [(prompt, ids)], params)
 
-        chunks = ChunkEncoder(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage)
+        chunks = ChunkEncoder(request_id, "chat.completion.chunk", created, adapter or state.model_name,
+                              body.include_usage)
 
         if body.stream:
             async def choice(idx: int, c: CompletionOutput, new_lp: list | None) -> dict[str, Any] | None:
@@ -354,8 +366,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         outputs = await final_outputs(engine, request, admitted, metrics)
         if 0 not in outputs:
             raise engine_error(EngineError("the request ended without a final output"))
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
-                             "choices": await chat_choices(outputs[0], tool_plan, want_lp), "usage": usage_of(outputs)})
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
+                             "model": adapter or state.model_name, "choices": await chat_choices(outputs[0], tool_plan, want_lp), "usage": usage_of(outputs)})
 
     async def chat_choices(final: RequestOutput, tool_plan: ToolPlan | None, want_lp: bool) -> list[dict[str, Any]]:
         choices = []

@@ -1,0 +1,126 @@
+"""Adapters applied to the model's linear layers: a ``LinearMethod`` wrapper.
+
+Every adapted layer keeps its base method (dense, quantized, GGUF) and adds, for each token, the
+delta of its request's adapter: ``y += (x A_s^T) B_s^T`` for the token's adapter ``s`` (none: no
+delta). All adapters of a layer live in two stacked matrices, one column block per (adapter,
+checkpoint module of the layer) padded to the largest rank ``R``:
+
+* ``a`` ``[C, K]``: the blocks' A rows;
+* ``b`` ``[N, C]``: the blocks' B (scaling folded in), each block in the output rows of its
+  module (a fused q/k/v layer's q block only in the q rows), zero elsewhere;
+* ``col_slot`` ``[C]``: the adapter of each column.
+
+A step is then three products of static shape whatever the mix of adapters: ``t = x a^T``, the
+columns of other adapters zeroed (``ids[:, None] == col_slot``), ``y += t b^T``. So CUDA graphs
+capture it, every adapter and the base model share one batch, and the work grows with the number
+of loaded adapters times their rank (small next to the base product while ``C`` is far below ``N``).
+Each token's adapter index comes from ``LoRABatch.ids``, a row of the step's input buffers.
+
+Tensor parallelism: a column-parallel layer keeps its output rows of each B, a row-parallel one
+its input columns of each A; the row-parallel delta is a partial sum like the base product and is
+all-reduced with it (``Linear._summed``), which makes it exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flashserve.lora.adapter import LoRAAdapter
+
+
+class LoRABatch:
+    """Each token's adapter index (-1: none) for the step being run: ``ids`` [max tokens] int64,
+    a view the Worker points at its step buffers once; layers read its first T entries."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+
+
+class LoRAMethod:
+    """``base``'s product plus each token's adapter delta (module docstring)."""
+
+    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, col_slot: torch.Tensor, batch: LoRABatch) -> None:
+        self.base = base
+        self.a, self.b, self.col_slot = a, b, col_slot
+        self.batch = batch
+        self.label = f"{base.label}+lora"
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.base.apply(layer, x, bias)
+        ids = self.batch.ids[: x.shape[0]]
+        t = (x @ self.a.t()) * (ids[:, None] == self.col_slot)  # [T, C]: only the token's adapter
+        return torch.addmm(y, t, self.b.t())
+
+    def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """No fused activation: the caller applies it and calls ``apply``."""
+        return None
+
+
+def _local(layer: nn.Module, part, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of a module's A [r, in] and B [out, r] (``part``: the layer's Partition)."""
+    if layer.parallel == "column":
+        index, _ = layer._splits[part.shard_id]
+        b = b.narrow(0, index * part.size, part.size)
+    elif layer.parallel == "row":
+        a = a.narrow(1, layer.tp_rank * layer.in_features, layer.in_features)
+    return a, b
+
+
+def _check_shapes(adapter: LoRAAdapter, layer: nn.Module, part, a: torch.Tensor, b: torch.Tensor) -> None:
+    full_in = layer.in_features * (layer.tp_size if layer.parallel == "row" else 1)
+    full_out = part.size * (layer._splits[part.shard_id][1] if layer.parallel == "column" else 1)
+    if a.shape[1] != full_in or b.shape[0] != full_out:
+        raise ValueError(f"LoRA adapter {adapter.name!r}: {part.name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                         f"but the model's layer maps {full_in} inputs to {full_out} outputs; was the adapter "
+                         "trained for another model?")
+
+
+def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: torch.dtype,
+                     device: torch.device) -> LoRABatch:
+    """Wrap every linear layer that some adapter adapts in a ``LoRAMethod``; adapter ``i`` of
+    ``adapters`` is index ``i`` in ``LoRABatch.ids``. Raises ValueError, before changing anything,
+    for an adapter module the model has no linear layer for, or one of the wrong shape."""
+    from flashserve.layers.linear import Linear
+
+    rank = max(a.rank for a in adapters)
+    wanted = {name for a in adapters for name in a.weights}
+    found: set[str] = set()
+    plans = []
+    for module in model.modules():
+        if not isinstance(module, Linear):
+            continue
+        parts = [p for p in module.partitions if p.name in wanted]
+        if not parts:
+            continue
+        found.update(p.name for p in parts)
+        blocks = [(s, i, p, adapter.weights.get(p.name)) for s, adapter in enumerate(adapters)
+                  for i, p in enumerate(parts)]
+        for s, _, p, ab in blocks:
+            if ab is not None:
+                _check_shapes(adapters[s], module, p, *ab)
+        plans.append((module, parts, blocks))
+    missing = sorted(wanted - found)
+    if missing:
+        raise ValueError(f"LoRA adapters adapt modules this model has no linear layer for: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} (supported: the decoder layers' attention and MLP "
+                         "projections)")
+    batch = LoRABatch()
+    for module, parts, blocks in plans:
+        cols = len(blocks) * rank
+        a_all = torch.zeros(cols, module.in_features)
+        b_all = torch.zeros(module.out_features, cols)
+        col_slot = torch.full((cols,), -2, dtype=torch.int64)  # -2: a block no adapter fills
+        for j, (s, _, p, ab) in enumerate(blocks):
+            if ab is None:
+                continue
+            a, b = _local(module, p, *ab)
+            c = j * rank
+            a_all[c : c + a.shape[0]] = a
+            b_all[p.offset : p.offset + p.size, c : c + a.shape[0]] = b
+            col_slot[c : c + rank] = s
+        module.quant_method = LoRAMethod(module.quant_method, a_all.to(device, dtype), b_all.to(device, dtype),
+                                         col_slot.to(device), batch)
+    return batch

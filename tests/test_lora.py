@@ -1,0 +1,200 @@
+"""Multi-LoRA serving (flashserve.lora) against PEFT: requests for two adapters and for the base
+model batched in one engine each give the greedy tokens PEFT's model with their adapter gives
+(prefill, decode, chunked prefill); prefix caching never shares K/V across adapters; quantized
+base weights and the Triton kernels' interpreter path take adapters too; bad adapters and
+unknown names are clear errors that leave the engine serving."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest_lora import greedy_tokens, peft_oracle, write_peft_adapter
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+from test_engine import prompts
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(base model folder, {adapter name: folder}): adapter 'all' adapts every projection at rank
+    8; 'qv' only q and v at rank 4, rsLoRA scaling."""
+    base = tmp_path_factory.mktemp("lora_base")
+    make_tiny_checkpoint("llama3_gqa", base, seed=3)
+    adapters = {"all": write_peft_adapter(base, tmp_path_factory.mktemp("lora_all"), seed=1, r=8, alpha=16),
+                "qv": write_peft_adapter(base, tmp_path_factory.mktemp("lora_qv"), seed=2, r=4, alpha=4,
+                                         targets=("q_proj", "v_proj"), use_rslora=True)}
+    return str(base), {k: str(v) for k, v in adapters.items()}
+
+
+@pytest.fixture(scope="module")
+def oracles(tiny):
+    """name (None: the base model) -> the PEFT / transformers model."""
+    from conftest_lora import _load_base
+
+    base, adapters = tiny
+    return {None: _load_base(base), **{name: peft_oracle(base, path) for name, path in adapters.items()}}
+
+
+def _engine(tiny, **kw) -> LLM:
+    base, adapters = tiny
+    args = dict(model=base, device="cpu", block_size=4, max_model_len=256, kv_cache_bytes=8 << 20, verbose=False,
+                lora_modules=adapters)
+    return LLM(**{**args, **kw})
+
+
+def _params(lora=None, n=NEW) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, lora=lora)
+
+
+def test_adapters_and_base_in_one_batch_match_peft(tiny, oracles):
+    batch = prompts(6, seed=21, lo=5, hi=40)
+    names = ["all", None, "qv", "all", "qv", None]
+    outs = _engine(tiny).generate(batch, [_params(n) for n in names], use_tqdm=False)
+    for prompt, out, name in zip(batch, outs, names):
+        assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
+    alone = {name: greedy_tokens(oracles[name], batch[0], NEW) for name in oracles}
+    assert len(set(map(tuple, alone.values()))) == 3  # each adapter changes this model's tokens
+
+
+def test_chunked_prefill_and_one_request_at_a_time(tiny, oracles):
+    """Prompts split over several steps (8 tokens a step), mixed with the others' decodes."""
+    batch = prompts(3, seed=22, lo=20, hi=40)
+    names = ["qv", "all", None]
+    llm = _engine(tiny, max_num_batched_tokens=8)
+    outs = llm.generate(batch, [_params(n) for n in names], use_tqdm=False)
+    for prompt, out, name in zip(batch, outs, names):
+        assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
+    one = llm.generate(batch[:1], _params("qv"), use_tqdm=False)[0]
+    assert one.token_ids == outs[0].token_ids
+
+
+def test_prefix_cache_is_per_adapter(tiny, oracles):
+    llm = _engine(tiny)
+    prompt = prompts(1, seed=23, lo=32, hi=32)[0]
+    first = llm.generate([prompt], _params("all"), use_tqdm=False)[0]
+    other = llm.generate([prompt], _params("qv"), use_tqdm=False)[0]
+    base = llm.generate([prompt], _params(None), use_tqdm=False)[0]
+    again = llm.generate([prompt], _params("qv"), use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0  # 'all' computed other K/V
+    assert again.num_cached_tokens > 0 and again.token_ids == other.token_ids
+    assert [first.token_ids, other.token_ids, base.token_ids] == \
+        [greedy_tokens(oracles[n], prompt, NEW) for n in ("all", "qv", None)]
+
+
+def test_sampled_requests_keep_their_adapter(tiny):
+    """Seeded sampling: a request's tokens do not depend on the adapters of its batch mates."""
+    batch = prompts(2, seed=24, lo=8, hi=12)
+    params = [SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True, lora=n) for n in ("all", None)]
+    llm = _engine(tiny)
+    together = llm.generate(batch, params, use_tqdm=False)
+    alone = [llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(batch, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_quantized_base_weights_take_adapters(tiny, oracles):
+    """int8 base weights (online): the adapter's delta is added to the quantized product, so its
+    tokens follow the int8 engine's own, changed the way PEFT's are."""
+    batch = prompts(2, seed=25, lo=10, hi=20)
+    llm = _engine(tiny, quantization="int8")
+    with_lora = llm.generate(batch, [_params("all"), _params(None)], use_tqdm=False)
+    plain = LLM(model=tiny[0], device="cpu", block_size=4, max_model_len=256, kv_cache_bytes=8 << 20, verbose=False,
+                quantization="int8").generate(batch[1:], _params(), use_tqdm=False)[0]
+    assert with_lora[1].token_ids == plain.token_ids
+    agree = sum(a == b for a, b in zip(with_lora[0].token_ids, greedy_tokens(oracles["all"], batch[0], NEW)))
+    assert agree >= NEW // 2  # int8 rounding may flip a near tie; the adapter's tokens, not the base's
+
+
+def test_unknown_adapter_is_a_clear_error_and_the_engine_keeps_serving(tiny, oracles):
+    llm = _engine(tiny)
+    prompt = prompts(1, seed=26, lo=8, hi=8)[0]
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'nope'; this engine serves 'all', 'qv'"):
+        llm.generate([prompt], _params("nope"), use_tqdm=False)
+    assert llm.generate([prompt], _params("qv"), use_tqdm=False)[0].token_ids == \
+        greedy_tokens(oracles["qv"], prompt, NEW)
+    with pytest.raises(ValueError, match="lora must be the name of a served LoRA adapter"):
+        SamplingParams(lora="")
+    base_only = LLM(model=tiny[0], device="cpu", block_size=4, max_model_len=64, kv_cache_bytes=8 << 20,
+                    verbose=False)
+    with pytest.raises(ValueError, match="this engine serves none"):
+        base_only.generate([prompt], _params("all"), use_tqdm=False)
+
+
+def test_adapter_for_another_model_is_refused_at_start(tiny, tmp_path):
+    other = tmp_path / "other"
+    make_tiny_checkpoint("llama3_gqa", other, seed=4, intermediate_size=96)
+    wrong = write_peft_adapter(other, tmp_path / "wrong", seed=1, targets=("down_proj",))
+    with pytest.raises(ValueError, match=r"'wrong'.*down_proj has A \(4, 96\).*another model"):
+        _engine(tiny, lora_modules={"wrong": str(wrong)})
+    # an adapter of a module the model does not have as a linear layer
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    state = {}
+    from safetensors.torch import load_file, save_file
+
+    src = load_file(f"{tiny[1]['qv']}/adapter_model.safetensors")
+    for k, v in src.items():
+        state[k.replace("self_attn.q_proj", "self_attn.rotary")] = v
+    save_file(state, str(extra / "adapter_model.safetensors"))
+    (extra / "adapter_config.json").write_text(open(f"{tiny[1]['qv']}/adapter_config.json").read())
+    with pytest.raises(ValueError, match="no linear layer for: model.layers.0.self_attn.rotary"):
+        _engine(tiny, lora_modules={"extra": str(extra)})
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative decoding"),
+    (dict(lora_modules=["all"]), "give NAME=PATH"),
+    (dict(lora_modules=["a=x", "a=y"]), "twice"),
+])
+def test_bad_engine_options_are_clear_errors(tiny, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _engine(tiny, **kw)
+
+
+def test_cli_flag_and_config(tiny):
+    import argparse
+
+    from flashserve.config import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--lora-modules", "all=/a", "qv=/b"])
+    assert EngineArgs.from_cli(ns).engine_config().lora_modules == (("all", "/a"), ("qv", "/b"))
+
+
+@torch.no_grad()
+def test_layer_delta_matches_merged_weights(tiny):
+    """One adapted layer against its merged weight (W + B A * scaling), tokens of two adapters and
+    none in one call, with the lora columns of every adapter present."""
+    from flashserve.layers.linear import QKVLinear
+    from flashserve.lora.adapter import load_adapter
+    from flashserve.lora.layers import install_adapters
+
+    base, adapters = tiny
+    cfg = json.loads(open(f"{base}/config.json").read())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    layer = QKVLinear(cfg["hidden_size"], head_dim, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                      prefix="model.layers.0.self_attn.qkv_proj")
+    torch.nn.init.normal_(layer.weight, std=0.1)
+    names = {p.name for p in layer.partitions}
+    loaded = [load_adapter(n, p) for n, p in adapters.items()]
+    loaded = [replace(a, weights={k: v for k, v in a.weights.items() if k in names}) for a in loaded]
+    holder = torch.nn.Module()
+    holder.layer = layer
+    batch = install_adapters(holder, loaded, torch.float32, torch.device("cpu"))
+    x = torch.randn(5, cfg["hidden_size"])
+    batch.ids = torch.tensor([0, -1, 1, 1, 0])
+    y = layer(x)
+    for row, slot in enumerate(batch.ids.tolist()):
+        w = layer.weight.clone()
+        if slot >= 0:
+            for p in layer.partitions:
+                if p.name in loaded[slot].weights:
+                    a, b = loaded[slot].weights[p.name]
+                    w[p.offset : p.offset + p.size] += b @ a
+        torch.testing.assert_close(y[row], w @ x[row], atol=1e-5, rtol=1e-5)
