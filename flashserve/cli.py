@@ -38,6 +38,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("flashserve.bench.attention", "decode attention and tok/s of windowed / selective attention (GPU)"),
     "disagg": ("flashserve.distributed.disagg_bench", "disaggregated prefill/decode: KV hand-off time per block, TTFT/TPOT vs colocated"),
     "attention-quality": ("flashserve.bench.attention_quality", "perplexity of each attention kind against its KV budget"),
+    "lora": ("flashserve.bench.lora", "serving LoRA adapters against the base model: batch-1 decode and throughput"),
     "offload": ("flashserve.bench.offload", "decode tok/s with weights streamed from host memory, host KV-tier prefix hits"),
 }
 

@@ -5,6 +5,7 @@ Import from tests as ``from conftest_lora import ...`` (like conftest_models).
 
 * ``write_peft_adapter(model_dir, folder, seed)`` writes a PEFT LoRA adapter with random, non-zero
   A and B for the checkpoint in ``model_dir`` (``peft.LoraConfig`` options pass through).
+* ``load_base(model_dir)`` is the base model alone (fp32, eval, eager attention).
 * ``peft_oracle(model_dir, adapter_dir)`` is the transformers model with the adapter applied by
   PEFT (fp32, eval, eager attention): the reference for logits and greedy tokens.
 * ``greedy_tokens(model, prompt_ids, n)`` greedy-decodes n tokens from a transformers / PEFT model
@@ -23,7 +24,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 LORA_STD = 0.1  # N(0, 0.1) A and B: the greedy tokens change clearly, logits stay moderate
 
 
-def _load_base(model_dir: str | Path) -> torch.nn.Module:
+def load_base(model_dir: str | Path) -> torch.nn.Module:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -49,7 +50,7 @@ def write_peft_adapter(
     import peft
 
     model = peft.get_peft_model(
-        _load_base(model_dir), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **config)
+        load_base(model_dir), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **config)
     )
     g = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
@@ -64,7 +65,7 @@ def peft_oracle(model_dir: str | Path, adapter_dir: str | Path) -> torch.nn.Modu
     """The base model of ``model_dir`` with the PEFT adapter in ``adapter_dir`` (fp32, eval, eager)."""
     import peft
 
-    return peft.PeftModel.from_pretrained(_load_base(model_dir), str(adapter_dir)).eval()
+    return peft.PeftModel.from_pretrained(load_base(model_dir), str(adapter_dir)).eval()
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest_lora import greedy_tokens, peft_oracle, write_peft_adapter
+from conftest_lora import greedy_tokens, load_base, peft_oracle, write_peft_adapter
 from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
 from test_engine import prompts
@@ -35,10 +35,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracles(tiny):
     """name (None: the base model) -> the PEFT / transformers model."""
-    from conftest_lora import _load_base
-
     base, adapters = tiny
-    return {None: _load_base(base), **{name: peft_oracle(base, path) for name, path in adapters.items()}}
+    return {None: load_base(base), **{name: peft_oracle(base, path) for name, path in adapters.items()}}
 
 
 def _engine(tiny, **kw) -> LLM:
@@ -198,3 +196,19 @@ def test_layer_delta_matches_merged_weights(tiny):
                     a, b = loaded[slot].weights[p.name]
                     w[p.offset : p.offset + p.size] += b @ a
         torch.testing.assert_close(y[row], w @ x[row], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_parallel_ranks_take_the_adapters(tiny, oracles, parallel):
+    """Two gloo ranks. Tensor parallel: column-parallel layers keep their rows of each B,
+    row-parallel ones their columns of each A (the delta summed with the base product). Pipeline
+    parallel: each stage adapts its own layers. The tokens are PEFT's."""
+    batch = prompts(3, seed=27, lo=6, hi=30)
+    names = ["all", "qv", None]
+    llm = _engine(tiny, **parallel)
+    try:
+        outs = llm.generate(batch, [_params(n) for n in names], use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    for prompt, out, name in zip(batch, outs, names):
+        assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name

@@ -18,17 +18,22 @@ Each token's adapter index comes from ``LoRABatch.ids``, a row of the step's inp
 
 Tensor parallelism: a column-parallel layer keeps its output rows of each B, a row-parallel one
 its input columns of each A; the row-parallel delta is a partial sum like the base product and is
-all-reduced with it (``Linear._summed``), which makes it exact.
+all-reduced with it (``Linear._summed``), which makes it exact. A pipeline stage adapts its own
+layers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from flashserve.distributed.parallel_state import current_parallel
 from flashserve.lora.adapter import LoRAAdapter
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a module name
 
 
 class LoRABatch:
@@ -87,6 +92,10 @@ def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: t
 
     rank = max(a.rank for a in adapters)
     wanted = {name for a in adapters for name in a.weights}
+    pp = current_parallel()
+    if pp.pp_size > 1:  # a pipeline stage holds some decoder layers; the others' modules are not its
+        start, end = pp.layer_range(model.config.num_layers)
+        wanted = {n for n in wanted if (m := _LAYER.search(n)) is None or start <= int(m[1]) < end}
     found: set[str] = set()
     plans = []
     for module in model.modules():
@@ -96,9 +105,8 @@ def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: t
         if not parts:
             continue
         found.update(p.name for p in parts)
-        blocks = [(s, i, p, adapter.weights.get(p.name)) for s, adapter in enumerate(adapters)
-                  for i, p in enumerate(parts)]
-        for s, _, p, ab in blocks:
+        blocks = [(s, p, adapter.weights.get(p.name)) for s, adapter in enumerate(adapters) for p in parts]
+        for s, p, ab in blocks:
             if ab is not None:
                 _check_shapes(adapters[s], module, p, *ab)
         plans.append((module, parts, blocks))
@@ -113,7 +121,7 @@ def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: t
         a_all = torch.zeros(cols, module.in_features)
         b_all = torch.zeros(module.out_features, cols)
         col_slot = torch.full((cols,), -2, dtype=torch.int64)  # -2: a block no adapter fills
-        for j, (s, _, p, ab) in enumerate(blocks):
+        for j, (s, p, ab) in enumerate(blocks):
             if ab is None:
                 continue
             a, b = _local(module, p, *ab)

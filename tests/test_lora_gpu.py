@@ -1,0 +1,34 @@
+"""LoRA adapters on the GPU (Triton kernels, CUDA graphs for decode and mixed steps): a batch of
+two adapters' and the base model's requests gives PEFT's greedy tokens (fp32), and the same with
+graphs off. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest_lora import greedy_tokens, load_base, peft_oracle, write_peft_adapter
+from conftest_models import make_tiny_checkpoint
+from flashserve import LLM, SamplingParams
+from test_engine import prompts
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+NEW = 24
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_adapters_and_base_in_one_batch_match_peft_on_gpu(tmp_path, cuda_graphs):
+    base = tmp_path / "base"
+    make_tiny_checkpoint("qwen3_qknorm", base, seed=8)
+    adapters = {"all": str(write_peft_adapter(base, tmp_path / "all", seed=1, r=8, alpha=16)),
+                "qv": str(write_peft_adapter(base, tmp_path / "qv", seed=2, targets=("q_proj", "v_proj")))}
+    llm = LLM(str(base), device="cuda", dtype="float32", block_size=16, max_model_len=256, max_num_seqs=16,
+              max_num_batched_tokens=64, kv_cache_bytes=64 << 20, verbose=False, lora_modules=adapters,
+              cuda_graphs=cuda_graphs)
+    batch = prompts(6, seed=31, lo=3, hi=90)
+    names = ["all", None, "qv", "qv", "all", None]
+    outs = llm.generate(batch, [SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, lora=n) for n in names],
+                        use_tqdm=False)
+    oracles = {None: load_base(base), **{n: peft_oracle(base, p) for n, p in adapters.items()}}
+    for prompt, out, name in zip(batch, outs, names):
+        assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
