@@ -198,11 +198,13 @@ def test_layer_delta_matches_merged_weights(tiny):
         torch.testing.assert_close(y[row], w @ x[row], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
-def test_parallel_ranks_take_the_adapters(tiny, oracles, parallel):
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2),
+                                      dict(executor="process"), dict(num_scheduler_steps=4)])
+def test_engine_modes_take_the_adapters(tiny, oracles, parallel):
     """Two gloo ranks. Tensor parallel: column-parallel layers keep their rows of each B,
     row-parallel ones their columns of each A (the delta summed with the base product). Pipeline
-    parallel: each stage adapts its own layers. The tokens are PEFT's."""
+    parallel: each stage adapts its own layers. Also the Worker in its own process and multi-step
+    plans (later steps keep the first step's adapter row). The tokens are PEFT's."""
     batch = prompts(3, seed=27, lo=6, hi=30)
     names = ["all", "qv", None]
     llm = _engine(tiny, **parallel)
