@@ -214,3 +214,60 @@ def test_engine_modes_take_the_adapters(tiny, oracles, parallel):
         llm.engine.shutdown()
     for prompt, out, name in zip(batch, outs, names):
         assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_embedded_smollm2_gguf_takes_an_adapter(tmp_path):
+    """The real SmolLM2-135M GGUF with an adapter on q, v and down: flashserve on the exact fp32
+    dequantization gives PEFT's greedy tokens (transformers' GGUF loader + PeftModel), and the
+    packed GGUF kernels (the default on the CPU) the same tokens."""
+    import os
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from flashserve.loader import default_model_path, load_tokenizer
+
+    try:
+        gguf = default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.float32).eval()
+    tok = load_tokenizer(gguf)
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], add_generation_prompt=True,
+                                   tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    base = greedy_tokens(model, ids, 16)
+    oracle = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
+                                                        target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    g = torch.Generator().manual_seed(0)
+    for name, p in sorted(oracle.named_parameters()):
+        if ".lora_" in name:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    oracle.save_pretrained(str(tmp_path / "adapter"))
+    want = greedy_tokens(oracle, ids, 16)
+    assert want != base  # the adapter changes the answer
+    for quantization in ("none", "auto"):  # exact fp32 weights; the packed GGUF kernels
+        llm = LLM(gguf, device="cpu", quantization=quantization, verbose=False,
+                  lora_modules={"colours": str(tmp_path / "adapter")})
+        got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, lora="colours"),
+                           use_tqdm=False)[0].token_ids
+        assert got == want, quantization
+
+
+def test_beam_search_runs_with_the_adapter(tiny, oracles):
+    """``BeamSearchParams(lora=...)``: every beam runs with the adapter; the hypotheses are those of
+    transformers' beam search on PEFT's model. An unknown name is refused like a request's."""
+    from flashserve import BeamSearchParams
+
+    prompt = prompts(1, seed=28, lo=9, hi=9)[0]
+    out = _engine(tiny).beam_search([prompt], BeamSearchParams(3, 8, lora="all"), use_tqdm=False)[0]
+    ref = oracles["all"].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  num_beams=3, num_return_sequences=3, max_new_tokens=8, do_sample=False,
+                                  early_stopping=False, pad_token_id=0)
+    assert [c.token_ids for c in out.outputs] == [s[len(prompt):] for s in ref.tolist()]
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'nope'"):
+        _engine(tiny).beam_search([prompt], BeamSearchParams(3, 8, lora="nope"), use_tqdm=False)

@@ -243,9 +243,13 @@ class LLMEngine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if params is not None:
             validate_for_model(params, n, vocab, self.max_model_len)
-            if params.lora is not None and params.lora not in self.lora_names:
-                raise ValueError(f"unknown LoRA adapter {params.lora!r}; this engine serves "
-                                 f"{', '.join(map(repr, self.lora_names)) or 'none'} (lora_modules)")
+            self._check_lora(params.lora)
+
+    def _check_lora(self, name: str | None) -> None:
+        """ValueError unless ``name`` is None or one of the adapters this engine serves."""
+        if name is not None and name not in self.lora_names:
+            raise ValueError(f"unknown LoRA adapter {name!r}; this engine serves "
+                             f"{', '.join(map(repr, self.lora_names)) or 'none'} (lora_modules)")
 
     def add_request(
         self,
@@ -313,6 +317,7 @@ class LLMEngine:
         else:
             token_ids = list(prompt)
         self.validate_prompt(token_ids)
+        self._check_lora(params.lora)
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens and beam search may add max_tokens="
                              f"{params.max_tokens}, past the model's context of {self.max_model_len} tokens")

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -261,8 +261,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         adapter = check_model(body.model)
         try:
-            params = body.sampling_params()
-            params.lora = adapter
+            params = replace(body.sampling_params(), lora=adapter)
             prompts = body.prompts()
         except ValueError as e:
             raise bad_request(e) from None
@@ -317,8 +316,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         adapter = check_model(body.model)
         try:
             tool_plan = body.tool_plan()
-            params = body.sampling_params(tool_plan)
-            params.lora = adapter
+            params = replace(body.sampling_params(tool_plan), lora=adapter)
             messages = body.template_messages()
         except ValueError as e:
             raise bad_request(e) from None

@@ -36,6 +36,7 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True | False | "never" (transformers' meanings)
     ignore_eos: bool = False
+    lora: str | None = None  # the LoRA adapter every beam runs with (SamplingParams.lora)
 
     def __post_init__(self) -> None:
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
@@ -209,7 +210,7 @@ class BeamSearchDriver:
         from flashserve.sampling_params import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True, logprobs=group.k,
-                                num_speculative_tokens=0)
+                                num_speculative_tokens=0, lora=group.params.lora)
         req = Request(request_id, group.prompt_token_ids, params, self.eos_token_ids, synchronous=True)
         req.output_token_ids = list(tokens)
         self._group_of[request_id] = group.group_id
