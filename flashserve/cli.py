@@ -68,6 +68,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--lora", default=None, metavar="NAME", help="answer with this LoRA adapter (one of --lora-modules)")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -82,6 +83,7 @@ def sampling_params(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.sample_seed,
         stop=args.stop,
+        lora=args.lora,
     )
 
 

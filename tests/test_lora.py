@@ -154,17 +154,6 @@ def test_bad_engine_options_are_clear_errors(tiny, kw, message):
         _engine(tiny, **kw)
 
 
-def test_cli_flag_and_config(tiny):
-    import argparse
-
-    from flashserve.config import EngineArgs
-
-    parser = argparse.ArgumentParser()
-    EngineArgs.add_cli_args(parser)
-    ns = parser.parse_args(["--lora-modules", "all=/a", "qv=/b"])
-    assert EngineArgs.from_cli(ns).engine_config().lora_modules == (("all", "/a"), ("qv", "/b"))
-
-
 @torch.no_grad()
 def test_layer_delta_matches_merged_weights(tiny):
     """One adapted layer against its merged weight (W + B A * scaling), tokens of two adapters and
@@ -271,3 +260,15 @@ def test_beam_search_runs_with_the_adapter(tiny, oracles):
     assert [c.token_ids for c in out.outputs] == [s[len(prompt):] for s in ref.tolist()]
     with pytest.raises(ValueError, match="unknown LoRA adapter 'nope'"):
         _engine(tiny).beam_search([prompt], BeamSearchParams(3, 8, lora="nope"), use_tqdm=False)
+
+
+
+def test_generate_and_chat_commands_take_adapters():
+    from flashserve.cli import build_parser, llm_kwargs, sampling_params
+    from flashserve.config import EngineArgs
+
+    for command in ("generate", "chat"):
+        args = build_parser().parse_args([command, *(["hi"] if command == "generate" else []),
+                                          "--lora-modules", "qv=/a", "all=/b", "--lora", "qv"])
+        assert sampling_params(args).lora == "qv"
+        assert EngineArgs(**llm_kwargs(args)).engine_config().lora_modules == (("qv", "/a"), ("all", "/b"))
