@@ -49,15 +49,16 @@ class LoRAMethod:
 
     def __init__(self, base, a: torch.Tensor, b: torch.Tensor, col_slot: torch.Tensor, batch: LoRABatch) -> None:
         self.base = base
-        self.a, self.b, self.col_slot = a, b, col_slot
+        self.a_t, self.b_t = a.t().contiguous(), b.t().contiguous()  # [K, C], [C, N]: as the products read them
+        self.col_slot = col_slot
         self.batch = batch
         self.label = f"{base.label}+lora"
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.base.apply(layer, x, bias)
         ids = self.batch.ids[: x.shape[0]]
-        t = (x @ self.a.t()) * (ids[:, None] == self.col_slot)  # [T, C]: only the token's adapter
-        return torch.addmm(y, t, self.b.t())
+        t = (x @ self.a_t) * (ids[:, None] == self.col_slot)  # [T, C]: only the token's adapter
+        return torch.addmm(y, t, self.b_t)
 
     def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> None:
         """No fused activation: the caller applies it and calls ``apply``."""
