@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,7 +158,8 @@ def test_bad_engine_options_are_clear_errors(tiny, kw, message):
 @torch.no_grad()
 def test_layer_delta_matches_merged_weights(tiny):
     """One adapted layer against its merged weight (W + B A * scaling), tokens of two adapters and
-    none in one call, with the lora columns of every adapter present."""
+    none in one call: the masked product over every adapter's columns, and the product per adapter
+    the step uses."""
     from flashserve.layers.linear import QKVLinear
     from flashserve.lora.adapter import load_adapter
     from flashserve.lora.layers import install_adapters
@@ -175,16 +177,26 @@ def test_layer_delta_matches_merged_weights(tiny):
     holder.layer = layer
     batch = install_adapters(holder, loaded, torch.float32, torch.device("cpu"))
     x = torch.randn(5, cfg["hidden_size"])
-    batch.ids = torch.tensor([0, -1, 1, 1, 0])
-    y = layer(x)
-    for row, slot in enumerate(batch.ids.tolist()):
+    ids = [0, -1, 1, 1, 0]
+    batch.ids = torch.tensor(ids)
+    static = layer(x)  # every adapter's columns, masked per token (the GPU's path)
+    batch.set_step(np.array(ids))
+    grouped = layer(x)  # only the step's adapters, each on its tokens (the CPU's path)
+    batch.set_step(np.array([1] * 5))
+    one = layer(x)
+
+    def merged(slot: int, row: int) -> torch.Tensor:
         w = layer.weight.clone()
-        if slot >= 0:
-            for p in layer.partitions:
-                if p.name in loaded[slot].weights:
-                    a, b = loaded[slot].weights[p.name]
-                    w[p.offset : p.offset + p.size] += b @ a
-        torch.testing.assert_close(y[row], w @ x[row], atol=1e-5, rtol=1e-5)
+        for p in layer.partitions:
+            if slot >= 0 and p.name in loaded[slot].weights:
+                a, b = loaded[slot].weights[p.name]
+                w[p.offset : p.offset + p.size] += b @ a
+        return w @ x[row]
+
+    for row, slot in enumerate(ids):
+        torch.testing.assert_close(static[row], merged(slot, row), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grouped[row], merged(slot, row), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one[row], merged(1, row), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2),

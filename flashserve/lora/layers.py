@@ -14,7 +14,9 @@ A step is then three products of static shape whatever the mix of adapters: ``t 
 columns of other adapters zeroed (``ids[:, None] == col_slot``), ``y += t b^T``. So CUDA graphs
 capture it, every adapter and the base model share one batch, and the work grows with the number
 of loaded adapters times their rank (small next to the base product while ``C`` is far below ``N``).
-Each token's adapter index comes from ``LoRABatch.ids``, a row of the step's input buffers.
+Each token's adapter index comes from ``LoRABatch.ids``, a row of the step's input buffers. On
+the CPU, where nothing is captured, a layer instead multiplies by the adapters its step uses only,
+each on its tokens (``LoRABatch.set_step``): the other adapters' weights are not read.
 
 Tensor parallelism: a column-parallel layer keeps its output rows of each B, a row-parallel one
 its input columns of each A; the row-parallel delta is a partial sum like the base product and is
@@ -27,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,26 +41,49 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a module
 
 class LoRABatch:
     """Each token's adapter index (-1: none) for the step being run: ``ids`` [max tokens] int64,
-    a view the Worker points at its step buffers once; layers read its first T entries."""
+    a view the Worker points at its step buffers once; layers read its first T entries.
 
-    def __init__(self) -> None:
+    On the CPU (``per_step``), where nothing is captured, ``set_step`` also lists the adapters the
+    step uses, with their tokens (None: all of them), so that layers read only those adapters'
+    weights (``LoRAMethod.apply``)."""
+
+    def __init__(self, per_step: bool) -> None:
         self.ids: torch.Tensor | None = None
+        self.per_step = per_step
+        self.groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
+
+    def set_step(self, token_lora: np.ndarray | None) -> None:
+        """The step's tokens' adapters (None: no token has one), from the host."""
+        if not self.per_step:
+            return
+        groups = []
+        for s in () if token_lora is None else np.unique(token_lora[token_lora >= 0]):
+            mine = token_lora == s
+            groups.append((int(s), None if mine.all() else torch.from_numpy(np.flatnonzero(mine))))
+        self.groups = tuple(groups)
 
 
 class LoRAMethod:
     """``base``'s product plus each token's adapter delta (module docstring)."""
 
-    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, col_slot: torch.Tensor, batch: LoRABatch) -> None:
+    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, col_slot: torch.Tensor, batch: LoRABatch,
+                 width: int) -> None:
         self.base = base
-        self.a_t, self.b_t = a.t().contiguous(), b.t().contiguous()  # [K, C], [C, N]: as the products read them
+        self.a, self.b_t = a.contiguous(), b.t().contiguous()  # [C, K], [C, N]: an adapter's rows are consecutive
         self.col_slot = col_slot
+        self.width = width  # columns of one adapter: adapter s has [s * width, (s + 1) * width)
         self.batch = batch
         self.label = f"{base.label}+lora"
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.base.apply(layer, x, bias)
+        if self.batch.groups is not None:  # the CPU: the step's adapters only
+            for s, rows in self.batch.groups:
+                a, b = self.a[s * self.width : (s + 1) * self.width], self.b_t[s * self.width : (s + 1) * self.width]
+                y = torch.addmm(y, x @ a.t(), b) if rows is None else y.index_add(0, rows, (x[rows] @ a.t()) @ b)
+            return y
         ids = self.batch.ids[: x.shape[0]]
-        t = (x @ self.a_t) * (ids[:, None] == self.col_slot)  # [T, C]: only the token's adapter
+        t = (x @ self.a.t()) * (ids[:, None] == self.col_slot)  # [T, C]: only the token's adapter
         return torch.addmm(y, t, self.b_t)
 
     def apply_silu_gated(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -116,7 +142,7 @@ def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: t
         raise ValueError(f"LoRA adapters adapt modules this model has no linear layer for: {', '.join(missing[:4])}"
                          f"{' ...' if len(missing) > 4 else ''} (supported: the decoder layers' attention and MLP "
                          "projections)")
-    batch = LoRABatch()
+    batch = LoRABatch(per_step=device.type == "cpu")
     for module, parts, blocks in plans:
         cols = len(blocks) * rank
         a_all = torch.zeros(cols, module.in_features)
@@ -131,5 +157,5 @@ def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: t
             b_all[p.offset : p.offset + p.size, c : c + a.shape[0]] = b
             col_slot[c : c + rank] = s
         module.quant_method = LoRAMethod(module.quant_method, a_all.to(device, dtype), b_all.to(device, dtype),
-                                         col_slot.to(device), batch)
+                                         col_slot.to(device), batch, len(parts) * rank)
     return batch

@@ -396,6 +396,7 @@ class Worker:
             tokens[3 + g, :t] = slots
         if buf.lora_ids is not None:  # each token's LoRA adapter
             tokens[buf.slot_rows_end, :t] = inp.token_lora if inp.token_lora is not None else -1
+            self.lora.set_step(inp.token_lora)
         i64[rows * pad_tokens : o] = inp.slots
         if p:
             i64[o : o + p], i64[o + p : o + 2 * p] = scatter
