@@ -382,7 +382,7 @@ class Worker:
         p = len(scatter[0]) if scatter else 0
         flat, blk = inp.block_updates if inp.block_updates is not None else ((), ())
         u = len(flat)
-        tr = buf.tree_row  # token rows: ids, positions, slots of each group of layers [, adapters] [, tree bits, depths]
+        tr = buf.tree_row  # token rows: ids, positions, slots of each layer group [, adapters] [, tree bits, depths]
         rows, seq_rows = (tr, 2) if tree is None else (tr + 2, 3)
         o = rows * pad_tokens + b  # the int64 array: token inputs, slots, scatter (index, row), table indices
         i64 = np.empty(o + 2 * p + u, dtype=np.int64)

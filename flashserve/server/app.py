@@ -245,8 +245,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
 
     def model_card(adapter: str | None = None) -> dict[str, Any]:
         """The base model's card, or an adapter's (``parent``: the base model)."""
-        card = {"id": adapter or state.model_name, "object": "model", "created": state.created, "owned_by": "flashserve",
-                "max_model_len": engine.max_model_len, "vocab_size": engine.engine.model_config.vocab_size}
+        card = {"id": adapter or state.model_name, "object": "model", "created": state.created,
+                "owned_by": "flashserve", "max_model_len": engine.max_model_len,
+                "vocab_size": engine.engine.model_config.vocab_size}
         return card if adapter is None else {**card, "parent": state.model_name}
 
     @app.get("/v1/models")
@@ -320,6 +321,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
             messages = body.template_messages()
         except ValueError as e:
             raise bad_request(e) from None
+        model_name = adapter or state.model_name
         if cascade is not None:
             cascade.check(body.stream, 1, params.n)
         check_capacity(params.n)
@@ -338,8 +340,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
                                  "usage": usage_of(outputs), **extra})
         request_id, admitted = await admit("chatcmpl", request, [(prompt, ids)], params)
 
-        chunks = ChunkEncoder(request_id, "chat.completion.chunk", created, adapter or state.model_name,
-                              body.include_usage)
+        chunks = ChunkEncoder(request_id, "chat.completion.chunk", created, model_name, body.include_usage)
 
         if body.stream:
             async def choice(idx: int, c: CompletionOutput, new_lp: list | None) -> dict[str, Any] | None:
@@ -364,8 +365,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         outputs = await final_outputs(engine, request, admitted, metrics)
         if 0 not in outputs:
             raise engine_error(EngineError("the request ended without a final output"))
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                             "model": adapter or state.model_name, "choices": await chat_choices(outputs[0], tool_plan, want_lp), "usage": usage_of(outputs)})
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
+                             "choices": await chat_choices(outputs[0], tool_plan, want_lp), "usage": usage_of(outputs)})
 
     async def chat_choices(final: RequestOutput, tool_plan: ToolPlan | None, want_lp: bool) -> list[dict[str, Any]]:
         choices = []
