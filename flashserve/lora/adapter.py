@@ -48,10 +48,18 @@ class LoRAAdapter:
 
     name: str
     path: str
-    rank: int  # the largest rank over its modules
-    target_modules: frozenset[str]  # leaf names of the modules it adapts, e.g. {"q_proj", "v_proj"}
     # checkpoint module name (e.g. "model.layers.0.self_attn.q_proj") -> (A fp32, B * scaling fp32)
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over its modules."""
+        return max(a.shape[0] for a, _ in self.weights.values())
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        """Leaf names of the modules it adapts, e.g. {"q_proj", "v_proj"}."""
+        return frozenset(m.rsplit(".", 1)[-1] for m in self.weights)
 
 
 def _check_name(name: str) -> None:
@@ -140,11 +148,5 @@ def load_adapter(name: str, path: str | os.PathLike) -> LoRAAdapter:
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         weights[module] = (a.to(torch.float32).contiguous(), (b.to(torch.float32) * scaling).contiguous())
 
-    return LoRAAdapter(
-        name=name,
-        path=str(folder),
-        rank=max(a.shape[0] for a, _ in weights.values()),
-        target_modules=frozenset(m.rsplit(".", 1)[-1] for m in weights),
-        weights=MappingProxyType(weights),
-    )
+    return LoRAAdapter(name=name, path=str(folder), weights=MappingProxyType(weights))
 
