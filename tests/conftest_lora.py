@@ -10,11 +10,15 @@ Import from tests as ``from conftest_lora import ...`` (like conftest_models).
   PEFT (fp32, eval, eager attention): the reference for logits and greedy tokens.
 * ``greedy_tokens(model, prompt_ids, n)`` greedy-decodes n tokens from a transformers / PEFT model
   with plain full forwards.
+* ``edited_adapter(src, dst, config=, tensors=)`` copies an adapter folder, editing its config or
+  tensors in place (bad adapters for the refusal tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +81,20 @@ def greedy_tokens(model: torch.nn.Module, prompt_ids: list[int], n: int) -> list
         logits = model(input_ids=torch.tensor([ids])).logits
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt_ids):]
+
+
+def edited_adapter(src: Path, dst: Path, config: Callable[[dict], None] | None = None,
+                   tensors: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Path:
+    """A copy of adapter ``src`` at ``dst`` with its config JSON and / or tensors edited in place."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        data = json.loads((dst / "adapter_config.json").read_text())
+        config(data)
+        (dst / "adapter_config.json").write_text(json.dumps(data))
+    if tensors is not None:
+        state = load_file(str(dst / "adapter_model.safetensors"))
+        tensors(state)
+        save_file(state, str(dst / "adapter_model.safetensors"))
+    return dst

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest_lora import greedy_tokens, load_base, peft_oracle, write_peft_adapter
+from conftest_lora import edited_adapter, greedy_tokens, load_base, peft_oracle, write_peft_adapter
 from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
 from test_engine import prompts
@@ -131,16 +132,11 @@ def test_adapter_for_another_model_is_refused_at_start(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"'wrong'.*down_proj has A \(4, 96\).*another model"):
         _engine(tiny, lora_modules={"wrong": str(wrong)})
     # an adapter of a module the model does not have as a linear layer
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    state = {}
-    from safetensors.torch import load_file, save_file
+    def rename(state):
+        for k in [k for k in state if "self_attn.q_proj" in k]:
+            state[k.replace("self_attn.q_proj", "self_attn.rotary")] = state.pop(k)
 
-    src = load_file(f"{tiny[1]['qv']}/adapter_model.safetensors")
-    for k, v in src.items():
-        state[k.replace("self_attn.q_proj", "self_attn.rotary")] = v
-    save_file(state, str(extra / "adapter_model.safetensors"))
-    (extra / "adapter_config.json").write_text(open(f"{tiny[1]['qv']}/adapter_config.json").read())
+    extra = edited_adapter(Path(tiny[1]["qv"]), tmp_path / "extra", tensors=rename)
     with pytest.raises(ValueError, match="no linear layer for: model.layers.0.self_attn.rotary"):
         _engine(tiny, lora_modules={"extra": str(extra)})
 

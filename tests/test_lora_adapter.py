@@ -1,22 +1,20 @@
 """The PEFT LoRA adapter loader (flashserve.lora.adapter) against adapters written by peft itself
 for a tiny llama checkpoint: tensors, scaling (plain, rslora, rank/alpha patterns), key mapping
-(merging the loaded weights by hand reproduces PEFT's logits), the .bin format, every refusal, and
-the --lora-modules parser. CPU only."""
+(merging the loaded weights by hand reproduces PEFT's logits), the .bin format and every refusal.
+CPU only."""
 
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest_lora import ALL_LINEAR, greedy_tokens, peft_oracle, write_peft_adapter
+from conftest_lora import ALL_LINEAR, edited_adapter, greedy_tokens, peft_oracle, write_peft_adapter
 from conftest_models import make_tiny_checkpoint
 from flashserve.lora.adapter import LoRAAdapter, load_adapter
 
@@ -106,21 +104,6 @@ def test_merged_weights_reproduce_peft_logits(base, adapter_dirs, variant: str) 
         assert greedy_tokens(merged, ids, 6) == greedy_tokens(oracle, ids, 6) != greedy_tokens(base[1], ids, 6)
 
 
-def _copy(src: Path, dst: Path, config: Callable[[dict], None] | None = None,
-          tensors: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Path:
-    """A copy of adapter ``src`` at ``dst`` with its config JSON and / or tensors edited in place."""
-    shutil.copytree(src, dst)
-    if config is not None:
-        data = json.loads((dst / "adapter_config.json").read_text())
-        config(data)
-        (dst / "adapter_config.json").write_text(json.dumps(data))
-    if tensors is not None:
-        state = load_file(str(dst / "adapter_model.safetensors"))
-        tensors(state)
-        save_file(state, str(dst / "adapter_model.safetensors"))
-    return dst
-
-
 def _assert_same(x: LoRAAdapter, y: LoRAAdapter) -> None:
     assert x.rank == y.rank and x.target_modules == y.target_modules and x.weights.keys() == y.weights.keys()
     for k in x.weights:
@@ -129,7 +112,7 @@ def _assert_same(x: LoRAAdapter, y: LoRAAdapter) -> None:
 
 def test_bin_format_and_adapter_named_keys(adapter_dirs, tmp_path: Path) -> None:
     good = load_adapter("p", adapter_dirs["patterns"])
-    bin_dir = _copy(adapter_dirs["patterns"], tmp_path / "bin")
+    bin_dir = edited_adapter(adapter_dirs["patterns"], tmp_path / "bin")
     torch.save(load_file(str(bin_dir / "adapter_model.safetensors")), bin_dir / "adapter_model.bin")
     (bin_dir / "adapter_model.safetensors").unlink()
     _assert_same(load_adapter("p", bin_dir), good)
@@ -138,7 +121,7 @@ def test_bin_format_and_adapter_named_keys(adapter_dirs, tmp_path: Path) -> None
         for k in list(state):
             state[k.replace(".weight", ".default.weight")] = state.pop(k)
 
-    _assert_same(load_adapter("p", _copy(adapter_dirs["patterns"], tmp_path / "named", tensors=rename)), good)
+    _assert_same(load_adapter("p", edited_adapter(adapter_dirs["patterns"], tmp_path / "named", tensors=rename)), good)
 
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -183,7 +166,7 @@ REFUSALS: dict[str, tuple[dict[str, Callable], str]] = {
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refusals(adapter_dirs, tmp_path: Path, case: str) -> None:
     edits, message = REFUSALS[case]
-    bad = _copy(adapter_dirs["plain"], tmp_path / case, **edits)
+    bad = edited_adapter(adapter_dirs["plain"], tmp_path / case, **edits)
     with pytest.raises(ValueError, match=message) as info:
         load_adapter("bad", bad)
     assert "LoRA adapter 'bad'" in str(info.value)
@@ -192,15 +175,15 @@ def test_refusals(adapter_dirs, tmp_path: Path, case: str) -> None:
 def test_missing_files_and_bad_names(adapter_dirs, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"directory {tmp_path / 'nowhere'} does not exist"):
         load_adapter("x", tmp_path / "nowhere")
-    no_config = _copy(adapter_dirs["plain"], tmp_path / "no_config")
+    no_config = edited_adapter(adapter_dirs["plain"], tmp_path / "no_config")
     (no_config / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match=f"no adapter_config.json in {no_config}"):
         load_adapter("x", no_config)
-    no_weights = _copy(adapter_dirs["plain"], tmp_path / "no_weights")
+    no_weights = edited_adapter(adapter_dirs["plain"], tmp_path / "no_weights")
     (no_weights / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=f"no adapter_model.safetensors or adapter_model.bin in {no_weights}"):
         load_adapter("x", no_weights)
-    broken = _copy(adapter_dirs["plain"], tmp_path / "broken")
+    broken = edited_adapter(adapter_dirs["plain"], tmp_path / "broken")
     (broken / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_adapter("x", broken)
