@@ -9,8 +9,9 @@ layers with their own rope bases, qkv products of two matrices) in one native ca
 the test harness and in the engine (several KV-cache groups, a window's released blocks); other
 steps and layers keep the general forward. Where every layer takes the native call, a decode
 step runs the whole stack in one native call with the bits of the layers called one by one
-(tiny models, SmolLM2-135M and Gemma 3 270M: logits, K/V, greedy tokens in the engine); a stack
-whose layers changed since runs them one by one."""
+(tiny models, SmolLM2-135M and Gemma 3 270M: logits, K/V, greedy tokens in the engine), also
+with LoRA adapters on its products (each row its own adapter's delta); a stack whose layers
+changed since runs them one by one."""
 
 from __future__ import annotations
 
@@ -108,6 +109,68 @@ def test_decode_steps_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch,
     assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
     assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
     assert not torch.equal(want_logits[1], want_logits[2])  # real, changing outputs
+
+
+def _random_adapters(model, config) -> list:
+    """Three random LoRA adapters for ``model``: q and v at rank 4, the MLP at rank 8, and every
+    projection but o at rank 2 (so some layers' o product has none)."""
+    from flashserve.lora.adapter import LoRAAdapter
+
+    g = torch.Generator().manual_seed(5)
+    layer = model.model.layers[0]
+    shapes = {}
+    for lin in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        for part in lin.partitions:
+            shapes[part.name.split(".layers.0.", 1)[1]] = (lin.in_features, part.size)
+    targets = [("self_attn.q_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+               tuple(shapes)]
+    adapters = []
+    for i, (names, rank) in enumerate(zip(targets, (4, 8, 2))):
+        weights = {}
+        for layer_i in range(config.num_layers):
+            for name in names:
+                fan_in, fan_out = shapes[name]
+                weights[f"model.layers.{layer_i}.{name}"] = (torch.randn(rank, fan_in, generator=g) * 0.1,
+                                                             torch.randn(fan_out, rank, generator=g) * 0.1)
+        adapters.append(LoRAAdapter(f"a{i}", "", weights))
+    return adapters
+
+
+@NEEDS_NATIVE
+@pytest.mark.parametrize("stack", [True, False])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_decode_steps_with_lora_adapters_equal_the_general_layer_bit_for_bit(tmp_path, monkeypatch, consecutive,
+                                                                             stack):
+    """Products with LoRA adapters (``flashserve.lora``) take the native call too: each row adds its
+    own adapter's delta (sequence 0 one adapter, sequence 1 another, in the same steps) with the
+    bits of the general layer, whose adapted products add it through ``cpu_native.lora_add``."""
+    from flashserve.lora.layers import install_adapters
+
+    model, config = _load(tmp_path, "qwen3_qknorm", "gguf-Q4_1")
+    base_logits, _ = _run(model, config, consecutive)
+    batch = install_adapters(model, _random_adapters(model, config), torch.float32, torch.device("cpu"))
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.quant_method.native is not None and not hasattr(attn.o_proj.quant_method, "native")
+    batch.ids = torch.full((64,), -1, dtype=torch.int64)
+    adapter_of = {0: 1, 1: 2}  # sequence -> adapter
+    step = PagedKVCache.step
+
+    def step_with_adapters(cache, model, seqs):
+        ids = [adapter_of[seq] for seq, tokens in seqs for _ in tokens]
+        batch.ids[: len(ids)] = torch.tensor(ids)
+        return step(cache, model, seqs)
+
+    monkeypatch.setattr(PagedKVCache, "step", step_with_adapters)
+    want_logits, want_kv = _run(model, config, consecutive)
+    assert use_cpu_decode_layers(model, stack=stack) == config.num_layers
+    assert isinstance(model.model.__dict__.get("run_layers"), CpuDecodeStack) == stack
+    decoded = _count_decodes(monkeypatch)
+    got_logits, got_kv = _run(model, config, consecutive)
+    decode_steps = 4 if consecutive else 8
+    assert decoded == {"torch": 0, "native": config.num_layers * decode_steps, "stack": decode_steps if stack else 0}
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+    assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
+    assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(want_logits, base_logits))  # the adapters count
 
 
 def test_a_swapped_product_sends_the_layer_to_its_general_forward(tmp_path):

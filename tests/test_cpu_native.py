@@ -2,8 +2,8 @@
 the exact product: the split planes hold the file's bytes exactly, int16 activation blocks bit
 for bit, products to fp32 summation order (row lengths of whole groups of eight blocks and of a
 tail), a row's result independent of the call's other rows and of the thread count, the same bits
-from the AVX2, AVX-VNNI and AVX-512 builds where the CPU runs them, bad shapes refused; and its
-RMSNorm against torch's."""
+from the AVX2, AVX-VNNI and AVX-512 builds where the CPU runs them, bad shapes refused; its
+RMSNorm against torch's; LoRA deltas (``lora_add``) against each row's adapter product."""
 
 from __future__ import annotations
 
@@ -271,3 +271,41 @@ def test_gelu_tanh_mul_is_close_to_the_exact_function_and_serves_the_cpu_mlp(int
     y = gelu_tanh_and_mul(xg)  # autograd on: torch's ops, differentiable
     assert y.requires_grad
     assert torch.equal(y.detach(), torch_gelu)
+
+
+@pytest.mark.parametrize("m,k,n,width", [(1, 576, 960, 48), (5, 100, 37, 3), (17, 1536, 576, 16)])
+def test_lora_add_equals_each_rows_adapter_product(m, k, n, width):
+    """``lora_add`` adds, to each row, its own adapter's ``(x A_s^T) B_s^T`` (rows of no adapter
+    unchanged); a row's bits depend neither on the call's other rows nor on the thread count."""
+    g = torch.Generator().manual_seed(m + k)
+    adapters = 3
+    lora = cn.LoRAWeights(torch.randn(adapters * width, k, generator=g), torch.randn(adapters * width, n, generator=g),
+                          width)
+    x, y0 = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    ids = torch.tensor([(-1, 0, 2, 1)[r % 4] for r in range(m)] if m > 1 else [2])
+    y = cn.lora_add(y0.clone(), x, lora, ids)
+    for r, s in enumerate(ids.tolist()):
+        want = y0[r].double()
+        if s >= 0:
+            rows = slice(s * width, (s + 1) * width)
+            want = want + (x[r].double() @ lora.a[rows].double().T) @ lora.b_t[rows].double()
+        torch.testing.assert_close(y[r].double(), want, atol=1e-4 * (1 + want.abs().max()), rtol=1e-5)
+    assert not torch.equal(y, y0) and all(torch.equal(y[r], y0[r]) for r in range(m) if ids[r] < 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [cn.lora_add(y0[r : r + 1].clone(), x[r : r + 1], lora, ids[r : r + 1]) for r in range(m)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(alone), y)
+
+
+def test_lora_add_refuses_what_it_does_not_take():
+    lora = cn.LoRAWeights(torch.randn(8, 64), torch.randn(8, 32), 4)  # two adapters
+    x, y = torch.randn(2, 64), torch.randn(2, 32)
+    with pytest.raises(ValueError, match="names a LoRA adapter that the product does not have"):
+        cn.lora_add(y, x, lora, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="fp32 y"):
+        cn.lora_add(y, torch.randn(2, 63), lora, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="fp32 y"):
+        cn.lora_add(y.double(), x, lora, torch.tensor([0, 1]))

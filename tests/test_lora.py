@@ -154,8 +154,10 @@ def test_bad_engine_options_are_clear_errors(tiny, kw, message):
 @torch.no_grad()
 def test_layer_delta_matches_merged_weights(tiny):
     """One adapted layer against its merged weight (W + B A * scaling), tokens of two adapters and
-    none in one call: the masked product over every adapter's columns, and the product per adapter
-    the step uses."""
+    none in one call, and tokens of one adapter: the masked product over every adapter's columns
+    (the GPU's form), the product per adapter the step uses (the CPU's torch form) and the native
+    kernel (the CPU's fp32 form)."""
+    from flashserve.kernels import cpu_native
     from flashserve.layers.linear import QKVLinear
     from flashserve.lora.adapter import load_adapter
     from flashserve.lora.layers import install_adapters
@@ -172,14 +174,10 @@ def test_layer_delta_matches_merged_weights(tiny):
     holder = torch.nn.Module()
     holder.layer = layer
     batch = install_adapters(holder, loaded, torch.float32, torch.device("cpu"))
+    method = layer.quant_method
+    native = method.native
+    assert (native is not None) == cpu_native.available()
     x = torch.randn(5, cfg["hidden_size"])
-    ids = [0, -1, 1, 1, 0]
-    batch.ids = torch.tensor(ids)
-    static = layer(x)  # every adapter's columns, masked per token (the GPU's path)
-    batch.set_step(np.array(ids))
-    grouped = layer(x)  # only the step's adapters, each on its tokens (the CPU's path)
-    batch.set_step(np.array([1] * 5))
-    one = layer(x)
 
     def merged(slot: int, row: int) -> torch.Tensor:
         w = layer.weight.clone()
@@ -189,10 +187,19 @@ def test_layer_delta_matches_merged_weights(tiny):
                 w[p.offset : p.offset + p.size] += b @ a
         return w @ x[row]
 
-    for row, slot in enumerate(ids):
-        torch.testing.assert_close(static[row], merged(slot, row), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(grouped[row], merged(slot, row), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(one[row], merged(1, row), atol=1e-5, rtol=1e-5)
+    for ids in ([0, -1, 1, 1, 0], [1] * 5):
+        batch.ids = torch.tensor(ids)
+        outputs = {}
+        method.native, batch.groups = None, None
+        outputs["masked"] = layer(x)  # every adapter's columns, masked per token
+        batch.set_step(np.array(ids))
+        outputs["grouped"] = layer(x)  # only the step's adapters, each on its tokens
+        if native is not None:
+            method.native = native
+            outputs["native"] = layer(x)
+        for form, y in outputs.items():
+            for row, slot in enumerate(ids):
+                torch.testing.assert_close(y[row], merged(slot, row), atol=1e-5, rtol=1e-5, msg=f"{form} {ids}")
 
 
 @pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2),
@@ -218,13 +225,16 @@ def test_engine_modes_take_the_adapters(tiny, oracles, parallel):
 def test_the_embedded_smollm2_gguf_takes_an_adapter(tmp_path):
     """The real SmolLM2-135M GGUF with an adapter on q, v and down: flashserve on the exact fp32
     dequantization gives PEFT's greedy tokens (transformers' GGUF loader + PeftModel), and the
-    packed GGUF kernels (the default on the CPU) the same tokens."""
+    packed GGUF kernels (the default on the CPU, whose decode steps run the whole layer stack in one
+    native call, adapters included, where that kernel builds) the same tokens."""
     import os
 
     import peft
     from transformers import AutoModelForCausalLM
 
+    from flashserve.kernels import cpu_native
     from flashserve.loader import default_model_path, load_tokenizer
+    from flashserve.models.cpu_decode import CpuDecodeStack
 
     try:
         gguf = default_model_path()
@@ -250,6 +260,8 @@ def test_the_embedded_smollm2_gguf_takes_an_adapter(tmp_path):
     for quantization in ("none", "auto"):  # exact fp32 weights; the packed GGUF kernels
         llm = LLM(gguf, device="cpu", quantization=quantization, verbose=False,
                   lora_modules={"colours": str(tmp_path / "adapter")})
+        stack = llm.engine.worker.model.model.__dict__.get("run_layers")
+        assert isinstance(stack, CpuDecodeStack) == (quantization == "auto" and cpu_native.available())
         got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, lora="colours"),
                            use_tqdm=False)[0].token_ids
         assert got == want, quantization

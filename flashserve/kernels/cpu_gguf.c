@@ -32,9 +32,10 @@
  * file's order.
  *
  * Beside the products: RMSNorm, rope with the K/V cache writes, one-query attention, SiLU-and-mul
- * and GELU(tanh)-and-mul in fp32, and fs_decode_layer, a decoder layer's decode step made of them
- * (the Llama family's, and layers with q/k norms, norms after the blocks, GELU and sliding windows
- * such as Gemma 3's); fs_decode_stack runs it for every layer of a model in one call.
+ * and GELU(tanh)-and-mul in fp32, LoRA adapters' deltas (fs_lora_add), and fs_decode_layer, a
+ * decoder layer's decode step made of them (the Llama family's, and layers with q/k norms, norms
+ * after the blocks, GELU and sliding windows such as Gemma 3's, with or without LoRA adapters);
+ * fs_decode_stack runs it for every layer of a model in one call.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -551,6 +552,74 @@ int fs_attention(const float *q, const float *k, const float *v, const int64_t *
     return failed ? -1 : 0;
 }
 
+static __thread scratch lora_rows;  /* a LoRA product's x A^T rows */
+
+/* x [K] . a [K] in a fixed order: two 8-lane sums over 16 columns at a time (tails through the
+ * same vector code), then across lanes. */
+INLINE float dot_row(const float *x, const float *a, int64_t k) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(a + i + 8), acc1);
+    }
+    for (; i < k; i += 8) {
+        int64_t rest = k - i < 8 ? k - i : 8;
+        acc0 = _mm256_fmadd_ps(load_tail(x + i, rest), load_tail(a + i, rest), acc0);
+    }
+    return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+enum { LORA_COLS = 64 };  /* output columns of one LoRA task: 8 vectors of sums */
+
+/* LoRA deltas added in place (flashserve.lora): for each row r of x [M, K] whose adapter
+ * s = ids[r] is >= 0, y[r, :N] (rows ldy apart) += t B_s, where t [width] = x[r] A_s^T with A_s
+ * the rows s * width .. (s + 1) * width of a [adapters * width, K] and B_s the same rows of b_t
+ * [adapters * width, N]. t's entries are dot_row's; each output sums its width products in order
+ * before the add. Threads split the (row, column) pairs, then the (row, 64 columns) tasks, so a
+ * row's values depend on neither M nor the thread count. Returns 0; -1 when t cannot be allocated;
+ * -2, changing nothing, when a row names an adapter >= adapters. */
+int fs_lora_add(const float *x, int64_t m_rows, int64_t k, const float *a, const float *b_t, int64_t n,
+                int64_t width, int64_t adapters, const int64_t *ids, float *y, int64_t ldy, int threads) {
+    int64_t used = 0;
+    for (int64_t r = 0; r < m_rows; r++) {
+        if (ids[r] >= adapters) return -2;
+        used += ids[r] >= 0;
+    }
+    if (!used) return 0;
+    float *t = scratch_at_least(&lora_rows, (size_t)(m_rows * width) * sizeof(float));
+    if (!t) return -1;
+    const int64_t tasks = (n + LORA_COLS - 1) / LORA_COLS;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m_rows * width; i++) {
+            const int64_t r = i / width, s = ids[r];
+            if (s >= 0) t[i] = dot_row(x + r * k, a + (s * width + i % width) * k, k);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m_rows * tasks; i++) {
+            const int64_t r = i / tasks, s = ids[r], j0 = (i % tasks) * LORA_COLS;
+            if (s < 0) continue;
+            const int64_t cols = n - j0 < LORA_COLS ? n - j0 : LORA_COLS, full = cols / 8, rest = cols % 8;
+            const float *tr = t + r * width, *b = b_t + s * width * n + j0;
+            __m256 acc[LORA_COLS / 8 + 1];
+            for (int64_t v = 0; v <= full; v++) acc[v] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < width; c++) {
+                const __m256 tc = _mm256_set1_ps(tr[c]);
+                const float *bc = b + c * n;
+                for (int64_t v = 0; v < full; v++) acc[v] = _mm256_fmadd_ps(tc, _mm256_loadu_ps(bc + 8 * v), acc[v]);
+                if (rest) acc[full] = _mm256_fmadd_ps(tc, load_tail(bc + 8 * full, rest), acc[full]);
+            }
+            float *yr = y + r * ldy + j0;
+            for (int64_t v = 0; v < full; v++)
+                _mm256_storeu_ps(yr + 8 * v, _mm256_add_ps(_mm256_loadu_ps(yr + 8 * v), acc[v]));
+            if (rest) store_tail(yr + 8 * full, _mm256_add_ps(load_tail(yr + 8 * full, rest), acc[full]), rest);
+        }
+    }
+    return 0;
+}
+
 /* A decoder layer's decode step in one call (flashserve.models.cpu_decode): the same functions
  * in the same order as its general forward, so the values are the same bit for bit. The layer is
  * described as data: its four products (each one matrix, or several whose outputs are
@@ -568,6 +637,8 @@ enum { MAX_PARTS = 3 };
 typedef struct {  /* one product: the parts' output columns side by side, n in all */
     fs_weight parts[MAX_PARTS];
     int64_t n_parts, n;
+    const float *lora_a, *lora_b_t;  /* LoRA adapters (fs_lora_add's a and b_t; NULL: none) */
+    int64_t lora_width, lora_adapters;
 } fs_linear;
 
 typedef struct {  /* an RMSNorm: its fp32 weight (NULL: the layer has none there) and eps */
@@ -599,8 +670,10 @@ typedef struct {
 static __thread scratch layer_rows;  /* a decode step's intermediate rows */
 
 /* y [M, l->n] = x [M, K] times each part of l, the parts' columns side by side (the values of
- * concatenating the parts' products: each column is its own weight row's). */
-static int linear(const fs_linear *l, const float *x, int64_t m_rows, float *y, int threads) {
+ * concatenating the parts' products: each column is its own weight row's), plus each row's LoRA
+ * delta where l has adapters and lora_ids (each row's adapter, -1: none) is given. */
+static int linear(const fs_linear *l, const float *x, int64_t m_rows, float *y, int threads,
+                  const int64_t *lora_ids) {
     int64_t col = 0;
     for (int64_t i = 0; i < l->n_parts; i++) {
         const fs_weight *w = &l->parts[i];
@@ -608,6 +681,9 @@ static int linear(const fs_linear *l, const float *x, int64_t m_rows, float *y, 
             return -1;
         col += w->n;
     }
+    if (l->lora_a && lora_ids)
+        return fs_lora_add(x, m_rows, l->parts[0].k, l->lora_a, l->lora_b_t, l->n, l->lora_width, l->lora_adapters,
+                           lora_ids, y, l->n, threads);
     return 0;
 }
 
@@ -630,13 +706,15 @@ INLINE int64_t first_key(const fs_layer *L, int64_t p) {
  * Row j of a sequence with n new rows sits at position p = seq_len - n + j and attends over its
  * context rows first_key(p) .. p (a decode step, or a chain of drafts each seeing the keys of its
  * own decode step), read in place. out and res_out may be hidden and residual themselves (read only
- * in the first sum, before anything is written: fs_decode_stack). Returns 0, or -1 when scratch
- * memory cannot be allocated. */
+ * in the first sum, before anything is written: fs_decode_stack). lora_ids [T]: each row's LoRA
+ * adapter (-1: none) for the products that have adapters (NULL: no row has one). Returns 0; -1
+ * when scratch memory cannot be allocated; -2 when a row names an adapter a product lacks. */
 int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, const float *residual, float *out,
-                    float *res_out, float *k_cache, float *v_cache) {
+                    float *res_out, float *k_cache, float *v_cache, const int64_t *lora_ids) {
     const int64_t t = st->t_rows, hid = L->hidden, h = L->heads, hkv = L->kv_heads, dim = L->head_dim;
     const int64_t qkv_cols = (h + 2 * hkv) * dim, inter = L->intermediate, stride = hkv * dim;
     const int threads = (int)st->threads;
+    int rc;
     size_t need = (size_t)(t * (hid + qkv_cols + 2 * h * dim + 3 * inter)) * sizeof(float);
     float *x = scratch_at_least(&layer_rows, need);
     if (!x) return -1;
@@ -644,7 +722,7 @@ int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, c
     float *gate_up = att + t * h * dim, *act = gate_up + 2 * t * inter;
     for (int64_t i = 0; i < t * hid; i++) res_out[i] = residual ? hidden[i] + residual[i] : hidden[i];
     fs_rms_norm(res_out, L->attn_in.w, t, hid, (float)L->attn_in.eps, x);
-    if (linear(&L->qkv, x, t, qkv, threads)) return -1;
+    if ((rc = linear(&L->qkv, x, t, qkv, threads, lora_ids))) return rc;
     for (int64_t r = 0; r < t; r++) {
         norm_in_place(&L->q, qkv + r * qkv_cols, h, dim);
         norm_in_place(&L->k, qkv + r * qkv_cols + h * dim, hkv, dim);
@@ -662,14 +740,14 @@ int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, c
                 return -1;
         }
     }
-    if (linear(&L->o, att, t, out, threads)) return -1;
+    if ((rc = linear(&L->o, att, t, out, threads, lora_ids))) return rc;
     norm_in_place(&L->attn_out, out, t, hid);
     for (int64_t i = 0; i < t * hid; i++) res_out[i] = out[i] + res_out[i];
     fs_rms_norm(res_out, L->mlp_in.w, t, hid, (float)L->mlp_in.eps, x);
-    if (linear(&L->gate_up, x, t, gate_up, threads)) return -1;
+    if ((rc = linear(&L->gate_up, x, t, gate_up, threads, lora_ids))) return rc;
     if (L->activation == FS_GELU_TANH) fs_gelu_tanh_mul(gate_up, t, inter, act);
     else fs_silu_mul(gate_up, t, inter, act);
-    if (linear(&L->down, act, t, out, threads)) return -1;
+    if ((rc = linear(&L->down, act, t, out, threads, lora_ids))) return rc;
     norm_in_place(&L->mlp_out, out, t, hid);
     return 0;
 }
@@ -680,14 +758,15 @@ int fs_decode_layer(const fs_layer *L, const fs_step *st, const float *hidden, c
  * layer 0 reads hidden and residual (NULL: the first layer of the model), each later layer the out
  * and res_out of the one before, updated in place (fs_decode_layer reads its hidden and residual
  * rows only in its first sum, before it writes out or res_out, so the values are those of separate
- * calls). out, res_out [T, hidden]: the last layer's. Returns 0, or -1 (no scratch memory). */
+ * calls). out, res_out [T, hidden]: the last layer's. lora_ids and the value returned: as
+ * fs_decode_layer's. */
 int fs_decode_stack(const fs_layer *layers, int64_t n_layers, const fs_step *steps, const int64_t *step_of,
                     float *const *k_caches, float *const *v_caches, const float *hidden, const float *residual,
-                    float *out, float *res_out) {
+                    float *out, float *res_out, const int64_t *lora_ids) {
     for (int64_t i = 0; i < n_layers; i++) {
-        if (fs_decode_layer(&layers[i], &steps[step_of[i]], i ? out : hidden, i ? res_out : residual, out, res_out,
-                            k_caches[i], v_caches[i]))
-            return -1;
+        int rc = fs_decode_layer(&layers[i], &steps[step_of[i]], i ? out : hidden, i ? res_out : residual, out,
+                                 res_out, k_caches[i], v_caches[i], lora_ids);
+        if (rc) return rc;
     }
     return 0;
 }

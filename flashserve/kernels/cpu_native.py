@@ -25,9 +25,10 @@ The library also holds the fp32 RMSNorm of CPU models (``rms_norm``, through
 calls a decode step), the CPU decode layer's rope and K/V writes (``rope_store``: the values
 of its ten torch ops, bit for bit, in one call), one-query attention (``attention``),
 SiLU-and-mul (``silu_mul``) and GELU(tanh)-and-mul (``gelu_tanh_mul``, Gemma's gate), which the
-torch paths' fp32 CPU decode rows and MLPs call too, a whole decoder layer's decode step in
-one call (``DecodeLayer``), built from those functions, and a model's whole stack of such layers
-in one call (``DecodeStack``).
+torch paths' fp32 CPU decode rows and MLPs call too, LoRA adapters' deltas (``lora_add``, which
+the CPU's adapted layers call too), a whole decoder layer's decode step in one call
+(``DecodeLayer``), built from those functions, and a model's whole stack of such layers in one
+call (``DecodeStack``).
 
 ``quantize_rows_reference`` and ``matmul_reference`` compute the same arithmetic in torch: the
 int16 activations and their scales bit for bit, the products up to fp32 summation order.
@@ -65,7 +66,9 @@ MAX_PARTS = 3  # matrices of one product (q, k and v of different types), output
 
 
 class _Linear(ctypes.Structure):  # fs_linear
-    _fields_ = [("parts", _Weight * MAX_PARTS), ("n_parts", ctypes.c_int64), ("n", ctypes.c_int64)]
+    _fields_ = [("parts", _Weight * MAX_PARTS), ("n_parts", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("lora_a", ctypes.c_void_p), ("lora_b_t", ctypes.c_void_p), ("lora_width", ctypes.c_int64),
+                ("lora_adapters", ctypes.c_int64)]
 
 
 class _Norm(ctypes.Structure):  # fs_norm
@@ -159,10 +162,12 @@ def _library(isa: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
         gate.restype = None
     lib.fs_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
     lib.fs_attention.restype = ctypes.c_int
-    lib.fs_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), p, p, p, p, p, p]
+    lib.fs_lora_add.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, i64, ctypes.c_int]
+    lib.fs_lora_add.restype = ctypes.c_int
+    lib.fs_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), p, p, p, p, p, p, p]
     lib.fs_decode_layer.restype = ctypes.c_int
     lib.fs_decode_stack.argtypes = [ctypes.POINTER(_Layer), i64, ctypes.POINTER(_Step), ctypes.POINTER(i64),
-                                    ctypes.POINTER(p), ctypes.POINTER(p), p, p, p, p]
+                                    ctypes.POINTER(p), ctypes.POINTER(p), p, p, p, p, p]
     lib.fs_decode_stack.restype = ctypes.c_int
     return lib
 
@@ -388,6 +393,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 _NO_ROWS = torch.zeros(1, dtype=torch.int64)  # the scattered rows of a step that has none
 
 
+class LoRAWeights(NamedTuple):
+    """A product's LoRA adapters as ``fs_lora_add`` reads them (``flashserve.lora.layers``): fp32
+    contiguous ``a`` ``[adapters * width, K]`` and ``b_t`` ``[adapters * width, N]``, adapter ``s``
+    owning their rows ``s * width .. (s + 1) * width``."""
+
+    a: torch.Tensor
+    b_t: torch.Tensor
+    width: int
+
+    @property
+    def adapters(self) -> int:
+        return self.a.shape[0] // self.width
+
+
+def _raise_for(code: int, rows: int) -> None:
+    """The error a native call's return code names (0: none)."""
+    if code == -1:
+        raise MemoryError(f"cpu_native: no memory for a step of {rows} rows")
+    if code == -2:
+        raise ValueError("cpu_native: a row names a LoRA adapter that the product does not have")
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora: LoRAWeights, ids: torch.Tensor) -> torch.Tensor:
+    """``y [M, N] += (x [M, K] A_s^T) B_s^T`` in place for each row whose adapter ``s = ids[row]``
+    (int64 ``[M]``) is >= 0, other rows unchanged; fp32 contiguous ``y`` and ``x``. Each row's
+    values depend on neither M nor the thread count (``fs_lora_add``), and are the ones the native
+    decode layer adds."""
+    m, k = x.shape
+    if (x.dtype != torch.float32 or y.dtype != torch.float32 or ids.dtype != torch.int64 or not y.is_contiguous()
+            or y.shape != (m, lora.b_t.shape[1]) or k != lora.a.shape[1] or ids.shape[0] < m):
+        raise ValueError("cpu_native.lora_add: fp32 y [M, N], x [M, K] and int64 ids [M] fitting the adapters expected")
+    x, ids = x.contiguous(), ids.contiguous()
+    _raise_for(_library().fs_lora_add(x.data_ptr(), m, k, lora.a.data_ptr(), lora.b_t.data_ptr(), y.shape[1],
+                                      lora.width, lora.adapters, ids.data_ptr(), y.data_ptr(), y.shape[1],
+                                      torch.get_num_threads()), m)
+    return y
+
+
 def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a contiguous tensor of ``dtype``: itself where it is one already (no torch op)."""
     return x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
@@ -397,11 +440,19 @@ def _weight(w: Planes, qtype: str) -> _Weight:
     return _Weight(*_pointers(w), w.qs.shape[0], w.d.shape[1] * 32, QTYPES[qtype])
 
 
-def _linear(parts: list[tuple[Planes, str]]) -> _Linear:
+def _linear(parts: list[tuple[Planes, str]], lora: LoRAWeights | None) -> _Linear:
     if not 1 <= len(parts) <= MAX_PARTS or len({w.d.shape[1] for w, _ in parts}) != 1:
         raise ValueError(f"cpu_native.DecodeLayer: a product of 1 to {MAX_PARTS} matrices of one input width expected")
     weights = [_weight(*part) for part in parts]
-    return _Linear((_Weight * MAX_PARTS)(*weights), len(weights), sum(w.n for w in weights))
+    n, k = sum(w.n for w in weights), weights[0].k
+    if lora is None:
+        return _Linear((_Weight * MAX_PARTS)(*weights), len(weights), n)
+    a, b_t = lora.a, lora.b_t
+    if (not all(w.dtype == torch.float32 and w.is_contiguous() for w in (a, b_t)) or a.shape[1] != k
+            or b_t.shape[1] != n or a.shape[0] != b_t.shape[0] or a.shape[0] % lora.width):
+        raise ValueError("cpu_native.DecodeLayer: LoRA adapters of the product's shapes (fp32, contiguous) expected")
+    return _Linear((_Weight * MAX_PARTS)(*weights), len(weights), n, a.data_ptr(), b_t.data_ptr(), lora.width,
+                   lora.adapters)
 
 
 class DecodeLayer:
@@ -417,17 +468,21 @@ class DecodeLayer:
     ``products``: qkv, o, gate_up and down, each a list of matrices whose outputs are concatenated;
     ``norms``: ``(weight, eps)`` by role (``NORMS``; ``attn_in`` and ``mlp_in`` required, the
     others where the layer has them); ``activation``: a key of ``ACTIVATIONS``; ``window``: the
-    keys a query sees, itself included (0: all before it)."""
+    keys a query sees, itself included (0: all before it); ``lora``: each product's LoRA adapters
+    (None: it has none), whose delta each row of a call adds for its adapter (``lora_add``'s
+    values)."""
 
     def __init__(self, products: list[list[tuple[Planes, str]]], norms: dict[str, tuple[torch.Tensor, float]],
                  heads: int, kv_heads: int, head_dim: int, scale: float, activation: str = "silu",
-                 window: int = 0) -> None:
-        qkv, o, gate_up, down = (_linear(p) for p in products)
+                 window: int = 0, lora: list[LoRAWeights | None] | None = None) -> None:
+        lora = lora or [None] * len(products)
+        qkv, o, gate_up, down = (_linear(p, adapters) for p, adapters in zip(products, lora, strict=True))
+        self.has_lora = any(adapters is not None for adapters in lora)
         if (qkv.n != (heads + 2 * kv_heads) * head_dim or o.n != down.n or gate_up.n != 2 * down.parts[0].k
                 or not {"attn_in", "mlp_in"} <= norms.keys() <= set(NORMS)):
             raise ValueError("cpu_native.DecodeLayer: products or norms that do not fit one decoder layer")
         weights = {name: w.contiguous() for name, (w, _) in norms.items()}
-        self._keep = tuple(weights.values())
+        self._keep = (*weights.values(), lora)
         given = {name: _Norm(weights[name].data_ptr(), eps) for name, (_, eps) in norms.items()}
         self.layer = _Layer(qkv, o, gate_up, down, *(given.get(name, _Norm(None, 0.0)) for name in NORMS), scale,
                             down.n, heads, kv_heads, head_dim, down.parts[0].k, ACTIVATIONS[activation], window)
@@ -453,14 +508,16 @@ class DecodeLayer:
         return st, (seqs, *tensors)
 
     def __call__(self, step: tuple, hidden: torch.Tensor, residual: torch.Tensor | None, k_flat: torch.Tensor,
-                 v_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 v_flat: torch.Tensor, lora_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 contiguous ``hidden``, ``residual`` ``[T, hidden]`` -> (the MLP's output, the residual
-        stream), the new rows' k and v written to the caches ``[rows, Hkv, D]``."""
+        stream), the new rows' k and v written to the caches ``[rows, Hkv, D]``; ``lora_ids``:
+        contiguous int64, each row's LoRA adapter (-1: none) in its first T entries (None: no row
+        has one)."""
         out, res = torch.empty_like(hidden), torch.empty_like(hidden)
-        if self.lib.fs_decode_layer(ctypes.byref(self.layer), ctypes.byref(step[0]), hidden.data_ptr(),
-                                    None if residual is None else residual.data_ptr(), out.data_ptr(),
-                                    res.data_ptr(), k_flat.data_ptr(), v_flat.data_ptr()):
-            raise MemoryError(f"cpu_native: no memory for a decode step of {hidden.shape[0]} rows")
+        _raise_for(self.lib.fs_decode_layer(ctypes.byref(self.layer), ctypes.byref(step[0]), hidden.data_ptr(),
+                                            None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                            res.data_ptr(), k_flat.data_ptr(), v_flat.data_ptr(),
+                                            None if lora_ids is None else lora_ids.data_ptr()), hidden.shape[0])
         return out, res
 
 
@@ -494,20 +551,20 @@ class DecodeStack:
         return (ctypes.c_int64 * self.n_layers)(*index)
 
     def __call__(self, steps: list[tuple], step_of: ctypes.Array, caches: tuple, hidden: torch.Tensor,
-                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 residual: torch.Tensor | None, lora_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 contiguous ``hidden``, ``residual`` (None: the model's first layer) ``[T, hidden]`` ->
         the last layer's (MLP output, residual stream); ``steps``: ``DecodeLayer.step``'s, those
         ``step_of`` (``step_of()``) gives the layers; ``caches``: ``caches()``'s, each layer's new
-        rows' k and v written there."""
+        rows' k and v written there; ``lora_ids``: as ``DecodeLayer``'s."""
         if (hidden.dtype != torch.float32 or not hidden.is_contiguous() or hidden.shape[-1] != self.layers[0].hidden
                 or max(step_of) >= len(steps) or any(st[0].t_rows != hidden.shape[0] for st in steps)):
             raise ValueError("cpu_native.DecodeStack: contiguous fp32 [T, hidden] rows and steps of T rows expected")
         out, res = torch.empty_like(hidden), torch.empty_like(hidden)
-        if self.lib.fs_decode_stack(self.layers, self.n_layers, (_Step * len(steps))(*(st[0] for st in steps)),
-                                    step_of, caches[0], caches[1], hidden.data_ptr(),
-                                    None if residual is None else residual.data_ptr(), out.data_ptr(),
-                                    res.data_ptr()):
-            raise MemoryError(f"cpu_native: no memory for a decode step of {hidden.shape[0]} rows")
+        _raise_for(self.lib.fs_decode_stack(self.layers, self.n_layers, (_Step * len(steps))(*(st[0] for st in steps)),
+                                            step_of, caches[0], caches[1], hidden.data_ptr(),
+                                            None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                            res.data_ptr(), None if lora_ids is None else lora_ids.data_ptr()),
+                   hidden.shape[0])
         return out, res
 
 

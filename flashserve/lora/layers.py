@@ -15,8 +15,10 @@ columns of other adapters zeroed (``ids[:, None] == col_slot``), ``y += t b^T``.
 capture it, every adapter and the base model share one batch, and the work grows with the number
 of loaded adapters times their rank (small next to the base product while ``C`` is far below ``N``).
 Each token's adapter index comes from ``LoRABatch.ids``, a row of the step's input buffers. On
-the CPU, where nothing is captured, a layer instead multiplies by the adapters its step uses only,
-each on its tokens (``LoRABatch.set_step``): the other adapters' weights are not read.
+the CPU, where nothing is captured, a layer instead multiplies each token by its own adapter only:
+fp32 adapters through the native kernel (``cpu_native.lora_add``, which the native decode layers
+of ``flashserve.models.cpu_decode`` call with the same values), others by the adapters its step
+uses, each on its tokens (``LoRABatch.set_step``). The other adapters' weights are not read.
 
 Tensor parallelism: a column-parallel layer keeps its output rows of each B, a row-parallel one
 its input columns of each A; the row-parallel delta is a partial sum like the base product and is
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from flashserve.distributed.parallel_state import current_parallel
+from flashserve.kernels import cpu_native
 from flashserve.lora.adapter import LoRAAdapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a module name
@@ -74,9 +77,15 @@ class LoRAMethod:
         self.width = width  # columns of one adapter: adapter s has [s * width, (s + 1) * width)
         self.batch = batch
         self.label = f"{base.label}+lora"
+        # fp32 adapters on the CPU: the native kernel's form of them (None: torch's products)
+        self.native = None
+        if self.a.device.type == "cpu" and self.a.dtype == torch.float32 and cpu_native.available():
+            self.native = cpu_native.LoRAWeights(self.a, self.b_t, width)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.base.apply(layer, x, bias)
+        if self.native is not None and x.dim() == 2 and x.dtype == y.dtype == torch.float32 and y.is_contiguous():
+            return cpu_native.lora_add(y, x, self.native, self.batch.ids)
         if self.batch.groups is not None:  # the CPU: the step's adapters only
             for s, rows in self.batch.groups:
                 a, b = self.a[s * self.width : (s + 1) * self.width], self.b_t[s * self.width : (s + 1) * self.width]

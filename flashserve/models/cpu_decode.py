@@ -16,13 +16,16 @@ same arithmetic:
   block, the per-head q and k norms; ``blocks.BlockNorms``), the gate's activation and the
   attention window, so Qwen3's and Gemma 3's layers (q/k norms; Gemma's norms after the blocks,
   GELU and sliding-window layers, each group of layers with its own rope base and KV-cache group)
-  take it as Llama's do;
-* otherwise (torch's int4 op; plain Llama-family layers only) about 25 torch ops: the products
-  called directly on bf16 activations (the op's only fast input), widened only where fp32 math
-  follows; q and k rotated without concatenating them (adjacent in the qkv output), or rotated and
-  stored in one native call for an fp32 qkv product (``cpu_native.rope_store``); a sequence whose
-  KV blocks are consecutive (checked once per step) attended over a view of the cache instead of
-  gathered copies; each row's attention the call ``grouped_attention`` makes for one query.
+  take it as Llama's do. Products with LoRA adapters (``flashserve.lora``, fp32) take it too: each
+  row adds its own adapter's delta, with the values of ``cpu_native.lora_add``, which the adapted
+  layers' general forward adds;
+* otherwise (torch's int4 op; plain Llama-family layers without adapters only) about 25 torch
+  ops: the products called directly on bf16 activations (the op's only fast input), widened only
+  where fp32 math follows; q and k rotated without concatenating them (adjacent in the qkv
+  output), or rotated and stored in one native call for an fp32 qkv product
+  (``cpu_native.rope_store``); a sequence whose KV blocks are consecutive (checked once per step)
+  attended over a view of the cache instead of gathered copies; each row's attention the call
+  ``grouped_attention`` makes for one query.
 
 Every value equals the general forward's bit for bit (tests/test_cpu_decode.py), so greedy
 tokens, the exact speculative verification and the agreement with the fp32 path are untouched.
@@ -60,6 +63,7 @@ from flashserve.layers.attention_rows import ancestors, node_key_rows
 from flashserve.layers.linear import Linear
 from flashserve.layers.norm import RMSNorm, rms_norm
 from flashserve.layers.rotary import RopeInputs
+from flashserve.lora.layers import LoRAMethod
 from flashserve.models import blocks
 from flashserve.models.blocks import GatedGeluTanhMLP, GatedSiluMLP, GeluTanhAndMul
 from flashserve.models.llama import KVCache
@@ -71,11 +75,19 @@ _BF16 = torch.bfloat16
 _MEMO_KEY = "cpu_decode_context"
 
 
+def _lora(linear: Linear) -> LoRAMethod | None:
+    """The layer's LoRA adapters (``flashserve.lora``), where it has some."""
+    return linear.quant_method if isinstance(linear.quant_method, LoRAMethod) else None
+
+
 def _cpu_parts(linear: Linear) -> list[PackedWeight] | None:
     """The weights of a linear layer whose parts (outputs concatenated) are each one plain CPU
     product (its forward the one chosen at build: ``Int4Weight._cpu_forward`` or
-    ``CpuGGUFWeight``'s), else None."""
-    if linear.bias is not None or linear.parallel is not None or not isinstance(linear.quant_method, PackedLinearMethod):
+    ``CpuGGUFWeight``'s), else None. Under LoRA adapters, those of the base product, where the
+    adapters are ones the native call adds (``LoRAMethod.native``)."""
+    lora = _lora(linear)
+    method = linear.quant_method if lora is None else lora.base if lora.native is not None else None
+    if linear.bias is not None or linear.parallel is not None or not isinstance(method, PackedLinearMethod):
         return None
     parts = list(linear.packed_parts)
     for w in parts:
@@ -188,6 +200,9 @@ class CpuDecodeLayer:
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale = attn.attn.scale
         norms = _norms(layer)
+        loras = [_lora(lin) for lin in _linears(layer)]
+        # each row's adapter, where products have LoRA adapters (one LoRABatch serves every layer)
+        self.lora_batch = next((lora.batch for lora in loras if lora is not None), None)
         # The whole step in one native call where every product is native and attention is too.
         self.native = None
         if self._native_parts(parts, self.head_dim) and all(n.weight.dtype == torch.float32 for n in norms.values()):
@@ -195,8 +210,8 @@ class CpuDecodeLayer:
             self.native = cpu_native.DecodeLayer(
                 [[(w.planes, w.qtype) for w in ws] for ws in parts], {r: (n.weight, n.eps) for r, n in norms.items()},
                 self.heads, self.kv_heads, self.head_dim, self.scale, _ACTIVATIONS[type(layer.mlp.act_fn)],
-                spec.span if spec.kind == "sliding" else 0)
-        self.torch_form = self._plain(layer) and all(len(ws) == 1 for ws in parts)
+                spec.span if spec.kind == "sliding" else 0, [None if lora is None else lora.native for lora in loras])
+        self.torch_form = self._plain(layer) and all(len(ws) == 1 for ws in parts) and self.lora_batch is None
         if self.torch_form:  # the products called directly, the rest in torch ops (``_decode``)
             self.qkv, self.o, self.gate_up, self.down = (_product(ws[0]) for ws in parts)
             self.norm1, self.norm2 = ((norms[r].weight, norms[r].eps) for r in ("attn_in", "mlp_in"))
@@ -238,7 +253,8 @@ class CpuDecodeLayer:
         parts = [_cpu_parts(lin) for lin in _linears(layer)]
         if any(ws is None for ws in parts):
             return False
-        plain = CpuDecodeLayer._plain(layer) and all(len(ws) == 1 for ws in parts)
+        plain = (CpuDecodeLayer._plain(layer) and all(len(ws) == 1 for ws in parts)
+                 and not any(_lora(lin) for lin in _linears(layer)))
         return plain or CpuDecodeLayer._native_parts(parts, attn.head_dim)
 
     def __call__(
@@ -258,7 +274,8 @@ class CpuDecodeLayer:
         if self.native is not None and meta.tree is None and hidden.is_contiguous() \
                 and (residual is None or residual.is_contiguous()):
             k_flat, v_flat = (c.view(-1, self.kv_heads, self.head_dim) for c in kv_cache)
-            return self.native(native_step(meta, contexts, rope), hidden, residual, k_flat, v_flat)
+            return self.native(native_step(meta, contexts, rope), hidden, residual, k_flat, v_flat,
+                               None if self.lora_batch is None else self.lora_batch.ids)
         if not self.torch_form:
             return self.general(rope, hidden, residual, kv_cache)
         return self._decode(rope, hidden, residual, kv_cache, meta, contexts)
@@ -338,6 +355,7 @@ class CpuDecodeStack:
         self.attns = [layer.attn for layer in layers]
         self.weights, self.forwards = zip(*(pair for layer in layers for pair in layer.part_forwards))
         self.native = cpu_native.DecodeStack([layer.native for layer in layers])
+        self.lora_batch = next((layer.lora_batch for layer in layers if layer.lora_batch is not None), None)
         self._plans: dict[tuple[int, ...], tuple[list[tuple[int, int, int]], object]] = {}
         self._caches: tuple = (None, (), None)  # the kv_caches list seen last, its entries, their addresses
 
@@ -347,7 +365,8 @@ class CpuDecodeStack:
         steps = None if caches is None else self._steps(ropes, kv_caches)
         if steps is None:
             return self.general(ropes, hidden, residual, kv_caches)
-        return self.native(steps[1], steps[0], caches, hidden, residual)
+        return self.native(steps[1], steps[0], caches, hidden, residual,
+                           None if self.lora_batch is None else self.lora_batch.ids)
 
     def _unchanged(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether the first layer's call would take these rows (fp32, contiguous) and every layer
@@ -409,7 +428,7 @@ def use_cpu_decode_layers(model: nn.Module, stack: bool = True) -> int:
     """Give every decoder layer of ``model`` that ``CpuDecodeLayer.supports`` that forward, and
     (``stack``) every layer stack (``blocks.LayerStack``) whose layers all take the one native call
     a ``CpuDecodeStack``; returns how many layers were switched. Call it once the weights are final
-    (loaded and packed)."""
+    (loaded and packed, LoRA adapters installed)."""
     n = 0
     for module in model.modules():
         if CpuDecodeLayer.supports(module) and not isinstance(module.__dict__.get("forward"), CpuDecodeLayer):
