@@ -385,6 +385,10 @@ class EngineConfig:
     batch_invariant: bool = False  # GPU: a token's logits independent of its step's other rows
     # LoRA adapters served beside the base model, (name, PEFT folder) each (flashserve.lora)
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # adapter slots (None: one per lora_modules entry); given, every attention and MLP projection is
+    # adapted and adapters can be loaded while serving (LLMEngine.add_lora)
+    max_loras: int | None = None
+    max_lora_rank: int | None = None  # the slots' rank (None: the largest of lora_modules')
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -416,7 +420,7 @@ class EngineConfig:
             raise ValueError(f"cpu_offload_gb must be >= 0 GiB, got {self.cpu_offload_gb}")
         if self.batch_invariant:
             self._check_batch_invariant()
-        if self.lora_modules:
+        if self.lora_modules or self.max_loras is not None:
             self._check_lora()
         if self.scheduler.num_scheduler_steps > 1:
             self._check_multi_step()
@@ -427,7 +431,14 @@ class EngineConfig:
                                         ("batch_invariant=True", self.batch_invariant),
                                         ("disaggregated prefill", self.disaggregated)) if on]
         if others:
-            raise ValueError(f"LoRA adapters (lora_modules) do not combine with {' or '.join(others)}")
+            raise ValueError(f"LoRA adapters (lora_modules, max_loras) do not combine with {' or '.join(others)}")
+        if self.max_loras is not None and self.max_loras < max(1, len(self.lora_modules)):
+            raise ValueError(f"max_loras={self.max_loras} must be at least 1 and hold the {len(self.lora_modules)} "
+                             "adapters of lora_modules")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if not self.lora_modules and self.max_lora_rank is None:
+            raise ValueError("max_loras without lora_modules needs max_lora_rank (the largest rank to load)")
 
     def _check_multi_step(self) -> None:
         """What multi-step decoding (``num_scheduler_steps`` > 1) does not combine with, refused before loading."""
@@ -569,6 +580,11 @@ class EngineArgs:
         None, "LoRA adapters to serve beside the base model, as NAME=PATH (a PEFT adapter folder), one or more; a "
               "request picks one by name (SamplingParams.lora, or the server's model field; docs/lora.md)",
         nargs="+")
+    max_loras: int | None = _arg(None, "LoRA adapter slots (default: one per --lora-modules entry); given, every "
+                                       "attention and MLP projection is adapted and adapters can be loaded and removed "
+                                       "while serving (docs/lora.md)")
+    max_lora_rank: int | None = _arg(None, "the largest LoRA rank the slots take (default: the largest of "
+                                           "--lora-modules)")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -594,6 +610,8 @@ class EngineArgs:
             disaggregated=self.disaggregated,
             batch_invariant=self.batch_invariant,
             lora_modules=parse_lora_modules(self.lora_modules),
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

@@ -120,6 +120,9 @@ class Request:
     awaiting_result: bool = False
     # Every step waits for its result before the next is planned (beam search).
     synchronous: bool = False
+    # Which load of its LoRA adapter (params.lora) this request uses (LLMEngine.add_lora): adapters
+    # loaded again under a name share no cached K/V with the ones before
+    lora_load: int = 0
     stop_reason: int | str | None = None
     metrics: RequestMetrics = field(init=False)
     # Token ids that end the sequence (EOS unless ignore_eos, and stop_token_ids), fixed at creation
@@ -151,7 +154,7 @@ class Request:
 
         salt = prefix_salt(self.params.attention)
         if self.params.lora is not None:
-            salt = (salt or []) + [-2000, *self.params.lora.encode()]
+            salt = (salt or []) + [-2000, self.lora_load, *self.params.lora.encode()]
         return salt
 
     @property

@@ -148,7 +148,7 @@ def test_decode_steps_with_lora_adapters_equal_the_general_layer_bit_for_bit(tmp
 
     model, config = _load(tmp_path, "qwen3_qknorm", "gguf-Q4_1")
     base_logits, _ = _run(model, config, consecutive)
-    batch = install_adapters(model, _random_adapters(model, config), torch.float32, torch.device("cpu"))
+    batch = install_adapters(model, _random_adapters(model, config), torch.float32, torch.device("cpu")).batch
     attn = model.model.layers[0].self_attn
     assert attn.qkv_proj.quant_method.native is not None and not hasattr(attn.o_proj.quant_method, "native")
     batch.ids = torch.full((64,), -1, dtype=torch.int64)

@@ -173,7 +173,7 @@ def test_layer_delta_matches_merged_weights(tiny):
     loaded = [replace(a, weights={k: v for k, v in a.weights.items() if k in names}) for a in loaded]
     holder = torch.nn.Module()
     holder.layer = layer
-    batch = install_adapters(holder, loaded, torch.float32, torch.device("cpu"))
+    batch = install_adapters(holder, loaded, torch.float32, torch.device("cpu")).batch
     method = layer.quant_method
     native = method.native
     assert (native is not None) == cpu_native.available()

@@ -1,12 +1,12 @@
 """Tensor and pipeline parallelism: one Worker per rank, driven by rank 0 inside the engine process.
 
 Rank 0 (the driver) is this process: it holds a Worker like the in-process executor does, and
-mirrors every call it makes on it (``execute``, ``result``, ``score_chunk``) to ranks 1..N-1 over
-a gloo control group, so every rank applies the same plans in the same order and keeps the same
-persistent batch. The model's own collectives (all-reduce after row-parallel layers, the
-vocabulary all-gather) run on a separate group: NCCL on CUDA, gloo on CPU. The tensor ranks
-gather all logits and sample with the same seed, so each appends the same tokens; only the
-driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
+mirrors every call it makes on it (``execute``, ``result``, ``score_chunk``, and ``check_lora`` /
+``set_lora``, which every rank answers) to ranks 1..N-1 over a gloo control group, so every rank
+applies the same plans in the same order and keeps the same persistent batch. The model's own
+collectives (all-reduce after row-parallel layers, the vocabulary all-gather) run on a separate
+group: NCCL on CUDA, gloo on CPU. The tensor ranks gather all logits and sample with the same
+seed, so each appends the same tokens; only the driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
 stage holds its layers only and hands hidden states and residual to the next over point-to-point
 send/recv; the last stage samples and sends the token ids back to the earlier stages
 (``flashserve.distributed.pipeline``), so a stage returns from ``execute`` once its part is
@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from flashserve.config import EngineConfig, ModelConfig
 from flashserve.distributed.parallel_state import ParallelContext, check_tensor_parallel, kv_head_split, parallel_scope
-from flashserve.distributed.process_executor import _Channel
+from flashserve.distributed.process_executor import LoRACall, _Channel, run_lora_call
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 
 _SHUTDOWN = "shutdown"
@@ -246,6 +246,8 @@ def run_rank(store: dist.Store, rank: int, world: int, timeout_s: float, config:
                 handles.pop(arg).result()
             elif kind == "score":
                 worker.score_chunk(*arg)
+            elif kind == "lora":  # answered: a refused adapter is the driver's ValueError
+                chan.send(run_lora_call(worker, arg))
         except Exception:
             exit_failed(store, rank)
 
@@ -389,6 +391,24 @@ class DistributedExecutor:
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]) -> torch.Tensor:
         args = (list(token_ids), start_pos, list(block_ids))
         return self._guard(lambda: (self._broadcast(("score", args)), self.worker.score_chunk(*args))[1])
+
+    def _lora(self, call: LoRACall) -> None:
+        """``call`` on every rank (each checks or writes its own layers' slices); ValueError with
+        the first refusal once every rank has answered."""
+        def run():
+            self._broadcast(("lora", call))
+            replies = [run_lora_call(self.worker, call)] + [chan.recv() for chan in self._peers]
+            return next((r.error for r in replies if r.error is not None), None)
+
+        error = self._guard(run)
+        if error is not None:
+            raise ValueError(error)
+
+    def check_lora(self, adapter) -> None:
+        self._lora(LoRACall(None, adapter))
+
+    def set_lora(self, slot: int, adapter) -> None:
+        self._lora(LoRACall(slot, adapter))
 
     def shutdown(self) -> None:
         if self._closed:

@@ -44,6 +44,32 @@ class _Failure:
     traceback: str
 
 
+@dataclass(frozen=True)
+class LoRACall:
+    """Check a LoRA adapter (``slot`` None) or put it in ``slot`` (``adapter`` None: clear it):
+    ``Worker.check_lora`` / ``set_lora`` in another process, answered with a ``LoRAReply``."""
+
+    slot: int | None
+    adapter: object
+
+
+@dataclass(frozen=True)
+class LoRAReply:
+    error: str | None  # the Worker's ValueError, or None
+
+
+def run_lora_call(worker, call: LoRACall) -> LoRAReply:
+    """What a Worker answers to ``call``: a refused adapter is a reply, not a failure."""
+    try:
+        if call.slot is None:
+            worker.check_lora(call.adapter)
+        else:
+            worker.set_lora(call.slot, call.adapter)
+    except ValueError as e:
+        return LoRAReply(str(e))
+    return LoRAReply(None)
+
+
 class _Channel:
     """Pickled objects over one peer of a gloo process group."""
 
@@ -75,7 +101,8 @@ class _Channel:
 
 class PlanServer:
     """The Worker's end of the engine's channel: it executes each plan and answers step N only
-    once step N+1 is launched (or when ``_FLUSH`` asks), and scores chunks (``_Score``). Serves the
+    once step N+1 is launched (or when ``_FLUSH`` asks), scores chunks (``_Score``) and checks or
+    places LoRA adapters (``LoRACall``). Serves the
     Worker process here and each side of a disaggregated engine (``flashserve.distributed.disagg``)."""
 
     def __init__(self, worker, chan: _Channel) -> None:
@@ -91,6 +118,8 @@ class PlanServer:
             self._answer(None)
         elif isinstance(msg, _Score):
             self.chan.send(self.worker.score_chunk(msg.token_ids, msg.start_pos, msg.block_ids).cpu())
+        elif isinstance(msg, LoRACall):
+            self.chan.send(run_lora_call(self.worker, msg))
         else:
             self._answer(self.worker.execute(msg))
         return True
@@ -192,6 +221,24 @@ class ProcessExecutor:
             self._result(self._last_sent)
         self._send(_Score(list(token_ids), start_pos, list(block_ids)))
         return self._recv()
+
+    def _lora(self, call: LoRACall) -> None:
+        """Send ``call`` after any step in flight has answered (its output kept for its handle);
+        ValueError where the Worker refuses it."""
+        if self._last_sent is not None:
+            self._send(_FLUSH)
+            self._last_sent = None
+        self._send(call)
+        while not isinstance(reply := self._recv(), LoRAReply):
+            self._outputs[reply.step_id] = reply
+        if reply.error is not None:
+            raise ValueError(reply.error)
+
+    def check_lora(self, adapter) -> None:
+        self._lora(LoRACall(None, adapter))
+
+    def set_lora(self, slot: int, adapter) -> None:
+        self._lora(LoRACall(slot, adapter))
 
     def shutdown(self) -> None:
         if self._closed:

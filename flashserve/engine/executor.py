@@ -2,7 +2,9 @@
 
 ``InProcExecutor`` holds the Worker in this process; ``flashserve.distributed.ProcessExecutor``
 runs it in a separate process and ships plans over torch.distributed. Both give ``execute(plan)``
-a handle with ``result()``, so the engine's loop is the same for each.
+a handle with ``result()``, so the engine's loop is the same for each. ``check_lora`` and
+``set_lora`` reach every Worker (LoRA adapters loaded or removed while serving; ValueError where a
+Worker refuses an adapter).
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class InProcExecutor:
 
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int]):
         return self.worker.score_chunk(token_ids, start_pos, block_ids)
+
+    def check_lora(self, adapter) -> None:
+        self.worker.check_lora(adapter)
+
+    def set_lora(self, slot: int, adapter) -> None:
+        self.worker.set_lora(slot, adapter)
 
     def shutdown(self) -> None:
         pass

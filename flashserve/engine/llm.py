@@ -62,6 +62,15 @@ class LLM:
     def _next_id(self) -> str:
         return f"llm-{next(self._ids)}"
 
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT LoRA adapter in folder ``path`` as ``name`` from now on (an engine started
+        with ``max_loras``); ``SamplingParams(lora=name)`` picks it (``LLMEngine.add_lora``)."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving LoRA adapter ``name`` and free its slot (``LLMEngine.remove_lora``)."""
+        self.engine.remove_lora(name)
+
     def generate(
         self,
         prompts: str | Sequence[str] | Sequence[list[int]],

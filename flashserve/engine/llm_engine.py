@@ -127,7 +127,14 @@ class LLMEngine:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{mc.vocab_size}; give a tokenizer made for this model")
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.lora_names = tuple(name for name, _ in config.lora_modules)  # the adapters requests may name
+        # LoRA slots (flashserve.lora): each slot's adapter name, and each name's load (prefix salt)
+        lora_on = bool(config.lora_modules) or config.max_loras is not None
+        self._lora_slots: list[str | None] = [name for name, _ in config.lora_modules]
+        self._lora_slots += [None] * ((config.max_loras or 0) - len(self._lora_slots)) if lora_on else []
+        self._lora_load = {name: 0 for name, _ in config.lora_modules}
+        self._lora_loads = itertools.count(1)
+        # the adapters requests may name now: a tuple replaced whole, read by server threads
+        self.lora_names: tuple[str, ...] = tuple(self._lora_load)
         sched_cfg = config.scheduler
         if sched_cfg.max_num_batched_tokens is None:  # the user left it: a budget that suits the device
             from flashserve.runner.worker import resolve_device
@@ -184,7 +191,7 @@ class LLMEngine:
         self._inflight: deque[tuple[SchedulerOutput, Handle]] = deque()  # launched, tokens not read, oldest first
         from flashserve.spec.beam import BeamSearchDriver
 
-        self.beams = BeamSearchDriver(self.core, self.eos_token_ids, self._decode_all)
+        self.beams = BeamSearchDriver(self.core, self.eos_token_ids, self._decode_all, self._lora_load)
         self.timings: list[HostTiming] | None = None  # set to [] to record per-step host timings
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -247,9 +254,49 @@ class LLMEngine:
 
     def _check_lora(self, name: str | None) -> None:
         """ValueError unless ``name`` is None or one of the adapters this engine serves."""
-        if name is not None and name not in self.lora_names:
+        if name is not None and name not in self._lora_load:
             raise ValueError(f"unknown LoRA adapter {name!r}; this engine serves "
-                             f"{', '.join(map(repr, self.lora_names)) or 'none'} (lora_modules)")
+                             f"{', '.join(map(repr, self.lora_names)) or 'none'} (lora_modules, add_lora)")
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter in folder ``path`` into a free slot as ``name``, for the
+        requests queued from now on. ValueError (FileNotFoundError for a missing folder), naming
+        the problem, where it cannot be served: no LoRA slots (start the engine with
+        ``max_loras``), every slot taken, a name in use, an adapter of another model or of a rank
+        above ``max_lora_rank``, or modules the engine does not adapt; nothing changes then."""
+        from flashserve.lora.adapter import load_adapter
+
+        if not self._lora_slots:
+            raise ValueError("this engine has no LoRA adapter slots; start it with max_loras (--max-loras) to load "
+                             "adapters while serving")
+        if name in self._lora_load:
+            raise ValueError(f"a LoRA adapter named {name!r} is already served; remove it first (remove_lora)")
+        if None not in self._lora_slots:
+            raise ValueError(f"all {len(self._lora_slots)} LoRA slots hold adapters "
+                             f"({', '.join(map(repr, self.lora_names))}); remove one (remove_lora) or start the "
+                             "engine with a larger max_loras")
+        adapter = load_adapter(name, path)
+        self.executor.check_lora(adapter)
+        slot = self._lora_slots.index(None)
+        self.executor.set_lora(slot, adapter)
+        self._lora_slots[slot] = name
+        self._lora_load[name] = next(self._lora_loads)
+        self.lora_names = tuple(self._lora_load)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving LoRA adapter ``name`` and free its slot. ValueError for a name not served,
+        or while unfinished requests (beam searches included) use it: they keep it until they end."""
+        self._check_lora(name)
+        users = sum(r.params.lora == name for r in self.scheduler.requests.values())
+        users += sum(g.params.lora == name for g in self.beams.groups.values())
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {users} unfinished request(s); remove it once "
+                             "they finish (or abort them)")
+        slot = self._lora_slots.index(name)
+        self.executor.set_lora(slot, None)
+        self._lora_slots[slot] = None
+        del self._lora_load[name]
+        self.lora_names = tuple(self._lora_load)
 
     def add_request(
         self,
@@ -292,7 +339,8 @@ class LLMEngine:
             child_params = params if params.n == 1 else replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i
             )
-            req = Request(cid, token_ids, child_params, self.eos_token_ids, prompt=text)
+            req = Request(cid, token_ids, child_params, self.eos_token_ids, prompt=text,
+                          lora_load=self._lora_load.get(params.lora, 0))
             self.core.add_request(req)
             self._child_parent[cid] = request_id
             self._decode_states[cid] = self.detokenizer.new_state(token_ids, params.skip_special_tokens, params.stop)

@@ -51,6 +51,11 @@ class LoRAAdapter:
     # checkpoint module name (e.g. "model.layers.0.self_attn.q_proj") -> (A fp32, B * scaling fp32)
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
+    def __reduce__(self):
+        """Pickled with its weights as a plain dict (a read-only view again once unpickled), so it
+        travels to Worker processes and parallel ranks."""
+        return _unpickle, (self.name, self.path, dict(self.weights))
+
     @property
     def rank(self) -> int:
         """The largest rank over its modules."""
@@ -60,6 +65,10 @@ class LoRAAdapter:
     def target_modules(self) -> frozenset[str]:
         """Leaf names of the modules it adapts, e.g. {"q_proj", "v_proj"}."""
         return frozenset(m.rsplit(".", 1)[-1] for m in self.weights)
+
+
+def _unpickle(name: str, path: str, weights: dict) -> LoRAAdapter:
+    return LoRAAdapter(name, path, MappingProxyType(weights))
 
 
 def _check_name(name: str) -> None:

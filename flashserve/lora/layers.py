@@ -2,22 +2,25 @@
 
 Every adapted layer keeps its base method (dense, quantized, GGUF) and adds, for each token, the
 delta of its request's adapter: ``y += (x A_s^T) B_s^T`` for the token's adapter ``s`` (none: no
-delta). All adapters of a layer live in two stacked matrices, one column block per (adapter,
-checkpoint module of the layer) padded to the largest rank ``R``:
+delta). The engine holds a fixed number of adapter slots (``AdapterSlots``: ``max_loras``, each of
+rank up to ``max_lora_rank``); a layer keeps every slot in two stacked matrices, one column block
+per (slot, checkpoint module of the layer) of ``rank`` columns (zero beyond an adapter's own
+rank, and for a slot without an adapter):
 
 * ``a`` ``[C, K]``: the blocks' A rows;
-* ``b`` ``[N, C]``: the blocks' B (scaling folded in), each block in the output rows of its
-  module (a fused q/k/v layer's q block only in the q rows), zero elsewhere;
-* ``col_slot`` ``[C]``: the adapter of each column.
+* ``b_t`` ``[C, N]``: the blocks' B (scaling folded in), transposed, each block in the output
+  columns of its module (a fused q/k/v layer's q block only in the q columns), zero elsewhere;
+* ``col_slot`` ``[C]``: the slot of each row.
 
 A step is then three products of static shape whatever the mix of adapters: ``t = x a^T``, the
-columns of other adapters zeroed (``ids[:, None] == col_slot``), ``y += t b^T``. So CUDA graphs
+columns of other slots zeroed (``ids[:, None] == col_slot``), ``y += t b_t``. So CUDA graphs
 capture it, every adapter and the base model share one batch, and the work grows with the number
-of loaded adapters times their rank (small next to the base product while ``C`` is far below ``N``).
-Each token's adapter index comes from ``LoRABatch.ids``, a row of the step's input buffers. On
-the CPU, where nothing is captured, a layer instead multiplies each token by its own adapter only:
-fp32 adapters through the native kernel (``cpu_native.lora_add``, which the native decode layers
-of ``flashserve.models.cpu_decode`` call with the same values), others by the adapters its step
+of slots times their rank (small next to the base product while ``C`` is far below ``N``).
+Loading or removing an adapter rewrites its slot's blocks in place, so the graphs stay valid.
+Each token's slot comes from ``LoRABatch.ids``, a row of the step's input buffers. On the CPU,
+where nothing is captured, a layer instead multiplies each token by its own adapter only: fp32
+adapters through the native kernel (``cpu_native.lora_add``, which the native decode layers of
+``flashserve.models.cpu_decode`` call with the same values), others by the adapters its step
 uses, each on its tokens (``LoRABatch.set_step``). The other adapters' weights are not read.
 
 Tensor parallelism: a column-parallel layer keeps its output rows of each B, a row-parallel one
@@ -67,14 +70,18 @@ class LoRABatch:
 
 
 class LoRAMethod:
-    """``base``'s product plus each token's adapter delta (module docstring)."""
+    """``base``'s product plus each token's adapter delta (module docstring), for the checkpoint
+    modules ``parts`` (Partitions of the layer) with ``rank`` columns each per slot."""
 
-    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, col_slot: torch.Tensor, batch: LoRABatch,
-                 width: int) -> None:
+    def __init__(self, base, parts: list, slots: int, rank: int, in_features: int, out_features: int,
+                 batch: LoRABatch, dtype: torch.dtype, device: torch.device) -> None:
         self.base = base
-        self.a, self.b_t = a.contiguous(), b.t().contiguous()  # [C, K], [C, N]: an adapter's rows are consecutive
-        self.col_slot = col_slot
-        self.width = width  # columns of one adapter: adapter s has [s * width, (s + 1) * width)
+        self.parts = parts
+        self.width = width = len(parts) * rank  # columns of one slot: slot s has [s * width, (s + 1) * width)
+        # [C, K], [C, N] (C = slots * width): a slot's rows are consecutive; zero: no adapter
+        self.a = torch.zeros(slots * width, in_features, dtype=dtype, device=device)
+        self.b_t = torch.zeros(slots * width, out_features, dtype=dtype, device=device)
+        self.col_slot = torch.arange(slots * width, device=device) // width
         self.batch = batch
         self.label = f"{base.label}+lora"
         # fp32 adapters on the CPU: the native kernel's form of them (None: torch's products)
@@ -119,52 +126,124 @@ def _check_shapes(adapter: LoRAAdapter, layer: nn.Module, part, a: torch.Tensor,
                          "trained for another model?")
 
 
-def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: torch.dtype,
-                     device: torch.device) -> LoRABatch:
-    """Wrap every linear layer that some adapter adapts in a ``LoRAMethod``; adapter ``i`` of
-    ``adapters`` is index ``i`` in ``LoRABatch.ids``. Raises ValueError, before changing anything,
-    for an adapter module the model has no linear layer for, or one of the wrong shape."""
-    from flashserve.layers.linear import Linear
+# the checkpoint modules an engine with room for adapters loaded later adapts: every decoder
+# layer's attention and MLP projections
+PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
-    rank = max(a.rank for a in adapters)
-    wanted = {name for a in adapters for name in a.weights}
-    pp = current_parallel()
-    if pp.pp_size > 1:  # a pipeline stage holds some decoder layers; the others' modules are not its
-        start, end = pp.layer_range(model.config.num_layers)
-        wanted = {n for n in wanted if (m := _LAYER.search(n)) is None or start <= int(m[1]) < end}
-    found: set[str] = set()
-    plans = []
-    for module in model.modules():
-        if not isinstance(module, Linear):
-            continue
-        parts = [p for p in module.partitions if p.name in wanted]
-        if not parts:
-            continue
-        found.update(p.name for p in parts)
-        blocks = [(s, p, adapter.weights.get(p.name)) for s, adapter in enumerate(adapters) for p in parts]
-        for s, p, ab in blocks:
-            if ab is not None:
-                _check_shapes(adapters[s], module, p, *ab)
-        plans.append((module, parts, blocks))
-    missing = sorted(wanted - found)
-    if missing:
-        raise ValueError(f"LoRA adapters adapt modules this model has no linear layer for: {', '.join(missing[:4])}"
-                         f"{' ...' if len(missing) > 4 else ''} (supported: the decoder layers' attention and MLP "
-                         "projections)")
-    batch = LoRABatch(per_step=device.type == "cpu")
-    for module, parts, blocks in plans:
-        cols = len(blocks) * rank
-        a_all = torch.zeros(cols, module.in_features)
-        b_all = torch.zeros(module.out_features, cols)
-        col_slot = torch.full((cols,), -2, dtype=torch.int64)  # -2: a block no adapter fills
-        for j, (s, p, ab) in enumerate(blocks):
-            if ab is None:
+
+class AdapterSlots:
+    """A model's adapted layers and the adapter each of ``slots`` slots holds (slot ``i`` is index
+    ``i`` in ``LoRABatch.ids``). Every adapted layer reserves ``rank`` columns per module and slot,
+    so writing or clearing a slot (``write``) changes values in place and never shapes or
+    addresses: captured CUDA graphs and the native CPU layers keep reading the same tensors.
+
+    ``modules``: the checkpoint module names to adapt (None: every projection of ``PROJECTIONS``
+    in the decoder layers). A pipeline stage adapts its own layers only."""
+
+    def __init__(self, model: nn.Module, slots: int, rank: int, modules: frozenset[str] | None, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        from flashserve.layers.linear import Linear
+
+        if slots < 1 or rank < 1:
+            raise ValueError(f"LoRA needs at least one adapter slot (max_loras) and a rank >= 1 (max_lora_rank); "
+                             f"got {slots} and {rank}")
+        self.slots, self.rank = slots, rank
+        self.names: list[str | None] = [None] * slots  # each slot's adapter
+        pp = current_parallel()
+        # [start, end): the decoder layers this stage holds
+        self.layer_range = pp.layer_range(model.config.num_layers) if pp.pp_size > 1 else (0, float("inf"))
+        self.batch = LoRABatch(per_step=device.type == "cpu")
+        self.layers: dict[str, tuple[nn.Module, object]] = {}  # module name -> (its layer, its Partition)
+        self.methods: list[LoRAMethod] = []
+        self.linears: set[str] = set()  # the checkpoint modules of this stage's linear layers
+        for module in model.modules():
+            if not isinstance(module, Linear):
                 continue
-            a, b = _local(module, p, *ab)
-            c = j * rank
-            a_all[c : c + a.shape[0]] = a
-            b_all[p.offset : p.offset + p.size, c : c + a.shape[0]] = b
-            col_slot[c : c + rank] = s
-        module.quant_method = LoRAMethod(module.quant_method, a_all.to(device, dtype), b_all.to(device, dtype),
-                                         col_slot.to(device), batch, len(parts) * rank)
-    return batch
+            self.linears.update(p.name for p in module.partitions)
+            parts = [p for p in module.partitions if self._wanted(p.name, modules)]
+            if not parts:
+                continue
+            method = LoRAMethod(module.quant_method, parts, slots, rank, module.in_features, module.out_features,
+                                self.batch, dtype, device)
+            module.quant_method = method
+            self.methods.append(method)
+            self.layers.update((p.name, (module, p)) for p in parts)
+
+    def _wanted(self, name: str, modules: frozenset[str] | None) -> bool:
+        if modules is not None:
+            return name in modules
+        m = _LAYER.search(name)
+        return m is not None and name.rsplit(".", 1)[-1] in PROJECTIONS
+
+    def _mine(self, name: str) -> bool:
+        """Whether module ``name`` belongs to this pipeline stage's layers (or to no layer)."""
+        m = _LAYER.search(name)
+        return m is None or self.layer_range[0] <= int(m[1]) < self.layer_range[1]
+
+    def check(self, adapter: LoRAAdapter) -> None:
+        """ValueError, naming the adapter and the problem, unless ``write`` can take it: a rank
+        within the slots' ``rank``, and every module it adapts in this stage one of the adapted
+        layers here, of that layer's shapes."""
+        if adapter.rank > self.rank:
+            raise ValueError(f"LoRA adapter {adapter.name!r} has rank {adapter.rank}, above this engine's "
+                             f"max_lora_rank {self.rank}; start the engine with max_lora_rank >= {adapter.rank}")
+        mine = [n for n in adapter.weights if self._mine(n)]
+        for missing, why, scope in (
+                ([n for n in mine if n not in self.linears], "this model has no linear layer for",
+                 "supported: the decoder layers' attention and MLP projections"),
+                ([n for n in mine if n not in self.layers], "this engine does not adapt", f"it adapts {self._scope()}")):
+            if missing:
+                missing = sorted(missing)
+                raise ValueError(f"LoRA adapter {adapter.name!r} adapts modules {why}: {', '.join(missing[:4])}"
+                                 f"{' ...' if len(missing) > 4 else ''} ({scope})")
+        for name, (a, b) in adapter.weights.items():
+            if name in self.layers:
+                _check_shapes(adapter, *self.layers[name], a, b)
+
+    def _scope(self) -> str:
+        """What this engine adapts, in words."""
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in self.layers})
+        if set(leaves) == PROJECTIONS:
+            return "the decoder layers' attention and MLP projections"
+        return (f"the modules of the adapters it started with: {', '.join(leaves)}; with max_loras it adapts every "
+                "attention and MLP projection")
+
+    def write(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Put ``adapter`` (checked by ``check``) in ``slot``, or clear it (None)."""
+        for method in self.methods:
+            cols = slice(slot * method.width, (slot + 1) * method.width)
+            method.a[cols] = 0
+            method.b_t[cols] = 0
+            if adapter is None:
+                continue
+            for j, part in enumerate(method.parts):
+                ab = adapter.weights.get(part.name)
+                if ab is None:
+                    continue
+                layer = self.layers[part.name][0]
+                a, b = _local(layer, part, *ab)
+                c = slot * method.width + j * self.rank
+                method.a[c : c + a.shape[0]] = a.to(method.a.dtype)
+                method.b_t[c : c + a.shape[0], part.offset : part.offset + part.size] = b.t().to(method.b_t.dtype)
+        self.names[slot] = None if adapter is None else adapter.name
+
+
+def install_adapters(model: nn.Module, adapters: Sequence[LoRAAdapter], dtype: torch.dtype, device: torch.device,
+                     max_loras: int | None = None, max_rank: int | None = None) -> AdapterSlots:
+    """Adapt ``model`` for ``max_loras`` slots (None: one per adapter) of rank ``max_rank`` (None:
+    the adapters' largest) and put adapter ``i`` of ``adapters`` in slot ``i``. With slots to
+    spare (``max_loras`` given), every attention and MLP projection is adapted, for adapters loaded
+    later; otherwise the modules the adapters adapt. Raises ValueError, before any adapter is in
+    place, for an adapter the slots cannot take."""
+    if max_loras is not None and max_loras < len(adapters):
+        raise ValueError(f"max_loras={max_loras} is below the {len(adapters)} adapters given (lora_modules)")
+    if max_rank is None and not adapters:
+        raise ValueError("LoRA without adapters to start with needs max_lora_rank")
+    rank = max_rank if max_rank is not None else max(a.rank for a in adapters)
+    modules = None if max_loras is not None else frozenset(n for a in adapters for n in a.weights)
+    lora = AdapterSlots(model, max_loras or len(adapters), rank, modules, dtype, device)
+    for adapter in adapters:
+        lora.check(adapter)
+    for slot, adapter in enumerate(adapters):
+        lora.write(slot, adapter)
+    return lora

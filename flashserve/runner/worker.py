@@ -201,13 +201,14 @@ class Worker:
         self.offload = getattr(self.model, "_host_weights", None)  # offloaded layers (cpu_offload_gb)
         if self.device.type == "cpu":  # fewer TLB misses when streaming the weights (not the staging views)
             pack_weights_in_huge_pages(self.model, skip=self.offload.streamed() if self.offload is not None else ())
-        self.lora = None  # the served LoRA adapters' LoRABatch (flashserve.lora), before the KV pool is sized
-        if config.lora_modules:
+        self.lora = None  # the LoRA adapter slots (flashserve.lora), before the KV pool is sized
+        if config.lora_modules or config.max_loras is not None:
             from flashserve.lora.adapter import load_adapter
             from flashserve.lora.layers import install_adapters
 
             adapters = [load_adapter(name, path) for name, path in config.lora_modules]
-            self.lora = install_adapters(self.model, adapters, self.dtype, self.device)
+            self.lora = install_adapters(self.model, adapters, self.dtype, self.device, config.max_loras,
+                                         config.max_lora_rank)
         load_s = time.perf_counter() - t0
 
         sched, cache = config.scheduler, config.cache
@@ -257,7 +258,7 @@ class Worker:
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device,
                                    layout.num_groups, trees, lora=self.lora is not None)
         if self.lora is not None:
-            self.lora.ids = self.buffers.lora_ids
+            self.lora.batch.ids = self.buffers.lora_ids
             self.batch.lora_index = {name: i for i, (name, _) in enumerate(config.lora_modules)}
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
@@ -396,7 +397,7 @@ class Worker:
             tokens[3 + g, :t] = slots
         if buf.lora_ids is not None:  # each token's LoRA adapter
             tokens[buf.slot_rows_end, :t] = inp.token_lora if inp.token_lora is not None else -1
-            self.lora.set_step(inp.token_lora)
+            self.lora.batch.set_step(inp.token_lora)
         i64[rows * pad_tokens : o] = inp.slots
         if p:
             i64[o : o + p], i64[o + p : o + 2 * p] = scatter
@@ -734,6 +735,28 @@ class Worker:
                 entry = tuple((v, tuple(zip(ids[:k], vals[:k]))) for v, ids, vals in lps)
             sampled[rid] = SampledTokens(toks, entry, drafts.get(rid, 0) if drafts else 0)
         return sampled
+
+    def _lora_slots(self):
+        if self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters; start it with lora_modules or max_loras")
+        return self.lora
+
+    def check_lora(self, adapter) -> None:
+        """ValueError, naming the problem, unless this Worker's adapter slots take ``adapter``
+        (``flashserve.lora.layers.AdapterSlots.check``)."""
+        self._lora_slots().check(adapter)
+
+    @torch.inference_mode()
+    def set_lora(self, slot: int, adapter) -> None:
+        """Put ``adapter`` (checked) in LoRA slot ``slot``, or clear the slot (None); new requests
+        name adapters by the slots' current names. Writes the slot in place (stream-ordered after
+        the steps already launched, which use other slots)."""
+        lora = self._lora_slots()
+        if lora.names[slot] is not None:
+            del self.batch.lora_index[lora.names[slot]]
+        lora.write(slot, adapter)
+        if adapter is not None:
+            self.batch.lora_index[adapter.name] = slot
 
     @torch.inference_mode()
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -39,7 +39,12 @@ from flashserve.server.errors import APIError, bad_request, error_body, install_
 from flashserve.server.frontend import Frontend
 from flashserve.server.limits import RequestGuard, request_id_of
 from flashserve.server.metrics import ServerMetrics
-from flashserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from flashserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+)
 from flashserve.server.streaming import (
     Admitted,
     ChunkEncoder,
@@ -66,6 +71,7 @@ class ServerOptions:
     body_timeout: float = 30.0
     escape_special_tokens: bool = True
     health_stall_timeout: float = 120.0  # /health says 503 if one engine step takes longer
+    runtime_lora_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter answer
 
 
 @dataclass
@@ -142,12 +148,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
         app.add_middleware(APIKeyMiddleware, api_key=options.api_key, protected=protected)
     app.add_middleware(RequestGuard, max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout)
 
-    adapters = engine.engine.lora_names  # LoRA adapters, served as models of their own name
-
     def check_model(model: str | None) -> str | None:
-        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for another name."""
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for another name.
+        LoRA adapters are models of their own name."""
         if model is None or model == state.model_name:
             return None
+        adapters = engine.engine.lora_names
         if model in adapters:
             return model
         served = ", ".join(map(repr, (state.model_name, *adapters)))
@@ -252,7 +258,34 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(), *map(model_card, adapters)]}
+        return {"object": "list", "data": [model_card(), *map(model_card, engine.engine.lora_names)]}
+
+    async def update_lora(what: str, param: str, fn: Callable[[Any], None]) -> dict[str, Any]:
+        """Run a LoRA load or unload on the engine thread; 403 while updates are off, 400 / 404 for
+        the engine's refusals (it keeps serving)."""
+        if not options.runtime_lora_updates:
+            raise APIError(403, "loading and unloading LoRA adapters while serving is off; start flashserve serve "
+                                "with --allow-runtime-lora-updates", code="lora_updates_disabled")
+        try:
+            await engine.call(fn)
+        except FileNotFoundError as e:
+            raise APIError(404, str(e), param=param, code="lora_not_found") from None
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_lora") from None
+        return {"object": "lora_adapter", "id": what}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> dict[str, Any]:
+        if body.lora_name == state.model_name:
+            raise APIError(400, f"{body.lora_name!r} is the base model's name; give the adapter another",
+                           param="lora_name", code="invalid_lora")
+        result = await update_lora(body.lora_name, "lora_path", lambda e: e.add_lora(body.lora_name, body.lora_path))
+        return {**result, "status": "loaded"}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> dict[str, Any]:
+        result = await update_lora(body.lora_name, "lora_name", lambda e: e.remove_lora(body.lora_name))
+        return {**result, "status": "unloaded"}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLASHSERVE_API_KEY)")
     parser.add_argument("--metrics-require-key", action="store_true", help="require the API key on /metrics too")
     parser.add_argument("--enable-openapi", action="store_true", help="serve /openapi.json (behind the API key if one is set)")
+    parser.add_argument("--allow-runtime-lora-updates", action="store_true",
+                        help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (adapters from folders on this "
+                             "machine, into the --max-loras slots; behind the API key if one is set)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients must send (default: the model's name)")
     parser.add_argument("--max-pending", type=int, default=256,
                         help="sequences allowed to wait for a batch slot beyond --max-num-seqs; more get 429")
@@ -139,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                             enable_openapi=args.enable_openapi, shutdown_timeout=args.shutdown_timeout,
                             max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
                             escape_special_tokens=not args.allow_special_tokens_in_messages,
-                            health_stall_timeout=args.health_stall_timeout)
+                            health_stall_timeout=args.health_stall_timeout,
+                            runtime_lora_updates=args.allow_runtime_lora_updates)
     app = build_app(engine, args.served_model_name, options, cascade)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             http=guarded_protocol(args.header_timeout, args.send_buffer_bytes),

@@ -22,6 +22,7 @@ beam has reported, ``BeamGroup.advance``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 NEG = -1.0e9  # transformers' "impossible" score
@@ -186,10 +187,11 @@ class BeamSearchDriver:
     greedy, ``logprobs`` = K, ``synchronous`` (planned only after the group decided), so beams of
     many prompts batch with each other and with plain requests."""
 
-    def __init__(self, core, eos_token_ids: list[int], decode) -> None:
+    def __init__(self, core, eos_token_ids: list[int], decode, lora_load: Mapping[str, int] | None = None) -> None:
         self.core = core
         self.eos_token_ids = eos_token_ids
         self.decode = decode  # token ids -> text
+        self.lora_load = lora_load if lora_load is not None else {}  # each served LoRA adapter's load (Request)
         self.groups: dict[str, BeamGroup] = {}
         self._group_of: dict[str, str] = {}  # live beam request id -> group id
         self._prompts: dict[str, str | None] = {}
@@ -211,7 +213,8 @@ class BeamSearchDriver:
 
         params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True, logprobs=group.k,
                                 num_speculative_tokens=0, lora=group.params.lora)
-        req = Request(request_id, group.prompt_token_ids, params, self.eos_token_ids, synchronous=True)
+        req = Request(request_id, group.prompt_token_ids, params, self.eos_token_ids, synchronous=True,
+                      lora_load=self.lora_load.get(params.lora, 0))
         req.output_token_ids = list(tokens)
         self._group_of[request_id] = group.group_id
         return req
