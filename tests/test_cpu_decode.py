@@ -143,12 +143,14 @@ def test_decode_steps_with_lora_adapters_equal_the_general_layer_bit_for_bit(tmp
                                                                              stack):
     """Products with LoRA adapters (``flashserve.lora``) take the native call too: each row adds its
     own adapter's delta (sequence 0 one adapter, sequence 1 another, in the same steps) with the
-    bits of the general layer, whose adapted products add it through ``cpu_native.lora_add``."""
+    bits of the general layer, whose adapted products add it through ``cpu_native.lora_add``; once
+    their slots are cleared in place, the base model's bits."""
     from flashserve.lora.layers import install_adapters
 
     model, config = _load(tmp_path, "qwen3_qknorm", "gguf-Q4_1")
     base_logits, _ = _run(model, config, consecutive)
-    batch = install_adapters(model, _random_adapters(model, config), torch.float32, torch.device("cpu")).batch
+    lora = install_adapters(model, _random_adapters(model, config), torch.float32, torch.device("cpu"))
+    batch = lora.batch
     attn = model.model.layers[0].self_attn
     assert attn.qkv_proj.quant_method.native is not None and not hasattr(attn.o_proj.quant_method, "native")
     batch.ids = torch.full((64,), -1, dtype=torch.int64)
@@ -171,6 +173,10 @@ def test_decode_steps_with_lora_adapters_equal_the_general_layer_bit_for_bit(tmp
     assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
     assert all(torch.equal(a, b) for pair, want in zip(got_kv, want_kv) for a, b in zip(pair, want))
     assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(want_logits, base_logits))  # the adapters count
+    for slot in adapter_of.values():  # slots cleared in place: the native calls add nothing
+        lora.write(slot, None)
+    cleared, _ = _run(model, config, consecutive)
+    assert all(torch.equal(a, b) for a, b in zip(cleared, base_logits))
 
 
 def test_a_swapped_product_sends_the_layer_to_its_general_forward(tmp_path):

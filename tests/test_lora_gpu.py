@@ -32,3 +32,25 @@ def test_adapters_and_base_in_one_batch_match_peft_on_gpu(tmp_path, cuda_graphs)
     oracles = {None: load_base(base), **{n: peft_oracle(base, p) for n, p in adapters.items()}}
     for prompt, out, name in zip(batch, outs, names):
         assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
+
+
+def test_adapters_loaded_after_graph_capture_match_peft_on_gpu(tmp_path):
+    """Slots written in place after the CUDA graphs were captured: the replayed graphs read the
+    loaded adapter (and, once it is removed and another loaded into its slot, that one)."""
+    base = tmp_path / "base"
+    make_tiny_checkpoint("qwen3_qknorm", base, seed=8)
+    adapters = {"all": str(write_peft_adapter(base, tmp_path / "all", seed=1, r=8, alpha=16)),
+                "qv": str(write_peft_adapter(base, tmp_path / "qv", seed=2, targets=("q_proj", "v_proj")))}
+    llm = LLM(str(base), device="cuda", dtype="float32", block_size=16, max_model_len=256, max_num_seqs=16,
+              max_num_batched_tokens=64, kv_cache_bytes=64 << 20, verbose=False, max_loras=1, max_lora_rank=8)
+    assert llm.engine.graph_capture_seconds is not None
+    oracles = {None: load_base(base), **{n: peft_oracle(base, p) for n, p in adapters.items()}}
+    batch = prompts(4, seed=32, lo=3, hi=60)
+    for name in ("all", "qv"):
+        llm.add_lora(name, adapters[name])
+        names = [name, None, name, None]
+        outs = llm.generate(batch, [SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, lora=n)
+                                    for n in names], use_tqdm=False)
+        for prompt, out, n in zip(batch, outs, names):
+            assert out.token_ids == greedy_tokens(oracles[n], prompt, NEW), n
+        llm.remove_lora(name)
