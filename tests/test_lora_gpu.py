@@ -1,6 +1,7 @@
 """LoRA adapters on the GPU (Triton kernels, CUDA graphs for decode and mixed steps): a batch of
 two adapters' and the base model's requests gives PEFT's greedy tokens (fp32), and the same with
-graphs off. Skipped without a CUDA device."""
+graphs off; adapters loaded into a slot after capture are what the graphs replay. Skipped
+without a CUDA device."""
 
 from __future__ import annotations
 
