@@ -5,6 +5,8 @@ into a temporary folder, then measures, first with the base engine and then with
 the adapters: batch-1 decode tok/s (the first adapter's request) and offline throughput on the
 ``bench throughput`` workload (requests take the adapters in turn, every (N+1)-th the base model),
 each after a warm-up. Prints both, and the ratio adapters / base. Random adapters: speed only.
+``--max-loras`` (slots beyond the adapters, every projection adapted) measures what idle slots
+cost: on a GPU each adapted layer's masked product runs over every slot.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default=PROJECTIONS, help="comma-separated module names the adapters adapt")
     p.add_argument("--num-requests", type=int, default=256, help="throughput workload size")
+    p.add_argument("--min-len", type=int, default=100, help="throughput workload: shortest prompt and output")
+    p.add_argument("--max-len", type=int, default=1024, help="throughput workload: longest prompt and output")
+    p.add_argument("--prompt-len", type=int, default=128, help="batch-1 prompt length")
     p.add_argument("--new-tokens", type=int, default=128, help="batch-1 decode length")
     p.add_argument("--output-json", default=None)
 
@@ -73,11 +78,11 @@ def measure(llm, names: list[str | None], args: argparse.Namespace) -> dict:
     engine.warm_up()
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
-    prompt = [rng.randrange(100, vocab) for _ in range(128)]
+    prompt = [rng.randrange(min(100, vocab // 2), vocab) for _ in range(args.prompt_len)]
     one = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, lora=names[0])
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, lora=names[0]), use_tqdm=False)
     tpot = llm.generate([prompt], one, use_tqdm=False)[0].metrics.time_per_output_token(args.new_tokens)
-    prompts, lens = workload(args.num_requests, 100, 1024, vocab)
+    prompts, lens = workload(args.num_requests, args.min_len, args.max_len, vocab)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, lora=names[i % len(names)])
               for i, n in enumerate(lens)]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)
@@ -95,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     cache = triton_cache_state()
     kwargs = llm_kwargs(args)
     kwargs.pop("lora_modules", None)
+    slots = {k: kwargs.pop(k, None) for k in ("max_loras", "max_lora_rank")}  # the served engine's
     targets = set(args.targets.split(","))
     with tempfile.TemporaryDirectory(prefix="flashserve-lora-") as tmp:
         llm = LLM(**kwargs)
@@ -108,15 +114,17 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        served = measure(LLM(**kwargs, lora_modules=adapters), [*adapters, None], args)
+        served = measure(LLM(**kwargs, **slots, lora_modules=adapters), [*adapters, None], args)
     res = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "triton_cache_at_start": cache, "adapters": args.adapters, "rank": args.rank, "targets": sorted(targets),
+           "max_loras": slots["max_loras"], "max_lora_rank": slots["max_lora_rank"],
            "base": base, "lora": served,
            "ratio": {k: served[k] / base[k] for k in base}}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
-    print(f"{args.model}, {args.adapters} adapters of rank {args.rank}: batch-1 decode {served['decode_tok_s']:.1f} "
+    room = f" in {slots['max_loras']} slots" if slots["max_loras"] else ""
+    print(f"{args.model}, {args.adapters} adapters of rank {args.rank}{room}: batch-1 decode {served['decode_tok_s']:.1f} "
           f"against {base['decode_tok_s']:.1f} tok/s ({res['ratio']['decode_tok_s']:.3f}x); throughput "
           f"{served['output_tok_s']:.0f} against {base['output_tok_s']:.0f} output tok/s "
           f"({res['ratio']['output_tok_s']:.3f}x); Triton cache {cache} at start")
