@@ -1,8 +1,8 @@
 """Multi-LoRA serving (flashserve.lora) against PEFT: requests for two adapters and for the base
 model batched in one engine each give the greedy tokens PEFT's model with their adapter gives
-(prefill, decode, chunked prefill); prefix caching never shares K/V across adapters; quantized
-base weights and the Triton kernels' interpreter path take adapters too; bad adapters and
-unknown names are clear errors that leave the engine serving."""
+(prefill, decode, chunked prefill, parallel ranks, speculative decoding); prefix caching never
+shares K/V across adapters; quantized base weights take adapters too; bad adapters and unknown
+names are clear errors that leave the engine serving."""
 
 from __future__ import annotations
 
@@ -141,8 +141,29 @@ def test_adapter_for_another_model_is_refused_at_start(tiny, tmp_path):
         _engine(tiny, lora_modules={"extra": str(extra)})
 
 
+@pytest.mark.parametrize("spec", [dict(method="ngram"), dict(method="ngram", tree_width=3), dict(method="draft")],
+                         ids=["ngram", "ngram-tree", "draft"])
+def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, spec):
+    """Drafts (prompt lookup, chains and trees; the base model as a draft model, which knows no
+    adapter) verified by the adapted target: each request keeps PEFT's greedy tokens for its
+    adapter, as plain decoding does."""
+    batch = prompts(4, seed=27, lo=6, hi=20)
+    batch[1] = batch[1][:6] * 4  # n-gram hits
+    names = ["all", "qv", None, "all"]
+    config = {"num_speculative_tokens": 4, "disable_by_cost": False, **spec}
+    if spec["method"] == "draft":
+        config["model"] = tiny[0]
+    llm = _engine(tiny, speculative_config=config, kv_cache_bytes=16 << 20)
+    outs = llm.generate(batch, [_params(n) for n in names], use_tqdm=False)
+    for prompt, out, name in zip(batch, outs, names):
+        assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
+    stats = llm.engine.stats().spec
+    assert stats.num_steps > 0 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
 @pytest.mark.parametrize("kw,message", [
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative decoding"),
+    (dict(speculative_config={"method": "layers", "num_speculative_tokens": 2, "num_layers": 1}),
+     "speculative decoding from the target's first layers"),
     (dict(lora_modules=["all"]), "give NAME=PATH"),
     (dict(lora_modules=["a=x", "a=y"]), "twice"),
 ])
