@@ -141,18 +141,23 @@ def test_adapter_for_another_model_is_refused_at_start(tiny, tmp_path):
         _engine(tiny, lora_modules={"extra": str(extra)})
 
 
-@pytest.mark.parametrize("spec", [dict(method="ngram"), dict(method="ngram", tree_width=3), dict(method="draft")],
-                         ids=["ngram", "ngram-tree", "draft"])
-def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, spec):
-    """Drafts (prompt lookup, chains and trees; the base model as a draft model, which knows no
-    adapter) verified by the adapted target: each request keeps PEFT's greedy tokens for its
-    adapter, as plain decoding does."""
+@pytest.mark.parametrize("spec", [dict(method="ngram"), dict(method="ngram", tree_width=3), dict(method="draft"),
+                                  dict(method="heads", num_speculative_tokens=3)],
+                         ids=["ngram", "ngram-tree", "draft", "heads"])
+def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, tmp_path, spec):
+    """Drafts (prompt lookup, chains and trees; the base model as a draft model, and heads trained
+    on the base model, which know no adapter) verified by the adapted target: each request keeps
+    PEFT's greedy tokens for its adapter, as plain decoding does."""
     batch = prompts(4, seed=27, lo=6, hi=20)
     batch[1] = batch[1][:6] * 4  # n-gram hits
     names = ["all", "qv", None, "all"]
     config = {"num_speculative_tokens": 4, "disable_by_cost": False, **spec}
     if spec["method"] == "draft":
         config["model"] = tiny[0]
+    if spec["method"] == "heads":
+        from test_spec_engine import train_small_heads
+
+        config["heads"] = train_small_heads(tiny[0], tmp_path, num_prompts=8, max_tokens=24, epochs=4, min_top1=0.1)
     llm = _engine(tiny, speculative_config=config, kv_cache_bytes=16 << 20)
     outs = llm.generate(batch, [_params(n) for n in names], use_tqdm=False)
     for prompt, out, name in zip(batch, outs, names):
