@@ -6,11 +6,12 @@ mirrors every call it makes on it (``execute``, ``result``, ``score_chunk``, and
 applies the same plans in the same order and keeps the same persistent batch. The model's own
 collectives (all-reduce after row-parallel layers, the vocabulary all-gather) run on a separate
 group: NCCL on CUDA, gloo on CPU. The tensor ranks gather all logits and sample with the same
-seed, so each appends the same tokens; only the driver's are returned. With pipeline stages (``pipeline_parallel_size``) each
-stage holds its layers only and hands hidden states and residual to the next over point-to-point
-send/recv; the last stage samples and sends the token ids back to the earlier stages
-(``flashserve.distributed.pipeline``), so a stage returns from ``execute`` once its part is
-launched and the engine keeps several micro-batches in flight (see docs/distributed.md).
+seed, so each appends the same tokens; only the driver's are returned. With pipeline stages
+(``pipeline_parallel_size``) each stage holds its layers only and hands hidden states and
+residual to the next over point-to-point send/recv; the last stage samples and sends the token
+ids back to the earlier stages (``flashserve.distributed.pipeline``), so a stage returns from
+``execute`` once its part is launched and the engine keeps several micro-batches in flight (see
+docs/distributed.md).
 
 Ranks are started with torch.multiprocessing (spawn) on this host; ``flashserve.distributed.launch``
 starts them under torchrun instead (several hosts), where rank 0 runs the engine.

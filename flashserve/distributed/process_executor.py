@@ -4,7 +4,8 @@ The engine process is rank 0 and the Worker process rank 1 of a two-rank gloo gr
 TCPStore the engine opens on a free local port. Messages are pickled, length-prefixed uint8
 tensors sent with the group's send/recv: the Worker's ``WorkerInfo`` once, then plans one way and
 ``WorkerOutput``s the other. The plan is the same immutable, incremental ``SchedulerOutput`` the
-in-process Worker executes, so results are token-identical.
+in-process Worker executes, so results are token-identical. LoRA adapters loaded or removed
+while serving travel as ``LoRACall`` messages, each answered with a ``LoRAReply``.
 
 Overlap works across the boundary too: the Worker answers step N only after it has launched
 step N+1 (or when the engine asks with ``_FLUSH`` because it has nothing more to send).
@@ -102,8 +103,8 @@ class _Channel:
 class PlanServer:
     """The Worker's end of the engine's channel: it executes each plan and answers step N only
     once step N+1 is launched (or when ``_FLUSH`` asks), scores chunks (``_Score``) and checks or
-    places LoRA adapters (``LoRACall``). Serves the
-    Worker process here and each side of a disaggregated engine (``flashserve.distributed.disagg``)."""
+    places LoRA adapters (``LoRACall``). Serves the Worker process here and each side of a
+    disaggregated engine (``flashserve.distributed.disagg``)."""
 
     def __init__(self, worker, chan: _Channel) -> None:
         self.worker = worker

@@ -477,7 +477,6 @@ class DecodeLayer:
                  window: int = 0, lora: list[LoRAWeights | None] | None = None) -> None:
         lora = lora or [None] * len(products)
         qkv, o, gate_up, down = (_linear(p, adapters) for p, adapters in zip(products, lora, strict=True))
-        self.has_lora = any(adapters is not None for adapters in lora)
         if (qkv.n != (heads + 2 * kv_heads) * head_dim or o.n != down.n or gate_up.n != 2 * down.parts[0].k
                 or not {"attn_in", "mlp_in"} <= norms.keys() <= set(NORMS)):
             raise ValueError("cpu_native.DecodeLayer: products or norms that do not fit one decoder layer")

@@ -260,31 +260,35 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None,
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(), *map(model_card, engine.engine.lora_names)]}
 
-    async def update_lora(what: str, param: str, fn: Callable[[Any], None]) -> dict[str, Any]:
-        """Run a LoRA load or unload on the engine thread; 403 while updates are off, 400 / 404 for
-        the engine's refusals (it keeps serving)."""
+    def check_lora_updates() -> None:
         if not options.runtime_lora_updates:
             raise APIError(403, "loading and unloading LoRA adapters while serving is off; start flashserve serve "
                                 "with --allow-runtime-lora-updates", code="lora_updates_disabled")
+
+    async def update_lora(name: str, fn: Callable[[Any], None]) -> dict[str, Any]:
+        """Run a LoRA load or unload on the engine thread; 404 for a missing adapter folder, 400 for
+        the engine's other refusals (it keeps serving)."""
         try:
             await engine.call(fn)
         except FileNotFoundError as e:
-            raise APIError(404, str(e), param=param, code="lora_not_found") from None
+            raise APIError(404, str(e), param="lora_path", code="lora_not_found") from None
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_lora") from None
-        return {"object": "lora_adapter", "id": what}
+        return {"object": "lora_adapter", "id": name}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> dict[str, Any]:
+        check_lora_updates()
         if body.lora_name == state.model_name:
             raise APIError(400, f"{body.lora_name!r} is the base model's name; give the adapter another",
                            param="lora_name", code="invalid_lora")
-        result = await update_lora(body.lora_name, "lora_path", lambda e: e.add_lora(body.lora_name, body.lora_path))
+        result = await update_lora(body.lora_name, lambda e: e.add_lora(body.lora_name, body.lora_path))
         return {**result, "status": "loaded"}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> dict[str, Any]:
-        result = await update_lora(body.lora_name, "lora_name", lambda e: e.remove_lora(body.lora_name))
+        check_lora_updates()
+        result = await update_lora(body.lora_name, lambda e: e.remove_lora(body.lora_name))
         return {**result, "status": "unloaded"}
 
     @app.get("/v1/models/{model:path}")
