@@ -427,11 +427,7 @@ class EngineConfig:
 
     def _check_lora(self) -> None:
         """What serving LoRA adapters does not combine with, refused before loading."""
-        # a draft from the target's own first layers would run them without the requests' adapters
-        layers_draft = self.speculative is not None and self.speculative.method == "layers"
-        others = [name for name, on in (("speculative decoding from the target's first layers (method 'layers')",
-                                         layers_draft),
-                                        ("batch_invariant=True", self.batch_invariant),
+        others = [name for name, on in (("batch_invariant=True", self.batch_invariant),
                                         ("disaggregated prefill", self.disaggregated)) if on]
         if others:
             raise ValueError(f"LoRA adapters (lora_modules, max_loras) do not combine with {' or '.join(others)}")

@@ -142,12 +142,14 @@ def test_adapter_for_another_model_is_refused_at_start(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("spec", [dict(method="ngram"), dict(method="ngram", tree_width=3), dict(method="draft"),
-                                  dict(method="heads", num_speculative_tokens=3)],
-                         ids=["ngram", "ngram-tree", "draft", "heads"])
-def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, tmp_path, spec):
+                                  dict(method="heads", num_speculative_tokens=3), dict(method="layers", num_layers=1),
+                                  dict(method="layers", num_layers=1, tree_width=2)],
+                         ids=["ngram", "ngram-tree", "draft", "heads", "layers", "layers-tree"])
+def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, tmp_path, monkeypatch, spec):
     """Drafts (prompt lookup, chains and trees; the base model as a draft model, and heads trained
-    on the base model, which know no adapter) verified by the adapted target: each request keeps
-    PEFT's greedy tokens for its adapter, as plain decoding does."""
+    on the base model, which know no adapter; the target's first layer, each draft token with its
+    request's adapter) verified by the adapted target: each request keeps PEFT's greedy tokens for
+    its adapter, as plain decoding does."""
     batch = prompts(4, seed=27, lo=6, hi=20)
     batch[1] = batch[1][:6] * 4  # n-gram hits
     names = ["all", "qv", None, "all"]
@@ -159,7 +161,21 @@ def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, tmp
 
         config["heads"] = train_small_heads(tiny[0], tmp_path, num_prompts=8, max_tokens=24, epochs=4, min_top1=0.1)
     llm = _engine(tiny, speculative_config=config, kv_cache_bytes=16 << 20)
+    if spec["method"] == "layers":  # each draft pass sees its tokens' adapters
+        from flashserve.spec.draft import StepRunner
+
+        lora, batch_slots, run = llm.engine.worker.lora.batch, llm.engine.worker.batch, StepRunner.run
+        passes = []  # (each token's adapter as the layers read it, as its request has it)
+
+        def checked(runner, ids, positions, slot_maps, query_lens, seq_lens, request_slots, *a, **kw):
+            want = np.repeat(batch_slots.lora[request_slots], query_lens).tolist()
+            passes.append((lora.ids[: len(want)].tolist(), want))
+            return run(runner, ids, positions, slot_maps, query_lens, seq_lens, request_slots, *a, **kw)
+
+        monkeypatch.setattr(StepRunner, "run", checked)
     outs = llm.generate(batch, [_params(n) for n in names], use_tqdm=False)
+    if spec["method"] == "layers":
+        assert all(got == want for got, want in passes) and {0, 1} <= {s for _, want in passes for s in want}
     for prompt, out, name in zip(batch, outs, names):
         assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
     stats = llm.engine.stats().spec
@@ -167,8 +183,7 @@ def test_speculative_decoding_with_adapters_gives_peft_tokens(tiny, oracles, tmp
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(speculative_config={"method": "layers", "num_speculative_tokens": 2, "num_layers": 1}),
-     "speculative decoding from the target's first layers"),
+    (dict(batch_invariant=True), "do not combine with batch_invariant=True"),
     (dict(lora_modules=["all"]), "give NAME=PATH"),
     (dict(lora_modules=["a=x", "a=y"]), "twice"),
 ])

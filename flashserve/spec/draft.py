@@ -13,7 +13,7 @@
   head (early exit used as a draft). It shares the target's K/V (each layer through its own
   group's block table): the target's verification pass computes layers 0..L-1 of every accepted
   token exactly as the draft would, so the draft never catches up on anything but the newest
-  token.
+  token. With LoRA adapters each draft token runs its request's adapter, as the target does.
 
 A round, for the requests that speculate this step (all at once, batched):
 1. catch-up: the draft computes the tokens its cache lacks, up to the root (the last known
@@ -228,8 +228,18 @@ class DraftProposer:
         device = (w.block_table, *w.group_block_tables)
         token_slots = np.repeat(request_slots, query_lens)
         slot_maps = [host[g][token_slots, positions // bs].astype(np.int64) * bs + positions % bs for g in self.groups]
+        if self.shares_kv and w.lora is not None:  # the target's adapted layers: each token's LoRA adapter
+            self._set_lora(w.batch.lora[token_slots])
         return self.runner.run(ids, positions, slot_maps, query_lens, seq_lens, request_slots,
                                [device[g] for g in self.groups])
+
+    def _set_lora(self, token_lora: np.ndarray) -> None:
+        """Point the target's LoRA layers at the draft step's tokens (``flashserve.lora``): their
+        adapters into the Worker's adapter row, which the layers (and their captured graphs) read.
+        The Worker writes the row again for its own step, after the drafts."""
+        lora = self.worker.lora.batch
+        lora.ids[: len(token_lora)].copy_(torch.from_numpy(token_lora))
+        lora.set_step(token_lora if (token_lora >= 0).any() else None)
 
     def propose(self, items: list[tuple[ScheduledRequest, object]]) -> tuple[list[TokenTree], list | None]:
         """One tree per request, and per request q [n, V] of a sampled chain (else None)."""
