@@ -57,17 +57,18 @@ def test_adapters_loaded_after_graph_capture_match_peft_on_gpu(tmp_path):
         llm.remove_lora(name)
 
 
-@pytest.mark.parametrize("tree_width", [1, 3])
-def test_speculative_verification_with_adapters_matches_peft_on_gpu(tmp_path, tree_width):
-    """n-gram drafts verified by the adapted target (chains and token trees, their CUDA graphs):
-    PEFT's greedy tokens for each request's adapter."""
+@pytest.mark.parametrize("method,tree_width", [("ngram", 1), ("ngram", 3), ("layers", 1), ("layers", 2)])
+def test_speculative_verification_with_adapters_matches_peft_on_gpu(tmp_path, method, tree_width):
+    """n-gram drafts and the target's first layer (its graphs reading the draft tokens' adapters)
+    verified by the adapted target, chains and token trees: PEFT's greedy tokens for each
+    request's adapter."""
     base = tmp_path / "base"
     make_tiny_checkpoint("qwen3_qknorm", base, seed=8)
     adapters = {"all": str(write_peft_adapter(base, tmp_path / "all", seed=1, r=8, alpha=16))}
     llm = LLM(str(base), device="cuda", dtype="float32", block_size=16, max_model_len=256, max_num_seqs=16,
               max_num_batched_tokens=64, kv_cache_bytes=64 << 20, verbose=False, lora_modules=adapters,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "disable_by_cost": False,
-                                  "tree_width": tree_width})
+              speculative_config={"method": method, "num_speculative_tokens": 4, "disable_by_cost": False,
+                                  "tree_width": tree_width, **({"num_layers": 1} if method == "layers" else {})})
     batch = prompts(4, seed=33, lo=6, hi=40)
     batch[1] = batch[1][:6] * 4
     names = ["all", None, "all", None]
