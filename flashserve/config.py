@@ -389,6 +389,9 @@ class EngineConfig:
     # adapted and adapters can be loaded while serving (LLMEngine.add_lora)
     max_loras: int | None = None
     max_lora_rank: int | None = None  # the slots' rank (None: the largest of lora_modules')
+    # adapters served at most (None: max_loras); more than the slots: host copies move into slots
+    # as requests need them (flashserve.lora.registry)
+    max_cpu_loras: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -420,7 +423,7 @@ class EngineConfig:
             raise ValueError(f"cpu_offload_gb must be >= 0 GiB, got {self.cpu_offload_gb}")
         if self.batch_invariant:
             self._check_batch_invariant()
-        if self.lora_modules or self.max_loras is not None:
+        if self.lora_modules or self.max_loras is not None or self.max_cpu_loras is not None:
             self._check_lora()
         if self.scheduler.num_scheduler_steps > 1:
             self._check_multi_step()
@@ -434,6 +437,11 @@ class EngineConfig:
         if self.max_loras is not None and self.max_loras < max(1, len(self.lora_modules)):
             raise ValueError(f"max_loras={self.max_loras} must be at least 1 and hold the {len(self.lora_modules)} "
                              "adapters of lora_modules")
+        if self.max_cpu_loras is not None and not (self.max_loras or self.lora_modules):
+            raise ValueError("max_cpu_loras needs max_loras (the adapter slots)")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < (self.max_loras or len(self.lora_modules)):
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be at least max_loras (the adapter slots, "
+                             f"{self.max_loras or len(self.lora_modules)})")
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if not self.lora_modules and self.max_lora_rank is None:
@@ -584,6 +592,9 @@ class EngineArgs:
                                        "while serving (docs/lora.md)")
     max_lora_rank: int | None = _arg(None, "the largest LoRA rank the slots take (default: the largest of "
                                            "--lora-modules)")
+    max_cpu_loras: int | None = _arg(None, "LoRA adapters served at most (default: --max-loras); above the slots, "
+                                           "adapters wait in host memory and move into a slot when requests need "
+                                           "them (docs/lora.md)")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -611,6 +622,7 @@ class EngineArgs:
             lora_modules=parse_lora_modules(self.lora_modules),
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_bytes,

@@ -61,7 +61,7 @@ def test_adapters_loaded_and_removed_while_serving_match_peft(tiny, oracles):
     assert _generate(llm, batch, ["all", None, "all"]) == [want["all"][0], want[None][1], want["all"][2]]
     llm.add_lora("qv", adapters["qv"])
     assert _generate(llm, batch, ["qv", "all", None]) == [want["qv"][0], want["all"][1], want[None][2]]
-    with pytest.raises(ValueError, match=r"all 2 LoRA slots hold adapters \('all', 'qv'\); remove one"):
+    with pytest.raises(ValueError, match=r"serves 2 LoRA adapters at most \('all', 'qv'\); remove one.*max_cpu_loras"):
         llm.add_lora("third", adapters["qv"])
     llm.remove_lora("all")
     with pytest.raises(ValueError, match="unknown LoRA adapter 'all'; this engine serves 'qv'"):
@@ -137,7 +137,7 @@ def test_engines_without_room_say_how_to_get_it(tiny):
     # started with 'qv' alone and no max_loras: one slot, adapting q and v only
     fixed = LLM(model=base, device="cpu", block_size=4, max_model_len=64, kv_cache_bytes=8 << 20, verbose=False,
                 lora_modules={"qv": adapters["qv"]}, max_lora_rank=8)
-    with pytest.raises(ValueError, match="all 1 LoRA slots hold adapters"):
+    with pytest.raises(ValueError, match="serves 1 LoRA adapters at most"):
         fixed.add_lora("all", adapters["all"])
     fixed.remove_lora("qv")
     with pytest.raises(ValueError, match=r"modules this engine does not adapt: .*down_proj.*with max_loras it adapts "
@@ -149,22 +149,68 @@ def test_engines_without_room_say_how_to_get_it(tiny):
         LLM(model=base, device="cpu", verbose=False, max_loras=1, lora_modules=adapters)
 
 
+def test_more_adapters_than_slots_take_turns(tiny, oracles):
+    """One slot, two adapters served (``max_cpu_loras=2``): requests of the adapter not in the slot
+    wait until the slot's adapter has no unfinished request, then it moves in; every request gets
+    PEFT's tokens for its adapter, base-model requests never wait, later requests wait behind an
+    earlier one (arrival order), and the wait ends for an aborted request too."""
+    base, adapters = tiny
+    llm = _engine(tiny, max_loras=1, max_cpu_loras=2)
+    llm.add_lora("all", adapters["all"])
+    llm.add_lora("qv", adapters["qv"])  # served from host memory until a request needs it
+    assert llm.engine.lora.slots == ["all"]
+    batch = prompts(5, seed=36, lo=6, hi=24)
+    names = ["all", "qv", None, "all", "qv"]
+    outs = llm.generate(batch, [_params(n) for n in names], use_tqdm=False)
+    for prompt, out, name in zip(batch, outs, names):
+        assert out.token_ids == greedy_tokens(oracles[name], prompt, NEW), name
+    assert llm.engine.lora.slots == ["qv"] and not llm.engine.lora.waiting
+    engine = llm.engine
+    engine.add_request("q", batch[0], _params("qv"))
+    engine.add_request("a", batch[1], _params("all"))  # waits: 'qv' runs in the slot
+    engine.add_request("q2", batch[2], _params("qv"))  # waits behind 'a', though 'qv' is in the slot
+    engine.add_request("b", batch[3], _params(None))
+    assert [r.request_id for r in engine.lora.waiting] == ["a", "q2"]
+    with pytest.raises(ValueError, match=r"'all' is in use by 1 unfinished request"):
+        llm.remove_lora("all")
+    assert engine.abort_request("a")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    assert sorted(done) == ["b", "q", "q2"] and not engine.lora.waiting
+    assert done["q2"] == greedy_tokens(oracles["qv"], batch[2], NEW)
+    assert done["b"] == greedy_tokens(oracles[None], batch[3], NEW)
+    with pytest.raises(ValueError, match="serves 2 LoRA adapters at most"):
+        llm.add_lora("r16", adapters["r16"])
+    # a beam search starts only with its adapter in a slot
+    from flashserve.spec.beam import BeamSearchParams
+
+    engine.add_request("busy", batch[0], _params("qv"))
+    with pytest.raises(ValueError, match="beam search needs LoRA adapter 'all' in a slot"):
+        engine.add_beam_request("beam", batch[1], BeamSearchParams(beam_width=2, max_tokens=4, lora="all"))
+    while engine.has_unfinished_requests():
+        engine.step()
+    beams = llm.beam_search([batch[1]], BeamSearchParams(beam_width=2, max_tokens=4, lora="all"), use_tqdm=False)
+    assert engine.lora.slots == ["all"] and len(beams[0].outputs) == 2
+
+
 @pytest.mark.slow  # starts Worker processes
 @pytest.mark.parametrize("mode", [dict(executor="process"), dict(tensor_parallel_size=2),
                                   dict(pipeline_parallel_size=2)])
 def test_other_processes_load_and_refuse_adapters(tiny, oracles, mode):
     """A Worker in its own process, and every tensor- or pipeline-parallel rank, loads the adapter
-    (its slice, its stage's layers), and every one of them refuses one it cannot take."""
+    (its slice, its stage's layers), swaps adapters through its one slot between steps, and every
+    one of them refuses an adapter it cannot take."""
     base, adapters = tiny
-    llm = _engine(tiny, max_loras=1, **mode)
-    batch = prompts(2, seed=35, lo=6, hi=20)
+    llm = _engine(tiny, max_loras=1, max_cpu_loras=2, **mode)
+    batch = prompts(4, seed=35, lo=6, hi=20)
     with pytest.raises(ValueError, match="above this engine's max_lora_rank 8"):
         llm.add_lora("r16", adapters["r16"])
     llm.add_lora("all", adapters["all"])
-    assert _generate(llm, batch, ["all", None]) == [greedy_tokens(oracles["all"], batch[0], NEW),
-                                                    greedy_tokens(oracles[None], batch[1], NEW)]
-    llm.remove_lora("all")
     llm.add_lora("qv", adapters["qv"])
-    assert _generate(llm, batch, [None, "qv"]) == [greedy_tokens(oracles[None], batch[0], NEW),
-                                                   greedy_tokens(oracles["qv"], batch[1], NEW)]
+    names = ["all", "qv", None, "all"]
+    assert _generate(llm, batch, names) == [greedy_tokens(oracles[n], p, NEW) for p, n in zip(batch, names)]
+    llm.remove_lora("all")
+    assert _generate(llm, batch[:2], [None, "qv"]) == [greedy_tokens(oracles[None], batch[0], NEW),
+                                                       greedy_tokens(oracles["qv"], batch[1], NEW)]
     llm.engine.shutdown()

@@ -93,7 +93,7 @@ def test_adapters_loaded_and_unloaded_over_http(tmp_path):
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == want
         for body, status, message in [
-                (dict(lora_name="big", lora_path=str(big)), 400, "all 1 LoRA slots hold adapters"),
+                (dict(lora_name="big", lora_path=str(big)), 400, "serves 1 LoRA adapters at most"),
                 (dict(lora_name="sql", lora_path=str(sql)), 400, "named 'sql' is already served"),
                 (dict(lora_name="tiny", lora_path=str(sql)), 400, "the base model's name"),
                 (dict(lora_name="x"), 400, "missing required field 'lora_path'")]:

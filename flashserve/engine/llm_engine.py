@@ -127,14 +127,6 @@ class LLMEngine:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{mc.vocab_size}; give a tokenizer made for this model")
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        # LoRA slots (flashserve.lora): each slot's adapter name, and each name's load (prefix salt)
-        lora_on = bool(config.lora_modules) or config.max_loras is not None
-        self._lora_slots: list[str | None] = [name for name, _ in config.lora_modules]
-        self._lora_slots += [None] * ((config.max_loras or 0) - len(self._lora_slots)) if lora_on else []
-        self._lora_load = {name: 0 for name, _ in config.lora_modules}
-        self._lora_loads = itertools.count(1)
-        # the adapters requests may name now: a tuple replaced whole, read by server threads
-        self.lora_names: tuple[str, ...] = tuple(self._lora_load)
         sched_cfg = config.scheduler
         if sched_cfg.max_num_batched_tokens is None:  # the user left it: a budget that suits the device
             from flashserve.runner.worker import resolve_device
@@ -153,6 +145,12 @@ class LLMEngine:
             check_speculative(config.speculative, mc, self.tokenizer, self.max_model_len)
         self.executor = make_executor(config, mc, self.max_model_len, tuple(self.eos_token_ids))
         info = self.info = self.executor.info
+        self.lora = None  # the served LoRA adapters and their slots (flashserve.lora.registry)
+        if config.lora_modules or config.max_loras is not None:
+            from flashserve.lora.registry import LoRARegistry
+
+            slots = config.max_loras or len(config.lora_modules)
+            self.lora = LoRARegistry(self.executor, config.lora_modules, slots, config.max_cpu_loras or slots)
         self.device = torch.device(info.device)
         self.speculation = None
         if config.speculative is not None:
@@ -191,7 +189,8 @@ class LLMEngine:
         self._inflight: deque[tuple[SchedulerOutput, Handle]] = deque()  # launched, tokens not read, oldest first
         from flashserve.spec.beam import BeamSearchDriver
 
-        self.beams = BeamSearchDriver(self.core, self.eos_token_ids, self._decode_all, self._lora_load)
+        self.beams = BeamSearchDriver(self.core, self.eos_token_ids, self._decode_all,
+                                      self.lora.loads if self.lora is not None else None)
         self.timings: list[HostTiming] | None = None  # set to [] to record per-step host timings
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -254,49 +253,39 @@ class LLMEngine:
 
     def _check_lora(self, name: str | None) -> None:
         """ValueError unless ``name`` is None or one of the adapters this engine serves."""
-        if name is not None and name not in self._lora_load:
-            raise ValueError(f"unknown LoRA adapter {name!r}; this engine serves "
-                             f"{', '.join(map(repr, self.lora_names)) or 'none'} (lora_modules, add_lora)")
+        if self.lora is not None:
+            self.lora.check(name)
+        elif name is not None:
+            raise ValueError(f"unknown LoRA adapter {name!r}; this engine serves none (lora_modules, add_lora)")
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """The LoRA adapters requests may name now."""
+        return self.lora.names if self.lora is not None else ()
 
     def add_lora(self, name: str, path: str) -> None:
-        """Load the PEFT LoRA adapter in folder ``path`` into a free slot as ``name``, for the
-        requests queued from now on. ValueError (FileNotFoundError for a missing folder), naming
-        the problem, where it cannot be served: no LoRA slots (start the engine with
-        ``max_loras``), every slot taken, a name in use, an adapter of another model or of a rank
-        above ``max_lora_rank``, or modules the engine does not adapt; nothing changes then."""
-        from flashserve.lora.adapter import load_adapter
-
-        if not self._lora_slots:
+        """Serve the PEFT LoRA adapter in folder ``path`` as ``name`` to the requests queued from
+        now on: in a free slot at once, else (with ``max_cpu_loras`` above ``max_loras``) in host
+        memory, moved into a slot when requests need it. ValueError (FileNotFoundError for a
+        missing folder), naming the problem, where it cannot be served: no LoRA slots (start the
+        engine with ``max_loras``), as many adapters as the engine serves, a name in use, an
+        adapter of another model or of a rank above ``max_lora_rank``, or modules the engine does
+        not adapt; nothing changes then."""
+        if self.lora is None:
             raise ValueError("this engine has no LoRA adapter slots; start it with max_loras (--max-loras) to load "
                              "adapters while serving")
-        if name in self._lora_load:
-            raise ValueError(f"a LoRA adapter named {name!r} is already served; remove it first (remove_lora)")
-        if None not in self._lora_slots:
-            raise ValueError(f"all {len(self._lora_slots)} LoRA slots hold adapters "
-                             f"({', '.join(map(repr, self.lora_names))}); remove one (remove_lora) or start the "
-                             "engine with a larger max_loras")
-        adapter = load_adapter(name, path)
-        self.executor.check_lora(adapter)
-        slot = self._lora_slots.index(None)
-        self.executor.set_lora(slot, adapter)
-        self._lora_slots[slot] = name
-        self._lora_load[name] = next(self._lora_loads)
-        self.lora_names = tuple(self._lora_load)
+        self.lora.add(name, path)
 
     def remove_lora(self, name: str) -> None:
-        """Stop serving LoRA adapter ``name`` and free its slot. ValueError for a name not served,
+        """Stop serving LoRA adapter ``name`` (freeing its slot). ValueError for a name not served,
         or while unfinished requests (beam searches included) use it: they keep it until they end."""
         self._check_lora(name)
-        users = sum(r.params.lora == name for r in self.scheduler.requests.values())
-        users += sum(g.params.lora == name for g in self.beams.groups.values())
-        if users:
-            raise ValueError(f"LoRA adapter {name!r} is in use by {users} unfinished request(s); remove it once "
-                             "they finish (or abort them)")
-        slot = self._lora_slots.index(name)
-        self.executor.set_lora(slot, None)
-        self._lora_slots[slot] = None
-        del self._lora_load[name]
-        self.lora_names = tuple(self._lora_load)
+        self.lora.remove(name, self._lora_users(name))
+
+    def _lora_users(self, name: str) -> int:
+        """Unfinished requests in the scheduler and beam searches that run LoRA adapter ``name``."""
+        return (sum(r.params.lora == name for r in self.scheduler.requests.values())
+                + sum(g.params.lora == name for g in self.beams.groups.values()))
 
     def add_request(
         self,
@@ -340,8 +329,9 @@ class LLMEngine:
                 params, n=1, seed=None if params.seed is None else params.seed + i
             )
             req = Request(cid, token_ids, child_params, self.eos_token_ids, prompt=text,
-                          lora_load=self._lora_load.get(params.lora, 0))
-            self.core.add_request(req)
+                          lora_load=self.lora.loads[params.lora] if params.lora is not None else 0)
+            if self.lora is None or self.lora.admits(req):  # else it waits for a slot for its adapter
+                self.core.add_request(req)
             self._child_parent[cid] = request_id
             self._decode_states[cid] = self.detokenizer.new_state(token_ids, params.skip_special_tokens, params.stop)
             if stream or params.stop:
@@ -366,6 +356,9 @@ class LLMEngine:
             token_ids = list(prompt)
         self.validate_prompt(token_ids)
         self._check_lora(params.lora)
+        if params.lora is not None and not self.lora.resident(params.lora, self._lora_users):
+            raise ValueError(f"beam search needs LoRA adapter {params.lora!r} in a slot, and every slot's adapter is "
+                             "in use; retry once requests finish, or start the engine with a larger max_loras")
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens and beam search may add max_tokens="
                              f"{params.max_tokens}, past the model's context of {self.max_model_len} tokens")
@@ -382,6 +375,8 @@ class LLMEngine:
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return False
+        if self.lora is not None:
+            self.lora.drop(parent.child_ids)
         for cid in parent.child_ids:
             self.core.finish_request(cid, RequestStatus.FINISHED_ABORTED)
             self._decode_states.pop(cid, None)
@@ -420,6 +415,9 @@ class LLMEngine:
         With async scheduling, the tokens returned are those of the step launched by the previous
         call (this call launches the next one first)."""
         t0 = time.perf_counter()
+        if self.lora is not None and self.lora.waiting:  # requests whose adapters get a slot now
+            for request in self.lora.release(self._lora_users):
+                self.core.add_request(request)
         plan = self.core.schedule()
         t1 = time.perf_counter()
         handle = self.executor.execute(plan) if not plan.is_empty else None
