@@ -171,6 +171,7 @@ def test_more_adapters_than_slots_take_turns(tiny, oracles):
     engine.add_request("q2", batch[2], _params("qv"))  # waits behind 'a', though 'qv' is in the slot
     engine.add_request("b", batch[3], _params(None))
     assert [r.request_id for r in engine.lora.waiting] == ["a", "q2"]
+    assert engine.stats().num_waiting == 4  # two in the scheduler, two for a slot
     with pytest.raises(ValueError, match=r"'all' is in use by 1 unfinished request"):
         llm.remove_lora("all")
     assert engine.abort_request("a")

@@ -563,7 +563,8 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            # requests waiting for a slot for their LoRA adapter wait too
+            num_waiting=self.scheduler.num_waiting + (len(self.lora.waiting) if self.lora is not None else 0),
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
