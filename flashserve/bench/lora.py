@@ -6,7 +6,8 @@ the adapters: batch-1 decode tok/s (the first adapter's request) and offline thr
 ``bench throughput`` workload (requests take the adapters in turn, every (N+1)-th the base model),
 each after a warm-up. Prints both, and the ratio adapters / base. Random adapters: speed only.
 ``--max-loras`` (slots beyond the adapters, every projection adapted) measures what idle slots
-cost: on a GPU each adapted layer's masked product runs over every slot.
+cost: on a GPU each adapted layer's masked product runs over every slot; fewer slots than
+adapters, with ``--max-cpu-loras``, what taking turns in the slots costs.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     cache = triton_cache_state()
     kwargs = llm_kwargs(args)
     kwargs.pop("lora_modules", None)
-    slots = {k: kwargs.pop(k, None) for k in ("max_loras", "max_lora_rank")}  # the served engine's
+    slots = {k: kwargs.pop(k, None) for k in ("max_loras", "max_lora_rank", "max_cpu_loras")}  # the served engine's
     targets = set(args.targets.split(","))
     with tempfile.TemporaryDirectory(prefix="flashserve-lora-") as tmp:
         llm = LLM(**kwargs)
@@ -114,10 +115,15 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        served = measure(LLM(**kwargs, **slots, lora_modules=adapters), [*adapters, None], args)
+        # adapters beyond the slots (--max-cpu-loras) are added later and take turns in the slots
+        first = dict(list(adapters.items())[: slots["max_loras"] or len(adapters)])
+        llm = LLM(**kwargs, **slots, lora_modules=first)
+        for name in adapters.keys() - first.keys():
+            llm.add_lora(name, adapters[name])
+        served = measure(llm, [*adapters, None], args)
     res = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "triton_cache_at_start": cache, "adapters": args.adapters, "rank": args.rank, "targets": sorted(targets),
-           "max_loras": slots["max_loras"], "max_lora_rank": slots["max_lora_rank"],
+           **slots,
            "base": base, "lora": served,
            "ratio": {k: served[k] / base[k] for k in base}}
     if args.output_json:
