@@ -12,6 +12,7 @@ import pytest
 from conftest_lora import greedy_tokens, load_base, peft_oracle, write_peft_adapter
 from conftest_models import make_tiny_checkpoint
 from flashserve import LLM, SamplingParams
+from flashserve.lora.registry import LoRAStats
 from test_engine import prompts
 
 NEW = 16
@@ -172,6 +173,7 @@ def test_more_adapters_than_slots_take_turns(tiny, oracles):
     engine.add_request("b", batch[3], _params(None))
     assert [r.request_id for r in engine.lora.waiting] == ["a", "q2"]
     assert engine.stats().num_waiting == 4  # two in the scheduler, two for a slot
+    assert engine.stats().lora == LoRAStats(adapters=2, slots=1, slots_used=1, waiting=2)
     with pytest.raises(ValueError, match=r"'all' is in use by 1 unfinished request"):
         llm.remove_lora("all")
     assert engine.abort_request("a")

@@ -88,6 +88,10 @@ def test_adapters_loaded_and_unloaded_over_http(tmp_path):
         assert [m.id for m in client.models.list().data] == ["tiny"]
         loaded = post("load_lora_adapter", lora_name="sql", lora_path=str(sql))
         assert loaded.status_code == 200 and loaded.json()["status"] == "loaded"
+        metrics = httpx.get(server.url("/metrics")).text
+        for line in ("flashserve_lora_adapters 1.0", "flashserve_lora_slots 1.0", "flashserve_lora_slots_used 1.0",
+                     "flashserve_lora_requests_waiting 0.0"):
+            assert line in metrics, line
         assert [m.id for m in client.models.list().data] == ["tiny", "sql"]
         out = client.completions.create(model="sql", prompt=PROMPT, max_tokens=12, temperature=0,
                                         extra_body={"ignore_eos": True})

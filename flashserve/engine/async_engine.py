@@ -144,11 +144,13 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
 
-    def resolve(self, engine: LLMEngine) -> None:
+    def resolve(self, engine: LLMEngine, after: Callable[[], None] = lambda: None) -> None:
+        """Run ``fn``, then ``after`` (before the caller sees the result), then hand the result over."""
         try:
             result, error = self.fn(engine), None
         except BaseException as e:  # handed to the caller, never kills the loop
             result, error = None, e
+        after()
         self.loop.call_soon_threadsafe(self._set, result, error)
 
     def _set(self, result: Any, error: BaseException | None) -> None:
@@ -282,12 +284,13 @@ class AsyncLLMEngine:
                 f"at most {self.max_in_flight}; retry later", self.retry_after)
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        """Run ``fn(engine)`` on the engine thread between steps and return its result (the stats
+        snapshot taken again after it: ``fn`` may change what it counts, e.g. LoRA adapters)."""
         if self._stop:
             raise EngineShutdown("the engine has stopped")
         loop = asyncio.get_running_loop()
         call = _Call(fn, loop, loop.create_future())
-        self._submit(lambda: call.resolve(self.engine))
+        self._submit(lambda: call.resolve(self.engine, lambda: setattr(self, "_stats", self.engine.stats())))
         return await call.future
 
     async def generate(

@@ -62,6 +62,7 @@ class EngineStats:
     prefix_cache_host_hits: int = 0  # of the hits, tokens brought back from the host KV tier
     num_rank_preemptions: int = 0
     spec: Any = None  # flashserve.spec.controller.SpecStats when speculating
+    lora: Any = None  # flashserve.lora.registry.LoRAStats when serving LoRA adapters
 
 
 @dataclass(frozen=True)
@@ -575,6 +576,7 @@ class LLMEngine:
             prefix_cache_host_hits=bm.host_tier_hits,
             num_rank_preemptions=self.scheduler.num_rank_preemptions,
             spec=replace(self.speculation.stats) if self.speculation is not None else None,
+            lora=self.lora.stats() if self.lora is not None else None,
         )
 
     def shutdown(self) -> None:

@@ -16,9 +16,20 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from flashserve.lora.adapter import LoRAAdapter, load_adapter
 from flashserve.request import Request
+
+
+@dataclass(frozen=True)
+class LoRAStats:
+    """Adapters served, slots, slots holding one, requests waiting for a slot (``EngineStats.lora``)."""
+
+    adapters: int
+    slots: int
+    slots_used: int
+    waiting: int
 
 
 class LoRARegistry:
@@ -116,6 +127,9 @@ class LoRARegistry:
         while self.waiting and self.resident(self.waiting[0].params.lora, busy):
             ready.append(self.waiting.popleft())
         return ready
+
+    def stats(self) -> LoRAStats:
+        return LoRAStats(len(self.loads), len(self.slots), sum(s is not None for s in self.slots), len(self.waiting))
 
     def drop(self, request_ids: Iterable[str]) -> None:
         """Forget waiting requests (aborted)."""

@@ -69,6 +69,14 @@ class _EngineCollector(Collector):
                 metric = family(f"{p}_{name}", help_text, labels=["method"])
                 metric.add_metric([spec.method], value)
                 yield metric
+        lora = getattr(stats, "lora", None)
+        if lora is not None:  # LoRA adapters (flashserve.lora.registry)
+            for name, help_text, value in (
+                    ("lora_adapters", "LoRA adapters served.", lora.adapters),
+                    ("lora_slots", "LoRA adapter slots in the model's layers (max_loras).", lora.slots),
+                    ("lora_slots_used", "LoRA adapter slots holding an adapter.", lora.slots_used),
+                    ("lora_requests_waiting", "Requests waiting for a slot for their LoRA adapter.", lora.waiting)):
+                yield GaugeMetricFamily(f"{p}_{name}", help_text, value=value)
 
 
 class _CascadeCollector(Collector):
