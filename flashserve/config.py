@@ -430,10 +430,8 @@ class EngineConfig:
 
     def _check_lora(self) -> None:
         """What serving LoRA adapters does not combine with, refused before loading."""
-        others = [name for name, on in (("batch_invariant=True", self.batch_invariant),
-                                        ("disaggregated prefill", self.disaggregated)) if on]
-        if others:
-            raise ValueError(f"LoRA adapters (lora_modules, max_loras) do not combine with {' or '.join(others)}")
+        if self.batch_invariant:
+            raise ValueError("LoRA adapters (lora_modules, max_loras) do not combine with batch_invariant=True")
         if self.max_loras is not None and self.max_loras < max(1, len(self.lora_modules)):
             raise ValueError(f"max_loras={self.max_loras} must be at least 1 and hold the {len(self.lora_modules)} "
                              "adapters of lora_modules")

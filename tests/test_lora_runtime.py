@@ -199,11 +199,13 @@ def test_more_adapters_than_slots_take_turns(tiny, oracles):
 
 @pytest.mark.slow  # starts Worker processes
 @pytest.mark.parametrize("mode", [dict(executor="process"), dict(tensor_parallel_size=2),
-                                  dict(pipeline_parallel_size=2)])
+                                  dict(pipeline_parallel_size=2), dict(disaggregated=True)],
+                         ids=["process", "tp2", "pp2", "disaggregated"])
 def test_other_processes_load_and_refuse_adapters(tiny, oracles, mode):
-    """A Worker in its own process, and every tensor- or pipeline-parallel rank, loads the adapter
-    (its slice, its stage's layers), swaps adapters through its one slot between steps, and every
-    one of them refuses an adapter it cannot take."""
+    """A Worker in its own process, every tensor- or pipeline-parallel rank, and both Workers of a
+    disaggregated engine (the prompt's K/V computed with the adapter on the prefill side) load the
+    adapter (its slice, its stage's layers), swap adapters through their one slot between steps,
+    and every one of them refuses an adapter it cannot take."""
     base, adapters = tiny
     llm = _engine(tiny, max_loras=1, max_cpu_loras=2, **mode)
     batch = prompts(4, seed=35, lo=6, hi=20)

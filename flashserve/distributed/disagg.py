@@ -53,7 +53,15 @@ import torch.distributed as dist
 from flashserve.cache.block_manager import BlockManager
 from flashserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from flashserve.distributed.executor import RANK_ENV, DeathWatch, _store_timeout, exit_failed, process_state
-from flashserve.distributed.process_executor import _FLUSH, _SHUTDOWN, PlanServer, _Channel, _Score
+from flashserve.distributed.process_executor import (
+    _FLUSH,
+    _SHUTDOWN,
+    LoRACall,
+    PlanServer,
+    _Channel,
+    _Score,
+    lora_round_trip,
+)
 from flashserve.engine.executor import PendingResult
 from flashserve.request import Request, RequestStatus
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
@@ -230,7 +238,7 @@ class DisaggregatedCore:
         while self.queue and seats > 0:
             request = self.queue[0]
             bm = self.decode_blocks
-            hit = bm.lookup_prefix(request.request_id, request.prompt_token_ids)
+            hit = bm.lookup_prefix(request.request_id, request.prompt_token_ids, request.prefix_salt)
             if bm.allocate_slots(request.request_id, request.num_prompt_tokens, hit) is None:
                 return
             bm.record_query(request.num_prompt_tokens)
@@ -238,7 +246,7 @@ class DisaggregatedCore:
             self.queue.pop(0)
             params = dataclasses.replace(request.params, max_tokens=1)
             copy = Request(request.request_id, request.prompt_token_ids, params, request.eos_token_ids,
-                           prompt=request.prompt, arrival_time=request.arrival_time)
+                           prompt=request.prompt, arrival_time=request.arrival_time, lora_load=request.lora_load)
             self._prefilling[request.request_id] = request
             self.prefill.add_request(copy)
             seats -= 1
@@ -587,6 +595,28 @@ class DisaggregatedExecutor:
             return side.chan.recv()
 
         return self._guard(run)
+
+    def _lora(self, call: LoRACall) -> None:
+        """``call`` on both Workers (the same model: the same answer); ValueError with a refusal."""
+        def run() -> list[str]:
+            errors = []
+            for side in self.sides.values():
+                flush, side.last_sent = side.last_sent is not None, None
+                try:
+                    lora_round_trip(side.chan.send, side.chan.recv, call, flush, side.outputs)
+                except ValueError as e:
+                    errors.append(str(e))
+            return errors
+
+        errors = self._guard(run)
+        if errors:
+            raise ValueError(errors[0])
+
+    def check_lora(self, adapter) -> None:
+        self._lora(LoRACall(None, adapter))
+
+    def set_lora(self, slot: int, adapter) -> None:
+        self._lora(LoRACall(slot, adapter))
 
     def shutdown(self) -> None:
         if self._closed:

@@ -59,6 +59,19 @@ class LoRAReply:
     error: str | None  # the Worker's ValueError, or None
 
 
+def lora_round_trip(send, recv, call: LoRACall, flush: bool, outputs: dict) -> None:
+    """``call`` to a ``PlanServer`` through ``send`` / ``recv``, after asking it (``flush``) for the
+    result of its step in flight, which is kept in ``outputs`` by step id for its handle;
+    ValueError where the Worker refuses the call."""
+    if flush:
+        send(_FLUSH)
+    send(call)
+    while not isinstance(reply := recv(), LoRAReply):
+        outputs[reply.step_id] = reply
+    if reply.error is not None:
+        raise ValueError(reply.error)
+
+
 def run_lora_call(worker, call: LoRACall) -> LoRAReply:
     """What a Worker answers to ``call``: a refused adapter is a reply, not a failure."""
     try:
@@ -224,16 +237,8 @@ class ProcessExecutor:
         return self._recv()
 
     def _lora(self, call: LoRACall) -> None:
-        """Send ``call`` after any step in flight has answered (its output kept for its handle);
-        ValueError where the Worker refuses it."""
-        if self._last_sent is not None:
-            self._send(_FLUSH)
-            self._last_sent = None
-        self._send(call)
-        while not isinstance(reply := self._recv(), LoRAReply):
-            self._outputs[reply.step_id] = reply
-        if reply.error is not None:
-            raise ValueError(reply.error)
+        flush, self._last_sent = self._last_sent is not None, None
+        lora_round_trip(self._send, self._recv, call, flush, self._outputs)
 
     def check_lora(self, adapter) -> None:
         self._lora(LoRACall(None, adapter))
