@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output_json).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     room = f" in {slots['max_loras']} slots" if slots["max_loras"] else ""
-    print(f"{args.model}, {args.adapters} adapters of rank {args.rank}{room}: batch-1 decode {served['decode_tok_s']:.1f} "
+    print(f"{args.model}, {args.adapters} adapters of rank {args.rank}{room}: batch-1 decode "
+          f"{served['decode_tok_s']:.1f} "
           f"against {base['decode_tok_s']:.1f} tok/s ({res['ratio']['decode_tok_s']:.3f}x); throughput "
           f"{served['output_tok_s']:.0f} against {base['output_tok_s']:.0f} output tok/s "
           f"({res['ratio']['output_tok_s']:.3f}x); Triton cache {cache} at start")

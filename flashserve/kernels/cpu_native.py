@@ -550,7 +550,8 @@ class DecodeStack:
         return (ctypes.c_int64 * self.n_layers)(*index)
 
     def __call__(self, steps: list[tuple], step_of: ctypes.Array, caches: tuple, hidden: torch.Tensor,
-                 residual: torch.Tensor | None, lora_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 residual: torch.Tensor | None,
+                 lora_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 contiguous ``hidden``, ``residual`` (None: the model's first layer) ``[T, hidden]`` ->
         the last layer's (MLP output, residual stream); ``steps``: ``DecodeLayer.step``'s, those
         ``step_of`` (``step_of()``) gives the layers; ``caches``: ``caches()``'s, each layer's new

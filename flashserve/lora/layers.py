@@ -191,7 +191,8 @@ class AdapterSlots:
         for missing, why, scope in (
                 ([n for n in mine if n not in self.linears], "this model has no linear layer for",
                  "supported: the decoder layers' attention and MLP projections"),
-                ([n for n in mine if n not in self.layers], "this engine does not adapt", f"it adapts {self._scope()}")):
+                ([n for n in mine if n not in self.layers], "this engine does not adapt",
+                 f"it adapts {self._scope()}")):
             if missing:
                 missing = sorted(missing)
                 raise ValueError(f"LoRA adapter {adapter.name!r} adapts modules {why}: {', '.join(missing[:4])}"

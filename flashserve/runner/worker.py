@@ -749,8 +749,8 @@ class Worker:
     @torch.inference_mode()
     def set_lora(self, slot: int, adapter) -> None:
         """Put ``adapter`` (checked) in LoRA slot ``slot``, or clear the slot (None); new requests
-        name adapters by the slots' current names. Writes the slot in place (stream-ordered after
-        the steps already launched, which use other slots)."""
+        name adapters by the slots' current names. Writes the slot in place, stream-ordered after
+        the steps already launched."""
         lora = self._lora_slots()
         if lora.names[slot] is not None:
             del self.batch.lora_index[lora.names[slot]]
