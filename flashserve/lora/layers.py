@@ -149,9 +149,8 @@ class AdapterSlots:
                              f"got {slots} and {rank}")
         self.slots, self.rank = slots, rank
         self.names: list[str | None] = [None] * slots  # each slot's adapter
-        pp = current_parallel()
-        # [start, end): the decoder layers this stage holds
-        self.layer_range = pp.layer_range(model.config.num_layers) if pp.pp_size > 1 else (0, float("inf"))
+        # whether a checkpoint module belongs to this pipeline stage (the model's own rule)
+        self._mine = model.on_this_stage if current_parallel().pp_size > 1 else lambda name: True
         self.batch = LoRABatch(per_step=device.type == "cpu")
         self.layers: dict[str, tuple[nn.Module, object]] = {}  # module name -> (its layer, its Partition)
         self.methods: list[LoRAMethod] = []
@@ -174,11 +173,6 @@ class AdapterSlots:
             return name in modules
         m = _LAYER.search(name)
         return m is not None and name.rsplit(".", 1)[-1] in PROJECTIONS
-
-    def _mine(self, name: str) -> bool:
-        """Whether module ``name`` belongs to this pipeline stage's layers (or to no layer)."""
-        m = _LAYER.search(name)
-        return m is None or self.layer_range[0] <= int(m[1]) < self.layer_range[1]
 
     def check(self, adapter: LoRAAdapter) -> None:
         """ValueError, naming the adapter and the problem, unless ``write`` can take it: a rank

@@ -234,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            if not self._on_this_stage(name):
+            if not self.on_this_stage(name):
                 continue
             if self.model.start and name.startswith("model.layers."):  # a later stage's layers count from 0
                 i, rest = name[len("model.layers."):].split(".", 1)
@@ -259,7 +259,7 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(fragment, fused), sid
         return name, None
 
-    def _on_this_stage(self, name: str) -> bool:
+    def on_this_stage(self, name: str) -> bool:
         """Whether checkpoint tensor ``name`` belongs to this pipeline stage."""
         if self.pp.pp_size == 1:
             return True

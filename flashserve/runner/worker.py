@@ -259,7 +259,7 @@ class Worker:
                                    layout.num_groups, trees, lora=self.lora is not None)
         if self.lora is not None:
             self.lora.batch.ids = self.buffers.lora_ids
-            self.batch.lora_index = {name: i for i, (name, _) in enumerate(config.lora_modules)}
+            self._index_lora()
         self._pin = self.device.type == "cuda"
         self._prev_tokens: torch.Tensor | None = None  # sampled ids of the last launched step [S]
         self._prev_rows = np.full(0, -1, dtype=np.int64)  # per batch slot: its row in _prev_tokens (-1: none)
@@ -751,12 +751,12 @@ class Worker:
         """Put ``adapter`` (checked) in LoRA slot ``slot``, or clear the slot (None); new requests
         name adapters by the slots' current names. Writes the slot in place, stream-ordered after
         the steps already launched."""
-        lora = self._lora_slots()
-        if lora.names[slot] is not None:
-            del self.batch.lora_index[lora.names[slot]]
-        lora.write(slot, adapter)
-        if adapter is not None:
-            self.batch.lora_index[adapter.name] = slot
+        self._lora_slots().write(slot, adapter)
+        self._index_lora()
+
+    def _index_lora(self) -> None:
+        """The slot of each adapter by name, as new requests look it up (``InputBatch.lora_index``)."""
+        self.batch.lora_index = {name: i for i, name in enumerate(self.lora.names) if name is not None}
 
     @torch.inference_mode()
     def score_chunk(self, token_ids: list[int], start_pos: int, block_ids: list[int] | list[list[int]]) -> torch.Tensor:
