@@ -57,6 +57,7 @@ from flashserve.distributed.process_executor import (
     _FLUSH,
     _SHUTDOWN,
     LoRACall,
+    LoRACalls,
     PlanServer,
     _Channel,
     _Score,
@@ -482,7 +483,7 @@ def check_disaggregated(config: EngineConfig, model_config: ModelConfig) -> None
                          "spans (e.g. Gemma 3's local and global layers, or a sliding-window attention option)")
 
 
-class DisaggregatedExecutor:
+class DisaggregatedExecutor(LoRACalls):
     """Starts the prefill and decode Workers and drives them (module docstring)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
@@ -611,12 +612,6 @@ class DisaggregatedExecutor:
         errors = self._guard(run)
         if errors:
             raise ValueError(errors[0])
-
-    def check_lora(self, adapter) -> None:
-        self._lora(LoRACall(None, adapter))
-
-    def set_lora(self, slot: int, adapter) -> None:
-        self._lora(LoRACall(slot, adapter))
 
     def shutdown(self) -> None:
         if self._closed:

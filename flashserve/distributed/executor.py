@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from flashserve.config import EngineConfig, ModelConfig
 from flashserve.distributed.parallel_state import ParallelContext, check_tensor_parallel, kv_head_split, parallel_scope
-from flashserve.distributed.process_executor import LoRACall, _Channel, run_lora_call
+from flashserve.distributed.process_executor import LoRACall, LoRACalls, _Channel, run_lora_call
 from flashserve.sched.plan import SchedulerOutput, WorkerOutput
 
 _SHUTDOWN = "shutdown"
@@ -278,7 +278,7 @@ class _DriverHandle:
         return self._result
 
 
-class DistributedExecutor:
+class DistributedExecutor(LoRACalls):
     """Rank 0 of a tensor-parallel group, in the engine process (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
@@ -404,12 +404,6 @@ class DistributedExecutor:
         error = self._guard(run)
         if error is not None:
             raise ValueError(error)
-
-    def check_lora(self, adapter) -> None:
-        self._lora(LoRACall(None, adapter))
-
-    def set_lora(self, slot: int, adapter) -> None:
-        self._lora(LoRACall(slot, adapter))
 
     def shutdown(self) -> None:
         if self._closed:

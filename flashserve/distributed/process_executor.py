@@ -72,6 +72,17 @@ def lora_round_trip(send, recv, call: LoRACall, flush: bool, outputs: dict) -> N
         raise ValueError(reply.error)
 
 
+class LoRACalls:
+    """``check_lora`` / ``set_lora`` of an executor whose Workers live elsewhere: each becomes a
+    ``LoRACall`` that the executor's ``_lora`` delivers."""
+
+    def check_lora(self, adapter) -> None:
+        self._lora(LoRACall(None, adapter))
+
+    def set_lora(self, slot: int, adapter) -> None:
+        self._lora(LoRACall(slot, adapter))
+
+
 def run_lora_call(worker, call: LoRACall) -> LoRAReply:
     """What a Worker answers to ``call``: a refused adapter is a reply, not a failure."""
     try:
@@ -170,7 +181,7 @@ def _worker_main(port: int, timeout_s: float, config: EngineConfig, model_config
             return
 
 
-class ProcessExecutor:
+class ProcessExecutor(LoRACalls):
     """Starts the Worker process and talks to it (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
@@ -239,12 +250,6 @@ class ProcessExecutor:
     def _lora(self, call: LoRACall) -> None:
         flush, self._last_sent = self._last_sent is not None, None
         lora_round_trip(self._send, self._recv, call, flush, self._outputs)
-
-    def check_lora(self, adapter) -> None:
-        self._lora(LoRACall(None, adapter))
-
-    def set_lora(self, slot: int, adapter) -> None:
-        self._lora(LoRACall(slot, adapter))
 
     def shutdown(self) -> None:
         if self._closed:
