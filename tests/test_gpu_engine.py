@@ -114,3 +114,32 @@ def test_multi_step_plans_on_graphs_equal_one_step_plans_and_never_synchronise(t
                                                               outs[i].outputs[0].logprobs, strict=True):
             assert tok_a == tok_b and abs(lp_a - lp_b) < 1e-4
             assert [t for t, _ in top_a] == [t for t, _ in top_b] and len(top_b) == params[i].logprobs
+
+
+@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
+def test_greedy_graphs_equal_eager_and_never_synchronise(tiny, num_scheduler_steps):
+    """Decode steps whose rows are all plain greedy replay a greedy graph (the decode graph plus
+    the LM head and the argmax): the tokens of eager steps, with one-step and multi-step plans,
+    and launching never waits for the device. A greedy row with logprobs, and a sampled row,
+    send the steps they are in to the plain decode graphs."""
+    rng = random.Random(12)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(10)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(8, 48), ignore_eos=True) for _ in range(10)]
+    params[3] = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    params[7] = SamplingParams(temperature=0.9, seed=7, max_tokens=12, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in _engine(tiny, cuda_graphs=False).generate(prompts, params, use_tqdm=False)]
+    llm = _engine(tiny, num_scheduler_steps=num_scheduler_steps)
+    llm.engine.warm_up()
+    worker, kinds = llm.engine.worker, []
+    assert worker.graphs.greedy_sizes == worker.graphs.decode_sizes
+    replay = worker.graphs.replay
+
+    def recorded(key, num_tokens):
+        kinds.append(key[0])
+        return replay(key, num_tokens)
+
+    worker.graphs.replay = recorded
+    worker.execute = _never_synchronising(worker.execute)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == ref
+    assert "greedy" in kinds and "decode" in kinds

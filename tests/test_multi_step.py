@@ -130,7 +130,7 @@ def test_a_plan_runs_its_model_steps_and_answers_every_token(tiny, monkeypatch):
     worker = engine.executor.worker
     forwards = []
     forward = worker._forward
-    monkeypatch.setattr(worker, "_forward", lambda inp, *a: forwards.append(inp.num_tokens) or forward(inp, *a))
+    monkeypatch.setattr(worker, "_forward", lambda inp, *a, **k: forwards.append(inp.num_tokens) or forward(inp, *a, **k))
     engine.add_request("a", list(range(3, 20)), SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
     engine.add_request("b", list(range(40, 47)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     engine.step()  # both prompts, one model step: the first tokens

@@ -129,15 +129,7 @@ class LogitsProcessors:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits: [N, V] fp32, not modified; returns the processed logits (the same tensor when
         no row has a bias or a grammar)."""
-        self._calls += 1
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None:  # its thread touches the states: done before anything else here
-            prefetched = (prefetched[0], prefetched[1].result())
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
-        if self._states and self._calls % 16 == 0:
-            self._evict()
+        prefetched = self.skip()
         active = [i for i, r in enumerate(rows) if r.params.logit_bias or r.params.structured_output is not None]
         if not active:
             return logits
@@ -153,6 +145,21 @@ class LogitsProcessors:
             bitmask = prefetched[1] if prefetched is not None and prefetched[0] == _key(grammar) else None
             logits = self._apply_grammars(logits, grammar, bitmask)
         return logits
+
+    def skip(self) -> tuple | None:
+        """What every call does first, and all that a call for rows without a bias or a grammar
+        does: count the call (states are evicted every 16 calls), take a prefetch's result, give
+        the interpreter its switch interval back. Returns the prefetch (rows' key, bitmask)."""
+        self._calls += 1
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:  # its thread touches the states: done before anything else here
+            prefetched = (prefetched[0], prefetched[1].result())
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+        if self._states and self._calls % 16 == 0:
+            self._evict()
+        return prefetched
 
     def prefetch(self, rows: list[SamplingRow], vocab_size: int) -> None:
         """Start filling the grammar masks of the next call's ``rows`` in a background thread

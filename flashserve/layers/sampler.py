@@ -211,6 +211,11 @@ class Sampler:
         logits = self.logits_processors(logits.float(), ())
         return SamplerOutput(logits.argmax(dim=-1))
 
+    def greedy_sampled(self, token_ids: torch.Tensor) -> SamplerOutput:
+        """``greedy`` for rows whose argmax a CUDA graph took already (``CudaGraphs.sampled``)."""
+        self.logits_processors.skip()
+        return SamplerOutput(token_ids)
+
     @staticmethod
     def distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The probabilities [N, V] a random row draws from: processed logits (``process``) divided

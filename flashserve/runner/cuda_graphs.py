@@ -5,6 +5,10 @@ the forward pass reads slices of them, so a captured graph can replay any step o
 
 * decode graphs, one per batch size of a ladder (1, 2, 4, 8, 16, 24, 32, 48, ... up to
   max_num_seqs): B sequences of one new token each, split-KV decode attention;
+* greedy graphs (given the LM head), one per decode size: the decode graph, then the head and the
+  argmax of its logits, for steps whose rows are all plain greedy. Such a step launches one
+  replay where it launched the replay, the head's products and the argmax (a GPU host pays
+  tens of microseconds of Python and driver time per launch);
 * mixed graphs, one per token-count bucket (8, 16, 32, ... up to ``max_mixed_tokens``): any mix of
   prompt chunks and decodes with at most that many tokens, prefill attention whose grid covers
   ``min(bucket, max_num_seqs)`` sequences of up to ``bucket`` new tokens each. The 8-token
@@ -28,6 +32,7 @@ pool, captured largest first. The attention backend sizes grids from host number
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -110,8 +115,10 @@ class CudaGraphs:
     """Captured forwards over ``StepBuffers``: decode graphs by batch size, mixed by token count."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, buffers: StepBuffers, block_size: int,
-                 max_seq_len: int, max_decode_batch: int, max_mixed_tokens: int) -> None:
+                 max_seq_len: int, max_decode_batch: int, max_mixed_tokens: int,
+                 head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model
+        self.head = head  # hidden [B, H] -> fp32 logits [B, V]: with it, greedy graphs too
         self.kv_caches = kv_caches
         self.buf = buffers
         self.block_size = block_size
@@ -119,19 +126,21 @@ class CudaGraphs:
         self.decode_sizes = decode_ladder(min(max_decode_batch, buffers.max_seqs, buffers.max_tokens))
         self.mixed_sizes = mixed_ladder(min(max_mixed_tokens, buffers.max_tokens))
         self.tree_sizes = [s for s in self.mixed_sizes if s <= MAX_TREE_GRAPH_TOKENS] if buffers.trees else []
+        self.greedy_sizes = self.decode_sizes if head is not None else []
         self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.argmax: dict[int, torch.Tensor] = {}  # a greedy graph's sampled ids [B], by its size
         self.capture_seconds = 0.0
 
     def _shape(self, kind: str, size: int) -> tuple[int, int, int]:
         """(tokens, sequences, max query length) a graph is captured for."""
-        if kind == "decode":
+        if kind in ("decode", "greedy"):
             return size, size, 1
         return size, min(size, self.buf.max_seqs), size
 
     def _meta(self, kind: str, size: int) -> AttentionMetadata:
         t, b, q = self._shape(kind, size)
         meta = self.buf.metadata(t, b, q, self.max_seq_len, self.block_size, [q] * b, [self.max_seq_len] * b,
-                                 kind == "decode")
+                                 kind in ("decode", "greedy"))
         if kind == "tree":
             tree = self.buf.tree_mask(t, b)
             for m in (meta, *meta.groups):
@@ -145,7 +154,7 @@ class CudaGraphs:
         buf = self.buf
         pool = None
         work = [("mixed", s) for s in self.mixed_sizes] + [("tree", s) for s in self.tree_sizes] + \
-            [("decode", s) for s in self.decode_sizes]
+            [("decode", s) for s in self.decode_sizes] + [("greedy", s) for s in self.greedy_sizes]
         work.sort(key=lambda ks: -self._shape(*ks)[0])  # largest first: later graphs reuse the pool
         for kind, size in work:
             t, b, _ = self._shape(kind, size)
@@ -156,28 +165,39 @@ class CudaGraphs:
             for slots in buf.group_slot_mapping:
                 slots[:t].fill_(-1)
             with forward_context(self._meta(kind, size)):
-                self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)  # warm-up compiles kernels
+                self._run(kind, t)  # warm-up compiles kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             # fresh metadata: what a backend memoises per step (``meta.memo``) must be computed inside
             # the graph, not reused from the warm-up, whose tensors are freed after capture
             with torch.cuda.graph(graph, pool=pool), forward_context(self._meta(kind, size)):
-                out = self.model(buf.input_ids[:t], buf.positions[:t], self.kv_caches)
+                out, ids = self._run(kind, t)
             pool = graph.pool()
             self.graphs[(kind, size)] = (graph, out)
+            if ids is not None:
+                self.argmax[size] = ids
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
 
-    def pick(self, num_tokens: int, num_seqs: int, is_decode: bool, tree: bool = False) -> tuple[str, int] | None:
-        """The graph that serves a step (``tree``: one with token trees), or None (run eager)."""
+    def _run(self, kind: str, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The captured work: the forward's hidden states, and a greedy graph's argmax ids."""
+        buf = self.buf
+        hidden = self.model(buf.input_ids[:num_tokens], buf.positions[:num_tokens], self.kv_caches)
+        return hidden, self.head(hidden).argmax(dim=-1) if kind == "greedy" else None
+
+    def pick(self, num_tokens: int, num_seqs: int, is_decode: bool, tree: bool = False,
+             greedy: bool = False) -> tuple[str, int] | None:
+        """The graph that serves a step (``tree``: one with token trees; ``greedy``: a decode step
+        whose rows are all plain greedy, a greedy graph where there is one), or None (run eager)."""
         if tree:
             return next((("tree", s) for s in self.tree_sizes
                          if s >= num_tokens and min(s, self.buf.max_seqs) >= num_seqs), None)
         if is_decode:
+            kind = "greedy" if greedy and self.greedy_sizes else "decode"
             for s in self.decode_sizes:
                 if s >= num_seqs:
-                    return ("decode", s)
+                    return (kind, s)
         for s in self.mixed_sizes:
             if s >= num_tokens and min(s, self.buf.max_seqs) >= num_seqs:
                 return ("mixed", s)
@@ -192,3 +212,10 @@ class CudaGraphs:
         graph, out = self.graphs[key]
         graph.replay()
         return out[:num_tokens]
+
+    def sampled(self, key: tuple[str, int] | None, num_seqs: int) -> torch.Tensor | None:
+        """The ids [num_seqs] a greedy graph's last replay sampled (a static buffer: the next
+        replay of that graph rewrites it), or None for any other graph."""
+        if key is None or key[0] != "greedy":
+            return None
+        return self.argmax[key[1]][:num_seqs]

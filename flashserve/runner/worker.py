@@ -277,8 +277,10 @@ class Worker:
         if backend_name == "triton":
             use_triton_ops(self.model)  # fused norm / rotary / SiLU kernels
             if config.cuda_graphs and self.device.type == "cuda":
+                # greedy graphs take the argmax too; pipeline stages hand the logits around instead
+                head = self.model.compute_logits if self.parallel.pp_size == 1 else None
                 self.graphs = CudaGraphs(self.model, self.kv_caches, self.buffers, self.block_size, max_model_len,
-                                         sched.max_num_seqs, config.max_mixed_graph_tokens)
+                                         sched.max_num_seqs, config.max_mixed_graph_tokens, head)
                 self.graphs.capture()
         else:  # int4 CPU layers: decode steps in few ops (flashserve.models.cpu_decode)
             use_cpu_decode_layers(self.model)
@@ -426,22 +428,26 @@ class Worker:
         if p:  # tokens the step in flight sampled, straight from the device
             buf.input_ids.index_copy_(0, d64[o : o + p], self._prev_tokens.index_select(0, d64[o + p : o + 2 * p]))
 
-    def _forward(self, inp: StepInputs, tree=None, verify_seqs: frozenset[int] = frozenset()) -> tuple[torch.Tensor, bool]:
-        """Hidden states [T, hidden] of the step's new tokens, and whether a graph ran. ``tree``:
-        the token-tree masks of a verification step (``flashserve.kernels.tree_attention``), on the
-        host: a tree graph's buffers get them, an eager step moves them to the device once;
-        ``verify_seqs``: the sequences verifying drafts (``AttentionMetadata.verify_seqs``)."""
+    def _forward(self, inp: StepInputs, tree=None, verify_seqs: frozenset[int] = frozenset(),
+                 greedy: bool = False) -> tuple[torch.Tensor, tuple[str, int] | None]:
+        """Hidden states [T, hidden] of the step's new tokens, and the graph that ran (None:
+        eager). ``tree``: the token-tree masks of a verification step
+        (``flashserve.kernels.tree_attention``), on the host: a tree graph's buffers get them, an
+        eager step moves them to the device once; ``verify_seqs``: the sequences verifying drafts
+        (``AttentionMetadata.verify_seqs``); ``greedy``: a decode step whose rows are all plain
+        greedy, which a greedy graph samples too (``CudaGraphs.sampled``)."""
         t, b = inp.num_tokens, inp.num_seqs
         eager = ((tree is not None and not self.buffers.trees) or (self.early_exit is not None and inp.is_decode)
                  or inp.seq_attention is not None)  # data-dependent passes; per-request attention: launches per option
-        key = self.graphs.pick(t, b, inp.is_decode, tree is not None) if self.graphs is not None and not eager else None
+        key = self.graphs.pick(t, b, inp.is_decode, tree is not None, greedy) \
+            if self.graphs is not None and not eager else None
         if key is not None:
             pt, pb = self.graphs.padded_shape(key)
             self._upload(inp, pt, pb, tree)
             c0 = time.perf_counter()
             hidden = self.graphs.replay(key, t)
             self._compute_s += time.perf_counter() - c0
-            return hidden, True
+            return hidden, key
         self._upload(inp, t, b)
         query_lens = np.diff(inp.query_start_loc).tolist()
         seq_lens = inp.seq_lens.tolist()
@@ -457,7 +463,7 @@ class Worker:
             hidden = model(self.buffers.input_ids[:t], self.buffers.positions[:t], self.kv_caches)
         del meta, m  # part of the forward: what the attention backend memoised in it is freed here
         self._compute_s += time.perf_counter() - c0
-        return hidden, False
+        return hidden, None
 
     # ----------------------------------------------------------------- steps
     @torch.inference_mode()
@@ -494,7 +500,13 @@ class Worker:
         handle = StepHandle(plan.step_id, list(map(_request_id, states)), None, states, speculative=speculative,
                             timed=timed, worker=self, slots=inp.sample_slots,
                             generations=self.batch.generation[inp.sample_slots])
-        hidden, timing.graph = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()))
+        # a plain decode step whose rows are all plain greedy: a greedy graph takes the argmax too
+        # (no speculator sees the step; the last stage samples only where there is one stage)
+        greedy = (spec is None and not timed and inp.is_decode and self.stage_results is None
+                  and self.batch.all_plain(inp.sample_slots))
+        hidden, key = self._forward(inp, *((spec.tree_meta, frozenset(spec.trees)) if spec is not None else ()),
+                                    greedy=greedy)
+        timing.graph = key is not None
         handle.comms = self.parallel.take_sends()
         if inp.sample_rows:
             if self.stage_results is not None and not self.stage_results.samples:
@@ -506,7 +518,7 @@ class Worker:
                 self._deferred = _DeferredStep(handle, hidden, inp, spec, self._last_handle)
                 handle.timed = False  # sampled during the next step: its span is not this step's cost
             else:
-                self._sample(handle, hidden, inp, spec)
+                self._sample(handle, hidden, inp, spec, self.graphs.sampled(key, inp.num_seqs) if key else None)
         return self._launched(handle, timing, t0)
 
     def _start_timing(self, timing: StepTiming) -> StepTiming:
@@ -547,9 +559,9 @@ class Worker:
         outs, key, staged = [], None, None
         for j in range(steps):
             if j == 0:
-                hidden, timing.graph = self._forward(inp)
-                if timing.graph:  # the later steps replay the same graph: their inputs travel now, at once
-                    key = self.graphs.pick(b, b, True)
+                hidden, key = self._forward(inp, greedy=rows is None)
+                timing.graph = key is not None
+                if key is not None:  # the later steps replay the same graph: their inputs travel now, at once
                     staged = (self._to_device(np.concatenate((later[0][:, None], later[1]), axis=1)),
                               self._to_device(later[2]))
             elif key is not None:
@@ -557,8 +569,12 @@ class Worker:
             else:
                 hidden, _ = self._forward(batch.step_inputs(inp, *(a[j - 1] for a in later)))
             c0 = time.perf_counter()
-            logits = self.model.compute_logits(hidden[:b])
-            out = self.sampler.greedy(logits) if rows is None else self.sampler(logits, later_rows(rows, inp.states, j))
+            sampled = self.graphs.sampled(key, b) if key is not None else None
+            if sampled is not None:  # kept apart from the graph's buffer, which the next replay rewrites
+                out = self.sampler.greedy_sampled(sampled.clone())
+            else:
+                logits = self.model.compute_logits(hidden[:b])
+                out = self.sampler.greedy(logits) if rows is None else self.sampler(logits, later_rows(rows, inp.states, j))
             self._prev_tokens = out.token_ids
             self._compute_s += time.perf_counter() - c0
             outs.append(out)
@@ -583,14 +599,19 @@ class Worker:
         self._compute_s += time.perf_counter() - c0
         return hidden
 
-    def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any) -> None:
-        """Launch the sampling (or draft verification) of a step whose forward is launched."""
+    def _sample(self, handle: StepHandle, hidden: torch.Tensor, inp: StepInputs, spec: Any,
+                sampled: torch.Tensor | None = None) -> None:
+        """Launch the sampling (or draft verification) of a step whose forward is launched;
+        ``sampled``: the ids a greedy graph took already."""
         states = handle.states
         # rows that are all plain greedy need no SamplingRow (Sampler.greedy, Speculator._verify_greedy)
         plain = self.batch.all_plain(handle.slots)
         rows = None if plain else self._sampling_rows(states)
         c0 = time.perf_counter()
-        if spec is None:
+        if sampled is not None:
+            handle.out = self.sampler.greedy_sampled(sampled)
+            self._prev_tokens = sampled
+        elif spec is None:
             # pipeline micro-batches: the logits stay on the last stage, only its tokens travel
             head = self.model.compute_logits if self.stage_results is None else self.model.stage_logits
             last = inp.logits_indices  # ascending: the rows 0..S-1 when it ends at S-1 (a decode step)
