@@ -7,17 +7,8 @@ imported before the test modules).
 from __future__ import annotations
 
 import os
-import platform
 
-# The interpreter computes tl.dot with numpy's matmul (OpenBLAS). OpenBLAS picks its kernels by
-# CPU, and its AVX2/FMA ("Haswell") ones give a row other bits when it sits elsewhere in a tile,
-# which the batch-invariance tests would take for the kernel's fault (2-core AMD EPYC, AVX2 only:
-# 3 failures; Intel AVX-512 hosts and the AVX kernels pass). One kernel family on every x86 host;
-# numpy reads this when first imported, which is here (tests/kernels is collected first).
-if platform.machine() in ("x86_64", "AMD64"):
-    os.environ.setdefault("OPENBLAS_CORETYPE", "Sandybridge")
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
