@@ -112,7 +112,8 @@ class StepBuffers:
 
 
 class CudaGraphs:
-    """Captured forwards over ``StepBuffers``: decode graphs by batch size, mixed by token count."""
+    """Captured forwards over ``StepBuffers``: decode and greedy graphs by batch size, mixed (and
+    tree) graphs by token count."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, buffers: StepBuffers, block_size: int,
                  max_seq_len: int, max_decode_batch: int, max_mixed_tokens: int,
