@@ -15,9 +15,7 @@ rank, and for a slot without an adapter):
 A step is then three products of static shape whatever the mix of adapters: ``t = x a^T``, the
 columns of other slots zeroed (``ids[:, None] == col_slot``), ``y += t b_t``. So CUDA graphs
 capture it, every adapter and the base model share one batch, and the work grows with the number
-of slots times their rank (small next to the base product while ``C`` is far below ``N``). Steps
-of up to ``flashserve.kernels.lora.MAX_ROWS`` rows on a GPU (decode, short verification) take
-two Triton launches instead, in which each row reads its own adapter's rows only.
+of slots times their rank (small next to the base product while ``C`` is far below ``N``).
 Loading or removing an adapter rewrites its slot's blocks in place, so the graphs stay valid.
 Each token's slot comes from ``LoRABatch.ids``, a row of the step's input buffers. On the CPU,
 where nothing is captured, a layer instead multiplies each token by its own adapter only: fp32
@@ -42,7 +40,6 @@ from torch import nn
 
 from flashserve.distributed.parallel_state import current_parallel
 from flashserve.kernels import cpu_native
-from flashserve.kernels import lora as lora_kernels
 from flashserve.lora.adapter import LoRAAdapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a module name
@@ -101,9 +98,6 @@ class LoRAMethod:
                 a, b = self.a[s * self.width : (s + 1) * self.width], self.b_t[s * self.width : (s + 1) * self.width]
                 y = torch.addmm(y, x @ a.t(), b) if rows is None else y.index_add(0, rows, (x[rows] @ a.t()) @ b)
             return y
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= lora_kernels.MAX_ROWS and x.stride(1) == 1 \
-                and y.stride(1) == 1:  # a few rows: each reads its own adapter only, two launches
-            return lora_kernels.add_lora(y, x, self.a, self.b_t, self.batch.ids, self.width)
         ids = self.batch.ids[: x.shape[0]]
         t = (x @ self.a.t()) * (ids[:, None] == self.col_slot)  # [T, C]: only the token's adapter
         return torch.addmm(y, t, self.b_t)
