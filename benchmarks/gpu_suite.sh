@@ -28,6 +28,7 @@
 #   bash benchmarks/gpu_suite.sh serve DIR # bench serve 200/200 against flashserve serve on dummy weights of DIR
 #   bash benchmarks/gpu_suite.sh offload   # weights streamed from host (25/50/75% of Llama-3.1-8B) and host KV-tier
 #                                          # prefix hits, against the pinned copy bandwidth (docs/distributed.md)
+#   bash benchmarks/gpu_suite.sh lora      # LoRA adapters: GPU tests against PEFT, 4 adapters' cost (docs/lora.md)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -206,12 +207,16 @@ case "${1:-}" in
     stage throughput-stream 150 $fs bench throughput --model "$dir" --load-format dummy --num-requests 200 \
       --min-len 200 --max-len 200 --stream --output-json "$out/throughput-stream.json"
     ;;
+  lora)  # docs/lora.md: the GPU tests against PEFT, then 4 adapters' cost against the base engine (~2 min)
+    stage lora-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_gpu.py
+    stage lora-qwen3 120 $fs bench lora --num-requests 64 --output-json "$out/lora-qwen3.json"
+    ;;
   offload)  # docs/distributed.md "Offloading": GPU tests (graphs and eager), then the 8B table (~2 min)
     stage offload-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py
     stage offload-llama8b 150 $fs bench offload --output-json "$out/offload-llama8b.json"
     ;;
   *)
-    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|moe-e2e|attn|spec|dist|serve|offload|disagg [...]" >&2
+    echo "usage: $0 tests|engine|kernels|quant|compress|server|moe|moe-e2e|attn|spec|dist|serve|offload|disagg|lora [...]" >&2
     exit 2
     ;;
 esac
